@@ -1,0 +1,3 @@
+fn main() -> std::process::ExitCode {
+    did_cli::run(&std::env::args().skip(1).collect::<Vec<_>>())
+}

@@ -1,0 +1,500 @@
+//! The compute primitives a backend implements: the [`Backend`] trait.
+//!
+//! The granularity is the layer op, the size of an llm.c kernel. The model
+//! code in did-core decides the order of ops once; a backend is free to fuse
+//! inside an op. Every differentiable op has its forward and its backward
+//! side by side.
+//!
+//! # Conventions
+//!
+//! - Buffers hold floats. Their storage precision is the backend's (f32, or
+//!   bf16 storage with f32 accumulation); the host always sees f32.
+//! - Tensors are row-major. A [`Slice`] is a buffer plus an element offset, so
+//!   parameters and gradients can live in one flat buffer each (llm.c style;
+//!   one gradient buffer makes a data-parallel all-reduce a single call).
+//! - **Backward ops accumulate** (`+=`) into every gradient they produce, input
+//!   gradients included; the trainer zeroes gradients once per step.
+//! - Activation layout is `[batch, tokens, channels]`; attention heads are
+//!   contiguous inside a token (`channel = head · head_dim + d`).
+//! - Random draws (dropout, sampling) come from [`crate::rng`] streams, so
+//!   every backend draws the same numbers.
+
+use core::fmt;
+
+use crate::mask::AttentionMask;
+use crate::rng::RngStream;
+use crate::sample::categorical::{draw_token, DrawScratch, SampledToken};
+use crate::sample::nucleus::Nucleus;
+
+/// A read-only view: a buffer and the element offset where the tensor starts.
+#[derive(Debug)]
+pub struct Slice<'a, T: ?Sized> {
+    /// The buffer.
+    pub buf: &'a T,
+    /// The first element.
+    pub offset: usize,
+}
+
+impl<T: ?Sized> Clone for Slice<'_, T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T: ?Sized> Copy for Slice<'_, T> {}
+
+/// A writable view: a buffer and the element offset where the tensor starts.
+#[derive(Debug)]
+pub struct SliceMut<'a, T: ?Sized> {
+    /// The buffer.
+    pub buf: &'a mut T,
+    /// The first element.
+    pub offset: usize,
+}
+
+impl<'a, T: ?Sized> Slice<'a, T> {
+    /// The whole buffer from element 0.
+    pub fn whole(buf: &'a T) -> Self {
+        Slice { buf, offset: 0 }
+    }
+    /// The same buffer from `offset` further on.
+    pub fn at(buf: &'a T, offset: usize) -> Self {
+        Slice { buf, offset }
+    }
+}
+
+impl<'a, T: ?Sized> SliceMut<'a, T> {
+    /// The whole buffer from element 0.
+    pub fn whole(buf: &'a mut T) -> Self {
+        SliceMut { buf, offset: 0 }
+    }
+    /// The same buffer from `offset` further on.
+    pub fn at(buf: &'a mut T, offset: usize) -> Self {
+        SliceMut { buf, offset }
+    }
+}
+
+/// A strided batched GEMM, row-major:
+/// `C[i] = alpha · op(A[i]) · op(B[i]) + beta · C[i]` for `i < batch`, with
+/// `op(A)` of shape `m × k`, `op(B)` of shape `k × n`, `C` of shape `m × n`.
+///
+/// `lda`, `ldb`, `ldc` are the row strides of the matrices *as stored*
+/// (`A` is stored `k × m` when `trans_a`). `beta = 1` accumulates.
+///
+/// ```
+/// use did_core::backend::Gemm;
+/// // y[T, out] = x[T, in] · Wᵀ with W stored [out, in] (PyTorch Linear layout).
+/// let g = Gemm::linear(16, 768, 2304);
+/// assert!(g.trans_b && !g.trans_a);
+/// assert_eq!((g.m, g.n, g.k, g.ldb), (16, 2304, 768, 768));
+/// assert_eq!(g.flops(), 2 * 16 * 2304 * 768);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Gemm {
+    /// Read `A` transposed.
+    pub trans_a: bool,
+    /// Read `B` transposed.
+    pub trans_b: bool,
+    /// Rows of `op(A)` and `C`.
+    pub m: usize,
+    /// Columns of `op(B)` and `C`.
+    pub n: usize,
+    /// The contracted dimension.
+    pub k: usize,
+    /// Row stride of `A` as stored.
+    pub lda: usize,
+    /// Row stride of `B` as stored.
+    pub ldb: usize,
+    /// Row stride of `C`.
+    pub ldc: usize,
+    /// Number of matrices.
+    pub batch: usize,
+    /// Elements between consecutive `A` matrices.
+    pub stride_a: usize,
+    /// Elements between consecutive `B` matrices (0 broadcasts one `B`).
+    pub stride_b: usize,
+    /// Elements between consecutive `C` matrices.
+    pub stride_c: usize,
+    /// Scale of the product.
+    pub alpha: f32,
+    /// Scale of the old `C` (0 overwrites, 1 accumulates).
+    pub beta: f32,
+}
+
+impl Gemm {
+    /// The forward of a linear layer: `y[rows, out] = x[rows, in] · Wᵀ`, `W` stored `[out, in]`.
+    pub fn linear(rows: usize, d_in: usize, d_out: usize) -> Self {
+        Gemm {
+            trans_a: false,
+            trans_b: true,
+            m: rows,
+            n: d_out,
+            k: d_in,
+            lda: d_in,
+            ldb: d_in,
+            ldc: d_out,
+            batch: 1,
+            stride_a: 0,
+            stride_b: 0,
+            stride_c: 0,
+            alpha: 1.0,
+            beta: 0.0,
+        }
+    }
+
+    /// Floating-point operations (multiply and add counted separately).
+    pub fn flops(&self) -> usize {
+        2 * self.m * self.n * self.k * self.batch
+    }
+}
+
+/// The shape of a LayerNorm over the last dimension.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct NormShape {
+    /// Rows normalised independently.
+    pub rows: usize,
+    /// Channels per row.
+    pub cols: usize,
+    /// Added to the variance (1e-5 for the DiT).
+    pub eps: f32,
+}
+
+/// The shape of an attention call.
+///
+/// `q` is `[batch, q_len, heads·head_dim]` with token stride `q_stride`;
+/// `k` and `v` are `[batch, kv_len, heads·head_dim]` with token strides
+/// `k_stride`, `v_stride` (a fused qkv buffer has stride `3·C`); `out` is
+/// `[batch, q_len, heads·head_dim]`, contiguous. Each sequence's keys start
+/// `kv_batch_stride` elements after the previous one's (a KV cache may be
+/// longer than `kv_len`). Which query sees which key is `mask`'s business.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AttentionShape {
+    /// Sequences.
+    pub batch: usize,
+    /// Heads.
+    pub heads: usize,
+    /// Channels per head.
+    pub head_dim: usize,
+    /// Queries per sequence.
+    pub q_len: usize,
+    /// Keys per sequence.
+    pub kv_len: usize,
+    /// Element stride between query tokens.
+    pub q_stride: usize,
+    /// Element stride between key tokens.
+    pub k_stride: usize,
+    /// Element stride between value tokens.
+    pub v_stride: usize,
+    /// Elements between one sequence's queries and the next's.
+    pub q_batch_stride: usize,
+    /// Elements between one sequence's keys/values and the next's.
+    pub kv_batch_stride: usize,
+    /// Softmax scale, `1/√head_dim`.
+    pub scale: f32,
+}
+
+/// RoPE (rotate-half, GPT-NeoX layout) over `[batch, tokens, heads·head_dim]`
+/// with token stride `stride`; token `t` has position `position_offset + t`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RopeShape {
+    /// Sequences.
+    pub batch: usize,
+    /// Tokens per sequence.
+    pub tokens: usize,
+    /// Heads.
+    pub heads: usize,
+    /// Channels per head (the rotary dimension).
+    pub head_dim: usize,
+    /// Element stride between tokens.
+    pub stride: usize,
+    /// Elements between sequences.
+    pub batch_stride: usize,
+    /// Position of token 0.
+    pub position_offset: usize,
+    /// Frequency base (10,000).
+    pub base: f32,
+}
+
+/// AdamW hyper-parameters for one step.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamW {
+    /// Learning rate of this step (after warm-up).
+    pub lr: f32,
+    /// First-moment decay.
+    pub beta1: f32,
+    /// Second-moment decay.
+    pub beta2: f32,
+    /// Denominator guard.
+    pub eps: f32,
+    /// Decoupled weight decay.
+    pub weight_decay: f32,
+    /// 1-based step, for bias correction.
+    pub step: u32,
+}
+
+impl Default for AdamW {
+    /// BD3-LM's defaults: lr 3e-4, β = (0.9, 0.999), ε = 1e-8, no weight decay.
+    fn default() -> Self {
+        AdamW { lr: 3e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0, step: 1 }
+    }
+}
+
+/// Where one sampled token's random numbers come from.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DrawSpec {
+    /// The categorical stream of the sequence at its current step.
+    pub stream: RngStream,
+    /// The row of the stream (the position).
+    pub row: u32,
+}
+
+/// The compute primitives of a backend. See the module docs for conventions.
+pub trait Backend {
+    /// A device buffer of floats.
+    type Buffer;
+    /// A device buffer of token ids.
+    type Ids;
+    /// The backend's error.
+    type Error: fmt::Debug + fmt::Display;
+
+    /// A short name for logs ("cpu", "cuda:0 bf16").
+    fn name(&self) -> &str;
+
+    // ---- memory -------------------------------------------------------
+
+    /// A buffer of `len` floats, zeroed.
+    fn zeros(&self, len: usize) -> Result<Self::Buffer, Self::Error>;
+    /// A buffer holding `host`.
+    fn upload(&self, host: &[f32]) -> Result<Self::Buffer, Self::Error>;
+    /// Copies `out.len()` elements starting at `src.offset` to the host.
+    fn download(&self, src: Slice<'_, Self::Buffer>, out: &mut [f32]) -> Result<(), Self::Error>;
+    /// Token ids on the device.
+    fn upload_ids(&self, host: &[u32]) -> Result<Self::Ids, Self::Error>;
+    /// Sets `len` elements to `value`.
+    fn fill(&self, dst: SliceMut<'_, Self::Buffer>, len: usize, value: f32) -> Result<(), Self::Error>;
+    /// Copies `len` elements.
+    fn copy(&self, src: Slice<'_, Self::Buffer>, dst: SliceMut<'_, Self::Buffer>, len: usize) -> Result<(), Self::Error>;
+    /// Waits for queued work (a no-op on synchronous backends).
+    fn synchronize(&self) -> Result<(), Self::Error> {
+        Ok(())
+    }
+
+    // ---- linear algebra -----------------------------------------------
+
+    /// A strided batched GEMM (see [`Gemm`]). Its backward is two more GEMMs.
+    fn matmul(
+        &self,
+        spec: &Gemm,
+        a: Slice<'_, Self::Buffer>,
+        b: Slice<'_, Self::Buffer>,
+        c: SliceMut<'_, Self::Buffer>,
+    ) -> Result<(), Self::Error>;
+    /// `x[rows, cols] += bias[cols]` for every row.
+    fn bias_add(&self, x: SliceMut<'_, Self::Buffer>, bias: Slice<'_, Self::Buffer>, rows: usize, cols: usize) -> Result<(), Self::Error>;
+    /// `dbias[cols] += Σ_rows dy[rows, cols]`.
+    fn bias_backward(&self, dy: Slice<'_, Self::Buffer>, dbias: SliceMut<'_, Self::Buffer>, rows: usize, cols: usize) -> Result<(), Self::Error>;
+
+    // ---- normalisation and modulation ---------------------------------
+
+    /// LayerNorm over the last dimension: `out = (x − μ)·rstd·w (+ b)`; saves `mean` and `rstd` per row.
+    #[allow(clippy::too_many_arguments)]
+    fn layernorm_forward(
+        &self,
+        shape: &NormShape,
+        x: Slice<'_, Self::Buffer>,
+        weight: Slice<'_, Self::Buffer>,
+        bias: Option<Slice<'_, Self::Buffer>>,
+        out: SliceMut<'_, Self::Buffer>,
+        mean: SliceMut<'_, Self::Buffer>,
+        rstd: SliceMut<'_, Self::Buffer>,
+    ) -> Result<(), Self::Error>;
+    /// Accumulates `dx`, `dweight` and (if present) `dbias` from `dout`.
+    #[allow(clippy::too_many_arguments)]
+    fn layernorm_backward(
+        &self,
+        shape: &NormShape,
+        dout: Slice<'_, Self::Buffer>,
+        x: Slice<'_, Self::Buffer>,
+        weight: Slice<'_, Self::Buffer>,
+        mean: Slice<'_, Self::Buffer>,
+        rstd: Slice<'_, Self::Buffer>,
+        dx: SliceMut<'_, Self::Buffer>,
+        dweight: SliceMut<'_, Self::Buffer>,
+        dbias: Option<SliceMut<'_, Self::Buffer>>,
+    ) -> Result<(), Self::Error>;
+    /// adaLN modulation, in place: `x[b, t, c] = x·(1 + scale[b, c]) + shift[b, c]`
+    /// (`scale`, `shift` of one sequence shared by its `tokens`).
+    #[allow(clippy::too_many_arguments)]
+    fn modulate_forward(
+        &self,
+        x: SliceMut<'_, Self::Buffer>,
+        shift: Slice<'_, Self::Buffer>,
+        scale: Slice<'_, Self::Buffer>,
+        batch: usize,
+        tokens: usize,
+        channels: usize,
+    ) -> Result<(), Self::Error>;
+    /// Given `dout` and the *un*modulated input `x`: accumulates
+    /// `dx += dout·(1 + scale)`, `dshift += Σ_t dout`, `dscale += Σ_t dout·x`.
+    #[allow(clippy::too_many_arguments)]
+    fn modulate_backward(
+        &self,
+        dout: Slice<'_, Self::Buffer>,
+        x: Slice<'_, Self::Buffer>,
+        scale: Slice<'_, Self::Buffer>,
+        dx: SliceMut<'_, Self::Buffer>,
+        dshift: SliceMut<'_, Self::Buffer>,
+        dscale: SliceMut<'_, Self::Buffer>,
+        batch: usize,
+        tokens: usize,
+        channels: usize,
+    ) -> Result<(), Self::Error>;
+    /// Gated residual: `residual[b, t, c] += gate[b, c] · y[b, t, c]` (`gate = None` means 1).
+    #[allow(clippy::too_many_arguments)]
+    fn gated_residual_forward(
+        &self,
+        residual: SliceMut<'_, Self::Buffer>,
+        y: Slice<'_, Self::Buffer>,
+        gate: Option<Slice<'_, Self::Buffer>>,
+        batch: usize,
+        tokens: usize,
+        channels: usize,
+    ) -> Result<(), Self::Error>;
+    /// Accumulates `dy += gate·dresidual` and `dgate += Σ_t dresidual·y`.
+    #[allow(clippy::too_many_arguments)]
+    fn gated_residual_backward(
+        &self,
+        dresidual: Slice<'_, Self::Buffer>,
+        y: Slice<'_, Self::Buffer>,
+        gate: Option<Slice<'_, Self::Buffer>>,
+        dy: SliceMut<'_, Self::Buffer>,
+        dgate: Option<SliceMut<'_, Self::Buffer>>,
+        batch: usize,
+        tokens: usize,
+        channels: usize,
+    ) -> Result<(), Self::Error>;
+
+    // ---- position, attention, activation ------------------------------
+
+    /// Rotates `x` in place by RoPE.
+    fn rope_forward(&self, shape: &RopeShape, x: SliceMut<'_, Self::Buffer>) -> Result<(), Self::Error>;
+    /// The backward of RoPE, in place on the gradient (the inverse rotation).
+    fn rope_backward(&self, shape: &RopeShape, dx: SliceMut<'_, Self::Buffer>) -> Result<(), Self::Error>;
+    /// `out = softmax(q·kᵀ·scale, masked by mask)·v`; saves the log-sum-exp
+    /// per (batch, head, query) in `lse` for the backward. A query that may
+    /// see no key gets zeros.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_forward(
+        &self,
+        shape: &AttentionShape,
+        mask: &AttentionMask,
+        q: Slice<'_, Self::Buffer>,
+        k: Slice<'_, Self::Buffer>,
+        v: Slice<'_, Self::Buffer>,
+        out: SliceMut<'_, Self::Buffer>,
+        lse: SliceMut<'_, Self::Buffer>,
+    ) -> Result<(), Self::Error>;
+    /// Accumulates `dq`, `dk`, `dv` (laid out like `q`, `k`, `v`).
+    #[allow(clippy::too_many_arguments)]
+    fn attention_backward(
+        &self,
+        shape: &AttentionShape,
+        mask: &AttentionMask,
+        dout: Slice<'_, Self::Buffer>,
+        q: Slice<'_, Self::Buffer>,
+        k: Slice<'_, Self::Buffer>,
+        v: Slice<'_, Self::Buffer>,
+        out: Slice<'_, Self::Buffer>,
+        lse: Slice<'_, Self::Buffer>,
+        dq: SliceMut<'_, Self::Buffer>,
+        dk: SliceMut<'_, Self::Buffer>,
+        dv: SliceMut<'_, Self::Buffer>,
+    ) -> Result<(), Self::Error>;
+    /// `out = gelu_tanh(x)` over `len` elements.
+    fn gelu_forward(&self, x: Slice<'_, Self::Buffer>, out: SliceMut<'_, Self::Buffer>, len: usize) -> Result<(), Self::Error>;
+    /// `dx += dout · gelu_tanh'(x)`.
+    fn gelu_backward(&self, dout: Slice<'_, Self::Buffer>, x: Slice<'_, Self::Buffer>, dx: SliceMut<'_, Self::Buffer>, len: usize) -> Result<(), Self::Error>;
+    /// Inverted dropout in place: element `i` is kept iff `stream.uniform_f32(0, i) ≥ p`,
+    /// and kept elements are scaled by `1/(1 − p)`. The backward is the same call on the gradient.
+    fn dropout(&self, x: SliceMut<'_, Self::Buffer>, len: usize, p: f32, stream: &RngStream) -> Result<(), Self::Error>;
+
+    // ---- embeddings and loss -------------------------------------------
+
+    /// `out[i, :] = table[ids[i], :]` for `rows` ids (learned positions use ids `0..T`).
+    fn embedding_forward(
+        &self,
+        ids: &Self::Ids,
+        table: Slice<'_, Self::Buffer>,
+        out: SliceMut<'_, Self::Buffer>,
+        rows: usize,
+        channels: usize,
+    ) -> Result<(), Self::Error>;
+    /// `dtable[ids[i], :] += dout[i, :]`.
+    fn embedding_backward(
+        &self,
+        ids: &Self::Ids,
+        dout: Slice<'_, Self::Buffer>,
+        dtable: SliceMut<'_, Self::Buffer>,
+        rows: usize,
+        channels: usize,
+    ) -> Result<(), Self::Error>;
+    /// Fused weighted softmax cross-entropy, forward and backward in one:
+    /// for each row with `weights[r] ≠ 0`, `losses[r] = weights[r] · (−log softmax(logits[r])[targets[r]])`
+    /// and `logits[r]` is overwritten by `grad_scale · weights[r] · (softmax − onehot)`;
+    /// rows with weight 0 get loss 0 and gradient 0. Weights carry the NELBO
+    /// `1/t` and the normalisation; `grad_scale` the loss scaling.
+    #[allow(clippy::too_many_arguments)]
+    fn softmax_cross_entropy(
+        &self,
+        logits: SliceMut<'_, Self::Buffer>,
+        targets: &Self::Ids,
+        weights: Slice<'_, Self::Buffer>,
+        losses: SliceMut<'_, Self::Buffer>,
+        rows: usize,
+        vocab: usize,
+        grad_scale: f32,
+    ) -> Result<(), Self::Error>;
+
+    // ---- optimisation ---------------------------------------------------
+
+    /// `Σ x²` over `len` elements, in f64 (for the gradient norm).
+    fn sum_squares(&self, x: Slice<'_, Self::Buffer>, len: usize) -> Result<f64, Self::Error>;
+    /// `x *= factor` over `len` elements (gradient clipping).
+    fn scale(&self, x: SliceMut<'_, Self::Buffer>, len: usize, factor: f32) -> Result<(), Self::Error>;
+    /// One AdamW step over `len` parameters with moments `m`, `v`.
+    #[allow(clippy::too_many_arguments)]
+    fn adamw(
+        &self,
+        hp: &AdamW,
+        params: SliceMut<'_, Self::Buffer>,
+        grads: Slice<'_, Self::Buffer>,
+        m: SliceMut<'_, Self::Buffer>,
+        v: SliceMut<'_, Self::Buffer>,
+        len: usize,
+    ) -> Result<(), Self::Error>;
+    /// `ema = decay·ema + (1 − decay)·params`.
+    fn ema_update(&self, ema: SliceMut<'_, Self::Buffer>, params: Slice<'_, Self::Buffer>, len: usize, decay: f32) -> Result<(), Self::Error>;
+
+    // ---- sampling --------------------------------------------------------
+
+    /// Draws one token per logits row: SUBS softmax (no `[MASK]`), nucleus,
+    /// f64 Gumbel-max from `draws[r]`, with the three confidences. Must agree
+    /// token for token with [`draw_token`] on the same logits. The provided
+    /// version downloads the logits and calls it; a GPU backend overrides it.
+    fn draw_tokens(
+        &self,
+        logits: Slice<'_, Self::Buffer>,
+        vocab: usize,
+        mask_id: u32,
+        nucleus: &Nucleus,
+        draws: &[DrawSpec],
+        out: &mut [SampledToken],
+    ) -> Result<(), Self::Error> {
+        let mut row = alloc::vec![0.0f32; vocab];
+        let mut scratch = DrawScratch::default();
+        for (r, (spec, slot)) in draws.iter().zip(out.iter_mut()).enumerate() {
+            self.download(Slice::at(logits.buf, logits.offset + r * vocab), &mut row)?;
+            *slot = draw_token(&row, mask_id, nucleus, &spec.stream, spec.row, &mut scratch);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,17 @@
+//! The Diffusion-in-Diffusion method: draft with small blocks, remask the
+//! least confident tokens, refine them with a large block.
+//!
+//! - [`plan`]: the stage-plan grammar and its checks;
+//! - [`remask`]: which tokens are remasked (snapshot, post-hoc, random; global or per block);
+//! - [`driver`]: [`generate`], the multi-stage loop over any [`crate::denoiser::Denoiser`];
+//! - [`mix_scale`]: the block-size distribution of mix-scale training.
+
+pub mod driver;
+pub mod mix_scale;
+pub mod plan;
+pub mod remask;
+
+pub use driver::{generate, GenerateConfig, GenerateError, Generation, StageReport};
+pub use mix_scale::{BlockSizeDistribution, ResolvedBlockSizes};
+pub use plan::{BlockSpec, ResolvedPlan, Stage, StagePlan, StageSpec};
+pub use remask::{remask_count, select_lowest, RemaskScope, RemaskStrategy};

@@ -1,0 +1,147 @@
+//! Remasking: which drafted tokens turn back into `[MASK]` before a refine stage.
+//!
+//! Every strategy gives each eligible position a score and remasks the lowest
+//! scores; they differ only in where the score comes from:
+//!
+//! - [`RemaskStrategy::Snapshot`] — the confidence snapshotted when the token
+//!   was drawn (the method of the paper);
+//! - [`RemaskStrategy::PostHoc`] — the probability the model gives the token
+//!   when it re-reads the finished sequence (a baseline: the model tends to
+//!   reaffirm what it wrote);
+//! - [`RemaskStrategy::Random`] — a uniform random key (a baseline).
+//!
+//! **The count is exact**: `floor(γ · n)` positions out of the `n` eligible
+//! ones of a scope (with a 1e-9 tolerance, so that 0.29 × 100 is 29, not 28).
+//! Eligible means drawn: never the BOS, a prompt token, or padding after the
+//! end of a sequence. **Ties** go to the smaller position.
+
+use alloc::vec::Vec;
+use core::cmp::Ordering;
+
+use crate::sample::ConfidenceKind;
+
+/// Where the scores that rank tokens for remasking come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RemaskStrategy {
+    /// The confidence recorded when each token was drawn.
+    Snapshot(ConfidenceKind),
+    /// The probability of each token when the model re-scores the finished
+    /// sequence: one pass with the next stage's attention block size, reading
+    /// the raw outputs at the visible tokens (no carry-over; `[MASK]` excluded).
+    PostHoc,
+    /// Uniformly random.
+    Random,
+}
+
+impl Default for RemaskStrategy {
+    fn default() -> Self {
+        RemaskStrategy::Snapshot(ConfidenceKind::Nucleus)
+    }
+}
+
+/// Over which positions the lowest `γ` fraction is taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
+pub enum RemaskScope {
+    /// Over the whole sequence (the default).
+    #[default]
+    Global,
+    /// Within each block of the *previous* stage (each draft block loses its
+    /// own least confident `floor(γ · n)`). Per block of the next stage would
+    /// equal `Global` for the usual global refine, so it is not offered.
+    PerBlock,
+}
+
+/// `floor(ratio · n)` with a 1e-9 tolerance.
+///
+/// ```
+/// assert_eq!(did_core::refine::remask_count(0.29, 100), 29);
+/// assert_eq!(did_core::refine::remask_count(0.25, 1023), 255);
+/// ```
+pub fn remask_count(ratio: f64, n: usize) -> usize {
+    let c = libm::floor(ratio * n as f64 + 1e-9);
+    if c <= 0.0 {
+        0
+    } else {
+        (c as usize).min(n)
+    }
+}
+
+/// Picks, among the eligible positions, the `floor(ratio · n)` with the lowest
+/// scores in each scope unit (the whole sequence, or each `scope_block`), ties
+/// to the smaller position. Returns the positions in ascending order.
+///
+/// ```
+/// use did_core::refine::select_lowest;
+/// let scores = [f64::INFINITY, 0.9, 0.2, 0.5, 0.2];
+/// let eligible = [false, true, true, true, true];
+/// assert_eq!(select_lowest(&scores, &eligible, 0.5, None), vec![2, 4]);
+/// ```
+pub fn select_lowest(scores: &[f64], eligible: &[bool], ratio: f64, scope_block: Option<usize>) -> Vec<usize> {
+    assert_eq!(scores.len(), eligible.len(), "select_lowest: one score per position");
+    let unit = scope_block.filter(|&b| b > 0).unwrap_or(scores.len().max(1));
+    let mut out = Vec::new();
+    let mut candidates: Vec<usize> = Vec::new();
+    for start in (0..scores.len()).step_by(unit) {
+        let end = (start + unit).min(scores.len());
+        candidates.clear();
+        candidates.extend((start..end).filter(|&p| eligible[p]));
+        let k = remask_count(ratio, candidates.len());
+        if k == 0 {
+            continue;
+        }
+        let rank = |a: &usize, b: &usize| -> Ordering { scores[*a].total_cmp(&scores[*b]).then(a.cmp(b)) };
+        if k < candidates.len() {
+            candidates.select_nth_unstable_by(k - 1, rank);
+        }
+        let first = out.len();
+        out.extend_from_slice(&candidates[..k]);
+        out[first..].sort_unstable();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use quickcheck::{quickcheck, TestResult};
+
+    quickcheck! {
+        fn picks_the_exact_count_of_eligible_lowest(scores: Vec<u8>, mask: Vec<bool>, ratio: u8, block: u8) -> TestResult {
+            let n = scores.len();
+            if n == 0 { return TestResult::discard(); }
+            let scores: Vec<f64> = scores.iter().map(|&s| f64::from(s % 16)).collect();
+            let eligible: Vec<bool> = (0..n).map(|i| mask.get(i).copied().unwrap_or(true)).collect();
+            let ratio = (f64::from(ratio) + 1.0) / 256.0;
+            let unit = if block % 2 == 0 { None } else { Some(usize::from(block % 9) + 1) };
+            let picked = select_lowest(&scores, &eligible, ratio, unit);
+            let size = unit.unwrap_or(n);
+            for start in (0..n).step_by(size) {
+                let end = (start + size).min(n);
+                let elig: Vec<usize> = (start..end).filter(|&p| eligible[p]).collect();
+                let mine: Vec<usize> = picked.iter().copied().filter(|&p| p >= start && p < end).collect();
+                if mine.len() != remask_count(ratio, elig.len()) { return TestResult::error("wrong count"); }
+                if mine.iter().any(|&p| !eligible[p]) { return TestResult::error("ineligible position"); }
+                // Every picked one ranks at or below every unpicked eligible one.
+                for &p in &mine {
+                    for &q in elig.iter().filter(|q| !mine.contains(q)) {
+                        if (scores[p], p) > (scores[q], q) { return TestResult::error("not the lowest"); }
+                    }
+                }
+            }
+            TestResult::from_bool(picked.windows(2).all(|w| w[0] < w[1]))
+        }
+    }
+
+    #[test]
+    fn ties_go_to_the_smaller_position() {
+        assert_eq!(select_lowest(&[1.0; 8], &[true; 8], 0.25, None), vec![0, 1]);
+    }
+
+    #[test]
+    fn count_rounds_down_exactly() {
+        assert_eq!(remask_count(0.25, 3), 0);
+        assert_eq!(remask_count(1.0, 7), 7);
+        assert_eq!(remask_count(0.7, 10), 7);
+        assert_eq!(remask_count(0.5, 0), 0);
+    }
+}

@@ -1,0 +1,211 @@
+//! Nucleus (top-p) filtering.
+//!
+//! Tokens are ranked by probability, descending, ties by the smaller id (a
+//! total order, so the result never depends on a sort's stability).
+//! BD3-LM's rule ([`NucleusRule::Bd3`], the default) keeps the tokens whose
+//! cumulative mass *counting themselves* is ≤ p, and always the top one: the
+//! token that crosses p is dropped (bd3lm.md §4.6). The common rule
+//! ([`NucleusRule::SmallestCover`]) keeps the smallest prefix whose mass is ≥ p.
+//! `p ≥ 1` keeps every token with non-zero probability, whatever the rounding
+//! of the cumulative sum.
+
+use alloc::vec::Vec;
+use core::cmp::Ordering;
+
+use crate::{error::invalid, Error};
+
+/// Which token at the boundary of the nucleus is kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum NucleusRule {
+    /// Keep tokens with cumulative mass ≤ p (always the top one). BD3-LM's sampler.
+    #[default]
+    Bd3,
+    /// Keep the smallest prefix whose mass reaches p (Holtzman et al.).
+    SmallestCover,
+}
+
+/// Top-p filtering with a rule.
+///
+/// ```
+/// use did_core::sample::{Nucleus, NucleusRule};
+/// let mut p = vec![0.5, 0.3, 0.2];
+/// let mut order = Vec::new();
+/// let kept = Nucleus::new(0.9, NucleusRule::Bd3)?.apply(&mut p, &mut order);
+/// assert_eq!(kept, 2); // 0.5 + 0.3 = 0.8 ≤ 0.9; adding 0.2 would cross
+/// assert!((p[0] - 0.625).abs() < 1e-12 && p[2] == 0.0);
+/// # Ok::<(), did_core::Error>(())
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Nucleus {
+    p: f64,
+    rule: NucleusRule,
+}
+
+impl Default for Nucleus {
+    /// p = 0.9 with BD3-LM's rule, the setting of every reported BD3-LM number.
+    fn default() -> Self {
+        Nucleus { p: 0.9, rule: NucleusRule::Bd3 }
+    }
+}
+
+impl Nucleus {
+    /// Top-p with `p ∈ (0, 1]`.
+    pub fn new(p: f64, rule: NucleusRule) -> Result<Self, Error> {
+        if !(p > 0.0 && p <= 1.0) {
+            return Err(invalid("nucleus p", alloc::format!("{p} must be in (0, 1]; 0.9 is BD3-LM's, 1 disables it")));
+        }
+        Ok(Nucleus { p, rule })
+    }
+
+    /// The mass p.
+    pub fn p(&self) -> f64 {
+        self.p
+    }
+
+    /// The boundary rule.
+    pub fn rule(&self) -> NucleusRule {
+        self.rule
+    }
+
+    /// Filters `probs` in place (a distribution; zeros allowed) and renormalises it.
+    /// Returns how many tokens were kept; `order[..kept]` lists them, most probable first.
+    ///
+    /// Cost: a selection of the top 64 (growing ×4 only while the nucleus is
+    /// larger), so a peaked distribution over 50k tokens costs one linear pass.
+    pub fn apply(&self, probs: &mut [f64], order: &mut Vec<u32>) -> usize {
+        let n = probs.len();
+        order.clear();
+        order.extend(0..n as u32);
+        if n == 0 {
+            return 0;
+        }
+        let rank = |a: &u32, b: &u32| -> Ordering {
+            let (pa, pb) = (probs[*a as usize], probs[*b as usize]);
+            pb.partial_cmp(&pa).unwrap_or(Ordering::Equal).then(a.cmp(b))
+        };
+        let mut k = n.min(64);
+        let kept = loop {
+            if k < n {
+                order.select_nth_unstable_by(k - 1, rank);
+            }
+            order[..k].sort_unstable_by(rank);
+            if let Some(kept) = self.boundary(probs, &order[..k]) {
+                break kept;
+            }
+            if k == n {
+                break n;
+            }
+            k = (k * 4).min(n);
+        };
+        // Zero-probability tokens are never kept.
+        let kept = order[..kept].iter().take_while(|&&v| probs[v as usize] > 0.0).count().max(1);
+        let mass: f64 = order[..kept].iter().map(|&v| probs[v as usize]).sum();
+        let mut keep = alloc::vec![0.0; 0];
+        keep.extend(order[..kept].iter().map(|&v| probs[v as usize] / mass));
+        probs.iter_mut().for_each(|x| *x = 0.0);
+        for (&v, &x) in order[..kept].iter().zip(&keep) {
+            probs[v as usize] = x;
+        }
+        kept
+    }
+
+    /// How many of the ranked `top` tokens are kept, or `None` if the boundary
+    /// lies beyond them.
+    fn boundary(&self, probs: &[f64], top: &[u32]) -> Option<usize> {
+        if self.p >= 1.0 {
+            return None;
+        }
+        let mut cum = 0.0;
+        for (i, &v) in top.iter().enumerate() {
+            cum += probs[v as usize];
+            match self.rule {
+                NucleusRule::Bd3 if cum > self.p => return Some(i.max(1)),
+                NucleusRule::SmallestCover if cum >= self.p => return Some(i + 1),
+                _ => {}
+            }
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sample::probs::subs_softmax;
+    use quickcheck::{quickcheck, TestResult};
+
+    fn distribution(logits: &[f32]) -> Vec<f64> {
+        let mut p = alloc::vec![0.0; logits.len()];
+        subs_softmax(logits, u32::MAX, &mut p);
+        p
+    }
+
+    fn ranked(p: &[f64]) -> Vec<usize> {
+        let mut idx: Vec<usize> = (0..p.len()).collect();
+        idx.sort_by(|&a, &b| p[b].partial_cmp(&p[a]).unwrap().then(a.cmp(&b)));
+        idx
+    }
+
+    fn check(logits: Vec<f32>, p: f64, rule: NucleusRule) -> TestResult {
+        let logits: Vec<f32> = logits.into_iter().map(|x| if x.is_finite() { x % 20.0 } else { 0.0 }).collect();
+        if logits.is_empty() {
+            return TestResult::discard();
+        }
+        let before = distribution(&logits);
+        let mut after = before.clone();
+        let mut order = Vec::new();
+        let kept = Nucleus::new(p, rule).unwrap().apply(&mut after, &mut order);
+        let rank = ranked(&before);
+        // The kept set is a prefix of the ranking.
+        if order[..kept].iter().map(|&v| v as usize).collect::<Vec<_>>() != rank[..kept] {
+            return TestResult::error("kept set is not the top of the ranking");
+        }
+        let mass: f64 = rank[..kept].iter().map(|&v| before[v]).sum();
+        let next = rank.get(kept).map(|&v| before[v]).filter(|&x| x > 0.0);
+        let ok = match rule {
+            // At least mass p, and minimal.
+            NucleusRule::SmallestCover => (mass >= p - 1e-12 || next.is_none()) && (mass - before[rank[kept - 1]] < p || kept == 1),
+            // At most mass p (or the top one alone), and maximal.
+            NucleusRule::Bd3 => (mass <= p + 1e-12 || kept == 1) && next.map_or(true, |x| mass + x > p - 1e-12),
+        };
+        let sums_to_one = (after.iter().sum::<f64>() - 1.0).abs() < 1e-9;
+        TestResult::from_bool(ok && sums_to_one)
+    }
+
+    quickcheck! {
+        fn smallest_cover_keeps_at_least_p_and_is_minimal(logits: Vec<f32>, p: u8) -> TestResult {
+            check(logits, (f64::from(p) + 1.0) / 257.0, NucleusRule::SmallestCover)
+        }
+        fn bd3_rule_keeps_at_most_p_and_is_maximal(logits: Vec<f32>, p: u8) -> TestResult {
+            check(logits, (f64::from(p) + 1.0) / 257.0, NucleusRule::Bd3)
+        }
+        fn large_vocabularies_take_the_growth_path(seed: u32) -> TestResult {
+            // A flat-ish distribution over 1000 tokens: the nucleus exceeds 64.
+            let logits: Vec<f32> = (0..1000u32).map(|i| ((i.wrapping_mul(2654435761) ^ seed) % 1000) as f32 / 1000.0).collect();
+            check(logits, 0.9, NucleusRule::Bd3)
+        }
+    }
+
+    #[test]
+    fn p_one_keeps_everything_non_zero() {
+        let mut p = vec![0.25, 0.25, 0.0, 0.5];
+        let kept = Nucleus::new(1.0, NucleusRule::Bd3).unwrap().apply(&mut p, &mut Vec::new());
+        assert_eq!(kept, 3);
+    }
+
+    #[test]
+    fn top_token_alone_above_p_is_kept() {
+        let mut p = vec![0.05, 0.95];
+        let mut order = Vec::new();
+        assert_eq!(Nucleus::new(0.9, NucleusRule::Bd3).unwrap().apply(&mut p, &mut order), 1);
+        assert_eq!(order[0], 1);
+        assert_eq!(p, vec![0.0, 1.0]);
+    }
+
+    #[test]
+    fn bad_p_is_rejected() {
+        for p in [0.0, -0.1, 1.5, f64::NAN] {
+            assert!(Nucleus::new(p, NucleusRule::Bd3).is_err());
+        }
+    }
+}
