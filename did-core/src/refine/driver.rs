@@ -337,3 +337,328 @@ fn score_post_hoc<D: Denoiser>(
     }
     Ok(calls)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mask::AttentionMask;
+    use crate::refine::plan::StagePlan;
+    use crate::sample::update::BlockUpdate;
+    use crate::sample::ConfidenceKind;
+    use alloc::vec;
+    use quickcheck::{quickcheck, TestResult};
+
+    const V: usize = 12;
+    const MASK: u32 = 11;
+    const EOS: u32 = 10;
+
+    /// A small deterministic "language model" whose logits at a position depend
+    /// only on the tokens its attention mask lets it see. It checks the
+    /// [`Denoiser`] contract on every call, optionally keeps a KV cache of
+    /// committed blocks (reading them from the cache, not from the request),
+    /// and records every request's tokens.
+    #[derive(Default)]
+    struct ToyLm {
+        cached: bool,
+        prefer_eos_at: Option<usize>,
+        block_size: usize,
+        committed_end: Vec<usize>,
+        cache: Vec<u32>,
+        seq_len: usize,
+        calls: Vec<Vec<u32>>,
+        commits: usize,
+    }
+
+    impl ToyLm {
+        fn row(&self, tokens: &[u32], seq: usize, pos: usize, block_size: usize, block_start: usize, out: &mut [f32]) {
+            let mask = AttentionMask::BlockCausal { block_size, query_offset: 0, key_offset: 0, window: None };
+            let mut h: u64 = 1469598103934665603 ^ pos as u64;
+            for k in 0..self.seq_len {
+                if !mask.allows(pos, k) {
+                    continue;
+                }
+                let t = if self.cached && k < block_start { self.cache[seq * self.seq_len + k] } else { tokens[seq * self.seq_len + k] };
+                if t != MASK {
+                    h = (h ^ (u64::from(t) << 8 | k as u64)).wrapping_mul(1099511628211);
+                }
+            }
+            for (v, o) in out.iter_mut().enumerate() {
+                *o = ((h.rotate_left(v as u32 * 5) ^ (v as u64 * 2654435761)) % 1000) as f32 / 250.0;
+            }
+            out[MASK as usize] = 50.0; // SUBS must ignore it.
+            if self.prefer_eos_at == Some(pos) {
+                out[EOS as usize] = 60.0;
+            } else {
+                out[EOS as usize] = -60.0;
+            }
+        }
+    }
+
+    impl Denoiser for ToyLm {
+        type Error = core::convert::Infallible;
+        fn vocab_size(&self) -> usize {
+            V
+        }
+        fn mask_id(&self) -> u32 {
+            MASK
+        }
+        fn begin_stage(&mut self, batch: usize, seq_len: usize, block_size: usize) -> Result<(), Self::Error> {
+            self.block_size = block_size;
+            self.seq_len = seq_len;
+            self.committed_end = vec![0; batch];
+            self.cache = vec![MASK; batch * seq_len];
+            Ok(())
+        }
+        fn logits(&mut self, r: &DenoiseRequest<'_>, out: &mut [f32]) -> Result<(), Self::Error> {
+            assert_eq!(r.block_size, self.block_size, "block size differs from begin_stage");
+            let whole = r.block == (0..r.seq_len);
+            assert!(whole || (r.block.start % r.block_size == 0 && r.block.len() == r.block_size), "misaligned block {:?}", r.block);
+            assert!(r.block.start == self.committed_end[0] || whole, "block {:?} skips uncommitted blocks", r.block);
+            for seq in 0..r.batch {
+                for k in 0..r.block.start {
+                    assert_eq!(r.tokens[seq * r.seq_len + k], self.cache[seq * r.seq_len + k], "a committed token changed");
+                }
+            }
+            for (o, row) in r.outputs.iter().zip(out.chunks_mut(V)) {
+                assert!(r.block.contains(&(o.pos as usize)), "output outside the block");
+                self.row(r.tokens, o.seq as usize, o.pos as usize, r.block_size, r.block.start, row);
+            }
+            self.calls.push(r.tokens.to_vec());
+            Ok(())
+        }
+        fn commit_block(&mut self, r: &DenoiseRequest<'_>) -> Result<(), Self::Error> {
+            assert_eq!(r.block.start, self.committed_end[0], "blocks committed out of order");
+            for seq in 0..r.batch {
+                for k in r.block.clone() {
+                    let t = r.tokens[seq * r.seq_len + k];
+                    assert!(t != MASK || r.tokens[seq * r.seq_len..].iter().all(|&x| x != MASK) , "committing a masked token");
+                    self.cache[seq * r.seq_len + k] = t;
+                }
+                self.committed_end[seq] = r.block.end;
+            }
+            self.commits += 1;
+            Ok(())
+        }
+    }
+
+    fn plan(text: &str, l: usize) -> ResolvedPlan {
+        text.parse::<StagePlan>().unwrap().resolve(l).unwrap()
+    }
+
+    fn prompts(n: usize) -> Vec<Vec<u32>> {
+        (0..n).map(|i| vec![EOS, (i % 3) as u32][..1 + i % 2].to_vec()).collect()
+    }
+
+    fn run(lm: &mut ToyLm, cfg: &GenerateConfig, n: usize) -> Generation {
+        let p = prompts(n);
+        let refs: Vec<&[u32]> = p.iter().map(|v| v.as_slice()).collect();
+        generate(lm, cfg, &refs).unwrap()
+    }
+
+    /// A random valid plan for length `l`: sizes that divide `l`, non-decreasing, last = l.
+    fn random_plan(l: usize, picks: &[u8]) -> ResolvedPlan {
+        let divisors: Vec<usize> = (1..=l).filter(|d| l % d == 0).collect();
+        let mut sizes: Vec<usize> = picks.iter().take(3).map(|&p| divisors[usize::from(p) % divisors.len()]).collect();
+        sizes.sort_unstable();
+        let mut text = alloc::format!("{}", sizes.first().copied().unwrap_or(1));
+        for (i, s) in sizes.iter().skip(1).enumerate() {
+            text.push_str(&alloc::format!(",{s}:{}", [0.25, 0.5, 1.0][i % 3]));
+        }
+        if sizes.len() > 1 || picks.len() % 2 == 0 {
+            text.push_str(&alloc::format!(",{l}:0.3"));
+        }
+        plan(&text, l)
+    }
+
+    fn config(plan: ResolvedPlan, seed: u64, ddpm: Option<u32>, strategy: u8) -> GenerateConfig {
+        let mut cfg = GenerateConfig::new(plan, seed);
+        if let Some(steps) = ddpm {
+            cfg.sampler.update = BlockUpdate::DdpmCaching { steps };
+        }
+        cfg.remask = match strategy % 5 {
+            0 => RemaskStrategy::Snapshot(ConfidenceKind::Nucleus),
+            1 => RemaskStrategy::Snapshot(ConfidenceKind::Raw),
+            2 => RemaskStrategy::Snapshot(ConfidenceKind::Max),
+            3 => RemaskStrategy::PostHoc,
+            _ => RemaskStrategy::Random,
+        };
+        cfg.scope = if strategy % 2 == 0 { RemaskScope::Global } else { RemaskScope::PerBlock };
+        cfg
+    }
+
+    quickcheck! {
+        fn every_position_is_unmasked_and_revealed_tokens_never_change(seed: u64, picks: Vec<u8>, ddpm: Option<u8>, strategy: u8) -> bool {
+            let l = 24;
+            let cfg = config(random_plan(l, &picks), seed, ddpm.map(|t| u32::from(t % 9) + 1), strategy);
+            let mut lm = ToyLm::default();
+            let out = run(&mut lm, &cfg, 3);
+            if out.batch.tokens.iter().any(|&t| t == MASK) {
+                return false;
+            }
+            // Within a stage, consecutive calls see revealed tokens unchanged.
+            let mut call = 0;
+            for stage in &out.stages {
+                // Post-hoc scoring reads the finished previous stage in one call, before the remask.
+                let scoring = usize::from(cfg.remask == RemaskStrategy::PostHoc && stage.remask_ratio.is_some());
+                let calls = &lm.calls[call + scoring..call + stage.nfe as usize];
+                for w in calls.windows(2) {
+                    if w[0].iter().zip(&w[1]).any(|(&a, &b)| a != MASK && a != b) {
+                        return false;
+                    }
+                }
+                call += stage.nfe as usize;
+            }
+            call == lm.calls.len()
+        }
+
+        fn first_hitting_nfe_is_the_masked_count(seed: u64, block: u8) -> bool {
+            let l = 32;
+            let b = [1, 2, 4, 8, 16, 32][usize::from(block) % 6];
+            let mut lm = ToyLm::default();
+            let out = run(&mut lm, &GenerateConfig::new(plan(&alloc::format!("{b}"), l), seed), 1);
+            out.stages[0].nfe as usize == l - 1
+        }
+
+        fn kv_cache_changes_nothing(seed: u64, picks: Vec<u8>, ddpm: Option<u8>, strategy: u8) -> bool {
+            let cfg = config(random_plan(16, &picks), seed, ddpm.map(|t| u32::from(t % 5) + 1), strategy);
+            let plain = run(&mut ToyLm::default(), &cfg, 2);
+            let cached = run(&mut ToyLm { cached: true, ..ToyLm::default() }, &cfg, 2);
+            plain == cached
+        }
+
+        fn a_sequence_does_not_depend_on_its_batch(seed: u64, picks: Vec<u8>, ddpm: Option<u8>, strategy: u8) -> bool {
+            let l = 16;
+            let cfg = config(random_plan(l, &picks), seed, ddpm.map(|t| u32::from(t % 5) + 1), strategy);
+            let together = run(&mut ToyLm::default(), &cfg, 3);
+            let p = prompts(3);
+            (0..3).all(|i| {
+                let alone = generate(&mut ToyLm::default(), &GenerateConfig { first_sample: i as u32, ..cfg.clone() }, &[&p[i]]).unwrap();
+                alone.batch.tokens[..] == together.batch.tokens[i * l..(i + 1) * l]
+            })
+        }
+
+        fn a_one_hot_denoiser_yields_its_argmax_whatever_the_plan(seed: u64, picks: Vec<u8>, ddpm: Option<u8>, strategy: u8) -> TestResult {
+            struct OneHot;
+            impl Denoiser for OneHot {
+                type Error = core::convert::Infallible;
+                fn vocab_size(&self) -> usize { V }
+                fn mask_id(&self) -> u32 { MASK }
+                fn logits(&mut self, r: &DenoiseRequest<'_>, out: &mut [f32]) -> Result<(), Self::Error> {
+                    for (o, row) in r.outputs.iter().zip(out.chunks_mut(V)) {
+                        row.fill(-100.0);
+                        row[(o.pos as usize * 7) % 10] = 100.0;
+                    }
+                    Ok(())
+                }
+            }
+            let l = 20;
+            let cfg = config(random_plan(l, &picks), seed, ddpm.map(|t| u32::from(t % 5) + 1), strategy);
+            let out = generate(&mut OneHot, &cfg, &[&[EOS]]).unwrap();
+            let want: Vec<u32> = (0..l).map(|p| if p == 0 { EOS } else { ((p * 7) % 10) as u32 }).collect();
+            TestResult::from_bool(out.batch.tokens == want)
+        }
+
+        fn snapshot_remask_picks_the_drafts_least_confident(seed: u64, kind: u8, gamma: u8) -> bool {
+            let l = 32;
+            let kind = [ConfidenceKind::Nucleus, ConfidenceKind::Raw, ConfidenceKind::Max][usize::from(kind) % 3];
+            let gamma = [0.1, 0.25, 0.5, 0.9][usize::from(gamma) % 4];
+            let mut cfg = GenerateConfig::new(plan("4", l), seed);
+            cfg.remask = RemaskStrategy::Snapshot(kind);
+            let draft = run(&mut ToyLm::default(), &cfg, 2);
+            cfg.plan = plan(&alloc::format!("4,L:{gamma}"), l);
+            let refined = run(&mut ToyLm::default(), &cfg, 2);
+            (0..2).all(|seq| {
+                let scores: Vec<f64> = draft.batch.confidence[seq * l..(seq + 1) * l].iter().map(|c| c.get(kind)).collect();
+                let eligible: Vec<bool> = (0..l).map(|p| draft.batch.eligible(seq, p)).collect();
+                let want = select_lowest(&scores, &eligible, gamma, None);
+                let drafted_prefix_kept = (0..l).filter(|p| !want.contains(p)).all(|p| refined.batch.tokens[seq * l + p] == draft.batch.tokens[seq * l + p]);
+                refined.stages[1].remasked[seq] == want && drafted_prefix_kept && refined.stages[0].tokens == draft.batch.tokens
+            })
+        }
+    }
+
+    #[test]
+    fn regenerated_tokens_get_fresh_confidences_and_kept_ones_keep_theirs() {
+        let l = 32;
+        let cfg = GenerateConfig::new(plan("4,L:0.5", l), 3);
+        let draft = run(&mut ToyLm::default(), &GenerateConfig::new(plan("4", l), 3), 1);
+        let out = run(&mut ToyLm::default(), &cfg, 1);
+        let remasked = &out.stages[1].remasked[0];
+        assert_eq!(remasked.len(), remask_count_for(l - 1, 0.5));
+        for p in 1..l {
+            if !remasked.contains(&p) {
+                assert_eq!(out.batch.confidence[p], draft.batch.confidence[p]);
+            }
+        }
+        // At least one regenerated confidence differs from its draft value.
+        assert!(remasked.iter().any(|&p| out.batch.confidence[p] != draft.batch.confidence[p]));
+    }
+
+    fn remask_count_for(n: usize, g: f64) -> usize {
+        crate::refine::remask_count(g, n)
+    }
+
+    #[test]
+    fn ddpm_with_one_step_calls_once_per_block_and_never_leaves_a_mask() {
+        let l = 32;
+        let mut cfg = GenerateConfig::new(plan("8", l), 5);
+        cfg.sampler.update = BlockUpdate::DdpmCaching { steps: 1 };
+        let out = run(&mut ToyLm::default(), &cfg, 2);
+        assert_eq!(out.stages[0].nfe, 4);
+        assert!(out.batch.tokens.iter().all(|&t| t != MASK));
+    }
+
+    #[test]
+    fn ddpm_calls_no_more_than_the_masked_count() {
+        let l = 32;
+        let mut cfg = GenerateConfig::new(plan("16", l), 5);
+        cfg.sampler.update = BlockUpdate::DdpmCaching { steps: 1000 };
+        let out = run(&mut ToyLm::default(), &cfg, 1);
+        assert!(out.stages[0].nfe as usize <= l - 1);
+        assert!(out.stages[0].nfe >= 2);
+    }
+
+    #[test]
+    fn stops_at_eos_and_never_remasks_padding() {
+        let l = 32;
+        let mut cfg = GenerateConfig::new(plan("4,L:1", l), 1);
+        cfg.stop_at = Some(EOS);
+        let mut lm = ToyLm { prefer_eos_at: Some(9), ..ToyLm::default() };
+        let out = run(&mut lm, &cfg, 1);
+        assert_eq!(out.batch.lengths[0], 10);
+        assert!(out.batch.tokens[10..].iter().all(|&t| t == EOS));
+        assert!(out.stages[1].remasked[0].iter().all(|&p| p > 0 && p < 10));
+        // The draft stopped after the block holding the EOS: blocks 3..8 were never drawn.
+        assert_eq!(out.stages[0].nfe, 11);
+    }
+
+    #[test]
+    fn commits_every_block_but_the_last() {
+        let mut lm = ToyLm::default();
+        let out = run(&mut lm, &GenerateConfig::new(plan("4,L:0.5", 16), 2), 1);
+        assert_eq!(lm.commits, 3);
+        assert_eq!(out.stages.len(), 2);
+    }
+
+    #[test]
+    fn post_hoc_costs_scoring_calls_and_picks_the_lowest_rescored() {
+        let l = 16;
+        let mut cfg = GenerateConfig::new(plan("4,L:0.25", l), 4);
+        cfg.remask = RemaskStrategy::PostHoc;
+        let out = run(&mut ToyLm::default(), &cfg, 1);
+        assert_eq!(out.stages[1].nfe as usize, 1 + out.stages[1].remasked[0].len());
+    }
+
+    #[test]
+    fn bad_prompts_and_settings_are_errors() {
+        let cfg = GenerateConfig::new(plan("4", 8), 0);
+        let e = |p: &[u32]| generate(&mut ToyLm::default(), &cfg, &[p]).unwrap_err().to_string();
+        assert!(e(&[]).contains("empty"));
+        assert!(e(&[EOS; 9]).contains("more than the sequence length"));
+        assert!(e(&[EOS, MASK]).contains("mask"));
+        assert!(e(&[EOS, 99]).contains("outside the vocabulary"));
+        let mut bad = cfg.clone();
+        bad.sampler.update = BlockUpdate::DdpmCaching { steps: 0 };
+        assert!(generate(&mut ToyLm::default(), &bad, &[&[EOS]]).is_err());
+    }
+}
