@@ -234,7 +234,14 @@ pub struct AdamW {
 impl Default for AdamW {
     /// BD3-LM's defaults: lr 3e-4, β = (0.9, 0.999), ε = 1e-8, no weight decay.
     fn default() -> Self {
-        AdamW { lr: 3e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0, step: 1 }
+        AdamW {
+            lr: 3e-4,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+            step: 1,
+        }
     }
 }
 
@@ -270,9 +277,19 @@ pub trait Backend {
     /// Token ids on the device.
     fn upload_ids(&self, host: &[u32]) -> Result<Self::Ids, Self::Error>;
     /// Sets `len` elements to `value`.
-    fn fill(&self, dst: SliceMut<'_, Self::Buffer>, len: usize, value: f32) -> Result<(), Self::Error>;
+    fn fill(
+        &self,
+        dst: SliceMut<'_, Self::Buffer>,
+        len: usize,
+        value: f32,
+    ) -> Result<(), Self::Error>;
     /// Copies `len` elements.
-    fn copy(&self, src: Slice<'_, Self::Buffer>, dst: SliceMut<'_, Self::Buffer>, len: usize) -> Result<(), Self::Error>;
+    fn copy(
+        &self,
+        src: Slice<'_, Self::Buffer>,
+        dst: SliceMut<'_, Self::Buffer>,
+        len: usize,
+    ) -> Result<(), Self::Error>;
     /// Waits for queued work (a no-op on synchronous backends).
     fn synchronize(&self) -> Result<(), Self::Error> {
         Ok(())
@@ -289,9 +306,21 @@ pub trait Backend {
         c: SliceMut<'_, Self::Buffer>,
     ) -> Result<(), Self::Error>;
     /// `x[rows, cols] += bias[cols]` for every row.
-    fn bias_add(&self, x: SliceMut<'_, Self::Buffer>, bias: Slice<'_, Self::Buffer>, rows: usize, cols: usize) -> Result<(), Self::Error>;
+    fn bias_add(
+        &self,
+        x: SliceMut<'_, Self::Buffer>,
+        bias: Slice<'_, Self::Buffer>,
+        rows: usize,
+        cols: usize,
+    ) -> Result<(), Self::Error>;
     /// `dbias[cols] += Σ_rows dy[rows, cols]`.
-    fn bias_backward(&self, dy: Slice<'_, Self::Buffer>, dbias: SliceMut<'_, Self::Buffer>, rows: usize, cols: usize) -> Result<(), Self::Error>;
+    fn bias_backward(
+        &self,
+        dy: Slice<'_, Self::Buffer>,
+        dbias: SliceMut<'_, Self::Buffer>,
+        rows: usize,
+        cols: usize,
+    ) -> Result<(), Self::Error>;
 
     // ---- normalisation and modulation ---------------------------------
 
@@ -376,9 +405,17 @@ pub trait Backend {
     // ---- position, attention, activation ------------------------------
 
     /// Rotates `x` in place by RoPE.
-    fn rope_forward(&self, shape: &RopeShape, x: SliceMut<'_, Self::Buffer>) -> Result<(), Self::Error>;
+    fn rope_forward(
+        &self,
+        shape: &RopeShape,
+        x: SliceMut<'_, Self::Buffer>,
+    ) -> Result<(), Self::Error>;
     /// The backward of RoPE, in place on the gradient (the inverse rotation).
-    fn rope_backward(&self, shape: &RopeShape, dx: SliceMut<'_, Self::Buffer>) -> Result<(), Self::Error>;
+    fn rope_backward(
+        &self,
+        shape: &RopeShape,
+        dx: SliceMut<'_, Self::Buffer>,
+    ) -> Result<(), Self::Error>;
     /// `out = softmax(q·kᵀ·scale, masked by mask)·v`; saves the log-sum-exp
     /// per (batch, head, query) in `lse` for the backward. A query that may
     /// see no key gets zeros.
@@ -410,12 +447,29 @@ pub trait Backend {
         dv: SliceMut<'_, Self::Buffer>,
     ) -> Result<(), Self::Error>;
     /// `out = gelu_tanh(x)` over `len` elements.
-    fn gelu_forward(&self, x: Slice<'_, Self::Buffer>, out: SliceMut<'_, Self::Buffer>, len: usize) -> Result<(), Self::Error>;
+    fn gelu_forward(
+        &self,
+        x: Slice<'_, Self::Buffer>,
+        out: SliceMut<'_, Self::Buffer>,
+        len: usize,
+    ) -> Result<(), Self::Error>;
     /// `dx += dout · gelu_tanh'(x)`.
-    fn gelu_backward(&self, dout: Slice<'_, Self::Buffer>, x: Slice<'_, Self::Buffer>, dx: SliceMut<'_, Self::Buffer>, len: usize) -> Result<(), Self::Error>;
+    fn gelu_backward(
+        &self,
+        dout: Slice<'_, Self::Buffer>,
+        x: Slice<'_, Self::Buffer>,
+        dx: SliceMut<'_, Self::Buffer>,
+        len: usize,
+    ) -> Result<(), Self::Error>;
     /// Inverted dropout in place: element `i` is kept iff `stream.uniform_f32(0, i) ≥ p`,
     /// and kept elements are scaled by `1/(1 − p)`. The backward is the same call on the gradient.
-    fn dropout(&self, x: SliceMut<'_, Self::Buffer>, len: usize, p: f32, stream: &RngStream) -> Result<(), Self::Error>;
+    fn dropout(
+        &self,
+        x: SliceMut<'_, Self::Buffer>,
+        len: usize,
+        p: f32,
+        stream: &RngStream,
+    ) -> Result<(), Self::Error>;
 
     // ---- embeddings and loss -------------------------------------------
 
@@ -459,7 +513,12 @@ pub trait Backend {
     /// `Σ x²` over `len` elements, in f64 (for the gradient norm).
     fn sum_squares(&self, x: Slice<'_, Self::Buffer>, len: usize) -> Result<f64, Self::Error>;
     /// `x *= factor` over `len` elements (gradient clipping).
-    fn scale(&self, x: SliceMut<'_, Self::Buffer>, len: usize, factor: f32) -> Result<(), Self::Error>;
+    fn scale(
+        &self,
+        x: SliceMut<'_, Self::Buffer>,
+        len: usize,
+        factor: f32,
+    ) -> Result<(), Self::Error>;
     /// One AdamW step over `len` parameters with moments `m`, `v`.
     #[allow(clippy::too_many_arguments)]
     fn adamw(
@@ -472,7 +531,13 @@ pub trait Backend {
         len: usize,
     ) -> Result<(), Self::Error>;
     /// `ema = decay·ema + (1 − decay)·params`.
-    fn ema_update(&self, ema: SliceMut<'_, Self::Buffer>, params: Slice<'_, Self::Buffer>, len: usize, decay: f32) -> Result<(), Self::Error>;
+    fn ema_update(
+        &self,
+        ema: SliceMut<'_, Self::Buffer>,
+        params: Slice<'_, Self::Buffer>,
+        len: usize,
+        decay: f32,
+    ) -> Result<(), Self::Error>;
 
     // ---- sampling --------------------------------------------------------
 

@@ -98,7 +98,12 @@ pub trait Denoiser {
     fn mask_id(&self) -> u32;
 
     /// Starts a stage: drop every cached key and value.
-    fn begin_stage(&mut self, batch: usize, seq_len: usize, block_size: usize) -> Result<(), Self::Error> {
+    fn begin_stage(
+        &mut self,
+        batch: usize,
+        seq_len: usize,
+        block_size: usize,
+    ) -> Result<(), Self::Error> {
         let _ = (batch, seq_len, block_size);
         Ok(())
     }
@@ -121,7 +126,12 @@ impl<D: Denoiser + ?Sized> Denoiser for &mut D {
     fn mask_id(&self) -> u32 {
         (**self).mask_id()
     }
-    fn begin_stage(&mut self, batch: usize, seq_len: usize, block_size: usize) -> Result<(), Self::Error> {
+    fn begin_stage(
+        &mut self,
+        batch: usize,
+        seq_len: usize,
+        block_size: usize,
+    ) -> Result<(), Self::Error> {
         (**self).begin_stage(batch, seq_len, block_size)
     }
     fn logits(&mut self, request: &DenoiseRequest<'_>, out: &mut [f32]) -> Result<(), Self::Error> {

@@ -44,7 +44,11 @@ pub enum Error {
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Error::Parse { what, input, reason } => {
+            Error::Parse {
+                what,
+                input,
+                reason,
+            } => {
                 write!(f, "cannot parse {what} {input:?}: {reason}")
             }
             Error::Invalid { what, reason } => write!(f, "invalid {what}: {reason}"),
@@ -61,9 +65,16 @@ impl fmt::Display for Error {
 impl std::error::Error for Error {}
 
 pub(crate) fn invalid(what: &'static str, reason: impl Into<String>) -> Error {
-    Error::Invalid { what, reason: reason.into() }
+    Error::Invalid {
+        what,
+        reason: reason.into(),
+    }
 }
 
 pub(crate) fn parse_error(what: &'static str, input: &str, reason: impl Into<String>) -> Error {
-    Error::Parse { what, input: input.into(), reason: reason.into() }
+    Error::Parse {
+        what,
+        input: input.into(),
+        reason: reason.into(),
+    }
 }

@@ -108,7 +108,10 @@ impl AttentionMask {
     /// The BD3 training mask, checking that the block size divides the length.
     pub fn bd3_training(seq_len: usize, block_size: usize) -> Result<Self, Error> {
         check_block(seq_len, block_size)?;
-        Ok(AttentionMask::Bd3Training { seq_len, block_size })
+        Ok(AttentionMask::Bd3Training {
+            seq_len,
+            block_size,
+        })
     }
 
     /// Block-causal attention over a whole sequence (no cache, no window).
@@ -116,33 +119,56 @@ impl AttentionMask {
         if block_size == 0 {
             return Err(invalid("block size", "must be at least 1"));
         }
-        Ok(AttentionMask::BlockCausal { block_size, query_offset: 0, key_offset: 0, window: None })
+        Ok(AttentionMask::BlockCausal {
+            block_size,
+            query_offset: 0,
+            key_offset: 0,
+            window: None,
+        })
     }
 
     /// Plain causal attention over a whole sequence.
     pub fn causal() -> Self {
-        AttentionMask::Causal { query_offset: 0, key_offset: 0, window: None }
+        AttentionMask::Causal {
+            query_offset: 0,
+            key_offset: 0,
+            window: None,
+        }
     }
 
     /// The keys query `q` may attend to.
     pub fn key_ranges(&self, q: usize) -> KeyRanges {
         match *self {
-            AttentionMask::Bd3Training { seq_len: l, block_size: b } => {
+            AttentionMask::Bd3Training {
+                seq_len: l,
+                block_size: b,
+            } => {
                 if q < l {
                     let blk = q / b;
-                    KeyRanges { ranges: [blk * b..((blk + 1) * b).min(l), l..l + blk * b] }
+                    KeyRanges {
+                        ranges: [blk * b..((blk + 1) * b).min(l), l..l + blk * b],
+                    }
                 } else {
                     let blk = (q - l) / b;
                     KeyRanges::one(l..l + ((blk + 1) * b).min(l))
                 }
             }
-            AttentionMask::BlockCausal { block_size, query_offset, key_offset, window } => {
+            AttentionMask::BlockCausal {
+                block_size,
+                query_offset,
+                key_offset,
+                window,
+            } => {
                 let end = ((query_offset + q) / block_size + 1) * block_size;
                 let start = window.map_or(0, |w| end.saturating_sub(w));
                 KeyRanges::one(start.saturating_sub(key_offset)..end.saturating_sub(key_offset))
             }
             AttentionMask::Full => KeyRanges::one(0..usize::MAX),
-            AttentionMask::Causal { query_offset, key_offset, window } => {
+            AttentionMask::Causal {
+                query_offset,
+                key_offset,
+                window,
+            } => {
                 let end = query_offset + q + 1;
                 let start = window.map_or(0, |w| end.saturating_sub(w));
                 KeyRanges::one(start.saturating_sub(key_offset)..end.saturating_sub(key_offset))
@@ -153,16 +179,21 @@ impl AttentionMask {
     /// The first query after `q` whose key ranges may differ from `q`'s.
     pub fn run_end(&self, q: usize) -> usize {
         match *self {
-            AttentionMask::Bd3Training { seq_len: l, block_size: b } => {
+            AttentionMask::Bd3Training {
+                seq_len: l,
+                block_size: b,
+            } => {
                 if q < l {
                     ((q / b + 1) * b).min(l)
                 } else {
                     l + ((q - l) / b + 1) * b
                 }
             }
-            AttentionMask::BlockCausal { block_size, query_offset, .. } => {
-                ((query_offset + q) / block_size + 1) * block_size - query_offset
-            }
+            AttentionMask::BlockCausal {
+                block_size,
+                query_offset,
+                ..
+            } => ((query_offset + q) / block_size + 1) * block_size - query_offset,
             AttentionMask::Full => usize::MAX,
             AttentionMask::Causal { .. } => q + 1,
         }
@@ -238,12 +269,42 @@ mod tests {
         block_diagonal || offset_block_causal || block_causal
     }
 
-    fn masks(l: usize, b: usize, qo: usize, ko: usize, w: Option<usize>) -> Vec<(AttentionMask, usize, usize)> {
+    fn masks(
+        l: usize,
+        b: usize,
+        qo: usize,
+        ko: usize,
+        w: Option<usize>,
+    ) -> Vec<(AttentionMask, usize, usize)> {
         vec![
-            (AttentionMask::Bd3Training { seq_len: l, block_size: b }, 2 * l, 2 * l),
-            (AttentionMask::BlockCausal { block_size: b, query_offset: qo, key_offset: ko, window: w }, l, l + qo),
+            (
+                AttentionMask::Bd3Training {
+                    seq_len: l,
+                    block_size: b,
+                },
+                2 * l,
+                2 * l,
+            ),
+            (
+                AttentionMask::BlockCausal {
+                    block_size: b,
+                    query_offset: qo,
+                    key_offset: ko,
+                    window: w,
+                },
+                l,
+                l + qo,
+            ),
             (AttentionMask::Full, l, l),
-            (AttentionMask::Causal { query_offset: qo, key_offset: ko, window: w }, l, l + qo),
+            (
+                AttentionMask::Causal {
+                    query_offset: qo,
+                    key_offset: ko,
+                    window: w,
+                },
+                l,
+                l + qo,
+            ),
         ]
     }
 
@@ -260,10 +321,20 @@ mod tests {
     #[test]
     fn block_causal_window_matches_bd3_sliding_context() {
         // Window 8, block 4: a query in block [8, 12) sees [4, 12).
-        let m = AttentionMask::BlockCausal { block_size: 4, query_offset: 8, key_offset: 0, window: Some(8) };
+        let m = AttentionMask::BlockCausal {
+            block_size: 4,
+            query_offset: 8,
+            key_offset: 0,
+            window: Some(8),
+        };
         assert_eq!(m.key_ranges(1).ranges[0], 4..12);
         // With the cache shifted so key 0 is absolute 4, the same keys are 0..8.
-        let m = AttentionMask::BlockCausal { block_size: 4, query_offset: 8, key_offset: 4, window: Some(8) };
+        let m = AttentionMask::BlockCausal {
+            block_size: 4,
+            query_offset: 8,
+            key_offset: 4,
+            window: Some(8),
+        };
         assert_eq!(m.key_ranges(1).ranges[0], 0..8);
     }
 

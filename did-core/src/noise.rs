@@ -58,14 +58,21 @@ pub fn mask_tokens(
         ));
     }
     if x0.len() % seq_len != 0 || xt.len() != x0.len() {
-        return Err(invalid("token buffer", "x0 and xt must both hold batch × seq_len tokens"));
+        return Err(invalid(
+            "token buffer",
+            "x0 and xt must both hold batch × seq_len tokens",
+        ));
     }
     let blocks = seq_len / block_size;
     let batch = x0.len() / seq_len;
     if times.len() != batch * blocks {
         return Err(invalid(
             "times",
-            alloc::format!("need one time per (sequence, block): {} values, got {}", batch * blocks, times.len()),
+            alloc::format!(
+                "need one time per (sequence, block): {} values, got {}",
+                batch * blocks,
+                times.len()
+            ),
         ));
     }
     let clip = schedule.clip;
@@ -128,15 +135,37 @@ mod tests {
         let x0 = vec![1u32; l];
         let mut xt = vec![0u32; l];
         let s = RngStream::new(3, Purpose::Noise, 0, 0);
-        let n = mask_tokens(&x0, l, b, &[0.3], &TrainingSchedule::default(), &|_, _| false, &s, MASK, &mut xt).unwrap();
+        let n = mask_tokens(
+            &x0,
+            l,
+            b,
+            &[0.3],
+            &TrainingSchedule::default(),
+            &|_, _| false,
+            &s,
+            MASK,
+            &mut xt,
+        )
+        .unwrap();
         assert!((n as f64 / l as f64 - 0.3).abs() < 0.03, "{n}");
     }
 
     #[test]
     fn impossible_clip_is_an_error_not_a_hang() {
-        let sched = TrainingSchedule::new(MaskSchedule::Linear, ClipRange::new(0.3, 0.8).unwrap()).unwrap();
+        let sched =
+            TrainingSchedule::new(MaskSchedule::Linear, ClipRange::new(0.3, 0.8).unwrap()).unwrap();
         let mut xt = [0u32; 1];
-        let r = mask_tokens(&[1], 1, 1, &[0.5], &sched, &|_, _| false, &RngStream::new(0, Purpose::Noise, 0, 0), MASK, &mut xt);
+        let r = mask_tokens(
+            &[1],
+            1,
+            1,
+            &[0.5],
+            &sched,
+            &|_, _| false,
+            &RngStream::new(0, Purpose::Noise, 0, 0),
+            MASK,
+            &mut xt,
+        );
         assert!(r.is_err());
     }
 

@@ -114,7 +114,12 @@ impl RngStream {
     }
 
     /// Like [`RngStream::new`] but rejects a `sample` that does not fit 24 bits.
-    pub fn checked(seed: u64, purpose: Purpose, sample: u32, step: u32) -> Result<Self, crate::Error> {
+    pub fn checked(
+        seed: u64,
+        purpose: Purpose,
+        sample: u32,
+        step: u32,
+    ) -> Result<Self, crate::Error> {
         if sample > MAX_SAMPLE {
             return Err(crate::error::invalid(
                 "sample id",
@@ -176,8 +181,16 @@ mod tests {
 
     // Random123 kat_vectors, philox4x32 10 lines: counter, key, expected.
     const KAT: [([u32; 4], [u32; 2], [u32; 4]); 3] = [
-        ([0, 0, 0, 0], [0, 0], [0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8]),
-        ([u32::MAX; 4], [u32::MAX; 2], [0x408f276d, 0x41c83b0e, 0xa20bc7c6, 0x6d5451fd]),
+        (
+            [0, 0, 0, 0],
+            [0, 0],
+            [0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8],
+        ),
+        (
+            [u32::MAX; 4],
+            [u32::MAX; 2],
+            [0x408f276d, 0x41c83b0e, 0xa20bc7c6, 0x6d5451fd],
+        ),
         (
             [0x243f6a88, 0x85a308d3, 0x13198a2e, 0x03707344],
             [0xa4093822, 0x299f31d0],
@@ -188,7 +201,11 @@ mod tests {
     #[test]
     fn philox_known_answer_vectors() {
         for (ctr, key, want) in KAT {
-            assert_eq!(philox4x32_10(ctr, key), want, "counter {ctr:08x?} key {key:08x?}");
+            assert_eq!(
+                philox4x32_10(ctr, key),
+                want,
+                "counter {ctr:08x?} key {key:08x?}"
+            );
         }
     }
 

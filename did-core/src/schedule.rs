@@ -82,7 +82,10 @@ impl ClipRange {
                 ),
             ));
         }
-        Ok(ClipRange { lo: lo.max(EPS), hi })
+        Ok(ClipRange {
+            lo: lo.max(EPS),
+            hi,
+        })
     }
 
     /// The lower bound β.
@@ -116,7 +119,7 @@ impl ClipRange {
     pub fn accepts_count(self, count: usize, block_size: usize) -> bool {
         let frac = count as f64 / block_size as f64;
         let (lower, upper) = self.resample_bounds();
-        lower.map_or(true, |lo| frac >= lo - 1e-12) && upper.map_or(true, |hi| frac <= hi + 1e-12)
+        lower.is_none_or(|lo| frac >= lo - 1e-12) && upper.is_none_or(|hi| frac <= hi + 1e-12)
     }
 
     /// Whether some masked count of a block of `block_size` tokens is accepted
@@ -195,9 +198,19 @@ impl TrainingSchedule {
 /// stratified_times(&RngStream::new(0, Purpose::Time, 0, 0), 2, 4, ClipRange::FULL, &mut t);
 /// assert!(t.iter().all(|&t| (1e-3..=1.0).contains(&t)));
 /// ```
-pub fn stratified_times(stream: &RngStream, batch: usize, blocks: usize, clip: ClipRange, out: &mut [f64]) {
+pub fn stratified_times(
+    stream: &RngStream,
+    batch: usize,
+    blocks: usize,
+    clip: ClipRange,
+    out: &mut [f64],
+) {
     let n = batch * blocks;
-    assert_eq!(out.len(), n, "stratified_times: out must have batch × blocks entries");
+    assert_eq!(
+        out.len(),
+        n,
+        "stratified_times: out must have batch × blocks entries"
+    );
     for k in 0..batch {
         for b in 0..blocks {
             let u = stream.uniform(k as u32, b as u32);
@@ -254,7 +267,11 @@ impl ClipSearch {
     /// A search over `candidates` (usually [`clip_search_candidates`]).
     pub fn new(candidates: Vec<ClipRange>) -> Self {
         let n = candidates.len();
-        ClipSearch { candidates, summed_variance: alloc::vec![0.0; n], batches: alloc::vec![0; n] }
+        ClipSearch {
+            candidates,
+            summed_variance: alloc::vec![0.0; n],
+            batches: alloc::vec![0; n],
+        }
     }
 
     /// The candidates, in order.
@@ -271,7 +288,10 @@ impl ClipSearch {
             return;
         }
         let mean = per_block_losses.iter().sum::<f64>() / n as f64;
-        let ss: f64 = per_block_losses.iter().map(|x| (x - mean) * (x - mean)).sum();
+        let ss: f64 = per_block_losses
+            .iter()
+            .map(|x| (x - mean) * (x - mean))
+            .sum();
         self.summed_variance[index] += ss / (n - 1) as f64;
         self.batches[index] += 1;
     }
@@ -284,7 +304,7 @@ impl ClipSearch {
     /// The candidate with the smallest summed variance (the first on ties);
     /// `None` until every candidate has seen a batch.
     pub fn best(&self) -> Option<ClipRange> {
-        if self.candidates.is_empty() || self.batches.iter().any(|&b| b == 0) {
+        if self.candidates.is_empty() || self.batches.contains(&0) {
             return None;
         }
         let mut best = 0;
@@ -306,7 +326,10 @@ impl ClipSearch {
 /// assert_eq!(l, vec![2.0, 1.0]);
 /// ```
 pub fn per_block_loss(token_losses: &[f32], seq_len: usize, block_size: usize) -> Vec<f64> {
-    assert!(block_size > 0 && seq_len % block_size == 0, "block size must divide the sequence length");
+    assert!(
+        block_size > 0 && seq_len % block_size == 0,
+        "block size must divide the sequence length"
+    );
     token_losses
         .chunks(block_size)
         .map(|c| c.iter().map(|&x| f64::from(x)).sum::<f64>() / block_size as f64)
@@ -326,8 +349,12 @@ mod tests {
         // 11 + 9 + 7 + 5 + 3 candidates per width.
         assert_eq!(c[0], ClipRange { lo: EPS, hi: 0.5 });
         assert!((c[10].lo - 0.5).abs() < 1e-12 && (c[10].hi - 1.0).abs() < 1e-12);
-        assert!(c.iter().any(|r| (r.lo - 0.45).abs() < 1e-12 && (r.hi - 0.95).abs() < 1e-12));
-        assert!(c.iter().any(|r| (r.lo - 0.3).abs() < 1e-12 && (r.hi - 0.8).abs() < 1e-12));
+        assert!(c
+            .iter()
+            .any(|r| (r.lo - 0.45).abs() < 1e-12 && (r.hi - 0.95).abs() < 1e-12));
+        assert!(c
+            .iter()
+            .any(|r| (r.lo - 0.3).abs() < 1e-12 && (r.hi - 0.8).abs() < 1e-12));
         for r in &c {
             assert!(ClipRange::new(r.lo, r.hi).is_ok(), "{r:?}");
         }
@@ -347,7 +374,9 @@ mod tests {
         // −α'/(1−α) with 1−α = p(t): check against a central difference of p.
         for &t in &[0.1, 0.4, 0.9] {
             let h = 1e-6;
-            let dp = (MaskSchedule::Cosine.mask_prob(t + h) - MaskSchedule::Cosine.mask_prob(t - h)) / (2.0 * h);
+            let dp = (MaskSchedule::Cosine.mask_prob(t + h)
+                - MaskSchedule::Cosine.mask_prob(t - h))
+                / (2.0 * h);
             let want = dp / (MaskSchedule::Cosine.mask_prob(t) + EPS);
             assert!((MaskSchedule::Cosine.loss_weight(t) - want).abs() < 1e-6);
         }
@@ -355,7 +384,9 @@ mod tests {
 
     #[test]
     fn clipping_needs_linear() {
-        assert!(TrainingSchedule::new(MaskSchedule::Cosine, ClipRange::new(0.3, 0.8).unwrap()).is_err());
+        assert!(
+            TrainingSchedule::new(MaskSchedule::Cosine, ClipRange::new(0.3, 0.8).unwrap()).is_err()
+        );
     }
 
     #[test]

@@ -67,7 +67,11 @@ impl FromStr for BlockSizeDistribution {
                     return Err(parse_error(
                         WHAT,
                         text,
-                        alloc::format!("{:?} needs a probability, e.g. {}:0.1", item.trim(), item.trim()),
+                        alloc::format!(
+                            "{:?} needs a probability, e.g. {}:0.1",
+                            item.trim(),
+                            item.trim()
+                        ),
                     ))
                 }
             };
@@ -86,7 +90,11 @@ impl FromStr for BlockSizeDistribution {
                 },
             };
             if entries.iter().any(|&(b, _)| b == block) {
-                return Err(parse_error(WHAT, text, alloc::format!("block size {block} is listed twice")));
+                return Err(parse_error(
+                    WHAT,
+                    text,
+                    alloc::format!("block size {block} is listed twice"),
+                ));
             }
             entries.push((block, weight));
         }
@@ -94,7 +102,9 @@ impl FromStr for BlockSizeDistribution {
         if (sum - 1.0).abs() > 1e-6 {
             return Err(invalid(
                 WHAT,
-                alloc::format!("the probabilities of {text:?} sum to {sum}, not 1; adjust them so they do"),
+                alloc::format!(
+                    "the probabilities of {text:?} sum to {sum}, not 1; adjust them so they do"
+                ),
             ));
         }
         Ok(BlockSizeDistribution { entries })
@@ -153,8 +163,19 @@ mod tests {
         assert!(e("4:0,L:1").contains("probability in (0, 1]"));
         assert!(e("4:0.5,4:0.5").contains("twice"));
         assert!(e("").contains("empty"));
-        assert!("3:0.5,L:0.5".parse::<BlockSizeDistribution>().unwrap().resolve(1024).is_err());
-        assert_eq!("16".parse::<BlockSizeDistribution>().unwrap().resolve(64).unwrap().sample(0, 3), 16);
+        assert!("3:0.5,L:0.5"
+            .parse::<BlockSizeDistribution>()
+            .unwrap()
+            .resolve(1024)
+            .is_err());
+        assert_eq!(
+            "16".parse::<BlockSizeDistribution>()
+                .unwrap()
+                .resolve(64)
+                .unwrap()
+                .sample(0, 3),
+            16
+        );
     }
 
     quickcheck! {

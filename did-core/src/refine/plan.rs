@@ -104,7 +104,11 @@ impl StagePlan {
 
     /// Like [`Self::resolve`]; `require_global_final = false` allows a last
     /// refine stage smaller than the sequence (the "small refine block" ablation).
-    pub fn resolve_with(&self, seq_len: usize, require_global_final: bool) -> Result<ResolvedPlan, Error> {
+    pub fn resolve_with(
+        &self,
+        seq_len: usize,
+        require_global_final: bool,
+    ) -> Result<ResolvedPlan, Error> {
         if seq_len == 0 {
             return Err(invalid("sequence length", "must be at least 1"));
         }
@@ -132,7 +136,10 @@ impl StagePlan {
                 ));
             }
             previous = b;
-            out.push(Stage { block_size: b, remask_ratio: s.remask_ratio });
+            out.push(Stage {
+                block_size: b,
+                remask_ratio: s.remask_ratio,
+            });
         }
         if require_global_final && out.len() > 1 && previous != seq_len {
             return Err(invalid(
@@ -143,12 +150,18 @@ impl StagePlan {
                 ),
             ));
         }
-        Ok(ResolvedPlan { seq_len, stages: out })
+        Ok(ResolvedPlan {
+            seq_len,
+            stages: out,
+        })
     }
 }
 
 fn nearest_divisor(n: usize, near: usize) -> usize {
-    (1..=n).filter(|d| n % d == 0).min_by_key(|&d| d.abs_diff(near)).unwrap_or(1)
+    (1..=n)
+        .filter(|d| n % d == 0)
+        .min_by_key(|&d| d.abs_diff(near))
+        .unwrap_or(1)
 }
 
 impl FromStr for StagePlan {
@@ -157,7 +170,11 @@ impl FromStr for StagePlan {
     fn from_str(text: &str) -> Result<Self, Error> {
         const WHAT: &str = "stage plan";
         if text.trim().is_empty() {
-            return Err(parse_error(WHAT, text, "empty; write e.g. 4 (draft only) or 4,L:0.25"));
+            return Err(parse_error(
+                WHAT,
+                text,
+                "empty; write e.g. 4 (draft only) or 4,L:0.25",
+            ));
         }
         let mut stages = Vec::new();
         for (i, item) in text.split(',').enumerate() {
@@ -184,7 +201,10 @@ impl FromStr for StagePlan {
                 }
                 (_, Some(r)) => Some(parse_ratio(r, WHAT, text)?),
             };
-            stages.push(StageSpec { block, remask_ratio });
+            stages.push(StageSpec {
+                block,
+                remask_ratio,
+            });
         }
         Ok(StagePlan { stages })
     }
@@ -194,8 +214,16 @@ pub(crate) fn parse_ratio(text: &str, what: &'static str, whole: &str) -> Result
     let t = text.trim();
     match t.parse::<f64>() {
         Ok(r) if r > 0.0 && r <= 1.0 => Ok(r),
-        Ok(r) => Err(parse_error(what, whole, alloc::format!("ratio {r} must be in (0, 1]"))),
-        Err(_) => Err(parse_error(what, whole, alloc::format!("{t:?} is not a number in (0, 1]"))),
+        Ok(r) => Err(parse_error(
+            what,
+            whole,
+            alloc::format!("ratio {r} must be in (0, 1]"),
+        )),
+        Err(_) => Err(parse_error(
+            what,
+            whole,
+            alloc::format!("{t:?} is not a number in (0, 1]"),
+        )),
     }
 }
 
@@ -257,11 +285,21 @@ mod tests {
         assert!(e("4,L:1.5").contains("(0, 1]"));
         assert!(e("4,x:0.2").contains("not a block size"));
         assert!(e("0").contains("at least 1"));
-        let r = |s: &str| s.parse::<StagePlan>().unwrap().resolve(1024).unwrap_err().to_string();
+        let r = |s: &str| {
+            s.parse::<StagePlan>()
+                .unwrap()
+                .resolve(1024)
+                .unwrap_err()
+                .to_string()
+        };
         assert!(r("3").contains("does not divide"));
         assert!(r("16,4:0.5").contains("must not decrease"));
         assert!(r("4,64:0.5").contains("not the sequence length"));
-        assert!("4,64:0.5".parse::<StagePlan>().unwrap().resolve_with(1024, false).is_ok());
+        assert!("4,64:0.5"
+            .parse::<StagePlan>()
+            .unwrap()
+            .resolve_with(1024, false)
+            .is_ok());
     }
 
     quickcheck! {

@@ -76,9 +76,20 @@ pub fn remask_count(ratio: f64, n: usize) -> usize {
 /// let eligible = [false, true, true, true, true];
 /// assert_eq!(select_lowest(&scores, &eligible, 0.5, None), vec![2, 4]);
 /// ```
-pub fn select_lowest(scores: &[f64], eligible: &[bool], ratio: f64, scope_block: Option<usize>) -> Vec<usize> {
-    assert_eq!(scores.len(), eligible.len(), "select_lowest: one score per position");
-    let unit = scope_block.filter(|&b| b > 0).unwrap_or(scores.len().max(1));
+pub fn select_lowest(
+    scores: &[f64],
+    eligible: &[bool],
+    ratio: f64,
+    scope_block: Option<usize>,
+) -> Vec<usize> {
+    assert_eq!(
+        scores.len(),
+        eligible.len(),
+        "select_lowest: one score per position"
+    );
+    let unit = scope_block
+        .filter(|&b| b > 0)
+        .unwrap_or(scores.len().max(1));
     let mut out = Vec::new();
     let mut candidates: Vec<usize> = Vec::new();
     for start in (0..scores.len()).step_by(unit) {
@@ -89,7 +100,8 @@ pub fn select_lowest(scores: &[f64], eligible: &[bool], ratio: f64, scope_block:
         if k == 0 {
             continue;
         }
-        let rank = |a: &usize, b: &usize| -> Ordering { scores[*a].total_cmp(&scores[*b]).then(a.cmp(b)) };
+        let rank =
+            |a: &usize, b: &usize| -> Ordering { scores[*a].total_cmp(&scores[*b]).then(a.cmp(b)) };
         if k < candidates.len() {
             candidates.select_nth_unstable_by(k - 1, rank);
         }

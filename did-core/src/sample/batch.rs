@@ -32,11 +32,17 @@ pub struct SequenceBatch {
 impl SequenceBatch {
     /// Sequences of `seq_len` positions, each starting with its prompt
     /// (pinned) and masked elsewhere. Sample ids count up from `first_sample`.
-    pub fn from_prompts(prompts: &[&[u32]], seq_len: usize, mask_id: u32, first_sample: u32) -> Self {
+    pub fn from_prompts(
+        prompts: &[&[u32]],
+        seq_len: usize,
+        mask_id: u32,
+        first_sample: u32,
+    ) -> Self {
         let batch = prompts.len();
         let mut tokens = alloc::vec![mask_id; batch * seq_len];
         let mut pinned = alloc::vec![false; batch * seq_len];
-        let mut confidence = alloc::vec![Confidence { nucleus: 0.0, raw: 0.0, max: 0.0 }; batch * seq_len];
+        let mut confidence =
+            alloc::vec![Confidence { nucleus: 0.0, raw: 0.0, max: 0.0 }; batch * seq_len];
         for (s, prompt) in prompts.iter().enumerate() {
             for (i, &t) in prompt.iter().take(seq_len).enumerate() {
                 tokens[s * seq_len + i] = t;
@@ -51,7 +57,9 @@ impl SequenceBatch {
             confidence,
             pinned,
             lengths: alloc::vec![seq_len; batch],
-            sample_ids: (0..batch as u32).map(|i| first_sample.wrapping_add(i)).collect(),
+            sample_ids: (0..batch as u32)
+                .map(|i| first_sample.wrapping_add(i))
+                .collect(),
             steps: alloc::vec![0; batch],
         }
     }

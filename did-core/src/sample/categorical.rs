@@ -33,7 +33,12 @@ pub fn gumbel(u: f64) -> f64 {
 /// let s = RngStream::new(0, Purpose::Categorical, 0, 0);
 /// assert_eq!(gumbel_argmax(&[0.0, 1.0, 0.0], &[0, 1, 2], &s, 0), Some(1));
 /// ```
-pub fn gumbel_argmax(probs: &[f64], candidates: &[u32], stream: &RngStream, row: u32) -> Option<u32> {
+pub fn gumbel_argmax(
+    probs: &[f64],
+    candidates: &[u32],
+    stream: &RngStream,
+    row: u32,
+) -> Option<u32> {
     let mut best: Option<(f64, u32)> = None;
     for &v in candidates {
         let p = probs[v as usize];
@@ -75,7 +80,11 @@ pub struct Confidence {
 
 impl Confidence {
     /// The confidence of a token that was given, not drawn (prompt, BOS): never remasked.
-    pub const PINNED: Confidence = Confidence { nucleus: f64::INFINITY, raw: f64::INFINITY, max: f64::INFINITY };
+    pub const PINNED: Confidence = Confidence {
+        nucleus: f64::INFINITY,
+        raw: f64::INFINITY,
+        max: f64::INFINITY,
+    };
 
     /// The value of one kind.
     pub fn get(&self, kind: ConfidenceKind) -> f64 {
@@ -142,7 +151,14 @@ pub fn draw_token(
     let kept_mass = raw_max / probs[top];
     let id = gumbel_argmax(probs, candidates, stream, row).unwrap_or(candidates[0]);
     let nucleus_p = probs[id as usize];
-    SampledToken { id, confidence: Confidence { nucleus: nucleus_p, raw: nucleus_p * kept_mass, max: raw_max } }
+    SampledToken {
+        id,
+        confidence: Confidence {
+            nucleus: nucleus_p,
+            raw: nucleus_p * kept_mass,
+            max: raw_max,
+        },
+    }
 }
 
 #[cfg(test)]

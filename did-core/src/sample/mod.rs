@@ -15,7 +15,7 @@ pub mod probs;
 pub mod stop;
 pub mod update;
 
+pub use batch::SequenceBatch;
 pub use categorical::{draw_token, Confidence, ConfidenceKind, SampledToken};
 pub use nucleus::{Nucleus, NucleusRule};
-pub use batch::SequenceBatch;
 pub use update::{BlockUpdate, SamplerConfig};

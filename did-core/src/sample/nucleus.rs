@@ -44,7 +44,10 @@ pub struct Nucleus {
 impl Default for Nucleus {
     /// p = 0.9 with BD3-LM's rule, the setting of every reported BD3-LM number.
     fn default() -> Self {
-        Nucleus { p: 0.9, rule: NucleusRule::Bd3 }
+        Nucleus {
+            p: 0.9,
+            rule: NucleusRule::Bd3,
+        }
     }
 }
 
@@ -52,7 +55,10 @@ impl Nucleus {
     /// Top-p with `p ∈ (0, 1]`.
     pub fn new(p: f64, rule: NucleusRule) -> Result<Self, Error> {
         if !(p > 0.0 && p <= 1.0) {
-            return Err(invalid("nucleus p", alloc::format!("{p} must be in (0, 1]; 0.9 is BD3-LM's, 1 disables it")));
+            return Err(invalid(
+                "nucleus p",
+                alloc::format!("{p} must be in (0, 1]; 0.9 is BD3-LM's, 1 disables it"),
+            ));
         }
         Ok(Nucleus { p, rule })
     }
@@ -81,7 +87,9 @@ impl Nucleus {
         }
         let rank = |a: &u32, b: &u32| -> Ordering {
             let (pa, pb) = (probs[*a as usize], probs[*b as usize]);
-            pb.partial_cmp(&pa).unwrap_or(Ordering::Equal).then(a.cmp(b))
+            pb.partial_cmp(&pa)
+                .unwrap_or(Ordering::Equal)
+                .then(a.cmp(b))
         };
         let mut k = n.min(64);
         let kept = loop {
@@ -98,7 +106,11 @@ impl Nucleus {
             k = (k * 4).min(n);
         };
         // Zero-probability tokens are never kept.
-        let kept = order[..kept].iter().take_while(|&&v| probs[v as usize] > 0.0).count().max(1);
+        let kept = order[..kept]
+            .iter()
+            .take_while(|&&v| probs[v as usize] > 0.0)
+            .count()
+            .max(1);
         let mass: f64 = order[..kept].iter().map(|&v| probs[v as usize]).sum();
         let mut keep = alloc::vec![0.0; 0];
         keep.extend(order[..kept].iter().map(|&v| probs[v as usize] / mass));
@@ -147,7 +159,10 @@ mod tests {
     }
 
     fn check(logits: Vec<f32>, p: f64, rule: NucleusRule) -> TestResult {
-        let logits: Vec<f32> = logits.into_iter().map(|x| if x.is_finite() { x % 20.0 } else { 0.0 }).collect();
+        let logits: Vec<f32> = logits
+            .into_iter()
+            .map(|x| if x.is_finite() { x % 20.0 } else { 0.0 })
+            .collect();
         if logits.is_empty() {
             return TestResult::discard();
         }
@@ -157,16 +172,26 @@ mod tests {
         let kept = Nucleus::new(p, rule).unwrap().apply(&mut after, &mut order);
         let rank = ranked(&before);
         // The kept set is a prefix of the ranking.
-        if order[..kept].iter().map(|&v| v as usize).collect::<Vec<_>>() != rank[..kept] {
+        if order[..kept]
+            .iter()
+            .map(|&v| v as usize)
+            .collect::<Vec<_>>()
+            != rank[..kept]
+        {
             return TestResult::error("kept set is not the top of the ranking");
         }
         let mass: f64 = rank[..kept].iter().map(|&v| before[v]).sum();
         let next = rank.get(kept).map(|&v| before[v]).filter(|&x| x > 0.0);
         let ok = match rule {
             // At least mass p, and minimal.
-            NucleusRule::SmallestCover => (mass >= p - 1e-12 || next.is_none()) && (mass - before[rank[kept - 1]] < p || kept == 1),
+            NucleusRule::SmallestCover => {
+                (mass >= p - 1e-12 || next.is_none())
+                    && (mass - before[rank[kept - 1]] < p || kept == 1)
+            }
             // At most mass p (or the top one alone), and maximal.
-            NucleusRule::Bd3 => (mass <= p + 1e-12 || kept == 1) && next.map_or(true, |x| mass + x > p - 1e-12),
+            NucleusRule::Bd3 => {
+                (mass <= p + 1e-12 || kept == 1) && next.is_none_or(|x| mass + x > p - 1e-12)
+            }
         };
         let sums_to_one = (after.iter().sum::<f64>() - 1.0).abs() < 1e-9;
         TestResult::from_bool(ok && sums_to_one)
@@ -189,7 +214,9 @@ mod tests {
     #[test]
     fn p_one_keeps_everything_non_zero() {
         let mut p = vec![0.25, 0.25, 0.0, 0.5];
-        let kept = Nucleus::new(1.0, NucleusRule::Bd3).unwrap().apply(&mut p, &mut Vec::new());
+        let kept = Nucleus::new(1.0, NucleusRule::Bd3)
+            .unwrap()
+            .apply(&mut p, &mut Vec::new());
         assert_eq!(kept, 3);
     }
 
@@ -197,7 +224,12 @@ mod tests {
     fn top_token_alone_above_p_is_kept() {
         let mut p = vec![0.05, 0.95];
         let mut order = Vec::new();
-        assert_eq!(Nucleus::new(0.9, NucleusRule::Bd3).unwrap().apply(&mut p, &mut order), 1);
+        assert_eq!(
+            Nucleus::new(0.9, NucleusRule::Bd3)
+                .unwrap()
+                .apply(&mut p, &mut order),
+            1
+        );
         assert_eq!(order[0], 1);
         assert_eq!(p, vec![0.0, 1.0]);
     }

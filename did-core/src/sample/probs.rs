@@ -13,7 +13,11 @@
 /// assert_eq!(p, [0.5, 0.5, 0.0]);
 /// ```
 pub fn subs_softmax(logits: &[f32], mask_id: u32, out: &mut [f64]) {
-    assert_eq!(logits.len(), out.len(), "subs_softmax: logits and out differ in length");
+    assert_eq!(
+        logits.len(),
+        out.len(),
+        "subs_softmax: logits and out differ in length"
+    );
     let mask = mask_id as usize;
     let mut max = f64::NEG_INFINITY;
     for (v, &x) in logits.iter().enumerate() {
@@ -24,13 +28,21 @@ pub fn subs_softmax(logits: &[f32], mask_id: u32, out: &mut [f64]) {
     if max == f64::NEG_INFINITY {
         let n = logits.len() - usize::from(mask < logits.len());
         for (v, o) in out.iter_mut().enumerate() {
-            *o = if v == mask || n == 0 { 0.0 } else { 1.0 / n as f64 };
+            *o = if v == mask || n == 0 {
+                0.0
+            } else {
+                1.0 / n as f64
+            };
         }
         return;
     }
     let mut sum = 0.0;
     for (v, (&x, o)) in logits.iter().zip(out.iter_mut()).enumerate() {
-        *o = if v == mask || !x.is_finite() { 0.0 } else { libm::exp(f64::from(x) - max) };
+        *o = if v == mask || !x.is_finite() {
+            0.0
+        } else {
+            libm::exp(f64::from(x) - max)
+        };
         sum += *o;
     }
     let inv = 1.0 / sum;

@@ -8,7 +8,12 @@ use alloc::vec::Vec;
 /// assert_eq!(did_core::sample::stop::first_eos(&[7, 1, 7, 2], 1, 7), Some(2));
 /// ```
 pub fn first_eos(tokens: &[u32], from: usize, eos: u32) -> Option<usize> {
-    tokens.iter().enumerate().skip(from).find(|(_, &t)| t == eos).map(|(i, _)| i)
+    tokens
+        .iter()
+        .enumerate()
+        .skip(from)
+        .find(|(_, &t)| t == eos)
+        .map(|(i, _)| i)
 }
 
 /// The Shannon entropy, in nats, of the unigram histogram of `tokens`.

@@ -54,7 +54,12 @@ pub struct SamplerConfig {
 
 impl Default for SamplerConfig {
     fn default() -> Self {
-        SamplerConfig { nucleus: Nucleus::default(), update: BlockUpdate::default(), seed: 0, max_outputs_per_call: 1024 }
+        SamplerConfig {
+            nucleus: Nucleus::default(),
+            update: BlockUpdate::default(),
+            seed: 0,
+            max_outputs_per_call: 1024,
+        }
     }
 }
 
@@ -103,10 +108,18 @@ pub fn fill_block<D: Denoiser>(
                     if scratch.masked.is_empty() {
                         continue;
                     }
-                    let stream = RngStream::new(config.seed, Purpose::RevealPosition, batch.sample_ids[seq], batch.steps[seq]);
+                    let stream = RngStream::new(
+                        config.seed,
+                        Purpose::RevealPosition,
+                        batch.sample_ids[seq],
+                        batch.steps[seq],
+                    );
                     let pick = (stream.uniform(0, 0) * scratch.masked.len() as f64) as usize;
                     let pos = scratch.masked[pick.min(scratch.masked.len() - 1)];
-                    scratch.reveals.push(OutputPosition { seq: seq as u32, pos: pos as u32 });
+                    scratch.reveals.push(OutputPosition {
+                        seq: seq as u32,
+                        pos: pos as u32,
+                    });
                 }
                 calls += reveal(denoiser, batch, &block, block_size, config, scratch)?;
                 // First-hitting reveals one position in every sequence that had one.
@@ -126,12 +139,20 @@ pub fn fill_block<D: Denoiser>(
                 scratch.reveals.clear();
                 scratch.active.clear();
                 for seq in 0..batch.batch() {
-                    let stream = RngStream::new(config.seed, Purpose::StayMasked, batch.sample_ids[seq], batch.steps[seq]);
+                    let stream = RngStream::new(
+                        config.seed,
+                        Purpose::StayMasked,
+                        batch.sample_ids[seq],
+                        batch.steps[seq],
+                    );
                     let mut any = false;
                     for pos in batch.masked_in(seq, block.clone()) {
                         any = true;
                         if stream.uniform(pos as u32, 0) >= stay {
-                            scratch.reveals.push(OutputPosition { seq: seq as u32, pos: pos as u32 });
+                            scratch.reveals.push(OutputPosition {
+                                seq: seq as u32,
+                                pos: pos as u32,
+                            });
                         }
                     }
                     if any {
@@ -178,9 +199,23 @@ fn reveal<D: Denoiser>(
         calls += 1;
         for (out, row) in chunk.iter().zip(scratch.logits.chunks(vocab)) {
             let seq = out.seq as usize;
-            let stream = RngStream::new(config.seed, Purpose::Categorical, batch.sample_ids[seq], batch.steps[seq]);
-            let token = draw_token(row, mask_id, &config.nucleus, &stream, out.pos, &mut scratch.draw);
-            scratch.drawn.push((seq * batch.seq_len() + out.pos as usize, token));
+            let stream = RngStream::new(
+                config.seed,
+                Purpose::Categorical,
+                batch.sample_ids[seq],
+                batch.steps[seq],
+            );
+            let token = draw_token(
+                row,
+                mask_id,
+                &config.nucleus,
+                &stream,
+                out.pos,
+                &mut scratch.draw,
+            );
+            scratch
+                .drawn
+                .push((seq * batch.seq_len() + out.pos as usize, token));
         }
     }
     for &(index, token) in &scratch.drawn {
