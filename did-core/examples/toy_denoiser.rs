@@ -50,7 +50,16 @@ impl Bigram {
     }
 
     fn text(&self, tokens: &[u32]) -> String {
-        let w: Vec<&str> = tokens.iter().map(|&t| if t == self.mask_id() { "_" } else { self.words[t as usize] }).collect();
+        let w: Vec<&str> = tokens
+            .iter()
+            .map(|&t| {
+                if t == self.mask_id() {
+                    "_"
+                } else {
+                    self.words[t as usize]
+                }
+            })
+            .collect();
         w.join(" ")
     }
 }
@@ -75,11 +84,15 @@ impl Denoiser for Bigram {
             row.fill(0.0);
             if pos > 0 && visible(pos - 1) {
                 let left = seq[pos - 1] as usize;
-                row.iter_mut().zip(&self.log_p[left * n..]).for_each(|(x, lp)| *x += lp);
+                row.iter_mut()
+                    .zip(&self.log_p[left * n..])
+                    .for_each(|(x, lp)| *x += lp);
             }
             if visible(pos + 1) {
                 let right = seq[pos + 1] as usize;
-                row.iter_mut().enumerate().for_each(|(v, x)| *x += self.log_p[v * n + right]);
+                row.iter_mut()
+                    .enumerate()
+                    .for_each(|(v, x)| *x += self.log_p[v * n + right]);
             }
         }
         Ok(())
@@ -100,6 +113,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("remasked  {}", model.text(&shown));
     println!("          positions {remasked:?}, the least confident when drawn");
     println!("refined   {}", model.text(&out.batch.tokens));
-    println!("NFE       draft {} + refine {}", out.stages[0].nfe, out.stages[1].nfe);
+    println!(
+        "NFE       draft {} + refine {}",
+        out.stages[0].nfe, out.stages[1].nfe
+    );
     Ok(())
 }

@@ -1,10 +1,12 @@
 //! Categorical draws by f64 Gumbel-max, and the confidence of the drawn token.
 //!
 //! 32-bit Gumbel noise truncates the tails and lowers the effective
-//! temperature (bd3lm.md §4.6), so uniforms and logarithms are f64. A token
-//! `v` scores `ln p_v + g_v` with `g_v = −ln(−ln u_v)`, `u_v` the Philox
-//! uniform at `(row, index = v)`; the highest score wins, the smaller id on a
-//! tie. Only tokens with `p_v > 0` take part.
+//! temperature (bd3lm.md §4.6), so uniforms and logarithms are f64. The draw
+//! is Gumbel-max in its exponential-race form, as BD3-LM writes it: token `v`
+//! scores `p_v / E_v` with `E_v = −ln u_v` (so `ln` of the score is
+//! `ln p_v + g_v`, `g_v = −ln E_v` a Gumbel variate), `u_v` the Philox uniform
+//! at `(row, index = v)`; the highest score wins, the smaller id on a tie.
+//! Only tokens with `p_v > 0` take part. One logarithm per token.
 
 use alloc::vec::Vec;
 
@@ -45,7 +47,7 @@ pub fn gumbel_argmax(
         if p <= 0.0 {
             continue;
         }
-        let score = libm::log(p) + gumbel(stream.uniform(row, v));
+        let score = p / -libm::log(stream.uniform(row, v));
         match best {
             Some((s, id)) if s > score || (s == score && id < v) => {}
             _ => best = Some((score, v)),
