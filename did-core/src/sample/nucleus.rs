@@ -77,9 +77,12 @@ impl Nucleus {
     /// Returns how many tokens were kept; `order[..kept]` lists them, the most
     /// probable first and the rest in no particular order.
     ///
-    /// Cost: expected linear in the vocabulary, whatever the nucleus size — a
-    /// quickselect on rank that recurses into the half holding the p boundary
-    /// (cumulative mass is monotone in rank), sorting only the last ≤ 32.
+    /// Cost: about one pass over the vocabulary, whatever the nucleus size. The
+    /// ranking is never sorted: a radix select on the bits of the probabilities
+    /// (monotone for positive floats) buckets the candidates by 12 bits at a
+    /// time, keeps whole buckets above the one holding the p boundary, and
+    /// recurses into that bucket only; the last few (or exact ties) are ordered
+    /// by (probability, id). Masses are summed bucket by bucket in f64.
     pub fn apply(&self, probs: &mut [f64], order: &mut Vec<u32>) -> usize {
         order.clear();
         order.extend((0..probs.len() as u32).filter(|&v| probs[v as usize] > 0.0));
@@ -87,63 +90,21 @@ impl Nucleus {
         if n == 0 {
             return 0;
         }
-        let rank = |a: &u32, b: &u32| -> Ordering {
-            let (pa, pb) = (probs[*a as usize], probs[*b as usize]);
-            pb.partial_cmp(&pa)
-                .unwrap_or(Ordering::Equal)
-                .then(a.cmp(b))
-        };
-        // Invariant: order[..lo] all rank before order[lo..hi], which rank
-        // before order[hi..]; `before` is the mass of order[..lo]; the number
-        // kept lies in [lo, hi] (or is `n` for p ≥ 1).
-        let (mut lo, mut hi, mut before) = (0usize, n, 0.0f64);
         let kept = if self.p >= 1.0 {
             n
         } else {
-            loop {
-                if hi - lo <= 32 {
-                    order[lo..hi].sort_unstable_by(rank);
-                    let mut cum = before;
-                    let mut kept = hi;
-                    for (i, &v) in order[lo..hi].iter().enumerate() {
-                        cum += probs[v as usize];
-                        let crossed = match self.rule {
-                            NucleusRule::Bd3 => cum > self.p,
-                            NucleusRule::SmallestCover => cum >= self.p,
-                        };
-                        if crossed {
-                            kept = match self.rule {
-                                NucleusRule::Bd3 => lo + i,
-                                NucleusRule::SmallestCover => lo + i + 1,
-                            };
-                            break;
-                        }
-                    }
-                    break kept.max(1);
-                }
-                let mid = (hi - lo) / 2;
-                order[lo..hi].select_nth_unstable_by(mid, rank);
-                let through_pivot: f64 = before
-                    + order[lo..=lo + mid]
-                        .iter()
-                        .map(|&v| probs[v as usize])
-                        .sum::<f64>();
-                let pivot_kept = match self.rule {
-                    NucleusRule::Bd3 => through_pivot <= self.p,
-                    NucleusRule::SmallestCover => through_pivot < self.p,
-                };
-                if pivot_kept {
-                    before = through_pivot;
-                    lo += mid + 1;
-                } else {
-                    hi = lo + mid + usize::from(self.rule == NucleusRule::SmallestCover);
-                }
-            }
-        };
-        // The top token first (callers read the maximum there).
-        if let Some(top) = (0..kept).min_by(|&i, &j| rank(&order[i], &order[j])) {
-            order.swap(0, top);
+            self.select(probs, order)
         }
+        .max(1);
+        // The top token first (callers read the maximum there).
+        let rank = |a: u32, b: u32| ranks_before(probs, a, b);
+        let mut top = 0;
+        for i in 1..kept {
+            if rank(order[i], order[top]) {
+                top = i;
+            }
+        }
+        order.swap(0, top);
         let mass: f64 = order[..kept].iter().map(|&v| probs[v as usize]).sum();
         for &v in &order[kept..] {
             probs[v as usize] = 0.0;
@@ -153,6 +114,100 @@ impl Nucleus {
         }
         kept
     }
+
+    /// Whether the cumulative mass `cum` (counting the newest token) has passed the boundary.
+    fn crossed(&self, cum: f64) -> bool {
+        match self.rule {
+            NucleusRule::Bd3 => cum > self.p,
+            NucleusRule::SmallestCover => cum >= self.p,
+        }
+    }
+
+    /// How many tokens the nucleus keeps; moves them to the front of `order`.
+    fn select(&self, probs: &[f64], order: &mut [u32]) -> usize {
+        const DIGIT_BITS: u32 = 12;
+        let mut mass = [0.0f64; 1 << DIGIT_BITS];
+        let mut count = [0u32; 1 << DIGIT_BITS];
+        let (mut lo, mut hi, mut before) = (0usize, order.len(), 0.0f64);
+        let mut shift: i32 = 52;
+        loop {
+            let span = &mut order[lo..hi];
+            let first = probs[span[0] as usize];
+            let all_tied = span.iter().all(|&v| probs[v as usize] == first);
+            if span.len() <= 64 || shift < 0 || all_tied {
+                // Rank the rest exactly: by probability, then id (ties need no
+                // comparison of probabilities, only of ids).
+                if all_tied {
+                    span.sort_unstable();
+                } else {
+                    span.sort_unstable_by(|&a, &b| {
+                        if ranks_before(probs, a, b) {
+                            Ordering::Less
+                        } else {
+                            Ordering::Greater
+                        }
+                    });
+                }
+                let mut cum = before;
+                for (i, &v) in span.iter().enumerate() {
+                    cum += probs[v as usize];
+                    if self.crossed(cum) {
+                        return lo + i + usize::from(self.rule == NucleusRule::SmallestCover);
+                    }
+                }
+                return hi;
+            }
+            let digit = |v: u32| {
+                ((probs[v as usize].to_bits() >> shift) & ((1 << DIGIT_BITS) - 1)) as usize
+            };
+            mass.iter_mut().for_each(|m| *m = 0.0);
+            count.iter_mut().for_each(|c| *c = 0);
+            for &v in span.iter() {
+                let d = digit(v);
+                mass[d] += probs[v as usize];
+                count[d] += 1;
+            }
+            // Walk the buckets from the most probable down to the one holding the boundary.
+            let mut cum = before;
+            let mut boundary = None;
+            for d in (0..1 << DIGIT_BITS).rev() {
+                if count[d] == 0 {
+                    continue;
+                }
+                if self.crossed(cum + mass[d]) {
+                    boundary = Some(d);
+                    break;
+                }
+                cum += mass[d];
+            }
+            let Some(boundary) = boundary else { return hi };
+            // Three-way partition: buckets above the boundary, the boundary bucket, the rest.
+            let (mut above, mut i, mut below) = (0usize, 0usize, span.len());
+            while i < below {
+                let d = digit(span[i]);
+                if d > boundary {
+                    span.swap(i, above);
+                    above += 1;
+                    i += 1;
+                } else if d < boundary {
+                    below -= 1;
+                    span.swap(i, below);
+                } else {
+                    i += 1;
+                }
+            }
+            before = cum;
+            hi = lo + below;
+            lo += above;
+            shift -= DIGIT_BITS as i32;
+        }
+    }
+}
+
+/// Whether token `a` ranks before token `b`: more probable, or as probable with a smaller id.
+fn ranks_before(probs: &[f64], a: u32, b: u32) -> bool {
+    let (pa, pb) = (probs[a as usize], probs[b as usize]);
+    pa > pb || (pa == pb && a < b)
 }
 
 #[cfg(test)]
