@@ -255,6 +255,20 @@ pub struct DrawSpec {
 }
 
 /// The compute primitives of a backend. See the module docs for conventions.
+///
+/// Model code is written once over `B: Backend`, llm.c style:
+///
+/// ```
+/// use did_core::backend::{Backend, Gemm, Slice, SliceMut};
+/// /// y[rows, d_out] = x[rows, d_in] · Wᵀ + b, with W stored [d_out, d_in].
+/// fn linear_forward<B: Backend>(
+///     backend: &B, x: Slice<'_, B::Buffer>, w: Slice<'_, B::Buffer>, b: Slice<'_, B::Buffer>,
+///     mut y: SliceMut<'_, B::Buffer>, rows: usize, d_in: usize, d_out: usize,
+/// ) -> Result<(), B::Error> {
+///     backend.matmul(&Gemm::linear(rows, d_in, d_out), x, w, SliceMut { buf: &mut *y.buf, offset: y.offset })?;
+///     backend.bias_add(y, b, rows, d_out)
+/// }
+/// ```
 pub trait Backend {
     /// A device buffer of floats.
     type Buffer;

@@ -38,6 +38,15 @@ pub enum TileKind {
 }
 
 /// The keys a query may attend to: up to two disjoint half-open ranges.
+///
+/// ```
+/// use did_core::mask::AttentionMask;
+/// let m = AttentionMask::bd3_training(8, 4)?;
+/// // A noisy query in block 1 sees its noisy block and the clean block 0.
+/// assert_eq!(m.key_ranges(5).ranges, [4..8, 8..12]);
+/// assert_eq!(m.key_ranges(5).overlap(&(0..16)), 8);
+/// # Ok::<(), did_core::Error>(())
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyRanges {
     /// The ranges, disjoint and ascending; unused ones are empty.

@@ -64,6 +64,13 @@ pub fn philox4x32_10(counter: [u32; 4], key: [u32; 2]) -> [u32; 4] {
 
 /// What a random draw is for; part of the counter, so purposes never collide.
 ///
+/// ```
+/// use did_core::rng::{Purpose, RngStream};
+/// let noise = RngStream::new(1, Purpose::Noise, 0, 0);
+/// let time = RngStream::new(1, Purpose::Time, 0, 0);
+/// assert_ne!(noise.uniform(0, 0), time.uniform(0, 0));
+/// ```
+///
 /// The numbering is part of the sample format: a CUDA kernel uses the same
 /// numbers. Never renumber; only append.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -322,18 +322,23 @@ impl ClipSearch {
 /// `token_losses` is `[batch, seq_len]` (0 at unmasked tokens).
 ///
 /// ```
-/// let l = did_core::schedule::per_block_loss(&[1.0, 3.0, 0.0, 2.0], 4, 2);
+/// let l = did_core::schedule::per_block_loss(&[1.0, 3.0, 0.0, 2.0], 4, 2)?;
 /// assert_eq!(l, vec![2.0, 1.0]);
+/// # Ok::<(), did_core::Error>(())
 /// ```
-pub fn per_block_loss(token_losses: &[f32], seq_len: usize, block_size: usize) -> Vec<f64> {
-    assert!(
-        block_size > 0 && seq_len % block_size == 0,
-        "block size must divide the sequence length"
-    );
-    token_losses
+pub fn per_block_loss(
+    token_losses: &[f32],
+    seq_len: usize,
+    block_size: usize,
+) -> Result<Vec<f64>, Error> {
+    crate::mask::check_block(seq_len, block_size)?;
+    if token_losses.len() % seq_len != 0 {
+        return Err(invalid("token losses", "must hold batch × seq_len values"));
+    }
+    Ok(token_losses
         .chunks(block_size)
         .map(|c| c.iter().map(|&x| f64::from(x)).sum::<f64>() / block_size as f64)
-        .collect()
+        .collect())
 }
 
 #[cfg(test)]

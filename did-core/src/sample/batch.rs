@@ -8,6 +8,16 @@ use crate::sample::categorical::Confidence;
 
 /// A batch of sequences of one length, being generated.
 ///
+/// ```
+/// use did_core::sample::SequenceBatch;
+/// let mut b = SequenceBatch::from_prompts(&[&[50256], &[50256, 11]], 4, 50257, 0);
+/// assert_eq!(b.tokens, [50256, 50257, 50257, 50257, 50256, 11, 50257, 50257]);
+/// assert!(!b.eligible(1, 1) && b.eligible(1, 2)); // prompts are pinned
+/// b.tokens[2] = 50256;
+/// assert!(b.end_at_eos(0, 1, 50256));
+/// assert_eq!(b.sequence(0), [50256, 50257, 50256]);
+/// ```
+///
 /// Invariants the samplers keep: a position that is not masked never changes
 /// within a stage (SUBS carry-over); pinned positions (prompt, BOS) and
 /// positions at or past a sequence's `length` are never masked or drawn.

@@ -70,6 +70,13 @@ pub enum ConfidenceKind {
 }
 
 /// The three confidences of one drawn token, recorded when it was drawn.
+///
+/// ```
+/// use did_core::sample::{Confidence, ConfidenceKind};
+/// let c = Confidence { nucleus: 0.5, raw: 0.4, max: 0.45 };
+/// assert_eq!(c.get(ConfidenceKind::default()), 0.5);
+/// assert!(Confidence::PINNED.get(ConfidenceKind::Max).is_infinite());
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Confidence {
     /// See [`ConfidenceKind::Nucleus`].

@@ -20,6 +20,13 @@ use crate::sample::nucleus::Nucleus;
 use crate::{error::invalid, Error};
 
 /// How a block's masked positions are revealed.
+///
+/// ```
+/// use did_core::sample::BlockUpdate;
+/// // About two tokens per call inside blocks of 16.
+/// let update = BlockUpdate::DdpmCaching { steps: 8 };
+/// assert_ne!(update, BlockUpdate::default()); // the default is first-hitting
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum BlockUpdate {
     /// One uniformly chosen masked position per call (Zheng et al.'s
@@ -89,6 +96,27 @@ pub struct BlockScratch {
 
 /// Reveals every masked position of `block` in every sequence of `batch`,
 /// with attention block size `block_size`. Returns the number of denoiser calls.
+///
+/// ```
+/// use did_core::denoiser::{DenoiseRequest, Denoiser};
+/// use did_core::sample::update::{fill_block, BlockScratch};
+/// use did_core::sample::{BlockUpdate, SamplerConfig, SequenceBatch};
+/// struct Uniform;
+/// impl Denoiser for Uniform {
+///     type Error = core::convert::Infallible;
+///     fn vocab_size(&self) -> usize { 5 }
+///     fn mask_id(&self) -> u32 { 4 }
+///     fn logits(&mut self, _: &DenoiseRequest<'_>, out: &mut [f32]) -> Result<(), Self::Error> {
+///         out.fill(0.0);
+///         Ok(())
+///     }
+/// }
+/// let mut batch = SequenceBatch::from_prompts(&[&[0]], 8, 4, 0);
+/// let config = SamplerConfig { update: BlockUpdate::DdpmCaching { steps: 2 }, ..SamplerConfig::default() };
+/// let calls = fill_block(&mut Uniform, &mut batch, 4..8, 4, &config, &mut BlockScratch::default())?;
+/// assert!(calls <= 2 && batch.masked_in(0, 4..8).next().is_none());
+/// # Ok::<(), core::convert::Infallible>(())
+/// ```
 pub fn fill_block<D: Denoiser>(
     denoiser: &mut D,
     batch: &mut SequenceBatch,
