@@ -475,6 +475,21 @@ pub trait Backend {
         dx: SliceMut<'_, Self::Buffer>,
         len: usize,
     ) -> Result<(), Self::Error>;
+    /// `out = x·sigmoid(x)` over `len` elements (the adaLN conditioning MLP when time conditioning is on).
+    fn silu_forward(
+        &self,
+        x: Slice<'_, Self::Buffer>,
+        out: SliceMut<'_, Self::Buffer>,
+        len: usize,
+    ) -> Result<(), Self::Error>;
+    /// `dx += dout · silu'(x)`.
+    fn silu_backward(
+        &self,
+        dout: Slice<'_, Self::Buffer>,
+        x: Slice<'_, Self::Buffer>,
+        dx: SliceMut<'_, Self::Buffer>,
+        len: usize,
+    ) -> Result<(), Self::Error>;
     /// Inverted dropout in place: element `i` is kept iff `stream.uniform_f32(0, i) ≥ p`,
     /// and kept elements are scaled by `1/(1 − p)`. The backward is the same call on the gradient.
     fn dropout(

@@ -4,7 +4,7 @@ use alloc::vec::Vec;
 use core::fmt;
 use core::ops::Range;
 
-use crate::denoiser::{DenoiseRequest, Denoiser, OutputPosition};
+use crate::denoiser::{Denoiser, OutputPosition};
 use crate::error::invalid;
 use crate::refine::plan::ResolvedPlan;
 use crate::refine::remask::{select_lowest, RemaskScope, RemaskStrategy};
@@ -278,16 +278,8 @@ fn commit<D: Denoiser>(
     block: Range<usize>,
     block_size: usize,
 ) -> Result<(), GenerateError<D::Error>> {
-    let request = DenoiseRequest {
-        tokens: &batch.tokens,
-        batch: batch.batch(),
-        seq_len: batch.seq_len(),
-        block_size,
-        block,
-        outputs: &[],
-    };
     denoiser
-        .commit_block(&request)
+        .commit_block(&batch.request(block_size, block, &[]))
         .map_err(GenerateError::Denoiser)
 }
 
@@ -387,14 +379,7 @@ fn score_post_hoc<D: Denoiser>(
     for chunk in outputs.chunks(max_outputs) {
         logits.clear();
         logits.resize(chunk.len() * vocab, 0.0);
-        let request = DenoiseRequest {
-            tokens: &batch.tokens,
-            batch: batch.batch(),
-            seq_len,
-            block_size,
-            block: 0..seq_len,
-            outputs: chunk,
-        };
+        let request = batch.request(block_size, 0..seq_len, chunk);
         denoiser
             .logits(&request, &mut logits)
             .map_err(GenerateError::Denoiser)?;

@@ -4,6 +4,7 @@
 use alloc::vec::Vec;
 use core::ops::Range;
 
+use crate::denoiser::{DenoiseRequest, OutputPosition};
 use crate::sample::categorical::Confidence;
 
 /// A batch of sequences of one length, being generated.
@@ -108,6 +109,24 @@ impl SequenceBatch {
     /// Whether any sequence has a masked position in `range`.
     pub fn any_masked_in(&self, range: Range<usize>) -> bool {
         (0..self.batch()).any(|s| self.masked_in(s, range.clone()).next().is_some())
+    }
+
+    /// A denoiser request over this batch: attention block size `block_size`,
+    /// queries for `block`, logits wanted at `outputs`.
+    pub fn request<'a>(
+        &'a self,
+        block_size: usize,
+        block: Range<usize>,
+        outputs: &'a [OutputPosition],
+    ) -> DenoiseRequest<'a> {
+        DenoiseRequest {
+            tokens: &self.tokens,
+            batch: self.batch(),
+            seq_len: self.seq_len,
+            block_size,
+            block,
+            outputs,
+        }
     }
 
     /// Masks `pos` of sequence `seq` (remasking).

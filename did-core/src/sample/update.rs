@@ -12,7 +12,7 @@
 use alloc::vec::Vec;
 use core::ops::Range;
 
-use crate::denoiser::{DenoiseRequest, Denoiser, OutputPosition};
+use crate::denoiser::{Denoiser, OutputPosition};
 use crate::rng::{Purpose, RngStream};
 use crate::sample::batch::SequenceBatch;
 use crate::sample::categorical::{draw_token, DrawScratch};
@@ -215,14 +215,7 @@ fn reveal<D: Denoiser>(
     for chunk in scratch.reveals.chunks(config.max_outputs_per_call) {
         scratch.logits.clear();
         scratch.logits.resize(chunk.len() * vocab, 0.0);
-        let request = DenoiseRequest {
-            tokens: &batch.tokens,
-            batch: batch.batch(),
-            seq_len: batch.seq_len(),
-            block_size,
-            block: block.clone(),
-            outputs: chunk,
-        };
+        let request = batch.request(block_size, block.clone(), chunk);
         denoiser.logits(&request, &mut scratch.logits)?;
         calls += 1;
         for (out, row) in chunk.iter().zip(scratch.logits.chunks(vocab)) {
