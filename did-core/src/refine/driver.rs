@@ -396,6 +396,7 @@ fn score_post_hoc<D: Denoiser>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::denoiser::DenoiseRequest;
     use crate::mask::AttentionMask;
     use crate::refine::plan::StagePlan;
     use crate::sample::update::BlockUpdate;
