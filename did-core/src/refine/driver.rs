@@ -724,6 +724,79 @@ mod tests {
         crate::refine::remask_count(g, n)
     }
 
+    /// Records how many logits rows each call asked for, and which positions.
+    struct CountingUniform {
+        rows: Vec<usize>,
+        positions: Vec<u32>,
+    }
+    impl Denoiser for CountingUniform {
+        type Error = core::convert::Infallible;
+        fn vocab_size(&self) -> usize {
+            V
+        }
+        fn mask_id(&self) -> u32 {
+            MASK
+        }
+        fn logits(&mut self, r: &DenoiseRequest<'_>, out: &mut [f32]) -> Result<(), Self::Error> {
+            self.rows.push(r.outputs.len());
+            self.positions.extend(r.outputs.iter().map(|o| o.pos));
+            out.fill(0.0);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn ddpm_reveals_the_fraction_one_minus_s_over_t_at_each_step() {
+        // One block of 4096 with T = 4: step i reveals each masked position with
+        // probability 1/(T − i): 1/4 of 4095, then 1/3 of the rest, 1/2, all.
+        let l = 4096;
+        let mut cfg = GenerateConfig::new(plan("L", l), 11);
+        cfg.sampler.update = BlockUpdate::DdpmCaching { steps: 4 };
+        cfg.sampler.max_outputs_per_call = l;
+        let mut lm = CountingUniform {
+            rows: Vec::new(),
+            positions: Vec::new(),
+        };
+        generate(&mut lm, &cfg, &[&[EOS]]).unwrap();
+        assert_eq!(lm.rows.len(), 4);
+        let mut left = (l - 1) as f64;
+        for (i, &n) in lm.rows.iter().enumerate() {
+            let p = 1.0 / (4 - i) as f64;
+            let (mean, sd) = (left * p, (left * p * (1.0 - p)).sqrt());
+            assert!(
+                (n as f64 - mean).abs() < 4.0 * sd + 1e-9,
+                "step {i}: {n} revealed, expected {mean} ± {sd}"
+            );
+            left -= n as f64;
+        }
+        assert_eq!(left, 0.0);
+    }
+
+    #[test]
+    fn first_hitting_picks_the_revealed_position_uniformly() {
+        // Block 1 of a length-8 plan at block 4: the first call reveals one of positions 4..8.
+        let mut counts = [0u32; 4];
+        for seed in 0..4000 {
+            let mut lm = CountingUniform {
+                rows: Vec::new(),
+                positions: Vec::new(),
+            };
+            generate(
+                &mut lm,
+                &GenerateConfig::new(plan("4", 8), seed),
+                &[&[EOS, 1, 2, 3]],
+            )
+            .unwrap();
+            counts[lm.positions[0] as usize - 4] += 1;
+        }
+        for c in counts {
+            assert!(
+                (c as f64 - 1000.0).abs() < 4.0 * (4000.0f64 * 0.25 * 0.75).sqrt(),
+                "{counts:?}"
+            );
+        }
+    }
+
     #[test]
     fn ddpm_with_one_step_calls_once_per_block_and_never_leaves_a_mask() {
         let l = 32;
