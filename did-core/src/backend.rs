@@ -364,14 +364,16 @@ pub trait Backend {
         dweight: SliceMut<'_, Self::Buffer>,
         dbias: Option<SliceMut<'_, Self::Buffer>>,
     ) -> Result<(), Self::Error>;
-    /// adaLN modulation, in place: `x[b, t, c] = x·(1 + scale[b, c]) + shift[b, c]`
-    /// (`scale`, `shift` of one sequence shared by its `tokens`).
+    /// adaLN modulation: `out[b, t, c] = x·(1 + scale[b, c]) + shift[b, c]`
+    /// (`scale`, `shift` of one sequence shared by its `tokens`). Out of place,
+    /// because the backward needs `x` (a backend may fuse it with the LayerNorm).
     #[allow(clippy::too_many_arguments)]
     fn modulate_forward(
         &self,
-        x: SliceMut<'_, Self::Buffer>,
+        x: Slice<'_, Self::Buffer>,
         shift: Slice<'_, Self::Buffer>,
         scale: Slice<'_, Self::Buffer>,
+        out: SliceMut<'_, Self::Buffer>,
         batch: usize,
         tokens: usize,
         channels: usize,
