@@ -1,8 +1,463 @@
-//! The reference CPU backend of `did`.
+//! # did-backend-cpu
 //!
-//! It will implement [`did_core::backend::Backend`] in f32 with ndarray and
-//! matrixmultiply, and serve as the oracle for the CUDA backend's
-//! differential tests. The implementation is the subject of the transformer
-//! issue; until then this crate only fixes its place in the workspace.
+//! The reference backend: every [`Backend`] op on the CPU, in f32 (the
+//! product) or f64 (the oracle of the gradient checks). Matmuls go through one
+//! strided-batched GEMM helper over matrixmultiply (AVX-512 kernels on, its
+//! own thread pool); row-wise ops and attention run on rayon. Every reduction
+//! is split into fixed chunks summed in a fixed order, so results do not
+//! depend on the thread count; matrixmultiply splits work by output tiles, so
+//! its results do not either.
+//!
+//! One module per op family under [`ops`], each with its forward and backward
+//! side by side.
+//!
+//! ```
+//! use did_backend_cpu::CpuBackend;
+//! use did_core::backend::{Backend, Gemm, Slice, SliceMut};
+//! let cpu = CpuBackend::<f32>::new();
+//! let x = cpu.upload(&[1.0, 2.0, 3.0, 4.0])?; // [2, 2]
+//! let w = cpu.upload(&[1.0, 0.0, 0.0, 1.0])?; // identity, [out, in]
+//! let mut y = cpu.zeros(4)?;
+//! cpu.matmul(&Gemm::linear(2, 2, 2), Slice::whole(&x), Slice::whole(&w), SliceMut::whole(&mut y))?;
+//! let mut host = [0.0; 4];
+//! cpu.download(Slice::whole(&y), &mut host)?;
+//! assert_eq!(host, [1.0, 2.0, 3.0, 4.0]);
+//! # Ok::<(), did_backend_cpu::CpuError>(())
+//! ```
 
-pub use did_core;
+#![deny(missing_docs)]
+
+use core::marker::PhantomData;
+
+use did_core::backend::{
+    AdamW, AttentionShape, Backend, Gemm, NormShape, RopeShape, Slice, SliceMut,
+};
+use did_core::mask::AttentionMask;
+use did_core::rng::RngStream;
+
+mod float;
+pub mod ops;
+
+pub use float::CpuFloat;
+
+/// Why a CPU op refused to run. These are programming errors of the caller
+/// (shapes that do not fit the buffers), reported instead of panicking.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CpuError {
+    /// A view reaches past the end of its buffer.
+    #[error("cpu backend: {what} needs elements {start}..{end} but the buffer holds {len}")]
+    OutOfBounds {
+        /// Which operand.
+        what: &'static str,
+        /// First element.
+        start: usize,
+        /// One past the last element.
+        end: usize,
+        /// The buffer's length.
+        len: usize,
+    },
+    /// Shapes that do not agree.
+    #[error("cpu backend: {0}")]
+    Shape(String),
+    /// A token id outside the table.
+    #[error("cpu backend: token id {id} at row {row} is outside the table of {rows} rows")]
+    TokenOutOfRange {
+        /// The id.
+        id: u32,
+        /// Where it was.
+        row: usize,
+        /// Rows of the table.
+        rows: usize,
+    },
+}
+
+/// The CPU backend, computing in `T` (f32 by default).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CpuBackend<T: CpuFloat = f32> {
+    _t: PhantomData<T>,
+}
+
+impl<T: CpuFloat> CpuBackend<T> {
+    /// A backend. The thread count is rayon's (`RAYON_NUM_THREADS`) for
+    /// row-wise ops and attention, and matrixmultiply's
+    /// (`MATMUL_NUM_THREADS`, at most 4) inside large GEMMs.
+    pub fn new() -> Self {
+        CpuBackend { _t: PhantomData }
+    }
+}
+
+pub(crate) fn view<'a, T>(s: Slice<'a, Vec<T>>, len: usize, what: &'static str) -> Result<&'a [T], CpuError> {
+    let end = s.offset.checked_add(len).ok_or(CpuError::OutOfBounds { what, start: s.offset, end: usize::MAX, len: s.buf.len() })?;
+    s.buf.get(s.offset..end).ok_or(CpuError::OutOfBounds { what, start: s.offset, end, len: s.buf.len() })
+}
+
+pub(crate) fn view_mut<'a, T>(s: SliceMut<'a, Vec<T>>, len: usize, what: &'static str) -> Result<&'a mut [T], CpuError> {
+    let buf_len = s.buf.len();
+    let end = s.offset.checked_add(len).ok_or(CpuError::OutOfBounds { what, start: s.offset, end: usize::MAX, len: buf_len })?;
+    s.buf.get_mut(s.offset..end).ok_or(CpuError::OutOfBounds { what, start: s.offset, end, len: buf_len })
+}
+
+fn ids_view<'a>(ids: &'a [u32], rows: usize, what: &'static str) -> Result<&'a [u32], CpuError> {
+    ids.get(..rows).ok_or(CpuError::OutOfBounds { what, start: 0, end: rows, len: ids.len() })
+}
+
+fn check_ids(ids: &[u32], table_rows: usize) -> Result<(), CpuError> {
+    match ids.iter().position(|&id| id as usize >= table_rows) {
+        Some(row) => Err(CpuError::TokenOutOfRange { id: ids[row], row, rows: table_rows }),
+        None => Ok(()),
+    }
+}
+
+impl<T: CpuFloat> Backend for CpuBackend<T> {
+    type Buffer = Vec<T>;
+    type Ids = Vec<u32>;
+    type Error = CpuError;
+
+    fn name(&self) -> &str {
+        if T::NAME == "f32" {
+            "cpu"
+        } else {
+            "cpu f64"
+        }
+    }
+
+    fn zeros(&self, len: usize) -> Result<Vec<T>, CpuError> {
+        Ok(vec![T::zero(); len])
+    }
+    fn upload(&self, host: &[f32]) -> Result<Vec<T>, CpuError> {
+        Ok(host.iter().map(|&x| T::of_f32(x)).collect())
+    }
+    fn download(&self, src: Slice<'_, Vec<T>>, out: &mut [f32]) -> Result<(), CpuError> {
+        let src = view(src, out.len(), "download source")?;
+        for (o, &s) in out.iter_mut().zip(src) {
+            *o = s.to_f32_lossy();
+        }
+        Ok(())
+    }
+    fn upload_ids(&self, host: &[u32]) -> Result<Vec<u32>, CpuError> {
+        Ok(host.to_vec())
+    }
+    fn fill(&self, dst: SliceMut<'_, Vec<T>>, len: usize, value: f32) -> Result<(), CpuError> {
+        view_mut(dst, len, "fill")?.fill(T::of_f32(value));
+        Ok(())
+    }
+    fn copy(&self, src: Slice<'_, Vec<T>>, dst: SliceMut<'_, Vec<T>>, len: usize) -> Result<(), CpuError> {
+        view_mut(dst, len, "copy destination")?.copy_from_slice(view(src, len, "copy source")?);
+        Ok(())
+    }
+
+    fn matmul(&self, spec: &Gemm, a: Slice<'_, Vec<T>>, b: Slice<'_, Vec<T>>, c: SliceMut<'_, Vec<T>>) -> Result<(), CpuError> {
+        let (na, nb, nc) = float::gemm_extents(spec);
+        ops::gemm::gemm(spec, view(a, na, "matmul A")?, view(b, nb, "matmul B")?, view_mut(c, nc, "matmul C")?)
+    }
+    fn bias_add(&self, x: SliceMut<'_, Vec<T>>, bias: Slice<'_, Vec<T>>, rows: usize, cols: usize) -> Result<(), CpuError> {
+        ops::bias::bias_add(view_mut(x, rows * cols, "bias_add x")?, view(bias, cols, "bias")?, cols);
+        Ok(())
+    }
+    fn bias_backward(&self, dy: Slice<'_, Vec<T>>, dbias: SliceMut<'_, Vec<T>>, rows: usize, cols: usize) -> Result<(), CpuError> {
+        ops::bias::bias_backward(view(dy, rows * cols, "bias_backward dy")?, view_mut(dbias, cols, "dbias")?, cols);
+        Ok(())
+    }
+
+    fn layernorm_forward(
+        &self,
+        shape: &NormShape,
+        x: Slice<'_, Vec<T>>,
+        weight: Slice<'_, Vec<T>>,
+        bias: Option<Slice<'_, Vec<T>>>,
+        out: SliceMut<'_, Vec<T>>,
+        mean: SliceMut<'_, Vec<T>>,
+        rstd: SliceMut<'_, Vec<T>>,
+    ) -> Result<(), CpuError> {
+        let n = shape.rows * shape.cols;
+        let bias = match bias {
+            Some(b) => Some(view(b, shape.cols, "layernorm bias")?),
+            None => None,
+        };
+        ops::layernorm::forward(
+            shape,
+            view(x, n, "layernorm x")?,
+            view(weight, shape.cols, "layernorm weight")?,
+            bias,
+            view_mut(out, n, "layernorm out")?,
+            view_mut(mean, shape.rows, "layernorm mean")?,
+            view_mut(rstd, shape.rows, "layernorm rstd")?,
+        );
+        Ok(())
+    }
+    fn layernorm_backward(
+        &self,
+        shape: &NormShape,
+        dout: Slice<'_, Vec<T>>,
+        x: Slice<'_, Vec<T>>,
+        weight: Slice<'_, Vec<T>>,
+        mean: Slice<'_, Vec<T>>,
+        rstd: Slice<'_, Vec<T>>,
+        dx: SliceMut<'_, Vec<T>>,
+        dweight: SliceMut<'_, Vec<T>>,
+    ) -> Result<(), CpuError> {
+        let n = shape.rows * shape.cols;
+        ops::layernorm::backward(
+            shape,
+            view(dout, n, "layernorm dout")?,
+            view(x, n, "layernorm x")?,
+            view(weight, shape.cols, "layernorm weight")?,
+            view(mean, shape.rows, "layernorm mean")?,
+            view(rstd, shape.rows, "layernorm rstd")?,
+            view_mut(dx, n, "layernorm dx")?,
+            view_mut(dweight, shape.cols, "layernorm dweight")?,
+        );
+        Ok(())
+    }
+    fn modulate_forward(
+        &self,
+        x: Slice<'_, Vec<T>>,
+        shift: Slice<'_, Vec<T>>,
+        scale: Slice<'_, Vec<T>>,
+        out: SliceMut<'_, Vec<T>>,
+        batch: usize,
+        tokens: usize,
+        channels: usize,
+    ) -> Result<(), CpuError> {
+        let n = batch * tokens * channels;
+        ops::modulate::forward(
+            view(x, n, "modulate x")?,
+            view(shift, batch * channels, "modulate shift")?,
+            view(scale, batch * channels, "modulate scale")?,
+            view_mut(out, n, "modulate out")?,
+            tokens,
+            channels,
+        );
+        Ok(())
+    }
+    fn modulate_backward(
+        &self,
+        dout: Slice<'_, Vec<T>>,
+        x: Slice<'_, Vec<T>>,
+        scale: Slice<'_, Vec<T>>,
+        dx: SliceMut<'_, Vec<T>>,
+        dscale: SliceMut<'_, Vec<T>>,
+        batch: usize,
+        tokens: usize,
+        channels: usize,
+    ) -> Result<(), CpuError> {
+        let n = batch * tokens * channels;
+        ops::modulate::backward(
+            view(dout, n, "modulate dout")?,
+            view(x, n, "modulate x")?,
+            view(scale, batch * channels, "modulate scale")?,
+            view_mut(dx, n, "modulate dx")?,
+            view_mut(dscale, batch * channels, "modulate dscale")?,
+            tokens,
+            channels,
+        );
+        Ok(())
+    }
+    fn gated_residual_forward(
+        &self,
+        residual: SliceMut<'_, Vec<T>>,
+        y: Slice<'_, Vec<T>>,
+        gate: Option<Slice<'_, Vec<T>>>,
+        batch: usize,
+        tokens: usize,
+        channels: usize,
+    ) -> Result<(), CpuError> {
+        let n = batch * tokens * channels;
+        let gate = match gate {
+            Some(g) => Some(view(g, batch * channels, "gate")?),
+            None => None,
+        };
+        ops::modulate::gated_residual_forward(view_mut(residual, n, "residual")?, view(y, n, "gated y")?, gate, tokens, channels);
+        Ok(())
+    }
+    fn gated_residual_backward(
+        &self,
+        dresidual: Slice<'_, Vec<T>>,
+        y: Slice<'_, Vec<T>>,
+        gate: Option<Slice<'_, Vec<T>>>,
+        dy: SliceMut<'_, Vec<T>>,
+        dgate: Option<SliceMut<'_, Vec<T>>>,
+        batch: usize,
+        tokens: usize,
+        channels: usize,
+    ) -> Result<(), CpuError> {
+        let n = batch * tokens * channels;
+        let gate = match gate {
+            Some(g) => Some(view(g, batch * channels, "gate")?),
+            None => None,
+        };
+        let dgate = match dgate {
+            Some(g) => Some(view_mut(g, batch * channels, "dgate")?),
+            None => None,
+        };
+        ops::modulate::gated_residual_backward(
+            view(dresidual, n, "dresidual")?,
+            view(y, n, "gated y")?,
+            gate,
+            view_mut(dy, n, "gated dy")?,
+            dgate,
+            tokens,
+            channels,
+        );
+        Ok(())
+    }
+
+    fn rope_forward(&self, shape: &RopeShape, x: SliceMut<'_, Vec<T>>) -> Result<(), CpuError> {
+        let n = ops::rope::extent(shape);
+        ops::rope::rotate(shape, view_mut(x, n, "rope x")?, false);
+        Ok(())
+    }
+    fn rope_backward(&self, shape: &RopeShape, dx: SliceMut<'_, Vec<T>>) -> Result<(), CpuError> {
+        let n = ops::rope::extent(shape);
+        ops::rope::rotate(shape, view_mut(dx, n, "rope dx")?, true);
+        Ok(())
+    }
+    fn attention_forward(
+        &self,
+        shape: &AttentionShape,
+        mask: &AttentionMask,
+        q: Slice<'_, Vec<T>>,
+        k: Slice<'_, Vec<T>>,
+        v: Slice<'_, Vec<T>>,
+        out: SliceMut<'_, Vec<T>>,
+        lse: SliceMut<'_, Vec<T>>,
+    ) -> Result<(), CpuError> {
+        let e = ops::attention::Extents::of(shape)?;
+        ops::attention::forward(
+            shape,
+            mask,
+            view(q, e.q, "attention q")?,
+            view(k, e.k, "attention k")?,
+            view(v, e.v, "attention v")?,
+            view_mut(out, e.out, "attention out")?,
+            view_mut(lse, e.lse, "attention lse")?,
+        );
+        Ok(())
+    }
+    fn attention_backward(
+        &self,
+        shape: &AttentionShape,
+        mask: &AttentionMask,
+        dout: Slice<'_, Vec<T>>,
+        q: Slice<'_, Vec<T>>,
+        k: Slice<'_, Vec<T>>,
+        v: Slice<'_, Vec<T>>,
+        out: Slice<'_, Vec<T>>,
+        lse: Slice<'_, Vec<T>>,
+        dq: SliceMut<'_, Vec<T>>,
+        dk: SliceMut<'_, Vec<T>>,
+        dv: SliceMut<'_, Vec<T>>,
+    ) -> Result<(), CpuError> {
+        let e = ops::attention::Extents::of(shape)?;
+        let dkv = shape.batch * shape.kv_len * shape.heads * shape.head_dim;
+        ops::attention::backward(
+            shape,
+            mask,
+            view(dout, e.out, "attention dout")?,
+            view(q, e.q, "attention q")?,
+            view(k, e.k, "attention k")?,
+            view(v, e.v, "attention v")?,
+            view(out, e.out, "attention out")?,
+            view(lse, e.lse, "attention lse")?,
+            view_mut(dq, e.out, "attention dq")?,
+            view_mut(dk, dkv, "attention dk")?,
+            view_mut(dv, dkv, "attention dv")?,
+        );
+        Ok(())
+    }
+    fn gelu_forward(&self, x: Slice<'_, Vec<T>>, out: SliceMut<'_, Vec<T>>, len: usize) -> Result<(), CpuError> {
+        ops::activation::gelu_forward(view(x, len, "gelu x")?, view_mut(out, len, "gelu out")?);
+        Ok(())
+    }
+    fn gelu_backward(&self, dout: Slice<'_, Vec<T>>, x: Slice<'_, Vec<T>>, dx: SliceMut<'_, Vec<T>>, len: usize) -> Result<(), CpuError> {
+        ops::activation::gelu_backward(view(dout, len, "gelu dout")?, view(x, len, "gelu x")?, view_mut(dx, len, "gelu dx")?);
+        Ok(())
+    }
+    fn silu_forward(&self, x: Slice<'_, Vec<T>>, out: SliceMut<'_, Vec<T>>, len: usize) -> Result<(), CpuError> {
+        ops::activation::silu_forward(view(x, len, "silu x")?, view_mut(out, len, "silu out")?);
+        Ok(())
+    }
+    fn silu_backward(&self, dout: Slice<'_, Vec<T>>, x: Slice<'_, Vec<T>>, dx: SliceMut<'_, Vec<T>>, len: usize) -> Result<(), CpuError> {
+        ops::activation::silu_backward(view(dout, len, "silu dout")?, view(x, len, "silu x")?, view_mut(dx, len, "silu dx")?);
+        Ok(())
+    }
+    fn dropout(&self, x: SliceMut<'_, Vec<T>>, len: usize, p: f32, stream: &RngStream) -> Result<(), CpuError> {
+        ops::activation::dropout(view_mut(x, len, "dropout x")?, p, stream);
+        Ok(())
+    }
+
+    fn embedding_forward(&self, ids: &Vec<u32>, table: Slice<'_, Vec<T>>, out: SliceMut<'_, Vec<T>>, rows: usize, channels: usize) -> Result<(), CpuError> {
+        let ids = ids_view(ids, rows, "embedding ids")?;
+        let table_rows = (table.buf.len().saturating_sub(table.offset)) / channels.max(1);
+        check_ids(ids, table_rows)?;
+        let table = view(table, table_rows * channels, "embedding table")?;
+        ops::embedding::forward(ids, table, view_mut(out, rows * channels, "embedding out")?, channels);
+        Ok(())
+    }
+    fn embedding_backward(&self, ids: &Vec<u32>, dout: Slice<'_, Vec<T>>, dtable: SliceMut<'_, Vec<T>>, rows: usize, channels: usize) -> Result<(), CpuError> {
+        let ids = ids_view(ids, rows, "embedding ids")?;
+        let table_rows = (dtable.buf.len().saturating_sub(dtable.offset)) / channels.max(1);
+        check_ids(ids, table_rows)?;
+        ops::embedding::backward(
+            ids,
+            view(dout, rows * channels, "embedding dout")?,
+            view_mut(dtable, table_rows * channels, "embedding dtable")?,
+            channels,
+        );
+        Ok(())
+    }
+    fn softmax_cross_entropy(
+        &self,
+        logits: SliceMut<'_, Vec<T>>,
+        targets: &Vec<u32>,
+        weights: Slice<'_, Vec<T>>,
+        losses: SliceMut<'_, Vec<T>>,
+        rows: usize,
+        vocab: usize,
+        excluded: Option<u32>,
+        grad_scale: f32,
+    ) -> Result<(), CpuError> {
+        let targets = ids_view(targets, rows, "cross-entropy targets")?;
+        check_ids(targets, vocab)?;
+        ops::cross_entropy::softmax_cross_entropy(
+            view_mut(logits, rows * vocab, "cross-entropy logits")?,
+            targets,
+            view(weights, rows, "cross-entropy weights")?,
+            view_mut(losses, rows, "cross-entropy losses")?,
+            vocab,
+            excluded,
+            T::of_f32(grad_scale),
+        );
+        Ok(())
+    }
+
+    fn sum_squares(&self, x: Slice<'_, Vec<T>>, len: usize) -> Result<f64, CpuError> {
+        Ok(ops::optim::sum_squares(view(x, len, "sum_squares")?))
+    }
+    fn scale(&self, x: SliceMut<'_, Vec<T>>, len: usize, factor: f32) -> Result<(), CpuError> {
+        ops::optim::scale(view_mut(x, len, "scale")?, T::of_f32(factor));
+        Ok(())
+    }
+    fn adamw(
+        &self,
+        hp: &AdamW,
+        params: SliceMut<'_, Vec<T>>,
+        grads: Slice<'_, Vec<T>>,
+        m: SliceMut<'_, Vec<T>>,
+        v: SliceMut<'_, Vec<T>>,
+        len: usize,
+    ) -> Result<(), CpuError> {
+        ops::optim::adamw(
+            hp,
+            view_mut(params, len, "adamw params")?,
+            view(grads, len, "adamw grads")?,
+            view_mut(m, len, "adamw m")?,
+            view_mut(v, len, "adamw v")?,
+        );
+        Ok(())
+    }
+    fn ema_update(&self, ema: SliceMut<'_, Vec<T>>, params: Slice<'_, Vec<T>>, len: usize, decay: f32) -> Result<(), CpuError> {
+        ops::optim::ema_update(view_mut(ema, len, "ema")?, view(params, len, "ema params")?, T::of_f32(decay));
+        Ok(())
+    }
+}

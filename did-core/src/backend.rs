@@ -141,6 +141,55 @@ impl Gemm {
         }
     }
 
+    /// The weight gradient of a linear layer: `dW[out, in] += dy[rows, out]ᵀ · x[rows, in]`.
+    ///
+    /// ```
+    /// use did_core::backend::Gemm;
+    /// let g = Gemm::linear_weight_grad(16, 768, 2304);
+    /// assert_eq!((g.m, g.n, g.k, g.beta), (2304, 768, 16, 1.0));
+    /// ```
+    pub fn linear_weight_grad(rows: usize, d_in: usize, d_out: usize) -> Self {
+        Gemm {
+            trans_a: true,
+            trans_b: false,
+            m: d_out,
+            n: d_in,
+            k: rows,
+            lda: d_out,
+            ldb: d_in,
+            ldc: d_in,
+            beta: 1.0,
+            ..Gemm::linear(rows, d_in, d_out)
+        }
+    }
+
+    /// The input gradient of a linear layer: `dx[rows, in] = dy[rows, out] · W[out, in]`
+    /// (overwrites; use [`Gemm::accumulate`] to add).
+    ///
+    /// ```
+    /// use did_core::backend::Gemm;
+    /// let g = Gemm::linear_input_grad(16, 768, 2304).accumulate();
+    /// assert_eq!((g.m, g.n, g.k, g.beta), (16, 768, 2304, 1.0));
+    /// ```
+    pub fn linear_input_grad(rows: usize, d_in: usize, d_out: usize) -> Self {
+        Gemm {
+            trans_a: false,
+            trans_b: false,
+            m: rows,
+            n: d_in,
+            k: d_out,
+            lda: d_out,
+            ldb: d_in,
+            ldc: d_in,
+            ..Gemm::linear(rows, d_in, d_out)
+        }
+    }
+
+    /// The same GEMM adding into `C` (`beta = 1`).
+    pub fn accumulate(self) -> Self {
+        Gemm { beta: 1.0, ..self }
+    }
+
     /// Floating-point operations (multiply and add counted separately).
     pub fn flops(&self) -> usize {
         2 * self.m * self.n * self.k * self.batch
@@ -304,6 +353,28 @@ pub trait Backend {
         dst: SliceMut<'_, Self::Buffer>,
         len: usize,
     ) -> Result<(), Self::Error>;
+    /// Copies `rows` rows of `cols` elements between row strides `src_stride`
+    /// and `dst_stride` (gathering keys into a cache, one half of the 2L stream).
+    #[allow(clippy::too_many_arguments)]
+    fn copy_rows(
+        &self,
+        src: Slice<'_, Self::Buffer>,
+        src_stride: usize,
+        dst: SliceMut<'_, Self::Buffer>,
+        dst_stride: usize,
+        rows: usize,
+        cols: usize,
+    ) -> Result<(), Self::Error> {
+        let SliceMut { buf, offset } = dst;
+        for r in 0..rows {
+            self.copy(
+                Slice::at(src.buf, src.offset + r * src_stride),
+                SliceMut::at(&mut *buf, offset + r * dst_stride),
+                cols,
+            )?;
+        }
+        Ok(())
+    }
     /// Waits for queued work (a no-op on synchronous backends).
     fn synchronize(&self) -> Result<(), Self::Error> {
         Ok(())
@@ -350,7 +421,9 @@ pub trait Backend {
         mean: SliceMut<'_, Self::Buffer>,
         rstd: SliceMut<'_, Self::Buffer>,
     ) -> Result<(), Self::Error>;
-    /// Accumulates `dx`, `dweight` and (if present) `dbias` from `dout`.
+    /// Accumulates `dx` and `dweight` from `dout`. A LayerNorm bias gets
+    /// `Σ_rows dout` from [`Backend::bias_backward`] (gradients of one layer
+    /// usually share a buffer, so each op writes one of them).
     #[allow(clippy::too_many_arguments)]
     fn layernorm_backward(
         &self,
@@ -362,7 +435,6 @@ pub trait Backend {
         rstd: Slice<'_, Self::Buffer>,
         dx: SliceMut<'_, Self::Buffer>,
         dweight: SliceMut<'_, Self::Buffer>,
-        dbias: Option<SliceMut<'_, Self::Buffer>>,
     ) -> Result<(), Self::Error>;
     /// adaLN modulation: `out[b, t, c] = x·(1 + scale[b, c]) + shift[b, c]`
     /// (`scale`, `shift` of one sequence shared by its `tokens`). Out of place,
@@ -379,7 +451,8 @@ pub trait Backend {
         channels: usize,
     ) -> Result<(), Self::Error>;
     /// Given `dout` and the *un*modulated input `x`: accumulates
-    /// `dx += dout·(1 + scale)`, `dshift += Σ_t dout`, `dscale += Σ_t dout·x`.
+    /// `dx += dout·(1 + scale)` and `dscale[b, c] += Σ_t dout·x`. The shift
+    /// gradient is `Σ_t dout`: [`Backend::bias_backward`] over each sequence.
     #[allow(clippy::too_many_arguments)]
     fn modulate_backward(
         &self,
@@ -387,7 +460,6 @@ pub trait Backend {
         x: Slice<'_, Self::Buffer>,
         scale: Slice<'_, Self::Buffer>,
         dx: SliceMut<'_, Self::Buffer>,
-        dshift: SliceMut<'_, Self::Buffer>,
         dscale: SliceMut<'_, Self::Buffer>,
         batch: usize,
         tokens: usize,
@@ -446,7 +518,9 @@ pub trait Backend {
         out: SliceMut<'_, Self::Buffer>,
         lse: SliceMut<'_, Self::Buffer>,
     ) -> Result<(), Self::Error>;
-    /// Accumulates `dq`, `dk`, `dv` (laid out like `q`, `k`, `v`).
+    /// Accumulates `dq` (`[batch, q_len, heads·head_dim]`, contiguous) and
+    /// `dk`, `dv` (`[batch, kv_len, heads·head_dim]`, contiguous): three
+    /// buffers, so a fused qkv projection takes its weight gradient in three GEMMs.
     #[allow(clippy::too_many_arguments)]
     fn attention_backward(
         &self,
@@ -526,7 +600,9 @@ pub trait Backend {
     /// for each row with `weights[r] ≠ 0`, `losses[r] = weights[r] · (−log softmax(logits[r])[targets[r]])`
     /// and `logits[r]` is overwritten by `grad_scale · weights[r] · (softmax − onehot)`;
     /// rows with weight 0 get loss 0 and gradient 0. Weights carry the NELBO
-    /// `1/t` and the normalisation; `grad_scale` the loss scaling.
+    /// `1/t` and the normalisation; `grad_scale` the loss scaling. The class
+    /// `excluded` (SUBS: the model never predicts `[MASK]`) is left out of the
+    /// softmax and gets gradient 0.
     #[allow(clippy::too_many_arguments)]
     fn softmax_cross_entropy(
         &self,
@@ -536,6 +612,7 @@ pub trait Backend {
         losses: SliceMut<'_, Self::Buffer>,
         rows: usize,
         vocab: usize,
+        excluded: Option<u32>,
         grad_scale: f32,
     ) -> Result<(), Self::Error>;
 

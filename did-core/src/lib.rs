@@ -36,6 +36,7 @@ pub mod backend;
 pub mod denoiser;
 mod error;
 pub mod mask;
+pub mod model;
 pub mod noise;
 pub mod refine;
 pub mod rng;

@@ -1,0 +1,143 @@
+//! The element types the CPU backend computes in: f32 (the product) and f64
+//! (the oracle of the gradient checks).
+
+use core::fmt::Debug;
+use core::iter::Sum;
+use core::ops::{AddAssign, MulAssign, SubAssign};
+
+use did_core::backend::Gemm;
+
+/// A float the CPU backend can run in.
+pub trait CpuFloat:
+    num_traits::Float
+    + num_traits::FromPrimitive
+    + AddAssign
+    + SubAssign
+    + MulAssign
+    + Sum
+    + Default
+    + Debug
+    + Send
+    + Sync
+    + 'static
+{
+    /// `"f32"` or `"f64"`.
+    const NAME: &'static str;
+
+    /// From f32 (upload).
+    fn of_f32(x: f32) -> Self;
+    /// From f64.
+    fn of_f64(x: f64) -> Self;
+    /// To f32 (download).
+    fn to_f32_lossy(self) -> f32;
+    /// To f64.
+    fn to_f64_exact(self) -> f64;
+
+    /// One row-major GEMM with arbitrary strides (matrixmultiply's `sgemm`/`dgemm`).
+    ///
+    /// # Safety
+    /// Every element addressed by `(m, k, n)` and the strides must lie inside
+    /// the buffers behind `a`, `b`, `c`, and `c` must not overlap `a` or `b`.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn gemm_raw(
+        m: usize,
+        k: usize,
+        n: usize,
+        alpha: Self,
+        a: *const Self,
+        rsa: isize,
+        csa: isize,
+        b: *const Self,
+        rsb: isize,
+        csb: isize,
+        beta: Self,
+        c: *mut Self,
+        rsc: isize,
+        csc: isize,
+    );
+}
+
+impl CpuFloat for f32 {
+    const NAME: &'static str = "f32";
+    fn of_f32(x: f32) -> Self {
+        x
+    }
+    fn of_f64(x: f64) -> Self {
+        x as f32
+    }
+    fn to_f32_lossy(self) -> f32 {
+        self
+    }
+    fn to_f64_exact(self) -> f64 {
+        f64::from(self)
+    }
+    unsafe fn gemm_raw(
+        m: usize,
+        k: usize,
+        n: usize,
+        alpha: f32,
+        a: *const f32,
+        rsa: isize,
+        csa: isize,
+        b: *const f32,
+        rsb: isize,
+        csb: isize,
+        beta: f32,
+        c: *mut f32,
+        rsc: isize,
+        csc: isize,
+    ) {
+        // SAFETY: forwarded from the caller's contract.
+        unsafe { matrixmultiply::sgemm(m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc, csc) }
+    }
+}
+
+impl CpuFloat for f64 {
+    const NAME: &'static str = "f64";
+    fn of_f32(x: f32) -> Self {
+        f64::from(x)
+    }
+    fn of_f64(x: f64) -> Self {
+        x
+    }
+    fn to_f32_lossy(self) -> f32 {
+        self as f32
+    }
+    fn to_f64_exact(self) -> f64 {
+        self
+    }
+    unsafe fn gemm_raw(
+        m: usize,
+        k: usize,
+        n: usize,
+        alpha: f64,
+        a: *const f64,
+        rsa: isize,
+        csa: isize,
+        b: *const f64,
+        rsb: isize,
+        csb: isize,
+        beta: f64,
+        c: *mut f64,
+        rsc: isize,
+        csc: isize,
+    ) {
+        // SAFETY: forwarded from the caller's contract.
+        unsafe { matrixmultiply::dgemm(m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc, csc) }
+    }
+}
+
+/// The last element index (exclusive) a GEMM operand touches, for bounds checks.
+pub(crate) fn gemm_extents(g: &Gemm) -> (usize, usize, usize) {
+    let last = |rows: usize, cols: usize, ld: usize, stride: usize| {
+        if rows == 0 || cols == 0 || g.batch == 0 {
+            0
+        } else {
+            (g.batch - 1) * stride + (rows - 1) * ld + cols
+        }
+    };
+    let a = if g.trans_a { last(g.k, g.m, g.lda, g.stride_a) } else { last(g.m, g.k, g.lda, g.stride_a) };
+    let b = if g.trans_b { last(g.n, g.k, g.ldb, g.stride_b) } else { last(g.k, g.n, g.ldb, g.stride_b) };
+    let c = last(g.m, g.n, g.ldc, g.stride_c);
+    (a, b, c)
+}

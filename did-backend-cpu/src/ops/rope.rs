@@ -1,0 +1,66 @@
+//! RoPE, rotate-half (GPT-NeoX) layout: channel `d < D/2` pairs with `d + D/2`
+//! and rotates by `pos·base^(−2d/D)`. The backward is the inverse rotation.
+
+use did_core::backend::RopeShape;
+use rayon::prelude::*;
+
+use crate::CpuFloat;
+
+/// Elements a RoPE call touches from its offset.
+pub fn extent(s: &RopeShape) -> usize {
+    if s.batch == 0 || s.tokens == 0 {
+        0
+    } else {
+        (s.batch - 1) * s.batch_stride + (s.tokens - 1) * s.stride + s.heads * s.head_dim
+    }
+}
+
+/// The angle of frequency `d` at position `pos`, in f64 so that far
+/// positions (long generations) lose no precision before the cast.
+fn angle(s: &RopeShape, pos: usize, d: usize) -> f64 {
+    let inv_freq = (f64::from(s.base)).powf(-2.0 * d as f64 / s.head_dim as f64);
+    pos as f64 * inv_freq
+}
+
+/// Rotates every head of every token in place (`inverse` rotates back).
+pub fn rotate<T: CpuFloat>(s: &RopeShape, x: &mut [T], inverse: bool) {
+    let half = s.head_dim / 2;
+    if half == 0 || s.batch == 0 || s.tokens == 0 {
+        return;
+    }
+    // cos/sin per (token, frequency), shared by batch and heads.
+    let table: Vec<(T, T)> = (0..s.tokens)
+        .flat_map(|t| (0..half).map(move |d| (t, d)))
+        .map(|(t, d)| {
+            let a = angle(s, s.position_offset + t, d);
+            let sin = if inverse { -a.sin() } else { a.sin() };
+            (T::of_f64(a.cos()), T::of_f64(sin))
+        })
+        .collect();
+    let rotate_token = |t: usize, tok: &mut [T]| {
+        let cs = &table[t * half..(t + 1) * half];
+        for h in 0..s.heads {
+            let head = &mut tok[h * s.head_dim..(h + 1) * s.head_dim];
+            let (lo, hi) = head.split_at_mut(half);
+            for d in 0..half {
+                let (c, sn) = cs[d];
+                let (a, b) = (lo[d], hi[d]);
+                lo[d] = a * c - b * sn;
+                hi[d] = b * c + a * sn;
+            }
+        }
+    };
+    let width = s.heads * s.head_dim;
+    if s.batch_stride == s.tokens * s.stride {
+        // Tokens evenly spaced (a fused qkv buffer too): one parallel pass.
+        let n = extent(s);
+        x[..n].par_chunks_mut(s.stride).enumerate().for_each(|(i, tok)| rotate_token(i % s.tokens, &mut tok[..width]));
+    } else {
+        for b in 0..s.batch {
+            for t in 0..s.tokens {
+                let o = b * s.batch_stride + t * s.stride;
+                rotate_token(t, &mut x[o..o + width]);
+            }
+        }
+    }
+}

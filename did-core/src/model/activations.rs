@@ -1,0 +1,310 @@
+//! The buffers of one training pass: what each layer's forward saves for its
+//! backward (llm.c's activation set), the gradient scratch, and the memory
+//! they take.
+
+use alloc::vec::Vec;
+
+use super::config::{Architecture, ModelConfig, TIME_EMBEDDING_DIM};
+use super::pass::Pass;
+use crate::backend::Backend;
+
+/// What one block's forward keeps.
+pub struct BlockActivations<B: Backend> {
+    /// LayerNorm 1 output `[N, C]`, its mean and rstd `[N]`.
+    pub ln1: B::Buffer,
+    /// Mean of LayerNorm 1.
+    pub mean1: B::Buffer,
+    /// Rstd of LayerNorm 1.
+    pub rstd1: B::Buffer,
+    /// Modulated LayerNorm 1 output (DiT; GPT-2 reads `ln1`).
+    pub h1: B::Buffer,
+    /// Fused q, k, v `[N, 3C]`, q and k after RoPE.
+    pub qkv: B::Buffer,
+    /// Attention output before the projection `[N, C]`.
+    pub att: B::Buffer,
+    /// Log-sum-exp per (sequence, head, query).
+    pub lse: B::Buffer,
+    /// Attention branch after projection and dropout `[N, C]`.
+    pub y1: B::Buffer,
+    /// Residual after the attention branch `[N, C]`.
+    pub x_mid: B::Buffer,
+    /// LayerNorm 2 output.
+    pub ln2: B::Buffer,
+    /// Mean of LayerNorm 2.
+    pub mean2: B::Buffer,
+    /// Rstd of LayerNorm 2.
+    pub rstd2: B::Buffer,
+    /// Modulated LayerNorm 2 output (DiT).
+    pub h2: B::Buffer,
+    /// MLP pre-activation `[N, M]`.
+    pub f1: B::Buffer,
+    /// GELU output `[N, M]`.
+    pub g: B::Buffer,
+    /// MLP branch after projection and dropout `[N, C]`.
+    pub y2: B::Buffer,
+}
+
+/// The conditioning path of the DiT: `c = SiLU(W₂·SiLU(W₀·e + b₀) + b₂)` and
+/// the per-block modulation vectors `W_ada·c + b_ada` (one row: σ = 0 for every sequence).
+pub struct CondActivations<B: Backend> {
+    /// Sinusoidal embedding of σ = 0 `[256]`.
+    pub time_embedding: B::Buffer,
+    /// `W₀·e + b₀` `[cond]`.
+    pub s1: B::Buffer,
+    /// SiLU of `s1`.
+    pub s1a: B::Buffer,
+    /// `W₂·s1a + b₂`.
+    pub s2: B::Buffer,
+    /// `c = SiLU(s2)`.
+    pub c: B::Buffer,
+    /// Per block `[6C]`: shift, scale, gate (attention), shift, scale, gate (MLP).
+    pub mods: B::Buffer,
+    /// Final layer `[2C]`: shift, scale.
+    pub final_mod: B::Buffer,
+}
+
+/// Gradient scratch, reused by every block.
+pub struct GradScratch<B: Backend> {
+    /// Gradient of the residual stream `[N, C]`.
+    pub dres: B::Buffer,
+    /// Gradient of a branch output `[N, C]`.
+    pub dy: B::Buffer,
+    /// Gradient of a modulated norm output `[N, C]`.
+    pub dh: B::Buffer,
+    /// Gradient of a norm output `[N, C]`.
+    pub dln: B::Buffer,
+    /// Gradient of the GELU output `[N, M]`.
+    pub dg: B::Buffer,
+    /// Gradient of the MLP pre-activation `[N, M]`.
+    pub df1: B::Buffer,
+    /// Gradient of the attention output `[N, C]`.
+    pub datt: B::Buffer,
+    /// Gradient of q `[N, C]`.
+    pub dq: B::Buffer,
+    /// Gradient of k `[N, C]`.
+    pub dk: B::Buffer,
+    /// Gradient of v `[N, C]`.
+    pub dv: B::Buffer,
+    /// Gradient of the head input `[R, C]`.
+    pub dhf: B::Buffer,
+    /// Gradient of the final norm output `[R, C]`.
+    pub dlnf: B::Buffer,
+    /// Gradient of the final residual rows `[R, C]`.
+    pub dhx: B::Buffer,
+    /// Gradients of the modulation vectors `[layers·6C + 2C]`.
+    pub dmods: B::Buffer,
+    /// Gradient of `c` and of the conditioning MLP's intermediates `[cond]` each.
+    pub dc: B::Buffer,
+    /// Gradient of `s2`.
+    pub ds2: B::Buffer,
+    /// Gradient of `s1a`.
+    pub ds1a: B::Buffer,
+    /// Gradient of `s1`.
+    pub ds1: B::Buffer,
+}
+
+/// Every buffer of a training pass for one `(batch, pass)` shape.
+pub struct Activations<B: Backend> {
+    /// Sequences.
+    pub batch: usize,
+    /// `L`.
+    pub seq_len: usize,
+    /// The pass these buffers are for.
+    pub pass: Pass,
+    /// Input ids `[N]`.
+    pub ids: B::Ids,
+    /// Position ids `[N]` (GPT-2).
+    pub position_ids: Option<B::Ids>,
+    /// Residual stream at each block's input, and after the last `[layers + 1][N, C]`.
+    pub residual: Vec<B::Buffer>,
+    /// Per block.
+    pub blocks: Vec<BlockActivations<B>>,
+    /// DiT conditioning.
+    pub cond: Option<CondActivations<B>>,
+    /// Residual rows that get logits `[R, C]`.
+    pub hx: B::Buffer,
+    /// Final LayerNorm output `[R, C]`.
+    pub lnf: B::Buffer,
+    /// Its mean `[R]`.
+    pub mean_f: B::Buffer,
+    /// Its rstd `[R]`.
+    pub rstd_f: B::Buffer,
+    /// Head input (modulated, DiT) `[R, C]`.
+    pub hf: B::Buffer,
+    /// Logits `[R, V]`, then their gradient.
+    pub logits: B::Buffer,
+    /// Loss weight per output row `[R]`.
+    pub weights: B::Buffer,
+    /// Weighted loss per output row `[R]`.
+    pub losses: B::Buffer,
+    /// Target per output row `[R]`.
+    pub targets: B::Ids,
+    /// Gradient scratch.
+    pub grad: GradScratch<B>,
+}
+
+/// Bytes of a training configuration, in f32 elements × 4.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryReport {
+    /// Parameters.
+    pub parameters: usize,
+    /// Gradients (same size as the parameters).
+    pub gradients: usize,
+    /// AdamW moments and EMA weights (3 × parameters).
+    pub optimizer: usize,
+    /// Saved activations of the forward, logits included.
+    pub activations: usize,
+    /// The logits alone `[R, V]` (part of `activations`).
+    pub logits: usize,
+    /// Gradient scratch of the backward.
+    pub gradient_scratch: usize,
+}
+
+impl MemoryReport {
+    /// Everything.
+    pub fn total(&self) -> usize {
+        self.parameters + self.gradients + self.optimizer + self.activations + self.gradient_scratch
+    }
+}
+
+/// Element counts of every buffer, one place for both the allocation and the report.
+pub(crate) struct Sizes {
+    pub n: usize,
+    pub rows_out: usize,
+    pub lse: usize,
+}
+
+impl Sizes {
+    pub fn of(config: &ModelConfig, batch: usize, seq_len: usize, pass: Pass) -> Self {
+        let t = pass.tokens_per_sequence(seq_len);
+        Sizes { n: batch * t, rows_out: batch * seq_len, lse: batch * config.heads * t }
+    }
+}
+
+impl<B: Backend> Activations<B> {
+    /// Allocates every buffer for `batch` sequences of length `seq_len`.
+    pub fn new(be: &B, config: &ModelConfig, batch: usize, seq_len: usize, pass: Pass) -> Result<Self, B::Error> {
+        let s = Sizes::of(config, batch, seq_len, pass);
+        let (c, m, n, r) = (config.hidden, config.mlp_hidden, s.n, s.rows_out);
+        let dit = config.architecture == Architecture::Dit;
+        let z = |len: usize| be.zeros(len);
+        let mut blocks = Vec::with_capacity(config.layers);
+        for _ in 0..config.layers {
+            blocks.push(BlockActivations {
+                ln1: z(n * c)?,
+                mean1: z(n)?,
+                rstd1: z(n)?,
+                h1: z(if dit { n * c } else { 0 })?,
+                qkv: z(3 * n * c)?,
+                att: z(n * c)?,
+                lse: z(s.lse)?,
+                y1: z(n * c)?,
+                x_mid: z(n * c)?,
+                ln2: z(n * c)?,
+                mean2: z(n)?,
+                rstd2: z(n)?,
+                h2: z(if dit { n * c } else { 0 })?,
+                f1: z(n * m)?,
+                g: z(n * m)?,
+                y2: z(n * c)?,
+            });
+        }
+        let residual = (0..=config.layers).map(|_| z(n * c)).collect::<Result<Vec<_>, _>>()?;
+        let cond = if dit {
+            let k = config.cond_dim;
+            Some(CondActivations {
+                time_embedding: be.upload(&time_embedding(0.0))?,
+                s1: z(k)?,
+                s1a: z(k)?,
+                s2: z(k)?,
+                c: z(k)?,
+                mods: z(config.layers * 6 * c)?,
+                final_mod: z(2 * c)?,
+            })
+        } else {
+            None
+        };
+        let k = if dit { config.cond_dim } else { 0 };
+        let grad = GradScratch {
+            dres: z(n * c)?,
+            dy: z(n * c)?,
+            dh: z(n * c)?,
+            dln: z(n * c)?,
+            dg: z(n * m)?,
+            df1: z(n * m)?,
+            datt: z(n * c)?,
+            dq: z(n * c)?,
+            dk: z(n * c)?,
+            dv: z(n * c)?,
+            dhf: z(r * c)?,
+            dlnf: z(r * c)?,
+            dhx: z(r * c)?,
+            dmods: z(if dit { config.layers * 6 * c + 2 * c } else { 0 })?,
+            dc: z(k)?,
+            ds2: z(k)?,
+            ds1a: z(k)?,
+            ds1: z(k)?,
+        };
+        Ok(Activations {
+            batch,
+            seq_len,
+            pass,
+            ids: be.upload_ids(&alloc::vec![0; n])?,
+            position_ids: if dit { None } else { Some(be.upload_ids(&alloc::vec![0; n])?) },
+            residual,
+            blocks,
+            cond,
+            hx: z(r * c)?,
+            lnf: z(r * c)?,
+            mean_f: z(r)?,
+            rstd_f: z(r)?,
+            hf: z(if dit { r * c } else { 0 })?,
+            logits: z(r * config.vocab_size)?,
+            weights: z(r)?,
+            losses: z(r)?,
+            targets: be.upload_ids(&alloc::vec![0; r])?,
+            grad,
+        })
+    }
+}
+
+/// The memory a training step of `config` takes at `batch` × `seq_len` with `pass`, in bytes (f32).
+///
+/// ```
+/// use did_core::model::{memory_report, Architecture, ModelConfig, Pass};
+/// let small = ModelConfig::preset("small", Architecture::Dit)?;
+/// let m = memory_report(&small, 8, 1024, Pass::Bd3 { block_size: 4 });
+/// assert_eq!(m.parameters, 4 * 169_627_218);
+/// assert!(m.activations > m.parameters);
+/// # Ok::<(), did_core::Error>(())
+/// ```
+pub fn memory_report(config: &ModelConfig, batch: usize, seq_len: usize, pass: Pass) -> MemoryReport {
+    let s = Sizes::of(config, batch, seq_len, pass);
+    let (c, m, n, r, v) = (config.hidden, config.mlp_hidden, s.n, s.rows_out, config.vocab_size);
+    let dit = config.architecture == Architecture::Dit;
+    let per_block = n * c * (if dit { 8 } else { 6 }) + 4 * n + 3 * n * c + s.lse + 2 * n * m;
+    let cond = if dit { TIME_EMBEDDING_DIM + 4 * config.cond_dim + config.layers * 6 * c + 2 * c } else { 0 };
+    let logits = r * v;
+    let head = r * c * (if dit { 3 } else { 2 }) + 2 * r + logits + 2 * r;
+    let activations = config.layers * per_block + (config.layers + 1) * n * c + cond + head;
+    let scratch = 8 * n * c + 2 * n * m + 3 * r * c + if dit { config.layers * 6 * c + 2 * c + 4 * config.cond_dim } else { 0 };
+    let p = config.parameter_count();
+    MemoryReport {
+        parameters: 4 * p,
+        gradients: 4 * p,
+        optimizer: 12 * p,
+        activations: 4 * activations,
+        logits: 4 * logits,
+        gradient_scratch: 4 * scratch,
+    }
+}
+
+/// The sinusoidal embedding of the noise level σ (bd3lm.md §3): 128 cosines then 128 sines
+/// of `σ·10000^(−i/128)`. At σ = 0 it is 128 ones then 128 zeros.
+pub fn time_embedding(sigma: f64) -> Vec<f32> {
+    let half = TIME_EMBEDDING_DIM / 2;
+    let freq = |i: usize| libm::exp(-libm::log(10_000.0) * i as f64 / half as f64);
+    let mut e: Vec<f32> = (0..half).map(|i| libm::cos(sigma * freq(i)) as f32).collect();
+    e.extend((0..half).map(|i| libm::sin(sigma * freq(i)) as f32));
+    e
+}

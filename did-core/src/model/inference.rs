@@ -1,0 +1,422 @@
+//! Inference: the forward without saved activations, with or without a KV
+//! cache, and the [`Denoiser`] the sampler drives.
+//!
+//! The cache keeps, per block, the keys (after RoPE, at absolute positions)
+//! and values of committed tokens. A denoising call feeds only the tokens of
+//! the block being generated and computes queries for them alone; the commit
+//! pass re-runs the finished block to store its final keys and values
+//! (bd3lm.md §4.2). Past the context length the window slides: a query sees
+//! the last `context` positions up to the end of its block. RoPE is relative,
+//! so absolute positions give the same scores as BD3-LM's window-relative
+//! ones (up to rounding).
+
+use alloc::vec;
+use alloc::vec::Vec;
+
+use super::activations::{time_embedding, BlockActivations, CondActivations};
+use super::config::{Architecture, ModelConfig};
+use super::transformer::{Geometry, KeyValues, Transformer};
+use super::ModelError;
+use crate::backend::{Backend, Slice, SliceMut};
+use crate::denoiser::{DenoiseRequest, Denoiser};
+use crate::error::invalid;
+use crate::mask::AttentionMask;
+
+/// Keys and values of committed tokens, per block: `[batch, capacity, C]` each.
+pub struct KvCache<B: Backend> {
+    k: Vec<B::Buffer>,
+    v: Vec<B::Buffer>,
+    spare: B::Buffer,
+    batch: usize,
+    capacity: usize,
+    /// Absolute position of slot 0.
+    base: usize,
+    /// Tokens `[0, committed)` are final and cached (from `base` on).
+    committed: usize,
+}
+
+impl<B: Backend> KvCache<B> {
+    /// Room for `capacity` positions of `batch` sequences.
+    pub fn new(be: &B, config: &ModelConfig, batch: usize, capacity: usize) -> Result<Self, B::Error> {
+        let len = batch * capacity * config.hidden;
+        Ok(KvCache {
+            k: (0..config.layers).map(|_| be.zeros(len)).collect::<Result<_, _>>()?,
+            v: (0..config.layers).map(|_| be.zeros(len)).collect::<Result<_, _>>()?,
+            spare: be.zeros(len)?,
+            batch,
+            capacity,
+            base: 0,
+            committed: 0,
+        })
+    }
+
+    /// Tokens committed so far.
+    pub fn committed(&self) -> usize {
+        self.committed
+    }
+
+    /// Forgets everything (a new stage).
+    pub fn clear(&mut self) {
+        self.base = 0;
+        self.committed = 0;
+    }
+
+    /// Makes room for positions `[window_start, end)`, sliding the kept slots to the front if needed.
+    fn make_room(&mut self, be: &B, c: usize, window_start: usize, end: usize) -> Result<(), B::Error> {
+        if end - self.base <= self.capacity {
+            return Ok(());
+        }
+        let keep_from = window_start.max(self.base);
+        let kept = self.committed.saturating_sub(keep_from);
+        for buffers in [&mut self.k, &mut self.v] {
+            for buf in buffers.iter_mut() {
+                for s in 0..self.batch {
+                    let src = (s * self.capacity + keep_from - self.base) * c;
+                    be.copy(Slice::at(&*buf, src), SliceMut::at(&mut self.spare, s * self.capacity * c), kept * c)?;
+                }
+                core::mem::swap(buf, &mut self.spare);
+            }
+        }
+        self.base = keep_from;
+        Ok(())
+    }
+}
+
+/// How a pass uses the cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CacheUse {
+    /// Attend to the cache and this pass's tokens; do not keep them.
+    Read,
+    /// Attend, then keep this pass's keys and values as committed.
+    Commit,
+}
+
+/// The forward of a model without saved activations, for sampling and scoring.
+pub struct Inference<'a, B: Backend> {
+    be: &'a B,
+    model: &'a Transformer,
+    params: &'a B::Buffer,
+    cond: Option<CondActivations<B>>,
+    scratch: Option<(usize, BlockActivations<B>, [B::Buffer; 2])>,
+    head: Option<(usize, [B::Buffer; 5], B::Buffer)>,
+}
+
+impl<'a, B: Backend> Inference<'a, B> {
+    /// Inference with `params` (usually the EMA weights). The DiT's constant
+    /// modulation vectors are computed here, once.
+    pub fn new(be: &'a B, model: &'a Transformer, params: &'a B::Buffer) -> Result<Self, B::Error> {
+        let cfg = model.config();
+        let cond = if cfg.architecture == Architecture::Dit {
+            let (k, c) = (cfg.cond_dim, cfg.hidden);
+            let mut cond = CondActivations {
+                time_embedding: be.upload(&time_embedding(0.0))?,
+                s1: be.zeros(k)?,
+                s1a: be.zeros(k)?,
+                s2: be.zeros(k)?,
+                c: be.zeros(k)?,
+                mods: be.zeros(cfg.layers * 6 * c)?,
+                final_mod: be.zeros(2 * c)?,
+            };
+            model.cond_forward(be, params, &mut cond)?;
+            Some(cond)
+        } else {
+            None
+        };
+        Ok(Inference { be, model, params, cond, scratch: None, head: None })
+    }
+
+    /// The model.
+    pub fn model(&self) -> &Transformer {
+        self.model
+    }
+
+    fn ensure_scratch(&mut self, rows: usize) -> Result<(), B::Error> {
+        if matches!(&self.scratch, Some((cap, ..)) if *cap >= rows) {
+            return Ok(());
+        }
+        self.scratch = None;
+        let cfg = self.model.config();
+        let (c, m, be) = (cfg.hidden, cfg.mlp_hidden, self.be);
+        let dit = cfg.architecture == Architecture::Dit;
+        let z = |len: usize| be.zeros(len);
+        let blk = BlockActivations {
+            ln1: z(rows * c)?,
+            mean1: z(rows)?,
+            rstd1: z(rows)?,
+            h1: z(if dit { rows * c } else { 0 })?,
+            qkv: z(3 * rows * c)?,
+            att: z(rows * c)?,
+            lse: z(rows * cfg.heads)?,
+            y1: z(rows * c)?,
+            x_mid: z(rows * c)?,
+            ln2: z(rows * c)?,
+            mean2: z(rows)?,
+            rstd2: z(rows)?,
+            h2: z(if dit { rows * c } else { 0 })?,
+            f1: z(rows * m)?,
+            g: z(rows * m)?,
+            y2: z(rows * c)?,
+        };
+        self.scratch = Some((rows, blk, [z(rows * c)?, z(rows * c)?]));
+        Ok(())
+    }
+
+    fn ensure_head(&mut self, rows: usize) -> Result<(), B::Error> {
+        if matches!(&self.head, Some((cap, ..)) if *cap >= rows) {
+            return Ok(());
+        }
+        self.head = None;
+        let cfg = self.model.config();
+        let (c, be) = (cfg.hidden, self.be);
+        self.head = Some((
+            rows,
+            [be.zeros(rows * c)?, be.zeros(rows * c)?, be.zeros(rows)?, be.zeros(rows)?, be.zeros(rows * c)?],
+            be.zeros(rows * cfg.vocab_size)?,
+        ));
+        Ok(())
+    }
+
+    /// Runs `tokens` (`[batch, n]`, at absolute positions `start..start + n`)
+    /// through the model under `mask` and writes raw logits at `outputs`
+    /// (`(sequence, index in the pass)`) into `out`.
+    #[allow(clippy::too_many_arguments)]
+    fn pass(
+        &mut self,
+        tokens: &[u32],
+        batch: usize,
+        start: usize,
+        block_size: usize,
+        mut cache: Option<(&mut KvCache<B>, CacheUse)>,
+        outputs: &[(usize, usize)],
+        out: &mut [f32],
+    ) -> Result<(), B::Error> {
+        let cfg = *self.model.config();
+        let (c, v, be) = (cfg.hidden, cfg.vocab_size, self.be);
+        let n = tokens.len() / batch;
+        let rows = batch * n;
+        let end = start + n;
+        let window_start = end.saturating_sub(cfg.context);
+        let mask = if cfg.architecture == Architecture::Gpt2 {
+            AttentionMask::Causal { query_offset: start, key_offset: window_start.min(start), window: Some(cfg.context) }
+        } else {
+            AttentionMask::BlockCausal { block_size, query_offset: start, key_offset: 0, window: Some(cfg.context) }
+        };
+        self.ensure_scratch(rows)?;
+        let ids = be.upload_ids(tokens)?;
+        let position_ids = if cfg.architecture == Architecture::Gpt2 {
+            let pos: Vec<u32> = (0..rows).map(|i| (start + i % n) as u32).collect();
+            Some(be.upload_ids(&pos)?)
+        } else {
+            None
+        };
+        let Some((_, blk, [x_a, x_b])) = self.scratch.as_mut() else { unreachable!("allocated above") };
+        let mut dy_scratch = be.zeros(if position_ids.is_some() { rows * c } else { 0 })?;
+        self.model.embed_forward(be, self.params, &ids, position_ids.as_ref(), rows, x_a, &mut dy_scratch)?;
+        let mods = self.cond.as_ref().map(|cd| &cd.mods);
+        let mut geo = Geometry { batch, tokens: n, segments: 1, position_offset: start, mask };
+        if let Some((cache, _)) = cache.as_mut() {
+            cache.make_room(be, c, window_start, end)?;
+        }
+        for l in 0..cfg.layers {
+            let kv = match cache.as_mut() {
+                Some((cache, _)) => {
+                    let first = window_start.max(cache.base);
+                    geo.mask = match mask {
+                        AttentionMask::BlockCausal { block_size, query_offset, window, .. } => {
+                            AttentionMask::BlockCausal { block_size, query_offset, key_offset: first, window }
+                        }
+                        AttentionMask::Causal { query_offset, window, .. } => AttentionMask::Causal { query_offset, key_offset: first, window },
+                        other => other,
+                    };
+                    KeyValues::Cache {
+                        k: &mut cache.k[l],
+                        v: &mut cache.v[l],
+                        capacity: cache.capacity,
+                        write_slot: start - cache.base,
+                        first_slot: first - cache.base,
+                        kv_len: end - first,
+                    }
+                }
+                None => KeyValues::OwnTokens,
+            };
+            let (src, dst) = if l % 2 == 0 { (&*x_a, &mut *x_b) } else { (&*x_b, &mut *x_a) };
+            self.model.block_forward(be, self.params, l, blk, mods, src, dst, &geo, kv, None)?;
+        }
+        if let Some((cache, CacheUse::Commit)) = cache.as_mut() {
+            cache.committed = end;
+        }
+        // Gather the output rows, then the head over them only.
+        let k = outputs.len();
+        if k == 0 {
+            return Ok(());
+        }
+        self.ensure_head(k)?;
+        let (Some((_, _, [x_a, x_b])), Some((_, [hx, lnf, mean, rstd, hf], logits))) = (self.scratch.as_ref(), self.head.as_mut()) else {
+            unreachable!("allocated above")
+        };
+        let last = if cfg.layers % 2 == 0 { x_a } else { x_b };
+        for (i, &(seq, idx)) in outputs.iter().enumerate() {
+            be.copy(Slice::at(last, (seq * n + idx) * c), SliceMut::at(hx, i * c), c)?;
+        }
+        let final_mod = self.cond.as_ref().map(|cd| &cd.final_mod);
+        self.model.head_forward(be, self.params, k, hx, lnf, mean, rstd, hf, final_mod, logits)?;
+        be.download(Slice::whole(logits), &mut out[..k * v])
+    }
+
+    /// Raw logits of a whole uncached pass over `tokens` (`[batch, n]` from
+    /// position 0): block-causal with `block_size` for the DiT (`n` for full
+    /// attention), causal for GPT-2; at most `context` positions are seen.
+    /// Returns `[batch, n, V]`.
+    pub fn logits_uncached(&mut self, tokens: &[u32], batch: usize, block_size: usize) -> Result<Vec<f32>, ModelError<B::Error>> {
+        let n = self.check_tokens(tokens, batch)?;
+        if self.model.config().architecture == Architecture::Gpt2 && n > self.model.config().context {
+            return Err(invalid("sequence length", "GPT-2 has learned positions up to its context; score shorter windows").into());
+        }
+        let outputs: Vec<(usize, usize)> = (0..batch).flat_map(|s| (0..n).map(move |i| (s, i))).collect();
+        let mut out = vec![0.0; outputs.len() * self.model.config().vocab_size];
+        self.pass(tokens, batch, 0, block_size.max(1), None, &outputs, &mut out).map_err(ModelError::Backend)?;
+        Ok(out)
+    }
+
+    fn check_tokens(&self, tokens: &[u32], batch: usize) -> Result<usize, crate::Error> {
+        if batch == 0 || tokens.is_empty() || tokens.len() % batch != 0 {
+            return Err(invalid("tokens", "need batch ≥ 1 sequences of equal, non-zero length"));
+        }
+        let vocab = self.model.config().vocab_size;
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
+            return Err(invalid("token id", alloc::format!("{bad} is outside the vocabulary of {vocab}")));
+        }
+        Ok(tokens.len() / batch)
+    }
+}
+
+/// The DiT as the sampler's [`Denoiser`], with an exact KV cache (or without, for checks).
+pub struct DiffusionDenoiser<'a, B: Backend> {
+    inference: Inference<'a, B>,
+    cache: Option<KvCache<B>>,
+    use_cache: bool,
+    block_size: usize,
+    seq_len: usize,
+    block_tokens: Vec<u32>,
+    outputs: Vec<(usize, usize)>,
+}
+
+impl<'a, B: Backend> DiffusionDenoiser<'a, B> {
+    /// A denoiser over `params`; `use_cache = false` recomputes the whole prefix at every call.
+    pub fn new(be: &'a B, model: &'a Transformer, params: &'a B::Buffer, use_cache: bool) -> Result<Self, ModelError<B::Error>> {
+        if model.config().architecture != Architecture::Dit {
+            return Err(invalid("model", "sampling by denoising needs a diffusion (DiT) model, not a causal one").into());
+        }
+        Ok(DiffusionDenoiser {
+            inference: Inference::new(be, model, params).map_err(ModelError::Backend)?,
+            cache: None,
+            use_cache,
+            block_size: 1,
+            seq_len: 0,
+            block_tokens: Vec::new(),
+            outputs: Vec::new(),
+        })
+    }
+
+    fn block_of(&mut self, request: &DenoiseRequest<'_>, range: core::ops::Range<usize>) {
+        self.block_tokens.clear();
+        for s in 0..request.batch {
+            self.block_tokens.extend_from_slice(&request.sequence(s)[range.clone()]);
+        }
+    }
+
+    /// Commits blocks until the cache holds `[0, upto)`.
+    fn catch_up(&mut self, request: &DenoiseRequest<'_>, upto: usize) -> Result<(), ModelError<B::Error>> {
+        let be = self.inference.be;
+        let cfg = *self.inference.model.config();
+        let need_new = match &self.cache {
+            Some(c) => c.batch != request.batch || c.committed > upto,
+            None => true,
+        };
+        if need_new {
+            let capacity = self.seq_len.min(2 * cfg.context).max(cfg.context.min(self.seq_len));
+            self.cache = Some(KvCache::new(be, &cfg, request.batch, capacity).map_err(ModelError::Backend)?);
+        }
+        while let Some(from) = self.cache.as_ref().map(|c| c.committed).filter(|&c| c < upto) {
+            let to = (from + self.block_size).min(upto);
+            self.block_of(request, from..to);
+            let tokens = core::mem::take(&mut self.block_tokens);
+            let cache = self.cache.as_mut().map(|c| (c, CacheUse::Commit));
+            let r = self.inference.pass(&tokens, request.batch, from, self.block_size, cache, &[], &mut []);
+            self.block_tokens = tokens;
+            r.map_err(ModelError::Backend)?;
+        }
+        Ok(())
+    }
+}
+
+impl<B: Backend> Denoiser for DiffusionDenoiser<'_, B> {
+    type Error = ModelError<B::Error>;
+
+    fn vocab_size(&self) -> usize {
+        self.inference.model.config().vocab_size
+    }
+
+    fn mask_id(&self) -> u32 {
+        self.inference.model.config().mask_id
+    }
+
+    fn begin_stage(&mut self, batch: usize, seq_len: usize, block_size: usize) -> Result<(), Self::Error> {
+        let cfg = self.inference.model.config();
+        if block_size > cfg.context {
+            return Err(invalid(
+                "block size",
+                alloc::format!("a block of {block_size} exceeds the model's context of {}; refine with a block ≤ the context", cfg.context),
+            )
+            .into());
+        }
+        let _ = batch;
+        self.block_size = block_size.max(1);
+        self.seq_len = seq_len;
+        if let Some(c) = self.cache.as_mut() {
+            c.clear();
+        }
+        Ok(())
+    }
+
+    fn logits(&mut self, request: &DenoiseRequest<'_>, out: &mut [f32]) -> Result<(), Self::Error> {
+        let vocab = self.vocab_size();
+        self.inference.check_tokens(request.tokens, request.batch)?;
+        if out.len() < request.outputs.len() * vocab {
+            return Err(invalid("logits buffer", "shorter than outputs × vocabulary").into());
+        }
+        let block = request.block.clone();
+        let single_block = block.len() <= self.block_size && block.start % self.block_size == 0;
+        if self.use_cache && single_block {
+            self.catch_up(request, block.start)?;
+            self.block_of(request, block.clone());
+            self.outputs.clear();
+            self.outputs.extend(request.outputs.iter().map(|o| (o.seq as usize, o.pos as usize - block.start)));
+            let tokens = core::mem::take(&mut self.block_tokens);
+            let outputs = core::mem::take(&mut self.outputs);
+            let cache = self.cache.as_mut().map(|c| (c, CacheUse::Read));
+            let r = self.inference.pass(&tokens, request.batch, block.start, self.block_size, cache, &outputs, out);
+            self.block_tokens = tokens;
+            self.outputs = outputs;
+            r.map_err(ModelError::Backend)
+        } else {
+            // Recompute the prefix: every position up to the end of the request.
+            self.block_of(request, 0..block.end);
+            self.outputs.clear();
+            self.outputs.extend(request.outputs.iter().map(|o| (o.seq as usize, o.pos as usize)));
+            let tokens = core::mem::take(&mut self.block_tokens);
+            let outputs = core::mem::take(&mut self.outputs);
+            let r = self.inference.pass(&tokens, request.batch, 0, self.block_size, None, &outputs, out);
+            self.block_tokens = tokens;
+            self.outputs = outputs;
+            r.map_err(ModelError::Backend)
+        }
+    }
+
+    fn commit_block(&mut self, request: &DenoiseRequest<'_>) -> Result<(), Self::Error> {
+        if self.use_cache && request.block.len() <= self.block_size {
+            self.catch_up(request, request.block.end)?;
+        }
+        Ok(())
+    }
+}
