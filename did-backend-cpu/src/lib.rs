@@ -84,6 +84,11 @@ impl<T: CpuFloat> CpuBackend<T> {
     pub fn new() -> Self {
         CpuBackend { _t: PhantomData }
     }
+
+    /// [`CpuBackend::new`] in a `const` context.
+    pub const fn new_const() -> Self {
+        CpuBackend { _t: PhantomData }
+    }
 }
 
 pub(crate) fn view<'a, T>(s: Slice<'a, Vec<T>>, len: usize, what: &'static str) -> Result<&'a [T], CpuError> {
