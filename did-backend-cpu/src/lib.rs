@@ -436,6 +436,9 @@ impl<T: CpuFloat> Backend for CpuBackend<T> {
         Ok(())
     }
 
+    fn sum(&self, x: Slice<'_, Vec<T>>, len: usize) -> Result<f64, CpuError> {
+        Ok(ops::optim::sum(view(x, len, "sum")?))
+    }
     fn sum_squares(&self, x: Slice<'_, Vec<T>>, len: usize) -> Result<f64, CpuError> {
         Ok(ops::optim::sum_squares(view(x, len, "sum_squares")?))
     }

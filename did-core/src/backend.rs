@@ -618,6 +618,8 @@ pub trait Backend {
 
     // ---- optimisation ---------------------------------------------------
 
+    /// `Σ x` over `len` elements, in f64 (the loss of a batch from its per-row losses).
+    fn sum(&self, x: Slice<'_, Self::Buffer>, len: usize) -> Result<f64, Self::Error>;
     /// `Σ x²` over `len` elements, in f64 (for the gradient norm).
     fn sum_squares(&self, x: Slice<'_, Self::Buffer>, len: usize) -> Result<f64, Self::Error>;
     /// `x *= factor` over `len` elements (gradient clipping).

@@ -13,6 +13,12 @@ pub fn sum_squares<T: CpuFloat>(x: &[T]) -> f64 {
     partials.into_iter().sum()
 }
 
+/// `Σ x` in f64, in fixed chunks summed in order.
+pub fn sum<T: CpuFloat>(x: &[T]) -> f64 {
+    let partials: Vec<f64> = x.par_chunks(CHUNK).map(|c| c.iter().map(|&v| v.to_f64_exact()).sum()).collect();
+    partials.into_iter().sum()
+}
+
 /// `x *= factor`.
 pub fn scale<T: CpuFloat>(x: &mut [T], factor: T) {
     x.par_chunks_mut(CHUNK).for_each(|c| c.iter_mut().for_each(|v| *v *= factor));

@@ -206,7 +206,7 @@ impl<B: Backend> Trainer<B> {
         let mut acts = Activations::new(be, model.config(), batch.batch, batch.seq_len, batch.pass).map_err(e)?;
         model.load_batch(be, &mut acts, batch)?;
         let params = self.ema.as_ref().unwrap_or(&self.params);
-        model.loss(be, params, &mut acts)
+        model.loss(be, params, &mut acts, None)
     }
 
     /// Drops the cached activations (memory) until the next step.

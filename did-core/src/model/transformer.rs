@@ -594,9 +594,7 @@ impl Transformer {
         let dit = self.dit();
         let excluded = dit.then_some(cfg.mask_id);
         be.softmax_cross_entropy(whole_mut(&mut acts.logits), &acts.targets, whole(&acts.weights), whole_mut(&mut acts.losses), rows, v, excluded, grad_scale)?;
-        let mut host = alloc::vec![0.0f32; rows];
-        be.download(whole(&acts.losses), &mut host)?;
-        let loss: f64 = host.iter().map(|&x| f64::from(x)).sum();
+        let loss = be.sum(whole(&acts.losses), rows)?;
 
         // ---- head, final modulation and norm
         let s = &mut acts.grad;
@@ -645,16 +643,14 @@ impl Transformer {
         Ok(loss)
     }
 
-    /// The loss of a loaded batch without gradients (evaluation; no dropout).
-    pub fn loss<B: Backend>(&self, be: &B, p: &B::Buffer, acts: &mut Activations<B>) -> Result<f64, ModelError<B::Error>> {
-        self.forward(be, p, acts, None)?;
+    /// The loss of a loaded batch without gradients (`dropout` is `None` in evaluation).
+    pub fn loss<B: Backend>(&self, be: &B, p: &B::Buffer, acts: &mut Activations<B>, dropout: Option<DropoutStreams>) -> Result<f64, ModelError<B::Error>> {
+        self.forward(be, p, acts, dropout)?;
         let (rows, v) = (acts.batch * acts.seq_len, self.config.vocab_size);
         let excluded = self.dit().then_some(self.config.mask_id);
         let mut run = || -> Result<f64, B::Error> {
             be.softmax_cross_entropy(whole_mut(&mut acts.logits), &acts.targets, whole(&acts.weights), whole_mut(&mut acts.losses), rows, v, excluded, 0.0)?;
-            let mut host = alloc::vec![0.0f32; rows];
-            be.download(whole(&acts.losses), &mut host)?;
-            Ok(host.iter().map(|&x| f64::from(x)).sum())
+            be.sum(whole(&acts.losses), rows)
         };
         run().map_err(ModelError::Backend)
     }

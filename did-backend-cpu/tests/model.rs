@@ -1,0 +1,223 @@
+//! The transformer on the CPU backend: whole-model gradients against f64
+//! finite differences, the vectorised BD3 pass against per-block passes, the
+//! KV cache against uncached passes, and the memory report against what is
+//! allocated.
+
+use did_backend_cpu::CpuBackend;
+use did_core::backend::Backend;
+use did_core::denoiser::{DenoiseRequest, Denoiser, OutputPosition};
+use did_core::model::{causal_batch, diffusion_batch, memory_report, Activations, Architecture, DiffusionDenoiser, DropoutStreams, Inference, ModelConfig, Pass, TrainBatch, Transformer};
+use did_core::rng::{Purpose, RngStream};
+use did_core::schedule::TrainingSchedule;
+use quickcheck::{QuickCheck, TestResult};
+
+fn micro(arch: Architecture, vocab: usize, context: usize, dropout: f32) -> ModelConfig {
+    ModelConfig {
+        architecture: arch,
+        vocab_size: vocab,
+        mask_id: vocab as u32 - 1,
+        layers: 2,
+        hidden: 8,
+        heads: 2,
+        mlp_hidden: 12,
+        context,
+        cond_dim: 6,
+        dropout,
+        norm_eps: 1e-5,
+        rope_base: 10_000.0,
+    }
+}
+
+fn tokens(seed: u64, n: usize, vocab: u32) -> Vec<u32> {
+    let s = RngStream::new(seed, Purpose::DataOrder, 0, 0);
+    (0..n).map(|i| s.u32(0, i as u32) % vocab).collect()
+}
+
+/// Every parameter tensor's gradient against central differences, all in f64.
+fn gradient_check(config: ModelConfig, batch: TrainBatch, dropout: Option<DropoutStreams>) {
+    let be = CpuBackend::<f64>::new();
+    let model = Transformer::new(config).unwrap();
+    let host = model.table().random_values(3, 0.4);
+    let params: Vec<f64> = host.iter().map(|&x| f64::from(x)).collect();
+    let mut acts = Activations::new(&be, &config, batch.batch, batch.seq_len, batch.pass).unwrap();
+    model.load_batch(&be, &mut acts, &batch).unwrap();
+    model.forward(&be, &params, &mut acts, dropout).unwrap();
+    let mut grads = vec![0.0f64; params.len()];
+    model.backward(&be, &params, &mut grads, &mut acts, dropout, 1.0).unwrap();
+    let mut loss_at = |p: &Vec<f64>| model.loss(&be, p, &mut acts, dropout).unwrap();
+    // The f32 backend's gradients agree with these.
+    let be32 = CpuBackend::<f32>::new();
+    let mut acts32 = Activations::new(&be32, &config, batch.batch, batch.seq_len, batch.pass).unwrap();
+    model.load_batch(&be32, &mut acts32, &batch).unwrap();
+    model.forward(&be32, &host, &mut acts32, dropout).unwrap();
+    let mut grads32 = vec![0.0f32; params.len()];
+    model.backward(&be32, &host, &mut grads32, &mut acts32, dropout, 1.0).unwrap();
+    for e in model.table().entries() {
+        let range = e.offset..e.offset + e.len();
+        let step = (e.len() / 12).max(1);
+        let (mut diff, mut norm) = (0.0f64, 0.0f64);
+        for i in range.clone().step_by(step) {
+            let h = 1e-5;
+            let mut p = params.clone();
+            p[i] += h;
+            let lp = loss_at(&p);
+            p[i] -= 2.0 * h;
+            let lm = loss_at(&p);
+            let fd = (lp - lm) / (2.0 * h);
+            if std::env::var("GC_DEBUG").is_ok() && e.name.contains("emb") { eprintln!("{} {i}: fd {fd:e} an {:e}", e.name, grads[i]); }
+            diff += (fd - grads[i]).powi(2);
+            norm += fd.powi(2).max(grads[i].powi(2));
+        }
+        let rel = (diff / norm.max(1e-30)).sqrt();
+        if std::env::var("GC_DEBUG").is_ok() { eprintln!("{:40} rel {rel:.2e} norm {norm:.2e}", e.name); }
+        assert!(norm > 0.0, "{}: zero gradient at every sampled element", e.name);
+        assert!(rel < 1e-3, "{} ({:?}): relative error {rel:e} against finite differences", e.name, batch.pass);
+        let (mut d32, mut n32) = (0.0f64, 0.0f64);
+        for i in range {
+            d32 += (f64::from(grads32[i]) - grads[i]).powi(2);
+            n32 += grads[i].powi(2);
+        }
+        assert!((d32 / n32.max(1e-30)).sqrt() < 1e-3, "{}: f32 gradient differs from f64 by {:e}", e.name, (d32 / n32).sqrt());
+    }
+}
+
+#[test]
+fn dit_bd3_gradients_match_finite_differences() {
+    let config = micro(Architecture::Dit, 11, 8, 0.1);
+    let x0 = tokens(1, 2 * 8, 10);
+    let batch = diffusion_batch(&x0, 2, 8, 2, &TrainingSchedule::default(), 10, 5, 0).unwrap();
+    gradient_check(config, batch, Some(DropoutStreams { seed: 9, step: 4 }));
+}
+
+#[test]
+fn dit_full_attention_gradients_match_finite_differences() {
+    let config = micro(Architecture::Dit, 11, 7, 0.0);
+    let x0 = tokens(2, 7, 10);
+    let batch = diffusion_batch(&x0, 1, 7, 7, &TrainingSchedule::default(), 10, 6, 1).unwrap();
+    assert_eq!(batch.pass, Pass::Full);
+    gradient_check(config, batch, None);
+}
+
+#[test]
+fn gpt2_causal_gradients_match_finite_differences() {
+    let config = micro(Architecture::Gpt2, 13, 9, 0.1);
+    let x = tokens(3, 2 * 9, 13);
+    gradient_check(config, causal_batch(&x, 2, 9).unwrap(), Some(DropoutStreams { seed: 1, step: 2 }));
+}
+
+fn random_model(arch: Architecture, vocab: usize, context: usize, seed: u64) -> (Transformer, Vec<f32>) {
+    let config = ModelConfig { hidden: 32, heads: 2, mlp_hidden: 48, layers: 2, cond_dim: 16, ..micro(arch, vocab, context, 0.1) };
+    let model = Transformer::new(config).unwrap();
+    let params = model.table().random_values(seed, 0.3);
+    (model, params)
+}
+
+#[test]
+fn vectorised_bd3_pass_equals_per_block_passes() {
+    let be = CpuBackend::<f32>::new();
+    let (l, block, batch, vocab) = (16, 4, 2, 50);
+    let (model, params) = random_model(Architecture::Dit, vocab, l, 11);
+    let x0 = tokens(4, batch * l, vocab as u32 - 1);
+    let b = diffusion_batch(&x0, batch, l, block, &TrainingSchedule::default(), vocab as u32 - 1, 3, 0).unwrap();
+    let mut acts = Activations::new(&be, model.config(), batch, l, b.pass).unwrap();
+    model.load_batch(&be, &mut acts, &b).unwrap();
+    model.forward(&be, &params, &mut acts, None).unwrap();
+    let mut vectorised = vec![0.0f32; batch * l * vocab];
+    be.download(did_core::backend::Slice::whole(&acts.logits), &mut vectorised).unwrap();
+    let mut inference = Inference::new(&be, &model, &params).unwrap();
+    let mut worst = 0.0f32;
+    for s in 0..batch {
+        let xt = &b.inputs[s * 2 * l..s * 2 * l + l];
+        let clean = &x0[s * l..(s + 1) * l];
+        for blk in 0..l / block {
+            // The naive computation: the clean prefix, then this noisy block, block-causal.
+            let mut seq = clean[..blk * block].to_vec();
+            seq.extend_from_slice(&xt[blk * block..(blk + 1) * block]);
+            let naive = inference.logits_uncached(&seq, 1, block).unwrap();
+            for i in 0..block {
+                let pos = blk * block + i;
+                let a = &naive[pos * vocab..(pos + 1) * vocab];
+                let v = &vectorised[(s * l + pos) * vocab..(s * l + pos + 1) * vocab];
+                for (x, y) in a.iter().zip(v) {
+                    worst = worst.max((x - y).abs());
+                }
+            }
+        }
+    }
+    assert!(worst < 1e-5, "vectorised and per-block logits differ by {worst}");
+}
+
+#[test]
+fn kv_cache_equals_uncached_passes_across_the_window() {
+    fn prop(a: u8, b: u8, c: u8, seed: u64) -> TestResult {
+        let be = CpuBackend::<f32>::new();
+        let block = [1, 2, 3, 4, 6][a as usize % 5];
+        let context = block * (1 + b as usize % 4) + (seed as usize % 3);
+        let blocks = 1 + c as usize % 9;
+        let l = block * blocks;
+        let vocab = 20;
+        let mask = vocab as u32 - 1;
+        let (model, params) = random_model(Architecture::Dit, vocab, context.max(block), seed);
+        let clean = tokens(seed, 2 * l, mask);
+        let seed = seed as usize % 1000;
+        let mut cached = DiffusionDenoiser::new(&be, &model, &params, true).unwrap();
+        let mut uncached = Inference::new(&be, &model, &params).unwrap();
+        cached.begin_stage(2, l, block).unwrap();
+        let mut worst = 0.0f32;
+        for blk in 0..blocks {
+            let range = blk * block..(blk + 1) * block;
+            // The block being generated is partly masked; later blocks are all masked.
+            let mut seq = clean.clone();
+            for s in 0..2 {
+                for p in range.start..l {
+                    if p >= range.end || (p + s + seed) % 3 == 0 {
+                        seq[s * l + p] = mask;
+                    }
+                }
+            }
+            let outputs: Vec<OutputPosition> = (0..2).flat_map(|s| range.clone().map(move |p| OutputPosition { seq: s, pos: p as u32 })).collect();
+            let request = DenoiseRequest { tokens: &seq, batch: 2, seq_len: l, block_size: block, block: range.clone(), outputs: &outputs };
+            let mut got = vec![0.0f32; outputs.len() * vocab];
+            cached.logits(&request, &mut got).unwrap();
+            let prefix: Vec<u32> = (0..2).flat_map(|s| seq[s * l..s * l + range.end].to_vec()).collect();
+            let want = uncached.logits_uncached(&prefix, 2, block).unwrap();
+            for (o, row) in outputs.iter().zip(got.chunks(vocab)) {
+                let w = &want[(o.seq as usize * range.end + o.pos as usize) * vocab..][..vocab];
+                for (x, y) in row.iter().zip(w) {
+                    worst = worst.max((x - y).abs());
+                }
+            }
+            // The block becomes final: commit its clean tokens.
+            let request = DenoiseRequest { tokens: &clean, ..request };
+            cached.commit_block(&request).unwrap();
+        }
+        if worst < 2e-5 {
+            TestResult::passed()
+        } else {
+            TestResult::error(format!("block {block}, context {context}, length {l}: cached and uncached logits differ by {worst}"))
+        }
+    }
+    QuickCheck::new().tests(40).quickcheck(prop as fn(u8, u8, u8, u64) -> TestResult);
+}
+
+#[test]
+fn memory_report_counts_what_is_allocated() {
+    for (arch, pass) in [(Architecture::Dit, Pass::Bd3 { block_size: 2 }), (Architecture::Dit, Pass::Full), (Architecture::Gpt2, Pass::Causal)] {
+        let config = micro(arch, 11, 8, 0.1);
+        let be = CpuBackend::<f32>::new();
+        let acts = Activations::new(&be, &config, 3, 8, pass).unwrap();
+        let report = memory_report(&config, 3, 8, pass);
+        let mut saved: usize = acts.residual.iter().map(Vec::len).sum();
+        for b in &acts.blocks {
+            saved += [&b.ln1, &b.mean1, &b.rstd1, &b.h1, &b.qkv, &b.att, &b.lse, &b.y1, &b.x_mid, &b.ln2, &b.mean2, &b.rstd2, &b.h2, &b.f1, &b.g, &b.y2].iter().map(|v| v.len()).sum::<usize>();
+        }
+        if let Some(c) = &acts.cond {
+            saved += [&c.time_embedding, &c.s1, &c.s1a, &c.s2, &c.c, &c.mods, &c.final_mod].iter().map(|v| v.len()).sum::<usize>();
+        }
+        saved += [&acts.hx, &acts.lnf, &acts.mean_f, &acts.rstd_f, &acts.hf, &acts.logits, &acts.weights, &acts.losses].iter().map(|v| v.len()).sum::<usize>();
+        assert_eq!(report.activations, 4 * saved, "{arch:?} {pass:?}");
+        let g = &acts.grad;
+        let scratch: usize = [&g.dres, &g.dy, &g.dh, &g.dln, &g.dg, &g.df1, &g.datt, &g.dq, &g.dk, &g.dv, &g.dhf, &g.dlnf, &g.dhx, &g.dmods, &g.dc, &g.ds2, &g.ds1a, &g.ds1].iter().map(|v| v.len()).sum();
+        assert_eq!(report.gradient_scratch, 4 * scratch, "{arch:?} {pass:?}");
+    }
+}
