@@ -77,16 +77,18 @@ pub struct CpuBackend<T: CpuFloat = f32> {
     _t: PhantomData<T>,
 }
 
-impl<T: CpuFloat> CpuBackend<T> {
-    /// A backend. The thread count is rayon's (`RAYON_NUM_THREADS`) for
-    /// row-wise ops and attention, and matrixmultiply's
+impl CpuBackend<f32> {
+    /// The f32 backend. The thread count is rayon's (`RAYON_NUM_THREADS`)
+    /// for row-wise ops and attention, and matrixmultiply's
     /// (`MATMUL_NUM_THREADS`, at most 4) inside large GEMMs.
-    pub fn new() -> Self {
+    pub const fn new() -> Self {
         CpuBackend { _t: PhantomData }
     }
+}
 
-    /// [`CpuBackend::new`] in a `const` context.
-    pub const fn new_const() -> Self {
+impl<T: CpuFloat> CpuBackend<T> {
+    /// The backend computing in `T` (`CpuBackend::<f64>::with_float()` for gradient checks).
+    pub const fn with_float() -> Self {
         CpuBackend { _t: PhantomData }
     }
 }

