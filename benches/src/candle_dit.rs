@@ -98,7 +98,9 @@ impl CandleDit {
             for kk in 0..n {
                 let (qx0, kx0) = (q >= l, kk >= l);
                 let (qb, kb) = ((q % l) / b, (kk % l) / b);
-                let allowed = (qb == kb && qx0 == kx0) || (!qx0 && kx0 && kb < qb) || (qx0 && kx0 && kb <= qb);
+                let allowed = (qb == kb && qx0 == kx0)
+                    || (!qx0 && kx0 && kb < qb)
+                    || (qx0 && kx0 && kb <= qb);
                 if !allowed {
                     bias[q * n + kk] = f32::NEG_INFINITY;
                 }
@@ -142,49 +144,94 @@ impl CandleDit {
         if p == 0.0 {
             return Ok(x.clone());
         }
-        let keep = Tensor::rand(0f32, 1f32, x.shape(), x.device())?.ge(p)?.to_dtype(DType::F32)?;
+        let keep = Tensor::rand(0f32, 1f32, x.shape(), x.device())?
+            .ge(p)?
+            .to_dtype(DType::F32)?;
         (x * keep)?.affine(1.0 / (1.0 - p), 0.0)
     }
 
     /// One forward and backward over `x_t ⊕ x_0` ids `[batch, 2L]` with NELBO
     /// weights `[batch·L]` and targets `[batch·L]`; returns the loss.
-    pub fn forward_backward(&self, ids: &Tensor, targets: &Tensor, weights: &Tensor) -> Result<f32> {
+    pub fn forward_backward(
+        &self,
+        ids: &Tensor,
+        targets: &Tensor,
+        weights: &Tensor,
+    ) -> Result<f32> {
         let s = self.shape;
         let (batch, n) = ids.dims2()?;
         let (c, h) = (s.hidden, s.heads);
         let d = c / h;
-        let mut x = self.embed.as_tensor().index_select(&ids.flatten_all()?, 0)?.reshape((batch, n, c))?;
+        let mut x = self
+            .embed
+            .as_tensor()
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((batch, n, c))?;
         for blk in &self.blocks {
-            let mods = self.cond.matmul(&blk.ada.0.as_tensor().t()?)?.broadcast_add(blk.ada.1.as_tensor())?;
+            let mods = self
+                .cond
+                .matmul(&blk.ada.0.as_tensor().t()?)?
+                .broadcast_add(blk.ada.1.as_tensor())?;
             let m = |i: usize| mods.narrow(1, i * c, c);
-            let h1 = Self::layernorm(&x, blk.norm1.as_tensor())?.broadcast_mul(&(m(1)? + 1.0)?)?.broadcast_add(&m(0)?)?;
-            let qkv = h1.reshape((batch * n, c))?.matmul(&blk.qkv.as_tensor().t()?)?.reshape((batch, n, 3, h, d))?;
-            let heads = |i: usize| -> Result<Tensor> { qkv.narrow(2, i, 1)?.squeeze(2)?.transpose(1, 2)?.contiguous() };
+            let h1 = Self::layernorm(&x, blk.norm1.as_tensor())?
+                .broadcast_mul(&(m(1)? + 1.0)?)?
+                .broadcast_add(&m(0)?)?;
+            let qkv = h1
+                .reshape((batch * n, c))?
+                .matmul(&blk.qkv.as_tensor().t()?)?
+                .reshape((batch, n, 3, h, d))?;
+            let heads = |i: usize| -> Result<Tensor> {
+                qkv.narrow(2, i, 1)?
+                    .squeeze(2)?
+                    .transpose(1, 2)?
+                    .contiguous()
+            };
             let (q, k, v) = (self.rope(&heads(0)?)?, self.rope(&heads(1)?)?, heads(2)?);
-            let scores = (q.matmul(&k.t()?.contiguous()?)? * (1.0 / (d as f64).sqrt()))?.broadcast_add(&self.mask_bias)?;
+            let scores = (q.matmul(&k.t()?.contiguous()?)? * (1.0 / (d as f64).sqrt()))?
+                .broadcast_add(&self.mask_bias)?;
             let max = scores.max_keepdim(D::Minus1)?;
             let e = scores.broadcast_sub(&max)?.exp()?;
             let p = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?;
             let att = p.matmul(&v)?.transpose(1, 2)?.reshape((batch * n, c))?;
-            let y1 = self.dropout(&att.matmul(&blk.out.as_tensor().t()?)?.reshape((batch, n, c))?)?;
+            let y1 = self.dropout(
+                &att.matmul(&blk.out.as_tensor().t()?)?
+                    .reshape((batch, n, c))?,
+            )?;
             x = (x + y1.broadcast_mul(&m(2)?)?)?;
-            let h2 = Self::layernorm(&x, blk.norm2.as_tensor())?.broadcast_mul(&(m(4)? + 1.0)?)?.broadcast_add(&m(3)?)?;
-            let f1 = h2.reshape((batch * n, c))?.matmul(&blk.fc1.0.as_tensor().t()?)?.broadcast_add(blk.fc1.1.as_tensor())?.gelu()?;
-            let y2 = f1.matmul(&blk.fc2.0.as_tensor().t()?)?.broadcast_add(blk.fc2.1.as_tensor())?;
+            let h2 = Self::layernorm(&x, blk.norm2.as_tensor())?
+                .broadcast_mul(&(m(4)? + 1.0)?)?
+                .broadcast_add(&m(3)?)?;
+            let f1 = h2
+                .reshape((batch * n, c))?
+                .matmul(&blk.fc1.0.as_tensor().t()?)?
+                .broadcast_add(blk.fc1.1.as_tensor())?
+                .gelu()?;
+            let y2 = f1
+                .matmul(&blk.fc2.0.as_tensor().t()?)?
+                .broadcast_add(blk.fc2.1.as_tensor())?;
             let y2 = self.dropout(&y2.reshape((batch, n, c))?)?;
             x = (x + y2.broadcast_mul(&m(5)?)?)?;
         }
-        let fm = self.cond.matmul(&self.final_ada.0.as_tensor().t()?)?.broadcast_add(self.final_ada.1.as_tensor())?;
+        let fm = self
+            .cond
+            .matmul(&self.final_ada.0.as_tensor().t()?)?
+            .broadcast_add(self.final_ada.1.as_tensor())?;
         let xt = x.narrow(1, 0, s.seq_len)?;
         let hf = Self::layernorm(&xt, self.final_norm.as_tensor())?
             .broadcast_mul(&(fm.narrow(1, c, c)? + 1.0)?)?
             .broadcast_add(&fm.narrow(1, 0, c)?)?;
-        let logits = hf.reshape((batch * s.seq_len, c))?.matmul(&self.head.0.as_tensor().t()?)?.broadcast_add(self.head.1.as_tensor())?;
+        let logits = hf
+            .reshape((batch * s.seq_len, c))?
+            .matmul(&self.head.0.as_tensor().t()?)?
+            .broadcast_add(self.head.1.as_tensor())?;
         let logits = logits.broadcast_add(&self.subs_bias)?;
         let max = logits.max_keepdim(D::Minus1)?;
         let shifted = logits.broadcast_sub(&max)?;
         let log_z = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
-        let logp = shifted.broadcast_sub(&log_z)?.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?;
+        let logp = shifted
+            .broadcast_sub(&log_z)?
+            .gather(&targets.unsqueeze(1)?, 1)?
+            .squeeze(1)?;
         let loss = (logp * weights)?.sum_all()?.neg()?;
         let grads = loss.backward()?;
         // Touch one gradient so nothing is optimised away.

@@ -6,7 +6,9 @@ use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use did_core::backend::{AdamW, AttentionShape, Backend, DrawSpec, Gemm, NormShape, RopeShape, Slice, SliceMut};
+use did_core::backend::{
+    AdamW, AttentionShape, Backend, DrawSpec, Gemm, NormShape, RopeShape, Slice, SliceMut,
+};
 use did_core::mask::AttentionMask;
 use did_core::rng::RngStream;
 use did_core::sample::categorical::SampledToken;
@@ -33,7 +35,10 @@ pub struct Profiled<B> {
 impl<B: Backend> Profiled<B> {
     /// Wraps `inner`.
     pub fn new(inner: B) -> Self {
-        Profiled { inner, times: RefCell::new(BTreeMap::new()) }
+        Profiled {
+            inner,
+            times: RefCell::new(BTreeMap::new()),
+        }
     }
 
     /// Times so far, by op.
@@ -87,38 +92,133 @@ impl<B: Backend> Backend for Profiled<B> {
     fn copy(&self, src: S<'_, B>, dst: M<'_, B>, len: usize) -> Result<(), B::Error> {
         self.timed("copy", 0, || self.inner.copy(src, dst, len))
     }
-    fn copy_rows(&self, src: S<'_, B>, ss: usize, dst: M<'_, B>, ds: usize, rows: usize, cols: usize) -> Result<(), B::Error> {
-        self.timed("copy_rows", 0, || self.inner.copy_rows(src, ss, dst, ds, rows, cols))
+    fn copy_rows(
+        &self,
+        src: S<'_, B>,
+        ss: usize,
+        dst: M<'_, B>,
+        ds: usize,
+        rows: usize,
+        cols: usize,
+    ) -> Result<(), B::Error> {
+        self.timed("copy_rows", 0, || {
+            self.inner.copy_rows(src, ss, dst, ds, rows, cols)
+        })
     }
     fn synchronize(&self) -> Result<(), B::Error> {
         self.inner.synchronize()
     }
     fn matmul(&self, spec: &Gemm, a: S<'_, B>, b: S<'_, B>, c: M<'_, B>) -> Result<(), B::Error> {
-        self.timed("matmul", spec.flops() as u64, || self.inner.matmul(spec, a, b, c))
+        self.timed("matmul", spec.flops() as u64, || {
+            self.inner.matmul(spec, a, b, c)
+        })
     }
-    fn bias_add(&self, x: M<'_, B>, bias: S<'_, B>, rows: usize, cols: usize) -> Result<(), B::Error> {
+    fn bias_add(
+        &self,
+        x: M<'_, B>,
+        bias: S<'_, B>,
+        rows: usize,
+        cols: usize,
+    ) -> Result<(), B::Error> {
         self.timed("bias_add", 0, || self.inner.bias_add(x, bias, rows, cols))
     }
-    fn bias_backward(&self, dy: S<'_, B>, db: M<'_, B>, rows: usize, cols: usize) -> Result<(), B::Error> {
-        self.timed("bias_backward", 0, || self.inner.bias_backward(dy, db, rows, cols))
+    fn bias_backward(
+        &self,
+        dy: S<'_, B>,
+        db: M<'_, B>,
+        rows: usize,
+        cols: usize,
+    ) -> Result<(), B::Error> {
+        self.timed("bias_backward", 0, || {
+            self.inner.bias_backward(dy, db, rows, cols)
+        })
     }
-    fn layernorm_forward(&self, s: &NormShape, x: S<'_, B>, w: S<'_, B>, b: Option<S<'_, B>>, o: M<'_, B>, m: M<'_, B>, r: M<'_, B>) -> Result<(), B::Error> {
-        self.timed("layernorm_forward", 0, || self.inner.layernorm_forward(s, x, w, b, o, m, r))
+    fn layernorm_forward(
+        &self,
+        s: &NormShape,
+        x: S<'_, B>,
+        w: S<'_, B>,
+        b: Option<S<'_, B>>,
+        o: M<'_, B>,
+        m: M<'_, B>,
+        r: M<'_, B>,
+    ) -> Result<(), B::Error> {
+        self.timed("layernorm_forward", 0, || {
+            self.inner.layernorm_forward(s, x, w, b, o, m, r)
+        })
     }
-    fn layernorm_backward(&self, s: &NormShape, d: S<'_, B>, x: S<'_, B>, w: S<'_, B>, m: S<'_, B>, r: S<'_, B>, dx: M<'_, B>, dw: M<'_, B>) -> Result<(), B::Error> {
-        self.timed("layernorm_backward", 0, || self.inner.layernorm_backward(s, d, x, w, m, r, dx, dw))
+    fn layernorm_backward(
+        &self,
+        s: &NormShape,
+        d: S<'_, B>,
+        x: S<'_, B>,
+        w: S<'_, B>,
+        m: S<'_, B>,
+        r: S<'_, B>,
+        dx: M<'_, B>,
+        dw: M<'_, B>,
+    ) -> Result<(), B::Error> {
+        self.timed("layernorm_backward", 0, || {
+            self.inner.layernorm_backward(s, d, x, w, m, r, dx, dw)
+        })
     }
-    fn modulate_forward(&self, x: S<'_, B>, sh: S<'_, B>, sc: S<'_, B>, o: M<'_, B>, b: usize, t: usize, c: usize) -> Result<(), B::Error> {
-        self.timed("modulate_forward", 0, || self.inner.modulate_forward(x, sh, sc, o, b, t, c))
+    fn modulate_forward(
+        &self,
+        x: S<'_, B>,
+        sh: S<'_, B>,
+        sc: S<'_, B>,
+        o: M<'_, B>,
+        b: usize,
+        t: usize,
+        c: usize,
+    ) -> Result<(), B::Error> {
+        self.timed("modulate_forward", 0, || {
+            self.inner.modulate_forward(x, sh, sc, o, b, t, c)
+        })
     }
-    fn modulate_backward(&self, d: S<'_, B>, x: S<'_, B>, sc: S<'_, B>, dx: M<'_, B>, dsc: M<'_, B>, b: usize, t: usize, c: usize) -> Result<(), B::Error> {
-        self.timed("modulate_backward", 0, || self.inner.modulate_backward(d, x, sc, dx, dsc, b, t, c))
+    fn modulate_backward(
+        &self,
+        d: S<'_, B>,
+        x: S<'_, B>,
+        sc: S<'_, B>,
+        dx: M<'_, B>,
+        dsc: M<'_, B>,
+        b: usize,
+        t: usize,
+        c: usize,
+    ) -> Result<(), B::Error> {
+        self.timed("modulate_backward", 0, || {
+            self.inner.modulate_backward(d, x, sc, dx, dsc, b, t, c)
+        })
     }
-    fn gated_residual_forward(&self, r: M<'_, B>, y: S<'_, B>, g: Option<S<'_, B>>, b: usize, t: usize, c: usize) -> Result<(), B::Error> {
-        self.timed("gated_residual_forward", 0, || self.inner.gated_residual_forward(r, y, g, b, t, c))
+    fn gated_residual_forward(
+        &self,
+        r: M<'_, B>,
+        y: S<'_, B>,
+        g: Option<S<'_, B>>,
+        b: usize,
+        t: usize,
+        c: usize,
+    ) -> Result<(), B::Error> {
+        self.timed("gated_residual_forward", 0, || {
+            self.inner.gated_residual_forward(r, y, g, b, t, c)
+        })
     }
-    fn gated_residual_backward(&self, dr: S<'_, B>, y: S<'_, B>, g: Option<S<'_, B>>, dy: M<'_, B>, dg: Option<M<'_, B>>, b: usize, t: usize, c: usize) -> Result<(), B::Error> {
-        self.timed("gated_residual_backward", 0, || self.inner.gated_residual_backward(dr, y, g, dy, dg, b, t, c))
+    fn gated_residual_backward(
+        &self,
+        dr: S<'_, B>,
+        y: S<'_, B>,
+        g: Option<S<'_, B>>,
+        dy: M<'_, B>,
+        dg: Option<M<'_, B>>,
+        b: usize,
+        t: usize,
+        c: usize,
+    ) -> Result<(), B::Error> {
+        self.timed("gated_residual_backward", 0, || {
+            self.inner
+                .gated_residual_backward(dr, y, g, dy, dg, b, t, c)
+        })
     }
     fn rope_forward(&self, s: &RopeShape, x: M<'_, B>) -> Result<(), B::Error> {
         self.timed("rope_forward", 0, || self.inner.rope_forward(s, x))
@@ -126,35 +226,104 @@ impl<B: Backend> Backend for Profiled<B> {
     fn rope_backward(&self, s: &RopeShape, dx: M<'_, B>) -> Result<(), B::Error> {
         self.timed("rope_backward", 0, || self.inner.rope_backward(s, dx))
     }
-    fn attention_forward(&self, s: &AttentionShape, mask: &AttentionMask, q: S<'_, B>, k: S<'_, B>, v: S<'_, B>, o: M<'_, B>, l: M<'_, B>) -> Result<(), B::Error> {
-        self.timed("attention_forward", 0, || self.inner.attention_forward(s, mask, q, k, v, o, l))
+    fn attention_forward(
+        &self,
+        s: &AttentionShape,
+        mask: &AttentionMask,
+        q: S<'_, B>,
+        k: S<'_, B>,
+        v: S<'_, B>,
+        o: M<'_, B>,
+        l: M<'_, B>,
+    ) -> Result<(), B::Error> {
+        self.timed("attention_forward", 0, || {
+            self.inner.attention_forward(s, mask, q, k, v, o, l)
+        })
     }
-    fn attention_backward(&self, s: &AttentionShape, mask: &AttentionMask, d: S<'_, B>, q: S<'_, B>, k: S<'_, B>, v: S<'_, B>, o: S<'_, B>, l: S<'_, B>, dq: M<'_, B>, dk: M<'_, B>, dv: M<'_, B>) -> Result<(), B::Error> {
-        self.timed("attention_backward", 0, || self.inner.attention_backward(s, mask, d, q, k, v, o, l, dq, dk, dv))
+    fn attention_backward(
+        &self,
+        s: &AttentionShape,
+        mask: &AttentionMask,
+        d: S<'_, B>,
+        q: S<'_, B>,
+        k: S<'_, B>,
+        v: S<'_, B>,
+        o: S<'_, B>,
+        l: S<'_, B>,
+        dq: M<'_, B>,
+        dk: M<'_, B>,
+        dv: M<'_, B>,
+    ) -> Result<(), B::Error> {
+        self.timed("attention_backward", 0, || {
+            self.inner
+                .attention_backward(s, mask, d, q, k, v, o, l, dq, dk, dv)
+        })
     }
     fn gelu_forward(&self, x: S<'_, B>, o: M<'_, B>, n: usize) -> Result<(), B::Error> {
         self.timed("gelu_forward", 0, || self.inner.gelu_forward(x, o, n))
     }
-    fn gelu_backward(&self, d: S<'_, B>, x: S<'_, B>, dx: M<'_, B>, n: usize) -> Result<(), B::Error> {
+    fn gelu_backward(
+        &self,
+        d: S<'_, B>,
+        x: S<'_, B>,
+        dx: M<'_, B>,
+        n: usize,
+    ) -> Result<(), B::Error> {
         self.timed("gelu_backward", 0, || self.inner.gelu_backward(d, x, dx, n))
     }
     fn silu_forward(&self, x: S<'_, B>, o: M<'_, B>, n: usize) -> Result<(), B::Error> {
         self.timed("silu_forward", 0, || self.inner.silu_forward(x, o, n))
     }
-    fn silu_backward(&self, d: S<'_, B>, x: S<'_, B>, dx: M<'_, B>, n: usize) -> Result<(), B::Error> {
+    fn silu_backward(
+        &self,
+        d: S<'_, B>,
+        x: S<'_, B>,
+        dx: M<'_, B>,
+        n: usize,
+    ) -> Result<(), B::Error> {
         self.timed("silu_backward", 0, || self.inner.silu_backward(d, x, dx, n))
     }
     fn dropout(&self, x: M<'_, B>, n: usize, p: f32, stream: &RngStream) -> Result<(), B::Error> {
         self.timed("dropout", 0, || self.inner.dropout(x, n, p, stream))
     }
-    fn embedding_forward(&self, ids: &B::Ids, t: S<'_, B>, o: M<'_, B>, r: usize, c: usize) -> Result<(), B::Error> {
-        self.timed("embedding_forward", 0, || self.inner.embedding_forward(ids, t, o, r, c))
+    fn embedding_forward(
+        &self,
+        ids: &B::Ids,
+        t: S<'_, B>,
+        o: M<'_, B>,
+        r: usize,
+        c: usize,
+    ) -> Result<(), B::Error> {
+        self.timed("embedding_forward", 0, || {
+            self.inner.embedding_forward(ids, t, o, r, c)
+        })
     }
-    fn embedding_backward(&self, ids: &B::Ids, d: S<'_, B>, dt: M<'_, B>, r: usize, c: usize) -> Result<(), B::Error> {
-        self.timed("embedding_backward", 0, || self.inner.embedding_backward(ids, d, dt, r, c))
+    fn embedding_backward(
+        &self,
+        ids: &B::Ids,
+        d: S<'_, B>,
+        dt: M<'_, B>,
+        r: usize,
+        c: usize,
+    ) -> Result<(), B::Error> {
+        self.timed("embedding_backward", 0, || {
+            self.inner.embedding_backward(ids, d, dt, r, c)
+        })
     }
-    fn softmax_cross_entropy(&self, l: M<'_, B>, t: &B::Ids, w: S<'_, B>, ls: M<'_, B>, r: usize, v: usize, e: Option<u32>, g: f32) -> Result<(), B::Error> {
-        self.timed("softmax_cross_entropy", 0, || self.inner.softmax_cross_entropy(l, t, w, ls, r, v, e, g))
+    fn softmax_cross_entropy(
+        &self,
+        l: M<'_, B>,
+        t: &B::Ids,
+        w: S<'_, B>,
+        ls: M<'_, B>,
+        r: usize,
+        v: usize,
+        e: Option<u32>,
+        g: f32,
+    ) -> Result<(), B::Error> {
+        self.timed("softmax_cross_entropy", 0, || {
+            self.inner.softmax_cross_entropy(l, t, w, ls, r, v, e, g)
+        })
     }
     fn sum(&self, x: S<'_, B>, n: usize) -> Result<f64, B::Error> {
         self.timed("sum", 0, || self.inner.sum(x, n))
@@ -165,13 +334,32 @@ impl<B: Backend> Backend for Profiled<B> {
     fn scale(&self, x: M<'_, B>, n: usize, f: f32) -> Result<(), B::Error> {
         self.timed("scale", 0, || self.inner.scale(x, n, f))
     }
-    fn adamw(&self, hp: &AdamW, p: M<'_, B>, g: S<'_, B>, m: M<'_, B>, v: M<'_, B>, n: usize) -> Result<(), B::Error> {
+    fn adamw(
+        &self,
+        hp: &AdamW,
+        p: M<'_, B>,
+        g: S<'_, B>,
+        m: M<'_, B>,
+        v: M<'_, B>,
+        n: usize,
+    ) -> Result<(), B::Error> {
         self.timed("adamw", 0, || self.inner.adamw(hp, p, g, m, v, n))
     }
     fn ema_update(&self, e: M<'_, B>, p: S<'_, B>, n: usize, d: f32) -> Result<(), B::Error> {
         self.timed("ema_update", 0, || self.inner.ema_update(e, p, n, d))
     }
-    fn draw_tokens(&self, logits: S<'_, B>, vocab: usize, mask_id: u32, nucleus: &Nucleus, draws: &[DrawSpec], out: &mut [SampledToken]) -> Result<(), B::Error> {
-        self.timed("draw_tokens", 0, || self.inner.draw_tokens(logits, vocab, mask_id, nucleus, draws, out))
+    fn draw_tokens(
+        &self,
+        logits: S<'_, B>,
+        vocab: usize,
+        mask_id: u32,
+        nucleus: &Nucleus,
+        draws: &[DrawSpec],
+        out: &mut [SampledToken],
+    ) -> Result<(), B::Error> {
+        self.timed("draw_tokens", 0, || {
+            self.inner
+                .draw_tokens(logits, vocab, mask_id, nucleus, draws, out)
+        })
     }
 }

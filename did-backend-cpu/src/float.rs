@@ -88,7 +88,9 @@ impl CpuFloat for f32 {
         csc: isize,
     ) {
         // SAFETY: forwarded from the caller's contract.
-        unsafe { matrixmultiply::sgemm(m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc, csc) }
+        unsafe {
+            matrixmultiply::sgemm(m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc, csc)
+        }
     }
 }
 
@@ -123,7 +125,9 @@ impl CpuFloat for f64 {
         csc: isize,
     ) {
         // SAFETY: forwarded from the caller's contract.
-        unsafe { matrixmultiply::dgemm(m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc, csc) }
+        unsafe {
+            matrixmultiply::dgemm(m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc, csc)
+        }
     }
 }
 
@@ -136,8 +140,16 @@ pub(crate) fn gemm_extents(g: &Gemm) -> (usize, usize, usize) {
             (g.batch - 1) * stride + (rows - 1) * ld + cols
         }
     };
-    let a = if g.trans_a { last(g.k, g.m, g.lda, g.stride_a) } else { last(g.m, g.k, g.lda, g.stride_a) };
-    let b = if g.trans_b { last(g.n, g.k, g.ldb, g.stride_b) } else { last(g.k, g.n, g.ldb, g.stride_b) };
+    let a = if g.trans_a {
+        last(g.k, g.m, g.lda, g.stride_a)
+    } else {
+        last(g.m, g.k, g.lda, g.stride_a)
+    };
+    let b = if g.trans_b {
+        last(g.n, g.k, g.ldb, g.stride_b)
+    } else {
+        last(g.k, g.n, g.ldb, g.stride_b)
+    };
     let c = last(g.m, g.n, g.ldc, g.stride_c);
     (a, b, c)
 }

@@ -93,24 +93,61 @@ impl<T: CpuFloat> CpuBackend<T> {
     }
 }
 
-pub(crate) fn view<'a, T>(s: Slice<'a, Vec<T>>, len: usize, what: &'static str) -> Result<&'a [T], CpuError> {
-    let end = s.offset.checked_add(len).ok_or(CpuError::OutOfBounds { what, start: s.offset, end: usize::MAX, len: s.buf.len() })?;
-    s.buf.get(s.offset..end).ok_or(CpuError::OutOfBounds { what, start: s.offset, end, len: s.buf.len() })
+pub(crate) fn view<'a, T>(
+    s: Slice<'a, Vec<T>>,
+    len: usize,
+    what: &'static str,
+) -> Result<&'a [T], CpuError> {
+    let end = s.offset.checked_add(len).ok_or(CpuError::OutOfBounds {
+        what,
+        start: s.offset,
+        end: usize::MAX,
+        len: s.buf.len(),
+    })?;
+    s.buf.get(s.offset..end).ok_or(CpuError::OutOfBounds {
+        what,
+        start: s.offset,
+        end,
+        len: s.buf.len(),
+    })
 }
 
-pub(crate) fn view_mut<'a, T>(s: SliceMut<'a, Vec<T>>, len: usize, what: &'static str) -> Result<&'a mut [T], CpuError> {
+pub(crate) fn view_mut<'a, T>(
+    s: SliceMut<'a, Vec<T>>,
+    len: usize,
+    what: &'static str,
+) -> Result<&'a mut [T], CpuError> {
     let buf_len = s.buf.len();
-    let end = s.offset.checked_add(len).ok_or(CpuError::OutOfBounds { what, start: s.offset, end: usize::MAX, len: buf_len })?;
-    s.buf.get_mut(s.offset..end).ok_or(CpuError::OutOfBounds { what, start: s.offset, end, len: buf_len })
+    let end = s.offset.checked_add(len).ok_or(CpuError::OutOfBounds {
+        what,
+        start: s.offset,
+        end: usize::MAX,
+        len: buf_len,
+    })?;
+    s.buf.get_mut(s.offset..end).ok_or(CpuError::OutOfBounds {
+        what,
+        start: s.offset,
+        end,
+        len: buf_len,
+    })
 }
 
 fn ids_view<'a>(ids: &'a [u32], rows: usize, what: &'static str) -> Result<&'a [u32], CpuError> {
-    ids.get(..rows).ok_or(CpuError::OutOfBounds { what, start: 0, end: rows, len: ids.len() })
+    ids.get(..rows).ok_or(CpuError::OutOfBounds {
+        what,
+        start: 0,
+        end: rows,
+        len: ids.len(),
+    })
 }
 
 fn check_ids(ids: &[u32], table_rows: usize) -> Result<(), CpuError> {
     match ids.iter().position(|&id| id as usize >= table_rows) {
-        Some(row) => Err(CpuError::TokenOutOfRange { id: ids[row], row, rows: table_rows }),
+        Some(row) => Err(CpuError::TokenOutOfRange {
+            id: ids[row],
+            row,
+            rows: table_rows,
+        }),
         None => Ok(()),
     }
 }
@@ -148,21 +185,57 @@ impl<T: CpuFloat> Backend for CpuBackend<T> {
         view_mut(dst, len, "fill")?.fill(T::of_f32(value));
         Ok(())
     }
-    fn copy(&self, src: Slice<'_, Vec<T>>, dst: SliceMut<'_, Vec<T>>, len: usize) -> Result<(), CpuError> {
+    fn copy(
+        &self,
+        src: Slice<'_, Vec<T>>,
+        dst: SliceMut<'_, Vec<T>>,
+        len: usize,
+    ) -> Result<(), CpuError> {
         view_mut(dst, len, "copy destination")?.copy_from_slice(view(src, len, "copy source")?);
         Ok(())
     }
 
-    fn matmul(&self, spec: &Gemm, a: Slice<'_, Vec<T>>, b: Slice<'_, Vec<T>>, c: SliceMut<'_, Vec<T>>) -> Result<(), CpuError> {
+    fn matmul(
+        &self,
+        spec: &Gemm,
+        a: Slice<'_, Vec<T>>,
+        b: Slice<'_, Vec<T>>,
+        c: SliceMut<'_, Vec<T>>,
+    ) -> Result<(), CpuError> {
         let (na, nb, nc) = float::gemm_extents(spec);
-        ops::gemm::gemm(spec, view(a, na, "matmul A")?, view(b, nb, "matmul B")?, view_mut(c, nc, "matmul C")?)
+        ops::gemm::gemm(
+            spec,
+            view(a, na, "matmul A")?,
+            view(b, nb, "matmul B")?,
+            view_mut(c, nc, "matmul C")?,
+        )
     }
-    fn bias_add(&self, x: SliceMut<'_, Vec<T>>, bias: Slice<'_, Vec<T>>, rows: usize, cols: usize) -> Result<(), CpuError> {
-        ops::bias::bias_add(view_mut(x, rows * cols, "bias_add x")?, view(bias, cols, "bias")?, cols);
+    fn bias_add(
+        &self,
+        x: SliceMut<'_, Vec<T>>,
+        bias: Slice<'_, Vec<T>>,
+        rows: usize,
+        cols: usize,
+    ) -> Result<(), CpuError> {
+        ops::bias::bias_add(
+            view_mut(x, rows * cols, "bias_add x")?,
+            view(bias, cols, "bias")?,
+            cols,
+        );
         Ok(())
     }
-    fn bias_backward(&self, dy: Slice<'_, Vec<T>>, dbias: SliceMut<'_, Vec<T>>, rows: usize, cols: usize) -> Result<(), CpuError> {
-        ops::bias::bias_backward(view(dy, rows * cols, "bias_backward dy")?, view_mut(dbias, cols, "dbias")?, cols);
+    fn bias_backward(
+        &self,
+        dy: Slice<'_, Vec<T>>,
+        dbias: SliceMut<'_, Vec<T>>,
+        rows: usize,
+        cols: usize,
+    ) -> Result<(), CpuError> {
+        ops::bias::bias_backward(
+            view(dy, rows * cols, "bias_backward dy")?,
+            view_mut(dbias, cols, "dbias")?,
+            cols,
+        );
         Ok(())
     }
 
@@ -274,7 +347,13 @@ impl<T: CpuFloat> Backend for CpuBackend<T> {
             Some(g) => Some(view(g, batch * channels, "gate")?),
             None => None,
         };
-        ops::modulate::gated_residual_forward(view_mut(residual, n, "residual")?, view(y, n, "gated y")?, gate, tokens, channels);
+        ops::modulate::gated_residual_forward(
+            view_mut(residual, n, "residual")?,
+            view(y, n, "gated y")?,
+            gate,
+            tokens,
+            channels,
+        );
         Ok(())
     }
     fn gated_residual_backward(
@@ -372,36 +451,91 @@ impl<T: CpuFloat> Backend for CpuBackend<T> {
         );
         Ok(())
     }
-    fn gelu_forward(&self, x: Slice<'_, Vec<T>>, out: SliceMut<'_, Vec<T>>, len: usize) -> Result<(), CpuError> {
+    fn gelu_forward(
+        &self,
+        x: Slice<'_, Vec<T>>,
+        out: SliceMut<'_, Vec<T>>,
+        len: usize,
+    ) -> Result<(), CpuError> {
         ops::activation::gelu_forward(view(x, len, "gelu x")?, view_mut(out, len, "gelu out")?);
         Ok(())
     }
-    fn gelu_backward(&self, dout: Slice<'_, Vec<T>>, x: Slice<'_, Vec<T>>, dx: SliceMut<'_, Vec<T>>, len: usize) -> Result<(), CpuError> {
-        ops::activation::gelu_backward(view(dout, len, "gelu dout")?, view(x, len, "gelu x")?, view_mut(dx, len, "gelu dx")?);
+    fn gelu_backward(
+        &self,
+        dout: Slice<'_, Vec<T>>,
+        x: Slice<'_, Vec<T>>,
+        dx: SliceMut<'_, Vec<T>>,
+        len: usize,
+    ) -> Result<(), CpuError> {
+        ops::activation::gelu_backward(
+            view(dout, len, "gelu dout")?,
+            view(x, len, "gelu x")?,
+            view_mut(dx, len, "gelu dx")?,
+        );
         Ok(())
     }
-    fn silu_forward(&self, x: Slice<'_, Vec<T>>, out: SliceMut<'_, Vec<T>>, len: usize) -> Result<(), CpuError> {
+    fn silu_forward(
+        &self,
+        x: Slice<'_, Vec<T>>,
+        out: SliceMut<'_, Vec<T>>,
+        len: usize,
+    ) -> Result<(), CpuError> {
         ops::activation::silu_forward(view(x, len, "silu x")?, view_mut(out, len, "silu out")?);
         Ok(())
     }
-    fn silu_backward(&self, dout: Slice<'_, Vec<T>>, x: Slice<'_, Vec<T>>, dx: SliceMut<'_, Vec<T>>, len: usize) -> Result<(), CpuError> {
-        ops::activation::silu_backward(view(dout, len, "silu dout")?, view(x, len, "silu x")?, view_mut(dx, len, "silu dx")?);
+    fn silu_backward(
+        &self,
+        dout: Slice<'_, Vec<T>>,
+        x: Slice<'_, Vec<T>>,
+        dx: SliceMut<'_, Vec<T>>,
+        len: usize,
+    ) -> Result<(), CpuError> {
+        ops::activation::silu_backward(
+            view(dout, len, "silu dout")?,
+            view(x, len, "silu x")?,
+            view_mut(dx, len, "silu dx")?,
+        );
         Ok(())
     }
-    fn dropout(&self, x: SliceMut<'_, Vec<T>>, len: usize, p: f32, stream: &RngStream) -> Result<(), CpuError> {
+    fn dropout(
+        &self,
+        x: SliceMut<'_, Vec<T>>,
+        len: usize,
+        p: f32,
+        stream: &RngStream,
+    ) -> Result<(), CpuError> {
         ops::activation::dropout(view_mut(x, len, "dropout x")?, p, stream);
         Ok(())
     }
 
-    fn embedding_forward(&self, ids: &Vec<u32>, table: Slice<'_, Vec<T>>, out: SliceMut<'_, Vec<T>>, rows: usize, channels: usize) -> Result<(), CpuError> {
+    fn embedding_forward(
+        &self,
+        ids: &Vec<u32>,
+        table: Slice<'_, Vec<T>>,
+        out: SliceMut<'_, Vec<T>>,
+        rows: usize,
+        channels: usize,
+    ) -> Result<(), CpuError> {
         let ids = ids_view(ids, rows, "embedding ids")?;
         let table_rows = (table.buf.len().saturating_sub(table.offset)) / channels.max(1);
         check_ids(ids, table_rows)?;
         let table = view(table, table_rows * channels, "embedding table")?;
-        ops::embedding::forward(ids, table, view_mut(out, rows * channels, "embedding out")?, channels);
+        ops::embedding::forward(
+            ids,
+            table,
+            view_mut(out, rows * channels, "embedding out")?,
+            channels,
+        );
         Ok(())
     }
-    fn embedding_backward(&self, ids: &Vec<u32>, dout: Slice<'_, Vec<T>>, dtable: SliceMut<'_, Vec<T>>, rows: usize, channels: usize) -> Result<(), CpuError> {
+    fn embedding_backward(
+        &self,
+        ids: &Vec<u32>,
+        dout: Slice<'_, Vec<T>>,
+        dtable: SliceMut<'_, Vec<T>>,
+        rows: usize,
+        channels: usize,
+    ) -> Result<(), CpuError> {
         let ids = ids_view(ids, rows, "embedding ids")?;
         let table_rows = (dtable.buf.len().saturating_sub(dtable.offset)) / channels.max(1);
         check_ids(ids, table_rows)?;
@@ -466,8 +600,18 @@ impl<T: CpuFloat> Backend for CpuBackend<T> {
         );
         Ok(())
     }
-    fn ema_update(&self, ema: SliceMut<'_, Vec<T>>, params: Slice<'_, Vec<T>>, len: usize, decay: f32) -> Result<(), CpuError> {
-        ops::optim::ema_update(view_mut(ema, len, "ema")?, view(params, len, "ema params")?, T::of_f32(decay));
+    fn ema_update(
+        &self,
+        ema: SliceMut<'_, Vec<T>>,
+        params: Slice<'_, Vec<T>>,
+        len: usize,
+        decay: f32,
+    ) -> Result<(), CpuError> {
+        ops::optim::ema_update(
+            view_mut(ema, len, "ema")?,
+            view(params, len, "ema params")?,
+            T::of_f32(decay),
+        );
         Ok(())
     }
 }

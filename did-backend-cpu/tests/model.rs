@@ -6,7 +6,10 @@
 use did_backend_cpu::CpuBackend;
 use did_core::backend::Backend;
 use did_core::denoiser::{DenoiseRequest, Denoiser, OutputPosition};
-use did_core::model::{causal_batch, diffusion_batch, memory_report, Activations, Architecture, DiffusionDenoiser, DropoutStreams, Inference, ModelConfig, Pass, TrainBatch, Transformer};
+use did_core::model::{
+    causal_batch, diffusion_batch, memory_report, Activations, Architecture, DiffusionDenoiser,
+    DropoutStreams, Inference, ModelConfig, Pass, TrainBatch, Transformer,
+};
 use did_core::rng::{Purpose, RngStream};
 use did_core::schedule::TrainingSchedule;
 use quickcheck::{QuickCheck, TestResult};
@@ -43,15 +46,20 @@ fn gradient_check(config: ModelConfig, batch: TrainBatch, dropout: Option<Dropou
     model.load_batch(&be, &mut acts, &batch).unwrap();
     model.forward(&be, &params, &mut acts, dropout).unwrap();
     let mut grads = vec![0.0f64; params.len()];
-    model.backward(&be, &params, &mut grads, &mut acts, dropout, 1.0).unwrap();
+    model
+        .backward(&be, &params, &mut grads, &mut acts, dropout, 1.0)
+        .unwrap();
     let mut loss_at = |p: &Vec<f64>| model.loss(&be, p, &mut acts, dropout).unwrap();
     // The f32 backend's gradients agree with these.
     let be32 = CpuBackend::<f32>::new();
-    let mut acts32 = Activations::new(&be32, &config, batch.batch, batch.seq_len, batch.pass).unwrap();
+    let mut acts32 =
+        Activations::new(&be32, &config, batch.batch, batch.seq_len, batch.pass).unwrap();
     model.load_batch(&be32, &mut acts32, &batch).unwrap();
     model.forward(&be32, &host, &mut acts32, dropout).unwrap();
     let mut grads32 = vec![0.0f32; params.len()];
-    model.backward(&be32, &host, &mut grads32, &mut acts32, dropout, 1.0).unwrap();
+    model
+        .backward(&be32, &host, &mut grads32, &mut acts32, dropout, 1.0)
+        .unwrap();
     for e in model.table().entries() {
         let range = e.offset..e.offset + e.len();
         let step = (e.len() / 12).max(1);
@@ -64,20 +72,38 @@ fn gradient_check(config: ModelConfig, batch: TrainBatch, dropout: Option<Dropou
             p[i] -= 2.0 * h;
             let lm = loss_at(&p);
             let fd = (lp - lm) / (2.0 * h);
-            if std::env::var("GC_DEBUG").is_ok() && e.name.contains("emb") { eprintln!("{} {i}: fd {fd:e} an {:e}", e.name, grads[i]); }
+            if std::env::var("GC_DEBUG").is_ok() && e.name.contains("emb") {
+                eprintln!("{} {i}: fd {fd:e} an {:e}", e.name, grads[i]);
+            }
             diff += (fd - grads[i]).powi(2);
             norm += fd.powi(2).max(grads[i].powi(2));
         }
         let rel = (diff / norm.max(1e-30)).sqrt();
-        if std::env::var("GC_DEBUG").is_ok() { eprintln!("{:40} rel {rel:.2e} norm {norm:.2e}", e.name); }
-        assert!(norm > 0.0, "{}: zero gradient at every sampled element", e.name);
-        assert!(rel < 1e-3, "{} ({:?}): relative error {rel:e} against finite differences", e.name, batch.pass);
+        if std::env::var("GC_DEBUG").is_ok() {
+            eprintln!("{:40} rel {rel:.2e} norm {norm:.2e}", e.name);
+        }
+        assert!(
+            norm > 0.0,
+            "{}: zero gradient at every sampled element",
+            e.name
+        );
+        assert!(
+            rel < 1e-3,
+            "{} ({:?}): relative error {rel:e} against finite differences",
+            e.name,
+            batch.pass
+        );
         let (mut d32, mut n32) = (0.0f64, 0.0f64);
         for i in range {
             d32 += (f64::from(grads32[i]) - grads[i]).powi(2);
             n32 += grads[i].powi(2);
         }
-        assert!((d32 / n32.max(1e-30)).sqrt() < 1e-3, "{}: f32 gradient differs from f64 by {:e}", e.name, (d32 / n32).sqrt());
+        assert!(
+            (d32 / n32.max(1e-30)).sqrt() < 1e-3,
+            "{}: f32 gradient differs from f64 by {:e}",
+            e.name,
+            (d32 / n32).sqrt()
+        );
     }
 }
 
@@ -102,11 +128,27 @@ fn dit_full_attention_gradients_match_finite_differences() {
 fn gpt2_causal_gradients_match_finite_differences() {
     let config = micro(Architecture::Gpt2, 13, 9, 0.1);
     let x = tokens(3, 2 * 9, 13);
-    gradient_check(config, causal_batch(&x, 2, 9).unwrap(), Some(DropoutStreams { seed: 1, step: 2 }));
+    gradient_check(
+        config,
+        causal_batch(&x, 2, 9).unwrap(),
+        Some(DropoutStreams { seed: 1, step: 2 }),
+    );
 }
 
-fn random_model(arch: Architecture, vocab: usize, context: usize, seed: u64) -> (Transformer, Vec<f32>) {
-    let config = ModelConfig { hidden: 32, heads: 2, mlp_hidden: 48, layers: 2, cond_dim: 16, ..micro(arch, vocab, context, 0.1) };
+fn random_model(
+    arch: Architecture,
+    vocab: usize,
+    context: usize,
+    seed: u64,
+) -> (Transformer, Vec<f32>) {
+    let config = ModelConfig {
+        hidden: 32,
+        heads: 2,
+        mlp_hidden: 48,
+        layers: 2,
+        cond_dim: 16,
+        ..micro(arch, vocab, context, 0.1)
+    };
     let model = Transformer::new(config).unwrap();
     let params = model.table().random_values(seed, 0.3);
     (model, params)
@@ -118,12 +160,26 @@ fn vectorised_bd3_pass_equals_per_block_passes() {
     let (l, block, batch, vocab) = (16, 4, 2, 50);
     let (model, params) = random_model(Architecture::Dit, vocab, l, 11);
     let x0 = tokens(4, batch * l, vocab as u32 - 1);
-    let b = diffusion_batch(&x0, batch, l, block, &TrainingSchedule::default(), vocab as u32 - 1, 3, 0).unwrap();
+    let b = diffusion_batch(
+        &x0,
+        batch,
+        l,
+        block,
+        &TrainingSchedule::default(),
+        vocab as u32 - 1,
+        3,
+        0,
+    )
+    .unwrap();
     let mut acts = Activations::new(&be, model.config(), batch, l, b.pass).unwrap();
     model.load_batch(&be, &mut acts, &b).unwrap();
     model.forward(&be, &params, &mut acts, None).unwrap();
     let mut vectorised = vec![0.0f32; batch * l * vocab];
-    be.download(did_core::backend::Slice::whole(&acts.logits), &mut vectorised).unwrap();
+    be.download(
+        did_core::backend::Slice::whole(&acts.logits),
+        &mut vectorised,
+    )
+    .unwrap();
     let mut inference = Inference::new(&be, &model, &params).unwrap();
     let mut worst = 0.0f32;
     for s in 0..batch {
@@ -144,7 +200,10 @@ fn vectorised_bd3_pass_equals_per_block_passes() {
             }
         }
     }
-    assert!(worst < 1e-5, "vectorised and per-block logits differ by {worst}");
+    assert!(
+        worst < 1e-5,
+        "vectorised and per-block logits differ by {worst}"
+    );
 }
 
 #[test]
@@ -175,11 +234,27 @@ fn kv_cache_equals_uncached_passes_across_the_window() {
                     }
                 }
             }
-            let outputs: Vec<OutputPosition> = (0..2).flat_map(|s| range.clone().map(move |p| OutputPosition { seq: s, pos: p as u32 })).collect();
-            let request = DenoiseRequest { tokens: &seq, batch: 2, seq_len: l, block_size: block, block: range.clone(), outputs: &outputs };
+            let outputs: Vec<OutputPosition> = (0..2)
+                .flat_map(|s| {
+                    range.clone().map(move |p| OutputPosition {
+                        seq: s,
+                        pos: p as u32,
+                    })
+                })
+                .collect();
+            let request = DenoiseRequest {
+                tokens: &seq,
+                batch: 2,
+                seq_len: l,
+                block_size: block,
+                block: range.clone(),
+                outputs: &outputs,
+            };
             let mut got = vec![0.0f32; outputs.len() * vocab];
             cached.logits(&request, &mut got).unwrap();
-            let prefix: Vec<u32> = (0..2).flat_map(|s| seq[s * l..s * l + range.end].to_vec()).collect();
+            let prefix: Vec<u32> = (0..2)
+                .flat_map(|s| seq[s * l..s * l + range.end].to_vec())
+                .collect();
             let want = uncached.logits_uncached(&prefix, 2, block).unwrap();
             for (o, row) in outputs.iter().zip(got.chunks(vocab)) {
                 let w = &want[(o.seq as usize * range.end + o.pos as usize) * vocab..][..vocab];
@@ -188,7 +263,10 @@ fn kv_cache_equals_uncached_passes_across_the_window() {
                 }
             }
             // The block becomes final: commit its clean tokens.
-            let request = DenoiseRequest { tokens: &clean, ..request };
+            let request = DenoiseRequest {
+                tokens: &clean,
+                ..request
+            };
             cached.commit_block(&request).unwrap();
         }
         if worst < 2e-5 {
@@ -197,27 +275,68 @@ fn kv_cache_equals_uncached_passes_across_the_window() {
             TestResult::error(format!("block {block}, context {context}, length {l}: cached and uncached logits differ by {worst}"))
         }
     }
-    QuickCheck::new().tests(40).quickcheck(prop as fn(u8, u8, u8, u64) -> TestResult);
+    QuickCheck::new()
+        .tests(40)
+        .quickcheck(prop as fn(u8, u8, u8, u64) -> TestResult);
 }
 
 #[test]
 fn memory_report_counts_what_is_allocated() {
-    for (arch, pass) in [(Architecture::Dit, Pass::Bd3 { block_size: 2 }), (Architecture::Dit, Pass::Full), (Architecture::Gpt2, Pass::Causal)] {
+    for (arch, pass) in [
+        (Architecture::Dit, Pass::Bd3 { block_size: 2 }),
+        (Architecture::Dit, Pass::Full),
+        (Architecture::Gpt2, Pass::Causal),
+    ] {
         let config = micro(arch, 11, 8, 0.1);
         let be = CpuBackend::<f32>::new();
         let acts = Activations::new(&be, &config, 3, 8, pass).unwrap();
         let report = memory_report(&config, 3, 8, pass);
         let mut saved: usize = acts.residual.iter().map(Vec::len).sum();
         for b in &acts.blocks {
-            saved += [&b.ln1, &b.mean1, &b.rstd1, &b.h1, &b.qkv, &b.att, &b.lse, &b.y1, &b.x_mid, &b.ln2, &b.mean2, &b.rstd2, &b.h2, &b.f1, &b.g, &b.y2].iter().map(|v| v.len()).sum::<usize>();
+            saved += [
+                &b.ln1, &b.mean1, &b.rstd1, &b.h1, &b.qkv, &b.att, &b.lse, &b.y1, &b.x_mid, &b.ln2,
+                &b.mean2, &b.rstd2, &b.h2, &b.f1, &b.g, &b.y2,
+            ]
+            .iter()
+            .map(|v| v.len())
+            .sum::<usize>();
         }
         if let Some(c) = &acts.cond {
-            saved += [&c.time_embedding, &c.s1, &c.s1a, &c.s2, &c.c, &c.mods, &c.final_mod].iter().map(|v| v.len()).sum::<usize>();
+            saved += [
+                &c.time_embedding,
+                &c.s1,
+                &c.s1a,
+                &c.s2,
+                &c.c,
+                &c.mods,
+                &c.final_mod,
+            ]
+            .iter()
+            .map(|v| v.len())
+            .sum::<usize>();
         }
-        saved += [&acts.hx, &acts.lnf, &acts.mean_f, &acts.rstd_f, &acts.hf, &acts.logits, &acts.weights, &acts.losses].iter().map(|v| v.len()).sum::<usize>();
+        saved += [
+            &acts.hx,
+            &acts.lnf,
+            &acts.mean_f,
+            &acts.rstd_f,
+            &acts.hf,
+            &acts.logits,
+            &acts.weights,
+            &acts.losses,
+        ]
+        .iter()
+        .map(|v| v.len())
+        .sum::<usize>();
         assert_eq!(report.activations, 4 * saved, "{arch:?} {pass:?}");
         let g = &acts.grad;
-        let scratch: usize = [&g.dres, &g.dy, &g.dh, &g.dln, &g.dg, &g.df1, &g.datt, &g.dq, &g.dk, &g.dv, &g.dhf, &g.dlnf, &g.dhx, &g.dmods, &g.dc, &g.ds2, &g.ds1a, &g.ds1].iter().map(|v| v.len()).sum();
+        let scratch: usize = [
+            &g.dres, &g.dy, &g.dh, &g.dln, &g.dg, &g.df1, &g.datt, &g.dq, &g.dk, &g.dv, &g.dhf,
+            &g.dlnf, &g.dhx, &g.dmods, &g.dc, &g.ds2, &g.ds1a, &g.ds1,
+        ]
+        .iter()
+        .map(|v| v.len())
+        .sum();
         assert_eq!(report.gradient_scratch, 4 * scratch, "{arch:?} {pass:?}");
     }
 }

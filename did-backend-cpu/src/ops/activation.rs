@@ -25,20 +25,25 @@ fn gelu_parts<T: CpuFloat>(x: T) -> (T, T) {
 
 /// `out = gelu_tanh(x)`.
 pub fn gelu_forward<T: CpuFloat>(x: &[T], out: &mut [T]) {
-    out.par_chunks_mut(PAR_CHUNK).zip(x.par_chunks(PAR_CHUNK)).for_each(|(o, x)| {
-        for (o, &x) in o.iter_mut().zip(x) {
-            *o = gelu_parts(x).0;
-        }
-    });
+    out.par_chunks_mut(PAR_CHUNK)
+        .zip(x.par_chunks(PAR_CHUNK))
+        .for_each(|(o, x)| {
+            for (o, &x) in o.iter_mut().zip(x) {
+                *o = gelu_parts(x).0;
+            }
+        });
 }
 
 /// `dx += dout·gelu_tanh'(x)`.
 pub fn gelu_backward<T: CpuFloat>(dout: &[T], x: &[T], dx: &mut [T]) {
-    dx.par_chunks_mut(PAR_CHUNK).zip(x.par_chunks(PAR_CHUNK)).zip(dout.par_chunks(PAR_CHUNK)).for_each(|((g, x), d)| {
-        for ((g, &x), &d) in g.iter_mut().zip(x).zip(d) {
-            *g += d * gelu_parts(x).1;
-        }
-    });
+    dx.par_chunks_mut(PAR_CHUNK)
+        .zip(x.par_chunks(PAR_CHUNK))
+        .zip(dout.par_chunks(PAR_CHUNK))
+        .for_each(|((g, x), d)| {
+            for ((g, &x), &d) in g.iter_mut().zip(x).zip(d) {
+                *g += d * gelu_parts(x).1;
+            }
+        });
 }
 
 fn sigmoid<T: CpuFloat>(x: T) -> T {
@@ -66,11 +71,21 @@ pub fn dropout<T: CpuFloat>(x: &mut [T], p: f32, stream: &RngStream) {
     if p <= 0.0 {
         return;
     }
-    let keep_scale = if p < 1.0 { T::of_f32(1.0 / (1.0 - p)) } else { T::zero() };
-    x.par_chunks_mut(PAR_CHUNK).enumerate().for_each(|(c, chunk)| {
-        for (j, x) in chunk.iter_mut().enumerate() {
-            let i = (c * PAR_CHUNK + j) as u32;
-            *x = if stream.uniform_f32(0, i) >= p { *x * keep_scale } else { T::zero() };
-        }
-    });
+    let keep_scale = if p < 1.0 {
+        T::of_f32(1.0 / (1.0 - p))
+    } else {
+        T::zero()
+    };
+    x.par_chunks_mut(PAR_CHUNK)
+        .enumerate()
+        .for_each(|(c, chunk)| {
+            for (j, x) in chunk.iter_mut().enumerate() {
+                let i = (c * PAR_CHUNK + j) as u32;
+                *x = if stream.uniform_f32(0, i) >= p {
+                    *x * keep_scale
+                } else {
+                    T::zero()
+                };
+            }
+        });
 }

@@ -90,7 +90,11 @@ fn tiles(mask: &AttentionMask, q_len: usize, kv_len: usize) -> Vec<Tile> {
     while q0 < q_len {
         let run_end = mask.run_end(q0).min(q_len);
         let long_run = run_end - q0 >= MIN_RUN;
-        let q1 = if long_run { run_end.min(q0 + TILE) } else { (q0 + TILE).min(q_len) };
+        let q1 = if long_run {
+            run_end.min(q0 + TILE)
+        } else {
+            (q0 + TILE).min(q_len)
+        };
         let uniform = run_end >= q1;
         // Union of each range slot over the rows, then merged where they touch.
         let mut slots: [Option<Range<usize>>; 2] = [None, None];
@@ -118,7 +122,11 @@ fn tiles(mask: &AttentionMask, q_len: usize, kv_len: usize) -> Vec<Tile> {
                 _ => merged.push(r),
             }
         }
-        out.push(Tile { rows: q0..q1, segments: merged, uniform });
+        out.push(Tile {
+            rows: q0..q1,
+            segments: merged,
+            uniform,
+        });
         q0 = q1;
     }
     out
@@ -161,10 +169,28 @@ fn small_gemm<T: CpuFloat>(
     let a_need = (m - 1) * rsa + (k - 1) * csa + 1;
     let b_need = (k - 1) * rsb + (n - 1) * csb + 1;
     let c_need = (m - 1) * ldc + n;
-    assert!(a.len() >= a_need && b.len() >= b_need && c.len() >= c_need, "attention gemm out of bounds");
+    assert!(
+        a.len() >= a_need && b.len() >= b_need && c.len() >= c_need,
+        "attention gemm out of bounds"
+    );
     // SAFETY: the assert above bounds every addressed element; `c` is a distinct `&mut`.
     unsafe {
-        T::gemm_raw(m, k, n, alpha, a.as_ptr(), rsa as isize, csa as isize, b.as_ptr(), rsb as isize, csb as isize, beta, c.as_mut_ptr(), ldc as isize, 1);
+        T::gemm_raw(
+            m,
+            k,
+            n,
+            alpha,
+            a.as_ptr(),
+            rsa as isize,
+            csa as isize,
+            b.as_ptr(),
+            rsb as isize,
+            csb as isize,
+            beta,
+            c.as_mut_ptr(),
+            ldc as isize,
+            1,
+        );
     }
 }
 
@@ -191,7 +217,14 @@ fn apply_mask<T: CpuFloat>(mask: &AttentionMask, tile: &Tile, kv_len: usize, sco
 }
 
 /// `scores[rows × cols] = scale · Q_tile · K_segmentsᵀ`.
-fn tile_scores<T: CpuFloat>(s: &AttentionShape, tile: &Tile, base: HeadBase, q: &[T], k: &[T], scores: &mut [T]) {
+fn tile_scores<T: CpuFloat>(
+    s: &AttentionShape,
+    tile: &Tile,
+    base: HeadBase,
+    q: &[T],
+    k: &[T],
+    scores: &mut [T],
+) {
     let cols = tile.columns();
     let rows = tile.rows.len();
     let scale = T::of_f32(s.scale);
@@ -215,7 +248,15 @@ fn tile_scores<T: CpuFloat>(s: &AttentionShape, tile: &Tile, base: HeadBase, q: 
 }
 
 /// The forward: `out = softmax(scale·q·kᵀ + mask)·v`, `lse` per (sequence, head, query).
-pub fn forward<T: CpuFloat>(s: &AttentionShape, mask: &AttentionMask, q: &[T], k: &[T], v: &[T], out: &mut [T], lse: &mut [T]) {
+pub fn forward<T: CpuFloat>(
+    s: &AttentionShape,
+    mask: &AttentionMask,
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    out: &mut [T],
+    lse: &mut [T],
+) {
     let (d, width) = (s.head_dim, s.heads * s.head_dim);
     if s.batch == 0 || s.heads == 0 || s.q_len == 0 || d == 0 {
         return;
@@ -371,11 +412,47 @@ pub fn backward<T: CpuFloat>(
                 for seg in &tile.segments {
                     let n = seg.len();
                     // dQ += dS·K
-                    small_gemm(rows, n, d, T::one(), &dp[col..], (cols, 1), &k[base.k + seg.start * s.k_stride..], (s.k_stride, 1), T::one(), &mut gq[tile.rows.start * d..], d);
+                    small_gemm(
+                        rows,
+                        n,
+                        d,
+                        T::one(),
+                        &dp[col..],
+                        (cols, 1),
+                        &k[base.k + seg.start * s.k_stride..],
+                        (s.k_stride, 1),
+                        T::one(),
+                        &mut gq[tile.rows.start * d..],
+                        d,
+                    );
                     // dK += dSᵀ·Q
-                    small_gemm(n, rows, d, T::one(), &dp[col..], (1, cols), &q[base.q + tile.rows.start * s.q_stride..], (s.q_stride, 1), T::one(), &mut gk[seg.start * d..], d);
+                    small_gemm(
+                        n,
+                        rows,
+                        d,
+                        T::one(),
+                        &dp[col..],
+                        (1, cols),
+                        &q[base.q + tile.rows.start * s.q_stride..],
+                        (s.q_stride, 1),
+                        T::one(),
+                        &mut gk[seg.start * d..],
+                        d,
+                    );
                     // dV += Pᵀ·dO
-                    small_gemm(n, rows, d, T::one(), &p[col..], (1, cols), &dout[obase + tile.rows.start * width..], (width, 1), T::one(), &mut gv[seg.start * d..], d);
+                    small_gemm(
+                        n,
+                        rows,
+                        d,
+                        T::one(),
+                        &p[col..],
+                        (1, cols),
+                        &dout[obase + tile.rows.start * width..],
+                        (width, 1),
+                        T::one(),
+                        &mut gv[seg.start * d..],
+                        d,
+                    );
                     col += n;
                 }
             }
@@ -385,7 +462,10 @@ pub fn backward<T: CpuFloat>(
     for (bh, (gq, gk, gv)) in results.into_iter().enumerate() {
         let (b, h) = (bh / s.heads, bh % s.heads);
         for t in 0..s.q_len {
-            for (x, &g) in dq[(b * s.q_len + t) * width + h * d..][..d].iter_mut().zip(&gq[t * d..(t + 1) * d]) {
+            for (x, &g) in dq[(b * s.q_len + t) * width + h * d..][..d]
+                .iter_mut()
+                .zip(&gq[t * d..(t + 1) * d])
+            {
                 *x += g;
             }
         }

@@ -9,9 +9,11 @@ pub fn forward<T: CpuFloat>(ids: &[u32], table: &[T], out: &mut [T], channels: u
     if channels == 0 {
         return;
     }
-    out.par_chunks_mut(channels).zip(ids.par_iter()).for_each(|(o, &id)| {
-        o.copy_from_slice(&table[id as usize * channels..(id as usize + 1) * channels]);
-    });
+    out.par_chunks_mut(channels)
+        .zip(ids.par_iter())
+        .for_each(|(o, &id)| {
+            o.copy_from_slice(&table[id as usize * channels..(id as usize + 1) * channels]);
+        });
 }
 
 /// `dtable[ids[i]] += dout[i]`, in row order (deterministic).

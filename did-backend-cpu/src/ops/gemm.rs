@@ -7,17 +7,37 @@ use crate::{CpuError, CpuFloat};
 /// `C[i] = alpha·op(A[i])·op(B[i]) + beta·C[i]` for every batch entry `i`
 /// (see [`Gemm`]); the slices start at each operand's offset.
 pub fn gemm<T: CpuFloat>(g: &Gemm, a: &[T], b: &[T], c: &mut [T]) -> Result<(), CpuError> {
-    if g.batch > 1 && g.stride_c < g.m.saturating_sub(1) * g.ldc + g.n && g.m * g.n > 0 && g.stride_c != 0 {
-        return Err(CpuError::Shape(format!("matmul: output matrices overlap (stride_c {} for {}×{} with ldc {})", g.stride_c, g.m, g.n, g.ldc)));
+    if g.batch > 1
+        && g.stride_c < g.m.saturating_sub(1) * g.ldc + g.n
+        && g.m * g.n > 0
+        && g.stride_c != 0
+    {
+        return Err(CpuError::Shape(format!(
+            "matmul: output matrices overlap (stride_c {} for {}×{} with ldc {})",
+            g.stride_c, g.m, g.n, g.ldc
+        )));
     }
     if few_rows_linear(g) {
         for i in 0..g.batch {
-            few_rows(g, &a[i * g.stride_a..], &b[i * g.stride_b..], &mut c[i * g.stride_c..]);
+            few_rows(
+                g,
+                &a[i * g.stride_a..],
+                &b[i * g.stride_b..],
+                &mut c[i * g.stride_c..],
+            );
         }
         return Ok(());
     }
-    let (rsa, csa) = if g.trans_a { (1, g.lda as isize) } else { (g.lda as isize, 1) };
-    let (rsb, csb) = if g.trans_b { (1, g.ldb as isize) } else { (g.ldb as isize, 1) };
+    let (rsa, csa) = if g.trans_a {
+        (1, g.lda as isize)
+    } else {
+        (g.lda as isize, 1)
+    };
+    let (rsb, csb) = if g.trans_b {
+        (1, g.ldb as isize)
+    } else {
+        (g.ldb as isize, 1)
+    };
     let (alpha, beta) = (T::of_f32(g.alpha), T::of_f32(g.beta));
     for i in 0..g.batch {
         if g.m == 0 || g.n == 0 {
@@ -88,7 +108,11 @@ fn few_rows<T: CpuFloat>(g: &Gemm, a: &[T], b: &[T], c: &mut [T]) {
         for i in 0..g.m {
             for (jj, &v) in vals[i * width..(i + 1) * width].iter().enumerate() {
                 let dst = &mut c[i * g.ldc + start + jj];
-                *dst = if g.beta == 0.0 { alpha * v } else { alpha * v + beta * *dst };
+                *dst = if g.beta == 0.0 {
+                    alpha * v
+                } else {
+                    alpha * v + beta * *dst
+                };
             }
         }
     }

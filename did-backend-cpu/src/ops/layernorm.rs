@@ -7,12 +7,21 @@ use super::column_sums;
 use crate::CpuFloat;
 
 /// `out = (x − μ)·rstd·w (+ b)`, saving `mean` and `rstd` per row.
-pub fn forward<T: CpuFloat>(s: &NormShape, x: &[T], w: &[T], b: Option<&[T]>, out: &mut [T], mean: &mut [T], rstd: &mut [T]) {
+pub fn forward<T: CpuFloat>(
+    s: &NormShape,
+    x: &[T],
+    w: &[T],
+    b: Option<&[T]>,
+    out: &mut [T],
+    mean: &mut [T],
+    rstd: &mut [T],
+) {
     if s.rows == 0 || s.cols == 0 {
         return;
     }
     let x = ArrayView2::from_shape((s.rows, s.cols), x).expect("shape checked by the caller");
-    let mut out = ArrayViewMut2::from_shape((s.rows, s.cols), out).expect("shape checked by the caller");
+    let mut out =
+        ArrayViewMut2::from_shape((s.rows, s.cols), out).expect("shape checked by the caller");
     let n = T::from_usize(s.cols).unwrap_or_else(T::one);
     let eps = T::of_f32(s.eps);
     Zip::from(x.axis_iter(Axis(0)))
@@ -37,7 +46,16 @@ pub fn forward<T: CpuFloat>(s: &NormShape, x: &[T], w: &[T], b: Option<&[T]>, ou
 
 /// Accumulates `dx` and `dweight` (llm.c's `layernorm_backward`).
 #[allow(clippy::too_many_arguments)]
-pub fn backward<T: CpuFloat>(s: &NormShape, dout: &[T], x: &[T], w: &[T], mean: &[T], rstd: &[T], dx: &mut [T], dw: &mut [T]) {
+pub fn backward<T: CpuFloat>(
+    s: &NormShape,
+    dout: &[T],
+    x: &[T],
+    w: &[T],
+    mean: &[T],
+    rstd: &[T],
+    dx: &mut [T],
+    dw: &mut [T],
+) {
     let (rows, cols) = (s.rows, s.cols);
     if rows == 0 || cols == 0 {
         return;
@@ -70,7 +88,10 @@ pub fn backward<T: CpuFloat>(s: &NormShape, dout: &[T], x: &[T], w: &[T], mean: 
         });
     let sums = column_sums(rows, cols, |row, acc: &mut [T]| {
         let (mu, r) = (mean[row], rstd[row]);
-        let (x, d) = (&x[row * cols..(row + 1) * cols], &dout[row * cols..(row + 1) * cols]);
+        let (x, d) = (
+            &x[row * cols..(row + 1) * cols],
+            &dout[row * cols..(row + 1) * cols],
+        );
         for c in 0..cols {
             acc[c] += d[c] * (x[c] - mu) * r;
         }

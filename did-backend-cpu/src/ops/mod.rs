@@ -22,7 +22,11 @@ pub(crate) const ROW_CHUNK: usize = 16;
 /// Column sums that do not depend on the thread count: `f(row, acc)` adds
 /// row `row`'s contribution to `acc[cols]`; rows are summed in fixed chunks,
 /// then the chunks in order. Returns the total.
-pub(crate) fn column_sums<T: CpuFloat>(rows: usize, cols: usize, f: impl Fn(usize, &mut [T]) + Sync) -> Vec<T> {
+pub(crate) fn column_sums<T: CpuFloat>(
+    rows: usize,
+    cols: usize,
+    f: impl Fn(usize, &mut [T]) + Sync,
+) -> Vec<T> {
     let chunks = rows.div_ceil(ROW_CHUNK);
     let partials: Vec<Vec<T>> = (0..chunks)
         .into_par_iter()

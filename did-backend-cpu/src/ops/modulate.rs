@@ -7,31 +7,55 @@ use super::column_sums;
 use crate::CpuFloat;
 
 /// `out[b, t, c] = x·(1 + scale[b, c]) + shift[b, c]`.
-pub fn forward<T: CpuFloat>(x: &[T], shift: &[T], scale: &[T], out: &mut [T], tokens: usize, channels: usize) {
+pub fn forward<T: CpuFloat>(
+    x: &[T],
+    shift: &[T],
+    scale: &[T],
+    out: &mut [T],
+    tokens: usize,
+    channels: usize,
+) {
     if channels == 0 || tokens == 0 {
         return;
     }
-    out.par_chunks_mut(channels).zip(x.par_chunks(channels)).enumerate().for_each(|(row, (o, x))| {
-        let b = row / tokens;
-        let (sh, sc) = (&shift[b * channels..][..channels], &scale[b * channels..][..channels]);
-        for c in 0..channels {
-            o[c] = x[c] * (T::one() + sc[c]) + sh[c];
-        }
-    });
+    out.par_chunks_mut(channels)
+        .zip(x.par_chunks(channels))
+        .enumerate()
+        .for_each(|(row, (o, x))| {
+            let b = row / tokens;
+            let (sh, sc) = (
+                &shift[b * channels..][..channels],
+                &scale[b * channels..][..channels],
+            );
+            for c in 0..channels {
+                o[c] = x[c] * (T::one() + sc[c]) + sh[c];
+            }
+        });
 }
 
 /// `dx += dout·(1 + scale)`, `dscale[b] += Σ_t dout·x`.
 #[allow(clippy::too_many_arguments)]
-pub fn backward<T: CpuFloat>(dout: &[T], x: &[T], scale: &[T], dx: &mut [T], dscale: &mut [T], tokens: usize, channels: usize) {
+pub fn backward<T: CpuFloat>(
+    dout: &[T],
+    x: &[T],
+    scale: &[T],
+    dx: &mut [T],
+    dscale: &mut [T],
+    tokens: usize,
+    channels: usize,
+) {
     if channels == 0 || tokens == 0 {
         return;
     }
-    dx.par_chunks_mut(channels).zip(dout.par_chunks(channels)).enumerate().for_each(|(row, (dx, d))| {
-        let sc = &scale[(row / tokens) * channels..][..channels];
-        for c in 0..channels {
-            dx[c] += d[c] * (T::one() + sc[c]);
-        }
-    });
+    dx.par_chunks_mut(channels)
+        .zip(dout.par_chunks(channels))
+        .enumerate()
+        .for_each(|(row, (dx, d))| {
+            let sc = &scale[(row / tokens) * channels..][..channels];
+            for c in 0..channels {
+                dx[c] += d[c] * (T::one() + sc[c]);
+            }
+        });
     let batch = dout.len() / (tokens * channels);
     for b in 0..batch {
         let base = b * tokens * channels;
@@ -48,23 +72,33 @@ pub fn backward<T: CpuFloat>(dout: &[T], x: &[T], scale: &[T], dx: &mut [T], dsc
 }
 
 /// `residual[b, t, c] += gate[b, c]·y[b, t, c]` (gate 1 when absent).
-pub fn gated_residual_forward<T: CpuFloat>(residual: &mut [T], y: &[T], gate: Option<&[T]>, tokens: usize, channels: usize) {
+pub fn gated_residual_forward<T: CpuFloat>(
+    residual: &mut [T],
+    y: &[T],
+    gate: Option<&[T]>,
+    tokens: usize,
+    channels: usize,
+) {
     if channels == 0 || tokens == 0 {
         return;
     }
-    residual.par_chunks_mut(channels).zip(y.par_chunks(channels)).enumerate().for_each(|(row, (r, y))| match gate {
-        Some(g) => {
-            let g = &g[(row / tokens) * channels..][..channels];
-            for c in 0..channels {
-                r[c] += g[c] * y[c];
+    residual
+        .par_chunks_mut(channels)
+        .zip(y.par_chunks(channels))
+        .enumerate()
+        .for_each(|(row, (r, y))| match gate {
+            Some(g) => {
+                let g = &g[(row / tokens) * channels..][..channels];
+                for c in 0..channels {
+                    r[c] += g[c] * y[c];
+                }
             }
-        }
-        None => {
-            for c in 0..channels {
-                r[c] += y[c];
+            None => {
+                for c in 0..channels {
+                    r[c] += y[c];
+                }
             }
-        }
-    });
+        });
 }
 
 /// `dy += gate·dresidual`, `dgate[b] += Σ_t dresidual·y`.
@@ -80,19 +114,22 @@ pub fn gated_residual_backward<T: CpuFloat>(
     if channels == 0 || tokens == 0 {
         return;
     }
-    dy.par_chunks_mut(channels).zip(dres.par_chunks(channels)).enumerate().for_each(|(row, (dy, d))| match gate {
-        Some(g) => {
-            let g = &g[(row / tokens) * channels..][..channels];
-            for c in 0..channels {
-                dy[c] += g[c] * d[c];
+    dy.par_chunks_mut(channels)
+        .zip(dres.par_chunks(channels))
+        .enumerate()
+        .for_each(|(row, (dy, d))| match gate {
+            Some(g) => {
+                let g = &g[(row / tokens) * channels..][..channels];
+                for c in 0..channels {
+                    dy[c] += g[c] * d[c];
+                }
             }
-        }
-        None => {
-            for c in 0..channels {
-                dy[c] += d[c];
+            None => {
+                for c in 0..channels {
+                    dy[c] += d[c];
+                }
             }
-        }
-    });
+        });
     if let Some(dgate) = dgate {
         let batch = dres.len() / (tokens * channels);
         for b in 0..batch {

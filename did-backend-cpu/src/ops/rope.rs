@@ -23,9 +23,15 @@ pub fn rotate<T: CpuFloat>(s: &RopeShape, x: &mut [T], inverse: bool) {
     }
     // cos/sin per (token, frequency), shared by batch and heads.
     // Angles in f64, so that far positions (long generations) lose no precision before the cast.
-    let inv_freq: Vec<f64> = (0..half).map(|d| f64::from(s.base).powf(-2.0 * d as f64 / s.head_dim as f64)).collect();
+    let inv_freq: Vec<f64> = (0..half)
+        .map(|d| f64::from(s.base).powf(-2.0 * d as f64 / s.head_dim as f64))
+        .collect();
     let table: Vec<(T, T)> = (0..s.tokens)
-        .flat_map(|t| inv_freq.iter().map(move |&f| (s.position_offset + t) as f64 * f))
+        .flat_map(|t| {
+            inv_freq
+                .iter()
+                .map(move |&f| (s.position_offset + t) as f64 * f)
+        })
         .map(|a| {
             let (sin, cos) = a.sin_cos();
             (T::of_f64(cos), T::of_f64(if inverse { -sin } else { sin }))
@@ -48,7 +54,10 @@ pub fn rotate<T: CpuFloat>(s: &RopeShape, x: &mut [T], inverse: bool) {
     if s.batch_stride == s.tokens * s.stride {
         // Tokens evenly spaced (a fused qkv buffer too): one parallel pass.
         let n = extent(s);
-        x[..n].par_chunks_mut(s.stride).enumerate().for_each(|(i, tok)| rotate_token(i % s.tokens, &mut tok[..width]));
+        x[..n]
+            .par_chunks_mut(s.stride)
+            .enumerate()
+            .for_each(|(i, tok)| rotate_token(i % s.tokens, &mut tok[..width]));
     } else {
         for b in 0..s.batch {
             for t in 0..s.tokens {

@@ -177,13 +177,23 @@ pub(crate) struct Sizes {
 impl Sizes {
     pub fn of(config: &ModelConfig, batch: usize, seq_len: usize, pass: Pass) -> Self {
         let t = pass.tokens_per_sequence(seq_len);
-        Sizes { n: batch * t, rows_out: batch * seq_len, lse: batch * config.heads * t }
+        Sizes {
+            n: batch * t,
+            rows_out: batch * seq_len,
+            lse: batch * config.heads * t,
+        }
     }
 }
 
 impl<B: Backend> Activations<B> {
     /// Allocates every buffer for `batch` sequences of length `seq_len`.
-    pub fn new(be: &B, config: &ModelConfig, batch: usize, seq_len: usize, pass: Pass) -> Result<Self, B::Error> {
+    pub fn new(
+        be: &B,
+        config: &ModelConfig,
+        batch: usize,
+        seq_len: usize,
+        pass: Pass,
+    ) -> Result<Self, B::Error> {
         let s = Sizes::of(config, batch, seq_len, pass);
         let (c, m, n, r) = (config.hidden, config.mlp_hidden, s.n, s.rows_out);
         let dit = config.architecture == Architecture::Dit;
@@ -209,7 +219,9 @@ impl<B: Backend> Activations<B> {
                 y2: z(n * c)?,
             });
         }
-        let residual = (0..=config.layers).map(|_| z(n * c)).collect::<Result<Vec<_>, _>>()?;
+        let residual = (0..=config.layers)
+            .map(|_| z(n * c))
+            .collect::<Result<Vec<_>, _>>()?;
         let cond = if dit {
             let k = config.cond_dim;
             Some(CondActivations {
@@ -239,7 +251,11 @@ impl<B: Backend> Activations<B> {
             dhf: z(r * c)?,
             dlnf: z(r * c)?,
             dhx: z(r * c)?,
-            dmods: z(if dit { config.layers * 6 * c + 2 * c } else { 0 })?,
+            dmods: z(if dit {
+                config.layers * 6 * c + 2 * c
+            } else {
+                0
+            })?,
             dc: z(k)?,
             ds2: z(k)?,
             ds1a: z(k)?,
@@ -250,7 +266,11 @@ impl<B: Backend> Activations<B> {
             seq_len,
             pass,
             ids: be.upload_ids(&alloc::vec![0; n])?,
-            position_ids: if dit { None } else { Some(be.upload_ids(&alloc::vec![0; n])?) },
+            position_ids: if dit {
+                None
+            } else {
+                Some(be.upload_ids(&alloc::vec![0; n])?)
+            },
             residual,
             blocks,
             cond,
@@ -278,16 +298,38 @@ impl<B: Backend> Activations<B> {
 /// assert!(m.activations > m.parameters);
 /// # Ok::<(), did_core::Error>(())
 /// ```
-pub fn memory_report(config: &ModelConfig, batch: usize, seq_len: usize, pass: Pass) -> MemoryReport {
+pub fn memory_report(
+    config: &ModelConfig,
+    batch: usize,
+    seq_len: usize,
+    pass: Pass,
+) -> MemoryReport {
     let s = Sizes::of(config, batch, seq_len, pass);
-    let (c, m, n, r, v) = (config.hidden, config.mlp_hidden, s.n, s.rows_out, config.vocab_size);
+    let (c, m, n, r, v) = (
+        config.hidden,
+        config.mlp_hidden,
+        s.n,
+        s.rows_out,
+        config.vocab_size,
+    );
     let dit = config.architecture == Architecture::Dit;
     let per_block = n * c * (if dit { 8 } else { 6 }) + 4 * n + 3 * n * c + s.lse + 2 * n * m;
-    let cond = if dit { TIME_EMBEDDING_DIM + 4 * config.cond_dim + config.layers * 6 * c + 2 * c } else { 0 };
+    let cond = if dit {
+        TIME_EMBEDDING_DIM + 4 * config.cond_dim + config.layers * 6 * c + 2 * c
+    } else {
+        0
+    };
     let logits = r * v;
     let head = r * c * (if dit { 3 } else { 2 }) + 2 * r + logits + 2 * r;
     let activations = config.layers * per_block + (config.layers + 1) * n * c + cond + head;
-    let scratch = 8 * n * c + 2 * n * m + 3 * r * c + if dit { config.layers * 6 * c + 2 * c + 4 * config.cond_dim } else { 0 };
+    let scratch = 8 * n * c
+        + 2 * n * m
+        + 3 * r * c
+        + if dit {
+            config.layers * 6 * c + 2 * c + 4 * config.cond_dim
+        } else {
+            0
+        };
     let p = config.parameter_count();
     MemoryReport {
         parameters: 4 * p,
@@ -304,7 +346,9 @@ pub fn memory_report(config: &ModelConfig, batch: usize, seq_len: usize, pass: P
 pub fn time_embedding(sigma: f64) -> Vec<f32> {
     let half = TIME_EMBEDDING_DIM / 2;
     let freq = |i: usize| libm::exp(-libm::log(10_000.0) * i as f64 / half as f64);
-    let mut e: Vec<f32> = (0..half).map(|i| libm::cos(sigma * freq(i)) as f32).collect();
+    let mut e: Vec<f32> = (0..half)
+        .map(|i| libm::cos(sigma * freq(i)) as f32)
+        .collect();
     e.extend((0..half).map(|i| libm::sin(sigma * freq(i)) as f32));
     e
 }

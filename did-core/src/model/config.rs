@@ -35,7 +35,11 @@ impl FromStr for Architecture {
         match s.trim() {
             "dit" | "bd3lm" | "mdlm" => Ok(Architecture::Dit),
             "gpt2" | "ar" => Ok(Architecture::Gpt2),
-            other => Err(parse_error("architecture", other, "expected `dit` (diffusion) or `gpt2` (causal)")),
+            other => Err(parse_error(
+                "architecture",
+                other,
+                "expected `dit` (diffusion) or `gpt2` (causal)",
+            )),
         }
     }
 }
@@ -88,7 +92,11 @@ impl ModelConfig {
             "tiny" => (4, 256, 4, 256),
             "small" => (12, 768, 12, 1024),
             other => {
-                return Err(parse_error("model preset", other, "expected `tiny` or `small`, or describe the model in a config file"))
+                return Err(parse_error(
+                    "model preset",
+                    other,
+                    "expected `tiny` or `small`, or describe the model in a config file",
+                ))
             }
         };
         Ok(ModelConfig {
@@ -124,36 +132,65 @@ impl ModelConfig {
         ];
         for (name, v) in positive {
             if v == 0 {
-                return Err(invalid("model config", format!("`{name}` must be at least 1")));
+                return Err(invalid(
+                    "model config",
+                    format!("`{name}` must be at least 1"),
+                ));
             }
         }
         if self.hidden % self.heads != 0 {
             return Err(invalid(
                 "model config",
-                format!("`hidden` ({}) must be a multiple of `heads` ({})", self.hidden, self.heads),
+                format!(
+                    "`hidden` ({}) must be a multiple of `heads` ({})",
+                    self.hidden, self.heads
+                ),
             ));
         }
         if self.architecture == Architecture::Dit {
             if self.head_dim() % 2 != 0 {
-                return Err(invalid("model config", format!("RoPE needs an even head dimension; hidden/heads = {}", self.head_dim())));
+                return Err(invalid(
+                    "model config",
+                    format!(
+                        "RoPE needs an even head dimension; hidden/heads = {}",
+                        self.head_dim()
+                    ),
+                ));
             }
             if self.cond_dim == 0 {
-                return Err(invalid("model config", "`cond_dim` must be at least 1 for the DiT"));
+                return Err(invalid(
+                    "model config",
+                    "`cond_dim` must be at least 1 for the DiT",
+                ));
             }
             if self.mask_id as usize >= self.vocab_size {
                 return Err(invalid(
                     "model config",
-                    format!("`mask_id` {} must be below `vocab_size` {}", self.mask_id, self.vocab_size),
+                    format!(
+                        "`mask_id` {} must be below `vocab_size` {}",
+                        self.mask_id, self.vocab_size
+                    ),
                 ));
             }
         }
         if !(0.0..1.0).contains(&self.dropout) {
-            return Err(invalid("model config", format!("`dropout` must be in [0, 1); got {}", self.dropout)));
+            return Err(invalid(
+                "model config",
+                format!("`dropout` must be in [0, 1); got {}", self.dropout),
+            ));
         }
-        if !(self.norm_eps > 0.0) || !(self.rope_base > 1.0) {
-            return Err(invalid("model config", "`norm_eps` must be > 0 and `rope_base` > 1"));
+        let positive_eps = self.norm_eps.is_finite() && self.norm_eps > 0.0;
+        let usable_base = self.rope_base.is_finite() && self.rope_base > 1.0;
+        if !positive_eps || !usable_base {
+            return Err(invalid(
+                "model config",
+                "`norm_eps` must be > 0 and `rope_base` > 1",
+            ));
         }
-        let big = self.vocab_size.checked_mul(self.hidden).and_then(|x| x.checked_mul(self.layers.max(1)));
+        let big = self
+            .vocab_size
+            .checked_mul(self.hidden)
+            .and_then(|x| x.checked_mul(self.layers.max(1)));
         if big.is_none() || self.context > (1 << 24) {
             return Err(invalid("model config", "the model is too large to address"));
         }

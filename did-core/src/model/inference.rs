@@ -37,11 +37,20 @@ pub struct KvCache<B: Backend> {
 
 impl<B: Backend> KvCache<B> {
     /// Room for `capacity` positions of `batch` sequences.
-    pub fn new(be: &B, config: &ModelConfig, batch: usize, capacity: usize) -> Result<Self, B::Error> {
+    pub fn new(
+        be: &B,
+        config: &ModelConfig,
+        batch: usize,
+        capacity: usize,
+    ) -> Result<Self, B::Error> {
         let len = batch * capacity * config.hidden;
         Ok(KvCache {
-            k: (0..config.layers).map(|_| be.zeros(len)).collect::<Result<_, _>>()?,
-            v: (0..config.layers).map(|_| be.zeros(len)).collect::<Result<_, _>>()?,
+            k: (0..config.layers)
+                .map(|_| be.zeros(len))
+                .collect::<Result<_, _>>()?,
+            v: (0..config.layers)
+                .map(|_| be.zeros(len))
+                .collect::<Result<_, _>>()?,
             spare: be.zeros(len)?,
             batch,
             capacity,
@@ -62,7 +71,13 @@ impl<B: Backend> KvCache<B> {
     }
 
     /// Makes room for positions `[window_start, end)`, sliding the kept slots to the front if needed.
-    fn make_room(&mut self, be: &B, c: usize, window_start: usize, end: usize) -> Result<(), B::Error> {
+    fn make_room(
+        &mut self,
+        be: &B,
+        c: usize,
+        window_start: usize,
+        end: usize,
+    ) -> Result<(), B::Error> {
         if end - self.base <= self.capacity {
             return Ok(());
         }
@@ -72,7 +87,11 @@ impl<B: Backend> KvCache<B> {
             for buf in buffers.iter_mut() {
                 for s in 0..self.batch {
                     let src = (s * self.capacity + keep_from - self.base) * c;
-                    be.copy(Slice::at(&*buf, src), SliceMut::at(&mut self.spare, s * self.capacity * c), kept * c)?;
+                    be.copy(
+                        Slice::at(&*buf, src),
+                        SliceMut::at(&mut self.spare, s * self.capacity * c),
+                        kept * c,
+                    )?;
                 }
                 core::mem::swap(buf, &mut self.spare);
             }
@@ -122,7 +141,14 @@ impl<'a, B: Backend> Inference<'a, B> {
         } else {
             None
         };
-        Ok(Inference { be, model, params, cond, scratch: None, head: None })
+        Ok(Inference {
+            be,
+            model,
+            params,
+            cond,
+            scratch: None,
+            head: None,
+        })
     }
 
     /// The model.
@@ -170,7 +196,13 @@ impl<'a, B: Backend> Inference<'a, B> {
         let (c, be) = (cfg.hidden, self.be);
         self.head = Some((
             rows,
-            [be.zeros(rows * c)?, be.zeros(rows * c)?, be.zeros(rows)?, be.zeros(rows)?, be.zeros(rows * c)?],
+            [
+                be.zeros(rows * c)?,
+                be.zeros(rows * c)?,
+                be.zeros(rows)?,
+                be.zeros(rows)?,
+                be.zeros(rows * c)?,
+            ],
             be.zeros(rows * cfg.vocab_size)?,
         ));
         Ok(())
@@ -197,9 +229,18 @@ impl<'a, B: Backend> Inference<'a, B> {
         let end = start + n;
         let window_start = end.saturating_sub(cfg.context);
         let mask = if cfg.architecture == Architecture::Gpt2 {
-            AttentionMask::Causal { query_offset: start, key_offset: window_start.min(start), window: Some(cfg.context) }
+            AttentionMask::Causal {
+                query_offset: start,
+                key_offset: window_start.min(start),
+                window: Some(cfg.context),
+            }
         } else {
-            AttentionMask::BlockCausal { block_size, query_offset: start, key_offset: 0, window: Some(cfg.context) }
+            AttentionMask::BlockCausal {
+                block_size,
+                query_offset: start,
+                key_offset: 0,
+                window: Some(cfg.context),
+            }
         };
         self.ensure_scratch(rows)?;
         let ids = be.upload_ids(tokens)?;
@@ -209,11 +250,27 @@ impl<'a, B: Backend> Inference<'a, B> {
         } else {
             None
         };
-        let Some((_, blk, [x_a, x_b])) = self.scratch.as_mut() else { unreachable!("allocated above") };
+        let Some((_, blk, [x_a, x_b])) = self.scratch.as_mut() else {
+            unreachable!("allocated above")
+        };
         let mut dy_scratch = be.zeros(if position_ids.is_some() { rows * c } else { 0 })?;
-        self.model.embed_forward(be, self.params, &ids, position_ids.as_ref(), rows, x_a, &mut dy_scratch)?;
+        self.model.embed_forward(
+            be,
+            self.params,
+            &ids,
+            position_ids.as_ref(),
+            rows,
+            x_a,
+            &mut dy_scratch,
+        )?;
         let mods = self.cond.as_ref().map(|cd| &cd.mods);
-        let mut geo = Geometry { batch, tokens: n, segments: 1, position_offset: start, mask };
+        let mut geo = Geometry {
+            batch,
+            tokens: n,
+            segments: 1,
+            position_offset: start,
+            mask,
+        };
         if let Some((cache, _)) = cache.as_mut() {
             cache.make_room(be, c, window_start, end)?;
         }
@@ -222,10 +279,26 @@ impl<'a, B: Backend> Inference<'a, B> {
                 Some((cache, _)) => {
                     let first = window_start.max(cache.base);
                     geo.mask = match mask {
-                        AttentionMask::BlockCausal { block_size, query_offset, window, .. } => {
-                            AttentionMask::BlockCausal { block_size, query_offset, key_offset: first, window }
-                        }
-                        AttentionMask::Causal { query_offset, window, .. } => AttentionMask::Causal { query_offset, key_offset: first, window },
+                        AttentionMask::BlockCausal {
+                            block_size,
+                            query_offset,
+                            window,
+                            ..
+                        } => AttentionMask::BlockCausal {
+                            block_size,
+                            query_offset,
+                            key_offset: first,
+                            window,
+                        },
+                        AttentionMask::Causal {
+                            query_offset,
+                            window,
+                            ..
+                        } => AttentionMask::Causal {
+                            query_offset,
+                            key_offset: first,
+                            window,
+                        },
                         other => other,
                     };
                     KeyValues::Cache {
@@ -239,8 +312,13 @@ impl<'a, B: Backend> Inference<'a, B> {
                 }
                 None => KeyValues::OwnTokens,
             };
-            let (src, dst) = if l % 2 == 0 { (&*x_a, &mut *x_b) } else { (&*x_b, &mut *x_a) };
-            self.model.block_forward(be, self.params, l, blk, mods, src, dst, &geo, kv, None)?;
+            let (src, dst) = if l % 2 == 0 {
+                (&*x_a, &mut *x_b)
+            } else {
+                (&*x_b, &mut *x_a)
+            };
+            self.model
+                .block_forward(be, self.params, l, blk, mods, src, dst, &geo, kv, None)?;
         }
         if let Some((cache, CacheUse::Commit)) = cache.as_mut() {
             cache.committed = end;
@@ -251,15 +329,32 @@ impl<'a, B: Backend> Inference<'a, B> {
             return Ok(());
         }
         self.ensure_head(k)?;
-        let (Some((_, _, [x_a, x_b])), Some((_, [hx, lnf, mean, rstd, hf], logits))) = (self.scratch.as_ref(), self.head.as_mut()) else {
+        let (Some((_, _, [x_a, x_b])), Some((_, [hx, lnf, mean, rstd, hf], logits))) =
+            (self.scratch.as_ref(), self.head.as_mut())
+        else {
             unreachable!("allocated above")
         };
         let last = if cfg.layers % 2 == 0 { x_a } else { x_b };
         for (i, &(seq, idx)) in outputs.iter().enumerate() {
-            be.copy(Slice::at(last, (seq * n + idx) * c), SliceMut::at(hx, i * c), c)?;
+            be.copy(
+                Slice::at(last, (seq * n + idx) * c),
+                SliceMut::at(hx, i * c),
+                c,
+            )?;
         }
         let final_mod = self.cond.as_ref().map(|cd| &cd.final_mod);
-        self.model.head_forward(be, self.params, k, hx, lnf, mean, rstd, hf, final_mod, logits)?;
+        self.model.head_forward(
+            be,
+            self.params,
+            k,
+            hx,
+            lnf,
+            mean,
+            rstd,
+            hf,
+            final_mod,
+            logits,
+        )?;
         be.download(Slice::whole(logits), &mut out[..k * v])
     }
 
@@ -267,24 +362,51 @@ impl<'a, B: Backend> Inference<'a, B> {
     /// position 0): block-causal with `block_size` for the DiT (`n` for full
     /// attention), causal for GPT-2; at most `context` positions are seen.
     /// Returns `[batch, n, V]`.
-    pub fn logits_uncached(&mut self, tokens: &[u32], batch: usize, block_size: usize) -> Result<Vec<f32>, ModelError<B::Error>> {
+    pub fn logits_uncached(
+        &mut self,
+        tokens: &[u32],
+        batch: usize,
+        block_size: usize,
+    ) -> Result<Vec<f32>, ModelError<B::Error>> {
         let n = self.check_tokens(tokens, batch)?;
-        if self.model.config().architecture == Architecture::Gpt2 && n > self.model.config().context {
-            return Err(invalid("sequence length", "GPT-2 has learned positions up to its context; score shorter windows").into());
+        if self.model.config().architecture == Architecture::Gpt2 && n > self.model.config().context
+        {
+            return Err(invalid(
+                "sequence length",
+                "GPT-2 has learned positions up to its context; score shorter windows",
+            )
+            .into());
         }
-        let outputs: Vec<(usize, usize)> = (0..batch).flat_map(|s| (0..n).map(move |i| (s, i))).collect();
+        let outputs: Vec<(usize, usize)> = (0..batch)
+            .flat_map(|s| (0..n).map(move |i| (s, i)))
+            .collect();
         let mut out = vec![0.0; outputs.len() * self.model.config().vocab_size];
-        self.pass(tokens, batch, 0, block_size.max(1), None, &outputs, &mut out).map_err(ModelError::Backend)?;
+        self.pass(
+            tokens,
+            batch,
+            0,
+            block_size.max(1),
+            None,
+            &outputs,
+            &mut out,
+        )
+        .map_err(ModelError::Backend)?;
         Ok(out)
     }
 
     fn check_tokens(&self, tokens: &[u32], batch: usize) -> Result<usize, crate::Error> {
         if batch == 0 || tokens.is_empty() || tokens.len() % batch != 0 {
-            return Err(invalid("tokens", "need batch ≥ 1 sequences of equal, non-zero length"));
+            return Err(invalid(
+                "tokens",
+                "need batch ≥ 1 sequences of equal, non-zero length",
+            ));
         }
         let vocab = self.model.config().vocab_size;
         if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
-            return Err(invalid("token id", alloc::format!("{bad} is outside the vocabulary of {vocab}")));
+            return Err(invalid(
+                "token id",
+                alloc::format!("{bad} is outside the vocabulary of {vocab}"),
+            ));
         }
         Ok(tokens.len() / batch)
     }
@@ -303,9 +425,18 @@ pub struct DiffusionDenoiser<'a, B: Backend> {
 
 impl<'a, B: Backend> DiffusionDenoiser<'a, B> {
     /// A denoiser over `params`; `use_cache = false` recomputes the whole prefix at every call.
-    pub fn new(be: &'a B, model: &'a Transformer, params: &'a B::Buffer, use_cache: bool) -> Result<Self, ModelError<B::Error>> {
+    pub fn new(
+        be: &'a B,
+        model: &'a Transformer,
+        params: &'a B::Buffer,
+        use_cache: bool,
+    ) -> Result<Self, ModelError<B::Error>> {
         if model.config().architecture != Architecture::Dit {
-            return Err(invalid("model", "sampling by denoising needs a diffusion (DiT) model, not a causal one").into());
+            return Err(invalid(
+                "model",
+                "sampling by denoising needs a diffusion (DiT) model, not a causal one",
+            )
+            .into());
         }
         Ok(DiffusionDenoiser {
             inference: Inference::new(be, model, params).map_err(ModelError::Backend)?,
@@ -321,12 +452,17 @@ impl<'a, B: Backend> DiffusionDenoiser<'a, B> {
     fn block_of(&mut self, request: &DenoiseRequest<'_>, range: core::ops::Range<usize>) {
         self.block_tokens.clear();
         for s in 0..request.batch {
-            self.block_tokens.extend_from_slice(&request.sequence(s)[range.clone()]);
+            self.block_tokens
+                .extend_from_slice(&request.sequence(s)[range.clone()]);
         }
     }
 
     /// Commits blocks until the cache holds `[0, upto)`.
-    fn catch_up(&mut self, request: &DenoiseRequest<'_>, upto: usize) -> Result<(), ModelError<B::Error>> {
+    fn catch_up(
+        &mut self,
+        request: &DenoiseRequest<'_>,
+        upto: usize,
+    ) -> Result<(), ModelError<B::Error>> {
         let be = self.inference.be;
         let cfg = *self.inference.model.config();
         let need_new = match &self.cache {
@@ -334,15 +470,32 @@ impl<'a, B: Backend> DiffusionDenoiser<'a, B> {
             None => true,
         };
         if need_new {
-            let capacity = self.seq_len.min(2 * cfg.context).max(cfg.context.min(self.seq_len));
-            self.cache = Some(KvCache::new(be, &cfg, request.batch, capacity).map_err(ModelError::Backend)?);
+            let capacity = self
+                .seq_len
+                .min(2 * cfg.context)
+                .max(cfg.context.min(self.seq_len));
+            self.cache =
+                Some(KvCache::new(be, &cfg, request.batch, capacity).map_err(ModelError::Backend)?);
         }
-        while let Some(from) = self.cache.as_ref().map(|c| c.committed).filter(|&c| c < upto) {
+        while let Some(from) = self
+            .cache
+            .as_ref()
+            .map(|c| c.committed)
+            .filter(|&c| c < upto)
+        {
             let to = (from + self.block_size).min(upto);
             self.block_of(request, from..to);
             let tokens = core::mem::take(&mut self.block_tokens);
             let cache = self.cache.as_mut().map(|c| (c, CacheUse::Commit));
-            let r = self.inference.pass(&tokens, request.batch, from, self.block_size, cache, &[], &mut []);
+            let r = self.inference.pass(
+                &tokens,
+                request.batch,
+                from,
+                self.block_size,
+                cache,
+                &[],
+                &mut [],
+            );
             self.block_tokens = tokens;
             r.map_err(ModelError::Backend)?;
         }
@@ -361,7 +514,12 @@ impl<B: Backend> Denoiser for DiffusionDenoiser<'_, B> {
         self.inference.model.config().mask_id
     }
 
-    fn begin_stage(&mut self, batch: usize, seq_len: usize, block_size: usize) -> Result<(), Self::Error> {
+    fn begin_stage(
+        &mut self,
+        batch: usize,
+        seq_len: usize,
+        block_size: usize,
+    ) -> Result<(), Self::Error> {
         let cfg = self.inference.model.config();
         if block_size > cfg.context {
             return Err(invalid(
@@ -391,11 +549,24 @@ impl<B: Backend> Denoiser for DiffusionDenoiser<'_, B> {
             self.catch_up(request, block.start)?;
             self.block_of(request, block.clone());
             self.outputs.clear();
-            self.outputs.extend(request.outputs.iter().map(|o| (o.seq as usize, o.pos as usize - block.start)));
+            self.outputs.extend(
+                request
+                    .outputs
+                    .iter()
+                    .map(|o| (o.seq as usize, o.pos as usize - block.start)),
+            );
             let tokens = core::mem::take(&mut self.block_tokens);
             let outputs = core::mem::take(&mut self.outputs);
             let cache = self.cache.as_mut().map(|c| (c, CacheUse::Read));
-            let r = self.inference.pass(&tokens, request.batch, block.start, self.block_size, cache, &outputs, out);
+            let r = self.inference.pass(
+                &tokens,
+                request.batch,
+                block.start,
+                self.block_size,
+                cache,
+                &outputs,
+                out,
+            );
             self.block_tokens = tokens;
             self.outputs = outputs;
             r.map_err(ModelError::Backend)
@@ -403,10 +574,23 @@ impl<B: Backend> Denoiser for DiffusionDenoiser<'_, B> {
             // Recompute the prefix: every position up to the end of the request.
             self.block_of(request, 0..block.end);
             self.outputs.clear();
-            self.outputs.extend(request.outputs.iter().map(|o| (o.seq as usize, o.pos as usize)));
+            self.outputs.extend(
+                request
+                    .outputs
+                    .iter()
+                    .map(|o| (o.seq as usize, o.pos as usize)),
+            );
             let tokens = core::mem::take(&mut self.block_tokens);
             let outputs = core::mem::take(&mut self.outputs);
-            let r = self.inference.pass(&tokens, request.batch, 0, self.block_size, None, &outputs, out);
+            let r = self.inference.pass(
+                &tokens,
+                request.batch,
+                0,
+                self.block_size,
+                None,
+                &outputs,
+                out,
+            );
             self.block_tokens = tokens;
             self.outputs = outputs;
             r.map_err(ModelError::Backend)

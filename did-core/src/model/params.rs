@@ -100,15 +100,31 @@ struct Builder {
 impl Builder {
     fn add(&mut self, name: String, shape: &[usize], init: Init) -> usize {
         let offset = self.total;
-        let e = ParamEntry { name, shape: shape.to_vec(), offset, init };
+        let e = ParamEntry {
+            name,
+            shape: shape.to_vec(),
+            offset,
+            init,
+        };
         self.total += e.len();
         self.entries.push(e);
         offset
     }
     /// A PyTorch `nn.Linear`: weight `[out, in]`, optional bias; both U(±1/√in).
-    fn linear(&mut self, name: &str, d_in: usize, d_out: usize, bias: bool, init: Option<Init>) -> (usize, Option<usize>) {
+    fn linear(
+        &mut self,
+        name: &str,
+        d_in: usize,
+        d_out: usize,
+        bias: bool,
+        init: Option<Init>,
+    ) -> (usize, Option<usize>) {
         let default = Init::Uniform(1.0 / (d_in as f32).sqrt());
-        let w = self.add(format!("{name}.weight"), &[d_out, d_in], init.unwrap_or(default));
+        let w = self.add(
+            format!("{name}.weight"),
+            &[d_out, d_in],
+            init.unwrap_or(default),
+        );
         let b = bias.then(|| self.add(format!("{name}.bias"), &[d_out], init.unwrap_or(default)));
         (w, b)
     }
@@ -118,11 +134,18 @@ impl ParamTable {
     /// The table of `config` (assumed valid).
     pub fn new(config: &ModelConfig) -> Self {
         let (c, v, m) = (config.hidden, config.vocab_size, config.mlp_hidden);
-        let mut b = Builder { entries: Vec::new(), total: 0 };
+        let mut b = Builder {
+            entries: Vec::new(),
+            total: 0,
+        };
         let layout = match config.architecture {
             Architecture::Dit => {
                 let cond = config.cond_dim;
-                let embed = b.add("vocab_embed.embedding".into(), &[v, c], Init::Uniform(1.0 / (c as f32).sqrt()));
+                let embed = b.add(
+                    "vocab_embed.embedding".into(),
+                    &[v, c],
+                    Init::Uniform(1.0 / (c as f32).sqrt()),
+                );
                 let (s0w, s0b) = b.linear("sigma_map.mlp.0", TIME_EMBEDDING_DIM, cond, true, None);
                 let (s2w, s2b) = b.linear("sigma_map.mlp.2", cond, cond, true, None);
                 let blocks = (0..config.layers)
@@ -134,7 +157,13 @@ impl ParamTable {
                         let norm2 = b.add(format!("{p}.norm2.weight"), &[c], Init::Ones);
                         let (f1w, f1b) = b.linear(&format!("{p}.mlp.0"), c, m, true, None);
                         let (f2w, f2b) = b.linear(&format!("{p}.mlp.2"), m, c, true, None);
-                        let (aw, ab) = b.linear(&format!("{p}.adaLN_modulation"), cond, 6 * c, true, Some(Init::Zeros));
+                        let (aw, ab) = b.linear(
+                            &format!("{p}.adaLN_modulation"),
+                            cond,
+                            6 * c,
+                            true,
+                            Some(Init::Zeros),
+                        );
                         BlockOffsets {
                             norm1: (norm1, None),
                             qkv,
@@ -148,7 +177,13 @@ impl ParamTable {
                     .collect();
                 let final_norm = b.add("output_layer.norm_final.weight".into(), &[c], Init::Ones);
                 let head = b.linear("output_layer.linear", c, v, true, Some(Init::Zeros));
-                let (fw, fb) = b.linear("output_layer.adaLN_modulation", cond, 2 * c, true, Some(Init::Zeros));
+                let (fw, fb) = b.linear(
+                    "output_layer.adaLN_modulation",
+                    cond,
+                    2 * c,
+                    true,
+                    Some(Init::Zeros),
+                );
                 Layout {
                     embed,
                     positions: None,
@@ -164,17 +199,22 @@ impl ParamTable {
                 // GPT-2 scales the residual projections by 1/√(2·layers).
                 let resid = Init::Normal(0.02 / ((2 * config.layers.max(1)) as f32).sqrt());
                 let embed = b.add("wte.weight".into(), &[v, c], normal);
-                let positions = b.add("wpe.weight".into(), &[config.context, c], Init::Normal(0.01));
+                let positions = b.add(
+                    "wpe.weight".into(),
+                    &[config.context, c],
+                    Init::Normal(0.01),
+                );
                 let norm = |b: &mut Builder, name: String| {
                     let w = b.add(format!("{name}.weight"), &[c], Init::Ones);
                     let bias = b.add(format!("{name}.bias"), &[c], Init::Zeros);
                     (w, Some(bias))
                 };
-                let linear = |b: &mut Builder, name: String, d_in: usize, d_out: usize, init: Init| {
-                    let w = b.add(format!("{name}.weight"), &[d_out, d_in], init);
-                    let bias = b.add(format!("{name}.bias"), &[d_out], Init::Zeros);
-                    (w, bias)
-                };
+                let linear =
+                    |b: &mut Builder, name: String, d_in: usize, d_out: usize, init: Init| {
+                        let w = b.add(format!("{name}.weight"), &[d_out, d_in], init);
+                        let bias = b.add(format!("{name}.bias"), &[d_out], Init::Zeros);
+                        (w, bias)
+                    };
                 let blocks = (0..config.layers)
                     .map(|i| {
                         let p = format!("h.{i}");
@@ -184,14 +224,34 @@ impl ParamTable {
                         let norm2 = norm(&mut b, format!("{p}.ln_2"));
                         let fc1 = linear(&mut b, format!("{p}.mlp.c_fc"), c, m, normal);
                         let fc2 = linear(&mut b, format!("{p}.mlp.c_proj"), m, c, resid);
-                        BlockOffsets { norm1, qkv: (qw, Some(qb)), attn_out: (ow, Some(ob)), norm2, fc1, fc2, ada: None }
+                        BlockOffsets {
+                            norm1,
+                            qkv: (qw, Some(qb)),
+                            attn_out: (ow, Some(ob)),
+                            norm2,
+                            fc1,
+                            fc2,
+                            ada: None,
+                        }
                     })
                     .collect();
                 let final_norm = norm(&mut b, "ln_f".into());
-                Layout { embed, positions: Some(positions), sigma_map: None, blocks, final_norm, final_ada: None, head: (embed, None) }
+                Layout {
+                    embed,
+                    positions: Some(positions),
+                    sigma_map: None,
+                    blocks,
+                    final_norm,
+                    final_ada: None,
+                    head: (embed, None),
+                }
             }
         };
-        ParamTable { entries: b.entries, layout, total: b.total }
+        ParamTable {
+            entries: b.entries,
+            layout,
+            total: b.total,
+        }
     }
 
     /// All tensors, in checkpoint order.
@@ -235,7 +295,8 @@ impl ParamTable {
                         // Box–Muller on two open uniforms.
                         let u1 = stream.uniform(((j as u64) >> 31) as u32, (2 * j) as u32);
                         let u2 = stream.uniform(((j as u64) >> 31) as u32, (2 * j + 1) as u32);
-                        let z = libm::sqrt(-2.0 * libm::log(u1)) * libm::cos(core::f64::consts::TAU * u2);
+                        let z = libm::sqrt(-2.0 * libm::log(u1))
+                            * libm::cos(core::f64::consts::TAU * u2);
                         *x = (z * f64::from(std)) as f32;
                     }
                 }
@@ -249,7 +310,10 @@ impl ParamTable {
     pub fn random_values(&self, seed: u64, scale: f32) -> Vec<f32> {
         let stream = RngStream::new(seed, Purpose::Init, crate::rng::MAX_SAMPLE, 1);
         let mut out: Vec<f32> = (0..self.total)
-            .map(|j| ((2.0 * stream.uniform(((j as u64) >> 32) as u32, j as u32) - 1.0) * f64::from(scale)) as f32)
+            .map(|j| {
+                ((2.0 * stream.uniform(((j as u64) >> 32) as u32, j as u32) - 1.0)
+                    * f64::from(scale)) as f32
+            })
             .collect();
         for e in &self.entries {
             if e.init == Init::Ones {

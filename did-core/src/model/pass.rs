@@ -110,7 +110,10 @@ pub fn diffusion_batch(
     step: u32,
 ) -> Result<TrainBatch, Error> {
     if batch == 0 || seq_len == 0 || x0.len() != batch * seq_len {
-        return Err(invalid("training batch", "x0 must hold batch × seq_len tokens, batch ≥ 1"));
+        return Err(invalid(
+            "training batch",
+            "x0 must hold batch × seq_len tokens, batch ≥ 1",
+        ));
     }
     if block_size == 0 || seq_len % block_size != 0 {
         return Err(invalid(
@@ -120,7 +123,13 @@ pub fn diffusion_batch(
     }
     let blocks = seq_len / block_size;
     let mut times = vec![0.0; batch * blocks];
-    stratified_times(&RngStream::new(seed, Purpose::Time, 0, step), batch, blocks, schedule.clip, &mut times);
+    stratified_times(
+        &RngStream::new(seed, Purpose::Time, 0, step),
+        batch,
+        blocks,
+        schedule.clip,
+        &mut times,
+    );
     let mut xt = vec![0; x0.len()];
     let predicted = mask_tokens(
         x0,
@@ -156,7 +165,15 @@ pub fn diffusion_batch(
         }
         _ => xt,
     };
-    Ok(TrainBatch { batch, seq_len, pass, inputs, targets: x0.to_vec(), weights, predicted })
+    Ok(TrainBatch {
+        batch,
+        seq_len,
+        pass,
+        inputs,
+        targets: x0.to_vec(),
+        weights,
+        predicted,
+    })
 }
 
 /// An AR batch: row `i` predicts token `i + 1`; the last row of each sequence predicts nothing.
@@ -170,7 +187,10 @@ pub fn diffusion_batch(
 /// ```
 pub fn causal_batch(x: &[u32], batch: usize, seq_len: usize) -> Result<TrainBatch, Error> {
     if batch == 0 || seq_len < 2 || x.len() != batch * seq_len {
-        return Err(invalid("training batch", "x must hold batch × seq_len tokens with seq_len ≥ 2"));
+        return Err(invalid(
+            "training batch",
+            "x must hold batch × seq_len tokens with seq_len ≥ 2",
+        ));
     }
     let w = 1.0 / (batch * (seq_len - 1)) as f32;
     let mut targets = vec![0; x.len()];

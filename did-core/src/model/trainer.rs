@@ -108,12 +108,21 @@ pub struct Trainer<B: Backend> {
 
 impl<B: Backend> Trainer<B> {
     /// A trainer starting from `initial` (one value per parameter of `model`).
-    pub fn new(be: &B, model: &Transformer, config: TrainerConfig, initial: &[f32], seed: u64) -> Result<Self, ModelError<B::Error>> {
+    pub fn new(
+        be: &B,
+        model: &Transformer,
+        config: TrainerConfig,
+        initial: &[f32],
+        seed: u64,
+    ) -> Result<Self, ModelError<B::Error>> {
         let len = model.table().total();
         if initial.len() != len {
             return Err(invalid(
                 "parameters",
-                alloc::format!("{} values given for a model of {len} parameters", initial.len()),
+                alloc::format!(
+                    "{} values given for a model of {len} parameters",
+                    initial.len()
+                ),
             )
             .into());
         }
@@ -124,7 +133,11 @@ impl<B: Backend> Trainer<B> {
             grads: be.zeros(len).map_err(e)?,
             m: be.zeros(len).map_err(e)?,
             v: be.zeros(len).map_err(e)?,
-            ema: if config.ema_decay.is_some() { Some(be.upload(initial).map_err(e)?) } else { None },
+            ema: if config.ema_decay.is_some() {
+                Some(be.upload(initial).map_err(e)?)
+            } else {
+                None
+            },
             step: 0,
             seed,
             len,
@@ -139,47 +152,82 @@ impl<B: Backend> Trainer<B> {
 
     /// One optimizer step over `micro_batches` (gradient accumulation):
     /// forward, backward, clip, AdamW, EMA.
-    pub fn step(&mut self, be: &B, model: &Transformer, micro_batches: &[TrainBatch]) -> Result<StepReport, ModelError<B::Error>> {
+    pub fn step(
+        &mut self,
+        be: &B,
+        model: &Transformer,
+        micro_batches: &[TrainBatch],
+    ) -> Result<StepReport, ModelError<B::Error>> {
         if micro_batches.is_empty() {
             return Err(invalid("training step", "needs at least one micro-batch").into());
         }
         let e = ModelError::Backend;
         let accum = micro_batches.len();
-        be.fill(SliceMut::whole(&mut self.grads), self.len, 0.0).map_err(e)?;
+        be.fill(SliceMut::whole(&mut self.grads), self.len, 0.0)
+            .map_err(e)?;
         let mut loss = 0.0;
         let mut predicted = 0;
         for (i, batch) in micro_batches.iter().enumerate() {
             let reuse = matches!(&self.acts, Some(a) if a.batch == batch.batch && a.seq_len == batch.seq_len && a.pass == batch.pass);
             if !reuse {
                 self.acts = None; // free before allocating the new shape
-                self.acts = Some(Activations::new(be, model.config(), batch.batch, batch.seq_len, batch.pass).map_err(e)?);
+                self.acts = Some(
+                    Activations::new(be, model.config(), batch.batch, batch.seq_len, batch.pass)
+                        .map_err(e)?,
+                );
             }
-            let Some(acts) = self.acts.as_mut() else { unreachable!("allocated above") };
+            let Some(acts) = self.acts.as_mut() else {
+                unreachable!("allocated above")
+            };
             model.load_batch(be, acts, batch)?;
-            let dropout = Some(DropoutStreams { seed: self.seed, step: self.step.wrapping_mul(accum as u32).wrapping_add(i as u32) });
+            let dropout = Some(DropoutStreams {
+                seed: self.seed,
+                step: self.step.wrapping_mul(accum as u32).wrapping_add(i as u32),
+            });
             model.forward(be, &self.params, acts, dropout)?;
-            loss += model.backward(be, &self.params, &mut self.grads, acts, dropout, 1.0 / accum as f32)?;
+            loss += model.backward(
+                be,
+                &self.params,
+                &mut self.grads,
+                acts,
+                dropout,
+                1.0 / accum as f32,
+            )?;
             predicted += batch.predicted;
         }
         loss /= accum as f64;
         if !loss.is_finite() {
             return Err(invalid(
                 "training",
-                alloc::format!("the loss became {loss} at step {}; lower the learning rate or check the data", self.step + 1),
+                alloc::format!(
+                    "the loss became {loss} at step {}; lower the learning rate or check the data",
+                    self.step + 1
+                ),
             )
             .into());
         }
-        let grad_norm = be.sum_squares(Slice::whole(&self.grads), self.len).map_err(e)?.sqrt();
+        let grad_norm = be
+            .sum_squares(Slice::whole(&self.grads), self.len)
+            .map_err(e)?
+            .sqrt();
         if !grad_norm.is_finite() {
             return Err(invalid(
                 "training",
-                alloc::format!("the gradient norm became {grad_norm} at step {}; lower the learning rate", self.step + 1),
+                alloc::format!(
+                    "the gradient norm became {grad_norm} at step {}; lower the learning rate",
+                    self.step + 1
+                ),
             )
             .into());
         }
         if let Some(clip) = self.config.grad_clip {
             if grad_norm > f64::from(clip) {
-                be.scale(SliceMut::whole(&mut self.grads), self.len, (f64::from(clip) / (grad_norm + 1e-6)) as f32).map_err(e)?;
+                be.scale(
+                    SliceMut::whole(&mut self.grads),
+                    self.len,
+                    (f64::from(clip) / (grad_norm + 1e-6)) as f32,
+                )
+                .map_err(e)?;
             }
         }
         let lr = self.config.lr_at(self.step);
@@ -191,19 +239,44 @@ impl<B: Backend> Trainer<B> {
             weight_decay: self.config.weight_decay,
             step: self.step + 1,
         };
-        be.adamw(&hp, SliceMut::whole(&mut self.params), Slice::whole(&self.grads), SliceMut::whole(&mut self.m), SliceMut::whole(&mut self.v), self.len)
-            .map_err(e)?;
+        be.adamw(
+            &hp,
+            SliceMut::whole(&mut self.params),
+            Slice::whole(&self.grads),
+            SliceMut::whole(&mut self.m),
+            SliceMut::whole(&mut self.v),
+            self.len,
+        )
+        .map_err(e)?;
         if let (Some(ema), Some(decay)) = (self.ema.as_mut(), self.config.ema_decay_at(self.step)) {
-            be.ema_update(SliceMut::whole(ema), Slice::whole(&self.params), self.len, decay).map_err(e)?;
+            be.ema_update(
+                SliceMut::whole(ema),
+                Slice::whole(&self.params),
+                self.len,
+                decay,
+            )
+            .map_err(e)?;
         }
         self.step += 1;
-        Ok(StepReport { step: self.step, loss, grad_norm, lr, predicted })
+        Ok(StepReport {
+            step: self.step,
+            loss,
+            grad_norm,
+            lr,
+            predicted,
+        })
     }
 
     /// The loss of `batch` under the evaluation weights, without gradients.
-    pub fn evaluate(&mut self, be: &B, model: &Transformer, batch: &TrainBatch) -> Result<f64, ModelError<B::Error>> {
+    pub fn evaluate(
+        &mut self,
+        be: &B,
+        model: &Transformer,
+        batch: &TrainBatch,
+    ) -> Result<f64, ModelError<B::Error>> {
         let e = ModelError::Backend;
-        let mut acts = Activations::new(be, model.config(), batch.batch, batch.seq_len, batch.pass).map_err(e)?;
+        let mut acts = Activations::new(be, model.config(), batch.batch, batch.seq_len, batch.pass)
+            .map_err(e)?;
         model.load_batch(be, &mut acts, batch)?;
         let params = self.ema.as_ref().unwrap_or(&self.params);
         model.loss(be, params, &mut acts, None)

@@ -40,7 +40,12 @@ pub struct DropoutStreams {
 impl DropoutStreams {
     /// The stream of block `block`'s branch `branch` (0 attention, 1 MLP).
     pub fn stream(&self, block: usize, branch: usize) -> RngStream {
-        RngStream::new(self.seed, Purpose::Dropout, (2 * block + branch) as u32, self.step)
+        RngStream::new(
+            self.seed,
+            Purpose::Dropout,
+            (2 * block + branch) as u32,
+            self.step,
+        )
     }
 }
 
@@ -93,7 +98,10 @@ impl Transformer {
     /// A model of `config` (validated).
     pub fn new(config: ModelConfig) -> Result<Self, crate::Error> {
         config.validate()?;
-        Ok(Transformer { table: ParamTable::new(&config), config })
+        Ok(Transformer {
+            table: ParamTable::new(&config),
+            config,
+        })
     }
 
     /// Its configuration.
@@ -115,23 +123,45 @@ impl Transformer {
     }
 
     /// Checks that a batch fits these activations and this model.
-    fn check_batch<B: Backend>(&self, acts: &Activations<B>, batch: &TrainBatch) -> Result<(), crate::Error> {
+    fn check_batch<B: Backend>(
+        &self,
+        acts: &Activations<B>,
+        batch: &TrainBatch,
+    ) -> Result<(), crate::Error> {
         if batch.batch != acts.batch || batch.seq_len != acts.seq_len || batch.pass != acts.pass {
-            return Err(invalid("training batch", "the batch's shape or pass differs from the activations it was given"));
+            return Err(invalid(
+                "training batch",
+                "the batch's shape or pass differs from the activations it was given",
+            ));
         }
         if batch.seq_len > self.config.context {
             return Err(invalid(
                 "sequence length",
-                alloc::format!("{} exceeds the model's context of {}", batch.seq_len, self.config.context),
+                alloc::format!(
+                    "{} exceeds the model's context of {}",
+                    batch.seq_len,
+                    self.config.context
+                ),
             ));
         }
         if batch.pass == Pass::Causal && self.dit() || batch.pass != Pass::Causal && !self.dit() {
-            return Err(invalid("objective", "the DiT trains with diffusion passes and GPT-2 with the causal pass"));
+            return Err(invalid(
+                "objective",
+                "the DiT trains with diffusion passes and GPT-2 with the causal pass",
+            ));
         }
-        if let Some(&bad) = batch.inputs.iter().chain(&batch.targets).find(|&&t| t as usize >= self.config.vocab_size) {
+        if let Some(&bad) = batch
+            .inputs
+            .iter()
+            .chain(&batch.targets)
+            .find(|&&t| t as usize >= self.config.vocab_size)
+        {
             return Err(invalid(
                 "token id",
-                alloc::format!("{bad} is outside the model's vocabulary of {}", self.config.vocab_size),
+                alloc::format!(
+                    "{bad} is outside the model's vocabulary of {}",
+                    self.config.vocab_size
+                ),
             ));
         }
         Ok(())
@@ -141,23 +171,50 @@ impl Transformer {
 
     /// `c = SiLU(W₂·SiLU(W₀·e + b₀) + b₂)`, then every block's and the final
     /// layer's modulation vectors. One row: σ = 0 for every sequence.
-    pub(crate) fn cond_forward<B: Backend>(&self, be: &B, p: &B::Buffer, cond: &mut CondActivations<B>) -> Result<(), B::Error> {
-        let Some([w0, b0, w2, b2]) = self.layout().sigma_map else { return Ok(()) };
+    pub(crate) fn cond_forward<B: Backend>(
+        &self,
+        be: &B,
+        p: &B::Buffer,
+        cond: &mut CondActivations<B>,
+    ) -> Result<(), B::Error> {
+        let Some([w0, b0, w2, b2]) = self.layout().sigma_map else {
+            return Ok(());
+        };
         let (k, c) = (self.config.cond_dim, self.config.hidden);
-        be.matmul(&Gemm::linear(1, TIME_EMBEDDING_DIM, k), whole(&cond.time_embedding), at(p, w0), whole_mut(&mut cond.s1))?;
+        be.matmul(
+            &Gemm::linear(1, TIME_EMBEDDING_DIM, k),
+            whole(&cond.time_embedding),
+            at(p, w0),
+            whole_mut(&mut cond.s1),
+        )?;
         be.bias_add(whole_mut(&mut cond.s1), at(p, b0), 1, k)?;
         be.silu_forward(whole(&cond.s1), whole_mut(&mut cond.s1a), k)?;
-        be.matmul(&Gemm::linear(1, k, k), whole(&cond.s1a), at(p, w2), whole_mut(&mut cond.s2))?;
+        be.matmul(
+            &Gemm::linear(1, k, k),
+            whole(&cond.s1a),
+            at(p, w2),
+            whole_mut(&mut cond.s2),
+        )?;
         be.bias_add(whole_mut(&mut cond.s2), at(p, b2), 1, k)?;
         be.silu_forward(whole(&cond.s2), whole_mut(&mut cond.c), k)?;
         for (l, blk) in self.layout().blocks.iter().enumerate() {
             if let Some((aw, ab)) = blk.ada {
-                be.matmul(&Gemm::linear(1, k, 6 * c), whole(&cond.c), at(p, aw), at_mut(&mut cond.mods, l * 6 * c))?;
+                be.matmul(
+                    &Gemm::linear(1, k, 6 * c),
+                    whole(&cond.c),
+                    at(p, aw),
+                    at_mut(&mut cond.mods, l * 6 * c),
+                )?;
                 be.bias_add(at_mut(&mut cond.mods, l * 6 * c), at(p, ab), 1, 6 * c)?;
             }
         }
         if let Some((fw, fb)) = self.layout().final_ada {
-            be.matmul(&Gemm::linear(1, k, 2 * c), whole(&cond.c), at(p, fw), whole_mut(&mut cond.final_mod))?;
+            be.matmul(
+                &Gemm::linear(1, k, 2 * c),
+                whole(&cond.c),
+                at(p, fw),
+                whole_mut(&mut cond.final_mod),
+            )?;
             be.bias_add(whole_mut(&mut cond.final_mod), at(p, fb), 1, 2 * c)?;
         }
         Ok(())
@@ -171,33 +228,80 @@ impl Transformer {
         cond: &CondActivations<B>,
         scratch: &mut super::activations::GradScratch<B>,
     ) -> Result<(), B::Error> {
-        let Some([w0, b0, w2, b2]) = self.layout().sigma_map else { return Ok(()) };
+        let Some([w0, b0, w2, b2]) = self.layout().sigma_map else {
+            return Ok(());
+        };
         let (k, c, layers) = (self.config.cond_dim, self.config.hidden, self.config.layers);
         be.fill(whole_mut(&mut scratch.dc), k, 0.0)?;
         // d(mods) → d(ada weights), d(c)
         for (l, blk) in self.layout().blocks.iter().enumerate() {
             if let Some((aw, ab)) = blk.ada {
                 let dm = at(&scratch.dmods, l * 6 * c);
-                be.matmul(&Gemm::linear_weight_grad(1, k, 6 * c), dm, whole(&cond.c), at_mut(g, aw))?;
+                be.matmul(
+                    &Gemm::linear_weight_grad(1, k, 6 * c),
+                    dm,
+                    whole(&cond.c),
+                    at_mut(g, aw),
+                )?;
                 be.bias_backward(dm, at_mut(g, ab), 1, 6 * c)?;
-                be.matmul(&Gemm::linear_input_grad(1, k, 6 * c).accumulate(), dm, at(p, aw), whole_mut(&mut scratch.dc))?;
+                be.matmul(
+                    &Gemm::linear_input_grad(1, k, 6 * c).accumulate(),
+                    dm,
+                    at(p, aw),
+                    whole_mut(&mut scratch.dc),
+                )?;
             }
         }
         if let Some((fw, fb)) = self.layout().final_ada {
             let dm = at(&scratch.dmods, layers * 6 * c);
-            be.matmul(&Gemm::linear_weight_grad(1, k, 2 * c), dm, whole(&cond.c), at_mut(g, fw))?;
+            be.matmul(
+                &Gemm::linear_weight_grad(1, k, 2 * c),
+                dm,
+                whole(&cond.c),
+                at_mut(g, fw),
+            )?;
             be.bias_backward(dm, at_mut(g, fb), 1, 2 * c)?;
-            be.matmul(&Gemm::linear_input_grad(1, k, 2 * c).accumulate(), dm, at(p, fw), whole_mut(&mut scratch.dc))?;
+            be.matmul(
+                &Gemm::linear_input_grad(1, k, 2 * c).accumulate(),
+                dm,
+                at(p, fw),
+                whole_mut(&mut scratch.dc),
+            )?;
         }
         // c = SiLU(s2); s2 = W₂·s1a + b₂; s1a = SiLU(s1); s1 = W₀·e + b₀
         be.fill(whole_mut(&mut scratch.ds2), k, 0.0)?;
-        be.silu_backward(whole(&scratch.dc), whole(&cond.s2), whole_mut(&mut scratch.ds2), k)?;
-        be.matmul(&Gemm::linear_weight_grad(1, k, k), whole(&scratch.ds2), whole(&cond.s1a), at_mut(g, w2))?;
+        be.silu_backward(
+            whole(&scratch.dc),
+            whole(&cond.s2),
+            whole_mut(&mut scratch.ds2),
+            k,
+        )?;
+        be.matmul(
+            &Gemm::linear_weight_grad(1, k, k),
+            whole(&scratch.ds2),
+            whole(&cond.s1a),
+            at_mut(g, w2),
+        )?;
         be.bias_backward(whole(&scratch.ds2), at_mut(g, b2), 1, k)?;
-        be.matmul(&Gemm::linear_input_grad(1, k, k), whole(&scratch.ds2), at(p, w2), whole_mut(&mut scratch.ds1a))?;
+        be.matmul(
+            &Gemm::linear_input_grad(1, k, k),
+            whole(&scratch.ds2),
+            at(p, w2),
+            whole_mut(&mut scratch.ds1a),
+        )?;
         be.fill(whole_mut(&mut scratch.ds1), k, 0.0)?;
-        be.silu_backward(whole(&scratch.ds1a), whole(&cond.s1), whole_mut(&mut scratch.ds1), k)?;
-        be.matmul(&Gemm::linear_weight_grad(1, TIME_EMBEDDING_DIM, k), whole(&scratch.ds1), whole(&cond.time_embedding), at_mut(g, w0))?;
+        be.silu_backward(
+            whole(&scratch.ds1a),
+            whole(&cond.s1),
+            whole_mut(&mut scratch.ds1),
+            k,
+        )?;
+        be.matmul(
+            &Gemm::linear_weight_grad(1, TIME_EMBEDDING_DIM, k),
+            whole(&scratch.ds1),
+            whole(&cond.time_embedding),
+            at_mut(g, w0),
+        )?;
         be.bias_backward(whole(&scratch.ds1), at_mut(g, b0), 1, k)?;
         Ok(())
     }
@@ -205,6 +309,7 @@ impl Transformer {
     // ---- embeddings --------------------------------------------------------
 
     /// `x = E[ids]` (+ learned positions for GPT-2).
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn embed_forward<B: Backend>(
         &self,
         be: &B,
@@ -244,19 +349,44 @@ impl Transformer {
         let cfg = &self.config;
         let (c, m, n) = (cfg.hidden, cfg.mlp_hidden, geo.rows());
         let o: &BlockOffsets = &self.layout().blocks[l];
-        let norm = NormShape { rows: n, cols: c, eps: cfg.norm_eps };
+        let norm = NormShape {
+            rows: n,
+            cols: c,
+            eps: cfg.norm_eps,
+        };
         let mod_at = |i: usize| l * 6 * c + i * c; // shift, scale, gate × (attention, MLP)
 
         // ---- attention branch: x_mid = x_in + gate_msa · drop(W_out · attn(rope(W_qkv · mod(LN1(x_in)))))
-        be.layernorm_forward(&norm, whole(x_in), at(p, o.norm1.0), o.norm1.1.map(|b| at(p, b)), whole_mut(&mut a.ln1), whole_mut(&mut a.mean1), whole_mut(&mut a.rstd1))?;
+        be.layernorm_forward(
+            &norm,
+            whole(x_in),
+            at(p, o.norm1.0),
+            o.norm1.1.map(|b| at(p, b)),
+            whole_mut(&mut a.ln1),
+            whole_mut(&mut a.mean1),
+            whole_mut(&mut a.rstd1),
+        )?;
         let h1 = match mods {
             Some(mv) => {
-                be.modulate_forward(whole(&a.ln1), at(mv, mod_at(0)), at(mv, mod_at(1)), whole_mut(&mut a.h1), 1, n, c)?;
+                be.modulate_forward(
+                    whole(&a.ln1),
+                    at(mv, mod_at(0)),
+                    at(mv, mod_at(1)),
+                    whole_mut(&mut a.h1),
+                    1,
+                    n,
+                    c,
+                )?;
                 &a.h1
             }
             None => &a.ln1,
         };
-        be.matmul(&Gemm::linear(n, c, 3 * c), whole(h1), at(p, o.qkv.0), whole_mut(&mut a.qkv))?;
+        be.matmul(
+            &Gemm::linear(n, c, 3 * c),
+            whole(h1),
+            at(p, o.qkv.0),
+            whole_mut(&mut a.qkv),
+        )?;
         if let Some(b) = o.qkv.1 {
             be.bias_add(whole_mut(&mut a.qkv), at(p, b), n, 3 * c)?;
         }
@@ -281,24 +411,66 @@ impl Transformer {
         };
         match kv {
             KeyValues::OwnTokens => {
-                be.attention_forward(&shape, &geo.mask, whole(&a.qkv), at(&a.qkv, c), at(&a.qkv, 2 * c), whole_mut(&mut a.att), whole_mut(&mut a.lse))?;
+                be.attention_forward(
+                    &shape,
+                    &geo.mask,
+                    whole(&a.qkv),
+                    at(&a.qkv, c),
+                    at(&a.qkv, 2 * c),
+                    whole_mut(&mut a.att),
+                    whole_mut(&mut a.lse),
+                )?;
             }
-            KeyValues::Cache { k, v, capacity, write_slot, first_slot, kv_len } => {
+            KeyValues::Cache {
+                k,
+                v,
+                capacity,
+                write_slot,
+                first_slot,
+                kv_len,
+            } => {
                 // Store this pass's keys and values, then attend over the cache window.
                 for s in 0..geo.batch {
                     let src = s * geo.tokens * 3 * c;
                     let dst = (s * capacity + write_slot) * c;
-                    be.copy_rows(at(&a.qkv, src + c), 3 * c, at_mut(&mut *k, dst), c, geo.tokens, c)?;
-                    be.copy_rows(at(&a.qkv, src + 2 * c), 3 * c, at_mut(&mut *v, dst), c, geo.tokens, c)?;
+                    be.copy_rows(
+                        at(&a.qkv, src + c),
+                        3 * c,
+                        at_mut(&mut *k, dst),
+                        c,
+                        geo.tokens,
+                        c,
+                    )?;
+                    be.copy_rows(
+                        at(&a.qkv, src + 2 * c),
+                        3 * c,
+                        at_mut(&mut *v, dst),
+                        c,
+                        geo.tokens,
+                        c,
+                    )?;
                 }
                 shape.kv_len = kv_len;
                 shape.k_stride = c;
                 shape.v_stride = c;
                 shape.kv_batch_stride = capacity * c;
-                be.attention_forward(&shape, &geo.mask, whole(&a.qkv), at(k, first_slot * c), at(v, first_slot * c), whole_mut(&mut a.att), whole_mut(&mut a.lse))?;
+                be.attention_forward(
+                    &shape,
+                    &geo.mask,
+                    whole(&a.qkv),
+                    at(k, first_slot * c),
+                    at(v, first_slot * c),
+                    whole_mut(&mut a.att),
+                    whole_mut(&mut a.lse),
+                )?;
             }
         }
-        be.matmul(&Gemm::linear(n, c, c), whole(&a.att), at(p, o.attn_out.0), whole_mut(&mut a.y1))?;
+        be.matmul(
+            &Gemm::linear(n, c, c),
+            whole(&a.att),
+            at(p, o.attn_out.0),
+            whole_mut(&mut a.y1),
+        )?;
         if let Some(b) = o.attn_out.1 {
             be.bias_add(whole_mut(&mut a.y1), at(p, b), n, c)?;
         }
@@ -306,27 +478,67 @@ impl Transformer {
             be.dropout(whole_mut(&mut a.y1), n * c, cfg.dropout, &d.stream(l, 0))?;
         }
         be.copy(whole(x_in), whole_mut(&mut a.x_mid), n * c)?;
-        be.gated_residual_forward(whole_mut(&mut a.x_mid), whole(&a.y1), mods.map(|mv| at(mv, mod_at(2))), 1, n, c)?;
+        be.gated_residual_forward(
+            whole_mut(&mut a.x_mid),
+            whole(&a.y1),
+            mods.map(|mv| at(mv, mod_at(2))),
+            1,
+            n,
+            c,
+        )?;
 
         // ---- MLP branch: x_out = x_mid + gate_mlp · drop(W₂ · gelu(W₁ · mod(LN2(x_mid)) + b₁) + b₂)
-        be.layernorm_forward(&norm, whole(&a.x_mid), at(p, o.norm2.0), o.norm2.1.map(|b| at(p, b)), whole_mut(&mut a.ln2), whole_mut(&mut a.mean2), whole_mut(&mut a.rstd2))?;
+        be.layernorm_forward(
+            &norm,
+            whole(&a.x_mid),
+            at(p, o.norm2.0),
+            o.norm2.1.map(|b| at(p, b)),
+            whole_mut(&mut a.ln2),
+            whole_mut(&mut a.mean2),
+            whole_mut(&mut a.rstd2),
+        )?;
         let h2 = match mods {
             Some(mv) => {
-                be.modulate_forward(whole(&a.ln2), at(mv, mod_at(3)), at(mv, mod_at(4)), whole_mut(&mut a.h2), 1, n, c)?;
+                be.modulate_forward(
+                    whole(&a.ln2),
+                    at(mv, mod_at(3)),
+                    at(mv, mod_at(4)),
+                    whole_mut(&mut a.h2),
+                    1,
+                    n,
+                    c,
+                )?;
                 &a.h2
             }
             None => &a.ln2,
         };
-        be.matmul(&Gemm::linear(n, c, m), whole(h2), at(p, o.fc1.0), whole_mut(&mut a.f1))?;
+        be.matmul(
+            &Gemm::linear(n, c, m),
+            whole(h2),
+            at(p, o.fc1.0),
+            whole_mut(&mut a.f1),
+        )?;
         be.bias_add(whole_mut(&mut a.f1), at(p, o.fc1.1), n, m)?;
         be.gelu_forward(whole(&a.f1), whole_mut(&mut a.g), n * m)?;
-        be.matmul(&Gemm::linear(n, m, c), whole(&a.g), at(p, o.fc2.0), whole_mut(&mut a.y2))?;
+        be.matmul(
+            &Gemm::linear(n, m, c),
+            whole(&a.g),
+            at(p, o.fc2.0),
+            whole_mut(&mut a.y2),
+        )?;
         be.bias_add(whole_mut(&mut a.y2), at(p, o.fc2.1), n, c)?;
         if let Some(d) = dropout.filter(|_| cfg.dropout > 0.0) {
             be.dropout(whole_mut(&mut a.y2), n * c, cfg.dropout, &d.stream(l, 1))?;
         }
         be.copy(whole(&a.x_mid), whole_mut(x_out), n * c)?;
-        be.gated_residual_forward(whole_mut(x_out), whole(&a.y2), mods.map(|mv| at(mv, mod_at(5))), 1, n, c)?;
+        be.gated_residual_forward(
+            whole_mut(x_out),
+            whole(&a.y2),
+            mods.map(|mv| at(mv, mod_at(5))),
+            1,
+            n,
+            c,
+        )?;
         Ok(())
     }
 
@@ -366,50 +578,125 @@ impl Transformer {
         let cfg = &self.config;
         let (c, m, n) = (cfg.hidden, cfg.mlp_hidden, geo.rows());
         let o: &BlockOffsets = &self.layout().blocks[l];
-        let norm = NormShape { rows: n, cols: c, eps: cfg.norm_eps };
+        let norm = NormShape {
+            rows: n,
+            cols: c,
+            eps: cfg.norm_eps,
+        };
         let mod_at = |i: usize| l * 6 * c + i * c;
         let dit = mods.is_some();
 
         // ---- MLP branch, in reverse
         be.fill(whole_mut(&mut s.dy), n * c, 0.0)?;
-        be.gated_residual_backward(whole(&s.dres), whole(&a.y2), mods.map(|mv| at(mv, mod_at(5))), whole_mut(&mut s.dy), dit.then(|| at_mut(&mut s.dmods, mod_at(5))), 1, n, c)?;
+        be.gated_residual_backward(
+            whole(&s.dres),
+            whole(&a.y2),
+            mods.map(|mv| at(mv, mod_at(5))),
+            whole_mut(&mut s.dy),
+            dit.then(|| at_mut(&mut s.dmods, mod_at(5))),
+            1,
+            n,
+            c,
+        )?;
         if let Some(d) = dropout.filter(|_| cfg.dropout > 0.0) {
             be.dropout(whole_mut(&mut s.dy), n * c, cfg.dropout, &d.stream(l, 1))?;
         }
         be.bias_backward(whole(&s.dy), at_mut(g, o.fc2.1), n, c)?;
-        be.matmul(&Gemm::linear_weight_grad(n, m, c), whole(&s.dy), whole(&a.g), at_mut(g, o.fc2.0))?;
-        be.matmul(&Gemm::linear_input_grad(n, m, c), whole(&s.dy), at(p, o.fc2.0), whole_mut(&mut s.dg))?;
+        be.matmul(
+            &Gemm::linear_weight_grad(n, m, c),
+            whole(&s.dy),
+            whole(&a.g),
+            at_mut(g, o.fc2.0),
+        )?;
+        be.matmul(
+            &Gemm::linear_input_grad(n, m, c),
+            whole(&s.dy),
+            at(p, o.fc2.0),
+            whole_mut(&mut s.dg),
+        )?;
         be.fill(whole_mut(&mut s.df1), n * m, 0.0)?;
         be.gelu_backward(whole(&s.dg), whole(&a.f1), whole_mut(&mut s.df1), n * m)?;
         be.bias_backward(whole(&s.df1), at_mut(g, o.fc1.1), n, m)?;
         let h2 = if dit { &a.h2 } else { &a.ln2 };
-        be.matmul(&Gemm::linear_weight_grad(n, c, m), whole(&s.df1), whole(h2), at_mut(g, o.fc1.0))?;
+        be.matmul(
+            &Gemm::linear_weight_grad(n, c, m),
+            whole(&s.df1),
+            whole(h2),
+            at_mut(g, o.fc1.0),
+        )?;
         let dln2 = if let Some(mv) = mods {
-            be.matmul(&Gemm::linear_input_grad(n, c, m), whole(&s.df1), at(p, o.fc1.0), whole_mut(&mut s.dh))?;
+            be.matmul(
+                &Gemm::linear_input_grad(n, c, m),
+                whole(&s.df1),
+                at(p, o.fc1.0),
+                whole_mut(&mut s.dh),
+            )?;
             be.fill(whole_mut(&mut s.dln), n * c, 0.0)?;
-            be.modulate_backward(whole(&s.dh), whole(&a.ln2), at(mv, mod_at(4)), whole_mut(&mut s.dln), at_mut(&mut s.dmods, mod_at(4)), 1, n, c)?;
+            be.modulate_backward(
+                whole(&s.dh),
+                whole(&a.ln2),
+                at(mv, mod_at(4)),
+                whole_mut(&mut s.dln),
+                at_mut(&mut s.dmods, mod_at(4)),
+                1,
+                n,
+                c,
+            )?;
             be.bias_backward(whole(&s.dh), at_mut(&mut s.dmods, mod_at(3)), n, c)?;
             &s.dln
         } else {
-            be.matmul(&Gemm::linear_input_grad(n, c, m), whole(&s.df1), at(p, o.fc1.0), whole_mut(&mut s.dln))?;
+            be.matmul(
+                &Gemm::linear_input_grad(n, c, m),
+                whole(&s.df1),
+                at(p, o.fc1.0),
+                whole_mut(&mut s.dln),
+            )?;
             &s.dln
         };
-        be.layernorm_backward(&norm, whole(dln2), whole(&a.x_mid), at(p, o.norm2.0), whole(&a.mean2), whole(&a.rstd2), whole_mut(&mut s.dres), at_mut(g, o.norm2.0))?;
+        be.layernorm_backward(
+            &norm,
+            whole(dln2),
+            whole(&a.x_mid),
+            at(p, o.norm2.0),
+            whole(&a.mean2),
+            whole(&a.rstd2),
+            whole_mut(&mut s.dres),
+            at_mut(g, o.norm2.0),
+        )?;
         if let Some(b) = o.norm2.1 {
             be.bias_backward(whole(dln2), at_mut(g, b), n, c)?;
         }
 
         // ---- attention branch, in reverse
         be.fill(whole_mut(&mut s.dy), n * c, 0.0)?;
-        be.gated_residual_backward(whole(&s.dres), whole(&a.y1), mods.map(|mv| at(mv, mod_at(2))), whole_mut(&mut s.dy), dit.then(|| at_mut(&mut s.dmods, mod_at(2))), 1, n, c)?;
+        be.gated_residual_backward(
+            whole(&s.dres),
+            whole(&a.y1),
+            mods.map(|mv| at(mv, mod_at(2))),
+            whole_mut(&mut s.dy),
+            dit.then(|| at_mut(&mut s.dmods, mod_at(2))),
+            1,
+            n,
+            c,
+        )?;
         if let Some(d) = dropout.filter(|_| cfg.dropout > 0.0) {
             be.dropout(whole_mut(&mut s.dy), n * c, cfg.dropout, &d.stream(l, 0))?;
         }
         if let Some(b) = o.attn_out.1 {
             be.bias_backward(whole(&s.dy), at_mut(g, b), n, c)?;
         }
-        be.matmul(&Gemm::linear_weight_grad(n, c, c), whole(&s.dy), whole(&a.att), at_mut(g, o.attn_out.0))?;
-        be.matmul(&Gemm::linear_input_grad(n, c, c), whole(&s.dy), at(p, o.attn_out.0), whole_mut(&mut s.datt))?;
+        be.matmul(
+            &Gemm::linear_weight_grad(n, c, c),
+            whole(&s.dy),
+            whole(&a.att),
+            at_mut(g, o.attn_out.0),
+        )?;
+        be.matmul(
+            &Gemm::linear_input_grad(n, c, c),
+            whole(&s.dy),
+            at(p, o.attn_out.0),
+            whole_mut(&mut s.datt),
+        )?;
         for d in [&mut s.dq, &mut s.dk, &mut s.dv] {
             be.fill(whole_mut(d), n * c, 0.0)?;
         }
@@ -448,23 +735,51 @@ impl Transformer {
         let h1 = if dit { &a.h1 } else { &a.ln1 };
         let dh1 = if dit { &mut s.dh } else { &mut s.dln };
         for (i, d) in [&s.dq, &s.dk, &s.dv].into_iter().enumerate() {
-            be.matmul(&Gemm::linear_weight_grad(n, c, c), whole(d), whole(h1), at_mut(g, o.qkv.0 + i * c * c))?;
+            be.matmul(
+                &Gemm::linear_weight_grad(n, c, c),
+                whole(d),
+                whole(h1),
+                at_mut(g, o.qkv.0 + i * c * c),
+            )?;
             if let Some(b) = o.qkv.1 {
                 be.bias_backward(whole(d), at_mut(g, b + i * c), n, c)?;
             }
             let gemm = Gemm::linear_input_grad(n, c, c);
             let gemm = if i == 0 { gemm } else { gemm.accumulate() };
-            be.matmul(&gemm, whole(d), at(p, o.qkv.0 + i * c * c), whole_mut(&mut *dh1))?;
+            be.matmul(
+                &gemm,
+                whole(d),
+                at(p, o.qkv.0 + i * c * c),
+                whole_mut(&mut *dh1),
+            )?;
         }
         let dln1 = if let Some(mv) = mods {
             be.fill(whole_mut(&mut s.dln), n * c, 0.0)?;
-            be.modulate_backward(whole(&s.dh), whole(&a.ln1), at(mv, mod_at(1)), whole_mut(&mut s.dln), at_mut(&mut s.dmods, mod_at(1)), 1, n, c)?;
+            be.modulate_backward(
+                whole(&s.dh),
+                whole(&a.ln1),
+                at(mv, mod_at(1)),
+                whole_mut(&mut s.dln),
+                at_mut(&mut s.dmods, mod_at(1)),
+                1,
+                n,
+                c,
+            )?;
             be.bias_backward(whole(&s.dh), at_mut(&mut s.dmods, mod_at(0)), n, c)?;
             &s.dln
         } else {
             &s.dln
         };
-        be.layernorm_backward(&norm, whole(dln1), whole(x_in), at(p, o.norm1.0), whole(&a.mean1), whole(&a.rstd1), whole_mut(&mut s.dres), at_mut(g, o.norm1.0))?;
+        be.layernorm_backward(
+            &norm,
+            whole(dln1),
+            whole(x_in),
+            at(p, o.norm1.0),
+            whole(&a.mean1),
+            whole(&a.rstd1),
+            whole_mut(&mut s.dres),
+            at_mut(g, o.norm1.0),
+        )?;
         if let Some(b) = o.norm1.1 {
             be.bias_backward(whole(dln1), at_mut(g, b), n, c)?;
         }
@@ -474,7 +789,12 @@ impl Transformer {
     // ---- the training pass ---------------------------------------------------
 
     /// Uploads a batch's ids, targets and weights into `acts`.
-    pub fn load_batch<B: Backend>(&self, be: &B, acts: &mut Activations<B>, batch: &TrainBatch) -> Result<(), ModelError<B::Error>> {
+    pub fn load_batch<B: Backend>(
+        &self,
+        be: &B,
+        acts: &mut Activations<B>,
+        batch: &TrainBatch,
+    ) -> Result<(), ModelError<B::Error>> {
         self.check_batch(acts, batch)?;
         acts.ids = be.upload_ids(&batch.inputs).map_err(ModelError::Backend)?;
         acts.targets = be.upload_ids(&batch.targets).map_err(ModelError::Backend)?;
@@ -482,7 +802,9 @@ impl Transformer {
         if acts.position_ids.is_some() {
             let t = batch.pass.tokens_per_sequence(batch.seq_len);
             let per = t / batch.pass.position_segments();
-            let pos: Vec<u32> = (0..batch.batch * t).map(|i| ((i % t) % per) as u32).collect();
+            let pos: Vec<u32> = (0..batch.batch * t)
+                .map(|i| ((i % t) % per) as u32)
+                .collect();
             acts.position_ids = Some(be.upload_ids(&pos).map_err(ModelError::Backend)?);
         }
         Ok(())
@@ -500,30 +822,81 @@ impl Transformer {
 
     /// The forward of a loaded batch up to the logits of the output rows
     /// (`acts.logits`, `[batch·L, V]`). `dropout` is `None` in evaluation.
-    pub fn forward<B: Backend>(&self, be: &B, p: &B::Buffer, acts: &mut Activations<B>, dropout: Option<DropoutStreams>) -> Result<(), ModelError<B::Error>> {
+    pub fn forward<B: Backend>(
+        &self,
+        be: &B,
+        p: &B::Buffer,
+        acts: &mut Activations<B>,
+        dropout: Option<DropoutStreams>,
+    ) -> Result<(), ModelError<B::Error>> {
         let geo = self.geometry(acts)?;
-        self.forward_inner(be, p, acts, &geo, dropout).map_err(ModelError::Backend)
+        self.forward_inner(be, p, acts, &geo, dropout)
+            .map_err(ModelError::Backend)
     }
 
-    fn forward_inner<B: Backend>(&self, be: &B, p: &B::Buffer, acts: &mut Activations<B>, geo: &Geometry, dropout: Option<DropoutStreams>) -> Result<(), B::Error> {
+    fn forward_inner<B: Backend>(
+        &self,
+        be: &B,
+        p: &B::Buffer,
+        acts: &mut Activations<B>,
+        geo: &Geometry,
+        dropout: Option<DropoutStreams>,
+    ) -> Result<(), B::Error> {
         let cfg = &self.config;
         let (c, n) = (cfg.hidden, geo.rows());
         if let Some(cond) = acts.cond.as_mut() {
             self.cond_forward(be, p, cond)?;
         }
         let (first, _) = acts.residual.split_at_mut(1);
-        self.embed_forward(be, p, &acts.ids, acts.position_ids.as_ref(), n, &mut first[0], &mut acts.grad.dy)?;
+        self.embed_forward(
+            be,
+            p,
+            &acts.ids,
+            acts.position_ids.as_ref(),
+            n,
+            &mut first[0],
+            &mut acts.grad.dy,
+        )?;
         for l in 0..cfg.layers {
             let (before, after) = acts.residual.split_at_mut(l + 1);
             let mods = acts.cond.as_ref().map(|cd| &cd.mods);
-            self.block_forward(be, p, l, &mut acts.blocks[l], mods, &before[l], &mut after[0], geo, KeyValues::OwnTokens, dropout)?;
+            self.block_forward(
+                be,
+                p,
+                l,
+                &mut acts.blocks[l],
+                mods,
+                &before[l],
+                &mut after[0],
+                geo,
+                KeyValues::OwnTokens,
+                dropout,
+            )?;
         }
         // The rows that get logits: the x_t half of the BD3 stream, or every token.
         let rows = acts.batch * acts.seq_len;
         let last = &acts.residual[cfg.layers];
-        be.copy_rows(whole(last), geo.tokens * c, whole_mut(&mut acts.hx), acts.seq_len * c, acts.batch, acts.seq_len * c)?;
+        be.copy_rows(
+            whole(last),
+            geo.tokens * c,
+            whole_mut(&mut acts.hx),
+            acts.seq_len * c,
+            acts.batch,
+            acts.seq_len * c,
+        )?;
         let final_mod = acts.cond.as_ref().map(|cd| &cd.final_mod);
-        self.head_forward(be, p, rows, &acts.hx, &mut acts.lnf, &mut acts.mean_f, &mut acts.rstd_f, &mut acts.hf, final_mod, &mut acts.logits)
+        self.head_forward(
+            be,
+            p,
+            rows,
+            &acts.hx,
+            &mut acts.lnf,
+            &mut acts.mean_f,
+            &mut acts.rstd_f,
+            &mut acts.hf,
+            final_mod,
+            &mut acts.logits,
+        )
     }
 
     /// Final LayerNorm, modulation (DiT) and the output head over `rows` rows of `hx`.
@@ -544,8 +917,20 @@ impl Transformer {
         let cfg = &self.config;
         let (c, v) = (cfg.hidden, cfg.vocab_size);
         let lay = self.layout();
-        let norm = NormShape { rows, cols: c, eps: cfg.norm_eps };
-        be.layernorm_forward(&norm, whole(hx), at(p, lay.final_norm.0), lay.final_norm.1.map(|b| at(p, b)), whole_mut(lnf), whole_mut(mean), whole_mut(rstd))?;
+        let norm = NormShape {
+            rows,
+            cols: c,
+            eps: cfg.norm_eps,
+        };
+        be.layernorm_forward(
+            &norm,
+            whole(hx),
+            at(p, lay.final_norm.0),
+            lay.final_norm.1.map(|b| at(p, b)),
+            whole_mut(lnf),
+            whole_mut(mean),
+            whole_mut(rstd),
+        )?;
         let h = match final_mod {
             Some(fm) => {
                 be.modulate_forward(whole(lnf), at(fm, 0), at(fm, c), whole_mut(hf), 1, rows, c)?;
@@ -553,7 +938,12 @@ impl Transformer {
             }
             None => &*lnf,
         };
-        be.matmul(&Gemm::linear(rows, c, v), whole(h), at(p, lay.head.0), whole_mut(logits))?;
+        be.matmul(
+            &Gemm::linear(rows, c, v),
+            whole(h),
+            at(p, lay.head.0),
+            whole_mut(logits),
+        )?;
         if let Some(b) = lay.head.1 {
             be.bias_add(whole_mut(logits), at(p, b), rows, v)?;
         }
@@ -573,7 +963,8 @@ impl Transformer {
         grad_scale: f32,
     ) -> Result<f64, ModelError<B::Error>> {
         let geo = self.geometry(acts)?;
-        self.backward_inner(be, p, g, acts, &geo, dropout, grad_scale).map_err(ModelError::Backend)
+        self.backward_inner(be, p, g, acts, &geo, dropout, grad_scale)
+            .map_err(ModelError::Backend)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -593,7 +984,16 @@ impl Transformer {
         let lay = self.layout();
         let dit = self.dit();
         let excluded = dit.then_some(cfg.mask_id);
-        be.softmax_cross_entropy(whole_mut(&mut acts.logits), &acts.targets, whole(&acts.weights), whole_mut(&mut acts.losses), rows, v, excluded, grad_scale)?;
+        be.softmax_cross_entropy(
+            whole_mut(&mut acts.logits),
+            &acts.targets,
+            whole(&acts.weights),
+            whole_mut(&mut acts.losses),
+            rows,
+            v,
+            excluded,
+            grad_scale,
+        )?;
         let loss = be.sum(whole(&acts.losses), rows)?;
 
         // ---- head, final modulation and norm
@@ -602,34 +1002,84 @@ impl Transformer {
         if let Some(b) = lay.head.1 {
             be.bias_backward(whole(&acts.logits), at_mut(g, b), rows, v)?;
         }
-        be.matmul(&Gemm::linear_weight_grad(rows, c, v), whole(&acts.logits), whole(h), at_mut(g, lay.head.0))?;
-        be.matmul(&Gemm::linear_input_grad(rows, c, v), whole(&acts.logits), at(p, lay.head.0), whole_mut(&mut s.dhf))?;
+        be.matmul(
+            &Gemm::linear_weight_grad(rows, c, v),
+            whole(&acts.logits),
+            whole(h),
+            at_mut(g, lay.head.0),
+        )?;
+        be.matmul(
+            &Gemm::linear_input_grad(rows, c, v),
+            whole(&acts.logits),
+            at(p, lay.head.0),
+            whole_mut(&mut s.dhf),
+        )?;
         if dit {
             be.fill(whole_mut(&mut s.dmods), cfg.layers * 6 * c + 2 * c, 0.0)?;
         }
         let dlnf = if let Some(cond) = acts.cond.as_ref() {
             be.fill(whole_mut(&mut s.dlnf), rows * c, 0.0)?;
             let off = cfg.layers * 6 * c;
-            be.modulate_backward(whole(&s.dhf), whole(&acts.lnf), at(&cond.final_mod, c), whole_mut(&mut s.dlnf), at_mut(&mut s.dmods, off + c), 1, rows, c)?;
+            be.modulate_backward(
+                whole(&s.dhf),
+                whole(&acts.lnf),
+                at(&cond.final_mod, c),
+                whole_mut(&mut s.dlnf),
+                at_mut(&mut s.dmods, off + c),
+                1,
+                rows,
+                c,
+            )?;
             be.bias_backward(whole(&s.dhf), at_mut(&mut s.dmods, off), rows, c)?;
             &s.dlnf
         } else {
             &s.dhf
         };
         be.fill(whole_mut(&mut s.dhx), rows * c, 0.0)?;
-        let norm = NormShape { rows, cols: c, eps: cfg.norm_eps };
-        be.layernorm_backward(&norm, whole(dlnf), whole(&acts.hx), at(p, lay.final_norm.0), whole(&acts.mean_f), whole(&acts.rstd_f), whole_mut(&mut s.dhx), at_mut(g, lay.final_norm.0))?;
+        let norm = NormShape {
+            rows,
+            cols: c,
+            eps: cfg.norm_eps,
+        };
+        be.layernorm_backward(
+            &norm,
+            whole(dlnf),
+            whole(&acts.hx),
+            at(p, lay.final_norm.0),
+            whole(&acts.mean_f),
+            whole(&acts.rstd_f),
+            whole_mut(&mut s.dhx),
+            at_mut(g, lay.final_norm.0),
+        )?;
         if let Some(b) = lay.final_norm.1 {
             be.bias_backward(whole(dlnf), at_mut(g, b), rows, c)?;
         }
         // Scatter back into the residual stream (the x_0 half of the BD3 stream gets no gradient here).
         be.fill(whole_mut(&mut s.dres), n * c, 0.0)?;
-        be.copy_rows(whole(&s.dhx), acts.seq_len * c, whole_mut(&mut s.dres), geo.tokens * c, acts.batch, acts.seq_len * c)?;
+        be.copy_rows(
+            whole(&s.dhx),
+            acts.seq_len * c,
+            whole_mut(&mut s.dres),
+            geo.tokens * c,
+            acts.batch,
+            acts.seq_len * c,
+        )?;
 
         // ---- blocks, last to first
         for l in (0..cfg.layers).rev() {
             let mods = acts.cond.as_ref().map(|cd| &cd.mods);
-            self.block_backward(be, p, g, l, &acts.blocks[l], mods, &acts.residual[l], geo, dropout, s)?;
+            self.block_backward(
+                be,
+                p,
+                g,
+                l,
+                &acts.blocks[l],
+                mods,
+                &acts.residual[l],
+                geo,
+                dropout,
+                s,
+            )?;
         }
 
         // ---- embeddings and conditioning
@@ -644,12 +1094,27 @@ impl Transformer {
     }
 
     /// The loss of a loaded batch without gradients (`dropout` is `None` in evaluation).
-    pub fn loss<B: Backend>(&self, be: &B, p: &B::Buffer, acts: &mut Activations<B>, dropout: Option<DropoutStreams>) -> Result<f64, ModelError<B::Error>> {
+    pub fn loss<B: Backend>(
+        &self,
+        be: &B,
+        p: &B::Buffer,
+        acts: &mut Activations<B>,
+        dropout: Option<DropoutStreams>,
+    ) -> Result<f64, ModelError<B::Error>> {
         self.forward(be, p, acts, dropout)?;
         let (rows, v) = (acts.batch * acts.seq_len, self.config.vocab_size);
         let excluded = self.dit().then_some(self.config.mask_id);
         let mut run = || -> Result<f64, B::Error> {
-            be.softmax_cross_entropy(whole_mut(&mut acts.logits), &acts.targets, whole(&acts.weights), whole_mut(&mut acts.losses), rows, v, excluded, 0.0)?;
+            be.softmax_cross_entropy(
+                whole_mut(&mut acts.logits),
+                &acts.targets,
+                whole(&acts.weights),
+                whole_mut(&mut acts.losses),
+                rows,
+                v,
+                excluded,
+                0.0,
+            )?;
             be.sum(whole(&acts.losses), rows)
         };
         run().map_err(ModelError::Backend)

@@ -1,0 +1,75 @@
+//! End-to-end: `did model-info` on presets, a TOML file, and bad input.
+
+use std::process::Command;
+
+fn did(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_did"))
+        .args(args)
+        .output()
+        .expect("the did binary runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn the_paper_model_has_the_reference_parameter_count() {
+    let (code, out, _) = did(&["model-info", "small"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("parameters: 169627218"), "{out}"); // bd3lm.md §7
+    assert!(out.contains("batch 8 × length 1024"), "{out}");
+}
+
+#[test]
+fn a_toml_file_describes_a_model() {
+    let dir = std::env::temp_dir().join(format!("did-model-info-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("model.toml");
+    std::fs::write(
+        &path,
+        "[model]\npreset = \"tiny\"\narchitecture = \"gpt2\"\nlayers = 2\n",
+    )
+    .unwrap();
+    let (code, out, err) = did(&["model-info", path.to_str().unwrap(), "--batch", "2"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.starts_with("gpt2 model: 2 layers × 256 hidden"),
+        "{out}"
+    );
+    std::fs::write(&path, "[model]\npreset = \"tiny\"\nheads = 5\n").unwrap();
+    let (code, _, err) = did(&["model-info", path.to_str().unwrap()]);
+    assert_eq!(code, 2);
+    assert!(err.contains("multiple of `heads`"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn bad_flags_name_the_cause() {
+    for (args, want) in [
+        (vec!["model-info"], "needs a MODEL"),
+        (
+            vec!["model-info", "tiny", "--batch", "0"],
+            "not a positive integer",
+        ),
+        (
+            vec!["model-info", "tiny", "--length", "512"],
+            "exceeds the model's context",
+        ),
+        (
+            vec!["model-info", "tiny", "--block", "3"],
+            "must divide the length",
+        ),
+        (vec!["model-info", "tiny", "--arch", "rnn"], "architecture"),
+        (vec!["model-info", "tiny", "--batch"], "needs a value"),
+        (
+            vec!["model-info", "/nonexistent/model.toml"],
+            "cannot read the model config",
+        ),
+    ] {
+        let (code, _, err) = did(&args);
+        assert_eq!(code, 2, "{args:?}");
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+}

@@ -1,0 +1,12 @@
+//! The TOML model configuration: any text gives a config or an error, never a panic.
+#![no_main]
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    if let Ok(text) = std::str::from_utf8(data) {
+        if let Ok(config) = did_cli::model_config::from_toml(text) {
+            // A config that validates can be laid out and sized.
+            let _ = config.parameter_count();
+        }
+    }
+});
