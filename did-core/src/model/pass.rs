@@ -95,7 +95,10 @@ pub struct TrainBatch {
 /// assert_eq!(b.pass, Pass::Bd3 { block_size: 4 });
 /// assert_eq!(b.inputs.len(), 2 * 16);            // x_t ⊕ x_0 per sequence
 /// assert_eq!(&b.inputs[8..16], &x0[..8]);        // the clean half
-/// assert!(b.weights.iter().zip(&b.inputs).all(|(&w, &t)| (w > 0.0) == (t == 99)));
+/// for (s, p) in (0..2).flat_map(|s| (0..8).map(move |p| (s, p))) {
+///     // Exactly the masked positions of the x_t half carry a loss weight.
+///     assert_eq!(b.weights[s * 8 + p] > 0.0, b.inputs[s * 16 + p] == 99);
+/// }
 /// # Ok::<(), did_core::Error>(())
 /// ```
 #[allow(clippy::too_many_arguments)]
