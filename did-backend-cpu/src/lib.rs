@@ -11,6 +11,32 @@
 //! One module per op family under [`ops`], each with its forward and backward
 //! side by side.
 //!
+//! Training a model and sampling from it with draft → snapshot remask →
+//! refine (the model code is did-core's, written once over the trait):
+//!
+//! ```
+//! use did_backend_cpu::CpuBackend;
+//! use did_core::model::{diffusion_batch, Architecture, DiffusionDenoiser, ModelConfig, Trainer, TrainerConfig, Transformer};
+//! use did_core::refine::{generate, GenerateConfig, StagePlan};
+//! use did_core::schedule::TrainingSchedule;
+//!
+//! let config = ModelConfig { vocab_size: 12, mask_id: 11, layers: 2, hidden: 32, heads: 2, mlp_hidden: 64,
+//!     context: 16, ..ModelConfig::preset("tiny", Architecture::Dit)? };
+//! let model = Transformer::new(config)?;
+//! let be = CpuBackend::new();
+//! let mut trainer = Trainer::new(&be, &model, TrainerConfig::default(), &model.table().initial_values(1), 1)?;
+//! let x0: Vec<u32> = (0..2 * 16).map(|i| (i % 10) as u32).collect();
+//! let batch = diffusion_batch(&x0, 2, 16, 4, &TrainingSchedule::default(), 11, 1, 0)?;
+//! let report = trainer.step(&be, &model, &[batch])?;
+//! assert!(report.loss > 0.0 && report.grad_norm > 0.0);
+//!
+//! let plan: StagePlan = "4,L:0.25".parse()?;
+//! let mut denoiser = DiffusionDenoiser::new(&be, &model, trainer.eval_params(), true)?;
+//! let g = generate(&mut denoiser, &GenerateConfig::new(plan.resolve(16)?, 7), &[&[10]])?;
+//! assert!(g.batch.tokens.iter().all(|&t| t != 11)); // nothing left masked
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
 //! ```
 //! use did_backend_cpu::CpuBackend;
 //! use did_core::backend::{Backend, Gemm, Slice, SliceMut};

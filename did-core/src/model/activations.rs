@@ -343,6 +343,11 @@ pub fn memory_report(
 
 /// The sinusoidal embedding of the noise level σ (bd3lm.md §3): 128 cosines then 128 sines
 /// of `σ·10000^(−i/128)`. At σ = 0 it is 128 ones then 128 zeros.
+///
+/// ```
+/// let e = did_core::model::time_embedding(0.0);
+/// assert_eq!((e[0], e[127], e[128], e[255]), (1.0, 1.0, 0.0, 0.0));
+/// ```
 pub fn time_embedding(sigma: f64) -> Vec<f32> {
     let half = TIME_EMBEDDING_DIM / 2;
     let freq = |i: usize| libm::exp(-libm::log(10_000.0) * i as f64 / half as f64);

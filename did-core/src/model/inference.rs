@@ -413,6 +413,10 @@ impl<'a, B: Backend> Inference<'a, B> {
 }
 
 /// The DiT as the sampler's [`Denoiser`], with an exact KV cache (or without, for checks).
+///
+/// A runnable draft → remask → refine with it is the example at the top of
+/// the `did-backend-cpu` crate; the cached and uncached forms agree to
+/// rounding (tested across the sliding window).
 pub struct DiffusionDenoiser<'a, B: Backend> {
     inference: Inference<'a, B>,
     cache: Option<KvCache<B>>,

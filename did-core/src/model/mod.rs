@@ -6,14 +6,21 @@
 //! KV-cached inference behind the sampler's [`crate::denoiser::Denoiser`]
 //! ([`DiffusionDenoiser`]).
 //!
-//! A training step, end to end, on any backend:
+//! Everything here that needs no backend runs as is:
 //!
-//! ```ignore
-//! let model = Transformer::new(ModelConfig::preset("tiny", Architecture::Dit)?)?;
-//! let mut trainer = Trainer::new(&backend, &model, TrainerConfig::default(), seed)?;
-//! let batch = diffusion_batch(&x0, 8, 256, 4, &schedule, model.config().mask_id, seed, step)?;
-//! let report = trainer.step(&backend, &model, &[batch])?;
 //! ```
+//! use did_core::model::{diffusion_batch, Architecture, ModelConfig, Pass, Transformer};
+//! use did_core::schedule::TrainingSchedule;
+//! let model = Transformer::new(ModelConfig::preset("tiny", Architecture::Dit)?)?;
+//! assert_eq!(model.table().get("blocks.0.attn_qkv.weight").map(|e| e.shape.clone()), Some(vec![768, 256]));
+//! let x0: Vec<u32> = (0..256).collect();
+//! let batch = diffusion_batch(&x0, 1, 256, 4, &TrainingSchedule::default(), did_core::GPT2_MASK, 1, 0)?;
+//! assert_eq!(batch.pass, Pass::Bd3 { block_size: 4 });
+//! # Ok::<(), did_core::Error>(())
+//! ```
+//!
+//! A training step and draft → refine sampling with a real backend are the
+//! runnable example at the top of the `did-backend-cpu` crate.
 
 mod activations;
 mod config;

@@ -85,6 +85,17 @@ pub struct Layout {
 }
 
 /// Every tensor of a configuration, in checkpoint order.
+///
+/// ```
+/// use did_core::model::{Architecture, ModelConfig, ParamTable};
+/// let t = ParamTable::new(&ModelConfig::preset("small", Architecture::Dit)?);
+/// let qkv = t.get("blocks.11.attn_qkv.weight").unwrap();
+/// assert_eq!(qkv.shape, [2304, 768]); // q rows, then k, then v (bd3lm.md §7)
+/// assert!(t.get("blocks.0.attn_qkv.bias").is_none()); // the DiT's projections have no bias
+/// let gpt2 = ParamTable::new(&ModelConfig::preset("small", Architecture::Gpt2)?);
+/// assert_eq!(gpt2.layout().head.0, gpt2.layout().embed); // tied embeddings
+/// # Ok::<(), did_core::Error>(())
+/// ```
 #[derive(Debug, Clone, PartialEq)]
 pub struct ParamTable {
     entries: Vec<ParamEntry>,

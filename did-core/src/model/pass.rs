@@ -12,6 +12,15 @@ use crate::schedule::{stratified_times, TrainingSchedule};
 use crate::Error;
 
 /// How a training sequence of length `L` is fed to the model.
+///
+/// ```
+/// use did_core::model::Pass;
+/// let bd3 = Pass::diffusion(4, 1024);
+/// assert_eq!(bd3.tokens_per_sequence(1024), 2048); // x_t ⊕ x_0
+/// assert_eq!(Pass::diffusion(1024, 1024), Pass::Full); // MDLM: one block
+/// assert!(bd3.mask(1024)?.allows(4, 1024)); // noisy block 1 sees clean block 0
+/// # Ok::<(), did_core::Error>(())
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pass {
     /// BD3-LM's vectorised pass over `x_t ⊕ x_0` (2L tokens, the training

@@ -66,6 +66,12 @@ impl TrainerConfig {
     }
 
     /// The EMA decay after `updates` previous updates.
+    ///
+    /// ```
+    /// let c = did_core::model::TrainerConfig::default();
+    /// assert_eq!(c.ema_decay_at(0), Some(0.1)); // (1 + 0)/(10 + 0): early weights are not frozen in
+    /// assert_eq!(c.ema_decay_at(1_000_000), Some(0.9999));
+    /// ```
     pub fn ema_decay_at(&self, updates: u32) -> Option<f32> {
         let n = updates as f32;
         self.ema_decay.map(|d| d.min((1.0 + n) / (10.0 + n)))
@@ -88,6 +94,8 @@ pub struct StepReport {
 }
 
 /// Parameters, gradients, AdamW moments and EMA weights, each one flat buffer.
+///
+/// A runnable training step is the example at the top of the `did-backend-cpu` crate.
 pub struct Trainer<B: Backend> {
     /// Settings.
     pub config: TrainerConfig,

@@ -88,6 +88,14 @@ impl Geometry {
 
 /// The model: a configuration and where its tensors sit in a flat buffer.
 /// The parameters themselves are passed to each call (training weights or EMA weights).
+///
+/// ```
+/// use did_core::model::{Architecture, ModelConfig, Transformer};
+/// let bad = ModelConfig { heads: 5, ..ModelConfig::preset("tiny", Architecture::Dit)? };
+/// let err = Transformer::new(bad).unwrap_err();
+/// assert!(err.to_string().contains("multiple of `heads`"));
+/// # Ok::<(), did_core::Error>(())
+/// ```
 #[derive(Debug, Clone)]
 pub struct Transformer {
     config: ModelConfig,
