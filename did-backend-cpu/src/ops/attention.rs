@@ -11,10 +11,11 @@
 
 use core::ops::Range;
 
-use did_core::backend::AttentionShape;
+use did_core::backend::{AttentionShape, Gemm};
 use did_core::mask::AttentionMask;
 use rayon::prelude::*;
 
+use crate::float::gemm_extents;
 use crate::{CpuError, CpuFloat};
 
 /// Most query rows per tile.
@@ -148,7 +149,7 @@ fn head_base(s: &AttentionShape, b: usize, h: usize) -> HeadBase {
     }
 }
 
-/// `c[m×n] (row stride ldc) = alpha·a·b + beta·c` over raw strides, checked by the callers' extents.
+/// `c[m×n] (row stride ldc) = alpha·a·b + beta·c`, through the backend's one GEMM helper.
 #[allow(clippy::too_many_arguments)]
 fn small_gemm<T: CpuFloat>(
     m: usize,
@@ -166,32 +167,32 @@ fn small_gemm<T: CpuFloat>(
     if m == 0 || n == 0 || k == 0 {
         return;
     }
-    let a_need = (m - 1) * rsa + (k - 1) * csa + 1;
-    let b_need = (k - 1) * rsb + (n - 1) * csb + 1;
-    let c_need = (m - 1) * ldc + n;
+    // A (row stride, column stride) pair is a row-major matrix or a transposed one.
+    let layout = |(rs, cs): (usize, usize)| if cs == 1 { (false, rs) } else { (true, cs) };
+    let ((trans_a, lda), (trans_b, ldb)) = (layout((rsa, csa)), layout((rsb, csb)));
+    let g = Gemm {
+        trans_a,
+        trans_b,
+        m,
+        n,
+        k,
+        lda,
+        ldb,
+        ldc,
+        batch: 1,
+        stride_a: 0,
+        stride_b: 0,
+        stride_c: 0,
+        alpha: alpha.to_f32_lossy(),
+        beta: beta.to_f32_lossy(),
+    };
+    let (na, nb, nc) = gemm_extents(&g);
     assert!(
-        a.len() >= a_need && b.len() >= b_need && c.len() >= c_need,
-        "attention gemm out of bounds"
+        a.len() >= na && b.len() >= nb && c.len() >= nc,
+        "attention tile GEMM out of bounds"
     );
-    // SAFETY: the assert above bounds every addressed element; `c` is a distinct `&mut`.
-    unsafe {
-        T::gemm_raw(
-            m,
-            k,
-            n,
-            alpha,
-            a.as_ptr(),
-            rsa as isize,
-            csa as isize,
-            b.as_ptr(),
-            rsb as isize,
-            csb as isize,
-            beta,
-            c.as_mut_ptr(),
-            ldc as isize,
-            1,
-        );
-    }
+    // One output matrix: the helper's only error (overlapping outputs) cannot occur.
+    let _ = super::gemm::gemm(&g, a, b, c);
 }
 
 /// Sets to −∞ the scores of `tile`'s rows that their own ranges exclude.

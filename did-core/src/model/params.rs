@@ -130,7 +130,7 @@ impl Builder {
         bias: bool,
         init: Option<Init>,
     ) -> (usize, Option<usize>) {
-        let default = Init::Uniform(1.0 / (d_in as f32).sqrt());
+        let default = Init::Uniform(1.0 / libm::sqrtf(d_in as f32));
         let w = self.add(
             format!("{name}.weight"),
             &[d_out, d_in],
@@ -155,7 +155,7 @@ impl ParamTable {
                 let embed = b.add(
                     "vocab_embed.embedding".into(),
                     &[v, c],
-                    Init::Uniform(1.0 / (c as f32).sqrt()),
+                    Init::Uniform(1.0 / libm::sqrtf(c as f32)),
                 );
                 let (s0w, s0b) = b.linear("sigma_map.mlp.0", TIME_EMBEDDING_DIM, cond, true, None);
                 let (s2w, s2b) = b.linear("sigma_map.mlp.2", cond, cond, true, None);
@@ -208,7 +208,7 @@ impl ParamTable {
             Architecture::Gpt2 => {
                 let normal = Init::Normal(0.02);
                 // GPT-2 scales the residual projections by 1/√(2·layers).
-                let resid = Init::Normal(0.02 / ((2 * config.layers.max(1)) as f32).sqrt());
+                let resid = Init::Normal(0.02 / libm::sqrtf((2 * config.layers.max(1)) as f32));
                 let embed = b.add("wte.weight".into(), &[v, c], normal);
                 let positions = b.add(
                     "wpe.weight".into(),

@@ -228,10 +228,10 @@ impl<B: Backend> Trainer<B> {
             )
             .into());
         }
-        let grad_norm = be
-            .sum_squares(Slice::whole(&self.grads), self.len)
-            .map_err(e)?
-            .sqrt();
+        let grad_norm = libm::sqrt(
+            be.sum_squares(Slice::whole(&self.grads), self.len)
+                .map_err(e)?,
+        );
         if !grad_norm.is_finite() {
             return Err(invalid(
                 "training",
