@@ -8,7 +8,7 @@ use did_core::model::{
     causal_batch, diffusion_batch, Architecture, DiffusionDenoiser, ModelConfig, TrainBatch,
     Trainer, TrainerConfig, Transformer,
 };
-use did_core::refine::{generate, GenerateConfig, StagePlan};
+use did_core::refine::{generate, select_lowest, GenerateConfig, StagePlan};
 use did_core::rng::{Purpose, RngStream};
 use did_core::schedule::TrainingSchedule;
 
@@ -149,6 +149,23 @@ fn bd3_training_reaches_the_nelbo_floor_and_samples_the_task() {
         "the trained model's samples follow the task in only {:.0}% of places",
         100.0 * frac
     );
+    // The remasked positions are the lowest snapshot confidences of the draft:
+    // a draft-only run with the same seed reproduces the draft and its confidences.
+    let draft_only = GenerateConfig::new("4".parse::<StagePlan>().unwrap().resolve(L).unwrap(), 5);
+    let mut denoiser = DiffusionDenoiser::new(&be, &model, t.eval_params(), true).unwrap();
+    let d = generate(&mut denoiser, &draft_only, &prompts).unwrap();
+    assert_eq!(&d.batch.tokens, draft, "the draft stage is reproducible");
+    for s in 0..4 {
+        let scores: Vec<f64> = (0..L)
+            .map(|p| d.batch.confidence[s * L + p].nucleus)
+            .collect();
+        let eligible: Vec<bool> = (0..L).map(|p| d.batch.eligible(s, p)).collect();
+        assert_eq!(
+            select_lowest(&scores, &eligible, 0.25, None),
+            g.stages[1].remasked[s],
+            "sequence {s}"
+        );
+    }
     // The same generation without the KV cache draws the same tokens.
     let mut uncached = DiffusionDenoiser::new(&be, &model, t.eval_params(), false).unwrap();
     let g2 = generate(&mut uncached, &config, &prompts).unwrap();
