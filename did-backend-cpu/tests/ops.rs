@@ -44,8 +44,8 @@ fn check_grad(
         minus[which][i] -= h;
         let (lp, lm) = (loss(&plus), loss(&minus));
         let fd = (lp - lm) / (2.0 * h);
-        // Round-off of the two losses bounds what the difference can resolve.
-        let resolution = 1e-9 * (1.0 + lp.abs().max(lm.abs())) / h * 1e-6;
+        // Round-off of the two losses (sums of many terms) bounds what the difference can resolve.
+        let resolution = 1e-13 * (1.0 + lp.abs().max(lm.abs())) / h;
         let err = (fd - analytic[i]).abs() / (resolution + fd.abs().max(analytic[i].abs()) * 1e-5);
         worst = worst.max(err);
         assert!(
