@@ -1,107 +1,192 @@
-//! The command line of `did`, shared by the `did-cli` and `did` binaries.
-//!
-//! The commands (data, train, sample, eval, demo) come with the CLI issue.
-//! Until then the binary checks a stage plan, which is the one user input
-//! did-core already understands end to end.
+//! The command line of `did`, shared by the `did-cli` and `did` binaries: a
+//! thin layer over the library modules ([`data`], [`model_config`]) and the
+//! did-core and backend crates.
 
+pub mod data;
 pub mod model_config;
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
+use clap::{Parser, Subcommand, ValueEnum};
+use did_core::model::{memory_report, Architecture, ModelConfig, Pass};
 use did_core::refine::StagePlan;
 
-const USAGE: &str = "usage: did check-plan PLAN LENGTH
-       did model-info MODEL [--arch dit|gpt2] [--batch N] [--length L] [--block B]
-  PLAN    a stage plan such as 4,L:0.25 (draft with blocks of 4, remask 25%, refine globally)
-  LENGTH  the sequence length the plan is for
-  MODEL   a preset (tiny, small) or a TOML file with a [model] table;
-          prints the parameters and the memory of one training step
+use data::prepare::{prepare, render, PrepareOptions};
+use data::tokenizer::TokenizerKind;
 
-The data, train, sample, eval and demo commands are not built yet.";
+/// Block discrete diffusion language models with draft → remask → refine sampling.
+#[derive(Debug, Parser)]
+#[command(name = "did", version, about, long_about = None)]
+pub struct Cli {
+    /// Where the model runs.
+    #[arg(long, global = true, value_enum, default_value_t = BackendChoice::Cpu)]
+    pub backend: BackendChoice,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// The compute backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BackendChoice {
+    /// The reference CPU backend.
+    Cpu,
+    /// NVIDIA GPUs (not built yet).
+    Cuda,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Prepare a corpus: tokenise text files, folders and .tgz archives into token shards.
+    #[command(subcommand)]
+    Data(DataCommand),
+    /// Explain a stage plan such as 4,L:0.25 for a sequence length.
+    CheckPlan {
+        /// Stage plan: block sizes, each later one with its remask fraction (`4,L:0.25`).
+        plan: String,
+        /// The sequence length the plan is for.
+        length: usize,
+    },
+    /// Parameters and training memory of a model: a preset (tiny, small) or a TOML file with a [model] table.
+    ModelInfo {
+        /// `tiny`, `small`, or a path to a TOML file.
+        model: String,
+        /// Architecture of a preset.
+        #[arg(long, default_value = "dit")]
+        arch: String,
+        /// Sequences per batch.
+        #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..))]
+        batch: u64,
+        /// Sequence length (default: the model's context).
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        length: Option<u64>,
+        /// Diffusion block size.
+        #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..))]
+        block: u64,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DataCommand {
+    /// Tokenise a corpus into train/valid/test shards (split by whole documents).
+    ///
+    /// Example: did data prepare data/excerpt --out data/prepared
+    Prepare {
+        /// Text files, folders (their .txt files) and .tgz/.tar.gz archives (read in place).
+        #[arg(required = true)]
+        inputs: Vec<PathBuf>,
+        /// Output folder for train.bin, valid.bin and test.bin.
+        #[arg(long, default_value = "data/prepared")]
+        out: PathBuf,
+        /// `gpt2` (BPE, EOS 50256) or `bytes`.
+        #[arg(long, default_value = "gpt2")]
+        tokenizer: String,
+        /// Fraction of documents held out for validation.
+        #[arg(long, default_value_t = 0.05)]
+        valid_fraction: f64,
+        /// Fraction of documents held out for test.
+        #[arg(long, default_value_t = 0.05)]
+        test_fraction: f64,
+    },
+}
 
 /// Runs the command line on `args` (without the program name).
 pub fn run(args: &[String]) -> ExitCode {
-    match args {
-        [cmd, plan, length] if cmd == "check-plan" => {
-            let length: usize = match length.parse() {
-                Ok(n) => n,
-                Err(_) => {
-                    eprintln!("error: LENGTH {length:?} is not a positive integer");
-                    return ExitCode::from(2);
-                }
-            };
-            match plan.parse::<StagePlan>().and_then(|p| p.resolve(length)) {
-                Ok(resolved) => {
-                    for (i, s) in resolved.stages().iter().enumerate() {
-                        match s.remask_ratio {
-                            None => println!("stage {}: draft with blocks of {}", i + 1, s.block_size),
-                            Some(r) => println!(
-                                "stage {}: remask {:.0}% of drawn tokens, regenerate with blocks of {}",
-                                i + 1,
-                                r * 100.0,
-                                s.block_size
-                            ),
-                        }
-                    }
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    ExitCode::from(2)
-                }
-            }
-        }
-        [cmd, rest @ ..] if cmd == "model-info" => match model_info(rest) {
-            Ok(text) => {
-                print!("{text}");
-                ExitCode::SUCCESS
-            }
+    let cli =
+        match Cli::try_parse_from(std::iter::once("did".to_string()).chain(args.iter().cloned())) {
+            Ok(cli) => cli,
             Err(e) => {
-                eprintln!("error: {e}");
-                ExitCode::from(2)
+                let _ = e.print();
+                return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
             }
-        },
-        [flag] if flag == "--version" || flag == "-V" => {
-            println!("did {}", env!("CARGO_PKG_VERSION"));
+        };
+    match execute(cli) {
+        Ok(text) => {
+            print!("{text}");
             ExitCode::SUCCESS
         }
-        _ => {
-            eprintln!("{USAGE}");
+        Err(e) => {
+            eprintln!("error: {e}");
             ExitCode::from(2)
         }
     }
 }
 
-/// `did model-info`: the parameter count and the training memory of a model.
-fn model_info(args: &[String]) -> Result<String, String> {
-    use did_core::model::{memory_report, Architecture, ModelConfig, Pass};
-    let (model, flags) = args
-        .split_first()
-        .ok_or("model-info needs a MODEL: a preset (tiny, small) or a TOML file")?;
-    let mut arch = Architecture::Dit;
-    let (mut batch, mut length, mut block) = (8usize, None, 4usize);
-    let mut it = flags.iter();
-    while let Some(flag) = it.next() {
-        let value = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
-        let number = || {
-            value
-                .parse::<usize>()
-                .ok()
-                .filter(|&n| n > 0)
-                .ok_or_else(|| format!("{flag} {value:?} is not a positive integer"))
-        };
-        match flag.as_str() {
-            "--arch" => arch = value.parse().map_err(|e| format!("{e}"))?,
-            "--batch" => batch = number()?,
-            "--length" => length = Some(number()?),
-            "--block" => block = number()?,
-            other => return Err(format!("unknown flag {other}; see `did --help`")),
+fn execute(cli: Cli) -> Result<String, String> {
+    // No command computes with a model yet (train, sample, eval come next), so
+    // the backend choice has nothing to act on.
+    let _ = cli.backend;
+    match cli.command {
+        Command::CheckPlan { plan, length } => check_plan(&plan, length),
+        Command::ModelInfo {
+            model,
+            arch,
+            batch,
+            length,
+            block,
+        } => model_info(
+            &model,
+            &arch,
+            batch as usize,
+            length.map(|l| l as usize),
+            block as usize,
+        ),
+        Command::Data(DataCommand::Prepare {
+            inputs,
+            out,
+            tokenizer,
+            valid_fraction,
+            test_fraction,
+        }) => {
+            let tokenizer: TokenizerKind = tokenizer.parse()?;
+            let opts = PrepareOptions {
+                inputs,
+                out_dir: out.clone(),
+                tokenizer,
+                valid_fraction,
+                test_fraction,
+                progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            };
+            let summary = prepare(&opts)?;
+            Ok(render(&summary, tokenizer, &out))
         }
     }
+}
+
+fn check_plan(plan: &str, length: usize) -> Result<String, String> {
+    let resolved = plan
+        .parse::<StagePlan>()
+        .and_then(|p| p.resolve(length))
+        .map_err(|e| e.to_string())?;
+    let mut out = String::new();
+    for (i, s) in resolved.stages().iter().enumerate() {
+        out.push_str(&match s.remask_ratio {
+            None => format!("stage {}: draft with blocks of {}\n", i + 1, s.block_size),
+            Some(r) => format!(
+                "stage {}: remask {:.0}% of drawn tokens, regenerate with blocks of {}\n",
+                i + 1,
+                r * 100.0,
+                s.block_size
+            ),
+        });
+    }
+    Ok(out)
+}
+
+/// `did model-info`: the parameter count and the training memory of a model.
+fn model_info(
+    model: &str,
+    arch: &str,
+    batch: usize,
+    length: Option<usize>,
+    block: usize,
+) -> Result<String, String> {
+    let arch: Architecture = arch.parse().map_err(|e| format!("{e}"))?;
     let config = if model == "tiny" || model == "small" {
         ModelConfig::preset(model, arch).map_err(|e| e.to_string())?
     } else {
-        let text = std::fs::read_to_string(model).map_err(|e| format!("cannot read the model config {model:?}: {e}; name a preset (tiny, small) or a TOML file"))?;
+        let text = std::fs::read_to_string(model)
+            .map_err(|e| format!("cannot read the model config {model:?}: {e}; name a preset (tiny, small) or a TOML file"))?;
         model_config::from_toml(&text)?
     };
     let length = length.unwrap_or(config.context);

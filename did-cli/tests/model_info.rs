@@ -48,10 +48,10 @@ fn a_toml_file_describes_a_model() {
 #[test]
 fn bad_flags_name_the_cause() {
     for (args, want) in [
-        (vec!["model-info"], "needs a MODEL"),
+        (vec!["model-info"], "<MODEL>"),
         (
             vec!["model-info", "tiny", "--batch", "0"],
-            "not a positive integer",
+            "invalid value '0' for '--batch <BATCH>'",
         ),
         (
             vec!["model-info", "tiny", "--length", "512"],
@@ -62,7 +62,7 @@ fn bad_flags_name_the_cause() {
             "must divide the length",
         ),
         (vec!["model-info", "tiny", "--arch", "rnn"], "architecture"),
-        (vec!["model-info", "tiny", "--batch"], "needs a value"),
+        (vec!["model-info", "tiny", "--batch"], "a value is required"),
         (
             vec!["model-info", "/nonexistent/model.toml"],
             "cannot read the model config",

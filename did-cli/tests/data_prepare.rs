@@ -1,0 +1,197 @@
+//! End-to-end: `did data prepare` on the committed excerpt, an archive, and bad input.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use did_cli::data::shard::Shard;
+
+fn did(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_did"))
+        .args(args)
+        .output()
+        .expect("the did binary runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("did-data-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn excerpt() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/excerpt")
+}
+
+#[test]
+fn the_excerpt_becomes_three_shards_split_by_document() {
+    let out = scratch("excerpt");
+    let (code, stdout, err) = did(&[
+        "data",
+        "prepare",
+        excerpt().to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(stdout.contains("tokenizer gpt2"), "{stdout}");
+    let shards: Vec<Shard> = ["train", "valid", "test"]
+        .iter()
+        .map(|s| Shard::open(&out.join(format!("{s}.bin"))).unwrap())
+        .collect();
+    let docs: Vec<u64> = shards.iter().map(|s| s.header().documents).collect();
+    assert_eq!(
+        docs.iter().sum::<u64>(),
+        29,
+        "7 books + 22 speeches (2000–2021)"
+    );
+    assert!(
+        docs[1] >= 1 && docs[2] >= 1,
+        "validation and test hold whole documents: {docs:?}"
+    );
+    let train = &shards[0];
+    assert!(train.len() > 300_000, "{}", train.len());
+    // Every document ends with EOS, and the split is reproducible.
+    assert_eq!(train.get(train.len() - 1), Some(50256));
+    let eos = (0..train.len())
+        .filter(|&i| train.get(i) == Some(50256))
+        .count() as u64;
+    assert_eq!(eos, train.header().documents);
+    let again = scratch("excerpt-again");
+    let (code, _, _) = did(&[
+        "data",
+        "prepare",
+        excerpt().to_str().unwrap(),
+        "--out",
+        again.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0);
+    for s in ["train", "valid", "test"] {
+        assert_eq!(
+            std::fs::read(out.join(format!("{s}.bin"))).unwrap(),
+            std::fs::read(again.join(format!("{s}.bin"))).unwrap()
+        );
+    }
+    let _ = std::fs::remove_dir_all(&out);
+    let _ = std::fs::remove_dir_all(&again);
+}
+
+#[test]
+fn archives_are_read_in_place_and_bytes_tokenizer_works() {
+    let dir = scratch("archive");
+    let tgz = dir.join("corpus.tgz");
+    {
+        let file = std::fs::File::create(&tgz).unwrap();
+        let mut builder = tar::Builder::new(flate2::write::GzEncoder::new(
+            file,
+            flate2::Compression::default(),
+        ));
+        for (name, text) in [
+            ("package/a.txt", "first document\r\n"),
+            ("package/b.txt", "second\n"),
+            ("package/skip.js", "code"),
+        ] {
+            let mut header = tar::Header::new_gnu();
+            header.set_size(text.len() as u64);
+            header.set_mode(0o644);
+            header.set_cksum();
+            builder
+                .append_data(&mut header, name, text.as_bytes())
+                .unwrap();
+        }
+        builder.into_inner().unwrap().finish().unwrap();
+    }
+    let out = dir.join("out");
+    let (code, stdout, err) = did(&[
+        "data",
+        "prepare",
+        tgz.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--tokenizer",
+        "bytes",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(stdout.contains("tokenizer bytes"), "{stdout}");
+    let train = Shard::open(&out.join("train.bin")).unwrap();
+    assert_eq!(
+        train.header().documents,
+        2,
+        "the .js file is skipped; two documents are too few to hold any out"
+    );
+    let text: Vec<u32> = (0..train.len()).map(|i| train.get(i).unwrap()).collect();
+    let expect: Vec<u32> = "first document\n"
+        .bytes()
+        .map(u32::from)
+        .chain([256])
+        .chain("second\n".bytes().map(u32::from))
+        .chain([256])
+        .collect();
+    assert_eq!(text, expect, "CRLF became LF, one EOS after each document");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn bad_corpora_name_the_cause() {
+    let dir = scratch("bad");
+    let out = dir.join("out");
+    let empty = dir.join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let garbage = dir.join("garbage.txt");
+    std::fs::write(
+        &garbage,
+        (0..4096u32)
+            .map(|i| (i * 7 % 32) as u8)
+            .collect::<Vec<u8>>(),
+    )
+    .unwrap();
+    let not_gz = dir.join("fake.tgz");
+    std::fs::write(&not_gz, b"not gzip at all").unwrap();
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec![dir.join("missing").display().to_string()],
+            "cannot be read",
+        ),
+        (vec![empty.display().to_string()], "no text found"),
+        (vec![garbage.display().to_string()], "looks binary"),
+        (
+            vec![not_gz.display().to_string()],
+            "not a readable .tar.gz archive",
+        ),
+    ];
+    for (inputs, want) in cases {
+        let mut args = vec!["data".to_string(), "prepare".into()];
+        args.extend(inputs);
+        args.extend(["--out".into(), out.display().to_string()]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (code, _, err) = did(&args);
+        assert_eq!(code, 2, "{args:?}");
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+    let (code, _, err) = did(&[
+        "data",
+        "prepare",
+        excerpt().to_str().unwrap(),
+        "--tokenizer",
+        "sentencepiece",
+    ]);
+    assert_eq!(code, 2);
+    assert!(err.contains("unknown tokenizer"), "{err}");
+    let (code, _, err) = did(&[
+        "data",
+        "prepare",
+        excerpt().to_str().unwrap(),
+        "--valid-fraction",
+        "0.7",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 2);
+    assert!(err.contains("--valid-fraction"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
