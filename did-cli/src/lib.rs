@@ -2,8 +2,10 @@
 //! thin layer over the library modules ([`data`], [`model_config`]) and the
 //! did-core and backend crates.
 
+pub mod checkpoint;
 pub mod data;
 pub mod model_config;
+pub mod train;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -17,7 +19,7 @@ use data::tokenizer::TokenizerKind;
 
 /// Block discrete diffusion language models with draft → remask → refine sampling.
 #[derive(Debug, Parser)]
-#[command(name = "did", version, about, long_about = None)]
+#[command(name = "did", version, about, long_about = None, args_override_self = true)]
 pub struct Cli {
     /// Where the model runs.
     #[arg(long, global = true, value_enum, default_value_t = BackendChoice::Cpu)]
@@ -40,6 +42,68 @@ enum Command {
     /// Prepare a corpus: tokenise text files, folders and .tgz archives into token shards.
     #[command(subcommand)]
     Data(DataCommand),
+    /// Train a model on prepared shards (see `did data prepare`), with crash-safe checkpoints.
+    ///
+    /// Example: did train --data data/prepared --model tiny --objective mix-scale --steps 1000 --out runs/tiny
+    Train {
+        /// Folder with train.bin and valid.bin.
+        #[arg(long, default_value = "data/prepared")]
+        data: PathBuf,
+        /// `tiny`, `small` (with the data's vocabulary), or a TOML file with a [model] table.
+        #[arg(long, default_value = "tiny")]
+        model: String,
+        /// bd3 (one block size), mix-scale (a distribution), mdlm (block = length) or ar (causal, gpt2).
+        #[arg(long, default_value = "bd3")]
+        objective: String,
+        /// Block size of the bd3 objective.
+        #[arg(long, default_value_t = 4)]
+        block: usize,
+        /// Block sizes of mix-scale, `size:probability,…` (`L` is the length).
+        #[arg(long, default_value = "4:0.9,L:0.1")]
+        blocks: String,
+        /// Sequence length (default: the model's context).
+        #[arg(long)]
+        length: Option<usize>,
+        /// Sequences per micro-batch.
+        #[arg(long, default_value_t = 8)]
+        batch: usize,
+        /// Micro-batches per optimizer step.
+        #[arg(long, default_value_t = 1)]
+        accumulate: usize,
+        /// Total optimizer steps (a resumed run continues up to this).
+        #[arg(long, default_value_t = 1000)]
+        steps: u32,
+        /// Peak learning rate (linear warm-up, then constant).
+        #[arg(long, default_value_t = 3e-4)]
+        lr: f32,
+        /// Warm-up steps.
+        #[arg(long, default_value_t = 2500)]
+        warmup: u32,
+        /// Seed of every random stream (data order, noise, dropout, initialisation).
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Output folder for checkpoints and metrics.jsonl.
+        #[arg(long, default_value = "runs/latest")]
+        out: PathBuf,
+        /// Save a checkpoint every N steps (and at the end).
+        #[arg(long, default_value_t = 100)]
+        checkpoint_every: u32,
+        /// Checkpoints kept.
+        #[arg(long, default_value_t = 3)]
+        keep: usize,
+        /// Validation every N steps (0: only at the end).
+        #[arg(long, default_value_t = 0)]
+        valid_every: u32,
+        /// Micro-batches per validation.
+        #[arg(long, default_value_t = 4)]
+        valid_batches: usize,
+        /// Continue from the newest checkpoint in --out, exactly.
+        #[arg(long)]
+        resume: bool,
+        /// Start from the (EMA) weights of a checkpoint: fine-tuning.
+        #[arg(long)]
+        init_from: Option<PathBuf>,
+    },
     /// Explain a stage plan such as 4,L:0.25 for a sequence length.
     CheckPlan {
         /// Stage plan: block sizes, each later one with its remask fraction (`4,L:0.25`).
@@ -113,11 +177,54 @@ pub fn run(args: &[String]) -> ExitCode {
 }
 
 fn execute(cli: Cli) -> Result<String, String> {
-    // No command computes with a model yet (train, sample, eval come next), so
-    // the backend choice has nothing to act on.
-    let _ = cli.backend;
     match cli.command {
         Command::CheckPlan { plan, length } => check_plan(&plan, length),
+        Command::Train {
+            data,
+            model,
+            objective,
+            block,
+            blocks,
+            length,
+            batch,
+            accumulate,
+            steps,
+            lr,
+            warmup,
+            seed,
+            out,
+            checkpoint_every,
+            keep,
+            valid_every,
+            valid_batches,
+            resume,
+            init_from,
+        } => {
+            if cli.backend == BackendChoice::Cuda {
+                return Err("the CUDA backend is not built yet; train with --backend cpu".into());
+            }
+            let opts = train::TrainOptions {
+                data,
+                model,
+                objective: train::Objective::parse(&objective, block, &blocks)?,
+                length,
+                batch,
+                accumulate,
+                steps,
+                lr,
+                warmup,
+                seed,
+                out,
+                checkpoint_every,
+                keep,
+                valid_every,
+                valid_batches,
+                resume,
+                init_from,
+                progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            };
+            train::train(&opts)
+        }
         Command::ModelInfo {
             model,
             arch,

@@ -1,0 +1,194 @@
+//! End-to-end: prepare the excerpt, train a small model with checkpoints,
+//! resume, and check that 2 × N resumed steps equal 2N straight steps bit for bit.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn did(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_did"))
+        .args(args)
+        .output()
+        .expect("the did binary runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("did-train-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// The excerpt with the bytes tokenizer (vocabulary 258: fast), and a 1-layer model file.
+fn setup(dir: &Path) -> (PathBuf, PathBuf) {
+    let data = dir.join("data");
+    let excerpt =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/excerpt/gutenberg/carroll-alice.txt");
+    let sotu = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/excerpt/sotu");
+    let (code, _, err) = did(&[
+        "data",
+        "prepare",
+        excerpt.to_str().unwrap(),
+        sotu.to_str().unwrap(),
+        "--tokenizer",
+        "bytes",
+        "--out",
+        data.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let model = dir.join("model.toml");
+    std::fs::write(&model, "[model]\narchitecture = \"dit\"\nvocab_size = 258\nmask_id = 257\nlayers = 1\nhidden = 32\nheads = 2\ncontext = 32\ncond_dim = 8\n").unwrap();
+    (data, model)
+}
+
+fn losses(metrics: &Path) -> Vec<String> {
+    std::fs::read_to_string(metrics)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let loss = l.split("\"loss\":").nth(1).unwrap();
+            let step = l
+                .split("\"step\":")
+                .nth(1)
+                .unwrap()
+                .split(',')
+                .next()
+                .unwrap();
+            format!("{step}:{}", loss.split(',').next().unwrap())
+        })
+        .collect()
+}
+
+#[test]
+fn resume_continues_bit_for_bit() {
+    let dir = scratch("resume");
+    let (data, model) = setup(&dir);
+    let common = |out: &Path, steps: &str| -> Vec<String> {
+        [
+            "train",
+            "--data",
+            data.to_str().unwrap(),
+            "--model",
+            model.to_str().unwrap(),
+            "--objective",
+            "mix-scale",
+            "--blocks",
+            "4:0.5,L:0.5",
+            "--batch",
+            "2",
+            "--accumulate",
+            "2",
+            "--lr",
+            "1e-3",
+            "--warmup",
+            "2",
+            "--checkpoint-every",
+            "3",
+            "--valid-every",
+            "3",
+            "--valid-batches",
+            "1",
+            "--steps",
+            steps,
+            "--out",
+            out.to_str().unwrap(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let run = |args: Vec<String>| {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (code, out, err) = did(&args);
+        assert_eq!(code, 0, "{err}");
+        out
+    };
+    let straight = dir.join("straight");
+    let summary = run(common(&straight, "6"));
+    assert!(summary.contains("for 6 steps"), "{summary}");
+    assert!(summary.contains("validation loss"), "{summary}");
+    let resumed = dir.join("resumed");
+    run(common(&resumed, "3"));
+    // Without --resume, an existing run is never overwritten.
+    let args = common(&resumed, "6");
+    let (code, _, err) = did(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(code, 2);
+    assert!(err.contains("pass --resume"), "{err}");
+    let mut args = common(&resumed, "6");
+    args.push("--resume".into());
+    let summary = run(args);
+    assert!(summary.contains("for 3 steps (now at step 6)"), "{summary}");
+    assert_eq!(
+        losses(&straight.join("metrics.jsonl")),
+        losses(&resumed.join("metrics.jsonl"))
+    );
+    let ckpts: Vec<_> = std::fs::read_dir(&resumed)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".safetensors"))
+        .collect();
+    assert_eq!(ckpts.len(), 2, "{ckpts:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn bad_training_input_names_the_cause() {
+    let dir = scratch("bad");
+    let (data, model) = setup(&dir);
+    let out = dir.join("out");
+    let base = |extra: &[&str]| -> (i32, String) {
+        let mut args = vec![
+            "train",
+            "--data",
+            data.to_str().unwrap(),
+            "--model",
+            model.to_str().unwrap(),
+            "--steps",
+            "1",
+            "--batch",
+            "1",
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let (code, _, err) = did(&args);
+        (code, err)
+    };
+    for (extra, want) in [
+        (&["--block", "5"][..], "must divide the length"),
+        (&["--objective", "ar"][..], "gpt2 architecture"),
+        (&["--objective", "gan"][..], "unknown objective"),
+        (&["--length", "64"][..], "exceeds the model's context"),
+        (&["--resume"][..], "no checkpoint"),
+        (
+            &["--model", "tiny", "--data", "/nonexistent"][..],
+            "run `did data prepare` first",
+        ),
+        (&["--backend", "cuda"][..], "CUDA backend is not built yet"),
+    ] {
+        let (code, err) = base(extra);
+        assert_eq!(code, 2, "{extra:?}: {err}");
+        assert!(err.contains(want), "{extra:?}: {err}");
+    }
+    // A GPT-2-vocabulary model on bytes data.
+    std::fs::write(&model, "[model]\npreset = \"tiny\"\n").unwrap();
+    let (code, err) = base(&[]);
+    assert_eq!(code, 2);
+    assert!(err.contains("vocabulary mismatch"), "{err}");
+    // A corrupt checkpoint to resume from.
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(
+        out.join("ckpt-00000001.safetensors"),
+        b"\x08\x00\x00\x00\x00\x00\x00\x00{}",
+    )
+    .unwrap();
+    let (code, err) = base(&["--model", "tiny", "--resume"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("checkpoint"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
