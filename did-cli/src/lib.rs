@@ -5,6 +5,7 @@
 pub mod checkpoint;
 pub mod data;
 pub mod model_config;
+pub mod sample;
 pub mod train;
 
 use std::path::PathBuf;
@@ -104,6 +105,56 @@ enum Command {
         #[arg(long)]
         init_from: Option<PathBuf>,
     },
+    /// Sample from a checkpoint: draft, remask the least confident tokens, refine.
+    ///
+    /// Example: did sample --checkpoint runs/tiny/ckpt-00001000.safetensors --stages 4,L:0.25 --show-diff
+    Sample {
+        /// A `did train` checkpoint of a diffusion (dit) model.
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// Stage plan: the draft block size, then `block:fraction` per refine stage (`L` = the length).
+        #[arg(long, default_value = "4,L:0.25")]
+        stages: String,
+        /// How tokens are chosen for remasking: snapshot, snapshot-raw, snapshot-max, posthoc, random.
+        #[arg(long, default_value = "snapshot")]
+        remask: String,
+        /// Lowest fraction over the whole sequence (global) or within each draft block (block).
+        #[arg(long, default_value = "global")]
+        scope: String,
+        /// first-hitting (one token per call) or ddpm:T (T steps per block).
+        #[arg(long, default_value = "first-hitting")]
+        sampler: String,
+        /// Nucleus (top-p) of every draw.
+        #[arg(long, default_value_t = 0.9)]
+        top_p: f64,
+        /// Seed of every random draw.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Samples to draw.
+        #[arg(long, default_value_t = 1)]
+        num_samples: usize,
+        /// Samples per batch.
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        /// Sequence length (default: the model's context).
+        #[arg(long)]
+        length: Option<usize>,
+        /// Text every sample starts with (pinned: never remasked).
+        #[arg(long)]
+        prompt: Option<String>,
+        /// End each sample at its first drawn end-of-text token.
+        #[arg(long)]
+        stop_at_eos: bool,
+        /// Also write one JSON line per sample (tokens, text, draft text, remasked positions, NFE, time).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Print the draft with the remasked tokens marked, then the refined text.
+        #[arg(long)]
+        show_diff: bool,
+        /// Sample with the trained weights instead of the EMA weights.
+        #[arg(long)]
+        no_ema: bool,
+    },
     /// Explain a stage plan such as 4,L:0.25 for a sequence length.
     CheckPlan {
         /// Stage plan: block sizes, each later one with its remask fraction (`4,L:0.25`).
@@ -179,6 +230,45 @@ pub fn run(args: &[String]) -> ExitCode {
 fn execute(cli: Cli) -> Result<String, String> {
     match cli.command {
         Command::CheckPlan { plan, length } => check_plan(&plan, length),
+        Command::Sample {
+            checkpoint,
+            stages,
+            remask,
+            scope,
+            sampler,
+            top_p,
+            seed,
+            num_samples,
+            batch,
+            length,
+            prompt,
+            stop_at_eos,
+            out,
+            show_diff,
+            no_ema,
+        } => {
+            if cli.backend == BackendChoice::Cuda {
+                return Err("the CUDA backend is not built yet; sample with --backend cpu".into());
+            }
+            sample::sample(&sample::SampleOptions {
+                checkpoint,
+                stages,
+                remask,
+                scope,
+                sampler,
+                top_p,
+                seed,
+                num_samples,
+                batch,
+                length,
+                prompt,
+                stop_at_eos,
+                out,
+                show_diff,
+                no_ema,
+                color: std::io::IsTerminal::is_terminal(&std::io::stdout()),
+            })
+        }
         Command::Train {
             data,
             model,

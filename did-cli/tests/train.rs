@@ -192,3 +192,94 @@ fn bad_training_input_names_the_cause() {
     assert!(err.contains("checkpoint"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn sample_with_every_remask_strategy() {
+    let dir = scratch("sample");
+    let (data, model) = setup(&dir);
+    let run = dir.join("run");
+    let (code, _, err) = did(&[
+        "train",
+        "--data",
+        data.to_str().unwrap(),
+        "--model",
+        model.to_str().unwrap(),
+        "--steps",
+        "2",
+        "--batch",
+        "2",
+        "--out",
+        run.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let ckpt = run.join("ckpt-00000002.safetensors");
+    for remask in [
+        "snapshot",
+        "snapshot-raw",
+        "snapshot-max",
+        "posthoc",
+        "random",
+    ] {
+        let out = dir.join(format!("{remask}.jsonl"));
+        let (code, stdout, err) = did(&[
+            "sample",
+            "--checkpoint",
+            ckpt.to_str().unwrap(),
+            "--stages",
+            "4,L:0.25",
+            "--remask",
+            remask,
+            "--num-samples",
+            "3",
+            "--batch",
+            "2",
+            "--prompt",
+            "The",
+            "--out",
+            out.to_str().unwrap(),
+            "--show-diff",
+        ]);
+        assert_eq!(code, 0, "{remask}: {err}");
+        assert_eq!(stdout.matches("--- refined").count(), 3, "{stdout}");
+        let lines: Vec<serde_json::Value> = std::fs::read_to_string(&out)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 3);
+        for l in &lines {
+            // 32 positions, BOS + "The" pinned: floor(0.25 · 28) = 7 remasked, never a prompt position.
+            let remasked: Vec<u64> = l["remasked"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap())
+                .collect();
+            assert_eq!(remasked.len(), 7, "{l}");
+            assert!(remasked.iter().all(|&p| p >= 4), "{l}");
+            assert!(l["text"].as_str().unwrap().starts_with("The"), "{l}");
+            assert_eq!(l["nfe"].as_array().unwrap().len(), 2);
+        }
+    }
+    for (extra, want) in [
+        (&["--stages", "4,L:1.5"][..], "--stages"),
+        (&["--stages", "5"][..], "--stages"),
+        (&["--remask", "loudest"][..], "unknown --remask"),
+        (&["--sampler", "ddpm:0"][..], "unknown --sampler"),
+        (
+            &[
+                "--prompt",
+                "a prompt far longer than the thirty-two byte context of this model",
+            ][..],
+            "shorten --prompt",
+        ),
+        (&["--top-p", "0"][..], "--top-p"),
+    ] {
+        let mut args = vec!["sample", "--checkpoint", ckpt.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let (code, _, err) = did(&args);
+        assert_eq!(code, 2, "{extra:?}");
+        assert!(err.contains(want), "{extra:?}: {err}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
