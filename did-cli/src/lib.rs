@@ -4,6 +4,7 @@
 
 pub mod checkpoint;
 pub mod data;
+pub mod demo;
 pub mod model_config;
 pub mod sample;
 pub mod train;
@@ -155,6 +156,22 @@ enum Command {
         #[arg(long)]
         no_ema: bool,
     },
+    /// The demo: train small models on the committed excerpt for a few minutes, then compare
+    /// draft-only sampling with draft → snapshot remask → refine, scored by a causal judge.
+    Demo {
+        /// Training budget in minutes (diffusion model 75 %, judge 25 %).
+        #[arg(long, default_value_t = 4.0)]
+        minutes: f64,
+        /// Working folder.
+        #[arg(long, default_value = "runs/demo")]
+        out: PathBuf,
+        /// Samples per method.
+        #[arg(long, default_value_t = 4)]
+        samples: usize,
+        /// Seed.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
     /// Explain a stage plan such as 4,L:0.25 for a sequence length.
     CheckPlan {
         /// Stage plan: block sizes, each later one with its remask fraction (`4,L:0.25`).
@@ -230,6 +247,28 @@ pub fn run(args: &[String]) -> ExitCode {
 fn execute(cli: Cli) -> Result<String, String> {
     match cli.command {
         Command::CheckPlan { plan, length } => check_plan(&plan, length),
+        Command::Demo {
+            minutes,
+            out,
+            samples,
+            seed,
+        } => {
+            if cli.backend == BackendChoice::Cuda {
+                return Err(
+                    "the CUDA backend is not built yet; run the demo with --backend cpu".into(),
+                );
+            }
+            if samples == 0 {
+                return Err("--samples must be at least 1".into());
+            }
+            demo::demo(&demo::DemoOptions {
+                minutes,
+                out,
+                samples,
+                seed,
+                progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            })
+        }
         Command::Sample {
             checkpoint,
             stages,
@@ -312,6 +351,7 @@ fn execute(cli: Cli) -> Result<String, String> {
                 resume,
                 init_from,
                 progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+                max_seconds: None,
             };
             train::train(&opts)
         }

@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use did_backend_cpu::CpuBackend;
@@ -99,6 +100,8 @@ pub struct TrainOptions {
     pub init_from: Option<PathBuf>,
     /// Show a progress bar.
     pub progress: bool,
+    /// Stop (with a checkpoint) after this much wall time, whatever `steps` says.
+    pub max_seconds: Option<f64>,
 }
 
 fn resolve_config(opts: &TrainOptions, vocab: u32) -> Result<ModelConfig, String> {
@@ -182,8 +185,13 @@ fn make_batch(
     .map_err(|e| e.to_string())
 }
 
+/// Set by Ctrl-C: the loop saves a checkpoint after the current step and stops.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
 /// Runs training; returns the summary printed at the end.
 pub fn train(opts: &TrainOptions) -> Result<String, String> {
+    // A second handler cannot be installed (the demo trains twice): ignoring that error is right.
+    let _ = ctrlc::set_handler(|| INTERRUPTED.store(true, Ordering::SeqCst));
     let open = |name: &str| Shard::open(&opts.data.join(format!("{name}.bin")));
     let train_shard = open("train")?;
     let valid_shard = open("valid").ok().filter(|s| !s.is_empty());
@@ -348,7 +356,13 @@ pub fn train(opts: &TrainOptions) -> Result<String, String> {
     };
     let started = Instant::now();
     let first_step = trainer.step;
-    while trainer.step < opts.steps {
+    let out_of_time = || {
+        INTERRUPTED.load(Ordering::SeqCst)
+            || opts
+                .max_seconds
+                .is_some_and(|s| started.elapsed().as_secs_f64() >= s)
+    };
+    while trainer.step < opts.steps && !out_of_time() {
         let step = trainer.step;
         let t0 = Instant::now();
         let micro: Vec<TrainBatch> = (0..accum)
@@ -387,7 +401,10 @@ pub fn train(opts: &TrainOptions) -> Result<String, String> {
             .map_err(|e| format!("cannot write metrics.jsonl: {e}"))?;
         bar.set_position(u64::from(report.step));
         bar.set_message(format!("loss {:.4} {:.0} tok/s", report.loss, tokens_per_s));
-        if report.step % opts.checkpoint_every.max(1) == 0 || report.step == opts.steps {
+        if report.step % opts.checkpoint_every.max(1) == 0
+            || report.step == opts.steps
+            || out_of_time()
+        {
             save(&trainer)?;
         }
     }
@@ -396,6 +413,13 @@ pub fn train(opts: &TrainOptions) -> Result<String, String> {
         last_valid = validate(&mut trainer)?;
     }
     let steps_run = trainer.step - first_step;
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        return Err(format!(
+            "interrupted: saved step {} in {}; continue with the same command and --resume",
+            trainer.step,
+            opts.out.display()
+        ));
+    }
     Ok(format!(
         "trained {} ({} parameters) with {} for {steps_run} steps (now at step {}) in {:.1} s\nlast loss {last_loss:.4}{}\ncheckpoints and metrics.jsonl in {}\n",
         config.architecture,

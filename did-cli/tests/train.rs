@@ -283,3 +283,78 @@ fn sample_with_every_remask_strategy() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[cfg(unix)]
+#[test]
+fn ctrl_c_saves_and_exits_cleanly() {
+    let dir = scratch("ctrlc");
+    let (data, model) = setup(&dir);
+    let run = dir.join("run");
+    let child = Command::new(env!("CARGO_BIN_EXE_did"))
+        .args([
+            "train",
+            "--data",
+            data.to_str().unwrap(),
+            "--model",
+            model.to_str().unwrap(),
+            "--steps",
+            "100000",
+            "--batch",
+            "1",
+            "--checkpoint-every",
+            "100000",
+        ])
+        .args(["--out", run.to_str().unwrap()])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let metrics = run.join("metrics.jsonl");
+    let t0 = std::time::Instant::now();
+    while std::fs::read_to_string(&metrics)
+        .map(|s| s.lines().count())
+        .unwrap_or(0)
+        < 2
+    {
+        assert!(t0.elapsed().as_secs() < 120, "training did not start");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    let step: u32 = err
+        .split("saved step ")
+        .nth(1)
+        .and_then(|s| s.split(' ').next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("{err}"));
+    assert!(
+        run.join(format!("ckpt-{step:08}.safetensors")).exists(),
+        "{err}"
+    );
+    let steps = (step + 1).to_string();
+    let (code, summary, err) = did(&[
+        "train",
+        "--data",
+        data.to_str().unwrap(),
+        "--model",
+        model.to_str().unwrap(),
+        "--steps",
+        &steps,
+        "--batch",
+        "1",
+        "--out",
+        run.to_str().unwrap(),
+        "--resume",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        summary.contains(&format!("now at step {}", step + 1)),
+        "{summary}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
