@@ -6,6 +6,8 @@
 # so we pass them ourselves. Overflow checks and debug assertions are on.
 #
 # usage: scripts/fuzz-smoke.sh [SECONDS_PER_TARGET]   (default 20)
+# fuzz/ is its own workspace with its own Cargo.lock: after changing the
+# dependencies of a crate it fuzzes, refresh it with `(cd fuzz && cargo tree -q >/dev/null)`.
 set -euo pipefail
 cd "$(dirname "$0")/../fuzz"
 seconds="${1:-20}"
