@@ -58,10 +58,15 @@ fn config_from_meta(meta: &HashMap<String, String>) -> Result<ModelConfig, Strin
     for k in keys {
         let v = &meta[k];
         let field = &k["model.".len()..];
+        if !field.chars().all(|c| c.is_ascii_lowercase() || c == '_') {
+            return Err(format!("unexpected metadata key `{k}`"));
+        }
         if field == "architecture" {
-            toml.push_str(&format!("{field} = {:?}\n", v));
-        } else {
+            toml.push_str(&format!("{field} = \"{}\"\n", v.escape_default()));
+        } else if v.parse::<f64>().is_ok() {
             toml.push_str(&format!("{field} = {v}\n"));
+        } else {
+            return Err(format!("metadata `{k}` = {v:?} is not a number"));
         }
     }
     crate::model_config::from_toml(&toml)
@@ -143,15 +148,29 @@ pub fn write_atomically(path: &Path, data: &[u8]) -> Result<(), String> {
 /// Reads and checks a checkpoint: every tensor present, named and shaped as the
 /// configuration in its metadata says; the error names the tensor that is not.
 pub fn load(path: &Path) -> Result<Checkpoint, String> {
-    let ctx = |e: String| format!("checkpoint {}: {e}", path.display());
-    let bytes = std::fs::read(path).map_err(|e| ctx(format!("cannot read it ({e})")))?;
-    let st = SafeTensors::deserialize(&bytes).map_err(|e| ctx(format!("not a readable safetensors file ({e}); it may be truncated — use an earlier checkpoint")))?;
-    let (_, header) = SafeTensors::read_metadata(&bytes).map_err(|e| ctx(e.to_string()))?;
+    let bytes = std::fs::read(path)
+        .map_err(|e| format!("checkpoint {}: cannot read it ({e})", path.display()))?;
+    load_bytes(&bytes).map_err(|e| format!("checkpoint {}: {e}", path.display()))
+}
+
+/// [`load`] from the file's bytes.
+pub fn load_bytes(bytes: &[u8]) -> Result<Checkpoint, String> {
+    let ctx = |e: String| e;
+    let st = SafeTensors::deserialize(bytes).map_err(|e| ctx(format!("not a readable safetensors file ({e}); it may be truncated — use an earlier checkpoint")))?;
+    let (_, header) = SafeTensors::read_metadata(bytes).map_err(|e| ctx(e.to_string()))?;
     let meta = header.metadata().clone().unwrap_or_default();
     if meta.get("format").map(String::as_str) != Some(FORMAT) {
         return Err(ctx(format!("not a did checkpoint (metadata `format` should be {FORMAT:?}); import other checkpoints with `did import`")));
     }
     let config = config_from_meta(&meta).map_err(ctx)?;
+    // The weights alone need 4 bytes per parameter: refuse before allocating for a configuration the file cannot hold.
+    if config.parameter_count().saturating_mul(4) > bytes.len() {
+        return Err(format!(
+            "its configuration has {} parameters but the file holds {} bytes; it may be truncated — use an earlier checkpoint",
+            config.parameter_count(),
+            bytes.len()
+        ));
+    }
     let table = ParamTable::new(&config);
     let read_group = |prefix: &str, required: bool| -> Result<Option<Vec<f32>>, String> {
         let mut out = vec![0.0f32; table.total()];
@@ -320,5 +339,39 @@ mod tests {
             vec![8, 9]
         );
         let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+#[cfg(test)]
+mod seed_corpus {
+    /// Writes a small valid checkpoint as the fuzz seed (`cargo test -p did-cli write_fuzz_seed -- --ignored`).
+    #[test]
+    #[ignore]
+    fn write_fuzz_seed() {
+        use super::*;
+        use did_core::model::Architecture;
+        let config = ModelConfig {
+            vocab_size: 6,
+            mask_id: 5,
+            layers: 1,
+            hidden: 4,
+            heads: 2,
+            mlp_hidden: 4,
+            context: 4,
+            cond_dim: 2,
+            ..ModelConfig::preset("tiny", Architecture::Dit).unwrap()
+        };
+        let n = ParamTable::new(&config).total();
+        let ckpt = Checkpoint {
+            config,
+            params: vec![0.5; n],
+            ema: None,
+            moments: None,
+            step: 1,
+            run: BTreeMap::new(),
+        };
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../fuzz/corpus/checkpoint_load/micro.safetensors");
+        save(&path, &ckpt).unwrap();
     }
 }

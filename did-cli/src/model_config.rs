@@ -132,6 +132,10 @@ mod tests {
                 "`mask_id` 70000 must be below",
             ),
             ("[model]\npreset = \"tiny\"\nlayers = -1\n", "model config"),
+            (
+                "[model]\npreset = \"tiny\"\nlayers = 100000\n",
+                "exceeds the supported maximum",
+            ),
             ("not toml", "model config"),
         ];
         for (text, want) in cases {

@@ -187,6 +187,23 @@ impl ModelConfig {
                 "`norm_eps` must be > 0 and `rope_base` > 1",
             ));
         }
+        // Far above any model this runs, low enough that a hostile file cannot make us allocate without bound.
+        let limits = [
+            ("layers", self.layers, 4096),
+            ("hidden", self.hidden, 1 << 16),
+            ("heads", self.heads, 1 << 12),
+            ("mlp_hidden", self.mlp_hidden, 1 << 18),
+            ("vocab_size", self.vocab_size, 1 << 24),
+            ("cond_dim", self.cond_dim, 1 << 16),
+        ];
+        for (name, v, max) in limits {
+            if v > max {
+                return Err(invalid(
+                    "model config",
+                    format!("`{name}` = {v} exceeds the supported maximum {max}"),
+                ));
+            }
+        }
         let big = self
             .vocab_size
             .checked_mul(self.hidden)
