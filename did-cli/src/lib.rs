@@ -253,11 +253,7 @@ fn execute(cli: Cli) -> Result<String, String> {
             samples,
             seed,
         } => {
-            if cli.backend == BackendChoice::Cuda {
-                return Err(
-                    "the CUDA backend is not built yet; run the demo with --backend cpu".into(),
-                );
-            }
+            cpu_only(cli.backend)?;
             if samples == 0 {
                 return Err("--samples must be at least 1".into());
             }
@@ -286,9 +282,7 @@ fn execute(cli: Cli) -> Result<String, String> {
             show_diff,
             no_ema,
         } => {
-            if cli.backend == BackendChoice::Cuda {
-                return Err("the CUDA backend is not built yet; sample with --backend cpu".into());
-            }
+            cpu_only(cli.backend)?;
             sample::sample(&sample::SampleOptions {
                 checkpoint,
                 stages,
@@ -329,9 +323,7 @@ fn execute(cli: Cli) -> Result<String, String> {
             resume,
             init_from,
         } => {
-            if cli.backend == BackendChoice::Cuda {
-                return Err("the CUDA backend is not built yet; train with --backend cpu".into());
-            }
+            cpu_only(cli.backend)?;
             let opts = train::TrainOptions {
                 data,
                 model,
@@ -387,6 +379,14 @@ fn execute(cli: Cli) -> Result<String, String> {
             let summary = prepare(&opts)?;
             Ok(render(&summary, tokenizer, &out))
         }
+    }
+}
+
+/// The commands that compute run on the CPU until the CUDA backend exists.
+fn cpu_only(backend: BackendChoice) -> Result<(), String> {
+    match backend {
+        BackendChoice::Cpu => Ok(()),
+        BackendChoice::Cuda => Err("the CUDA backend is not built yet; use --backend cpu".into()),
     }
 }
 

@@ -1,18 +1,7 @@
 //! End-to-end: the `did` binary on good and bad stage plans.
 
-use std::process::Command;
-
-fn did(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_did"))
-        .args(args)
-        .output()
-        .expect("the did binary runs");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+mod common;
+use common::did;
 
 #[test]
 fn a_good_plan_is_explained() {

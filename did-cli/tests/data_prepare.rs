@@ -1,28 +1,12 @@
 //! End-to-end: `did data prepare` on the committed excerpt, an archive, and bad input.
 
+mod common;
+use common::did;
+use common::scratch;
+
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use did_cli::data::shard::Shard;
-
-fn did(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_did"))
-        .args(args)
-        .output()
-        .expect("the did binary runs");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("did-data-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
 
 fn excerpt() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/excerpt")

@@ -1,27 +1,12 @@
 //! End-to-end: prepare the excerpt, train a small model with checkpoints,
 //! resume, and check that 2 × N resumed steps equal 2N straight steps bit for bit.
 
+mod common;
+use common::did;
+use common::scratch;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
-
-fn did(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_did"))
-        .args(args)
-        .output()
-        .expect("the did binary runs");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("did-train-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
 
 /// The excerpt with the bytes tokenizer (vocabulary 258: fast), and a 1-layer model file.
 fn setup(dir: &Path) -> (PathBuf, PathBuf) {

@@ -403,20 +403,7 @@ impl Transformer {
             be.rope_forward(&rope, at_mut(&mut a.qkv, 0))?;
             be.rope_forward(&rope, at_mut(&mut a.qkv, c))?;
         }
-        let heads = cfg.heads;
-        let mut shape = AttentionShape {
-            batch: geo.batch,
-            heads,
-            head_dim: cfg.head_dim(),
-            q_len: geo.tokens,
-            kv_len: geo.tokens,
-            q_stride: 3 * c,
-            k_stride: 3 * c,
-            v_stride: 3 * c,
-            q_batch_stride: geo.tokens * 3 * c,
-            kv_batch_stride: geo.tokens * 3 * c,
-            scale: 1.0 / libm::sqrtf(cfg.head_dim() as f32),
-        };
+        let mut shape = self.fused_qkv_attention(geo);
         match kv {
             KeyValues::OwnTokens => {
                 be.attention_forward(
@@ -548,6 +535,24 @@ impl Transformer {
             c,
         )?;
         Ok(())
+    }
+
+    /// Attention over the pass's own fused qkv buffer `[N, 3C]` (q, then k, then v per token).
+    fn fused_qkv_attention(&self, geo: &Geometry) -> AttentionShape {
+        let c = self.config.hidden;
+        AttentionShape {
+            batch: geo.batch,
+            heads: self.config.heads,
+            head_dim: self.config.head_dim(),
+            q_len: geo.tokens,
+            kv_len: geo.tokens,
+            q_stride: 3 * c,
+            k_stride: 3 * c,
+            v_stride: 3 * c,
+            q_batch_stride: geo.tokens * 3 * c,
+            kv_batch_stride: geo.tokens * 3 * c,
+            scale: 1.0 / libm::sqrtf(self.config.head_dim() as f32),
+        }
     }
 
     /// RoPE over q or k inside a buffer with token stride `stride`: each
@@ -708,19 +713,7 @@ impl Transformer {
         for d in [&mut s.dq, &mut s.dk, &mut s.dv] {
             be.fill(whole_mut(d), n * c, 0.0)?;
         }
-        let shape = AttentionShape {
-            batch: geo.batch,
-            heads: cfg.heads,
-            head_dim: cfg.head_dim(),
-            q_len: geo.tokens,
-            kv_len: geo.tokens,
-            q_stride: 3 * c,
-            k_stride: 3 * c,
-            v_stride: 3 * c,
-            q_batch_stride: geo.tokens * 3 * c,
-            kv_batch_stride: geo.tokens * 3 * c,
-            scale: 1.0 / libm::sqrtf(cfg.head_dim() as f32),
-        };
+        let shape = self.fused_qkv_attention(geo);
         be.attention_backward(
             &shape,
             &geo.mask,
