@@ -5,8 +5,6 @@ use core::fmt::Debug;
 use core::iter::Sum;
 use core::ops::{AddAssign, MulAssign, SubAssign};
 
-use did_core::backend::Gemm;
-
 /// A float the CPU backend can run in.
 pub trait CpuFloat:
     num_traits::Float
@@ -129,27 +127,4 @@ impl CpuFloat for f64 {
             matrixmultiply::dgemm(m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc, csc)
         }
     }
-}
-
-/// The last element index (exclusive) a GEMM operand touches, for bounds checks.
-pub(crate) fn gemm_extents(g: &Gemm) -> (usize, usize, usize) {
-    let last = |rows: usize, cols: usize, ld: usize, stride: usize| {
-        if rows == 0 || cols == 0 || g.batch == 0 {
-            0
-        } else {
-            (g.batch - 1) * stride + (rows - 1) * ld + cols
-        }
-    };
-    let a = if g.trans_a {
-        last(g.k, g.m, g.lda, g.stride_a)
-    } else {
-        last(g.m, g.k, g.lda, g.stride_a)
-    };
-    let b = if g.trans_b {
-        last(g.n, g.k, g.ldb, g.stride_b)
-    } else {
-        last(g.k, g.n, g.ldb, g.stride_b)
-    };
-    let c = last(g.m, g.n, g.ldc, g.stride_c);
-    (a, b, c)
 }

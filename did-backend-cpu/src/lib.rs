@@ -228,7 +228,7 @@ impl<T: CpuFloat> Backend for CpuBackend<T> {
         b: Slice<'_, Vec<T>>,
         c: SliceMut<'_, Vec<T>>,
     ) -> Result<(), CpuError> {
-        let (na, nb, nc) = float::gemm_extents(spec);
+        let (na, nb, nc) = spec.extents();
         ops::gemm::gemm(
             spec,
             view(a, na, "matmul A")?,
@@ -415,12 +415,12 @@ impl<T: CpuFloat> Backend for CpuBackend<T> {
     }
 
     fn rope_forward(&self, shape: &RopeShape, x: SliceMut<'_, Vec<T>>) -> Result<(), CpuError> {
-        let n = ops::rope::extent(shape);
+        let n = shape.extent();
         ops::rope::rotate(shape, view_mut(x, n, "rope x")?, false);
         Ok(())
     }
     fn rope_backward(&self, shape: &RopeShape, dx: SliceMut<'_, Vec<T>>) -> Result<(), CpuError> {
-        let n = ops::rope::extent(shape);
+        let n = shape.extent();
         ops::rope::rotate(shape, view_mut(dx, n, "rope dx")?, true);
         Ok(())
     }
@@ -434,7 +434,7 @@ impl<T: CpuFloat> Backend for CpuBackend<T> {
         out: SliceMut<'_, Vec<T>>,
         lse: SliceMut<'_, Vec<T>>,
     ) -> Result<(), CpuError> {
-        let e = ops::attention::Extents::of(shape)?;
+        let e = shape.extents().map_err(CpuError::Shape)?;
         ops::attention::forward(
             shape,
             mask,
@@ -460,7 +460,7 @@ impl<T: CpuFloat> Backend for CpuBackend<T> {
         dk: SliceMut<'_, Vec<T>>,
         dv: SliceMut<'_, Vec<T>>,
     ) -> Result<(), CpuError> {
-        let e = ops::attention::Extents::of(shape)?;
+        let e = shape.extents().map_err(CpuError::Shape)?;
         let dkv = shape.batch * shape.kv_len * shape.heads * shape.head_dim;
         ops::attention::backward(
             shape,

@@ -8,7 +8,6 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use did_backend_cpu::CpuBackend;
 use did_core::backend::Backend;
 use did_core::model::{DiffusionDenoiser, Inference, Transformer};
 use did_core::refine::{generate, GenerateConfig, Generation, StagePlan};
@@ -53,7 +52,8 @@ fn model_file(dir: &Path, arch: &str) -> Result<PathBuf, String> {
     Ok(p)
 }
 
-fn train_for(
+fn train_for<B: Backend>(
+    be: &B,
     opts: &DemoOptions,
     data: &Path,
     model: &Path,
@@ -83,7 +83,7 @@ fn train_for(
         progress: opts.progress,
         max_seconds: Some(seconds),
     };
-    let summary = train(&t)?;
+    let summary = train(be, &t)?;
     eprint!("{summary}");
     checkpoint::list(out)
         .pop()
@@ -92,8 +92,8 @@ fn train_for(
 }
 
 /// Mean negative log-likelihood per token of `tokens[1..]` under the causal judge.
-fn judge_nll(
-    judge: &mut Inference<'_, CpuBackend>,
+fn judge_nll<B: Backend>(
+    judge: &mut Inference<'_, B>,
     tokens: &[u32],
     vocab: usize,
 ) -> Result<f64, String> {
@@ -117,7 +117,7 @@ struct Scored {
 }
 
 /// Runs the demo; returns the report.
-pub fn demo(opts: &DemoOptions) -> Result<String, String> {
+pub fn demo<B: Backend>(be: &B, opts: &DemoOptions) -> Result<String, String> {
     if !opts.minutes.is_finite() || opts.minutes <= 0.0 {
         return Err("--minutes must be positive".into());
     }
@@ -141,6 +141,7 @@ pub fn demo(opts: &DemoOptions) -> Result<String, String> {
     let budget = opts.minutes * 60.0;
     eprintln!("training the diffusion model (mix-scale blocks 4 and {LENGTH}) for {:.0} s, then the judge for {:.0} s", 0.75 * budget, 0.25 * budget);
     let dit = train_for(
+        be,
         opts,
         &data,
         &model_file(&opts.out, "dit")?,
@@ -149,6 +150,7 @@ pub fn demo(opts: &DemoOptions) -> Result<String, String> {
         0.75 * budget,
     )?;
     let judge = train_for(
+        be,
         opts,
         &data,
         &model_file(&opts.out, "gpt2")?,
@@ -157,7 +159,6 @@ pub fn demo(opts: &DemoOptions) -> Result<String, String> {
         0.25 * budget,
     )?;
 
-    let be = CpuBackend::new();
     let dit_ckpt = checkpoint::load(&dit)?;
     let judge_ckpt = checkpoint::load(&judge)?;
     let dit_model = Transformer::new(dit_ckpt.config).map_err(|e| e.to_string())?;
@@ -184,8 +185,8 @@ pub fn demo(opts: &DemoOptions) -> Result<String, String> {
             .and_then(|p| p.resolve(LENGTH))
             .map_err(|e| e.to_string())?;
         let t0 = Instant::now();
-        let mut d = DiffusionDenoiser::new(&be, &dit_model, &dit_params, true)
-            .map_err(|e| e.to_string())?;
+        let mut d =
+            DiffusionDenoiser::new(be, &dit_model, &dit_params, true).map_err(|e| e.to_string())?;
         let generation = generate(&mut d, &GenerateConfig::new(plan, opts.seed), &prompts)
             .map_err(|e| e.to_string())?;
         runs.push(Scored {
@@ -195,7 +196,7 @@ pub fn demo(opts: &DemoOptions) -> Result<String, String> {
         });
     }
     let mut judge_inf =
-        Inference::new(&be, &judge_model, &judge_params).map_err(|e| e.to_string())?;
+        Inference::new(be, &judge_model, &judge_params).map_err(|e| e.to_string())?;
     let vocab = judge_model.config().vocab_size;
     let mut report = String::new();
     report.push_str(&format!(

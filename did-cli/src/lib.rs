@@ -26,6 +26,9 @@ pub struct Cli {
     /// Where the model runs.
     #[arg(long, global = true, value_enum, default_value_t = BackendChoice::Cpu)]
     pub backend: BackendChoice,
+    /// How the CUDA backend stores tensors: f32 (matches the CPU) or bf16 (f32 arithmetic, half the memory).
+    #[arg(long, global = true, value_enum, default_value_t = PrecisionChoice::F32)]
+    pub precision: PrecisionChoice,
     #[command(subcommand)]
     command: Command,
 }
@@ -35,8 +38,42 @@ pub struct Cli {
 pub enum BackendChoice {
     /// The reference CPU backend.
     Cpu,
-    /// NVIDIA GPUs (not built yet).
+    /// An NVIDIA GPU (device 0), through CUDA 13 loaded at run time.
     Cuda,
+}
+
+/// The storage precision of the CUDA backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PrecisionChoice {
+    /// f32 storage and arithmetic: the same tokens as the CPU.
+    F32,
+    /// bf16 storage, f32 arithmetic.
+    Bf16,
+}
+
+/// Runs `$body` with `$be` bound to the backend the user chose.
+macro_rules! on_backend {
+    ($cli:expr, $be:ident => $body:expr) => {
+        match ($cli.backend, $cli.precision) {
+            (BackendChoice::Cpu, PrecisionChoice::F32) => {
+                let $be = &did_backend_cpu::CpuBackend::new();
+                $body
+            }
+            (BackendChoice::Cpu, PrecisionChoice::Bf16) => Err(
+                "the CPU backend computes in f32; --precision bf16 needs --backend cuda"
+                    .to_string(),
+            ),
+            (BackendChoice::Cuda, precision) => {
+                let precision = match precision {
+                    PrecisionChoice::F32 => did_backend_cuda::Precision::F32,
+                    PrecisionChoice::Bf16 => did_backend_cuda::Precision::Bf16,
+                };
+                let $be = &did_backend_cuda::CudaBackend::new(0, precision)
+                    .map_err(|e| format!("--backend cuda: {e}"))?;
+                $body
+            }
+        }
+    };
 }
 
 #[derive(Debug, Subcommand)]
@@ -253,17 +290,16 @@ fn execute(cli: Cli) -> Result<String, String> {
             samples,
             seed,
         } => {
-            cpu_only(cli.backend)?;
             if samples == 0 {
                 return Err("--samples must be at least 1".into());
             }
-            demo::demo(&demo::DemoOptions {
+            on_backend!(cli, be => demo::demo(be, &demo::DemoOptions {
                 minutes,
                 out,
                 samples,
                 seed,
                 progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
-            })
+            }))
         }
         Command::Sample {
             checkpoint,
@@ -282,8 +318,7 @@ fn execute(cli: Cli) -> Result<String, String> {
             show_diff,
             no_ema,
         } => {
-            cpu_only(cli.backend)?;
-            sample::sample(&sample::SampleOptions {
+            on_backend!(cli, be => sample::sample(be, &sample::SampleOptions {
                 checkpoint,
                 stages,
                 remask,
@@ -300,7 +335,7 @@ fn execute(cli: Cli) -> Result<String, String> {
                 show_diff,
                 no_ema,
                 color: std::io::IsTerminal::is_terminal(&std::io::stdout()),
-            })
+            }))
         }
         Command::Train {
             data,
@@ -323,7 +358,6 @@ fn execute(cli: Cli) -> Result<String, String> {
             resume,
             init_from,
         } => {
-            cpu_only(cli.backend)?;
             let opts = train::TrainOptions {
                 data,
                 model,
@@ -345,7 +379,7 @@ fn execute(cli: Cli) -> Result<String, String> {
                 progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
                 max_seconds: None,
             };
-            train::train(&opts)
+            on_backend!(cli, be => train::train(be, &opts))
         }
         Command::ModelInfo {
             model,
@@ -379,14 +413,6 @@ fn execute(cli: Cli) -> Result<String, String> {
             let summary = prepare(&opts)?;
             Ok(render(&summary, tokenizer, &out))
         }
-    }
-}
-
-/// The commands that compute run on the CPU until the CUDA backend exists.
-fn cpu_only(backend: BackendChoice) -> Result<(), String> {
-    match backend {
-        BackendChoice::Cpu => Ok(()),
-        BackendChoice::Cuda => Err("the CUDA backend is not built yet; use --backend cpu".into()),
     }
 }
 

@@ -4,7 +4,6 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use did_backend_cpu::CpuBackend;
 use did_core::backend::Backend;
 use did_core::model::{Architecture, DiffusionDenoiser, Transformer};
 use did_core::refine::{generate, GenerateConfig, RemaskScope, RemaskStrategy, StagePlan};
@@ -84,7 +83,7 @@ pub fn tokenizer_for(vocab: usize) -> Result<TokenizerKind, String> {
 }
 
 /// Runs sampling; returns the text printed to stdout.
-pub fn sample(opts: &SampleOptions) -> Result<String, String> {
+pub fn sample<B: Backend>(be: &B, opts: &SampleOptions) -> Result<String, String> {
     let ckpt = checkpoint::load(&opts.checkpoint)?;
     let config = ckpt.config;
     if config.architecture != Architecture::Dit {
@@ -122,7 +121,6 @@ pub fn sample(opts: &SampleOptions) -> Result<String, String> {
     if opts.batch == 0 || opts.num_samples == 0 {
         return Err("--batch and --num-samples must be at least 1".into());
     }
-    let be = CpuBackend::new();
     let model = Transformer::new(config).map_err(|e| e.to_string())?;
     let weights = if opts.no_ema {
         &ckpt.params
@@ -144,7 +142,7 @@ pub fn sample(opts: &SampleOptions) -> Result<String, String> {
         gen.first_sample = done as u32;
         let t0 = Instant::now();
         let mut denoiser =
-            DiffusionDenoiser::new(&be, &model, &params, true).map_err(|e| e.to_string())?;
+            DiffusionDenoiser::new(be, &model, &params, true).map_err(|e| e.to_string())?;
         let g = generate(&mut denoiser, &gen, &prompts).map_err(|e| e.to_string())?;
         let wall = t0.elapsed().as_secs_f64();
         for s in 0..n {

@@ -9,7 +9,6 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use did_backend_cpu::CpuBackend;
 use did_core::backend::{Backend, Slice};
 use did_core::model::{
     causal_batch, diffusion_batch, Architecture, ModelConfig, TrainBatch, Trainer, TrainerConfig,
@@ -189,7 +188,7 @@ fn make_batch(
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
 /// Runs training; returns the summary printed at the end.
-pub fn train(opts: &TrainOptions) -> Result<String, String> {
+pub fn train<B: Backend>(be: &B, opts: &TrainOptions) -> Result<String, String> {
     // A second handler cannot be installed (the demo trains twice): ignoring that error is right.
     let _ = ctrlc::set_handler(|| INTERRUPTED.store(true, Ordering::SeqCst));
     let open = |name: &str| Shard::open(&opts.data.join(format!("{name}.bin")));
@@ -218,13 +217,12 @@ pub fn train(opts: &TrainOptions) -> Result<String, String> {
         )
     })?;
     let model = Transformer::new(config).map_err(|e| e.to_string())?;
-    let be = CpuBackend::new();
     let tc = TrainerConfig {
         lr: opts.lr,
         warmup_steps: opts.warmup,
         ..TrainerConfig::default()
     };
-    let e = |e: did_core::model::ModelError<did_backend_cpu::CpuError>| e.to_string();
+    let e = |e: did_core::model::ModelError<B::Error>| e.to_string();
 
     // Start: resume, fine-tune, or fresh.
     let latest = checkpoint::list(&opts.out).pop();
@@ -234,7 +232,7 @@ pub fn train(opts: &TrainOptions) -> Result<String, String> {
             if c.config != config {
                 return Err(format!("{} holds another model configuration; resume with the same --model, or use a new --out", path.display()));
             }
-            let mut t = Trainer::new(&be, &model, tc, &c.params, opts.seed).map_err(e)?;
+            let mut t = Trainer::new(be, &model, tc, &c.params, opts.seed).map_err(e)?;
             if let Some(ema) = &c.ema {
                 t.ema = Some(be.upload(ema).map_err(|e| e.to_string())?);
             }
@@ -272,7 +270,7 @@ pub fn train(opts: &TrainOptions) -> Result<String, String> {
                 }
                 None => model.table().initial_values(opts.seed),
             };
-            Trainer::new(&be, &model, tc, &init, opts.seed).map_err(e)?
+            Trainer::new(be, &model, tc, &init, opts.seed).map_err(e)?
         }
     };
 
@@ -296,9 +294,9 @@ pub fn train(opts: &TrainOptions) -> Result<String, String> {
     let accum = opts.accumulate as u32;
     let mut last_loss = f64::NAN;
     let mut last_valid = None;
-    let save = |trainer: &Trainer<CpuBackend>| -> Result<(), String> {
+    let save = |trainer: &Trainer<B>| -> Result<(), String> {
         let n = model.table().total();
-        let get = |b: &Vec<f32>| -> Result<Vec<f32>, String> {
+        let get = |b: &B::Buffer| -> Result<Vec<f32>, String> {
             let mut v = vec![0.0; n];
             be.download(Slice::whole(b), &mut v)
                 .map_err(|e| e.to_string())?;
@@ -329,7 +327,7 @@ pub fn train(opts: &TrainOptions) -> Result<String, String> {
         checkpoint::prune(&opts.out, opts.keep);
         Ok(())
     };
-    let validate = |trainer: &mut Trainer<CpuBackend>| -> Result<Option<f64>, String> {
+    let validate = |trainer: &mut Trainer<B>| -> Result<Option<f64>, String> {
         let Some(v) = &valid_shard else {
             return Ok(None);
         };
@@ -350,7 +348,7 @@ pub fn train(opts: &TrainOptions) -> Result<String, String> {
                 0,
                 i as u32,
             )?;
-            total += trainer.evaluate(&be, &model, &b).map_err(e)?;
+            total += trainer.evaluate(be, &model, &b).map_err(e)?;
         }
         Ok(Some(total / opts.valid_batches.max(1) as f64))
     };
@@ -382,7 +380,7 @@ pub fn train(opts: &TrainOptions) -> Result<String, String> {
                 )
             })
             .collect::<Result<_, _>>()?;
-        let report = trainer.step(&be, &model, &micro).map_err(e)?;
+        let report = trainer.step(be, &model, &micro).map_err(e)?;
         let tokens_per_s = (opts.batch * opts.accumulate * len) as f64 / t0.elapsed().as_secs_f64();
         last_loss = report.loss;
         let mut line = format!(

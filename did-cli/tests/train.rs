@@ -154,7 +154,10 @@ fn bad_training_input_names_the_cause() {
             &["--model", "tiny", "--data", "/nonexistent"][..],
             "run `did data prepare` first",
         ),
-        (&["--backend", "cuda"][..], "CUDA backend is not built yet"),
+        (
+            &["--precision", "bf16"][..],
+            "--precision bf16 needs --backend cuda",
+        ),
     ] {
         let (code, err) = base(extra);
         assert_eq!(code, 2, "{extra:?}: {err}");
@@ -175,6 +178,38 @@ fn bad_training_input_names_the_cause() {
     let (code, err) = base(&["--model", "tiny", "--resume"]);
     assert_eq!(code, 2);
     assert!(err.contains("checkpoint"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn cuda_on_a_machine_without_it_names_what_is_missing() {
+    if did_backend_cuda::cuda_available() {
+        return; // a GPU machine: scripts/gpu-check.sh trains and samples there
+    }
+    let dir = scratch("no-cuda");
+    let (data, model) = setup(&dir);
+    let out = dir.join("run");
+    let (code, _, err) = did(&[
+        "--backend",
+        "cuda",
+        "train",
+        "--data",
+        data.to_str().unwrap(),
+        "--model",
+        model.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("CUDA is not available"), "{err}");
+    assert!(
+        err.contains("was not found") || err.contains("no GPU") || err.contains("no usable GPU"),
+        "{err}"
+    );
+    assert!(
+        !out.exists(),
+        "nothing is written when the backend cannot start"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 

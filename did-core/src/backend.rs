@@ -194,6 +194,35 @@ impl Gemm {
     pub fn flops(&self) -> usize {
         2 * self.m * self.n * self.k * self.batch
     }
+
+    /// Elements that `A`, `B` and `C` span from their offsets (what a backend
+    /// checks against its buffers before it runs the GEMM).
+    ///
+    /// ```
+    /// use did_core::backend::Gemm;
+    /// // x[16, 768] · Wᵀ, W [2304, 768] → y[16, 2304]
+    /// assert_eq!(Gemm::linear(16, 768, 2304).extents(), (16 * 768, 2304 * 768, 16 * 2304));
+    /// ```
+    pub fn extents(&self) -> (usize, usize, usize) {
+        let last = |rows: usize, cols: usize, ld: usize, stride: usize| {
+            if rows == 0 || cols == 0 || self.batch == 0 {
+                0
+            } else {
+                (self.batch - 1) * stride + (rows - 1) * ld + cols
+            }
+        };
+        let a = if self.trans_a {
+            last(self.k, self.m, self.lda, self.stride_a)
+        } else {
+            last(self.m, self.k, self.lda, self.stride_a)
+        };
+        let b = if self.trans_b {
+            last(self.n, self.k, self.ldb, self.stride_b)
+        } else {
+            last(self.k, self.n, self.ldb, self.stride_b)
+        };
+        (a, b, last(self.m, self.n, self.ldc, self.stride_c))
+    }
 }
 
 /// The shape of a LayerNorm over the last dimension.
@@ -241,6 +270,60 @@ pub struct AttentionShape {
     pub scale: f32,
 }
 
+/// Elements each operand of an attention call spans from its offset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttentionExtents {
+    /// `q`.
+    pub q: usize,
+    /// `k`.
+    pub k: usize,
+    /// `v`.
+    pub v: usize,
+    /// `out`, `dout` and `dq` (contiguous).
+    pub out: usize,
+    /// `lse`: one per (sequence, head, query).
+    pub lse: usize,
+}
+
+impl AttentionShape {
+    /// The extents of every operand, or why the shape is inconsistent (token
+    /// strides smaller than `heads · head_dim`).
+    ///
+    /// ```
+    /// use did_core::backend::AttentionShape;
+    /// // A fused qkv buffer [2, 8, 3·32] with 4 heads of 8.
+    /// let s = AttentionShape { batch: 2, heads: 4, head_dim: 8, q_len: 8, kv_len: 8,
+    ///     q_stride: 96, k_stride: 96, v_stride: 96, q_batch_stride: 8 * 96, kv_batch_stride: 8 * 96,
+    ///     scale: 8f32.sqrt().recip() };
+    /// let e = s.extents()?;
+    /// assert_eq!((e.q, e.out, e.lse), (8 * 96 + 7 * 96 + 32, 2 * 8 * 32, 2 * 4 * 8));
+    /// # Ok::<(), String>(())
+    /// ```
+    pub fn extents(&self) -> Result<AttentionExtents, alloc::string::String> {
+        let width = self.heads * self.head_dim;
+        if self.q_stride < width || self.k_stride < width || self.v_stride < width {
+            return Err(alloc::format!(
+                "attention: token strides (q {}, k {}, v {}) are smaller than heads × head_dim = {width}",
+                self.q_stride, self.k_stride, self.v_stride
+            ));
+        }
+        let span = |len: usize, stride: usize, bstride: usize| {
+            if self.batch == 0 || len == 0 {
+                0
+            } else {
+                (self.batch - 1) * bstride + (len - 1) * stride + width
+            }
+        };
+        Ok(AttentionExtents {
+            q: span(self.q_len, self.q_stride, self.q_batch_stride),
+            k: span(self.kv_len, self.k_stride, self.kv_batch_stride),
+            v: span(self.kv_len, self.v_stride, self.kv_batch_stride),
+            out: self.batch * self.q_len * width,
+            lse: self.batch * self.heads * self.q_len,
+        })
+    }
+}
+
 /// RoPE (rotate-half, GPT-NeoX layout) over `[batch, tokens, heads·head_dim]`
 /// with token stride `stride`; token `t` has position `position_offset + t`.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -261,6 +344,27 @@ pub struct RopeShape {
     pub position_offset: usize,
     /// Frequency base (10,000).
     pub base: f32,
+}
+
+impl RopeShape {
+    /// Elements the rotated tensor spans from its offset.
+    ///
+    /// ```
+    /// use did_core::backend::RopeShape;
+    /// // The keys inside a fused qkv buffer [2, 8, 3·32]: stride 96, 32 wide.
+    /// let s = RopeShape { batch: 2, tokens: 8, heads: 4, head_dim: 8, stride: 96,
+    ///     batch_stride: 8 * 96, position_offset: 0, base: 10_000.0 };
+    /// assert_eq!(s.extent(), 8 * 96 + 7 * 96 + 32);
+    /// ```
+    pub fn extent(&self) -> usize {
+        if self.batch == 0 || self.tokens == 0 {
+            0
+        } else {
+            (self.batch - 1) * self.batch_stride
+                + (self.tokens - 1) * self.stride
+                + self.heads * self.head_dim
+        }
+    }
 }
 
 /// AdamW hyper-parameters for one step.

@@ -143,6 +143,20 @@ impl RngStream {
         RngStream { step, ..self }
     }
 
+    /// The words a device kernel needs to draw this stream's numbers: the
+    /// Philox key, the step and the tag (purpose and sample). The block at
+    /// `(row, block)` is `philox4x32_10([block, row, step, tag], key)`.
+    ///
+    /// ```
+    /// use did_core::rng::{philox4x32_10, Purpose, RngStream};
+    /// let s = RngStream::new(42, Purpose::Dropout, 3, 9);
+    /// let (key, step, tag) = s.counter_parts();
+    /// assert_eq!(philox4x32_10([5, 2, step, tag], key), s.block(2, 5));
+    /// ```
+    pub fn counter_parts(&self) -> ([u32; 2], u32, u32) {
+        (self.key, self.step, self.tag)
+    }
+
     /// The raw 128-bit block at `(row, block)`.
     #[inline]
     pub fn block(&self, row: u32, block: u32) -> [u32; 4] {

@@ -15,55 +15,12 @@ use did_core::backend::{AttentionShape, Gemm};
 use did_core::mask::AttentionMask;
 use rayon::prelude::*;
 
-use crate::float::gemm_extents;
-use crate::{CpuError, CpuFloat};
+use crate::CpuFloat;
 
 /// Most query rows per tile.
 pub const TILE: usize = 64;
 /// A run shorter than this is merged with its neighbours into one masked tile.
 const MIN_RUN: usize = 8;
-
-/// Elements each operand spans from its offset.
-#[derive(Debug, Clone, Copy)]
-pub struct Extents {
-    /// `q`.
-    pub q: usize,
-    /// `k`.
-    pub k: usize,
-    /// `v`.
-    pub v: usize,
-    /// `out` and `dq` (contiguous).
-    pub out: usize,
-    /// `lse`.
-    pub lse: usize,
-}
-
-impl Extents {
-    /// The extents of `s`, checking that heads fit the strides.
-    pub fn of(s: &AttentionShape) -> Result<Self, CpuError> {
-        let width = s.heads * s.head_dim;
-        if s.q_stride < width || s.k_stride < width || s.v_stride < width {
-            return Err(CpuError::Shape(format!(
-                "attention: token strides (q {}, k {}, v {}) are smaller than heads × head_dim = {width}",
-                s.q_stride, s.k_stride, s.v_stride
-            )));
-        }
-        let span = |len: usize, stride: usize, bstride: usize| {
-            if s.batch == 0 || len == 0 {
-                0
-            } else {
-                (s.batch - 1) * bstride + (len - 1) * stride + width
-            }
-        };
-        Ok(Extents {
-            q: span(s.q_len, s.q_stride, s.q_batch_stride),
-            k: span(s.kv_len, s.k_stride, s.kv_batch_stride),
-            v: span(s.kv_len, s.v_stride, s.kv_batch_stride),
-            out: s.batch * s.q_len * width,
-            lse: s.batch * s.heads * s.q_len,
-        })
-    }
-}
 
 /// One tile of queries and the key columns it computes.
 struct Tile {
@@ -186,7 +143,7 @@ fn small_gemm<T: CpuFloat>(
         alpha: alpha.to_f32_lossy(),
         beta: beta.to_f32_lossy(),
     };
-    let (na, nb, nc) = gemm_extents(&g);
+    let (na, nb, nc) = g.extents();
     assert!(
         a.len() >= na && b.len() >= nb && c.len() >= nc,
         "attention tile GEMM out of bounds"

@@ -52,7 +52,7 @@ pub fn gemm<T: CpuFloat>(g: &Gemm, a: &[T], b: &[T], c: &mut [T]) -> Result<(), 
             }
             continue;
         }
-        // SAFETY: `gemm_extents` (checked by the caller) bounds every element
+        // SAFETY: `Gemm::extents` (checked by the caller) bounds every element
         // addressed here inside `a`, `b`, `c`; `c` is a distinct `&mut`.
         unsafe {
             T::gemm_raw(

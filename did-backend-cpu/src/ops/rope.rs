@@ -6,15 +6,6 @@ use rayon::prelude::*;
 
 use crate::CpuFloat;
 
-/// Elements a RoPE call touches from its offset.
-pub fn extent(s: &RopeShape) -> usize {
-    if s.batch == 0 || s.tokens == 0 {
-        0
-    } else {
-        (s.batch - 1) * s.batch_stride + (s.tokens - 1) * s.stride + s.heads * s.head_dim
-    }
-}
-
 /// Rotates every head of every token in place (`inverse` rotates back).
 pub fn rotate<T: CpuFloat>(s: &RopeShape, x: &mut [T], inverse: bool) {
     let half = s.head_dim / 2;
@@ -53,7 +44,7 @@ pub fn rotate<T: CpuFloat>(s: &RopeShape, x: &mut [T], inverse: bool) {
     let width = s.heads * s.head_dim;
     if s.batch_stride == s.tokens * s.stride {
         // Tokens evenly spaced (a fused qkv buffer too): one parallel pass.
-        let n = extent(s);
+        let n = s.extent();
         x[..n]
             .par_chunks_mut(s.stride)
             .enumerate()

@@ -1,0 +1,77 @@
+// Shared by every kernel source: the storage type and the Philox generator.
+// NVRTC sees no system headers, so this file includes none.
+//
+// Storage is f32, or bf16 bits when STORAGE_BF16 is defined; arithmetic is
+// always f32 (f64 where the CPU reference computes in f64).
+
+typedef long long i64;
+
+#ifdef STORAGE_BF16
+typedef unsigned short store_t;
+__device__ __forceinline__ float ld(const store_t* p, i64 i) {
+    return __uint_as_float(((unsigned)p[i]) << 16);
+}
+// Round to nearest even; NaN stays NaN.
+__device__ __forceinline__ store_t to_store(float x) {
+    unsigned u = __float_as_uint(x);
+    if ((u & 0x7f800000u) == 0x7f800000u && (u & 0x007fffffu)) return (store_t)((u >> 16) | 0x40u);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (store_t)(u >> 16);
+}
+#else
+typedef float store_t;
+__device__ __forceinline__ float ld(const store_t* p, i64 i) { return p[i]; }
+__device__ __forceinline__ store_t to_store(float x) { return x; }
+#endif
+
+__device__ __forceinline__ void st(store_t* p, i64 i, float x) { p[i] = to_store(x); }
+__device__ __forceinline__ void add_to(store_t* p, i64 i, float x) { p[i] = to_store(ld(p, i) + x); }
+
+#define GRID_STRIDE(i, n) for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (i64)blockDim.x * gridDim.x)
+
+// Philox4x32-10, as did_core::rng::philox4x32_10.
+struct u32x4 { unsigned v[4]; };
+__device__ __forceinline__ u32x4 philox4x32_10(unsigned c0, unsigned c1, unsigned c2, unsigned c3, unsigned k0, unsigned k1) {
+    for (int round = 0; round < 10; ++round) {
+        if (round > 0) { k0 += 0x9E3779B9u; k1 += 0xBB67AE85u; }
+        unsigned long long p0 = (unsigned long long)0xD2511F53u * c0;
+        unsigned long long p1 = (unsigned long long)0xCD9E8D57u * c2;
+        unsigned hi0 = (unsigned)(p0 >> 32), lo0 = (unsigned)p0;
+        unsigned hi1 = (unsigned)(p1 >> 32), lo1 = (unsigned)p1;
+        unsigned n0 = hi1 ^ c1 ^ k0, n2 = hi0 ^ c3 ^ k1;
+        c0 = n0; c1 = lo1; c2 = n2; c3 = lo0;
+    }
+    u32x4 r; r.v[0] = c0; r.v[1] = c1; r.v[2] = c2; r.v[3] = c3;
+    return r;
+}
+
+// Block-wide sum of one float per thread (blockDim.x a multiple of 32, ≤ 1024),
+// in a fixed order so results are deterministic. Every thread gets the sum.
+__device__ __forceinline__ float warp_sum(float x) {
+    for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+    return x;
+}
+__device__ __forceinline__ float warp_max(float x) {
+    for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
+    return x;
+}
+__device__ float block_sum(float x, float* shared32) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    x = warp_sum(x);
+    __syncthreads();
+    if (lane == 0) shared32[warp] = x;
+    __syncthreads();
+    float total = 0.0f;
+    for (int w = 0; w < warps; ++w) total += shared32[w];
+    return total;
+}
+__device__ float block_max(float x, float* shared32) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    x = warp_max(x);
+    __syncthreads();
+    if (lane == 0) shared32[warp] = x;
+    __syncthreads();
+    float m = -__int_as_float(0x7f800000);
+    for (int w = 0; w < warps; ++w) m = fmaxf(m, shared32[w]);
+    return m;
+}

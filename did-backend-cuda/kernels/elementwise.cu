@@ -1,0 +1,167 @@
+// Memory, bias, modulation, gated residuals, activations, dropout: one thread
+// per element (grid-stride), forward and backward side by side.
+
+extern "C" __global__ void fill(store_t* dst, i64 n, float value) {
+    GRID_STRIDE(i, n) st(dst, i, value);
+}
+
+extern "C" __global__ void copy_rows(const store_t* src, i64 src_stride, store_t* dst, i64 dst_stride, i64 rows, i64 cols) {
+    GRID_STRIDE(i, rows * cols) {
+        i64 r = i / cols, c = i % cols;
+        dst[r * dst_stride + c] = src[r * src_stride + c];
+    }
+}
+
+extern "C" __global__ void bias_add(store_t* x, const store_t* bias, i64 rows, i64 cols) {
+    GRID_STRIDE(i, rows * cols) add_to(x, i, ld(bias, i % cols));
+}
+
+// Column sums in two deterministic passes: partial[chunk, c] = Σ over the
+// chunk's rows of a[r, c]·b[r, c] (b = 1 when null), then out[c] += Σ_chunk partial.
+extern "C" __global__ void colsum_partial(const store_t* a, const store_t* b, float* partial, i64 rows, i64 cols, i64 rows_per_chunk) {
+    i64 c = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    i64 chunk = blockIdx.y;
+    if (c >= cols) return;
+    i64 r0 = chunk * rows_per_chunk, r1 = min(rows, r0 + rows_per_chunk);
+    float acc = 0.0f;
+    for (i64 r = r0; r < r1; ++r) {
+        float v = ld(a, r * cols + c);
+        if (b) v *= ld(b, r * cols + c);
+        acc += v;
+    }
+    partial[chunk * cols + c] = acc;
+}
+
+extern "C" __global__ void colsum_finish(const float* partial, i64 chunks, store_t* out, i64 cols) {
+    GRID_STRIDE(c, cols) {
+        float acc = 0.0f;
+        for (i64 k = 0; k < chunks; ++k) acc += partial[k * cols + c];
+        add_to(out, c, acc);
+    }
+}
+
+// adaLN modulation: out = x·(1 + scale[b]) + shift[b].
+extern "C" __global__ void modulate_forward(const store_t* x, const store_t* shift, const store_t* scale, store_t* out, i64 tokens, i64 channels, i64 n) {
+    GRID_STRIDE(i, n) {
+        i64 c = i % channels, b = i / (tokens * channels);
+        i64 j = b * channels + c;
+        st(out, i, ld(x, i) * (1.0f + ld(scale, j)) + ld(shift, j));
+    }
+}
+
+extern "C" __global__ void modulate_backward_dx(const store_t* dout, const store_t* scale, store_t* dx, i64 tokens, i64 channels, i64 n) {
+    GRID_STRIDE(i, n) {
+        i64 c = i % channels, b = i / (tokens * channels);
+        add_to(dx, i, ld(dout, i) * (1.0f + ld(scale, b * channels + c)));
+    }
+}
+
+// residual += gate[b]·y (gate null: 1).
+extern "C" __global__ void gated_residual_forward(store_t* residual, const store_t* y, const store_t* gate, i64 tokens, i64 channels, i64 n) {
+    GRID_STRIDE(i, n) {
+        float g = 1.0f;
+        if (gate) g = ld(gate, (i / (tokens * channels)) * channels + i % channels);
+        add_to(residual, i, g * ld(y, i));
+    }
+}
+
+extern "C" __global__ void gated_residual_backward_dy(const store_t* dres, const store_t* gate, store_t* dy, i64 tokens, i64 channels, i64 n) {
+    GRID_STRIDE(i, n) {
+        float g = 1.0f;
+        if (gate) g = ld(gate, (i / (tokens * channels)) * channels + i % channels);
+        add_to(dy, i, g * ld(dres, i));
+    }
+}
+
+// GELU, tanh form written as x·σ(2u) (as the CPU reference).
+__device__ __forceinline__ void gelu_parts(float x, float* y, float* dy) {
+    const float c = 0.7978845608028654f, a = 0.044715f;
+    float u = c * (x + a * x * x * x);
+    float s = 1.0f / (1.0f + expf(-2.0f * u));
+    float th = 2.0f * s - 1.0f;
+    float sech2 = 1.0f - th * th;
+    *y = x * s;
+    *dy = s + 0.5f * x * sech2 * c * (1.0f + 3.0f * a * x * x);
+}
+
+extern "C" __global__ void gelu_forward(const store_t* x, store_t* out, i64 n) {
+    GRID_STRIDE(i, n) { float y, dy; gelu_parts(ld(x, i), &y, &dy); st(out, i, y); }
+}
+
+extern "C" __global__ void gelu_backward(const store_t* dout, const store_t* x, store_t* dx, i64 n) {
+    GRID_STRIDE(i, n) { float y, dy; gelu_parts(ld(x, i), &y, &dy); add_to(dx, i, ld(dout, i) * dy); }
+}
+
+extern "C" __global__ void silu_forward(const store_t* x, store_t* out, i64 n) {
+    GRID_STRIDE(i, n) { float v = ld(x, i); st(out, i, v / (1.0f + expf(-v))); }
+}
+
+extern "C" __global__ void silu_backward(const store_t* dout, const store_t* x, store_t* dx, i64 n) {
+    GRID_STRIDE(i, n) {
+        float v = ld(x, i), s = 1.0f / (1.0f + expf(-v));
+        add_to(dx, i, ld(dout, i) * s * (1.0f + v * (1.0f - s)));
+    }
+}
+
+// Inverted dropout: element i is kept iff the top 24 bits of word i of the
+// stream's row 0, as a fraction, are ≥ p (did_core::rng::RngStream::uniform_f32).
+extern "C" __global__ void dropout(store_t* x, i64 n, float p, float keep_scale, unsigned key0, unsigned key1, unsigned step, unsigned tag) {
+    GRID_STRIDE(i, n) {
+        unsigned idx = (unsigned)i;
+        u32x4 b = philox4x32_10(idx >> 2, 0u, step, tag, key0, key1);
+        float u = (float)(b.v[idx & 3u] >> 8) * (1.0f / 16777216.0f);
+        st(x, i, u >= p ? ld(x, i) * keep_scale : 0.0f);
+    }
+}
+
+extern "C" __global__ void scale(store_t* x, i64 n, float factor) {
+    GRID_STRIDE(i, n) st(x, i, ld(x, i) * factor);
+}
+
+// AdamW with the bias corrections computed on the host (as the CPU reference).
+extern "C" __global__ void adamw(store_t* params, const store_t* grads, store_t* m, store_t* v, i64 n,
+                                 float lr, float beta1, float beta2, float eps, float weight_decay, float bc1, float bc2) {
+    GRID_STRIDE(i, n) {
+        float g = ld(grads, i);
+        float mi = beta1 * ld(m, i) + (1.0f - beta1) * g;
+        float vi = beta2 * ld(v, i) + (1.0f - beta2) * g * g;
+        st(m, i, mi);
+        st(v, i, vi);
+        float mhat = mi / bc1, vhat = vi / bc2;
+        st(params, i, ld(params, i) * (1.0f - lr * weight_decay) - lr * mhat / (sqrtf(vhat) + eps));
+    }
+}
+
+extern "C" __global__ void ema_update(store_t* ema, const store_t* params, i64 n, float decay) {
+    GRID_STRIDE(i, n) st(ema, i, decay * ld(ema, i) + (1.0f - decay) * ld(params, i));
+}
+
+// Σ x or Σ x² in f64: one partial per block (fixed grid), summed on the host in order.
+extern "C" __global__ void sum_partial(const store_t* x, i64 n, int squares, double* partial) {
+    __shared__ double shared[256];
+    double acc = 0.0;
+    GRID_STRIDE(i, n) { double v = (double)ld(x, i); acc += squares ? v * v : v; }
+    shared[threadIdx.x] = acc;
+    __syncthreads();
+    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+        if ((int)threadIdx.x < s) shared[threadIdx.x] += shared[threadIdx.x + s];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) partial[blockIdx.x] = shared[0];
+}
+
+// Embedding rows: out[r, c] = table[ids[r], c] (ids checked on the host).
+extern "C" __global__ void embedding_forward(const unsigned* ids, const store_t* table, store_t* out, i64 rows, i64 channels) {
+    GRID_STRIDE(i, rows * channels) {
+        i64 r = i / channels, c = i % channels;
+        out[i] = table[(i64)ids[r] * channels + c];
+    }
+}
+
+// dtable[ids[r], c] += dout[r, c]: one thread per column walks the rows in
+// order, so repeated ids add up deterministically and without atomics.
+extern "C" __global__ void embedding_backward(const unsigned* ids, const store_t* dout, store_t* dtable, i64 rows, i64 channels) {
+    GRID_STRIDE(c, channels) {
+        for (i64 r = 0; r < rows; ++r) add_to(dtable, (i64)ids[r] * channels + c, ld(dout, r * channels + c));
+    }
+}

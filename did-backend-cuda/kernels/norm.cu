@@ -1,0 +1,111 @@
+// LayerNorm (one block per row), RoPE, and the fused weighted softmax
+// cross-entropy (one block per row). Reductions go through block_sum, a fixed
+// order, so every result is deterministic.
+
+extern "C" __global__ void layernorm_forward(const store_t* x, const store_t* weight, const store_t* bias, store_t* out,
+                                             store_t* mean, store_t* rstd, i64 rows, i64 cols, float eps) {
+    __shared__ float shared32[32];
+    i64 row = blockIdx.x;
+    if (row >= rows) return;
+    const store_t* xr = x + row * cols;
+    float s = 0.0f;
+    for (i64 c = threadIdx.x; c < cols; c += blockDim.x) s += ld(xr, c);
+    float mu = block_sum(s, shared32) / (float)cols;
+    float v = 0.0f;
+    for (i64 c = threadIdx.x; c < cols; c += blockDim.x) { float d = ld(xr, c) - mu; v += d * d; }
+    float var = block_sum(v, shared32) / (float)cols;
+    float r = 1.0f / sqrtf(var + eps);
+    for (i64 c = threadIdx.x; c < cols; c += blockDim.x) {
+        float y = (ld(xr, c) - mu) * r * ld(weight, c);
+        if (bias) y += ld(bias, c);
+        st(out, row * cols + c, y);
+    }
+    if (threadIdx.x == 0) { st(mean, row, mu); st(rstd, row, r); }
+}
+
+extern "C" __global__ void layernorm_backward_dx(const store_t* dout, const store_t* x, const store_t* weight,
+                                                 const store_t* mean, const store_t* rstd, store_t* dx, i64 rows, i64 cols) {
+    __shared__ float shared32[32];
+    i64 row = blockIdx.x;
+    if (row >= rows) return;
+    float mu = ld(mean, row), r = ld(rstd, row);
+    const store_t* xr = x + row * cols;
+    const store_t* dr = dout + row * cols;
+    float a = 0.0f, b = 0.0f;
+    for (i64 c = threadIdx.x; c < cols; c += blockDim.x) {
+        float xhat = (ld(xr, c) - mu) * r, dn = ld(dr, c) * ld(weight, c);
+        a += dn;
+        b += dn * xhat;
+    }
+    float mean_d = block_sum(a, shared32) / (float)cols;
+    float mean_dx = block_sum(b, shared32) / (float)cols;
+    for (i64 c = threadIdx.x; c < cols; c += blockDim.x) {
+        float xhat = (ld(xr, c) - mu) * r;
+        add_to(dx, row * cols + c, r * (ld(dr, c) * ld(weight, c) - mean_d - xhat * mean_dx));
+    }
+}
+
+// partial[chunk, c] = Σ over the chunk's rows of dout·x̂ (finished by colsum_finish).
+extern "C" __global__ void layernorm_dweight_partial(const store_t* dout, const store_t* x, const store_t* mean, const store_t* rstd,
+                                                     float* partial, i64 rows, i64 cols, i64 rows_per_chunk) {
+    i64 c = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    i64 chunk = blockIdx.y;
+    if (c >= cols) return;
+    i64 r0 = chunk * rows_per_chunk, r1 = min(rows, r0 + rows_per_chunk);
+    float acc = 0.0f;
+    for (i64 r = r0; r < r1; ++r) acc += ld(dout, r * cols + c) * (ld(x, r * cols + c) - ld(mean, r)) * ld(rstd, r);
+    partial[chunk * cols + c] = acc;
+}
+
+// RoPE, rotate-half: one thread per (sequence, token, head, pair). Angles in
+// f64 and rounded once, as the CPU reference's table.
+extern "C" __global__ void rope(store_t* x, i64 batch, i64 tokens, i64 heads, i64 head_dim, i64 stride, i64 batch_stride,
+                                i64 position_offset, double base, int inverse) {
+    i64 half = head_dim / 2;
+    GRID_STRIDE(i, batch * tokens * heads * half) {
+        i64 d = i % half, h = (i / half) % heads, t = (i / (half * heads)) % tokens, b = i / (half * heads * tokens);
+        double inv_freq = pow(base, -2.0 * (double)d / (double)head_dim);
+        double angle = (double)(position_offset + t) * inv_freq;
+        float c = (float)cos(angle), s = (float)sin(angle);
+        if (inverse) s = -s;
+        i64 o = b * batch_stride + t * stride + h * head_dim;
+        float lo = ld(x, o + d), hi = ld(x, o + half + d);
+        st(x, o + d, lo * c - hi * s);
+        st(x, o + half + d, hi * c + lo * s);
+    }
+}
+
+// For each row with weight ≠ 0: loss = w·(−log softmax[target]) and the row
+// becomes grad_scale·w·(softmax − onehot); the excluded class (−1: none) is
+// outside the softmax. Rows with weight 0 get loss 0 and gradient 0.
+extern "C" __global__ void softmax_cross_entropy(store_t* logits, const unsigned* targets, const store_t* weights, store_t* losses,
+                                                 i64 rows, i64 vocab, i64 excluded, float grad_scale) {
+    __shared__ float shared32[32];
+    i64 row = blockIdx.x;
+    if (row >= rows) return;
+    store_t* l = logits + row * vocab;
+    float w = ld(weights, row);
+    if (w == 0.0f) {
+        for (i64 c = threadIdx.x; c < vocab; c += blockDim.x) st(l, c, 0.0f);
+        if (threadIdx.x == 0) st(losses, row, 0.0f);
+        return;
+    }
+    const float neg_inf = -__int_as_float(0x7f800000);
+    float m = neg_inf;
+    for (i64 c = threadIdx.x; c < vocab; c += blockDim.x) if (c != excluded) m = fmaxf(m, ld(l, c));
+    m = block_max(m, shared32);
+    float s = 0.0f;
+    for (i64 c = threadIdx.x; c < vocab; c += blockDim.x) if (c != excluded) s += expf(ld(l, c) - m);
+    float sum = block_sum(s, shared32);
+    i64 target = targets[row];
+    float e_target = (target == excluded) ? 0.0f : expf(ld(l, target) - m);
+    if (threadIdx.x == 0) st(losses, row, w * (logf(sum) - logf(e_target)));
+    __syncthreads();
+    float g = grad_scale * w / sum;
+    for (i64 c = threadIdx.x; c < vocab; c += blockDim.x) {
+        float p = (c == excluded) ? 0.0f : expf(ld(l, c) - m);
+        float grad = p * g;
+        if (c == target) grad -= grad_scale * w;
+        st(l, c, grad);
+    }
+}

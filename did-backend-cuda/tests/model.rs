@@ -1,0 +1,304 @@
+//! The whole model on the GPU against the CPU: one training step's loss and
+//! every gradient (DiT and GPT-2), 20 steps of `tiny` (loss curves), run-to-run
+//! determinism, and draft → remask → refine sampling, KV-cached and not,
+//! token-identical to the CPU in f32 mode.
+
+mod common;
+
+use common::{compare, gpu, with_gpu, Tol};
+use did_backend_cpu::CpuBackend;
+use did_backend_cuda::Precision;
+use did_core::backend::Backend;
+use did_core::model::{
+    causal_batch, diffusion_batch, Architecture, DiffusionDenoiser, ModelConfig, TrainBatch,
+    Trainer, TrainerConfig, Transformer,
+};
+use did_core::refine::{generate, GenerateConfig, RemaskStrategy, StagePlan};
+use did_core::rng::{Purpose, RngStream};
+use did_core::schedule::TrainingSchedule;
+
+const VOCAB: usize = 61;
+const MASK: u32 = 60;
+
+fn small(arch: Architecture, context: usize) -> ModelConfig {
+    ModelConfig {
+        vocab_size: VOCAB,
+        mask_id: MASK,
+        layers: 2,
+        hidden: 64,
+        heads: 4,
+        mlp_hidden: 160,
+        context,
+        ..ModelConfig::preset("tiny", arch).unwrap()
+    }
+}
+
+/// Token sequences with structure (so the loss moves): `a, a+1, …` with noise.
+fn data(batch: usize, len: usize, step: u32) -> Vec<u32> {
+    let s = RngStream::new(5, Purpose::DataOrder, 0, step);
+    let mut x = Vec::with_capacity(batch * len);
+    for b in 0..batch {
+        let a = s.u32(b as u32, 0);
+        for i in 0..len {
+            let noise = s.u32(b as u32, 1 + i as u32) % 7 == 0;
+            x.push(if noise {
+                s.u32(b as u32, 9999 + i as u32) % 59
+            } else {
+                (a + i as u32) % 59
+            });
+        }
+    }
+    x
+}
+
+fn batch_for(model: &Transformer, batch: usize, block: usize, step: u32) -> TrainBatch {
+    let len = model.config().context;
+    let x = data(batch, len, step);
+    match model.config().architecture {
+        Architecture::Dit => diffusion_batch(
+            &x,
+            batch,
+            len,
+            block,
+            &TrainingSchedule::default(),
+            MASK,
+            3,
+            step,
+        )
+        .unwrap(),
+        Architecture::Gpt2 => causal_batch(&x, batch, len).unwrap(),
+    }
+}
+
+fn new_trainer<B: Backend>(be: &B, model: &Transformer) -> Trainer<B>
+where
+    B::Error: std::fmt::Debug,
+{
+    let config = TrainerConfig {
+        lr: 1e-3,
+        warmup_steps: 5,
+        ema_decay: Some(0.99),
+        ..TrainerConfig::default()
+    };
+    Trainer::new(be, model, config, &model.table().initial_values(1), 7).unwrap()
+}
+
+/// The loss and every gradient of one step from random weights (the reference
+/// initialisation zeroes the adaLN gates and the head, which would leave most
+/// gradients exactly zero). Parameters after the step are not compared: AdamW's
+/// first step moves each by ±lr whatever the gradient's size, so the round-off
+/// sign of a near-zero gradient would decide it.
+fn one_step<B: Backend>(be: &B, model: &Transformer, batches: &[TrainBatch]) -> (f64, Vec<f32>)
+where
+    B::Error: std::fmt::Debug,
+{
+    let config = TrainerConfig {
+        grad_clip: None,
+        ema_decay: None,
+        ..TrainerConfig::default()
+    };
+    let params = model.table().random_values(1, 0.2);
+    let mut t = Trainer::new(be, model, config, &params, 7).unwrap();
+    let report = t.step(be, model, batches).unwrap();
+    let grads = Trainer::download_all(be, &t.grads, model.table().total()).unwrap();
+    (report.loss, grads)
+}
+
+fn check_step(arch: Architecture, precision: Precision, tol: Tol) {
+    let model = Transformer::new(small(arch, 48)).unwrap();
+    // Two micro-batches (accumulation) at different block sizes for the DiT.
+    let batches = [
+        batch_for(&model, 3, 4, 0),
+        batch_for(&model, 3, if arch == Architecture::Dit { 48 } else { 4 }, 1),
+    ];
+    let batches = if arch == Architecture::Dit {
+        &batches[..]
+    } else {
+        &batches[..1]
+    };
+    let (cpu_loss, cpu_grads) = one_step(&CpuBackend::new(), &model, batches);
+    let (gpu_loss, gpu_grads) = with_gpu(precision, |g| one_step(g, &model, batches));
+    let rel = (gpu_loss - cpu_loss).abs() / cpu_loss.abs();
+    assert!(
+        rel < f64::from(tol.rtol) * 10.0,
+        "{arch:?} {precision:?}: loss cpu {cpu_loss} gpu {gpu_loss}"
+    );
+    let mut failures = Vec::new();
+    for e in model.table().entries() {
+        let r = e.offset..e.offset + e.len();
+        if let Err(msg) = compare(
+            &format!("grad {}", e.name),
+            &cpu_grads[r.clone()],
+            &gpu_grads[r],
+            tol,
+        ) {
+            failures.push(msg);
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{arch:?} {precision:?}: loss cpu {cpu_loss} gpu {gpu_loss}\n{}",
+        failures.join("\n")
+    );
+    eprintln!(
+        "{arch:?} {precision:?}: loss cpu {cpu_loss} gpu {gpu_loss}; every gradient within {tol:?}"
+    );
+}
+
+#[test]
+fn one_step_loss_and_every_gradient_match_the_cpu_dit() {
+    if !gpu("one_step_loss_and_every_gradient_match_the_cpu_dit") {
+        return;
+    }
+    // Gradients are sums over the batch: f32 round-off differs by summation order.
+    check_step(
+        Architecture::Dit,
+        Precision::F32,
+        Tol {
+            rtol: 1e-3,
+            atol: 1e-4,
+        },
+    );
+    check_step(
+        Architecture::Dit,
+        Precision::Bf16,
+        Tol {
+            rtol: 0.1,
+            atol: 0.1,
+        },
+    );
+}
+
+#[test]
+fn one_step_loss_and_every_gradient_match_the_cpu_gpt2() {
+    if !gpu("one_step_loss_and_every_gradient_match_the_cpu_gpt2") {
+        return;
+    }
+    check_step(
+        Architecture::Gpt2,
+        Precision::F32,
+        Tol {
+            rtol: 1e-3,
+            atol: 1e-4,
+        },
+    );
+    check_step(
+        Architecture::Gpt2,
+        Precision::Bf16,
+        Tol {
+            rtol: 0.1,
+            atol: 0.1,
+        },
+    );
+}
+
+/// 20 mix-scale steps of the `tiny` network (4 × 256, 4 heads, L = 128 here).
+fn curve<B: Backend>(be: &B, model: &Transformer, steps: u32) -> (Vec<f64>, Vec<f32>)
+where
+    B::Error: std::fmt::Debug,
+{
+    let mut t = new_trainer(be, model);
+    let mut losses = Vec::new();
+    for step in 0..steps {
+        let block = if step % 4 == 3 { 128 } else { 4 };
+        losses.push(
+            t.step(be, model, &[batch_for(model, 4, block, step)])
+                .unwrap()
+                .loss,
+        );
+    }
+    let params = Trainer::download_all(be, t.eval_params(), model.table().total()).unwrap();
+    (losses, params)
+}
+
+fn tiny() -> Transformer {
+    Transformer::new(ModelConfig {
+        vocab_size: VOCAB,
+        mask_id: MASK,
+        context: 128,
+        ..ModelConfig::preset("tiny", Architecture::Dit).unwrap()
+    })
+    .unwrap()
+}
+
+#[test]
+fn twenty_tiny_steps_follow_the_cpu_loss_curve_and_repeat_bit_for_bit() {
+    if !gpu("twenty_tiny_steps_follow_the_cpu_loss_curve_and_repeat_bit_for_bit") {
+        return;
+    }
+    let model = tiny();
+    let (cpu, _) = curve(&CpuBackend::new(), &model, 20);
+    for (precision, band) in [(Precision::F32, 2e-3), (Precision::Bf16, 5e-2)] {
+        let (gpu_a, _) = with_gpu(precision, |g| curve(g, &model, 20));
+        let (gpu_b, _) = with_gpu(precision, |g| curve(g, &model, 20));
+        assert_eq!(gpu_a, gpu_b, "{precision:?}: two runs with one seed differ");
+        let worst = cpu
+            .iter()
+            .zip(&gpu_a)
+            .map(|(c, g)| (g - c).abs() / c.abs())
+            .fold(0.0, f64::max);
+        eprintln!(
+            "{precision:?}: 20 steps, worst relative loss difference {worst:.2e} (band {band:.0e})"
+        );
+        eprintln!("  cpu {:?}\n  gpu {:?}", &cpu, &gpu_a);
+        assert!(worst < band, "{precision:?}: loss curves differ by {worst:.2e} > {band:.0e}\ncpu {cpu:?}\ngpu {gpu_a:?}");
+    }
+}
+
+fn sample<B: Backend>(
+    be: &B,
+    model: &Transformer,
+    params: &[f32],
+    plan: &str,
+    remask: RemaskStrategy,
+    cached: bool,
+) -> Vec<Vec<u32>>
+where
+    B::Error: std::fmt::Debug + std::fmt::Display,
+{
+    let params = be.upload(params).unwrap();
+    let mut denoiser = DiffusionDenoiser::new(be, model, &params, cached).unwrap();
+    let plan: StagePlan = plan.parse().unwrap();
+    let mut config = GenerateConfig::new(plan.resolve(model.config().context).unwrap(), 11);
+    config.remask = remask;
+    let prompts: [&[u32]; 2] = [&[MASK - 1, 3, 4], &[MASK - 1]];
+    let g = generate(&mut denoiser, &config, &prompts)
+        .map_err(|e| format!("{e:?}"))
+        .unwrap();
+    g.stages.iter().map(|s| s.tokens.clone()).collect()
+}
+
+#[test]
+fn draft_remask_refine_is_token_identical_to_the_cpu_cached_or_not() {
+    if !gpu("draft_remask_refine_is_token_identical_to_the_cpu_cached_or_not") {
+        return;
+    }
+    let model = tiny();
+    let (_, params) = curve(&CpuBackend::new(), &model, 12);
+    let cpu_be = CpuBackend::new();
+    for (plan, remask) in [
+        ("4", RemaskStrategy::default()),
+        ("4,L:0.25", RemaskStrategy::default()),
+        ("4,16:0.5,L:0.25", RemaskStrategy::PostHoc),
+        ("4,L:0.25", RemaskStrategy::Random),
+    ] {
+        let cpu = sample(&cpu_be, &model, &params, plan, remask, true);
+        for cached in [true, false] {
+            let gpu_tokens = with_gpu(Precision::F32, |g| {
+                sample(g, &model, &params, plan, remask, cached)
+            });
+            assert_eq!(
+                cpu, gpu_tokens,
+                "plan {plan}, {remask:?}, cached {cached}: every stage's tokens"
+            );
+        }
+        // bf16 storage runs the same path end to end (tokens may differ).
+        let bf16 = with_gpu(Precision::Bf16, |g| {
+            sample(g, &model, &params, plan, remask, true)
+        });
+        assert!(bf16.iter().flatten().all(|&t| t != MASK));
+        eprintln!(
+            "plan {plan} {remask:?}: f32 GPU tokens identical to the CPU (cached and uncached)"
+        );
+    }
+}

@@ -1,0 +1,928 @@
+//! Every op, forward and backward: CUDA (f32 and bf16 storage) against the CPU
+//! backend on random shapes that include size 1 and non-multiples of 32.
+//! Outputs an op overwrites start as NaN (an unwritten element fails); outputs
+//! it accumulates into start random, the same on both backends.
+
+mod common;
+
+use common::{check, dims, down, gpu, poisoned, rand, Case, BF16, F32};
+use did_core::backend::{
+    AdamW, AttentionShape, Backend, DrawSpec, Gemm, NormShape, RopeShape, Slice, SliceMut,
+};
+use did_core::mask::AttentionMask;
+use did_core::rng::{Purpose, RngStream};
+use quickcheck::{QuickCheck, TestResult};
+
+type Out = Vec<(&'static str, Vec<f32>)>;
+
+fn qc(tests: u64, f: fn(u8, u8, u8, u64) -> TestResult) {
+    QuickCheck::new()
+        .tests(tests)
+        .max_tests(10 * tests)
+        .quickcheck(f);
+}
+
+fn verdict(r: Result<(), String>) -> TestResult {
+    match r {
+        Ok(()) => TestResult::passed(),
+        Err(e) => TestResult::error(e),
+    }
+}
+
+// ---- matmul -----------------------------------------------------------------------
+
+struct MatmulCase {
+    g: Gemm,
+    a: Vec<f32>,
+    b: Vec<f32>,
+    c: Vec<f32>,
+}
+
+impl Case for MatmulCase {
+    fn run<B: Backend>(&self, be: &B) -> Result<Out, B::Error> {
+        let (a, b) = (be.upload(&self.a)?, be.upload(&self.b)?);
+        let mut c = if self.g.beta == 0.0 {
+            poisoned(be, self.c.len())?
+        } else {
+            be.upload(&self.c)?
+        };
+        be.matmul(
+            &self.g,
+            Slice::whole(&a),
+            Slice::whole(&b),
+            SliceMut::whole(&mut c),
+        )?;
+        Ok(vec![("c", down(be, &c, self.c.len())?)])
+    }
+}
+
+#[test]
+fn matmul_every_transpose_batch_and_broadcast() {
+    if !gpu("matmul_every_transpose_batch_and_broadcast") {
+        return;
+    }
+    fn prop(x: u8, y: u8, z: u8, seed: u64) -> TestResult {
+        let (m, n, k) = (dims(x, 1, 70), dims(y, 1, 70), dims(z, 1, 70));
+        let batch = dims((seed >> 8) as u8, 1, 3);
+        let (ta, tb) = (seed & 1 == 1, seed & 2 == 2);
+        let broadcast = seed & 4 == 4;
+        let beta = if seed & 8 == 8 { 1.0 } else { 0.0 };
+        let (lda, ldb) = (if ta { m } else { k }, if tb { k } else { n });
+        let g = Gemm {
+            trans_a: ta,
+            trans_b: tb,
+            m,
+            n,
+            k,
+            lda,
+            ldb,
+            ldc: n,
+            batch,
+            stride_a: m * k,
+            stride_b: if broadcast { 0 } else { k * n },
+            stride_c: m * n,
+            alpha: 0.75,
+            beta,
+        };
+        let (ea, eb, ec) = g.extents();
+        let case = MatmulCase {
+            g,
+            a: rand(seed, ea, 1.0),
+            b: rand(seed ^ 1, eb, 1.0),
+            c: rand(seed ^ 2, ec, 1.0),
+        };
+        verdict(check(&format!("matmul {g:?}"), &case, F32, Some(BF16)))
+    }
+    qc(40, prop);
+}
+
+// ---- bias, LayerNorm ----------------------------------------------------------------
+
+struct BiasCase {
+    rows: usize,
+    cols: usize,
+    x: Vec<f32>,
+    bias: Vec<f32>,
+    dbias: Vec<f32>,
+}
+
+impl Case for BiasCase {
+    fn run<B: Backend>(&self, be: &B) -> Result<Out, B::Error> {
+        let mut x = be.upload(&self.x)?;
+        let bias = be.upload(&self.bias)?;
+        be.bias_add(
+            SliceMut::whole(&mut x),
+            Slice::whole(&bias),
+            self.rows,
+            self.cols,
+        )?;
+        let mut dbias = be.upload(&self.dbias)?;
+        be.bias_backward(
+            Slice::whole(&x),
+            SliceMut::whole(&mut dbias),
+            self.rows,
+            self.cols,
+        )?;
+        Ok(vec![
+            ("x + bias", down(be, &x, self.x.len())?),
+            ("dbias", down(be, &dbias, self.cols)?),
+        ])
+    }
+}
+
+#[test]
+fn bias_forward_and_backward() {
+    if !gpu("bias_forward_and_backward") {
+        return;
+    }
+    fn prop(x: u8, y: u8, _z: u8, seed: u64) -> TestResult {
+        let (rows, cols) = (dims(x, 1, 300), dims(y, 1, 100));
+        let case = BiasCase {
+            rows,
+            cols,
+            x: rand(seed, rows * cols, 1.0),
+            bias: rand(seed ^ 1, cols, 1.0),
+            dbias: rand(seed ^ 2, cols, 1.0),
+        };
+        verdict(check(
+            &format!("bias {rows}×{cols}"),
+            &case,
+            F32,
+            Some(BF16),
+        ))
+    }
+    qc(30, prop);
+}
+
+struct LayerNormCase {
+    s: NormShape,
+    with_bias: bool,
+    x: Vec<f32>,
+    w: Vec<f32>,
+    b: Vec<f32>,
+    dout: Vec<f32>,
+    dx: Vec<f32>,
+    dw: Vec<f32>,
+}
+
+impl Case for LayerNormCase {
+    fn run<B: Backend>(&self, be: &B) -> Result<Out, B::Error> {
+        let (rows, cols) = (self.s.rows, self.s.cols);
+        let (x, w, b) = (
+            be.upload(&self.x)?,
+            be.upload(&self.w)?,
+            be.upload(&self.b)?,
+        );
+        let mut out = poisoned(be, rows * cols)?;
+        let (mut mean, mut rstd) = (poisoned(be, rows)?, poisoned(be, rows)?);
+        be.layernorm_forward(
+            &self.s,
+            Slice::whole(&x),
+            Slice::whole(&w),
+            self.with_bias.then(|| Slice::whole(&b)),
+            SliceMut::whole(&mut out),
+            SliceMut::whole(&mut mean),
+            SliceMut::whole(&mut rstd),
+        )?;
+        let dout = be.upload(&self.dout)?;
+        let (mut dx, mut dw) = (be.upload(&self.dx)?, be.upload(&self.dw)?);
+        be.layernorm_backward(
+            &self.s,
+            Slice::whole(&dout),
+            Slice::whole(&x),
+            Slice::whole(&w),
+            Slice::whole(&mean),
+            Slice::whole(&rstd),
+            SliceMut::whole(&mut dx),
+            SliceMut::whole(&mut dw),
+        )?;
+        Ok(vec![
+            ("out", down(be, &out, rows * cols)?),
+            ("mean", down(be, &mean, rows)?),
+            ("rstd", down(be, &rstd, rows)?),
+            ("dx", down(be, &dx, rows * cols)?),
+            ("dweight", down(be, &dw, cols)?),
+        ])
+    }
+}
+
+#[test]
+fn layernorm_forward_and_backward() {
+    if !gpu("layernorm_forward_and_backward") {
+        return;
+    }
+    fn prop(x: u8, y: u8, z: u8, seed: u64) -> TestResult {
+        let (rows, cols) = (dims(x, 1, 150), dims(y, 1, 600));
+        let s = NormShape {
+            rows,
+            cols,
+            eps: 1e-5,
+        };
+        let n = rows * cols;
+        let case = LayerNormCase {
+            s,
+            with_bias: z % 2 == 0,
+            x: rand(seed, n, 2.0)
+                .iter()
+                .enumerate()
+                .map(|(i, v)| v + (i % 7) as f32 * 0.1)
+                .collect(),
+            w: rand(seed ^ 1, cols, 1.0),
+            b: rand(seed ^ 2, cols, 1.0),
+            dout: rand(seed ^ 3, n, 1.0),
+            dx: rand(seed ^ 4, n, 1.0),
+            dw: rand(seed ^ 5, cols, 1.0),
+        };
+        // rstd of a row of one element is 1/√eps: bf16's relative error only.
+        verdict(check(
+            &format!("layernorm {rows}×{cols}"),
+            &case,
+            F32,
+            Some(BF16),
+        ))
+    }
+    qc(30, prop);
+}
+
+// ---- modulation and gated residuals ------------------------------------------------------
+
+struct ModulateCase {
+    batch: usize,
+    tokens: usize,
+    channels: usize,
+    gated: bool,
+    x: Vec<f32>,
+    shift: Vec<f32>,
+    scale: Vec<f32>,
+    dout: Vec<f32>,
+    acc: Vec<f32>,
+    acc_small: Vec<f32>,
+}
+
+impl Case for ModulateCase {
+    fn run<B: Backend>(&self, be: &B) -> Result<Out, B::Error> {
+        let (b, t, c) = (self.batch, self.tokens, self.channels);
+        let n = b * t * c;
+        let (x, shift, scale, dout) = (
+            be.upload(&self.x)?,
+            be.upload(&self.shift)?,
+            be.upload(&self.scale)?,
+            be.upload(&self.dout)?,
+        );
+        let mut out = poisoned(be, n)?;
+        be.modulate_forward(
+            Slice::whole(&x),
+            Slice::whole(&shift),
+            Slice::whole(&scale),
+            SliceMut::whole(&mut out),
+            b,
+            t,
+            c,
+        )?;
+        let (mut dx, mut dscale) = (be.upload(&self.acc)?, be.upload(&self.acc_small)?);
+        be.modulate_backward(
+            Slice::whole(&dout),
+            Slice::whole(&x),
+            Slice::whole(&scale),
+            SliceMut::whole(&mut dx),
+            SliceMut::whole(&mut dscale),
+            b,
+            t,
+            c,
+        )?;
+        let mut residual = be.upload(&self.acc)?;
+        let gate = self.gated.then(|| Slice::whole(&scale));
+        be.gated_residual_forward(
+            SliceMut::whole(&mut residual),
+            Slice::whole(&x),
+            gate,
+            b,
+            t,
+            c,
+        )?;
+        let (mut dy, mut dgate) = (be.upload(&self.acc)?, be.upload(&self.acc_small)?);
+        be.gated_residual_backward(
+            Slice::whole(&dout),
+            Slice::whole(&x),
+            gate,
+            SliceMut::whole(&mut dy),
+            self.gated.then(|| SliceMut::whole(&mut dgate)),
+            b,
+            t,
+            c,
+        )?;
+        Ok(vec![
+            ("modulate out", down(be, &out, n)?),
+            ("modulate dx", down(be, &dx, n)?),
+            ("modulate dscale", down(be, &dscale, b * c)?),
+            ("residual", down(be, &residual, n)?),
+            ("gated dy", down(be, &dy, n)?),
+            ("dgate", down(be, &dgate, b * c)?),
+        ])
+    }
+}
+
+#[test]
+fn modulation_and_gated_residual_forward_and_backward() {
+    if !gpu("modulation_and_gated_residual_forward_and_backward") {
+        return;
+    }
+    fn prop(x: u8, y: u8, z: u8, seed: u64) -> TestResult {
+        let (batch, tokens, channels) = (dims(z, 1, 3), dims(x, 1, 130), dims(y, 1, 80));
+        let n = batch * tokens * channels;
+        let case = ModulateCase {
+            batch,
+            tokens,
+            channels,
+            gated: seed % 2 == 0,
+            x: rand(seed, n, 1.0),
+            shift: rand(seed ^ 1, batch * channels, 1.0),
+            scale: rand(seed ^ 2, batch * channels, 1.0),
+            dout: rand(seed ^ 3, n, 1.0),
+            acc: rand(seed ^ 4, n, 1.0),
+            acc_small: rand(seed ^ 5, batch * channels, 1.0),
+        };
+        verdict(check(
+            &format!("modulate {batch}×{tokens}×{channels}"),
+            &case,
+            F32,
+            Some(BF16),
+        ))
+    }
+    qc(30, prop);
+}
+
+// ---- RoPE ----------------------------------------------------------------------------
+
+struct RopeCase {
+    s: RopeShape,
+    x: Vec<f32>,
+}
+
+impl Case for RopeCase {
+    fn run<B: Backend>(&self, be: &B) -> Result<Out, B::Error> {
+        let mut x = be.upload(&self.x)?;
+        be.rope_forward(&self.s, SliceMut::whole(&mut x))?;
+        let fwd = down(be, &x, self.x.len())?;
+        let mut g = be.upload(&self.x)?;
+        be.rope_backward(&self.s, SliceMut::whole(&mut g))?;
+        Ok(vec![
+            ("rotated", fwd),
+            ("inverse-rotated", down(be, &g, self.x.len())?),
+        ])
+    }
+}
+
+#[test]
+fn rope_forward_and_backward_with_strides_and_offsets() {
+    if !gpu("rope_forward_and_backward_with_strides_and_offsets") {
+        return;
+    }
+    fn prop(x: u8, y: u8, z: u8, seed: u64) -> TestResult {
+        let (heads, head_dim) = (dims(z, 1, 4), 2 * dims(y, 1, 40));
+        let (batch, tokens) = (dims((seed >> 4) as u8, 1, 3), dims(x, 1, 60));
+        let width = heads * head_dim;
+        let stride = width * if seed % 2 == 0 { 1 } else { 3 };
+        let s = RopeShape {
+            batch,
+            tokens,
+            heads,
+            head_dim,
+            stride,
+            batch_stride: tokens * stride,
+            position_offset: (seed % 1000) as usize,
+            base: 10_000.0,
+        };
+        let case = RopeCase {
+            s,
+            x: rand(seed, batch * tokens * stride, 1.0),
+        };
+        verdict(check(&format!("rope {s:?}"), &case, F32, Some(BF16)))
+    }
+    qc(30, prop);
+}
+
+// ---- attention ---------------------------------------------------------------------------
+
+struct AttentionCase {
+    s: AttentionShape,
+    mask: AttentionMask,
+    qkv: Vec<f32>,
+    kv: Vec<f32>,
+    dout: Vec<f32>,
+    acc_q: Vec<f32>,
+    acc_kv: Vec<f32>,
+}
+
+impl Case for AttentionCase {
+    fn run<B: Backend>(&self, be: &B) -> Result<Out, B::Error> {
+        let s = &self.s;
+        let width = s.heads * s.head_dim;
+        let q = be.upload(&self.qkv)?;
+        let kv = be.upload(&self.kv)?;
+        // k and v live in one buffer, v after k's `width` channels (a fused layout).
+        let (k, v) = (Slice::at(&kv, 0), Slice::at(&kv, width));
+        let mut out = poisoned(be, s.batch * s.q_len * width)?;
+        let mut lse = poisoned(be, s.batch * s.heads * s.q_len)?;
+        be.attention_forward(
+            s,
+            &self.mask,
+            Slice::whole(&q),
+            k,
+            v,
+            SliceMut::whole(&mut out),
+            SliceMut::whole(&mut lse),
+        )?;
+        let dout = be.upload(&self.dout)?;
+        let mut dq = be.upload(&self.acc_q)?;
+        let (mut dk, mut dv) = (be.upload(&self.acc_kv)?, be.upload(&self.acc_kv)?);
+        be.attention_backward(
+            s,
+            &self.mask,
+            Slice::whole(&dout),
+            Slice::whole(&q),
+            k,
+            v,
+            Slice::whole(&out),
+            Slice::whole(&lse),
+            SliceMut::whole(&mut dq),
+            SliceMut::whole(&mut dk),
+            SliceMut::whole(&mut dv),
+        )?;
+        let nq = s.batch * s.q_len * width;
+        let nkv = s.batch * s.kv_len * width;
+        Ok(vec![
+            ("out", down(be, &out, nq)?),
+            ("lse", down(be, &lse, s.batch * s.heads * s.q_len)?),
+            ("dq", down(be, &dq, nq)?),
+            ("dk", down(be, &dk, nkv)?),
+            ("dv", down(be, &dv, nkv)?),
+        ])
+    }
+}
+
+/// A mask of each kind with its query and key counts: the BD3 training pass,
+/// a KV-cached block (queries = one block after a cache, optional window),
+/// full, and causal with a window.
+fn attention_mask(kind: u8, a: usize, b: usize, seed: u64) -> (AttentionMask, usize, usize) {
+    match kind % 4 {
+        0 => {
+            let block = 1 + b % 8;
+            let l = block * (1 + a % 12);
+            (
+                AttentionMask::Bd3Training {
+                    seq_len: l,
+                    block_size: block,
+                },
+                2 * l,
+                2 * l,
+            )
+        }
+        1 => {
+            let block = 1 + b % 16;
+            let cached = block * (a % 6);
+            let window = (seed % 3 == 0).then_some(block * 2 + (seed % 5) as usize);
+            let key_offset = if window.is_some() {
+                cached.saturating_sub(block)
+            } else {
+                0
+            };
+            let mask = AttentionMask::BlockCausal {
+                block_size: block,
+                query_offset: cached,
+                key_offset,
+                window,
+            };
+            (mask, block, cached + block - key_offset)
+        }
+        2 => (AttentionMask::Full, 1 + a % 70, 1 + b % 70),
+        _ => {
+            let window = (seed % 2 == 0).then_some(1 + (seed % 17) as usize);
+            (
+                AttentionMask::Causal {
+                    query_offset: 0,
+                    key_offset: 0,
+                    window,
+                },
+                1 + a % 90,
+                1 + a % 90,
+            )
+        }
+    }
+}
+
+#[test]
+fn attention_forward_and_backward_under_every_mask() {
+    if !gpu("attention_forward_and_backward_under_every_mask") {
+        return;
+    }
+    fn prop(x: u8, y: u8, z: u8, seed: u64) -> TestResult {
+        let (mask, q_len, kv_len) = attention_mask(z, x as usize, y as usize, seed);
+        let heads = dims((seed >> 8) as u8, 1, 3);
+        let head_dim = match (seed >> 16) % 4 {
+            0 => 64,
+            1 => 1,
+            _ => dims((seed >> 24) as u8, 2, 100),
+        };
+        let batch = dims((seed >> 32) as u8, 1, 2);
+        let width = heads * head_dim;
+        // q inside a fused qkv-like row of 3·width; k and v interleaved in rows of 2·width.
+        let s = AttentionShape {
+            batch,
+            heads,
+            head_dim,
+            q_len,
+            kv_len,
+            q_stride: 3 * width,
+            k_stride: 2 * width,
+            v_stride: 2 * width,
+            q_batch_stride: q_len * 3 * width,
+            kv_batch_stride: kv_len * 2 * width,
+            scale: 1.0 / (head_dim as f32).sqrt(),
+        };
+        let case = AttentionCase {
+            s,
+            mask,
+            qkv: rand(seed, batch * q_len * 3 * width, 1.5),
+            kv: rand(seed ^ 1, batch * kv_len * 2 * width, 1.5),
+            dout: rand(seed ^ 2, batch * q_len * width, 1.0),
+            acc_q: rand(seed ^ 3, batch * q_len * width, 1.0),
+            acc_kv: rand(seed ^ 4, batch * kv_len * width, 1.0),
+        };
+        verdict(check(
+            &format!("attention {mask:?} {s:?}"),
+            &case,
+            F32,
+            Some(BF16),
+        ))
+    }
+    qc(60, prop);
+}
+
+// ---- activations, dropout --------------------------------------------------------------
+
+struct ActivationCase {
+    x: Vec<f32>,
+    dout: Vec<f32>,
+    acc: Vec<f32>,
+    p: f32,
+    stream: RngStream,
+}
+
+impl Case for ActivationCase {
+    fn run<B: Backend>(&self, be: &B) -> Result<Out, B::Error> {
+        let n = self.x.len();
+        let (x, dout) = (be.upload(&self.x)?, be.upload(&self.dout)?);
+        let (mut gelu, mut silu) = (poisoned(be, n)?, poisoned(be, n)?);
+        be.gelu_forward(Slice::whole(&x), SliceMut::whole(&mut gelu), n)?;
+        be.silu_forward(Slice::whole(&x), SliceMut::whole(&mut silu), n)?;
+        let (mut dgelu, mut dsilu) = (be.upload(&self.acc)?, be.upload(&self.acc)?);
+        be.gelu_backward(
+            Slice::whole(&dout),
+            Slice::whole(&x),
+            SliceMut::whole(&mut dgelu),
+            n,
+        )?;
+        be.silu_backward(
+            Slice::whole(&dout),
+            Slice::whole(&x),
+            SliceMut::whole(&mut dsilu),
+            n,
+        )?;
+        let mut dropped = be.upload(&self.x)?;
+        be.dropout(SliceMut::whole(&mut dropped), n, self.p, &self.stream)?;
+        Ok(vec![
+            ("gelu", down(be, &gelu, n)?),
+            ("silu", down(be, &silu, n)?),
+            ("dgelu", down(be, &dgelu, n)?),
+            ("dsilu", down(be, &dsilu, n)?),
+            ("dropout", down(be, &dropped, n)?),
+        ])
+    }
+}
+
+#[test]
+fn activations_and_dropout() {
+    if !gpu("activations_and_dropout") {
+        return;
+    }
+    fn prop(x: u8, y: u8, _z: u8, seed: u64) -> TestResult {
+        let n = dims(x, 1, 255) * dims(y, 1, 40);
+        let case = ActivationCase {
+            x: rand(seed, n, 6.0),
+            dout: rand(seed ^ 1, n, 1.0),
+            acc: rand(seed ^ 2, n, 1.0),
+            p: [0.0, 0.1, 0.5, 1.0][(seed % 4) as usize],
+            stream: RngStream::new(
+                seed,
+                Purpose::Dropout,
+                (seed >> 40) as u32,
+                (seed >> 8) as u32,
+            ),
+        };
+        verdict(check(
+            &format!("activations n = {n}"),
+            &case,
+            F32,
+            Some(BF16),
+        ))
+    }
+    qc(30, prop);
+}
+
+// ---- embeddings and the loss ----------------------------------------------------------------
+
+struct EmbeddingCase {
+    ids: Vec<u32>,
+    table: Vec<f32>,
+    dout: Vec<f32>,
+    channels: usize,
+}
+
+impl Case for EmbeddingCase {
+    fn run<B: Backend>(&self, be: &B) -> Result<Out, B::Error> {
+        let rows = self.ids.len();
+        let ids = be.upload_ids(&self.ids)?;
+        let table = be.upload(&self.table)?;
+        let mut out = poisoned(be, rows * self.channels)?;
+        be.embedding_forward(
+            &ids,
+            Slice::whole(&table),
+            SliceMut::whole(&mut out),
+            rows,
+            self.channels,
+        )?;
+        let dout = be.upload(&self.dout)?;
+        let mut dtable = be.upload(&self.table)?;
+        be.embedding_backward(
+            &ids,
+            Slice::whole(&dout),
+            SliceMut::whole(&mut dtable),
+            rows,
+            self.channels,
+        )?;
+        Ok(vec![
+            ("rows", down(be, &out, rows * self.channels)?),
+            ("dtable", down(be, &dtable, self.table.len())?),
+        ])
+    }
+}
+
+#[test]
+fn embedding_forward_backward_with_repeated_ids() {
+    if !gpu("embedding_forward_backward_with_repeated_ids") {
+        return;
+    }
+    fn prop(x: u8, y: u8, z: u8, seed: u64) -> TestResult {
+        let (vocab, channels, rows) = (dims(x, 1, 60), dims(y, 1, 90), dims(z, 1, 200));
+        let s = RngStream::new(seed, Purpose::DataOrder, 0, 0);
+        let ids: Vec<u32> = (0..rows)
+            .map(|i| s.u32(0, i as u32) % vocab as u32)
+            .collect();
+        let case = EmbeddingCase {
+            ids,
+            table: rand(seed, vocab * channels, 1.0),
+            dout: rand(seed ^ 1, rows * channels, 1.0),
+            channels,
+        };
+        verdict(check(
+            &format!("embedding {vocab}×{channels}, {rows} rows"),
+            &case,
+            F32,
+            Some(BF16),
+        ))
+    }
+    qc(30, prop);
+}
+
+#[test]
+fn token_ids_outside_the_table_are_errors_not_faults() {
+    if !gpu("token_ids_outside_the_table_are_errors_not_faults") {
+        return;
+    }
+    common::with_gpu(did_backend_cuda::Precision::F32, |be| {
+        let ids = be.upload_ids(&[0, 5, 2]).unwrap();
+        let table = be.upload(&[0.0; 8]).unwrap(); // 4 rows of 2
+        let mut out = be.zeros(6).unwrap();
+        let err = be
+            .embedding_forward(&ids, Slice::whole(&table), SliceMut::whole(&mut out), 3, 2)
+            .unwrap_err();
+        assert!(err.to_string().contains("token id 5 at row 1"), "{err}");
+        let err = be
+            .matmul(
+                &Gemm::linear(4, 4, 4),
+                Slice::whole(&table),
+                Slice::whole(&table),
+                SliceMut::whole(&mut out),
+            )
+            .unwrap_err();
+        assert!(err.to_string().contains("buffer holds"), "{err}");
+    });
+}
+
+struct CrossEntropyCase {
+    rows: usize,
+    vocab: usize,
+    logits: Vec<f32>,
+    targets: Vec<u32>,
+    weights: Vec<f32>,
+    excluded: Option<u32>,
+}
+
+impl Case for CrossEntropyCase {
+    fn run<B: Backend>(&self, be: &B) -> Result<Out, B::Error> {
+        let mut logits = be.upload(&self.logits)?;
+        let targets = be.upload_ids(&self.targets)?;
+        let weights = be.upload(&self.weights)?;
+        let mut losses = poisoned(be, self.rows)?;
+        be.softmax_cross_entropy(
+            SliceMut::whole(&mut logits),
+            &targets,
+            Slice::whole(&weights),
+            SliceMut::whole(&mut losses),
+            self.rows,
+            self.vocab,
+            self.excluded,
+            0.5,
+        )?;
+        let total = be.sum(Slice::whole(&losses), self.rows)?;
+        Ok(vec![
+            ("losses", down(be, &losses, self.rows)?),
+            ("gradient", down(be, &logits, self.rows * self.vocab)?),
+            ("sum", vec![total as f32]),
+        ])
+    }
+}
+
+#[test]
+fn weighted_cross_entropy_with_an_excluded_class() {
+    if !gpu("weighted_cross_entropy_with_an_excluded_class") {
+        return;
+    }
+    fn prop(x: u8, y: u8, _z: u8, seed: u64) -> TestResult {
+        let rows = dims(x, 1, 40);
+        let vocab = if seed % 5 == 0 {
+            50_258
+        } else {
+            dims(y, 2, 255) * 13
+        };
+        let excluded = (seed % 2 == 0).then_some((vocab - 1) as u32);
+        let s = RngStream::new(seed, Purpose::DataOrder, 1, 0);
+        let targets: Vec<u32> = (0..rows)
+            .map(|i| s.u32(0, i as u32) % (vocab as u32 - 1))
+            .collect();
+        let weights: Vec<f32> = rand(seed ^ 1, rows, 1.0)
+            .iter()
+            .map(|w| if *w < -0.5 { 0.0 } else { w.abs() * 3.0 })
+            .collect();
+        let case = CrossEntropyCase {
+            rows,
+            vocab,
+            logits: rand(seed, rows * vocab, 8.0),
+            targets,
+            weights,
+            excluded,
+        };
+        verdict(check(
+            &format!("cross-entropy {rows}×{vocab}"),
+            &case,
+            F32,
+            Some(BF16),
+        ))
+    }
+    qc(20, prop);
+}
+
+// ---- optimiser, reductions, memory ---------------------------------------------------------
+
+struct OptimCase {
+    p: Vec<f32>,
+    g: Vec<f32>,
+    m: Vec<f32>,
+    v: Vec<f32>,
+    hp: AdamW,
+}
+
+impl Case for OptimCase {
+    fn run<B: Backend>(&self, be: &B) -> Result<Out, B::Error> {
+        let n = self.p.len();
+        let (mut p, g) = (be.upload(&self.p)?, be.upload(&self.g)?);
+        let (mut m, mut v) = (be.upload(&self.m)?, be.upload(&self.v)?);
+        let sum = be.sum(Slice::whole(&g), n)?;
+        let sq = be.sum_squares(Slice::whole(&g), n)?;
+        be.adamw(
+            &self.hp,
+            SliceMut::whole(&mut p),
+            Slice::whole(&g),
+            SliceMut::whole(&mut m),
+            SliceMut::whole(&mut v),
+            n,
+        )?;
+        let mut ema = be.upload(&self.m)?;
+        be.ema_update(SliceMut::whole(&mut ema), Slice::whole(&p), n, 0.99)?;
+        let mut scaled = be.upload(&self.g)?;
+        be.scale(SliceMut::whole(&mut scaled), n, 0.3)?;
+        let mut filled = poisoned(be, n + 3)?;
+        be.fill(SliceMut::at(&mut filled, 1), n, 2.5)?;
+        be.fill(SliceMut::at(&mut filled, 0), 1, -1.0)?;
+        be.fill(SliceMut::at(&mut filled, n + 1), 2, 0.0)?;
+        // copy_rows: every other row of `g` viewed as [rows, 3] into a packed buffer.
+        let rows = n / 6;
+        let mut packed = poisoned(be, rows * 2)?;
+        be.copy_rows(
+            Slice::at(&g, 1),
+            6,
+            SliceMut::whole(&mut packed),
+            2,
+            rows,
+            2,
+        )?;
+        Ok(vec![
+            ("sum", vec![sum as f32]),
+            ("sum of squares", vec![sq as f32]),
+            ("adamw params", down(be, &p, n)?),
+            ("adamw m", down(be, &m, n)?),
+            ("adamw v", down(be, &v, n)?),
+            ("ema", down(be, &ema, n)?),
+            ("scale", down(be, &scaled, n)?),
+            ("fill", down(be, &filled, n + 3)?),
+            ("copy_rows", down(be, &packed, rows * 2)?),
+        ])
+    }
+}
+
+#[test]
+fn adamw_ema_reductions_scale_fill_and_copies() {
+    if !gpu("adamw_ema_reductions_scale_fill_and_copies") {
+        return;
+    }
+    fn prop(x: u8, y: u8, _z: u8, seed: u64) -> TestResult {
+        let n = dims(x, 1, 255) * dims(y, 1, 255) + (seed % 3) as usize;
+        let case = OptimCase {
+            p: rand(seed, n, 1.0),
+            g: rand(seed ^ 1, n, 1.0),
+            m: rand(seed ^ 2, n, 0.1),
+            v: rand(seed ^ 3, n, 0.1).iter().map(|v| v.abs()).collect(),
+            hp: AdamW {
+                lr: 1e-3,
+                weight_decay: 0.01,
+                step: 1 + (seed % 500) as u32,
+                ..AdamW::default()
+            },
+        };
+        verdict(check(&format!("optim n = {n}"), &case, F32, Some(BF16)))
+    }
+    qc(20, prop);
+}
+
+// ---- sampling draws ----------------------------------------------------------------------------
+
+#[test]
+fn draws_are_token_identical_to_the_cpu_in_f32_mode() {
+    if !gpu("draws_are_token_identical_to_the_cpu_in_f32_mode") {
+        return;
+    }
+    use did_core::sample::categorical::{draw_token, DrawScratch};
+    use did_core::sample::nucleus::Nucleus;
+    let (rows, vocab, mask_id) = (37, 1000, 999);
+    let nucleus = Nucleus::default();
+    let draws: Vec<DrawSpec> = (0..rows)
+        .map(|r| DrawSpec {
+            stream: RngStream::new(9, Purpose::Categorical, r as u32 % 3, 4),
+            row: r as u32,
+        })
+        .collect();
+    let reference = |logits: &[f32]| {
+        let mut scratch = DrawScratch::default();
+        (0..rows)
+            .map(|r| {
+                let row = &logits[r * vocab..(r + 1) * vocab];
+                draw_token(
+                    row,
+                    mask_id,
+                    &nucleus,
+                    &draws[r].stream,
+                    draws[r].row,
+                    &mut scratch,
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    let logits = rand(3, rows * vocab, 6.0);
+    let expected = reference(&logits);
+    // Start from other draws, so a row the GPU leaves unwritten shows.
+    let mut out = reference(&rand(4, rows * vocab, 6.0));
+    common::with_gpu(did_backend_cuda::Precision::F32, |be| {
+        let buf = be.upload(&logits).unwrap();
+        be.draw_tokens(
+            Slice::whole(&buf),
+            vocab,
+            mask_id,
+            &nucleus,
+            &draws,
+            &mut out,
+        )
+        .unwrap();
+    });
+    assert_eq!(expected, out);
+}

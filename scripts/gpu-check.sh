@@ -1,0 +1,134 @@
+#!/usr/bin/env bash
+# The GPU check. Runs on a machine with an NVIDIA GPU, CUDA 13 libraries and
+# no Rust toolchain, from the repository root, over a bundle built elsewhere
+# by scripts/gpu-bundle.sh:
+#
+#   scripts/gpu-check.sh [BUNDLE] [OUT]      (defaults: target/gpu-bundle docs/gpu)
+#
+# 1. finds the CUDA libraries (driver, NVRTC, cuBLAS) and puts them on LD_LIBRARY_PATH;
+# 2. runs every CUDA test one by one with DID_REQUIRE_CUDA=1 (a missing
+#    library fails instead of skipping), timing each;
+# 3. trains `tiny` for a few steps with `did --backend cuda` (f32 and bf16),
+#    samples draft → remask → refine from it on the GPU and on the CPU and
+#    checks the tokens are identical;
+# 4. writes OUT/check-YYYY-MM-DD.md (device, driver, each test's result and
+#    time, the end-to-end figures) and OUT/check-YYYY-MM-DD.log.
+# Exit status: 0 when everything passed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+bundle=${1:-target/gpu-bundle}
+out=${2:-docs/gpu}
+mkdir -p "$out"
+day=$(date -u +%F)
+report="$out/check-$day.md"
+log="$out/check-$day.log"
+: >"$log"
+t0=$(date +%s.%N)
+failed=0
+elapsed() { python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.2f}')" "$1" "$(date +%s.%N)"; }
+
+# ---- 1. libraries -------------------------------------------------------------------------
+add_lib_dir() {
+    local name=$1
+    if ldconfig -p 2>/dev/null | grep -q "$name"; then return 0; fi
+    local found
+    found=$(find /usr/local /usr/lib /usr/lib64 /opt -name "$name*" -not -path '*/stubs/*' 2>/dev/null | head -n 1)
+    if [ -n "$found" ]; then
+        export LD_LIBRARY_PATH="$(dirname "$found")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+        echo "found $name in $(dirname "$found")" | tee -a "$log"
+    else
+        echo "MISSING: $name" | tee -a "$log"
+    fi
+}
+for lib in libcuda.so.1 libnvrtc.so.13 libnvrtc-builtins.so.13 libcublas.so.13 libcublasLt.so.13; do add_lib_dir "$lib"; done
+device=$(nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv,noheader 2>&1 | head -n 1)
+echo "device: $device" | tee -a "$log"
+
+# ---- 2. the CUDA tests ------------------------------------------------------------------------
+export DID_REQUIRE_CUDA=1
+rows=""
+for bin in "$bundle"/*; do
+    name=$(basename "$bin")
+    [ "$name" = did ] && continue
+    tests=$("$bin" --list --format=terse 2>/dev/null | sed -n 's/: test$//p')
+    for t in $tests; do
+        s=$(date +%s.%N)
+        echo "==== $name::$t" >>"$log"
+        "$bin" --exact "$t" --test-threads=1 --nocapture >>"$log" 2>&1
+        rc=$?
+        secs=$(elapsed "$s")
+        if [ $rc -eq 0 ]; then status=pass; else status="**FAIL**"; failed=1; fi
+        echo "$status $name::$t (${secs} s)"
+        rows+="| \`$name::$t\` | $status | $secs |"$'\n'
+    done
+done
+
+# ---- 3. end to end with the did binary ---------------------------------------------------------------
+did="$bundle/did"
+work=$(mktemp -d)
+e2e=""
+run() { # label, command…
+    local label=$1
+    shift
+    local s
+    s=$(date +%s.%N)
+    echo "==== $label: $*" >>"$log"
+    if "$@" >"$work/stdout" 2>>"$log"; then
+        e2e+="| $label | pass | $(elapsed "$s") |"$'\n'
+        cat "$work/stdout" >>"$log"
+        return 0
+    fi
+    cat "$work/stdout" >>"$log"
+    e2e+="| $label | **FAIL** | $(elapsed "$s") |"$'\n'
+    failed=1
+    return 1
+}
+run "data prepare (bytes, CPU)" "$did" data prepare data/excerpt --tokenizer bytes --out "$work/data"
+for precision in f32 bf16; do
+    run "train tiny mix-scale, 30 steps, batch 8 ($precision)" "$did" --backend cuda --precision "$precision" train \
+        --data "$work/data" --model tiny --objective mix-scale --blocks 4:0.9,L:0.1 --batch 8 --steps 30 \
+        --lr 1e-3 --warmup 5 --out "$work/run-$precision"
+    grep -h '"step":30' "$work/run-$precision/metrics.jsonl" >>"$log" 2>/dev/null
+done
+ckpt=$(ls "$work"/run-f32/ckpt-*.safetensors 2>/dev/null | tail -n 1)
+if [ -n "$ckpt" ]; then
+    for backend in cuda cpu; do
+        run "sample 4,L:0.25 snapshot, 4 samples ($backend)" "$did" --backend "$backend" sample --checkpoint "$ckpt" \
+            --stages 4,L:0.25 --num-samples 4 --seed 3 --out "$work/samples-$backend.jsonl"
+    done
+    if python3 - "$work/samples-cuda.jsonl" "$work/samples-cpu.jsonl" >>"$log" 2>&1 <<'PY'
+import json, sys
+a, b = ([json.loads(l)["tokens"] for l in open(p)] for p in sys.argv[1:3])
+print("samples identical:", a == b, len(a), "samples")
+sys.exit(0 if a == b and a else 1)
+PY
+    then e2e+="| GPU and CPU samples token-identical (f32) | pass | |"$'\n'
+    else e2e+="| GPU and CPU samples token-identical (f32) | **FAIL** | |"$'\n'; failed=1
+    fi
+fi
+rm -rf "$work"
+
+# ---- 4. the report ------------------------------------------------------------------------------------
+total=$(elapsed "$t0")
+verdict=$([ $failed -eq 0 ] && echo "every check passed" || echo "SOME CHECKS FAILED")
+cat >"$report" <<MD
+# GPU check, $day
+
+- device (name, driver, memory, compute capability): $device
+- result: **$verdict**, in $total s
+- how: \`scripts/gpu-bundle.sh\` on the build machine, then \`scripts/gpu-check.sh\` on the GPU host
+  (DID_REQUIRE_CUDA=1: a missing library fails). The full log is \`check-$day.log\` beside this file.
+
+## CUDA tests (did-backend-cuda, release, one by one)
+
+| test | result | seconds |
+|---|---|---:|
+$rows
+## End to end (\`did --backend cuda\`)
+
+| step | result | seconds |
+|---|---|---:|
+$e2e
+MD
+echo "$verdict in $total s; report: $report"
+exit $failed
