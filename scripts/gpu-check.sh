@@ -11,8 +11,10 @@
 # 3. trains `tiny` for a few steps with `did --backend cuda` (f32 and bf16),
 #    samples draft → remask → refine from it on the GPU and on the CPU and
 #    checks the tokens are identical;
-# 4. writes OUT/check-YYYY-MM-DD.md (device, driver, each test's result and
-#    time, the end-to-end figures) and OUT/check-YYYY-MM-DD.log.
+# 4. times `small` (12 × 768, L 1024, GPT-2 vocabulary) training steps and
+#    draft / draft → refine sampling in both precisions;
+# 5. writes OUT/check-YYYY-MM-DD.md (device, driver, each test's result and
+#    time, the end-to-end and speed figures) and OUT/check-YYYY-MM-DD.log.
 # Exit status: 0 when everything passed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -106,9 +108,36 @@ PY
     else e2e+="| GPU and CPU samples token-identical (f32) | **FAIL** | |"$'\n'; failed=1
     fi
 fi
+
+# ---- 4. speed of this backend (correctness-first kernels; #6 makes them fast) -------------------------
+speed=""
+median_tps() { python3 -c '
+import json, statistics, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+print("%.0f" % statistics.median(r["tokens_per_s"] for r in (rows[1:] or rows)))' "$1" 2>/dev/null || echo "?"; }
+mean_wall() { python3 -c '
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+print("%.3f" % (sum(r["wall_s"] for r in rows) / len(rows)))' "$1" 2>/dev/null || echo "?"; }
+run "data prepare (gpt2 BPE, CPU)" "$did" data prepare data/excerpt --out "$work/data-gpt2"
+for precision in f32 bf16; do
+    if run "train small (12 × 768, L 1024) bd3 block 4, batch 8, 6 steps ($precision)" "$did" --backend cuda \
+        --precision "$precision" train --data "$work/data-gpt2" --model small --objective bd3 --block 4 --batch 8 \
+        --steps 6 --out "$work/small-$precision"; then
+        speed+="| train small, BD3 2L pass, block 4, batch 8 × 1024 ($precision) | $(median_tps "$work/small-$precision/metrics.jsonl") tokens/s (median of steps 2–6) |"$'\n'
+        ck=$(ls "$work/small-$precision"/ckpt-*.safetensors | tail -n 1)
+        for stages in 4 4,L:0.25; do
+            if run "sample small $stages, 2 samples of 1024, batch 2 ($precision)" "$did" --backend cuda --precision "$precision" \
+                sample --checkpoint "$ck" --stages "$stages" --num-samples 2 --batch 2 --seed 1 --out "$work/s.jsonl"; then
+                speed+="| sample small, stages $stages, batch 2 × 1024 ($precision) | $(mean_wall "$work/s.jsonl") s per sample |"$'\n'
+            fi
+        done
+    fi
+    rm -rf "$work/small-$precision"
+done
 rm -rf "$work"
 
-# ---- 4. the report ------------------------------------------------------------------------------------
+# ---- 5. the report ------------------------------------------------------------------------------------
 total=$(elapsed "$t0")
 verdict=$([ $failed -eq 0 ] && echo "every check passed" || echo "SOME CHECKS FAILED")
 cat >"$report" <<MD
@@ -129,6 +158,11 @@ $rows
 | step | result | seconds |
 |---|---|---:|
 $e2e
+## Speed (the correctness-first kernels, before any tuning)
+
+| what | measured |
+|---|---|
+$speed
 MD
 echo "$verdict in $total s; report: $report"
 exit $failed

@@ -23,14 +23,24 @@ extern "C" __global__ void layernorm_forward(const store_t* x, const store_t* we
     if (threadIdx.x == 0) { st(mean, row, mu); st(rstd, row, r); }
 }
 
+// The backward recomputes each row's mean and rstd from x in f32, with the
+// forward's reduction order (so in f32 mode they equal the saved ones bit for
+// bit), instead of reading the saved statistics: in bf16 storage those are
+// rounded to 8 bits, and x − mean cancels badly when a row's spread is small
+// next to its mean. It leaves them in `stats` ([rows, 2], f32) for dweight.
 extern "C" __global__ void layernorm_backward_dx(const store_t* dout, const store_t* x, const store_t* weight,
-                                                 const store_t* mean, const store_t* rstd, store_t* dx, i64 rows, i64 cols) {
+                                                 store_t* dx, float* stats, i64 rows, i64 cols, float eps) {
     __shared__ float shared32[32];
     i64 row = blockIdx.x;
     if (row >= rows) return;
-    float mu = ld(mean, row), r = ld(rstd, row);
     const store_t* xr = x + row * cols;
     const store_t* dr = dout + row * cols;
+    float s = 0.0f;
+    for (i64 c = threadIdx.x; c < cols; c += blockDim.x) s += ld(xr, c);
+    float mu = block_sum(s, shared32) / (float)cols;
+    float v = 0.0f;
+    for (i64 c = threadIdx.x; c < cols; c += blockDim.x) { float d = ld(xr, c) - mu; v += d * d; }
+    float r = 1.0f / sqrtf(block_sum(v, shared32) / (float)cols + eps);
     float a = 0.0f, b = 0.0f;
     for (i64 c = threadIdx.x; c < cols; c += blockDim.x) {
         float xhat = (ld(xr, c) - mu) * r, dn = ld(dr, c) * ld(weight, c);
@@ -43,17 +53,18 @@ extern "C" __global__ void layernorm_backward_dx(const store_t* dout, const stor
         float xhat = (ld(xr, c) - mu) * r;
         add_to(dx, row * cols + c, r * (ld(dr, c) * ld(weight, c) - mean_d - xhat * mean_dx));
     }
+    if (threadIdx.x == 0) { stats[2 * row] = mu; stats[2 * row + 1] = r; }
 }
 
 // partial[chunk, c] = Σ over the chunk's rows of dout·x̂ (finished by colsum_finish).
-extern "C" __global__ void layernorm_dweight_partial(const store_t* dout, const store_t* x, const store_t* mean, const store_t* rstd,
+extern "C" __global__ void layernorm_dweight_partial(const store_t* dout, const store_t* x, const float* stats,
                                                      float* partial, i64 rows, i64 cols, i64 rows_per_chunk) {
     i64 c = (i64)blockIdx.x * blockDim.x + threadIdx.x;
     i64 chunk = blockIdx.y;
     if (c >= cols) return;
     i64 r0 = chunk * rows_per_chunk, r1 = min(rows, r0 + rows_per_chunk);
     float acc = 0.0f;
-    for (i64 r = r0; r < r1; ++r) acc += ld(dout, r * cols + c) * (ld(x, r * cols + c) - ld(mean, r)) * ld(rstd, r);
+    for (i64 r = r0; r < r1; ++r) acc += ld(dout, r * cols + c) * (ld(x, r * cols + c) - stats[2 * r]) * stats[2 * r + 1];
     partial[chunk * cols + c] = acc;
 }
 

@@ -747,15 +747,17 @@ impl Backend for CudaBackend {
             self.ptr(x, n, "layernorm x")?,
             self.ptr(weight, s.cols, "layernorm weight")?,
         );
-        let (mp, rp) = (
-            self.ptr(mean, s.rows, "layernorm mean")?,
-            self.ptr(rstd, s.rows, "layernorm rstd")?,
-        );
+        // The saved statistics are checked but not read: the kernel recomputes
+        // them in f32 (bf16-rounded ones lose x − mean; see norm.cu).
+        self.ptr(mean, s.rows, "layernorm mean")?;
+        self.ptr(rstd, s.rows, "layernorm rstd")?;
         let dxp = self.ptr_mut(dx, n, "layernorm dx")?;
         let dwp = self.ptr_mut(dweight, s.cols, "layernorm dweight")?;
         if s.rows == 0 || s.cols == 0 {
             return Ok(());
         }
+        let stats = self.stream.alloc_zeros::<f32>(2 * s.rows)?;
+        let (sp, _sync) = stats.device_ptr(&self.stream);
         let (rows, cols) = (s.rows as i64, s.cols as i64);
         self.launch(
             "layernorm_backward_dx",
@@ -765,11 +767,11 @@ impl Backend for CudaBackend {
                 Arg::Ptr(dp),
                 Arg::Ptr(xp),
                 Arg::Ptr(wp),
-                Arg::Ptr(mp),
-                Arg::Ptr(rp),
                 Arg::Ptr(dxp),
+                Arg::Ptr(sp),
                 Arg::I64(rows),
                 Arg::I64(cols),
+                Arg::F32(s.eps),
             ],
         )?;
         self.column_sums_with(s.rows, s.cols, dwp, |partial, chunk_rows, grid| {
@@ -780,8 +782,7 @@ impl Backend for CudaBackend {
                 &[
                     Arg::Ptr(dp),
                     Arg::Ptr(xp),
-                    Arg::Ptr(mp),
-                    Arg::Ptr(rp),
+                    Arg::Ptr(sp),
                     Arg::Ptr(partial),
                     Arg::I64(rows),
                     Arg::I64(cols),

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{check, dims, down, gpu, poisoned, rand, Case, BF16, F32};
+use common::{bf16_round, check, dims, down, gpu, poisoned, rand, Case, BF16, F32};
 use did_core::backend::{
     AdamW, AttentionShape, Backend, DrawSpec, Gemm, NormShape, RopeShape, Slice, SliceMut,
 };
@@ -225,7 +225,7 @@ fn layernorm_forward_and_backward() {
             x: rand(seed, n, 2.0)
                 .iter()
                 .enumerate()
-                .map(|(i, v)| v + (i % 7) as f32 * 0.1)
+                .map(|(i, v)| bf16_round(v + (i % 7) as f32 * 0.1))
                 .collect(),
             w: rand(seed ^ 1, cols, 1.0),
             b: rand(seed ^ 2, cols, 1.0),
@@ -773,7 +773,13 @@ fn weighted_cross_entropy_with_an_excluded_class() {
             .collect();
         let weights: Vec<f32> = rand(seed ^ 1, rows, 1.0)
             .iter()
-            .map(|w| if *w < -0.5 { 0.0 } else { w.abs() * 3.0 })
+            .map(|w| {
+                if *w < -0.5 {
+                    0.0
+                } else {
+                    bf16_round(w.abs() * 3.0)
+                }
+            })
             .collect();
         let case = CrossEntropyCase {
             rows,

@@ -133,11 +133,16 @@ pub fn check<C: Case>(
     Ok(())
 }
 
-/// Uniform values in (−scale, scale), reproducible from `seed`.
+/// Uniform values in (−scale, scale), reproducible from `seed`, rounded to
+/// bf16 so that both precisions start from exactly the inputs the CPU sees
+/// (what is compared is then the kernels' arithmetic, not input rounding).
 pub fn rand(seed: u64, n: usize, scale: f32) -> Vec<f32> {
     let s = RngStream::new(seed, Purpose::Init, 11, 5);
     (0..n)
-        .map(|i| ((2.0 * s.uniform((i >> 30) as u32, i as u32) - 1.0) as f32) * scale)
+        .map(|i| {
+            let x = ((2.0 * s.uniform((i >> 30) as u32, i as u32) - 1.0) as f32) * scale;
+            bf16_round(x)
+        })
         .collect()
 }
 
@@ -155,4 +160,9 @@ pub fn poisoned<B: Backend>(be: &B, len: usize) -> Result<B::Buffer, B::Error> {
 
 pub fn dims(a: u8, lo: usize, hi: usize) -> usize {
     lo + a as usize % (hi - lo + 1)
+}
+
+/// `x` rounded to the nearest bf16 (inputs both precisions represent exactly).
+pub fn bf16_round(x: f32) -> f32 {
+    half::bf16::from_f32(x).to_f32()
 }
