@@ -14,7 +14,7 @@ lib="$wheels/nvidia/cu13/lib"
 ptxas="$wheels/nvidia/cu13/bin/ptxas"
 if [ ! -e "$lib/libnvrtc.so.13" ] || [ ! -x "$ptxas" ]; then
     echo "installing NVRTC 13.0.88 and ptxas (nvidia-cuda-nvcc 13.0.88) into $wheels"
-    python3 -m pip install --quiet --disable-pip-version-check --no-deps --target "$wheels" \
+    python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --no-deps --target "$wheels" \
         nvidia-cuda-nvrtc==13.0.88 nvidia-cuda-runtime==13.0.96 nvidia-cuda-nvcc==13.0.88
 fi
 # NVRTC loads libnvrtc-builtins from the library path.
