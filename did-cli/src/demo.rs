@@ -9,13 +9,13 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use did_core::backend::Backend;
-use did_core::model::{DiffusionDenoiser, Inference, Transformer};
+use did_core::model::{DiffusionDenoiser, Transformer};
 use did_core::refine::{generate, GenerateConfig, Generation, StagePlan};
-use did_core::sample::stop::unigram_entropy;
 
 use crate::checkpoint;
 use crate::data::prepare::{prepare, PrepareOptions};
 use crate::data::tokenizer::{Tokenizer, TokenizerKind};
+use crate::eval::JudgeModel;
 use crate::train::{train, Objective, TrainOptions};
 
 /// Demo settings.
@@ -91,25 +91,6 @@ fn train_for<B: Backend>(
         .ok_or_else(|| "training wrote no checkpoint".into())
 }
 
-/// Mean negative log-likelihood per token of `tokens[1..]` under the causal judge.
-fn judge_nll<B: Backend>(
-    judge: &mut Inference<'_, B>,
-    tokens: &[u32],
-    vocab: usize,
-) -> Result<f64, String> {
-    let logits = judge
-        .logits_uncached(tokens, 1, 1)
-        .map_err(|e| e.to_string())?;
-    let mut nll = 0.0;
-    for i in 0..tokens.len() - 1 {
-        let row = &logits[i * vocab..(i + 1) * vocab];
-        let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
-        let z: f64 = row.iter().map(|&x| (x as f64 - m).exp()).sum();
-        nll += m + z.ln() - row[tokens[i + 1] as usize] as f64;
-    }
-    Ok(nll / (tokens.len() - 1) as f64)
-}
-
 struct Scored {
     label: &'static str,
     generation: Generation,
@@ -160,15 +141,12 @@ pub fn demo<B: Backend>(be: &B, opts: &DemoOptions) -> Result<String, String> {
     )?;
 
     let dit_ckpt = checkpoint::load(&dit)?;
-    let judge_ckpt = checkpoint::load(&judge)?;
+    let judge = JudgeModel::load(&judge)?;
     let dit_model = Transformer::new(dit_ckpt.config).map_err(|e| e.to_string())?;
-    let judge_model = Transformer::new(judge_ckpt.config).map_err(|e| e.to_string())?;
     let dit_params = be
         .upload(dit_ckpt.ema.as_ref().unwrap_or(&dit_ckpt.params))
         .map_err(|e| e.to_string())?;
-    let judge_params = be
-        .upload(judge_ckpt.ema.as_ref().unwrap_or(&judge_ckpt.params))
-        .map_err(|e| e.to_string())?;
+    let judge_params = judge.upload(be)?;
     let tokenizer = Tokenizer::new(kind);
     let prompt = [kind.eos()];
     let prompts: Vec<&[u32]> = vec![&prompt; opts.samples];
@@ -195,9 +173,7 @@ pub fn demo<B: Backend>(be: &B, opts: &DemoOptions) -> Result<String, String> {
             seconds: t0.elapsed().as_secs_f64(),
         });
     }
-    let mut judge_inf =
-        Inference::new(be, &judge_model, &judge_params).map_err(|e| e.to_string())?;
-    let vocab = judge_model.config().vocab_size;
+    let mut judge = judge.on(be, &judge_params)?;
     let mut report = String::new();
     report.push_str(&format!(
         "did demo: byte-level `tiny` models on the committed excerpt, {:.1} minutes of training on this machine; same seeds for both methods.\n\n",
@@ -205,11 +181,12 @@ pub fn demo<B: Backend>(be: &B, opts: &DemoOptions) -> Result<String, String> {
     ));
     let mut rows = Vec::new();
     for r in &runs {
-        let (mut nll, mut ent) = (0.0, 0.0);
+        let (mut ppl, mut ent) = (0.0, 0.0);
         for s in 0..opts.samples {
             let seq = &r.generation.batch.tokens[s * LENGTH..(s + 1) * LENGTH];
-            nll += judge_nll(&mut judge_inf, seq, vocab)?;
-            ent += unigram_entropy(&seq[1..]);
+            let score = judge.score(seq)?;
+            ppl += score.perplexity();
+            ent += score.entropy;
         }
         let n = opts.samples as f64;
         // Bytes that are not printable text show as '·'.
@@ -232,7 +209,7 @@ pub fn demo<B: Backend>(be: &B, opts: &DemoOptions) -> Result<String, String> {
         rows.push(format!(
             "| {} | {:.2} | {:.2} | {} | {:.2} |",
             r.label,
-            (nll / n).exp(),
+            ppl / n,
             ent / n,
             // Every denoiser call serves the whole batch, so a sequence's NFE is the call count.
             r.generation.nfe(),

@@ -5,6 +5,7 @@
 pub mod checkpoint;
 pub mod data;
 pub mod demo;
+pub mod eval;
 pub mod model_config;
 pub mod sample;
 pub mod train;
@@ -150,49 +151,18 @@ enum Command {
         /// A `did train` checkpoint of a diffusion (dit) model.
         #[arg(long)]
         checkpoint: PathBuf,
-        /// Stage plan: the draft block size, then `block:fraction` per refine stage (`L` = the length).
-        #[arg(long, default_value = "4,L:0.25")]
-        stages: String,
-        /// How tokens are chosen for remasking: snapshot, snapshot-raw, snapshot-max, posthoc, random.
-        #[arg(long, default_value = "snapshot")]
-        remask: String,
-        /// Lowest fraction over the whole sequence (global) or within each draft block (block).
-        #[arg(long, default_value = "global")]
-        scope: String,
-        /// first-hitting (one token per call) or ddpm:T (T steps per block).
-        #[arg(long, default_value = "first-hitting")]
-        sampler: String,
-        /// Nucleus (top-p) of every draw.
-        #[arg(long, default_value_t = 0.9)]
-        top_p: f64,
-        /// Seed of every random draw.
-        #[arg(long, default_value_t = 1)]
-        seed: u64,
-        /// Samples to draw.
-        #[arg(long, default_value_t = 1)]
-        num_samples: usize,
-        /// Samples per batch.
-        #[arg(long, default_value_t = 1)]
-        batch: usize,
-        /// Sequence length (default: the model's context).
-        #[arg(long)]
-        length: Option<usize>,
-        /// Text every sample starts with (pinned: never remasked).
-        #[arg(long)]
-        prompt: Option<String>,
-        /// End each sample at its first drawn end-of-text token.
-        #[arg(long)]
-        stop_at_eos: bool,
+        #[command(flatten)]
+        sampling: sample::SamplingArgs,
         /// Also write one JSON line per sample (tokens, text, draft text, remasked positions, NFE, time).
         #[arg(long)]
         out: Option<PathBuf>,
         /// Print the draft with the remasked tokens marked, then the refined text.
         #[arg(long)]
         show_diff: bool,
-        /// Sample with the trained weights instead of the EMA weights.
-        #[arg(long)]
-        no_ema: bool,
     },
+    /// Evaluate: NELBO perplexity of held-out data, generative perplexity under a judge, entropy.
+    #[command(subcommand)]
+    Eval(EvalCommand),
     /// The demo: train small models on the committed excerpt for a few minutes, then compare
     /// draft-only sampling with draft → snapshot remask → refine, scored by a causal judge.
     Demo {
@@ -259,6 +229,79 @@ enum DataCommand {
     },
 }
 
+#[derive(Debug, Subcommand)]
+enum EvalCommand {
+    /// Perplexity bound (NELBO) of the valid or test split, at a block size, under the unclipped schedule.
+    ///
+    /// Example: did eval nelbo --checkpoint runs/tiny/ckpt-00001000.safetensors --block 4 --split test
+    Nelbo {
+        /// A `did train` checkpoint (diffusion, or causal for its exact perplexity).
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// Folder with valid.bin and test.bin (from `did data prepare`).
+        #[arg(long, default_value = "data/prepared")]
+        data: PathBuf,
+        /// valid or test.
+        #[arg(long, default_value = "valid")]
+        split: String,
+        /// Block size of the bound (required for diffusion models: 4, 16, …, or the length for MDLM's).
+        #[arg(long)]
+        block: Option<usize>,
+        /// Sequence length (default: the model's context).
+        #[arg(long)]
+        length: Option<usize>,
+        /// Sequences per forward pass.
+        #[arg(long, default_value_t = 8)]
+        batch: usize,
+        /// Evaluate at most this many sequences (default: the whole split).
+        #[arg(long)]
+        max_sequences: Option<usize>,
+        /// Seed of the diffusion times and masks.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Use the trained weights instead of the EMA weights.
+        #[arg(long)]
+        no_ema: bool,
+        /// Also write the figures as JSON.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// Generative perplexity: sample (or read samples) and score them with a causal judge.
+    ///
+    /// Example: did eval gen-ppl --checkpoint runs/tiny/ckpt-00001000.safetensors --judge runs/ar/ckpt-00001000.safetensors --num-samples 16 --batch 4
+    GenPpl {
+        /// The diffusion checkpoint to sample from.
+        #[arg(long, conflicts_with = "samples")]
+        checkpoint: Option<PathBuf>,
+        /// Score the samples of a `did sample --out` file instead of sampling.
+        #[arg(long)]
+        samples: Option<PathBuf>,
+        /// The judge: a causal checkpoint (`did train --objective ar`) with the same tokenizer.
+        #[arg(long)]
+        judge: PathBuf,
+        #[command(flatten)]
+        sampling: sample::SamplingArgs,
+        /// Regenerate a sample whose last 256 tokens have a unigram entropy below this many nats
+        /// (BD3-LM: 4 on GPT-2 tokens; default 4 for gpt2 models, 1.5 for bytes; 0 never).
+        #[arg(long)]
+        regen_threshold: Option<f64>,
+        /// Regenerations per sample before giving up.
+        #[arg(long, default_value_t = 10)]
+        max_tries: u32,
+        /// Also write the figures (and per-sample values) as JSON.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// Unigram entropy (nats) of the samples of a `did sample --out` file.
+    Entropy {
+        /// The JSONL file.
+        samples: PathBuf,
+        /// Also write the figures as JSON.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+}
+
 /// Runs the command line on `args` (without the program name).
 pub fn run(args: &[String]) -> ExitCode {
     let cli =
@@ -303,40 +346,57 @@ fn execute(cli: Cli) -> Result<String, String> {
         }
         Command::Sample {
             checkpoint,
-            stages,
-            remask,
-            scope,
-            sampler,
-            top_p,
-            seed,
-            num_samples,
-            batch,
-            length,
-            prompt,
-            stop_at_eos,
+            sampling,
             out,
             show_diff,
+        } => on_backend!(cli, be => sample::sample(be, &sample::SampleOptions {
+            checkpoint,
+            sampling,
+            out,
+            show_diff,
+            color: std::io::IsTerminal::is_terminal(&std::io::stdout()),
+        })),
+        Command::Eval(EvalCommand::Nelbo {
+            checkpoint,
+            data,
+            split,
+            block,
+            length,
+            batch,
+            max_sequences,
+            seed,
             no_ema,
-        } => {
-            on_backend!(cli, be => sample::sample(be, &sample::SampleOptions {
-                checkpoint,
-                stages,
-                remask,
-                scope,
-                sampler,
-                top_p,
-                seed,
-                num_samples,
-                batch,
-                length,
-                prompt,
-                stop_at_eos,
-                out,
-                show_diff,
-                no_ema,
-                color: std::io::IsTerminal::is_terminal(&std::io::stdout()),
-            }))
-        }
+            json,
+        }) => on_backend!(cli, be => eval::nelbo(be, &eval::NelboOptions {
+            checkpoint,
+            data,
+            split,
+            block,
+            length,
+            batch,
+            max_sequences,
+            seed,
+            no_ema,
+            json,
+        })),
+        Command::Eval(EvalCommand::GenPpl {
+            checkpoint,
+            samples,
+            judge,
+            sampling,
+            regen_threshold,
+            max_tries,
+            json,
+        }) => on_backend!(cli, be => eval::gen_ppl(be, &eval::GenPplOptions {
+            checkpoint,
+            samples,
+            judge,
+            sampling,
+            regen_threshold,
+            max_tries,
+            json,
+        })),
+        Command::Eval(EvalCommand::Entropy { samples, json }) => eval::entropy(&samples, &json),
         Command::Train {
             data,
             model,

@@ -1,12 +1,14 @@
 //! `did sample`: draft → remask → refine from a checkpoint, text out.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use did_core::backend::Backend;
 use did_core::model::{Architecture, DiffusionDenoiser, Transformer};
-use did_core::refine::{generate, GenerateConfig, RemaskScope, RemaskStrategy, StagePlan};
+use did_core::refine::{
+    generate, GenerateConfig, Generation, RemaskScope, RemaskStrategy, StagePlan,
+};
 use did_core::sample::categorical::ConfidenceKind;
 use did_core::sample::nucleus::{Nucleus, NucleusRule};
 use did_core::sample::update::BlockUpdate;
@@ -14,41 +16,195 @@ use did_core::sample::update::BlockUpdate;
 use crate::checkpoint;
 use crate::data::tokenizer::{Tokenizer, TokenizerKind};
 
+/// The sampling settings shared by `did sample` and `did eval gen-ppl`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SamplingArgs {
+    /// Stage plan: the draft block size, then `block:fraction` per refine stage (`L` = the length).
+    #[arg(long, default_value = "4,L:0.25")]
+    pub stages: String,
+    /// How tokens are chosen for remasking: snapshot, snapshot-raw, snapshot-max, posthoc, random.
+    #[arg(long, default_value = "snapshot")]
+    pub remask: String,
+    /// Lowest fraction over the whole sequence (global) or within each draft block (block).
+    #[arg(long, default_value = "global")]
+    pub scope: String,
+    /// first-hitting (one token per call) or ddpm:T (T steps per block).
+    #[arg(long, default_value = "first-hitting")]
+    pub sampler: String,
+    /// Nucleus (top-p) of every draw.
+    #[arg(long, default_value_t = 0.9)]
+    pub top_p: f64,
+    /// Seed of every random draw.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Samples to draw.
+    #[arg(long, default_value_t = 1)]
+    pub num_samples: usize,
+    /// Samples per batch.
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    /// Sequence length (default: the model's context).
+    #[arg(long)]
+    pub length: Option<usize>,
+    /// Text every sample starts with (pinned: never remasked).
+    #[arg(long)]
+    pub prompt: Option<String>,
+    /// End each sample at its first drawn end-of-text token.
+    #[arg(long)]
+    pub stop_at_eos: bool,
+    /// Sample with the trained weights instead of the EMA weights.
+    #[arg(long)]
+    pub no_ema: bool,
+}
+
 /// Everything `did sample` is told.
 #[derive(Debug, Clone)]
 pub struct SampleOptions {
     /// The checkpoint.
     pub checkpoint: PathBuf,
-    /// Stage plan (`4`, `4,L:0.25`, …).
-    pub stages: String,
-    /// snapshot | snapshot-raw | snapshot-max | posthoc | random.
-    pub remask: String,
-    /// global | block.
-    pub scope: String,
-    /// first-hitting | ddpm:T.
-    pub sampler: String,
-    /// Nucleus p.
-    pub top_p: f64,
-    /// Seed.
-    pub seed: u64,
-    /// Samples in total.
-    pub num_samples: usize,
-    /// Sequences per generate call.
-    pub batch: usize,
-    /// Sequence length (default: the model's context).
-    pub length: Option<usize>,
-    /// Text the samples start with (pinned, never remasked).
-    pub prompt: Option<String>,
-    /// End each sample at its first drawn EOS.
-    pub stop_at_eos: bool,
+    /// What and how to sample.
+    pub sampling: SamplingArgs,
     /// JSONL output.
     pub out: Option<PathBuf>,
     /// Print the draft with the remasked tokens marked, then the refined text.
     pub show_diff: bool,
-    /// Use the trained weights instead of the EMA ones.
-    pub no_ema: bool,
     /// Colour on a terminal.
     pub color: bool,
+}
+
+/// A checkpoint made ready to sample: the model, its weights, the resolved
+/// generate settings and the prompt (BOS, then the prompt's tokens).
+pub struct Prepared {
+    /// The network.
+    pub model: Transformer,
+    weights: Vec<f32>,
+    /// Plan, sampler, remasking, scope, seed.
+    pub gen: GenerateConfig,
+    /// The pinned start of every sample.
+    pub prompt: Vec<u32>,
+    /// Sequence length.
+    pub len: usize,
+    /// The checkpoint's tokenizer.
+    pub tokenizer: Tokenizer,
+}
+
+/// One finished sample.
+#[derive(Debug, Clone)]
+pub struct Drawn {
+    /// Its tokens up to its end (BOS first).
+    pub tokens: Vec<u32>,
+    /// Denoiser calls over every stage.
+    pub nfe: u32,
+    /// Its share of the batch's wall time.
+    pub seconds: f64,
+}
+
+impl Prepared {
+    /// Loads `checkpoint` and checks `args` against it.
+    pub fn load(checkpoint: &Path, args: &SamplingArgs) -> Result<Self, String> {
+        let ckpt = checkpoint::load(checkpoint)?;
+        let config = ckpt.config;
+        if config.architecture != Architecture::Dit {
+            return Err(format!(
+                "{} is a causal (gpt2) model; sampling by denoising needs a diffusion (dit) checkpoint",
+                checkpoint.display()
+            ));
+        }
+        let tokenizer = Tokenizer::new(tokenizer_for(config.vocab_size)?);
+        let len = args.length.unwrap_or(config.context);
+        let plan = args
+            .stages
+            .parse::<StagePlan>()
+            .and_then(|p| p.resolve(len))
+            .map_err(|e| format!("--stages: {e}"))?;
+        let mut gen = GenerateConfig::new(plan, args.seed);
+        gen.remask = remask_strategy(&args.remask)?;
+        gen.scope = match args.scope.as_str() {
+            "global" => RemaskScope::Global,
+            "block" => RemaskScope::PerBlock,
+            other => return Err(format!("unknown --scope {other:?}; use global or block")),
+        };
+        gen.sampler.update = block_update(&args.sampler)?;
+        gen.sampler.nucleus = Nucleus::new(args.top_p, NucleusRule::default())
+            .map_err(|e| format!("--top-p: {e}"))?;
+        let eos = tokenizer.kind().eos();
+        gen.stop_at = args.stop_at_eos.then_some(eos);
+        let mut prompt = vec![eos];
+        if let Some(p) = &args.prompt {
+            prompt.extend(tokenizer.encode(p));
+        }
+        if prompt.len() >= len {
+            return Err(format!("the prompt is {} tokens with BOS, the length only {len}; shorten --prompt or raise --length", prompt.len()));
+        }
+        if args.batch == 0 || args.num_samples == 0 {
+            return Err("--batch and --num-samples must be at least 1".into());
+        }
+        let weights = if args.no_ema {
+            ckpt.params
+        } else {
+            ckpt.ema.unwrap_or(ckpt.params)
+        };
+        Ok(Prepared {
+            model: Transformer::new(config).map_err(|e| e.to_string())?,
+            weights,
+            gen,
+            prompt,
+            len,
+            tokenizer,
+        })
+    }
+
+    /// The weights on `be`.
+    pub fn upload<B: Backend>(&self, be: &B) -> Result<B::Buffer, String> {
+        be.upload(&self.weights).map_err(|e| e.to_string())
+    }
+
+    /// Samples `first_sample ..= first_sample + n − 1` as one batch, with the
+    /// batch's wall time.
+    pub fn generate<B: Backend>(
+        &self,
+        be: &B,
+        params: &B::Buffer,
+        first_sample: u32,
+        n: usize,
+    ) -> Result<(Generation, f64), String> {
+        let prompts: Vec<&[u32]> = vec![&self.prompt; n];
+        let mut gen = self.gen.clone();
+        gen.first_sample = first_sample;
+        let t0 = Instant::now();
+        let mut denoiser =
+            DiffusionDenoiser::new(be, &self.model, params, true).map_err(|e| e.to_string())?;
+        let g = generate(&mut denoiser, &gen, &prompts).map_err(|e| e.to_string())?;
+        Ok((g, t0.elapsed().as_secs_f64()))
+    }
+
+    /// Like [`Prepared::generate`], one [`Drawn`] per sample.
+    pub fn draw<B: Backend>(
+        &self,
+        be: &B,
+        params: &B::Buffer,
+        first_sample: u32,
+        n: usize,
+    ) -> Result<Vec<Drawn>, String> {
+        let (g, wall) = self.generate(be, params, first_sample, n)?;
+        Ok((0..n)
+            .map(|s| {
+                let end = g
+                    .batch
+                    .lengths
+                    .get(s)
+                    .copied()
+                    .unwrap_or(self.len)
+                    .min(self.len);
+                Drawn {
+                    tokens: g.batch.tokens[s * self.len..s * self.len + end].to_vec(),
+                    // Every denoiser call serves the whole batch: a sequence's NFE is the call count.
+                    nfe: g.nfe(),
+                    seconds: wall / n as f64,
+                }
+            })
+            .collect())
+    }
 }
 
 fn remask_strategy(s: &str) -> Result<RemaskStrategy, String> {
@@ -84,50 +240,9 @@ pub fn tokenizer_for(vocab: usize) -> Result<TokenizerKind, String> {
 
 /// Runs sampling; returns the text printed to stdout.
 pub fn sample<B: Backend>(be: &B, opts: &SampleOptions) -> Result<String, String> {
-    let ckpt = checkpoint::load(&opts.checkpoint)?;
-    let config = ckpt.config;
-    if config.architecture != Architecture::Dit {
-        return Err(format!(
-            "{} is a causal (gpt2) model; sampling by denoising needs a diffusion (dit) checkpoint",
-            opts.checkpoint.display()
-        ));
-    }
-    let tokenizer = Tokenizer::new(tokenizer_for(config.vocab_size)?);
-    let len = opts.length.unwrap_or(config.context);
-    let plan = opts
-        .stages
-        .parse::<StagePlan>()
-        .and_then(|p| p.resolve(len))
-        .map_err(|e| format!("--stages: {e}"))?;
-    let mut gen = GenerateConfig::new(plan, opts.seed);
-    gen.remask = remask_strategy(&opts.remask)?;
-    gen.scope = match opts.scope.as_str() {
-        "global" => RemaskScope::Global,
-        "block" => RemaskScope::PerBlock,
-        other => return Err(format!("unknown --scope {other:?}; use global or block")),
-    };
-    gen.sampler.update = block_update(&opts.sampler)?;
-    gen.sampler.nucleus =
-        Nucleus::new(opts.top_p, NucleusRule::default()).map_err(|e| format!("--top-p: {e}"))?;
-    let eos = tokenizer.kind().eos();
-    gen.stop_at = opts.stop_at_eos.then_some(eos);
-    let mut prompt = vec![eos];
-    if let Some(p) = &opts.prompt {
-        prompt.extend(tokenizer.encode(p));
-    }
-    if prompt.len() >= len {
-        return Err(format!("the prompt is {} tokens with BOS, the length only {len}; shorten --prompt or raise --length", prompt.len()));
-    }
-    if opts.batch == 0 || opts.num_samples == 0 {
-        return Err("--batch and --num-samples must be at least 1".into());
-    }
-    let model = Transformer::new(config).map_err(|e| e.to_string())?;
-    let weights = if opts.no_ema {
-        &ckpt.params
-    } else {
-        ckpt.ema.as_ref().unwrap_or(&ckpt.params)
-    };
-    let params = be.upload(weights).map_err(|e| e.to_string())?;
+    let prep = Prepared::load(&opts.checkpoint, &opts.sampling)?;
+    let (len, tokenizer) = (prep.len, &prep.tokenizer);
+    let params = prep.upload(be)?;
     let mut jsonl = match &opts.out {
         Some(p) => Some(
             std::fs::File::create(p).map_err(|e| format!("cannot write {}: {e}", p.display()))?,
@@ -136,15 +251,10 @@ pub fn sample<B: Backend>(be: &B, opts: &SampleOptions) -> Result<String, String
     };
     let mut text_out = String::new();
     let mut done = 0;
-    while done < opts.num_samples {
-        let n = opts.batch.min(opts.num_samples - done);
-        let prompts: Vec<&[u32]> = vec![&prompt; n];
-        gen.first_sample = done as u32;
-        let t0 = Instant::now();
-        let mut denoiser =
-            DiffusionDenoiser::new(be, &model, &params, true).map_err(|e| e.to_string())?;
-        let g = generate(&mut denoiser, &gen, &prompts).map_err(|e| e.to_string())?;
-        let wall = t0.elapsed().as_secs_f64();
+    let total = opts.sampling.num_samples;
+    while done < total {
+        let n = opts.sampling.batch.min(total - done);
+        let (g, wall) = prep.generate(be, &params, done as u32, n)?;
         for s in 0..n {
             let seq = |tokens: &[u32]| tokens[s * len..(s + 1) * len].to_vec();
             let final_tokens = seq(&g.batch.tokens);
@@ -161,8 +271,8 @@ pub fn sample<B: Backend>(be: &B, opts: &SampleOptions) -> Result<String, String
                 text_out.push_str(&format!(
                     "--- sample {} draft (remasked tokens marked)\n{}\n--- refined\n{}\n",
                     done + s,
-                    mark(&tokenizer, &draft[1..end], &remasked, 1, opts.color),
-                    mark(&tokenizer, &final_tokens[1..end], &remasked, 1, opts.color)
+                    mark(tokenizer, &draft[1..end], &remasked, 1, opts.color),
+                    mark(tokenizer, &final_tokens[1..end], &remasked, 1, opts.color)
                 ));
             } else {
                 text_out.push_str(&format!("--- sample {}\n{text}\n", done + s));

@@ -378,3 +378,189 @@ fn ctrl_c_saves_and_exits_cleanly() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+fn newest(run: &Path) -> PathBuf {
+    let mut c: Vec<PathBuf> = std::fs::read_dir(run)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .collect();
+    c.sort();
+    c.pop().unwrap()
+}
+
+fn json(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+#[test]
+fn eval_nelbo_gen_ppl_and_entropy() {
+    let dir = scratch("eval");
+    let (data, model) = setup(&dir);
+    let judge_model = dir.join("judge.toml");
+    std::fs::write(&judge_model, "[model]\narchitecture = \"gpt2\"\nvocab_size = 258\nmask_id = 257\nlayers = 1\nhidden = 32\nheads = 2\ncontext = 32\n").unwrap();
+    for (m, objective, out) in [(&model, "bd3", "dit"), (&judge_model, "ar", "ar")] {
+        let out = dir.join(out);
+        let (code, _, err) = did(&[
+            "train",
+            "--data",
+            data.to_str().unwrap(),
+            "--model",
+            m.to_str().unwrap(),
+            "--objective",
+            objective,
+            "--steps",
+            "3",
+            "--batch",
+            "2",
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert_eq!(code, 0, "{objective}: {err}");
+    }
+    let (dit, ar) = (newest(&dir.join("dit")), newest(&dir.join("ar")));
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+
+    // NELBO at block 4, twice (same seed: same number), and the exact AR perplexity.
+    let nelbo = |ckpt: &Path, extra: &[&str], out: &Path| {
+        let mut args = vec![
+            "eval".to_string(),
+            "nelbo".into(),
+            "--checkpoint".into(),
+            s(ckpt),
+            "--data".into(),
+            s(&data),
+            "--max-sequences".into(),
+            "6".into(),
+            "--batch".into(),
+            "4".into(),
+            "--json".into(),
+            s(out),
+        ];
+        args.extend(extra.iter().map(|a| a.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        did(&args)
+    };
+    let (a, b) = (dir.join("n1.json"), dir.join("n2.json"));
+    let (code, stdout, err) = nelbo(&dit, &["--block", "4"], &a);
+    assert_eq!(code, 0, "{err}");
+    assert!(stdout.contains("NELBO bound, block 4"), "{stdout}");
+    assert_eq!(nelbo(&dit, &["--block", "4"], &b).0, 0);
+    let (ja, jb) = (json(&a), json(&b));
+    assert_eq!(ja["perplexity"], jb["perplexity"]);
+    let ppl = ja["perplexity"].as_f64().unwrap();
+    // Three steps from the reference initialisation: close to uniform over 257 ids, and a bound ≥ 1.
+    assert!(ppl > 1.0 && ppl < 400.0, "{ja}");
+    assert_eq!(ja["tokens"], 6 * 31);
+    let (code, _, err) = nelbo(&dit, &["--split", "test", "--block", "32"], &a);
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = nelbo(&dit, &[], &a);
+    assert_eq!(code, 2);
+    assert!(err.contains("name the block size"), "{err}");
+    let (code, _, err) = nelbo(&dit, &["--block", "5"], &a);
+    assert_eq!(code, 2);
+    assert!(err.contains("must divide the length"), "{err}");
+    let (code, stdout, err) = nelbo(&ar, &[], &a);
+    assert_eq!(code, 0, "{err}");
+    assert!(stdout.contains("exact (causal)"), "{stdout}");
+
+    // Generative perplexity of fresh samples, then of a `did sample --out` file.
+    let g = dir.join("g.json");
+    let (code, stdout, err) = did(&[
+        "eval",
+        "gen-ppl",
+        "--checkpoint",
+        &s(&dit),
+        "--judge",
+        &s(&ar),
+        "--num-samples",
+        "3",
+        "--batch",
+        "2",
+        "--json",
+        &s(&g),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(stdout.contains("gen PPL"), "{stdout}");
+    let jg = json(&g);
+    assert_eq!(jg["samples"], 3);
+    assert_eq!(jg["per_sample"].as_array().unwrap().len(), 3);
+    for key in [
+        "gen_ppl_mean_per_sample",
+        "gen_ppl_token_weighted",
+        "entropy",
+        "nfe_mean",
+    ] {
+        let v = jg[key].as_f64().unwrap();
+        assert!(v.is_finite() && v > 0.0, "{key}: {jg}");
+    }
+    // The mean of per-sample perplexities is never below the token-weighted one (Jensen).
+    assert!(
+        jg["gen_ppl_mean_per_sample"].as_f64().unwrap()
+            >= jg["gen_ppl_token_weighted"].as_f64().unwrap() - 1e-9
+    );
+    let samples = dir.join("s.jsonl");
+    let (code, _, err) = did(&[
+        "sample",
+        "--checkpoint",
+        &s(&dit),
+        "--num-samples",
+        "2",
+        "--out",
+        &s(&samples),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let (code, stdout, err) = did(&[
+        "eval",
+        "gen-ppl",
+        "--samples",
+        &s(&samples),
+        "--judge",
+        &s(&ar),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(stdout.contains("| 2 |"), "{stdout}");
+    let (code, stdout, err) = did(&["eval", "entropy", &s(&samples)]);
+    assert_eq!(code, 0, "{err}");
+    assert!(stdout.contains("entropy"), "{stdout}");
+
+    // Bad input: an impossible regeneration threshold, a diffusion judge, a broken samples file.
+    let (code, _, err) = did(&[
+        "eval",
+        "gen-ppl",
+        "--checkpoint",
+        &s(&dit),
+        "--judge",
+        &s(&ar),
+        "--regen-threshold",
+        "9",
+        "--max-tries",
+        "1",
+    ]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("stayed degenerate") && err.contains("--regen-threshold"),
+        "{err}"
+    );
+    let (code, _, err) = did(&[
+        "eval",
+        "gen-ppl",
+        "--checkpoint",
+        &s(&dit),
+        "--judge",
+        &s(&dit),
+    ]);
+    assert_eq!(code, 2);
+    assert!(err.contains("is a diffusion model"), "{err}");
+    std::fs::write(&samples, "{\"tokens\": [1, 2]}\nnot json\n").unwrap();
+    let (code, _, err) = did(&["eval", "entropy", &s(&samples)]);
+    assert_eq!(code, 2);
+    assert!(err.contains("line 2"), "{err}");
+    let (code, _, err) = did(&["eval", "gen-ppl", "--judge", &s(&ar)]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("--checkpoint") && err.contains("--samples"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

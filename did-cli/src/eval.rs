@@ -1,0 +1,590 @@
+//! `did eval`: the NELBO perplexity of a held-out split, the generative
+//! perplexity of samples under a causal judge (BD3-LM's protocol, bd3lm.md
+//! §5), and the entropy of samples. Each prints a markdown table and can
+//! write the same figures as JSON.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use did_core::backend::Backend;
+use did_core::model::{
+    causal_batch, diffusion_batch, Activations, Architecture, Inference, Transformer,
+};
+use did_core::sample::stop::unigram_entropy;
+use did_core::schedule::TrainingSchedule;
+
+use crate::checkpoint;
+use crate::data::shard::Shard;
+use crate::data::tokenizer::{Tokenizer, TokenizerKind};
+use crate::sample::{self, SamplingArgs};
+
+/// Where a result goes besides stdout.
+fn write_json(path: &Option<PathBuf>, value: &serde_json::Value) -> Result<(), String> {
+    if let Some(p) = path {
+        let text = serde_json::to_string_pretty(value).map_err(|e| e.to_string())?;
+        std::fs::write(p, text + "\n").map_err(|e| {
+            format!(
+                "cannot write {}: {e}; choose a writable --json path",
+                p.display()
+            )
+        })?;
+    }
+    Ok(())
+}
+
+// ---- NELBO ------------------------------------------------------------------------------------
+
+/// Everything `did eval nelbo` is told.
+#[derive(Debug, Clone)]
+pub struct NelboOptions {
+    /// A `did train` checkpoint (diffusion or causal).
+    pub checkpoint: PathBuf,
+    /// Folder with the prepared shards.
+    pub data: PathBuf,
+    /// `valid` or `test`.
+    pub split: String,
+    /// Block size of the bound (diffusion models).
+    pub block: Option<usize>,
+    /// Sequence length (default: the model's context).
+    pub length: Option<usize>,
+    /// Sequences per forward pass.
+    pub batch: usize,
+    /// Evaluate at most this many sequences (default: the whole split).
+    pub max_sequences: Option<usize>,
+    /// Seed of the diffusion times and masks.
+    pub seed: u64,
+    /// Trained weights instead of the EMA.
+    pub no_ema: bool,
+    /// JSON output.
+    pub json: Option<PathBuf>,
+}
+
+/// The perplexity bound of a held-out split: consecutive windows of the split,
+/// one diffusion time per (sequence, block) from the antithetic stratified
+/// sampler over the unclipped linear schedule `t ∈ [1e-3, 1]` (BD3-LM's
+/// evaluation), position 0 of each window never masked and not counted. A
+/// causal model gets its exact next-token perplexity.
+pub fn nelbo<B: Backend>(be: &B, opts: &NelboOptions) -> Result<String, String> {
+    let ckpt = checkpoint::load(&opts.checkpoint)?;
+    let config = ckpt.config;
+    let path = match opts.split.as_str() {
+        "valid" | "test" => opts.data.join(format!("{}.bin", opts.split)),
+        other => return Err(format!("unknown --split {other:?}; use valid or test")),
+    };
+    let shard = Shard::open(&path)?;
+    if shard.header().vocab_size as usize != config.vocab_size {
+        return Err(format!(
+            "{} holds {} tokens (vocabulary {}) but the model's vocabulary is {}; prepare the data with the model's tokenizer",
+            path.display(),
+            shard.header().tokenizer,
+            shard.header().vocab_size,
+            config.vocab_size
+        ));
+    }
+    let len = opts.length.unwrap_or(config.context);
+    if len < 2 || len > config.context {
+        return Err(format!(
+            "--length {len} must be in 2..={} (the model's context)",
+            config.context
+        ));
+    }
+    let block = match (config.architecture, opts.block) {
+        (Architecture::Gpt2, Some(_)) => {
+            return Err("--block is for diffusion models; a causal checkpoint has an exact likelihood".into())
+        }
+        (Architecture::Gpt2, None) => 1,
+        (Architecture::Dit, Some(b)) if b >= 1 && len % b == 0 => b,
+        (Architecture::Dit, Some(b)) => return Err(format!("--block {b} must divide the length {len}")),
+        (Architecture::Dit, None) => {
+            return Err(format!(
+                "name the block size of the bound with --block (4 for a BD3 model trained at 4, {len} for MDLM's): the NELBO depends on it"
+            ))
+        }
+    };
+    if opts.batch == 0 {
+        return Err("--batch must be at least 1".into());
+    }
+    let available = shard.len() / len;
+    let sequences = opts.max_sequences.map_or(available, |m| m.min(available));
+    if sequences == 0 {
+        return Err(format!(
+            "{} has {} tokens, fewer than one sequence of {len}; use a longer split or a shorter --length",
+            path.display(),
+            shard.len()
+        ));
+    }
+    let model = Transformer::new(config).map_err(|e| e.to_string())?;
+    let weights = if opts.no_ema {
+        &ckpt.params
+    } else {
+        ckpt.ema.as_ref().unwrap_or(&ckpt.params)
+    };
+    let params = be.upload(weights).map_err(|e| e.to_string())?;
+    let started = Instant::now();
+    let schedule = TrainingSchedule::default();
+    let (mut nll, mut counted) = (0.0f64, 0usize);
+    let mut acts: Option<Activations<B>> = None;
+    let mut done = 0;
+    let mut step = 0u32;
+    while done < sequences {
+        let b = opts.batch.min(sequences - done);
+        let mut x = vec![0u32; b * len];
+        for (k, w) in x.chunks_mut(len).enumerate() {
+            shard.read((done + k) * len, w);
+        }
+        let tb = match config.architecture {
+            Architecture::Dit => diffusion_batch(
+                &x,
+                b,
+                len,
+                block,
+                &schedule,
+                config.mask_id,
+                opts.seed,
+                step,
+            ),
+            Architecture::Gpt2 => causal_batch(&x, b, len),
+        }
+        .map_err(|e| e.to_string())?;
+        if acts.as_ref().is_none_or(|a| a.batch != b) {
+            drop(acts.take()); // free before allocating another shape
+            acts = Some(Activations::new(be, &config, b, len, tb.pass).map_err(|e| e.to_string())?);
+        }
+        let a = acts.as_mut().ok_or("activations")?;
+        model.load_batch(be, a, &tb).map_err(|e| e.to_string())?;
+        let loss = model
+            .loss(be, &params, a, None)
+            .map_err(|e| e.to_string())?;
+        // Undo the per-batch normalisation of the weights (pass.rs): NLL sums.
+        nll += match config.architecture {
+            Architecture::Dit => loss * (b * len) as f64,
+            Architecture::Gpt2 => loss * (b * (len - 1)) as f64,
+        };
+        counted += b * (len - 1);
+        done += b;
+        step += 1;
+    }
+    let per_token = nll / counted as f64;
+    let seconds = started.elapsed().as_secs_f64();
+    let kind = match config.architecture {
+        Architecture::Dit => format!("NELBO bound, block {block}"),
+        Architecture::Gpt2 => "exact (causal)".to_string(),
+    };
+    write_json(
+        &opts.json,
+        &serde_json::json!({
+            "metric": "nelbo",
+            "checkpoint": opts.checkpoint.display().to_string(),
+            "split": opts.split,
+            "architecture": format!("{:?}", config.architecture),
+            "block_size": block,
+            "length": len,
+            "sequences": sequences,
+            "tokens": counted,
+            "nll_per_token": per_token,
+            "perplexity": per_token.exp(),
+            "schedule": "linear, t in [1e-3, 1], unclipped, antithetic stratified, one draw per (sequence, block)",
+            "seed": opts.seed,
+            "ema": !opts.no_ema && ckpt.ema.is_some(),
+            "seconds": seconds,
+        }),
+    )?;
+    Ok(format!(
+        "| checkpoint | split | likelihood | length | sequences | tokens | NLL / token | perplexity | seconds |\n\
+         |---|---|---|---:|---:|---:|---:|---:|---:|\n\
+         | {} | {} | {kind} | {len} | {sequences} | {counted} | {per_token:.4} | {:.2} | {seconds:.1} |\n",
+        opts.checkpoint.display(),
+        opts.split,
+        per_token.exp()
+    ))
+}
+
+// ---- the judge -----------------------------------------------------------------------------------
+
+/// A causal checkpoint that scores token sequences (BD3-LM's generative-perplexity protocol).
+pub struct Judge<'a, B: Backend> {
+    inference: Inference<'a, B>,
+    tokenizer: TokenizerKind,
+    vocab: usize,
+    context: usize,
+}
+
+/// What the judge makes of one sample.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct JudgeScore {
+    /// Σ NLL over the counted targets.
+    pub nll: f64,
+    /// Targets counted (not EOS, not the first token).
+    pub targets: usize,
+    /// Unigram entropy (nats) of the rescored ids, the leading EOS included.
+    pub entropy: f64,
+}
+
+impl JudgeScore {
+    /// The sample's perplexity, `exp(Σ NLL / targets)`.
+    pub fn perplexity(&self) -> f64 {
+        (self.nll / self.targets.max(1) as f64).exp()
+    }
+}
+
+/// A judge's model and weights, loaded once.
+pub struct JudgeModel {
+    model: Transformer,
+    weights: Vec<f32>,
+    /// The checkpoint it came from.
+    pub path: PathBuf,
+}
+
+impl JudgeModel {
+    /// Loads a causal (`did train --objective ar`) checkpoint.
+    pub fn load(path: &Path) -> Result<Self, String> {
+        let ckpt = checkpoint::load(path)?;
+        if ckpt.config.architecture != Architecture::Gpt2 {
+            return Err(format!(
+                "the judge {} is a diffusion model; a judge is a causal checkpoint (`did train --objective ar`)",
+                path.display()
+            ));
+        }
+        Ok(JudgeModel {
+            model: Transformer::new(ckpt.config).map_err(|e| e.to_string())?,
+            weights: ckpt.ema.unwrap_or(ckpt.params),
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// The judge on `be`, with `params` uploaded by the caller (`upload`).
+    pub fn on<'a, B: Backend>(
+        &'a self,
+        be: &'a B,
+        params: &'a B::Buffer,
+    ) -> Result<Judge<'a, B>, String> {
+        let config = self.model.config();
+        Ok(Judge {
+            inference: Inference::new(be, &self.model, params).map_err(|e| e.to_string())?,
+            tokenizer: sample::tokenizer_for(config.vocab_size)?,
+            vocab: config.vocab_size,
+            context: config.context,
+        })
+    }
+
+    /// The judge's weights on `be`.
+    pub fn upload<B: Backend>(&self, be: &B) -> Result<B::Buffer, String> {
+        be.upload(&self.weights).map_err(|e| e.to_string())
+    }
+
+    /// The judge's vocabulary.
+    pub fn vocab(&self) -> usize {
+        self.model.config().vocab_size
+    }
+}
+
+impl<B: Backend> Judge<'_, B> {
+    /// The ids the judge reads for a sample: GPT-2 samples are decoded to text
+    /// and re-encoded (BD3-LM's retokenisation; the leading end-of-text becomes
+    /// 50256 again); byte samples are already what the judge reads.
+    pub fn rescored_ids(&self, sample: &[u32]) -> Vec<u32> {
+        let eos = self.tokenizer.eos();
+        match self.tokenizer {
+            TokenizerKind::Bytes => sample.to_vec(),
+            TokenizerKind::Gpt2 => {
+                let body = sample.strip_prefix(&[eos]).unwrap_or(sample);
+                let mut ids = vec![eos];
+                ids.extend(
+                    Tokenizer::new(self.tokenizer)
+                        .encode(&Tokenizer::new(self.tokenizer).decode(body)),
+                );
+                ids
+            }
+        }
+    }
+
+    /// Scores a sample: next-token NLL of every target that is not end-of-text,
+    /// in windows of the judge's context with stride context/2 (the first
+    /// window scores positions 1‥C−1, each later one its last C/2 targets).
+    pub fn score(&mut self, sample: &[u32]) -> Result<JudgeScore, String> {
+        let ids = self.rescored_ids(sample);
+        let eos = self.tokenizer.eos();
+        let entropy = unigram_entropy(&ids);
+        let (c, v) = (self.context, self.vocab);
+        let stride = (c / 2).max(1);
+        let (mut nll, mut targets) = (0.0f64, 0usize);
+        let mut start = 0;
+        loop {
+            let end = (start + c).min(ids.len());
+            let window = &ids[start..end];
+            if window.len() < 2 {
+                break;
+            }
+            let logits = self
+                .inference
+                .logits_uncached(window, 1, 1)
+                .map_err(|e| e.to_string())?;
+            // Targets this window is responsible for: all of the first, the last `stride` of later ones.
+            let first_target = if start == 0 {
+                1
+            } else {
+                window.len().saturating_sub(stride).max(1)
+            };
+            for j in first_target..window.len() {
+                let target = window[j];
+                if target == eos {
+                    continue;
+                }
+                let row = &logits[(j - 1) * v..j * v];
+                let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
+                let z: f64 = row.iter().map(|&x| (x as f64 - m).exp()).sum();
+                nll += m + z.ln() - row[target as usize] as f64;
+                targets += 1;
+            }
+            if end == ids.len() {
+                break;
+            }
+            start += stride;
+        }
+        Ok(JudgeScore {
+            nll,
+            targets,
+            entropy,
+        })
+    }
+}
+
+// ---- generative perplexity ---------------------------------------------------------------------------
+
+/// Everything `did eval gen-ppl` is told.
+#[derive(Debug, Clone)]
+pub struct GenPplOptions {
+    /// The diffusion checkpoint to sample from (or `samples`).
+    pub checkpoint: Option<PathBuf>,
+    /// Score the samples of a `did sample --out` file instead.
+    pub samples: Option<PathBuf>,
+    /// The causal judge.
+    pub judge: PathBuf,
+    /// Sampling settings (as `did sample`).
+    pub sampling: SamplingArgs,
+    /// Regenerate a sample whose last 256 tokens have a unigram entropy below this (nats); 0 = never.
+    pub regen_threshold: Option<f64>,
+    /// Regenerations per sample before giving up.
+    pub max_tries: u32,
+    /// JSON output.
+    pub json: Option<PathBuf>,
+}
+
+/// BD3-LM's threshold is on GPT-2 tokens; fluent byte-level text has a unigram
+/// entropy of only ≈ 2.5–3 nats, so bytes get a threshold that still catches
+/// repetition loops (which score below 1.5).
+pub fn default_regen_threshold(kind: TokenizerKind) -> f64 {
+    match kind {
+        TokenizerKind::Gpt2 => 4.0,
+        TokenizerKind::Bytes => 1.5,
+    }
+}
+
+struct Sampled {
+    tokens: Vec<u32>,
+    nfe: u32,
+    seconds: f64,
+}
+
+/// Samples (or reads samples), regenerates degenerate ones, and scores every
+/// sample with the judge.
+pub fn gen_ppl<B: Backend>(be: &B, opts: &GenPplOptions) -> Result<String, String> {
+    let judge_model = JudgeModel::load(&opts.judge)?;
+    let judge_params = judge_model.upload(be)?;
+    let mut judge = judge_model.on(be, &judge_params)?;
+    let threshold = opts
+        .regen_threshold
+        .unwrap_or_else(|| default_regen_threshold(judge.tokenizer));
+    let started = Instant::now();
+    let (source, samples, regenerated) = match (&opts.checkpoint, &opts.samples) {
+        (Some(ckpt), None) => {
+            let prep = sample::Prepared::load(ckpt, &opts.sampling)?;
+            if prep.model.config().vocab_size != judge_model.vocab() {
+                return Err(format!(
+                    "the judge's vocabulary ({}) is not the model's ({}); train the judge on the same tokenizer",
+                    judge_model.vocab(),
+                    prep.model.config().vocab_size
+                ));
+            }
+            let params = prep.upload(be)?;
+            let n = opts.sampling.num_samples;
+            let mut out: Vec<Sampled> = Vec::with_capacity(n);
+            let mut regenerated = 0;
+            let mut done = 0;
+            while done < n {
+                let b = opts.sampling.batch.min(n - done);
+                let batch = prep.draw(be, &params, done as u32, b)?;
+                for s in batch {
+                    out.push(s.into());
+                }
+                done += b;
+            }
+            // Regenerate degenerate samples one by one, with sample ids past the batch's.
+            for (i, s) in out.iter_mut().enumerate() {
+                let mut tries = 0;
+                while threshold > 0.0 && tail_entropy(&s.tokens) < threshold {
+                    if tries == opts.max_tries {
+                        return Err(format!(
+                            "sample {i} stayed degenerate (entropy of its last 256 tokens below {threshold}) after {} regenerations; lower --regen-threshold (0 turns regeneration off)",
+                            opts.max_tries
+                        ));
+                    }
+                    tries += 1;
+                    regenerated += 1;
+                    let id = (n as u32).saturating_mul(tries).saturating_add(i as u32);
+                    let again = prep.draw(be, &params, id, 1)?;
+                    *s = again.into_iter().next().ok_or("no sample")?.into();
+                }
+            }
+            (ckpt.display().to_string(), out, regenerated)
+        }
+        (None, Some(file)) => (file.display().to_string(), read_samples(file)?, 0),
+        _ => return Err("give either --checkpoint (to sample) or --samples FILE.jsonl (to score `did sample --out`)".into()),
+    };
+    if let Some((i, bad)) = samples.iter().enumerate().find_map(|(i, s)| {
+        s.tokens
+            .iter()
+            .find(|&&t| t as usize >= judge.vocab)
+            .map(|&t| (i, t))
+    }) {
+        return Err(format!(
+            "sample {i} holds token {bad}, outside the judge's vocabulary of {}",
+            judge.vocab
+        ));
+    }
+    let mut scores = Vec::with_capacity(samples.len());
+    for s in &samples {
+        scores.push(judge.score(&s.tokens)?);
+    }
+    let n = scores.len().max(1) as f64;
+    let mean_ppl = scores.iter().map(JudgeScore::perplexity).sum::<f64>() / n;
+    let (nll, targets) = scores
+        .iter()
+        .fold((0.0, 0), |(a, b), s| (a + s.nll, b + s.targets));
+    let token_ppl = (nll / targets.max(1) as f64).exp();
+    let entropy = scores.iter().map(|s| s.entropy).sum::<f64>() / n;
+    let nfe = samples.iter().map(|s| f64::from(s.nfe)).sum::<f64>() / n;
+    let sample_seconds: f64 = samples.iter().map(|s| s.seconds).sum();
+    let seconds = started.elapsed().as_secs_f64();
+    write_json(
+        &opts.json,
+        &serde_json::json!({
+            "metric": "gen-ppl",
+            "source": source,
+            "judge": judge_model.path.display().to_string(),
+            "samples": samples.len(),
+            "stages": opts.checkpoint.as_ref().map(|_| opts.sampling.stages.clone()),
+            "remask": opts.checkpoint.as_ref().map(|_| opts.sampling.remask.clone()),
+            "seed": opts.sampling.seed,
+            "gen_ppl_mean_per_sample": mean_ppl,
+            "gen_ppl_token_weighted": token_ppl,
+            "entropy": entropy,
+            "nfe_mean": nfe,
+            "samples_per_s": if sample_seconds > 0.0 { samples.len() as f64 / sample_seconds } else { 0.0 },
+            "regenerated": regenerated,
+            "regen_threshold": threshold,
+            "per_sample": scores.iter().zip(&samples).map(|(s, x)| serde_json::json!({
+                "ppl": s.perplexity(), "entropy": s.entropy, "targets": s.targets, "nfe": x.nfe,
+            })).collect::<Vec<_>>(),
+            "seconds": seconds,
+        }),
+    )?;
+    Ok(format!(
+        "| source | judge | samples | gen PPL (mean of per-sample) | gen PPL (token-weighted) | entropy (nats) | NFE | samples/s | regenerated |\n\
+         |---|---|---:|---:|---:|---:|---:|---:|---:|\n\
+         | {source} | {} | {} | {mean_ppl:.2} | {token_ppl:.2} | {entropy:.3} | {nfe:.1} | {} | {regenerated} |\n\n\
+         BD3-LM's protocol: retokenised, windows of the judge's context with stride context/2, end-of-text targets excluded; \
+         the paper's tables report the mean of per-sample perplexities. Regeneration threshold {threshold} nats on the last 256 tokens.\n",
+        judge_model.path.display(),
+        samples.len(),
+        if sample_seconds > 0.0 { format!("{:.3}", samples.len() as f64 / sample_seconds) } else { "–".into() },
+    ))
+}
+
+impl From<sample::Drawn> for Sampled {
+    fn from(d: sample::Drawn) -> Self {
+        Sampled {
+            tokens: d.tokens,
+            nfe: d.nfe,
+            seconds: d.seconds,
+        }
+    }
+}
+
+/// Unigram entropy of the last 256 tokens (BD3-LM's degeneracy test).
+fn tail_entropy(tokens: &[u32]) -> f64 {
+    unigram_entropy(&tokens[tokens.len().saturating_sub(256)..])
+}
+
+/// The samples of a `did sample --out` file.
+fn read_samples(path: &Path) -> Result<Vec<Sampled>, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let mut out = Vec::new();
+    for (i, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let bad = |why: &str| {
+            format!(
+                "{} line {}: {why}; give a file written by `did sample --out`",
+                path.display(),
+                i + 1
+            )
+        };
+        let v: serde_json::Value = serde_json::from_str(line).map_err(|e| bad(&e.to_string()))?;
+        let tokens = v["tokens"]
+            .as_array()
+            .ok_or_else(|| bad("no \"tokens\" array"))?
+            .iter()
+            .map(|t| {
+                t.as_u64()
+                    .and_then(|t| u32::try_from(t).ok())
+                    .ok_or_else(|| bad("a token is not a u32"))
+            })
+            .collect::<Result<Vec<u32>, String>>()?;
+        let nfe = v["nfe"].as_array().map_or(0, |a| {
+            a.iter().filter_map(|x| x.as_u64()).sum::<u64>() as u32
+        });
+        let seconds = v["wall_s"].as_f64().unwrap_or(0.0);
+        out.push(Sampled {
+            tokens,
+            nfe,
+            seconds,
+        });
+    }
+    if out.is_empty() {
+        return Err(format!("{} holds no sample", path.display()));
+    }
+    Ok(out)
+}
+
+// ---- entropy ----------------------------------------------------------------------------------------
+
+/// `did eval entropy FILE.jsonl`: the unigram entropy of each sample of a
+/// `did sample --out` file, and their mean.
+pub fn entropy(path: &Path, json: &Option<PathBuf>) -> Result<String, String> {
+    let samples = read_samples(path)?;
+    let per: Vec<f64> = samples.iter().map(|s| unigram_entropy(&s.tokens)).collect();
+    let mean = per.iter().sum::<f64>() / per.len() as f64;
+    let tail: Vec<f64> = samples.iter().map(|s| tail_entropy(&s.tokens)).collect();
+    write_json(
+        json,
+        &serde_json::json!({
+            "metric": "entropy",
+            "source": path.display().to_string(),
+            "samples": per.len(),
+            "entropy_mean": mean,
+            "per_sample": per,
+            "last_256_entropy": tail,
+        }),
+    )?;
+    Ok(format!(
+        "| source | samples | entropy (nats, mean) | lowest | lowest over the last 256 tokens |\n|---|---:|---:|---:|---:|\n| {} | {} | {mean:.3} | {:.3} | {:.3} |\n",
+        path.display(),
+        per.len(),
+        per.iter().copied().fold(f64::INFINITY, f64::min),
+        tail.iter().copied().fold(f64::INFINITY, f64::min),
+    ))
+}
