@@ -5,7 +5,7 @@
 //! mid-write leaves the previous checkpoint intact.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 use did_core::model::{ModelConfig, ParamTable};
@@ -123,7 +123,43 @@ pub fn save(path: &Path, ckpt: &Checkpoint) -> Result<(), String> {
         .map_err(|e| format!("checkpoint: {e}"))?;
     let data = safetensors::tensor::serialize(views, Some(meta))
         .map_err(|e| format!("checkpoint: {e}"))?;
-    write_atomically(path, &data)
+    if path.extension().is_some_and(|e| e == "gz") {
+        let mut z = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        z.write_all(&data)
+            .and_then(|()| z.finish())
+            .map_err(|e| format!("checkpoint: compressing: {e}"))
+            .and_then(|gz| write_atomically(path, &gz))
+    } else {
+        write_atomically(path, &data)
+    }
+}
+
+/// A weights-only copy of `ckpt` for sampling, evaluation and sharing: the
+/// EMA weights (or the trained ones with `trained = true`) as its weights, no
+/// EMA and no optimizer state (so it cannot resume a run exactly).
+pub fn weights_only(ckpt: &Checkpoint, trained: bool) -> Checkpoint {
+    let params = match (&ckpt.ema, trained) {
+        (Some(ema), false) => ema.clone(),
+        _ => ckpt.params.clone(),
+    };
+    let mut run = ckpt.run.clone();
+    run.insert(
+        "weights".into(),
+        if trained || ckpt.ema.is_none() {
+            "trained"
+        } else {
+            "ema"
+        }
+        .into(),
+    );
+    Checkpoint {
+        config: ckpt.config,
+        params,
+        ema: None,
+        moments: None,
+        step: ckpt.step,
+        run,
+    }
 }
 
 /// Writes `data` to a temporary file beside `path`, fsyncs it, and renames it over `path`.
@@ -147,11 +183,25 @@ pub fn write_atomically(path: &Path, data: &[u8]) -> Result<(), String> {
 
 /// Reads and checks a checkpoint: every tensor present, named and shaped as the
 /// configuration in its metadata says; the error names the tensor that is not.
+///
+/// A gzip-compressed checkpoint (`did export --out FILE.gz`) is decompressed first.
 pub fn load(path: &Path) -> Result<Checkpoint, String> {
-    let bytes = std::fs::read(path)
+    let mut bytes = std::fs::read(path)
         .map_err(|e| format!("checkpoint {}: cannot read it ({e})", path.display()))?;
+    if bytes.starts_with(&[0x1f, 0x8b]) {
+        let mut raw = Vec::new();
+        // A bound, so a corrupt or hostile file cannot inflate without limit.
+        flate2::read::GzDecoder::new(&bytes[..])
+            .take(MAX_INFLATED)
+            .read_to_end(&mut raw)
+            .map_err(|e| format!("checkpoint {}: a corrupt gzip file ({e})", path.display()))?;
+        bytes = raw;
+    }
     load_bytes(&bytes).map_err(|e| format!("checkpoint {}: {e}", path.display()))
 }
+
+/// Largest decompressed checkpoint read (64 GiB).
+const MAX_INFLATED: u64 = 64 << 30;
 
 /// [`load`] from the file's bytes.
 pub fn load_bytes(bytes: &[u8]) -> Result<Checkpoint, String> {
@@ -278,6 +328,39 @@ mod tests {
             cond_dim: 4,
             ..ModelConfig::preset("tiny", Architecture::Dit).unwrap()
         }
+    }
+
+    #[test]
+    fn weights_only_gzip_round_trip_and_a_corrupt_gzip() {
+        let dir = std::env::temp_dir().join(format!("did-ckpt-gz-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = tiny();
+        let n = ParamTable::new(&config).total();
+        let ckpt = Checkpoint {
+            config,
+            params: (0..n).map(|i| i as f32).collect(),
+            ema: Some((0..n).map(|i| -(i as f32)).collect()),
+            moments: Some((vec![0.5; n], vec![0.25; n])),
+            step: 9,
+            run: BTreeMap::new(),
+        };
+        let slim = weights_only(&ckpt, false);
+        assert_eq!(slim.params, *ckpt.ema.as_ref().unwrap());
+        assert!(slim.ema.is_none() && slim.moments.is_none());
+        assert_eq!(slim.run["weights"], "ema");
+        assert_eq!(weights_only(&ckpt, true).params, ckpt.params);
+        let path = dir.join("w.safetensors.gz");
+        save(&path, &slim).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap()[..2], [0x1f, 0x8b]);
+        assert_eq!(load(&path).unwrap(), slim);
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+        let err = load(&path).unwrap_err();
+        assert!(
+            err.contains("corrupt gzip") || err.contains("truncated"),
+            "{err}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

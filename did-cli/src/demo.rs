@@ -29,20 +29,31 @@ pub struct DemoOptions {
     pub samples: usize,
     /// Seed.
     pub seed: u64,
+    /// Train both models anew for `minutes` instead of sampling from the committed ones.
+    pub from_scratch: bool,
     /// Progress bars.
     pub progress: bool,
 }
 
 const LENGTH: usize = 128;
 
-fn excerpt() -> Result<PathBuf, String> {
+/// `data/<name>` of the repository, from its root or wherever the binary was built.
+fn repo_data(name: &str) -> Result<PathBuf, String> {
     let candidates = [
-        PathBuf::from("data/excerpt"),
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/excerpt"),
+        PathBuf::from("data").join(name),
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../data")
+            .join(name),
     ];
-    candidates.into_iter().find(|p| p.is_dir()).ok_or_else(|| {
-        "the demo corpus data/excerpt is missing; run the demo from the repository root".into()
+    candidates.into_iter().find(|p| p.exists()).ok_or_else(|| {
+        format!(
+            "data/{name} is missing; run the demo from the repository root (or use --from-scratch)"
+        )
     })
+}
+
+fn excerpt() -> Result<PathBuf, String> {
+    repo_data("excerpt")
 }
 
 fn model_file(dir: &Path, arch: &str) -> Result<PathBuf, String> {
@@ -97,12 +108,8 @@ struct Scored {
     seconds: f64,
 }
 
-/// Runs the demo; returns the report.
-pub fn demo<B: Backend>(be: &B, opts: &DemoOptions) -> Result<String, String> {
-    if !opts.minutes.is_finite() || opts.minutes <= 0.0 {
-        return Err("--minutes must be positive".into());
-    }
-    let started = Instant::now();
+/// Prepares the excerpt and trains the diffusion model (75 % of the budget) and the judge.
+fn train_both<B: Backend>(be: &B, opts: &DemoOptions) -> Result<(PathBuf, PathBuf), String> {
     std::fs::create_dir_all(&opts.out).map_err(|e| {
         format!(
             "cannot create {}: {e}; choose a writable --out",
@@ -140,7 +147,32 @@ pub fn demo<B: Backend>(be: &B, opts: &DemoOptions) -> Result<String, String> {
         0.25 * budget,
     )?;
 
+    Ok((dit, judge))
+}
+
+/// Runs the demo; returns the report.
+pub fn demo<B: Backend>(be: &B, opts: &DemoOptions) -> Result<String, String> {
+    if !opts.minutes.is_finite() || opts.minutes <= 0.0 {
+        return Err("--minutes must be positive".into());
+    }
+    let started = Instant::now();
+    let kind = TokenizerKind::Bytes;
+    let (dit, judge, origin) = if opts.from_scratch {
+        let (dit, judge) = train_both(be, opts)?;
+        (
+            dit,
+            judge,
+            format!("trained here for {:.1} minutes", opts.minutes),
+        )
+    } else {
+        (
+            repo_data("demo/dit.safetensors.gz")?,
+            repo_data("demo/judge.safetensors.gz")?,
+            "the committed models (data/demo/README.md: trained on an H200 by scripts/train-demo-model.sh)".to_string(),
+        )
+    };
     let dit_ckpt = checkpoint::load(&dit)?;
+    let judge_path = judge.clone();
     let judge = JudgeModel::load(&judge)?;
     let dit_model = Transformer::new(dit_ckpt.config).map_err(|e| e.to_string())?;
     let dit_params = be
@@ -176,8 +208,7 @@ pub fn demo<B: Backend>(be: &B, opts: &DemoOptions) -> Result<String, String> {
     let mut judge = judge.on(be, &judge_params)?;
     let mut report = String::new();
     report.push_str(&format!(
-        "did demo: byte-level `tiny` models on the committed excerpt, {:.1} minutes of training on this machine; same seeds for both methods.\n\n",
-        opts.minutes
+        "did demo: byte-level `tiny` models (4 × 256, context {LENGTH}) on the committed excerpt, {origin}; same seeds for both methods.\n\n"
     ));
     let mut rows = Vec::new();
     for r in &runs {
@@ -223,10 +254,11 @@ pub fn demo<B: Backend>(be: &B, opts: &DemoOptions) -> Result<String, String> {
     }
     report.push_str(&format!(
         "\n{} samples per method, length {LENGTH}; the judge is a causal model of the same size trained on the same text. \
-         Lower perplexity at similar entropy means more fluent samples. Total {:.0} s. Models in {}.\n",
+         Lower perplexity at similar entropy means more fluent samples. Total {:.0} s. Models: {} and {}.\n",
         opts.samples,
         started.elapsed().as_secs_f64(),
-        opts.out.display()
+        dit.display(),
+        judge_path.display()
     ));
     Ok(report)
 }

@@ -160,16 +160,34 @@ enum Command {
         #[arg(long)]
         show_diff: bool,
     },
+    /// Write a weights-only copy of a checkpoint (EMA weights, no optimizer state): for sampling,
+    /// evaluation and sharing. An output ending in .gz is compressed (every command reads it).
+    ///
+    /// Example: did export --checkpoint runs/tiny/ckpt-00001000.safetensors --out tiny.safetensors.gz
+    Export {
+        /// A `did train` checkpoint.
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// The file to write (`.safetensors`, or `.safetensors.gz` compressed).
+        #[arg(long)]
+        out: PathBuf,
+        /// Keep the trained weights instead of the EMA weights.
+        #[arg(long)]
+        no_ema: bool,
+    },
     /// Evaluate: NELBO perplexity of held-out data, generative perplexity under a judge, entropy.
     #[command(subcommand)]
     Eval(EvalCommand),
-    /// The demo: train small models on the committed excerpt for a few minutes, then compare
-    /// draft-only sampling with draft → snapshot remask → refine, scored by a causal judge.
+    /// The demo: sample the committed byte-level models (or train new ones with --from-scratch)
+    /// draft-only and draft → snapshot remask → refine with the same seeds, scored by a causal judge.
     Demo {
-        /// Training budget in minutes (diffusion model 75 %, judge 25 %).
+        /// Train both models anew here instead of sampling from the committed ones (data/demo/).
+        #[arg(long)]
+        from_scratch: bool,
+        /// With --from-scratch: the training budget in minutes (diffusion model 75 %, judge 25 %).
         #[arg(long, default_value_t = 4.0)]
         minutes: f64,
-        /// Working folder.
+        /// Working folder of --from-scratch.
         #[arg(long, default_value = "runs/demo")]
         out: PathBuf,
         /// Samples per method.
@@ -328,6 +346,7 @@ fn execute(cli: Cli) -> Result<String, String> {
     match cli.command {
         Command::CheckPlan { plan, length } => check_plan(&plan, length),
         Command::Demo {
+            from_scratch,
             minutes,
             out,
             samples,
@@ -341,6 +360,7 @@ fn execute(cli: Cli) -> Result<String, String> {
                 out,
                 samples,
                 seed,
+                from_scratch,
                 progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
             }))
         }
@@ -397,6 +417,23 @@ fn execute(cli: Cli) -> Result<String, String> {
             json,
         })),
         Command::Eval(EvalCommand::Entropy { samples, json }) => eval::entropy(&samples, &json),
+        Command::Export {
+            checkpoint,
+            out,
+            no_ema,
+        } => {
+            let ckpt = checkpoint::load(&checkpoint)?;
+            let slim = checkpoint::weights_only(&ckpt, no_ema);
+            checkpoint::save(&out, &slim)?;
+            let bytes = std::fs::metadata(&out).map(|m| m.len()).unwrap_or(0);
+            Ok(format!(
+                "wrote {} ({} weights of step {}, {:.1} MB)\n",
+                out.display(),
+                slim.run.get("weights").map_or("trained", String::as_str),
+                slim.step,
+                bytes as f64 / 1e6
+            ))
+        }
         Command::Train {
             data,
             model,
