@@ -9,11 +9,13 @@ pub mod eval;
 pub mod model_config;
 pub mod sample;
 pub mod train;
+pub mod train_config;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use did_core::model::{memory_report, Architecture, ModelConfig, Pass};
 use did_core::refine::StagePlan;
 
@@ -86,6 +88,10 @@ enum Command {
     ///
     /// Example: did train --data data/prepared --model tiny --objective mix-scale --steps 1000 --out runs/tiny
     Train {
+        /// A run file: a [train] table with any of these flags as keys (flags given here win) and
+        /// optionally the [model] table (used unless --model is given).
+        #[arg(long)]
+        config: Option<PathBuf>,
         /// Folder with train.bin and valid.bin.
         #[arg(long, default_value = "data/prepared")]
         data: PathBuf,
@@ -191,7 +197,7 @@ enum Command {
         #[arg(long, default_value = "runs/demo")]
         out: PathBuf,
         /// Samples per method.
-        #[arg(long, default_value_t = 4)]
+        #[arg(long, default_value_t = 16)]
         samples: usize,
         /// Seed.
         #[arg(long, default_value_t = 1)]
@@ -322,15 +328,17 @@ enum EvalCommand {
 
 /// Runs the command line on `args` (without the program name).
 pub fn run(args: &[String]) -> ExitCode {
-    let cli =
-        match Cli::try_parse_from(std::iter::once("did".to_string()).chain(args.iter().cloned())) {
-            Ok(cli) => cli,
-            Err(e) => {
-                let _ = e.print();
-                return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
-            }
-        };
-    match execute(cli) {
+    let parsed = Cli::command()
+        .try_get_matches_from(std::iter::once("did".to_string()).chain(args.iter().cloned()))
+        .and_then(|m| Cli::from_arg_matches(&m).map(|cli| (cli, m)));
+    let (cli, matches) = match parsed {
+        Ok(parsed) => parsed,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+        }
+    };
+    match execute(cli, &matches) {
         Ok(text) => {
             print!("{text}");
             ExitCode::SUCCESS
@@ -342,7 +350,7 @@ pub fn run(args: &[String]) -> ExitCode {
     }
 }
 
-fn execute(cli: Cli) -> Result<String, String> {
+fn execute(cli: Cli, matches: &clap::ArgMatches) -> Result<String, String> {
     match cli.command {
         Command::CheckPlan { plan, length } => check_plan(&plan, length),
         Command::Demo {
@@ -435,26 +443,67 @@ fn execute(cli: Cli) -> Result<String, String> {
             ))
         }
         Command::Train {
-            data,
-            model,
-            objective,
-            block,
-            blocks,
-            length,
-            batch,
-            accumulate,
-            steps,
-            lr,
-            warmup,
-            seed,
-            out,
-            checkpoint_every,
-            keep,
-            valid_every,
-            valid_batches,
+            config,
+            mut data,
+            mut model,
+            mut objective,
+            mut block,
+            mut blocks,
+            mut length,
+            mut batch,
+            mut accumulate,
+            mut steps,
+            mut lr,
+            mut warmup,
+            mut seed,
+            mut out,
+            mut checkpoint_every,
+            mut keep,
+            mut valid_every,
+            mut valid_batches,
             resume,
-            init_from,
+            mut init_from,
         } => {
+            if let Some(path) = &config {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| format!("cannot read the run config {}: {e}", path.display()))?;
+                let (t, has_model) =
+                    train_config::parse(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+                // A flag typed on the command line wins over the file.
+                let typed = |id: &str| {
+                    matches
+                        .subcommand_matches("train")
+                        .and_then(|m| m.value_source(id))
+                        == Some(ValueSource::CommandLine)
+                };
+                macro_rules! from_file {
+                    ($($field:ident),*) => {$(
+                        if !typed(stringify!($field)) {
+                            if let Some(v) = t.$field.clone() {
+                                $field = v;
+                            }
+                        }
+                    )*};
+                }
+                from_file!(data, objective, block, blocks, batch, accumulate, steps, lr, warmup);
+                from_file!(
+                    seed,
+                    out,
+                    checkpoint_every,
+                    keep,
+                    valid_every,
+                    valid_batches
+                );
+                if !typed("length") && t.length.is_some() {
+                    length = t.length;
+                }
+                if !typed("init_from") && t.init_from.is_some() {
+                    init_from = t.init_from.clone();
+                }
+                if has_model && !typed("model") {
+                    model = path.display().to_string();
+                }
+            }
             let opts = train::TrainOptions {
                 data,
                 model,

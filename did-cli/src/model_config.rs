@@ -34,6 +34,9 @@ pub struct ModelSection {
 #[serde(deny_unknown_fields)]
 struct File {
     model: ModelSection,
+    /// A run file's training settings (`train_config`), not the model's business.
+    #[serde(rename = "train")]
+    _train: Option<toml::Table>,
 }
 
 /// Parses a TOML file with a `[model]` table into a validated configuration.

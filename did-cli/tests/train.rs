@@ -564,3 +564,42 @@ fn eval_nelbo_gen_ppl_and_entropy() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_run_file_sets_the_flags_and_typed_flags_win() {
+    let dir = scratch("run-file");
+    let (data, model) = setup(&dir);
+    let out = dir.join("from-file");
+    let run = dir.join("run.toml");
+    let model_table = std::fs::read_to_string(&model).unwrap();
+    std::fs::write(
+        &run,
+        format!(
+            "{model_table}\n[train]\ndata = {:?}\nobjective = \"mix-scale\"\nblocks = \"4:0.5,L:0.5\"\nbatch = 2\nsteps = 2\nout = {:?}\nlr = 1e-3\n",
+            data.to_str().unwrap(),
+            out.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let (code, stdout, err) = did(&["train", "--config", run.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(stdout.contains("mix-scale"), "{stdout}");
+    assert_eq!(losses(&out.join("metrics.jsonl")).len(), 2);
+    // --steps typed on the command line wins over the file's 2.
+    let (code, _, err) = did(&[
+        "train",
+        "--config",
+        run.to_str().unwrap(),
+        "--steps",
+        "3",
+        "--resume",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(losses(&out.join("metrics.jsonl")).len(), 3);
+    // A misspelt key is named.
+    std::fs::write(&run, "[train]\nbatch_size = 2\n").unwrap();
+    let (code, _, err) = did(&["train", "--config", run.to_str().unwrap()]);
+    assert_eq!(code, 2);
+    assert!(err.contains("batch_size"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

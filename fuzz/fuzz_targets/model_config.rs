@@ -1,4 +1,5 @@
-//! The TOML model configuration: any text gives a config or an error, never a panic.
+//! The TOML run file: any text gives a model config (its [model] table) and
+//! training settings (its [train] table), or errors, never a panic.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 
@@ -8,5 +9,6 @@ fuzz_target!(|data: &[u8]| {
             // A config that validates can be laid out and sized.
             let _ = config.parameter_count();
         }
+        let _ = did_cli::train_config::parse(text);
     }
 });
