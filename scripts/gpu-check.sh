@@ -94,6 +94,10 @@ for precision in f32 bf16; do
 done
 ckpt=$(ls "$work"/run-f32/ckpt-*.safetensors 2>/dev/null | tail -n 1)
 if [ -n "$ckpt" ]; then
+    run "eval nelbo at block 4, 16 sequences (cuda)" "$did" --backend cuda eval nelbo --checkpoint "$ckpt" \
+        --data "$work/data" --block 4 --max-sequences 16
+    run "eval gen-ppl of the committed demo model, 8 samples (cuda)" "$did" --backend cuda eval gen-ppl \
+        --checkpoint data/demo/dit.safetensors.gz --judge data/demo/judge.safetensors.gz --num-samples 8 --batch 8
     for backend in cuda cpu; do
         run "sample 4,L:0.25 snapshot, 4 samples ($backend)" "$did" --backend "$backend" sample --checkpoint "$ckpt" \
             --stages 4,L:0.25 --num-samples 4 --seed 3 --out "$work/samples-$backend.jsonl"
