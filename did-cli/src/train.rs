@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
@@ -141,6 +141,42 @@ fn resolve_config(opts: &TrainOptions, vocab: u32) -> Result<ModelConfig, String
     Ok(config)
 }
 
+/// `DID_FAULT_NAN_AT_STEP=N`: the fault-injection switch of the reliability
+/// tests (a NaN enters the loss at optimizer step N).
+fn fault_step() -> Result<Option<u32>, String> {
+    match std::env::var("DID_FAULT_NAN_AT_STEP") {
+        Err(_) => Ok(None),
+        Ok(v) => v.trim().parse().map(Some).map_err(|_| {
+            format!(
+                "DID_FAULT_NAN_AT_STEP={v:?} is not a step number; unset it for normal training"
+            )
+        }),
+    }
+}
+
+/// Keeps the complete lines of `metrics.jsonl` whose step is at most `upto`.
+fn trim_metrics(path: &Path, upto: u32) -> Result<(), String> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(()); // none yet
+    };
+    let step_of = |line: &str| {
+        serde_json::from_str::<serde_json::Value>(line)
+            .ok()
+            .and_then(|v| v["step"].as_u64())
+    };
+    let kept: String = text
+        .split_inclusive('\n')
+        .filter(|l| l.ends_with('\n') && step_of(l).is_some_and(|s| s <= u64::from(upto)))
+        .collect();
+    if kept.len() == text.len() {
+        return Ok(());
+    }
+    let tmp = path.with_extension("jsonl.tmp");
+    std::fs::write(&tmp, kept)
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(|e| format!("cannot rewrite {}: {e}", path.display()))
+}
+
 /// Random windows of `len` tokens, addressed by (seed, micro-step, sequence): stateless, so resume is exact.
 fn windows(shard: &Shard, len: usize, batch: usize, seed: u64, micro_step: u32) -> Vec<u32> {
     let room = (shard.len() - len + 1) as f64;
@@ -274,6 +310,9 @@ pub fn train<B: Backend>(be: &B, opts: &TrainOptions) -> Result<String, String> 
         }
     };
 
+    // The log matches the state resumed from: lines of steps past it (run
+    // after the last checkpoint, before a crash) and a torn last line go.
+    trim_metrics(&opts.out.join("metrics.jsonl"), trainer.step)?;
     let mut metrics = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -360,6 +399,7 @@ pub fn train<B: Backend>(be: &B, opts: &TrainOptions) -> Result<String, String> 
                 .max_seconds
                 .is_some_and(|s| started.elapsed().as_secs_f64() >= s)
     };
+    let fault_nan_at = fault_step()?;
     while trainer.step < opts.steps && !out_of_time() {
         let step = trainer.step;
         let t0 = Instant::now();
@@ -380,6 +420,11 @@ pub fn train<B: Backend>(be: &B, opts: &TrainOptions) -> Result<String, String> 
                 )
             })
             .collect::<Result<_, _>>()?;
+        let mut micro = micro;
+        if fault_nan_at == Some(step + 1) {
+            // DID_FAULT_NAN_AT_STEP: a NaN in the loss weights, to test the non-finite guard.
+            micro[0].weights[0] = f32::NAN;
+        }
         let report = trainer.step(be, &model, &micro).map_err(e)?;
         let tokens_per_s = (opts.batch * opts.accumulate * len) as f64 / t0.elapsed().as_secs_f64();
         last_loss = report.loss;

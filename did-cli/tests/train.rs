@@ -2,51 +2,10 @@
 //! resume, and check that 2 × N resumed steps equal 2N straight steps bit for bit.
 
 mod common;
-use common::did;
-use common::scratch;
+use common::{did, losses, scratch, setup};
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-
-/// The excerpt with the bytes tokenizer (vocabulary 258: fast), and a 1-layer model file.
-fn setup(dir: &Path) -> (PathBuf, PathBuf) {
-    let data = dir.join("data");
-    let excerpt =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/excerpt/gutenberg/carroll-alice.txt");
-    let sotu = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/excerpt/sotu");
-    let (code, _, err) = did(&[
-        "data",
-        "prepare",
-        excerpt.to_str().unwrap(),
-        sotu.to_str().unwrap(),
-        "--tokenizer",
-        "bytes",
-        "--out",
-        data.to_str().unwrap(),
-    ]);
-    assert_eq!(code, 0, "{err}");
-    let model = dir.join("model.toml");
-    std::fs::write(&model, "[model]\narchitecture = \"dit\"\nvocab_size = 258\nmask_id = 257\nlayers = 1\nhidden = 32\nheads = 2\ncontext = 32\ncond_dim = 8\n").unwrap();
-    (data, model)
-}
-
-fn losses(metrics: &Path) -> Vec<String> {
-    std::fs::read_to_string(metrics)
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let loss = l.split("\"loss\":").nth(1).unwrap();
-            let step = l
-                .split("\"step\":")
-                .nth(1)
-                .unwrap()
-                .split(',')
-                .next()
-                .unwrap();
-            format!("{step}:{}", loss.split(',').next().unwrap())
-        })
-        .collect()
-}
 
 #[test]
 fn resume_continues_bit_for_bit() {
