@@ -520,6 +520,37 @@ fn tail_entropy(tokens: &[u32]) -> f64 {
 fn read_samples(path: &Path) -> Result<Vec<Sampled>, String> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    parse_samples(&path.display().to_string(), &text).map(|v| {
+        v.into_iter()
+            .map(|s| Sampled {
+                tokens: s.tokens,
+                nfe: s.nfe,
+                seconds: s.seconds,
+            })
+            .collect()
+    })
+}
+
+/// One line of a `did sample --out` file, as `did eval` reads it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SampleRecord {
+    /// The sample's tokens.
+    pub tokens: Vec<u32>,
+    /// Denoiser calls, summed over the stages.
+    pub nfe: u32,
+    /// Wall time.
+    pub seconds: f64,
+}
+
+/// Parses the JSON lines of a `did sample --out` file named `source`.
+///
+/// ```
+/// let s = did_cli::eval::parse_samples("x.jsonl", "{\"tokens\": [256, 72], \"nfe\": [3, 1]}\n")?;
+/// assert_eq!((s[0].tokens.clone(), s[0].nfe), (vec![256, 72], 4));
+/// assert!(did_cli::eval::parse_samples("x.jsonl", "{}\n").unwrap_err().contains("line 1"));
+/// # Ok::<(), String>(())
+/// ```
+pub fn parse_samples(source: &str, text: &str) -> Result<Vec<SampleRecord>, String> {
     let mut out = Vec::new();
     for (i, line) in text
         .lines()
@@ -528,8 +559,7 @@ fn read_samples(path: &Path) -> Result<Vec<Sampled>, String> {
     {
         let bad = |why: &str| {
             format!(
-                "{} line {}: {why}; give a file written by `did sample --out`",
-                path.display(),
+                "{source} line {}: {why}; give a file written by `did sample --out`",
                 i + 1
             )
         };
@@ -545,17 +575,19 @@ fn read_samples(path: &Path) -> Result<Vec<Sampled>, String> {
             })
             .collect::<Result<Vec<u32>, String>>()?;
         let nfe = v["nfe"].as_array().map_or(0, |a| {
-            a.iter().filter_map(|x| x.as_u64()).sum::<u64>() as u32
+            a.iter().filter_map(|x| x.as_u64()).fold(0u32, |s, x| {
+                s.saturating_add(u32::try_from(x).unwrap_or(u32::MAX))
+            })
         });
         let seconds = v["wall_s"].as_f64().unwrap_or(0.0);
-        out.push(Sampled {
+        out.push(SampleRecord {
             tokens,
             nfe,
             seconds,
         });
     }
     if out.is_empty() {
-        return Err(format!("{} holds no sample", path.display()));
+        return Err(format!("{source} holds no sample"));
     }
     Ok(out)
 }

@@ -56,9 +56,18 @@ pub fn decode(name: &str, bytes: &[u8]) -> Result<String, String> {
 
 fn read_archive(path: &Path, out: &mut Vec<Document>) -> Result<(), String> {
     let file = File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-    let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(file));
-    let bad =
-        |e: std::io::Error| format!("{} is not a readable .tar.gz archive: {e}", path.display());
+    read_archive_from(&path.display().to_string(), file, out)
+}
+
+/// The `.txt` documents of a `.tar.gz` stream named `name` (its members are
+/// named `name:member`), decoded as plain files are.
+pub fn read_archive_from(
+    name: &str,
+    reader: impl Read,
+    out: &mut Vec<Document>,
+) -> Result<(), String> {
+    let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(reader));
+    let bad = |e: std::io::Error| format!("{name} is not a readable .tar.gz archive: {e}");
     for entry in archive.entries().map_err(bad)? {
         let mut entry = entry.map_err(bad)?;
         if !entry.header().entry_type().is_file() {
@@ -70,9 +79,9 @@ fn read_archive(path: &Path, out: &mut Vec<Document>) -> Result<(), String> {
         }
         let mut bytes = Vec::new();
         entry.read_to_end(&mut bytes).map_err(bad)?;
-        let name = format!("{}:{inner}", path.display());
-        let text = decode(&name, &bytes)?;
-        out.push(Document { name, text });
+        let member = format!("{name}:{inner}");
+        let text = decode(&member, &bytes)?;
+        out.push(Document { name: member, text });
     }
     Ok(())
 }
