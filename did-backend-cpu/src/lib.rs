@@ -168,9 +168,9 @@ fn ids_view<'a>(ids: &'a [u32], rows: usize, what: &'static str) -> Result<&'a [
 }
 
 fn check_ids(ids: &[u32], table_rows: usize) -> Result<(), CpuError> {
-    match ids.iter().position(|&id| id as usize >= table_rows) {
-        Some(row) => Err(CpuError::TokenOutOfRange {
-            id: ids[row],
+    match did_core::backend::first_id_outside(ids, table_rows) {
+        Some((row, id)) => Err(CpuError::TokenOutOfRange {
+            id,
             row,
             rows: table_rows,
         }),

@@ -460,9 +460,9 @@ fn mask_args(mask: &AttentionMask) -> [Arg; 5] {
 }
 
 fn check_ids(ids: &[u32], table_rows: usize) -> Result<(), CudaError> {
-    match ids.iter().position(|&id| id as usize >= table_rows) {
-        Some(row) => Err(CudaError::TokenOutOfRange {
-            id: ids[row],
+    match did_core::backend::first_id_outside(ids, table_rows) {
+        Some((row, id)) => Err(CudaError::TokenOutOfRange {
+            id,
             row,
             rows: table_rows,
         }),
@@ -1062,12 +1062,7 @@ impl Backend for CudaBackend {
         out: SliceMut<'_, CudaBuffer>,
         len: usize,
     ) -> Result<(), CudaError> {
-        let args = [
-            Arg::Ptr(self.ptr(x, len, "gelu x")?),
-            Arg::Ptr(self.ptr_mut(out, len, "gelu out")?),
-            Arg::I64(len as i64),
-        ];
-        self.launch_elements("gelu_forward", len, &args)
+        self.activation_forward("gelu_forward", x, out, len)
     }
 
     fn gelu_backward(
@@ -1077,13 +1072,7 @@ impl Backend for CudaBackend {
         dx: SliceMut<'_, CudaBuffer>,
         len: usize,
     ) -> Result<(), CudaError> {
-        let args = [
-            Arg::Ptr(self.ptr(dout, len, "gelu dout")?),
-            Arg::Ptr(self.ptr(x, len, "gelu x")?),
-            Arg::Ptr(self.ptr_mut(dx, len, "gelu dx")?),
-            Arg::I64(len as i64),
-        ];
-        self.launch_elements("gelu_backward", len, &args)
+        self.activation_backward("gelu_backward", dout, x, dx, len)
     }
 
     fn silu_forward(
@@ -1092,12 +1081,7 @@ impl Backend for CudaBackend {
         out: SliceMut<'_, CudaBuffer>,
         len: usize,
     ) -> Result<(), CudaError> {
-        let args = [
-            Arg::Ptr(self.ptr(x, len, "silu x")?),
-            Arg::Ptr(self.ptr_mut(out, len, "silu out")?),
-            Arg::I64(len as i64),
-        ];
-        self.launch_elements("silu_forward", len, &args)
+        self.activation_forward("silu_forward", x, out, len)
     }
 
     fn silu_backward(
@@ -1107,13 +1091,7 @@ impl Backend for CudaBackend {
         dx: SliceMut<'_, CudaBuffer>,
         len: usize,
     ) -> Result<(), CudaError> {
-        let args = [
-            Arg::Ptr(self.ptr(dout, len, "silu dout")?),
-            Arg::Ptr(self.ptr(x, len, "silu x")?),
-            Arg::Ptr(self.ptr_mut(dx, len, "silu dx")?),
-            Arg::I64(len as i64),
-        ];
-        self.launch_elements("silu_backward", len, &args)
+        self.activation_backward("silu_backward", dout, x, dx, len)
     }
 
     fn dropout(
@@ -1326,6 +1304,40 @@ impl Backend for CudaBackend {
 }
 
 impl CudaBackend {
+    /// `out = f(x)` element-wise (GELU, SiLU).
+    fn activation_forward(
+        &self,
+        kernel: &'static str,
+        x: Slice<'_, CudaBuffer>,
+        out: SliceMut<'_, CudaBuffer>,
+        len: usize,
+    ) -> Result<(), CudaError> {
+        let args = [
+            Arg::Ptr(self.ptr(x, len, kernel)?),
+            Arg::Ptr(self.ptr_mut(out, len, kernel)?),
+            Arg::I64(len as i64),
+        ];
+        self.launch_elements(kernel, len, &args)
+    }
+
+    /// `dx += dout · f'(x)` element-wise.
+    fn activation_backward(
+        &self,
+        kernel: &'static str,
+        dout: Slice<'_, CudaBuffer>,
+        x: Slice<'_, CudaBuffer>,
+        dx: SliceMut<'_, CudaBuffer>,
+        len: usize,
+    ) -> Result<(), CudaError> {
+        let args = [
+            Arg::Ptr(self.ptr(dout, len, kernel)?),
+            Arg::Ptr(self.ptr(x, len, kernel)?),
+            Arg::Ptr(self.ptr_mut(dx, len, kernel)?),
+            Arg::I64(len as i64),
+        ];
+        self.launch_elements(kernel, len, &args)
+    }
+
     fn rope(
         &self,
         s: &RopeShape,

@@ -225,6 +225,21 @@ impl Gemm {
     }
 }
 
+/// The first token id of `ids` that is not below `rows` (a table's row
+/// count), with its index: what a backend reports instead of reading past an
+/// embedding table or a vocabulary.
+///
+/// ```
+/// use did_core::backend::first_id_outside;
+/// assert_eq!(first_id_outside(&[0, 5, 2, 9], 4), Some((1, 5)));
+/// assert_eq!(first_id_outside(&[0, 3], 4), None);
+/// ```
+pub fn first_id_outside(ids: &[u32], rows: usize) -> Option<(usize, u32)> {
+    ids.iter()
+        .position(|&id| id as usize >= rows)
+        .map(|i| (i, ids[i]))
+}
+
 /// The shape of a LayerNorm over the last dimension.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct NormShape {
