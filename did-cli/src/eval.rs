@@ -207,6 +207,9 @@ pub struct Judge<'a, B: Backend> {
     tokenizer: TokenizerKind,
     vocab: usize,
     context: usize,
+    /// `[MASK]`: never a target, left out of the softmax (an imported GPT-2's
+    /// extra row would otherwise add e⁰ to every normaliser).
+    mask: usize,
 }
 
 /// What the judge makes of one sample.
@@ -264,6 +267,7 @@ impl JudgeModel {
             tokenizer: sample::tokenizer_for(config.vocab_size)?,
             vocab: config.vocab_size,
             context: config.context,
+            mask: config.mask_id as usize,
         })
     }
 
@@ -331,8 +335,9 @@ impl<B: Backend> Judge<'_, B> {
                     continue;
                 }
                 let row = &logits[(j - 1) * v..j * v];
-                let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
-                let z: f64 = row.iter().map(|&x| (x as f64 - m).exp()).sum();
+                let others = || row.iter().enumerate().filter(|&(k, _)| k != self.mask);
+                let m = others().fold(f32::NEG_INFINITY, |a, (_, &b)| a.max(b)) as f64;
+                let z: f64 = others().map(|(_, &x)| (x as f64 - m).exp()).sum();
                 nll += m + z.ln() - row[target as usize] as f64;
                 targets += 1;
             }

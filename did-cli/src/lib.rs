@@ -6,6 +6,7 @@ pub mod checkpoint;
 pub mod data;
 pub mod demo;
 pub mod eval;
+pub mod import;
 pub mod model_config;
 pub mod sample;
 pub mod train;
@@ -184,6 +185,9 @@ enum Command {
     /// Evaluate: NELBO perplexity of held-out data, generative perplexity under a judge, entropy.
     #[command(subcommand)]
     Eval(EvalCommand),
+    /// Import a checkpoint trained elsewhere as a `did` checkpoint.
+    #[command(subcommand)]
+    Import(ImportCommand),
     /// The demo: sample the committed byte-level models (or train new ones with --from-scratch)
     /// draft-only and draft → snapshot remask → refine with the same seeds, scored by a causal judge.
     Demo {
@@ -250,6 +254,22 @@ enum DataCommand {
         /// Fraction of documents held out for test.
         #[arg(long, default_value_t = 0.05)]
         test_fraction: f64,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ImportCommand {
+    /// A Hugging Face GPT-2 (gpt2, gpt2-medium, gpt2-large, gpt2-xl, or any GPT2LMHeadModel):
+    /// the folder with config.json and model.safetensors. The result is a causal `did` model,
+    /// e.g. the judge of `did eval gen-ppl`.
+    ///
+    /// Example: did import gpt2 ~/models/gpt2-large --out judges/gpt2-large.safetensors
+    Gpt2 {
+        /// The model folder.
+        dir: PathBuf,
+        /// The `did` checkpoint to write.
+        #[arg(long)]
+        out: PathBuf,
     },
 }
 
@@ -425,6 +445,7 @@ fn execute(cli: Cli, matches: &clap::ArgMatches) -> Result<String, String> {
             json,
         })),
         Command::Eval(EvalCommand::Entropy { samples, json }) => eval::entropy(&samples, &json),
+        Command::Import(ImportCommand::Gpt2 { dir, out }) => import::import_gpt2(&dir, &out),
         Command::Export {
             checkpoint,
             out,
