@@ -4,7 +4,7 @@
 //! onto the `gpt2` architecture (learned positions, tied head, GELU-tanh).
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use did_core::model::{Architecture, ModelConfig, ParamTable};
 use safetensors::tensor::{Dtype, SafeTensors};
@@ -245,7 +245,7 @@ pub fn gpt2_from_bytes(config_json: &[u8], weights: &[u8]) -> Result<Checkpoint,
 }
 
 /// `did import gpt2 DIR --out FILE`.
-pub fn import_gpt2(dir: &Path, out: &PathBuf) -> Result<String, String> {
+pub fn import_gpt2(dir: &Path, out: &Path) -> Result<String, String> {
     let ckpt = gpt2(dir)?;
     checkpoint::save(out, &ckpt)?;
     Ok(format!(
