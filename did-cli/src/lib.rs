@@ -214,9 +214,9 @@ enum Command {
         /// The sequence length the plan is for.
         length: usize,
     },
-    /// Parameters and training memory of a model: a preset (tiny, small) or a TOML file with a [model] table.
+    /// Parameters and training memory of a model: a preset (tiny, small), a TOML file with a [model] table, or a checkpoint.
     ModelInfo {
-        /// `tiny`, `small`, or a path to a TOML file.
+        /// `tiny`, `small`, a TOML file, or a checkpoint (`.safetensors`, `.safetensors.gz`).
         model: String,
         /// Architecture of a preset.
         #[arg(long, default_value = "dit")]
@@ -614,9 +614,11 @@ fn model_info(
     let arch: Architecture = arch.parse().map_err(|e| format!("{e}"))?;
     let config = if model == "tiny" || model == "small" {
         ModelConfig::preset(model, arch).map_err(|e| e.to_string())?
+    } else if model.ends_with(".safetensors") || model.ends_with(".safetensors.gz") {
+        checkpoint::load(std::path::Path::new(model))?.config
     } else {
         let text = std::fs::read_to_string(model)
-            .map_err(|e| format!("cannot read the model config {model:?}: {e}; name a preset (tiny, small) or a TOML file"))?;
+            .map_err(|e| format!("cannot read the model config {model:?}: {e}; name a preset (tiny, small), a TOML file or a checkpoint"))?;
         model_config::from_toml(&text)?
     };
     let length = length.unwrap_or(config.context);

@@ -62,3 +62,15 @@ fn bad_flags_name_the_cause() {
         assert!(err.contains(want), "{args:?}: {err}");
     }
 }
+
+#[test]
+fn a_checkpoint_describes_its_model() {
+    let ckpt =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/demo/judge.safetensors.gz");
+    let (code, stdout, err) = common::did(&["model-info", ckpt.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        stdout.contains("gpt2 model: 4 layers × 256") && stdout.contains("3258368"),
+        "{stdout}"
+    );
+}
