@@ -239,7 +239,8 @@ enum DataCommand {
     ///
     /// Example: did data prepare data/excerpt --out data/prepared
     Prepare {
-        /// Text files, folders (their .txt files) and .tgz/.tar.gz archives (read in place).
+        /// Text files, JSON-lines files (one document per line), folders (their .txt and .jsonl
+        /// files) and .tgz/.tar.gz archives (their .txt files), read in place.
         #[arg(required = true)]
         inputs: Vec<PathBuf>,
         /// Output folder for train.bin, valid.bin and test.bin.
@@ -254,6 +255,9 @@ enum DataCommand {
         /// Fraction of documents held out for test.
         #[arg(long, default_value_t = 0.05)]
         test_fraction: f64,
+        /// The text field of .jsonl inputs.
+        #[arg(long, default_value = "text")]
+        jsonl_field: String,
     },
 }
 
@@ -567,6 +571,7 @@ fn execute(cli: Cli, matches: &clap::ArgMatches) -> Result<String, String> {
             tokenizer,
             valid_fraction,
             test_fraction,
+            jsonl_field,
         }) => {
             let tokenizer: TokenizerKind = tokenizer.parse()?;
             let opts = PrepareOptions {
@@ -575,6 +580,7 @@ fn execute(cli: Cli, matches: &clap::ArgMatches) -> Result<String, String> {
                 tokenizer,
                 valid_fraction,
                 test_fraction,
+                jsonl_field,
                 progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
             };
             let summary = prepare(&opts)?;

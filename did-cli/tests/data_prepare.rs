@@ -179,3 +179,74 @@ fn bad_corpora_name_the_cause() {
     assert!(err.contains("--valid-fraction"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn json_lines_are_one_document_per_line_with_a_named_field() {
+    let dir = scratch("jsonl");
+    let folder = dir.join("corpus");
+    std::fs::create_dir_all(&folder).unwrap();
+    // 30 documents: enough for every split to get some.
+    let line = |i: usize, field: &str| {
+        format!("{{\"{field}\": \"Document {i}.\\r\\nIt has two lines, \\u00e9 and all.\", \"id\": {i}}}\n")
+    };
+    let text: String = (0..30).map(|i| line(i, "text")).collect();
+    std::fs::write(folder.join("part-0.jsonl"), &text).unwrap();
+    let out = dir.join("out");
+    let (code, stdout, err) = did(&[
+        "data",
+        "prepare",
+        folder.to_str().unwrap(),
+        "--tokenizer",
+        "bytes",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let docs: u64 = ["train", "valid", "test"]
+        .iter()
+        .map(|s| {
+            Shard::open(&out.join(format!("{s}.bin")))
+                .unwrap()
+                .header()
+                .documents
+        })
+        .sum();
+    assert_eq!(docs, 30, "{stdout}");
+    // Another field name, given with --jsonl-field; a missing one names the line and the flag.
+    let other = dir.join("body.jsonl");
+    std::fs::write(&other, (0..30).map(|i| line(i, "body")).collect::<String>()).unwrap();
+    let out2 = dir.join("out2");
+    let (code, _, err) = did(&[
+        "data",
+        "prepare",
+        other.to_str().unwrap(),
+        "--jsonl-field",
+        "body",
+        "--out",
+        out2.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = did(&[
+        "data",
+        "prepare",
+        other.to_str().unwrap(),
+        "--out",
+        dir.join("out3").to_str().unwrap(),
+    ]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("line 1") && err.contains("--jsonl-field"),
+        "{err}"
+    );
+    std::fs::write(&other, "{\"text\": \"ok\"}\nnot json\n").unwrap();
+    let (code, _, err) = did(&[
+        "data",
+        "prepare",
+        other.to_str().unwrap(),
+        "--out",
+        dir.join("out4").to_str().unwrap(),
+    ]);
+    assert_eq!(code, 2);
+    assert!(err.contains("line 2") && err.contains("not JSON"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

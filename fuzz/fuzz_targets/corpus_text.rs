@@ -1,4 +1,5 @@
-//! Corpus decoding (`did data prepare` on arbitrary bytes): text or a clear error, never a panic.
+//! Corpus decoding (`did data prepare` on arbitrary bytes, as a text file and
+//! as JSON lines): text or a clear error, never a panic.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 
@@ -7,5 +8,8 @@ fuzz_target!(|data: &[u8]| {
         assert!(!text.contains('\r'), "line ends are normalised to LF");
         let t = did_cli::data::tokenizer::Tokenizer::new(did_cli::data::tokenizer::TokenizerKind::Gpt2);
         let _ = t.decode(&t.encode(&text));
+    }
+    if let Ok(docs) = did_cli::data::documents::jsonl_documents("fuzz.jsonl", data, "text") {
+        assert!(docs.iter().all(|d| !d.text.contains('\r')));
     }
 });

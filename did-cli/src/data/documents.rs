@@ -1,5 +1,6 @@
-//! Reading a corpus: text files, folders and `.tgz`/`.tar.gz` archives read
-//! in place; one document per file; UTF-8 with a latin-1 fallback; CRLF → LF.
+//! Reading a corpus: text files, JSON-lines files, folders and
+//! `.tgz`/`.tar.gz` archives read in place; one document per text file or per
+//! JSON line; UTF-8 with a latin-1 fallback; CRLF → LF.
 
 use std::fs::File;
 use std::io::Read;
@@ -21,6 +22,46 @@ fn is_archive(p: &Path) -> bool {
 
 fn is_text_name(s: &str) -> bool {
     s.ends_with(".txt")
+}
+
+fn is_jsonl_name(s: &str) -> bool {
+    s.ends_with(".jsonl")
+}
+
+/// The documents of a JSON-lines file: the string `field` of every non-empty
+/// line (Hugging Face and OpenWebText dumps use `text`), each normalised as a
+/// text file is and named `name:LINE`.
+///
+/// ```
+/// let docs = did_cli::data::documents::jsonl_documents("c.jsonl", b"{\"text\": \"a\\r\\nb\"}\n\n{\"text\": \"c\"}\n", "text")?;
+/// assert_eq!((docs[0].text.as_str(), docs[1].name.as_str()), ("a\nb", "c.jsonl:3"));
+/// assert!(did_cli::data::documents::jsonl_documents("c.jsonl", b"{\"body\": 1}\n", "text").unwrap_err().contains("line 1"));
+/// # Ok::<(), String>(())
+/// ```
+pub fn jsonl_documents(name: &str, bytes: &[u8], field: &str) -> Result<Vec<Document>, String> {
+    let text = std::str::from_utf8(bytes)
+        .map_err(|e| format!("{name} is not UTF-8 ({e}); JSON lines must be UTF-8"))?;
+    let mut out = Vec::new();
+    for (i, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let at = format!("{name}:{}", i + 1);
+        let value: serde_json::Value = serde_json::from_str(line)
+            .map_err(|e| format!("{name} line {}: not JSON ({e})", i + 1))?;
+        let body = value.get(field).and_then(|v| v.as_str()).ok_or_else(|| {
+            format!(
+                "{name} line {}: no string field {field:?}; name the text field with --jsonl-field",
+                i + 1
+            )
+        })?;
+        out.push(Document {
+            text: decode(&at, body.as_bytes())?,
+            name: at,
+        });
+    }
+    Ok(out)
 }
 
 /// Decodes bytes as UTF-8, else latin-1; normalises line ends to LF; cuts a
@@ -86,7 +127,12 @@ pub fn read_archive_from(
     Ok(())
 }
 
-fn read_path(path: &Path, explicit: bool, out: &mut Vec<Document>) -> Result<(), String> {
+fn read_path(
+    path: &Path,
+    explicit: bool,
+    jsonl_field: &str,
+    out: &mut Vec<Document>,
+) -> Result<(), String> {
     let meta = std::fs::metadata(path).map_err(|e| {
         format!(
             "input {} cannot be read: {e}; check the path",
@@ -107,13 +153,22 @@ fn read_path(path: &Path, explicit: bool, out: &mut Vec<Document>) -> Result<(),
             if name.starts_with('.') {
                 continue;
             }
-            if p.is_dir() || is_archive(&p) || is_text_name(&name) {
-                read_path(&p, false, out)?;
+            if p.is_dir() || is_archive(&p) || is_text_name(&name) || is_jsonl_name(&name) {
+                read_path(&p, false, jsonl_field, out)?;
             }
         }
         Ok(())
     } else if is_archive(path) {
         read_archive(path, out)
+    } else if is_jsonl_name(&path.to_string_lossy()) {
+        let bytes =
+            std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        out.extend(jsonl_documents(
+            &path.display().to_string(),
+            &bytes,
+            jsonl_field,
+        )?);
+        Ok(())
     } else if explicit || is_text_name(&path.to_string_lossy()) {
         let bytes =
             std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
@@ -130,12 +185,17 @@ fn read_path(path: &Path, explicit: bool, out: &mut Vec<Document>) -> Result<(),
 /// extension; inside folders and archives, `.txt` files), in a stable order.
 /// Empty documents are dropped.
 pub fn collect(inputs: &[PathBuf]) -> Result<Vec<Document>, String> {
+    collect_with(inputs, "text")
+}
+
+/// [`collect`] with the text field of JSON-lines files named.
+pub fn collect_with(inputs: &[PathBuf], jsonl_field: &str) -> Result<Vec<Document>, String> {
     if inputs.is_empty() {
         return Err("no input given; name text files, folders or .tgz archives".into());
     }
     let mut out = Vec::new();
     for p in inputs {
-        read_path(p, true, &mut out)?;
+        read_path(p, true, jsonl_field, &mut out)?;
     }
     out.retain(|d| !d.text.trim().is_empty());
     if out.is_empty() {

@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::documents::{collect, Document};
+use super::documents::{collect_with, Document};
 use super::shard::{self, fnv1a, FNV_OFFSET};
 use super::tokenizer::{Tokenizer, TokenizerKind};
 
@@ -19,6 +19,8 @@ pub struct PrepareOptions {
     pub valid_fraction: f64,
     /// Fraction held out for test.
     pub test_fraction: f64,
+    /// The text field of `.jsonl` inputs.
+    pub jsonl_field: String,
     /// Show a progress bar (on a terminal).
     pub progress: bool,
 }
@@ -83,7 +85,7 @@ pub fn prepare(opts: &PrepareOptions) -> Result<PrepareSummary, String> {
             return Err(format!("{name} {f} must be in [0, 0.5)"));
         }
     }
-    let docs = collect(&opts.inputs)?;
+    let docs = collect_with(&opts.inputs, &opts.jsonl_field)?;
     std::fs::create_dir_all(&opts.out_dir).map_err(|e| {
         format!(
             "cannot create the output folder {}: {e}; choose a writable place with --out",
