@@ -8,7 +8,8 @@
 #
 # usage: scripts/fuzz-smoke.sh [SECONDS_PER_TARGET] [PARALLEL_JOBS] [SUMMARY.md]
 #        (defaults: 20 s, 1 job, no summary). A summary gets one table row per
-#        target: seconds, executions, corpus size, result.
+#        target: seconds, executions, corpus size, result. FUZZ_TARGETS="a b"
+#        runs only the targets named.
 # fuzz/ is its own workspace with its own Cargo.lock: after changing the
 # dependencies of a crate it fuzzes, refresh it with `(cd fuzz && cargo tree -q >/dev/null)`.
 set -euo pipefail
@@ -39,6 +40,8 @@ fuzz_one() { # name → writes $work/$name.status ("ok"/"FAILED") and $work/$nam
 
 names=()
 for bin in fuzz_targets/*.rs; do names+=("$(basename "$bin" .rs)"); done
+# FUZZ_TARGETS="a b" runs only those.
+if [ -n "${FUZZ_TARGETS:-}" ]; then read -r -a names <<<"$FUZZ_TARGETS"; fi
 running=0
 for name in "${names[@]}"; do
   echo "== fuzz $name for ${seconds}s"
