@@ -34,28 +34,38 @@ fn write_json(path: &Option<PathBuf>, value: &serde_json::Value) -> Result<(), S
 
 // ---- NELBO ------------------------------------------------------------------------------------
 
-/// Everything `did eval nelbo` is told.
-#[derive(Debug, Clone)]
+/// Everything `did eval nelbo` is told (its command-line arguments).
+#[derive(Debug, Clone, clap::Args)]
 pub struct NelboOptions {
-    /// A `did train` checkpoint (diffusion or causal).
+    /// A `did train` checkpoint (diffusion, or causal for its exact perplexity).
+    #[arg(long)]
     pub checkpoint: PathBuf,
-    /// Folder with the prepared shards.
+    /// Folder with valid.bin and test.bin (from `did data prepare`).
+    #[arg(long, default_value = "data/prepared")]
     pub data: PathBuf,
-    /// `valid` or `test`.
+    /// valid or test.
+    #[arg(long, default_value = "valid")]
     pub split: String,
-    /// Block size of the bound (diffusion models).
+    /// Block size of the bound (required for diffusion models: 4, 16, …, or the length for MDLM's).
+    #[arg(long)]
     pub block: Option<usize>,
     /// Sequence length (default: the model's context).
+    #[arg(long)]
     pub length: Option<usize>,
     /// Sequences per forward pass.
+    #[arg(long, default_value_t = 8)]
     pub batch: usize,
     /// Evaluate at most this many sequences (default: the whole split).
+    #[arg(long)]
     pub max_sequences: Option<usize>,
     /// Seed of the diffusion times and masks.
+    #[arg(long, default_value_t = 1)]
     pub seed: u64,
-    /// Trained weights instead of the EMA.
+    /// Use the trained weights instead of the EMA weights.
+    #[arg(long)]
     pub no_ema: bool,
-    /// JSON output.
+    /// Also write the figures as JSON.
+    #[arg(long)]
     pub json: Option<PathBuf>,
 }
 
@@ -356,22 +366,30 @@ impl<B: Backend> Judge<'_, B> {
 
 // ---- generative perplexity ---------------------------------------------------------------------------
 
-/// Everything `did eval gen-ppl` is told.
-#[derive(Debug, Clone)]
+/// Everything `did eval gen-ppl` is told (its command-line arguments).
+#[derive(Debug, Clone, clap::Args)]
 pub struct GenPplOptions {
-    /// The diffusion checkpoint to sample from (or `samples`).
+    /// The diffusion checkpoint to sample from.
+    #[arg(long, conflicts_with = "samples")]
     pub checkpoint: Option<PathBuf>,
-    /// Score the samples of a `did sample --out` file instead.
+    /// Score the samples of a `did sample --out` file instead of sampling.
+    #[arg(long)]
     pub samples: Option<PathBuf>,
-    /// The causal judge.
+    /// The judge: a causal checkpoint (`did train --objective ar`, `did import gpt2`) with the same tokenizer.
+    #[arg(long)]
     pub judge: PathBuf,
-    /// Sampling settings (as `did sample`).
+    /// What and how to sample (as `did sample`).
+    #[command(flatten)]
     pub sampling: SamplingArgs,
-    /// Regenerate a sample whose last 256 tokens have a unigram entropy below this (nats); 0 = never.
+    /// Regenerate a sample whose last 256 tokens have a unigram entropy below this many nats
+    /// (BD3-LM: 4 on GPT-2 tokens; default 4 for gpt2 models, 1.5 for bytes; 0 never).
+    #[arg(long)]
     pub regen_threshold: Option<f64>,
     /// Regenerations per sample before giving up.
+    #[arg(long, default_value_t = 10)]
     pub max_tries: u32,
-    /// JSON output.
+    /// Also write the figures (and per-sample values) as JSON.
+    #[arg(long)]
     pub json: Option<PathBuf>,
 }
 

@@ -282,64 +282,11 @@ enum EvalCommand {
     /// Perplexity bound (NELBO) of the valid or test split, at a block size, under the unclipped schedule.
     ///
     /// Example: did eval nelbo --checkpoint runs/tiny/ckpt-00001000.safetensors --block 4 --split test
-    Nelbo {
-        /// A `did train` checkpoint (diffusion, or causal for its exact perplexity).
-        #[arg(long)]
-        checkpoint: PathBuf,
-        /// Folder with valid.bin and test.bin (from `did data prepare`).
-        #[arg(long, default_value = "data/prepared")]
-        data: PathBuf,
-        /// valid or test.
-        #[arg(long, default_value = "valid")]
-        split: String,
-        /// Block size of the bound (required for diffusion models: 4, 16, …, or the length for MDLM's).
-        #[arg(long)]
-        block: Option<usize>,
-        /// Sequence length (default: the model's context).
-        #[arg(long)]
-        length: Option<usize>,
-        /// Sequences per forward pass.
-        #[arg(long, default_value_t = 8)]
-        batch: usize,
-        /// Evaluate at most this many sequences (default: the whole split).
-        #[arg(long)]
-        max_sequences: Option<usize>,
-        /// Seed of the diffusion times and masks.
-        #[arg(long, default_value_t = 1)]
-        seed: u64,
-        /// Use the trained weights instead of the EMA weights.
-        #[arg(long)]
-        no_ema: bool,
-        /// Also write the figures as JSON.
-        #[arg(long)]
-        json: Option<PathBuf>,
-    },
+    Nelbo(eval::NelboOptions),
     /// Generative perplexity: sample (or read samples) and score them with a causal judge.
     ///
     /// Example: did eval gen-ppl --checkpoint runs/tiny/ckpt-00001000.safetensors --judge runs/ar/ckpt-00001000.safetensors --num-samples 16 --batch 4
-    GenPpl {
-        /// The diffusion checkpoint to sample from.
-        #[arg(long, conflicts_with = "samples")]
-        checkpoint: Option<PathBuf>,
-        /// Score the samples of a `did sample --out` file instead of sampling.
-        #[arg(long)]
-        samples: Option<PathBuf>,
-        /// The judge: a causal checkpoint (`did train --objective ar`) with the same tokenizer.
-        #[arg(long)]
-        judge: PathBuf,
-        #[command(flatten)]
-        sampling: sample::SamplingArgs,
-        /// Regenerate a sample whose last 256 tokens have a unigram entropy below this many nats
-        /// (BD3-LM: 4 on GPT-2 tokens; default 4 for gpt2 models, 1.5 for bytes; 0 never).
-        #[arg(long)]
-        regen_threshold: Option<f64>,
-        /// Regenerations per sample before giving up.
-        #[arg(long, default_value_t = 10)]
-        max_tries: u32,
-        /// Also write the figures (and per-sample values) as JSON.
-        #[arg(long)]
-        json: Option<PathBuf>,
-    },
+    GenPpl(eval::GenPplOptions),
     /// Unigram entropy (nats) of the samples of a `did sample --out` file.
     Entropy {
         /// The JSONL file.
@@ -408,46 +355,10 @@ fn execute(cli: Cli, matches: &clap::ArgMatches) -> Result<String, String> {
             show_diff,
             color: std::io::IsTerminal::is_terminal(&std::io::stdout()),
         })),
-        Command::Eval(EvalCommand::Nelbo {
-            checkpoint,
-            data,
-            split,
-            block,
-            length,
-            batch,
-            max_sequences,
-            seed,
-            no_ema,
-            json,
-        }) => on_backend!(cli, be => eval::nelbo(be, &eval::NelboOptions {
-            checkpoint,
-            data,
-            split,
-            block,
-            length,
-            batch,
-            max_sequences,
-            seed,
-            no_ema,
-            json,
-        })),
-        Command::Eval(EvalCommand::GenPpl {
-            checkpoint,
-            samples,
-            judge,
-            sampling,
-            regen_threshold,
-            max_tries,
-            json,
-        }) => on_backend!(cli, be => eval::gen_ppl(be, &eval::GenPplOptions {
-            checkpoint,
-            samples,
-            judge,
-            sampling,
-            regen_threshold,
-            max_tries,
-            json,
-        })),
+        Command::Eval(EvalCommand::Nelbo(opts)) => on_backend!(cli, be => eval::nelbo(be, &opts)),
+        Command::Eval(EvalCommand::GenPpl(opts)) => {
+            on_backend!(cli, be => eval::gen_ppl(be, &opts))
+        }
         Command::Eval(EvalCommand::Entropy { samples, json }) => eval::entropy(&samples, &json),
         Command::Import(ImportCommand::Gpt2 { dir, out }) => import::import_gpt2(&dir, &out),
         Command::Export {

@@ -165,6 +165,8 @@ fn sigkill_at_random_moments_loses_nothing_and_resumes_bit_for_bit() {
     );
     assert_eq!(lost, 0);
     assert!(kills >= kills_wanted);
+    // Half the runs are killed the moment a fresh temporary checkpoint appears: some must have been.
+    assert!(during_write > 0, "no kill landed during a checkpoint write");
     // The trajectory and the final weights are those of the uninterrupted run.
     assert_eq!(
         losses(&out.join("metrics.jsonl")),
