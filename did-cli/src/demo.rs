@@ -124,7 +124,7 @@ fn train_both<B: Backend>(be: &B, opts: &DemoOptions) -> Result<(PathBuf, PathBu
         tokenizer: kind,
         valid_fraction: 0.05,
         test_fraction: 0.05,
-        jsonl_field: "text".into(),
+        text_field: "text".into(),
         progress: false,
     })?;
     let budget = opts.minutes * 60.0;

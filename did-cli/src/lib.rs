@@ -255,9 +255,9 @@ enum DataCommand {
         /// Fraction of documents held out for test.
         #[arg(long, default_value_t = 0.05)]
         test_fraction: f64,
-        /// The text field of .jsonl inputs.
-        #[arg(long, default_value = "text")]
-        jsonl_field: String,
+        /// The text field of .jsonl inputs and the text column of .parquet inputs.
+        #[arg(long, alias = "jsonl-field", default_value = "text")]
+        text_field: String,
     },
 }
 
@@ -274,6 +274,24 @@ enum ImportCommand {
         /// The `did` checkpoint to write.
         #[arg(long)]
         out: PathBuf,
+    },
+    /// A Hugging Face BD3-LM (kuleshov-group/bd3lm-owt-block_size4, 8, 16, the block-1024
+    /// pre-train) or MDLM (kuleshov-group/mdlm-owt): the folder with config.json and
+    /// model.safetensors or pytorch_model.bin. The result is a `dit` model for `did sample`
+    /// and `did eval`.
+    ///
+    /// Example: did import bd3lm ~/models/bd3lm-owt-block_size4 --out bd3lm-4.safetensors
+    #[command(alias = "mdlm")]
+    Bd3lm {
+        /// The model folder.
+        dir: PathBuf,
+        /// The `did` checkpoint to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// The [MASK] token id (default: the last id, 50257 for GPT-2's vocabulary; 103 for
+        /// the LM1B models' BERT vocabulary).
+        #[arg(long)]
+        mask_id: Option<u32>,
     },
 }
 
@@ -361,6 +379,9 @@ fn execute(cli: Cli, matches: &clap::ArgMatches) -> Result<String, String> {
         }
         Command::Eval(EvalCommand::Entropy { samples, json }) => eval::entropy(&samples, &json),
         Command::Import(ImportCommand::Gpt2 { dir, out }) => import::import_gpt2(&dir, &out),
+        Command::Import(ImportCommand::Bd3lm { dir, out, mask_id }) => {
+            import::import_bd3lm(&dir, &out, import::Bd3lmOptions { mask_id })
+        }
         Command::Export {
             checkpoint,
             out,
@@ -482,7 +503,7 @@ fn execute(cli: Cli, matches: &clap::ArgMatches) -> Result<String, String> {
             tokenizer,
             valid_fraction,
             test_fraction,
-            jsonl_field,
+            text_field,
         }) => {
             let tokenizer: TokenizerKind = tokenizer.parse()?;
             let opts = PrepareOptions {
@@ -491,7 +512,7 @@ fn execute(cli: Cli, matches: &clap::ArgMatches) -> Result<String, String> {
                 tokenizer,
                 valid_fraction,
                 test_fraction,
-                jsonl_field,
+                text_field,
                 progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
             };
             let summary = prepare(&opts)?;

@@ -1,6 +1,8 @@
-//! Reading a corpus: text files, JSON-lines files, folders and
-//! `.tgz`/`.tar.gz` archives read in place; one document per text file or per
-//! JSON line; UTF-8 with a latin-1 fallback; CRLF → LF.
+//! Reading a corpus as researchers have it, streamed a document at a time:
+//! text files, folders, JSON lines, Parquet, tar archives and `.gz`/`.xz`
+//! files read in place (OpenWebText's `openwebtext.tar.xz` of `.xz` tars
+//! included); one document per text file, JSON line or Parquet row; UTF-8
+//! with a latin-1 fallback; CRLF → LF.
 
 use std::fs::File;
 use std::io::Read;
@@ -13,11 +15,6 @@ pub struct Document {
     pub name: String,
     /// Its text, normalised.
     pub text: String,
-}
-
-fn is_archive(p: &Path) -> bool {
-    let s = p.to_string_lossy();
-    s.ends_with(".tgz") || s.ends_with(".tar.gz")
 }
 
 fn is_text_name(s: &str) -> bool {
@@ -52,7 +49,7 @@ pub fn jsonl_documents(name: &str, bytes: &[u8], field: &str) -> Result<Vec<Docu
             .map_err(|e| format!("{name} line {}: not JSON ({e})", i + 1))?;
         let body = value.get(field).and_then(|v| v.as_str()).ok_or_else(|| {
             format!(
-                "{name} line {}: no string field {field:?}; name the text field with --jsonl-field",
+                "{name} line {}: no string field {field:?}; name the text field with --text-field",
                 i + 1
             )
         })?;
@@ -95,43 +92,236 @@ pub fn decode(name: &str, bytes: &[u8]) -> Result<String, String> {
     Ok(text)
 }
 
-fn read_archive(path: &Path, out: &mut Vec<Document>) -> Result<(), String> {
-    let file = File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-    read_archive_from(&path.display().to_string(), file, out)
+/// Where documents go as they are read: one at a time, so that a corpus far
+/// larger than memory (OpenWebText: 38 GB of text) streams through.
+pub type Sink<'a> = &'a mut dyn FnMut(Document) -> Result<(), String>;
+
+/// How a file name is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Format {
+    /// A tar archive, compressed or not (`.tar`, `.tgz`, `.tar.gz`, `.txz`, `.tar.xz`).
+    Tar(Compression),
+    /// One compressed file (`.gz`, `.xz`): a tar inside (OpenWebText's subsets) or a text or JSON-lines file.
+    Compressed(Compression),
+    /// Hugging Face datasets' Parquet files.
+    Parquet,
+    /// One document per JSON line.
+    Jsonl,
+    /// One document.
+    Text,
+    /// Not part of the corpus (inside folders and archives).
+    Other,
 }
 
-/// The `.txt` documents of a `.tar.gz` stream named `name` (its members are
-/// named `name:member`), decoded as plain files are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Compression {
+    None,
+    Gzip,
+    Xz,
+}
+
+fn format_of(name: &str) -> Format {
+    let n = name.to_ascii_lowercase();
+    if n.ends_with(".tgz") || n.ends_with(".tar.gz") {
+        Format::Tar(Compression::Gzip)
+    } else if n.ends_with(".txz") || n.ends_with(".tar.xz") {
+        Format::Tar(Compression::Xz)
+    } else if n.ends_with(".tar") {
+        Format::Tar(Compression::None)
+    } else if n.ends_with(".gz") {
+        Format::Compressed(Compression::Gzip)
+    } else if n.ends_with(".xz") {
+        Format::Compressed(Compression::Xz)
+    } else if n.ends_with(".parquet") {
+        Format::Parquet
+    } else if is_jsonl_name(&n) {
+        Format::Jsonl
+    } else if is_text_name(&n) {
+        Format::Text
+    } else {
+        Format::Other
+    }
+}
+
+fn decompress<'r>(compression: Compression, reader: impl Read + 'r) -> Box<dyn Read + 'r> {
+    match compression {
+        Compression::None => Box::new(reader),
+        Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(reader)),
+        Compression::Xz => Box::new(lzma_rust2::XzReader::new(reader, true)),
+    }
+}
+
+/// The documents of a `.tar.gz` stream named `name` (its members are named
+/// `name:member`), decoded as plain files are.
 pub fn read_archive_from(
     name: &str,
     reader: impl Read,
     out: &mut Vec<Document>,
 ) -> Result<(), String> {
-    let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(reader));
-    let bad = |e: std::io::Error| format!("{name} is not a readable .tar.gz archive: {e}");
+    read_tar(
+        name,
+        decompress(Compression::Gzip, reader),
+        "text",
+        &mut |d| {
+            out.push(d);
+            Ok(())
+        },
+    )
+}
+
+/// The documents of a stream named `name` in any format but Parquet (which
+/// needs to seek): archives, compressed files (a tar inside is recognised by
+/// its content, as in OpenWebText's `urlsf_subset*.xz`), JSON lines, text.
+pub fn read_stream(
+    name: &str,
+    reader: impl Read,
+    field: &str,
+    sink: Sink<'_>,
+) -> Result<(), String> {
+    let read_all = |mut r: Box<dyn Read + '_>| {
+        let mut bytes = Vec::new();
+        r.read_to_end(&mut bytes)
+            .map_err(|e| format!("cannot read {name}: {e}"))?;
+        Ok::<_, String>(bytes)
+    };
+    match format_of(name) {
+        Format::Tar(c) => read_tar(name, decompress(c, reader), field, sink),
+        Format::Compressed(c) => {
+            let mut inner = decompress(c, reader);
+            // A tar has "ustar" at byte 257 of its first header.
+            let mut head = Vec::with_capacity(512);
+            (&mut inner)
+                .take(512)
+                .read_to_end(&mut head)
+                .map_err(|e| format!("cannot read {name}: {e}"))?;
+            let whole: Box<dyn Read + '_> =
+                Box::new(std::io::Cursor::new(head.clone()).chain(inner));
+            let stem = &name[..name.rfind('.').unwrap_or(name.len())];
+            if head.len() >= 262 && &head[257..262] == b"ustar" {
+                read_tar(name, whole, field, sink)
+            } else if format_of(stem) == Format::Jsonl {
+                for d in jsonl_documents(name, &read_all(whole)?, field)? {
+                    sink(d)?;
+                }
+                Ok(())
+            } else {
+                let text = decode(name, &read_all(whole)?)?;
+                sink(Document {
+                    name: name.to_string(),
+                    text,
+                })
+            }
+        }
+        Format::Jsonl => {
+            for d in jsonl_documents(name, &read_all(Box::new(reader))?, field)? {
+                sink(d)?;
+            }
+            Ok(())
+        }
+        Format::Parquet => Err(format!(
+            "{name}: Parquet files inside archives are not read; extract them first"
+        )),
+        Format::Text | Format::Other => {
+            let text = decode(name, &read_all(Box::new(reader))?)?;
+            sink(Document {
+                name: name.to_string(),
+                text,
+            })
+        }
+    }
+}
+
+/// A tar stream's members: text, JSON lines and compressed files (recursively);
+/// everything else is skipped.
+fn read_tar(name: &str, reader: impl Read, field: &str, sink: Sink<'_>) -> Result<(), String> {
+    let mut archive = tar::Archive::new(reader);
+    let bad = |e: std::io::Error| format!("{name} is not a readable archive: {e}");
     for entry in archive.entries().map_err(bad)? {
-        let mut entry = entry.map_err(bad)?;
+        let entry = entry.map_err(bad)?;
         if !entry.header().entry_type().is_file() {
             continue;
         }
         let inner = entry.path().map_err(bad)?.to_string_lossy().into_owned();
-        if !is_text_name(&inner) {
-            continue;
-        }
-        let mut bytes = Vec::new();
-        entry.read_to_end(&mut bytes).map_err(bad)?;
         let member = format!("{name}:{inner}");
-        let text = decode(&member, &bytes)?;
-        out.push(Document { name: member, text });
+        match format_of(&inner) {
+            Format::Other | Format::Parquet => continue,
+            _ => read_stream(&member, entry, field, sink)?,
+        }
     }
     Ok(())
+}
+
+/// The text column `field` of a Parquet file (as Hugging Face datasets store
+/// them), one document per row, named `name:ROW`, read a row group at a time.
+pub fn parquet_documents(
+    name: &str,
+    file: impl parquet::file::reader::ChunkReader + 'static,
+    field: &str,
+    sink: Sink<'_>,
+) -> Result<(), String> {
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    let bad =
+        |e: parquet::errors::ParquetError| format!("{name} is not a readable Parquet file: {e}");
+    let reader = SerializedFileReader::new(file).map_err(bad)?;
+    let schema = reader.metadata().file_metadata().schema_descr_ptr();
+    let column = schema
+        .columns()
+        .iter()
+        .position(|c| c.path().parts() == [field])
+        .ok_or_else(|| {
+            let names: Vec<String> = schema.columns().iter().map(|c| c.path().string()).collect();
+            format!(
+                "{name} has no column {field:?} (it has {}); name the text column with --text-field",
+                names.join(", ")
+            )
+        })?;
+    let projection = parquet::schema::types::Type::group_type_builder("schema")
+        .with_fields(vec![schema.column(column).self_type_ptr()])
+        .build()
+        .map_err(bad)?;
+    let mut row_number = 0usize;
+    for row in reader.get_row_iter(Some(projection)).map_err(bad)? {
+        let row = row.map_err(bad)?;
+        row_number += 1;
+        let at = format!("{name}:{row_number}");
+        let text = match row.get_column_iter().next().map(|(_, v)| v) {
+            Some(parquet::record::Field::Str(s)) => s.clone(),
+            Some(parquet::record::Field::Bytes(b)) => decode(&at, b.data())?,
+            Some(parquet::record::Field::Null) | None => continue,
+            Some(other) => {
+                return Err(format!(
+                    "{name}: column {field:?} holds {other}, not text; name the text column with --text-field"
+                ))
+            }
+        };
+        sink(Document {
+            text: decode(&at, text.as_bytes())?,
+            name: at,
+        })?;
+    }
+    Ok(())
+}
+
+/// Counts the bytes read from the input files into the progress bar.
+struct Counting<R> {
+    inner: R,
+    bar: indicatif::ProgressBar,
+}
+
+impl<R: Read> Read for Counting<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.bar.inc(n as u64);
+        Ok(n)
+    }
 }
 
 fn read_path(
     path: &Path,
     explicit: bool,
-    jsonl_field: &str,
-    out: &mut Vec<Document>,
+    field: &str,
+    bar: &indicatif::ProgressBar,
+    sink: Sink<'_>,
 ) -> Result<(), String> {
     let meta = std::fs::metadata(path).map_err(|e| {
         format!(
@@ -139,6 +329,7 @@ fn read_path(
             path.display()
         )
     })?;
+    let name = path.display().to_string();
     if meta.is_dir() {
         let mut entries: Vec<PathBuf> = std::fs::read_dir(path)
             .map_err(|e| format!("cannot list {}: {e}", path.display()))?
@@ -146,61 +337,65 @@ fn read_path(
             .collect();
         entries.sort();
         for p in entries {
-            let name = p
+            let file_name = p
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default();
-            if name.starts_with('.') {
+            if file_name.starts_with('.') {
                 continue;
             }
-            if p.is_dir() || is_archive(&p) || is_text_name(&name) || is_jsonl_name(&name) {
-                read_path(&p, false, jsonl_field, out)?;
+            if p.is_dir() || format_of(&file_name) != Format::Other {
+                read_path(&p, false, field, bar, sink)?;
             }
         }
-        Ok(())
-    } else if is_archive(path) {
-        read_archive(path, out)
-    } else if is_jsonl_name(&path.to_string_lossy()) {
-        let bytes =
-            std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-        out.extend(jsonl_documents(
-            &path.display().to_string(),
-            &bytes,
-            jsonl_field,
-        )?);
-        Ok(())
-    } else if explicit || is_text_name(&path.to_string_lossy()) {
-        let bytes =
-            std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-        let name = path.display().to_string();
-        let text = decode(&name, &bytes)?;
-        out.push(Document { name, text });
-        Ok(())
-    } else {
-        Ok(())
+        return Ok(());
     }
+    let format = format_of(&name);
+    if format == Format::Other && !explicit {
+        return Ok(());
+    }
+    let file = File::open(path).map_err(|e| format!("cannot open {name}: {e}"))?;
+    if format == Format::Parquet {
+        parquet_documents(&name, file, field, sink)?;
+        bar.inc(meta.len());
+        return Ok(());
+    }
+    let counted = Counting {
+        inner: std::io::BufReader::with_capacity(1 << 20, file),
+        bar: bar.clone(),
+    };
+    read_stream(&name, counted, field, sink)
 }
 
-/// Every document under `inputs` (files given by name are read whatever their
-/// extension; inside folders and archives, `.txt` files), in a stable order.
-/// Empty documents are dropped.
-pub fn collect(inputs: &[PathBuf]) -> Result<Vec<Document>, String> {
-    collect_with(inputs, "text")
-}
-
-/// [`collect`] with the text field of JSON-lines files named.
-pub fn collect_with(inputs: &[PathBuf], jsonl_field: &str) -> Result<Vec<Document>, String> {
+/// Streams every document under `inputs` into `sink`, in a stable order:
+/// text files (read whatever their extension when named), folders, tar
+/// archives (`.tar`, `.tgz`, `.tar.gz`, `.txz`, `.tar.xz`), compressed files
+/// (`.gz`, `.xz`, with a tar inside or not), JSON lines (the string `field`),
+/// Parquet (the column `field`). Empty documents are skipped. `bar` advances
+/// by the bytes read from disk. Returns the number of documents.
+pub fn for_each_document(
+    inputs: &[PathBuf],
+    field: &str,
+    bar: &indicatif::ProgressBar,
+    sink: Sink<'_>,
+) -> Result<usize, String> {
     if inputs.is_empty() {
-        return Err("no input given; name text files, folders or .tgz archives".into());
+        return Err("no input given; name text files, folders or archives".into());
     }
-    let mut out = Vec::new();
+    let mut count = 0usize;
+    let mut counted = |d: Document| {
+        if d.text.trim().is_empty() {
+            return Ok(());
+        }
+        count += 1;
+        sink(d)
+    };
     for p in inputs {
-        read_path(p, true, jsonl_field, &mut out)?;
+        read_path(p, true, field, bar, &mut counted)?;
     }
-    out.retain(|d| !d.text.trim().is_empty());
-    if out.is_empty() {
+    if count == 0 {
         return Err(format!(
-            "no text found in {}; folders and archives contribute their .txt files",
+            "no text found in {}; folders and archives contribute their .txt, .jsonl, .parquet and compressed files",
             inputs
                 .iter()
                 .map(|p| p.display().to_string())
@@ -208,6 +403,48 @@ pub fn collect_with(inputs: &[PathBuf], jsonl_field: &str) -> Result<Vec<Documen
                 .join(", ")
         ));
     }
+    Ok(count)
+}
+
+/// The bytes on disk of the files [`for_each_document`] would read (for a progress bar).
+pub fn input_bytes(inputs: &[PathBuf]) -> u64 {
+    fn walk(p: &Path, explicit: bool) -> u64 {
+        let Ok(meta) = std::fs::metadata(p) else {
+            return 0;
+        };
+        if meta.is_dir() {
+            let Ok(entries) = std::fs::read_dir(p) else {
+                return 0;
+            };
+            entries
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| {
+                    !p.file_name()
+                        .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+                })
+                .map(|p| walk(&p, false))
+                .sum()
+        } else if explicit || format_of(&p.to_string_lossy()) != Format::Other {
+            meta.len()
+        } else {
+            0
+        }
+    }
+    inputs.iter().map(|p| walk(p, true)).sum()
+}
+
+/// Every document under `inputs` in memory (see [`for_each_document`]).
+pub fn collect(inputs: &[PathBuf]) -> Result<Vec<Document>, String> {
+    collect_with(inputs, "text")
+}
+
+/// [`collect`] with the text field of JSON-lines and Parquet files named.
+pub fn collect_with(inputs: &[PathBuf], field: &str) -> Result<Vec<Document>, String> {
+    let mut out = Vec::new();
+    for_each_document(inputs, field, &indicatif::ProgressBar::hidden(), &mut |d| {
+        out.push(d);
+        Ok(())
+    })?;
     Ok(out)
 }
 

@@ -2,8 +2,8 @@
 
 use std::path::{Path, PathBuf};
 
-use super::documents::{collect_with, Document};
-use super::shard::{self, fnv1a, FNV_OFFSET};
+use super::documents::{for_each_document, input_bytes};
+use super::shard::{fnv1a, ShardWriter, FNV_OFFSET};
 use super::tokenizer::{Tokenizer, TokenizerKind};
 
 /// What `did data prepare` is asked to do.
@@ -19,8 +19,8 @@ pub struct PrepareOptions {
     pub valid_fraction: f64,
     /// Fraction held out for test.
     pub test_fraction: f64,
-    /// The text field of `.jsonl` inputs.
-    pub jsonl_field: String,
+    /// The text field of `.jsonl` inputs and the text column of `.parquet` ones.
+    pub text_field: String,
     /// Show a progress bar (on a terminal).
     pub progress: bool,
 }
@@ -48,34 +48,58 @@ pub struct PrepareSummary {
 /// The split names and shard file names.
 pub const SPLITS: [&str; 3] = ["train", "valid", "test"];
 
-/// Assigns documents to splits by a hash of their names: independent of the
-/// input order, stable as the corpus grows. Returns the split of each document.
-pub fn split(docs: &[Document], valid_fraction: f64, test_fraction: f64) -> Vec<usize> {
-    let n = docs.len();
-    let mut order: Vec<usize> = (0..n).collect();
-    order.sort_by_key(|&i| (fnv1a(FNV_OFFSET, docs[i].name.as_bytes()), i));
-    let count = |f: f64| {
-        if n >= 3 && f > 0.0 {
-            ((f * n as f64).round() as usize).max(1)
-        } else {
-            0
-        }
-    };
-    let (nv, nt) = (count(valid_fraction), count(test_fraction));
-    let mut which = vec![0; n];
-    for (rank, &i) in order.iter().enumerate() {
-        which[i] = if rank < nv {
-            1
-        } else if rank < nv + nt {
-            2
-        } else {
-            0
-        };
+/// The split of a document: by a hash of its name alone, so independent of
+/// the input order, stable as the corpus grows, and decided the moment the
+/// document streams past. `0` train, `1` valid, `2` test.
+pub fn split_of(name: &str, valid_fraction: f64, test_fraction: f64) -> usize {
+    // FNV-1a mixes its last bytes poorly into the high bits; a finaliser
+    // (splitmix64's) spreads them, so "part:1", "part:2", … fall evenly.
+    let mut z = fnv1a(FNV_OFFSET, name.as_bytes());
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^= z >> 31;
+    let u = (z >> 11) as f64 / (1u64 << 53) as f64;
+    if u < valid_fraction {
+        1
+    } else if u < valid_fraction + test_fraction {
+        2
+    } else {
+        0
     }
-    which
 }
 
-/// Runs the preparation and writes the shards.
+/// A train document kept back until the end, in case a held-out split would
+/// otherwise be empty.
+struct Held {
+    key: u64,
+    /// Its place in the input, to keep input order where it can be kept.
+    order: usize,
+    tokens: Vec<u32>,
+    bytes: usize,
+}
+
+/// Adds `held` to the reserve of the two smallest keys; returns the one that no longer fits.
+fn keep_smallest(reserve: &mut Vec<Held>, held: Held) -> Option<Held> {
+    reserve.push(held);
+    reserve.sort_by_key(|h| h.key);
+    if reserve.len() > 2 {
+        reserve.pop()
+    } else {
+        None
+    }
+}
+
+fn write_to(w: &mut ShardWriter, split: &mut SplitSummary, held: Held) -> Result<(), String> {
+    w.push_document(&held.tokens)?;
+    split.documents += 1;
+    split.bytes += held.bytes;
+    Ok(())
+}
+
+/// Runs the preparation and writes the shards, streaming: documents are
+/// read, tokenised and appended to their split's shard one at a time, so
+/// memory stays flat whatever the corpus size. The previous shards are
+/// replaced only once all three new ones are written.
 pub fn prepare(opts: &PrepareOptions) -> Result<PrepareSummary, String> {
     for (name, f) in [
         ("--valid-fraction", opts.valid_fraction),
@@ -85,21 +109,23 @@ pub fn prepare(opts: &PrepareOptions) -> Result<PrepareSummary, String> {
             return Err(format!("{name} {f} must be in [0, 0.5)"));
         }
     }
-    let docs = collect_with(&opts.inputs, &opts.jsonl_field)?;
+    // Inputs are checked before anything is created.
+    for p in &opts.inputs {
+        std::fs::metadata(p)
+            .map_err(|e| format!("input {} cannot be read: {e}; check the path", p.display()))?;
+    }
     std::fs::create_dir_all(&opts.out_dir).map_err(|e| {
         format!(
             "cannot create the output folder {}: {e}; choose a writable place with --out",
             opts.out_dir.display()
         )
     })?;
-    let which = split(&docs, opts.valid_fraction, opts.test_fraction);
     let tokenizer = Tokenizer::new(opts.tokenizer);
     let eos = opts.tokenizer.eos();
-    let total_bytes: u64 = docs.iter().map(|d| d.text.len() as u64).sum();
     let bar = if opts.progress {
-        let bar = indicatif::ProgressBar::new(total_bytes);
+        let bar = indicatif::ProgressBar::new(input_bytes(&opts.inputs));
         if let Ok(style) = indicatif::ProgressStyle::with_template(
-            "{spinner} tokenising {bytes}/{total_bytes} [{bar:30}] {bytes_per_sec} ETA {eta}",
+            "{spinner} reading {bytes}/{total_bytes} [{bar:30}] {bytes_per_sec} ETA {eta} ({msg})",
         ) {
             bar.set_style(style.progress_chars("=> "));
         }
@@ -107,26 +133,81 @@ pub fn prepare(opts: &PrepareOptions) -> Result<PrepareSummary, String> {
     } else {
         indicatif::ProgressBar::hidden()
     };
-    let mut tokens: [Vec<u32>; 3] = Default::default();
-    let mut splits = [SplitSummary::default(); 3];
-    for (doc, &s) in docs.iter().zip(&which) {
-        tokens[s].extend(tokenizer.encode(&doc.text));
-        tokens[s].push(eos);
-        splits[s].documents += 1;
-        splits[s].bytes += doc.text.len();
-        bar.inc(doc.text.len() as u64);
-    }
-    bar.finish_and_clear();
     let paths = SPLITS.map(|name| opts.out_dir.join(format!("{name}.bin")));
-    for s in 0..3 {
-        splits[s].tokens = tokens[s].len();
-        shard::write(
-            &paths[s],
-            opts.tokenizer,
-            opts.tokenizer.vocab_size(),
-            splits[s].documents as u64,
-            &tokens[s],
-        )?;
+    let vocab = opts.tokenizer.vocab_size();
+    let mut writers = Vec::with_capacity(3);
+    for p in &paths {
+        writers.push(ShardWriter::create(p, opts.tokenizer, vocab)?);
+    }
+    let mut splits = [SplitSummary::default(); 3];
+    // The first two documents wait for the end: with fewer than three, none is held out.
+    let mut early: Vec<(usize, Held)> = Vec::new();
+    // Train documents pass through a reserve of the two smallest keys: with
+    // three or more documents, a held-out split asked for is never empty.
+    let mut reserve: Vec<Held> = Vec::new();
+    let mut seen = 0usize;
+    let documents = for_each_document(&opts.inputs, &opts.text_field, &bar, &mut |doc| {
+        let mut tokens = tokenizer.encode(&doc.text);
+        tokens.push(eos);
+        let s = split_of(&doc.name, opts.valid_fraction, opts.test_fraction);
+        seen += 1;
+        let held = Held {
+            order: seen,
+            key: fnv1a(FNV_OFFSET, doc.name.as_bytes()),
+            tokens,
+            bytes: doc.text.len(),
+        };
+        if early.len() < 2 {
+            early.push((s, held));
+            return Ok(());
+        }
+        let held = if s == 0 {
+            match keep_smallest(&mut reserve, held) {
+                Some(h) => h,
+                None => return Ok(()),
+            }
+        } else {
+            held
+        };
+        write_to(&mut writers[s], &mut splits[s], held)?;
+        if splits.iter().map(|s| s.documents).sum::<usize>() % 1024 == 0 {
+            bar.set_message(format!(
+                "{} tokens",
+                writers.iter().map(|w| w.tokens()).sum::<u64>()
+            ));
+        }
+        Ok(())
+    })?;
+    bar.finish_and_clear();
+    let mut kept = reserve;
+    for (s, held) in early {
+        if s == 0 || documents < 3 {
+            kept.push(held);
+        } else {
+            write_to(&mut writers[s], &mut splits[s], held)?;
+        }
+    }
+    kept.sort_by_key(|h| h.key);
+    let mut kept = kept.into_iter();
+    for (s, f) in [(1, opts.valid_fraction), (2, opts.test_fraction)] {
+        if f > 0.0 && documents >= 3 && splits[s].documents == 0 {
+            if let Some(h) = kept.next() {
+                write_to(&mut writers[s], &mut splits[s], h)?;
+            }
+        }
+    }
+    let mut rest: Vec<Held> = kept.collect();
+    rest.sort_by_key(|h| h.order);
+    for h in rest {
+        write_to(&mut writers[0], &mut splits[0], h)?;
+    }
+    let mut finished = Vec::with_capacity(3);
+    for (s, w) in writers.into_iter().enumerate() {
+        splits[s].tokens = w.tokens() as usize;
+        finished.push(w.finish()?);
+    }
+    for f in finished {
+        f.commit()?;
     }
     Ok(PrepareSummary { splits, paths })
 }
@@ -153,29 +234,17 @@ pub fn render(summary: &PrepareSummary, tokenizer: TokenizerKind, out_dir: &Path
 mod tests {
     use super::*;
 
-    fn doc(name: &str) -> Document {
-        Document {
-            name: name.into(),
-            text: "x".into(),
-        }
-    }
-
     #[test]
-    fn split_is_by_name_and_order_free() {
-        let docs: Vec<Document> = (0..40).map(|i| doc(&format!("d{i}"))).collect();
-        let a = split(&docs, 0.1, 0.05);
-        assert_eq!(a.iter().filter(|&&s| s == 1).count(), 4);
-        assert_eq!(a.iter().filter(|&&s| s == 2).count(), 2);
-        let mut rev = docs.clone();
-        rev.reverse();
-        let b = split(&rev, 0.1, 0.05);
-        for (i, d) in docs.iter().enumerate() {
-            let j = rev.iter().position(|r| r.name == d.name).unwrap();
-            assert_eq!(a[i], b[j], "{}", d.name);
-        }
-        assert!(
-            split(&docs[..2], 0.1, 0.1).iter().all(|&s| s == 0),
-            "too few documents to hold any out"
-        );
+    fn the_split_depends_on_the_name_alone_and_meets_its_fractions() {
+        let names: Vec<String> = (0..20_000).map(|i| format!("corpus.jsonl:{i}")).collect();
+        let which: Vec<usize> = names.iter().map(|n| split_of(n, 0.1, 0.05)).collect();
+        let share = |s: usize| which.iter().filter(|&&w| w == s).count() as f64 / 20_000.0;
+        assert!((share(1) - 0.1).abs() < 0.01, "valid {}", share(1));
+        assert!((share(2) - 0.05).abs() < 0.01, "test {}", share(2));
+        // Consecutive names do not cluster.
+        let runs = which.windows(2).filter(|w| w[0] != w[1]).count();
+        assert!(runs > 4000, "{runs} changes of split along the names");
+        assert!(names.iter().all(|n| split_of(n, 0.0, 0.0) == 0));
+        assert_eq!(split_of("x", 0.1, 0.05), split_of("x", 0.1, 0.05));
     }
 }

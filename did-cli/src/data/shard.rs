@@ -136,37 +136,137 @@ pub fn write(
     documents: u64,
     tokens: &[u32],
 ) -> Result<Header, String> {
-    let bytes_per_token: u32 = if vocab_size <= 65_536 { 2 } else { 4 };
-    let mut body = Vec::with_capacity(tokens.len() * bytes_per_token as usize);
-    for &t in tokens {
-        if bytes_per_token == 2 {
-            body.extend_from_slice(&(t as u16).to_le_bytes());
-        } else {
-            body.extend_from_slice(&t.to_le_bytes());
-        }
-    }
-    let header = Header {
-        tokenizer,
-        vocab_size,
-        bytes_per_token,
-        tokens: tokens.len() as u64,
-        documents,
-        checksum: fnv1a(FNV_OFFSET, &body),
-    };
-    let tmp = path.with_extension("bin.tmp");
-    let io = |e: std::io::Error| {
+    let mut w = ShardWriter::create(path, tokenizer, vocab_size)?;
+    w.append(tokens)?;
+    w.documents = documents;
+    w.finish()?.commit()
+}
+
+/// A shard written as its documents stream in: tokens go to `PATH.tmp` behind
+/// a placeholder header; [`ShardWriter::finish`] writes the real header and
+/// syncs; [`Finished::commit`] renames it into place, so that a failure
+/// anywhere before leaves the previous shard untouched. A writer dropped
+/// unfinished removes its temporary file.
+pub struct ShardWriter {
+    path: std::path::PathBuf,
+    tmp: std::path::PathBuf,
+    file: Option<std::io::BufWriter<File>>,
+    tokenizer: TokenizerKind,
+    vocab_size: u32,
+    bytes_per_token: u32,
+    tokens: u64,
+    /// Documents written so far.
+    pub documents: u64,
+    checksum: u64,
+    buf: Vec<u8>,
+}
+
+/// A shard written and synced under its temporary name.
+#[derive(Debug)]
+pub struct Finished {
+    path: std::path::PathBuf,
+    tmp: std::path::PathBuf,
+    header: Header,
+}
+
+fn io_error(path: &Path) -> impl Fn(std::io::Error) -> String + '_ {
+    move |e| {
         format!(
             "cannot write {}: {e}; check that the output folder is writable and has space",
             path.display()
         )
-    };
-    let mut f = File::create(&tmp).map_err(io)?;
-    f.write_all(&header.to_bytes()).map_err(io)?;
-    f.write_all(&body).map_err(io)?;
-    f.sync_all().map_err(io)?;
-    drop(f);
-    std::fs::rename(&tmp, path).map_err(io)?;
-    Ok(header)
+    }
+}
+
+impl ShardWriter {
+    /// Starts `path`'s temporary file.
+    pub fn create(path: &Path, tokenizer: TokenizerKind, vocab_size: u32) -> Result<Self, String> {
+        let tmp = path.with_extension("bin.tmp");
+        let mut file =
+            std::io::BufWriter::with_capacity(1 << 20, File::create(&tmp).map_err(io_error(path))?);
+        file.write_all(&[0u8; HEADER_LEN]).map_err(io_error(path))?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            tmp,
+            file: Some(file),
+            tokenizer,
+            vocab_size,
+            bytes_per_token: if vocab_size <= 65_536 { 2 } else { 4 },
+            tokens: 0,
+            documents: 0,
+            checksum: FNV_OFFSET,
+            buf: Vec::new(),
+        })
+    }
+
+    /// Appends tokens.
+    pub fn append(&mut self, tokens: &[u32]) -> Result<(), String> {
+        self.buf.clear();
+        for &t in tokens {
+            if self.bytes_per_token == 2 {
+                self.buf.extend_from_slice(&(t as u16).to_le_bytes());
+            } else {
+                self.buf.extend_from_slice(&t.to_le_bytes());
+            }
+        }
+        self.checksum = fnv1a(self.checksum, &self.buf);
+        self.tokens += tokens.len() as u64;
+        let file = self.file.as_mut().ok_or("shard writer already finished")?;
+        file.write_all(&self.buf).map_err(io_error(&self.path))
+    }
+
+    /// Appends one document's tokens (EOS included) and counts it.
+    pub fn push_document(&mut self, tokens: &[u32]) -> Result<(), String> {
+        self.append(tokens)?;
+        self.documents += 1;
+        Ok(())
+    }
+
+    /// Tokens written so far.
+    pub fn tokens(&self) -> u64 {
+        self.tokens
+    }
+
+    /// Writes the header and syncs the temporary file.
+    pub fn finish(mut self) -> Result<Finished, String> {
+        use std::io::{Seek, SeekFrom};
+        let header = Header {
+            tokenizer: self.tokenizer,
+            vocab_size: self.vocab_size,
+            bytes_per_token: self.bytes_per_token,
+            tokens: self.tokens,
+            documents: self.documents,
+            checksum: self.checksum,
+        };
+        let path = self.path.clone();
+        let io = io_error(&path);
+        let file = self.file.take().ok_or("shard writer already finished")?;
+        let mut file = file.into_inner().map_err(|e| io(e.into_error()))?;
+        file.seek(SeekFrom::Start(0)).map_err(&io)?;
+        file.write_all(&header.to_bytes()).map_err(&io)?;
+        file.sync_all().map_err(&io)?;
+        Ok(Finished {
+            path: self.path.clone(),
+            tmp: std::mem::take(&mut self.tmp),
+            header,
+        })
+    }
+}
+
+impl Drop for ShardWriter {
+    fn drop(&mut self) {
+        if self.file.take().is_some() {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+impl Finished {
+    /// Renames the shard into place.
+    pub fn commit(self) -> Result<Header, String> {
+        std::fs::rename(&self.tmp, &self.path).map_err(io_error(&self.path))?;
+        Ok(self.header)
+    }
 }
 
 /// A shard opened for reading, memory-mapped, its checksum verified.

@@ -1,15 +1,13 @@
-//! `did import`: checkpoints from elsewhere as `did` checkpoints. First the
-//! Hugging Face GPT-2 family (gpt2 … gpt2-xl, or any `GPT2LMHeadModel`), the
-//! paper's judge: its `config.json` and `model.safetensors` map one to one
-//! onto the `gpt2` architecture (learned positions, tied head, GELU-tanh).
+//! `did import gpt2`: the Hugging Face GPT-2 family (gpt2 … gpt2-xl, or any
+//! `GPT2LMHeadModel`), the paper's judge. Its `config.json` and weights map one
+//! to one onto the `gpt2` architecture (learned positions, tied head, GELU-tanh).
 
-use std::collections::HashMap;
 use std::path::Path;
 
 use did_core::model::{Architecture, ModelConfig, ParamTable};
-use safetensors::tensor::{Dtype, SafeTensors};
 use serde::Deserialize;
 
+use super::weights::Tensors;
 use crate::checkpoint::{self, Checkpoint};
 
 /// The fields of a Hugging Face `GPT2Config` that decide the network.
@@ -48,30 +46,6 @@ fn yes() -> bool {
 }
 fn default_dropout() -> f32 {
     0.1
-}
-
-/// Converts one stored tensor to f32 values.
-fn values(name: &str, t: &safetensors::tensor::TensorView<'_>) -> Result<Vec<f32>, String> {
-    let b = t.data();
-    Ok(match t.dtype() {
-        Dtype::F32 => b
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
-        Dtype::F16 => b
-            .chunks_exact(2)
-            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        Dtype::BF16 => b
-            .chunks_exact(2)
-            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        other => {
-            return Err(format!(
-                "tensor {name} is {other:?}; f32, f16 and bf16 are read"
-            ))
-        }
-    })
 }
 
 /// The `did` configuration of a Hugging Face GPT-2: the vocabulary gains one
@@ -119,25 +93,15 @@ fn parse_config(config_json: &[u8]) -> Result<(Gpt2Config, ModelConfig), String>
     Ok((hf, config))
 }
 
-/// Reads a Hugging Face GPT-2 folder (`config.json`, `model.safetensors`) into a checkpoint.
+/// Reads a Hugging Face GPT-2 folder (`config.json`, and `model.safetensors`
+/// or `pytorch_model.bin`) into a checkpoint.
 pub fn gpt2(dir: &Path) -> Result<Checkpoint, String> {
-    let read = |name: &str| {
-        std::fs::read(dir.join(name))
-            .map_err(|e| format!("cannot read {}: {e}", dir.join(name).display()))
-    };
-    let config_json = read("config.json")?;
+    let config_json = std::fs::read(dir.join("config.json"))
+        .map_err(|e| format!("cannot read {}: {e}", dir.join("config.json").display()))?;
     parse_config(&config_json).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let weights_path = dir.join("model.safetensors");
-    if !weights_path.exists() {
-        return Err(if dir.join("pytorch_model.bin").exists() {
-            format!("{} has only pytorch_model.bin (a PyTorch pickle), which is not read yet; save the model with safetensors (`model.save_pretrained(dir, safe_serialization=True)`)", dir.display())
-        } else {
-            format!("{} holds no model.safetensors", dir.display())
-        });
-    }
-    let weights = read("model.safetensors")?;
+    let tensors = Tensors::read_dir(dir)?;
     let mut ckpt =
-        gpt2_from_bytes(&config_json, &weights).map_err(|e| format!("{}: {e}", dir.display()))?;
+        gpt2_from_tensors(&config_json, tensors).map_err(|e| format!("{}: {e}", dir.display()))?;
     ckpt.run
         .insert("imported_from".into(), dir.display().to_string());
     Ok(ckpt)
@@ -145,23 +109,17 @@ pub fn gpt2(dir: &Path) -> Result<Checkpoint, String> {
 
 /// [`gpt2`] from the bytes of `config.json` and `model.safetensors`.
 pub fn gpt2_from_bytes(config_json: &[u8], weights: &[u8]) -> Result<Checkpoint, String> {
-    let weights_path = Path::new("model.safetensors");
+    gpt2_from_tensors(
+        config_json,
+        Tensors::from_safetensors("model.safetensors", weights)?,
+    )
+}
+
+/// [`gpt2`] from `config.json` and the tensors however they were stored.
+pub fn gpt2_from_tensors(config_json: &[u8], tensors: Tensors) -> Result<Checkpoint, String> {
     let (hf, config) = parse_config(config_json)?;
-    let st = SafeTensors::deserialize(weights).map_err(|e| {
-        format!(
-            "{}: not a readable safetensors file ({e})",
-            weights_path.display()
-        )
-    })?;
     // Keys are `h.0.…` or `transformer.h.0.…` depending on how the model was saved.
-    let mut tensors: HashMap<String, safetensors::tensor::TensorView<'_>> = HashMap::new();
-    for (name, t) in st.tensors() {
-        let key = name
-            .strip_prefix("transformer.")
-            .unwrap_or(&name)
-            .to_string();
-        tensors.insert(key, t);
-    }
+    let tensors = tensors.rename(|k| k.strip_prefix("transformer.").unwrap_or(k).to_string());
     let (c, v) = (config.hidden, hf.vocab_size);
     let table = ParamTable::new(&config);
     let mut params = vec![0.0f32; table.total()];
@@ -179,20 +137,13 @@ pub fn gpt2_from_bytes(config_json: &[u8], weights: &[u8]) -> Result<Checkpoint,
             }
             n => (n.to_string(), e.shape.clone(), false),
         };
-        let t = tensors.get(&hf_name).ok_or_else(|| {
-            format!(
-                "{} has no tensor {hf_name} (needed for did's {}); is it a GPT-2 model?",
-                weights_path.display(),
-                e.name
-            )
-        })?;
-        if t.shape() != shape.as_slice() {
-            return Err(format!(
-                "tensor {hf_name} has shape {:?}; a GPT-2 with this config.json has {shape:?}",
-                t.shape()
-            ));
-        }
-        let x = values(&hf_name, t)?;
+        let x = &tensors
+            .expect(
+                &hf_name,
+                &shape,
+                &format!("did's {}; is it a GPT-2 model?", e.name),
+            )?
+            .values;
         let out = &mut params[e.offset..e.offset + e.len()];
         if transpose {
             let (rows, cols) = (shape[0], shape[1]); // HF [in, out]
@@ -203,14 +154,12 @@ pub fn gpt2_from_bytes(config_json: &[u8], weights: &[u8]) -> Result<Checkpoint,
             }
         } else {
             // wte gains the [MASK] row, left at zero.
-            out[..x.len()].copy_from_slice(&x);
+            out[..x.len()].copy_from_slice(x);
         }
         used.push(hf_name);
     }
-    if let Some(head) = tensors.get("lm_head.weight") {
-        if head.shape() != [v, c]
-            || values("lm_head.weight", head)? != values("wte.weight", &tensors["wte.weight"])?
-        {
+    if let (Some(head), Some(wte)) = (tensors.get("lm_head.weight"), tensors.get("wte.weight")) {
+        if head != wte {
             return Err(
                 "lm_head.weight differs from wte.weight: did's gpt2 ties the head to the embedding"
                     .into(),
@@ -218,16 +167,15 @@ pub fn gpt2_from_bytes(config_json: &[u8], weights: &[u8]) -> Result<Checkpoint,
         }
     }
     // Attention-mask buffers are not weights; anything else would be silently dropped.
-    let ignored: Vec<&String> = tensors
-        .keys()
-        .filter(|k| {
-            !used.contains(k) && !k.ends_with(".attn.bias") && !k.ends_with(".attn.masked_bias")
-        })
-        .collect();
-    if let Some(k) = ignored.first() {
+    let ignored = tensors.names().find(|k| {
+        !used.iter().any(|u| u == k)
+            && !k.ends_with(".attn.bias")
+            && !k.ends_with(".attn.masked_bias")
+    });
+    if let Some(k) = ignored {
         return Err(format!(
             "{} holds {k}, which a GPT-2 of this config.json does not have",
-            weights_path.display()
+            tensors.file
         ));
     }
     Ok(Checkpoint {
