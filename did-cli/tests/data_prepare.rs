@@ -333,6 +333,26 @@ fn json_lines_parquet_and_openwebtexts_tar_xz_are_read() {
             && err.contains("--text-field"),
         "{err}"
     );
+    // Corrupt Parquet files (found by fuzzing; the parquet crate asserts on
+    // them) are errors that name the file.
+    for crash in [
+        "regression-negative-column-start",
+        "regression-dictionary-decoder",
+    ] {
+        let bad = dir.join(format!("{crash}.parquet"));
+        std::fs::copy(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../fuzz/corpus/corpus_parquet")
+                .join(crash),
+            &bad,
+        )
+        .unwrap();
+        let err = prepare_bytes(&bad, &dir.join("bad"), &[]).unwrap_err();
+        assert!(
+            err.contains(&format!("{crash}.parquet is not a readable Parquet file")),
+            "{err}"
+        );
+    }
     // A truncated .xz is an error naming the file, and writes nothing.
     let cut = dir.join("cut.tar.xz");
     let bytes = std::fs::read(&owt).unwrap();

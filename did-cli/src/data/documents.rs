@@ -262,7 +262,46 @@ pub fn parquet_documents(
     use parquet::file::reader::{FileReader, SerializedFileReader};
     let bad =
         |e: parquet::errors::ParquetError| format!("{name} is not a readable Parquet file: {e}");
-    let reader = SerializedFileReader::new(file).map_err(bad)?;
+    let file_len = file.len();
+    // The parquet crate asserts (panics) on some corrupt files instead of
+    // returning an error (found by fuzzing); its calls are fenced so that a
+    // corrupt file is an error that names it. The checks below catch the
+    // common case (a truncated file) before any assertion is reached.
+    let fenced = |e: Box<dyn std::any::Any + Send>| {
+        let why = e
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| e.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        format!("{name} is not a readable Parquet file: corrupt ({why}); check it with pyarrow or fetch it again")
+    };
+    let fence =
+        |f: &mut dyn FnMut() -> Option<
+            Result<parquet::record::Row, parquet::errors::ParquetError>,
+        >| { std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(fenced) };
+    let reader = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        SerializedFileReader::new(file)
+    }))
+    .map_err(fenced)?
+    .map_err(bad)?;
+    // The reader asserts (panics) on column chunks outside the file; a corrupt
+    // footer gets an error here instead.
+    for (g, group) in reader.metadata().row_groups().iter().enumerate() {
+        for c in group.columns() {
+            let start = c.dictionary_page_offset().unwrap_or(c.data_page_offset());
+            let len = c.compressed_size();
+            let inside = start >= 0
+                && len >= 0
+                && (start as u64)
+                    .checked_add(len as u64)
+                    .is_some_and(|end| end <= file_len);
+            if !inside {
+                return Err(format!(
+                    "{name} is not a readable Parquet file: row group {g} points outside the file (truncated or corrupt)"
+                ));
+            }
+        }
+    }
     let schema = reader.metadata().file_metadata().schema_descr_ptr();
     let column = schema
         .columns()
@@ -280,7 +319,12 @@ pub fn parquet_documents(
         .build()
         .map_err(bad)?;
     let mut row_number = 0usize;
-    for row in reader.get_row_iter(Some(projection)).map_err(bad)? {
+    let mut rows = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        reader.get_row_iter(Some(projection))
+    }))
+    .map_err(fenced)?
+    .map_err(bad)?;
+    while let Some(row) = fence(&mut || rows.next())? {
         let row = row.map_err(bad)?;
         row_number += 1;
         let at = format!("{name}:{row_number}");

@@ -2,8 +2,9 @@
 
 use std::path::{Path, PathBuf};
 
+use super::documents::Document;
 use super::documents::{for_each_document, input_bytes};
-use super::shard::{fnv1a, ShardWriter, FNV_OFFSET};
+use super::shard::{fnv1a, Finished, ShardWriter, FNV_OFFSET};
 use super::tokenizer::{Tokenizer, TokenizerKind};
 
 /// What `did data prepare` is asked to do.
@@ -78,6 +79,92 @@ struct Held {
     bytes: usize,
 }
 
+/// Where tokenised documents go: their split's shard, except the few kept
+/// back to the end (the first two, and the two train documents of smallest
+/// key) so that small corpora split as they should.
+struct Splitter {
+    writers: Vec<ShardWriter>,
+    splits: [SplitSummary; 3],
+    valid_fraction: f64,
+    test_fraction: f64,
+    /// The first two documents: with fewer than three in all, none is held out.
+    early: Vec<(usize, Held)>,
+    /// The two train documents of smallest key: with three or more
+    /// documents, a held-out split asked for is never empty.
+    reserve: Vec<Held>,
+    seen: usize,
+}
+
+impl Splitter {
+    fn add(&mut self, name: &str, bytes: usize, tokens: Vec<u32>) -> Result<(), String> {
+        let s = split_of(name, self.valid_fraction, self.test_fraction);
+        self.seen += 1;
+        let held = Held {
+            order: self.seen,
+            key: fnv1a(FNV_OFFSET, name.as_bytes()),
+            tokens,
+            bytes,
+        };
+        if self.early.len() < 2 {
+            self.early.push((s, held));
+            return Ok(());
+        }
+        let held = if s == 0 {
+            match keep_smallest(&mut self.reserve, held) {
+                Some(h) => h,
+                None => return Ok(()),
+            }
+        } else {
+            held
+        };
+        self.write(s, held)
+    }
+
+    fn write(&mut self, s: usize, held: Held) -> Result<(), String> {
+        self.writers[s].push_document(&held.tokens)?;
+        self.splits[s].documents += 1;
+        self.splits[s].bytes += held.bytes;
+        Ok(())
+    }
+
+    fn tokens(&self) -> u64 {
+        self.writers.iter().map(ShardWriter::tokens).sum()
+    }
+
+    /// Places the documents kept back and writes the three shards (not yet in place).
+    fn finish(mut self) -> Result<([SplitSummary; 3], Vec<Finished>), String> {
+        let documents = self.seen;
+        let mut kept = std::mem::take(&mut self.reserve);
+        for (s, held) in std::mem::take(&mut self.early) {
+            if s == 0 || documents < 3 {
+                kept.push(held);
+            } else {
+                self.write(s, held)?;
+            }
+        }
+        kept.sort_by_key(|h| h.key);
+        let mut kept = kept.into_iter();
+        for (s, f) in [(1, self.valid_fraction), (2, self.test_fraction)] {
+            if f > 0.0 && documents >= 3 && self.splits[s].documents == 0 {
+                if let Some(h) = kept.next() {
+                    self.write(s, h)?;
+                }
+            }
+        }
+        let mut rest: Vec<Held> = kept.collect();
+        rest.sort_by_key(|h| h.order);
+        for h in rest {
+            self.write(0, h)?;
+        }
+        let mut finished = Vec::with_capacity(3);
+        for (s, w) in std::mem::take(&mut self.writers).into_iter().enumerate() {
+            self.splits[s].tokens = w.tokens() as usize;
+            finished.push(w.finish()?);
+        }
+        Ok((self.splits, finished))
+    }
+}
+
 /// Adds `held` to the reserve of the two smallest keys; returns the one that no longer fits.
 fn keep_smallest(reserve: &mut Vec<Held>, held: Held) -> Option<Held> {
     reserve.push(held);
@@ -89,17 +176,13 @@ fn keep_smallest(reserve: &mut Vec<Held>, held: Held) -> Option<Held> {
     }
 }
 
-fn write_to(w: &mut ShardWriter, split: &mut SplitSummary, held: Held) -> Result<(), String> {
-    w.push_document(&held.tokens)?;
-    split.documents += 1;
-    split.bytes += held.bytes;
-    Ok(())
-}
+/// Documents are tokenised in parallel batches of about this much text.
+const BATCH_BYTES: usize = 8 << 20;
 
 /// Runs the preparation and writes the shards, streaming: documents are
-/// read, tokenised and appended to their split's shard one at a time, so
-/// memory stays flat whatever the corpus size. The previous shards are
-/// replaced only once all three new ones are written.
+/// read, tokenised (a batch at a time, on every core) and appended to their
+/// split's shard in input order, so memory stays flat whatever the corpus
+/// size. The previous shards are replaced only once all three new ones are written.
 pub fn prepare(opts: &PrepareOptions) -> Result<PrepareSummary, String> {
     for (name, f) in [
         ("--valid-fraction", opts.valid_fraction),
@@ -139,73 +222,45 @@ pub fn prepare(opts: &PrepareOptions) -> Result<PrepareSummary, String> {
     for p in &paths {
         writers.push(ShardWriter::create(p, opts.tokenizer, vocab)?);
     }
-    let mut splits = [SplitSummary::default(); 3];
-    // The first two documents wait for the end: with fewer than three, none is held out.
-    let mut early: Vec<(usize, Held)> = Vec::new();
-    // Train documents pass through a reserve of the two smallest keys: with
-    // three or more documents, a held-out split asked for is never empty.
-    let mut reserve: Vec<Held> = Vec::new();
-    let mut seen = 0usize;
-    let documents = for_each_document(&opts.inputs, &opts.text_field, &bar, &mut |doc| {
-        let mut tokens = tokenizer.encode(&doc.text);
-        tokens.push(eos);
-        let s = split_of(&doc.name, opts.valid_fraction, opts.test_fraction);
-        seen += 1;
-        let held = Held {
-            order: seen,
-            key: fnv1a(FNV_OFFSET, doc.name.as_bytes()),
-            tokens,
-            bytes: doc.text.len(),
-        };
-        if early.len() < 2 {
-            early.push((s, held));
-            return Ok(());
+    let mut splitter = Splitter {
+        writers,
+        splits: [SplitSummary::default(); 3],
+        valid_fraction: opts.valid_fraction,
+        test_fraction: opts.test_fraction,
+        early: Vec::new(),
+        reserve: Vec::new(),
+        seen: 0,
+    };
+    let mut batch: Vec<Document> = Vec::new();
+    let mut batch_bytes = 0usize;
+    let flush = |batch: &mut Vec<Document>, splitter: &mut Splitter| {
+        use rayon::prelude::*;
+        let tokens: Vec<Vec<u32>> = batch
+            .par_iter()
+            .map(|d| {
+                let mut t = tokenizer.encode(&d.text);
+                t.push(eos);
+                t
+            })
+            .collect();
+        for (doc, tokens) in batch.drain(..).zip(tokens) {
+            splitter.add(&doc.name, doc.text.len(), tokens)?;
         }
-        let held = if s == 0 {
-            match keep_smallest(&mut reserve, held) {
-                Some(h) => h,
-                None => return Ok(()),
-            }
-        } else {
-            held
-        };
-        write_to(&mut writers[s], &mut splits[s], held)?;
-        if splits.iter().map(|s| s.documents).sum::<usize>() % 1024 == 0 {
-            bar.set_message(format!(
-                "{} tokens",
-                writers.iter().map(|w| w.tokens()).sum::<u64>()
-            ));
+        bar.set_message(format!("{} tokens", splitter.tokens()));
+        Ok::<(), String>(())
+    };
+    for_each_document(&opts.inputs, &opts.text_field, &bar, &mut |doc| {
+        batch_bytes += doc.text.len();
+        batch.push(doc);
+        if batch_bytes >= BATCH_BYTES {
+            batch_bytes = 0;
+            flush(&mut batch, &mut splitter)?;
         }
         Ok(())
     })?;
+    flush(&mut batch, &mut splitter)?;
     bar.finish_and_clear();
-    let mut kept = reserve;
-    for (s, held) in early {
-        if s == 0 || documents < 3 {
-            kept.push(held);
-        } else {
-            write_to(&mut writers[s], &mut splits[s], held)?;
-        }
-    }
-    kept.sort_by_key(|h| h.key);
-    let mut kept = kept.into_iter();
-    for (s, f) in [(1, opts.valid_fraction), (2, opts.test_fraction)] {
-        if f > 0.0 && documents >= 3 && splits[s].documents == 0 {
-            if let Some(h) = kept.next() {
-                write_to(&mut writers[s], &mut splits[s], h)?;
-            }
-        }
-    }
-    let mut rest: Vec<Held> = kept.collect();
-    rest.sort_by_key(|h| h.order);
-    for h in rest {
-        write_to(&mut writers[0], &mut splits[0], h)?;
-    }
-    let mut finished = Vec::with_capacity(3);
-    for (s, w) in writers.into_iter().enumerate() {
-        splits[s].tokens = w.tokens() as usize;
-        finished.push(w.finish()?);
-    }
+    let (splits, finished) = splitter.finish()?;
     for f in finished {
         f.commit()?;
     }
