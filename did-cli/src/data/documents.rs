@@ -36,29 +36,52 @@ fn is_jsonl_name(s: &str) -> bool {
 /// # Ok::<(), String>(())
 /// ```
 pub fn jsonl_documents(name: &str, bytes: &[u8], field: &str) -> Result<Vec<Document>, String> {
-    let text = std::str::from_utf8(bytes)
-        .map_err(|e| format!("{name} is not UTF-8 ({e}); JSON lines must be UTF-8"))?;
     let mut out = Vec::new();
-    for (i, line) in text
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-    {
-        let at = format!("{name}:{}", i + 1);
-        let value: serde_json::Value = serde_json::from_str(line)
-            .map_err(|e| format!("{name} line {}: not JSON ({e})", i + 1))?;
+    jsonl_stream(name, bytes, field, &mut |d| {
+        out.push(d);
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// [`jsonl_documents`] a line at a time from a reader, into `sink`.
+pub fn jsonl_stream(
+    name: &str,
+    reader: impl Read,
+    field: &str,
+    sink: Sink<'_>,
+) -> Result<(), String> {
+    use std::io::BufRead;
+    let mut reader = std::io::BufReader::with_capacity(1 << 20, reader);
+    let mut line = Vec::new();
+    for number in 1.. {
+        line.clear();
+        let n = reader
+            .read_until(b'\n', &mut line)
+            .map_err(|e| format!("cannot read {name}: {e}"))?;
+        if n == 0 {
+            break;
+        }
+        let text = std::str::from_utf8(&line).map_err(|e| {
+            format!("{name} line {number} is not UTF-8 ({e}); JSON lines must be UTF-8")
+        })?;
+        if text.trim().is_empty() {
+            continue;
+        }
+        let value: serde_json::Value = serde_json::from_str(text)
+            .map_err(|e| format!("{name} line {number}: not JSON ({e})"))?;
         let body = value.get(field).and_then(|v| v.as_str()).ok_or_else(|| {
             format!(
-                "{name} line {}: no string field {field:?}; name the text field with --text-field",
-                i + 1
+                "{name} line {number}: no string field {field:?}; name the text field with --text-field"
             )
         })?;
-        out.push(Document {
+        let at = format!("{name}:{number}");
+        sink(Document {
             text: decode(&at, body.as_bytes())?,
             name: at,
-        });
+        })?;
     }
-    Ok(out)
+    Ok(())
 }
 
 /// Decodes bytes as UTF-8, else latin-1; normalises line ends to LF; cuts a
@@ -200,10 +223,7 @@ pub fn read_stream(
             if head.len() >= 262 && &head[257..262] == b"ustar" {
                 read_tar(name, whole, field, sink)
             } else if format_of(stem) == Format::Jsonl {
-                for d in jsonl_documents(name, &read_all(whole)?, field)? {
-                    sink(d)?;
-                }
-                Ok(())
+                jsonl_stream(name, whole, field, sink)
             } else {
                 let text = decode(name, &read_all(whole)?)?;
                 sink(Document {
@@ -212,12 +232,7 @@ pub fn read_stream(
                 })
             }
         }
-        Format::Jsonl => {
-            for d in jsonl_documents(name, &read_all(Box::new(reader))?, field)? {
-                sink(d)?;
-            }
-            Ok(())
-        }
+        Format::Jsonl => jsonl_stream(name, reader, field, sink),
         Format::Parquet => Err(format!(
             "{name}: Parquet files inside archives are not read; extract them first"
         )),
