@@ -403,12 +403,6 @@ pub fn default_regen_threshold(kind: TokenizerKind) -> f64 {
     }
 }
 
-struct Sampled {
-    tokens: Vec<u32>,
-    nfe: u32,
-    seconds: f64,
-}
-
 /// Samples (or reads samples), regenerates degenerate ones, and scores every
 /// sample with the judge.
 pub fn gen_ppl<B: Backend>(be: &B, opts: &GenPplOptions) -> Result<String, String> {
@@ -431,7 +425,7 @@ pub fn gen_ppl<B: Backend>(be: &B, opts: &GenPplOptions) -> Result<String, Strin
             }
             let params = prep.upload(be)?;
             let n = opts.sampling.num_samples;
-            let mut out: Vec<Sampled> = Vec::with_capacity(n);
+            let mut out: Vec<SampleRecord> = Vec::with_capacity(n);
             let mut regenerated = 0;
             let mut done = 0;
             while done < n {
@@ -524,12 +518,13 @@ pub fn gen_ppl<B: Backend>(be: &B, opts: &GenPplOptions) -> Result<String, Strin
     ))
 }
 
-impl From<sample::Drawn> for Sampled {
+impl From<sample::Drawn> for SampleRecord {
     fn from(d: sample::Drawn) -> Self {
-        Sampled {
+        SampleRecord {
             tokens: d.tokens,
             nfe: d.nfe,
             seconds: d.seconds,
+            text: None,
         }
     }
 }
@@ -540,18 +535,10 @@ fn tail_entropy(tokens: &[u32]) -> f64 {
 }
 
 /// The samples of a `did sample --out` file.
-fn read_samples(path: &Path) -> Result<Vec<Sampled>, String> {
+fn read_samples(path: &Path) -> Result<Vec<SampleRecord>, String> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    parse_samples(&path.display().to_string(), &text).map(|v| {
-        v.into_iter()
-            .map(|s| Sampled {
-                tokens: s.tokens,
-                nfe: s.nfe,
-                seconds: s.seconds,
-            })
-            .collect()
-    })
+    parse_samples(&path.display().to_string(), &text)
 }
 
 /// One line of a `did sample --out` file, as `did eval` reads it.
@@ -563,6 +550,8 @@ pub struct SampleRecord {
     pub nfe: u32,
     /// Wall time.
     pub seconds: f64,
+    /// The decoded text, when the file has it.
+    pub text: Option<String>,
 }
 
 /// Parses the JSON lines of a `did sample --out` file named `source`.
@@ -607,6 +596,7 @@ pub fn parse_samples(source: &str, text: &str) -> Result<Vec<SampleRecord>, Stri
             tokens,
             nfe,
             seconds,
+            text: v["text"].as_str().map(str::to_string),
         });
     }
     if out.is_empty() {
@@ -641,5 +631,68 @@ pub fn entropy(path: &Path, json: &Option<PathBuf>) -> Result<String, String> {
         per.len(),
         per.iter().copied().fold(f64::INFINITY, f64::min),
         tail.iter().copied().fold(f64::INFINITY, f64::min),
+    ))
+}
+
+// ---- word perplexity under an n-gram model ---------------------------------------------------------
+
+/// `did eval word-ppl FILE.jsonl --lm en-us.lm.bin`: per-word perplexity of
+/// each sample's text under a CMU Sphinx trie n-gram model (the second,
+/// independent judge), with the OOV rate and the samples' entropy.
+pub fn word_ppl(path: &Path, lm_path: &Path, json: &Option<PathBuf>) -> Result<String, String> {
+    let samples = read_samples(path)?;
+    let bytes = std::fs::read(lm_path).map_err(|e| {
+        format!(
+            "cannot read {}: {e}; fetch CMU's model with scripts/fetch-judges.sh",
+            lm_path.display()
+        )
+    })?;
+    let lm = crate::ngram_judge::NgramLm::from_bytes(bytes)
+        .map_err(|e| format!("{}: {e}", lm_path.display()))?;
+    let mut total = crate::ngram_judge::WordScore::default();
+    let mut per = Vec::with_capacity(samples.len());
+    for (i, s) in samples.iter().enumerate() {
+        let text = s.text.as_deref().ok_or_else(|| {
+            format!(
+                "{} line {}: no \"text\"; word perplexity needs the decoded text `did sample --out` writes",
+                path.display(),
+                i + 1
+            )
+        })?;
+        let score = lm.score_sentence(&crate::ngram_judge::words(text));
+        total.add(score);
+        per.push(score);
+    }
+    let mean_ppl = per.iter().map(|s| s.perplexity()).sum::<f64>() / per.len() as f64;
+    let entropy = samples
+        .iter()
+        .map(|s| unigram_entropy(&s.tokens))
+        .sum::<f64>()
+        / samples.len() as f64;
+    write_json(
+        json,
+        &serde_json::json!({
+            "metric": "word_ppl",
+            "judge": lm_path.display().to_string(),
+            "judge_order": lm.order(),
+            "source": path.display().to_string(),
+            "samples": samples.len(),
+            "words_scored": total.scored,
+            "oov": total.oov,
+            "oov_rate": total.oov_rate(),
+            "word_ppl_pooled": total.perplexity(),
+            "word_ppl_mean_of_samples": mean_ppl,
+            "entropy_mean": entropy,
+            "per_sample_word_ppl": per.iter().map(|s| s.perplexity()).collect::<Vec<_>>(),
+        }),
+    )?;
+    Ok(format!(
+        "| source | samples | words scored | OOV | word perplexity (pooled) | mean of per-sample | entropy (nats, tokens) |\n|---|---:|---:|---:|---:|---:|---:|\n| {} | {} | {} | {:.2} % | {:.1} | {:.1} | {entropy:.3} |\n",
+        path.display(),
+        samples.len(),
+        total.scored,
+        100.0 * total.oov_rate(),
+        total.perplexity(),
+        mean_ppl,
     ))
 }

@@ -8,6 +8,7 @@ pub mod demo;
 pub mod eval;
 pub mod import;
 pub mod model_config;
+pub mod ngram_judge;
 pub mod sample;
 pub mod train;
 pub mod train_config;
@@ -305,6 +306,22 @@ enum EvalCommand {
     ///
     /// Example: did eval gen-ppl --checkpoint runs/tiny/ckpt-00001000.safetensors --judge runs/ar/ckpt-00001000.safetensors --num-samples 16 --batch 4
     GenPpl(eval::GenPplOptions),
+    /// Per-word perplexity of the samples' text under a CMU Sphinx n-gram model (the second,
+    /// independent judge: PocketSphinx's en-us trigram model, from scripts/fetch-judges.sh).
+    /// Words are lowercased letters and apostrophes; each sample is one `<s> … </s>` sentence;
+    /// OOV words are skipped and counted.
+    ///
+    /// Example: did eval word-ppl samples.jsonl --lm data/judges/en-us.lm.bin
+    WordPpl {
+        /// The JSONL file of `did sample --out`.
+        samples: PathBuf,
+        /// The model (CMU Sphinx binary trie format).
+        #[arg(long)]
+        lm: PathBuf,
+        /// Also write the figures as JSON.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Unigram entropy (nats) of the samples of a `did sample --out` file.
     Entropy {
         /// The JSONL file.
@@ -378,6 +395,9 @@ fn execute(cli: Cli, matches: &clap::ArgMatches) -> Result<String, String> {
             on_backend!(cli, be => eval::gen_ppl(be, &opts))
         }
         Command::Eval(EvalCommand::Entropy { samples, json }) => eval::entropy(&samples, &json),
+        Command::Eval(EvalCommand::WordPpl { samples, lm, json }) => {
+            eval::word_ppl(&samples, &lm, &json)
+        }
         Command::Import(ImportCommand::Gpt2 { dir, out }) => import::import_gpt2(&dir, &out),
         Command::Import(ImportCommand::Bd3lm { dir, out, mask_id }) => {
             import::import_bd3lm(&dir, &out, import::Bd3lmOptions { mask_id })

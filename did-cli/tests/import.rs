@@ -88,7 +88,7 @@ fn a_bd3lm_from_the_reference_code_gives_its_logits_in_did() {
         (64, 63, 24)
     );
     assert_eq!(ckpt.run["sampling_eps_min"], "0.05");
-    let model = Transformer::new(ckpt.config.clone()).unwrap();
+    let model = Transformer::new(ckpt.config).unwrap();
     let be = CpuBackend::new();
     let params = be.upload(&ckpt.params).unwrap();
 
