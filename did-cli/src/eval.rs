@@ -388,6 +388,10 @@ pub struct GenPplOptions {
     /// Regenerations per sample before giving up.
     #[arg(long, default_value_t = 10)]
     pub max_tries: u32,
+    /// Also score the samples' text with a CMU Sphinx n-gram model, the independent judge
+    /// (`scripts/fetch-judges.sh` fetches PocketSphinx's en-us trigram model): per-word perplexity and OOV rate.
+    #[arg(long)]
+    pub word_judge: Option<PathBuf>,
     /// Also write the figures (and per-sample values) as JSON.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -407,6 +411,7 @@ pub fn default_regen_threshold(kind: TokenizerKind) -> f64 {
 /// sample with the judge.
 pub fn gen_ppl<B: Backend>(be: &B, opts: &GenPplOptions) -> Result<String, String> {
     let judge_model = JudgeModel::load(&opts.judge)?;
+    let word_judge = opts.word_judge.as_deref().map(load_ngram).transpose()?;
     let judge_params = judge_model.upload(be)?;
     let mut judge = judge_model.on(be, &judge_params)?;
     let threshold = opts
@@ -482,6 +487,15 @@ pub fn gen_ppl<B: Backend>(be: &B, opts: &GenPplOptions) -> Result<String, Strin
     let entropy = scores.iter().map(|s| s.entropy).sum::<f64>() / n;
     let nfe = samples.iter().map(|s| f64::from(s.nfe)).sum::<f64>() / n;
     let sample_seconds: f64 = samples.iter().map(|s| s.seconds).sum();
+    let words = word_judge.as_ref().map(|lm| {
+        let decoder = crate::data::tokenizer::Tokenizer::new(judge.tokenizer);
+        WordJudgement::of(
+            lm,
+            samples
+                .iter()
+                .map(|s| s.text.clone().unwrap_or_else(|| decoder.decode(&s.tokens))),
+        )
+    });
     let seconds = started.elapsed().as_secs_f64();
     write_json(
         &opts.json,
@@ -503,15 +517,19 @@ pub fn gen_ppl<B: Backend>(be: &B, opts: &GenPplOptions) -> Result<String, Strin
             "per_sample": scores.iter().zip(&samples).map(|(s, x)| serde_json::json!({
                 "ppl": s.perplexity(), "entropy": s.entropy, "targets": s.targets, "nfe": x.nfe,
             })).collect::<Vec<_>>(),
+            "word_judge": words.as_ref().map(|w| w.json(opts.word_judge.as_deref())),
             "seconds": seconds,
         }),
     )?;
+    let word_table = words
+        .as_ref()
+        .map_or(String::new(), |w| w.table(opts.word_judge.as_deref()));
     Ok(format!(
         "| source | judge | samples | gen PPL (mean of per-sample) | gen PPL (token-weighted) | entropy (nats) | NFE | samples/s | regenerated |\n\
          |---|---|---:|---:|---:|---:|---:|---:|---:|\n\
          | {source} | {} | {} | {mean_ppl:.2} | {token_ppl:.2} | {entropy:.3} | {nfe:.1} | {} | {regenerated} |\n\n\
          BD3-LM's protocol: retokenised, windows of the judge's context with stride context/2, end-of-text targets excluded; \
-         the paper's tables report the mean of per-sample perplexities. Regeneration threshold {threshold} nats on the last 256 tokens.\n",
+         the paper's tables report the mean of per-sample perplexities. Regeneration threshold {threshold} nats on the last 256 tokens.\n{word_table}",
         judge_model.path.display(),
         samples.len(),
         if sample_seconds > 0.0 { format!("{:.3}", samples.len() as f64 / sample_seconds) } else { "–".into() },
@@ -636,63 +654,99 @@ pub fn entropy(path: &Path, json: &Option<PathBuf>) -> Result<String, String> {
 
 // ---- word perplexity under an n-gram model ---------------------------------------------------------
 
+fn load_ngram(path: &Path) -> Result<crate::ngram_judge::NgramLm, String> {
+    let bytes = std::fs::read(path).map_err(|e| {
+        format!(
+            "cannot read {}: {e}; fetch CMU's model with scripts/fetch-judges.sh",
+            path.display()
+        )
+    })?;
+    crate::ngram_judge::NgramLm::from_bytes(bytes).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// Texts scored by the independent judge: pooled and per sample.
+struct WordJudgement {
+    total: crate::ngram_judge::WordScore,
+    per: Vec<crate::ngram_judge::WordScore>,
+}
+
+impl WordJudgement {
+    fn of(lm: &crate::ngram_judge::NgramLm, texts: impl Iterator<Item = String>) -> Self {
+        let mut total = crate::ngram_judge::WordScore::default();
+        let per: Vec<_> = texts
+            .map(|t| {
+                let s = lm.score_sentence(&crate::ngram_judge::words(&t));
+                total.add(s);
+                s
+            })
+            .collect();
+        Self { total, per }
+    }
+
+    fn mean_ppl(&self) -> f64 {
+        self.per.iter().map(|s| s.perplexity()).sum::<f64>() / self.per.len().max(1) as f64
+    }
+
+    fn json(&self, lm: Option<&Path>) -> serde_json::Value {
+        serde_json::json!({
+            "judge": lm.map(|p| p.display().to_string()),
+            "words_scored": self.total.scored,
+            "oov": self.total.oov,
+            "oov_rate": self.total.oov_rate(),
+            "word_ppl_pooled": self.total.perplexity(),
+            "word_ppl_mean_of_samples": self.mean_ppl(),
+            "per_sample_word_ppl": self.per.iter().map(|s| s.perplexity()).collect::<Vec<_>>(),
+        })
+    }
+
+    fn table(&self, lm: Option<&Path>) -> String {
+        format!(
+            "\n| word judge | words scored | OOV | word perplexity (pooled) | mean of per-sample |\n|---|---:|---:|---:|---:|\n| {} | {} | {:.2} % | {:.1} | {:.1} |\n",
+            lm.map_or(String::new(), |p| p.display().to_string()),
+            self.total.scored,
+            100.0 * self.total.oov_rate(),
+            self.total.perplexity(),
+            self.mean_ppl(),
+        )
+    }
+}
+
 /// `did eval word-ppl FILE.jsonl --lm en-us.lm.bin`: per-word perplexity of
 /// each sample's text under a CMU Sphinx trie n-gram model (the second,
 /// independent judge), with the OOV rate and the samples' entropy.
 pub fn word_ppl(path: &Path, lm_path: &Path, json: &Option<PathBuf>) -> Result<String, String> {
     let samples = read_samples(path)?;
-    let bytes = std::fs::read(lm_path).map_err(|e| {
-        format!(
-            "cannot read {}: {e}; fetch CMU's model with scripts/fetch-judges.sh",
-            lm_path.display()
-        )
-    })?;
-    let lm = crate::ngram_judge::NgramLm::from_bytes(bytes)
-        .map_err(|e| format!("{}: {e}", lm_path.display()))?;
-    let mut total = crate::ngram_judge::WordScore::default();
-    let mut per = Vec::with_capacity(samples.len());
+    let lm = load_ngram(lm_path)?;
+    let mut texts = Vec::with_capacity(samples.len());
     for (i, s) in samples.iter().enumerate() {
-        let text = s.text.as_deref().ok_or_else(|| {
+        texts.push(s.text.clone().ok_or_else(|| {
             format!(
                 "{} line {}: no \"text\"; word perplexity needs the decoded text `did sample --out` writes",
                 path.display(),
                 i + 1
             )
-        })?;
-        let score = lm.score_sentence(&crate::ngram_judge::words(text));
-        total.add(score);
-        per.push(score);
+        })?);
     }
-    let mean_ppl = per.iter().map(|s| s.perplexity()).sum::<f64>() / per.len() as f64;
+    let w = WordJudgement::of(&lm, texts.into_iter());
     let entropy = samples
         .iter()
         .map(|s| unigram_entropy(&s.tokens))
         .sum::<f64>()
         / samples.len() as f64;
-    write_json(
-        json,
-        &serde_json::json!({
-            "metric": "word_ppl",
-            "judge": lm_path.display().to_string(),
-            "judge_order": lm.order(),
-            "source": path.display().to_string(),
-            "samples": samples.len(),
-            "words_scored": total.scored,
-            "oov": total.oov,
-            "oov_rate": total.oov_rate(),
-            "word_ppl_pooled": total.perplexity(),
-            "word_ppl_mean_of_samples": mean_ppl,
-            "entropy_mean": entropy,
-            "per_sample_word_ppl": per.iter().map(|s| s.perplexity()).collect::<Vec<_>>(),
-        }),
-    )?;
+    let mut report = w.json(Some(lm_path));
+    report["metric"] = "word_ppl".into();
+    report["judge_order"] = lm.order().into();
+    report["source"] = path.display().to_string().into();
+    report["samples"] = samples.len().into();
+    report["entropy_mean"] = entropy.into();
+    write_json(json, &report)?;
     Ok(format!(
         "| source | samples | words scored | OOV | word perplexity (pooled) | mean of per-sample | entropy (nats, tokens) |\n|---|---:|---:|---:|---:|---:|---:|\n| {} | {} | {} | {:.2} % | {:.1} | {:.1} | {entropy:.3} |\n",
         path.display(),
         samples.len(),
-        total.scored,
-        100.0 * total.oov_rate(),
-        total.perplexity(),
-        mean_ppl,
+        w.total.scored,
+        100.0 * w.total.oov_rate(),
+        w.total.perplexity(),
+        w.mean_ppl(),
     ))
 }

@@ -151,6 +151,16 @@ impl NgramLm {
                 counts[0]
             )));
         }
+        // Scores are sums of these: finite values keep every score a number.
+        if tables.iter().any(|v| !v.is_finite())
+            || unigrams
+                .iter()
+                .any(|u| !u.0.is_finite() || !u.1.is_finite())
+        {
+            return Err(bad(
+                "a probability or backoff weight is not a finite number (corrupt file)",
+            ));
+        }
         // Child ranges must lie inside the next array, or lookups would read past it.
         let children = |n: usize| counts.get(n).copied().unwrap_or(0);
         if unigrams.iter().any(|u| u.2 > children(1)) {

@@ -128,3 +128,52 @@ fn did_eval_word_ppl_scores_sample_files() {
     assert!(err.contains("no \"text\""), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `did eval gen-ppl --word-judge` reports both judges side by side; samples
+/// without a "text" field are decoded with the judge's tokenizer.
+#[test]
+fn gen_ppl_reports_the_word_judge_beside_the_causal_one() {
+    let Some(path) = model() else { return };
+    let dir = scratch("gen-ppl-word");
+    let samples = dir.join("samples.jsonl");
+    let line = |text: &str| {
+        let tokens: Vec<u32> = std::iter::once(256)
+            .chain(text.bytes().map(u32::from))
+            .collect();
+        format!("{{\"tokens\": {tokens:?}, \"nfe\": [4]}}\n")
+    };
+    std::fs::write(
+        &samples,
+        line("The people of this nation will not be silent.")
+            + &line("nation silent of the will be people this not"),
+    )
+    .unwrap();
+    let json = dir.join("g.json");
+    let judge = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/demo/judge.safetensors.gz");
+    let (code, stdout, err) = did(&[
+        "eval",
+        "gen-ppl",
+        "--samples",
+        samples.to_str().unwrap(),
+        "--judge",
+        judge.to_str().unwrap(),
+        "--word-judge",
+        path.to_str().unwrap(),
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(stdout.contains("word judge"), "{stdout}");
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let per = v["word_judge"]["per_sample_word_ppl"].as_array().unwrap();
+    assert_eq!(
+        v["word_judge"]["words_scored"], 20,
+        "9 words + </s> per sample"
+    );
+    assert!(
+        per[0].as_f64().unwrap() < per[1].as_f64().unwrap(),
+        "{per:?}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
