@@ -668,6 +668,8 @@ fn load_ngram(path: &Path) -> Result<crate::ngram_judge::NgramLm, String> {
 struct WordJudgement {
     total: crate::ngram_judge::WordScore,
     per: Vec<crate::ngram_judge::WordScore>,
+    /// What an OOV word is charged in the OOV-charged perplexity.
+    oov_ln_prob: f64,
 }
 
 impl WordJudgement {
@@ -680,7 +682,11 @@ impl WordJudgement {
                 s
             })
             .collect();
-        Self { total, per }
+        Self {
+            total,
+            per,
+            oov_ln_prob: lm.rarest_ln_prob(),
+        }
     }
 
     fn mean_ppl(&self) -> f64 {
@@ -695,18 +701,21 @@ impl WordJudgement {
             "oov_rate": self.total.oov_rate(),
             "word_ppl_pooled": self.total.perplexity(),
             "word_ppl_mean_of_samples": self.mean_ppl(),
+            "word_ppl_oov_charged": self.total.perplexity_charging_oov(self.oov_ln_prob),
+            "oov_charge_ln_prob": self.oov_ln_prob,
             "per_sample_word_ppl": self.per.iter().map(|s| s.perplexity()).collect::<Vec<_>>(),
         })
     }
 
     fn table(&self, lm: Option<&Path>) -> String {
         format!(
-            "\n| word judge | words scored | OOV | word perplexity (pooled) | mean of per-sample |\n|---|---:|---:|---:|---:|\n| {} | {} | {:.2} % | {:.1} | {:.1} |\n",
+            "\n| word judge | words scored | OOV | word perplexity (pooled, OOV skipped) | mean of per-sample | OOV charged as the rarest word |\n|---|---:|---:|---:|---:|---:|\n| {} | {} | {:.2} % | {:.1} | {:.1} | {:.1} |\n",
             lm.map_or(String::new(), |p| p.display().to_string()),
             self.total.scored,
             100.0 * self.total.oov_rate(),
             self.total.perplexity(),
             self.mean_ppl(),
+            self.total.perplexity_charging_oov(self.oov_ln_prob),
         )
     }
 }
@@ -741,12 +750,13 @@ pub fn word_ppl(path: &Path, lm_path: &Path, json: &Option<PathBuf>) -> Result<S
     report["entropy_mean"] = entropy.into();
     write_json(json, &report)?;
     Ok(format!(
-        "| source | samples | words scored | OOV | word perplexity (pooled) | mean of per-sample | entropy (nats, tokens) |\n|---|---:|---:|---:|---:|---:|---:|\n| {} | {} | {} | {:.2} % | {:.1} | {:.1} | {entropy:.3} |\n",
+        "| source | samples | words scored | OOV | word perplexity (pooled, OOV skipped) | mean of per-sample | OOV charged as the rarest word | entropy (nats, tokens) |\n|---|---:|---:|---:|---:|---:|---:|---:|\n| {} | {} | {} | {:.2} % | {:.1} | {:.1} | {:.1} | {entropy:.3} |\n",
         path.display(),
         samples.len(),
         w.total.scored,
         100.0 * w.total.oov_rate(),
         w.total.perplexity(),
         w.mean_ppl(),
+        w.total.perplexity_charging_oov(w.oov_ln_prob),
     ))
 }

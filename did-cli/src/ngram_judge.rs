@@ -181,6 +181,18 @@ impl NgramLm {
         })
     }
 
+    /// ln P of the rarest word (the smallest unigram probability but `<s>`'s):
+    /// what an OOV word is charged when OOVs are not skipped.
+    pub fn rarest_ln_prob(&self) -> f64 {
+        let floor = self.unigrams[..self.counts[0] as usize]
+            .iter()
+            .enumerate()
+            .filter(|&(i, _)| Some(i as u32) != self.start_id)
+            .map(|(_, u)| u.0)
+            .fold(f32::INFINITY, f32::min);
+        f64::from(floor) * LN_BASE
+    }
+
     /// The model's order (3 for a trigram model).
     pub fn order(&self) -> usize {
         self.order
@@ -356,6 +368,14 @@ impl WordScore {
         (-self.ln_prob / self.scored.max(1) as f64).exp()
     }
 
+    /// exp(−mean ln P) per word with every OOV word charged `oov_ln_prob`
+    /// ([`NgramLm::rarest_ln_prob`]): skipping OOVs flatters text made of
+    /// non-words, charging them does not.
+    pub fn perplexity_charging_oov(&self, oov_ln_prob: f64) -> f64 {
+        let n = (self.scored + self.oov).max(1) as f64;
+        (-(self.ln_prob + self.oov as f64 * oov_ln_prob) / n).exp()
+    }
+
     /// The fraction of words that were out of vocabulary.
     pub fn oov_rate(&self) -> f64 {
         self.oov as f64 / (self.scored + self.oov).max(1) as f64
@@ -450,6 +470,15 @@ mod tests {
         }
         let bird = lm.score_sentence(&["the", "bird", "sat", "on", "the", "mat"]);
         assert_eq!((bird.scored, bird.oov), (6, 1));
+        // Charged, "bird" costs what the rarest word ("dog", log10 P = −1.6) does.
+        let floor = lm.rarest_ln_prob();
+        assert!(
+            (floor - (-1.6 * std::f64::consts::LN_10)).abs() < 1e-3,
+            "{floor}"
+        );
+        let charged = (-(bird.ln_prob + floor) / 7.0).exp();
+        assert!((bird.perplexity_charging_oov(floor) - charged).abs() < 1e-9);
+        assert!(bird.perplexity_charging_oov(floor) > bird.perplexity());
     }
 
     #[test]
