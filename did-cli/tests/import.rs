@@ -357,3 +357,65 @@ fn a_bad_hugging_face_folder_names_what_is_wrong() {
     assert!(!out.exists(), "nothing is written on error");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A sharded checkpoint (model.safetensors.index.json and its shards, as
+/// `save_pretrained` writes large models) imports the same weights as one file.
+#[test]
+fn sharded_safetensors_import_the_same_weights() {
+    use safetensors::tensor::TensorView;
+    let dir = scratch("import-sharded");
+    let src = dir.join("model");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::copy(bd3lm_fixture().join("config.json"), src.join("config.json")).unwrap();
+    let bytes = std::fs::read(bd3lm_fixture().join("model.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let mut names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
+    names.sort();
+    let (first, second) = names.split_at(names.len() / 2);
+    let mut weight_map = serde_json::Map::new();
+    for (shard, part) in [
+        ("model-00001-of-00002.safetensors", first),
+        ("model-00002-of-00002.safetensors", second),
+    ] {
+        let views: Vec<(String, TensorView<'_>)> = part
+            .iter()
+            .map(|n| (n.clone(), st.tensor(n).unwrap()))
+            .collect();
+        safetensors::serialize_to_file(views, None, &src.join(shard)).unwrap();
+        for n in part {
+            weight_map.insert(n.clone(), shard.into());
+        }
+    }
+    std::fs::write(
+        src.join("model.safetensors.index.json"),
+        serde_json::json!({ "metadata": {}, "weight_map": weight_map }).to_string(),
+    )
+    .unwrap();
+    let (sharded, whole) = (
+        dir.join("sharded.safetensors"),
+        dir.join("whole.safetensors"),
+    );
+    import("bd3lm", &src, &sharded);
+    import("bd3lm", &bd3lm_fixture(), &whole);
+    let (a, b) = (
+        did_cli::checkpoint::load(&sharded).unwrap(),
+        did_cli::checkpoint::load(&whole).unwrap(),
+    );
+    assert!(a.params == b.params, "the shards give other weights");
+    // An index naming a file outside the folder is refused.
+    std::fs::write(
+        src.join("model.safetensors.index.json"),
+        r#"{"weight_map": {"x": "../elsewhere.safetensors"}}"#,
+    )
+    .unwrap();
+    let (code, _, err) = did(&[
+        "import",
+        "bd3lm",
+        src.to_str().unwrap(),
+        "--out",
+        sharded.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 2);
+    assert!(err.contains("outside the folder"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
