@@ -31,6 +31,20 @@ pub struct Checkpoint {
     pub run: BTreeMap<String, String>,
 }
 
+impl Checkpoint {
+    /// Weights trained elsewhere: no EMA, no optimizer state, step 0.
+    pub fn imported(config: ModelConfig, params: Vec<f32>, run: BTreeMap<String, String>) -> Self {
+        Self {
+            config,
+            params,
+            ema: None,
+            moments: None,
+            step: 0,
+            run,
+        }
+    }
+}
+
 fn config_to_meta(c: &ModelConfig, meta: &mut HashMap<String, String>) {
     let fields = [
         ("architecture", c.architecture.to_string()),

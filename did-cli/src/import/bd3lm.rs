@@ -201,20 +201,8 @@ pub fn bd3lm_from_tensors(
                 "rotary_emb.inv_freq" | "sampling_eps_min" | "sampling_eps_max"
             )
     };
-    if let Some(k) = tensors.names().find(|k| !known(k)) {
-        return Err(format!(
-            "{} holds {k}, which a BD3-LM / MDLM DiT of this shape does not have",
-            tensors.file
-        ));
-    }
-    Ok(Checkpoint {
-        config,
-        params,
-        ema: None,
-        moments: None,
-        step: 0,
-        run,
-    })
+    tensors.refuse_unknown(known, "a BD3-LM / MDLM DiT of this shape")?;
+    Ok(Checkpoint::imported(config, params, run))
 }
 
 /// The two dimensions of a matrix the shapes are read from.

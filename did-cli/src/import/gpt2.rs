@@ -166,30 +166,24 @@ pub fn gpt2_from_tensors(config_json: &[u8], tensors: Tensors) -> Result<Checkpo
             );
         }
     }
-    // Attention-mask buffers are not weights; anything else would be silently dropped.
-    let ignored = tensors.names().find(|k| {
-        !used.iter().any(|u| u == k)
-            && !k.ends_with(".attn.bias")
-            && !k.ends_with(".attn.masked_bias")
-    });
-    if let Some(k) = ignored {
-        return Err(format!(
-            "{} holds {k}, which a GPT-2 of this config.json does not have",
-            tensors.file
-        ));
-    }
-    Ok(Checkpoint {
+    // Attention-mask buffers are not weights.
+    tensors.refuse_unknown(
+        |k| {
+            used.iter().any(|u| u == k)
+                || k.ends_with(".attn.bias")
+                || k.ends_with(".attn.masked_bias")
+        },
+        "a GPT-2 of this config.json",
+    )?;
+    Ok(Checkpoint::imported(
         config,
         params,
-        ema: None,
-        moments: None,
-        step: 0,
-        run: [(
+        [(
             "source".to_string(),
             "huggingface GPT2LMHeadModel".to_string(),
         )]
         .into(),
-    })
+    ))
 }
 
 /// `did import gpt2 DIR --out FILE`.

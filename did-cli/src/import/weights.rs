@@ -126,6 +126,18 @@ impl Tensors {
         }
     }
 
+    /// An error naming the first tensor `known` does not accept: an importer
+    /// never drops weights silently.
+    pub fn refuse_unknown(&self, known: impl Fn(&str) -> bool, model: &str) -> Result<(), String> {
+        match self.names().find(|k| !known(k)) {
+            Some(k) => Err(format!(
+                "{} holds {k}, which {model} does not have",
+                self.file
+            )),
+            None => Ok(()),
+        }
+    }
+
     /// The tensor `name` with exactly `shape`, or an error naming both.
     pub fn expect(&self, name: &str, shape: &[usize], needed_for: &str) -> Result<&Tensor, String> {
         let t = self.get(name).ok_or_else(|| {
