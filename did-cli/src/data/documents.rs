@@ -329,6 +329,7 @@ pub fn parquet_documents(
                 names.join(", ")
             )
         })?;
+    check_parquet_dictionaries(name, &reader, column, &fenced)?;
     let projection = parquet::schema::types::Type::group_type_builder("schema")
         .with_fields(vec![schema.column(column).self_type_ptr()])
         .build()
@@ -357,6 +358,66 @@ pub fn parquet_documents(
             text: decode(&at, text.as_bytes())?,
             name: at,
         })?;
+    }
+    Ok(())
+}
+
+/// Dictionary pages the parquet crate would size by their header alone:
+/// fuzzing found a 2 KB file whose dictionary claims 1.2 G values (a 30 GB
+/// allocation, which aborts the process rather than failing). Every
+/// dictionary page of the text column is read first (data pages are
+/// skipped) and must hold at least 4 bytes per value, as PLAIN byte arrays
+/// do, and at most 256 MB.
+fn check_parquet_dictionaries<R: parquet::file::reader::ChunkReader + 'static>(
+    name: &str,
+    reader: &parquet::file::reader::SerializedFileReader<R>,
+    column: usize,
+    fenced: &dyn Fn(Box<dyn std::any::Any + Send>) -> String,
+) -> Result<(), String> {
+    use parquet::column::page::Page;
+    use parquet::file::reader::FileReader;
+    let bad =
+        |e: parquet::errors::ParquetError| format!("{name} is not a readable Parquet file: {e}");
+    for g in 0..reader.num_row_groups() {
+        let group = reader.get_row_group(g).map_err(bad)?;
+        {
+            let mut pages = group.get_column_page_reader(column).map_err(bad)?;
+            loop {
+                let next = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    match pages.peek_next_page()? {
+                        None => Ok(None),
+                        Some(m) if m.is_dict => pages.get_next_page(),
+                        Some(_) => pages.skip_next_page().map(|()| {
+                            Some(Page::DataPage {
+                                buf: Default::default(),
+                                num_values: 0,
+                                encoding: parquet::basic::Encoding::PLAIN,
+                                def_level_encoding: parquet::basic::Encoding::PLAIN,
+                                rep_level_encoding: parquet::basic::Encoding::PLAIN,
+                                statistics: None,
+                            })
+                        }),
+                    }
+                }))
+                .map_err(fenced)?
+                .map_err(bad)?;
+                match next {
+                    None => break,
+                    Some(Page::DictionaryPage {
+                        buf, num_values, ..
+                    }) => {
+                        let values = num_values as usize;
+                        if values.saturating_mul(4) > buf.len() || buf.len() > 256 << 20 {
+                            return Err(format!(
+                                "{name} is not a readable Parquet file: a dictionary of {values} values in {} bytes (corrupt)",
+                                buf.len()
+                            ));
+                        }
+                    }
+                    Some(_) => {}
+                }
+            }
+        }
     }
     Ok(())
 }
