@@ -252,6 +252,25 @@ fn a_wrong_bd3lm_tensor_is_named() {
         true
     });
     assert!(err.contains("inv_freq"), "{err}");
+    // An empty vocabulary (config and weights agreeing on 0 rows) is an error, not an underflow.
+    let empty_config = String::from_utf8(config.clone())
+        .unwrap()
+        .replace("\"vocab_size\": 64", "\"vocab_size\": 0");
+    let kept = good.names().map(|n| {
+        let mut t = good.get(n).unwrap().clone();
+        if n == "backbone.vocab_embed.embedding" {
+            t.shape = vec![0, 32];
+            t.values.clear();
+        }
+        (n.to_string(), t)
+    });
+    let err = bd3lm_from_tensors(
+        empty_config.as_bytes(),
+        Tensors::new("model.safetensors", kept.collect::<Vec<_>>()),
+        Bd3lmOptions::default(),
+    )
+    .unwrap_err();
+    assert!(err.contains("0 rows"), "{err}");
 }
 
 #[test]

@@ -217,10 +217,10 @@ pub fn read_stream(
                 .take(512)
                 .read_to_end(&mut head)
                 .map_err(|e| format!("cannot read {name}: {e}"))?;
-            let whole: Box<dyn Read + '_> =
-                Box::new(std::io::Cursor::new(head.clone()).chain(inner));
+            let is_tar = head.len() >= 262 && &head[257..262] == b"ustar";
+            let whole: Box<dyn Read + '_> = Box::new(std::io::Cursor::new(head).chain(inner));
             let stem = &name[..name.rfind('.').unwrap_or(name.len())];
-            if head.len() >= 262 && &head[257..262] == b"ustar" {
+            if is_tar {
                 read_tar(name, whole, field, sink)
             } else if format_of(stem) == Format::Jsonl {
                 jsonl_stream(name, whole, field, sink)
@@ -383,29 +383,21 @@ fn check_parquet_dictionaries<R: parquet::file::reader::ChunkReader + 'static>(
         {
             let mut pages = group.get_column_page_reader(column).map_err(bad)?;
             loop {
+                // None: the column's pages are done; Some(None): a data page, skipped unread.
                 let next = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     match pages.peek_next_page()? {
                         None => Ok(None),
-                        Some(m) if m.is_dict => pages.get_next_page(),
-                        Some(_) => pages.skip_next_page().map(|()| {
-                            Some(Page::DataPage {
-                                buf: Default::default(),
-                                num_values: 0,
-                                encoding: parquet::basic::Encoding::PLAIN,
-                                def_level_encoding: parquet::basic::Encoding::PLAIN,
-                                rep_level_encoding: parquet::basic::Encoding::PLAIN,
-                                statistics: None,
-                            })
-                        }),
+                        Some(m) if m.is_dict => pages.get_next_page().map(Some),
+                        Some(_) => pages.skip_next_page().map(|()| Some(None)),
                     }
                 }))
                 .map_err(fenced)?
                 .map_err(bad)?;
                 match next {
                     None => break,
-                    Some(Page::DictionaryPage {
+                    Some(Some(Page::DictionaryPage {
                         buf, num_values, ..
-                    }) => {
+                    })) => {
                         let values = num_values as usize;
                         if values.saturating_mul(4) > buf.len() || buf.len() > 256 << 20 {
                             return Err(format!(

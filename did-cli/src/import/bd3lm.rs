@@ -134,7 +134,13 @@ pub fn bd3lm_from_tensors(
             ));
         }
     }
-    let mask_id = opts.mask_id.unwrap_or(vocab as u32 - 1);
+    let last_id = u32::try_from(vocab)
+        .ok()
+        .and_then(|v| v.checked_sub(1))
+        .ok_or_else(|| {
+            format!("vocab_embed.embedding has {vocab} rows; a vocabulary has 1 to 2³² ids")
+        })?;
+    let mask_id = opts.mask_id.unwrap_or(last_id);
     let rope_base = rope_base(&tensors, hidden / hf.n_heads.max(1))?;
     let config = ModelConfig {
         architecture: Architecture::Dit,
@@ -167,7 +173,7 @@ pub fn bd3lm_from_tensors(
             }
             continue;
         }
-        let t = tensors.expect(&e.name, &e.shape, &format!("did's {}", e.name))?;
+        let t = tensors.require(&e.name, &e.shape, &format!("did's {}", e.name))?;
         out.copy_from_slice(&t.values);
         used.push(&e.name);
     }

@@ -138,7 +138,7 @@ pub fn gpt2_from_tensors(config_json: &[u8], tensors: Tensors) -> Result<Checkpo
             n => (n.to_string(), e.shape.clone(), false),
         };
         let x = &tensors
-            .expect(
+            .require(
                 &hf_name,
                 &shape,
                 &format!("did's {}; is it a GPT-2 model?", e.name),

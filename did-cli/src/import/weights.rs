@@ -139,7 +139,12 @@ impl Tensors {
     }
 
     /// The tensor `name` with exactly `shape`, or an error naming both.
-    pub fn expect(&self, name: &str, shape: &[usize], needed_for: &str) -> Result<&Tensor, String> {
+    pub fn require(
+        &self,
+        name: &str,
+        shape: &[usize],
+        needed_for: &str,
+    ) -> Result<&Tensor, String> {
         let t = self.get(name).ok_or_else(|| {
             format!(
                 "{} has no tensor {name} (needed for {needed_for})",
