@@ -6,11 +6,14 @@
 use did_backend_cpu::CpuBackend;
 use did_core::backend::Backend;
 use did_core::denoiser::{DenoiseRequest, Denoiser, OutputPosition};
+use did_core::model::CausalSampler;
 use did_core::model::{
     causal_batch, diffusion_batch, memory_report, Activations, Architecture, DiffusionDenoiser,
     DropoutStreams, Inference, ModelConfig, Pass, TrainBatch, Transformer,
 };
 use did_core::rng::{Purpose, RngStream};
+use did_core::sample::categorical::{draw_token, DrawScratch};
+use did_core::sample::{Nucleus, NucleusRule};
 use did_core::schedule::TrainingSchedule;
 use quickcheck::{QuickCheck, TestResult};
 
@@ -278,6 +281,50 @@ fn kv_cache_equals_uncached_passes_across_the_window() {
     QuickCheck::new()
         .tests(40)
         .quickcheck(prop as fn(u8, u8, u8, u64) -> TestResult);
+}
+
+#[test]
+fn causal_sampling_draws_what_uncached_logits_draw() {
+    // Cached one-token calls must draw, position by position, what a fresh
+    // uncached pass over the prefix draws with the same stream.
+    let be = CpuBackend::<f32>::new();
+    let vocab = 23;
+    let mask = vocab as u32 - 1;
+    for (context, prompt_len, seed) in [(13, 1, 3u64), (13, 2, 4), (16, 3, 5)] {
+        let (model, params) = random_model(Architecture::Gpt2, vocab, context, seed);
+        let nucleus = Nucleus::new(0.9, NucleusRule::default()).unwrap();
+        let prompts: Vec<Vec<u32>> = (0..2).map(|s| tokens(seed + s, prompt_len, mask)).collect();
+        let prompt_refs: Vec<&[u32]> = prompts.iter().map(|p| p.as_slice()).collect();
+        let len = 13;
+        let mut sampler = CausalSampler::new(&be, &model, &params).unwrap();
+        let g = sampler
+            .generate(&prompt_refs, len, &nucleus, seed, 7, None)
+            .unwrap();
+        assert_eq!(g.nfe as usize, len - prompt_len);
+        let mut uncached = Inference::new(&be, &model, &params).unwrap();
+        let mut scratch = DrawScratch::default();
+        for (s, prompt) in prompts.iter().enumerate() {
+            let seq = &g.tokens[s * len..(s + 1) * len];
+            assert_eq!(&seq[..prompt_len], prompt.as_slice());
+            for pos in prompt_len..len {
+                let logits = uncached.logits_uncached(&seq[..pos], 1, 1).unwrap();
+                let row = &logits[(pos - 1) * vocab..pos * vocab];
+                let stream = RngStream::new(seed, Purpose::Categorical, 7 + s as u32, 0);
+                let want = draw_token(row, mask, &nucleus, &stream, pos as u32, &mut scratch);
+                assert_eq!(
+                    seq[pos], want.id,
+                    "context {context}, sequence {s}, position {pos}"
+                );
+            }
+        }
+    }
+    // Past the learned positions, and from a diffusion model: refused.
+    let (model, params) = random_model(Architecture::Gpt2, vocab, 8, 1);
+    let mut sampler = CausalSampler::new(&be, &model, &params).unwrap();
+    let nucleus = Nucleus::default();
+    assert!(sampler.generate(&[&[0]], 9, &nucleus, 1, 0, None).is_err());
+    let (dit, params) = random_model(Architecture::Dit, vocab, 8, 1);
+    assert!(CausalSampler::new(&be, &dit, &params).is_err());
 }
 
 #[test]

@@ -516,6 +516,8 @@ pub fn gen_ppl<B: Backend>(be: &B, opts: &GenPplOptions) -> Result<String, Strin
             "regen_threshold": threshold,
             "per_sample": scores.iter().zip(&samples).map(|(s, x)| serde_json::json!({
                 "ppl": s.perplexity(), "entropy": s.entropy, "targets": s.targets, "nfe": x.nfe,
+                "seconds": x.seconds,
+                "text": x.text.clone().unwrap_or_else(|| crate::data::tokenizer::Tokenizer::new(judge.tokenizer).decode(x.tokens.get(1..).unwrap_or(&[]))),
             })).collect::<Vec<_>>(),
             "word_judge": words.as_ref().map(|w| w.json(opts.word_judge.as_deref())),
             "seconds": seconds,

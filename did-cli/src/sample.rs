@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use did_core::backend::Backend;
-use did_core::model::{Architecture, DiffusionDenoiser, Transformer};
+use did_core::model::{Architecture, CausalSampler, DiffusionDenoiser, Transformer};
 use did_core::refine::{
     generate, GenerateConfig, Generation, RemaskScope, RemaskStrategy, StagePlan,
 };
@@ -86,6 +86,9 @@ pub struct Prepared {
     pub len: usize,
     /// The checkpoint's tokenizer.
     pub tokenizer: Tokenizer,
+    /// A causal (gpt2) model: sampled left to right, one token per call
+    /// (the AR baseline); the stage plan and remasking do not apply.
+    pub causal: bool,
 }
 
 /// One finished sample.
@@ -104,14 +107,16 @@ impl Prepared {
     pub fn load(checkpoint: &Path, args: &SamplingArgs) -> Result<Self, String> {
         let ckpt = checkpoint::load(checkpoint)?;
         let config = ckpt.config;
-        if config.architecture != Architecture::Dit {
-            return Err(format!(
-                "{} is a causal (gpt2) model; sampling by denoising needs a diffusion (dit) checkpoint",
-                checkpoint.display()
-            ));
-        }
+        let causal = config.architecture == Architecture::Gpt2;
         let tokenizer = Tokenizer::new(tokenizer_for(config.vocab_size)?);
         let len = args.length.unwrap_or(config.context);
+        if causal && len > config.context {
+            return Err(format!(
+                "--length {len}: {} is a causal model with learned positions up to {}; sample at most that many tokens",
+                checkpoint.display(),
+                config.context
+            ));
+        }
         let plan = args
             .stages
             .parse::<StagePlan>()
@@ -151,6 +156,7 @@ impl Prepared {
             prompt,
             len,
             tokenizer,
+            causal,
         })
     }
 
@@ -159,8 +165,8 @@ impl Prepared {
         be.upload(&self.weights).map_err(|e| e.to_string())
     }
 
-    /// Samples `first_sample ..= first_sample + n − 1` as one batch, with the
-    /// batch's wall time.
+    /// Samples `first_sample ..= first_sample + n − 1` of a diffusion model
+    /// as one batch, with the batch's wall time.
     pub fn generate<B: Backend>(
         &self,
         be: &B,
@@ -186,6 +192,30 @@ impl Prepared {
         first_sample: u32,
         n: usize,
     ) -> Result<Vec<Drawn>, String> {
+        if self.causal {
+            let prompts: Vec<&[u32]> = vec![&self.prompt; n];
+            let t0 = Instant::now();
+            let g = CausalSampler::new(be, &self.model, params)
+                .and_then(|mut sampler| {
+                    sampler.generate(
+                        &prompts,
+                        self.len,
+                        &self.gen.sampler.nucleus,
+                        self.gen.sampler.seed,
+                        first_sample,
+                        self.gen.stop_at,
+                    )
+                })
+                .map_err(|e| e.to_string())?;
+            let wall = t0.elapsed().as_secs_f64();
+            return Ok((0..n)
+                .map(|s| Drawn {
+                    tokens: g.tokens[s * self.len..s * self.len + g.lengths[s]].to_vec(),
+                    nfe: g.nfe,
+                    seconds: wall / n as f64,
+                })
+                .collect());
+        }
         let (g, wall) = self.generate(be, params, first_sample, n)?;
         Ok((0..n)
             .map(|s| {
@@ -254,6 +284,30 @@ pub fn sample<B: Backend>(be: &B, opts: &SampleOptions) -> Result<String, String
     let total = opts.sampling.num_samples;
     while done < total {
         let n = opts.sampling.batch.min(total - done);
+        if prep.causal {
+            for (s, d) in prep
+                .draw(be, &params, done as u32, n)?
+                .into_iter()
+                .enumerate()
+            {
+                let text = tokenizer.decode(&d.tokens[1..]);
+                text_out.push_str(&format!("--- sample {}\n{text}\n", done + s));
+                if let Some(f) = jsonl.as_mut() {
+                    let line = serde_json::json!({
+                        "sample": done + s,
+                        "tokens": &d.tokens,
+                        "text": text,
+                        "nfe": [d.nfe],
+                        "block_sizes": [1],
+                        "wall_s": d.seconds,
+                    });
+                    writeln!(f, "{line}")
+                        .map_err(|e| format!("cannot write the JSONL output: {e}"))?;
+                }
+            }
+            done += n;
+            continue;
+        }
         let (g, wall) = prep.generate(be, &params, done as u32, n)?;
         for s in 0..n {
             let seq = |tokens: &[u32]| tokens[s * len..(s + 1) * len].to_vec();

@@ -521,6 +521,63 @@ fn eval_nelbo_gen_ppl_and_entropy() {
         err.contains("--checkpoint") && err.contains("--samples"),
         "{err}"
     );
+
+    // The AR baseline: a causal checkpoint samples left to right, one call
+    // per drawn token, and is scored like any sampler (what
+    // scripts/reproduce.sh runs; its JSON is what did-report reads).
+    let ar_samples = dir.join("ar.jsonl");
+    let (code, _, err) = did(&[
+        "sample",
+        "--checkpoint",
+        &s(&ar),
+        "--num-samples",
+        "3",
+        "--batch",
+        "2",
+        "--length",
+        "24",
+        "--out",
+        &s(&ar_samples),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&ar_samples)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3);
+    for l in &lines {
+        assert_eq!(l["tokens"].as_array().unwrap().len(), 24, "{l}");
+        assert_eq!(l["nfe"], serde_json::json!([23]), "{l}");
+    }
+    let g = dir.join("ar.seed-1.json");
+    let (code, _, err) = did(&[
+        "eval",
+        "gen-ppl",
+        "--checkpoint",
+        &s(&ar),
+        "--judge",
+        &s(&ar),
+        "--num-samples",
+        "2",
+        "--batch",
+        "2",
+        "--length",
+        "24",
+        "--regen-threshold",
+        "0",
+        "--json",
+        &s(&g),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let (name, model, run, _) = did_report::results::read_seed_run(&g).unwrap();
+    assert_eq!((name.as_str(), model.as_str(), run.seed), ("ar", "ar", 1));
+    assert_eq!((run.samples, run.nfe), (2, 23.0));
+    assert!(run.gen_ppl.is_finite() && run.word_ppl_charged.is_nan());
+    assert!(run.first_text.is_some());
+    let (code, _, err) = did(&["sample", "--checkpoint", &s(&ar), "--length", "33"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("learned positions up to 32"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -103,7 +103,7 @@ impl<B: Backend> KvCache<B> {
 
 /// How a pass uses the cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum CacheUse {
+pub(super) enum CacheUse {
     /// Attend to the cache and this pass's tokens; do not keep them.
     Read,
     /// Attend, then keep this pass's keys and values as committed.
@@ -112,7 +112,7 @@ enum CacheUse {
 
 /// The forward of a model without saved activations, for sampling and scoring.
 pub struct Inference<'a, B: Backend> {
-    be: &'a B,
+    pub(super) be: &'a B,
     model: &'a Transformer,
     params: &'a B::Buffer,
     cond: Option<CondActivations<B>>,
@@ -212,7 +212,7 @@ impl<'a, B: Backend> Inference<'a, B> {
     /// through the model under `mask` and writes raw logits at `outputs`
     /// (`(sequence, index in the pass)`) into `out`.
     #[allow(clippy::too_many_arguments)]
-    fn pass(
+    pub(super) fn pass(
         &mut self,
         tokens: &[u32],
         batch: usize,
@@ -394,7 +394,7 @@ impl<'a, B: Backend> Inference<'a, B> {
         Ok(out)
     }
 
-    fn check_tokens(&self, tokens: &[u32], batch: usize) -> Result<usize, crate::Error> {
+    pub(super) fn check_tokens(&self, tokens: &[u32], batch: usize) -> Result<usize, crate::Error> {
         if batch == 0 || tokens.is_empty() || tokens.len() % batch != 0 {
             return Err(invalid(
                 "tokens",

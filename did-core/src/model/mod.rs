@@ -4,7 +4,8 @@
 //! ([`Pass`], [`diffusion_batch`], [`causal_batch`]), the forward and the
 //! hand-written backward ([`Transformer`]), the optimiser ([`Trainer`]), and
 //! KV-cached inference behind the sampler's [`crate::denoiser::Denoiser`]
-//! ([`DiffusionDenoiser`]).
+//! ([`DiffusionDenoiser`]), and ancestral sampling from a causal model
+//! ([`CausalSampler`]).
 //!
 //! Everything here that needs no backend runs as is:
 //!
@@ -23,6 +24,7 @@
 //! runnable example at the top of the `did-backend-cpu` crate.
 
 mod activations;
+mod autoregressive;
 mod config;
 mod inference;
 mod params;
@@ -33,6 +35,7 @@ mod transformer;
 use core::fmt;
 
 pub use activations::{memory_report, time_embedding, Activations, MemoryReport};
+pub use autoregressive::{CausalGeneration, CausalSampler};
 pub use config::{Architecture, ModelConfig, TIME_EMBEDDING_DIM};
 pub use inference::{DiffusionDenoiser, Inference, KvCache};
 pub use params::{BlockOffsets, Init, Layout, ParamEntry, ParamTable};
