@@ -4,6 +4,7 @@
 //! commit, machine and seeds) and the figures as SVG and PNG.
 
 pub mod claims;
+#[cfg(feature = "plots")]
 pub mod plots;
 pub mod results;
 
@@ -343,19 +344,22 @@ pub fn write_report(results_dir: &Path, out: &Path, prov: &Provenance) -> Result
         ));
     }
     std::fs::create_dir_all(out).map_err(|e| format!("cannot create {}: {e}", out.display()))?;
-    plots::register_font()?;
-    plots::save(
-        &plots::ParetoFigure::new(&results, false),
-        out,
-        "pareto-nfe",
-    )?;
-    plots::save(
-        &plots::ParetoFigure::new(&results, true),
-        out,
-        "pareto-time",
-    )?;
-    plots::save(&plots::gamma_figure(&results), out, "gamma")?;
-    plots::save(&plots::training_figure(&results), out, "training")?;
+    #[cfg(feature = "plots")]
+    {
+        plots::register_font()?;
+        plots::save(
+            &plots::ParetoFigure::new(&results, false),
+            out,
+            "pareto-nfe",
+        )?;
+        plots::save(
+            &plots::ParetoFigure::new(&results, true),
+            out,
+            "pareto-time",
+        )?;
+        plots::save(&plots::gamma_figure(&results), out, "gamma")?;
+        plots::save(&plots::training_figure(&results), out, "training")?;
+    }
     let discussion = std::fs::read_to_string(out.join("discussion.md")).ok();
     let write = |name: &str, text: String| {
         let path = out.join(name);

@@ -138,10 +138,12 @@ pub struct Results {
     pub models: BTreeMap<String, TrainedModel>,
 }
 
-fn read_json(path: &Path) -> Result<Value, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    serde_json::from_str(&text).map_err(|e| format!("{} is not JSON: {e}", path.display()))
+fn read(path: &Path) -> Result<String, String> {
+    std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
+}
+
+fn parse_json(text: &str, path: &Path) -> Result<Value, String> {
+    serde_json::from_str(text).map_err(|e| format!("{} is not JSON: {e}", path.display()))
 }
 
 fn num(v: &Value, key: &str, path: &Path) -> Result<f64, String> {
@@ -176,8 +178,14 @@ fn model_of(checkpoint: &str) -> String {
         )
 }
 
-/// Parses `samples/<name>.seed-<seed>.json`.
+/// Reads `samples/<name>.seed-<seed>.json`: the experiment's name, the
+/// model, the seed's figures and the whole JSON.
 pub fn read_seed_run(path: &Path) -> Result<(String, String, SeedRun, Value), String> {
+    parse_seed_run(path, &read(path)?)
+}
+
+/// [`read_seed_run`] of a file's text (`path` names it in errors and gives the name and seed).
+pub fn parse_seed_run(path: &Path, text: &str) -> Result<(String, String, SeedRun, Value), String> {
     let stem = path
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
@@ -191,7 +199,7 @@ pub fn read_seed_run(path: &Path) -> Result<(String, String, SeedRun, Value), St
                 path.display()
             )
         })?;
-    let v = read_json(path)?;
+    let v = parse_json(text, path)?;
     // Without `--word-judge` the word figures are not measured (NaN).
     let words = v.get("word_judge").filter(|w| !w.is_null());
     let word = |key: &str| words.map_or(Ok(f64::NAN), |w| num(w, key, path));
@@ -265,23 +273,7 @@ pub fn load(dir: &Path) -> Result<Results, String> {
         if path.extension().and_then(|e| e.to_str()) != Some("json") {
             continue;
         }
-        let v = read_json(&path)?;
-        let nll = num(&v, "nll_per_token", &path)?;
-        results.nelbo.push(NelboRow {
-            model: v
-                .get("checkpoint")
-                .and_then(Value::as_str)
-                .map(model_of)
-                .unwrap_or_default(),
-            block: v
-                .get("block_size")
-                .and_then(Value::as_u64)
-                .map(|b| b as usize)
-                .filter(|_| v.get("architecture").and_then(Value::as_str) != Some("Gpt2")),
-            nll_per_token: nll,
-            perplexity: nll.exp(),
-            tokens: num(&v, "tokens", &path)? as u64,
-        });
+        results.nelbo.push(parse_nelbo(&path, &read(&path)?)?);
     }
     results
         .nelbo
@@ -291,42 +283,65 @@ pub fn load(dir: &Path) -> Result<Results, String> {
         if !metrics.is_file() {
             continue;
         }
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let text = std::fs::read_to_string(&metrics)
-            .map_err(|e| format!("cannot read {}: {e}", metrics.display()))?;
-        let (mut loss, mut valid_loss, mut tps) = (Vec::new(), Vec::new(), Vec::new());
-        for (i, line) in text.lines().enumerate() {
-            let v: Value = serde_json::from_str(line)
-                .map_err(|e| format!("{} line {}: {e}", metrics.display(), i + 1))?;
-            let step = v.get("step").and_then(Value::as_u64).unwrap_or(0);
-            if let Some(l) = v.get("loss").and_then(Value::as_f64) {
-                loss.push((step, l));
-            }
-            if let Some(l) = v.get("valid_loss").and_then(Value::as_f64) {
-                valid_loss.push((step, l));
-            }
-            if let Some(t) = v.get("tokens_per_s").and_then(Value::as_f64) {
-                tps.push(t);
-            }
-        }
-        let wall_seconds = std::fs::read_to_string(path.join("wall-seconds"))
+        let mut model = parse_metrics(&metrics, &read(&metrics)?)?;
+        model.wall_seconds = std::fs::read_to_string(path.join("wall-seconds"))
             .ok()
             .map(|t| t.lines().filter_map(|l| l.trim().parse::<f64>().ok()).sum());
-        results.models.insert(
-            name.clone(),
-            TrainedModel {
-                name,
-                loss,
-                valid_loss,
-                tokens_per_s: Stat::of(&tps).mean,
-                wall_seconds,
-            },
-        );
+        results.models.insert(model.name.clone(), model);
     }
     Ok(results)
+}
+
+/// A `did eval nelbo --json` file's row.
+pub fn parse_nelbo(path: &Path, text: &str) -> Result<NelboRow, String> {
+    let v = parse_json(text, path)?;
+    let nll = num(&v, "nll_per_token", path)?;
+    Ok(NelboRow {
+        model: v
+            .get("checkpoint")
+            .and_then(Value::as_str)
+            .map(model_of)
+            .unwrap_or_default(),
+        block: v
+            .get("block_size")
+            .and_then(Value::as_u64)
+            .map(|b| b as usize)
+            .filter(|_| v.get("architecture").and_then(Value::as_str) != Some("Gpt2")),
+        nll_per_token: nll,
+        perplexity: nll.exp(),
+        tokens: num(&v, "tokens", path)? as u64,
+    })
+}
+
+/// A training run's `metrics.jsonl` (`path` is `models/<name>/metrics.jsonl`).
+pub fn parse_metrics(path: &Path, text: &str) -> Result<TrainedModel, String> {
+    let name = path
+        .parent()
+        .and_then(Path::file_name)
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let (mut loss, mut valid_loss, mut tps) = (Vec::new(), Vec::new(), Vec::new());
+    for (i, line) in text.lines().enumerate() {
+        let v: Value = serde_json::from_str(line)
+            .map_err(|e| format!("{} line {}: {e}", path.display(), i + 1))?;
+        let step = v.get("step").and_then(Value::as_u64).unwrap_or(0);
+        if let Some(l) = v.get("loss").and_then(Value::as_f64) {
+            loss.push((step, l));
+        }
+        if let Some(l) = v.get("valid_loss").and_then(Value::as_f64) {
+            valid_loss.push((step, l));
+        }
+        if let Some(t) = v.get("tokens_per_s").and_then(Value::as_f64) {
+            tps.push(t);
+        }
+    }
+    Ok(TrainedModel {
+        name,
+        loss,
+        valid_loss,
+        tokens_per_s: Stat::of(&tps).mean,
+        wall_seconds: None,
+    })
 }
 
 #[cfg(test)]
