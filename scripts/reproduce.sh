@@ -9,7 +9,7 @@
 # and a phase skips what is already there; a training run that was stopped
 # continues from its last checkpoint (bit for bit). Delete a file to redo it.
 #
-# Settings (environment): BACKEND (cpu), DID (target/release/did), RESULTS,
+# Needs bash ≥ 4.4 (empty arrays under `set -u`). Settings (environment): BACKEND (cpu), DID (target/release/did), RESULTS,
 # SEEDS ("1 2 3"), SAMPLES (64), and the budget: PRETRAIN_STEPS (500),
 # FINETUNE_STEPS (150), AR_STEPS (650 = pre-train + one fine-tune). Every
 # figure in docs/results/ was made with the defaults on the machine named there.
@@ -30,6 +30,12 @@ judge_lm=${JUDGE_LM:-data/judges/en-us.lm.bin}
 
 phases=("$@")
 [ ${#phases[@]} -eq 0 ] && phases=(all)
+for p in "${phases[@]}"; do
+    case $p in
+        all | data | train | nelbo | sample | report) ;;
+        *) echo "unknown phase '$p'; use all, data, train, nelbo, sample or report" >&2; exit 2 ;;
+    esac
+done
 want() { local p; for p in "${phases[@]}"; do [ "$p" = all ] || [ "$p" = "$1" ] && return 0; done; return 1; }
 log() { printf '[%s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
 
@@ -58,6 +64,14 @@ for arch in dit gpt2; do
     printf '[model]\npreset = "tiny"\narchitecture = "%s"\nvocab_size = 50258\nmask_id = 50257\ncontext = %d\ndropout = 0.0\n' \
         "$arch" "$len" >"$results/models/$arch.toml"
 done
+# What the samples were made with, for the report (written when sampling).
+write_settings() {
+    local params
+    params=$("$did" model-info "$results/models/dit.toml" | awk '/^parameters:/ {print $2; exit}' || true)
+    printf '{"backend": "%s", "length": %d, "batch": %d, "pretrain_steps": %d, "finetune_steps": %d, "ar_steps": %d, "samples": %d, "seeds": "%s", "regen_threshold": %s, "dit_parameters": "%s"}\n' \
+        "$backend" $len $batch "$pretrain_steps" "$finetune_steps" "$ar_steps" "$samples" "$seeds" "$regen_threshold" "$params" \
+        >"$results/settings.json"
+}
 ckpt_of() { printf '%s/models/%s/ckpt-%08d.safetensors' "$results" "$1" "$2"; }
 
 # train NAME STEPS ARGS...: skips a finished run, resumes a stopped one.
@@ -140,6 +154,7 @@ mix.refine-64       mix    4,64:0.25     snapshot
 mix.three-stage     mix    4,16:0.5,L:0.25 snapshot
 "
 if want sample || want all; then
+    write_settings
     for seed in $seeds; do
         while read -r name model stages remask; do
             [ -z "$name" ] && continue
@@ -150,11 +165,25 @@ if want sample || want all; then
             [ $model = ar ] && steps=$ar_steps
             plan=()
             [ "$stages" != - ] && plan=(--stages "$stages" --remask "$remask")
+            # A last refine stage smaller than the length (the refine-block ablation).
+            last=${stages##*,}
+            case $stages in *:*) [ "${last%%:*}" != L ] && plan+=(--local-final) ;; esac
             log "sample $name seed $seed"
-            "$did" --backend "$backend" eval gen-ppl --checkpoint "$(ckpt_of $model "$steps")" \
-                --judge "$(ckpt_of ar "$ar_steps")" --word-judge "$judge_lm" "${plan[@]}" \
-                --seed "$seed" --num-samples "$samples" --batch "$samples" --length $len \
-                --regen-threshold $regen_threshold --json "$json.tmp" >/dev/null
+            gen_ppl() {
+                "$did" --backend "$backend" eval gen-ppl --checkpoint "$(ckpt_of $model "$steps")" \
+                    --judge "$(ckpt_of ar "$ar_steps")" --word-judge "$judge_lm" "${plan[@]}" \
+                    --seed "$seed" --num-samples "$samples" --batch "$samples" --length $len \
+                    --json "$json.tmp" "$@" >/dev/null
+            }
+            # A sampler that keeps producing degenerate text is scored as it is
+            # (its JSON then records regen_threshold 0), not left out.
+            if ! gen_ppl --regen-threshold $regen_threshold --max-tries 20 2>"$json.err"; then
+                cat "$json.err" >&2
+                grep -q "stayed degenerate" "$json.err" || exit 1
+                log "sample $name seed $seed: still degenerate after 20 regenerations; scoring without regeneration"
+                gen_ppl --regen-threshold 0
+            fi
+            rm -f "$json.err"
             mv "$json.tmp" "$json"
         done <<<"$experiments"
     done
@@ -162,13 +191,13 @@ fi
 
 # --- report: tables, plots, results.json -----------------------------------------
 if want report || want all; then
-    dit_params=$("$did" model-info "$results/models/dit.toml" | awk '/^parameters:/ {print $2; exit}' || true)
-    printf '{"backend": "%s", "length": %d, "batch": %d, "pretrain_steps": %d, "finetune_steps": %d, "ar_steps": %d, "samples": %d, "seeds": "%s", "regen_threshold": %s, "dit_parameters": "%s"}\n' \
-        "$backend" $len $batch "$pretrain_steps" "$finetune_steps" "$ar_steps" "$samples" "$seeds" "$regen_threshold" "$dit_params" \
-        >"$results/settings.json"
+    [ -f "$results/settings.json" ] || write_settings
     commit=$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)
-    git diff --quiet HEAD -- did-core did-backend-cpu did-cli scripts/reproduce.sh 2>/dev/null || commit="$commit (with uncommitted changes)"
-    machine="$(nproc) × $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//'), $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo)"
+    git diff --quiet HEAD -- did-core did-backend-cpu did-cli did-report Cargo.lock scripts/reproduce.sh 2>/dev/null ||
+        commit="$commit (with uncommitted changes)"
+    cpu=$(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2 | sed 's/^ *//' || true)
+    mem=$(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo 2>/dev/null || true)
+    machine="$(nproc 2>/dev/null || echo ?) × ${cpu:-unknown CPU}, ${mem:-? GiB}"
     cargo run --release --locked -p did-report -- --results "$results" --out docs/results \
         --commit "$commit" --machine "$machine"
 fi

@@ -55,6 +55,10 @@ pub struct SamplingArgs {
     /// Sample with the trained weights instead of the EMA weights.
     #[arg(long)]
     pub no_ema: bool,
+    /// Allow a last stage smaller than the length (`4,16:0.25` refines block by
+    /// block: the small-refine-block ablation).
+    #[arg(long)]
+    pub local_final: bool,
 }
 
 /// Everything `did sample` is told.
@@ -117,10 +121,11 @@ impl Prepared {
                 config.context
             ));
         }
-        let plan = args
-            .stages
+        // A causal model has no stages: one "block" of the whole length stands in.
+        let stages = if causal { "L" } else { args.stages.as_str() };
+        let plan = stages
             .parse::<StagePlan>()
-            .and_then(|p| p.resolve(len))
+            .and_then(|p| p.resolve_with(len, !args.local_final))
             .map_err(|e| format!("--stages: {e}"))?;
         let mut gen = GenerateConfig::new(plan, args.seed);
         gen.remask = remask_strategy(&args.remask)?;

@@ -240,6 +240,29 @@ fn sample_with_every_remask_strategy() {
             assert_eq!(l["nfe"].as_array().unwrap().len(), 2);
         }
     }
+    // A refine stage smaller than the length needs --local-final (the refine-block ablation).
+    let local = dir.join("local.jsonl");
+    let sample_local = |extra: &[&str]| {
+        let mut args = vec![
+            "sample",
+            "--checkpoint",
+            ckpt.to_str().unwrap(),
+            "--stages",
+            "4,16:0.25",
+            "--out",
+            local.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        did(&args)
+    };
+    let (code, _, err) = sample_local(&[]);
+    assert_eq!(code, 2);
+    assert!(err.contains("--stages") && err.contains("16"), "{err}");
+    let (code, _, err) = sample_local(&["--local-final"]);
+    assert_eq!(code, 0, "{err}");
+    let l: serde_json::Value =
+        serde_json::from_str(std::fs::read_to_string(&local).unwrap().trim()).unwrap();
+    assert_eq!(l["block_sizes"], serde_json::json!([4, 16]), "{l}");
     for (extra, want) in [
         (&["--stages", "4,L:1.5"][..], "--stages"),
         (&["--stages", "5"][..], "--stages"),

@@ -73,6 +73,26 @@ const GAMMAS: [(&str, &str); 5] = [
     ("1", "mix.gamma-1.0"),
 ];
 
+/// Every diffusion experiment of `scripts/reproduce.sh`.
+pub const DIFFUSION_EXPERIMENTS: [&str; 16] = [
+    "mdlm",
+    "bd3-4.draft",
+    "bd3-4.refine",
+    "mix.draft",
+    "mix.snapshot",
+    "mix.posthoc",
+    "mix.random",
+    "mix.snapshot-raw",
+    "mix.snapshot-max",
+    "mix.gamma-0.1",
+    "mix.gamma-0.5",
+    "mix.gamma-0.75",
+    "mix.gamma-1.0",
+    "mix.refine-16",
+    "mix.refine-64",
+    "mix.three-stage",
+];
+
 /// The sample-quality claims and their checks.
 const SAMPLE_CLAIMS: [(&str, &str, Check); 11] = [
     (
@@ -140,7 +160,7 @@ const SAMPLE_CLAIMS: [(&str, &str, Check); 11] = [
                     f(b),
                     f(l)
                 ),
-                l < a && l < b && a >= d,
+                l < d && a >= d && b >= d,
             ))
         },
     ),
@@ -158,7 +178,9 @@ const SAMPLE_CLAIMS: [(&str, &str, Check); 11] = [
                 .map(|(g, x)| format!("{g}: {}", f(*x)))
                 .collect::<Vec<_>>()
                 .join(", ");
-            let ends_worse = vals[0].1 > best.1 && vals[4].1 > best.1;
+            // U: both ends worse than the best, and γ = 1 the worst of all.
+            let worst = vals.iter().map(|v| v.1).fold(f64::NEG_INFINITY, f64::max);
+            let ends_worse = vals[0].1 > best.1 && vals[4].1 > best.1 && vals[4].1 >= worst;
             Some((
                 format!("{text} (best γ = {})", best.0),
                 (best.0 == "0.25" || best.0 == "0.5") && ends_worse,
@@ -178,17 +200,12 @@ const SAMPLE_CLAIMS: [(&str, &str, Check); 11] = [
         "14.1 vs ≥ 21.9",
         |v| {
             let ar = v("ar")?;
-            let best = [
-                "mdlm",
-                "bd3-4.draft",
-                "mix.draft",
-                "mix.snapshot",
-                "mix.gamma-0.5",
-            ]
-            .iter()
-            .filter_map(|e| v(e))
-            .fold(f64::INFINITY, f64::min);
-            Some((format!("{} vs ≥ {}", f(ar), f(best)), ar < best))
+            let best = DIFFUSION_EXPERIMENTS
+                .iter()
+                .filter_map(|e| v(e))
+                .fold(f64::INFINITY, f64::min);
+            best.is_finite()
+                .then(|| (format!("{} vs ≥ {}", f(ar), f(best)), ar < best))
         },
     ),
 ];
@@ -342,6 +359,40 @@ mod tests {
         assert_eq!(c.ours[1], "40.0 → 50.0");
         // A claim whose experiments are missing is not measured, not failed.
         assert_eq!(sample_claims(&r)[1].holds, [None, None]);
+    }
+
+    #[test]
+    fn refine_block_claim_needs_the_global_refine_to_help_and_local_ones_not_to() {
+        let claim = |r: &Results| {
+            sample_claims(r)
+                .into_iter()
+                .find(|c| c.claim.contains("global refine block"))
+                .map(|c| c.holds[0])
+        };
+        let paper_like = with(&[
+            ("mix.draft", 27.0),
+            ("mix.refine-16", 28.0),
+            ("mix.refine-64", 27.5),
+            ("mix.snapshot", 22.0),
+        ]);
+        assert_eq!(claim(&paper_like), Some(Some(true)));
+        // The global refine best of the three but still worse than the draft: no.
+        let all_hurt = with(&[
+            ("mix.draft", 20.0),
+            ("mix.refine-16", 28.0),
+            ("mix.refine-64", 27.5),
+            ("mix.snapshot", 22.0),
+        ]);
+        assert_eq!(claim(&all_hurt), Some(Some(false)));
+    }
+
+    #[test]
+    fn ar_claim_is_not_measured_without_a_diffusion_experiment() {
+        let c = sample_claims(&with(&[("ar", 10.0)]))
+            .into_iter()
+            .find(|c| c.claim.starts_with("AR beats"))
+            .map(|c| c.holds);
+        assert_eq!(c, Some([None, None]));
     }
 
     #[test]

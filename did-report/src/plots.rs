@@ -268,10 +268,10 @@ where
     let xs = series.iter().flat_map(|s| s.1.iter().map(|p| p.0));
     let x0 = xs.clone().fold(f64::INFINITY, f64::min);
     let x1 = xs.fold(f64::NEG_INFINITY, f64::max);
-    let (x0, x1) = if x0.is_finite() && x1 > x0 {
-        (x0, x1)
-    } else {
-        (0.0, 1.0)
+    let (x0, x1) = match (x0.is_finite(), x1 > x0) {
+        (true, true) => (x0, x1),
+        (true, false) => (x0 - 1.0, x1 + 1.0), // one x value: centre it
+        _ => (0.0, 1.0),
     };
     let ys = series
         .iter()
@@ -343,10 +343,10 @@ where
     } else {
         let y0 = ys.clone().fold(f64::INFINITY, f64::min);
         let y1 = ys.fold(f64::NEG_INFINITY, f64::max);
-        let (y0, y1) = if y0.is_finite() && y1 > y0 {
-            (y0, y1)
-        } else {
-            (0.0, 1.0)
+        let (y0, y1) = match (y0.is_finite(), y1 > y0) {
+            (true, true) => (y0, y1),
+            (true, false) => (y0 - 1.0, y1 + 1.0),
+            _ => (0.0, 1.0),
         };
         let ypad = (y1 - y0) * 0.05;
         body!(chart
@@ -399,6 +399,7 @@ pub fn gamma_figure(results: &Results) -> LinesFigure {
                         },
                     ))
                 })
+                .filter(|(_, s)| s.mean.is_finite())
                 .collect();
             let (title, y) = match judge {
                 Judge::Causal => ("causal judge", "token perplexity"),

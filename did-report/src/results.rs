@@ -147,6 +147,10 @@ fn parse_json(text: &str, path: &Path) -> Result<Value, String> {
 }
 
 fn num(v: &Value, key: &str, path: &Path) -> Result<f64, String> {
+    // `did` writes a non-finite figure (no word scored, say) as null: not measured.
+    if v.get(key).is_some_and(Value::is_null) {
+        return Ok(f64::NAN);
+    }
     v.get(key).and_then(Value::as_f64).ok_or_else(|| {
         format!(
             "{}: no number {key:?}; was it written by this version of `did eval`? Delete it and rerun scripts/reproduce.sh",
@@ -321,9 +325,14 @@ pub fn parse_metrics(path: &Path, text: &str) -> Result<TrainedModel, String> {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let (mut loss, mut valid_loss, mut tps) = (Vec::new(), Vec::new(), Vec::new());
-    for (i, line) in text.lines().enumerate() {
-        let v: Value = serde_json::from_str(line)
-            .map_err(|e| format!("{} line {}: {e}", path.display(), i + 1))?;
+    let lines: Vec<&str> = text.lines().collect();
+    for (i, line) in lines.iter().enumerate() {
+        let v: Value = match serde_json::from_str(line) {
+            Ok(v) => v,
+            // A run killed mid-write leaves a torn last line; `did train --resume` drops it too.
+            Err(_) if i + 1 == lines.len() && !text.ends_with('\n') => break,
+            Err(e) => return Err(format!("{} line {}: {e}", path.display(), i + 1)),
+        };
         let step = v.get("step").and_then(Value::as_u64).unwrap_or(0);
         if let Some(l) = v.get("loss").and_then(Value::as_f64) {
             loss.push((step, l));

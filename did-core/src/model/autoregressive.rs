@@ -12,7 +12,7 @@ use super::inference::{CacheUse, Inference, KvCache};
 use super::{Architecture, ModelError, Transformer};
 use crate::backend::Backend;
 use crate::error::invalid;
-use crate::rng::{Purpose, RngStream};
+use crate::rng::{Purpose, RngStream, MAX_SAMPLE};
 use crate::sample::categorical::{draw_token, DrawScratch};
 use crate::sample::Nucleus;
 
@@ -23,7 +23,8 @@ pub struct CausalGeneration {
     pub tokens: Vec<u32>,
     /// Tokens of each sequence up to and including its stop token (else `len`).
     pub lengths: Vec<usize>,
-    /// Model calls: one per drawn position (the prompt is one call).
+    /// Model calls: one per drawn position (the prompt is one call); fewer
+    /// when every sequence stopped early.
     pub nfe: u32,
 }
 
@@ -89,6 +90,16 @@ impl<'a, B: Backend> CausalSampler<'a, B> {
             )
             .into());
         }
+        if first_sample as usize + batch > MAX_SAMPLE as usize + 1 {
+            return Err(invalid(
+                "sample id",
+                alloc::format!(
+                    "samples {first_sample}… exceed the {} random streams; start lower",
+                    MAX_SAMPLE as usize + 1
+                ),
+            )
+            .into());
+        }
         if p >= len {
             return Err(invalid(
                 "length",
@@ -148,6 +159,10 @@ impl<'a, B: Backend> CausalSampler<'a, B> {
                     lengths[s] = pos + 1;
                 }
                 fed.push(t.id);
+            }
+            // Every sequence has stopped: the rest is not part of any sample.
+            if lengths.iter().all(|&l| l < len) {
+                break;
             }
         }
         Ok(CausalGeneration {
