@@ -13,6 +13,7 @@
 # BACKEND (cpu), DID (default: target/release/did, built first), RESULTS,
 # CORPUS (data/raw, fetched), REPORT_DIR (docs/results), JUDGE_LM,
 # DID_REPORT (default: cargo run -p did-report), NELBO_SEQUENCES (256),
+# LENGTH (128; the refine-block experiments need a multiple of 64),
 # SEEDS ("1 2 3"), SAMPLES (64), and the budget: PRETRAIN_STEPS (500),
 # FINETUNE_STEPS (150), AR_STEPS (650 = pre-train + one fine-tune). Every
 # figure in docs/results/ was made with the defaults on the machine named there.
@@ -30,7 +31,7 @@ samples=${SAMPLES:-64}
 pretrain_steps=${PRETRAIN_STEPS:-500}
 finetune_steps=${FINETUNE_STEPS:-150}
 ar_steps=${AR_STEPS:-650}
-len=128
+len=${LENGTH:-128}
 batch=16
 judge_lm=${JUDGE_LM:-data/judges/en-us.lm.bin}
 

@@ -95,6 +95,16 @@ impl Experiment {
     pub fn stat(&self, f: impl Fn(&SeedRun) -> f64) -> Stat {
         Stat::of(&self.runs.iter().map(f).collect::<Vec<_>>())
     }
+
+    /// Wall seconds per sample of the fastest seed: other work on the machine
+    /// only ever adds time, so the minimum is the estimate of the sampler's own.
+    pub fn fastest_seconds_per_sample(&self) -> f64 {
+        self.runs
+            .iter()
+            .map(|r| r.seconds_per_sample)
+            .filter(|s| s.is_finite())
+            .fold(f64::NAN, f64::min)
+    }
 }
 
 /// One validation NELBO evaluation.
@@ -363,6 +373,33 @@ mod tests {
         assert_eq!((s.mean, s.std, s.n), (2.0, 1.0, 3));
         assert_eq!(Stat::of(&[5.0]).std, 0.0);
         assert!(Stat::of(&[]).mean.is_nan());
+    }
+
+    #[test]
+    fn wall_time_is_the_fastest_seed() {
+        let run = |seed, seconds_per_sample| SeedRun {
+            seed,
+            samples: 1,
+            gen_ppl: 1.0,
+            gen_ppl_token_weighted: 1.0,
+            word_ppl_charged: 1.0,
+            word_ppl_pooled: 1.0,
+            oov_rate: 0.0,
+            entropy: 1.0,
+            nfe: 1.0,
+            seconds_per_sample,
+            regenerated: 0,
+            regen_threshold: 0.0,
+            first_text: None,
+        };
+        let e = Experiment {
+            name: "x".into(),
+            model: "m".into(),
+            stages: None,
+            remask: None,
+            runs: vec![run(1, 2.0), run(2, 1.0), run(3, f64::NAN)],
+        };
+        assert_eq!(e.fastest_seconds_per_sample(), 1.0);
     }
 
     #[test]
