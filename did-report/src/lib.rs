@@ -221,13 +221,13 @@ pub fn markdown(results: &Results, prov: &Provenance, discussion: Option<&str>) 
     let _ = writeln!(md, "\n## Samples: every experiment\n");
     let _ = writeln!(
         md,
-        "| experiment | model | stage plan | remask | causal judge PPL | word PPL (OOV charged) | word PPL (OOV skipped) | OOV % | entropy | NFE | s / sample (fastest seed) | regenerated |\n\
-         |---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "| experiment | model | stage plan | remask | causal judge PPL | word PPL (OOV charged) | word PPL (OOV skipped) | OOV % | entropy | NFE | s / sample (fastest seed) | regenerated | seeds |\n\
+         |---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     for e in results.experiments.values() {
         let _ = writeln!(
             md,
-            "| `{}` | `{}` | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| `{}` | `{}` | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             e.name,
             e.model,
             e.stages
@@ -246,6 +246,11 @@ pub fn markdown(results: &Results, prov: &Provenance, discussion: Option<&str>) 
                 n: 1
             }),
             e.runs.iter().map(|r| r.regenerated).sum::<u64>(),
+            e.runs
+                .iter()
+                .map(|r| r.seed.to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
         );
     }
 
