@@ -14,6 +14,7 @@ BD3-LM's Lightning `bf16` precision; sampling runs in bf16 or f32 with f64 nucle
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -167,7 +168,8 @@ class Dit(nn.Module):
 
         `attend(q, k, v)` is the attention (it owns the mask). With `kv_cache` (a `KvCache`),
         keys and values of the cache's committed prefix are prepended; `commit` appends this
-        call's keys and values to it. `out_rows` [B, R] picks the rows the head computes.
+        call's keys and values to it. `out_rows` picks the rows the head computes: [B, R] indices,
+        or an int for the first rows (the x_t half of the 2L pass).
         """
         c = self.c
         heads, hd = c.heads, c.hidden // c.heads
@@ -188,7 +190,9 @@ class Dit(nn.Module):
             x = x + gate1 * F.dropout(blk.attn_out(a), c.dropout, self.training)
             h = modulate(layer_norm(x, blk.norm2, c.norm_eps), shift2, scale2)
             x = x + gate2 * F.dropout(blk.mlp(h), c.dropout, self.training)
-        if out_rows is not None:
+        if isinstance(out_rows, int):
+            x = x[:, :out_rows]
+        elif out_rows is not None:
             x = torch.gather(x, 1, out_rows[..., None].expand(-1, -1, c.hidden))
         shift, scale = self.final_adaLN(cond).chunk(2, dim=-1)
         return self.head(modulate(layer_norm(x, self.norm_final, c.norm_eps), shift, scale))
@@ -259,7 +263,7 @@ def bd3_loss(model: Dit, x0: torch.Tensor, block: int, attend, generator=None) -
     masked = torch.rand(b, n, device=x0.device, generator=generator) < t
     xt = torch.where(masked, torch.full_like(x0, c.mask_id), x0)
     positions = torch.arange(n, device=x0.device).repeat(2)
-    logits = model(torch.cat([xt, x0], dim=1), positions, attend)[:, :n].float()
+    logits = model(torch.cat([xt, x0], dim=1), positions, attend, out_rows=n).float()
     logits[..., c.mask_id] = -1e6
     nll = F.cross_entropy(logits.reshape(-1, c.vocab_size), x0.reshape(-1), reduction="none").view(b, n)
     return (nll * masked / t).sum() / (b * n)
@@ -286,11 +290,12 @@ def nucleus_gumbel(logits: torch.Tensor, mask_id: int, top_p: float, generator=N
 
 @torch.no_grad()
 def draft_refine(model: Dit, batch: int, length: int, draft_block: int = 4, remask_ratio: float = 0.25,
-                 top_p: float = 0.9, bos: int = 50256, generator=None, refine=True):
+                 top_p: float = 0.9, bos: int = 50256, generator=None, refine=True, deadline=None):
     """Draft with block `draft_block` and a KV cache (first-hitting: one token per call),
     remask the `remask_ratio` least confident tokens by their snapshot confidence, then
-    regenerate them with one global block (full attention, first-hitting). Returns
-    (tokens [B, length], denoiser calls)."""
+    regenerate them with one global block (full attention, first-hitting). Returns the tokens
+    [B, length] and {"draft": calls, "refine": calls, "finished": bool}; past `deadline` (a
+    `time.perf_counter()` value) it stops at the next block boundary, unfinished."""
     c = model.c
     dev = model.head.weight.device
     dtype = model.head.weight.dtype
@@ -299,8 +304,16 @@ def draft_refine(model: Dit, batch: int, length: int, draft_block: int = 4, rema
     confidence = torch.ones(batch, length, device=dev, dtype=torch.float64)
     cache = KvCache(c, batch, length, dev, dtype)
     rows = torch.arange(batch, device=dev)
-    calls = 0
+    calls = {"draft": 0, "refine": 0, "finished": True}
+
+    def out_of_time():
+        if deadline is not None and time.perf_counter() > deadline:
+            calls["finished"] = False
+        return not calls["finished"]
+
     for start in range(0, length, draft_block):
+        if out_of_time():
+            return x, calls
         end = start + draft_block
         positions = torch.arange(start, end, device=dev)
         while True:
@@ -316,7 +329,7 @@ def draft_refine(model: Dit, batch: int, length: int, draft_block: int = 4, rema
             col = start + pick[:, 0]
             x[rows, col] = torch.where(live, token, x[rows, col])
             confidence[rows, col] = torch.where(live, prob, confidence[rows, col])
-            calls += 1
+            calls["draft"] += 1
         model(x[:, start:end], positions, sdpa(), kv_cache=cache, commit=True, out_rows=pick[:, :0])
         cache.finish_commit()
     if not refine:
@@ -326,7 +339,7 @@ def draft_refine(model: Dit, batch: int, length: int, draft_block: int = 4, rema
     lowest = confidence.topk(k, dim=-1, largest=False).indices
     x.scatter_(1, lowest, c.mask_id)
     positions = torch.arange(length, device=dev)
-    while True:
+    while not out_of_time():
         masked = x == c.mask_id
         if not masked.any():
             break
@@ -337,5 +350,5 @@ def draft_refine(model: Dit, batch: int, length: int, draft_block: int = 4, rema
         live = masked.gather(1, pick)[:, 0]
         col = pick[:, 0]
         x[rows, col] = torch.where(live, token, x[rows, col])
-        calls += 1
+        calls["refine"] += 1
     return x, calls
