@@ -11,8 +11,8 @@
 # 3. trains `tiny` for a few steps with `did --backend cuda` (f32 and bf16),
 #    samples draft → remask → refine from it on the GPU and on the CPU and
 #    checks the tokens are identical;
-# 4. times `small` (12 × 768, L 1024, GPT-2 vocabulary) training steps and
-#    draft / draft → refine sampling in both precisions;
+# 4. runs scripts/gpu-bench.sh: `small` training and draft → refine sampling, did and the
+#    PyTorch baseline side by side, into OUT/gpu.json and OUT/gpu.md (SKIP_BENCH=1 skips it);
 # 5. writes OUT/check-YYYY-MM-DD.md (device, driver, each test's result and
 #    time, the end-to-end and speed figures) and OUT/check-YYYY-MM-DD.log.
 # Exit status: 0 when everything passed.
@@ -113,33 +113,18 @@ PY
     fi
 fi
 
-# ---- 4. speed of this backend (correctness-first kernels; #6 makes them fast) -------------------------
-speed=""
-median_tps() { python3 -c '
-import json, statistics, sys
-rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
-print("%.0f" % statistics.median(r["tokens_per_s"] for r in (rows[1:] or rows)))' "$1" 2>/dev/null || echo "?"; }
-mean_wall() { python3 -c '
-import json, sys
-rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
-print("%.3f" % (sum(r["wall_s"] for r in rows) / len(rows)))' "$1" 2>/dev/null || echo "?"; }
-run "data prepare (gpt2 BPE, CPU)" "$did" data prepare data/excerpt --out "$work/data-gpt2"
-for precision in f32 bf16; do
-    if run "train small (12 × 768, L 1024) bd3 block 4, batch 8, 6 steps ($precision)" "$did" --backend cuda \
-        --precision "$precision" train --data "$work/data-gpt2" --model small --objective bd3 --block 4 --batch 8 \
-        --steps 6 --out "$work/small-$precision"; then
-        speed+="| train small, BD3 2L pass, block 4, batch 8 × 1024 ($precision) | $(median_tps "$work/small-$precision/metrics.jsonl") tokens/s (median of steps 2–6) |"$'\n'
-        ck=$(ls "$work/small-$precision"/ckpt-*.safetensors | tail -n 1)
-        for stages in 4 4,L:0.25; do
-            if run "sample small $stages, 2 samples of 1024, batch 2 ($precision)" "$did" --backend cuda --precision "$precision" \
-                sample --checkpoint "$ck" --stages "$stages" --num-samples 2 --batch 2 --seed 1 --out "$work/s.jsonl"; then
-                speed+="| sample small, stages $stages, batch 2 × 1024 ($precision) | $(mean_wall "$work/s.jsonl") s per sample |"$'\n'
-            fi
-        done
-    fi
-    rm -rf "$work/small-$precision"
-done
+# ---- 4. speed, side by side with the PyTorch baseline (scripts/gpu-bench.sh) -----------------------
 rm -rf "$work"
+s=$(date +%s.%N)
+if [ "${SKIP_BENCH:-0}" = 1 ]; then
+    speed="(skipped: SKIP_BENCH=1)"
+elif scripts/gpu-bench.sh "$bundle" "$out" >>"$log" 2>&1; then
+    speed=$(sed -n '/gpu-bench:begin/,/gpu-bench:end/p' "$out/gpu.md" | grep -v 'gpu-bench:')
+    echo "bench done in $(elapsed "$s") s: $out/gpu.json" | tee -a "$log"
+else
+    speed="scripts/gpu-bench.sh failed after $(elapsed "$s") s: see $out/gpu-bench.log"
+    failed=1
+fi
 
 # ---- 5. the report ------------------------------------------------------------------------------------
 total=$(elapsed "$t0")
@@ -162,10 +147,8 @@ $rows
 | step | result | seconds |
 |---|---|---:|
 $e2e
-## Speed (the correctness-first kernels, before any tuning)
+## Speed (scripts/gpu-bench.sh: did and the PyTorch baseline in the same run)
 
-| what | measured |
-|---|---|
 $speed
 MD
 echo "$verdict in $total s; report: $report"

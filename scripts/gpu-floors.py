@@ -16,6 +16,7 @@ p = argparse.ArgumentParser()
 p.add_argument("--tflops", type=float, default=790.0, help="bf16 dense GEMM ceiling, TFLOP/s")
 p.add_argument("--tbps", type=float, default=4.3, help="memory ceiling, TB/s (read + write)")
 p.add_argument("--batch", type=int, default=8, help="training sequences per step")
+p.add_argument("--json", action="store_true", help="print the counts scripts/gpu-bench.sh uses, as JSON")
 a = p.parse_args()
 
 d, layers, L, V = 768, 12, 1024, 50258
@@ -54,6 +55,14 @@ adam_bytes = params * 4 * 7
 logits_bytes = a.batch * L * V * 2 * 2
 step_bytes = weights_bytes + adam_bytes + logits_bytes
 dense_pairs = (2 * L) ** 2
+# Model FLOPs (what MFU counts): the step without the forward a flash backward recomputes.
+model_flops = step_flops - a.batch * layers * attn_fwd
+if a.json:
+    import json
+
+    print(json.dumps({"batch": a.batch, "train_step_flops": step_flops, "train_step_model_flops": model_flops,
+                      "train_step_bytes": step_bytes, "parameters": params}))
+    raise SystemExit(0)
 
 print(f"# Floors of `small` (12 × 768, L = {L}, vocabulary {V}) at {a.tflops:.0f} TFLOP/s and {a.tbps} TB/s\n")
 print("| what | FLOPs | fewest bytes | compute floor | memory floor | floor |")
