@@ -163,3 +163,177 @@ extern "C" __global__ void attention_backward_dkv(Shape s, int kind, i64 p0, i64
         if (d < hd) { add_to(dk, o + d, gk[j]); add_to(dv, o + d, gv[j]); }
     }
 }
+
+// ---- The fused flash forward (bf16 storage, head_dim 64) -----------------------------------------
+// One block of 4 warps per (sequence, head, 64 queries); each warp owns 16 query rows. Key tiles
+// of 64 are visited only where the tile's key ranges reach (the BD3 training mask at block 4
+// leaves about three quarters of them empty); inside a visited tile the exact per-pair
+// predicate applies. Q·Kᵀ and P·V run on tensor cores (mma.m16n8k16, bf16 in, f32 accumulate),
+// the softmax is online in f32, and the output and log-sum-exp are what attention_forward writes,
+// so the same backward kernels follow it.
+#ifdef STORAGE_BF16
+#define FLASH_TILE 64
+#define FLASH_HD 64
+#define FLASH_PAD (FLASH_HD + 8)  // row stride in shared memory: staggers the banks
+
+#ifndef DID_EMULATE
+// D = A·B + D for one 16×8 tile, K = 16 (PTX ISA, "Matrix fragments for mma.m16n8k16"):
+// with g = lane / 4 and t = lane % 4, a = {A[g][2t..], A[g+8][2t..], A[g][2t+8..], A[g+8][2t+8..]},
+// b = {B[2t..][g], B[2t+8..][g]}, c = {C[g][2t], C[g][2t+1], C[g+8][2t], C[g+8][2t+1]}; each
+// 32-bit register of a and b holds two bf16, the lower index in the lower half.
+__device__ __forceinline__ void mma_bf16_16816(float* c, const unsigned* a, const unsigned* b) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+#endif
+
+__device__ __forceinline__ unsigned pack2(store_t lo, store_t hi) { return (unsigned)lo | ((unsigned)hi << 16); }
+
+__device__ __forceinline__ bool in_ranges(const Ranges& r, i64 key) {
+    return (key >= r.a0 && key < r.a1) || (key >= r.b0 && key < r.b1);
+}
+
+extern "C" __global__ void attention_forward_flash(Shape s, int kind, i64 p0, i64 p1, i64 p2, i64 window, float scale,
+                                                   const store_t* q, const store_t* k, const store_t* v, store_t* out,
+                                                   store_t* lse) {
+    __shared__ store_t ks[FLASH_TILE * FLASH_PAD];
+    __shared__ store_t vs[FLASH_TILE * FLASH_PAD];
+    __shared__ int hull[4][4];  // per warp: lowest start and highest end of the a and b ranges
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+    const i64 h = blockIdx.y % s.heads, b = blockIdx.y / s.heads;
+    const i64 q0 = (i64)blockIdx.x * FLASH_TILE + warp * 16;
+    const i64 width = s.heads * FLASH_HD;
+    const store_t* kb = k + b * s.kv_batch_stride + h * FLASH_HD;
+    const store_t* vb = v + b * s.kv_batch_stride + h * FLASH_HD;
+    const float neg_inf = -__int_as_float(0x7f800000);
+
+    // This thread's rows are g and g + 8 of its warp's 16.
+    Ranges rr[2];
+    for (int i = 0; i < 2; ++i) {
+        i64 row = q0 + g + 8 * i;
+        if (row < s.q_len) {
+            rr[i] = key_ranges(kind, p0, p1, p2, window, row, s.kv_len);
+        } else {
+            rr[i].a0 = 0; rr[i].a1 = 0; rr[i].b0 = 0; rr[i].b1 = 0;
+        }
+    }
+    // The hull of every row's ranges: key tiles outside it are empty for the whole block.
+    int lo_a = 0x7fffffff, hi_a = 0, lo_b = 0x7fffffff, hi_b = 0;
+    for (int i = 0; i < 2; ++i) {
+        if (rr[i].a1 > rr[i].a0) { lo_a = min(lo_a, (int)rr[i].a0); hi_a = max(hi_a, (int)rr[i].a1); }
+        if (rr[i].b1 > rr[i].b0) { lo_b = min(lo_b, (int)rr[i].b0); hi_b = max(hi_b, (int)rr[i].b1); }
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+        lo_a = min(lo_a, __shfl_xor_sync(0xffffffffu, lo_a, o));
+        hi_a = max(hi_a, __shfl_xor_sync(0xffffffffu, hi_a, o));
+        lo_b = min(lo_b, __shfl_xor_sync(0xffffffffu, lo_b, o));
+        hi_b = max(hi_b, __shfl_xor_sync(0xffffffffu, hi_b, o));
+    }
+    if (lane == 0) { hull[warp][0] = lo_a; hull[warp][1] = hi_a; hull[warp][2] = lo_b; hull[warp][3] = hi_b; }
+
+    // Q fragments for the four 16-wide slices of the head: rows g and g + 8.
+    unsigned qa[4][4];
+    for (int kk = 0; kk < 4; ++kk) {
+        for (int r = 0; r < 4; ++r) {
+            i64 row = q0 + g + 8 * (r & 1);
+            int col = kk * 16 + 2 * t + 8 * (r >> 1);
+            const store_t* qp = q + b * s.q_batch_stride + row * s.q_stride + h * FLASH_HD + col;
+            qa[kk][r] = row < s.q_len ? pack2(qp[0], qp[1]) : 0u;
+        }
+    }
+    float acc[8][4];
+    for (int d = 0; d < 8; ++d) for (int e = 0; e < 4; ++e) acc[d][e] = 0.0f;
+    float m[2] = {neg_inf, neg_inf}, l[2] = {0.0f, 0.0f};
+    __syncthreads();
+    for (int w = 0; w < 4; ++w) {
+        lo_a = min(lo_a, hull[w][0]); hi_a = max(hi_a, hull[w][1]);
+        lo_b = min(lo_b, hull[w][2]); hi_b = max(hi_b, hull[w][3]);
+    }
+
+    const i64 tiles = (s.kv_len + FLASH_TILE - 1) / FLASH_TILE;
+    for (i64 kt = 0; kt < tiles; ++kt) {
+        const i64 k0 = kt * FLASH_TILE, k1 = k0 + FLASH_TILE;
+        bool visit = (k0 < hi_a && k1 > lo_a) || (k0 < hi_b && k1 > lo_b);
+        if (!visit) continue;  // uniform across the block: every thread has the same hull
+        __syncthreads();  // the previous tile's readers are done
+        for (int i = tid; i < FLASH_TILE * FLASH_HD; i += blockDim.x) {
+            int r = i / FLASH_HD, c = i % FLASH_HD;
+            i64 key = k0 + r;
+            ks[r * FLASH_PAD + c] = key < s.kv_len ? kb[key * s.k_stride + c] : (store_t)0;
+            vs[r * FLASH_PAD + c] = key < s.kv_len ? vb[key * s.v_stride + c] : (store_t)0;
+        }
+        __syncthreads();
+
+        // S = Q·Kᵀ for the warp's 16 rows and the tile's 64 keys: eight 16×8 tiles.
+        float sc[8][4];
+        for (int n = 0; n < 8; ++n) {
+            for (int e = 0; e < 4; ++e) sc[n][e] = 0.0f;
+            const store_t* kr = ks + (n * 8 + g) * FLASH_PAD;
+            for (int kk = 0; kk < 4; ++kk) {
+                unsigned bk[2] = {pack2(kr[kk * 16 + 2 * t], kr[kk * 16 + 2 * t + 1]),
+                                  pack2(kr[kk * 16 + 2 * t + 8], kr[kk * 16 + 2 * t + 9])};
+                mma_bf16_16816(sc[n], qa[kk], bk);
+            }
+        }
+        // Mask, scale, online softmax per row (the four threads of a group share a row).
+        float corr[2];
+        for (int i = 0; i < 2; ++i) {
+            float mx = neg_inf;
+            for (int n = 0; n < 8; ++n) {
+                for (int e = 2 * i; e < 2 * i + 2; ++e) {
+                    i64 key = k0 + n * 8 + 2 * t + (e & 1);
+                    sc[n][e] = in_ranges(rr[i], key) ? sc[n][e] * scale : neg_inf;
+                    mx = fmaxf(mx, sc[n][e]);
+                }
+            }
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            float m_new = fmaxf(m[i], mx);
+            corr[i] = m_new == neg_inf ? 1.0f : expf(m[i] - m_new);  // exp(-inf) = 0 when m was -inf
+            float sum = 0.0f;
+            for (int n = 0; n < 8; ++n) {
+                for (int e = 2 * i; e < 2 * i + 2; ++e) {
+                    sc[n][e] = m_new == neg_inf ? 0.0f : expf(sc[n][e] - m_new);
+                    sum += sc[n][e];
+                }
+            }
+            l[i] = l[i] * corr[i] + sum;
+            m[i] = m_new;
+        }
+        for (int d = 0; d < 8; ++d) {
+            acc[d][0] *= corr[0]; acc[d][1] *= corr[0];
+            acc[d][2] *= corr[1]; acc[d][3] *= corr[1];
+        }
+        // O += P·V: P's accumulator layout is the A layout of the next product, 16 keys at a time.
+        for (int j = 0; j < 4; ++j) {
+            unsigned pa[4] = {pack2(to_store(sc[2 * j][0]), to_store(sc[2 * j][1])),
+                              pack2(to_store(sc[2 * j][2]), to_store(sc[2 * j][3])),
+                              pack2(to_store(sc[2 * j + 1][0]), to_store(sc[2 * j + 1][1])),
+                              pack2(to_store(sc[2 * j + 1][2]), to_store(sc[2 * j + 1][3]))};
+            const store_t* vr = vs + (j * 16 + 2 * t) * FLASH_PAD;
+            for (int d = 0; d < 8; ++d) {
+                int col = d * 8 + g;
+                unsigned bv[2] = {pack2(vr[col], vr[FLASH_PAD + col]),
+                                  pack2(vr[8 * FLASH_PAD + col], vr[9 * FLASH_PAD + col])};
+                mma_bf16_16816(acc[d], pa, bv);
+            }
+        }
+    }
+    for (int i = 0; i < 2; ++i) {
+        l[i] += __shfl_xor_sync(0xffffffffu, l[i], 1);
+        l[i] += __shfl_xor_sync(0xffffffffu, l[i], 2);
+    }
+    for (int i = 0; i < 2; ++i) {
+        i64 row = q0 + g + 8 * i;
+        if (row >= s.q_len) continue;
+        i64 o = b * s.q_len * width + row * width + h * FLASH_HD;
+        for (int d = 0; d < 8; ++d) {
+            for (int e = 2 * i; e < 2 * i + 2; ++e) {
+                st(out, o + d * 8 + 2 * t + (e & 1), l[i] > 0.0f ? acc[d][e] / l[i] : 0.0f);
+            }
+        }
+        if (t == 0) st(lse, (b * s.heads + h) * s.q_len + row, l[i] > 0.0f ? m[i] + logf(l[i]) : neg_inf);
+    }
+}
+#endif

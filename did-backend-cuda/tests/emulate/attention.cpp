@@ -1,0 +1,131 @@
+// The attention kernels of kernels/attention.cu (bf16 storage), run by the CPU emulation in
+// emu.h and compared with a plain double-precision attention written from the mask definitions
+// (bd3lm.md §2.2, §4.2), not from the kernels' key_ranges. The correctness-first kernel, already
+// checked against did's CPU backend on GPUs, is run the same way: it passing shows the emulation
+// is sound, so the flash kernel passing means something.
+//
+// Built and run by tests/emulated_kernels.rs; exit status 0 when every case agrees.
+#include <cstdio>
+#include <random>
+
+#include "emu.h"
+#define STORAGE_BF16
+#include "../../kernels/common.cuh"
+#include "../../kernels/attention.cu"
+
+struct Case {
+    const char* name;
+    int kind;
+    i64 p0, p1, p2, window;
+    i64 batch, heads, q_len, kv_len;
+};
+
+static bool allowed(const Case& c, i64 q, i64 k) {
+    switch (c.kind) {
+        case 0: {  // BD3 training over x_t ⊕ x_0
+            i64 L = c.p0, blk = c.p1;
+            bool qc = q >= L, kc = k >= L;
+            i64 qb = (q - (qc ? L : 0)) / blk, kb = (k - (kc ? L : 0)) / blk;
+            return (qb == kb && qc == kc) || (!qc && kc && kb < qb) || (qc && kc && kb <= qb);
+        }
+        case 1: {  // block-causal at absolute positions, optional window ending at the block's end
+            i64 qp = c.p1 + q, kp = c.p2 + k, end = (qp / c.p0 + 1) * c.p0;
+            return kp < end && (c.window < 0 || kp >= end - c.window);
+        }
+        case 2:
+            return true;
+        default: {  // causal
+            i64 qp = c.p1 + q, kp = c.p2 + k;
+            return kp <= qp && (c.window < 0 || kp > qp - c.window);
+        }
+    }
+}
+
+static float bf(store_t x) { return ld(&x, 0); }
+
+int main() {
+    const i64 hd = 64;
+    const Case cases[] = {
+        {"BD3 training, L = 80 (tiles straddle x_t | x_0), block 4", 0, 80, 4, 0, -1, 2, 2, 160, 160},
+        {"BD3 training, L = 128, block 4", 0, 128, 4, 0, -1, 1, 1, 256, 256},
+        {"BD3 training, L = 64, block 16", 0, 64, 16, 0, -1, 1, 2, 128, 128},
+        {"draft through a KV cache: block 4 at position 68", 1, 4, 68, 0, -1, 2, 2, 4, 72},
+        {"block-causal window 40, keys from 20", 1, 8, 40, 20, 40, 1, 1, 24, 44},
+        {"global refine (full), 100 tokens", 2, 0, 0, 0, -1, 1, 2, 100, 100},
+        {"causal, window 16", 3, 0, 10, 0, 16, 1, 1, 40, 50},
+    };
+    std::mt19937 rng(7);
+    std::normal_distribution<float> normal(0.0f, 1.0f);
+    int failures = 0;
+    for (const Case& c : cases) {
+        const i64 width = c.heads * hd, row = 3 * width;  // fused q | k | v rows, as the model stores them
+        std::vector<store_t> qbuf(c.batch * c.q_len * row), kvbuf(c.batch * c.kv_len * row);
+        for (auto& x : qbuf) x = to_store(normal(rng));
+        for (auto& x : kvbuf) x = to_store(normal(rng));
+        Shape s{c.batch, c.heads, hd, c.q_len, c.kv_len, row, row, row, c.q_len * row, c.kv_len * row};
+        const float scale = 1.0f / std::sqrt((float)hd);
+        const store_t *q = qbuf.data(), *k = kvbuf.data() + width, *v = kvbuf.data() + 2 * width;
+        const i64 rows = c.batch * c.q_len * c.heads;
+        std::vector<store_t> out_ref(c.batch * c.q_len * width), out_flash(out_ref.size());
+        std::vector<store_t> lse_ref(rows), lse_flash(rows);
+
+        emu::launch(EmuDim3{(unsigned)((rows + 3) / 4), 1, 1}, 128, [&] {
+            attention_forward(s, c.kind, c.p0, c.p1, c.p2, c.window, scale, q, k, v, out_ref.data(), lse_ref.data());
+        });
+        emu::launch(EmuDim3{(unsigned)((c.q_len + 63) / 64), (unsigned)(c.batch * c.heads), 1}, 128, [&] {
+            attention_forward_flash(s, c.kind, c.p0, c.p1, c.p2, c.window, scale, q, k, v, out_flash.data(),
+                                    lse_flash.data());
+        });
+
+        // The plain attention in f64 from the bf16 inputs.
+        double worst[2][2] = {{0, 0}, {0, 0}};  // [kernel][out, lse]
+        for (i64 b = 0; b < c.batch; ++b)
+            for (i64 h = 0; h < c.heads; ++h)
+                for (i64 qi = 0; qi < c.q_len; ++qi) {
+                    std::vector<double> p(c.kv_len, 0.0);
+                    double m = -INFINITY;
+                    const store_t* qr = q + b * s.q_batch_stride + qi * row + h * hd;
+                    for (i64 ki = 0; ki < c.kv_len; ++ki) {
+                        if (!allowed(c, qi, ki)) continue;
+                        const store_t* kr = k + b * s.kv_batch_stride + ki * row + h * hd;
+                        double dot = 0;
+                        for (i64 d = 0; d < hd; ++d) dot += (double)bf(qr[d]) * bf(kr[d]);
+                        p[ki] = dot * scale;
+                        m = std::max(m, p[ki]);
+                    }
+                    double l = 0;
+                    for (i64 ki = 0; ki < c.kv_len; ++ki) l += allowed(c, qi, ki) ? (p[ki] = std::exp(p[ki] - m)) : (p[ki] = 0);
+                    const double lse = l > 0 ? m + std::log(l) : -INFINITY;
+                    const i64 li = (b * c.heads + h) * c.q_len + qi;
+                    const store_t* lses[2] = {lse_ref.data(), lse_flash.data()};
+                    const store_t* outs[2] = {out_ref.data(), out_flash.data()};
+                    for (int kern = 0; kern < 2; ++kern) {
+                        double got = bf(lses[kern][li]);
+                        double err = l > 0 ? std::abs(got - lse) / (1.0 + std::abs(lse)) : (std::isinf(got) ? 0.0 : 1.0);
+                        worst[kern][1] = std::max(worst[kern][1], err);
+                    }
+                    for (i64 d = 0; d < hd; ++d) {
+                        double want = 0;
+                        for (i64 ki = 0; ki < c.kv_len; ++ki)
+                            if (p[ki] > 0) want += p[ki] * bf(v[b * s.kv_batch_stride + ki * row + h * hd + d]);
+                        want = l > 0 ? want / l : 0.0;
+                        const i64 o = b * c.q_len * width + qi * width + h * hd + d;
+                        for (int kern = 0; kern < 2; ++kern) {
+                            double err = std::abs(bf(outs[kern][o]) - want) / (0.05 + std::abs(want));
+                            worst[kern][0] = std::max(worst[kern][0], err);
+                        }
+                    }
+                }
+        // bf16 storage rounds the output and the log-sum-exp (2⁻⁸ relative); the flash kernel also
+        // rounds P to bf16 before P·V.
+        const double tol_out[2] = {1.5e-2, 3e-2}, tol_lse = 1e-2;
+        const char* names[2] = {"attention_forward      ", "attention_forward_flash"};
+        for (int kern = 0; kern < 2; ++kern) {
+            bool ok = worst[kern][0] <= tol_out[kern] && worst[kern][1] <= tol_lse;
+            failures += !ok;
+            std::printf("%s %s | %s: out rel err %.2e (tol %.0e), lse rel err %.2e (tol %.0e)\n", ok ? "ok  " : "FAIL",
+                        names[kern], c.name, worst[kern][0], tol_out[kern], worst[kern][1], tol_lse);
+        }
+    }
+    return failures ? 1 : 0;
+}

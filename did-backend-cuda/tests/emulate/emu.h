@@ -1,0 +1,121 @@
+// A CPU emulation of the CUDA features the attention kernels use, so their indexing, masking,
+// online softmax and tensor-core fragment handling can be tested on a machine without a GPU.
+//
+// Every CUDA thread of a block is an OS thread; blocks run one after another, so `__shared__`
+// (mapped to `static`) is one array per block. `__syncthreads` is a barrier over the block;
+// warp shuffles and `mma.sync` exchange values through per-warp scratch between two warp
+// barriers. The mma follows the fragment layout of the PTX ISA for m16n8k16 with bf16 inputs
+// and f32 accumulation, written out independently of the kernel.
+//
+// This checks the kernels' logic, not the hardware: timing, memory coalescing, bank conflicts
+// and the real tensor cores are for `scripts/gpu-check.sh` on a GPU.
+#pragma once
+
+#include <array>
+#include <barrier>
+#include <cmath>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#define DID_EMULATE 1
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __shared__ static
+
+struct EmuDim3 {
+    unsigned x = 0, y = 0, z = 0;
+};
+inline thread_local EmuDim3 threadIdx, blockIdx;
+inline EmuDim3 blockDim, gridDim;
+
+namespace emu {
+inline std::unique_ptr<std::barrier<>> block_barrier;
+inline std::vector<std::unique_ptr<std::barrier<>>> warp_barriers;
+inline std::vector<std::array<unsigned, 32 * 8>> scratch;  // per warp: 8 words per lane
+
+inline int warp() { return threadIdx.x / 32; }
+inline int lane() { return threadIdx.x & 31; }
+inline void warp_sync() { warp_barriers[warp()]->arrive_and_wait(); }
+
+/// Runs `kernel` over `grid` blocks of `threads` threads (a multiple of 32).
+inline void launch(EmuDim3 grid, unsigned threads, const std::function<void()>& kernel) {
+    gridDim = grid;
+    blockDim = EmuDim3{threads, 1, 1};
+    const unsigned warps = threads / 32;
+    for (unsigned by = 0; by < grid.y; ++by) {
+        for (unsigned bx = 0; bx < grid.x; ++bx) {
+            block_barrier = std::make_unique<std::barrier<>>(threads);
+            warp_barriers.clear();
+            for (unsigned w = 0; w < warps; ++w) warp_barriers.push_back(std::make_unique<std::barrier<>>(32));
+            scratch.assign(warps, {});
+            std::vector<std::thread> pool;
+            for (unsigned t = 0; t < threads; ++t) {
+                pool.emplace_back([&, t] {
+                    threadIdx = EmuDim3{t, 0, 0};
+                    blockIdx = EmuDim3{bx, by, 0};
+                    kernel();
+                });
+            }
+            for (auto& th : pool) th.join();
+        }
+    }
+}
+}  // namespace emu
+
+inline void __syncthreads() { emu::block_barrier->arrive_and_wait(); }
+
+template <class T>
+T __shfl_xor_sync(unsigned, T value, int offset) {
+    static_assert(sizeof(T) <= 8, "two words per lane");
+    auto& s = emu::scratch[emu::warp()];
+    const int lane = emu::lane();
+    std::memcpy(&s[lane * 8], &value, sizeof(T));
+    emu::warp_sync();
+    T got;
+    std::memcpy(&got, &s[(lane ^ offset) * 8], sizeof(T));
+    emu::warp_sync();
+    return got;
+}
+
+inline float __int_as_float(int x) { float f; std::memcpy(&f, &x, 4); return f; }
+inline float __uint_as_float(unsigned x) { float f; std::memcpy(&f, &x, 4); return f; }
+inline unsigned __float_as_uint(float x) { unsigned u; std::memcpy(&u, &x, 4); return u; }
+using std::max;
+using std::min;
+
+// mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32, D = A·B + C, per the PTX ISA's fragment
+// tables: groupID = lane / 4, threadID_in_group = lane % 4.
+//   A (16×16): register r holds A[groupID + 8·(r % 2)][2·tig + 8·(r / 2) + {0, 1}]
+//   B (16×8):  register r holds B[2·tig + 8·r + {0, 1}][groupID]
+//   C (16×8):  element e is C[groupID + 8·(e / 2)][2·tig + e % 2]
+// with the lower-indexed bf16 of a pair in the lower 16 bits.
+inline void mma_bf16_16816(float* c, const unsigned* a, const unsigned* b) {
+    auto& s = emu::scratch[emu::warp()];
+    const int lane = emu::lane();
+    for (int r = 0; r < 4; ++r) s[lane * 8 + r] = a[r];
+    for (int r = 0; r < 2; ++r) s[lane * 8 + 4 + r] = b[r];
+    emu::warp_sync();
+    auto half = [](unsigned word, int hi) { return __uint_as_float(((word >> (16 * hi)) & 0xffffu) << 16); };
+    auto A = [&](int row, int col) {
+        int owner = (row % 8) * 4 + (col % 8) / 2, reg = (row >= 8) + 2 * (col >= 8);
+        return half(s[owner * 8 + reg], col & 1);
+    };
+    auto B = [&](int k, int n) {
+        int owner = n * 4 + (k % 8) / 2, reg = k >= 8;
+        return half(s[owner * 8 + 4 + reg], k & 1);
+    };
+    const int g = lane / 4, t = lane % 4;
+    float d[4];
+    for (int e = 0; e < 4; ++e) {
+        int row = g + 8 * (e / 2), col = 2 * t + e % 2;
+        float sum = c[e];
+        for (int k = 0; k < 16; ++k) sum += A(row, k) * B(k, col);
+        d[e] = sum;
+    }
+    emu::warp_sync();
+    for (int e = 0; e < 4; ++e) c[e] = d[e];
+}
