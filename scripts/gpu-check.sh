@@ -7,7 +7,8 @@
 #
 # 1. finds the CUDA libraries (driver, NVRTC, cuBLAS) and puts them on LD_LIBRARY_PATH;
 # 2. runs every CUDA test one by one with DID_REQUIRE_CUDA=1 (a missing
-#    library fails instead of skipping), timing each;
+#    library fails instead of skipping), timing each, then the model tests
+#    again with the flash attention forward (DID_CUDA_ATTENTION=flash);
 # 3. trains `tiny` for a few steps with `did --backend cuda` (f32 and bf16),
 #    samples draft → remask → refine from it on the GPU and on the CPU and
 #    checks the tokens are identical;
@@ -64,6 +65,21 @@ for bin in "$bundle"/*; do
         rows+="| \`$name::$t\` | $status | $secs |"$'\n'
     done
 done
+
+# The model tests again with the flash attention forward (bf16 storage uses it when selected):
+# the whole model, trained and sampled, agreeing with the CPU within the bf16 bands.
+if [ -x "$bundle/model" ]; then
+    for t in $("$bundle/model" --list --format=terse 2>/dev/null | sed -n 's/: test$//p'); do
+        s=$(date +%s.%N)
+        echo "==== model::$t (DID_CUDA_ATTENTION=flash)" >>"$log"
+        DID_CUDA_ATTENTION=flash "$bundle/model" --exact "$t" --test-threads=1 --nocapture >>"$log" 2>&1
+        rc=$?
+        secs=$(elapsed "$s")
+        if [ $rc -eq 0 ]; then status=pass; else status="**FAIL**"; failed=1; fi
+        echo "$status model::$t with flash attention (${secs} s)"
+        rows+="| \`model::$t\` (DID_CUDA_ATTENTION=flash) | $status | $secs |"$'\n'
+    done
+fi
 
 # ---- 3. end to end with the did binary ---------------------------------------------------------------
 did="$bundle/did"

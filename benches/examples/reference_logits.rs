@@ -77,7 +77,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .map_err(|e| err(format!("{e:?}")))?;
     let outputs: Vec<OutputPosition> = draft
         .clone()
-        .map(|p| OutputPosition { seq: 0, pos: p as u32 })
+        .map(|p| OutputPosition {
+            seq: 0,
+            pos: p as u32,
+        })
         .collect();
     let mut cached = vec![0.0f32; outputs.len() * vocab];
     let mut seq = window.clone();
@@ -101,14 +104,31 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let data: Vec<(&str, Dtype, Vec<usize>, Vec<u8>)> = vec![
         ("clean", Dtype::U32, vec![len], ids(&clean)),
         ("noisy", Dtype::U32, vec![len], ids(&noisy)),
-        ("refine_logits", Dtype::F32, vec![len, vocab], floats(&refine)),
+        (
+            "refine_logits",
+            Dtype::F32,
+            vec![len, vocab],
+            floats(&refine),
+        ),
         ("draft_tokens", Dtype::U32, vec![draft.end], ids(&window)),
-        ("draft_logits", Dtype::F32, vec![draft.len(), vocab], floats(&uncached)),
-        ("draft_cached_logits", Dtype::F32, vec![draft.len(), vocab], floats(&cached)),
+        (
+            "draft_logits",
+            Dtype::F32,
+            vec![draft.len(), vocab],
+            floats(&uncached),
+        ),
+        (
+            "draft_cached_logits",
+            Dtype::F32,
+            vec![draft.len(), vocab],
+            floats(&cached),
+        ),
     ];
     let views = data
         .iter()
-        .map(|(name, dtype, shape, bytes)| Ok((*name, TensorView::new(*dtype, shape.clone(), bytes)?)))
+        .map(|(name, dtype, shape, bytes)| {
+            Ok((*name, TensorView::new(*dtype, shape.clone(), bytes)?))
+        })
         .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()?;
     let meta = HashMap::from([
         ("draft_start".to_string(), draft.start.to_string()),
@@ -118,7 +138,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     if let Some(dir) = out_path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    std::fs::write(&out_path, safetensors::tensor::serialize(views, Some(meta))?)?;
+    std::fs::write(
+        &out_path,
+        safetensors::tensor::serialize(views, Some(meta))?,
+    )?;
     println!("wrote {}", out_path.display());
     Ok(())
 }

@@ -171,7 +171,7 @@ extern "C" __global__ void attention_backward_dkv(Shape s, int kind, i64 p0, i64
 // predicate applies. Q·Kᵀ and P·V run on tensor cores (mma.m16n8k16, bf16 in, f32 accumulate),
 // the softmax is online in f32, and the output and log-sum-exp are what attention_forward writes,
 // so the same backward kernels follow it.
-#ifdef STORAGE_BF16
+#if defined(STORAGE_BF16) && (!defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800)
 #define FLASH_TILE 64
 #define FLASH_HD 64
 #define FLASH_PAD (FLASH_HD + 8)  // row stride in shared memory: staggers the banks

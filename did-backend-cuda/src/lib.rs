@@ -138,6 +138,23 @@ enum Arg {
     Attention(AttentionShapeC),
 }
 
+/// Which kernel computes the attention forward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttentionKernel {
+    /// One warp per query over the keys its mask allows, f32 arithmetic: any precision, any
+    /// head dimension, checked against the CPU on GPUs.
+    Reference,
+    /// The fused flash kernel (`attention_forward_flash`): tensor cores, 64 × 64 tiles, empty
+    /// tiles skipped. bf16 storage, head dimension 64, compute capability ≥ 8.0; other shapes
+    /// fall back to the reference kernel. Checked under CPU emulation (tests/emulate) and by
+    /// the compile gate; selected with `DID_CUDA_ATTENTION=flash` (wherever it can run) until a
+    /// GPU run has checked it.
+    Flash,
+}
+
+/// The head dimension the flash kernel is written for.
+const FLASH_HEAD_DIM: usize = 64;
+
 /// The CUDA backend on one device.
 pub struct CudaBackend {
     _ctx: Arc<CudaContext>,
@@ -147,6 +164,8 @@ pub struct CudaBackend {
     functions: HashMap<&'static str, CudaFunction>,
     name: String,
     device_name: String,
+    /// [`AttentionKernel::Flash`] in use (an atomic: the backend is shared behind `&self`).
+    flash_attention: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -189,7 +208,21 @@ impl CudaBackend {
             for &name in names {
                 functions.insert(name, module.load_function(name)?);
             }
+            if precision == Precision::Bf16 && major >= 8 {
+                for &(_, name) in kernels::BF16_SM80_KERNELS.iter().filter(|(f, _)| f == file) {
+                    functions.insert(name, module.load_function(name)?);
+                }
+            }
         }
+        let flash = match std::env::var("DID_CUDA_ATTENTION").as_deref() {
+            Ok("flash") => true,
+            Ok("reference") | Err(_) => false,
+            Ok(other) => {
+                return Err(CudaError::Shape(format!(
+                "DID_CUDA_ATTENTION={other:?}: expected `flash` or `reference` (unset = reference)"
+            )))
+            }
+        };
         let device_name = ctx.name()?;
         let mode = match precision {
             Precision::F32 => "f32",
@@ -203,7 +236,43 @@ impl CudaBackend {
             blas,
             precision,
             functions,
+            flash_attention: std::sync::atomic::AtomicBool::new(false),
         })
+        .inspect(|b| {
+            // The variable asks for the flash kernel wherever it can run (bf16, sm_80+); an f32
+            // backend of the same process keeps the reference kernel.
+            if flash {
+                let _ = b.set_attention_kernel(AttentionKernel::Flash);
+            }
+        })
+    }
+
+    /// Chooses the attention forward kernel; [`AttentionKernel::Flash`] needs bf16 storage and
+    /// compute capability ≥ 8.0.
+    pub fn set_attention_kernel(&self, kernel: AttentionKernel) -> Result<(), CudaError> {
+        let flash = kernel == AttentionKernel::Flash;
+        if flash && !self.functions.contains_key("attention_forward_flash") {
+            return Err(CudaError::Shape(format!(
+                "the flash attention kernel needs bf16 storage (--precision bf16) and a GPU of compute \
+                 capability 8.0 or later; this backend is {}",
+                self.name
+            )));
+        }
+        self.flash_attention
+            .store(flash, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The attention forward kernel in use.
+    pub fn attention_kernel(&self) -> AttentionKernel {
+        if self
+            .flash_attention
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            AttentionKernel::Flash
+        } else {
+            AttentionKernel::Reference
+        }
     }
 
     /// The device's name, as the driver reports it.
@@ -973,6 +1042,24 @@ impl Backend for CudaBackend {
             Arg::Ptr(self.ptr_mut(out, e.out, "attention out")?),
             Arg::Ptr(self.ptr_mut(lse, e.lse, "attention lse")?),
         ];
+        let heads = s.batch * s.heads;
+        if self.attention_kernel() == AttentionKernel::Flash
+            && s.head_dim == FLASH_HEAD_DIM
+            && heads <= 65_535
+            && s.kv_len < i32::MAX as usize
+        {
+            if heads == 0 || s.q_len == 0 {
+                return Ok(());
+            }
+            let tiles = u32::try_from(s.q_len.div_ceil(64))
+                .map_err(|_| CudaError::Shape(format!("attention: {} queries", s.q_len)))?;
+            return self.launch(
+                "attention_forward_flash",
+                (tiles, heads as u32, 1),
+                128,
+                &args,
+            );
+        }
         self.launch_warps("attention_forward", e.lse, &args)
     }
 

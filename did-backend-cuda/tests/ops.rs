@@ -6,6 +6,7 @@
 mod common;
 
 use common::{bf16_round, check, dims, down, gpu, poisoned, rand, Case, BF16, F32};
+use did_backend_cuda::{AttentionKernel, Precision};
 use did_core::backend::{
     AdamW, AttentionShape, Backend, DrawSpec, Gemm, NormShape, RopeShape, Slice, SliceMut,
 };
@@ -557,6 +558,68 @@ fn attention_forward_and_backward_under_every_mask() {
         ))
     }
     qc(60, prop);
+}
+
+/// The flash forward (bf16, head dimension 64) against the CPU, under every mask kind; the
+/// backward that follows it is the reference one, fed the flash kernel's output and
+/// log-sum-exp, so the gradients check that those are what the backward expects.
+#[test]
+fn flash_attention_matches_the_cpu_under_every_mask() {
+    if !gpu("flash_attention_matches_the_cpu_under_every_mask") {
+        return;
+    }
+    fn prop(x: u8, y: u8, z: u8, seed: u64) -> TestResult {
+        let (mask, q_len, kv_len) = attention_mask(z, x as usize, y as usize, seed);
+        let (heads, head_dim) = (dims((seed >> 8) as u8, 1, 3), 64);
+        let batch = dims((seed >> 32) as u8, 1, 2);
+        let width = heads * head_dim;
+        let s = AttentionShape {
+            batch,
+            heads,
+            head_dim,
+            q_len,
+            kv_len,
+            q_stride: 3 * width,
+            k_stride: 2 * width,
+            v_stride: 2 * width,
+            q_batch_stride: q_len * 3 * width,
+            kv_batch_stride: kv_len * 2 * width,
+            scale: 1.0 / (head_dim as f32).sqrt(),
+        };
+        let case = AttentionCase {
+            s,
+            mask,
+            qkv: rand(seed, batch * q_len * 3 * width, 1.5),
+            kv: rand(seed ^ 1, batch * kv_len * 2 * width, 1.5),
+            dout: rand(seed ^ 2, batch * q_len * width, 1.0),
+            acc_q: rand(seed ^ 3, batch * q_len * width, 1.0),
+            acc_kv: rand(seed ^ 4, batch * kv_len * width, 1.0),
+        };
+        let label = format!("flash attention {mask:?} {s:?}");
+        let cpu = match case.run(&did_backend_cpu::CpuBackend::new()) {
+            Ok(c) => c,
+            Err(e) => return TestResult::error(format!("{label}: cpu: {e}")),
+        };
+        let gpu = common::with_gpu(Precision::Bf16, |g| {
+            g.set_attention_kernel(AttentionKernel::Flash)?;
+            let out = case.run(g);
+            g.set_attention_kernel(AttentionKernel::Reference)?;
+            out
+        });
+        let gpu = match gpu {
+            Ok(g) => g,
+            Err(e) => return TestResult::error(format!("{label}: gpu: {e}")),
+        };
+        // P is rounded to bf16 before P·V: twice the element-wise tolerance.
+        let tol = common::Tol {
+            rtol: 2.0 * BF16.rtol,
+            atol: 2.0 * BF16.atol,
+        };
+        verdict(cpu.iter().zip(&gpu).try_for_each(|((name, c), (_, g))| {
+            common::compare(&format!("{label} {name}"), c, g, tol)
+        }))
+    }
+    qc(40, prop);
 }
 
 // ---- activations, dropout --------------------------------------------------------------

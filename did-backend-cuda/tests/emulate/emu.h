@@ -41,28 +41,31 @@ inline int warp() { return threadIdx.x / 32; }
 inline int lane() { return threadIdx.x & 31; }
 inline void warp_sync() { warp_barriers[warp()]->arrive_and_wait(); }
 
-/// Runs `kernel` over `grid` blocks of `threads` threads (a multiple of 32).
+/// Runs `kernel` over `grid` blocks of `threads` threads (a multiple of 32). The OS threads
+/// stay for the whole grid and take the blocks one after another, a barrier between blocks.
 inline void launch(EmuDim3 grid, unsigned threads, const std::function<void()>& kernel) {
     gridDim = grid;
     blockDim = EmuDim3{threads, 1, 1};
     const unsigned warps = threads / 32;
-    for (unsigned by = 0; by < grid.y; ++by) {
-        for (unsigned bx = 0; bx < grid.x; ++bx) {
-            block_barrier = std::make_unique<std::barrier<>>(threads);
-            warp_barriers.clear();
-            for (unsigned w = 0; w < warps; ++w) warp_barriers.push_back(std::make_unique<std::barrier<>>(32));
-            scratch.assign(warps, {});
-            std::vector<std::thread> pool;
-            for (unsigned t = 0; t < threads; ++t) {
-                pool.emplace_back([&, t] {
-                    threadIdx = EmuDim3{t, 0, 0};
+    block_barrier = std::make_unique<std::barrier<>>(threads);
+    warp_barriers.clear();
+    for (unsigned w = 0; w < warps; ++w) warp_barriers.push_back(std::make_unique<std::barrier<>>(32));
+    scratch.assign(warps, {});
+    std::barrier<> between_blocks(threads);
+    std::vector<std::thread> pool;
+    for (unsigned t = 0; t < threads; ++t) {
+        pool.emplace_back([&, t] {
+            threadIdx = EmuDim3{t, 0, 0};
+            for (unsigned by = 0; by < grid.y; ++by) {
+                for (unsigned bx = 0; bx < grid.x; ++bx) {
                     blockIdx = EmuDim3{bx, by, 0};
                     kernel();
-                });
+                    between_blocks.arrive_and_wait();
+                }
             }
-            for (auto& th : pool) th.join();
-        }
+        });
     }
+    for (auto& th : pool) th.join();
 }
 }  // namespace emu
 
