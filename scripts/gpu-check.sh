@@ -50,36 +50,29 @@ echo "device: $device" | tee -a "$log"
 # ---- 2. the CUDA tests ------------------------------------------------------------------------
 export DID_REQUIRE_CUDA=1
 rows=""
-for bin in "$bundle"/*; do
+# Every test of one binary, one by one: run_tests BIN [SUFFIX [VAR=VALUE …]] (the variables are
+# set for these runs only; SUFFIX labels the rows).
+run_tests() {
+    local bin=$1 suffix=${2:-} name t s rc secs status
+    shift 2 2>/dev/null || shift
     name=$(basename "$bin")
-    [ "$name" = did ] && continue
-    tests=$("$bin" --list --format=terse 2>/dev/null | sed -n 's/: test$//p')
-    for t in $tests; do
+    for t in $("$bin" --list --format=terse 2>/dev/null | sed -n 's/: test$//p'); do
         s=$(date +%s.%N)
-        echo "==== $name::$t" >>"$log"
-        "$bin" --exact "$t" --test-threads=1 --nocapture >>"$log" 2>&1
+        echo "==== $name::$t $suffix" >>"$log"
+        env "$@" "$bin" --exact "$t" --test-threads=1 --nocapture >>"$log" 2>&1
         rc=$?
         secs=$(elapsed "$s")
         if [ $rc -eq 0 ]; then status=pass; else status="**FAIL**"; failed=1; fi
-        echo "$status $name::$t (${secs} s)"
-        rows+="| \`$name::$t\` | $status | $secs |"$'\n'
+        echo "$status $name::$t $suffix (${secs} s)"
+        rows+="| \`$name::$t\` $suffix | $status | $secs |"$'\n'
     done
+}
+for bin in "$bundle"/*; do
+    [ -f "$bin" ] && [ "$(basename "$bin")" != did ] && run_tests "$bin"
 done
-
 # The model tests again with the flash attention forward (bf16 storage uses it when selected):
 # the whole model, trained and sampled, agreeing with the CPU within the bf16 bands.
-if [ -x "$bundle/model" ]; then
-    for t in $("$bundle/model" --list --format=terse 2>/dev/null | sed -n 's/: test$//p'); do
-        s=$(date +%s.%N)
-        echo "==== model::$t (DID_CUDA_ATTENTION=flash)" >>"$log"
-        DID_CUDA_ATTENTION=flash "$bundle/model" --exact "$t" --test-threads=1 --nocapture >>"$log" 2>&1
-        rc=$?
-        secs=$(elapsed "$s")
-        if [ $rc -eq 0 ]; then status=pass; else status="**FAIL**"; failed=1; fi
-        echo "$status model::$t with flash attention (${secs} s)"
-        rows+="| \`model::$t\` (DID_CUDA_ATTENTION=flash) | $status | $secs |"$'\n'
-    done
-fi
+[ -x "$bundle/model" ] && run_tests "$bundle/model" "(DID_CUDA_ATTENTION=flash)" DID_CUDA_ATTENTION=flash
 
 # ---- 3. end to end with the did binary ---------------------------------------------------------------
 did="$bundle/did"

@@ -54,8 +54,8 @@ def main() -> int:
     model.load_did(tensors)
     model = model.to(dev).eval()
     ref = {k: v.to(dev) for k, v in load_file(args.reference).items()}
-    draft_start = int(open_meta(args.reference)["draft_start"])
-    block = int(open_meta(args.reference)["block_size"])
+    meta_ref = read_checkpoint(args.reference)[1]
+    draft_start, block = int(meta_ref["draft_start"]), int(meta_ref["block_size"])
 
     failures = 0
 
@@ -101,10 +101,6 @@ def main() -> int:
         else:
             compare("2L training pass (FlexAttention block mask), x_t half", flex, ref["draft_logits"])
     return 1 if failures else 0
-
-
-def open_meta(path):
-    return read_checkpoint(path)[1]
 
 
 if __name__ == "__main__":

@@ -512,46 +512,51 @@ fn attention_mask(kind: u8, a: usize, b: usize, seed: u64) -> (AttentionMask, us
     }
 }
 
+/// A random attention case under mask kind `z`: 1–3 heads of `head_dim`, batch 1–2, q inside
+/// a fused qkv-like row of 3·width, k and v interleaved in rows of 2·width.
+fn attention_case(z: u8, x: u8, y: u8, seed: u64, head_dim: usize) -> AttentionCase {
+    let (mask, q_len, kv_len) = attention_mask(z, x as usize, y as usize, seed);
+    let heads = dims((seed >> 8) as u8, 1, 3);
+    let batch = dims((seed >> 32) as u8, 1, 2);
+    let width = heads * head_dim;
+    let s = AttentionShape {
+        batch,
+        heads,
+        head_dim,
+        q_len,
+        kv_len,
+        q_stride: 3 * width,
+        k_stride: 2 * width,
+        v_stride: 2 * width,
+        q_batch_stride: q_len * 3 * width,
+        kv_batch_stride: kv_len * 2 * width,
+        scale: 1.0 / (head_dim as f32).sqrt(),
+    };
+    AttentionCase {
+        s,
+        mask,
+        qkv: rand(seed, batch * q_len * 3 * width, 1.5),
+        kv: rand(seed ^ 1, batch * kv_len * 2 * width, 1.5),
+        dout: rand(seed ^ 2, batch * q_len * width, 1.0),
+        acc_q: rand(seed ^ 3, batch * q_len * width, 1.0),
+        acc_kv: rand(seed ^ 4, batch * kv_len * width, 1.0),
+    }
+}
+
 #[test]
 fn attention_forward_and_backward_under_every_mask() {
     if !gpu("attention_forward_and_backward_under_every_mask") {
         return;
     }
     fn prop(x: u8, y: u8, z: u8, seed: u64) -> TestResult {
-        let (mask, q_len, kv_len) = attention_mask(z, x as usize, y as usize, seed);
-        let heads = dims((seed >> 8) as u8, 1, 3);
         let head_dim = match (seed >> 16) % 4 {
             0 => 64,
             1 => 1,
             _ => dims((seed >> 24) as u8, 2, 100),
         };
-        let batch = dims((seed >> 32) as u8, 1, 2);
-        let width = heads * head_dim;
-        // q inside a fused qkv-like row of 3·width; k and v interleaved in rows of 2·width.
-        let s = AttentionShape {
-            batch,
-            heads,
-            head_dim,
-            q_len,
-            kv_len,
-            q_stride: 3 * width,
-            k_stride: 2 * width,
-            v_stride: 2 * width,
-            q_batch_stride: q_len * 3 * width,
-            kv_batch_stride: kv_len * 2 * width,
-            scale: 1.0 / (head_dim as f32).sqrt(),
-        };
-        let case = AttentionCase {
-            s,
-            mask,
-            qkv: rand(seed, batch * q_len * 3 * width, 1.5),
-            kv: rand(seed ^ 1, batch * kv_len * 2 * width, 1.5),
-            dout: rand(seed ^ 2, batch * q_len * width, 1.0),
-            acc_q: rand(seed ^ 3, batch * q_len * width, 1.0),
-            acc_kv: rand(seed ^ 4, batch * kv_len * width, 1.0),
-        };
+        let case = attention_case(z, x, y, seed, head_dim);
         verdict(check(
-            &format!("attention {mask:?} {s:?}"),
+            &format!("attention {:?} {:?}", case.mask, case.s),
             &case,
             F32,
             Some(BF16),
@@ -569,33 +574,8 @@ fn flash_attention_matches_the_cpu_under_every_mask() {
         return;
     }
     fn prop(x: u8, y: u8, z: u8, seed: u64) -> TestResult {
-        let (mask, q_len, kv_len) = attention_mask(z, x as usize, y as usize, seed);
-        let (heads, head_dim) = (dims((seed >> 8) as u8, 1, 3), 64);
-        let batch = dims((seed >> 32) as u8, 1, 2);
-        let width = heads * head_dim;
-        let s = AttentionShape {
-            batch,
-            heads,
-            head_dim,
-            q_len,
-            kv_len,
-            q_stride: 3 * width,
-            k_stride: 2 * width,
-            v_stride: 2 * width,
-            q_batch_stride: q_len * 3 * width,
-            kv_batch_stride: kv_len * 2 * width,
-            scale: 1.0 / (head_dim as f32).sqrt(),
-        };
-        let case = AttentionCase {
-            s,
-            mask,
-            qkv: rand(seed, batch * q_len * 3 * width, 1.5),
-            kv: rand(seed ^ 1, batch * kv_len * 2 * width, 1.5),
-            dout: rand(seed ^ 2, batch * q_len * width, 1.0),
-            acc_q: rand(seed ^ 3, batch * q_len * width, 1.0),
-            acc_kv: rand(seed ^ 4, batch * kv_len * width, 1.0),
-        };
-        let label = format!("flash attention {mask:?} {s:?}");
+        let case = attention_case(z, x, y, seed, 64);
+        let label = format!("flash attention {:?} {:?}", case.mask, case.s);
         let cpu = match case.run(&did_backend_cpu::CpuBackend::new()) {
             Ok(c) => c,
             Err(e) => return TestResult::error(format!("{label}: cpu: {e}")),
