@@ -164,13 +164,16 @@ extern "C" __global__ void attention_backward_dkv(Shape s, int kind, i64 p0, i64
     }
 }
 
-// ---- The fused flash forward (bf16 storage, head_dim 64) -----------------------------------------
-// One block of 4 warps per (sequence, head, 64 queries); each warp owns 16 query rows. Key tiles
-// of 64 are visited only where the tile's key ranges reach (the BD3 training mask at block 4
-// leaves about three quarters of them empty); inside a visited tile the exact per-pair
-// predicate applies. Q·Kᵀ and P·V run on tensor cores (mma.m16n8k16, bf16 in, f32 accumulate),
-// the softmax is online in f32, and the output and log-sum-exp are what attention_forward writes,
-// so the same backward kernels follow it.
+// ---- Flash attention (bf16 storage, head_dim 64) ------------------------------------------------
+// One block of 4 warps per (sequence, head, 64 rows); each warp owns 16 rows and walks 64-wide
+// tiles of the other side, visiting only tiles the mask's ranges reach (the BD3 training mask at
+// block 4 leaves about three quarters of them empty); inside a visited tile the exact per-pair
+// predicate applies. Every product is a 16×64 · 64×64 on tensor cores (mma.m16n8k16, bf16 in,
+// f32 accumulate); softmax statistics stay in f32.
+//   forward:      S = Q·Kᵀ, online softmax, O += P·V; writes what attention_forward writes.
+//   backward dq:  per query tile, S and dP = dO·Vᵀ, dS = P ∘ (dP − δ), dQ += dS·K; writes δ.
+//   backward dkv: per key tile, Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ, dV += Pᵀ·dO, dK += dSᵀ·Q.
+// As in the correctness-first kernels, nothing is accumulated with atomics.
 #if defined(STORAGE_BF16) && (!defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800)
 #define FLASH_TILE 64
 #define FLASH_HD 64
@@ -194,22 +197,66 @@ __device__ __forceinline__ bool in_ranges(const Ranges& r, i64 key) {
     return (key >= r.a0 && key < r.a1) || (key >= r.b0 && key < r.b1);
 }
 
-extern "C" __global__ void attention_forward_flash(Shape s, int kind, i64 p0, i64 p1, i64 p2, i64 window, float scale,
-                                                   const store_t* q, const store_t* k, const store_t* v, store_t* out,
-                                                   store_t* lse) {
-    __shared__ store_t ks[FLASH_TILE * FLASH_PAD];
-    __shared__ store_t vs[FLASH_TILE * FLASH_PAD];
-    __shared__ int hull[4][4];  // per warp: lowest start and highest end of the a and b ranges
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
-    const i64 h = blockIdx.y % s.heads, b = blockIdx.y / s.heads;
-    const i64 q0 = (i64)blockIdx.x * FLASH_TILE + warp * 16;
-    const i64 width = s.heads * FLASH_HD;
-    const store_t* kb = k + b * s.kv_batch_stride + h * FLASH_HD;
-    const store_t* vb = v + b * s.kv_batch_stride + h * FLASH_HD;
-    const float neg_inf = -__int_as_float(0x7f800000);
+// A warp's 16 rows (from row0, of `rows`) × 64 columns of a row-major matrix in global memory
+// as the A fragments of the four 16-wide slices of the head; rows past the end are zeros.
+__device__ __forceinline__ void load_rows_as_a(unsigned (*a)[4], const store_t* base, i64 stride, i64 row0, i64 rows,
+                                               int g, int t) {
+    for (int kk = 0; kk < 4; ++kk) {
+        for (int r = 0; r < 4; ++r) {
+            i64 row = row0 + g + 8 * (r & 1);
+            const store_t* p = base + row * stride + kk * 16 + 2 * t + 8 * (r >> 1);
+            a[kk][r] = row < rows ? pack2(p[0], p[1]) : 0u;
+        }
+    }
+}
 
-    // This thread's rows are g and g + 8 of its warp's 16.
-    Ranges rr[2];
+// Rows row0.. of a row-major matrix in global memory into a 64 × 64 shared tile (zeros past the end).
+__device__ __forceinline__ void load_tile(store_t* tile, const store_t* base, i64 stride, i64 row0, i64 rows) {
+    for (int i = threadIdx.x; i < FLASH_TILE * FLASH_HD; i += blockDim.x) {
+        int r = i / FLASH_HD, c = i % FLASH_HD;
+        tile[r * FLASH_PAD + c] = row0 + r < rows ? base[(row0 + r) * stride + c] : (store_t)0;
+    }
+}
+
+// c[n] = A · tileᵀ for the warp's 16 rows against the tile's 64 rows (eight 16×8 outputs):
+// the tile is row-major, so its rows are the columns of B.
+__device__ __forceinline__ void product_with_rows(float (*c)[4], const unsigned (*a)[4], const store_t* tile, int g, int t) {
+    for (int n = 0; n < 8; ++n) {
+        for (int e = 0; e < 4; ++e) c[n][e] = 0.0f;
+        const store_t* r = tile + (n * 8 + g) * FLASH_PAD;
+        for (int kk = 0; kk < 4; ++kk) {
+            unsigned b[2] = {pack2(r[kk * 16 + 2 * t], r[kk * 16 + 2 * t + 1]),
+                             pack2(r[kk * 16 + 2 * t + 8], r[kk * 16 + 2 * t + 9])};
+            mma_bf16_16816(c[n], a[kk], b);
+        }
+    }
+}
+
+// acc += X · tile, X the 16 × 64 f32 accumulators of a product_with_rows (rounded to bf16): an
+// accumulator's layout is the A layout of the next product, 16 columns at a time.
+__device__ __forceinline__ void accumulate_times_tile(float (*acc)[4], const float (*x)[4], const store_t* tile, int g,
+                                                      int t) {
+    for (int j = 0; j < 4; ++j) {
+        unsigned a[4] = {pack2(to_store(x[2 * j][0]), to_store(x[2 * j][1])),
+                         pack2(to_store(x[2 * j][2]), to_store(x[2 * j][3])),
+                         pack2(to_store(x[2 * j + 1][0]), to_store(x[2 * j + 1][1])),
+                         pack2(to_store(x[2 * j + 1][2]), to_store(x[2 * j + 1][3]))};
+        const store_t* r = tile + (j * 16 + 2 * t) * FLASH_PAD;
+        for (int d = 0; d < 8; ++d) {
+            int col = d * 8 + g;
+            unsigned b[2] = {pack2(r[col], r[FLASH_PAD + col]), pack2(r[8 * FLASH_PAD + col], r[9 * FLASH_PAD + col])};
+            mma_bf16_16816(acc[d], a, b);
+        }
+    }
+}
+
+// This thread's query rows (g and g + 8 of its warp's 16) and their key ranges, and the hull of
+// the whole block's ranges ({lowest a start, highest a end, lowest b start, highest b end}): key
+// tiles outside it are empty for every row of the block. Contains a __syncthreads.
+__device__ __forceinline__ void query_ranges(const Shape& s, int kind, i64 p0, i64 p1, i64 p2, i64 window, i64 q0, int g,
+                                             Ranges* rr, int* hull_out) {
+    __shared__ int hull[4][4];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     for (int i = 0; i < 2; ++i) {
         i64 row = q0 + g + 8 * i;
         if (row < s.q_len) {
@@ -218,7 +265,6 @@ extern "C" __global__ void attention_forward_flash(Shape s, int kind, i64 p0, i6
             rr[i].a0 = 0; rr[i].a1 = 0; rr[i].b0 = 0; rr[i].b1 = 0;
         }
     }
-    // The hull of every row's ranges: key tiles outside it are empty for the whole block.
     int lo_a = 0x7fffffff, hi_a = 0, lo_b = 0x7fffffff, hi_b = 0;
     for (int i = 0; i < 2; ++i) {
         if (rr[i].a1 > rr[i].a0) { lo_a = min(lo_a, (int)rr[i].a0); hi_a = max(hi_a, (int)rr[i].a1); }
@@ -231,51 +277,50 @@ extern "C" __global__ void attention_forward_flash(Shape s, int kind, i64 p0, i6
         hi_b = max(hi_b, __shfl_xor_sync(0xffffffffu, hi_b, o));
     }
     if (lane == 0) { hull[warp][0] = lo_a; hull[warp][1] = hi_a; hull[warp][2] = lo_b; hull[warp][3] = hi_b; }
-
-    // Q fragments for the four 16-wide slices of the head: rows g and g + 8.
-    unsigned qa[4][4];
-    for (int kk = 0; kk < 4; ++kk) {
-        for (int r = 0; r < 4; ++r) {
-            i64 row = q0 + g + 8 * (r & 1);
-            int col = kk * 16 + 2 * t + 8 * (r >> 1);
-            const store_t* qp = q + b * s.q_batch_stride + row * s.q_stride + h * FLASH_HD + col;
-            qa[kk][r] = row < s.q_len ? pack2(qp[0], qp[1]) : 0u;
-        }
-    }
-    float acc[8][4];
-    for (int d = 0; d < 8; ++d) for (int e = 0; e < 4; ++e) acc[d][e] = 0.0f;
-    float m[2] = {neg_inf, neg_inf}, l[2] = {0.0f, 0.0f};
     __syncthreads();
     for (int w = 0; w < 4; ++w) {
         lo_a = min(lo_a, hull[w][0]); hi_a = max(hi_a, hull[w][1]);
         lo_b = min(lo_b, hull[w][2]); hi_b = max(hi_b, hull[w][3]);
     }
+    hull_out[0] = lo_a; hull_out[1] = hi_a; hull_out[2] = lo_b; hull_out[3] = hi_b;
+}
+
+__device__ __forceinline__ bool tile_in_hull(const int* hull, i64 k0) {
+    const i64 k1 = k0 + FLASH_TILE;
+    return (k0 < hull[1] && k1 > hull[0]) || (k0 < hull[3] && k1 > hull[2]);
+}
+
+extern "C" __global__ void attention_forward_flash(Shape s, int kind, i64 p0, i64 p1, i64 p2, i64 window, float scale,
+                                                   const store_t* q, const store_t* k, const store_t* v, store_t* out,
+                                                   store_t* lse) {
+    __shared__ store_t ks[FLASH_TILE * FLASH_PAD];
+    __shared__ store_t vs[FLASH_TILE * FLASH_PAD];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+    const i64 h = blockIdx.y % s.heads, b = blockIdx.y / s.heads;
+    const i64 q0 = (i64)blockIdx.x * FLASH_TILE + warp * 16;
+    const i64 width = s.heads * FLASH_HD;
+    const float neg_inf = -__int_as_float(0x7f800000);
+
+    Ranges rr[2];
+    int hull[4];
+    query_ranges(s, kind, p0, p1, p2, window, q0, g, rr, hull);
+    unsigned qa[4][4];
+    load_rows_as_a(qa, q + b * s.q_batch_stride + h * FLASH_HD, s.q_stride, q0, s.q_len, g, t);
+    float acc[8][4];
+    for (int d = 0; d < 8; ++d) for (int e = 0; e < 4; ++e) acc[d][e] = 0.0f;
+    float m[2] = {neg_inf, neg_inf}, l[2] = {0.0f, 0.0f};
 
     const i64 tiles = (s.kv_len + FLASH_TILE - 1) / FLASH_TILE;
     for (i64 kt = 0; kt < tiles; ++kt) {
-        const i64 k0 = kt * FLASH_TILE, k1 = k0 + FLASH_TILE;
-        bool visit = (k0 < hi_a && k1 > lo_a) || (k0 < hi_b && k1 > lo_b);
-        if (!visit) continue;  // uniform across the block: every thread has the same hull
+        const i64 k0 = kt * FLASH_TILE;
+        if (!tile_in_hull(hull, k0)) continue;  // uniform across the block: every thread has the same hull
         __syncthreads();  // the previous tile's readers are done
-        for (int i = tid; i < FLASH_TILE * FLASH_HD; i += blockDim.x) {
-            int r = i / FLASH_HD, c = i % FLASH_HD;
-            i64 key = k0 + r;
-            ks[r * FLASH_PAD + c] = key < s.kv_len ? kb[key * s.k_stride + c] : (store_t)0;
-            vs[r * FLASH_PAD + c] = key < s.kv_len ? vb[key * s.v_stride + c] : (store_t)0;
-        }
+        load_tile(ks, k + b * s.kv_batch_stride + h * FLASH_HD, s.k_stride, k0, s.kv_len);
+        load_tile(vs, v + b * s.kv_batch_stride + h * FLASH_HD, s.v_stride, k0, s.kv_len);
         __syncthreads();
 
-        // S = Q·Kᵀ for the warp's 16 rows and the tile's 64 keys: eight 16×8 tiles.
         float sc[8][4];
-        for (int n = 0; n < 8; ++n) {
-            for (int e = 0; e < 4; ++e) sc[n][e] = 0.0f;
-            const store_t* kr = ks + (n * 8 + g) * FLASH_PAD;
-            for (int kk = 0; kk < 4; ++kk) {
-                unsigned bk[2] = {pack2(kr[kk * 16 + 2 * t], kr[kk * 16 + 2 * t + 1]),
-                                  pack2(kr[kk * 16 + 2 * t + 8], kr[kk * 16 + 2 * t + 9])};
-                mma_bf16_16816(sc[n], qa[kk], bk);
-            }
-        }
+        product_with_rows(sc, qa, ks, g, t);
         // Mask, scale, online softmax per row (the four threads of a group share a row).
         float corr[2];
         for (int i = 0; i < 2; ++i) {
@@ -305,20 +350,7 @@ extern "C" __global__ void attention_forward_flash(Shape s, int kind, i64 p0, i6
             acc[d][0] *= corr[0]; acc[d][1] *= corr[0];
             acc[d][2] *= corr[1]; acc[d][3] *= corr[1];
         }
-        // O += P·V: P's accumulator layout is the A layout of the next product, 16 keys at a time.
-        for (int j = 0; j < 4; ++j) {
-            unsigned pa[4] = {pack2(to_store(sc[2 * j][0]), to_store(sc[2 * j][1])),
-                              pack2(to_store(sc[2 * j][2]), to_store(sc[2 * j][3])),
-                              pack2(to_store(sc[2 * j + 1][0]), to_store(sc[2 * j + 1][1])),
-                              pack2(to_store(sc[2 * j + 1][2]), to_store(sc[2 * j + 1][3]))};
-            const store_t* vr = vs + (j * 16 + 2 * t) * FLASH_PAD;
-            for (int d = 0; d < 8; ++d) {
-                int col = d * 8 + g;
-                unsigned bv[2] = {pack2(vr[col], vr[FLASH_PAD + col]),
-                                  pack2(vr[8 * FLASH_PAD + col], vr[9 * FLASH_PAD + col])};
-                mma_bf16_16816(acc[d], pa, bv);
-            }
-        }
+        accumulate_times_tile(acc, sc, vs, g, t);
     }
     for (int i = 0; i < 2; ++i) {
         l[i] += __shfl_xor_sync(0xffffffffu, l[i], 1);
@@ -334,6 +366,158 @@ extern "C" __global__ void attention_forward_flash(Shape s, int kind, i64 p0, i6
             }
         }
         if (t == 0) st(lse, (b * s.heads + h) * s.q_len + row, l[i] > 0.0f ? m[i] + logf(l[i]) : neg_inf);
+    }
+}
+
+// dQ for a tile of 64 queries, and δ = rowsum(dO ∘ O) of its rows for the dK/dV kernel.
+extern "C" __global__ void attention_backward_flash_dq(Shape s, int kind, i64 p0, i64 p1, i64 p2, i64 window,
+                                                       float scale, const store_t* dout, const store_t* q,
+                                                       const store_t* k, const store_t* v, const store_t* out,
+                                                       const store_t* lse, store_t* dq, float* delta) {
+    __shared__ store_t ks[FLASH_TILE * FLASH_PAD];
+    __shared__ store_t vs[FLASH_TILE * FLASH_PAD];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+    const i64 h = blockIdx.y % s.heads, b = blockIdx.y / s.heads;
+    const i64 q0 = (i64)blockIdx.x * FLASH_TILE + warp * 16;
+    const i64 width = s.heads * FLASH_HD;
+    const float neg_inf = -__int_as_float(0x7f800000);
+    const store_t* dob = dout + b * s.q_len * width + h * FLASH_HD;
+    const store_t* ob = out + b * s.q_len * width + h * FLASH_HD;
+
+    Ranges rr[2];
+    int hull[4];
+    query_ranges(s, kind, p0, p1, p2, window, q0, g, rr, hull);
+    unsigned qa[4][4], da[4][4];
+    load_rows_as_a(qa, q + b * s.q_batch_stride + h * FLASH_HD, s.q_stride, q0, s.q_len, g, t);
+    load_rows_as_a(da, dob, width, q0, s.q_len, g, t);
+    // δ and the log-sum-exp of rows g and g + 8; the four threads of a group split the columns.
+    float dl[2], lq[2];
+    for (int i = 0; i < 2; ++i) {
+        i64 row = q0 + g + 8 * i;
+        float sum = 0.0f;
+        for (int c = 2 * t; c < FLASH_HD && row < s.q_len; c += 8) {
+            for (int e = 0; e < 2; ++e) sum += ld(dob, row * width + c + e) * ld(ob, row * width + c + e);
+        }
+        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+        dl[i] = sum;
+        i64 li = (b * s.heads + h) * s.q_len + row;
+        lq[i] = row < s.q_len ? ld(lse, li) : neg_inf;
+        if (row < s.q_len && t == 0) delta[li] = sum;
+    }
+    float acc[8][4];
+    for (int d = 0; d < 8; ++d) for (int e = 0; e < 4; ++e) acc[d][e] = 0.0f;
+
+    const i64 tiles = (s.kv_len + FLASH_TILE - 1) / FLASH_TILE;
+    for (i64 kt = 0; kt < tiles; ++kt) {
+        const i64 k0 = kt * FLASH_TILE;
+        if (!tile_in_hull(hull, k0)) continue;
+        __syncthreads();
+        load_tile(ks, k + b * s.kv_batch_stride + h * FLASH_HD, s.k_stride, k0, s.kv_len);
+        load_tile(vs, v + b * s.kv_batch_stride + h * FLASH_HD, s.v_stride, k0, s.kv_len);
+        __syncthreads();
+        float sc[8][4], dp[8][4];
+        product_with_rows(sc, qa, ks, g, t);
+        product_with_rows(dp, da, vs, g, t);
+        // dS = P ∘ (dP − δ)·scale, P recomputed from the saved log-sum-exp (0 where masked).
+        for (int n = 0; n < 8; ++n) {
+            for (int e = 0; e < 4; ++e) {
+                int i = e >> 1;
+                i64 key = k0 + n * 8 + 2 * t + (e & 1);
+                float p = in_ranges(rr[i], key) && lq[i] != neg_inf ? expf(sc[n][e] * scale - lq[i]) : 0.0f;
+                sc[n][e] = p * (dp[n][e] - dl[i]) * scale;
+            }
+        }
+        accumulate_times_tile(acc, sc, ks, g, t);
+    }
+    for (int i = 0; i < 2; ++i) {
+        i64 row = q0 + g + 8 * i;
+        if (row >= s.q_len) continue;
+        i64 o = b * s.q_len * width + row * width + h * FLASH_HD;
+        for (int d = 0; d < 8; ++d) {
+            for (int e = 2 * i; e < 2 * i + 2; ++e) add_to(dq, o + d * 8 + 2 * t + (e & 1), acc[d][e]);
+        }
+    }
+}
+
+// dK and dV for a tile of 64 keys, over the query tiles that see any of them. Each query tile's
+// rows, key ranges, log-sum-exp and δ go to shared memory; tiles whose ranges miss the key tile
+// are skipped.
+extern "C" __global__ void attention_backward_flash_dkv(Shape s, int kind, i64 p0, i64 p1, i64 p2, i64 window,
+                                                        float scale, const store_t* dout, const store_t* q,
+                                                        const store_t* k, const store_t* v, const store_t* lse,
+                                                        const float* delta, store_t* dk, store_t* dv) {
+    __shared__ store_t qs[FLASH_TILE * FLASH_PAD];
+    __shared__ store_t dos[FLASH_TILE * FLASH_PAD];
+    __shared__ float lses[FLASH_TILE], deltas[FLASH_TILE];
+    __shared__ int ranges[FLASH_TILE][4];
+    __shared__ int visit;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+    const i64 h = blockIdx.y % s.heads, b = blockIdx.y / s.heads;
+    const i64 tile_k0 = (i64)blockIdx.x * FLASH_TILE, k0 = tile_k0 + warp * 16;
+    const i64 width = s.heads * FLASH_HD;
+    const float neg_inf = -__int_as_float(0x7f800000);
+    const store_t* qb = q + b * s.q_batch_stride + h * FLASH_HD;
+    const store_t* dob = dout + b * s.q_len * width + h * FLASH_HD;
+
+    unsigned ka[4][4], va[4][4];
+    load_rows_as_a(ka, k + b * s.kv_batch_stride + h * FLASH_HD, s.k_stride, k0, s.kv_len, g, t);
+    load_rows_as_a(va, v + b * s.kv_batch_stride + h * FLASH_HD, s.v_stride, k0, s.kv_len, g, t);
+    float dk_acc[8][4], dv_acc[8][4];
+    for (int d = 0; d < 8; ++d) for (int e = 0; e < 4; ++e) { dk_acc[d][e] = 0.0f; dv_acc[d][e] = 0.0f; }
+
+    const i64 tiles = (s.q_len + FLASH_TILE - 1) / FLASH_TILE;
+    for (i64 qt = 0; qt < tiles; ++qt) {
+        const i64 q0 = qt * FLASH_TILE;
+        __syncthreads();  // the previous tile's readers are done
+        if (tid == 0) visit = 0;
+        __syncthreads();
+        if (tid < FLASH_TILE) {
+            i64 row = q0 + tid;
+            Ranges r;
+            r.a0 = 0; r.a1 = 0; r.b0 = 0; r.b1 = 0;
+            if (row < s.q_len) r = key_ranges(kind, p0, p1, p2, window, row, s.kv_len);
+            ranges[tid][0] = (int)r.a0; ranges[tid][1] = (int)r.a1;
+            ranges[tid][2] = (int)r.b0; ranges[tid][3] = (int)r.b1;
+            const i64 k1 = tile_k0 + FLASH_TILE;
+            if ((r.a0 < k1 && r.a1 > tile_k0 && r.a1 > r.a0) || (r.b0 < k1 && r.b1 > tile_k0 && r.b1 > r.b0)) visit = 1;
+            i64 li = (b * s.heads + h) * s.q_len + row;
+            lses[tid] = row < s.q_len ? ld(lse, li) : neg_inf;
+            deltas[tid] = row < s.q_len ? delta[li] : 0.0f;
+        }
+        __syncthreads();
+        if (!visit) continue;  // read by every thread after the barrier: uniform
+        load_tile(qs, qb, s.q_stride, q0, s.q_len);
+        load_tile(dos, dob, width, q0, s.q_len);
+        __syncthreads();
+        // Sᵀ and dPᵀ: rows are this warp's keys, columns the tile's queries.
+        float sc[8][4], dp[8][4];
+        product_with_rows(sc, ka, qs, g, t);
+        product_with_rows(dp, va, dos, g, t);
+        for (int n = 0; n < 8; ++n) {
+            for (int e = 0; e < 4; ++e) {
+                int col = n * 8 + 2 * t + (e & 1);
+                i64 key = k0 + g + 8 * (e >> 1);
+                const int* r = ranges[col];
+                bool seen = (key >= r[0] && key < r[1]) || (key >= r[2] && key < r[3]);
+                float p = seen && lses[col] != neg_inf ? expf(sc[n][e] * scale - lses[col]) : 0.0f;
+                sc[n][e] = p;
+                dp[n][e] = p * (dp[n][e] - deltas[col]) * scale;
+            }
+        }
+        accumulate_times_tile(dv_acc, sc, dos, g, t);
+        accumulate_times_tile(dk_acc, dp, qs, g, t);
+    }
+    for (int i = 0; i < 2; ++i) {
+        i64 key = k0 + g + 8 * i;
+        if (key >= s.kv_len) continue;
+        i64 o = b * s.kv_len * width + key * width + h * FLASH_HD;
+        for (int d = 0; d < 8; ++d) {
+            for (int e = 2 * i; e < 2 * i + 2; ++e) {
+                add_to(dk, o + d * 8 + 2 * t + (e & 1), dk_acc[d][e]);
+                add_to(dv, o + d * 8 + 2 * t + (e & 1), dv_acc[d][e]);
+            }
+        }
     }
 }
 #endif

@@ -65,7 +65,11 @@ pub const KERNELS: [(&str, &[&str]); 3] = [
 
 /// Kernels that exist only in the bf16 module for compute capability 8.0 and later (their
 /// tensor-core instructions take bf16 operands): `(source, kernel)`.
-pub const BF16_SM80_KERNELS: [(&str, &str); 1] = [("attention.cu", "attention_forward_flash")];
+pub const BF16_SM80_KERNELS: [(&str, &str); 3] = [
+    ("attention.cu", "attention_forward_flash"),
+    ("attention.cu", "attention_backward_flash_dq"),
+    ("attention.cu", "attention_backward_flash_dkv"),
+];
 
 /// The full text NVRTC compiles for one source in one precision.
 pub fn full_source(precision: Precision, source: &str) -> String {

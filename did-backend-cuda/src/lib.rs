@@ -138,17 +138,18 @@ enum Arg {
     Attention(AttentionShapeC),
 }
 
-/// Which kernel computes the attention forward.
+/// Which kernels compute attention, forward and backward.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AttentionKernel {
-    /// One warp per query over the keys its mask allows, f32 arithmetic: any precision, any
-    /// head dimension, checked against the CPU on GPUs.
+    /// One warp per query (per key in the dK/dV pass) over the pairs its mask allows, f32
+    /// arithmetic: any precision, any head dimension, checked against the CPU on GPUs.
     Reference,
-    /// The fused flash kernel (`attention_forward_flash`): tensor cores, 64 × 64 tiles, empty
-    /// tiles skipped. bf16 storage, head dimension 64, compute capability ≥ 8.0; other shapes
-    /// fall back to the reference kernel. Checked under CPU emulation (tests/emulate) and by
-    /// the compile gate; selected with `DID_CUDA_ATTENTION=flash` (wherever it can run) until a
-    /// GPU run has checked it.
+    /// The fused flash kernels (`attention_forward_flash`, `attention_backward_flash_dq`,
+    /// `attention_backward_flash_dkv`): tensor cores, 64 × 64 tiles, empty tiles skipped. bf16
+    /// storage, head dimension 64, compute capability ≥ 8.0; other shapes fall back to the
+    /// reference kernels. Checked under CPU emulation (tests/emulate) and by the compile gate;
+    /// selected with `DID_CUDA_ATTENTION=flash` (wherever it can run) until a GPU run has
+    /// checked it.
     Flash,
 }
 
@@ -273,6 +274,18 @@ impl CudaBackend {
         } else {
             AttentionKernel::Reference
         }
+    }
+
+    /// `Some(sequences × heads)`, the flash kernels' grid height, where they compute this
+    /// attention; `None` where the reference kernels do.
+    fn flash_heads(&self, s: &AttentionShape) -> Option<u32> {
+        let heads = s.batch * s.heads;
+        (self.attention_kernel() == AttentionKernel::Flash
+            && s.head_dim == FLASH_HEAD_DIM
+            && heads <= 65_535
+            && s.q_len < i32::MAX as usize
+            && s.kv_len < i32::MAX as usize)
+            .then_some(heads as u32)
     }
 
     /// The device's name, as the driver reports it.
@@ -1042,20 +1055,13 @@ impl Backend for CudaBackend {
             Arg::Ptr(self.ptr_mut(out, e.out, "attention out")?),
             Arg::Ptr(self.ptr_mut(lse, e.lse, "attention lse")?),
         ];
-        let heads = s.batch * s.heads;
-        if self.attention_kernel() == AttentionKernel::Flash
-            && s.head_dim == FLASH_HEAD_DIM
-            && heads <= 65_535
-            && s.kv_len < i32::MAX as usize
-        {
+        if let Some(heads) = self.flash_heads(s) {
             if heads == 0 || s.q_len == 0 {
                 return Ok(());
             }
-            let tiles = u32::try_from(s.q_len.div_ceil(64))
-                .map_err(|_| CudaError::Shape(format!("attention: {} queries", s.q_len)))?;
             return self.launch(
                 "attention_forward_flash",
-                (tiles, heads as u32, 1),
+                (flash_tiles(s.q_len)?, heads, 1),
                 128,
                 &args,
             );
@@ -1098,48 +1104,61 @@ impl Backend for CudaBackend {
         let delta = self.stream.alloc_zeros::<f32>(e.lse)?;
         let (deltap, _sync) = delta.device_ptr(&self.stream);
         let [m0, m1, m2, m3, m4] = mask_args(mask);
-        self.launch_warps(
-            "attention_backward_dq",
-            e.lse,
-            &[
-                Arg::Attention(shape_c(s)),
-                m0,
-                m1,
-                m2,
-                m3,
-                m4,
-                Arg::F32(s.scale),
-                Arg::Ptr(dp),
-                Arg::Ptr(qp),
-                Arg::Ptr(kp),
-                Arg::Ptr(vp),
-                Arg::Ptr(op_),
-                Arg::Ptr(lp),
-                Arg::Ptr(dqp),
-                Arg::Ptr(deltap),
-            ],
-        )?;
+        let dq_args = [
+            Arg::Attention(shape_c(s)),
+            m0,
+            m1,
+            m2,
+            m3,
+            m4,
+            Arg::F32(s.scale),
+            Arg::Ptr(dp),
+            Arg::Ptr(qp),
+            Arg::Ptr(kp),
+            Arg::Ptr(vp),
+            Arg::Ptr(op_),
+            Arg::Ptr(lp),
+            Arg::Ptr(dqp),
+            Arg::Ptr(deltap),
+        ];
         let [m0, m1, m2, m3, m4] = mask_args(mask);
+        let dkv_args = [
+            Arg::Attention(shape_c(s)),
+            m0,
+            m1,
+            m2,
+            m3,
+            m4,
+            Arg::F32(s.scale),
+            Arg::Ptr(dp),
+            Arg::Ptr(qp),
+            Arg::Ptr(kp),
+            Arg::Ptr(vp),
+            Arg::Ptr(lp),
+            Arg::Ptr(deltap),
+            Arg::Ptr(dkp),
+            Arg::Ptr(dvp),
+        ];
+        // dQ first: it writes the δ the dK/dV pass reads.
+        if let Some(heads) = self.flash_heads(s) {
+            self.launch(
+                "attention_backward_flash_dq",
+                (flash_tiles(s.q_len)?, heads, 1),
+                128,
+                &dq_args,
+            )?;
+            return self.launch(
+                "attention_backward_flash_dkv",
+                (flash_tiles(s.kv_len)?, heads, 1),
+                128,
+                &dkv_args,
+            );
+        }
+        self.launch_warps("attention_backward_dq", e.lse, &dq_args)?;
         self.launch_warps(
             "attention_backward_dkv",
             s.batch * s.heads * s.kv_len,
-            &[
-                Arg::Attention(shape_c(s)),
-                m0,
-                m1,
-                m2,
-                m3,
-                m4,
-                Arg::F32(s.scale),
-                Arg::Ptr(dp),
-                Arg::Ptr(qp),
-                Arg::Ptr(kp),
-                Arg::Ptr(vp),
-                Arg::Ptr(lp),
-                Arg::Ptr(deltap),
-                Arg::Ptr(dkp),
-                Arg::Ptr(dvp),
-            ],
+            &dkv_args,
         )
     }
 
@@ -1454,6 +1473,12 @@ impl CudaBackend {
 
 fn grid_rows(rows: usize) -> Result<u32, CudaError> {
     u32::try_from(rows).map_err(|_| CudaError::Shape(format!("{rows} rows exceed one grid")))
+}
+
+/// The flash kernels' grid width: one block per 64 rows.
+fn flash_tiles(rows: usize) -> Result<u32, CudaError> {
+    u32::try_from(rows.div_ceil(64))
+        .map_err(|_| CudaError::Shape(format!("attention: {rows} rows is too many for one launch")))
 }
 
 fn attention_extents(s: &AttentionShape) -> Result<did_core::backend::AttentionExtents, CudaError> {

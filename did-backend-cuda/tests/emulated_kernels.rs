@@ -1,5 +1,5 @@
 //! The attention kernels under CPU emulation (tests/emulate): compiled as C++ with a shim for
-//! the CUDA features they use, run, and compared with a plain f64 attention. Runs without a
+//! the CUDA features they use, run, and compared with a plain f64 attention and its gradients. Runs without a
 //! GPU, so the flash kernel's indexing, masking, tile skipping, online softmax and tensor-core
 //! fragments are checked on every CI run; the GPU itself is checked by `scripts/gpu-check.sh`.
 //!
@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 #[test]
-fn attention_kernels_agree_with_plain_attention_under_emulation() {
+fn attention_kernels_agree_with_plain_attention_and_its_gradients_under_emulation() {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/emulate");
     let exe = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("emulated_attention");
     let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
@@ -35,8 +35,10 @@ fn attention_kernels_agree_with_plain_attention_under_emulation() {
         run.status.success(),
         "an emulated kernel disagrees:\n{report}"
     );
-    assert!(
-        report.contains("ok   attention_forward_flash"),
-        "the flash kernel did not run:\n{report}"
-    );
+    for kernel in ["attention_forward_flash", "attention_backward_flash"] {
+        assert!(
+            report.contains(&format!("ok   {kernel}")),
+            "{kernel} did not run:\n{report}"
+        );
+    }
 }

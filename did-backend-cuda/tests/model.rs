@@ -247,7 +247,7 @@ fn twenty_tiny_steps_follow_the_cpu_loss_curve_and_repeat_bit_for_bit() {
 
 /// Issue #6's band: 200 steps of `tiny` with bf16 storage follow the f32 curve on the same
 /// batches. Single steps are noisy (a fresh noise draw each), so the band is on 20-step means:
-/// each within 5 % of f32's. `DID_CUDA_ATTENTION=flash` runs it with the flash forward.
+/// each within 5 % of f32's. `DID_CUDA_ATTENTION=flash` runs it with the flash kernels.
 #[test]
 fn two_hundred_tiny_steps_in_bf16_follow_the_f32_loss_curve() {
     if !gpu("two_hundred_tiny_steps_in_bf16_follow_the_f32_loss_curve") {

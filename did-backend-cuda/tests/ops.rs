@@ -565,9 +565,8 @@ fn attention_forward_and_backward_under_every_mask() {
     qc(60, prop);
 }
 
-/// The flash forward (bf16, head dimension 64) against the CPU, under every mask kind; the
-/// backward that follows it is the reference one, fed the flash kernel's output and
-/// log-sum-exp, so the gradients check that those are what the backward expects.
+/// The flash kernels (bf16, head dimension 64), forward and backward, against the CPU under
+/// every mask kind, gradients accumulated onto random values.
 #[test]
 fn flash_attention_matches_the_cpu_under_every_mask() {
     if !gpu("flash_attention_matches_the_cpu_under_every_mask") {
@@ -590,7 +589,8 @@ fn flash_attention_matches_the_cpu_under_every_mask() {
             Ok(g) => g,
             Err(e) => return TestResult::error(format!("{label}: gpu: {e}")),
         };
-        // P is rounded to bf16 before P·V: twice the element-wise tolerance.
+        // P (and in the backward dS) is rounded to bf16 before the next product: twice the
+        // element-wise tolerance.
         let tol = common::Tol {
             rtol: 2.0 * BF16.rtol,
             atol: 2.0 * BF16.atol,

@@ -1,6 +1,6 @@
-// The attention kernels of kernels/attention.cu (bf16 storage), run by the CPU emulation in
-// emu.h and compared with a plain double-precision attention written from the mask definitions
-// (bd3lm.md §2.2, §4.2), not from the kernels' key_ranges. The correctness-first kernel, already
+// The attention kernels of kernels/attention.cu (bf16 storage), forward and backward, run by the
+// CPU emulation in emu.h and compared with a plain double-precision attention and its gradients
+// written from the mask definitions (bd3lm.md §2.2, §4.2), not from the kernels' key_ranges. The correctness-first kernel, already
 // checked against did's CPU backend on GPUs, is run the same way: it passing shows the emulation
 // is sound, so the flash kernel passing means something.
 //
@@ -80,7 +80,42 @@ int main() {
                                     lse_flash.data());
         });
 
-        // The plain attention in f64 from the bf16 inputs.
+        // The backward of each kernel, from its own output and log-sum-exp, into gradients that
+        // start at 0.25 (the kernels accumulate).
+        std::vector<store_t> dout(out_ref.size());
+        for (auto& x : dout) x = to_store(normal(rng));
+        const i64 kv_grad_len = c.batch * c.kv_len * width;
+        std::vector<store_t> dq[2], dk[2], dv[2];
+        std::vector<float> delta(rows);
+        for (int kern = c.also_reference ? 0 : 1; kern < 2; ++kern) {
+            dq[kern].assign(out_ref.size(), to_store(0.25f));
+            dk[kern].assign(kv_grad_len, to_store(0.25f));
+            dv[kern].assign(kv_grad_len, to_store(0.25f));
+            const store_t* o = kern ? out_flash.data() : out_ref.data();
+            const store_t* l = kern ? lse_flash.data() : lse_ref.data();
+            if (kern == 0) {
+                emu::launch(EmuDim3{(unsigned)((rows + 3) / 4), 1, 1}, 128, [&] {
+                    attention_backward_dq(s, c.kind, c.p0, c.p1, c.p2, c.window, scale, dout.data(), q, k, v, o, l,
+                                          dq[0].data(), delta.data());
+                });
+                emu::launch(EmuDim3{(unsigned)((c.batch * c.heads * c.kv_len + 3) / 4), 1, 1}, 128, [&] {
+                    attention_backward_dkv(s, c.kind, c.p0, c.p1, c.p2, c.window, scale, dout.data(), q, k, v, l,
+                                           delta.data(), dk[0].data(), dv[0].data());
+                });
+            } else {
+                emu::launch(EmuDim3{(unsigned)((c.q_len + 63) / 64), (unsigned)(c.batch * c.heads), 1}, 128, [&] {
+                    attention_backward_flash_dq(s, c.kind, c.p0, c.p1, c.p2, c.window, scale, dout.data(), q, k, v, o,
+                                                l, dq[1].data(), delta.data());
+                });
+                emu::launch(EmuDim3{(unsigned)((c.kv_len + 63) / 64), (unsigned)(c.batch * c.heads), 1}, 128, [&] {
+                    attention_backward_flash_dkv(s, c.kind, c.p0, c.p1, c.p2, c.window, scale, dout.data(), q, k, v,
+                                                 l, delta.data(), dk[1].data(), dv[1].data());
+                });
+            }
+        }
+        std::vector<double> want_dq(out_ref.size(), 0.0), want_dk(kv_grad_len, 0.0), want_dv(kv_grad_len, 0.0);
+
+        // The plain attention and its gradients in f64 from the bf16 inputs.
         double worst[2][2] = {{0, 0}, {0, 0}};  // [kernel][out, lse]
         for (i64 b = 0; b < c.batch; ++b)
             for (i64 h = 0; h < c.heads; ++h)
@@ -107,27 +142,69 @@ int main() {
                         double err = l > 0 ? std::abs(got - lse) / (1.0 + std::abs(lse)) : (std::isinf(got) ? 0.0 : 1.0);
                         worst[kern][1] = std::max(worst[kern][1], err);
                     }
+                    std::vector<double> o_want(hd);
                     for (i64 d = 0; d < hd; ++d) {
                         double want = 0;
                         for (i64 ki = 0; ki < c.kv_len; ++ki)
                             if (p[ki] > 0) want += p[ki] * bf(v[b * s.kv_batch_stride + ki * row + h * hd + d]);
                         want = l > 0 ? want / l : 0.0;
+                        o_want[d] = want;
                         const i64 o = b * c.q_len * width + qi * width + h * hd + d;
                         for (int kern = 0; kern < 2; ++kern) {
                             double err = std::abs(bf(outs[kern][o]) - want) / (0.05 + std::abs(want));
                             worst[kern][0] = std::max(worst[kern][0], err);
                         }
                     }
+                    // dS = P ∘ (dP − δ)·scale with δ = dO·O; dQ = dS·K, dK = dSᵀ·Q, dV = Pᵀ·dO.
+                    if (l == 0) continue;
+                    const i64 o = b * c.q_len * width + qi * width + h * hd;
+                    double dd = 0;
+                    for (i64 d = 0; d < hd; ++d) dd += bf(dout[o + d]) * o_want[d];
+                    for (i64 ki = 0; ki < c.kv_len; ++ki) {
+                        if (p[ki] == 0) continue;
+                        const double pk = p[ki] / l;
+                        const i64 kr = b * s.kv_batch_stride + ki * row + h * hd;
+                        const i64 g = b * c.kv_len * width + ki * width + h * hd;
+                        double dp = 0;
+                        for (i64 d = 0; d < hd; ++d) dp += bf(dout[o + d]) * bf(v[kr + d]);
+                        const double ds = pk * (dp - dd) * scale;
+                        for (i64 d = 0; d < hd; ++d) {
+                            want_dq[o + d] += ds * bf(k[kr + d]);
+                            want_dk[g + d] += ds * bf(qr[d]);
+                            want_dv[g + d] += pk * bf(dout[o + d]);
+                        }
+                    }
                 }
+        // Gradients: the largest error relative to the largest gradient of the tensor.
+        double worst_grad[2][3] = {{0, 0, 0}, {0, 0, 0}};  // [kernel][dq, dk, dv]
+        for (int kern = c.also_reference ? 0 : 1; kern < 2; ++kern) {
+            const std::vector<store_t>* got[3] = {&dq[kern], &dk[kern], &dv[kern]};
+            const std::vector<double>* want[3] = {&want_dq, &want_dk, &want_dv};
+            for (int t = 0; t < 3; ++t) {
+                double err = 0, big = 1e-30;
+                for (size_t i = 0; i < want[t]->size(); ++i) {
+                    err = std::max(err, std::abs(bf((*got[t])[i]) - 0.25 - (*want[t])[i]));
+                    big = std::max(big, std::abs((*want[t])[i]));
+                }
+                worst_grad[kern][t] = err / big;
+            }
+        }
         // bf16 storage rounds the output and the log-sum-exp (2⁻⁸ relative); the flash kernel also
         // rounds P to bf16 before P·V.
-        const double tol_out[2] = {1.5e-2, 3e-2}, tol_lse = 1e-2;
-        const char* names[2] = {"attention_forward      ", "attention_forward_flash"};
+        // Gradients also carry the bf16 log-sum-exp and (flash) P and dS rounded to bf16.
+        const double tol_out[2] = {1.5e-2, 3e-2}, tol_lse = 1e-2, tol_grad = 3e-2;
+        const char* names[2][2] = {{"attention_forward      ", "attention_backward      "},
+                                   {"attention_forward_flash", "attention_backward_flash"}};
         for (int kern = c.also_reference ? 0 : 1; kern < 2; ++kern) {
             bool ok = worst[kern][0] <= tol_out[kern] && worst[kern][1] <= tol_lse;
             failures += !ok;
             std::printf("%s %s | %s: out rel err %.2e (tol %.0e), lse rel err %.2e (tol %.0e)\n", ok ? "ok  " : "FAIL",
-                        names[kern], c.name, worst[kern][0], tol_out[kern], worst[kern][1], tol_lse);
+                        names[kern][0], c.name, worst[kern][0], tol_out[kern], worst[kern][1], tol_lse);
+            const double* gerr = worst_grad[kern];
+            ok = gerr[0] <= tol_grad && gerr[1] <= tol_grad && gerr[2] <= tol_grad;
+            failures += !ok;
+            std::printf("%s %s | %s: dq %.2e, dk %.2e, dv %.2e (of the largest; tol %.0e)\n", ok ? "ok  " : "FAIL",
+                        names[kern][1], c.name, gerr[0], gerr[1], gerr[2], tol_grad);
         }
     }
     return failures ? 1 : 0;
