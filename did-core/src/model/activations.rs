@@ -131,14 +131,18 @@ pub struct Activations<B: Backend> {
     pub rstd_f: B::Buffer,
     /// Head input (modulated, DiT) `[R, C]`.
     pub hf: B::Buffer,
-    /// Logits `[R, V]`, then their gradient.
+    /// Rows of logits held at once: every output row (`R`, from [`Activations::new`]), or a
+    /// chunk of them ([`Activations::with_loss_rows`]), the head and the loss then running
+    /// chunk by chunk inside the backward so the logits of the whole batch never exist.
+    pub loss_rows: usize,
+    /// Logits `[loss_rows, V]`, then their gradient.
     pub logits: B::Buffer,
     /// Loss weight per output row `[R]`.
     pub weights: B::Buffer,
     /// Weighted loss per output row `[R]`.
     pub losses: B::Buffer,
-    /// Target per output row `[R]`.
-    pub targets: B::Ids,
+    /// Targets of the output rows, one buffer per chunk of `loss_rows`.
+    pub targets: Vec<B::Ids>,
     /// Gradient scratch.
     pub grad: GradScratch<B>,
 }
@@ -154,7 +158,7 @@ pub struct MemoryReport {
     pub optimizer: usize,
     /// Saved activations of the forward, logits included.
     pub activations: usize,
-    /// The logits alone `[R, V]` (part of `activations`).
+    /// The logits alone, `[min(R, loss_rows_for(V)), V]` (part of `activations`).
     pub logits: usize,
     /// Gradient scratch of the backward.
     pub gradient_scratch: usize,
@@ -185,8 +189,24 @@ impl Sizes {
     }
 }
 
+/// Logit elements a training step holds at once ([`loss_rows_for`]): 64 Mi, 256 MiB in f32.
+pub const LOSS_CHUNK_ELEMENTS: usize = 1 << 26;
+
+/// Rows of logits a training step holds at once for a vocabulary of `vocab`: a multiple of 64
+/// (at least 64) whose logits fit in [`LOSS_CHUNK_ELEMENTS`]. For GPT-2's 50,258 that is 1,280
+/// rows (a GEMM still large enough to run at full speed) instead of `batch × L`.
+///
+/// ```
+/// assert_eq!(did_core::model::loss_rows_for(50_258), 1_280);
+/// assert_eq!(did_core::model::loss_rows_for(10_000_000), 64);
+/// ```
+pub fn loss_rows_for(vocab: usize) -> usize {
+    (LOSS_CHUNK_ELEMENTS / vocab.max(1) / 64).max(1) * 64
+}
+
 impl<B: Backend> Activations<B> {
-    /// Allocates every buffer for `batch` sequences of length `seq_len`.
+    /// Allocates every buffer for `batch` sequences of length `seq_len`, the logits of every
+    /// output row included (the forward computes them all, for callers that read them).
     pub fn new(
         be: &B,
         config: &ModelConfig,
@@ -194,7 +214,24 @@ impl<B: Backend> Activations<B> {
         seq_len: usize,
         pass: Pass,
     ) -> Result<Self, B::Error> {
+        Self::with_loss_rows(be, config, batch, seq_len, pass, usize::MAX)
+    }
+
+    /// As [`Activations::new`], holding the logits of at most `loss_rows` output rows: when
+    /// that is fewer than the batch has, the forward stops at the head's input and
+    /// [`Transformer::backward`](super::Transformer::backward) and
+    /// [`Transformer::loss`](super::Transformer::loss) run the head and the cross-entropy
+    /// chunk by chunk. The trainer uses [`loss_rows_for`] rows.
+    pub fn with_loss_rows(
+        be: &B,
+        config: &ModelConfig,
+        batch: usize,
+        seq_len: usize,
+        pass: Pass,
+        loss_rows: usize,
+    ) -> Result<Self, B::Error> {
         let s = Sizes::of(config, batch, seq_len, pass);
+        let loss_rows = loss_rows.clamp(1, s.rows_out.max(1));
         let (c, m, n, r) = (config.hidden, config.mlp_hidden, s.n, s.rows_out);
         let dit = config.architecture == Architecture::Dit;
         let z = |len: usize| be.zeros(len);
@@ -279,10 +316,14 @@ impl<B: Backend> Activations<B> {
             mean_f: z(r)?,
             rstd_f: z(r)?,
             hf: z(if dit { r * c } else { 0 })?,
-            logits: z(r * config.vocab_size)?,
+            loss_rows,
+            logits: z(loss_rows.min(r) * config.vocab_size)?,
             weights: z(r)?,
             losses: z(r)?,
-            targets: be.upload_ids(&alloc::vec![0; r])?,
+            targets: alloc::vec![0; r]
+                .chunks(loss_rows)
+                .map(|t| be.upload_ids(t))
+                .collect::<Result<_, _>>()?,
             grad,
         })
     }
@@ -319,7 +360,7 @@ pub fn memory_report(
     } else {
         0
     };
-    let logits = r * v;
+    let logits = r.min(loss_rows_for(v)) * v;
     let head = r * c * (if dit { 3 } else { 2 }) + 2 * r + logits + 2 * r;
     let activations = config.layers * per_block + (config.layers + 1) * n * c + cond + head;
     let scratch = 8 * n * c

@@ -34,7 +34,9 @@ mod transformer;
 
 use core::fmt;
 
-pub use activations::{memory_report, time_embedding, Activations, MemoryReport};
+pub use activations::{
+    loss_rows_for, memory_report, time_embedding, Activations, MemoryReport, LOSS_CHUNK_ELEMENTS,
+};
 pub use autoregressive::{CausalGeneration, CausalSampler};
 pub use config::{Architecture, ModelConfig, TIME_EMBEDDING_DIM};
 pub use inference::{DiffusionDenoiser, Inference, KvCache};

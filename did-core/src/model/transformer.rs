@@ -798,7 +798,12 @@ impl Transformer {
     ) -> Result<(), ModelError<B::Error>> {
         self.check_batch(acts, batch)?;
         acts.ids = be.upload_ids(&batch.inputs).map_err(ModelError::Backend)?;
-        acts.targets = be.upload_ids(&batch.targets).map_err(ModelError::Backend)?;
+        acts.targets = batch
+            .targets
+            .chunks(acts.loss_rows)
+            .map(|t| be.upload_ids(t))
+            .collect::<Result<_, _>>()
+            .map_err(ModelError::Backend)?;
         acts.weights = be.upload(&batch.weights).map_err(ModelError::Backend)?;
         if acts.position_ids.is_some() {
             let t = batch.pass.tokens_per_sequence(batch.seq_len);
@@ -821,8 +826,10 @@ impl Transformer {
         })
     }
 
-    /// The forward of a loaded batch up to the logits of the output rows
-    /// (`acts.logits`, `[batch·L, V]`). `dropout` is `None` in evaluation.
+    /// The forward of a loaded batch up to the logits of the output rows (`acts.logits`,
+    /// `[batch·L, V]`) when `acts` holds them all ([`Activations::new`]); else up to the head's
+    /// input, the head running chunk by chunk in [`Transformer::backward`] and
+    /// [`Transformer::loss`]. `dropout` is `None` in evaluation.
     pub fn forward<B: Backend>(
         &self,
         be: &B,
@@ -886,7 +893,7 @@ impl Transformer {
             acts.seq_len * c,
         )?;
         let final_mod = acts.cond.as_ref().map(|cd| &cd.final_mod);
-        self.head_forward(
+        self.final_norm_forward(
             be,
             p,
             rows,
@@ -896,8 +903,16 @@ impl Transformer {
             &mut acts.rstd_f,
             &mut acts.hf,
             final_mod,
-            &mut acts.logits,
-        )
+        )?;
+        if acts.loss_rows >= rows {
+            let h = if final_mod.is_some() {
+                &acts.hf
+            } else {
+                &acts.lnf
+            };
+            self.head_logits(be, p, h, 0, rows, &mut acts.logits)?;
+        }
+        Ok(())
     }
 
     /// Final LayerNorm, modulation (DiT) and the output head over `rows` rows of `hx`.
@@ -915,13 +930,31 @@ impl Transformer {
         final_mod: Option<&B::Buffer>,
         logits: &mut B::Buffer,
     ) -> Result<(), B::Error> {
-        let cfg = &self.config;
-        let (c, v) = (cfg.hidden, cfg.vocab_size);
+        self.final_norm_forward(be, p, rows, hx, lnf, mean, rstd, hf, final_mod)?;
+        let h = if final_mod.is_some() { &*hf } else { &*lnf };
+        self.head_logits(be, p, h, 0, rows, logits)
+    }
+
+    /// Final LayerNorm into `lnf`, then (DiT) the final modulation into `hf`: the head's input.
+    #[allow(clippy::too_many_arguments)]
+    fn final_norm_forward<B: Backend>(
+        &self,
+        be: &B,
+        p: &B::Buffer,
+        rows: usize,
+        hx: &B::Buffer,
+        lnf: &mut B::Buffer,
+        mean: &mut B::Buffer,
+        rstd: &mut B::Buffer,
+        hf: &mut B::Buffer,
+        final_mod: Option<&B::Buffer>,
+    ) -> Result<(), B::Error> {
+        let c = self.config.hidden;
         let lay = self.layout();
         let norm = NormShape {
             rows,
             cols: c,
-            eps: cfg.norm_eps,
+            eps: self.config.norm_eps,
         };
         be.layernorm_forward(
             &norm,
@@ -932,16 +965,27 @@ impl Transformer {
             whole_mut(mean),
             whole_mut(rstd),
         )?;
-        let h = match final_mod {
-            Some(fm) => {
-                be.modulate_forward(whole(lnf), at(fm, 0), at(fm, c), whole_mut(hf), 1, rows, c)?;
-                &*hf
-            }
-            None => &*lnf,
-        };
+        if let Some(fm) = final_mod {
+            be.modulate_forward(whole(lnf), at(fm, 0), at(fm, c), whole_mut(hf), 1, rows, c)?;
+        }
+        Ok(())
+    }
+
+    /// The output head over rows `first..first + rows` of its input `h`, into `logits[0..rows]`.
+    fn head_logits<B: Backend>(
+        &self,
+        be: &B,
+        p: &B::Buffer,
+        h: &B::Buffer,
+        first: usize,
+        rows: usize,
+        logits: &mut B::Buffer,
+    ) -> Result<(), B::Error> {
+        let (c, v) = (self.config.hidden, self.config.vocab_size);
+        let lay = self.layout();
         be.matmul(
             &Gemm::linear(rows, c, v),
-            whole(h),
+            at(h, first * c),
             at(p, lay.head.0),
             whole_mut(logits),
         )?;
@@ -949,6 +993,46 @@ impl Transformer {
             be.bias_add(whole_mut(logits), at(p, b), rows, v)?;
         }
         Ok(())
+    }
+
+    /// The weighted cross-entropy of the output rows, chunk by chunk of `acts.loss_rows`
+    /// (the head runs here per chunk unless the forward computed every row's logits), into
+    /// `acts.losses`; `with_chunk_gradient` then gets each chunk's first row and the logits
+    /// overwritten by their gradient. Returns the summed loss.
+    fn loss_by_chunks<B: Backend>(
+        &self,
+        be: &B,
+        p: &B::Buffer,
+        acts: &mut Activations<B>,
+        grad_scale: f32,
+        mut with_chunk_gradient: impl FnMut(&mut Activations<B>, usize, usize) -> Result<(), B::Error>,
+    ) -> Result<f64, B::Error> {
+        let (rows, v) = (acts.batch * acts.seq_len, self.config.vocab_size);
+        let excluded = self.dit().then_some(self.config.mask_id);
+        let held = acts.loss_rows >= rows;
+        for (chunk, first) in (0..rows).step_by(acts.loss_rows.max(1)).enumerate() {
+            let r = acts.loss_rows.min(rows - first);
+            if !held {
+                let h = if acts.cond.is_some() {
+                    &acts.hf
+                } else {
+                    &acts.lnf
+                };
+                self.head_logits(be, p, h, first, r, &mut acts.logits)?;
+            }
+            be.softmax_cross_entropy(
+                whole_mut(&mut acts.logits),
+                &acts.targets[chunk],
+                at(&acts.weights, first),
+                at_mut(&mut acts.losses, first),
+                r,
+                v,
+                excluded,
+                grad_scale,
+            )?;
+            with_chunk_gradient(acts, first, r)?;
+        }
+        be.sum(whole(&acts.losses), rows)
     }
 
     /// The loss of the forward just run, and the gradients of every parameter
@@ -984,37 +1068,29 @@ impl Transformer {
         let rows = acts.batch * acts.seq_len;
         let lay = self.layout();
         let dit = self.dit();
-        let excluded = dit.then_some(cfg.mask_id);
-        be.softmax_cross_entropy(
-            whole_mut(&mut acts.logits),
-            &acts.targets,
-            whole(&acts.weights),
-            whole_mut(&mut acts.losses),
-            rows,
-            v,
-            excluded,
-            grad_scale,
-        )?;
-        let loss = be.sum(whole(&acts.losses), rows)?;
 
-        // ---- head, final modulation and norm
+        // ---- loss and head, chunk by chunk of output rows
+        let loss = self.loss_by_chunks(be, p, acts, grad_scale, |acts, first, r| {
+            let h = if dit { &acts.hf } else { &acts.lnf };
+            if let Some(b) = lay.head.1 {
+                be.bias_backward(whole(&acts.logits), at_mut(g, b), r, v)?;
+            }
+            be.matmul(
+                &Gemm::linear_weight_grad(r, c, v),
+                whole(&acts.logits),
+                at(h, first * c),
+                at_mut(g, lay.head.0),
+            )?;
+            be.matmul(
+                &Gemm::linear_input_grad(r, c, v),
+                whole(&acts.logits),
+                at(p, lay.head.0),
+                at_mut(&mut acts.grad.dhf, first * c),
+            )
+        })?;
+
+        // ---- final modulation and norm
         let s = &mut acts.grad;
-        let h = if dit { &acts.hf } else { &acts.lnf };
-        if let Some(b) = lay.head.1 {
-            be.bias_backward(whole(&acts.logits), at_mut(g, b), rows, v)?;
-        }
-        be.matmul(
-            &Gemm::linear_weight_grad(rows, c, v),
-            whole(&acts.logits),
-            whole(h),
-            at_mut(g, lay.head.0),
-        )?;
-        be.matmul(
-            &Gemm::linear_input_grad(rows, c, v),
-            whole(&acts.logits),
-            at(p, lay.head.0),
-            whole_mut(&mut s.dhf),
-        )?;
         if dit {
             be.fill(whole_mut(&mut s.dmods), cfg.layers * 6 * c + 2 * c, 0.0)?;
         }
@@ -1103,21 +1179,7 @@ impl Transformer {
         dropout: Option<DropoutStreams>,
     ) -> Result<f64, ModelError<B::Error>> {
         self.forward(be, p, acts, dropout)?;
-        let (rows, v) = (acts.batch * acts.seq_len, self.config.vocab_size);
-        let excluded = self.dit().then_some(self.config.mask_id);
-        let mut run = || -> Result<f64, B::Error> {
-            be.softmax_cross_entropy(
-                whole_mut(&mut acts.logits),
-                &acts.targets,
-                whole(&acts.weights),
-                whole_mut(&mut acts.losses),
-                rows,
-                v,
-                excluded,
-                0.0,
-            )?;
-            be.sum(whole(&acts.losses), rows)
-        };
-        run().map_err(ModelError::Backend)
+        self.loss_by_chunks(be, p, acts, 0.0, |_, _, _| Ok(()))
+            .map_err(ModelError::Backend)
     }
 }
