@@ -65,6 +65,16 @@ extern "C" __global__ void gated_residual_forward(store_t* residual, const store
     }
 }
 
+// out = residual + gate·y: gated_residual_forward on a copy, in one pass.
+extern "C" __global__ void gated_residual_forward_into(const store_t* residual, const store_t* y, const store_t* gate,
+                                                       store_t* out, i64 tokens, i64 channels, i64 n) {
+    GRID_STRIDE(i, n) {
+        float g = 1.0f;
+        if (gate) g = ld(gate, (i / (tokens * channels)) * channels + i % channels);
+        st(out, i, ld(residual, i) + g * ld(y, i));
+    }
+}
+
 extern "C" __global__ void gated_residual_backward_dy(const store_t* dres, const store_t* gate, store_t* dy, i64 tokens, i64 channels, i64 n) {
     GRID_STRIDE(i, n) {
         float g = 1.0f;
@@ -86,6 +96,17 @@ __device__ __forceinline__ void gelu_parts(float x, float* y, float* dy) {
 
 extern "C" __global__ void gelu_forward(const store_t* x, store_t* out, i64 n) {
     GRID_STRIDE(i, n) { float y, dy; gelu_parts(ld(x, i), &y, &dy); st(out, i, y); }
+}
+
+// bias_add then gelu_forward in one pass: x keeps the (stored) pre-activation for the backward.
+extern "C" __global__ void bias_gelu_forward(store_t* x, const store_t* bias, store_t* out, i64 rows, i64 cols) {
+    GRID_STRIDE(i, rows * cols) {
+        store_t pre = to_store(ld(x, i) + ld(bias, i % cols));
+        x[i] = pre;
+        float y, dy;
+        gelu_parts(ld(&pre, 0), &y, &dy);
+        st(out, i, y);
+    }
 }
 
 extern "C" __global__ void gelu_backward(const store_t* dout, const store_t* x, store_t* dx, i64 n) {

@@ -2,8 +2,12 @@
 // cross-entropy (one block per row). Reductions go through block_sum, a fixed
 // order, so every result is deterministic.
 
+// With mod_out set, also the adaLN modulation of the stored output (the DiT's pre-norm, fused):
+// mod_out = out·(1 + scale[s]) + shift[s] for sequence s = row / tokens, as modulate_forward
+// computes it from `out`.
 extern "C" __global__ void layernorm_forward(const store_t* x, const store_t* weight, const store_t* bias, store_t* out,
-                                             store_t* mean, store_t* rstd, i64 rows, i64 cols, float eps) {
+                                             store_t* mean, store_t* rstd, i64 rows, i64 cols, float eps,
+                                             const store_t* shift, const store_t* scale, store_t* mod_out, i64 tokens) {
     __shared__ float shared32[32];
     i64 row = blockIdx.x;
     if (row >= rows) return;
@@ -18,7 +22,12 @@ extern "C" __global__ void layernorm_forward(const store_t* x, const store_t* we
     for (i64 c = threadIdx.x; c < cols; c += blockDim.x) {
         float y = (ld(xr, c) - mu) * r * ld(weight, c);
         if (bias) y += ld(bias, c);
-        st(out, row * cols + c, y);
+        store_t stored = to_store(y);
+        out[row * cols + c] = stored;
+        if (mod_out) {
+            i64 j = (row / tokens) * cols + c;
+            st(mod_out, row * cols + c, ld(&stored, 0) * (1.0f + ld(scale, j)) + ld(shift, j));
+        }
     }
     if (threadIdx.x == 0) { st(mean, row, mu); st(rstd, row, r); }
 }

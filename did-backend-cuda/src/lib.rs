@@ -800,6 +800,62 @@ impl Backend for CudaBackend {
             Arg::I64(s.rows as i64),
             Arg::I64(s.cols as i64),
             Arg::F32(s.eps),
+            Arg::Ptr(0),
+            Arg::Ptr(0),
+            Arg::Ptr(0),
+            Arg::I64(1),
+        ];
+        if s.rows == 0 || s.cols == 0 {
+            return Ok(());
+        }
+        self.launch(
+            "layernorm_forward",
+            (grid_rows(s.rows)?, 1, 1),
+            THREADS,
+            &args,
+        )
+    }
+
+    fn layernorm_modulate_forward(
+        &self,
+        s: &NormShape,
+        x: Slice<'_, CudaBuffer>,
+        weight: Slice<'_, CudaBuffer>,
+        bias: Option<Slice<'_, CudaBuffer>>,
+        shift: Slice<'_, CudaBuffer>,
+        scale: Slice<'_, CudaBuffer>,
+        tokens: usize,
+        ln_out: SliceMut<'_, CudaBuffer>,
+        mean: SliceMut<'_, CudaBuffer>,
+        rstd: SliceMut<'_, CudaBuffer>,
+        out: SliceMut<'_, CudaBuffer>,
+    ) -> Result<(), CudaError> {
+        let n = s.rows * s.cols;
+        if tokens == 0 || s.rows % tokens != 0 {
+            return Err(CudaError::Shape(format!(
+                "layernorm_modulate_forward: {} rows are not whole sequences of {tokens} tokens",
+                s.rows
+            )));
+        }
+        let sequences = s.rows / tokens;
+        let bp = match bias {
+            Some(b) => self.ptr(b, s.cols, "layernorm bias")?,
+            None => 0,
+        };
+        let args = [
+            Arg::Ptr(self.ptr(x, n, "layernorm x")?),
+            Arg::Ptr(self.ptr(weight, s.cols, "layernorm weight")?),
+            Arg::Ptr(bp),
+            Arg::Ptr(self.ptr_mut(ln_out, n, "layernorm out")?),
+            Arg::Ptr(self.ptr_mut(mean, s.rows, "layernorm mean")?),
+            Arg::Ptr(self.ptr_mut(rstd, s.rows, "layernorm rstd")?),
+            Arg::I64(s.rows as i64),
+            Arg::I64(s.cols as i64),
+            Arg::F32(s.eps),
+            Arg::Ptr(self.ptr(shift, sequences * s.cols, "modulate shift")?),
+            Arg::Ptr(self.ptr(scale, sequences * s.cols, "modulate scale")?),
+            Arg::Ptr(self.ptr_mut(out, n, "modulate out")?),
+            Arg::I64(tokens as i64),
         ];
         if s.rows == 0 || s.cols == 0 {
             return Ok(());
@@ -963,6 +1019,33 @@ impl Backend for CudaBackend {
             Arg::I64(n as i64),
         ];
         self.launch_elements("gated_residual_forward", n, &args)
+    }
+
+    fn gated_residual_forward_into(
+        &self,
+        residual: Slice<'_, CudaBuffer>,
+        y: Slice<'_, CudaBuffer>,
+        gate: Option<Slice<'_, CudaBuffer>>,
+        out: SliceMut<'_, CudaBuffer>,
+        batch: usize,
+        tokens: usize,
+        channels: usize,
+    ) -> Result<(), CudaError> {
+        let n = batch * tokens * channels;
+        let gp = match gate {
+            Some(g) => self.ptr(g, batch * channels, "gate")?,
+            None => 0,
+        };
+        let args = [
+            Arg::Ptr(self.ptr(residual, n, "residual")?),
+            Arg::Ptr(self.ptr(y, n, "gated y")?),
+            Arg::Ptr(gp),
+            Arg::Ptr(self.ptr_mut(out, n, "residual out")?),
+            Arg::I64(tokens as i64),
+            Arg::I64(channels as i64),
+            Arg::I64(n as i64),
+        ];
+        self.launch_elements("gated_residual_forward_into", n, &args)
     }
 
     fn gated_residual_backward(
@@ -1169,6 +1252,25 @@ impl Backend for CudaBackend {
         len: usize,
     ) -> Result<(), CudaError> {
         self.activation_forward("gelu_forward", x, out, len)
+    }
+
+    fn bias_gelu_forward(
+        &self,
+        x: SliceMut<'_, CudaBuffer>,
+        bias: Slice<'_, CudaBuffer>,
+        out: SliceMut<'_, CudaBuffer>,
+        rows: usize,
+        cols: usize,
+    ) -> Result<(), CudaError> {
+        let n = rows * cols;
+        let args = [
+            Arg::Ptr(self.ptr_mut(x, n, "bias_gelu x")?),
+            Arg::Ptr(self.ptr(bias, cols, "bias")?),
+            Arg::Ptr(self.ptr_mut(out, n, "bias_gelu out")?),
+            Arg::I64(rows as i64),
+            Arg::I64(cols as i64),
+        ];
+        self.launch_elements("bias_gelu_forward", n, &args)
     }
 
     fn gelu_backward(

@@ -353,6 +353,189 @@ fn modulation_and_gated_residual_forward_and_backward() {
     qc(30, prop);
 }
 
+// ---- fused forwards ---------------------------------------------------------------------
+
+/// LayerNorm + modulation, bias + GELU and the out-of-place gated residual, each computed by the
+/// fused call and by the calls it replaces: outputs `[fused..., composed...]`.
+struct FusedCase {
+    norm: NormShape,
+    tokens: usize,
+    cols4: usize,
+    x: Vec<f32>,
+    w: Vec<f32>,
+    b: Vec<f32>,
+    shift: Vec<f32>,
+    scale: Vec<f32>,
+    pre: Vec<f32>,
+    bias4: Vec<f32>,
+    y: Vec<f32>,
+}
+
+impl FusedCase {
+    const OUTPUTS: usize = 7;
+}
+
+impl Case for FusedCase {
+    fn run<B: Backend>(&self, be: &B) -> Result<Out, B::Error> {
+        let (rows, cols) = (self.norm.rows, self.norm.cols);
+        let (n, n4, seqs) = (rows * cols, rows * self.cols4, rows / self.tokens);
+        let (x, w, b) = (
+            be.upload(&self.x)?,
+            be.upload(&self.w)?,
+            be.upload(&self.b)?,
+        );
+        let (shift, scale, bias4, y) = (
+            be.upload(&self.shift)?,
+            be.upload(&self.scale)?,
+            be.upload(&self.bias4)?,
+            be.upload(&self.y)?,
+        );
+        let mut outs = Vec::new();
+        for fused in [true, false] {
+            let (mut ln, mut mean, mut rstd, mut h) = (
+                poisoned(be, n)?,
+                poisoned(be, rows)?,
+                poisoned(be, rows)?,
+                poisoned(be, n)?,
+            );
+            let (mut pre, mut g, mut res) =
+                (be.upload(&self.pre)?, poisoned(be, n4)?, poisoned(be, n)?);
+            let gate = Some(Slice::whole(&scale));
+            if fused {
+                be.layernorm_modulate_forward(
+                    &self.norm,
+                    Slice::whole(&x),
+                    Slice::whole(&w),
+                    Some(Slice::whole(&b)),
+                    Slice::whole(&shift),
+                    Slice::whole(&scale),
+                    self.tokens,
+                    SliceMut::whole(&mut ln),
+                    SliceMut::whole(&mut mean),
+                    SliceMut::whole(&mut rstd),
+                    SliceMut::whole(&mut h),
+                )?;
+                be.bias_gelu_forward(
+                    SliceMut::whole(&mut pre),
+                    Slice::whole(&bias4),
+                    SliceMut::whole(&mut g),
+                    rows,
+                    self.cols4,
+                )?;
+                be.gated_residual_forward_into(
+                    Slice::whole(&x),
+                    Slice::whole(&y),
+                    gate,
+                    SliceMut::whole(&mut res),
+                    seqs,
+                    self.tokens,
+                    cols,
+                )?;
+            } else {
+                be.layernorm_forward(
+                    &self.norm,
+                    Slice::whole(&x),
+                    Slice::whole(&w),
+                    Some(Slice::whole(&b)),
+                    SliceMut::whole(&mut ln),
+                    SliceMut::whole(&mut mean),
+                    SliceMut::whole(&mut rstd),
+                )?;
+                be.modulate_forward(
+                    Slice::whole(&ln),
+                    Slice::whole(&shift),
+                    Slice::whole(&scale),
+                    SliceMut::whole(&mut h),
+                    seqs,
+                    self.tokens,
+                    cols,
+                )?;
+                be.bias_add(
+                    SliceMut::whole(&mut pre),
+                    Slice::whole(&bias4),
+                    rows,
+                    self.cols4,
+                )?;
+                be.gelu_forward(Slice::whole(&pre), SliceMut::whole(&mut g), n4)?;
+                be.copy(Slice::whole(&x), SliceMut::whole(&mut res), n)?;
+                be.gated_residual_forward(
+                    SliceMut::whole(&mut res),
+                    Slice::whole(&y),
+                    gate,
+                    seqs,
+                    self.tokens,
+                    cols,
+                )?;
+            }
+            outs.extend([
+                ("ln", down(be, &ln, n)?),
+                ("mean", down(be, &mean, rows)?),
+                ("rstd", down(be, &rstd, rows)?),
+                ("modulated", down(be, &h, n)?),
+                ("pre-activation", down(be, &pre, n4)?),
+                ("gelu", down(be, &g, n4)?),
+                ("residual", down(be, &res, n)?),
+            ]);
+        }
+        Ok(outs)
+    }
+}
+
+/// Each fused forward against the CPU (whose fused calls are the provided compositions), and
+/// on the GPU bit for bit equal to the calls it replaces, in both precisions.
+#[test]
+fn fused_forwards_equal_the_calls_they_replace() {
+    if !gpu("fused_forwards_equal_the_calls_they_replace") {
+        return;
+    }
+    fn prop(x: u8, y: u8, z: u8, seed: u64) -> TestResult {
+        let (seqs, tokens, cols) = (dims(z, 1, 3), dims(x, 1, 70), dims(y, 1, 300));
+        let (rows, cols4) = (seqs * tokens, 4 * cols);
+        let case = FusedCase {
+            norm: NormShape {
+                rows,
+                cols,
+                eps: 1e-5,
+            },
+            tokens,
+            cols4,
+            x: rand(seed, rows * cols, 2.0),
+            w: rand(seed ^ 1, cols, 1.0),
+            b: rand(seed ^ 2, cols, 1.0),
+            shift: rand(seed ^ 3, seqs * cols, 1.0),
+            scale: rand(seed ^ 4, seqs * cols, 1.0),
+            pre: rand(seed ^ 5, rows * cols4, 2.0),
+            bias4: rand(seed ^ 6, cols4, 1.0),
+            y: rand(seed ^ 7, rows * cols, 1.0),
+        };
+        let label = format!("fused {seqs}×{tokens}×{cols}");
+        let same = |precision: Precision| -> Result<(), String> {
+            let out = common::with_gpu(precision, |g| case.run(g))
+                .map_err(|e| format!("{label} {precision:?}: gpu: {e}"))?;
+            let (fused, composed) = out.split_at(FusedCase::OUTPUTS);
+            for ((name, f), (_, c)) in fused.iter().zip(composed) {
+                let differ = f
+                    .iter()
+                    .zip(c)
+                    .position(|(a, b)| a.to_bits() != b.to_bits());
+                if let Some(i) = differ {
+                    return Err(format!(
+                        "{label} {precision:?} {name}[{i}]: fused {} ≠ composed {}",
+                        f[i], c[i]
+                    ));
+                }
+            }
+            Ok(())
+        };
+        verdict(
+            check(&label, &case, F32, Some(BF16))
+                .and_then(|()| same(Precision::F32))
+                .and_then(|()| same(Precision::Bf16)),
+        )
+    }
+    qc(30, prop);
+}
+
 // ---- RoPE ----------------------------------------------------------------------------
 
 struct RopeCase {

@@ -584,6 +584,47 @@ pub trait Backend {
         tokens: usize,
         channels: usize,
     ) -> Result<(), Self::Error>;
+    /// LayerNorm, then adaLN modulation of its output (the DiT's pre-norm), in one call:
+    /// `ln_out`, `mean`, `rstd` as [`Backend::layernorm_forward`] writes them (the backward
+    /// needs them) and `out` as [`Backend::modulate_forward`] writes it from `ln_out`, with
+    /// `tokens` rows per sequence (`shape.rows / tokens` sequences). The provided version calls
+    /// the two; a backend may fuse them (one pass over the rows, one launch fewer).
+    #[allow(clippy::too_many_arguments)]
+    fn layernorm_modulate_forward(
+        &self,
+        shape: &NormShape,
+        x: Slice<'_, Self::Buffer>,
+        weight: Slice<'_, Self::Buffer>,
+        bias: Option<Slice<'_, Self::Buffer>>,
+        shift: Slice<'_, Self::Buffer>,
+        scale: Slice<'_, Self::Buffer>,
+        tokens: usize,
+        ln_out: SliceMut<'_, Self::Buffer>,
+        mean: SliceMut<'_, Self::Buffer>,
+        rstd: SliceMut<'_, Self::Buffer>,
+        out: SliceMut<'_, Self::Buffer>,
+    ) -> Result<(), Self::Error> {
+        let SliceMut { buf, offset } = ln_out;
+        self.layernorm_forward(
+            shape,
+            x,
+            weight,
+            bias,
+            SliceMut::at(&mut *buf, offset),
+            mean,
+            rstd,
+        )?;
+        let batch = shape.rows.checked_div(tokens).unwrap_or(0);
+        self.modulate_forward(
+            Slice::at(&*buf, offset),
+            shift,
+            scale,
+            out,
+            batch,
+            tokens,
+            shape.cols,
+        )
+    }
     /// Gated residual: `residual[b, t, c] += gate[b, c] · y[b, t, c]` (`gate = None` means 1).
     #[allow(clippy::too_many_arguments)]
     fn gated_residual_forward(
@@ -595,6 +636,25 @@ pub trait Backend {
         tokens: usize,
         channels: usize,
     ) -> Result<(), Self::Error>;
+    /// Gated residual out of place: `out = residual + gate·y`, as
+    /// [`Backend::gated_residual_forward`] on a copy of `residual`. The provided version copies
+    /// and calls it; a backend may fuse them.
+    #[allow(clippy::too_many_arguments)]
+    fn gated_residual_forward_into(
+        &self,
+        residual: Slice<'_, Self::Buffer>,
+        y: Slice<'_, Self::Buffer>,
+        gate: Option<Slice<'_, Self::Buffer>>,
+        out: SliceMut<'_, Self::Buffer>,
+        batch: usize,
+        tokens: usize,
+        channels: usize,
+    ) -> Result<(), Self::Error> {
+        let SliceMut { buf, offset } = out;
+        let n = batch * tokens * channels;
+        self.copy(residual, SliceMut::at(&mut *buf, offset), n)?;
+        self.gated_residual_forward(SliceMut::at(buf, offset), y, gate, batch, tokens, channels)
+    }
     /// Accumulates `dy += gate·dresidual` and `dgate += Σ_t dresidual·y`.
     #[allow(clippy::too_many_arguments)]
     fn gated_residual_backward(
@@ -662,6 +722,21 @@ pub trait Backend {
         out: SliceMut<'_, Self::Buffer>,
         len: usize,
     ) -> Result<(), Self::Error>;
+    /// `x[rows, cols] += bias[cols]`, then `out = gelu_tanh(x)`: the MLP's first activation
+    /// (`x` keeps the pre-activation for the backward). The provided version calls
+    /// [`Backend::bias_add`] and [`Backend::gelu_forward`]; a backend may fuse them.
+    fn bias_gelu_forward(
+        &self,
+        x: SliceMut<'_, Self::Buffer>,
+        bias: Slice<'_, Self::Buffer>,
+        out: SliceMut<'_, Self::Buffer>,
+        rows: usize,
+        cols: usize,
+    ) -> Result<(), Self::Error> {
+        let SliceMut { buf, offset } = x;
+        self.bias_add(SliceMut::at(&mut *buf, offset), bias, rows, cols)?;
+        self.gelu_forward(Slice::at(&*buf, offset), out, rows * cols)
+    }
     /// `dx += dout · gelu_tanh'(x)`.
     fn gelu_backward(
         &self,

@@ -1,4 +1,4 @@
-// A CPU emulation of the CUDA features the attention kernels use, so their indexing, masking,
+// A CPU emulation of the CUDA features the kernels use, so their indexing, masking, reductions,
 // online softmax and tensor-core fragment handling can be tested on a machine without a GPU.
 //
 // Every CUDA thread of a block is an OS thread; blocks run one after another, so `__shared__`

@@ -365,30 +365,18 @@ impl Transformer {
         let mod_at = |i: usize| l * 6 * c + i * c; // shift, scale, gate × (attention, MLP)
 
         // ---- attention branch: x_mid = x_in + gate_msa · drop(W_out · attn(rope(W_qkv · mod(LN1(x_in)))))
-        be.layernorm_forward(
+        let h1 = pre_norm(
+            be,
             &norm,
             whole(x_in),
             at(p, o.norm1.0),
             o.norm1.1.map(|b| at(p, b)),
-            whole_mut(&mut a.ln1),
-            whole_mut(&mut a.mean1),
-            whole_mut(&mut a.rstd1),
+            mods.map(|mv| (at(mv, mod_at(0)), at(mv, mod_at(1)))),
+            &mut a.ln1,
+            &mut a.mean1,
+            &mut a.rstd1,
+            &mut a.h1,
         )?;
-        let h1 = match mods {
-            Some(mv) => {
-                be.modulate_forward(
-                    whole(&a.ln1),
-                    at(mv, mod_at(0)),
-                    at(mv, mod_at(1)),
-                    whole_mut(&mut a.h1),
-                    1,
-                    n,
-                    c,
-                )?;
-                &a.h1
-            }
-            None => &a.ln1,
-        };
         be.matmul(
             &Gemm::linear(n, c, 3 * c),
             whole(h1),
@@ -472,49 +460,42 @@ impl Transformer {
         if let Some(d) = dropout.filter(|_| cfg.dropout > 0.0) {
             be.dropout(whole_mut(&mut a.y1), n * c, cfg.dropout, &d.stream(l, 0))?;
         }
-        be.copy(whole(x_in), whole_mut(&mut a.x_mid), n * c)?;
-        be.gated_residual_forward(
-            whole_mut(&mut a.x_mid),
+        be.gated_residual_forward_into(
+            whole(x_in),
             whole(&a.y1),
             mods.map(|mv| at(mv, mod_at(2))),
+            whole_mut(&mut a.x_mid),
             1,
             n,
             c,
         )?;
 
         // ---- MLP branch: x_out = x_mid + gate_mlp · drop(W₂ · gelu(W₁ · mod(LN2(x_mid)) + b₁) + b₂)
-        be.layernorm_forward(
+        let h2 = pre_norm(
+            be,
             &norm,
             whole(&a.x_mid),
             at(p, o.norm2.0),
             o.norm2.1.map(|b| at(p, b)),
-            whole_mut(&mut a.ln2),
-            whole_mut(&mut a.mean2),
-            whole_mut(&mut a.rstd2),
+            mods.map(|mv| (at(mv, mod_at(3)), at(mv, mod_at(4)))),
+            &mut a.ln2,
+            &mut a.mean2,
+            &mut a.rstd2,
+            &mut a.h2,
         )?;
-        let h2 = match mods {
-            Some(mv) => {
-                be.modulate_forward(
-                    whole(&a.ln2),
-                    at(mv, mod_at(3)),
-                    at(mv, mod_at(4)),
-                    whole_mut(&mut a.h2),
-                    1,
-                    n,
-                    c,
-                )?;
-                &a.h2
-            }
-            None => &a.ln2,
-        };
         be.matmul(
             &Gemm::linear(n, c, m),
             whole(h2),
             at(p, o.fc1.0),
             whole_mut(&mut a.f1),
         )?;
-        be.bias_add(whole_mut(&mut a.f1), at(p, o.fc1.1), n, m)?;
-        be.gelu_forward(whole(&a.f1), whole_mut(&mut a.g), n * m)?;
+        be.bias_gelu_forward(
+            whole_mut(&mut a.f1),
+            at(p, o.fc1.1),
+            whole_mut(&mut a.g),
+            n,
+            m,
+        )?;
         be.matmul(
             &Gemm::linear(n, m, c),
             whole(&a.g),
@@ -525,11 +506,11 @@ impl Transformer {
         if let Some(d) = dropout.filter(|_| cfg.dropout > 0.0) {
             be.dropout(whole_mut(&mut a.y2), n * c, cfg.dropout, &d.stream(l, 1))?;
         }
-        be.copy(whole(&a.x_mid), whole_mut(x_out), n * c)?;
-        be.gated_residual_forward(
-            whole_mut(x_out),
+        be.gated_residual_forward_into(
+            whole(&a.x_mid),
             whole(&a.y2),
             mods.map(|mv| at(mv, mod_at(5))),
+            whole_mut(x_out),
             1,
             n,
             c,
@@ -956,18 +937,18 @@ impl Transformer {
             cols: c,
             eps: self.config.norm_eps,
         };
-        be.layernorm_forward(
+        pre_norm(
+            be,
             &norm,
             whole(hx),
             at(p, lay.final_norm.0),
             lay.final_norm.1.map(|b| at(p, b)),
-            whole_mut(lnf),
-            whole_mut(mean),
-            whole_mut(rstd),
+            final_mod.map(|fm| (at(fm, 0), at(fm, c))),
+            lnf,
+            mean,
+            rstd,
+            hf,
         )?;
-        if let Some(fm) = final_mod {
-            be.modulate_forward(whole(lnf), at(fm, 0), at(fm, c), whole_mut(hf), 1, rows, c)?;
-        }
         Ok(())
     }
 
@@ -1181,5 +1162,59 @@ impl Transformer {
         self.forward(be, p, acts, dropout)?;
         self.loss_by_chunks(be, p, acts, 0.0, |_, _, _| Ok(()))
             .map_err(ModelError::Backend)
+    }
+}
+
+/// The adaLN `(shift, scale)` of one pre-norm.
+type ShiftScale<'s, B> = (
+    Slice<'s, <B as Backend>::Buffer>,
+    Slice<'s, <B as Backend>::Buffer>,
+);
+
+/// LayerNorm of `x` into `ln` (with its `mean`, `rstd`), then, for the DiT, the adaLN
+/// modulation `(shift, scale)` into `h`: returns the branch's input (`h` when modulated, else
+/// `ln`). One backend call either way, so a backend can fuse the two.
+#[allow(clippy::too_many_arguments)]
+fn pre_norm<'a, B: Backend>(
+    be: &B,
+    norm: &NormShape,
+    x: Slice<'_, B::Buffer>,
+    weight: Slice<'_, B::Buffer>,
+    bias: Option<Slice<'_, B::Buffer>>,
+    modulation: Option<ShiftScale<'_, B>>,
+    ln: &'a mut B::Buffer,
+    mean: &mut B::Buffer,
+    rstd: &mut B::Buffer,
+    h: &'a mut B::Buffer,
+) -> Result<&'a B::Buffer, B::Error> {
+    match modulation {
+        Some((shift, scale)) => {
+            be.layernorm_modulate_forward(
+                norm,
+                x,
+                weight,
+                bias,
+                shift,
+                scale,
+                norm.rows,
+                whole_mut(ln),
+                whole_mut(mean),
+                whole_mut(rstd),
+                whole_mut(h),
+            )?;
+            Ok(h)
+        }
+        None => {
+            be.layernorm_forward(
+                norm,
+                x,
+                weight,
+                bias,
+                whole_mut(ln),
+                whole_mut(mean),
+                whole_mut(rstd),
+            )?;
+            Ok(ln)
+        }
     }
 }

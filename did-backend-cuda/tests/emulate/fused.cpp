@@ -1,0 +1,79 @@
+// The fused forward kernels (layernorm_forward with modulation, bias_gelu_forward,
+// gated_residual_forward_into), run by the CPU emulation in emu.h against the kernels they
+// replace, in the storage precision this file is compiled for (STORAGE_BF16 or not): the
+// results must be equal bit for bit, as the backend promises.
+//
+// Built twice (f32 and bf16 storage) and run by tests/emulated_kernels.rs.
+#include <cstdio>
+#include <random>
+
+#include "emu.h"
+#include "../../kernels/common.cuh"
+#include "../../kernels/elementwise.cu"
+#include "../../kernels/norm.cu"
+
+static int failures = 0;
+
+static void same(const char* what, const std::vector<store_t>& a, const std::vector<store_t>& b) {
+    for (size_t i = 0; i < a.size(); ++i) {
+        if (std::memcmp(&a[i], &b[i], sizeof(store_t)) != 0) {
+            std::printf("FAIL %s: element %zu differs (%g vs %g)\n", what, i, ld(a.data(), i), ld(b.data(), i));
+            ++failures;
+            return;
+        }
+    }
+    std::printf("ok   %s (%zu elements)\n", what, a.size());
+}
+
+int main() {
+    std::mt19937 rng(11);
+    std::normal_distribution<float> normal(0.0f, 1.5f);
+    auto random = [&](size_t n) {
+        std::vector<store_t> v(n);
+        for (auto& x : v) x = to_store(normal(rng));
+        return v;
+    };
+    const i64 seqs = 3, tokens = 5, cols = 40, rows = seqs * tokens, n = rows * cols, cols4 = 4 * cols, n4 = rows * cols4;
+    const unsigned grid = 4, threads = 64;  // fewer threads than elements: the grid-stride loops wrap
+    auto x = random(n), w = random(cols), b = random(cols), shift = random(seqs * cols), scale = random(seqs * cols);
+
+    // LayerNorm + modulation: one launch against LayerNorm then modulate_forward.
+    std::vector<store_t> ln_f(n), mean_f(rows), rstd_f(rows), h_f(n), ln_c(n), mean_c(rows), rstd_c(rows), h_c(n);
+    emu::launch(EmuDim3{(unsigned)rows, 1, 1}, threads, [&] {
+        layernorm_forward(x.data(), w.data(), b.data(), ln_f.data(), mean_f.data(), rstd_f.data(), rows, cols, 1e-5f,
+                          shift.data(), scale.data(), h_f.data(), tokens);
+    });
+    emu::launch(EmuDim3{(unsigned)rows, 1, 1}, threads, [&] {
+        layernorm_forward(x.data(), w.data(), b.data(), ln_c.data(), mean_c.data(), rstd_c.data(), rows, cols, 1e-5f,
+                          nullptr, nullptr, nullptr, 1);
+    });
+    emu::launch(EmuDim3{grid, 1, 1}, threads, [&] {
+        modulate_forward(ln_c.data(), shift.data(), scale.data(), h_c.data(), tokens, cols, n);
+    });
+    same("layernorm_forward + modulation: layernorm out", ln_f, ln_c);
+    same("layernorm_forward + modulation: mean", mean_f, mean_c);
+    same("layernorm_forward + modulation: rstd", rstd_f, rstd_c);
+    same("layernorm_forward + modulation: modulated", h_f, h_c);
+
+    // bias + GELU against bias_add then gelu_forward.
+    auto pre_f = random(n4), bias4 = random(cols4);
+    auto pre_c = pre_f;
+    std::vector<store_t> g_f(n4), g_c(n4);
+    emu::launch(EmuDim3{grid, 1, 1}, threads, [&] { bias_gelu_forward(pre_f.data(), bias4.data(), g_f.data(), rows, cols4); });
+    emu::launch(EmuDim3{grid, 1, 1}, threads, [&] { bias_add(pre_c.data(), bias4.data(), rows, cols4); });
+    emu::launch(EmuDim3{grid, 1, 1}, threads, [&] { gelu_forward(pre_c.data(), g_c.data(), n4); });
+    same("bias_gelu_forward: pre-activation", pre_f, pre_c);
+    same("bias_gelu_forward: gelu", g_f, g_c);
+
+    // Out-of-place gated residual against a copy and gated_residual_forward, gated and not.
+    auto y = random(n);
+    for (const store_t* gate : {(const store_t*)scale.data(), (const store_t*)nullptr}) {
+        std::vector<store_t> out_f(n), out_c = x;
+        emu::launch(EmuDim3{grid, 1, 1}, threads, [&] {
+            gated_residual_forward_into(x.data(), y.data(), gate, out_f.data(), tokens, cols, n);
+        });
+        emu::launch(EmuDim3{grid, 1, 1}, threads, [&] { gated_residual_forward(out_c.data(), y.data(), gate, tokens, cols, n); });
+        same(gate ? "gated_residual_forward_into, gated" : "gated_residual_forward_into, ungated", out_f, out_c);
+    }
+    return failures ? 1 : 0;
+}
