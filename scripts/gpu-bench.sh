@@ -30,7 +30,7 @@ batch=${BATCH:-8}
 steps=${STEPS:-8}
 limit=${TIME_LIMIT:-150}
 prec=${PRECISION:-bf16}
-# did's attention forward: the flash kernel unless told otherwise (AttentionKernel in did-backend-cuda).
+# did's attention: the flash kernels unless told otherwise (AttentionKernel in did-backend-cuda).
 export DID_CUDA_ATTENTION=${DID_CUDA_ATTENTION:-flash}
 mkdir -p "$out"
 work=$(mktemp -d)
