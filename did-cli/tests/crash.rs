@@ -5,7 +5,8 @@
 //! for bit. Then the faults: a NaN in the loss, an unwritable checkpoint.
 //!
 //! `DID_KILL_RUNS=N` changes the number of kills (default 24; the run gets
-//! `max(100, 5·N)` steps).
+//! `max(100, 5·N)` steps, more when steps are fast enough that N killed runs
+//! could finish them).
 
 mod common;
 use common::{did, losses, scratch, setup};
@@ -94,14 +95,30 @@ fn sigkill_at_random_moments_loses_nothing_and_resumes_bit_for_bit() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(24);
-    // A run makes a few steps before it is killed: leave room for every kill.
-    let steps = (5 * kills_wanted).max(100).to_string();
+    // A run makes a few steps before it is killed (it lives at most ≈ 0.3 s): leave room for
+    // every kill. The uninterrupted reference run measures how fast a step is, and is run again
+    // with more steps when the killed runs could otherwise finish the training.
+    let mut steps = (5 * kills_wanted).max(100);
     let reference = dir.join("reference");
-    let (code, _, err) = did(&train_steps(&data, &model, &reference, false, &steps)
-        .iter()
-        .map(String::as_str)
-        .collect::<Vec<_>>());
-    assert_eq!(code, 0, "{err}");
+    loop {
+        let _ = std::fs::remove_dir_all(&reference);
+        let t0 = Instant::now();
+        let (code, _, err) =
+            did(
+                &train_steps(&data, &model, &reference, false, &steps.to_string())
+                    .iter()
+                    .map(String::as_str)
+                    .collect::<Vec<_>>(),
+            );
+        assert_eq!(code, 0, "{err}");
+        let per_step = t0.elapsed().as_secs_f64() / steps as f64;
+        let needed = (kills_wanted as f64 * 0.5 / per_step).ceil() as usize;
+        if needed <= steps {
+            break;
+        }
+        steps = needed.min(50_000);
+    }
+    let steps = steps.to_string();
 
     let out = dir.join("killed");
     let mut rng = Lcg(0x5eed_1234);
