@@ -276,6 +276,53 @@ impl CudaBackend {
         }
     }
 
+    /// The LayerNorm kernel, with `modulation` = `[shift, scale, out]` pointers (zeros: none)
+    /// for the fused pre-norm, `tokens` rows per sequence.
+    #[allow(clippy::too_many_arguments)]
+    fn layernorm(
+        &self,
+        s: &NormShape,
+        x: Slice<'_, CudaBuffer>,
+        weight: Slice<'_, CudaBuffer>,
+        bias: Option<Slice<'_, CudaBuffer>>,
+        out: SliceMut<'_, CudaBuffer>,
+        mean: SliceMut<'_, CudaBuffer>,
+        rstd: SliceMut<'_, CudaBuffer>,
+        modulation: [u64; 3],
+        tokens: usize,
+    ) -> Result<(), CudaError> {
+        let n = s.rows * s.cols;
+        let bp = match bias {
+            Some(b) => self.ptr(b, s.cols, "layernorm bias")?,
+            None => 0,
+        };
+        let [shift, scale, modulated] = modulation;
+        let args = [
+            Arg::Ptr(self.ptr(x, n, "layernorm x")?),
+            Arg::Ptr(self.ptr(weight, s.cols, "layernorm weight")?),
+            Arg::Ptr(bp),
+            Arg::Ptr(self.ptr_mut(out, n, "layernorm out")?),
+            Arg::Ptr(self.ptr_mut(mean, s.rows, "layernorm mean")?),
+            Arg::Ptr(self.ptr_mut(rstd, s.rows, "layernorm rstd")?),
+            Arg::I64(s.rows as i64),
+            Arg::I64(s.cols as i64),
+            Arg::F32(s.eps),
+            Arg::Ptr(shift),
+            Arg::Ptr(scale),
+            Arg::Ptr(modulated),
+            Arg::I64(tokens as i64),
+        ];
+        if s.rows == 0 || s.cols == 0 {
+            return Ok(());
+        }
+        self.launch(
+            "layernorm_forward",
+            (grid_rows(s.rows)?, 1, 1),
+            THREADS,
+            &args,
+        )
+    }
+
     /// `Some(sequences × heads)`, the flash kernels' grid height, where they compute this
     /// attention; `None` where the reference kernels do.
     fn flash_heads(&self, s: &AttentionShape) -> Option<u32> {
@@ -785,35 +832,7 @@ impl Backend for CudaBackend {
         mean: SliceMut<'_, CudaBuffer>,
         rstd: SliceMut<'_, CudaBuffer>,
     ) -> Result<(), CudaError> {
-        let n = s.rows * s.cols;
-        let bp = match bias {
-            Some(b) => self.ptr(b, s.cols, "layernorm bias")?,
-            None => 0,
-        };
-        let args = [
-            Arg::Ptr(self.ptr(x, n, "layernorm x")?),
-            Arg::Ptr(self.ptr(weight, s.cols, "layernorm weight")?),
-            Arg::Ptr(bp),
-            Arg::Ptr(self.ptr_mut(out, n, "layernorm out")?),
-            Arg::Ptr(self.ptr_mut(mean, s.rows, "layernorm mean")?),
-            Arg::Ptr(self.ptr_mut(rstd, s.rows, "layernorm rstd")?),
-            Arg::I64(s.rows as i64),
-            Arg::I64(s.cols as i64),
-            Arg::F32(s.eps),
-            Arg::Ptr(0),
-            Arg::Ptr(0),
-            Arg::Ptr(0),
-            Arg::I64(1),
-        ];
-        if s.rows == 0 || s.cols == 0 {
-            return Ok(());
-        }
-        self.launch(
-            "layernorm_forward",
-            (grid_rows(s.rows)?, 1, 1),
-            THREADS,
-            &args,
-        )
+        self.layernorm(s, x, weight, bias, out, mean, rstd, [0; 3], 1)
     }
 
     fn layernorm_modulate_forward(
@@ -830,7 +849,6 @@ impl Backend for CudaBackend {
         rstd: SliceMut<'_, CudaBuffer>,
         out: SliceMut<'_, CudaBuffer>,
     ) -> Result<(), CudaError> {
-        let n = s.rows * s.cols;
         if tokens == 0 || s.rows % tokens != 0 {
             return Err(CudaError::Shape(format!(
                 "layernorm_modulate_forward: {} rows are not whole sequences of {tokens} tokens",
@@ -838,34 +856,12 @@ impl Backend for CudaBackend {
             )));
         }
         let sequences = s.rows / tokens;
-        let bp = match bias {
-            Some(b) => self.ptr(b, s.cols, "layernorm bias")?,
-            None => 0,
-        };
-        let args = [
-            Arg::Ptr(self.ptr(x, n, "layernorm x")?),
-            Arg::Ptr(self.ptr(weight, s.cols, "layernorm weight")?),
-            Arg::Ptr(bp),
-            Arg::Ptr(self.ptr_mut(ln_out, n, "layernorm out")?),
-            Arg::Ptr(self.ptr_mut(mean, s.rows, "layernorm mean")?),
-            Arg::Ptr(self.ptr_mut(rstd, s.rows, "layernorm rstd")?),
-            Arg::I64(s.rows as i64),
-            Arg::I64(s.cols as i64),
-            Arg::F32(s.eps),
-            Arg::Ptr(self.ptr(shift, sequences * s.cols, "modulate shift")?),
-            Arg::Ptr(self.ptr(scale, sequences * s.cols, "modulate scale")?),
-            Arg::Ptr(self.ptr_mut(out, n, "modulate out")?),
-            Arg::I64(tokens as i64),
+        let modulation = [
+            self.ptr(shift, sequences * s.cols, "modulate shift")?,
+            self.ptr(scale, sequences * s.cols, "modulate scale")?,
+            self.ptr_mut(out, s.rows * s.cols, "modulate out")?,
         ];
-        if s.rows == 0 || s.cols == 0 {
-            return Ok(());
-        }
-        self.launch(
-            "layernorm_forward",
-            (grid_rows(s.rows)?, 1, 1),
-            THREADS,
-            &args,
-        )
+        self.layernorm(s, x, weight, bias, ln_out, mean, rstd, modulation, tokens)
     }
 
     fn layernorm_backward(

@@ -158,11 +158,7 @@ pub fn nelbo<B: Backend>(be: &B, opts: &NelboOptions) -> Result<String, String> 
         .map_err(|e| e.to_string())?;
         if acts.as_ref().is_none_or(|a| a.batch != b) {
             drop(acts.take()); // free before allocating another shape
-            let loss_rows = did_core::model::loss_rows_for(config.vocab_size);
-            acts = Some(
-                Activations::with_loss_rows(be, &config, b, len, tb.pass, loss_rows)
-                    .map_err(|e| e.to_string())?,
-            );
+            acts = Some(Activations::for_training(be, &config, &tb).map_err(|e| e.to_string())?);
         }
         let a = acts.as_mut().ok_or("activations")?;
         model.load_batch(be, a, &tb).map_err(|e| e.to_string())?;

@@ -217,11 +217,29 @@ impl<B: Backend> Activations<B> {
         Self::with_loss_rows(be, config, batch, seq_len, pass, usize::MAX)
     }
 
+    /// The trainer's activations for batches shaped like `batch`: the logits of
+    /// [`loss_rows_for`] output rows at a time.
+    pub fn for_training(
+        be: &B,
+        config: &ModelConfig,
+        batch: &super::TrainBatch,
+    ) -> Result<Self, B::Error> {
+        let loss_rows = loss_rows_for(config.vocab_size);
+        Self::with_loss_rows(
+            be,
+            config,
+            batch.batch,
+            batch.seq_len,
+            batch.pass,
+            loss_rows,
+        )
+    }
+
     /// As [`Activations::new`], holding the logits of at most `loss_rows` output rows: when
     /// that is fewer than the batch has, the forward stops at the head's input and
     /// [`Transformer::backward`](super::Transformer::backward) and
     /// [`Transformer::loss`](super::Transformer::loss) run the head and the cross-entropy
-    /// chunk by chunk. The trainer uses [`loss_rows_for`] rows.
+    /// chunk by chunk. The trainer uses [`loss_rows_for`] rows ([`Activations::for_training`]).
     pub fn with_loss_rows(
         be: &B,
         config: &ModelConfig,

@@ -3,7 +3,7 @@
 
 use alloc::vec::Vec;
 
-use super::activations::{loss_rows_for, Activations};
+use super::activations::Activations;
 use super::pass::TrainBatch;
 use super::transformer::{DropoutStreams, Transformer};
 use super::ModelError;
@@ -189,14 +189,7 @@ impl<B: Backend> Trainer<B> {
                     if self.acts.len() >= MAX_CACHED_SHAPES {
                         self.acts.remove(0); // free before allocating the new shape
                     }
-                    let a = Activations::with_loss_rows(
-                        be,
-                        model.config(),
-                        batch.batch,
-                        batch.seq_len,
-                        batch.pass,
-                        loss_rows_for(model.config().vocab_size),
-                    );
+                    let a = Activations::for_training(be, model.config(), batch);
                     self.acts.push(a.map_err(e)?);
                     self.acts.len() - 1
                 }
@@ -298,15 +291,7 @@ impl<B: Backend> Trainer<B> {
         batch: &TrainBatch,
     ) -> Result<f64, ModelError<B::Error>> {
         let e = ModelError::Backend;
-        let mut acts = Activations::with_loss_rows(
-            be,
-            model.config(),
-            batch.batch,
-            batch.seq_len,
-            batch.pass,
-            loss_rows_for(model.config().vocab_size),
-        )
-        .map_err(e)?;
+        let mut acts = Activations::for_training(be, model.config(), batch).map_err(e)?;
         model.load_batch(be, &mut acts, batch)?;
         let params = self.ema.as_ref().unwrap_or(&self.params);
         model.loss(be, params, &mut acts, None)
