@@ -13,7 +13,7 @@
 #    sample_per_s_b1, pytorch_sample_per_s_b1, sample_per_s_b64, pytorch_sample_per_s_b64,
 #    peak_memory_bytes, and every raw figure) and the measured section of OUT/gpu.md.
 #
-# Settings (environment): DID_CUDA_ATTENTION (flash), BACKEND (cuda), TORCH_DEVICE (cuda), PYTHON (python3), PRESET (small),
+# Settings (environment): DID_CUDA_ATTENTION (flash), DID_CUDA_DRAW (device), BACKEND (cuda), TORCH_DEVICE (cuda), PYTHON (python3), PRESET (small),
 # LENGTH (the preset's context), BATCH (8), STEPS (8), SAMPLE_BATCHES ("1 64"), TIME_LIMIT (150 s
 # per sampling run), PRECISION (bf16), PT_TRAIN (eager-sdpa,compile-flex), PT_SAMPLE (eager). With BACKEND=cpu
 # TORCH_DEVICE=cpu PRECISION=f32 PRESET=tiny and small numbers it runs anywhere (a smoke test of this script).
@@ -32,6 +32,8 @@ limit=${TIME_LIMIT:-150}
 prec=${PRECISION:-bf16}
 # did's attention: the flash kernels unless told otherwise (AttentionKernel in did-backend-cuda).
 export DID_CUDA_ATTENTION=${DID_CUDA_ATTENTION:-flash}
+# did's token draws: on the device unless told otherwise (DrawLocation in did-backend-cuda).
+export DID_CUDA_DRAW=${DID_CUDA_DRAW:-device}
 mkdir -p "$out"
 work=$(mktemp -d)
 # The log stays beside the results: a failed step names its cause there.
@@ -156,6 +158,7 @@ result = {
     "date": datetime.date.today().isoformat(),
     "backend": backend,
     "attention_kernel": os.environ.get("DID_CUDA_ATTENTION"),
+    "draw_location": os.environ.get("DID_CUDA_DRAW"),
     "preset": preset,
     "train_tokens_per_s": ours_tps,
     "pytorch_train_tokens_per_s": pt_train["tokens_per_s"] if pt_train else None,

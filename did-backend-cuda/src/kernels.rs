@@ -10,14 +10,15 @@ use crate::{CudaError, Precision};
 const COMMON: &str = include_str!("../kernels/common.cuh");
 
 /// Every kernel source file: its name and text.
-pub const SOURCES: [(&str, &str); 3] = [
+pub const SOURCES: [(&str, &str); 4] = [
     ("elementwise.cu", include_str!("../kernels/elementwise.cu")),
     ("norm.cu", include_str!("../kernels/norm.cu")),
     ("attention.cu", include_str!("../kernels/attention.cu")),
+    ("sample.cu", include_str!("../kernels/sample.cu")),
 ];
 
 /// Every kernel the backend launches, by source file.
-pub const KERNELS: [(&str, &[&str]); 3] = [
+pub const KERNELS: [(&str, &[&str]); 4] = [
     (
         "elementwise.cu",
         &[
@@ -63,6 +64,7 @@ pub const KERNELS: [(&str, &[&str]); 3] = [
             "attention_backward_dkv",
         ],
     ),
+    ("sample.cu", &["draw_tokens"]),
 ];
 
 /// Kernels that exist only in the bf16 module for compute capability 8.0 and later (their

@@ -7,9 +7,10 @@
 //! - **Two precisions** ([`Precision`]): `F32` (every buffer f32, TF32 off:
 //!   checked against the CPU backend at rtol ≈ 1e-4) and `Bf16` (buffers
 //!   stored as bf16, all arithmetic and GEMM accumulation in f32).
-//! - **Deterministic**: reductions go in a fixed order and nothing is
-//!   accumulated with atomics, so the same seed gives bit-identical results
-//!   run after run on the same GPU.
+//! - **Deterministic**: reductions go in a fixed order and no float is
+//!   accumulated with atomics (the token-drawing kernel adds integers, whose
+//!   sum does not depend on order), so the same seed gives bit-identical
+//!   results run after run on the same GPU.
 //! - **Dynamic loading**: the crate builds with no CUDA installed. Without the
 //!   libraries or a device, [`CudaBackend::new`] returns
 //!   [`CudaError::Unavailable`] naming what is missing; [`cuda_available`]
@@ -48,13 +49,15 @@ use did_core::backend::{
 use did_core::mask::AttentionMask;
 use did_core::rng::RngStream;
 use did_core::sample::categorical::{draw_token, DrawScratch, SampledToken};
-use did_core::sample::nucleus::Nucleus;
+use did_core::sample::nucleus::{Nucleus, NucleusRule};
 
 mod available;
+pub mod draw;
 mod error;
 pub mod kernels;
 
 pub use available::{cuda_available, cuda_or_skip, probe};
+pub use draw::DrawLocation;
 pub use error::CudaError;
 
 /// How buffers are stored on the device.
@@ -106,6 +109,8 @@ pub struct CudaIds {
 const THREADS: u32 = 256;
 /// Rows per partial sum of the deterministic column sums.
 const ROWS_PER_CHUNK: usize = 64;
+/// Threads per block of `draw_tokens` (its `DRAW_THREADS`).
+const DRAW_THREADS: u32 = 512;
 /// Largest head dimension the attention kernels hold in registers.
 const MAX_HEAD_DIM: usize = 256;
 
@@ -167,6 +172,8 @@ pub struct CudaBackend {
     device_name: String,
     /// [`AttentionKernel::Flash`] in use (an atomic: the backend is shared behind `&self`).
     flash_attention: std::sync::atomic::AtomicBool,
+    /// [`DrawLocation::Device`] in use.
+    draw_on_device: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -224,6 +231,15 @@ impl CudaBackend {
             )))
             }
         };
+        let draw_on_device = match std::env::var("DID_CUDA_DRAW").as_deref() {
+            Ok("device") => true,
+            Ok("host") | Err(_) => false,
+            Ok(other) => {
+                return Err(CudaError::Shape(format!(
+                    "DID_CUDA_DRAW={other:?}: expected `device` or `host` (unset = host)"
+                )))
+            }
+        };
         let device_name = ctx.name()?;
         let mode = match precision {
             Precision::F32 => "f32",
@@ -238,6 +254,7 @@ impl CudaBackend {
             precision,
             functions,
             flash_attention: std::sync::atomic::AtomicBool::new(false),
+            draw_on_device: std::sync::atomic::AtomicBool::new(draw_on_device),
         })
         .inspect(|b| {
             // The variable asks for the flash kernel wherever it can run (bf16, sm_80+); an f32
@@ -262,6 +279,27 @@ impl CudaBackend {
         self.flash_attention
             .store(flash, std::sync::atomic::Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Chooses where tokens are drawn (`DID_CUDA_DRAW=device|host`; host until a GPU run has
+    /// checked the kernel). Either way the tokens are those of `draw_token`.
+    pub fn set_draw_location(&self, location: DrawLocation) {
+        self.draw_on_device.store(
+            location == DrawLocation::Device,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
+    /// Where tokens are drawn.
+    pub fn draw_location(&self) -> DrawLocation {
+        if self
+            .draw_on_device
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            DrawLocation::Device
+        } else {
+            DrawLocation::Host
+        }
     }
 
     /// The attention forward kernel in use.
@@ -1478,8 +1516,10 @@ impl Backend for CudaBackend {
         self.launch_elements("ema_update", len, &args)
     }
 
-    /// One download of every row, then the reference draw on the host: the
-    /// same tokens as the CPU backend by construction.
+    /// [`DrawLocation::Host`]: one download of every row, then the reference draw on the host.
+    /// [`DrawLocation::Device`]: the `draw_tokens` kernel, then the reference draw on the host
+    /// for the rows it could not certify (see [`draw`]). The same tokens as the CPU backend
+    /// either way.
     fn draw_tokens(
         &self,
         logits: Slice<'_, CudaBuffer>,
@@ -1490,18 +1530,63 @@ impl Backend for CudaBackend {
         out: &mut [SampledToken],
     ) -> Result<(), CudaError> {
         let rows = draws.len().min(out.len());
-        let mut host = vec![0.0f32; rows * vocab];
-        self.download(logits, &mut host)?;
+        self.ptr(logits, rows * vocab, "draw logits")?;
+        if rows == 0 || vocab == 0 {
+            return Ok(());
+        }
         let mut scratch = DrawScratch::default();
-        for (r, (spec, slot)) in draws.iter().zip(out.iter_mut()).enumerate() {
-            *slot = draw_token(
-                &host[r * vocab..(r + 1) * vocab],
-                mask_id,
-                nucleus,
-                &spec.stream,
-                spec.row,
-                &mut scratch,
+        let mut draw_on_host = |row: &[f32], spec: &DrawSpec| {
+            draw_token(row, mask_id, nucleus, &spec.stream, spec.row, &mut scratch)
+        };
+        if self.draw_location() == DrawLocation::Host {
+            let mut host = vec![0.0f32; rows * vocab];
+            self.download(logits, &mut host)?;
+            for ((row, spec), slot) in host.chunks_exact(vocab).zip(draws).zip(out.iter_mut()) {
+                *slot = draw_on_host(row, spec);
+            }
+            return Ok(());
+        }
+        let words: Vec<u32> = draws[..rows].iter().flat_map(draw::stream_words).collect();
+        let mut specs = self.stream.alloc_zeros::<u32>(words.len())?;
+        self.stream.memcpy_htod(&words, &mut specs)?;
+        let ids = self.stream.alloc_zeros::<u32>(2 * rows)?;
+        let confidence = self.stream.alloc_zeros::<f64>(3 * rows)?;
+        {
+            let (specs_ptr, _s) = specs.device_ptr(&self.stream);
+            let (ids_ptr, _i) = ids.device_ptr(&self.stream);
+            let (confidence_ptr, _c) = confidence.device_ptr(&self.stream);
+            let args = [
+                Arg::Ptr(self.ptr(logits, rows * vocab, "draw logits")?),
+                Arg::I64(vocab as i64),
+                Arg::I64(i64::from(mask_id)),
+                Arg::Ptr(specs_ptr),
+                Arg::F64(nucleus.p()),
+                Arg::I32(i32::from(nucleus.rule() == NucleusRule::SmallestCover)),
+                Arg::Ptr(ids_ptr),
+                Arg::Ptr(confidence_ptr),
+            ];
+            self.launch("draw_tokens", (grid_rows(rows)?, 1, 1), DRAW_THREADS, &args)?;
+        }
+        let ids = self.stream.clone_dtoh(&ids)?;
+        let confidence = self.stream.clone_dtoh(&confidence)?;
+        self.stream.synchronize()?;
+        let mut row = vec![0.0f32; vocab];
+        for (r, (spec, slot)) in draws.iter().zip(out.iter_mut()).take(rows).enumerate() {
+            let certified = draw::certified_token(
+                [ids[2 * r], ids[2 * r + 1]],
+                [
+                    confidence[3 * r],
+                    confidence[3 * r + 1],
+                    confidence[3 * r + 2],
+                ],
             );
+            *slot = match certified {
+                Some(token) => token,
+                None => {
+                    self.download(Slice::at(logits.buf, logits.offset + r * vocab), &mut row)?;
+                    draw_on_host(&row, spec)
+                }
+            };
         }
         Ok(())
     }

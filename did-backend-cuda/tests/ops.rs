@@ -1110,51 +1110,76 @@ fn adamw_ema_reductions_scale_fill_and_copies() {
 // ---- sampling draws ----------------------------------------------------------------------------
 
 #[test]
-fn draws_are_token_identical_to_the_cpu_in_f32_mode() {
-    if !gpu("draws_are_token_identical_to_the_cpu_in_f32_mode") {
+fn draws_are_the_cpus_on_the_host_and_on_the_device() {
+    if !gpu("draws_are_the_cpus_on_the_host_and_on_the_device") {
         return;
     }
-    use did_core::sample::categorical::{draw_token, DrawScratch};
-    use did_core::sample::nucleus::Nucleus;
-    let (rows, vocab, mask_id) = (37, 1000, 999);
-    let nucleus = Nucleus::default();
-    let draws: Vec<DrawSpec> = (0..rows)
-        .map(|r| DrawSpec {
-            stream: RngStream::new(9, Purpose::Categorical, r as u32 % 3, 4),
-            row: r as u32,
-        })
-        .collect();
-    let reference = |logits: &[f32]| {
-        let mut scratch = DrawScratch::default();
-        (0..rows)
-            .map(|r| {
-                let row = &logits[r * vocab..(r + 1) * vocab];
-                draw_token(
-                    row,
-                    mask_id,
-                    &nucleus,
-                    &draws[r].stream,
-                    draws[r].row,
-                    &mut scratch,
-                )
-            })
-            .collect::<Vec<_>>()
-    };
-    let logits = rand(3, rows * vocab, 6.0);
-    let expected = reference(&logits);
-    // Start from other draws, so a row the GPU leaves unwritten shows.
-    let mut out = reference(&rand(4, rows * vocab, 6.0));
-    common::with_gpu(did_backend_cuda::Precision::F32, |be| {
-        let buf = be.upload(&logits).unwrap();
-        be.draw_tokens(
-            Slice::whole(&buf),
-            vocab,
-            mask_id,
-            &nucleus,
-            &draws,
-            &mut out,
-        )
-        .unwrap();
-    });
-    assert_eq!(expected, out);
+    use did_backend_cuda::DrawLocation;
+    use did_core::sample::categorical::{draw_token, DrawScratch, SampledToken};
+    use did_core::sample::nucleus::{Nucleus, NucleusRule};
+    // A small vocabulary with many rows, and the real one with a batch-64 draft's rows.
+    for (rows, vocab, scale) in [(37, 1000, 6.0), (256, 50_258, 4.0)] {
+        let mask_id = vocab as u32 - 1;
+        for nucleus in [
+            Nucleus::default(),
+            Nucleus::new(0.7, NucleusRule::SmallestCover).unwrap(),
+            Nucleus::new(1.0, NucleusRule::Bd3).unwrap(),
+        ] {
+            let draws: Vec<DrawSpec> = (0..rows)
+                .map(|r| DrawSpec {
+                    stream: RngStream::new(9, Purpose::Categorical, r as u32 % 3, 4),
+                    row: r as u32,
+                })
+                .collect();
+            // bf16-exact logits (coarse, so ties are common): both storages hold them as given.
+            let logits = rand(3, rows * vocab, scale);
+            let mut scratch = DrawScratch::default();
+            let expected: Vec<SampledToken> = logits
+                .chunks_exact(vocab)
+                .zip(&draws)
+                .map(|(row, d)| draw_token(row, mask_id, &nucleus, &d.stream, d.row, &mut scratch))
+                .collect();
+            for precision in [Precision::F32, Precision::Bf16] {
+                for location in [DrawLocation::Host, DrawLocation::Device] {
+                    // Start from other draws, so a row the GPU leaves unwritten shows.
+                    let mut out = vec![expected[0]; rows];
+                    out.iter_mut().for_each(|t| t.id = u32::MAX);
+                    let seconds = common::with_gpu(precision, |be| {
+                        let buf = be.upload(&logits).unwrap();
+                        be.set_draw_location(location);
+                        let start = std::time::Instant::now();
+                        let result = be.draw_tokens(
+                            Slice::whole(&buf),
+                            vocab,
+                            mask_id,
+                            &nucleus,
+                            &draws,
+                            &mut out,
+                        );
+                        let seconds = start.elapsed().as_secs_f64();
+                        be.set_draw_location(DrawLocation::Host);
+                        result.unwrap();
+                        seconds
+                    });
+                    let what =
+                        format!("{rows} × {vocab}, {nucleus:?}, {precision:?}, {location:?}");
+                    for (r, (got, want)) in out.iter().zip(&expected).enumerate() {
+                        assert_eq!(got.id, want.id, "{what}: row {r}'s token");
+                        let close = |a: f64, b: f64| match location {
+                            DrawLocation::Host => a == b,
+                            DrawLocation::Device => (a - b).abs() <= 1e-12 * b.abs(),
+                        };
+                        let (g, w) = (got.confidence, want.confidence);
+                        assert!(
+                            close(g.nucleus, w.nucleus)
+                                && close(g.raw, w.raw)
+                                && close(g.max, w.max),
+                            "{what}: row {r}'s confidences {g:?}, the CPU's {w:?}"
+                        );
+                    }
+                    eprintln!("{what}: the CPU's tokens, {seconds:.4} s");
+                }
+            }
+        }
+    }
 }

@@ -847,8 +847,9 @@ pub trait Backend {
 
     /// Draws one token per logits row: SUBS softmax (no `[MASK]`), nucleus,
     /// f64 Gumbel-max from `draws[r]`, with the three confidences. Must agree
-    /// token for token with [`draw_token`] on the same logits. The provided
-    /// version downloads the logits and calls it; a GPU backend overrides it.
+    /// token for token with [`draw_token`] on the same logits, confidences
+    /// within 1e-12 relative (sums in another order). The provided version
+    /// downloads the logits and calls it; a GPU backend overrides it.
     fn draw_tokens(
         &self,
         logits: Slice<'_, Self::Buffer>,

@@ -12,6 +12,7 @@
 #pragma once
 
 #include <array>
+#include <atomic>
 #include <barrier>
 #include <cmath>
 #include <cstring>
@@ -25,6 +26,7 @@
 #define __device__
 #define __forceinline__ inline
 #define __shared__ static
+#define __launch_bounds__(...)
 
 struct EmuDim3 {
     unsigned x = 0, y = 0, z = 0;
@@ -82,6 +84,14 @@ T __shfl_xor_sync(unsigned, T value, int offset) {
     std::memcpy(&got, &s[(lane ^ offset) * 8], sizeof(T));
     emu::warp_sync();
     return got;
+}
+
+// Shared-memory integer atomics (the kernels add integers only, so the order does not matter).
+inline unsigned atomicAdd(unsigned* address, unsigned value) {
+    return std::atomic_ref<unsigned>(*address).fetch_add(value);
+}
+inline unsigned long long atomicAdd(unsigned long long* address, unsigned long long value) {
+    return std::atomic_ref<unsigned long long>(*address).fetch_add(value);
 }
 
 inline float __int_as_float(int x) { float f; std::memcpy(&f, &x, 4); return f; }
