@@ -1,6 +1,7 @@
 //! A [`Backend`] that forwards every call to another and times it, per op
 //! name, with the matmul FLOPs counted: where a training step spends its time,
-//! and the GFLOP/s its matmuls reach.
+//! and the GFLOP/s its matmuls reach. On a GPU, [`Profiled::synchronized`]
+//! waits for each op to finish, so its time is the op's and not its launch's.
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -30,6 +31,7 @@ pub struct Profiled<B> {
     /// The backend doing the work.
     pub inner: B,
     times: RefCell<BTreeMap<&'static str, OpTime>>,
+    synchronize: bool,
 }
 
 impl<B: Backend> Profiled<B> {
@@ -38,6 +40,16 @@ impl<B: Backend> Profiled<B> {
         Profiled {
             inner,
             times: RefCell::new(BTreeMap::new()),
+            synchronize: false,
+        }
+    }
+
+    /// Wraps an asynchronous `inner` (a GPU): every op is followed by a synchronize inside its
+    /// timing. The sum is then slower than the unprofiled run by a launch round trip per op.
+    pub fn synchronized(inner: B) -> Self {
+        Profiled {
+            synchronize: true,
+            ..Self::new(inner)
         }
     }
 
@@ -54,6 +66,10 @@ impl<B: Backend> Profiled<B> {
     fn timed<R>(&self, name: &'static str, flops: u64, f: impl FnOnce() -> R) -> R {
         let start = Instant::now();
         let r = f();
+        if self.synchronize {
+            // An error here is the op's own, and shows at the next call.
+            let _ = self.inner.synchronize();
+        }
         let mut t = self.times.borrow_mut();
         let e = t.entry(name).or_default();
         e.calls += 1;
@@ -218,6 +234,51 @@ impl<B: Backend> Backend for Profiled<B> {
         self.timed("gated_residual_backward", 0, || {
             self.inner
                 .gated_residual_backward(dr, y, g, dy, dg, b, t, c)
+        })
+    }
+    fn layernorm_modulate_forward(
+        &self,
+        s: &NormShape,
+        x: S<'_, B>,
+        w: S<'_, B>,
+        b: Option<S<'_, B>>,
+        sh: S<'_, B>,
+        sc: S<'_, B>,
+        t: usize,
+        ln: M<'_, B>,
+        m: M<'_, B>,
+        r: M<'_, B>,
+        o: M<'_, B>,
+    ) -> Result<(), B::Error> {
+        self.timed("layernorm_modulate_forward", 0, || {
+            self.inner
+                .layernorm_modulate_forward(s, x, w, b, sh, sc, t, ln, m, r, o)
+        })
+    }
+    fn gated_residual_forward_into(
+        &self,
+        r: S<'_, B>,
+        y: S<'_, B>,
+        g: Option<S<'_, B>>,
+        o: M<'_, B>,
+        b: usize,
+        t: usize,
+        c: usize,
+    ) -> Result<(), B::Error> {
+        self.timed("gated_residual_forward_into", 0, || {
+            self.inner.gated_residual_forward_into(r, y, g, o, b, t, c)
+        })
+    }
+    fn bias_gelu_forward(
+        &self,
+        x: M<'_, B>,
+        b: S<'_, B>,
+        o: M<'_, B>,
+        rows: usize,
+        cols: usize,
+    ) -> Result<(), B::Error> {
+        self.timed("bias_gelu_forward", 0, || {
+            self.inner.bias_gelu_forward(x, b, o, rows, cols)
         })
     }
     fn rope_forward(&self, s: &RopeShape, x: M<'_, B>) -> Result<(), B::Error> {

@@ -27,11 +27,22 @@
 //! Logits are raw network outputs (`vocab_size` per output, row-major, in the
 //! order of `outputs`), including at the `[MASK]` id and at positions whose
 //! input is not masked: the sampler applies SUBS itself.
+//!
+//! The sampler asks for tokens through [`Denoiser::draw`]: its provided version
+//! takes [`Denoiser::logits`] and draws each row with [`draw_token`], and a
+//! denoiser whose logits live on a device may override it to draw there (and
+//! move a token a row instead of a row of logits), as long as the tokens are
+//! those `draw_token` would draw.
 
 use core::fmt;
 use core::ops::Range;
 
+use alloc::vec::Vec;
+
+use crate::backend::DrawSpec;
 use crate::mask::AttentionMask;
+use crate::sample::categorical::{draw_token, DrawScratch, SampledToken};
+use crate::sample::nucleus::Nucleus;
 
 /// A position at which logits are wanted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -116,6 +127,67 @@ pub trait Denoiser {
         let _ = request;
         Ok(())
     }
+
+    /// Draws one token at each of `request.outputs` (into `out`, in order) from its logits:
+    /// what [`draw_token`] draws with `mask_id`, `nucleus` and the stream and row of
+    /// `draws[i]`. The provided version computes [`Denoiser::logits`] into `scratch` and draws
+    /// on the host; override it only to draw where the logits are, with the same tokens.
+    ///
+    /// ```
+    /// use did_core::backend::DrawSpec;
+    /// use did_core::denoiser::{DenoiseRequest, Denoiser, HostDrawScratch, OutputPosition};
+    /// use did_core::rng::{Purpose, RngStream};
+    /// use did_core::sample::{Confidence, Nucleus, SampledToken};
+    /// struct Sure; // always the logits of token 2
+    /// impl Denoiser for Sure {
+    ///     type Error = core::convert::Infallible;
+    ///     fn vocab_size(&self) -> usize { 4 }
+    ///     fn mask_id(&self) -> u32 { 3 }
+    ///     fn logits(&mut self, r: &DenoiseRequest<'_>, out: &mut [f32]) -> Result<(), Self::Error> {
+    ///         for row in out.chunks_mut(4) { row.copy_from_slice(&[0.0, 0.0, 50.0, 0.0]); }
+    ///         Ok(())
+    ///     }
+    /// }
+    /// let outputs = [OutputPosition { seq: 0, pos: 1 }];
+    /// let r = DenoiseRequest { tokens: &[0, 3], batch: 1, seq_len: 2, block_size: 2, block: 0..2, outputs: &outputs };
+    /// let draws = [DrawSpec { stream: RngStream::new(1, Purpose::Categorical, 0, 0), row: 1 }];
+    /// let mut out = [SampledToken { id: 0, confidence: Confidence::PINNED }];
+    /// Sure.draw(&r, 3, &Nucleus::default(), &draws, &mut HostDrawScratch::default(), &mut out)?;
+    /// assert_eq!(out[0].id, 2);
+    /// # Ok::<(), core::convert::Infallible>(())
+    /// ```
+    fn draw(
+        &mut self,
+        request: &DenoiseRequest<'_>,
+        mask_id: u32,
+        nucleus: &Nucleus,
+        draws: &[DrawSpec],
+        scratch: &mut HostDrawScratch,
+        out: &mut [SampledToken],
+    ) -> Result<(), Self::Error> {
+        let vocab = self.vocab_size();
+        scratch.logits.clear();
+        scratch.logits.resize(request.outputs.len() * vocab, 0.0);
+        self.logits(request, &mut scratch.logits)?;
+        for ((row, spec), slot) in scratch.logits.chunks(vocab).zip(draws).zip(out) {
+            *slot = draw_token(
+                row,
+                mask_id,
+                nucleus,
+                &spec.stream,
+                spec.row,
+                &mut scratch.draw,
+            );
+        }
+        Ok(())
+    }
+}
+
+/// The buffers [`Denoiser::draw`]'s provided version reuses from call to call.
+#[derive(Debug, Default, Clone)]
+pub struct HostDrawScratch {
+    logits: Vec<f32>,
+    draw: DrawScratch,
 }
 
 impl<D: Denoiser + ?Sized> Denoiser for &mut D {
@@ -139,5 +211,16 @@ impl<D: Denoiser + ?Sized> Denoiser for &mut D {
     }
     fn commit_block(&mut self, request: &DenoiseRequest<'_>) -> Result<(), Self::Error> {
         (**self).commit_block(request)
+    }
+    fn draw(
+        &mut self,
+        request: &DenoiseRequest<'_>,
+        mask_id: u32,
+        nucleus: &Nucleus,
+        draws: &[DrawSpec],
+        scratch: &mut HostDrawScratch,
+        out: &mut [SampledToken],
+    ) -> Result<(), Self::Error> {
+        (**self).draw(request, mask_id, nucleus, draws, scratch, out)
     }
 }

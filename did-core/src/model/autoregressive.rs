@@ -8,12 +8,12 @@
 use alloc::vec;
 use alloc::vec::Vec;
 
-use super::inference::{CacheUse, Inference, KvCache};
+use super::inference::{CacheUse, Inference, KvCache, PassOutput};
 use super::{Architecture, ModelError, Transformer};
-use crate::backend::Backend;
+use crate::backend::{Backend, DrawSpec};
 use crate::error::invalid;
 use crate::rng::{Purpose, RngStream, MAX_SAMPLE};
-use crate::sample::categorical::{draw_token, DrawScratch};
+use crate::sample::categorical::{Confidence, SampledToken};
 use crate::sample::Nucleus;
 
 /// What [`CausalSampler::generate`] drew.
@@ -43,8 +43,6 @@ pub struct CausalGeneration {
 /// logits, is the `causal_sampling` test of the `did-backend-cpu` crate.
 pub struct CausalSampler<'a, B: Backend> {
     inference: Inference<'a, B>,
-    logits: Vec<f32>,
-    scratch: DrawScratch,
 }
 
 impl<'a, B: Backend> CausalSampler<'a, B> {
@@ -63,8 +61,6 @@ impl<'a, B: Backend> CausalSampler<'a, B> {
         }
         Ok(CausalSampler {
             inference: Inference::new(be, model, params).map_err(ModelError::Backend)?,
-            logits: Vec::new(),
-            scratch: DrawScratch::default(),
         })
     }
 
@@ -115,10 +111,28 @@ impl<'a, B: Backend> CausalSampler<'a, B> {
             )
             .into());
         }
-        let (vocab, mask) = (cfg.vocab_size, cfg.mask_id);
+        let mask = cfg.mask_id;
         let mut cache =
             KvCache::new(self.inference.be, &cfg, batch, len).map_err(ModelError::Backend)?;
-        self.logits.resize(batch * vocab, 0.0);
+        // Sequence s draws from sample first_sample + s, at the row of the position.
+        let mut draws: Vec<DrawSpec> = (0..batch)
+            .map(|s| DrawSpec {
+                stream: RngStream::new(
+                    seed,
+                    Purpose::Categorical,
+                    first_sample.wrapping_add(s as u32),
+                    0,
+                ),
+                row: 0,
+            })
+            .collect();
+        let mut drawn = vec![
+            SampledToken {
+                id: mask,
+                confidence: Confidence::PINNED,
+            };
+            batch
+        ];
 
         let mut tokens = vec![0u32; batch * len];
         for (s, q) in prompts.iter().enumerate() {
@@ -131,6 +145,7 @@ impl<'a, B: Backend> CausalSampler<'a, B> {
             let n = fed.len() / batch;
             let outputs: Vec<(usize, usize)> = (0..batch).map(|s| (s, n - 1)).collect();
             self.inference.check_tokens(&fed, batch)?;
+            draws.iter_mut().for_each(|d| d.row = pos as u32);
             self.inference
                 .pass(
                     &fed,
@@ -139,21 +154,18 @@ impl<'a, B: Backend> CausalSampler<'a, B> {
                     1,
                     Some((&mut cache, CacheUse::Commit)),
                     &outputs,
-                    &mut self.logits,
+                    PassOutput::Tokens {
+                        mask_id: mask,
+                        nucleus,
+                        draws: &draws,
+                        out: &mut drawn,
+                    },
                 )
                 .map_err(ModelError::Backend)?;
             nfe += 1;
             start += n;
             fed.clear();
-            for s in 0..batch {
-                let stream = RngStream::new(
-                    seed,
-                    Purpose::Categorical,
-                    first_sample.wrapping_add(s as u32),
-                    0,
-                );
-                let row = &self.logits[s * vocab..(s + 1) * vocab];
-                let t = draw_token(row, mask, nucleus, &stream, pos as u32, &mut self.scratch);
+            for (s, t) in drawn.iter().enumerate() {
                 tokens[s * len + pos] = t.id;
                 if Some(t.id) == stop_at && lengths[s] == len {
                     lengths[s] = pos + 1;

@@ -17,10 +17,25 @@ use super::activations::{time_embedding, BlockActivations, CondActivations};
 use super::config::{Architecture, ModelConfig};
 use super::transformer::{Geometry, KeyValues, Transformer};
 use super::ModelError;
-use crate::backend::{Backend, Slice, SliceMut};
-use crate::denoiser::{DenoiseRequest, Denoiser};
+use crate::backend::{Backend, DrawSpec, Slice, SliceMut};
+use crate::denoiser::{DenoiseRequest, Denoiser, HostDrawScratch};
 use crate::error::invalid;
 use crate::mask::AttentionMask;
+use crate::sample::categorical::SampledToken;
+use crate::sample::nucleus::Nucleus;
+
+/// What a pass gives back at its output rows.
+pub(super) enum PassOutput<'o> {
+    /// Raw logits, downloaded (`outputs × vocab`).
+    Logits(&'o mut [f32]),
+    /// One token per output row, drawn where the logits are ([`Backend::draw_tokens`]).
+    Tokens {
+        mask_id: u32,
+        nucleus: &'o Nucleus,
+        draws: &'o [DrawSpec],
+        out: &'o mut [SampledToken],
+    },
+}
 
 /// Keys and values of committed tokens, per block: `[batch, capacity, C]` each.
 pub struct KvCache<B: Backend> {
@@ -209,8 +224,8 @@ impl<'a, B: Backend> Inference<'a, B> {
     }
 
     /// Runs `tokens` (`[batch, n]`, at absolute positions `start..start + n`)
-    /// through the model under `mask` and writes raw logits at `outputs`
-    /// (`(sequence, index in the pass)`) into `out`.
+    /// through the model under `mask` and gives back, at `outputs`
+    /// (`(sequence, index in the pass)`), raw logits or drawn tokens.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn pass(
         &mut self,
@@ -220,7 +235,7 @@ impl<'a, B: Backend> Inference<'a, B> {
         block_size: usize,
         mut cache: Option<(&mut KvCache<B>, CacheUse)>,
         outputs: &[(usize, usize)],
-        out: &mut [f32],
+        out: PassOutput<'_>,
     ) -> Result<(), B::Error> {
         let cfg = *self.model.config();
         let (c, v, be) = (cfg.hidden, cfg.vocab_size, self.be);
@@ -335,13 +350,13 @@ impl<'a, B: Backend> Inference<'a, B> {
             unreachable!("allocated above")
         };
         let last = if cfg.layers % 2 == 0 { x_a } else { x_b };
-        for (i, &(seq, idx)) in outputs.iter().enumerate() {
-            be.copy(
-                Slice::at(last, (seq * n + idx) * c),
-                SliceMut::at(hx, i * c),
-                c,
-            )?;
-        }
+        // One launch for all rows: the embedding lookup is a row gather.
+        let rows_out: Vec<u32> = outputs
+            .iter()
+            .map(|&(seq, idx)| (seq * n + idx) as u32)
+            .collect();
+        let rows_out = be.upload_ids(&rows_out)?;
+        be.embedding_forward(&rows_out, Slice::whole(last), SliceMut::whole(hx), k, c)?;
         let final_mod = self.cond.as_ref().map(|cd| &cd.final_mod);
         self.model.head_forward(
             be,
@@ -355,7 +370,15 @@ impl<'a, B: Backend> Inference<'a, B> {
             final_mod,
             logits,
         )?;
-        be.download(Slice::whole(logits), &mut out[..k * v])
+        match out {
+            PassOutput::Logits(out) => be.download(Slice::whole(logits), &mut out[..k * v]),
+            PassOutput::Tokens {
+                mask_id,
+                nucleus,
+                draws,
+                out,
+            } => be.draw_tokens(Slice::whole(logits), v, mask_id, nucleus, draws, out),
+        }
     }
 
     /// Raw logits of a whole uncached pass over `tokens` (`[batch, n]` from
@@ -388,7 +411,7 @@ impl<'a, B: Backend> Inference<'a, B> {
             block_size.max(1),
             None,
             &outputs,
-            &mut out,
+            PassOutput::Logits(&mut out),
         )
         .map_err(ModelError::Backend)?;
         Ok(out)
@@ -461,92 +484,13 @@ impl<'a, B: Backend> DiffusionDenoiser<'a, B> {
         }
     }
 
-    /// Commits blocks until the cache holds `[0, upto)`.
-    fn catch_up(
+    /// One denoiser call: the cached pass over the block when it can, else the whole prefix.
+    fn run(
         &mut self,
         request: &DenoiseRequest<'_>,
-        upto: usize,
+        out: PassOutput<'_>,
     ) -> Result<(), ModelError<B::Error>> {
-        let be = self.inference.be;
-        let cfg = *self.inference.model.config();
-        let need_new = match &self.cache {
-            Some(c) => c.batch != request.batch || c.committed > upto,
-            None => true,
-        };
-        if need_new {
-            let capacity = self
-                .seq_len
-                .min(2 * cfg.context)
-                .max(cfg.context.min(self.seq_len));
-            self.cache =
-                Some(KvCache::new(be, &cfg, request.batch, capacity).map_err(ModelError::Backend)?);
-        }
-        while let Some(from) = self
-            .cache
-            .as_ref()
-            .map(|c| c.committed)
-            .filter(|&c| c < upto)
-        {
-            let to = (from + self.block_size).min(upto);
-            self.block_of(request, from..to);
-            let tokens = core::mem::take(&mut self.block_tokens);
-            let cache = self.cache.as_mut().map(|c| (c, CacheUse::Commit));
-            let r = self.inference.pass(
-                &tokens,
-                request.batch,
-                from,
-                self.block_size,
-                cache,
-                &[],
-                &mut [],
-            );
-            self.block_tokens = tokens;
-            r.map_err(ModelError::Backend)?;
-        }
-        Ok(())
-    }
-}
-
-impl<B: Backend> Denoiser for DiffusionDenoiser<'_, B> {
-    type Error = ModelError<B::Error>;
-
-    fn vocab_size(&self) -> usize {
-        self.inference.model.config().vocab_size
-    }
-
-    fn mask_id(&self) -> u32 {
-        self.inference.model.config().mask_id
-    }
-
-    fn begin_stage(
-        &mut self,
-        batch: usize,
-        seq_len: usize,
-        block_size: usize,
-    ) -> Result<(), Self::Error> {
-        let cfg = self.inference.model.config();
-        if block_size > cfg.context {
-            return Err(invalid(
-                "block size",
-                alloc::format!("a block of {block_size} exceeds the model's context of {}; refine with a block ≤ the context", cfg.context),
-            )
-            .into());
-        }
-        let _ = batch;
-        self.block_size = block_size.max(1);
-        self.seq_len = seq_len;
-        if let Some(c) = self.cache.as_mut() {
-            c.clear();
-        }
-        Ok(())
-    }
-
-    fn logits(&mut self, request: &DenoiseRequest<'_>, out: &mut [f32]) -> Result<(), Self::Error> {
-        let vocab = self.vocab_size();
         self.inference.check_tokens(request.tokens, request.batch)?;
-        if out.len() < request.outputs.len() * vocab {
-            return Err(invalid("logits buffer", "shorter than outputs × vocabulary").into());
-        }
         let block = request.block.clone();
         let single_block = block.len() <= self.block_size && block.start % self.block_size == 0;
         if self.use_cache && single_block {
@@ -599,6 +543,119 @@ impl<B: Backend> Denoiser for DiffusionDenoiser<'_, B> {
             self.outputs = outputs;
             r.map_err(ModelError::Backend)
         }
+    }
+
+    /// Commits blocks until the cache holds `[0, upto)`.
+    fn catch_up(
+        &mut self,
+        request: &DenoiseRequest<'_>,
+        upto: usize,
+    ) -> Result<(), ModelError<B::Error>> {
+        let be = self.inference.be;
+        let cfg = *self.inference.model.config();
+        let need_new = match &self.cache {
+            Some(c) => c.batch != request.batch || c.committed > upto,
+            None => true,
+        };
+        if need_new {
+            let capacity = self
+                .seq_len
+                .min(2 * cfg.context)
+                .max(cfg.context.min(self.seq_len));
+            self.cache =
+                Some(KvCache::new(be, &cfg, request.batch, capacity).map_err(ModelError::Backend)?);
+        }
+        while let Some(from) = self
+            .cache
+            .as_ref()
+            .map(|c| c.committed)
+            .filter(|&c| c < upto)
+        {
+            let to = (from + self.block_size).min(upto);
+            self.block_of(request, from..to);
+            let tokens = core::mem::take(&mut self.block_tokens);
+            let cache = self.cache.as_mut().map(|c| (c, CacheUse::Commit));
+            let r = self.inference.pass(
+                &tokens,
+                request.batch,
+                from,
+                self.block_size,
+                cache,
+                &[],
+                PassOutput::Logits(&mut []),
+            );
+            self.block_tokens = tokens;
+            r.map_err(ModelError::Backend)?;
+        }
+        Ok(())
+    }
+}
+
+impl<B: Backend> Denoiser for DiffusionDenoiser<'_, B> {
+    type Error = ModelError<B::Error>;
+
+    fn vocab_size(&self) -> usize {
+        self.inference.model.config().vocab_size
+    }
+
+    fn mask_id(&self) -> u32 {
+        self.inference.model.config().mask_id
+    }
+
+    fn begin_stage(
+        &mut self,
+        batch: usize,
+        seq_len: usize,
+        block_size: usize,
+    ) -> Result<(), Self::Error> {
+        let cfg = self.inference.model.config();
+        if block_size > cfg.context {
+            return Err(invalid(
+                "block size",
+                alloc::format!("a block of {block_size} exceeds the model's context of {}; refine with a block ≤ the context", cfg.context),
+            )
+            .into());
+        }
+        let _ = batch;
+        self.block_size = block_size.max(1);
+        self.seq_len = seq_len;
+        if let Some(c) = self.cache.as_mut() {
+            c.clear();
+        }
+        Ok(())
+    }
+
+    fn logits(&mut self, request: &DenoiseRequest<'_>, out: &mut [f32]) -> Result<(), Self::Error> {
+        if out.len() < request.outputs.len() * self.vocab_size() {
+            return Err(invalid("logits buffer", "shorter than outputs × vocabulary").into());
+        }
+        self.run(request, PassOutput::Logits(out))
+    }
+
+    /// Draws with [`Backend::draw_tokens`] from the logits where they are (a GPU
+    /// backend moves a token a row, not the row).
+    fn draw(
+        &mut self,
+        request: &DenoiseRequest<'_>,
+        mask_id: u32,
+        nucleus: &Nucleus,
+        draws: &[DrawSpec],
+        _scratch: &mut HostDrawScratch,
+        out: &mut [SampledToken],
+    ) -> Result<(), Self::Error> {
+        let n = request.outputs.len();
+        if draws.len() < n || out.len() < n {
+            return Err(invalid("draws", "fewer streams or slots than outputs").into());
+        }
+        self.run(
+            request,
+            PassOutput::Tokens {
+                mask_id,
+                nucleus,
+                draws: &draws[..n],
+                out: &mut out[..n],
+            },
+        )
     }
 
     fn commit_block(&mut self, request: &DenoiseRequest<'_>) -> Result<(), Self::Error> {

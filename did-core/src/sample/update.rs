@@ -12,10 +12,11 @@
 use alloc::vec::Vec;
 use core::ops::Range;
 
-use crate::denoiser::{Denoiser, OutputPosition};
+use crate::backend::DrawSpec;
+use crate::denoiser::{Denoiser, HostDrawScratch, OutputPosition};
 use crate::rng::{Purpose, RngStream};
 use crate::sample::batch::SequenceBatch;
-use crate::sample::categorical::{draw_token, DrawScratch};
+use crate::sample::categorical::{Confidence, SampledToken};
 use crate::sample::nucleus::Nucleus;
 use crate::{error::invalid, Error};
 
@@ -87,9 +88,10 @@ impl SamplerConfig {
 #[derive(Debug, Default)]
 pub struct BlockScratch {
     reveals: Vec<OutputPosition>,
-    logits: Vec<f32>,
-    drawn: Vec<(usize, crate::sample::SampledToken)>,
-    draw: DrawScratch,
+    specs: Vec<DrawSpec>,
+    tokens: Vec<SampledToken>,
+    drawn: Vec<(usize, SampledToken)>,
+    host: HostDrawScratch,
     masked: Vec<usize>,
     active: Vec<usize>,
 }
@@ -208,35 +210,41 @@ fn reveal<D: Denoiser>(
     config: &SamplerConfig,
     scratch: &mut BlockScratch,
 ) -> Result<u32, D::Error> {
-    let vocab = denoiser.vocab_size();
     let mask_id = batch.mask_id();
     let mut calls = 0;
     scratch.drawn.clear();
     for chunk in scratch.reveals.chunks(config.max_outputs_per_call) {
-        scratch.logits.clear();
-        scratch.logits.resize(chunk.len() * vocab, 0.0);
-        let request = batch.request(block_size, block.clone(), chunk);
-        denoiser.logits(&request, &mut scratch.logits)?;
-        calls += 1;
-        for (out, row) in chunk.iter().zip(scratch.logits.chunks(vocab)) {
-            let seq = out.seq as usize;
-            let stream = RngStream::new(
+        scratch.specs.clear();
+        scratch.specs.extend(chunk.iter().map(|out| DrawSpec {
+            stream: RngStream::new(
                 config.seed,
                 Purpose::Categorical,
-                batch.sample_ids[seq],
-                batch.steps[seq],
-            );
-            let token = draw_token(
-                row,
-                mask_id,
-                &config.nucleus,
-                &stream,
-                out.pos,
-                &mut scratch.draw,
-            );
-            scratch
-                .drawn
-                .push((seq * batch.seq_len() + out.pos as usize, token));
+                batch.sample_ids[out.seq as usize],
+                batch.steps[out.seq as usize],
+            ),
+            row: out.pos,
+        }));
+        scratch.tokens.clear();
+        scratch.tokens.resize(
+            chunk.len(),
+            SampledToken {
+                id: mask_id,
+                confidence: Confidence::PINNED,
+            },
+        );
+        let request = batch.request(block_size, block.clone(), chunk);
+        denoiser.draw(
+            &request,
+            mask_id,
+            &config.nucleus,
+            &scratch.specs,
+            &mut scratch.host,
+            &mut scratch.tokens,
+        )?;
+        calls += 1;
+        for (out, &token) in chunk.iter().zip(&scratch.tokens) {
+            let index = out.seq as usize * batch.seq_len() + out.pos as usize;
+            scratch.drawn.push((index, token));
         }
     }
     for &(index, token) in &scratch.drawn {

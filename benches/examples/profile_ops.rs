@@ -1,0 +1,173 @@
+//! Where a backend spends a BD3 training step and a draft → refine sampling run, per op, each
+//! op synchronized so that a GPU's times are the ops' and not their launches'. Written as a
+//! markdown section (stdout, and OUT when given): `scripts/gpu-bench.sh` puts it beside its
+//! figures, so a missed target comes with the ops that hold it back.
+//!
+//! Run: `cargo run --release -p did-benches --example profile_ops -- [OUT.md]`
+//!
+//! Settings (environment): BACKEND (cpu | cuda; cpu), PRECISION (f32 | bf16; f32), PRESET
+//! (tiny | small; tiny), BATCH (2), LENGTH (the preset's context), STEPS (2, after one warm-up),
+//! SAMPLE_BATCHES ("1"), SAMPLE_LENGTH (64), STAGES (4,L:0.25). The CUDA backend reads
+//! DID_CUDA_ATTENTION and DID_CUDA_DRAW as always.
+
+use std::fmt::Write as _;
+use std::time::Instant;
+
+use did_backend_cpu::CpuBackend;
+use did_backend_cuda::{CudaBackend, Precision};
+use did_benches::profile::Profiled;
+use did_core::backend::Backend;
+use did_core::model::{
+    diffusion_batch, Architecture, DiffusionDenoiser, ModelConfig, Trainer, TrainerConfig,
+    Transformer,
+};
+use did_core::refine::{generate, GenerateConfig, StagePlan};
+use did_core::rng::{Purpose, RngStream};
+use did_core::schedule::TrainingSchedule;
+
+type Failure = Box<dyn std::error::Error>;
+
+fn setting<T: std::str::FromStr>(name: &str, default: T) -> Result<T, Failure> {
+    match std::env::var(name) {
+        Ok(v) => v
+            .trim()
+            .parse()
+            .map_err(|_| format!("{name}={v:?} is not a valid value").into()),
+        Err(_) => Ok(default),
+    }
+}
+
+fn main() -> Result<(), Failure> {
+    let out = std::env::args().nth(1);
+    let backend = setting("BACKEND", "cpu".to_string())?;
+    let precision = setting("PRECISION", "f32".to_string())?;
+    let report = match (backend.as_str(), precision.as_str()) {
+        ("cpu", "f32") => profile(Profiled::new(CpuBackend::new()))?,
+        ("cuda", p @ ("f32" | "bf16")) => {
+            let p = if p == "f32" {
+                Precision::F32
+            } else {
+                Precision::Bf16
+            };
+            profile(Profiled::synchronized(CudaBackend::new(0, p)?))?
+        }
+        other => {
+            return Err(format!(
+                "BACKEND, PRECISION = {other:?}: expected cpu f32, cuda f32 or cuda bf16"
+            )
+            .into())
+        }
+    };
+    print!("{report}");
+    if let Some(path) = out {
+        std::fs::write(&path, &report).map_err(|e| format!("cannot write {path}: {e}"))?;
+    }
+    Ok(())
+}
+
+/// The op table of everything `be` timed since its last reset, with `total` seconds of wall time.
+fn table<B: Backend>(be: &Profiled<B>, total: f64, out: &mut String) {
+    let mut times: Vec<_> = be.times().into_iter().collect();
+    times.sort_by_key(|t| std::cmp::Reverse(t.1.time));
+    let timed: f64 = times.iter().map(|t| t.1.time.as_secs_f64()).sum();
+    let _ = writeln!(out, "| op | calls | ms | share | µs / call | TFLOP/s |");
+    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|");
+    for (op, t) in &times {
+        let s = t.time.as_secs_f64();
+        let tflops = if t.flops > 0 && s > 0.0 {
+            format!("{:.1}", t.flops as f64 / s / 1e12)
+        } else {
+            String::new()
+        };
+        let _ = writeln!(
+            out,
+            "| `{op}` | {} | {:.2} | {:.1} % | {:.1} | {tflops} |",
+            t.calls,
+            s * 1e3,
+            100.0 * s / timed.max(1e-12),
+            s * 1e6 / t.calls.max(1) as f64
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\nWall {:.1} ms; inside ops {:.1} ms; between ops (host work) {:.1} ms.\n",
+        total * 1e3,
+        timed * 1e3,
+        (total - timed).max(0.0) * 1e3
+    );
+}
+
+fn profile<B: Backend>(be: Profiled<B>) -> Result<String, Failure>
+where
+    B::Error: std::error::Error + 'static,
+{
+    let preset = setting("PRESET", "tiny".to_string())?;
+    let config = ModelConfig::preset(&preset, Architecture::Dit)?;
+    let batch = setting("BATCH", 2usize)?;
+    let length = setting("LENGTH", config.context)?;
+    let steps = setting("STEPS", 2usize)?;
+    let sample_batches = setting("SAMPLE_BATCHES", "1".to_string())?;
+    let sample_length = setting("SAMPLE_LENGTH", 64usize)?;
+    let stages = setting("STAGES", "4,L:0.25".to_string())?;
+    let model = Transformer::new(config)?;
+    let init = model.table().random_values(1, 0.05);
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "## Op profile: {} ({preset}, every op synchronized)\n",
+        be.name()
+    );
+
+    // ---- training: BD3 at block 4 -------------------------------------------------------------
+    let mut trainer = Trainer::new(&be, &model, TrainerConfig::default(), &init, 1)?;
+    let make = |step: u32| {
+        let s = RngStream::new(3, Purpose::DataOrder, 0, step);
+        let x0: Vec<u32> = (0..batch * length)
+            .map(|i| s.u32(0, i as u32) % config.mask_id)
+            .collect();
+        let schedule = TrainingSchedule::default();
+        diffusion_batch(&x0, batch, length, 4, &schedule, config.mask_id, 1, step)
+    };
+    trainer.step(&be, &model, &[make(0)?])?; // warm-up: activations allocated, kernels loaded
+    be.synchronize()?;
+    be.reset();
+    let start = Instant::now();
+    for step in 1..=steps as u32 {
+        trainer.step(&be, &model, &[make(step)?])?;
+    }
+    be.synchronize()?;
+    let total = start.elapsed().as_secs_f64();
+    let tokens = (steps * batch * length) as f64;
+    let _ = writeln!(
+        out,
+        "### Training: {steps} BD3 steps (block 4), batch {batch} × length {length}: {:.0} tokens/s under the profiler\n",
+        tokens / total
+    );
+    table(&be, total, &mut out);
+    let params = be.upload(&init)?;
+    drop(trainer);
+
+    // ---- sampling -----------------------------------------------------------------------------
+    let plan: StagePlan = stages.parse()?;
+    for b in sample_batches.split_whitespace().map(str::parse::<usize>) {
+        let b = b?;
+        let gen = GenerateConfig::new(plan.resolve(sample_length)?, 9);
+        let prompt = [did_core::GPT2_EOS];
+        let prompts = vec![&prompt[..]; b];
+        let mut denoiser = DiffusionDenoiser::new(&be, &model, &params, true)?;
+        be.synchronize()?;
+        be.reset();
+        let start = Instant::now();
+        let g = generate(&mut denoiser, &gen, &prompts)?;
+        be.synchronize()?;
+        let total = start.elapsed().as_secs_f64();
+        let _ = writeln!(
+            out,
+            "### Sampling: stages {stages}, batch {b} × length {sample_length}, {} denoiser calls: {:.3} samples/s under the profiler\n",
+            g.nfe(),
+            b as f64 / total
+        );
+        table(&be, total, &mut out);
+    }
+    Ok(out)
+}
