@@ -7,6 +7,7 @@
 # 1. the GPU's ceilings (a large bf16 GEMM, a large copy) with PyTorch;
 # 2. did: `small` BD3 training steps (block 4, bf16) and draft → refine sampling (4,L:0.25) at
 #    batch 1 and 64, each run under a time limit, device memory polled with nvidia-smi;
+# 2b. did's per-op profile of a training step and of sampling (examples/profile_ops → OUT/gpu-profile.md);
 # 3. the PyTorch baseline: the same training step (eager SDPA and compiled FlexAttention) and
 #    the same sampler (eager), also polled;
 # 4. writes OUT/gpu.json (device, train_tokens_per_s, pytorch_train_tokens_per_s, train_mfu,
@@ -96,6 +97,14 @@ for b in ${SAMPLE_BATCHES:-1 64}; do
     echo "{\"batch\": $b, \"exit_status\": $rc, \"command_seconds\": $wall, \"peak_memory_bytes\": $mem, \"jsonl\": \"$work/samples-$b.jsonl\"}" >>"$work/sample-rows.jsonl"
     echo "batch $b: rc $rc, ${wall} s"
 done
+
+echo "== did: where the time goes (per-op profile, every op synchronized)"
+if [ -x "$bundle/examples/profile_ops" ]; then
+    BACKEND=$backend PRECISION=$prec PRESET=$preset BATCH=$batch STEPS=2 \
+        SAMPLE_BATCHES="${SAMPLE_BATCHES:-1 64}" SAMPLE_LENGTH=${PROFILE_SAMPLE_LENGTH:-128} \
+        timeout "${PROFILE_LIMIT:-120}" "$bundle/examples/profile_ops" "$out/gpu-profile.md" >>"$work/log" 2>&1 ||
+        echo "profile_ops failed or ran out of time (see gpu-bench.log)"
+fi
 
 echo "== PyTorch baseline"
 poll_start

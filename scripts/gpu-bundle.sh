@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds what scripts/gpu-check.sh runs on a GPU host that has no Rust
 # toolchain: the release test binaries of did-backend-cuda, the `did`
-# binary and the reference_logits example, stripped, in one git-ignored folder (target/gpu-bundle, < 60 MiB).
+# binary and the reference_logits and profile_ops examples, stripped, in one git-ignored folder (target/gpu-bundle, < 60 MiB).
 #
 #   scripts/gpu-bundle.sh [DIR]
 set -euo pipefail
@@ -32,9 +32,11 @@ done
 cargo build --release --locked -p did-cli --bin did
 strip -o "$dir/did" target/release/did
 # The logits the PyTorch baseline is checked against (scripts/gpu-bench.sh runs it first).
-cargo build --release --locked -p did-benches --example reference_logits
+cargo build --release --locked -p did-benches --example reference_logits --example profile_ops
 mkdir -p "$dir/examples"
 strip -o "$dir/examples/reference_logits" target/release/examples/reference_logits
+# Where did's time goes, per op (scripts/gpu-bench.sh writes it beside its figures).
+strip -o "$dir/examples/profile_ops" target/release/examples/profile_ops
 
 ls -la "$dir"
 du -sh "$dir"
