@@ -7,7 +7,9 @@
 //!
 //! Settings (environment): BACKEND (cpu | cuda; cpu), PRECISION (f32 | bf16; f32), PRESET
 //! (tiny | small; tiny), BATCH (2), LENGTH (the preset's context), STEPS (2, after one warm-up),
-//! SAMPLE_BATCHES ("1"), SAMPLE_LENGTH (64), STAGES (4,L:0.25). The CUDA backend reads
+//! SAMPLE_BATCHES ("1"), SAMPLE_LENGTH (64), STAGES (4,L:0.25), GEMM_ALIGNMENT (1 on a GPU, 0 on
+//! the CPU: the head's three GEMMs with the vocabulary's own row stride against one rounded up to
+//! 64, the question of whether cuBLAS's bf16 kernels lose speed on 50,258). The CUDA backend reads
 //! DID_CUDA_ATTENTION and DID_CUDA_DRAW as always.
 
 use std::fmt::Write as _;
@@ -16,10 +18,10 @@ use std::time::Instant;
 use did_backend_cpu::CpuBackend;
 use did_backend_cuda::{CudaBackend, Precision};
 use did_benches::profile::Profiled;
-use did_core::backend::Backend;
+use did_core::backend::{Backend, Gemm, Slice, SliceMut};
 use did_core::model::{
-    diffusion_batch, Architecture, DiffusionDenoiser, ModelConfig, Trainer, TrainerConfig,
-    Transformer,
+    diffusion_batch, loss_rows_for, Architecture, DiffusionDenoiser, ModelConfig, Trainer,
+    TrainerConfig, Transformer,
 };
 use did_core::refine::{generate, GenerateConfig, StagePlan};
 use did_core::rng::{Purpose, RngStream};
@@ -42,14 +44,14 @@ fn main() -> Result<(), Failure> {
     let backend = setting("BACKEND", "cpu".to_string())?;
     let precision = setting("PRECISION", "f32".to_string())?;
     let report = match (backend.as_str(), precision.as_str()) {
-        ("cpu", "f32") => profile(Profiled::new(CpuBackend::new()))?,
+        ("cpu", "f32") => profile(Profiled::new(CpuBackend::new()).by_gemm_shape())?,
         ("cuda", p @ ("f32" | "bf16")) => {
             let p = if p == "f32" {
                 Precision::F32
             } else {
                 Precision::Bf16
             };
-            profile(Profiled::synchronized(CudaBackend::new(0, p)?))?
+            profile(Profiled::synchronized(CudaBackend::new(0, p)?).by_gemm_shape())?
         }
         other => {
             return Err(format!(
@@ -88,11 +90,19 @@ fn table<B: Backend>(be: &Profiled<B>, total: f64, out: &mut String) {
             s * 1e6 / t.calls.max(1) as f64
         );
     }
+    let (gemm_s, gemm_flops) = times
+        .iter()
+        .filter(|t| t.0.starts_with("matmul"))
+        .fold((0.0, 0u64), |(s, f), t| {
+            (s + t.1.time.as_secs_f64(), f + t.1.flops)
+        });
     let _ = writeln!(
         out,
-        "\nWall {:.1} ms; inside ops {:.1} ms; between ops (host work) {:.1} ms.\n",
+        "\nWall {:.1} ms; inside ops {:.1} ms (matmuls {:.1} ms at {:.1} TFLOP/s); between ops (host work) {:.1} ms.\n",
         total * 1e3,
         timed * 1e3,
+        gemm_s * 1e3,
+        gemm_flops as f64 / gemm_s.max(1e-12) / 1e12,
         (total - timed).max(0.0) * 1e3
     );
 }
@@ -169,5 +179,89 @@ where
         );
         table(&be, total, &mut out);
     }
+
+    if setting("GEMM_ALIGNMENT", be.name().starts_with("cuda"))? {
+        gemm_alignment(&be, &config, &mut out)?;
+    }
     Ok(out)
+}
+
+/// The head's GEMMs over one loss chunk (`loss_rows_for(V)` rows), with the logits' row stride
+/// the vocabulary (50,258: rows not 16-byte aligned in bf16) and rounded up to a multiple of 64.
+fn gemm_alignment<B: Backend>(
+    be: &Profiled<B>,
+    config: &ModelConfig,
+    out: &mut String,
+) -> Result<(), Failure>
+where
+    B::Error: std::error::Error + 'static,
+{
+    let (v, c) = (config.vocab_size, config.hidden);
+    let rows = loss_rows_for(v);
+    let padded = v.div_ceil(64) * 64;
+    let x = be.upload(&vec![0.01; rows * c])?;
+    let w = be.upload(&vec![0.01; v * c])?;
+    let mut logits = be.upload(&vec![0.01; rows * padded])?;
+    let mut dx = be.zeros(rows * c)?;
+    let mut dw = be.zeros(v * c)?;
+    let _ = writeln!(
+        out,
+        "### The head's GEMMs, logits row stride {v} against {padded} ({rows} rows × {c} → {v}; ms per call, 5 calls)\n"
+    );
+    let _ = writeln!(
+        out,
+        "| GEMM | stride {v} | stride {padded} | TFLOP/s at {v} | at {padded} |"
+    );
+    let _ = writeln!(out, "|---|---:|---:|---:|---:|");
+    // Which GEMM: 0 writes the logits (their stride is ldc), 1 and 2 read them (lda).
+    for (which, name, gemm) in [
+        (0, "logits = x · Wᵀ", Gemm::linear(rows, c, v)),
+        (1, "dx = dlogits · W", Gemm::linear_input_grad(rows, c, v)),
+        (
+            2,
+            "dW += dlogitsᵀ · x",
+            Gemm::linear_weight_grad(rows, c, v),
+        ),
+    ] {
+        let mut ms = [0.0f64; 2];
+        for (slot, ld) in ms.iter_mut().zip([v, padded]) {
+            let g = if which == 0 {
+                Gemm { ldc: ld, ..gemm }
+            } else {
+                Gemm { lda: ld, ..gemm }
+            };
+            let mut run = || -> Result<(), B::Error> {
+                let l = Slice::whole(&logits);
+                match which {
+                    0 => be.matmul(
+                        &g,
+                        Slice::whole(&x),
+                        Slice::whole(&w),
+                        SliceMut::whole(&mut logits),
+                    ),
+                    1 => be.matmul(&g, l, Slice::whole(&w), SliceMut::whole(&mut dx)),
+                    _ => be.matmul(&g, l, Slice::whole(&x), SliceMut::whole(&mut dw)),
+                }
+            };
+            run()?; // warm-up: cuBLAS picks its kernel
+            be.synchronize()?;
+            let start = Instant::now();
+            for _ in 0..5 {
+                run()?;
+            }
+            be.synchronize()?;
+            *slot = start.elapsed().as_secs_f64() * 1e3 / 5.0;
+        }
+        let tflops = |ms: f64| gemm.flops() as f64 / (ms * 1e-3) / 1e12;
+        let _ = writeln!(
+            out,
+            "| {name} | {:.3} | {:.3} | {:.0} | {:.0} |",
+            ms[0],
+            ms[1],
+            tflops(ms[0]),
+            tflops(ms[1])
+        );
+    }
+    let _ = writeln!(out);
+    Ok(())
 }

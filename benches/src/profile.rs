@@ -32,6 +32,8 @@ pub struct Profiled<B> {
     pub inner: B,
     times: RefCell<BTreeMap<&'static str, OpTime>>,
     synchronize: bool,
+    /// Matmuls timed per shape (`matmul m×n×k NT`) instead of all together.
+    gemm_shapes: Option<RefCell<BTreeMap<String, &'static str>>>,
 }
 
 impl<B: Backend> Profiled<B> {
@@ -41,7 +43,43 @@ impl<B: Backend> Profiled<B> {
             inner,
             times: RefCell::new(BTreeMap::new()),
             synchronize: false,
+            gemm_shapes: None,
         }
+    }
+
+    /// Times each matmul shape apart (`matmul m×n×k`, `T` for a transposed operand), so the
+    /// GEMMs that fall short of the GPU's rate show.
+    pub fn by_gemm_shape(self) -> Self {
+        Profiled {
+            gemm_shapes: Some(RefCell::new(BTreeMap::new())),
+            ..self
+        }
+    }
+
+    /// The label of `spec`: `matmul`, or its shape (interned: a model has a few dozen).
+    fn gemm_label(&self, spec: &Gemm) -> &'static str {
+        let Some(shapes) = &self.gemm_shapes else {
+            return "matmul";
+        };
+        let t = |x: bool| if x { 'T' } else { 'N' };
+        let label = format!(
+            "matmul {}×{}×{} {}{}{}",
+            spec.m,
+            spec.n,
+            spec.k,
+            t(spec.trans_a),
+            t(spec.trans_b),
+            if spec.batch > 1 {
+                format!(" ×{}", spec.batch)
+            } else {
+                String::new()
+            }
+        );
+        let mut shapes = shapes.borrow_mut();
+        let interned: &'static str = shapes
+            .entry(label)
+            .or_insert_with_key(|l| Box::leak(l.clone().into_boxed_str()));
+        interned
     }
 
     /// Wraps an asynchronous `inner` (a GPU): every op is followed by a synchronize inside its
@@ -125,7 +163,7 @@ impl<B: Backend> Backend for Profiled<B> {
         self.inner.synchronize()
     }
     fn matmul(&self, spec: &Gemm, a: S<'_, B>, b: S<'_, B>, c: M<'_, B>) -> Result<(), B::Error> {
-        self.timed("matmul", spec.flops() as u64, || {
+        self.timed(self.gemm_label(spec), spec.flops() as u64, || {
             self.inner.matmul(spec, a, b, c)
         })
     }

@@ -179,10 +179,27 @@ extern "C" __global__ void embedding_forward(const unsigned* ids, const store_t*
     }
 }
 
-// dtable[ids[r], c] += dout[r, c]: one thread per column walks the rows in
-// order, so repeated ids add up deterministically and without atomics.
-extern "C" __global__ void embedding_backward(const unsigned* ids, const store_t* dout, store_t* dtable, i64 rows, i64 channels) {
-    GRID_STRIDE(c, channels) {
-        for (i64 r = 0; r < rows; ++r) add_to(dtable, (i64)ids[r] * channels + c, ld(dout, r * channels + c));
+// dtable[ids[r], c] += dout[r, c], with the rows grouped by id on the host: group g is id
+// group_ids[g] with rows group_rows[group_start[g] .. group_start[g + 1]], increasing. One block
+// per group, threads over channels: each element adds its rows in the CPU's order, in f32, and is
+// stored once (bit for bit the CPU in f32 mode; one bf16 rounding in bf16), with no atomics and
+// every distinct id in parallel.
+extern "C" __global__ void embedding_backward(const unsigned* group_start, const unsigned* group_ids,
+                                              const unsigned* group_rows, const store_t* dout, store_t* dtable,
+                                              i64 channels) {
+    const i64 g = blockIdx.x, id = group_ids[g];
+    const unsigned first = group_start[g], end = group_start[g + 1];
+    for (i64 c = threadIdx.x; c < channels; c += blockDim.x) {
+        float acc = ld(dtable, id * channels + c);
+        unsigned k = first;
+        // Loads in eights, added in order: a frequent id (the mask token) is not one load latency
+        // per row.
+        for (; k + 8 <= end; k += 8) {
+            float v[8];
+            for (int j = 0; j < 8; ++j) v[j] = ld(dout, (i64)group_rows[k + j] * channels + c);
+            for (int j = 0; j < 8; ++j) acc += v[j];
+        }
+        for (; k < end; ++k) acc += ld(dout, (i64)group_rows[k] * channels + c);
+        st(dtable, id * channels + c, acc);
     }
 }

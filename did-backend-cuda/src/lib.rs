@@ -55,6 +55,7 @@ mod available;
 pub mod draw;
 mod error;
 pub mod kernels;
+pub mod rows_by_id;
 
 pub use available::{cuda_available, cuda_or_skip, probe};
 pub use draw::DrawLocation;
@@ -152,9 +153,9 @@ pub enum AttentionKernel {
     /// The fused flash kernels (`attention_forward_flash`, `attention_backward_flash_dq`,
     /// `attention_backward_flash_dkv`): tensor cores, 64 × 64 tiles, empty tiles skipped. bf16
     /// storage, head dimension 64, compute capability ≥ 8.0; other shapes fall back to the
-    /// reference kernels. Checked under CPU emulation (tests/emulate) and by the compile gate;
-    /// selected with `DID_CUDA_ATTENTION=flash` (wherever it can run) until a GPU run has
-    /// checked it.
+    /// reference kernels. Checked under CPU emulation (tests/emulate), by the compile gate and
+    /// on an H200 (every differential test, 2026-11-28): the default wherever it can run;
+    /// `DID_CUDA_ATTENTION=reference` turns it off.
     Flash,
 }
 
@@ -223,12 +224,13 @@ impl CudaBackend {
             }
         }
         let flash = match std::env::var("DID_CUDA_ATTENTION").as_deref() {
-            Ok("flash") => true,
-            Ok("reference") | Err(_) => false,
+            Ok("flash") | Err(_) => true,
+            Ok("reference") => false,
             Ok(other) => {
                 return Err(CudaError::Shape(format!(
-                "DID_CUDA_ATTENTION={other:?}: expected `flash` or `reference` (unset = reference)"
-            )))
+                    "DID_CUDA_ATTENTION={other:?}: expected `flash` or `reference` (unset = flash \
+                     wherever it can run: bf16 storage, compute capability 8.0 or later)"
+                )))
             }
         };
         let draw_on_device = match std::env::var("DID_CUDA_DRAW").as_deref() {
@@ -257,8 +259,8 @@ impl CudaBackend {
             draw_on_device: std::sync::atomic::AtomicBool::new(draw_on_device),
         })
         .inspect(|b| {
-            // The variable asks for the flash kernel wherever it can run (bf16, sm_80+); an f32
-            // backend of the same process keeps the reference kernel.
+            // The flash kernels wherever they can run (bf16, sm_80+); an f32 backend keeps the
+            // reference kernels.
             if flash {
                 let _ = b.set_attention_kernel(AttentionKernel::Flash);
             }
@@ -1399,20 +1401,34 @@ impl Backend for CudaBackend {
         rows: usize,
         channels: usize,
     ) -> Result<(), CudaError> {
-        let ip = self.ids_ptr(ids, rows, "embedding ids")?;
+        self.ids_ptr(ids, rows, "embedding ids")?;
         let table_rows = dtable.buf.len.saturating_sub(dtable.offset) / channels.max(1);
         check_ids(&ids.host[..rows], table_rows)?;
-        let args = [
-            Arg::Ptr(ip),
-            Arg::Ptr(self.ptr(dout, rows * channels, "embedding dout")?),
-            Arg::Ptr(self.ptr_mut(dtable, table_rows * channels, "embedding dtable")?),
-            Arg::I64(rows as i64),
-            Arg::I64(channels as i64),
-        ];
-        if rows == 0 {
+        let dout = self.ptr(dout, rows * channels, "embedding dout")?;
+        let dtable = self.ptr_mut(dtable, table_rows * channels, "embedding dtable")?;
+        if rows == 0 || channels == 0 {
             return Ok(());
         }
-        self.launch_elements("embedding_backward", channels, &args)
+        let grouped = rows_by_id::RowsById::new(&ids.host[..rows], table_rows);
+        let groups = grouped.ids.len();
+        let words = grouped.words();
+        let mut dev = self.stream.alloc_zeros::<u32>(words.len())?;
+        self.stream.memcpy_htod(&words, &mut dev)?;
+        let (base, _sync) = dev.device_ptr(&self.stream);
+        let args = [
+            Arg::Ptr(base),
+            Arg::Ptr(base + 4 * (groups as u64 + 1)),
+            Arg::Ptr(base + 4 * (2 * groups as u64 + 1)),
+            Arg::Ptr(dout),
+            Arg::Ptr(dtable),
+            Arg::I64(channels as i64),
+        ];
+        self.launch(
+            "embedding_backward",
+            (grid_rows(groups)?, 1, 1),
+            THREADS,
+            &args,
+        )
     }
 
     fn softmax_cross_entropy(

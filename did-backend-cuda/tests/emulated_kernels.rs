@@ -75,6 +75,21 @@ fn fused_forwards_equal_the_kernels_they_replace_under_emulation() {
     }
 }
 
+#[test]
+fn embedding_backward_adds_every_row_in_the_cpus_order_under_emulation() {
+    for (defines, exe) in [
+        (&[][..], "emulated_embedding_f32"),
+        (&["-DSTORAGE_BF16"][..], "emulated_embedding_bf16"),
+    ] {
+        let report = build_and_run("embedding.cpp", defines, exe);
+        assert_eq!(
+            report.matches("ok   embedding_backward").count(),
+            4,
+            "{report}"
+        );
+    }
+}
+
 // ---- token drawing -----------------------------------------------------------------------------
 
 use did_backend_cuda::draw::{certified_token, stream_words};

@@ -9,7 +9,7 @@
 use std::sync::{Mutex, OnceLock};
 
 use did_backend_cpu::CpuBackend;
-use did_backend_cuda::{cuda_or_skip, CudaBackend, Precision};
+use did_backend_cuda::{cuda_or_skip, AttentionKernel, CudaBackend, Precision};
 use did_core::backend::{Backend, Slice};
 use did_core::rng::{Purpose, RngStream};
 
@@ -116,6 +116,18 @@ pub fn check<C: Case>(
     f32_tol: Tol,
     bf16_tol: Option<Tol>,
 ) -> Result<(), String> {
+    check_with_attention(label, case, f32_tol, bf16_tol, None)
+}
+
+/// [`check`] with the GPU backends on `attention` (where it can run) for the case, then back on
+/// the kernel they had.
+pub fn check_with_attention<C: Case>(
+    label: &str,
+    case: &C,
+    f32_tol: Tol,
+    bf16_tol: Option<Tol>,
+    attention: Option<AttentionKernel>,
+) -> Result<(), String> {
     let cpu = case
         .run(&CpuBackend::new())
         .map_err(|e| format!("{label}: cpu: {e}"))?;
@@ -124,8 +136,16 @@ pub fn check<C: Case>(
         modes.push((Precision::Bf16, t));
     }
     for (precision, tol) in modes {
-        let out = with_gpu(precision, |g| case.run(g))
-            .map_err(|e| format!("{label} {precision:?}: gpu: {e}"))?;
+        let out = with_gpu(precision, |g| {
+            let before = g.attention_kernel();
+            if let Some(kernel) = attention {
+                g.set_attention_kernel(kernel)?;
+            }
+            let out = case.run(g);
+            g.set_attention_kernel(before)?;
+            out
+        })
+        .map_err(|e| format!("{label} {precision:?}: gpu: {e}"))?;
         for ((name, c), (_, g)) in cpu.iter().zip(&out) {
             compare(&format!("{label} {precision:?} {name}"), c, g, tol)?;
         }
