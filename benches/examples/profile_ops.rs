@@ -39,6 +39,16 @@ fn setting<T: std::str::FromStr>(name: &str, default: T) -> Result<T, Failure> {
     }
 }
 
+/// A yes/no setting: `1` or `true`, `0` or `false`.
+fn flag(name: &str, default: bool) -> Result<bool, Failure> {
+    match setting(name, String::new())?.as_str() {
+        "" => Ok(default),
+        "1" | "true" => Ok(true),
+        "0" | "false" => Ok(false),
+        other => Err(format!("{name}={other:?}: expected 1 or 0").into()),
+    }
+}
+
 fn main() -> Result<(), Failure> {
     let out = std::env::args().nth(1);
     let backend = setting("BACKEND", "cpu".to_string())?;
@@ -180,7 +190,7 @@ where
         table(&be, total, &mut out);
     }
 
-    if setting("GEMM_ALIGNMENT", be.name().starts_with("cuda"))? {
+    if flag("GEMM_ALIGNMENT", be.name().starts_with("cuda"))? {
         gemm_alignment(&be, &config, &mut out)?;
     }
     Ok(out)
@@ -255,7 +265,7 @@ where
         let tflops = |ms: f64| gemm.flops() as f64 / (ms * 1e-3) / 1e12;
         let _ = writeln!(
             out,
-            "| {name} | {:.3} | {:.3} | {:.0} | {:.0} |",
+            "| {name} | {:.3} | {:.3} | {:.1} | {:.1} |",
             ms[0],
             ms[1],
             tflops(ms[0]),

@@ -56,10 +56,12 @@
 use core::marker::PhantomData;
 
 use did_core::backend::{
-    AdamW, AttentionShape, Backend, Gemm, NormShape, RopeShape, Slice, SliceMut,
+    AdamW, AttentionShape, Backend, DrawSpec, Gemm, NormShape, RopeShape, Slice, SliceMut,
 };
 use did_core::mask::AttentionMask;
 use did_core::rng::RngStream;
+use did_core::sample::categorical::SampledToken;
+use did_core::sample::nucleus::Nucleus;
 
 mod float;
 pub mod ops;
@@ -637,6 +639,28 @@ impl<T: CpuFloat> Backend for CpuBackend<T> {
             view_mut(ema, len, "ema")?,
             view(params, len, "ema params")?,
             T::of_f32(decay),
+        );
+        Ok(())
+    }
+    /// Rows drawn in parallel (each is `draw_token` on its own stream: the same tokens).
+    fn draw_tokens(
+        &self,
+        logits: Slice<'_, Vec<T>>,
+        vocab: usize,
+        mask_id: u32,
+        nucleus: &Nucleus,
+        draws: &[DrawSpec],
+        out: &mut [SampledToken],
+    ) -> Result<(), CpuError> {
+        let rows = draws.len().min(out.len());
+        let logits = view(logits, rows * vocab, "draw logits")?;
+        ops::draw::draw_tokens(
+            logits,
+            vocab,
+            mask_id,
+            nucleus,
+            &draws[..rows],
+            &mut out[..rows],
         );
         Ok(())
     }

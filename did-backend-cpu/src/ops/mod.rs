@@ -5,6 +5,7 @@ pub mod activation;
 pub mod attention;
 pub mod bias;
 pub mod cross_entropy;
+pub mod draw;
 pub mod embedding;
 pub mod gemm;
 pub mod layernorm;

@@ -10,7 +10,7 @@
 
 use alloc::vec::Vec;
 
-use crate::rng::RngStream;
+use crate::rng::{u64_to_open_unit, RngStream};
 use crate::sample::nucleus::Nucleus;
 use crate::sample::probs::subs_softmax;
 
@@ -44,16 +44,55 @@ pub fn gumbel_argmax(
     let mut best: Option<(f64, u32)> = None;
     for &v in candidates {
         let p = probs[v as usize];
-        if p <= 0.0 {
-            continue;
-        }
-        let score = p / -libm::log(stream.uniform(row, v));
-        match best {
-            Some((s, id)) if s > score || (s == score && id < v) => {}
-            _ => best = Some((score, v)),
+        if p > 0.0 {
+            enter_race(&mut best, p, stream.uniform(row, v), v);
         }
     }
     best.map(|(_, v)| v)
+}
+
+/// [`gumbel_argmax`] over every id with `probs[v] > 0`, in id order, one Philox block per pair
+/// of ids (a block holds the uniforms of ids 2i and 2i + 1): half the generator's work when
+/// most of the vocabulary takes part. The same draw as `gumbel_argmax` over those ids.
+///
+/// ```
+/// use did_core::rng::{Purpose, RngStream};
+/// use did_core::sample::categorical::{gumbel_argmax, gumbel_argmax_dense};
+/// let s = RngStream::new(3, Purpose::Categorical, 0, 0);
+/// let p = [0.2, 0.0, 0.5, 0.3];
+/// assert_eq!(gumbel_argmax_dense(&p, &s, 7), gumbel_argmax(&p, &[0, 2, 3], &s, 7));
+/// ```
+pub fn gumbel_argmax_dense(probs: &[f64], stream: &RngStream, row: u32) -> Option<u32> {
+    let mut best: Option<(f64, u32)> = None;
+    for (pair, ps) in probs.chunks(2).enumerate() {
+        if ps.iter().all(|&p| p <= 0.0) {
+            continue;
+        }
+        let block = stream.block(row, pair as u32);
+        for (half, &p) in ps.iter().enumerate() {
+            if p > 0.0 {
+                let bits = (u64::from(block[2 * half + 1]) << 32) | u64::from(block[2 * half]);
+                enter_race(
+                    &mut best,
+                    p,
+                    u64_to_open_unit(bits),
+                    (2 * pair + half) as u32,
+                );
+            }
+        }
+    }
+    best.map(|(_, v)| v)
+}
+
+/// Token `v` with probability `p` and uniform `u` scores `p / −ln u`; the highest score leads,
+/// the smaller id on a tie (so the order of entry does not matter).
+#[inline]
+fn enter_race(best: &mut Option<(f64, u32)>, p: f64, u: f64, v: u32) {
+    let score = p / -libm::log(u);
+    match *best {
+        Some((s, id)) if s > score || (s == score && id < v) => {}
+        _ => *best = Some((score, v)),
+    }
 }
 
 /// Which probability stands for "how sure the model was" about a drawn token.
@@ -158,7 +197,13 @@ pub fn draw_token(
     // p_raw = p_nucleus · m, and m = p_raw(top) / p_nucleus(top).
     let top = candidates[0] as usize;
     let kept_mass = raw_max / probs[top];
-    let id = gumbel_argmax(probs, candidates, stream, row).unwrap_or(candidates[0]);
+    // A wide nucleus is raced in id order, where pairs of ids share a Philox block.
+    let raced = if 4 * kept > probs.len() {
+        gumbel_argmax_dense(probs, stream, row)
+    } else {
+        gumbel_argmax(probs, candidates, stream, row)
+    };
+    let id = raced.unwrap_or(candidates[0]);
     let nucleus_p = probs[id as usize];
     SampledToken {
         id,
@@ -180,6 +225,13 @@ mod tests {
     quickcheck! {
         fn gumbel_is_finite_for_every_open_uniform(bits: u64) -> bool {
             gumbel(u64_to_open_unit(bits)).is_finite()
+        }
+        fn the_dense_race_is_the_sparse_one(probs: Vec<u8>, seed: u64, row: u32) -> bool {
+            // Probabilities with zeros among them (ids that take no part).
+            let p: Vec<f64> = probs.iter().map(|&x| if x % 3 == 0 { 0.0 } else { f64::from(x) }).collect();
+            let ids: Vec<u32> = (0..p.len() as u32).filter(|&v| p[v as usize] > 0.0).collect();
+            let s = RngStream::new(seed, Purpose::Categorical, 1, 2);
+            gumbel_argmax_dense(&p, &s, row) == gumbel_argmax(&p, &ids, &s, row)
         }
         fn draws_come_from_the_nucleus_and_confidences_agree(logits: Vec<f32>, seed: u64) -> bool {
             let logits: Vec<f32> = logits.into_iter().map(|x| if x.is_finite() { x % 10.0 } else { 0.0 }).collect();
