@@ -14,7 +14,8 @@ use did_core::sample::categorical::{Confidence, SampledToken};
 /// Where [`Backend::draw_tokens`](did_core::backend::Backend::draw_tokens) draws.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DrawLocation {
-    /// Download every logits row and draw on the host with `draw_token`.
+    /// Download every logits row and draw on the host with `draw_token`, rows spread over the
+    /// host's cores.
     Host,
     /// The `draw_tokens` kernel; uncertain rows are redrawn on the host.
     Device,

@@ -1532,7 +1532,8 @@ impl Backend for CudaBackend {
         self.launch_elements("ema_update", len, &args)
     }
 
-    /// [`DrawLocation::Host`]: one download of every row, then the reference draw on the host.
+    /// [`DrawLocation::Host`]: one download of every row, then the reference draw on the host,
+    /// rows spread over its cores.
     /// [`DrawLocation::Device`]: the `draw_tokens` kernel, then the reference draw on the host
     /// for the rows it could not certify (see [`draw`]). The same tokens as the CPU backend
     /// either way.
@@ -1550,16 +1551,33 @@ impl Backend for CudaBackend {
         if rows == 0 || vocab == 0 {
             return Ok(());
         }
-        let mut scratch = DrawScratch::default();
-        let mut draw_on_host = |row: &[f32], spec: &DrawSpec| {
-            draw_token(row, mask_id, nucleus, &spec.stream, spec.row, &mut scratch)
-        };
         if self.draw_location() == DrawLocation::Host {
             let mut host = vec![0.0f32; rows * vocab];
             self.download(logits, &mut host)?;
-            for ((row, spec), slot) in host.chunks_exact(vocab).zip(draws).zip(out.iter_mut()) {
-                *slot = draw_on_host(row, spec);
-            }
+            // Each row is its own stream: spread over the host's cores, the tokens are the same.
+            let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+            let per_thread = rows.div_ceil(threads.min(rows));
+            std::thread::scope(|scope| {
+                for ((logits, draws), out) in host
+                    .chunks(per_thread * vocab)
+                    .zip(draws.chunks(per_thread))
+                    .zip(out[..rows].chunks_mut(per_thread))
+                {
+                    scope.spawn(move || {
+                        let mut scratch = DrawScratch::default();
+                        for ((row, spec), slot) in logits.chunks_exact(vocab).zip(draws).zip(out) {
+                            *slot = draw_token(
+                                row,
+                                mask_id,
+                                nucleus,
+                                &spec.stream,
+                                spec.row,
+                                &mut scratch,
+                            );
+                        }
+                    });
+                }
+            });
             return Ok(());
         }
         let words: Vec<u32> = draws[..rows].iter().flat_map(draw::stream_words).collect();
@@ -1586,7 +1604,7 @@ impl Backend for CudaBackend {
         let ids = self.stream.clone_dtoh(&ids)?;
         let confidence = self.stream.clone_dtoh(&confidence)?;
         self.stream.synchronize()?;
-        let mut row = vec![0.0f32; vocab];
+        let (mut row, mut scratch) = (vec![0.0f32; vocab], DrawScratch::default());
         for (r, (spec, slot)) in draws.iter().zip(out.iter_mut()).take(rows).enumerate() {
             let certified = draw::certified_token(
                 [ids[2 * r], ids[2 * r + 1]],
@@ -1600,7 +1618,7 @@ impl Backend for CudaBackend {
                 Some(token) => token,
                 None => {
                     self.download(Slice::at(logits.buf, logits.offset + r * vocab), &mut row)?;
-                    draw_on_host(&row, spec)
+                    draw_token(&row, mask_id, nucleus, &spec.stream, spec.row, &mut scratch)
                 }
             };
         }
