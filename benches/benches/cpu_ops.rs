@@ -115,7 +115,7 @@ fn ops(c: &mut Criterion) {
     let dout = be.upload(&rand(7, batch * n * width)).unwrap();
     let (mut o, mut lse) = (
         be.zeros(batch * n * width).unwrap(),
-        be.zeros(batch * heads * n).unwrap(),
+        be.zeros_f32(batch * heads * n).unwrap(),
     );
     let (mut dq, mut dk, mut dv) = (
         be.zeros(batch * n * width).unwrap(),

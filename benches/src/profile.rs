@@ -131,6 +131,9 @@ impl<B: Backend> Backend for Profiled<B> {
     fn zeros(&self, len: usize) -> Result<B::Buffer, B::Error> {
         self.timed("zeros", 0, || self.inner.zeros(len))
     }
+    fn zeros_f32(&self, len: usize) -> Result<B::Buffer, B::Error> {
+        self.timed("zeros", 0, || self.inner.zeros_f32(len))
+    }
     fn upload(&self, host: &[f32]) -> Result<B::Buffer, B::Error> {
         self.timed("upload", 0, || self.inner.upload(host))
     }

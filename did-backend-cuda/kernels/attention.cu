@@ -51,7 +51,7 @@ __device__ __forceinline__ float dot_lanes(const float* a, const store_t* b, int
 }
 
 extern "C" __global__ void attention_forward(Shape s, int kind, i64 p0, i64 p1, i64 p2, i64 window, float scale,
-                                             const store_t* q, const store_t* k, const store_t* v, store_t* out, store_t* lse) {
+                                             const store_t* q, const store_t* k, const store_t* v, store_t* out, float* lse) {
     i64 gw = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     int lane = threadIdx.x & 31;
     if (gw >= s.batch * s.heads * s.q_len) return;
@@ -80,13 +80,13 @@ extern "C" __global__ void attention_forward(Shape s, int kind, i64 p0, i64 p1, 
     }
     i64 o = b * s.q_len * width + qi * width + h * hd;
     for (int j = 0; j < MAX_PER_LANE; ++j) { i64 d = lane + 32 * j; if (d < hd) st(out, o + d, l > 0.0f ? acc[j] / l : 0.0f); }
-    if (lane == 0) st(lse, (b * s.heads + h) * s.q_len + qi, l > 0.0f ? m + logf(l) : neg_inf);
+    if (lane == 0) lse[(b * s.heads + h) * s.q_len + qi] = l > 0.0f ? m + logf(l) : neg_inf;
 }
 
 // dQ, and delta = rowsum(dO ∘ O) per (sequence, head, query) for the dK/dV kernel.
 extern "C" __global__ void attention_backward_dq(Shape s, int kind, i64 p0, i64 p1, i64 p2, i64 window, float scale,
                                                  const store_t* dout, const store_t* q, const store_t* k, const store_t* v,
-                                                 const store_t* out, const store_t* lse, store_t* dq, float* delta) {
+                                                 const store_t* out, const float* lse, store_t* dq, float* delta) {
     i64 gw = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     int lane = threadIdx.x & 31;
     if (gw >= s.batch * s.heads * s.q_len) return;
@@ -108,7 +108,7 @@ extern "C" __global__ void attention_backward_dq(Shape s, int kind, i64 p0, i64 
     dd = warp_sum(dd);
     i64 li = (b * s.heads + h) * s.q_len + qi;
     if (lane == 0) delta[li] = dd;
-    float lq = ld(lse, li);
+    float lq = lse[li];
     if (lq == -__int_as_float(0x7f800000)) return;  // sees no key: no gradient
     Ranges r = key_ranges(kind, p0, p1, p2, window, qi, s.kv_len);
     for (int part = 0; part < 2; ++part) {
@@ -127,7 +127,7 @@ extern "C" __global__ void attention_backward_dq(Shape s, int kind, i64 p0, i64 
 // dK and dV: one warp per (sequence, head, key) over the queries that see it.
 extern "C" __global__ void attention_backward_dkv(Shape s, int kind, i64 p0, i64 p1, i64 p2, i64 window, float scale,
                                                   const store_t* dout, const store_t* q, const store_t* k, const store_t* v,
-                                                  const store_t* lse, const float* delta, store_t* dk, store_t* dv) {
+                                                  const float* lse, const float* delta, store_t* dk, store_t* dv) {
     i64 gw = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     int lane = threadIdx.x & 31;
     if (gw >= s.batch * s.heads * s.kv_len) return;
@@ -149,7 +149,7 @@ extern "C" __global__ void attention_backward_dkv(Shape s, int kind, i64 p0, i64
         i64 li = (b * s.heads + h) * s.q_len + qi;
         const store_t* qp = q + b * s.q_batch_stride + qi * s.q_stride + h * hd;
         const store_t* dop = dout + b * s.q_len * width + qi * width + h * hd;
-        float p = expf(dot_lanes(kr, qp, lane, hd) * scale - ld(lse, li));
+        float p = expf(dot_lanes(kr, qp, lane, hd) * scale - lse[li]);
         float dp = dot_lanes(vr, dop, lane, hd);
         float ds = p * (dp - delta[li]) * scale;
         for (int j = 0; j < MAX_PER_LANE; ++j) {
@@ -292,7 +292,7 @@ __device__ __forceinline__ bool tile_in_hull(const int* hull, i64 k0) {
 
 extern "C" __global__ void attention_forward_flash(Shape s, int kind, i64 p0, i64 p1, i64 p2, i64 window, float scale,
                                                    const store_t* q, const store_t* k, const store_t* v, store_t* out,
-                                                   store_t* lse) {
+                                                   float* lse) {
     __shared__ store_t ks[FLASH_TILE * FLASH_PAD];
     __shared__ store_t vs[FLASH_TILE * FLASH_PAD];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
@@ -365,7 +365,7 @@ extern "C" __global__ void attention_forward_flash(Shape s, int kind, i64 p0, i6
                 st(out, o + d * 8 + 2 * t + (e & 1), l[i] > 0.0f ? acc[d][e] / l[i] : 0.0f);
             }
         }
-        if (t == 0) st(lse, (b * s.heads + h) * s.q_len + row, l[i] > 0.0f ? m[i] + logf(l[i]) : neg_inf);
+        if (t == 0) lse[(b * s.heads + h) * s.q_len + row] = l[i] > 0.0f ? m[i] + logf(l[i]) : neg_inf;
     }
 }
 
@@ -373,7 +373,7 @@ extern "C" __global__ void attention_forward_flash(Shape s, int kind, i64 p0, i6
 extern "C" __global__ void attention_backward_flash_dq(Shape s, int kind, i64 p0, i64 p1, i64 p2, i64 window,
                                                        float scale, const store_t* dout, const store_t* q,
                                                        const store_t* k, const store_t* v, const store_t* out,
-                                                       const store_t* lse, store_t* dq, float* delta) {
+                                                       const float* lse, store_t* dq, float* delta) {
     __shared__ store_t ks[FLASH_TILE * FLASH_PAD];
     __shared__ store_t vs[FLASH_TILE * FLASH_PAD];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
@@ -402,7 +402,7 @@ extern "C" __global__ void attention_backward_flash_dq(Shape s, int kind, i64 p0
         sum += __shfl_xor_sync(0xffffffffu, sum, 2);
         dl[i] = sum;
         i64 li = (b * s.heads + h) * s.q_len + row;
-        lq[i] = row < s.q_len ? ld(lse, li) : neg_inf;
+        lq[i] = row < s.q_len ? lse[li] : neg_inf;
         if (row < s.q_len && t == 0) delta[li] = sum;
     }
     float acc[8][4];
@@ -445,7 +445,7 @@ extern "C" __global__ void attention_backward_flash_dq(Shape s, int kind, i64 p0
 // are skipped.
 extern "C" __global__ void attention_backward_flash_dkv(Shape s, int kind, i64 p0, i64 p1, i64 p2, i64 window,
                                                         float scale, const store_t* dout, const store_t* q,
-                                                        const store_t* k, const store_t* v, const store_t* lse,
+                                                        const store_t* k, const store_t* v, const float* lse,
                                                         const float* delta, store_t* dk, store_t* dv) {
     __shared__ store_t qs[FLASH_TILE * FLASH_PAD];
     __shared__ store_t dos[FLASH_TILE * FLASH_PAD];
@@ -482,7 +482,7 @@ extern "C" __global__ void attention_backward_flash_dkv(Shape s, int kind, i64 p
             const i64 k1 = tile_k0 + FLASH_TILE;
             if ((r.a0 < k1 && r.a1 > tile_k0 && r.a1 > r.a0) || (r.b0 < k1 && r.b1 > tile_k0 && r.b1 > r.b0)) visit = 1;
             i64 li = (b * s.heads + h) * s.q_len + row;
-            lses[tid] = row < s.q_len ? ld(lse, li) : neg_inf;
+            lses[tid] = row < s.q_len ? lse[li] : neg_inf;
             deltas[tid] = row < s.q_len ? delta[li] : 0.0f;
         }
         __syncthreads();

@@ -5,6 +5,11 @@ extern "C" __global__ void fill(store_t* dst, i64 n, float value) {
     GRID_STRIDE(i, n) st(dst, i, value);
 }
 
+// A bf16 backend's f32 buffers (zeros_f32: the attention's log-sum-exp).
+extern "C" __global__ void fill_f32(float* dst, i64 n, float value) {
+    GRID_STRIDE(i, n) dst[i] = value;
+}
+
 extern "C" __global__ void copy_rows(const store_t* src, i64 src_stride, store_t* dst, i64 dst_stride, i64 rows, i64 cols) {
     GRID_STRIDE(i, rows * cols) {
         i64 r = i / cols, c = i % cols;

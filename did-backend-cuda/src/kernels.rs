@@ -23,6 +23,7 @@ pub const KERNELS: [(&str, &[&str]); 4] = [
         "elementwise.cu",
         &[
             "fill",
+            "fill_f32",
             "copy_rows",
             "bias_add",
             "colsum_partial",

@@ -80,11 +80,14 @@ impl Precision {
     }
 }
 
-/// A device buffer of `len` floats in the backend's [`Precision`].
+/// A device buffer of `len` floats in the backend's [`Precision`], or in f32 when it came from
+/// [`Backend::zeros_f32`].
 #[derive(Debug)]
 pub struct CudaBuffer {
     mem: CudaSlice<u8>,
     len: usize,
+    /// Elements are f32 (an f32 backend's every buffer; a bf16 backend's `zeros_f32`).
+    f32: bool,
 }
 
 impl CudaBuffer {
@@ -470,15 +473,17 @@ impl CudaBackend {
             });
         }
         let (p, _sync) = buf.mem.device_ptr(&self.stream);
-        Ok(p + (offset * self.precision.bytes()) as u64)
+        Ok(p + (offset * element_bytes(buf)) as u64)
     }
 
+    /// A tensor in the storage precision, `len` elements from the slice's offset.
     fn ptr(
         &self,
         s: Slice<'_, CudaBuffer>,
         len: usize,
         what: &'static str,
     ) -> Result<u64, CudaError> {
+        self.check_stored(s.buf, what)?;
         self.device_ptr(s.buf, s.offset, len, what)
     }
 
@@ -488,7 +493,35 @@ impl CudaBackend {
         len: usize,
         what: &'static str,
     ) -> Result<u64, CudaError> {
+        self.check_stored(s.buf, what)?;
         self.device_ptr(s.buf, s.offset, len, what)
+    }
+
+    /// A kernel reading `store_t` must not get a bf16 backend's f32 buffer.
+    fn check_stored(&self, buf: &CudaBuffer, what: &'static str) -> Result<(), CudaError> {
+        if buf.f32 && self.precision == Precision::Bf16 {
+            return Err(CudaError::Shape(format!(
+                "{what}: an f32 buffer (from zeros_f32) where a bf16 tensor is expected"
+            )));
+        }
+        Ok(())
+    }
+
+    /// An f32 buffer (the attention's log-sum-exp): from [`Backend::zeros_f32`].
+    fn f32_ptr(
+        &self,
+        buf: &CudaBuffer,
+        offset: usize,
+        len: usize,
+        what: &'static str,
+    ) -> Result<u64, CudaError> {
+        if !buf.f32 {
+            return Err(CudaError::Shape(format!(
+                "{what}: needs a buffer from zeros_f32 (this backend keeps the attention's \
+                 log-sum-exp in f32; a bf16 buffer was given)"
+            )));
+        }
+        self.device_ptr(buf, offset, len, what)
     }
 
     fn ids_ptr(&self, ids: &CudaIds, rows: usize, what: &'static str) -> Result<u64, CudaError> {
@@ -669,7 +702,20 @@ impl Backend for CudaBackend {
         let mem = self
             .stream
             .alloc_zeros::<u8>(len.max(1) * self.precision.bytes())?;
-        Ok(CudaBuffer { mem, len })
+        Ok(CudaBuffer {
+            mem,
+            len,
+            f32: self.precision == Precision::F32,
+        })
+    }
+
+    fn zeros_f32(&self, len: usize) -> Result<CudaBuffer, CudaError> {
+        let mem = self.stream.alloc_zeros::<u8>(len.max(1) * 4)?;
+        Ok(CudaBuffer {
+            mem,
+            len,
+            f32: true,
+        })
     }
 
     fn upload(&self, host: &[f32]) -> Result<CudaBuffer, CudaError> {
@@ -683,26 +729,23 @@ impl Backend for CudaBackend {
     }
 
     fn download(&self, src: Slice<'_, CudaBuffer>, out: &mut [f32]) -> Result<(), CudaError> {
-        self.ptr(src, out.len(), "download")?;
+        self.device_ptr(src.buf, src.offset, out.len(), "download")?;
         if out.is_empty() {
             return Ok(());
         }
-        let esize = self.precision.bytes();
+        let esize = element_bytes(src.buf);
         let start = src.offset * esize;
         let mut bytes = vec![0u8; out.len() * esize];
         self.stream
             .memcpy_dtoh(&src.buf.mem.slice(start..start + bytes.len()), &mut bytes)?;
         self.stream.synchronize()?;
-        match self.precision {
-            Precision::F32 => {
-                for (o, b) in out.iter_mut().zip(bytes.chunks_exact(4)) {
-                    *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-                }
+        if src.buf.f32 {
+            for (o, b) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+                *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
             }
-            Precision::Bf16 => {
-                for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
-                    *o = half::bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32();
-                }
+        } else {
+            for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *o = half::bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32();
             }
         }
         Ok(())
@@ -721,9 +764,15 @@ impl Backend for CudaBackend {
     }
 
     fn fill(&self, dst: SliceMut<'_, CudaBuffer>, len: usize, value: f32) -> Result<(), CudaError> {
-        let p = self.ptr_mut(dst, len, "fill")?;
+        // A bf16 backend's f32 buffers (zeros_f32) have their own kernel.
+        let kernel = if dst.buf.f32 && self.precision == Precision::Bf16 {
+            "fill_f32"
+        } else {
+            "fill"
+        };
+        let p = self.device_ptr(dst.buf, dst.offset, len, "fill")?;
         self.launch_elements(
-            "fill",
+            kernel,
             len,
             &[Arg::Ptr(p), Arg::I64(len as i64), Arg::F32(value)],
         )
@@ -1172,7 +1221,7 @@ impl Backend for CudaBackend {
             Arg::Ptr(self.ptr(k, e.k, "attention k")?),
             Arg::Ptr(self.ptr(v, e.v, "attention v")?),
             Arg::Ptr(self.ptr_mut(out, e.out, "attention out")?),
-            Arg::Ptr(self.ptr_mut(lse, e.lse, "attention lse")?),
+            Arg::Ptr(self.f32_ptr(lse.buf, lse.offset, e.lse, "attention lse")?),
         ];
         if let Some(heads) = self.flash_heads(s) {
             if heads == 0 || s.q_len == 0 {
@@ -1212,7 +1261,7 @@ impl Backend for CudaBackend {
         );
         let (op_, lp) = (
             self.ptr(out, e.out, "attention out")?,
-            self.ptr(lse, e.lse, "attention lse")?,
+            self.f32_ptr(lse.buf, lse.offset, e.lse, "attention lse")?,
         );
         let dqp = self.ptr_mut(dq, e.out, "attention dq")?;
         let dkp = self.ptr_mut(dk, kv_out, "attention dk")?;
@@ -1685,6 +1734,15 @@ impl CudaBackend {
                 Arg::I32(inverse as i32),
             ],
         )
+    }
+}
+
+/// Bytes per element of `buf`: f32 or bf16.
+fn element_bytes(buf: &CudaBuffer) -> usize {
+    if buf.f32 {
+        4
+    } else {
+        2
     }
 }
 

@@ -609,7 +609,10 @@ impl Case for AttentionCase {
         // k and v live in one buffer, v after k's `width` channels (a fused layout).
         let (k, v) = (Slice::at(&kv, 0), Slice::at(&kv, width));
         let mut out = poisoned(be, s.batch * s.q_len * width)?;
-        let mut lse = poisoned(be, s.batch * s.heads * s.q_len)?;
+        // The log-sum-exp is kept in f32 whatever the storage (zeros_f32), NaN until written.
+        let n_lse = s.batch * s.heads * s.q_len;
+        let mut lse = be.zeros_f32(n_lse)?;
+        be.fill(SliceMut::whole(&mut lse), n_lse, f32::NAN)?;
         be.attention_forward(
             s,
             &self.mask,

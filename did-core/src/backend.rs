@@ -452,6 +452,14 @@ pub trait Backend {
 
     /// A buffer of `len` floats, zeroed.
     fn zeros(&self, len: usize) -> Result<Self::Buffer, Self::Error>;
+    /// `len` zeros kept in f32 whatever the storage precision: the attention's log-sum-exp,
+    /// which scales a whole row of probabilities in the backward (stored in bf16 its rounding,
+    /// up to |lse|·2⁻⁹, would scale them by e^{±that}). [`Backend::download`] and
+    /// [`Backend::fill`] take it like any buffer; the attention ops take it as `lse`. Provided:
+    /// [`Backend::zeros`] (an f32 backend stores everything in f32).
+    fn zeros_f32(&self, len: usize) -> Result<Self::Buffer, Self::Error> {
+        self.zeros(len)
+    }
     /// A buffer holding `host`.
     fn upload(&self, host: &[f32]) -> Result<Self::Buffer, Self::Error>;
     /// Copies `out.len()` elements starting at `src.offset` to the host.
@@ -684,8 +692,8 @@ pub trait Backend {
         dx: SliceMut<'_, Self::Buffer>,
     ) -> Result<(), Self::Error>;
     /// `out = softmax(q·kᵀ·scale, masked by mask)·v`; saves the log-sum-exp
-    /// per (batch, head, query) in `lse` for the backward. A query that may
-    /// see no key gets zeros.
+    /// per (batch, head, query) in `lse` (from [`Backend::zeros_f32`]) for the
+    /// backward. A query that may see no key gets zeros.
     #[allow(clippy::too_many_arguments)]
     fn attention_forward(
         &self,

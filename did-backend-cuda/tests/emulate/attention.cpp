@@ -68,7 +68,7 @@ int main() {
         const store_t *q = qbuf.data(), *k = kvbuf.data() + width, *v = kvbuf.data() + 2 * width;
         const i64 rows = c.batch * c.q_len * c.heads;
         std::vector<store_t> out_ref(c.batch * c.q_len * width), out_flash(out_ref.size());
-        std::vector<store_t> lse_ref(rows), lse_flash(rows);
+        std::vector<float> lse_ref(rows), lse_flash(rows);  // f32 in every storage precision
 
         if (c.also_reference) {
             emu::launch(EmuDim3{(unsigned)((rows + 3) / 4), 1, 1}, 128, [&] {
@@ -92,7 +92,7 @@ int main() {
             dk[kern].assign(kv_grad_len, to_store(0.25f));
             dv[kern].assign(kv_grad_len, to_store(0.25f));
             const store_t* o = kern ? out_flash.data() : out_ref.data();
-            const store_t* l = kern ? lse_flash.data() : lse_ref.data();
+            const float* l = kern ? lse_flash.data() : lse_ref.data();
             if (kern == 0) {
                 emu::launch(EmuDim3{(unsigned)((rows + 3) / 4), 1, 1}, 128, [&] {
                     attention_backward_dq(s, c.kind, c.p0, c.p1, c.p2, c.window, scale, dout.data(), q, k, v, o, l,
@@ -135,10 +135,10 @@ int main() {
                     for (i64 ki = 0; ki < c.kv_len; ++ki) l += allowed(c, qi, ki) ? (p[ki] = std::exp(p[ki] - m)) : (p[ki] = 0);
                     const double lse = l > 0 ? m + std::log(l) : -INFINITY;
                     const i64 li = (b * c.heads + h) * c.q_len + qi;
-                    const store_t* lses[2] = {lse_ref.data(), lse_flash.data()};
+                    const float* lses[2] = {lse_ref.data(), lse_flash.data()};
                     const store_t* outs[2] = {out_ref.data(), out_flash.data()};
                     for (int kern = 0; kern < 2; ++kern) {
-                        double got = bf(lses[kern][li]);
+                        double got = lses[kern][li];
                         double err = l > 0 ? std::abs(got - lse) / (1.0 + std::abs(lse)) : (std::isinf(got) ? 0.0 : 1.0);
                         worst[kern][1] = std::max(worst[kern][1], err);
                     }
@@ -189,10 +189,10 @@ int main() {
                 worst_grad[kern][t] = err / big;
             }
         }
-        // bf16 storage rounds the output and the log-sum-exp (2⁻⁸ relative); the flash kernel also
-        // rounds P to bf16 before P·V.
-        // Gradients also carry the bf16 log-sum-exp and (flash) P and dS rounded to bf16.
-        const double tol_out[2] = {1.5e-2, 3e-2}, tol_lse = 1e-2, tol_grad = 3e-2;
+        // bf16 storage rounds the output (2⁻⁸ relative); the flash kernel also rounds P to bf16
+        // before P·V. The log-sum-exp is kept in f32 (zeros_f32), so its tolerance is f32's.
+        // Gradients also carry (flash) P and dS rounded to bf16.
+        const double tol_out[2] = {1.5e-2, 3e-2}, tol_lse = 1e-5, tol_grad = 1e-2;
         const char* names[2][2] = {{"attention_forward      ", "attention_backward      "},
                                    {"attention_forward_flash", "attention_backward_flash"}};
         for (int kern = c.also_reference ? 0 : 1; kern < 2; ++kern) {

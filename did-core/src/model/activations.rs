@@ -262,7 +262,7 @@ impl<B: Backend> Activations<B> {
                 h1: z(if dit { n * c } else { 0 })?,
                 qkv: z(3 * n * c)?,
                 att: z(n * c)?,
-                lse: z(s.lse)?,
+                lse: be.zeros_f32(s.lse)?,
                 y1: z(n * c)?,
                 x_mid: z(n * c)?,
                 ln2: z(n * c)?,

@@ -187,7 +187,7 @@ impl<'a, B: Backend> Inference<'a, B> {
             h1: z(if dit { rows * c } else { 0 })?,
             qkv: z(3 * rows * c)?,
             att: z(rows * c)?,
-            lse: z(rows * cfg.heads)?,
+            lse: be.zeros_f32(rows * cfg.heads)?,
             y1: z(rows * c)?,
             x_mid: z(rows * c)?,
             ln2: z(rows * c)?,
