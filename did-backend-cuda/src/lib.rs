@@ -203,6 +203,9 @@ impl CudaBackend {
         // One stream, so cudarc's cross-stream event tracking is pure cost.
         // SAFETY: called before any allocation of this context.
         unsafe { ctx.disable_event_tracking() };
+        if ctx.has_async_alloc() {
+            keep_freed_memory(&ctx);
+        }
         let stream = ctx.new_stream()?;
         let blas = CudaBlas::new(stream.clone())?;
         // SAFETY: a valid handle; the default math mode keeps TF32 off.
@@ -1734,6 +1737,27 @@ impl CudaBackend {
                 Arg::I32(inverse as i32),
             ],
         )
+    }
+}
+
+/// Scratch buffers are freed in stream order into the device's default memory pool, whose release
+/// threshold of 0 hands the memory back to the driver at every synchronize, so the next step maps
+/// it again. Keep it, as PyTorch's caching allocator does. Best effort: where the driver refuses,
+/// the default stays, which is only slower.
+fn keep_freed_memory(ctx: &CudaContext) {
+    use cudarc::driver::sys;
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    let mut threshold = u64::MAX;
+    // SAFETY: a valid device of a live context; the attribute is a u64 passed by pointer.
+    unsafe {
+        if sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) == sys::CUresult::CUDA_SUCCESS
+        {
+            let _ = sys::cuMemPoolSetAttribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                (&mut threshold as *mut u64).cast(),
+            );
+        }
     }
 }
 
