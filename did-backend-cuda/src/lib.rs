@@ -1599,35 +1599,34 @@ impl Backend for CudaBackend {
         out: &mut [SampledToken],
     ) -> Result<(), CudaError> {
         let rows = draws.len().min(out.len());
-        self.ptr(logits, rows * vocab, "draw logits")?;
+        let logits_ptr = self.ptr(logits, rows * vocab, "draw logits")?;
         if rows == 0 || vocab == 0 {
             return Ok(());
         }
         if self.draw_location() == DrawLocation::Host {
             let mut host = vec![0.0f32; rows * vocab];
             self.download(logits, &mut host)?;
+            let draw_rows = |logits: &[f32], draws: &[DrawSpec], out: &mut [SampledToken]| {
+                let mut scratch = DrawScratch::default();
+                for ((row, spec), slot) in logits.chunks_exact(vocab).zip(draws).zip(out) {
+                    *slot = draw_token(row, mask_id, nucleus, &spec.stream, spec.row, &mut scratch);
+                }
+            };
             // Each row is its own stream: spread over the host's cores, the tokens are the same.
+            // The first share is drawn on this thread (at batch 1 that is all of it).
             let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
             let per_thread = rows.div_ceil(threads.min(rows));
+            let mut shares = host
+                .chunks(per_thread * vocab)
+                .zip(draws.chunks(per_thread))
+                .zip(out[..rows].chunks_mut(per_thread));
+            let first = shares.next();
             std::thread::scope(|scope| {
-                for ((logits, draws), out) in host
-                    .chunks(per_thread * vocab)
-                    .zip(draws.chunks(per_thread))
-                    .zip(out[..rows].chunks_mut(per_thread))
-                {
-                    scope.spawn(move || {
-                        let mut scratch = DrawScratch::default();
-                        for ((row, spec), slot) in logits.chunks_exact(vocab).zip(draws).zip(out) {
-                            *slot = draw_token(
-                                row,
-                                mask_id,
-                                nucleus,
-                                &spec.stream,
-                                spec.row,
-                                &mut scratch,
-                            );
-                        }
-                    });
+                for ((logits, draws), out) in shares {
+                    scope.spawn(move || draw_rows(logits, draws, out));
+                }
+                if let Some(((logits, draws), out)) = first {
+                    draw_rows(logits, draws, out);
                 }
             });
             return Ok(());
@@ -1642,7 +1641,7 @@ impl Backend for CudaBackend {
             let (ids_ptr, _i) = ids.device_ptr(&self.stream);
             let (confidence_ptr, _c) = confidence.device_ptr(&self.stream);
             let args = [
-                Arg::Ptr(self.ptr(logits, rows * vocab, "draw logits")?),
+                Arg::Ptr(logits_ptr),
                 Arg::I64(vocab as i64),
                 Arg::I64(i64::from(mask_id)),
                 Arg::Ptr(specs_ptr),
