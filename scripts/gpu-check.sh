@@ -8,7 +8,7 @@
 # 1. finds the CUDA libraries (driver, NVRTC, cuBLAS) and puts them on LD_LIBRARY_PATH;
 # 2. runs every CUDA test one by one with DID_REQUIRE_CUDA=1 (a missing
 #    library fails instead of skipping), timing each, then the model tests
-#    again with the reference attention kernels and device draws (DID_CUDA_ATTENTION=reference DID_CUDA_DRAW=device);
+#    again with the reference attention kernels and host draws (DID_CUDA_ATTENTION=reference DID_CUDA_DRAW=host);
 # 3. trains `tiny` for a few steps with `did --backend cuda` (f32 and bf16),
 #    samples draft → remask → refine from it on the GPU and on the CPU and
 #    checks the tokens are identical;
@@ -71,10 +71,11 @@ for bin in "$bundle"/*; do
     [ -f "$bin" ] && [ "$(basename "$bin")" != did ] && run_tests "$bin"
 done
 # The model tests again with the other attention kernels (bf16 uses the flash kernels by default)
-# and tokens drawn on the device: the whole model, trained and sampled, agreeing with the CPU
-# within the bf16 bands, and the f32 draft → remask → refine token for token.
-[ -x "$bundle/model" ] && run_tests "$bundle/model" "(DID_CUDA_ATTENTION=reference DID_CUDA_DRAW=device)" \
-    DID_CUDA_ATTENTION=reference DID_CUDA_DRAW=device
+# and tokens drawn on the host (the device draws them by default): the whole model, trained and
+# sampled, agreeing with the CPU within the bf16 bands, and the f32 draft → remask → refine token
+# for token.
+[ -x "$bundle/model" ] && run_tests "$bundle/model" "(DID_CUDA_ATTENTION=reference DID_CUDA_DRAW=host)" \
+    DID_CUDA_ATTENTION=reference DID_CUDA_DRAW=host
 
 # ---- 3. end to end with the did binary ---------------------------------------------------------------
 did="$bundle/did"

@@ -8,7 +8,8 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use did_core::backend::{
-    AdamW, AttentionShape, Backend, DrawSpec, Gemm, NormShape, RopeShape, Slice, SliceMut,
+    AdamW, AttentionShape, Backend, DrawSpec, Gemm, NormShape, RopeShape, RowGroups, Slice,
+    SliceMut,
 };
 use did_core::mask::AttentionMask;
 use did_core::rng::RngStream;
@@ -160,6 +161,16 @@ impl<B: Backend> Backend for Profiled<B> {
     ) -> Result<(), B::Error> {
         self.timed("copy_rows", 0, || {
             self.inner.copy_rows(src, ss, dst, ds, rows, cols)
+        })
+    }
+    fn copy_row_groups(
+        &self,
+        src: S<'_, B>,
+        dst: M<'_, B>,
+        layout: &RowGroups,
+    ) -> Result<(), B::Error> {
+        self.timed("copy_row_groups", 0, || {
+            self.inner.copy_row_groups(src, dst, layout)
         })
     }
     fn synchronize(&self) -> Result<(), B::Error> {

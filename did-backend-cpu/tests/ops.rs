@@ -4,7 +4,7 @@
 
 use did_backend_cpu::CpuBackend;
 use did_core::backend::{
-    AdamW, AttentionShape, Backend, Gemm, NormShape, RopeShape, Slice, SliceMut,
+    AdamW, AttentionShape, Backend, Gemm, NormShape, RopeShape, RowGroups, Slice, SliceMut,
 };
 use did_core::mask::AttentionMask;
 use did_core::rng::{Purpose, RngStream};
@@ -992,6 +992,30 @@ fn adamw_ema_norm_and_scale_match_their_formulas() {
     let mut s = g.clone();
     BE.scale(SliceMut::whole(&mut s), n, 0.5).unwrap();
     assert!((0..n).all(|i| s[i] == 0.5 * g[i]));
+}
+
+#[test]
+fn copy_row_groups_moves_every_group_with_its_strides() {
+    // Two groups of 2 rows × 2 columns: source rows 3 apart, groups 10 apart; destination
+    // rows 2 apart, groups 5 apart (a KV-cache append for 2 sequences).
+    let src: Vec<f64> = (0..24).map(f64::from).collect();
+    let mut dst = vec![-1.0; 11];
+    let layout = RowGroups {
+        groups: 2,
+        rows: 2,
+        cols: 2,
+        src_stride: 3,
+        src_group_stride: 10,
+        dst_stride: 2,
+        dst_group_stride: 5,
+    };
+    assert_eq!((layout.src_extent(), layout.dst_extent()), (15, 9));
+    BE.copy_row_groups(Slice::at(&src, 1), SliceMut::at(&mut dst, 1), &layout)
+        .unwrap();
+    assert_eq!(
+        dst,
+        vec![-1.0, 1.0, 2.0, 4.0, 5.0, -1.0, 11.0, 12.0, 14.0, 15.0, -1.0]
+    );
 }
 
 #[test]

@@ -10,10 +10,12 @@ extern "C" __global__ void fill_f32(float* dst, i64 n, float value) {
     GRID_STRIDE(i, n) dst[i] = value;
 }
 
-extern "C" __global__ void copy_rows(const store_t* src, i64 src_stride, store_t* dst, i64 dst_stride, i64 rows, i64 cols) {
-    GRID_STRIDE(i, rows * cols) {
-        i64 r = i / cols, c = i % cols;
-        dst[r * dst_stride + c] = src[r * src_stride + c];
+// did_core::backend::RowGroups: groups × rows × cols elements, each side with its own strides.
+extern "C" __global__ void copy_row_groups(const store_t* src, i64 src_stride, i64 src_group_stride, store_t* dst,
+                                           i64 dst_stride, i64 dst_group_stride, i64 groups, i64 rows, i64 cols) {
+    GRID_STRIDE(i, groups * rows * cols) {
+        i64 c = i % cols, r = (i / cols) % rows, g = i / (cols * rows);
+        dst[g * dst_group_stride + r * dst_stride + c] = src[g * src_group_stride + r * src_stride + c];
     }
 }
 

@@ -15,9 +15,9 @@ use did_core::sample::categorical::{Confidence, SampledToken};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DrawLocation {
     /// Download every logits row and draw on the host with `draw_token`, rows spread over the
-    /// host's cores.
+    /// host's cores (`DID_CUDA_DRAW=host`).
     Host,
-    /// The `draw_tokens` kernel; uncertain rows are redrawn on the host.
+    /// The `draw_tokens` kernel; uncertain rows are redrawn on the host (the default).
     Device,
 }
 

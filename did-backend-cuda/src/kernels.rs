@@ -24,7 +24,7 @@ pub const KERNELS: [(&str, &[&str]); 4] = [
         &[
             "fill",
             "fill_f32",
-            "copy_rows",
+            "copy_row_groups",
             "bias_add",
             "colsum_partial",
             "colsum_finish",

@@ -44,7 +44,8 @@ use cudarc::driver::{
     PushKernelArg,
 };
 use did_core::backend::{
-    AdamW, AttentionShape, Backend, DrawSpec, Gemm, NormShape, RopeShape, Slice, SliceMut,
+    AdamW, AttentionShape, Backend, DrawSpec, Gemm, NormShape, RopeShape, RowGroups, Slice,
+    SliceMut,
 };
 use did_core::mask::AttentionMask;
 use did_core::rng::RngStream;
@@ -240,11 +241,11 @@ impl CudaBackend {
             }
         };
         let draw_on_device = match std::env::var("DID_CUDA_DRAW").as_deref() {
-            Ok("device") => true,
-            Ok("host") | Err(_) => false,
+            Ok("device") | Err(_) => true,
+            Ok("host") => false,
             Ok(other) => {
                 return Err(CudaError::Shape(format!(
-                    "DID_CUDA_DRAW={other:?}: expected `device` or `host` (unset = host)"
+                    "DID_CUDA_DRAW={other:?}: expected `device` or `host` (unset = device)"
                 )))
             }
         };
@@ -289,8 +290,9 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// Chooses where tokens are drawn (`DID_CUDA_DRAW=device|host`; host until a GPU run has
-    /// checked the kernel). Either way the tokens are those of `draw_token`.
+    /// Chooses where tokens are drawn (`DID_CUDA_DRAW=device|host`; device unless told, since
+    /// the H200 run of 2026-11-28 passed every check with it). Either way the tokens are those of
+    /// `draw_token`.
     pub fn set_draw_location(&self, location: DrawLocation) {
         self.draw_on_device.store(
             location == DrawLocation::Device,
@@ -799,25 +801,34 @@ impl Backend for CudaBackend {
         rows: usize,
         cols: usize,
     ) -> Result<(), CudaError> {
-        let extent = |stride: usize| {
-            if rows == 0 || cols == 0 {
-                0
-            } else {
-                (rows - 1) * stride + cols
-            }
-        };
-        let s = self.ptr(src, extent(src_stride), "copy src")?;
-        let d = self.ptr_mut(dst, extent(dst_stride), "copy dst")?;
+        self.copy_row_groups(
+            src,
+            dst,
+            &RowGroups::rows(rows, cols, src_stride, dst_stride),
+        )
+    }
+
+    fn copy_row_groups(
+        &self,
+        src: Slice<'_, CudaBuffer>,
+        dst: SliceMut<'_, CudaBuffer>,
+        layout: &RowGroups,
+    ) -> Result<(), CudaError> {
+        let s = self.ptr(src, layout.src_extent(), "copy src")?;
+        let d = self.ptr_mut(dst, layout.dst_extent(), "copy dst")?;
         self.launch_elements(
-            "copy_rows",
-            rows * cols,
+            "copy_row_groups",
+            layout.elements(),
             &[
                 Arg::Ptr(s),
-                Arg::I64(src_stride as i64),
+                Arg::I64(layout.src_stride as i64),
+                Arg::I64(layout.src_group_stride as i64),
                 Arg::Ptr(d),
-                Arg::I64(dst_stride as i64),
-                Arg::I64(rows as i64),
-                Arg::I64(cols as i64),
+                Arg::I64(layout.dst_stride as i64),
+                Arg::I64(layout.dst_group_stride as i64),
+                Arg::I64(layout.groups as i64),
+                Arg::I64(layout.rows as i64),
+                Arg::I64(layout.cols as i64),
             ],
         )
     }

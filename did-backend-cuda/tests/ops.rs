@@ -10,7 +10,8 @@ use common::{
 };
 use did_backend_cuda::{AttentionKernel, Precision};
 use did_core::backend::{
-    AdamW, AttentionShape, Backend, DrawSpec, Gemm, NormShape, RopeShape, Slice, SliceMut,
+    AdamW, AttentionShape, Backend, DrawSpec, Gemm, NormShape, RopeShape, RowGroups, Slice,
+    SliceMut,
 };
 use did_core::mask::AttentionMask;
 use did_core::rng::{Purpose, RngStream};
@@ -1078,6 +1079,19 @@ impl Case for OptimCase {
             rows,
             2,
         )?;
+        // copy_row_groups: up to 3 groups of 2 rows × 2 (as many as `g` holds) into gapped groups.
+        let groups = RowGroups {
+            groups: (n.saturating_sub(2) / 11).min(3),
+            rows: 2,
+            cols: 2,
+            src_stride: 5,
+            src_group_stride: 11,
+            dst_stride: 3,
+            dst_group_stride: 7,
+        };
+        let mut grouped = poisoned(be, groups.dst_extent() + 1)?;
+        be.fill(SliceMut::whole(&mut grouped), groups.dst_extent() + 1, 0.5)?;
+        be.copy_row_groups(Slice::at(&g, 2), SliceMut::at(&mut grouped, 1), &groups)?;
         Ok(vec![
             ("sum", vec![sum as f32]),
             ("sum of squares", vec![sq as f32]),
@@ -1088,6 +1102,10 @@ impl Case for OptimCase {
             ("scale", down(be, &scaled, n)?),
             ("fill", down(be, &filled, n + 3)?),
             ("copy_rows", down(be, &packed, rows * 2)?),
+            (
+                "copy_row_groups",
+                down(be, &grouped, groups.dst_extent() + 1)?,
+            ),
         ])
     }
 }

@@ -382,6 +382,81 @@ impl RopeShape {
     }
 }
 
+/// Where a grouped row copy reads and writes: `groups` groups of `rows` rows of
+/// `cols` elements; row `r` of group `g` starts `g · group_stride + r · stride`
+/// elements from the slice's offset, on each side with its own strides. One
+/// call moves a whole batch (every sequence's keys into its KV-cache slots).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RowGroups {
+    /// Groups (sequences).
+    pub groups: usize,
+    /// Rows per group.
+    pub rows: usize,
+    /// Elements per row.
+    pub cols: usize,
+    /// Source elements between rows.
+    pub src_stride: usize,
+    /// Source elements between groups.
+    pub src_group_stride: usize,
+    /// Destination elements between rows.
+    pub dst_stride: usize,
+    /// Destination elements between groups.
+    pub dst_group_stride: usize,
+}
+
+impl RowGroups {
+    /// One group of `rows` rows (what [`Backend::copy_rows`] moves).
+    ///
+    /// ```
+    /// use did_core::backend::RowGroups;
+    /// let r = RowGroups::rows(3, 2, 5, 4);
+    /// assert_eq!((r.groups, r.src_extent(), r.dst_extent()), (1, 12, 10));
+    /// ```
+    pub fn rows(rows: usize, cols: usize, src_stride: usize, dst_stride: usize) -> Self {
+        RowGroups {
+            groups: 1,
+            rows,
+            cols,
+            src_stride,
+            src_group_stride: 0,
+            dst_stride,
+            dst_group_stride: 0,
+        }
+    }
+
+    /// Elements the source spans from its offset (0 when nothing moves).
+    ///
+    /// ```
+    /// use did_core::backend::RowGroups;
+    /// // 4 new tokens of 2 sequences, keys at column 8 of a fused [2, 4, 24] qkv buffer.
+    /// let r = RowGroups { groups: 2, rows: 4, cols: 8, src_stride: 24,
+    ///     src_group_stride: 4 * 24, dst_stride: 8, dst_group_stride: 16 * 8 };
+    /// assert_eq!(r.src_extent(), 96 + 3 * 24 + 8);
+    /// assert_eq!(r.dst_extent(), 128 + 3 * 8 + 8);
+    /// ```
+    pub fn src_extent(&self) -> usize {
+        self.extent(self.src_stride, self.src_group_stride)
+    }
+
+    /// Elements the destination spans from its offset (0 when nothing moves).
+    pub fn dst_extent(&self) -> usize {
+        self.extent(self.dst_stride, self.dst_group_stride)
+    }
+
+    /// Elements moved.
+    pub fn elements(&self) -> usize {
+        self.groups * self.rows * self.cols
+    }
+
+    fn extent(&self, stride: usize, group_stride: usize) -> usize {
+        if self.elements() == 0 {
+            0
+        } else {
+            (self.groups - 1) * group_stride + (self.rows - 1) * stride + self.cols
+        }
+    }
+}
+
 /// AdamW hyper-parameters for one step.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdamW {
@@ -498,6 +573,27 @@ pub trait Backend {
                 Slice::at(src.buf, src.offset + r * src_stride),
                 SliceMut::at(&mut *buf, offset + r * dst_stride),
                 cols,
+            )?;
+        }
+        Ok(())
+    }
+    /// Copies groups of strided rows ([`RowGroups`]): one call for what would
+    /// be `groups` calls of [`Backend::copy_rows`] (a GPU backend launches once).
+    fn copy_row_groups(
+        &self,
+        src: Slice<'_, Self::Buffer>,
+        dst: SliceMut<'_, Self::Buffer>,
+        layout: &RowGroups,
+    ) -> Result<(), Self::Error> {
+        let SliceMut { buf, offset } = dst;
+        for g in 0..layout.groups {
+            self.copy_rows(
+                Slice::at(src.buf, src.offset + g * layout.src_group_stride),
+                layout.src_stride,
+                SliceMut::at(&mut *buf, offset + g * layout.dst_group_stride),
+                layout.dst_stride,
+                layout.rows,
+                layout.cols,
             )?;
         }
         Ok(())

@@ -17,7 +17,7 @@ use super::activations::{time_embedding, BlockActivations, CondActivations};
 use super::config::{Architecture, ModelConfig};
 use super::transformer::{Geometry, KeyValues, Transformer};
 use super::ModelError;
-use crate::backend::{Backend, DrawSpec, Slice, SliceMut};
+use crate::backend::{Backend, DrawSpec, RowGroups, Slice, SliceMut};
 use crate::denoiser::{DenoiseRequest, Denoiser, HostDrawScratch};
 use crate::error::invalid;
 use crate::mask::AttentionMask;
@@ -98,16 +98,23 @@ impl<B: Backend> KvCache<B> {
         }
         let keep_from = window_start.max(self.base);
         let kept = self.committed.saturating_sub(keep_from);
+        // Every sequence's kept slots, as one row each.
+        let slide = RowGroups {
+            groups: self.batch,
+            rows: 1,
+            cols: kept * c,
+            src_stride: 0,
+            src_group_stride: self.capacity * c,
+            dst_stride: 0,
+            dst_group_stride: self.capacity * c,
+        };
         for buffers in [&mut self.k, &mut self.v] {
             for buf in buffers.iter_mut() {
-                for s in 0..self.batch {
-                    let src = (s * self.capacity + keep_from - self.base) * c;
-                    be.copy(
-                        Slice::at(&*buf, src),
-                        SliceMut::at(&mut self.spare, s * self.capacity * c),
-                        kept * c,
-                    )?;
-                }
+                be.copy_row_groups(
+                    Slice::at(&*buf, (keep_from - self.base) * c),
+                    SliceMut::whole(&mut self.spare),
+                    &slide,
+                )?;
                 core::mem::swap(buf, &mut self.spare);
             }
         }

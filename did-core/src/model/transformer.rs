@@ -10,7 +10,9 @@ use super::config::{Architecture, ModelConfig, TIME_EMBEDDING_DIM};
 use super::params::{BlockOffsets, Layout, ParamTable};
 use super::pass::{Pass, TrainBatch};
 use super::ModelError;
-use crate::backend::{AttentionShape, Backend, Gemm, NormShape, RopeShape, Slice, SliceMut};
+use crate::backend::{
+    AttentionShape, Backend, Gemm, NormShape, RopeShape, RowGroups, Slice, SliceMut,
+};
 use crate::error::invalid;
 use crate::mask::AttentionMask;
 use crate::rng::{Purpose, RngStream};
@@ -412,27 +414,20 @@ impl Transformer {
                 first_slot,
                 kv_len,
             } => {
-                // Store this pass's keys and values, then attend over the cache window.
-                for s in 0..geo.batch {
-                    let src = s * geo.tokens * 3 * c;
-                    let dst = (s * capacity + write_slot) * c;
-                    be.copy_rows(
-                        at(&a.qkv, src + c),
-                        3 * c,
-                        at_mut(&mut *k, dst),
-                        c,
-                        geo.tokens,
-                        c,
-                    )?;
-                    be.copy_rows(
-                        at(&a.qkv, src + 2 * c),
-                        3 * c,
-                        at_mut(&mut *v, dst),
-                        c,
-                        geo.tokens,
-                        c,
-                    )?;
-                }
+                // Store this pass's keys and values (every sequence in one copy each),
+                // then attend over the cache window.
+                let append = RowGroups {
+                    groups: geo.batch,
+                    rows: geo.tokens,
+                    cols: c,
+                    src_stride: 3 * c,
+                    src_group_stride: geo.tokens * 3 * c,
+                    dst_stride: c,
+                    dst_group_stride: capacity * c,
+                };
+                let dst = write_slot * c;
+                be.copy_row_groups(at(&a.qkv, c), at_mut(&mut *k, dst), &append)?;
+                be.copy_row_groups(at(&a.qkv, 2 * c), at_mut(&mut *v, dst), &append)?;
                 shape.kv_len = kv_len;
                 shape.k_stride = c;
                 shape.v_stride = c;
