@@ -168,8 +168,11 @@ extern "C" __global__ void attention_backward_dkv(Shape s, int kind, i64 p0, i64
 // One block of 4 warps per (sequence, head, 64 rows); each warp owns 16 rows and walks 64-wide
 // tiles of the other side, visiting only tiles the mask's ranges reach (the BD3 training mask at
 // block 4 leaves about three quarters of them empty); inside a visited tile the exact per-pair
-// predicate applies. Every product is a 16×64 · 64×64 on tensor cores (mma.m16n8k16, bf16 in,
-// f32 accumulate); softmax statistics stay in f32.
+// predicate applies, and only where some row of the thread does not see the whole tile. Every
+// product is a 16×64 · 64×64 on tensor cores (mma.m16n8k16, bf16 in, f32 accumulate); softmax
+// statistics stay in f32. Tiles reach shared memory in 16-byte loads, row-major for products with
+// their rows and transposed for products with the tile itself, so every B register of an mma is
+// one 32-bit shared load; three forward or dQ blocks fit an SM (≤ 168 registers).
 //   forward:      S = Q·Kᵀ, online softmax, O += P·V; writes what attention_forward writes.
 //   backward dq:  per query tile, S and dP = dO·Vᵀ, dS = P ∘ (dP − δ), dQ += dS·K; writes δ.
 //   backward dkv: per key tile, Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ, dV += Pᵀ·dO, dK += dSᵀ·Q.
@@ -193,7 +196,16 @@ __device__ __forceinline__ void mma_bf16_16816(float* c, const unsigned* a, cons
 
 __device__ __forceinline__ unsigned pack2(store_t lo, store_t hi) { return (unsigned)lo | ((unsigned)hi << 16); }
 
-__device__ __forceinline__ bool in_ranges(const Ranges& r, i64 key) {
+// A row's key ranges in 32 bits (the host keeps lengths below 2³¹): fewer registers and
+// cheaper compares in the per-score mask test.
+struct Ranges32 { int a0, a1, b0, b1; };
+
+__device__ __forceinline__ Ranges32 narrow(const Ranges& r) {
+    Ranges32 n; n.a0 = (int)r.a0; n.a1 = (int)r.a1; n.b0 = (int)r.b0; n.b1 = (int)r.b1;
+    return n;
+}
+
+__device__ __forceinline__ bool in_ranges(const Ranges32& r, int key) {
     return (key >= r.a0 && key < r.a1) || (key >= r.b0 && key < r.b1);
 }
 
@@ -210,65 +222,98 @@ __device__ __forceinline__ void load_rows_as_a(unsigned (*a)[4], const store_t* 
     }
 }
 
-// Rows row0.. of a row-major matrix in global memory into a 64 × 64 shared tile (zeros past the end).
-__device__ __forceinline__ void load_tile(store_t* tile, const store_t* base, i64 stride, i64 row0, i64 rows) {
-    for (int i = threadIdx.x; i < FLASH_TILE * FLASH_HD; i += blockDim.x) {
-        int r = i / FLASH_HD, c = i % FLASH_HD;
-        tile[r * FLASH_PAD + c] = row0 + r < rows ? base[(row0 + r) * stride + c] : (store_t)0;
+// Rows row0.. of a row-major [*, 64] matrix in global memory (zeros past `rows`) into shared
+// memory: row-major into `tile` (for products with its rows, B = tileᵀ) and transposed into
+// `tile_t` (for products with the tile itself, B = tile); either may be null. A thread moves
+// eight elements at a time, one 16-byte load where the rows are 16-byte aligned. The lanes of a
+// warp take 16 rows × 2 adjacent chunks: 32 contiguous bytes a row from global memory,
+// conflict-free row-major stores, two-way conflicts on the transposed ones.
+__device__ __forceinline__ void load_tile(store_t* tile, store_t* tile_t, const store_t* base, i64 stride, i64 row0,
+                                          i64 rows) {
+    const bool vector = (((unsigned long long)base) & 15) == 0 && (stride & 7) == 0;
+    for (int i = threadIdx.x; i < FLASH_TILE * FLASH_HD / 8; i += blockDim.x) {
+        const int lane = i & 31, w = i >> 5;
+        const int r = (w & 3) * 16 + (lane & 15), chunk = (w >> 2) * 2 + (lane >> 4);
+        const i64 row = row0 + r;
+        uint4 u;
+        u.x = 0u; u.y = 0u; u.z = 0u; u.w = 0u;
+        if (row < rows) {
+            const store_t* p = base + row * stride + chunk * 8;
+            if (vector) {
+                u = *(const uint4*)p;
+            } else {
+                u.x = pack2(p[0], p[1]); u.y = pack2(p[2], p[3]);
+                u.z = pack2(p[4], p[5]); u.w = pack2(p[6], p[7]);
+            }
+        }
+        if (tile) *(uint4*)(tile + r * FLASH_PAD + chunk * 8) = u;
+        if (tile_t) {
+            const unsigned words[4] = {u.x, u.y, u.z, u.w};
+            for (int e = 0; e < 8; ++e) {
+                tile_t[(chunk * 8 + e) * FLASH_PAD + r] = (store_t)(words[e >> 1] >> (16 * (e & 1)));
+            }
+        }
     }
 }
 
 // c[n] = A · tileᵀ for the warp's 16 rows against the tile's 64 rows (eight 16×8 outputs):
-// the tile is row-major, so its rows are the columns of B.
+// the tile is row-major, so its rows are the columns of B, and a B register is one aligned
+// 32-bit word (two adjacent bf16, the lower index in the lower half).
 __device__ __forceinline__ void product_with_rows(float (*c)[4], const unsigned (*a)[4], const store_t* tile, int g, int t) {
     for (int n = 0; n < 8; ++n) {
         for (int e = 0; e < 4; ++e) c[n][e] = 0.0f;
-        const store_t* r = tile + (n * 8 + g) * FLASH_PAD;
+        const unsigned* r = (const unsigned*)(tile + (n * 8 + g) * FLASH_PAD);
         for (int kk = 0; kk < 4; ++kk) {
-            unsigned b[2] = {pack2(r[kk * 16 + 2 * t], r[kk * 16 + 2 * t + 1]),
-                             pack2(r[kk * 16 + 2 * t + 8], r[kk * 16 + 2 * t + 9])};
+            unsigned b[2] = {r[kk * 8 + t], r[kk * 8 + t + 4]};
             mma_bf16_16816(c[n], a[kk], b);
         }
     }
 }
 
 // acc += X · tile, X the 16 × 64 f32 accumulators of a product_with_rows (rounded to bf16): an
-// accumulator's layout is the A layout of the next product, 16 columns at a time.
-__device__ __forceinline__ void accumulate_times_tile(float (*acc)[4], const float (*x)[4], const store_t* tile, int g,
-                                                      int t) {
+// accumulator's layout is the A layout of the next product, 16 columns at a time. The tile comes
+// transposed (`tile_t` of load_tile), so B's pairs along k are adjacent words too.
+__device__ __forceinline__ void accumulate_times_tile(float (*acc)[4], const float (*x)[4], const store_t* tile_t,
+                                                      int g, int t) {
     for (int j = 0; j < 4; ++j) {
         unsigned a[4] = {pack2(to_store(x[2 * j][0]), to_store(x[2 * j][1])),
                          pack2(to_store(x[2 * j][2]), to_store(x[2 * j][3])),
                          pack2(to_store(x[2 * j + 1][0]), to_store(x[2 * j + 1][1])),
                          pack2(to_store(x[2 * j + 1][2]), to_store(x[2 * j + 1][3]))};
-        const store_t* r = tile + (j * 16 + 2 * t) * FLASH_PAD;
         for (int d = 0; d < 8; ++d) {
-            int col = d * 8 + g;
-            unsigned b[2] = {pack2(r[col], r[FLASH_PAD + col]), pack2(r[8 * FLASH_PAD + col], r[9 * FLASH_PAD + col])};
+            const unsigned* r = (const unsigned*)(tile_t + (d * 8 + g) * FLASH_PAD);
+            unsigned b[2] = {r[j * 8 + t], r[j * 8 + t + 4]};
             mma_bf16_16816(acc[d], a, b);
         }
     }
+}
+
+// Whether keys [k0, k0 + 64) all lie in one of a row's ranges (and exist): then no score of the
+// tile needs the mask test.
+__device__ __forceinline__ bool sees_whole_tile(const Ranges32& r, int k0, int kv_len) {
+    const int k1 = k0 + FLASH_TILE;
+    return k1 <= kv_len && ((r.a0 <= k0 && r.a1 >= k1) || (r.b0 <= k0 && r.b1 >= k1));
 }
 
 // This thread's query rows (g and g + 8 of its warp's 16) and their key ranges, and the hull of
 // the whole block's ranges ({lowest a start, highest a end, lowest b start, highest b end}): key
 // tiles outside it are empty for every row of the block. Contains a __syncthreads.
 __device__ __forceinline__ void query_ranges(const Shape& s, int kind, i64 p0, i64 p1, i64 p2, i64 window, i64 q0, int g,
-                                             Ranges* rr, int* hull_out) {
+                                             Ranges32* rr, int* hull_out) {
     __shared__ int hull[4][4];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     for (int i = 0; i < 2; ++i) {
         i64 row = q0 + g + 8 * i;
         if (row < s.q_len) {
-            rr[i] = key_ranges(kind, p0, p1, p2, window, row, s.kv_len);
+            rr[i] = narrow(key_ranges(kind, p0, p1, p2, window, row, s.kv_len));
         } else {
             rr[i].a0 = 0; rr[i].a1 = 0; rr[i].b0 = 0; rr[i].b1 = 0;
         }
     }
     int lo_a = 0x7fffffff, hi_a = 0, lo_b = 0x7fffffff, hi_b = 0;
     for (int i = 0; i < 2; ++i) {
-        if (rr[i].a1 > rr[i].a0) { lo_a = min(lo_a, (int)rr[i].a0); hi_a = max(hi_a, (int)rr[i].a1); }
-        if (rr[i].b1 > rr[i].b0) { lo_b = min(lo_b, (int)rr[i].b0); hi_b = max(hi_b, (int)rr[i].b1); }
+        if (rr[i].a1 > rr[i].a0) { lo_a = min(lo_a, rr[i].a0); hi_a = max(hi_a, rr[i].a1); }
+        if (rr[i].b1 > rr[i].b0) { lo_b = min(lo_b, rr[i].b0); hi_b = max(hi_b, rr[i].b1); }
     }
     for (int o = 16; o > 0; o >>= 1) {
         lo_a = min(lo_a, __shfl_xor_sync(0xffffffffu, lo_a, o));
@@ -290,18 +335,18 @@ __device__ __forceinline__ bool tile_in_hull(const int* hull, i64 k0) {
     return (k0 < hull[1] && k1 > hull[0]) || (k0 < hull[3] && k1 > hull[2]);
 }
 
-extern "C" __global__ void attention_forward_flash(Shape s, int kind, i64 p0, i64 p1, i64 p2, i64 window, float scale,
+extern "C" __global__ void __launch_bounds__(128, 3) attention_forward_flash(Shape s, int kind, i64 p0, i64 p1, i64 p2, i64 window, float scale,
                                                    const store_t* q, const store_t* k, const store_t* v, store_t* out,
                                                    float* lse) {
-    __shared__ store_t ks[FLASH_TILE * FLASH_PAD];
-    __shared__ store_t vs[FLASH_TILE * FLASH_PAD];
+    __shared__ __align__(16) store_t ks[FLASH_TILE * FLASH_PAD];  // K, row-major
+    __shared__ __align__(16) store_t vt[FLASH_TILE * FLASH_PAD];  // V, transposed
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
     const i64 h = blockIdx.y % s.heads, b = blockIdx.y / s.heads;
     const i64 q0 = (i64)blockIdx.x * FLASH_TILE + warp * 16;
     const i64 width = s.heads * FLASH_HD;
     const float neg_inf = -__int_as_float(0x7f800000);
 
-    Ranges rr[2];
+    Ranges32 rr[2];
     int hull[4];
     query_ranges(s, kind, p0, p1, p2, window, q0, g, rr, hull);
     unsigned qa[4][4];
@@ -311,12 +356,12 @@ extern "C" __global__ void attention_forward_flash(Shape s, int kind, i64 p0, i6
     float m[2] = {neg_inf, neg_inf}, l[2] = {0.0f, 0.0f};
 
     const i64 tiles = (s.kv_len + FLASH_TILE - 1) / FLASH_TILE;
-    for (i64 kt = 0; kt < tiles; ++kt) {
-        const i64 k0 = kt * FLASH_TILE;
+    for (i64 tile = 0; tile < tiles; ++tile) {
+        const i64 k0 = tile * FLASH_TILE;
         if (!tile_in_hull(hull, k0)) continue;  // uniform across the block: every thread has the same hull
         __syncthreads();  // the previous tile's readers are done
-        load_tile(ks, k + b * s.kv_batch_stride + h * FLASH_HD, s.k_stride, k0, s.kv_len);
-        load_tile(vs, v + b * s.kv_batch_stride + h * FLASH_HD, s.v_stride, k0, s.kv_len);
+        load_tile(ks, nullptr, k + b * s.kv_batch_stride + h * FLASH_HD, s.k_stride, k0, s.kv_len);
+        load_tile(nullptr, vt, v + b * s.kv_batch_stride + h * FLASH_HD, s.v_stride, k0, s.kv_len);
         __syncthreads();
 
         float sc[8][4];
@@ -324,11 +369,12 @@ extern "C" __global__ void attention_forward_flash(Shape s, int kind, i64 p0, i6
         // Mask, scale, online softmax per row (the four threads of a group share a row).
         float corr[2];
         for (int i = 0; i < 2; ++i) {
+            const bool whole = sees_whole_tile(rr[i], (int)k0, (int)s.kv_len);
             float mx = neg_inf;
             for (int n = 0; n < 8; ++n) {
                 for (int e = 2 * i; e < 2 * i + 2; ++e) {
-                    i64 key = k0 + n * 8 + 2 * t + (e & 1);
-                    sc[n][e] = in_ranges(rr[i], key) ? sc[n][e] * scale : neg_inf;
+                    int key = (int)k0 + n * 8 + 2 * t + (e & 1);
+                    sc[n][e] = whole || in_ranges(rr[i], key) ? sc[n][e] * scale : neg_inf;
                     mx = fmaxf(mx, sc[n][e]);
                 }
             }
@@ -350,7 +396,7 @@ extern "C" __global__ void attention_forward_flash(Shape s, int kind, i64 p0, i6
             acc[d][0] *= corr[0]; acc[d][1] *= corr[0];
             acc[d][2] *= corr[1]; acc[d][3] *= corr[1];
         }
-        accumulate_times_tile(acc, sc, vs, g, t);
+        accumulate_times_tile(acc, sc, vt, g, t);
     }
     for (int i = 0; i < 2; ++i) {
         l[i] += __shfl_xor_sync(0xffffffffu, l[i], 1);
@@ -370,12 +416,13 @@ extern "C" __global__ void attention_forward_flash(Shape s, int kind, i64 p0, i6
 }
 
 // dQ for a tile of 64 queries, and δ = rowsum(dO ∘ O) of its rows for the dK/dV kernel.
-extern "C" __global__ void attention_backward_flash_dq(Shape s, int kind, i64 p0, i64 p1, i64 p2, i64 window,
+extern "C" __global__ void __launch_bounds__(128, 3) attention_backward_flash_dq(Shape s, int kind, i64 p0, i64 p1, i64 p2, i64 window,
                                                        float scale, const store_t* dout, const store_t* q,
                                                        const store_t* k, const store_t* v, const store_t* out,
                                                        const float* lse, store_t* dq, float* delta) {
-    __shared__ store_t ks[FLASH_TILE * FLASH_PAD];
-    __shared__ store_t vs[FLASH_TILE * FLASH_PAD];
+    __shared__ __align__(16) store_t ks[FLASH_TILE * FLASH_PAD];  // K, row-major
+    __shared__ __align__(16) store_t kt[FLASH_TILE * FLASH_PAD];  // K, transposed
+    __shared__ __align__(16) store_t vs[FLASH_TILE * FLASH_PAD];  // V, row-major
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
     const i64 h = blockIdx.y % s.heads, b = blockIdx.y / s.heads;
     const i64 q0 = (i64)blockIdx.x * FLASH_TILE + warp * 16;
@@ -384,7 +431,7 @@ extern "C" __global__ void attention_backward_flash_dq(Shape s, int kind, i64 p0
     const store_t* dob = dout + b * s.q_len * width + h * FLASH_HD;
     const store_t* ob = out + b * s.q_len * width + h * FLASH_HD;
 
-    Ranges rr[2];
+    Ranges32 rr[2];
     int hull[4];
     query_ranges(s, kind, p0, p1, p2, window, q0, g, rr, hull);
     unsigned qa[4][4], da[4][4];
@@ -409,26 +456,29 @@ extern "C" __global__ void attention_backward_flash_dq(Shape s, int kind, i64 p0
     for (int d = 0; d < 8; ++d) for (int e = 0; e < 4; ++e) acc[d][e] = 0.0f;
 
     const i64 tiles = (s.kv_len + FLASH_TILE - 1) / FLASH_TILE;
-    for (i64 kt = 0; kt < tiles; ++kt) {
-        const i64 k0 = kt * FLASH_TILE;
+    for (i64 tile = 0; tile < tiles; ++tile) {
+        const i64 k0 = tile * FLASH_TILE;
         if (!tile_in_hull(hull, k0)) continue;
         __syncthreads();
-        load_tile(ks, k + b * s.kv_batch_stride + h * FLASH_HD, s.k_stride, k0, s.kv_len);
-        load_tile(vs, v + b * s.kv_batch_stride + h * FLASH_HD, s.v_stride, k0, s.kv_len);
+        load_tile(ks, kt, k + b * s.kv_batch_stride + h * FLASH_HD, s.k_stride, k0, s.kv_len);
+        load_tile(vs, nullptr, v + b * s.kv_batch_stride + h * FLASH_HD, s.v_stride, k0, s.kv_len);
         __syncthreads();
         float sc[8][4], dp[8][4];
         product_with_rows(sc, qa, ks, g, t);
         product_with_rows(dp, da, vs, g, t);
         // dS = P ∘ (dP − δ)·scale, P recomputed from the saved log-sum-exp (0 where masked).
+        const bool whole[2] = {sees_whole_tile(rr[0], (int)k0, (int)s.kv_len),
+                               sees_whole_tile(rr[1], (int)k0, (int)s.kv_len)};
         for (int n = 0; n < 8; ++n) {
             for (int e = 0; e < 4; ++e) {
                 int i = e >> 1;
-                i64 key = k0 + n * 8 + 2 * t + (e & 1);
-                float p = in_ranges(rr[i], key) && lq[i] != neg_inf ? expf(sc[n][e] * scale - lq[i]) : 0.0f;
+                int key = (int)k0 + n * 8 + 2 * t + (e & 1);
+                bool seen = whole[i] || (in_ranges(rr[i], key) && lq[i] != neg_inf);
+                float p = seen ? expf(sc[n][e] * scale - lq[i]) : 0.0f;
                 sc[n][e] = p * (dp[n][e] - dl[i]) * scale;
             }
         }
-        accumulate_times_tile(acc, sc, ks, g, t);
+        accumulate_times_tile(acc, sc, kt, g, t);
     }
     for (int i = 0; i < 2; ++i) {
         i64 row = q0 + g + 8 * i;
@@ -447,11 +497,13 @@ extern "C" __global__ void attention_backward_flash_dkv(Shape s, int kind, i64 p
                                                         float scale, const store_t* dout, const store_t* q,
                                                         const store_t* k, const store_t* v, const float* lse,
                                                         const float* delta, store_t* dk, store_t* dv) {
-    __shared__ store_t qs[FLASH_TILE * FLASH_PAD];
-    __shared__ store_t dos[FLASH_TILE * FLASH_PAD];
+    __shared__ __align__(16) store_t qs[FLASH_TILE * FLASH_PAD];   // Q, row-major
+    __shared__ __align__(16) store_t qt[FLASH_TILE * FLASH_PAD];   // Q, transposed
+    __shared__ __align__(16) store_t dos[FLASH_TILE * FLASH_PAD];  // dO, row-major
+    __shared__ __align__(16) store_t dot[FLASH_TILE * FLASH_PAD];  // dO, transposed
     __shared__ float lses[FLASH_TILE], deltas[FLASH_TILE];
     __shared__ int ranges[FLASH_TILE][4];
-    __shared__ int visit;
+    __shared__ int visit, whole;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
     const i64 h = blockIdx.y % s.heads, b = blockIdx.y / s.heads;
     const i64 tile_k0 = (i64)blockIdx.x * FLASH_TILE, k0 = tile_k0 + warp * 16;
@@ -467,10 +519,10 @@ extern "C" __global__ void attention_backward_flash_dkv(Shape s, int kind, i64 p
     for (int d = 0; d < 8; ++d) for (int e = 0; e < 4; ++e) { dk_acc[d][e] = 0.0f; dv_acc[d][e] = 0.0f; }
 
     const i64 tiles = (s.q_len + FLASH_TILE - 1) / FLASH_TILE;
-    for (i64 qt = 0; qt < tiles; ++qt) {
-        const i64 q0 = qt * FLASH_TILE;
+    for (i64 tile = 0; tile < tiles; ++tile) {
+        const i64 q0 = tile * FLASH_TILE;
         __syncthreads();  // the previous tile's readers are done
-        if (tid == 0) visit = 0;
+        if (tid == 0) { visit = 0; whole = 1; }
         __syncthreads();
         if (tid < FLASH_TILE) {
             i64 row = q0 + tid;
@@ -481,14 +533,15 @@ extern "C" __global__ void attention_backward_flash_dkv(Shape s, int kind, i64 p
             ranges[tid][2] = (int)r.b0; ranges[tid][3] = (int)r.b1;
             const i64 k1 = tile_k0 + FLASH_TILE;
             if ((r.a0 < k1 && r.a1 > tile_k0 && r.a1 > r.a0) || (r.b0 < k1 && r.b1 > tile_k0 && r.b1 > r.b0)) visit = 1;
+            if (!sees_whole_tile(narrow(r), (int)tile_k0, (int)s.kv_len)) whole = 0;  // rows past the end see nothing
             i64 li = (b * s.heads + h) * s.q_len + row;
             lses[tid] = row < s.q_len ? lse[li] : neg_inf;
             deltas[tid] = row < s.q_len ? delta[li] : 0.0f;
         }
         __syncthreads();
         if (!visit) continue;  // read by every thread after the barrier: uniform
-        load_tile(qs, qb, s.q_stride, q0, s.q_len);
-        load_tile(dos, dob, width, q0, s.q_len);
+        load_tile(qs, qt, qb, s.q_stride, q0, s.q_len);
+        load_tile(dos, dot, dob, width, q0, s.q_len);
         __syncthreads();
         // Sᵀ and dPᵀ: rows are this warp's keys, columns the tile's queries.
         float sc[8][4], dp[8][4];
@@ -497,16 +550,16 @@ extern "C" __global__ void attention_backward_flash_dkv(Shape s, int kind, i64 p
         for (int n = 0; n < 8; ++n) {
             for (int e = 0; e < 4; ++e) {
                 int col = n * 8 + 2 * t + (e & 1);
-                i64 key = k0 + g + 8 * (e >> 1);
+                int key = (int)k0 + g + 8 * (e >> 1);
                 const int* r = ranges[col];
-                bool seen = (key >= r[0] && key < r[1]) || (key >= r[2] && key < r[3]);
-                float p = seen && lses[col] != neg_inf ? expf(sc[n][e] * scale - lses[col]) : 0.0f;
+                bool seen = whole || (((key >= r[0] && key < r[1]) || (key >= r[2] && key < r[3])) && lses[col] != neg_inf);
+                float p = seen ? expf(sc[n][e] * scale - lses[col]) : 0.0f;
                 sc[n][e] = p;
                 dp[n][e] = p * (dp[n][e] - deltas[col]) * scale;
             }
         }
-        accumulate_times_tile(dv_acc, sc, dos, g, t);
-        accumulate_times_tile(dk_acc, dp, qs, g, t);
+        accumulate_times_tile(dv_acc, sc, dot, g, t);
+        accumulate_times_tile(dk_acc, dp, qt, g, t);
     }
     for (int i = 0; i < 2; ++i) {
         i64 key = k0 + g + 8 * i;

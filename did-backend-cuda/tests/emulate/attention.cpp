@@ -19,6 +19,7 @@ struct Case {
     i64 p0, p1, p2, window;
     i64 batch, heads, q_len, kv_len;
     bool also_reference;  // run the correctness-first kernel too (its emulation is slow: a barrier per shuffle)
+    i64 misalign = 0;     // elements before the first row: ≠ 0 mod 8 takes the flash kernels' scalar loads
 };
 
 static bool allowed(const Case& c, i64 q, i64 k) {
@@ -54,18 +55,20 @@ int main() {
         {"block-causal window 40, keys from 20", 1, 8, 40, 20, 40, 1, 1, 24, 44, true},
         {"global refine (full), 100 tokens", 2, 0, 0, 0, -1, 1, 2, 100, 100, false},
         {"causal, window 16", 3, 0, 10, 0, 16, 1, 1, 40, 50, true},
+        {"BD3 training, L = 72, block 8, rows not 16-byte aligned", 0, 72, 8, 0, -1, 1, 2, 144, 144, false, 3},
     };
     std::mt19937 rng(7);
     std::normal_distribution<float> normal(0.0f, 1.0f);
     int failures = 0;
     for (const Case& c : cases) {
         const i64 width = c.heads * hd, row = 3 * width;  // fused q | k | v rows, as the model stores them
-        std::vector<store_t> qbuf(c.batch * c.q_len * row), kvbuf(c.batch * c.kv_len * row);
+        std::vector<store_t> qbuf(c.misalign + c.batch * c.q_len * row), kvbuf(c.misalign + c.batch * c.kv_len * row);
         for (auto& x : qbuf) x = to_store(normal(rng));
         for (auto& x : kvbuf) x = to_store(normal(rng));
         Shape s{c.batch, c.heads, hd, c.q_len, c.kv_len, row, row, row, c.q_len * row, c.kv_len * row};
         const float scale = 1.0f / std::sqrt((float)hd);
-        const store_t *q = qbuf.data(), *k = kvbuf.data() + width, *v = kvbuf.data() + 2 * width;
+        const store_t *q = qbuf.data() + c.misalign, *k = kvbuf.data() + c.misalign + width,
+                      *v = kvbuf.data() + c.misalign + 2 * width;
         const i64 rows = c.batch * c.q_len * c.heads;
         std::vector<store_t> out_ref(c.batch * c.q_len * width), out_flash(out_ref.size());
         std::vector<float> lse_ref(rows), lse_flash(rows);  // f32 in every storage precision

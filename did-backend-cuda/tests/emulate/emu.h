@@ -27,6 +27,11 @@
 #define __forceinline__ inline
 #define __shared__ static
 #define __launch_bounds__(...)
+#define __align__(n) __attribute__((aligned(n)))
+
+struct alignas(16) uint4 {
+    unsigned x, y, z, w;
+};
 
 struct EmuDim3 {
     unsigned x = 0, y = 0, z = 0;
