@@ -165,7 +165,9 @@ extern "C" __global__ void attention_backward_dkv(Shape s, int kind, i64 p0, i64
 }
 
 // ---- Flash attention (bf16 storage, head_dim 64) ------------------------------------------------
-// One block of 4 warps per (sequence, head, 64 rows); each warp owns 16 rows and walks 64-wide
+// One block of 4 warps per (sequence, head, 64 rows) — the forward's blocks have fewer where there
+// are fewer queries (one warp for a draft's 4-token block, not one and three idle ones, which still
+// loaded every tile and ran every product); each warp owns 16 rows and walks 64-wide
 // tiles of the other side, visiting only tiles the mask's ranges reach (the BD3 training mask at
 // block 4 leaves about three quarters of them empty); inside a visited tile the exact per-pair
 // predicate applies, and only where some row of the thread does not see the whole tile. Every
@@ -323,7 +325,7 @@ __device__ __forceinline__ void query_ranges(const Shape& s, int kind, i64 p0, i
     }
     if (lane == 0) { hull[warp][0] = lo_a; hull[warp][1] = hi_a; hull[warp][2] = lo_b; hull[warp][3] = hi_b; }
     __syncthreads();
-    for (int w = 0; w < 4; ++w) {
+    for (int w = 0; w < (int)(blockDim.x >> 5); ++w) {
         lo_a = min(lo_a, hull[w][0]); hi_a = max(hi_a, hull[w][1]);
         lo_b = min(lo_b, hull[w][2]); hi_b = max(hi_b, hull[w][3]);
     }
@@ -342,7 +344,7 @@ extern "C" __global__ void __launch_bounds__(128, 3) attention_forward_flash(Sha
     __shared__ __align__(16) store_t vt[FLASH_TILE * FLASH_PAD];  // V, transposed
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
     const i64 h = blockIdx.y % s.heads, b = blockIdx.y / s.heads;
-    const i64 q0 = (i64)blockIdx.x * FLASH_TILE + warp * 16;
+    const i64 q0 = ((i64)blockIdx.x * (blockDim.x >> 5) + warp) * 16;  // 1–4 warps of 16 rows
     const i64 width = s.heads * FLASH_HD;
     const float neg_inf = -__int_as_float(0x7f800000);
 

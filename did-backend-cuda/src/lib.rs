@@ -1241,10 +1241,12 @@ impl Backend for CudaBackend {
             if heads == 0 || s.q_len == 0 {
                 return Ok(());
             }
+            // Warps of 16 query rows, up to four a block: a draft's few queries take one warp.
+            let warps = s.q_len.div_ceil(16).min(4);
             return self.launch(
                 "attention_forward_flash",
-                (flash_tiles(s.q_len)?, heads, 1),
-                128,
+                (flash_blocks(s.q_len, 16 * warps)?, heads, 1),
+                32 * warps as u32,
                 &args,
             );
         }
@@ -1786,7 +1788,12 @@ fn grid_rows(rows: usize) -> Result<u32, CudaError> {
 
 /// The flash kernels' grid width: one block per 64 rows.
 fn flash_tiles(rows: usize) -> Result<u32, CudaError> {
-    u32::try_from(rows.div_ceil(64))
+    flash_blocks(rows, 64)
+}
+
+/// One block per `per_block` rows.
+fn flash_blocks(rows: usize, per_block: usize) -> Result<u32, CudaError> {
+    u32::try_from(rows.div_ceil(per_block))
         .map_err(|_| CudaError::Shape(format!("attention: {rows} rows is too many for one launch")))
 }
 

@@ -78,7 +78,10 @@ int main() {
                 attention_forward(s, c.kind, c.p0, c.p1, c.p2, c.window, scale, q, k, v, out_ref.data(), lse_ref.data());
             });
         }
-        emu::launch(EmuDim3{(unsigned)((c.q_len + 63) / 64), (unsigned)(c.batch * c.heads), 1}, 128, [&] {
+        // As the backend launches it: warps of 16 query rows, up to four a block.
+        const unsigned warps = (unsigned)std::min<i64>(4, (c.q_len + 15) / 16);
+        emu::launch(EmuDim3{(unsigned)((c.q_len + 16 * warps - 1) / (16 * warps)), (unsigned)(c.batch * c.heads), 1},
+                    32 * warps, [&] {
             attention_forward_flash(s, c.kind, c.p0, c.p1, c.p2, c.window, scale, q, k, v, out_flash.data(),
                                     lse_flash.data());
         });
