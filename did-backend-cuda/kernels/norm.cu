@@ -77,21 +77,27 @@ extern "C" __global__ void layernorm_dweight_partial(const store_t* dout, const 
     partial[chunk * cols + c] = acc;
 }
 
-// RoPE, rotate-half: one thread per (sequence, token, head, pair). Angles in
-// f64 and rounded once, as the CPU reference's table.
+// RoPE, rotate-half: one thread per (token, head, pair) and chunk of `per` sequences. The angle,
+// in f64 and rounded once as the CPU reference's table, costs a pow, a cos and a sin — hundreds of
+// instructions against a few for the rotation — so a thread computes it once and rotates the pair
+// in each sequence of its chunk. The backend picks `per` to keep enough threads (1 for a draft's
+// few tokens).
 extern "C" __global__ void rope(store_t* x, i64 batch, i64 tokens, i64 heads, i64 head_dim, i64 stride, i64 batch_stride,
-                                i64 position_offset, double base, int inverse) {
-    i64 half = head_dim / 2;
-    GRID_STRIDE(i, batch * tokens * heads * half) {
-        i64 d = i % half, h = (i / half) % heads, t = (i / (half * heads)) % tokens, b = i / (half * heads * tokens);
+                                i64 position_offset, double base, int inverse, i64 per) {
+    i64 half = head_dim / 2, chunks = (batch + per - 1) / per;
+    GRID_STRIDE(i, chunks * tokens * heads * half) {
+        i64 d = i % half, h = (i / half) % heads, t = (i / (half * heads)) % tokens, chunk = i / (half * heads * tokens);
         double inv_freq = pow(base, -2.0 * (double)d / (double)head_dim);
         double angle = (double)(position_offset + t) * inv_freq;
         float c = (float)cos(angle), s = (float)sin(angle);
         if (inverse) s = -s;
-        i64 o = b * batch_stride + t * stride + h * head_dim;
-        float lo = ld(x, o + d), hi = ld(x, o + half + d);
-        st(x, o + d, lo * c - hi * s);
-        st(x, o + half + d, hi * c + lo * s);
+        i64 b_end = min(batch, (chunk + 1) * per);
+        for (i64 b = chunk * per; b < b_end; ++b) {
+            i64 o = b * batch_stride + t * stride + h * head_dim;
+            float lo = ld(x, o + d), hi = ld(x, o + half + d);
+            st(x, o + d, lo * c - hi * s);
+            st(x, o + half + d, hi * c + lo * s);
+        }
     }
 }
 

@@ -1733,9 +1733,11 @@ impl CudaBackend {
     ) -> Result<(), CudaError> {
         let p = self.ptr_mut(x, s.extent(), "rope x")?;
         let half = s.head_dim / 2;
+        // Sequences a thread rotates with one angle: as many as keep ≈ 128 k threads busy.
+        let per = (s.batch * s.tokens * s.heads * half / (1 << 17)).clamp(1, s.batch.max(1));
         self.launch_elements(
             "rope",
-            s.batch * s.tokens * s.heads * half,
+            s.batch.div_ceil(per) * s.tokens * s.heads * half,
             &[
                 Arg::Ptr(p),
                 Arg::I64(s.batch as i64),
@@ -1747,6 +1749,7 @@ impl CudaBackend {
                 Arg::I64(s.position_offset as i64),
                 Arg::F64(f64::from(s.base)),
                 Arg::I32(inverse as i32),
+                Arg::I64(per as i64),
             ],
         )
     }

@@ -75,5 +75,25 @@ int main() {
         emu::launch(EmuDim3{grid, 1, 1}, threads, [&] { gated_residual_forward(out_c.data(), y.data(), gate, tokens, cols, n); });
         same(gate ? "gated_residual_forward_into, gated" : "gated_residual_forward_into, ungated", out_f, out_c);
     }
+
+    // RoPE over chunks of sequences (one angle a thread, rotated in each sequence of its chunk)
+    // against one sequence a thread: the queries inside a fused [seqs, tokens, 3·width] row, at a
+    // position offset, forward and inverse.
+    const i64 heads = 2, head_dim = 8, width = heads * head_dim, stride = 3 * width;
+    const auto qkv = random(seqs * tokens * stride);
+    for (int inverse = 0; inverse < 2; ++inverse) {
+        for (i64 per : {2, 3}) {
+            auto chunked = qkv, single = qkv;
+            emu::launch(EmuDim3{grid, 1, 1}, threads, [&] {
+                rope(chunked.data(), seqs, tokens, heads, head_dim, stride, tokens * stride, 7, 10000.0, inverse, per);
+            });
+            emu::launch(EmuDim3{grid, 1, 1}, threads, [&] {
+                rope(single.data(), seqs, tokens, heads, head_dim, stride, tokens * stride, 7, 10000.0, inverse, 1);
+            });
+            same(inverse ? (per == 2 ? "rope inverse, 2 sequences a thread" : "rope inverse, 3 sequences a thread")
+                         : (per == 2 ? "rope, 2 sequences a thread" : "rope, 3 sequences a thread"),
+                 chunked, single);
+        }
+    }
     return failures ? 1 : 0;
 }
