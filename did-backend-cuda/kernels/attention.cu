@@ -230,29 +230,46 @@ __device__ __forceinline__ void load_rows_as_a(unsigned (*a)[4], const store_t* 
 // eight elements at a time, one 16-byte load where the rows are 16-byte aligned. The lanes of a
 // warp take 16 rows × 2 adjacent chunks: 32 contiguous bytes a row from global memory,
 // conflict-free row-major stores, two-way conflicts on the transposed ones.
+//
+// A thread issues its loads (four chunks at a time) before any store: the compiler cannot tell
+// that a store to the tile does not alias the next load from global memory, so a loop that
+// stores each chunk as it arrives waits the whole memory latency once per chunk — which is what
+// the first version of these kernels did, with 2-byte loads, 64 times a tile.
 __device__ __forceinline__ void load_tile(store_t* tile, store_t* tile_t, const store_t* base, i64 stride, i64 row0,
                                           i64 rows) {
     const bool vector = (((unsigned long long)base) & 15) == 0 && (stride & 7) == 0;
-    for (int i = threadIdx.x; i < FLASH_TILE * FLASH_HD / 8; i += blockDim.x) {
-        const int lane = i & 31, w = i >> 5;
-        const int r = (w & 3) * 16 + (lane & 15), chunk = (w >> 2) * 2 + (lane >> 4);
-        const i64 row = row0 + r;
-        uint4 u;
-        u.x = 0u; u.y = 0u; u.z = 0u; u.w = 0u;
-        if (row < rows) {
-            const store_t* p = base + row * stride + chunk * 8;
-            if (vector) {
-                u = *(const uint4*)p;
-            } else {
-                u.x = pack2(p[0], p[1]); u.y = pack2(p[2], p[3]);
-                u.z = pack2(p[4], p[5]); u.w = pack2(p[6], p[7]);
+    const int chunks = FLASH_TILE * FLASH_HD / 8;
+    for (int first = threadIdx.x; first < chunks; first += 4 * blockDim.x) {
+        uint4 u[4];
+        int at[4];
+UNROLL
+        for (int j = 0; j < 4; ++j) {
+            const int i = first + j * blockDim.x;
+            const int lane = i & 31, w = i >> 5;
+            const int r = (w & 3) * 16 + (lane & 15), chunk = (w >> 2) * 2 + (lane >> 4);
+            const i64 row = row0 + r;
+            at[j] = i < chunks ? r * FLASH_HD + chunk * 8 : -1;
+            u[j].x = 0u; u[j].y = 0u; u[j].z = 0u; u[j].w = 0u;
+            if (i < chunks && row < rows) {
+                const store_t* p = base + row * stride + chunk * 8;
+                if (vector) {
+                    u[j] = *(const uint4*)p;
+                } else {
+                    u[j].x = pack2(p[0], p[1]); u[j].y = pack2(p[2], p[3]);
+                    u[j].z = pack2(p[4], p[5]); u[j].w = pack2(p[6], p[7]);
+                }
             }
         }
-        if (tile) *(uint4*)(tile + r * FLASH_PAD + chunk * 8) = u;
-        if (tile_t) {
-            const unsigned words[4] = {u.x, u.y, u.z, u.w};
-            for (int e = 0; e < 8; ++e) {
-                tile_t[(chunk * 8 + e) * FLASH_PAD + r] = (store_t)(words[e >> 1] >> (16 * (e & 1)));
+UNROLL
+        for (int j = 0; j < 4; ++j) {
+            if (at[j] < 0) continue;
+            const int r = at[j] / FLASH_HD, c0 = at[j] % FLASH_HD;
+            if (tile) *(uint4*)(tile + r * FLASH_PAD + c0) = u[j];
+            if (tile_t) {
+                const unsigned words[4] = {u[j].x, u[j].y, u[j].z, u[j].w};
+                for (int e = 0; e < 8; ++e) {
+                    tile_t[(c0 + e) * FLASH_PAD + r] = (store_t)(words[e >> 1] >> (16 * (e & 1)));
+                }
             }
         }
     }

@@ -6,6 +6,13 @@
 
 typedef long long i64;
 
+// Unrolls the next loop on the GPU (the emulation's C++ compiler knows no such pragma).
+#ifdef DID_EMULATE
+#define UNROLL
+#else
+#define UNROLL _Pragma("unroll")
+#endif
+
 #ifdef STORAGE_BF16
 typedef unsigned short store_t;
 __device__ __forceinline__ float ld(const store_t* p, i64 i) {

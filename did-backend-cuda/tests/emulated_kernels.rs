@@ -65,13 +65,13 @@ fn attention_kernels_agree_with_plain_attention_and_its_gradients_under_emulatio
 }
 
 #[test]
-fn fused_forwards_equal_the_kernels_they_replace_under_emulation() {
+fn fused_forwards_and_chunked_rope_equal_the_kernels_they_replace_under_emulation() {
     for (defines, exe) in [
         (&[][..], "emulated_fused_f32"),
         (&["-DSTORAGE_BF16"][..], "emulated_fused_bf16"),
     ] {
         let report = build_and_run("fused.cpp", defines, exe);
-        assert_eq!(report.matches("ok   ").count(), 8, "{report}");
+        assert_eq!(report.matches("ok   ").count(), 12, "{report}");
     }
 }
 

@@ -1,7 +1,8 @@
 // The fused forward kernels (layernorm_forward with modulation, bias_gelu_forward,
 // gated_residual_forward_into), run by the CPU emulation in emu.h against the kernels they
 // replace, in the storage precision this file is compiled for (STORAGE_BF16 or not): the
-// results must be equal bit for bit, as the backend promises.
+// results must be equal bit for bit, as the backend promises. RoPE with one angle for a chunk of
+// sequences is held to the same against one sequence a thread.
 //
 // Built twice (f32 and bf16 storage) and run by tests/emulated_kernels.rs.
 #include <cstdio>
