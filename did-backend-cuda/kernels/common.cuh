@@ -36,6 +36,27 @@ __device__ __forceinline__ void add_to(store_t* p, i64 i, float x) { p[i] = to_s
 
 #define GRID_STRIDE(i, n) for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (i64)blockDim.x * gridDim.x)
 
+// Chunks of VEC elements (16 bytes: 8 bf16 or 4 f32) for the elementwise kernels: one 16-byte
+// load or store per operand instead of VEC narrow ones, and index arithmetic once a chunk. A
+// kernel takes the chunked path when every pointer is 16-byte aligned and every extent it
+// indexes by is a multiple of VEC (`chunked`), else its plain GRID_STRIDE loop; the two compute
+// the same values in the same order. The backend sizes the grid of such kernels (kernels.rs,
+// CHUNKED) for n / VEC threads.
+#define VEC ((int)(16 / sizeof(store_t)))
+#define CHUNK_STRIDE(i, n) for (i64 i = ((i64)blockIdx.x * blockDim.x + threadIdx.x) * VEC; i < (n); i += (i64)blockDim.x * gridDim.x * VEC)
+union Chunk { uint4 u; store_t s[16 / sizeof(store_t)]; };
+__device__ __forceinline__ bool aligned16(const void* p) { return (((unsigned long long)p) & 15) == 0; }
+__device__ __forceinline__ void ld_chunk(const store_t* p, i64 i, float* out) {
+    Chunk c;
+    c.u = *(const uint4*)(p + i);
+    for (int k = 0; k < VEC; ++k) out[k] = ld(c.s, k);
+}
+__device__ __forceinline__ void st_chunk(store_t* p, i64 i, const float* x) {
+    Chunk c;
+    for (int k = 0; k < VEC; ++k) c.s[k] = to_store(x[k]);
+    *(uint4*)(p + i) = c.u;
+}
+
 // Philox4x32-10, as did_core::rng::philox4x32_10.
 struct u32x4 { unsigned v[4]; };
 __device__ __forceinline__ u32x4 philox4x32_10(unsigned c0, unsigned c1, unsigned c2, unsigned c3, unsigned k0, unsigned k1) {

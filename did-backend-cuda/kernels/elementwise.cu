@@ -1,7 +1,15 @@
 // Memory, bias, modulation, gated residuals, activations, dropout: one thread
-// per element (grid-stride), forward and backward side by side.
+// per element (grid-stride), forward and backward side by side. The hot ones (kernels.rs,
+// CHUNKED) move 16-byte chunks where the pointers and extents allow (common.cuh, CHUNK_STRIDE):
+// the chunked loop and the plain one compute the same values.
 
 extern "C" __global__ void fill(store_t* dst, i64 n, float value) {
+    if (aligned16(dst) && n % VEC == 0) {
+        float v[VEC];
+        for (int k = 0; k < VEC; ++k) v[k] = value;
+        CHUNK_STRIDE(i, n) st_chunk(dst, i, v);
+        return;
+    }
     GRID_STRIDE(i, n) st(dst, i, value);
 }
 
@@ -20,6 +28,16 @@ extern "C" __global__ void copy_row_groups(const store_t* src, i64 src_stride, i
 }
 
 extern "C" __global__ void bias_add(store_t* x, const store_t* bias, i64 rows, i64 cols) {
+    if (aligned16(x) && aligned16(bias) && cols % VEC == 0) {
+        CHUNK_STRIDE(i, rows * cols) {
+            float a[VEC], b[VEC];
+            ld_chunk(x, i, a);
+            ld_chunk(bias, i % cols, b);
+            for (int k = 0; k < VEC; ++k) a[k] = a[k] + b[k];
+            st_chunk(x, i, a);
+        }
+        return;
+    }
     GRID_STRIDE(i, rows * cols) add_to(x, i, ld(bias, i % cols));
 }
 
@@ -49,6 +67,18 @@ extern "C" __global__ void colsum_finish(const float* partial, i64 chunks, store
 
 // adaLN modulation: out = x·(1 + scale[b]) + shift[b].
 extern "C" __global__ void modulate_forward(const store_t* x, const store_t* shift, const store_t* scale, store_t* out, i64 tokens, i64 channels, i64 n) {
+    if (aligned16(x) && aligned16(shift) && aligned16(scale) && aligned16(out) && channels % VEC == 0) {
+        CHUNK_STRIDE(i, n) {
+            i64 j = (i / (tokens * channels)) * channels + i % channels;
+            float a[VEC], sh[VEC], sc[VEC];
+            ld_chunk(x, i, a);
+            ld_chunk(shift, j, sh);
+            ld_chunk(scale, j, sc);
+            for (int k = 0; k < VEC; ++k) a[k] = a[k] * (1.0f + sc[k]) + sh[k];
+            st_chunk(out, i, a);
+        }
+        return;
+    }
     GRID_STRIDE(i, n) {
         i64 c = i % channels, b = i / (tokens * channels);
         i64 j = b * channels + c;
@@ -57,14 +87,45 @@ extern "C" __global__ void modulate_forward(const store_t* x, const store_t* shi
 }
 
 extern "C" __global__ void modulate_backward_dx(const store_t* dout, const store_t* scale, store_t* dx, i64 tokens, i64 channels, i64 n) {
+    if (aligned16(dout) && aligned16(scale) && aligned16(dx) && channels % VEC == 0) {
+        CHUNK_STRIDE(i, n) {
+            float d[VEC], sc[VEC], g[VEC];
+            ld_chunk(dout, i, d);
+            ld_chunk(scale, (i / (tokens * channels)) * channels + i % channels, sc);
+            ld_chunk(dx, i, g);
+            for (int k = 0; k < VEC; ++k) g[k] = g[k] + d[k] * (1.0f + sc[k]);
+            st_chunk(dx, i, g);
+        }
+        return;
+    }
     GRID_STRIDE(i, n) {
         i64 c = i % channels, b = i / (tokens * channels);
         add_to(dx, i, ld(dout, i) * (1.0f + ld(scale, b * channels + c)));
     }
 }
 
+// The gate of the chunk at i (gate null: 1).
+__device__ __forceinline__ void gate_chunk(const store_t* gate, i64 i, i64 tokens, i64 channels, float* g) {
+    if (gate) {
+        ld_chunk(gate, (i / (tokens * channels)) * channels + i % channels, g);
+    } else {
+        for (int k = 0; k < VEC; ++k) g[k] = 1.0f;
+    }
+}
+
 // residual += gate[b]·y (gate null: 1).
 extern "C" __global__ void gated_residual_forward(store_t* residual, const store_t* y, const store_t* gate, i64 tokens, i64 channels, i64 n) {
+    if (aligned16(residual) && aligned16(y) && aligned16(gate) && channels % VEC == 0) {
+        CHUNK_STRIDE(i, n) {
+            float r[VEC], yv[VEC], g[VEC];
+            ld_chunk(residual, i, r);
+            ld_chunk(y, i, yv);
+            gate_chunk(gate, i, tokens, channels, g);
+            for (int k = 0; k < VEC; ++k) r[k] = r[k] + g[k] * yv[k];
+            st_chunk(residual, i, r);
+        }
+        return;
+    }
     GRID_STRIDE(i, n) {
         float g = 1.0f;
         if (gate) g = ld(gate, (i / (tokens * channels)) * channels + i % channels);
@@ -75,6 +136,17 @@ extern "C" __global__ void gated_residual_forward(store_t* residual, const store
 // out = residual + gate·y: gated_residual_forward on a copy, in one pass.
 extern "C" __global__ void gated_residual_forward_into(const store_t* residual, const store_t* y, const store_t* gate,
                                                        store_t* out, i64 tokens, i64 channels, i64 n) {
+    if (aligned16(residual) && aligned16(y) && aligned16(gate) && aligned16(out) && channels % VEC == 0) {
+        CHUNK_STRIDE(i, n) {
+            float r[VEC], yv[VEC], g[VEC];
+            ld_chunk(residual, i, r);
+            ld_chunk(y, i, yv);
+            gate_chunk(gate, i, tokens, channels, g);
+            for (int k = 0; k < VEC; ++k) r[k] = r[k] + g[k] * yv[k];
+            st_chunk(out, i, r);
+        }
+        return;
+    }
     GRID_STRIDE(i, n) {
         float g = 1.0f;
         if (gate) g = ld(gate, (i / (tokens * channels)) * channels + i % channels);
@@ -83,6 +155,17 @@ extern "C" __global__ void gated_residual_forward_into(const store_t* residual, 
 }
 
 extern "C" __global__ void gated_residual_backward_dy(const store_t* dres, const store_t* gate, store_t* dy, i64 tokens, i64 channels, i64 n) {
+    if (aligned16(dres) && aligned16(gate) && aligned16(dy) && channels % VEC == 0) {
+        CHUNK_STRIDE(i, n) {
+            float d[VEC], g[VEC], a[VEC];
+            ld_chunk(dres, i, d);
+            gate_chunk(gate, i, tokens, channels, g);
+            ld_chunk(dy, i, a);
+            for (int k = 0; k < VEC; ++k) a[k] = a[k] + g[k] * d[k];
+            st_chunk(dy, i, a);
+        }
+        return;
+    }
     GRID_STRIDE(i, n) {
         float g = 1.0f;
         if (gate) g = ld(gate, (i / (tokens * channels)) * channels + i % channels);
@@ -107,6 +190,19 @@ extern "C" __global__ void gelu_forward(const store_t* x, store_t* out, i64 n) {
 
 // bias_add then gelu_forward in one pass: x keeps the (stored) pre-activation for the backward.
 extern "C" __global__ void bias_gelu_forward(store_t* x, const store_t* bias, store_t* out, i64 rows, i64 cols) {
+    if (aligned16(x) && aligned16(bias) && aligned16(out) && cols % VEC == 0) {
+        CHUNK_STRIDE(i, rows * cols) {
+            float a[VEC], b[VEC], o[VEC];
+            ld_chunk(x, i, a);
+            ld_chunk(bias, i % cols, b);
+            Chunk pre;
+            for (int k = 0; k < VEC; ++k) pre.s[k] = to_store(a[k] + b[k]);
+            *(uint4*)(x + i) = pre.u;
+            for (int k = 0; k < VEC; ++k) { float dy; gelu_parts(ld(pre.s, k), &o[k], &dy); }
+            st_chunk(out, i, o);
+        }
+        return;
+    }
     GRID_STRIDE(i, rows * cols) {
         store_t pre = to_store(ld(x, i) + ld(bias, i % cols));
         x[i] = pre;
@@ -117,6 +213,17 @@ extern "C" __global__ void bias_gelu_forward(store_t* x, const store_t* bias, st
 }
 
 extern "C" __global__ void gelu_backward(const store_t* dout, const store_t* x, store_t* dx, i64 n) {
+    if (aligned16(dout) && aligned16(x) && aligned16(dx) && n % VEC == 0) {
+        CHUNK_STRIDE(i, n) {
+            float d[VEC], a[VEC], g[VEC];
+            ld_chunk(dout, i, d);
+            ld_chunk(x, i, a);
+            ld_chunk(dx, i, g);
+            for (int k = 0; k < VEC; ++k) { float y, dy; gelu_parts(a[k], &y, &dy); g[k] = g[k] + d[k] * dy; }
+            st_chunk(dx, i, g);
+        }
+        return;
+    }
     GRID_STRIDE(i, n) { float y, dy; gelu_parts(ld(x, i), &y, &dy); add_to(dx, i, ld(dout, i) * dy); }
 }
 
@@ -134,6 +241,23 @@ extern "C" __global__ void silu_backward(const store_t* dout, const store_t* x, 
 // Inverted dropout: element i is kept iff the top 24 bits of word i of the
 // stream's row 0, as a fraction, are ≥ p (did_core::rng::RngStream::uniform_f32).
 extern "C" __global__ void dropout(store_t* x, i64 n, float p, float keep_scale, unsigned key0, unsigned key1, unsigned step, unsigned tag) {
+    if (aligned16(x) && n % VEC == 0) {
+        // A chunk starts at a multiple of 4: each Philox block serves four of its elements.
+        CHUNK_STRIDE(i, n) {
+            float a[VEC];
+            ld_chunk(x, i, a);
+            for (int q = 0; q < VEC / 4; ++q) {
+                unsigned idx = (unsigned)(i + 4 * q);
+                u32x4 b = philox4x32_10(idx >> 2, 0u, step, tag, key0, key1);
+                for (int e = 0; e < 4; ++e) {
+                    float u = (float)(b.v[e] >> 8) * (1.0f / 16777216.0f);
+                    a[4 * q + e] = u >= p ? a[4 * q + e] * keep_scale : 0.0f;
+                }
+            }
+            st_chunk(x, i, a);
+        }
+        return;
+    }
     GRID_STRIDE(i, n) {
         unsigned idx = (unsigned)i;
         u32x4 b = philox4x32_10(idx >> 2, 0u, step, tag, key0, key1);
@@ -149,6 +273,27 @@ extern "C" __global__ void scale(store_t* x, i64 n, float factor) {
 // AdamW with the bias corrections computed on the host (as the CPU reference).
 extern "C" __global__ void adamw(store_t* params, const store_t* grads, store_t* m, store_t* v, i64 n,
                                  float lr, float beta1, float beta2, float eps, float weight_decay, float bc1, float bc2) {
+    if (aligned16(params) && aligned16(grads) && aligned16(m) && aligned16(v) && n % VEC == 0) {
+        CHUNK_STRIDE(i, n) {
+            float g[VEC], mc[VEC], vc[VEC], pc[VEC];
+            ld_chunk(grads, i, g);
+            ld_chunk(m, i, mc);
+            ld_chunk(v, i, vc);
+            ld_chunk(params, i, pc);
+            for (int k = 0; k < VEC; ++k) {
+                float mi = beta1 * mc[k] + (1.0f - beta1) * g[k];
+                float vi = beta2 * vc[k] + (1.0f - beta2) * g[k] * g[k];
+                mc[k] = mi;
+                vc[k] = vi;
+                float mhat = mi / bc1, vhat = vi / bc2;
+                pc[k] = pc[k] * (1.0f - lr * weight_decay) - lr * mhat / (sqrtf(vhat) + eps);
+            }
+            st_chunk(m, i, mc);
+            st_chunk(v, i, vc);
+            st_chunk(params, i, pc);
+        }
+        return;
+    }
     GRID_STRIDE(i, n) {
         float g = ld(grads, i);
         float mi = beta1 * ld(m, i) + (1.0f - beta1) * g;
@@ -161,6 +306,16 @@ extern "C" __global__ void adamw(store_t* params, const store_t* grads, store_t*
 }
 
 extern "C" __global__ void ema_update(store_t* ema, const store_t* params, i64 n, float decay) {
+    if (aligned16(ema) && aligned16(params) && n % VEC == 0) {
+        CHUNK_STRIDE(i, n) {
+            float e[VEC], pc[VEC];
+            ld_chunk(ema, i, e);
+            ld_chunk(params, i, pc);
+            for (int k = 0; k < VEC; ++k) e[k] = decay * e[k] + (1.0f - decay) * pc[k];
+            st_chunk(ema, i, e);
+        }
+        return;
+    }
     GRID_STRIDE(i, n) st(ema, i, decay * ld(ema, i) + (1.0f - decay) * ld(params, i));
 }
 

@@ -68,6 +68,23 @@ pub const KERNELS: [(&str, &[&str]); 4] = [
     ("sample.cu", &["draw_tokens"]),
 ];
 
+/// The elementwise kernels that move 16-byte chunks (`CHUNK_STRIDE` in common.cuh) where their
+/// pointers and extents allow: the backend launches `n / chunk` threads for them, not `n`.
+pub const CHUNKED: [&str; 12] = [
+    "fill",
+    "bias_add",
+    "modulate_forward",
+    "modulate_backward_dx",
+    "gated_residual_forward",
+    "gated_residual_forward_into",
+    "gated_residual_backward_dy",
+    "bias_gelu_forward",
+    "gelu_backward",
+    "dropout",
+    "adamw",
+    "ema_update",
+];
+
 /// Kernels that exist only in the bf16 module for compute capability 8.0 and later (their
 /// tensor-core instructions take bf16 operands): `(source, kernel)`.
 pub const BF16_SM80_KERNELS: [(&str, &str); 3] = [

@@ -437,7 +437,17 @@ impl CudaBackend {
         if n == 0 {
             return Ok(());
         }
-        let blocks = n.div_ceil(THREADS as usize).min(1 << 16) as u32;
+        // A chunked kernel's thread takes 16 bytes of each operand (kernels.rs, CHUNKED).
+        let threads = if kernels::CHUNKED.contains(&kernel) {
+            let chunk = match self.precision {
+                Precision::F32 => 4,
+                Precision::Bf16 => 8,
+            };
+            n.div_ceil(chunk)
+        } else {
+            n
+        };
+        let blocks = threads.div_ceil(THREADS as usize).min(1 << 16) as u32;
         self.launch(kernel, (blocks, 1, 1), THREADS, args)
     }
 

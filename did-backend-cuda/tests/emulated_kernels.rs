@@ -76,6 +76,22 @@ fn fused_forwards_and_chunked_rope_equal_the_kernels_they_replace_under_emulatio
 }
 
 #[test]
+fn chunked_elementwise_kernels_equal_their_plain_loops_under_emulation() {
+    for (defines, exe) in [
+        (&[][..], "emulated_chunked_f32"),
+        (&["-DSTORAGE_BF16"][..], "emulated_chunked_bf16"),
+    ] {
+        let report = build_and_run("chunked.cpp", defines, exe);
+        // One line per kernel of kernels::CHUNKED, gated and ungated residuals apart.
+        assert_eq!(
+            report.matches("ok   ").count(),
+            did_backend_cuda::kernels::CHUNKED.len() + 1,
+            "{report}"
+        );
+    }
+}
+
+#[test]
 fn embedding_backward_adds_every_row_in_the_cpus_order_under_emulation() {
     for (defines, exe) in [
         (&[][..], "emulated_embedding_f32"),

@@ -1,0 +1,88 @@
+// The chunked elementwise kernels (kernels.rs, CHUNKED), run by the CPU emulation in emu.h on
+// 16-byte-aligned operands (the chunked loop) and on the same values one element further on
+// (every pointer misaligned: the plain loop): the results must be equal bit for bit, in the
+// storage precision this file is compiled for (STORAGE_BF16 or not).
+//
+// Built twice (f32 and bf16 storage) and run by tests/emulated_kernels.rs.
+#include <cstdio>
+#include <random>
+
+#include "emu.h"
+#include "../../kernels/common.cuh"
+#include "../../kernels/elementwise.cu"
+
+static int failures = 0;
+
+// An operand held twice: at a 16-byte boundary and one element past it.
+struct Operand {
+    std::vector<store_t> aligned, shifted;
+    store_t* at(bool misaligned) { return misaligned ? shifted.data() + 1 : aligned.data(); }
+};
+
+int main() {
+    std::mt19937 rng(5);
+    std::normal_distribution<float> normal(0.0f, 1.0f);
+    const i64 seqs = 3, tokens = 4, channels = 40, n = seqs * tokens * channels;  // channels: a multiple of 8
+    auto operand = [&](i64 len) {
+        Operand o;
+        o.aligned.resize(len);
+        for (auto& x : o.aligned) x = to_store(normal(rng));
+        o.shifted.assign(len + 1, to_store(0.0f));
+        std::copy(o.aligned.begin(), o.aligned.end(), o.shifted.begin() + 1);
+        return o;
+    };
+    // Runs `kernel(misaligned)` on fresh copies of the operands both ways and compares every
+    // operand afterwards (whatever the kernel wrote).
+    auto check = [&](const char* what, std::vector<Operand> ops, const std::function<void(std::vector<Operand>&, bool)>& kernel) {
+        std::vector<Operand> a = ops, b = ops;
+        emu::launch(EmuDim3{3, 1, 1}, 64, [&] { kernel(a, false); });
+        emu::launch(EmuDim3{3, 1, 1}, 64, [&] { kernel(b, true); });
+        for (size_t o = 0; o < a.size(); ++o) {
+            for (size_t i = 0; i < a[o].aligned.size(); ++i) {
+                if (std::memcmp(&a[o].aligned[i], &b[o].shifted[i + 1], sizeof(store_t)) != 0) {
+                    std::printf("FAIL %s: operand %zu element %zu differs (%g chunked, %g plain)\n", what, o, i,
+                                ld(a[o].aligned.data(), i), ld(b[o].shifted.data(), i + 1));
+                    ++failures;
+                    return;
+                }
+            }
+        }
+        std::printf("ok   %s\n", what);
+    };
+    const Operand x = operand(n), y = operand(n), z = operand(n), per_seq = operand(seqs * channels),
+                  per_seq2 = operand(seqs * channels), bias = operand(channels);
+    Operand second_moments = operand(n);  // ≥ 0, as AdamW keeps them
+    for (auto* v : {&second_moments.aligned, &second_moments.shifted})
+        for (auto& e : *v) e = to_store(ld(&e, 0) * ld(&e, 0));
+
+    check("fill", {x}, [&](auto& o, bool m) { fill(o[0].at(m), n, 0.375f); });
+    check("bias_add", {x, bias}, [&](auto& o, bool m) { bias_add(o[0].at(m), o[1].at(m), seqs * tokens, channels); });
+    check("modulate_forward", {x, per_seq, per_seq2, y}, [&](auto& o, bool m) {
+        modulate_forward(o[0].at(m), o[1].at(m), o[2].at(m), o[3].at(m), tokens, channels, n);
+    });
+    check("modulate_backward_dx", {x, per_seq, y}, [&](auto& o, bool m) {
+        modulate_backward_dx(o[0].at(m), o[1].at(m), o[2].at(m), tokens, channels, n);
+    });
+    check("gated_residual_forward, gated", {x, y, per_seq}, [&](auto& o, bool m) {
+        gated_residual_forward(o[0].at(m), o[1].at(m), o[2].at(m), tokens, channels, n);
+    });
+    check("gated_residual_forward, ungated", {x, y}, [&](auto& o, bool m) {
+        gated_residual_forward(o[0].at(m), o[1].at(m), nullptr, tokens, channels, n);
+    });
+    check("gated_residual_forward_into", {x, y, per_seq, z}, [&](auto& o, bool m) {
+        gated_residual_forward_into(o[0].at(m), o[1].at(m), o[2].at(m), o[3].at(m), tokens, channels, n);
+    });
+    check("gated_residual_backward_dy", {x, per_seq, y}, [&](auto& o, bool m) {
+        gated_residual_backward_dy(o[0].at(m), o[1].at(m), o[2].at(m), tokens, channels, n);
+    });
+    check("bias_gelu_forward", {x, bias, y}, [&](auto& o, bool m) {
+        bias_gelu_forward(o[0].at(m), o[1].at(m), o[2].at(m), seqs * tokens, channels);
+    });
+    check("gelu_backward", {x, y, z}, [&](auto& o, bool m) { gelu_backward(o[0].at(m), o[1].at(m), o[2].at(m), n); });
+    check("dropout", {x}, [&](auto& o, bool m) { dropout(o[0].at(m), n, 0.3f, 1.0f / 0.7f, 11u, 12u, 13u, 14u); });
+    check("adamw", {x, y, z, second_moments}, [&](auto& o, bool m) {
+        adamw(o[0].at(m), o[1].at(m), o[2].at(m), o[3].at(m), n, 1e-3f, 0.9f, 0.999f, 1e-8f, 0.01f, 0.1f, 0.01f);
+    });
+    check("ema_update", {x, y}, [&](auto& o, bool m) { ema_update(o[0].at(m), o[1].at(m), n, 0.99f); });
+    return failures ? 1 : 0;
+}
