@@ -183,6 +183,7 @@ extern "C" __global__ void attention_backward_dkv(Shape s, int kind, i64 p0, i64
 #define FLASH_TILE 64
 #define FLASH_HD 64
 #define FLASH_PAD (FLASH_HD + 8)  // row stride in shared memory: staggers the banks
+#define FLASH_DKV_TILES 1024      // query tiles the dK/dV kernel sorts out before its loop (65,536 queries)
 
 #ifndef DID_EMULATE
 // D = A·B + D for one 16×8 tile, K = 16 (PTX ISA, "Matrix fragments for mma.m16n8k16"):
@@ -305,6 +306,12 @@ __device__ __forceinline__ void accumulate_times_tile(float (*acc)[4], const flo
             mma_bf16_16816(acc[d], a, b);
         }
     }
+}
+
+// Whether a row sees any key of [k0, k0 + 64).
+__device__ __forceinline__ bool reaches_tile(const Ranges& r, i64 k0) {
+    const i64 k1 = k0 + FLASH_TILE;
+    return (r.a0 < k1 && r.a1 > k0 && r.a1 > r.a0) || (r.b0 < k1 && r.b1 > k0 && r.b1 > r.b0);
 }
 
 // Whether keys [k0, k0 + 64) all lie in one of a row's ranges (and exist): then no score of the
@@ -523,6 +530,7 @@ extern "C" __global__ void attention_backward_flash_dkv(Shape s, int kind, i64 p
     __shared__ float lses[FLASH_TILE], deltas[FLASH_TILE];
     __shared__ int ranges[FLASH_TILE][4];
     __shared__ int visit, whole;
+    __shared__ unsigned char reached[FLASH_DKV_TILES];  // per query tile: does any row see this key tile?
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
     const i64 h = blockIdx.y % s.heads, b = blockIdx.y / s.heads;
     const i64 tile_k0 = (i64)blockIdx.x * FLASH_TILE, k0 = tile_k0 + warp * 16;
@@ -537,9 +545,23 @@ extern "C" __global__ void attention_backward_flash_dkv(Shape s, int kind, i64 p
     float dk_acc[8][4], dv_acc[8][4];
     for (int d = 0; d < 8; ++d) for (int e = 0; e < 4; ++e) { dk_acc[d][e] = 0.0f; dv_acc[d][e] = 0.0f; }
 
+    // Which query tiles see this key tile, all in one pass before the loop (a warp a query tile,
+    // a lane two rows): the loop then skips the others without its three barriers. Query tiles
+    // past FLASH_DKV_TILES are checked in the loop only.
     const i64 tiles = (s.q_len + FLASH_TILE - 1) / FLASH_TILE;
+    for (i64 tile = warp; tile < tiles && tile < FLASH_DKV_TILES; tile += blockDim.x >> 5) {
+        int any = 0;
+        for (int half = 0; half < 2; ++half) {
+            const i64 row = tile * FLASH_TILE + lane + 32 * half;
+            if (row < s.q_len && reaches_tile(key_ranges(kind, p0, p1, p2, window, row, s.kv_len), tile_k0)) any = 1;
+        }
+        for (int o = 16; o > 0; o >>= 1) any |= __shfl_xor_sync(0xffffffffu, any, o);
+        if (lane == 0) reached[tile] = (unsigned char)any;
+    }
+    __syncthreads();
     for (i64 tile = 0; tile < tiles; ++tile) {
         const i64 q0 = tile * FLASH_TILE;
+        if (tile < FLASH_DKV_TILES && !reached[tile]) continue;  // uniform: shared, written before the barrier
         __syncthreads();  // the previous tile's readers are done
         if (tid == 0) { visit = 0; whole = 1; }
         __syncthreads();
@@ -550,8 +572,7 @@ extern "C" __global__ void attention_backward_flash_dkv(Shape s, int kind, i64 p
             if (row < s.q_len) r = key_ranges(kind, p0, p1, p2, window, row, s.kv_len);
             ranges[tid][0] = (int)r.a0; ranges[tid][1] = (int)r.a1;
             ranges[tid][2] = (int)r.b0; ranges[tid][3] = (int)r.b1;
-            const i64 k1 = tile_k0 + FLASH_TILE;
-            if ((r.a0 < k1 && r.a1 > tile_k0 && r.a1 > r.a0) || (r.b0 < k1 && r.b1 > tile_k0 && r.b1 > r.b0)) visit = 1;
+            if (reaches_tile(r, tile_k0)) visit = 1;
             if (!sees_whole_tile(narrow(r), (int)tile_k0, (int)s.kv_len)) whole = 0;  // rows past the end see nothing
             i64 li = (b * s.heads + h) * s.q_len + row;
             lses[tid] = row < s.q_len ? lse[li] : neg_inf;
