@@ -128,10 +128,22 @@ extern "C" __global__ void softmax_cross_entropy(store_t* logits, const unsigned
     if (threadIdx.x == 0) st(losses, row, w * (logf(sum) - logf(e_target)));
     __syncthreads();
     float g = grad_scale * w / sum;
-    for (i64 c = threadIdx.x; c < vocab; c += blockDim.x) {
-        float p = (c == excluded) ? 0.0f : expf(ld(l, c) - m);
-        float grad = p * g;
-        if (c == target) grad -= grad_scale * w;
-        st(l, c, grad);
+    // Eight logits loaded before any gradient is stored over them: a store to the row could
+    // alias the next load as far as the compiler knows, so a one-at-a-time loop waits a memory
+    // latency per logit.
+    for (i64 c0 = threadIdx.x; c0 < vocab; c0 += 8 * (i64)blockDim.x) {
+        float xs[8];
+        for (int j = 0; j < 8; ++j) {
+            i64 c = c0 + j * (i64)blockDim.x;
+            xs[j] = c < vocab ? ld(l, c) : 0.0f;
+        }
+        for (int j = 0; j < 8; ++j) {
+            i64 c = c0 + j * (i64)blockDim.x;
+            if (c >= vocab) break;
+            float p = (c == excluded) ? 0.0f : expf(xs[j] - m);
+            float grad = p * g;
+            if (c == target) grad -= grad_scale * w;
+            st(l, c, grad);
+        }
     }
 }
