@@ -43,10 +43,16 @@ extern "C" __global__ void bias_add(store_t* x, const store_t* bias, i64 rows, i
 
 // Column sums in two deterministic passes: partial[chunk, c] = Σ over the
 // chunk's rows of a[r, c]·b[r, c] (b = 1 when null), then out[c] += Σ_chunk partial.
+// Grid z runs over groups (the sequences of a batch, for per-sequence sums): group g reads
+// rows·cols elements from g·rows·cols, writes its partials after g·chunks·cols, and adds into
+// out[g·cols ..]; the sums are those of one call per group.
 extern "C" __global__ void colsum_partial(const store_t* a, const store_t* b, float* partial, i64 rows, i64 cols, i64 rows_per_chunk) {
     i64 c = (i64)blockIdx.x * blockDim.x + threadIdx.x;
-    i64 chunk = blockIdx.y;
+    i64 chunk = blockIdx.y, group = blockIdx.z;
     if (c >= cols) return;
+    a += group * rows * cols;
+    if (b) b += group * rows * cols;
+    partial += group * gridDim.y * cols;
     i64 r0 = chunk * rows_per_chunk, r1 = min(rows, r0 + rows_per_chunk);
     float acc = 0.0f;
     for (i64 r = r0; r < r1; ++r) {
@@ -57,11 +63,12 @@ extern "C" __global__ void colsum_partial(const store_t* a, const store_t* b, fl
     partial[chunk * cols + c] = acc;
 }
 
-extern "C" __global__ void colsum_finish(const float* partial, i64 chunks, store_t* out, i64 cols) {
-    GRID_STRIDE(c, cols) {
+extern "C" __global__ void colsum_finish(const float* partial, i64 chunks, store_t* out, i64 cols, i64 groups) {
+    GRID_STRIDE(i, groups * cols) {
+        i64 g = i / cols, c = i % cols;
         float acc = 0.0f;
-        for (i64 k = 0; k < chunks; ++k) acc += partial[k * cols + c];
-        add_to(out, c, acc);
+        for (i64 k = 0; k < chunks; ++k) acc += partial[(g * chunks + k) * cols + c];
+        add_to(out, i, acc);
     }
 }
 

@@ -552,16 +552,19 @@ impl CudaBackend {
         Ok(p)
     }
 
-    /// `out[c] += Σ_rows a[r, c]·b[r, c]` (`b = 1` when absent) in a fixed order.
+    /// `out[g, c] += Σ_rows a[g, r, c]·b[g, r, c]` (`b = 1` when absent) in a fixed order, for
+    /// each of `groups` consecutive `[rows, cols]` blocks (per-sequence sums: one launch for the
+    /// batch instead of one per sequence).
     fn column_sums(
         &self,
         a: u64,
         b: u64,
         out: u64,
+        groups: usize,
         rows: usize,
         cols: usize,
     ) -> Result<(), CudaError> {
-        self.column_sums_with(rows, cols, out, |partial, chunk_rows, grid| {
+        self.column_sums_with(groups, rows, cols, out, |partial, chunk_rows, grid| {
             self.launch(
                 "colsum_partial",
                 grid,
@@ -578,31 +581,42 @@ impl CudaBackend {
         })
     }
 
-    /// The two passes of a column sum; `partial_pass` fills `[chunks, cols]` partials.
+    /// The two passes of a column sum; `partial_pass` fills `[groups, chunks, cols]` partials
+    /// (grid z over the groups).
     fn column_sums_with(
         &self,
+        groups: usize,
         rows: usize,
         cols: usize,
         out: u64,
         partial_pass: impl FnOnce(u64, usize, (u32, u32, u32)) -> Result<(), CudaError>,
     ) -> Result<(), CudaError> {
-        if rows == 0 || cols == 0 {
+        if groups == 0 || rows == 0 || cols == 0 {
             return Ok(());
         }
+        let groups_u32 = u32::try_from(groups)
+            .ok()
+            .filter(|&g| g <= 65_535)
+            .ok_or_else(|| {
+                CudaError::Shape(format!("column sums over {groups} groups: at most 65,535"))
+            })?;
         let chunk_rows = ROWS_PER_CHUNK.max(rows.div_ceil(65_535));
         let chunks = rows.div_ceil(chunk_rows);
-        let partial = self.stream.alloc_zeros::<f32>(chunks * cols)?;
+        // Every partial is written by the first pass: no zeroing needed.
+        // SAFETY: f32 has no invalid bit patterns; colsum_partial writes all groups × chunks × cols.
+        let partial = unsafe { self.stream.alloc::<f32>(groups * chunks * cols) }?;
         let (pp, _sync) = partial.device_ptr(&self.stream);
-        let grid = (cols.div_ceil(128) as u32, chunks as u32, 1);
+        let grid = (cols.div_ceil(128) as u32, chunks as u32, groups_u32);
         partial_pass(pp, chunk_rows, grid)?;
         self.launch_elements(
             "colsum_finish",
-            cols,
+            groups * cols,
             &[
                 Arg::Ptr(pp),
                 Arg::I64(chunks as i64),
                 Arg::Ptr(out),
                 Arg::I64(cols as i64),
+                Arg::I64(groups as i64),
             ],
         )
     }
@@ -932,7 +946,7 @@ impl Backend for CudaBackend {
     ) -> Result<(), CudaError> {
         let d = self.ptr(dy, rows * cols, "bias_backward dy")?;
         let out = self.ptr_mut(dbias, cols, "dbias")?;
-        self.column_sums(d, 0, out, rows, cols)
+        self.column_sums(d, 0, out, 1, rows, cols)
     }
 
     fn layernorm_forward(
@@ -1021,7 +1035,7 @@ impl Backend for CudaBackend {
                 Arg::F32(s.eps),
             ],
         )?;
-        self.column_sums_with(s.rows, s.cols, dwp, |partial, chunk_rows, grid| {
+        self.column_sums_with(1, s.rows, s.cols, dwp, |partial, chunk_rows, grid| {
             self.launch(
                 "layernorm_dweight_partial",
                 grid,
@@ -1091,18 +1105,7 @@ impl Backend for CudaBackend {
                 Arg::I64(n as i64),
             ],
         )?;
-        let es = self.precision.bytes() as u64;
-        for b in 0..batch as u64 {
-            let at = b * (tokens * channels) as u64 * es;
-            self.column_sums(
-                dp + at,
-                xp + at,
-                dsp + b * channels as u64 * es,
-                tokens,
-                channels,
-            )?;
-        }
-        Ok(())
+        self.column_sums(dp, xp, dsp, batch, tokens, channels)
     }
 
     fn gated_residual_forward(
@@ -1190,17 +1193,7 @@ impl Backend for CudaBackend {
         )?;
         if let Some(dgate) = dgate {
             let dgp = self.ptr_mut(dgate, batch * channels, "dgate")?;
-            let es = self.precision.bytes() as u64;
-            for b in 0..batch as u64 {
-                let at = b * (tokens * channels) as u64 * es;
-                self.column_sums(
-                    rp + at,
-                    yp + at,
-                    dgp + b * channels as u64 * es,
-                    tokens,
-                    channels,
-                )?;
-            }
+            self.column_sums(rp, yp, dgp, batch, tokens, channels)?;
         }
         Ok(())
     }

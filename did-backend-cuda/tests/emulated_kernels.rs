@@ -76,16 +76,17 @@ fn fused_forwards_and_chunked_rope_equal_the_kernels_they_replace_under_emulatio
 }
 
 #[test]
-fn chunked_elementwise_kernels_equal_their_plain_loops_under_emulation() {
+fn chunked_elementwise_kernels_and_batched_column_sums_equal_their_plain_forms_under_emulation() {
     for (defines, exe) in [
         (&[][..], "emulated_chunked_f32"),
         (&["-DSTORAGE_BF16"][..], "emulated_chunked_bf16"),
     ] {
         let report = build_and_run("chunked.cpp", defines, exe);
-        // One line per kernel of kernels::CHUNKED, gated and ungated residuals apart.
+        // One line per kernel of kernels::CHUNKED (gated and ungated residuals apart), and the
+        // column sums.
         assert_eq!(
             report.matches("ok   ").count(),
-            did_backend_cuda::kernels::CHUNKED.len() + 1,
+            did_backend_cuda::kernels::CHUNKED.len() + 2,
             "{report}"
         );
     }

@@ -1,7 +1,8 @@
 // The chunked elementwise kernels (kernels.rs, CHUNKED), run by the CPU emulation in emu.h on
 // 16-byte-aligned operands (the chunked loop) and on the same values one element further on
 // (every pointer misaligned: the plain loop): the results must be equal bit for bit, in the
-// storage precision this file is compiled for (STORAGE_BF16 or not).
+// storage precision this file is compiled for (STORAGE_BF16 or not). Per-sequence column sums
+// in one launch are held to the same against one launch a sequence.
 //
 // Built twice (f32 and bf16 storage) and run by tests/emulated_kernels.rs.
 #include <cstdio>
@@ -84,5 +85,27 @@ int main() {
         adamw(o[0].at(m), o[1].at(m), o[2].at(m), o[3].at(m), n, 1e-3f, 0.9f, 0.999f, 1e-8f, 0.01f, 0.1f, 0.01f);
     });
     check("ema_update", {x, y}, [&](auto& o, bool m) { ema_update(o[0].at(m), o[1].at(m), n, 0.99f); });
+
+    // Per-sequence column sums, every sequence in one launch (grid z) against one launch each.
+    {
+        const i64 chunk_rows = 3, chunks = (tokens + chunk_rows - 1) / chunk_rows;
+        std::vector<float> partial(seqs * chunks * channels);
+        auto grouped = per_seq.aligned, one_by_one = per_seq.aligned;
+        emu::launch(EmuDim3{1, (unsigned)chunks, (unsigned)seqs}, 64, [&] {
+            colsum_partial(x.aligned.data(), y.aligned.data(), partial.data(), tokens, channels, chunk_rows);
+        });
+        emu::launch(EmuDim3{2, 1, 1}, 32, [&] { colsum_finish(partial.data(), chunks, grouped.data(), channels, seqs); });
+        for (i64 g = 0; g < seqs; ++g) {
+            std::vector<float> part(chunks * channels);
+            emu::launch(EmuDim3{1, (unsigned)chunks, 1}, 64, [&] {
+                colsum_partial(x.aligned.data() + g * tokens * channels, y.aligned.data() + g * tokens * channels,
+                               part.data(), tokens, channels, chunk_rows);
+            });
+            emu::launch(EmuDim3{2, 1, 1}, 32, [&] { colsum_finish(part.data(), chunks, one_by_one.data() + g * channels, channels, 1); });
+        }
+        const bool same = std::memcmp(grouped.data(), one_by_one.data(), grouped.size() * sizeof(store_t)) == 0;
+        failures += !same;
+        std::printf("%s column sums of %lld sequences in one launch\n", same ? "ok  " : "FAIL", (long long)seqs);
+    }
     return failures ? 1 : 0;
 }

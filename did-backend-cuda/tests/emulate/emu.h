@@ -51,7 +51,7 @@ inline void warp_sync() { warp_barriers[warp()]->arrive_and_wait(); }
 /// Runs `kernel` over `grid` blocks of `threads` threads (a multiple of 32). The OS threads
 /// stay for the whole grid and take the blocks one after another, a barrier between blocks.
 inline void launch(EmuDim3 grid, unsigned threads, const std::function<void()>& kernel) {
-    gridDim = grid;
+    gridDim = EmuDim3{grid.x, grid.y, std::max(grid.z, 1u)};
     blockDim = EmuDim3{threads, 1, 1};
     const unsigned warps = threads / 32;
     block_barrier = std::make_unique<std::barrier<>>(threads);
@@ -63,11 +63,13 @@ inline void launch(EmuDim3 grid, unsigned threads, const std::function<void()>& 
     for (unsigned t = 0; t < threads; ++t) {
         pool.emplace_back([&, t] {
             threadIdx = EmuDim3{t, 0, 0};
-            for (unsigned by = 0; by < grid.y; ++by) {
-                for (unsigned bx = 0; bx < grid.x; ++bx) {
-                    blockIdx = EmuDim3{bx, by, 0};
-                    kernel();
-                    between_blocks.arrive_and_wait();
+            for (unsigned bz = 0; bz < std::max(grid.z, 1u); ++bz) {
+                for (unsigned by = 0; by < grid.y; ++by) {
+                    for (unsigned bx = 0; bx < grid.x; ++bx) {
+                        blockIdx = EmuDim3{bx, by, bz};
+                        kernel();
+                        between_blocks.arrive_and_wait();
+                    }
                 }
             }
         });
