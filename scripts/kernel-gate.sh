@@ -19,4 +19,6 @@ if [ ! -e "$lib/libnvrtc.so.13" ] || [ ! -x "$ptxas" ]; then
 fi
 # NVRTC loads libnvrtc-builtins from the library path.
 export LD_LIBRARY_PATH="$PWD/$lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-cargo run --locked --quiet -p did-backend-cuda --bin kernel_gate -- --ptxas "$ptxas" --arch 90 --out "$out"
+# KERNEL_GATE_KEEP=DIR keeps the cubins there (scripts/sass.sh).
+cargo run --locked --quiet -p did-backend-cuda --bin kernel_gate -- --ptxas "$ptxas" --arch 90 --out "$out" \
+    ${KERNEL_GATE_KEEP:+--keep "$KERNEL_GATE_KEEP"}

@@ -3,8 +3,9 @@
 //! `ptxas -v`, fails on any error, and writes the registers, shared memory and
 //! spills of every kernel to a markdown table. Needs NVRTC and ptxas, no GPU.
 //!
-//! `kernel-gate --ptxas PATH [--arch 90] [--out docs/gpu/kernels.md]`
-//! (`scripts/kernel-gate.sh` installs the pinned NVRTC and ptxas and runs it.)
+//! `kernel-gate --ptxas PATH [--arch 90] [--out docs/gpu/kernels.md] [--keep DIR]`
+//! (`scripts/kernel-gate.sh` installs the pinned NVRTC and ptxas and runs it; `--keep` leaves
+//! the cubins in DIR, as `scripts/sass.sh` does to print their machine code).
 
 use std::path::PathBuf;
 use std::process::{Command, ExitCode};
@@ -64,6 +65,7 @@ fn run() -> Result<(), String> {
     let mut ptxas = None;
     let mut arch = "90".to_string();
     let mut out = PathBuf::from("docs/gpu/kernels.md");
+    let mut keep: Option<PathBuf> = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut value = || args.next().ok_or(format!("{a} needs a value"));
@@ -71,22 +73,31 @@ fn run() -> Result<(), String> {
             "--ptxas" => ptxas = Some(PathBuf::from(value()?)),
             "--arch" => arch = value()?,
             "--out" => out = PathBuf::from(value()?),
-            other => return Err(format!("unknown argument {other}; usage: kernel-gate --ptxas PATH [--arch 90] [--out FILE]")),
+            "--keep" => keep = Some(PathBuf::from(value()?)),
+            other => return Err(format!("unknown argument {other}; usage: kernel-gate --ptxas PATH [--arch 90] [--out FILE] [--keep DIR]")),
         }
     }
     let ptxas = ptxas.ok_or("--ptxas PATH is required (scripts/kernel-gate.sh finds it)")?;
     let compute: &'static str = Box::leak(format!("compute_{arch}").into_boxed_str());
     let dir = std::env::temp_dir().join(format!("did-kernel-gate-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    if let Some(k) = &keep {
+        std::fs::create_dir_all(k).map_err(|e| format!("{}: {e}", k.display()))?;
+    }
     let mut rows = Vec::new();
     for (precision, pname) in [(Precision::F32, "f32"), (Precision::Bf16, "bf16")] {
         for (file, source) in SOURCES {
             let ptx = compile(precision, file, source, compute).map_err(|e| e.to_string())?;
             let path = dir.join(format!("{pname}-{file}.ptx"));
             std::fs::write(&path, ptx.to_src()).map_err(|e| format!("{}: {e}", path.display()))?;
+            // With --keep, every cubin stays (for cuobjdump -sass: scripts/sass.sh).
+            let cubin = match &keep {
+                Some(k) => k.join(format!("{pname}-{}.cubin", file.trim_end_matches(".cu"))),
+                None => dir.join("out.cubin"),
+            };
             let output = Command::new(&ptxas)
                 .args([format!("-arch=sm_{arch}").as_str(), "-v", "-o"])
-                .arg(dir.join("out.cubin"))
+                .arg(&cubin)
                 .arg(&path)
                 .output()
                 .map_err(|e| format!("could not run {}: {e}", ptxas.display()))?;
