@@ -2,6 +2,20 @@
 // cross-entropy (one block per row). Reductions go through block_sum, a fixed
 // order, so every result is deterministic.
 
+// A block of one warp takes a row of up to 32 · ROW_PER_LANE columns into registers (lane l holds
+// columns l, l + 32, …) with one round of loads, then works from there; the sums run in the same
+// order as the strided loops below with 32 threads, so the results are the same bits. Wider rows,
+// or more threads, take the strided loops.
+#define ROW_PER_LANE 32
+__device__ __forceinline__ bool row_in_registers(i64 cols) { return blockDim.x == 32 && cols <= 32 * ROW_PER_LANE; }
+__device__ __forceinline__ void load_row(const store_t* r, i64 cols, float* v) {
+    UNROLL
+    for (int j = 0; j < ROW_PER_LANE; ++j) {
+        const i64 c = threadIdx.x + 32 * j;
+        v[j] = c < cols ? ld(r, c) : 0.0f;
+    }
+}
+
 // With mod_out set, also the adaLN modulation of the stored output (the DiT's pre-norm, fused):
 // mod_out = out·(1 + scale[s]) + shift[s] for sequence s = row / tokens, as modulate_forward
 // computes it from `out`.
@@ -12,6 +26,33 @@ extern "C" __global__ void layernorm_forward(const store_t* x, const store_t* we
     i64 row = blockIdx.x;
     if (row >= rows) return;
     const store_t* xr = x + row * cols;
+    if (row_in_registers(cols)) {
+        float xv[ROW_PER_LANE];
+        load_row(xr, cols, xv);
+        float s = 0.0f;
+        UNROLL
+        for (int j = 0; j < ROW_PER_LANE; ++j) if (threadIdx.x + 32 * j < cols) s += xv[j];
+        float mu = block_sum(s, shared32) / (float)cols;
+        float v = 0.0f;
+        UNROLL
+        for (int j = 0; j < ROW_PER_LANE; ++j) if (threadIdx.x + 32 * j < cols) { float d = xv[j] - mu; v += d * d; }
+        float r = 1.0f / sqrtf(block_sum(v, shared32) / (float)cols + eps);
+        UNROLL
+        for (int j = 0; j < ROW_PER_LANE; ++j) {
+            const i64 c = threadIdx.x + 32 * j;
+            if (c >= cols) break;
+            float y = (xv[j] - mu) * r * ld(weight, c);
+            if (bias) y += ld(bias, c);
+            store_t stored = to_store(y);
+            out[row * cols + c] = stored;
+            if (mod_out) {
+                i64 k = (row / tokens) * cols + c;
+                st(mod_out, row * cols + c, ld(&stored, 0) * (1.0f + ld(scale, k)) + ld(shift, k));
+            }
+        }
+        if (threadIdx.x == 0) { st(mean, row, mu); st(rstd, row, r); }
+        return;
+    }
     float s = 0.0f;
     for (i64 c = threadIdx.x; c < cols; c += blockDim.x) s += ld(xr, c);
     float mu = block_sum(s, shared32) / (float)cols;
@@ -44,6 +85,39 @@ extern "C" __global__ void layernorm_backward_dx(const store_t* dout, const stor
     if (row >= rows) return;
     const store_t* xr = x + row * cols;
     const store_t* dr = dout + row * cols;
+    if (row_in_registers(cols)) {
+        float xv[ROW_PER_LANE], dn[ROW_PER_LANE];
+        load_row(xr, cols, xv);
+        load_row(dr, cols, dn);
+        float s = 0.0f;
+        UNROLL
+        for (int j = 0; j < ROW_PER_LANE; ++j) if (threadIdx.x + 32 * j < cols) s += xv[j];
+        float mu = block_sum(s, shared32) / (float)cols;
+        float v = 0.0f;
+        UNROLL
+        for (int j = 0; j < ROW_PER_LANE; ++j) if (threadIdx.x + 32 * j < cols) { float d = xv[j] - mu; v += d * d; }
+        float r = 1.0f / sqrtf(block_sum(v, shared32) / (float)cols + eps);
+        float a = 0.0f, b = 0.0f;
+        UNROLL
+        for (int j = 0; j < ROW_PER_LANE; ++j) {
+            const i64 c = threadIdx.x + 32 * j;
+            if (c >= cols) break;
+            dn[j] = dn[j] * ld(weight, c);  // dout · weight, kept for the last pass
+            a += dn[j];
+            b += dn[j] * ((xv[j] - mu) * r);
+        }
+        float mean_d = block_sum(a, shared32) / (float)cols;
+        float mean_dx = block_sum(b, shared32) / (float)cols;
+        UNROLL
+        for (int j = 0; j < ROW_PER_LANE; ++j) {
+            const i64 c = threadIdx.x + 32 * j;
+            if (c >= cols) break;
+            float xhat = (xv[j] - mu) * r;
+            add_to(dx, row * cols + c, r * (dn[j] - mean_d - xhat * mean_dx));
+        }
+        if (threadIdx.x == 0) { stats[2 * row] = mu; stats[2 * row + 1] = r; }
+        return;
+    }
     float s = 0.0f;
     for (i64 c = threadIdx.x; c < cols; c += blockDim.x) s += ld(xr, c);
     float mu = block_sum(s, shared32) / (float)cols;

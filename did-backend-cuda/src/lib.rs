@@ -1792,11 +1792,11 @@ fn grid_rows(rows: usize) -> Result<u32, CudaError> {
     u32::try_from(rows).map_err(|_| CudaError::Shape(format!("{rows} rows exceed one grid")))
 }
 
-/// Threads of a LayerNorm block (one row each): one warp up to 1,024 columns — its reductions are
-/// shuffles, and eight times as many rows are in flight as with THREADS (a 768-wide row took
-/// 167 µs a backward call on the H200 with 256 threads, three columns each) — else THREADS. The
-/// forward and the backward must agree: the backward recomputes the statistics in the forward's
-/// order.
+/// Threads of a LayerNorm block (one row each): one warp up to 1,024 columns, which holds the row
+/// in registers after one round of loads (kernels/norm.cu, `row_in_registers`) — the backward
+/// took 167 µs a call on the H200 with 256 threads making four dependent passes of three loads
+/// each — else THREADS. The forward and the backward must agree: the backward recomputes the
+/// statistics in the forward's order.
 fn norm_threads(cols: usize) -> u32 {
     if cols <= 1024 {
         32

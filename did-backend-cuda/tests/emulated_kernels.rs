@@ -71,7 +71,7 @@ fn fused_forwards_and_chunked_rope_equal_the_kernels_they_replace_under_emulatio
         (&["-DSTORAGE_BF16"][..], "emulated_fused_bf16"),
     ] {
         let report = build_and_run("fused.cpp", defines, exe);
-        assert_eq!(report.matches("ok   ").count(), 12, "{report}");
+        assert_eq!(report.matches("ok   ").count(), 16, "{report}");
     }
 }
 
@@ -89,6 +89,17 @@ fn chunked_elementwise_kernels_and_batched_column_sums_equal_their_plain_forms_u
             did_backend_cuda::kernels::CHUNKED.len() + 2,
             "{report}"
         );
+    }
+}
+
+#[test]
+fn layernorm_matches_its_f64_formulas_in_registers_and_strided_under_emulation() {
+    for (defines, exe) in [
+        (&[][..], "emulated_norm_f32"),
+        (&["-DSTORAGE_BF16"][..], "emulated_norm_bf16"),
+    ] {
+        let report = build_and_run("norm.cpp", defines, exe);
+        assert_eq!(report.matches("ok   ").count(), 5, "{report}");
     }
 }
 

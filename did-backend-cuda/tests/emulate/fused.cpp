@@ -38,23 +38,27 @@ int main() {
     const unsigned grid = 4, threads = 64;  // fewer threads than elements: the grid-stride loops wrap
     auto x = random(n), w = random(cols), b = random(cols), shift = random(seqs * cols), scale = random(seqs * cols);
 
-    // LayerNorm + modulation: one launch against LayerNorm then modulate_forward.
-    std::vector<store_t> ln_f(n), mean_f(rows), rstd_f(rows), h_f(n), ln_c(n), mean_c(rows), rstd_c(rows), h_c(n);
-    emu::launch(EmuDim3{(unsigned)rows, 1, 1}, threads, [&] {
-        layernorm_forward(x.data(), w.data(), b.data(), ln_f.data(), mean_f.data(), rstd_f.data(), rows, cols, 1e-5f,
-                          shift.data(), scale.data(), h_f.data(), tokens);
-    });
-    emu::launch(EmuDim3{(unsigned)rows, 1, 1}, threads, [&] {
-        layernorm_forward(x.data(), w.data(), b.data(), ln_c.data(), mean_c.data(), rstd_c.data(), rows, cols, 1e-5f,
-                          nullptr, nullptr, nullptr, 1);
-    });
-    emu::launch(EmuDim3{grid, 1, 1}, threads, [&] {
-        modulate_forward(ln_c.data(), shift.data(), scale.data(), h_c.data(), tokens, cols, n);
-    });
-    same("layernorm_forward + modulation: layernorm out", ln_f, ln_c);
-    same("layernorm_forward + modulation: mean", mean_f, mean_c);
-    same("layernorm_forward + modulation: rstd", rstd_f, rstd_c);
-    same("layernorm_forward + modulation: modulated", h_f, h_c);
+    // LayerNorm + modulation: one launch against LayerNorm then modulate_forward, with the rows
+    // in one warp's registers (32 threads) and strided (64).
+    for (unsigned ln_threads : {64u, 32u}) {
+        std::vector<store_t> ln_f(n), mean_f(rows), rstd_f(rows), h_f(n), ln_c(n), mean_c(rows), rstd_c(rows), h_c(n);
+        emu::launch(EmuDim3{(unsigned)rows, 1, 1}, ln_threads, [&] {
+            layernorm_forward(x.data(), w.data(), b.data(), ln_f.data(), mean_f.data(), rstd_f.data(), rows, cols, 1e-5f,
+                              shift.data(), scale.data(), h_f.data(), tokens);
+        });
+        emu::launch(EmuDim3{(unsigned)rows, 1, 1}, ln_threads, [&] {
+            layernorm_forward(x.data(), w.data(), b.data(), ln_c.data(), mean_c.data(), rstd_c.data(), rows, cols, 1e-5f,
+                              nullptr, nullptr, nullptr, 1);
+        });
+        emu::launch(EmuDim3{grid, 1, 1}, threads, [&] {
+            modulate_forward(ln_c.data(), shift.data(), scale.data(), h_c.data(), tokens, cols, n);
+        });
+        const bool warp = ln_threads == 32;
+        same(warp ? "layernorm_forward + modulation, one warp: layernorm out" : "layernorm_forward + modulation: layernorm out", ln_f, ln_c);
+        same(warp ? "layernorm_forward + modulation, one warp: mean" : "layernorm_forward + modulation: mean", mean_f, mean_c);
+        same(warp ? "layernorm_forward + modulation, one warp: rstd" : "layernorm_forward + modulation: rstd", rstd_f, rstd_c);
+        same(warp ? "layernorm_forward + modulation, one warp: modulated" : "layernorm_forward + modulation: modulated", h_f, h_c);
+    }
 
     // bias + GELU against bias_add then gelu_forward.
     auto pre_f = random(n4), bias4 = random(cols4);

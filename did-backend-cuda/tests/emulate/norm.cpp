@@ -1,0 +1,74 @@
+// LayerNorm forward and backward (kernels/norm.cu) under the CPU emulation of emu.h, against
+// the formulas in f64, for both of the kernels' ways through a row: in one warp's registers
+// (blocks of 32 threads, up to 1,024 columns) and the strided loops (wider rows, or more
+// threads). Built in both storage precisions by tests/emulated_kernels.rs.
+#include <cstdio>
+#include <random>
+
+#include "emu.h"
+#include "../../kernels/common.cuh"
+#include "../../kernels/norm.cu"
+
+int main() {
+    std::mt19937 rng(9);
+    std::normal_distribution<float> normal(0.0f, 1.0f);
+#ifdef STORAGE_BF16
+    const double tol = 2e-2;
+#else
+    const double tol = 2e-5;
+#endif
+    struct Case { const char* name; unsigned threads; i64 cols; };
+    const Case cases[] = {
+        {"one warp, 768 columns in registers", 32, 768},
+        {"one warp, 40 columns in registers", 32, 40},
+        {"one warp, 1,024 columns in registers", 32, 1024},
+        {"one warp, 1,100 columns strided", 32, 1100},
+        {"four warps, 768 columns strided", 128, 768},
+    };
+    int failures = 0;
+    for (const Case& k : cases) {
+        const i64 rows = 5, cols = k.cols, n = rows * cols;
+        std::vector<store_t> x(n), w(cols), b(cols), dout(n), out(n), mean(rows), rstd(rows), dx(n, to_store(0.5f));
+        std::vector<float> stats(2 * rows);
+        for (i64 i = 0; i < n; ++i) x[i] = to_store(3.0f + 2.0f * normal(rng));  // an offset mean, as residual streams have
+        for (auto& v : w) v = to_store(1.0f + 0.3f * normal(rng));
+        for (auto& v : b) v = to_store(0.3f * normal(rng));
+        for (auto& v : dout) v = to_store(normal(rng));
+        emu::launch(EmuDim3{(unsigned)rows, 1, 1}, k.threads, [&] {
+            layernorm_forward(x.data(), w.data(), b.data(), out.data(), mean.data(), rstd.data(), rows, cols, 1e-5f,
+                              nullptr, nullptr, nullptr, 1);
+        });
+        emu::launch(EmuDim3{(unsigned)rows, 1, 1}, k.threads, [&] {
+            layernorm_backward_dx(dout.data(), x.data(), w.data(), dx.data(), stats.data(), rows, cols, 1e-5f);
+        });
+        double worst_out = 0, worst_dx = 0, worst_stat = 0;
+        for (i64 r = 0; r < rows; ++r) {
+            double mu = 0, var = 0;
+            for (i64 c = 0; c < cols; ++c) mu += ld(x.data(), r * cols + c);
+            mu /= cols;
+            for (i64 c = 0; c < cols; ++c) { double d = ld(x.data(), r * cols + c) - mu; var += d * d; }
+            const double rs = 1.0 / std::sqrt(var / cols + 1e-5);
+            worst_stat = std::max({worst_stat, std::abs(stats[2 * r] - mu) / (1 + std::abs(mu)),
+                                   std::abs(stats[2 * r + 1] - rs) / rs, std::abs(ld(mean.data(), r) - mu) / (1 + std::abs(mu)),
+                                   std::abs(ld(rstd.data(), r) - rs) / rs});
+            double mean_d = 0, mean_dx = 0;
+            for (i64 c = 0; c < cols; ++c) {
+                const double xhat = (ld(x.data(), r * cols + c) - mu) * rs, dn = ld(dout.data(), r * cols + c) * ld(w.data(), c);
+                mean_d += dn / cols;
+                mean_dx += dn * xhat / cols;
+                const double want = xhat * ld(w.data(), c) + ld(b.data(), c);
+                worst_out = std::max(worst_out, std::abs(ld(out.data(), r * cols + c) - want) / (0.1 + std::abs(want)));
+            }
+            for (i64 c = 0; c < cols; ++c) {
+                const double xhat = (ld(x.data(), r * cols + c) - mu) * rs, dn = ld(dout.data(), r * cols + c) * ld(w.data(), c);
+                const double want = 0.5 + rs * (dn - mean_d - xhat * mean_dx);
+                worst_dx = std::max(worst_dx, std::abs(ld(dx.data(), r * cols + c) - want) / (0.1 + std::abs(want)));
+            }
+        }
+        const bool ok = worst_out <= tol && worst_dx <= tol && worst_stat <= tol;
+        failures += !ok;
+        std::printf("%s layernorm, %s: out %.1e, dx %.1e, statistics %.1e (tol %.0e)\n", ok ? "ok  " : "FAIL", k.name,
+                    worst_out, worst_dx, worst_stat, tol);
+    }
+    return failures ? 1 : 0;
+}
