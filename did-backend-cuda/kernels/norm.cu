@@ -175,6 +175,15 @@ extern "C" __global__ void rope(store_t* x, i64 batch, i64 tokens, i64 heads, i6
     }
 }
 
+// x[j] = row[c0 + j·step] for j < 8 (0 past n), all loads issued before any is used.
+__device__ __forceinline__ void load_eight(const store_t* row, i64 c0, i64 step, i64 n, float* x) {
+    UNROLL
+    for (int j = 0; j < 8; ++j) {
+        const i64 c = c0 + j * step;
+        x[j] = c < n ? ld(row, c) : 0.0f;
+    }
+}
+
 // For each row with weight ≠ 0: loss = w·(−log softmax[target]) and the row
 // becomes grad_scale·w·(softmax − onehot); the excluded class (−1: none) is
 // outside the softmax. Rows with weight 0 get loss 0 and gradient 0.
@@ -190,29 +199,40 @@ extern "C" __global__ void softmax_cross_entropy(store_t* logits, const unsigned
         if (threadIdx.x == 0) st(losses, row, 0.0f);
         return;
     }
+    // Every pass takes a thread's logits eight at a time (c0, c0 + blockDim, …), loaded together
+    // before they are used: a loop of one load per iteration waits a memory latency per logit,
+    // and the last pass stores over the row, which the compiler must assume could alias the
+    // next load. Within a thread the logits are visited in increasing order, as one by one.
     const float neg_inf = -__int_as_float(0x7f800000);
+    const i64 step = blockDim.x;
+    float xs[8];
     float m = neg_inf;
-    for (i64 c = threadIdx.x; c < vocab; c += blockDim.x) if (c != excluded) m = fmaxf(m, ld(l, c));
+    for (i64 c0 = threadIdx.x; c0 < vocab; c0 += 8 * step) {
+        load_eight(l, c0, step, vocab, xs);
+        for (int j = 0; j < 8; ++j) {
+            i64 c = c0 + j * step;
+            if (c < vocab && c != excluded) m = fmaxf(m, xs[j]);
+        }
+    }
     m = block_max(m, shared32);
     float s = 0.0f;
-    for (i64 c = threadIdx.x; c < vocab; c += blockDim.x) if (c != excluded) s += expf(ld(l, c) - m);
+    for (i64 c0 = threadIdx.x; c0 < vocab; c0 += 8 * step) {
+        load_eight(l, c0, step, vocab, xs);
+        for (int j = 0; j < 8; ++j) {
+            i64 c = c0 + j * step;
+            if (c < vocab && c != excluded) s += expf(xs[j] - m);
+        }
+    }
     float sum = block_sum(s, shared32);
     i64 target = targets[row];
     float e_target = (target == excluded) ? 0.0f : expf(ld(l, target) - m);
     if (threadIdx.x == 0) st(losses, row, w * (logf(sum) - logf(e_target)));
     __syncthreads();
     float g = grad_scale * w / sum;
-    // Eight logits loaded before any gradient is stored over them: a store to the row could
-    // alias the next load as far as the compiler knows, so a one-at-a-time loop waits a memory
-    // latency per logit.
-    for (i64 c0 = threadIdx.x; c0 < vocab; c0 += 8 * (i64)blockDim.x) {
-        float xs[8];
+    for (i64 c0 = threadIdx.x; c0 < vocab; c0 += 8 * step) {
+        load_eight(l, c0, step, vocab, xs);
         for (int j = 0; j < 8; ++j) {
-            i64 c = c0 + j * (i64)blockDim.x;
-            xs[j] = c < vocab ? ld(l, c) : 0.0f;
-        }
-        for (int j = 0; j < 8; ++j) {
-            i64 c = c0 + j * (i64)blockDim.x;
+            i64 c = c0 + j * step;
             if (c >= vocab) break;
             float p = (c == excluded) ? 0.0f : expf(xs[j] - m);
             float grad = p * g;
