@@ -34,6 +34,17 @@ __device__ __forceinline__ store_t to_store(float x) { return x; }
 __device__ __forceinline__ void st(store_t* p, i64 i, float x) { p[i] = to_store(x); }
 __device__ __forceinline__ void add_to(store_t* p, i64 i, float x) { p[i] = to_store(ld(p, i) + x); }
 
+// x[j] = row[c0 + j·step] for j < 8 (0 past n), all loads issued before any is used: a loop of
+// one load per iteration waits a memory latency per element (its SASS has a single LDG), and a
+// loop that also stores must assume the store could alias the next load.
+__device__ __forceinline__ void load_eight(const store_t* row, i64 c0, i64 step, i64 n, float* x) {
+    UNROLL
+    for (int j = 0; j < 8; ++j) {
+        const i64 c = c0 + j * step;
+        x[j] = c < n ? ld(row, c) : 0.0f;
+    }
+}
+
 #define GRID_STRIDE(i, n) for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (i64)blockDim.x * gridDim.x)
 
 // Chunks of VEC elements (16 bytes: 8 bf16 or 4 f32) for the elementwise kernels: one 16-byte

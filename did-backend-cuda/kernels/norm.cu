@@ -175,15 +175,6 @@ extern "C" __global__ void rope(store_t* x, i64 batch, i64 tokens, i64 heads, i6
     }
 }
 
-// x[j] = row[c0 + j·step] for j < 8 (0 past n), all loads issued before any is used.
-__device__ __forceinline__ void load_eight(const store_t* row, i64 c0, i64 step, i64 n, float* x) {
-    UNROLL
-    for (int j = 0; j < 8; ++j) {
-        const i64 c = c0 + j * step;
-        x[j] = c < n ? ld(row, c) : 0.0f;
-    }
-}
-
 // For each row with weight ≠ 0: loss = w·(−log softmax[target]) and the row
 // becomes grad_scale·w·(softmax − onehot); the excluded class (−1: none) is
 // outside the softmax. Rows with weight 0 get loss 0 and gradient 0.

@@ -129,9 +129,14 @@ extern "C" __global__ void __launch_bounds__(DRAW_THREADS) draw_tokens(
 
     // SUBS softmax: [MASK] and non-finite logits get probability 0.
     float m = -__int_as_float(0x7f800000);
-    for (i64 v = tid; v < vocab; v += step) {
-        float xv = ld(x, v);
-        if (v != mask_id && finite_logit(xv)) m = fmaxf(m, xv);
+    for (i64 v0 = tid; v0 < vocab; v0 += 8 * step) {
+        float xs[8];
+        load_eight(x, v0, step, vocab, xs);
+        for (int j = 0; j < 8 && v0 + j * step < vocab; ++j) {
+            const i64 v = v0 + j * step;
+            float xv = xs[j];
+            if (v != mask_id && finite_logit(xv)) m = fmaxf(m, xv);
+        }
     }
     m = block_max(m, shared_f);
     if (!finite_logit(m)) {
@@ -141,9 +146,14 @@ extern "C" __global__ void __launch_bounds__(DRAW_THREADS) draw_tokens(
     }
     const double max_logit = (double)m;
     double sum = 0.0;
-    for (i64 v = tid; v < vocab; v += step) {
-        float xv = ld(x, v);
-        if (v != mask_id && finite_logit(xv)) sum += exp((double)xv - max_logit);
+    for (i64 v0 = tid; v0 < vocab; v0 += 8 * step) {
+        float xs[8];
+        load_eight(x, v0, step, vocab, xs);
+        for (int j = 0; j < 8 && v0 + j * step < vocab; ++j) {
+            const i64 v = v0 + j * step;
+            float xv = xs[j];
+            if (v != mask_id && finite_logit(xv)) sum += exp((double)xv - max_logit);
+        }
     }
     const double inv = 1.0 / block_sum_f64(sum, shared_d);
     // The probability of v, or 0 for a token that takes no part.
@@ -163,15 +173,20 @@ extern "C" __global__ void __launch_bounds__(DRAW_THREADS) draw_tokens(
             const int buckets = 1 << width, per_segment = buckets / SEGMENTS;
             for (int b = tid; b < BUCKETS; b += step) { count[b] = 0; mass[b] = 0; }
             __syncthreads();
-            for (i64 v = tid; v < vocab; v += step) {
-                float xv = ld(x, v);
-                u64 key = rank_key(xv, (unsigned)v);
-                if (low < 64 && (key >> low) != prefix) continue;
-                double p = PROB(v, xv);
-                if (p > 0.0) {
-                    int d = (int)((key >> shift) & (u64)(buckets - 1));
-                    atomicAdd(&count[d], 1u);
-                    atomicAdd(&mass[d], to_fixed(p));
+            for (i64 v0 = tid; v0 < vocab; v0 += 8 * step) {
+                float xs[8];
+                load_eight(x, v0, step, vocab, xs);
+                for (int j = 0; j < 8 && v0 + j * step < vocab; ++j) {
+                    const i64 v = v0 + j * step;
+                    float xv = xs[j];
+                    u64 key = rank_key(xv, (unsigned)v);
+                    if (low < 64 && (key >> low) != prefix) continue;
+                    double p = PROB(v, xv);
+                    if (p > 0.0) {
+                        int d = (int)((key >> shift) & (u64)(buckets - 1));
+                        atomicAdd(&count[d], 1u);
+                        atomicAdd(&mass[d], to_fixed(p));
+                    }
                 }
             }
             __syncthreads();
@@ -223,10 +238,15 @@ extern "C" __global__ void __launch_bounds__(DRAW_THREADS) draw_tokens(
             if (low > 0) {
                 if (tid == 0) found_key = 0;
                 __syncthreads();
-                for (i64 v = tid; v < vocab; v += step) {
-                    float xv = ld(x, v);
-                    u64 key = rank_key(xv, (unsigned)v);
-                    if ((key >> low) == prefix && PROB(v, xv) > 0.0) found_key = key;
+                for (i64 v0 = tid; v0 < vocab; v0 += 8 * step) {
+                    float xs[8];
+                    load_eight(x, v0, step, vocab, xs);
+                    for (int j = 0; j < 8 && v0 + j * step < vocab; ++j) {
+                        const i64 v = v0 + j * step;
+                        float xv = xs[j];
+                        u64 key = rank_key(xv, (unsigned)v);
+                        if ((key >> low) == prefix && PROB(v, xv) > 0.0) found_key = key;
+                    }
                 }
                 __syncthreads();
                 key_c = found_key;
@@ -242,12 +262,17 @@ extern "C" __global__ void __launch_bounds__(DRAW_THREADS) draw_tokens(
             // The host ranks by probability: two logits a hair apart may tie there, and a tie
             // across the cut goes by id. Such rows go to the host.
             u64 above = ~0ull, below = 0;
-            for (i64 v = tid; v < vocab; v += step) {
-                float xv = ld(x, v);
-                if (!(PROB(v, xv) > 0.0)) continue;
-                u64 key = rank_key(xv, (unsigned)v);
-                if (key > key_c && key < above) above = key;
-                if (key < key_c && key > below) below = key;
+            for (i64 v0 = tid; v0 < vocab; v0 += 8 * step) {
+                float xs[8];
+                load_eight(x, v0, step, vocab, xs);
+                for (int j = 0; j < 8 && v0 + j * step < vocab; ++j) {
+                    const i64 v = v0 + j * step;
+                    float xv = xs[j];
+                    if (!(PROB(v, xv) > 0.0)) continue;
+                    u64 key = rank_key(xv, (unsigned)v);
+                    if (key > key_c && key < above) above = key;
+                    if (key < key_c && key > below) below = key;
+                }
             }
             above = block_extreme_u64(above, 0, shared_k);
             below = block_extreme_u64(below, 1, shared_k);
@@ -268,18 +293,23 @@ extern "C" __global__ void __launch_bounds__(DRAW_THREADS) draw_tokens(
     race.id = 0xffffffffu;
     race.second = -1.0;
     double kept = 0.0;
-    for (i64 v = tid; v < vocab; v += step) {
-        float xv = ld(x, v);
-        double p = PROB(v, xv);
-        if (!(p > 0.0) || rank_key(xv, (unsigned)v) < threshold) continue;
-        kept += p;
-        double score = p / -log(stream_uniform(spec, (unsigned)v));
-        if (ahead(score, (unsigned)v, race.best, race.id)) {
-            race.second = race.best;
-            race.best = score;
-            race.id = (unsigned)v;
-        } else {
-            race.second = fmax(race.second, score);
+    for (i64 v0 = tid; v0 < vocab; v0 += 8 * step) {
+        float xs[8];
+        load_eight(x, v0, step, vocab, xs);
+        for (int j = 0; j < 8 && v0 + j * step < vocab; ++j) {
+            const i64 v = v0 + j * step;
+            float xv = xs[j];
+            double p = PROB(v, xv);
+            if (!(p > 0.0) || rank_key(xv, (unsigned)v) < threshold) continue;
+            kept += p;
+            double score = p / -log(stream_uniform(spec, (unsigned)v));
+            if (ahead(score, (unsigned)v, race.best, race.id)) {
+                race.second = race.best;
+                race.best = score;
+                race.id = (unsigned)v;
+            } else {
+                race.second = fmax(race.second, score);
+            }
         }
     }
     kept = block_sum_f64(kept, shared_d);
