@@ -108,7 +108,7 @@ __device__ Race block_race(Race x, double* shared_best, unsigned* shared_id, dou
 // One row per block of DRAW_THREADS threads. `specs` holds five words a row: the stream's key
 // (two words), step and tag, and the stream row. Writes `ids[2r] = token, ids[2r + 1] =
 // certain` and `confidence[3r..] = nucleus, raw, max`.
-extern "C" __global__ void __launch_bounds__(DRAW_THREADS) draw_tokens(
+extern "C" __global__ void __launch_bounds__(DRAW_THREADS, 1) draw_tokens(
     const store_t* logits, i64 vocab, i64 mask_id, const unsigned* specs, double top_p, int smallest_cover,
     unsigned* ids, double* confidence) {
     __shared__ unsigned count[BUCKETS];
@@ -132,8 +132,9 @@ extern "C" __global__ void __launch_bounds__(DRAW_THREADS) draw_tokens(
     for (i64 v0 = tid; v0 < vocab; v0 += 8 * step) {
         float xs[8];
         load_eight(x, v0, step, vocab, xs);
-        for (int j = 0; j < 8 && v0 + j * step < vocab; ++j) {
+        for (int j = 0; j < 8; ++j) {
             const i64 v = v0 + j * step;
+            if (v >= vocab) break;
             float xv = xs[j];
             if (v != mask_id && finite_logit(xv)) m = fmaxf(m, xv);
         }
@@ -149,8 +150,9 @@ extern "C" __global__ void __launch_bounds__(DRAW_THREADS) draw_tokens(
     for (i64 v0 = tid; v0 < vocab; v0 += 8 * step) {
         float xs[8];
         load_eight(x, v0, step, vocab, xs);
-        for (int j = 0; j < 8 && v0 + j * step < vocab; ++j) {
+        for (int j = 0; j < 8; ++j) {
             const i64 v = v0 + j * step;
+            if (v >= vocab) break;
             float xv = xs[j];
             if (v != mask_id && finite_logit(xv)) sum += exp((double)xv - max_logit);
         }
@@ -176,8 +178,9 @@ extern "C" __global__ void __launch_bounds__(DRAW_THREADS) draw_tokens(
             for (i64 v0 = tid; v0 < vocab; v0 += 8 * step) {
                 float xs[8];
                 load_eight(x, v0, step, vocab, xs);
-                for (int j = 0; j < 8 && v0 + j * step < vocab; ++j) {
+                for (int j = 0; j < 8; ++j) {
                     const i64 v = v0 + j * step;
+                    if (v >= vocab) break;
                     float xv = xs[j];
                     u64 key = rank_key(xv, (unsigned)v);
                     if (low < 64 && (key >> low) != prefix) continue;
@@ -241,8 +244,9 @@ extern "C" __global__ void __launch_bounds__(DRAW_THREADS) draw_tokens(
                 for (i64 v0 = tid; v0 < vocab; v0 += 8 * step) {
                     float xs[8];
                     load_eight(x, v0, step, vocab, xs);
-                    for (int j = 0; j < 8 && v0 + j * step < vocab; ++j) {
+                    for (int j = 0; j < 8; ++j) {
                         const i64 v = v0 + j * step;
+                        if (v >= vocab) break;
                         float xv = xs[j];
                         u64 key = rank_key(xv, (unsigned)v);
                         if ((key >> low) == prefix && PROB(v, xv) > 0.0) found_key = key;
@@ -265,8 +269,9 @@ extern "C" __global__ void __launch_bounds__(DRAW_THREADS) draw_tokens(
             for (i64 v0 = tid; v0 < vocab; v0 += 8 * step) {
                 float xs[8];
                 load_eight(x, v0, step, vocab, xs);
-                for (int j = 0; j < 8 && v0 + j * step < vocab; ++j) {
+                for (int j = 0; j < 8; ++j) {
                     const i64 v = v0 + j * step;
+                    if (v >= vocab) break;
                     float xv = xs[j];
                     if (!(PROB(v, xv) > 0.0)) continue;
                     u64 key = rank_key(xv, (unsigned)v);
@@ -296,8 +301,9 @@ extern "C" __global__ void __launch_bounds__(DRAW_THREADS) draw_tokens(
     for (i64 v0 = tid; v0 < vocab; v0 += 8 * step) {
         float xs[8];
         load_eight(x, v0, step, vocab, xs);
-        for (int j = 0; j < 8 && v0 + j * step < vocab; ++j) {
+        for (int j = 0; j < 8; ++j) {
             const i64 v = v0 + j * step;
+            if (v >= vocab) break;
             float xv = xs[j];
             double p = PROB(v, xv);
             if (!(p > 0.0) || rank_key(xv, (unsigned)v) < threshold) continue;
