@@ -274,6 +274,15 @@ extern "C" __global__ void dropout(store_t* x, i64 n, float p, float keep_scale,
 }
 
 extern "C" __global__ void scale(store_t* x, i64 n, float factor) {
+    if (aligned16(x) && n % VEC == 0) {
+        CHUNK_STRIDE(i, n) {
+            float a[VEC];
+            ld_chunk(x, i, a);
+            for (int k = 0; k < VEC; ++k) a[k] = a[k] * factor;
+            st_chunk(x, i, a);
+        }
+        return;
+    }
     GRID_STRIDE(i, n) st(x, i, ld(x, i) * factor);
 }
 
@@ -330,7 +339,17 @@ extern "C" __global__ void ema_update(store_t* ema, const store_t* params, i64 n
 extern "C" __global__ void sum_partial(const store_t* x, i64 n, int squares, double* partial) {
     __shared__ double shared[256];
     double acc = 0.0;
-    GRID_STRIDE(i, n) { double v = (double)ld(x, i); acc += squares ? v * v : v; }
+    if (aligned16(x) && n % VEC == 0) {
+        // A chunk a load: over a whole parameter vector, a thread of this fixed grid makes
+        // thousands of iterations, each waiting its load when it is one element.
+        CHUNK_STRIDE(i, n) {
+            float a[VEC];
+            ld_chunk(x, i, a);
+            for (int k = 0; k < VEC; ++k) { double v = (double)a[k]; acc += squares ? v * v : v; }
+        }
+    } else {
+        GRID_STRIDE(i, n) { double v = (double)ld(x, i); acc += squares ? v * v : v; }
+    }
     shared[threadIdx.x] = acc;
     __syncthreads();
     for (int s = blockDim.x / 2; s > 0; s >>= 1) {

@@ -70,8 +70,9 @@ pub const KERNELS: [(&str, &[&str]); 4] = [
 
 /// The elementwise kernels that move 16-byte chunks (`CHUNK_STRIDE` in common.cuh) where their
 /// pointers and extents allow: the backend launches `n / chunk` threads for them, not `n`.
-pub const CHUNKED: [&str; 12] = [
+pub const CHUNKED: [&str; 13] = [
     "fill",
+    "scale",
     "bias_add",
     "modulate_forward",
     "modulate_backward_dx",

@@ -82,11 +82,11 @@ fn chunked_elementwise_kernels_and_batched_column_sums_equal_their_plain_forms_u
         (&["-DSTORAGE_BF16"][..], "emulated_chunked_bf16"),
     ] {
         let report = build_and_run("chunked.cpp", defines, exe);
-        // One line per kernel of kernels::CHUNKED (gated and ungated residuals apart), and the
-        // column sums.
+        // One line per kernel of kernels::CHUNKED (gated and ungated residuals apart), the sum
+        // of squares and the column sums.
         assert_eq!(
             report.matches("ok   ").count(),
-            did_backend_cuda::kernels::CHUNKED.len() + 2,
+            did_backend_cuda::kernels::CHUNKED.len() + 3,
             "{report}"
         );
     }

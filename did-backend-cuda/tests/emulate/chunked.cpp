@@ -85,6 +85,21 @@ int main() {
         adamw(o[0].at(m), o[1].at(m), o[2].at(m), o[3].at(m), n, 1e-3f, 0.9f, 0.999f, 1e-8f, 0.01f, 0.1f, 0.01f);
     });
     check("ema_update", {x, y}, [&](auto& o, bool m) { ema_update(o[0].at(m), o[1].at(m), n, 0.99f); });
+    check("scale", {x}, [&](auto& o, bool m) { scale(o[0].at(m), n, 0.3f); });
+
+    // Σ x² a chunk a load (another order than one element a load: equal to f64 rounding).
+    {
+        Operand xs = x;
+        double sums[2];
+        for (int m = 0; m < 2; ++m) {
+            std::vector<double> partial(3);
+            emu::launch(EmuDim3{3, 1, 1}, 64, [&] { sum_partial(xs.at(m == 1), n, 1, partial.data()); });
+            sums[m] = partial[0] + partial[1] + partial[2];
+        }
+        const bool close = std::abs(sums[0] - sums[1]) <= 1e-12 * sums[1];
+        failures += !close;
+        std::printf("%s sum_partial of squares, chunked and plain: %.17g, %.17g\n", close ? "ok  " : "FAIL", sums[0], sums[1]);
+    }
 
     // Per-sequence column sums, every sequence in one launch (grid z) against one launch each.
     {
