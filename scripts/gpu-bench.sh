@@ -101,7 +101,7 @@ done
 echo "== did: where the time goes (per-op profile, every op synchronized)"
 if [ -x "$bundle/examples/profile_ops" ]; then
     BACKEND=$backend PRECISION=$prec PRESET=$preset BATCH=$batch STEPS=2 \
-        SAMPLE_BATCHES="${SAMPLE_BATCHES:-1 64}" SAMPLE_LENGTH=${PROFILE_SAMPLE_LENGTH:-128} \
+        SAMPLE_BATCHES="${SAMPLE_BATCHES:-1 64}" SAMPLE_LENGTH=${PROFILE_SAMPLE_LENGTH:-256} \
         timeout "${PROFILE_LIMIT:-120}" "$bundle/examples/profile_ops" "$out/gpu-profile.md" >>"$work/log" 2>&1 ||
         echo "profile_ops failed or ran out of time (see gpu-bench.log)"
 fi
