@@ -389,9 +389,11 @@ impl Transformer {
             be.bias_add(whole_mut(&mut a.qkv), at(p, b), n, 3 * c)?;
         }
         if cfg.architecture == Architecture::Dit {
-            let rope = self.rope_shape(geo, 3 * c);
+            // Queries and keys are adjacent in a fused qkv row: one rotation over both, as
+            // twice the heads (one launch instead of two).
+            let mut rope = self.rope_shape(geo, 3 * c);
+            rope.heads *= 2;
             be.rope_forward(&rope, at_mut(&mut a.qkv, 0))?;
-            be.rope_forward(&rope, at_mut(&mut a.qkv, c))?;
         }
         let mut shape = self.fused_qkv_attention(geo);
         match kv {
