@@ -46,21 +46,44 @@ extern "C" __global__ void bias_add(store_t* x, const store_t* bias, i64 rows, i
 // Grid z runs over groups (the sequences of a batch, for per-sequence sums): group g reads
 // rows·cols elements from g·rows·cols, writes its partials after g·chunks·cols, and adds into
 // out[g·cols ..]; the sums are those of one call per group.
-extern "C" __global__ void colsum_partial(const store_t* a, const store_t* b, float* partial, i64 rows, i64 cols, i64 rows_per_chunk) {
-    i64 c = (i64)blockIdx.x * blockDim.x + threadIdx.x;
-    i64 chunk = blockIdx.y, group = blockIdx.z;
-    if (c >= cols) return;
+//
+// A block of COLSUM_THREADS is 32 columns × 8 row slices: slice s sums the chunk's rows
+// s, s + 8, … (eight loads in flight at a time), then slice 0 adds the eight slices in order.
+// (One thread a column walking the chunk, with `cols` threads summing all the partials after,
+// left most of the GPU idle: ≈ 45 µs a 16,384 × 768 bias gradient on the H200.)
+#define COLSUM_SLICES 8
+extern "C" __global__ void __launch_bounds__(32 * COLSUM_SLICES) colsum_partial(const store_t* a, const store_t* b, float* partial, i64 rows, i64 cols, i64 rows_per_chunk) {
+    __shared__ float slices[COLSUM_SLICES][32];
+    const int lane = threadIdx.x & 31, slice = threadIdx.x >> 5;
+    const i64 c = (i64)blockIdx.x * 32 + lane;
+    const i64 chunk = blockIdx.y, group = blockIdx.z;
     a += group * rows * cols;
     if (b) b += group * rows * cols;
     partial += group * gridDim.y * cols;
-    i64 r0 = chunk * rows_per_chunk, r1 = min(rows, r0 + rows_per_chunk);
+    const i64 r0 = chunk * rows_per_chunk, r1 = min(rows, r0 + rows_per_chunk);
     float acc = 0.0f;
-    for (i64 r = r0; r < r1; ++r) {
-        float v = ld(a, r * cols + c);
-        if (b) v *= ld(b, r * cols + c);
-        acc += v;
+    if (c < cols) {
+        for (i64 r = r0 + slice; r < r1; r += 8 * COLSUM_SLICES) {
+            float va[8], vb[8];
+            UNROLL
+            for (int k = 0; k < 8; ++k) {
+                const i64 rk = r + k * COLSUM_SLICES;
+                va[k] = rk < r1 ? ld(a, rk * cols + c) : 0.0f;
+                vb[k] = rk < r1 && b ? ld(b, rk * cols + c) : 1.0f;
+            }
+            for (int k = 0; k < 8; ++k) {
+                if (r + k * COLSUM_SLICES >= r1) break;
+                acc += b ? va[k] * vb[k] : va[k];
+            }
+        }
     }
-    partial[chunk * cols + c] = acc;
+    slices[slice][lane] = acc;
+    __syncthreads();
+    if (slice == 0 && c < cols) {
+        float sum = 0.0f;
+        for (int k = 0; k < COLSUM_SLICES; ++k) sum += slices[k][lane];
+        partial[chunk * cols + c] = sum;
+    }
 }
 
 extern "C" __global__ void colsum_finish(const float* partial, i64 chunks, store_t* out, i64 cols, i64 groups) {

@@ -564,31 +564,44 @@ impl CudaBackend {
         rows: usize,
         cols: usize,
     ) -> Result<(), CudaError> {
-        self.column_sums_with(groups, rows, cols, out, |partial, chunk_rows, grid| {
-            self.launch(
-                "colsum_partial",
-                grid,
-                128,
-                &[
-                    Arg::Ptr(a),
-                    Arg::Ptr(b),
-                    Arg::Ptr(partial),
-                    Arg::I64(rows as i64),
-                    Arg::I64(cols as i64),
-                    Arg::I64(chunk_rows as i64),
-                ],
-            )
-        })
+        // 32 columns × 8 row slices a block (kernels/elementwise.cu), 512 rows a chunk.
+        let shape = ChunkShape {
+            min_rows: 512,
+            cols_per_block: 32,
+        };
+        self.column_sums_with(
+            groups,
+            rows,
+            cols,
+            out,
+            shape,
+            |partial, chunk_rows, grid| {
+                self.launch(
+                    "colsum_partial",
+                    grid,
+                    256,
+                    &[
+                        Arg::Ptr(a),
+                        Arg::Ptr(b),
+                        Arg::Ptr(partial),
+                        Arg::I64(rows as i64),
+                        Arg::I64(cols as i64),
+                        Arg::I64(chunk_rows as i64),
+                    ],
+                )
+            },
+        )
     }
 
     /// The two passes of a column sum; `partial_pass` fills `[groups, chunks, cols]` partials
-    /// (grid z over the groups).
+    /// (grid z over the groups, chunks of at least `shape.min_rows` rows).
     fn column_sums_with(
         &self,
         groups: usize,
         rows: usize,
         cols: usize,
         out: u64,
+        shape: ChunkShape,
         partial_pass: impl FnOnce(u64, usize, (u32, u32, u32)) -> Result<(), CudaError>,
     ) -> Result<(), CudaError> {
         if groups == 0 || rows == 0 || cols == 0 {
@@ -600,13 +613,17 @@ impl CudaBackend {
             .ok_or_else(|| {
                 CudaError::Shape(format!("column sums over {groups} groups: at most 65,535"))
             })?;
-        let chunk_rows = ROWS_PER_CHUNK.max(rows.div_ceil(65_535));
+        let chunk_rows = shape.min_rows.max(rows.div_ceil(65_535));
         let chunks = rows.div_ceil(chunk_rows);
         // Every partial is written by the first pass: no zeroing needed.
         // SAFETY: f32 has no invalid bit patterns; colsum_partial writes all groups × chunks × cols.
         let partial = unsafe { self.stream.alloc::<f32>(groups * chunks * cols) }?;
         let (pp, _sync) = partial.device_ptr(&self.stream);
-        let grid = (cols.div_ceil(128) as u32, chunks as u32, groups_u32);
+        let grid = (
+            cols.div_ceil(shape.cols_per_block) as u32,
+            chunks as u32,
+            groups_u32,
+        );
         partial_pass(pp, chunk_rows, grid)?;
         self.launch_elements(
             "colsum_finish",
@@ -1035,22 +1052,33 @@ impl Backend for CudaBackend {
                 Arg::F32(s.eps),
             ],
         )?;
-        self.column_sums_with(1, s.rows, s.cols, dwp, |partial, chunk_rows, grid| {
-            self.launch(
-                "layernorm_dweight_partial",
-                grid,
-                128,
-                &[
-                    Arg::Ptr(dp),
-                    Arg::Ptr(xp),
-                    Arg::Ptr(sp),
-                    Arg::Ptr(partial),
-                    Arg::I64(rows),
-                    Arg::I64(cols),
-                    Arg::I64(chunk_rows as i64),
-                ],
-            )
-        })
+        let shape = ChunkShape {
+            min_rows: ROWS_PER_CHUNK,
+            cols_per_block: 128,
+        };
+        self.column_sums_with(
+            1,
+            s.rows,
+            s.cols,
+            dwp,
+            shape,
+            |partial, chunk_rows, grid| {
+                self.launch(
+                    "layernorm_dweight_partial",
+                    grid,
+                    128,
+                    &[
+                        Arg::Ptr(dp),
+                        Arg::Ptr(xp),
+                        Arg::Ptr(sp),
+                        Arg::Ptr(partial),
+                        Arg::I64(rows),
+                        Arg::I64(cols),
+                        Arg::I64(chunk_rows as i64),
+                    ],
+                )
+            },
+        )
     }
 
     fn modulate_forward(
@@ -1790,6 +1818,13 @@ fn element_bytes(buf: &CudaBuffer) -> usize {
 
 fn grid_rows(rows: usize) -> Result<u32, CudaError> {
     u32::try_from(rows).map_err(|_| CudaError::Shape(format!("{rows} rows exceed one grid")))
+}
+
+/// How a column sum's first pass tiles its input: rows a chunk (at least), columns a block.
+#[derive(Clone, Copy)]
+struct ChunkShape {
+    min_rows: usize,
+    cols_per_block: usize,
 }
 
 /// Threads of a LayerNorm block (one row each): one warp up to 1,024 columns, which holds the row
