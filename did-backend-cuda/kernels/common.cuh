@@ -34,14 +34,24 @@ __device__ __forceinline__ store_t to_store(float x) { return x; }
 __device__ __forceinline__ void st(store_t* p, i64 i, float x) { p[i] = to_store(x); }
 __device__ __forceinline__ void add_to(store_t* p, i64 i, float x) { p[i] = to_store(ld(p, i) + x); }
 
-// x[j] = row[c0 + j·step] for j < 8 (0 past n), all loads issued before any is used: a loop of
-// one load per iteration waits a memory latency per element (its SASS has a single LDG), and a
-// loop that also stores must assume the store could alias the next load.
-__device__ __forceinline__ void load_eight(const store_t* row, i64 c0, i64 step, i64 n, float* x) {
-    UNROLL
-    for (int j = 0; j < 8; ++j) {
-        const i64 c = c0 + j * step;
-        x[j] = c < n ? ld(row, c) : 0.0f;
+// f(i, row[i]) for i = first, first + step, … below n, in that order, with the loads issued
+// eight at a time before any is used: a loop of one load per iteration waits a memory latency
+// per element (its SASS has a single LDG), and a loop that also stores (f may write the row)
+// must assume the store could alias the next load. In f, `return` skips to the next element.
+template <class F>
+__device__ __forceinline__ void for_each_strided(const store_t* row, i64 first, i64 step, i64 n, F f) {
+    for (i64 c0 = first; c0 < n; c0 += 8 * step) {
+        float xs[8];
+        UNROLL
+        for (int j = 0; j < 8; ++j) {
+            const i64 c = c0 + j * step;
+            xs[j] = c < n ? ld(row, c) : 0.0f;
+        }
+        for (int j = 0; j < 8; ++j) {
+            const i64 c = c0 + j * step;
+            if (c >= n) break;
+            f(c, xs[j]);
+        }
     }
 }
 

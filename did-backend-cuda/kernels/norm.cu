@@ -190,45 +190,29 @@ extern "C" __global__ void softmax_cross_entropy(store_t* logits, const unsigned
         if (threadIdx.x == 0) st(losses, row, 0.0f);
         return;
     }
-    // Every pass takes a thread's logits eight at a time (c0, c0 + blockDim, …), loaded together
-    // before they are used: a loop of one load per iteration waits a memory latency per logit,
-    // and the last pass stores over the row, which the compiler must assume could alias the
-    // next load. Within a thread the logits are visited in increasing order, as one by one.
+    // Every pass visits a thread's logits in increasing order, eight loads at a time
+    // (for_each_strided: the last pass stores over the row it reads).
     const float neg_inf = -__int_as_float(0x7f800000);
     const i64 step = blockDim.x;
-    float xs[8];
     float m = neg_inf;
-    for (i64 c0 = threadIdx.x; c0 < vocab; c0 += 8 * step) {
-        load_eight(l, c0, step, vocab, xs);
-        for (int j = 0; j < 8; ++j) {
-            i64 c = c0 + j * step;
-            if (c < vocab && c != excluded) m = fmaxf(m, xs[j]);
-        }
-    }
+    for_each_strided(l, threadIdx.x, step, vocab, [&](const i64 c, const float x) {
+        if (c != excluded) m = fmaxf(m, x);
+    });
     m = block_max(m, shared32);
     float s = 0.0f;
-    for (i64 c0 = threadIdx.x; c0 < vocab; c0 += 8 * step) {
-        load_eight(l, c0, step, vocab, xs);
-        for (int j = 0; j < 8; ++j) {
-            i64 c = c0 + j * step;
-            if (c < vocab && c != excluded) s += expf(xs[j] - m);
-        }
-    }
+    for_each_strided(l, threadIdx.x, step, vocab, [&](const i64 c, const float x) {
+        if (c != excluded) s += expf(x - m);
+    });
     float sum = block_sum(s, shared32);
     i64 target = targets[row];
     float e_target = (target == excluded) ? 0.0f : expf(ld(l, target) - m);
     if (threadIdx.x == 0) st(losses, row, w * (logf(sum) - logf(e_target)));
     __syncthreads();
     float g = grad_scale * w / sum;
-    for (i64 c0 = threadIdx.x; c0 < vocab; c0 += 8 * step) {
-        load_eight(l, c0, step, vocab, xs);
-        for (int j = 0; j < 8; ++j) {
-            i64 c = c0 + j * step;
-            if (c >= vocab) break;
-            float p = (c == excluded) ? 0.0f : expf(xs[j] - m);
-            float grad = p * g;
-            if (c == target) grad -= grad_scale * w;
-            st(l, c, grad);
-        }
-    }
+    for_each_strided(l, threadIdx.x, step, vocab, [&](const i64 c, const float x) {
+        float p = (c == excluded) ? 0.0f : expf(x - m);
+        float grad = p * g;
+        if (c == target) grad -= grad_scale * w;
+        st(l, c, grad);
+    });
 }

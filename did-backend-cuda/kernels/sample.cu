@@ -129,16 +129,9 @@ extern "C" __global__ void __launch_bounds__(DRAW_THREADS, 1) draw_tokens(
 
     // SUBS softmax: [MASK] and non-finite logits get probability 0.
     float m = -__int_as_float(0x7f800000);
-    for (i64 v0 = tid; v0 < vocab; v0 += 8 * step) {
-        float xs[8];
-        load_eight(x, v0, step, vocab, xs);
-        for (int j = 0; j < 8; ++j) {
-            const i64 v = v0 + j * step;
-            if (v >= vocab) break;
-            float xv = xs[j];
-            if (v != mask_id && finite_logit(xv)) m = fmaxf(m, xv);
-        }
-    }
+    for_each_strided(x, tid, step, vocab, [&](const i64 v, const float xv) {
+        if (v != mask_id && finite_logit(xv)) m = fmaxf(m, xv);
+    });
     m = block_max(m, shared_f);
     if (!finite_logit(m)) {
         // The host's uniform fallback.
@@ -147,16 +140,9 @@ extern "C" __global__ void __launch_bounds__(DRAW_THREADS, 1) draw_tokens(
     }
     const double max_logit = (double)m;
     double sum = 0.0;
-    for (i64 v0 = tid; v0 < vocab; v0 += 8 * step) {
-        float xs[8];
-        load_eight(x, v0, step, vocab, xs);
-        for (int j = 0; j < 8; ++j) {
-            const i64 v = v0 + j * step;
-            if (v >= vocab) break;
-            float xv = xs[j];
-            if (v != mask_id && finite_logit(xv)) sum += exp((double)xv - max_logit);
-        }
-    }
+    for_each_strided(x, tid, step, vocab, [&](const i64 v, const float xv) {
+        if (v != mask_id && finite_logit(xv)) sum += exp((double)xv - max_logit);
+    });
     const double inv = 1.0 / block_sum_f64(sum, shared_d);
     // The probability of v, or 0 for a token that takes no part.
 #define PROB(v, xv) ((v) != mask_id && finite_logit(xv) ? exp((double)(xv) - max_logit) * inv : 0.0)
@@ -175,23 +161,16 @@ extern "C" __global__ void __launch_bounds__(DRAW_THREADS, 1) draw_tokens(
             const int buckets = 1 << width, per_segment = buckets / SEGMENTS;
             for (int b = tid; b < BUCKETS; b += step) { count[b] = 0; mass[b] = 0; }
             __syncthreads();
-            for (i64 v0 = tid; v0 < vocab; v0 += 8 * step) {
-                float xs[8];
-                load_eight(x, v0, step, vocab, xs);
-                for (int j = 0; j < 8; ++j) {
-                    const i64 v = v0 + j * step;
-                    if (v >= vocab) break;
-                    float xv = xs[j];
-                    u64 key = rank_key(xv, (unsigned)v);
-                    if (low < 64 && (key >> low) != prefix) continue;
-                    double p = PROB(v, xv);
-                    if (p > 0.0) {
-                        int d = (int)((key >> shift) & (u64)(buckets - 1));
-                        atomicAdd(&count[d], 1u);
-                        atomicAdd(&mass[d], to_fixed(p));
-                    }
+            for_each_strided(x, tid, step, vocab, [&](const i64 v, const float xv) {
+                u64 key = rank_key(xv, (unsigned)v);
+                if (low < 64 && (key >> low) != prefix) return;
+                double p = PROB(v, xv);
+                if (p > 0.0) {
+                    int d = (int)((key >> shift) & (u64)(buckets - 1));
+                    atomicAdd(&count[d], 1u);
+                    atomicAdd(&mass[d], to_fixed(p));
                 }
-            }
+            });
             __syncthreads();
             // Segment j holds the buckets [buckets − (j + 1)·per_segment, buckets − j·per_segment).
             if (tid < SEGMENTS) {
@@ -241,17 +220,10 @@ extern "C" __global__ void __launch_bounds__(DRAW_THREADS, 1) draw_tokens(
             if (low > 0) {
                 if (tid == 0) found_key = 0;
                 __syncthreads();
-                for (i64 v0 = tid; v0 < vocab; v0 += 8 * step) {
-                    float xs[8];
-                    load_eight(x, v0, step, vocab, xs);
-                    for (int j = 0; j < 8; ++j) {
-                        const i64 v = v0 + j * step;
-                        if (v >= vocab) break;
-                        float xv = xs[j];
-                        u64 key = rank_key(xv, (unsigned)v);
-                        if ((key >> low) == prefix && PROB(v, xv) > 0.0) found_key = key;
-                    }
-                }
+                for_each_strided(x, tid, step, vocab, [&](const i64 v, const float xv) {
+                    u64 key = rank_key(xv, (unsigned)v);
+                    if ((key >> low) == prefix && PROB(v, xv) > 0.0) found_key = key;
+                });
                 __syncthreads();
                 key_c = found_key;
             }
@@ -266,19 +238,12 @@ extern "C" __global__ void __launch_bounds__(DRAW_THREADS, 1) draw_tokens(
             // The host ranks by probability: two logits a hair apart may tie there, and a tie
             // across the cut goes by id. Such rows go to the host.
             u64 above = ~0ull, below = 0;
-            for (i64 v0 = tid; v0 < vocab; v0 += 8 * step) {
-                float xs[8];
-                load_eight(x, v0, step, vocab, xs);
-                for (int j = 0; j < 8; ++j) {
-                    const i64 v = v0 + j * step;
-                    if (v >= vocab) break;
-                    float xv = xs[j];
-                    if (!(PROB(v, xv) > 0.0)) continue;
-                    u64 key = rank_key(xv, (unsigned)v);
-                    if (key > key_c && key < above) above = key;
-                    if (key < key_c && key > below) below = key;
-                }
-            }
+            for_each_strided(x, tid, step, vocab, [&](const i64 v, const float xv) {
+                if (!(PROB(v, xv) > 0.0)) return;
+                u64 key = rank_key(xv, (unsigned)v);
+                if (key > key_c && key < above) above = key;
+                if (key < key_c && key > below) below = key;
+            });
             above = block_extreme_u64(above, 0, shared_k);
             below = block_extreme_u64(below, 1, shared_k);
             if (above != ~0ull) {
@@ -298,26 +263,19 @@ extern "C" __global__ void __launch_bounds__(DRAW_THREADS, 1) draw_tokens(
     race.id = 0xffffffffu;
     race.second = -1.0;
     double kept = 0.0;
-    for (i64 v0 = tid; v0 < vocab; v0 += 8 * step) {
-        float xs[8];
-        load_eight(x, v0, step, vocab, xs);
-        for (int j = 0; j < 8; ++j) {
-            const i64 v = v0 + j * step;
-            if (v >= vocab) break;
-            float xv = xs[j];
-            double p = PROB(v, xv);
-            if (!(p > 0.0) || rank_key(xv, (unsigned)v) < threshold) continue;
-            kept += p;
-            double score = p / -log(stream_uniform(spec, (unsigned)v));
-            if (ahead(score, (unsigned)v, race.best, race.id)) {
-                race.second = race.best;
-                race.best = score;
-                race.id = (unsigned)v;
-            } else {
-                race.second = fmax(race.second, score);
-            }
+    for_each_strided(x, tid, step, vocab, [&](const i64 v, const float xv) {
+        double p = PROB(v, xv);
+        if (!(p > 0.0) || rank_key(xv, (unsigned)v) < threshold) return;
+        kept += p;
+        double score = p / -log(stream_uniform(spec, (unsigned)v));
+        if (ahead(score, (unsigned)v, race.best, race.id)) {
+            race.second = race.best;
+            race.best = score;
+            race.id = (unsigned)v;
+        } else {
+            race.second = fmax(race.second, score);
         }
-    }
+    });
     kept = block_sum_f64(kept, shared_d);
     race = block_race(race, shared_d, shared_u, shared_d2);
     if (tid == 0) {

@@ -93,13 +93,13 @@ fn chunked_elementwise_kernels_and_batched_column_sums_equal_their_plain_forms_u
 }
 
 #[test]
-fn layernorm_matches_its_f64_formulas_in_registers_and_strided_under_emulation() {
+fn layernorm_and_the_loss_match_their_f64_formulas_under_emulation() {
     for (defines, exe) in [
         (&[][..], "emulated_norm_f32"),
         (&["-DSTORAGE_BF16"][..], "emulated_norm_bf16"),
     ] {
         let report = build_and_run("norm.cpp", defines, exe);
-        assert_eq!(report.matches("ok   ").count(), 5, "{report}");
+        assert_eq!(report.matches("ok   ").count(), 6, "{report}");
     }
 }
 

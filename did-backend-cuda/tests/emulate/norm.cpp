@@ -1,7 +1,7 @@
-// LayerNorm forward and backward (kernels/norm.cu) under the CPU emulation of emu.h, against
-// the formulas in f64, for both of the kernels' ways through a row: in one warp's registers
-// (blocks of 32 threads, up to 1,024 columns) and the strided loops (wider rows, or more
-// threads). Built in both storage precisions by tests/emulated_kernels.rs.
+// LayerNorm forward and backward and the softmax cross-entropy (kernels/norm.cu) under the CPU
+// emulation of emu.h, against their formulas in f64; LayerNorm along both of its ways through a
+// row: in one warp's registers (blocks of 32 threads, up to 1,024 columns) and the strided loops
+// (wider rows, or more threads). Built in both storage precisions by tests/emulated_kernels.rs.
 #include <cstdio>
 #include <random>
 
@@ -69,6 +69,36 @@ int main() {
         failures += !ok;
         std::printf("%s layernorm, %s: out %.1e, dx %.1e, statistics %.1e (tol %.0e)\n", ok ? "ok  " : "FAIL", k.name,
                     worst_out, worst_dx, worst_stat, tol);
+    }
+
+    // The weighted softmax cross-entropy (same file) against its formulas in f64: a 50,258-wide
+    // row (the passes wrap many times), an excluded class, and a row of weight 0.
+    {
+        const i64 rows = 3, vocab = 50258, excluded = 50257;
+        std::vector<store_t> logits(rows * vocab), weights = {to_store(0.5f), to_store(0.0f), to_store(2.0f)}, losses(rows);
+        std::vector<unsigned> targets = {17, 3, 50000};
+        for (auto& v : logits) v = to_store(2.0f * normal(rng));
+        const std::vector<store_t> input = logits;
+        emu::launch(EmuDim3{(unsigned)rows, 1, 1}, 256, [&] {
+            softmax_cross_entropy(logits.data(), targets.data(), weights.data(), losses.data(), rows, vocab, excluded, 0.25f);
+        });
+        double worst = 0;
+        for (i64 r = 0; r < rows; ++r) {
+            const double w = ld(weights.data(), r);
+            double m = -INFINITY, z = 0;
+            for (i64 c = 0; c < vocab; ++c) if (c != excluded) m = std::max(m, (double)ld(input.data(), r * vocab + c));
+            for (i64 c = 0; c < vocab; ++c) if (c != excluded) z += std::exp(ld(input.data(), r * vocab + c) - m);
+            const double loss = w == 0 ? 0 : w * (m + std::log(z) - ld(input.data(), r * vocab + targets[r]));
+            worst = std::max(worst, std::abs(ld(losses.data(), r) - loss) / (1 + std::abs(loss)));
+            for (i64 c = 0; c < vocab; ++c) {
+                const double p = c == excluded ? 0 : std::exp(ld(input.data(), r * vocab + c) - m) / z;
+                const double grad = w == 0 ? 0 : 0.25 * w * (p - (c == (i64)targets[r] ? 1 : 0));
+                worst = std::max(worst, std::abs(ld(logits.data(), r * vocab + c) - grad) / (1e-3 + std::abs(grad)) * 1e-3);
+            }
+        }
+        const bool ok = worst <= tol;
+        failures += !ok;
+        std::printf("%s softmax_cross_entropy, 50,258 classes: %.1e (tol %.0e)\n", ok ? "ok  " : "FAIL", worst, tol);
     }
     return failures ? 1 : 0;
 }
