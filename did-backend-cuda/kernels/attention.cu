@@ -12,27 +12,33 @@
 
 #define MAX_PER_LANE 8
 
-struct Ranges { i64 a0, a1, b0, b1; };
+// A query row's keys: [a0, a1) ∪ [b0, b1). In i64 for the correctness-first kernels; in 32 bits
+// (`Ranges32`, the host keeps lengths below 2³¹) for the flash kernels, where an i64 division is
+// a subroutine call whose register convention costs spills inside their loops.
+template <class T> struct KeyRanges { T a0, a1, b0, b1; };
+typedef KeyRanges<i64> Ranges;
+typedef KeyRanges<int> Ranges32;
 
-__device__ __forceinline__ i64 sat_sub(i64 a, i64 b) { return a > b ? a - b : 0; }
+template <class T> __device__ __forceinline__ T sat_sub(T a, T b) { return a > b ? a - b : 0; }
 
-__device__ Ranges key_ranges(int kind, i64 p0, i64 p1, i64 p2, i64 window, i64 q, i64 kv_len) {
-    Ranges r; r.a0 = 0; r.a1 = 0; r.b0 = 0; r.b1 = 0;
+template <class T>
+__device__ KeyRanges<T> key_ranges(int kind, T p0, T p1, T p2, T window, T q, T kv_len) {
+    KeyRanges<T> r; r.a0 = 0; r.a1 = 0; r.b0 = 0; r.b1 = 0;
     if (kind == 0) {
-        i64 l = p0, b = p1;
+        T l = p0, b = p1;
         if (q < l) {
-            i64 blk = q / b;
+            T blk = q / b;
             r.a0 = blk * b; r.a1 = min((blk + 1) * b, l);
             r.b0 = l; r.b1 = l + blk * b;
         } else {
-            i64 blk = (q - l) / b;
+            T blk = (q - l) / b;
             r.a0 = l; r.a1 = l + min((blk + 1) * b, l);
         }
     } else if (kind == 2) {
         r.a1 = kv_len;
     } else {
-        i64 end = kind == 1 ? ((p1 + q) / p0 + 1) * p0 : p1 + q + 1;
-        i64 start = window >= 0 ? sat_sub(end, window) : 0;
+        T end = kind == 1 ? ((p1 + q) / p0 + 1) * p0 : p1 + q + 1;
+        T start = window >= 0 ? sat_sub(end, window) : 0;
         r.a0 = sat_sub(start, p2); r.a1 = sat_sub(end, p2);
     }
     r.a0 = min(r.a0, kv_len); r.a1 = min(r.a1, kv_len);
@@ -172,9 +178,14 @@ extern "C" __global__ void attention_backward_dkv(Shape s, int kind, i64 p0, i64
 // block 4 leaves about three quarters of them empty); inside a visited tile the exact per-pair
 // predicate applies, and only where some row of the thread does not see the whole tile. Every
 // product is a 16×64 · 64×64 on tensor cores (mma.m16n8k16, bf16 in, f32 accumulate); softmax
-// statistics stay in f32. Tiles reach shared memory in 16-byte loads, row-major for products with
-// their rows and transposed for products with the tile itself, so every B register of an mma is
-// one 32-bit shared load; three forward or dQ blocks fit an SM (≤ 168 registers).
+// statistics stay in f32.
+//
+// Tiles are double-buffered: while a block computes on one tile, the next visited tile is on its
+// way into the other buffer (cp.async, global → shared without passing through registers), so
+// the memory latency of a tile hides behind the products of the one before, with one barrier a
+// tile. Tiles sit row-major in shared memory; the B fragments of the products come from
+// ldmatrix — plain for products with the tile's rows (S = Q·Kᵀ), transposed for products with
+// the tile itself (O += P·V) — four 32-bit registers, two mmas' worth, per instruction.
 //   forward:      S = Q·Kᵀ, online softmax, O += P·V; writes what attention_forward writes.
 //   backward dq:  per query tile, S and dP = dO·Vᵀ, dS = P ∘ (dP − δ), dQ += dS·K; writes δ.
 //   backward dkv: per key tile, Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ, dV += Pᵀ·dO, dK += dSᵀ·Q.
@@ -182,7 +193,7 @@ extern "C" __global__ void attention_backward_dkv(Shape s, int kind, i64 p0, i64
 #if defined(STORAGE_BF16) && (!defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800)
 #define FLASH_TILE 64
 #define FLASH_HD 64
-#define FLASH_PAD (FLASH_HD + 8)  // row stride in shared memory: staggers the banks
+#define FLASH_PAD (FLASH_HD + 8)  // row stride in shared memory (144 bytes): ldmatrix rows on distinct banks
 #define FLASH_DKV_TILES 1024      // query tiles the dK/dV kernel sorts out before its loop (65,536 queries)
 
 #ifndef DID_EMULATE
@@ -195,17 +206,42 @@ __device__ __forceinline__ void mma_bf16_16816(float* c, const unsigned* a, cons
                  : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
+
+__device__ __forceinline__ unsigned shared_address(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
+
+// Four 8×8 bf16 matrices from shared memory, lanes 8i … 8i + 7 giving the rows of matrix i:
+// register i of lane l gets row l / 4, elements 2·(l % 4) and 2·(l % 4) + 1 of matrix i (PTX
+// ISA, ldmatrix); `_trans` gets the same of its transpose.
+__device__ __forceinline__ void load_matrix_x4(unsigned* r, const void* row) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(shared_address(row))
+                 : "memory");
+}
+__device__ __forceinline__ void load_matrix_x4_trans(unsigned* r, const void* row) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(shared_address(row))
+                 : "memory");
+}
+
+// Global → shared copies that bypass registers (cp.async): issued now, complete by wait_copies().
+__device__ __forceinline__ void copy_async_16(void* dst, const void* src) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(shared_address(dst)), "l"(src) : "memory");
+}
+__device__ __forceinline__ void copy_async_4(void* dst, const void* src) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(shared_address(dst)), "l"(src) : "memory");
+}
+__device__ __forceinline__ void wait_copies() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
 #endif
 
 __device__ __forceinline__ unsigned pack2(store_t lo, store_t hi) { return (unsigned)lo | ((unsigned)hi << 16); }
 
-// A row's key ranges in 32 bits (the host keeps lengths below 2³¹): fewer registers and
-// cheaper compares in the per-score mask test.
-struct Ranges32 { int a0, a1, b0, b1; };
-
-__device__ __forceinline__ Ranges32 narrow(const Ranges& r) {
-    Ranges32 n; n.a0 = (int)r.a0; n.a1 = (int)r.a1; n.b0 = (int)r.b0; n.b1 = (int)r.b1;
-    return n;
+// Row `row`'s key ranges in 32 bits; none for rows past the end.
+__device__ __forceinline__ Ranges32 row_ranges(const Shape& s, int kind, i64 p0, i64 p1, i64 p2, i64 window, i64 row) {
+    Ranges32 r; r.a0 = 0; r.a1 = 0; r.b0 = 0; r.b1 = 0;
+    if (row < s.q_len) r = key_ranges<int>(kind, (int)p0, (int)p1, (int)p2, (int)window, (int)row, (int)s.kv_len);
+    return r;
 }
 
 __device__ __forceinline__ bool in_ranges(const Ranges32& r, int key) {
@@ -225,92 +261,89 @@ __device__ __forceinline__ void load_rows_as_a(unsigned (*a)[4], const store_t* 
     }
 }
 
-// Rows row0.. of a row-major [*, 64] matrix in global memory (zeros past `rows`) into shared
-// memory: row-major into `tile` (for products with its rows, B = tileᵀ) and transposed into
-// `tile_t` (for products with the tile itself, B = tile); either may be null. A thread moves
-// eight elements at a time, one 16-byte load where the rows are 16-byte aligned. The lanes of a
-// warp take 16 rows × 2 adjacent chunks: 32 contiguous bytes a row from global memory,
-// conflict-free row-major stores, two-way conflicts on the transposed ones.
-//
-// A thread issues its loads (four chunks at a time) before any store: the compiler cannot tell
-// that a store to the tile does not alias the next load from global memory, so a loop that
-// stores each chunk as it arrives waits the whole memory latency once per chunk — which is what
-// the first version of these kernels did, with 2-byte loads, 64 times a tile.
-__device__ __forceinline__ void load_tile(store_t* tile, store_t* tile_t, const store_t* base, i64 stride, i64 row0,
-                                          i64 rows) {
-    const bool vector = (((unsigned long long)base) & 15) == 0 && (stride & 7) == 0;
+// Starts moving rows row0 … row0 + 63 of a row-major [*, 64] matrix in global memory (zeros
+// past `rows`) into a shared tile; the caller waits (wait_copies) and syncs before reading it.
+// Eight threads take a row's 128 bytes, 16 each, with cp.async where rows are 16-byte aligned
+// (the fused qkv rows are); otherwise with plain loads, issued four at a time before any store
+// (a loop that stores each value as it arrives waits a memory latency per value: the compiler
+// cannot tell the store from the next load's address).
+__device__ __forceinline__ void start_tile_load(store_t* tile, const store_t* base, i64 stride, i64 row0, i64 rows) {
     const int chunks = FLASH_TILE * FLASH_HD / 8;
+    const uint4 zero = {0u, 0u, 0u, 0u};
+    if ((((unsigned long long)base) & 15) == 0 && (stride & 7) == 0) {
+        for (int i = threadIdx.x; i < chunks; i += blockDim.x) {
+            const int r = i >> 3, c = (i & 7) * 8;
+            store_t* dst = tile + r * FLASH_PAD + c;
+            if (row0 + r < rows) copy_async_16(dst, base + (row0 + r) * stride + c);
+            else *(uint4*)dst = zero;
+        }
+        return;
+    }
     for (int first = threadIdx.x; first < chunks; first += 4 * blockDim.x) {
         uint4 u[4];
-        int at[4];
+UNROLL
+        for (int j = 0; j < 4; ++j) {
+            const int i = first + j * blockDim.x, r = i >> 3, c = (i & 7) * 8;
+            u[j] = zero;
+            if (i < chunks && row0 + r < rows) {
+                const store_t* p = base + (row0 + r) * stride + c;
+                u[j].x = pack2(p[0], p[1]); u[j].y = pack2(p[2], p[3]);
+                u[j].z = pack2(p[4], p[5]); u[j].w = pack2(p[6], p[7]);
+            }
+        }
 UNROLL
         for (int j = 0; j < 4; ++j) {
             const int i = first + j * blockDim.x;
-            const int lane = i & 31, w = i >> 5;
-            const int r = (w & 3) * 16 + (lane & 15), chunk = (w >> 2) * 2 + (lane >> 4);
-            const i64 row = row0 + r;
-            at[j] = i < chunks ? r * FLASH_HD + chunk * 8 : -1;
-            u[j].x = 0u; u[j].y = 0u; u[j].z = 0u; u[j].w = 0u;
-            if (i < chunks && row < rows) {
-                const store_t* p = base + row * stride + chunk * 8;
-                if (vector) {
-                    u[j] = *(const uint4*)p;
-                } else {
-                    u[j].x = pack2(p[0], p[1]); u[j].y = pack2(p[2], p[3]);
-                    u[j].z = pack2(p[4], p[5]); u[j].w = pack2(p[6], p[7]);
-                }
-            }
-        }
-UNROLL
-        for (int j = 0; j < 4; ++j) {
-            if (at[j] < 0) continue;
-            const int r = at[j] / FLASH_HD, c0 = at[j] % FLASH_HD;
-            if (tile) *(uint4*)(tile + r * FLASH_PAD + c0) = u[j];
-            if (tile_t) {
-                const unsigned words[4] = {u[j].x, u[j].y, u[j].z, u[j].w};
-                for (int e = 0; e < 8; ++e) {
-                    tile_t[(c0 + e) * FLASH_PAD + r] = (store_t)(words[e >> 1] >> (16 * (e & 1)));
-                }
-            }
+            if (i < chunks) *(uint4*)(tile + (i >> 3) * FLASH_PAD + (i & 7) * 8) = u[j];
         }
     }
 }
 
-// c[n] = A · tileᵀ for the warp's 16 rows against the tile's 64 rows (eight 16×8 outputs):
-// the tile is row-major, so its rows are the columns of B, and a B register is one aligned
-// 32-bit word (two adjacent bf16, the lower index in the lower half).
-__device__ __forceinline__ void product_with_rows(float (*c)[4], const unsigned (*a)[4], const store_t* tile, int g, int t) {
-    for (int n = 0; n < 8; ++n) {
+// c[n] = A · rowsᵀ for the warp's 16 rows against 8·N rows of a tile (N 16×8 outputs): the
+// tile's rows are the columns of B, so B's fragments are plain ldmatrix rows — matrices
+// (rows n·8 …, columns 32j, 32j + 8, 32j + 16, 32j + 24) give the b of k-slices 2j and 2j + 1.
+template <int N>
+__device__ __forceinline__ void product_with_rows(float (*c)[4], const unsigned (*a)[4], const store_t* rows, int lane) {
+    const int m = lane >> 3;
+    for (int n = 0; n < N; ++n) {
         for (int e = 0; e < 4; ++e) c[n][e] = 0.0f;
-        const unsigned* r = (const unsigned*)(tile + (n * 8 + g) * FLASH_PAD);
-        for (int kk = 0; kk < 4; ++kk) {
-            unsigned b[2] = {r[kk * 8 + t], r[kk * 8 + t + 4]};
-            mma_bf16_16816(c[n], a[kk], b);
+        const store_t* row = rows + (n * 8 + (lane & 7)) * FLASH_PAD + (m >> 1) * 16 + (m & 1) * 8;
+        for (int j = 0; j < 2; ++j) {
+            unsigned b[4];
+            load_matrix_x4(b, row + j * 32);
+            mma_bf16_16816(c[n], a[2 * j], b);
+            mma_bf16_16816(c[n], a[2 * j + 1], b + 2);
         }
     }
 }
 
-// acc += X · tile, X the 16 × 64 f32 accumulators of a product_with_rows (rounded to bf16): an
-// accumulator's layout is the A layout of the next product, 16 columns at a time. The tile comes
-// transposed (`tile_t` of load_tile), so B's pairs along k are adjacent words too.
-__device__ __forceinline__ void accumulate_times_tile(float (*acc)[4], const float (*x)[4], const store_t* tile_t,
-                                                      int g, int t) {
-    for (int j = 0; j < 4; ++j) {
+// acc += X · rows, X the 16 × 16·J f32 accumulators of a product_with_rows<2·J> (rounded to
+// bf16) and `rows` the 16·J tile rows it was taken against: an accumulator's layout is the A
+// layout of the next product, 16 columns at a time. B = the rows themselves (k = the row), so its
+// fragments are transposed ldmatrix rows — matrices (rows 16j, 16j + 8 × columns 16e, 16e + 8)
+// give the b of column groups 2e and 2e + 1.
+template <int J>
+__device__ __forceinline__ void accumulate_times_rows(float (*acc)[4], const float (*x)[4], const store_t* rows,
+                                                      int lane) {
+    const int m = lane >> 3;
+    for (int j = 0; j < J; ++j) {
         unsigned a[4] = {pack2(to_store(x[2 * j][0]), to_store(x[2 * j][1])),
                          pack2(to_store(x[2 * j][2]), to_store(x[2 * j][3])),
                          pack2(to_store(x[2 * j + 1][0]), to_store(x[2 * j + 1][1])),
                          pack2(to_store(x[2 * j + 1][2]), to_store(x[2 * j + 1][3]))};
-        for (int d = 0; d < 8; ++d) {
-            const unsigned* r = (const unsigned*)(tile_t + (d * 8 + g) * FLASH_PAD);
-            unsigned b[2] = {r[j * 8 + t], r[j * 8 + t + 4]};
-            mma_bf16_16816(acc[d], a, b);
+        const store_t* row = rows + (j * 16 + (m & 1) * 8 + (lane & 7)) * FLASH_PAD + (m >> 1) * 8;
+        for (int e = 0; e < 4; ++e) {
+            unsigned b[4];
+            load_matrix_x4_trans(b, row + e * 16);
+            mma_bf16_16816(acc[2 * e], a, b);
+            mma_bf16_16816(acc[2 * e + 1], a, b + 2);
         }
     }
 }
 
 // Whether a row sees any key of [k0, k0 + 64).
-__device__ __forceinline__ bool reaches_tile(const Ranges& r, i64 k0) {
-    const i64 k1 = k0 + FLASH_TILE;
+__device__ __forceinline__ bool reaches_tile(const Ranges32& r, int k0) {
+    const int k1 = k0 + FLASH_TILE;
     return (r.a0 < k1 && r.a1 > k0 && r.a1 > r.a0) || (r.b0 < k1 && r.b1 > k0 && r.b1 > r.b0);
 }
 
@@ -328,14 +361,7 @@ __device__ __forceinline__ void query_ranges(const Shape& s, int kind, i64 p0, i
                                              Ranges32* rr, int* hull_out) {
     __shared__ int hull[4][4];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    for (int i = 0; i < 2; ++i) {
-        i64 row = q0 + g + 8 * i;
-        if (row < s.q_len) {
-            rr[i] = narrow(key_ranges(kind, p0, p1, p2, window, row, s.kv_len));
-        } else {
-            rr[i].a0 = 0; rr[i].a1 = 0; rr[i].b0 = 0; rr[i].b1 = 0;
-        }
-    }
+    for (int i = 0; i < 2; ++i) rr[i] = row_ranges(s, kind, p0, p1, p2, window, q0 + g + 8 * i);
     int lo_a = 0x7fffffff, hi_a = 0, lo_b = 0x7fffffff, hi_b = 0;
     for (int i = 0; i < 2; ++i) {
         if (rr[i].a1 > rr[i].a0) { lo_a = min(lo_a, rr[i].a0); hi_a = max(hi_a, rr[i].a1); }
@@ -356,21 +382,28 @@ __device__ __forceinline__ void query_ranges(const Shape& s, int kind, i64 p0, i
     hull_out[0] = lo_a; hull_out[1] = hi_a; hull_out[2] = lo_b; hull_out[3] = hi_b;
 }
 
-__device__ __forceinline__ bool tile_in_hull(const int* hull, i64 k0) {
-    const i64 k1 = k0 + FLASH_TILE;
-    return (k0 < hull[1] && k1 > hull[0]) || (k0 < hull[3] && k1 > hull[2]);
+// The first key tile from `tile` on that meets the block's hull (`tiles` when none does): the
+// same for every thread of the block.
+__device__ __forceinline__ int next_tile_in_hull(const int* hull, int tile, int tiles) {
+    for (; tile < tiles; ++tile) {
+        const int k0 = tile * FLASH_TILE, k1 = k0 + FLASH_TILE;
+        if ((k0 < hull[1] && k1 > hull[0]) || (k0 < hull[3] && k1 > hull[2])) break;
+    }
+    return tile;
 }
 
 extern "C" __global__ void __launch_bounds__(128, 3) attention_forward_flash(Shape s, int kind, i64 p0, i64 p1, i64 p2, i64 window, float scale,
                                                    const store_t* q, const store_t* k, const store_t* v, store_t* out,
                                                    float* lse) {
-    __shared__ __align__(16) store_t ks[FLASH_TILE * FLASH_PAD];  // K, row-major
-    __shared__ __align__(16) store_t vt[FLASH_TILE * FLASH_PAD];  // V, transposed
+    __shared__ __align__(16) store_t ks[2][FLASH_TILE * FLASH_PAD];  // K tiles, row-major, double-buffered
+    __shared__ __align__(16) store_t vs[2][FLASH_TILE * FLASH_PAD];  // V tiles
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
     const i64 h = blockIdx.y % s.heads, b = blockIdx.y / s.heads;
     const i64 q0 = ((i64)blockIdx.x * (blockDim.x >> 5) + warp) * 16;  // 1–4 warps of 16 rows
     const i64 width = s.heads * FLASH_HD;
     const float neg_inf = -__int_as_float(0x7f800000);
+    const store_t* kb = k + b * s.kv_batch_stride + h * FLASH_HD;
+    const store_t* vb = v + b * s.kv_batch_stride + h * FLASH_HD;
 
     Ranges32 rr[2];
     int hull[4];
@@ -381,17 +414,23 @@ extern "C" __global__ void __launch_bounds__(128, 3) attention_forward_flash(Sha
     for (int d = 0; d < 8; ++d) for (int e = 0; e < 4; ++e) acc[d][e] = 0.0f;
     float m[2] = {neg_inf, neg_inf}, l[2] = {0.0f, 0.0f};
 
-    const i64 tiles = (s.kv_len + FLASH_TILE - 1) / FLASH_TILE;
-    for (i64 tile = 0; tile < tiles; ++tile) {
-        const i64 k0 = tile * FLASH_TILE;
-        if (!tile_in_hull(hull, k0)) continue;  // uniform across the block: every thread has the same hull
-        __syncthreads();  // the previous tile's readers are done
-        load_tile(ks, nullptr, k + b * s.kv_batch_stride + h * FLASH_HD, s.k_stride, k0, s.kv_len);
-        load_tile(nullptr, vt, v + b * s.kv_batch_stride + h * FLASH_HD, s.v_stride, k0, s.kv_len);
-        __syncthreads();
+    const int tiles = (int)((s.kv_len + FLASH_TILE - 1) / FLASH_TILE);
+    int tile = next_tile_in_hull(hull, 0, tiles);
+    if (tile < tiles) {
+        start_tile_load(ks[0], kb, s.k_stride, tile * FLASH_TILE, s.kv_len);
+        start_tile_load(vs[0], vb, s.v_stride, tile * FLASH_TILE, s.kv_len);
+    }
+    for (int buf = 0; tile < tiles; buf ^= 1) {
+        wait_copies();
+        __syncthreads();  // this tile is in for every thread, and every thread is done with the other buffer
+        const int k0 = tile * FLASH_TILE, next = next_tile_in_hull(hull, tile + 1, tiles);
+        if (next < tiles) {
+            start_tile_load(ks[buf ^ 1], kb, s.k_stride, next * FLASH_TILE, s.kv_len);
+            start_tile_load(vs[buf ^ 1], vb, s.v_stride, next * FLASH_TILE, s.kv_len);
+        }
 
         float sc[8][4];
-        product_with_rows(sc, qa, ks, g, t);
+        product_with_rows<8>(sc, qa, ks[buf], lane);
         // Mask, scale, online softmax per row (the four threads of a group share a row).
         float corr[2];
         for (int i = 0; i < 2; ++i) {
@@ -422,7 +461,8 @@ extern "C" __global__ void __launch_bounds__(128, 3) attention_forward_flash(Sha
             acc[d][0] *= corr[0]; acc[d][1] *= corr[0];
             acc[d][2] *= corr[1]; acc[d][3] *= corr[1];
         }
-        accumulate_times_tile(acc, sc, vt, g, t);
+        accumulate_times_rows<4>(acc, sc, vs[buf], lane);
+        tile = next;
     }
     for (int i = 0; i < 2; ++i) {
         l[i] += __shfl_xor_sync(0xffffffffu, l[i], 1);
@@ -446,9 +486,8 @@ extern "C" __global__ void __launch_bounds__(128, 3) attention_backward_flash_dq
                                                        float scale, const store_t* dout, const store_t* q,
                                                        const store_t* k, const store_t* v, const store_t* out,
                                                        const float* lse, store_t* dq, float* delta) {
-    __shared__ __align__(16) store_t ks[FLASH_TILE * FLASH_PAD];  // K, row-major
-    __shared__ __align__(16) store_t kt[FLASH_TILE * FLASH_PAD];  // K, transposed
-    __shared__ __align__(16) store_t vs[FLASH_TILE * FLASH_PAD];  // V, row-major
+    __shared__ __align__(16) store_t ks[2][FLASH_TILE * FLASH_PAD];  // K tiles, row-major, double-buffered
+    __shared__ __align__(16) store_t vs[2][FLASH_TILE * FLASH_PAD];  // V tiles
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
     const i64 h = blockIdx.y % s.heads, b = blockIdx.y / s.heads;
     const i64 q0 = (i64)blockIdx.x * FLASH_TILE + warp * 16;
@@ -456,10 +495,18 @@ extern "C" __global__ void __launch_bounds__(128, 3) attention_backward_flash_dq
     const float neg_inf = -__int_as_float(0x7f800000);
     const store_t* dob = dout + b * s.q_len * width + h * FLASH_HD;
     const store_t* ob = out + b * s.q_len * width + h * FLASH_HD;
+    const store_t* kb = k + b * s.kv_batch_stride + h * FLASH_HD;
+    const store_t* vb = v + b * s.kv_batch_stride + h * FLASH_HD;
 
     Ranges32 rr[2];
     int hull[4];
     query_ranges(s, kind, p0, p1, p2, window, q0, g, rr, hull);
+    const int tiles = (int)((s.kv_len + FLASH_TILE - 1) / FLASH_TILE);
+    int tile = next_tile_in_hull(hull, 0, tiles);
+    if (tile < tiles) {  // on its way while the rows below load
+        start_tile_load(ks[0], kb, s.k_stride, tile * FLASH_TILE, s.kv_len);
+        start_tile_load(vs[0], vb, s.v_stride, tile * FLASH_TILE, s.kv_len);
+    }
     unsigned qa[4][4], da[4][4];
     load_rows_as_a(qa, q + b * s.q_batch_stride + h * FLASH_HD, s.q_stride, q0, s.q_len, g, t);
     load_rows_as_a(da, dob, width, q0, s.q_len, g, t);
@@ -481,30 +528,35 @@ extern "C" __global__ void __launch_bounds__(128, 3) attention_backward_flash_dq
     float acc[8][4];
     for (int d = 0; d < 8; ++d) for (int e = 0; e < 4; ++e) acc[d][e] = 0.0f;
 
-    const i64 tiles = (s.kv_len + FLASH_TILE - 1) / FLASH_TILE;
-    for (i64 tile = 0; tile < tiles; ++tile) {
-        const i64 k0 = tile * FLASH_TILE;
-        if (!tile_in_hull(hull, k0)) continue;
-        __syncthreads();
-        load_tile(ks, kt, k + b * s.kv_batch_stride + h * FLASH_HD, s.k_stride, k0, s.kv_len);
-        load_tile(vs, nullptr, v + b * s.kv_batch_stride + h * FLASH_HD, s.v_stride, k0, s.kv_len);
-        __syncthreads();
-        float sc[8][4], dp[8][4];
-        product_with_rows(sc, qa, ks, g, t);
-        product_with_rows(dp, da, vs, g, t);
-        // dS = P ∘ (dP − δ)·scale, P recomputed from the saved log-sum-exp (0 where masked).
-        const bool whole[2] = {sees_whole_tile(rr[0], (int)k0, (int)s.kv_len),
-                               sees_whole_tile(rr[1], (int)k0, (int)s.kv_len)};
-        for (int n = 0; n < 8; ++n) {
-            for (int e = 0; e < 4; ++e) {
-                int i = e >> 1;
-                int key = (int)k0 + n * 8 + 2 * t + (e & 1);
-                bool seen = whole[i] || (in_ranges(rr[i], key) && lq[i] != neg_inf);
-                float p = seen ? expf(sc[n][e] * scale - lq[i]) : 0.0f;
-                sc[n][e] = p * (dp[n][e] - dl[i]) * scale;
-            }
+    for (int buf = 0; tile < tiles; buf ^= 1) {
+        wait_copies();
+        __syncthreads();  // this tile is in for every thread, and every thread is done with the other buffer
+        const int k0 = tile * FLASH_TILE, next = next_tile_in_hull(hull, tile + 1, tiles);
+        if (next < tiles) {
+            start_tile_load(ks[buf ^ 1], kb, s.k_stride, next * FLASH_TILE, s.kv_len);
+            start_tile_load(vs[buf ^ 1], vb, s.v_stride, next * FLASH_TILE, s.kv_len);
         }
-        accumulate_times_tile(acc, sc, kt, g, t);
+        const bool whole[2] = {sees_whole_tile(rr[0], k0, (int)s.kv_len), sees_whole_tile(rr[1], k0, (int)s.kv_len)};
+        // 32 keys at a time: S and dP of half a tile are 32 registers fewer than of a whole one
+        // (no spills at three blocks an SM), and dQ sums the same products in the same order.
+        for (int half = 0; half < 2; ++half) {
+            const store_t* krows = ks[buf] + half * 32 * FLASH_PAD;
+            float sc[4][4], dp[4][4];
+            product_with_rows<4>(sc, qa, krows, lane);
+            product_with_rows<4>(dp, da, vs[buf] + half * 32 * FLASH_PAD, lane);
+            // dS = P ∘ (dP − δ)·scale, P recomputed from the saved log-sum-exp (0 where masked).
+            for (int n = 0; n < 4; ++n) {
+                for (int e = 0; e < 4; ++e) {
+                    int i = e >> 1;
+                    int key = k0 + half * 32 + n * 8 + 2 * t + (e & 1);
+                    bool seen = whole[i] || (in_ranges(rr[i], key) && lq[i] != neg_inf);
+                    float p = seen ? expf(sc[n][e] * scale - lq[i]) : 0.0f;
+                    sc[n][e] = p * (dp[n][e] - dl[i]) * scale;
+                }
+            }
+            accumulate_times_rows<2>(acc, sc, krows, lane);
+        }
+        tile = next;
     }
     for (int i = 0; i < 2; ++i) {
         i64 row = q0 + g + 8 * i;
@@ -516,90 +568,128 @@ extern "C" __global__ void __launch_bounds__(128, 3) attention_backward_flash_dq
     }
 }
 
-// dK and dV for a tile of 64 keys, over the query tiles that see any of them. Each query tile's
-// rows, key ranges, log-sum-exp and δ go to shared memory; tiles whose ranges miss the key tile
-// are skipped.
-extern "C" __global__ void attention_backward_flash_dkv(Shape s, int kind, i64 p0, i64 p1, i64 p2, i64 window,
+// What a query tile is to a key tile of the dK/dV kernel.
+#define UNSEEN 0     // no row sees any of its keys: skipped
+#define PARTLY 1     // some scores are masked: the per-pair test applies
+#define WHOLLY 2     // every row sees every key: no mask test
+
+// The rows, key ranges, log-sum-exp and δ of the query tile from q0 on, into buffer `buf` of the
+// dK/dV kernel's shared arrays: tiles by cp.async, statistics by 4-byte cp.async, ranges computed.
+struct QueryTileBuffers {
+    store_t qs[2][FLASH_TILE * FLASH_PAD];   // Q, row-major
+    store_t dos[2][FLASH_TILE * FLASH_PAD];  // dO, row-major
+    float lses[2][FLASH_TILE], deltas[2][FLASH_TILE];
+    int ranges[2][FLASH_TILE][4];
+};
+
+__device__ __forceinline__ void start_query_tile_load(QueryTileBuffers& sh, int buf, const Shape& s, int kind, i64 p0,
+                                                      i64 p1, i64 p2, i64 window, const store_t* qb,
+                                                      const store_t* dob, const float* lse_bh,
+                                                      const float* delta_bh, i64 q0, bool partly) {
+    const i64 width = s.heads * FLASH_HD;
+    start_tile_load(sh.qs[buf], qb, s.q_stride, q0, s.q_len);
+    start_tile_load(sh.dos[buf], dob, width, q0, s.q_len);
+    for (int i = threadIdx.x; i < 2 * FLASH_TILE; i += blockDim.x) {
+        const int r = i % FLASH_TILE;
+        const i64 row = q0 + r;
+        float* dst = i < FLASH_TILE ? &sh.lses[buf][r] : &sh.deltas[buf][r];
+        if (row < s.q_len) copy_async_4(dst, i < FLASH_TILE ? lse_bh + row : delta_bh + row);
+        else *dst = i < FLASH_TILE ? -__int_as_float(0x7f800000) : 0.0f;
+    }
+    if (!partly) return;
+    for (int r = threadIdx.x; r < FLASH_TILE; r += blockDim.x) {
+        const Ranges32 rg = row_ranges(s, kind, p0, p1, p2, window, q0 + r);
+        sh.ranges[buf][r][0] = rg.a0; sh.ranges[buf][r][1] = rg.a1;
+        sh.ranges[buf][r][2] = rg.b0; sh.ranges[buf][r][3] = rg.b1;
+    }
+}
+
+// dK and dV for a tile of 64 keys, over the query tiles that see any of them.
+extern "C" __global__ void __launch_bounds__(128, 3) attention_backward_flash_dkv(Shape s, int kind, i64 p0, i64 p1, i64 p2, i64 window,
                                                         float scale, const store_t* dout, const store_t* q,
                                                         const store_t* k, const store_t* v, const float* lse,
                                                         const float* delta, store_t* dk, store_t* dv) {
-    __shared__ __align__(16) store_t qs[FLASH_TILE * FLASH_PAD];   // Q, row-major
-    __shared__ __align__(16) store_t qt[FLASH_TILE * FLASH_PAD];   // Q, transposed
-    __shared__ __align__(16) store_t dos[FLASH_TILE * FLASH_PAD];  // dO, row-major
-    __shared__ __align__(16) store_t dot[FLASH_TILE * FLASH_PAD];  // dO, transposed
-    __shared__ float lses[FLASH_TILE], deltas[FLASH_TILE];
-    __shared__ int ranges[FLASH_TILE][4];
-    __shared__ int visit, whole;
-    __shared__ unsigned char reached[FLASH_DKV_TILES];  // per query tile: does any row see this key tile?
+    __shared__ __align__(16) QueryTileBuffers sh;
+    __shared__ unsigned char seen_by[FLASH_DKV_TILES];  // per query tile: UNSEEN, PARTLY or WHOLLY
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
     const i64 h = blockIdx.y % s.heads, b = blockIdx.y / s.heads;
-    const i64 tile_k0 = (i64)blockIdx.x * FLASH_TILE, k0 = tile_k0 + warp * 16;
+    const int tile_k0 = (int)blockIdx.x * FLASH_TILE, k0 = tile_k0 + warp * 16;
     const i64 width = s.heads * FLASH_HD;
     const float neg_inf = -__int_as_float(0x7f800000);
     const store_t* qb = q + b * s.q_batch_stride + h * FLASH_HD;
     const store_t* dob = dout + b * s.q_len * width + h * FLASH_HD;
+    const float* lse_bh = lse + (b * s.heads + h) * s.q_len;
+    const float* delta_bh = delta + (b * s.heads + h) * s.q_len;
 
+    // How each query tile sees this key tile, all in one pass before the loop (a warp a query
+    // tile, a lane two rows): the loop then skips the unseen without a barrier and leaves out the
+    // mask test where every row sees every key. Query tiles past FLASH_DKV_TILES count as PARTLY
+    // (a tile nobody sees then costs a visit, not a wrong gradient: its scores are all masked).
+    const int tiles = (int)((s.q_len + FLASH_TILE - 1) / FLASH_TILE);
+    for (int tile = warp; tile < tiles && tile < FLASH_DKV_TILES; tile += blockDim.x >> 5) {
+        int any = 0, all = 1;
+        for (int half = 0; half < 2; ++half) {
+            const Ranges32 r = row_ranges(s, kind, p0, p1, p2, window, (i64)tile * FLASH_TILE + lane + 32 * half);
+            if (reaches_tile(r, tile_k0)) any = 1;
+            if (!sees_whole_tile(r, tile_k0, (int)s.kv_len)) all = 0;  // rows past the end see nothing
+        }
+        for (int o = 16; o > 0; o >>= 1) {
+            any |= __shfl_xor_sync(0xffffffffu, any, o);
+            all &= __shfl_xor_sync(0xffffffffu, all, o);
+        }
+        if (lane == 0) seen_by[tile] = (unsigned char)(all ? WHOLLY : any ? PARTLY : UNSEEN);
+    }
+    __syncthreads();
+    auto how_seen = [&](int tile) { return tile < FLASH_DKV_TILES ? (int)seen_by[tile] : PARTLY; };
+    auto next_seen = [&](int tile) {
+        while (tile < tiles && how_seen(tile) == UNSEEN) ++tile;
+        return tile;
+    };
+    int tile = next_seen(0);
+    if (tile < tiles) {
+        start_query_tile_load(sh, 0, s, kind, p0, p1, p2, window, qb, dob, lse_bh, delta_bh, tile * FLASH_TILE,
+                              how_seen(tile) == PARTLY);
+    }
     unsigned ka[4][4], va[4][4];
     load_rows_as_a(ka, k + b * s.kv_batch_stride + h * FLASH_HD, s.k_stride, k0, s.kv_len, g, t);
     load_rows_as_a(va, v + b * s.kv_batch_stride + h * FLASH_HD, s.v_stride, k0, s.kv_len, g, t);
     float dk_acc[8][4], dv_acc[8][4];
     for (int d = 0; d < 8; ++d) for (int e = 0; e < 4; ++e) { dk_acc[d][e] = 0.0f; dv_acc[d][e] = 0.0f; }
 
-    // Which query tiles see this key tile, all in one pass before the loop (a warp a query tile,
-    // a lane two rows): the loop then skips the others without its three barriers. Query tiles
-    // past FLASH_DKV_TILES are checked in the loop only.
-    const i64 tiles = (s.q_len + FLASH_TILE - 1) / FLASH_TILE;
-    for (i64 tile = warp; tile < tiles && tile < FLASH_DKV_TILES; tile += blockDim.x >> 5) {
-        int any = 0;
+    for (int buf = 0; tile < tiles; buf ^= 1) {
+        wait_copies();
+        __syncthreads();  // this tile is in for every thread, and every thread is done with the other buffer
+        const bool whole = how_seen(tile) == WHOLLY;
+        const int next = next_seen(tile + 1);
+        if (next < tiles) {
+            start_query_tile_load(sh, buf ^ 1, s, kind, p0, p1, p2, window, qb, dob, lse_bh, delta_bh,
+                                  next * FLASH_TILE, how_seen(next) == PARTLY);
+        }
+        // Sᵀ and dPᵀ (rows: this warp's keys, columns: the tile's queries), 32 queries at a time as
+        // in the dQ kernel.
+        const float* lses = sh.lses[buf];
+        const float* deltas = sh.deltas[buf];
         for (int half = 0; half < 2; ++half) {
-            const i64 row = tile * FLASH_TILE + lane + 32 * half;
-            if (row < s.q_len && reaches_tile(key_ranges(kind, p0, p1, p2, window, row, s.kv_len), tile_k0)) any = 1;
-        }
-        for (int o = 16; o > 0; o >>= 1) any |= __shfl_xor_sync(0xffffffffu, any, o);
-        if (lane == 0) reached[tile] = (unsigned char)any;
-    }
-    __syncthreads();
-    for (i64 tile = 0; tile < tiles; ++tile) {
-        const i64 q0 = tile * FLASH_TILE;
-        if (tile < FLASH_DKV_TILES && !reached[tile]) continue;  // uniform: shared, written before the barrier
-        __syncthreads();  // the previous tile's readers are done
-        if (tid == 0) { visit = 0; whole = 1; }
-        __syncthreads();
-        if (tid < FLASH_TILE) {
-            i64 row = q0 + tid;
-            Ranges r;
-            r.a0 = 0; r.a1 = 0; r.b0 = 0; r.b1 = 0;
-            if (row < s.q_len) r = key_ranges(kind, p0, p1, p2, window, row, s.kv_len);
-            ranges[tid][0] = (int)r.a0; ranges[tid][1] = (int)r.a1;
-            ranges[tid][2] = (int)r.b0; ranges[tid][3] = (int)r.b1;
-            if (reaches_tile(r, tile_k0)) visit = 1;
-            if (!sees_whole_tile(narrow(r), (int)tile_k0, (int)s.kv_len)) whole = 0;  // rows past the end see nothing
-            i64 li = (b * s.heads + h) * s.q_len + row;
-            lses[tid] = row < s.q_len ? lse[li] : neg_inf;
-            deltas[tid] = row < s.q_len ? delta[li] : 0.0f;
-        }
-        __syncthreads();
-        if (!visit) continue;  // read by every thread after the barrier: uniform
-        load_tile(qs, qt, qb, s.q_stride, q0, s.q_len);
-        load_tile(dos, dot, dob, width, q0, s.q_len);
-        __syncthreads();
-        // Sᵀ and dPᵀ: rows are this warp's keys, columns the tile's queries.
-        float sc[8][4], dp[8][4];
-        product_with_rows(sc, ka, qs, g, t);
-        product_with_rows(dp, va, dos, g, t);
-        for (int n = 0; n < 8; ++n) {
-            for (int e = 0; e < 4; ++e) {
-                int col = n * 8 + 2 * t + (e & 1);
-                int key = (int)k0 + g + 8 * (e >> 1);
-                const int* r = ranges[col];
-                bool seen = whole || (((key >= r[0] && key < r[1]) || (key >= r[2] && key < r[3])) && lses[col] != neg_inf);
-                float p = seen ? expf(sc[n][e] * scale - lses[col]) : 0.0f;
-                sc[n][e] = p;
-                dp[n][e] = p * (dp[n][e] - deltas[col]) * scale;
+            const store_t* qrows = sh.qs[buf] + half * 32 * FLASH_PAD;
+            const store_t* dorows = sh.dos[buf] + half * 32 * FLASH_PAD;
+            float sc[4][4], dp[4][4];
+            product_with_rows<4>(sc, ka, qrows, lane);
+            product_with_rows<4>(dp, va, dorows, lane);
+            for (int n = 0; n < 4; ++n) {
+                for (int e = 0; e < 4; ++e) {
+                    int col = half * 32 + n * 8 + 2 * t + (e & 1);
+                    int key = k0 + g + 8 * (e >> 1);
+                    const int* r = sh.ranges[buf][col];
+                    bool seen = whole || (((key >= r[0] && key < r[1]) || (key >= r[2] && key < r[3])) && lses[col] != neg_inf);
+                    float p = seen ? expf(sc[n][e] * scale - lses[col]) : 0.0f;
+                    sc[n][e] = p;
+                    dp[n][e] = p * (dp[n][e] - deltas[col]) * scale;
+                }
             }
+            accumulate_times_rows<2>(dv_acc, sc, dorows, lane);
+            accumulate_times_rows<2>(dk_acc, dp, qrows, lane);
         }
-        accumulate_times_tile(dv_acc, sc, dot, g, t);
-        accumulate_times_tile(dk_acc, dp, qt, g, t);
+        tile = next;
     }
     for (int i = 0; i < 2; ++i) {
         i64 key = k0 + g + 8 * i;

@@ -3,9 +3,11 @@
 //
 // Every CUDA thread of a block is an OS thread; blocks run one after another, so `__shared__`
 // (mapped to `static`) is one array per block. `__syncthreads` is a barrier over the block;
-// warp shuffles and `mma.sync` exchange values through per-warp scratch between two warp
-// barriers. The mma follows the fragment layout of the PTX ISA for m16n8k16 with bf16 inputs
-// and f32 accumulation, written out independently of the kernel.
+// warp shuffles, `mma.sync` and `ldmatrix` exchange values through per-warp scratch between two
+// warp barriers. The mma and ldmatrix follow the fragment layouts of the PTX ISA (m16n8k16 with
+// bf16 inputs and f32 accumulation; m8n8.x4 with and without .trans), written out independently
+// of the kernels. `cp.async` copies land as late and the destination is clobbered as early as
+// the hardware allows, so a missing wait or barrier shows as NaNs.
 //
 // This checks the kernels' logic, not the hardware: timing, memory coalescing, bank conflicts
 // and the real tensor cores are for `scripts/gpu-check.sh` on a GPU.
@@ -15,6 +17,8 @@
 #include <atomic>
 #include <barrier>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <memory>
@@ -43,6 +47,12 @@ namespace emu {
 inline std::unique_ptr<std::barrier<>> block_barrier;
 inline std::vector<std::unique_ptr<std::barrier<>>> warp_barriers;
 inline std::vector<std::array<unsigned, 32 * 8>> scratch;  // per warp: 8 words per lane
+struct PendingCopy {  // a cp.async not yet waited for
+    void* dst;
+    const void* src;
+    int bytes;
+};
+inline thread_local std::vector<PendingCopy> pending_copies;
 
 inline int warp() { return threadIdx.x / 32; }
 inline int lane() { return threadIdx.x & 31; }
@@ -68,6 +78,10 @@ inline void launch(EmuDim3 grid, unsigned threads, const std::function<void()>& 
                     for (unsigned bx = 0; bx < grid.x; ++bx) {
                         blockIdx = EmuDim3{bx, by, bz};
                         kernel();
+                        if (!pending_copies.empty()) {
+                            std::fprintf(stderr, "a thread ended its block with cp.async copies not waited for\n");
+                            std::abort();
+                        }
                         between_blocks.arrive_and_wait();
                     }
                 }
@@ -100,6 +114,54 @@ inline unsigned atomicAdd(unsigned* address, unsigned value) {
 inline unsigned long long atomicAdd(unsigned long long* address, unsigned long long value) {
     return std::atomic_ref<unsigned long long>(*address).fetch_add(value);
 }
+
+// cp.async (sm_80+): the copy is deferred to the thread's wait, the latest moment the hardware
+// may complete it, and the destination is poisoned (all ones: a bf16 NaN) when the copy is
+// issued, the earliest moment it may change: a kernel that reads a tile before waiting for it,
+// or overwrites a tile another thread still reads, sees NaNs here as it would see garbage there.
+inline void copy_async(void* dst, const void* src, int bytes) {
+    std::memset(dst, 0xff, bytes);
+    emu::pending_copies.push_back({dst, src, bytes});
+}
+inline void copy_async_16(void* dst, const void* src) { copy_async(dst, src, 16); }
+inline void copy_async_4(void* dst, const void* src) { copy_async(dst, src, 4); }
+inline void wait_copies() {
+    for (const auto& c : emu::pending_copies) std::memcpy(c.dst, c.src, c.bytes);
+    emu::pending_copies.clear();
+}
+
+// ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16, per the PTX ISA: lanes 8i … 8i + 7 give the
+// addresses of the eight 16-byte rows of matrix i; register i of lane l receives row l / 4,
+// elements 2·(l % 4) and 2·(l % 4) + 1 of matrix i, or with .trans of its transpose (elements
+// [2·(l % 4)][l / 4] and [2·(l % 4) + 1][l / 4]), the lower index in the lower half.
+inline void load_matrix_x4_impl(unsigned* r, const void* row, bool trans) {
+    auto& s = emu::scratch[emu::warp()];
+    const int lane = emu::lane();
+    std::memcpy(&s[lane * 8], &row, sizeof(row));
+    emu::warp_sync();
+    auto row_of = [&](int owner) {
+        const unsigned short* p;
+        std::memcpy(&p, &s[owner * 8], sizeof(p));
+        return p;
+    };
+    const int g = lane / 4, t = lane % 4;
+    unsigned got[4];
+    for (int i = 0; i < 4; ++i) {
+        unsigned lo, hi;
+        if (trans) {
+            lo = row_of(8 * i + 2 * t)[g];
+            hi = row_of(8 * i + 2 * t + 1)[g];
+        } else {
+            lo = row_of(8 * i + g)[2 * t];
+            hi = row_of(8 * i + g)[2 * t + 1];
+        }
+        got[i] = lo | (hi << 16);
+    }
+    emu::warp_sync();
+    for (int i = 0; i < 4; ++i) r[i] = got[i];
+}
+inline void load_matrix_x4(unsigned* r, const void* row) { load_matrix_x4_impl(r, row, false); }
+inline void load_matrix_x4_trans(unsigned* r, const void* row) { load_matrix_x4_impl(r, row, true); }
 
 inline float __int_as_float(int x) { float f; std::memcpy(&f, &x, 4); return f; }
 inline float __uint_as_float(unsigned x) { float f; std::memcpy(&f, &x, 4); return f; }
