@@ -392,25 +392,36 @@ extern "C" __global__ void embedding_forward(const unsigned* ids, const store_t*
 
 // dtable[ids[r], c] += dout[r, c], with the rows grouped by id on the host: group g is id
 // group_ids[g] with rows group_rows[group_start[g] .. group_start[g + 1]], increasing. One block
-// per group, threads over channels: each element adds its rows in the CPU's order, in f32, and is
-// stored once (bit for bit the CPU in f32 mode; one bf16 rounding in bf16), with no atomics and
-// every distinct id in parallel.
+// per (group, 2·blockDim.x channels), two channels a thread: each element adds its rows in the
+// CPU's order, in f32, and is stored once (bit for bit the CPU in f32 mode; one bf16 rounding in
+// bf16), with no atomics and every distinct id in parallel. The mask token owns about half the
+// x_t rows, so one group is thousands of rows long: a lane loads one row index, shuffles hand
+// them round, and each thread has EMBED_ROWS rows' loads in flight (and the next indices) — a
+// loop with eight loads in flight spent ≈ 3 ms a training step on that one id.
+#define EMBED_ROWS 32
 extern "C" __global__ void embedding_backward(const unsigned* group_start, const unsigned* group_ids,
                                               const unsigned* group_rows, const store_t* dout, store_t* dtable,
                                               i64 channels) {
     const i64 g = blockIdx.x, id = group_ids[g];
     const unsigned first = group_start[g], end = group_start[g + 1];
-    for (i64 c = threadIdx.x; c < channels; c += blockDim.x) {
-        float acc = ld(dtable, id * channels + c);
-        unsigned k = first;
-        // Loads in eights, added in order: a frequent id (the mask token) is not one load latency
-        // per row.
-        for (; k + 8 <= end; k += 8) {
-            float v[8];
-            for (int j = 0; j < 8; ++j) v[j] = ld(dout, (i64)group_rows[k + j] * channels + c);
-            for (int j = 0; j < 8; ++j) acc += v[j];
+    const int lane = threadIdx.x & 31;
+    const i64 c = ((i64)blockIdx.y * blockDim.x + threadIdx.x) * 2;
+    const bool has0 = c < channels, has1 = c + 1 < channels;  // lanes past the end still shuffle
+    float acc0 = has0 ? ld(dtable, id * channels + c) : 0.0f, acc1 = has1 ? ld(dtable, id * channels + c + 1) : 0.0f;
+    unsigned next = first + lane < end ? group_rows[first + lane] : 0u;
+    for (unsigned k = first; k < end; k += EMBED_ROWS) {
+        const unsigned mine = next;
+        next = k + EMBED_ROWS + lane < end ? group_rows[k + EMBED_ROWS + lane] : 0u;
+        const int n = (int)min((unsigned)EMBED_ROWS, end - k);
+        float v0[EMBED_ROWS], v1[EMBED_ROWS];
+UNROLL
+        for (int j = 0; j < EMBED_ROWS; ++j) {
+            const i64 row = (i64)__shfl_sync(0xffffffffu, mine, j);
+            v0[j] = j < n && has0 ? ld(dout, row * channels + c) : 0.0f;
+            v1[j] = j < n && has1 ? ld(dout, row * channels + c + 1) : 0.0f;
         }
-        for (; k < end; ++k) acc += ld(dout, (i64)group_rows[k] * channels + c);
-        st(dtable, id * channels + c, acc);
+        for (int j = 0; j < n; ++j) { acc0 += v0[j]; acc1 += v1[j]; }
     }
+    if (has0) st(dtable, id * channels + c, acc0);
+    if (has1) st(dtable, id * channels + c + 1, acc1);
 }

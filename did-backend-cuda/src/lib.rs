@@ -112,6 +112,8 @@ pub struct CudaIds {
 
 /// Threads per block of the element-wise and row kernels.
 const THREADS: u32 = 256;
+/// Threads per block of `embedding_backward` (two channels each).
+const EMBEDDING_THREADS: u32 = 64;
 /// Rows per partial sum of the deterministic column sums.
 const ROWS_PER_CHUNK: usize = 64;
 /// Threads per block of `draw_tokens` (its `DRAW_THREADS`).
@@ -1519,10 +1521,13 @@ impl Backend for CudaBackend {
             Arg::Ptr(dtable),
             Arg::I64(channels as i64),
         ];
+        // Two channels a thread (the kernel's layout), 64 threads a block: an id's channels
+        // spread over several blocks, so the long group (the mask token) is not one SM's work.
+        let channel_blocks = grid_rows(channels.div_ceil(2 * EMBEDDING_THREADS as usize))?;
         self.launch(
             "embedding_backward",
-            (grid_rows(groups)?, 1, 1),
-            THREADS,
+            (grid_rows(groups)?, channel_blocks, 1),
+            EMBEDDING_THREADS,
             &args,
         )
     }

@@ -1,5 +1,5 @@
 // The embedding backward (kernels/elementwise.cu) under the CPU emulation of emu.h: rows grouped
-// by id as the backend groups them (did_backend_cuda::rows_by_id), one block per id, against the
+// by id as the backend groups them (did_backend_cuda::rows_by_id), blocks per id, against the
 // CPU backend's loop (each row added to its id's row, in row order, in f32). Equal bit for bit:
 // in f32 the additions are the same ones in the same order; in bf16 both round once at the end.
 //
@@ -19,7 +19,8 @@ int main() {
     int failures = 0;
     // (rows, table rows, channels, threads): channels below, between and above the thread count;
     // a table of one row puts every row in one group (the unrolled loop and its tail).
-    const int cases[][4] = {{50, 7, 40, 64}, {300, 40, 100, 64}, {37, 1, 3, 32}, {1, 5, 130, 64}};
+    // 100 rows of one id: three rounds of 32 and a tail.
+    const int cases[][4] = {{50, 7, 40, 64}, {300, 40, 100, 64}, {37, 1, 3, 32}, {1, 5, 130, 64}, {100, 1, 257, 64}};
     for (const auto& c : cases) {
         const int rows = c[0], table = c[1], channels = c[2], threads = c[3];
         std::vector<unsigned> ids(rows);
@@ -50,7 +51,9 @@ int main() {
         }
         start.push_back(rows);
         std::vector<store_t> got = dtable;
-        emu::launch(EmuDim3{(unsigned)group_ids.size(), 1, 1}, threads, [&] {
+        // As the backend launches it: two channels a thread.
+        const unsigned channel_blocks = (unsigned)((channels + 2 * threads - 1) / (2 * threads));
+        emu::launch(EmuDim3{(unsigned)group_ids.size(), channel_blocks, 1}, threads, [&] {
             embedding_backward(start.data(), group_ids.data(), order.data(), dout.data(), got.data(), channels);
         });
         bool same = std::memcmp(got.data(), want.data(), want.size() * sizeof(store_t)) == 0;

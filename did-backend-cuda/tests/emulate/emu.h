@@ -107,6 +107,18 @@ T __shfl_xor_sync(unsigned, T value, int offset) {
     return got;
 }
 
+template <class T>
+T __shfl_sync(unsigned, T value, int src_lane) {
+    static_assert(sizeof(T) <= 8, "two words per lane");
+    auto& s = emu::scratch[emu::warp()];
+    std::memcpy(&s[emu::lane() * 8], &value, sizeof(T));
+    emu::warp_sync();
+    T got;
+    std::memcpy(&got, &s[(src_lane & 31) * 8], sizeof(T));
+    emu::warp_sync();
+    return got;
+}
+
 // Shared-memory integer atomics (the kernels add integers only, so the order does not matter).
 inline unsigned atomicAdd(unsigned* address, unsigned value) {
     return std::atomic_ref<unsigned>(*address).fetch_add(value);
