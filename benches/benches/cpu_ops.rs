@@ -6,7 +6,9 @@
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use did_backend_cpu::CpuBackend;
-use did_core::backend::{AdamW, AttentionShape, Backend, Gemm, NormShape, Slice, SliceMut};
+use did_core::backend::{
+    AdamW, AttentionShape, Backend, Gemm, NormShape, QkvOffsets, Slice, SliceMut,
+};
 use did_core::mask::AttentionMask;
 use did_core::model::{
     diffusion_batch, Architecture, DiffusionDenoiser, ModelConfig, Trainer, TrainerConfig,
@@ -117,11 +119,7 @@ fn ops(c: &mut Criterion) {
         be.zeros(batch * n * width).unwrap(),
         be.zeros_f32(batch * heads * n).unwrap(),
     );
-    let (mut dq, mut dk, mut dv) = (
-        be.zeros(batch * n * width).unwrap(),
-        be.zeros(batch * n * width).unwrap(),
-        be.zeros(batch * n * width).unwrap(),
-    );
+    let mut dqkv = be.zeros(batch * n * 3 * width).unwrap();
     g.throughput(Throughput::Elements((batch * n) as u64));
     g.bench_function(
         "attention_bd3_L256_block4_fwd_bwd (elements = queries)",
@@ -151,9 +149,8 @@ fn ops(c: &mut Criterion) {
                     v,
                     Slice::whole(&o),
                     Slice::whole(&lse),
-                    SliceMut::whole(&mut dq),
-                    SliceMut::whole(&mut dk),
-                    SliceMut::whole(&mut dv),
+                    SliceMut::whole(&mut dqkv),
+                    QkvOffsets::fused(width),
                 )
                 .unwrap();
             })

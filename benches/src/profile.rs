@@ -8,8 +8,8 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use did_core::backend::{
-    AdamW, AttentionShape, Backend, DrawSpec, Gemm, NormShape, RopeShape, RowGroups, Slice,
-    SliceMut,
+    AdamW, AttentionShape, Backend, DrawSpec, Gemm, NormShape, QkvOffsets, RopeShape, RowGroups,
+    Slice, SliceMut,
 };
 use did_core::mask::AttentionMask;
 use did_core::rng::RngStream;
@@ -363,13 +363,12 @@ impl<B: Backend> Backend for Profiled<B> {
         v: S<'_, B>,
         o: S<'_, B>,
         l: S<'_, B>,
-        dq: M<'_, B>,
-        dk: M<'_, B>,
-        dv: M<'_, B>,
+        grads: M<'_, B>,
+        at: QkvOffsets,
     ) -> Result<(), B::Error> {
         self.timed("attention_backward", 0, || {
             self.inner
-                .attention_backward(s, mask, d, q, k, v, o, l, dq, dk, dv)
+                .attention_backward(s, mask, d, q, k, v, o, l, grads, at)
         })
     }
     fn gelu_forward(&self, x: S<'_, B>, o: M<'_, B>, n: usize) -> Result<(), B::Error> {

@@ -56,7 +56,8 @@
 use core::marker::PhantomData;
 
 use did_core::backend::{
-    AdamW, AttentionShape, Backend, DrawSpec, Gemm, NormShape, RopeShape, Slice, SliceMut,
+    AdamW, AttentionShape, Backend, DrawSpec, Gemm, NormShape, QkvOffsets, RopeShape, Slice,
+    SliceMut,
 };
 use did_core::mask::AttentionMask;
 use did_core::rng::RngStream;
@@ -458,12 +459,10 @@ impl<T: CpuFloat> Backend for CpuBackend<T> {
         v: Slice<'_, Vec<T>>,
         out: Slice<'_, Vec<T>>,
         lse: Slice<'_, Vec<T>>,
-        dq: SliceMut<'_, Vec<T>>,
-        dk: SliceMut<'_, Vec<T>>,
-        dv: SliceMut<'_, Vec<T>>,
+        grads: SliceMut<'_, Vec<T>>,
+        at: QkvOffsets,
     ) -> Result<(), CpuError> {
         let e = shape.extents().map_err(CpuError::Shape)?;
-        let dkv = shape.batch * shape.kv_len * shape.heads * shape.head_dim;
         ops::attention::backward(
             shape,
             mask,
@@ -473,9 +472,8 @@ impl<T: CpuFloat> Backend for CpuBackend<T> {
             view(v, e.v, "attention v")?,
             view(out, e.out, "attention out")?,
             view(lse, e.lse, "attention lse")?,
-            view_mut(dq, e.out, "attention dq")?,
-            view_mut(dk, dkv, "attention dk")?,
-            view_mut(dv, dkv, "attention dv")?,
+            view_mut(grads, at.span(&e), "attention gradients")?,
+            at,
         );
         Ok(())
     }

@@ -383,8 +383,8 @@ fn memory_report_counts_what_is_allocated() {
         assert_eq!(report.activations, 4 * saved, "{arch:?} {pass:?}");
         let g = &acts.grad;
         let scratch: usize = [
-            &g.dres, &g.dy, &g.dh, &g.dln, &g.dg, &g.df1, &g.datt, &g.dq, &g.dk, &g.dv, &g.dhf,
-            &g.dlnf, &g.dhx, &g.dmods, &g.dc, &g.ds2, &g.ds1a, &g.ds1,
+            &g.dres, &g.dy, &g.dh, &g.dln, &g.dg, &g.df1, &g.datt, &g.dqkv, &g.dhf, &g.dlnf,
+            &g.dhx, &g.dmods, &g.dc, &g.ds2, &g.ds1a, &g.ds1,
         ]
         .iter()
         .map(|v| v.len())

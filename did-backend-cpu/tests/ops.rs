@@ -4,7 +4,8 @@
 
 use did_backend_cpu::CpuBackend;
 use did_core::backend::{
-    AdamW, AttentionShape, Backend, Gemm, NormShape, RopeShape, RowGroups, Slice, SliceMut,
+    AdamW, AttentionShape, Backend, Gemm, NormShape, QkvOffsets, RopeShape, RowGroups, Slice,
+    SliceMut,
 };
 use did_core::mask::AttentionMask;
 use did_core::rng::{Purpose, RngStream};
@@ -651,11 +652,18 @@ fn attention_matches_the_dense_reference_and_its_gradients() {
             }
         }
         let r = rand(seed.wrapping_add(3), out.len(), 1.0);
-        let (mut dq, mut dk, mut dv) = (
-            vec![0.0; batch * q_len * width],
-            vec![0.0; batch * kv_len * width],
-            vec![0.0; batch * kv_len * width],
-        );
+        // The gradients land laid out like the inputs: a fused input's in one buffer like it,
+        // separate inputs' one after another in one buffer (q | k | v).
+        let at = if fused {
+            QkvOffsets::fused(width)
+        } else {
+            QkvOffsets {
+                q: 0,
+                k: nq,
+                v: nq + nk,
+            }
+        };
+        let mut grads = vec![0.0; if fused { nq } else { nq + 2 * nk }];
         BE.attention_backward(
             &s,
             &mask,
@@ -665,31 +673,20 @@ fn attention_matches_the_dense_reference_and_its_gradients() {
             Slice::at(vb, vo),
             Slice::whole(&out),
             Slice::whole(&lse),
-            SliceMut::whole(&mut dq),
-            SliceMut::whole(&mut dk),
-            SliceMut::whole(&mut dv),
+            SliceMut::whole(&mut grads),
+            at,
         )
         .unwrap();
-        // Scatter the contiguous gradients back to the input layouts to compare with finite differences.
         let loss = |inp: &[Vec<f64>]| dot(&run(inp).0, &r);
-        let mut g = [vec![0.0; nq], vec![0.0; nk], vec![0.0; nk]];
-        for bi in 0..batch {
-            for t in 0..q_len {
-                for x in 0..width {
-                    g[0][qo + bi * s.q_batch_stride + t * q_stride + x] +=
-                        dq[(bi * q_len + t) * width + x];
-                }
-            }
-            for t in 0..kv_len {
-                for x in 0..width {
-                    let (gk, gv) = if fused { (0, 0) } else { (1, 2) };
-                    g[gk][ko + bi * s.kv_batch_stride + t * k_stride + x] +=
-                        dk[(bi * kv_len + t) * width + x];
-                    g[gv][vo + bi * s.kv_batch_stride + t * k_stride + x] +=
-                        dv[(bi * kv_len + t) * width + x];
-                }
-            }
-        }
+        let g = if fused {
+            [grads, vec![], vec![]]
+        } else {
+            [
+                grads[..nq].to_vec(),
+                grads[nq..nq + nk].to_vec(),
+                grads[nq + nk..].to_vec(),
+            ]
+        };
         let tensors = if fused { 1 } else { 3 };
         for (i, gi) in g.iter().enumerate().take(tensors) {
             check_grad(

@@ -3,6 +3,8 @@
 // mask allows (online softmax), and the backward recomputes probabilities from
 // the saved log-sum-exp. dK and dV come from a second kernel with one warp per
 // key, so nothing is accumulated with atomics and results are deterministic.
+// Gradients are accumulated laid out like their inputs (dq like q, dk like k, dv
+// like v: the shape's strides), so a fused qkv input gets one fused gradient.
 // Lane j of a warp holds channels j, j + 32, … of the head (head_dim ≤ 256).
 //
 // The mask arrives as did_core::mask::AttentionMask flattened: kind 0 =
@@ -127,7 +129,8 @@ extern "C" __global__ void attention_backward_dq(Shape s, int kind, i64 p0, i64 
             for (int j = 0; j < MAX_PER_LANE; ++j) { i64 d = lane + 32 * j; if (d < hd) g[j] += ds * ld(kp, d); }
         }
     }
-    for (int j = 0; j < MAX_PER_LANE; ++j) { i64 d = lane + 32 * j; if (d < hd) add_to(dq, o + d, g[j]); }
+    const i64 oq = b * s.q_batch_stride + qi * s.q_stride + h * hd;  // dq is laid out like q
+    for (int j = 0; j < MAX_PER_LANE; ++j) { i64 d = lane + 32 * j; if (d < hd) add_to(dq, oq + d, g[j]); }
 }
 
 // dK and dV: one warp per (sequence, head, key) over the queries that see it.
@@ -163,10 +166,10 @@ extern "C" __global__ void attention_backward_dkv(Shape s, int kind, i64 p0, i64
             if (d < hd) { gv[j] += p * ld(dop, d); gk[j] += ds * ld(qp, d); }
         }
     }
-    i64 o = b * s.kv_len * width + ki * width + h * hd;
+    const i64 ok = b * s.kv_batch_stride + ki * s.k_stride + h * hd, ov = b * s.kv_batch_stride + ki * s.v_stride + h * hd;
     for (int j = 0; j < MAX_PER_LANE; ++j) {
         i64 d = lane + 32 * j;
-        if (d < hd) { add_to(dk, o + d, gk[j]); add_to(dv, o + d, gv[j]); }
+        if (d < hd) { add_to(dk, ok + d, gk[j]); add_to(dv, ov + d, gv[j]); }
     }
 }
 
@@ -561,7 +564,7 @@ extern "C" __global__ void __launch_bounds__(128, 3) attention_backward_flash_dq
     for (int i = 0; i < 2; ++i) {
         i64 row = q0 + g + 8 * i;
         if (row >= s.q_len) continue;
-        i64 o = b * s.q_len * width + row * width + h * FLASH_HD;
+        const i64 o = b * s.q_batch_stride + row * s.q_stride + h * FLASH_HD;  // dq is laid out like q
         for (int d = 0; d < 8; ++d) {
             for (int e = 2 * i; e < 2 * i + 2; ++e) add_to(dq, o + d * 8 + 2 * t + (e & 1), acc[d][e]);
         }
@@ -694,11 +697,12 @@ extern "C" __global__ void __launch_bounds__(128, 3) attention_backward_flash_dk
     for (int i = 0; i < 2; ++i) {
         i64 key = k0 + g + 8 * i;
         if (key >= s.kv_len) continue;
-        i64 o = b * s.kv_len * width + key * width + h * FLASH_HD;
+        const i64 ok = b * s.kv_batch_stride + key * s.k_stride + h * FLASH_HD;  // dk, dv laid out like k, v
+        const i64 ov = b * s.kv_batch_stride + key * s.v_stride + h * FLASH_HD;
         for (int d = 0; d < 8; ++d) {
             for (int e = 2 * i; e < 2 * i + 2; ++e) {
-                add_to(dk, o + d * 8 + 2 * t + (e & 1), dk_acc[d][e]);
-                add_to(dv, o + d * 8 + 2 * t + (e & 1), dv_acc[d][e]);
+                add_to(dk, ok + d * 8 + 2 * t + (e & 1), dk_acc[d][e]);
+                add_to(dv, ov + d * 8 + 2 * t + (e & 1), dv_acc[d][e]);
             }
         }
     }

@@ -44,8 +44,8 @@ use cudarc::driver::{
     PushKernelArg,
 };
 use did_core::backend::{
-    AdamW, AttentionShape, Backend, DrawSpec, Gemm, NormShape, RopeShape, RowGroups, Slice,
-    SliceMut,
+    AdamW, AttentionShape, Backend, DrawSpec, Gemm, NormShape, QkvOffsets, RopeShape, RowGroups,
+    Slice, SliceMut,
 };
 use did_core::mask::AttentionMask;
 use did_core::rng::RngStream;
@@ -1296,12 +1296,10 @@ impl Backend for CudaBackend {
         v: Slice<'_, CudaBuffer>,
         out: Slice<'_, CudaBuffer>,
         lse: Slice<'_, CudaBuffer>,
-        dq: SliceMut<'_, CudaBuffer>,
-        dk: SliceMut<'_, CudaBuffer>,
-        dv: SliceMut<'_, CudaBuffer>,
+        grads: SliceMut<'_, CudaBuffer>,
+        at: QkvOffsets,
     ) -> Result<(), CudaError> {
         let e = attention_extents(s)?;
-        let kv_out = s.batch * s.kv_len * s.heads * s.head_dim;
         let (dp, qp, kp, vp) = (
             self.ptr(dout, e.out, "attention dout")?,
             self.ptr(q, e.q, "attention q")?,
@@ -1312,9 +1310,14 @@ impl Backend for CudaBackend {
             self.ptr(out, e.out, "attention out")?,
             self.f32_ptr(lse.buf, lse.offset, e.lse, "attention lse")?,
         );
-        let dqp = self.ptr_mut(dq, e.out, "attention dq")?;
-        let dkp = self.ptr_mut(dk, kv_out, "attention dk")?;
-        let dvp = self.ptr_mut(dv, kv_out, "attention dv")?;
+        // Each gradient laid out like its input, from its offset in `grads`.
+        let gp = self.ptr_mut(grads, at.span(&e), "attention gradients")?;
+        let elem = self.precision.bytes() as u64;
+        let (dqp, dkp, dvp) = (
+            gp + elem * at.q as u64,
+            gp + elem * at.k as u64,
+            gp + elem * at.v as u64,
+        );
         if e.lse == 0 {
             return Ok(());
         }

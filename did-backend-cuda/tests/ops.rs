@@ -6,12 +6,13 @@
 mod common;
 
 use common::{
-    bf16_round, check, check_with_attention, dims, down, gpu, poisoned, rand, Case, BF16, F32,
+    bf16_round, check, check_with_attention, dims, down, down_at, gpu, poisoned, rand, Case, BF16,
+    F32,
 };
 use did_backend_cuda::{AttentionKernel, Precision};
 use did_core::backend::{
-    AdamW, AttentionShape, Backend, DrawSpec, Gemm, NormShape, RopeShape, RowGroups, Slice,
-    SliceMut,
+    AdamW, AttentionShape, Backend, DrawSpec, Gemm, NormShape, QkvOffsets, RopeShape, RowGroups,
+    Slice, SliceMut,
 };
 use did_core::mask::AttentionMask;
 use did_core::rng::{Purpose, RngStream};
@@ -597,8 +598,9 @@ struct AttentionCase {
     qkv: Vec<f32>,
     kv: Vec<f32>,
     dout: Vec<f32>,
-    acc_q: Vec<f32>,
-    acc_kv: Vec<f32>,
+    /// The gradients' starting values (the op accumulates): a copy of the q buffer's layout,
+    /// then one of the k | v buffer's.
+    acc: Vec<f32>,
 }
 
 impl Case for AttentionCase {
@@ -624,8 +626,14 @@ impl Case for AttentionCase {
             SliceMut::whole(&mut lse),
         )?;
         let dout = be.upload(&self.dout)?;
-        let mut dq = be.upload(&self.acc_q)?;
-        let (mut dk, mut dv) = (be.upload(&self.acc_kv)?, be.upload(&self.acc_kv)?);
+        // Gradients laid out like the inputs, in one buffer: the q buffer's layout, then the
+        // k | v buffer's (so the columns no gradient owns must come back untouched too).
+        let mut grads = be.upload(&self.acc)?;
+        let at = QkvOffsets {
+            q: 0,
+            k: self.qkv.len(),
+            v: self.qkv.len() + width,
+        };
         be.attention_backward(
             s,
             &self.mask,
@@ -635,18 +643,18 @@ impl Case for AttentionCase {
             v,
             Slice::whole(&out),
             Slice::whole(&lse),
-            SliceMut::whole(&mut dq),
-            SliceMut::whole(&mut dk),
-            SliceMut::whole(&mut dv),
+            SliceMut::whole(&mut grads),
+            at,
         )?;
         let nq = s.batch * s.q_len * width;
-        let nkv = s.batch * s.kv_len * width;
         Ok(vec![
             ("out", down(be, &out, nq)?),
             ("lse", down(be, &lse, s.batch * s.heads * s.q_len)?),
-            ("dq", down(be, &dq, nq)?),
-            ("dk", down(be, &dk, nkv)?),
-            ("dv", down(be, &dv, nkv)?),
+            ("dq", down(be, &grads, self.qkv.len())?),
+            (
+                "dk | dv",
+                down_at(be, &grads, self.qkv.len(), self.kv.len())?,
+            ),
         ])
     }
 }
@@ -727,8 +735,7 @@ fn attention_case(z: u8, x: u8, y: u8, seed: u64, head_dim: usize) -> AttentionC
         qkv: rand(seed, batch * q_len * 3 * width, 1.5),
         kv: rand(seed ^ 1, batch * kv_len * 2 * width, 1.5),
         dout: rand(seed ^ 2, batch * q_len * width, 1.0),
-        acc_q: rand(seed ^ 3, batch * q_len * width, 1.0),
-        acc_kv: rand(seed ^ 4, batch * kv_len * width, 1.0),
+        acc: rand(seed ^ 3, batch * (q_len * 3 + kv_len * 2) * width, 1.0),
     }
 }
 

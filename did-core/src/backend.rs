@@ -288,16 +288,61 @@ pub struct AttentionShape {
 /// Elements each operand of an attention call spans from its offset.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AttentionExtents {
-    /// `q`.
+    /// `q` (and its gradient).
     pub q: usize,
-    /// `k`.
+    /// `k` (and its gradient).
     pub k: usize,
-    /// `v`.
+    /// `v` (and its gradient).
     pub v: usize,
-    /// `out`, `dout` and `dq` (contiguous).
+    /// `out` and `dout` (contiguous).
     pub out: usize,
     /// `lse`: one per (sequence, head, query).
     pub lse: usize,
+}
+
+/// Where [`Backend::attention_backward`] puts the gradients of `q`, `k` and `v`
+/// in its one gradient buffer: each laid out like its input (the
+/// [`AttentionShape`]'s token and sequence strides) from its offset here. A
+/// fused `[tokens, 3·C]` qkv input takes [`QkvOffsets::fused`], and its gradient
+/// is then one `[tokens, 3·C]` matrix.
+///
+/// ```
+/// use did_core::backend::{AttentionShape, QkvOffsets};
+/// // Four tokens of a fused qkv row, 2 heads of 8: C = 16, rows of 48.
+/// let s = AttentionShape { batch: 1, heads: 2, head_dim: 8, q_len: 4, kv_len: 4,
+///     q_stride: 48, k_stride: 48, v_stride: 48, q_batch_stride: 4 * 48, kv_batch_stride: 4 * 48,
+///     scale: 8f32.sqrt().recip() };
+/// let at = QkvOffsets::fused(16);
+/// assert_eq!((at.q, at.k, at.v), (0, 16, 32));
+/// // The gradient buffer must reach the end of the last of the three.
+/// assert_eq!(at.span(&s.extents()?), 32 + 3 * 48 + 16);
+/// # Ok::<(), String>(())
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QkvOffsets {
+    /// Where `dq` starts.
+    pub q: usize,
+    /// Where `dk` starts.
+    pub k: usize,
+    /// Where `dv` starts.
+    pub v: usize,
+}
+
+impl QkvOffsets {
+    /// The gradients of a fused qkv row of `3·width` (queries, keys, values).
+    pub fn fused(width: usize) -> Self {
+        QkvOffsets {
+            q: 0,
+            k: width,
+            v: 2 * width,
+        }
+    }
+
+    /// The elements a gradient buffer needs from its offset: to the end of the
+    /// farthest of the three.
+    pub fn span(&self, e: &AttentionExtents) -> usize {
+        (self.q + e.q).max(self.k + e.k).max(self.v + e.v)
+    }
 }
 
 impl AttentionShape {
@@ -801,9 +846,10 @@ pub trait Backend {
         out: SliceMut<'_, Self::Buffer>,
         lse: SliceMut<'_, Self::Buffer>,
     ) -> Result<(), Self::Error>;
-    /// Accumulates `dq` (`[batch, q_len, heads·head_dim]`, contiguous) and
-    /// `dk`, `dv` (`[batch, kv_len, heads·head_dim]`, contiguous): three
-    /// buffers, so a fused qkv projection takes its weight gradient in three GEMMs.
+    /// Accumulates the gradients of `q`, `k` and `v` into `grads`, each laid
+    /// out like its input (the shape's strides) from its offset in `at`: for a
+    /// fused qkv input, one `[tokens, 3·C]` gradient, which the fused
+    /// projection's weight and input gradients take in one GEMM each.
     #[allow(clippy::too_many_arguments)]
     fn attention_backward(
         &self,
@@ -815,9 +861,8 @@ pub trait Backend {
         v: Slice<'_, Self::Buffer>,
         out: Slice<'_, Self::Buffer>,
         lse: Slice<'_, Self::Buffer>,
-        dq: SliceMut<'_, Self::Buffer>,
-        dk: SliceMut<'_, Self::Buffer>,
-        dv: SliceMut<'_, Self::Buffer>,
+        grads: SliceMut<'_, Self::Buffer>,
+        at: QkvOffsets,
     ) -> Result<(), Self::Error>;
     /// `out = gelu_tanh(x)` over `len` elements.
     fn gelu_forward(

@@ -11,7 +11,7 @@
 
 use core::ops::Range;
 
-use did_core::backend::{AttentionShape, Gemm};
+use did_core::backend::{AttentionShape, Gemm, QkvOffsets};
 use did_core::mask::AttentionMask;
 use rayon::prelude::*;
 
@@ -286,7 +286,8 @@ pub fn forward<T: CpuFloat>(
     }
 }
 
-/// The backward: accumulates `dq` `[batch, q_len, H·D]` and `dk`, `dv` `[batch, kv_len, H·D]`.
+/// The backward: accumulates the gradients of q, k and v into `grads`, each laid out like its
+/// input from its offset in `at`.
 #[allow(clippy::too_many_arguments)]
 pub fn backward<T: CpuFloat>(
     s: &AttentionShape,
@@ -297,9 +298,8 @@ pub fn backward<T: CpuFloat>(
     v: &[T],
     out: &[T],
     lse: &[T],
-    dq: &mut [T],
-    dk: &mut [T],
-    dv: &mut [T],
+    grads: &mut [T],
+    at: QkvOffsets,
 ) {
     let (d, width) = (s.head_dim, s.heads * s.head_dim);
     if s.batch == 0 || s.heads == 0 || s.q_len == 0 || d == 0 {
@@ -417,24 +417,32 @@ pub fn backward<T: CpuFloat>(
             (gq, gk, gv)
         })
         .collect();
+    // Each gradient laid out like its input, from its offset in `grads`.
+    let add = |grads: &mut [T], start: usize, g: &[T]| {
+        for (x, &g) in grads[start..start + d].iter_mut().zip(g) {
+            *x += g;
+        }
+    };
     for (bh, (gq, gk, gv)) in results.into_iter().enumerate() {
-        let (b, h) = (bh / s.heads, bh % s.heads);
+        let base = head_base(s, bh / s.heads, bh % s.heads);
         for t in 0..s.q_len {
-            for (x, &g) in dq[(b * s.q_len + t) * width + h * d..][..d]
-                .iter_mut()
-                .zip(&gq[t * d..(t + 1) * d])
-            {
-                *x += g;
-            }
+            add(
+                grads,
+                at.q + base.q + t * s.q_stride,
+                &gq[t * d..(t + 1) * d],
+            );
         }
         for t in 0..s.kv_len {
-            let o = (b * s.kv_len + t) * width + h * d;
-            for (x, &g) in dk[o..o + d].iter_mut().zip(&gk[t * d..(t + 1) * d]) {
-                *x += g;
-            }
-            for (x, &g) in dv[o..o + d].iter_mut().zip(&gv[t * d..(t + 1) * d]) {
-                *x += g;
-            }
+            add(
+                grads,
+                at.k + base.k + t * s.k_stride,
+                &gk[t * d..(t + 1) * d],
+            );
+            add(
+                grads,
+                at.v + base.v + t * s.v_stride,
+                &gv[t * d..(t + 1) * d],
+            );
         }
     }
 }

@@ -168,8 +168,18 @@ pub fn rand(seed: u64, n: usize, scale: f32) -> Vec<f32> {
 
 /// Downloads `len` elements.
 pub fn down<B: Backend>(be: &B, buf: &B::Buffer, len: usize) -> Result<Vec<f32>, B::Error> {
+    down_at(be, buf, 0, len)
+}
+
+/// Downloads `len` elements from `offset` on.
+pub fn down_at<B: Backend>(
+    be: &B,
+    buf: &B::Buffer,
+    offset: usize,
+    len: usize,
+) -> Result<Vec<f32>, B::Error> {
     let mut out = vec![0.0; len];
-    be.download(Slice::whole(buf), &mut out)?;
+    be.download(Slice::at(buf, offset), &mut out)?;
     Ok(out)
 }
 

@@ -90,35 +90,38 @@ int main() {
         });
 
         // The backward of each kernel, from its own output and log-sum-exp, into gradients that
-        // start at 0.25 (the kernels accumulate).
+        // start at 0.25 (the kernels accumulate), laid out like their inputs: dq in a copy of the
+        // q buffer's layout, dk and dv interleaved in one of the fused k | v rows.
         std::vector<store_t> dout(out_ref.size());
         for (auto& x : dout) x = to_store(normal(rng));
         const i64 kv_grad_len = c.batch * c.kv_len * width;
-        std::vector<store_t> dq[2], dk[2], dv[2];
+        std::vector<store_t> gq[2], gkv[2];
         std::vector<float> delta(rows);
         for (int kern = c.also_reference ? 0 : 1; kern < 2; ++kern) {
-            dq[kern].assign(out_ref.size(), to_store(0.25f));
-            dk[kern].assign(kv_grad_len, to_store(0.25f));
-            dv[kern].assign(kv_grad_len, to_store(0.25f));
+            gq[kern].assign(qbuf.size(), to_store(0.25f));
+            gkv[kern].assign(kvbuf.size(), to_store(0.25f));
+            store_t* dq = gq[kern].data() + c.misalign;
+            store_t* dk = gkv[kern].data() + c.misalign + width;
+            store_t* dv = gkv[kern].data() + c.misalign + 2 * width;
             const store_t* o = kern ? out_flash.data() : out_ref.data();
             const float* l = kern ? lse_flash.data() : lse_ref.data();
             if (kern == 0) {
                 emu::launch(EmuDim3{(unsigned)((rows + 3) / 4), 1, 1}, 128, [&] {
                     attention_backward_dq(s, c.kind, c.p0, c.p1, c.p2, c.window, scale, dout.data(), q, k, v, o, l,
-                                          dq[0].data(), delta.data());
+                                          dq, delta.data());
                 });
                 emu::launch(EmuDim3{(unsigned)((c.batch * c.heads * c.kv_len + 3) / 4), 1, 1}, 128, [&] {
                     attention_backward_dkv(s, c.kind, c.p0, c.p1, c.p2, c.window, scale, dout.data(), q, k, v, l,
-                                           delta.data(), dk[0].data(), dv[0].data());
+                                           delta.data(), dk, dv);
                 });
             } else {
                 emu::launch(EmuDim3{(unsigned)((c.q_len + 63) / 64), (unsigned)(c.batch * c.heads), 1}, 128, [&] {
                     attention_backward_flash_dq(s, c.kind, c.p0, c.p1, c.p2, c.window, scale, dout.data(), q, k, v, o,
-                                                l, dq[1].data(), delta.data());
+                                                l, dq, delta.data());
                 });
                 emu::launch(EmuDim3{(unsigned)((c.kv_len + 63) / 64), (unsigned)(c.batch * c.heads), 1}, 128, [&] {
                     attention_backward_flash_dkv(s, c.kind, c.p0, c.p1, c.p2, c.window, scale, dout.data(), q, k, v,
-                                                 l, delta.data(), dk[1].data(), dv[1].data());
+                                                 l, delta.data(), dk, dv);
                 });
             }
         }
@@ -187,15 +190,30 @@ int main() {
         // Gradients: the largest error relative to the largest gradient of the tensor.
         double worst_grad[2][3] = {{0, 0, 0}, {0, 0, 0}};  // [kernel][dq, dk, dv]
         for (int kern = c.also_reference ? 0 : 1; kern < 2; ++kern) {
-            const std::vector<store_t>* got[3] = {&dq[kern], &dk[kern], &dv[kern]};
+            // Where element i of a contiguous [batch, len, width] gradient sits in the strided one.
+            const store_t* got[3] = {gq[kern].data() + c.misalign, gkv[kern].data() + c.misalign + width,
+                                     gkv[kern].data() + c.misalign + 2 * width};
+            const i64 lens[3] = {c.q_len, c.kv_len, c.kv_len};
             const std::vector<double>* want[3] = {&want_dq, &want_dk, &want_dv};
             for (int t = 0; t < 3; ++t) {
                 double err = 0, big = 1e-30;
                 for (size_t i = 0; i < want[t]->size(); ++i) {
-                    err = worse(err, std::abs(bf((*got[t])[i]) - 0.25 - (*want[t])[i]));
+                    const i64 token = (i64)i / width, col = (i64)i % width;
+                    const i64 at = (token / lens[t]) * lens[t] * row + (token % lens[t]) * row + col;
+                    err = worse(err, std::abs(bf(got[t][at]) - 0.25 - (*want[t])[i]));
                     big = std::max(big, std::abs((*want[t])[i]));
                 }
                 worst_grad[kern][t] = err / big;
+            }
+            // The other columns of the gradient rows (the k | v part of dq's rows, the q part of
+            // dk's and dv's) are the caller's: untouched.
+            for (size_t i = 0; i < qbuf.size(); ++i) {
+                const i64 col = ((i64)i - c.misalign) % row;
+                if (((i64)i < c.misalign || col >= width) && gq[kern][i] != to_store(0.25f)) worst_grad[kern][0] = INFINITY;
+            }
+            for (size_t i = 0; i < kvbuf.size(); ++i) {
+                const i64 col = ((i64)i - c.misalign) % row;
+                if (((i64)i < c.misalign || col < width) && gkv[kern][i] != to_store(0.25f)) worst_grad[kern][1] = INFINITY;
             }
         }
         // bf16 storage rounds the output (2⁻⁸ relative); the flash kernel also rounds P to bf16

@@ -79,12 +79,8 @@ pub struct GradScratch<B: Backend> {
     pub df1: B::Buffer,
     /// Gradient of the attention output `[N, C]`.
     pub datt: B::Buffer,
-    /// Gradient of q `[N, C]`.
-    pub dq: B::Buffer,
-    /// Gradient of k `[N, C]`.
-    pub dk: B::Buffer,
-    /// Gradient of v `[N, C]`.
-    pub dv: B::Buffer,
+    /// Gradient of the fused q | k | v rows `[N, 3C]`.
+    pub dqkv: B::Buffer,
     /// Gradient of the head input `[R, C]`.
     pub dhf: B::Buffer,
     /// Gradient of the final norm output `[R, C]`.
@@ -300,9 +296,7 @@ impl<B: Backend> Activations<B> {
             dg: z(n * m)?,
             df1: z(n * m)?,
             datt: z(n * c)?,
-            dq: z(n * c)?,
-            dk: z(n * c)?,
-            dv: z(n * c)?,
+            dqkv: z(n * 3 * c)?,
             dhf: z(r * c)?,
             dlnf: z(r * c)?,
             dhx: z(r * c)?,

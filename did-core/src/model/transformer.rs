@@ -11,7 +11,7 @@ use super::params::{BlockOffsets, Layout, ParamTable};
 use super::pass::{Pass, TrainBatch};
 use super::ModelError;
 use crate::backend::{
-    AttentionShape, Backend, Gemm, NormShape, RopeShape, RowGroups, Slice, SliceMut,
+    AttentionShape, Backend, Gemm, NormShape, QkvOffsets, RopeShape, RowGroups, Slice, SliceMut,
 };
 use crate::error::invalid;
 use crate::mask::AttentionMask;
@@ -688,9 +688,9 @@ impl Transformer {
             at(p, o.attn_out.0),
             whole_mut(&mut s.datt),
         )?;
-        for d in [&mut s.dq, &mut s.dk, &mut s.dv] {
-            be.fill(whole_mut(d), n * c, 0.0)?;
-        }
+        // The gradient of the fused q | k | v rows, laid out like them: the fused weight
+        // [3C, C] then takes its weight and input gradients in one GEMM each.
+        be.fill(whole_mut(&mut s.dqkv), n * 3 * c, 0.0)?;
         let shape = self.fused_qkv_attention(geo);
         be.attention_backward(
             &shape,
@@ -701,37 +701,32 @@ impl Transformer {
             at(&a.qkv, 2 * c),
             whole(&a.att),
             whole(&a.lse),
-            whole_mut(&mut s.dq),
-            whole_mut(&mut s.dk),
-            whole_mut(&mut s.dv),
+            whole_mut(&mut s.dqkv),
+            QkvOffsets::fused(c),
         )?;
         if dit {
-            let rope = self.rope_shape(geo, c);
-            be.rope_backward(&rope, whole_mut(&mut s.dq))?;
-            be.rope_backward(&rope, whole_mut(&mut s.dk))?;
+            // Queries and keys adjacent, as in the forward: one rotation of twice the heads.
+            let mut rope = self.rope_shape(geo, 3 * c);
+            rope.heads *= 2;
+            be.rope_backward(&rope, whole_mut(&mut s.dqkv))?;
         }
-        // The fused qkv weight [3C, C]: q rows, then k, then v.
         let h1 = if dit { &a.h1 } else { &a.ln1 };
         let dh1 = if dit { &mut s.dh } else { &mut s.dln };
-        for (i, d) in [&s.dq, &s.dk, &s.dv].into_iter().enumerate() {
-            be.matmul(
-                &Gemm::linear_weight_grad(n, c, c),
-                whole(d),
-                whole(h1),
-                at_mut(g, o.qkv.0 + i * c * c),
-            )?;
-            if let Some(b) = o.qkv.1 {
-                be.bias_backward(whole(d), at_mut(g, b + i * c), n, c)?;
-            }
-            let gemm = Gemm::linear_input_grad(n, c, c);
-            let gemm = if i == 0 { gemm } else { gemm.accumulate() };
-            be.matmul(
-                &gemm,
-                whole(d),
-                at(p, o.qkv.0 + i * c * c),
-                whole_mut(&mut *dh1),
-            )?;
+        be.matmul(
+            &Gemm::linear_weight_grad(n, c, 3 * c),
+            whole(&s.dqkv),
+            whole(h1),
+            at_mut(g, o.qkv.0),
+        )?;
+        if let Some(b) = o.qkv.1 {
+            be.bias_backward(whole(&s.dqkv), at_mut(g, b), n, 3 * c)?;
         }
+        be.matmul(
+            &Gemm::linear_input_grad(n, c, 3 * c),
+            whole(&s.dqkv),
+            at(p, o.qkv.0),
+            whole_mut(dh1),
+        )?;
         let dln1 = if let Some(mv) = mods {
             be.fill(whole_mut(&mut s.dln), n * c, 0.0)?;
             be.modulate_backward(
