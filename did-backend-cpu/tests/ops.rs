@@ -353,8 +353,12 @@ fn modulation_and_gated_residual_gradients() {
             .unwrap();
             dot(&out, &r)
         };
-        let (mut dx, mut dscale, mut dshift) =
-            (vec![0.0; n], vec![0.0; batch * ch], vec![0.0; batch * ch]);
+        // dx is written (NaN until then); the column sums accumulate.
+        let (mut dx, mut dscale, mut dshift) = (
+            vec![f64::NAN; n],
+            vec![0.0; batch * ch],
+            vec![0.0; batch * ch],
+        );
         BE.modulate_backward(
             Slice::whole(&r),
             Slice::whole(&inputs[0]),
@@ -393,7 +397,7 @@ fn modulation_and_gated_residual_gradients() {
                 .unwrap();
                 dot(&res, &r)
             };
-            let (mut dy, mut dgate) = (vec![0.0; n], vec![0.0; batch * ch]);
+            let (mut dy, mut dgate) = (vec![f64::NAN; n], vec![0.0; batch * ch]);
             BE.gated_residual_backward(
                 Slice::whole(&r),
                 Slice::whole(&inputs[3]),
@@ -792,7 +796,7 @@ fn activation_gradients() {
                 fwd(&BE, Slice::whole(&inp[0]), SliceMut::whole(&mut out), n).unwrap();
                 dot(&out, &r)
             };
-            let mut g = vec![0.0; n];
+            let mut g = vec![f64::NAN; n]; // written by the backward
             bwd(
                 &BE,
                 Slice::whole(&r),

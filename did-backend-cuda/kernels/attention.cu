@@ -3,8 +3,9 @@
 // mask allows (online softmax), and the backward recomputes probabilities from
 // the saved log-sum-exp. dK and dV come from a second kernel with one warp per
 // key, so nothing is accumulated with atomics and results are deterministic.
-// Gradients are accumulated laid out like their inputs (dq like q, dk like k, dv
-// like v: the shape's strides), so a fused qkv input gets one fused gradient.
+// Gradients are written (not accumulated) laid out like their inputs (dq like q, dk
+// like k, dv like v: the shape's strides), so a fused qkv input gets one fused
+// gradient and nobody zeroes it first.
 // Lane j of a warp holds channels j, j + 32, … of the head (head_dim ≤ 256).
 //
 // The mask arrives as did_core::mask::AttentionMask flattened: kind 0 =
@@ -117,9 +118,9 @@ extern "C" __global__ void attention_backward_dq(Shape s, int kind, i64 p0, i64 
     i64 li = (b * s.heads + h) * s.q_len + qi;
     if (lane == 0) delta[li] = dd;
     float lq = lse[li];
-    if (lq == -__int_as_float(0x7f800000)) return;  // sees no key: no gradient
+    const bool sees_none = lq == -__int_as_float(0x7f800000);  // no key: a zero gradient
     Ranges r = key_ranges(kind, p0, p1, p2, window, qi, s.kv_len);
-    for (int part = 0; part < 2; ++part) {
+    for (int part = 0; part < 2 && !sees_none; ++part) {
         i64 k0 = part ? r.b0 : r.a0, k1 = part ? r.b1 : r.a1;
         for (i64 key = k0; key < k1; ++key) {
             const store_t* kp = kb + key * s.k_stride;
@@ -130,7 +131,7 @@ extern "C" __global__ void attention_backward_dq(Shape s, int kind, i64 p0, i64 
         }
     }
     const i64 oq = b * s.q_batch_stride + qi * s.q_stride + h * hd;  // dq is laid out like q
-    for (int j = 0; j < MAX_PER_LANE; ++j) { i64 d = lane + 32 * j; if (d < hd) add_to(dq, oq + d, g[j]); }
+    for (int j = 0; j < MAX_PER_LANE; ++j) { i64 d = lane + 32 * j; if (d < hd) st(dq, oq + d, g[j]); }
 }
 
 // dK and dV: one warp per (sequence, head, key) over the queries that see it.
@@ -169,7 +170,7 @@ extern "C" __global__ void attention_backward_dkv(Shape s, int kind, i64 p0, i64
     const i64 ok = b * s.kv_batch_stride + ki * s.k_stride + h * hd, ov = b * s.kv_batch_stride + ki * s.v_stride + h * hd;
     for (int j = 0; j < MAX_PER_LANE; ++j) {
         i64 d = lane + 32 * j;
-        if (d < hd) { add_to(dk, ok + d, gk[j]); add_to(dv, ov + d, gv[j]); }
+        if (d < hd) { st(dk, ok + d, gk[j]); st(dv, ov + d, gv[j]); }
     }
 }
 
@@ -566,7 +567,7 @@ extern "C" __global__ void __launch_bounds__(128, 3) attention_backward_flash_dq
         if (row >= s.q_len) continue;
         const i64 o = b * s.q_batch_stride + row * s.q_stride + h * FLASH_HD;  // dq is laid out like q
         for (int d = 0; d < 8; ++d) {
-            for (int e = 2 * i; e < 2 * i + 2; ++e) add_to(dq, o + d * 8 + 2 * t + (e & 1), acc[d][e]);
+            for (int e = 2 * i; e < 2 * i + 2; ++e) st(dq, o + d * 8 + 2 * t + (e & 1), acc[d][e]);
         }
     }
 }
@@ -701,8 +702,8 @@ extern "C" __global__ void __launch_bounds__(128, 3) attention_backward_flash_dk
         const i64 ov = b * s.kv_batch_stride + key * s.v_stride + h * FLASH_HD;
         for (int d = 0; d < 8; ++d) {
             for (int e = 2 * i; e < 2 * i + 2; ++e) {
-                add_to(dk, ok + d * 8 + 2 * t + (e & 1), dk_acc[d][e]);
-                add_to(dv, ov + d * 8 + 2 * t + (e & 1), dv_acc[d][e]);
+                st(dk, ok + d * 8 + 2 * t + (e & 1), dk_acc[d][e]);
+                st(dv, ov + d * 8 + 2 * t + (e & 1), dv_acc[d][e]);
             }
         }
     }

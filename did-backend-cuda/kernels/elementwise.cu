@@ -122,15 +122,14 @@ extern "C" __global__ void modulate_backward_dx(const store_t* dout, const store
             float d[VEC], sc[VEC], g[VEC];
             ld_chunk(dout, i, d);
             ld_chunk(scale, (i / (tokens * channels)) * channels + i % channels, sc);
-            ld_chunk(dx, i, g);
-            for (int k = 0; k < VEC; ++k) g[k] = g[k] + d[k] * (1.0f + sc[k]);
+            for (int k = 0; k < VEC; ++k) g[k] = d[k] * (1.0f + sc[k]);
             st_chunk(dx, i, g);
         }
         return;
     }
     GRID_STRIDE(i, n) {
         i64 c = i % channels, b = i / (tokens * channels);
-        add_to(dx, i, ld(dout, i) * (1.0f + ld(scale, b * channels + c)));
+        st(dx, i, ld(dout, i) * (1.0f + ld(scale, b * channels + c)));
     }
 }
 
@@ -190,8 +189,7 @@ extern "C" __global__ void gated_residual_backward_dy(const store_t* dres, const
             float d[VEC], g[VEC], a[VEC];
             ld_chunk(dres, i, d);
             gate_chunk(gate, i, tokens, channels, g);
-            ld_chunk(dy, i, a);
-            for (int k = 0; k < VEC; ++k) a[k] = a[k] + g[k] * d[k];
+            for (int k = 0; k < VEC; ++k) a[k] = g[k] * d[k];
             st_chunk(dy, i, a);
         }
         return;
@@ -199,7 +197,7 @@ extern "C" __global__ void gated_residual_backward_dy(const store_t* dres, const
     GRID_STRIDE(i, n) {
         float g = 1.0f;
         if (gate) g = ld(gate, (i / (tokens * channels)) * channels + i % channels);
-        add_to(dy, i, g * ld(dres, i));
+        st(dy, i, g * ld(dres, i));
     }
 }
 
@@ -248,13 +246,12 @@ extern "C" __global__ void gelu_backward(const store_t* dout, const store_t* x, 
             float d[VEC], a[VEC], g[VEC];
             ld_chunk(dout, i, d);
             ld_chunk(x, i, a);
-            ld_chunk(dx, i, g);
-            for (int k = 0; k < VEC; ++k) { float y, dy; gelu_parts(a[k], &y, &dy); g[k] = g[k] + d[k] * dy; }
+            for (int k = 0; k < VEC; ++k) { float y, dy; gelu_parts(a[k], &y, &dy); g[k] = d[k] * dy; }
             st_chunk(dx, i, g);
         }
         return;
     }
-    GRID_STRIDE(i, n) { float y, dy; gelu_parts(ld(x, i), &y, &dy); add_to(dx, i, ld(dout, i) * dy); }
+    GRID_STRIDE(i, n) { float y, dy; gelu_parts(ld(x, i), &y, &dy); st(dx, i, ld(dout, i) * dy); }
 }
 
 extern "C" __global__ void silu_forward(const store_t* x, store_t* out, i64 n) {
@@ -264,7 +261,7 @@ extern "C" __global__ void silu_forward(const store_t* x, store_t* out, i64 n) {
 extern "C" __global__ void silu_backward(const store_t* dout, const store_t* x, store_t* dx, i64 n) {
     GRID_STRIDE(i, n) {
         float v = ld(x, i), s = 1.0f / (1.0f + expf(-v));
-        add_to(dx, i, ld(dout, i) * s * (1.0f + v * (1.0f - s)));
+        st(dx, i, ld(dout, i) * s * (1.0f + v * (1.0f - s)));
     }
 }
 

@@ -284,7 +284,7 @@ impl Case for ModulateCase {
             t,
             c,
         )?;
-        let (mut dx, mut dscale) = (be.upload(&self.acc)?, be.upload(&self.acc_small)?);
+        let (mut dx, mut dscale) = (poisoned(be, n)?, be.upload(&self.acc_small)?);
         be.modulate_backward(
             Slice::whole(&dout),
             Slice::whole(&x),
@@ -305,7 +305,7 @@ impl Case for ModulateCase {
             t,
             c,
         )?;
-        let (mut dy, mut dgate) = (be.upload(&self.acc)?, be.upload(&self.acc_small)?);
+        let (mut dy, mut dgate) = (poisoned(be, n)?, be.upload(&self.acc_small)?);
         be.gated_residual_backward(
             Slice::whole(&dout),
             Slice::whole(&x),
@@ -598,8 +598,8 @@ struct AttentionCase {
     qkv: Vec<f32>,
     kv: Vec<f32>,
     dout: Vec<f32>,
-    /// The gradients' starting values (the op accumulates): a copy of the q buffer's layout,
-    /// then one of the k | v buffer's.
+    /// What the gradient buffer holds before (the op overwrites the gradients and must leave
+    /// the rest): a copy of the q buffer's layout, then one of the k | v buffer's.
     acc: Vec<f32>,
 }
 
@@ -765,7 +765,7 @@ fn attention_forward_and_backward_under_every_mask() {
 }
 
 /// The flash kernels (bf16, head dimension 64), forward and backward, against the CPU under
-/// every mask kind, gradients accumulated onto random values.
+/// every mask kind, gradients written over random values.
 #[test]
 fn flash_attention_matches_the_cpu_under_every_mask() {
     if !gpu("flash_attention_matches_the_cpu_under_every_mask") {
@@ -807,7 +807,6 @@ fn flash_attention_matches_the_cpu_under_every_mask() {
 struct ActivationCase {
     x: Vec<f32>,
     dout: Vec<f32>,
-    acc: Vec<f32>,
     p: f32,
     stream: RngStream,
 }
@@ -819,7 +818,7 @@ impl Case for ActivationCase {
         let (mut gelu, mut silu) = (poisoned(be, n)?, poisoned(be, n)?);
         be.gelu_forward(Slice::whole(&x), SliceMut::whole(&mut gelu), n)?;
         be.silu_forward(Slice::whole(&x), SliceMut::whole(&mut silu), n)?;
-        let (mut dgelu, mut dsilu) = (be.upload(&self.acc)?, be.upload(&self.acc)?);
+        let (mut dgelu, mut dsilu) = (poisoned(be, n)?, poisoned(be, n)?);
         be.gelu_backward(
             Slice::whole(&dout),
             Slice::whole(&x),
@@ -854,7 +853,6 @@ fn activations_and_dropout() {
         let case = ActivationCase {
             x: rand(seed, n, 6.0),
             dout: rand(seed ^ 1, n, 1.0),
-            acc: rand(seed ^ 2, n, 1.0),
             p: [0.0, 0.1, 0.5, 1.0][(seed % 4) as usize],
             stream: RngStream::new(
                 seed,

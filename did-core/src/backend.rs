@@ -718,8 +718,8 @@ pub trait Backend {
         tokens: usize,
         channels: usize,
     ) -> Result<(), Self::Error>;
-    /// Given `dout` and the *un*modulated input `x`: accumulates
-    /// `dx += dout·(1 + scale)` and `dscale[b, c] += Σ_t dout·x`. The shift
+    /// Given `dout` and the *un*modulated input `x`: writes
+    /// `dx = dout·(1 + scale)` and accumulates `dscale[b, c] += Σ_t dout·x`. The shift
     /// gradient is `Σ_t dout`: [`Backend::bias_backward`] over each sequence.
     #[allow(clippy::too_many_arguments)]
     fn modulate_backward(
@@ -804,7 +804,7 @@ pub trait Backend {
         self.copy(residual, SliceMut::at(&mut *buf, offset), n)?;
         self.gated_residual_forward(SliceMut::at(buf, offset), y, gate, batch, tokens, channels)
     }
-    /// Accumulates `dy += gate·dresidual` and `dgate += Σ_t dresidual·y`.
+    /// Writes `dy = gate·dresidual` and accumulates `dgate += Σ_t dresidual·y`.
     #[allow(clippy::too_many_arguments)]
     fn gated_residual_backward(
         &self,
@@ -846,10 +846,11 @@ pub trait Backend {
         out: SliceMut<'_, Self::Buffer>,
         lse: SliceMut<'_, Self::Buffer>,
     ) -> Result<(), Self::Error>;
-    /// Accumulates the gradients of `q`, `k` and `v` into `grads`, each laid
-    /// out like its input (the shape's strides) from its offset in `at`: for a
-    /// fused qkv input, one `[tokens, 3·C]` gradient, which the fused
-    /// projection's weight and input gradients take in one GEMM each.
+    /// Writes the gradients of `q`, `k` and `v` into `grads` (whatever was
+    /// there), each laid out like its input (the shape's strides) from its
+    /// offset in `at`: for a fused qkv input, one `[tokens, 3·C]` gradient,
+    /// which the fused projection's weight and input gradients take in one
+    /// GEMM each. Elements of `grads` outside the three are left alone.
     #[allow(clippy::too_many_arguments)]
     fn attention_backward(
         &self,
@@ -886,7 +887,7 @@ pub trait Backend {
         self.bias_add(SliceMut::at(&mut *buf, offset), bias, rows, cols)?;
         self.gelu_forward(Slice::at(&*buf, offset), out, rows * cols)
     }
-    /// `dx += dout · gelu_tanh'(x)`.
+    /// `dx = dout · gelu_tanh'(x)` (written, not accumulated).
     fn gelu_backward(
         &self,
         dout: Slice<'_, Self::Buffer>,
@@ -901,7 +902,7 @@ pub trait Backend {
         out: SliceMut<'_, Self::Buffer>,
         len: usize,
     ) -> Result<(), Self::Error>;
-    /// `dx += dout · silu'(x)`.
+    /// `dx = dout · silu'(x)` (written, not accumulated).
     fn silu_backward(
         &self,
         dout: Slice<'_, Self::Buffer>,

@@ -34,14 +34,14 @@ pub fn gelu_forward<T: CpuFloat>(x: &[T], out: &mut [T]) {
         });
 }
 
-/// `dx += dout·gelu_tanh'(x)`.
+/// `dx = dout·gelu_tanh'(x)` (written).
 pub fn gelu_backward<T: CpuFloat>(dout: &[T], x: &[T], dx: &mut [T]) {
     dx.par_chunks_mut(PAR_CHUNK)
         .zip(x.par_chunks(PAR_CHUNK))
         .zip(dout.par_chunks(PAR_CHUNK))
         .for_each(|((g, x), d)| {
             for ((g, &x), &d) in g.iter_mut().zip(x).zip(d) {
-                *g += d * gelu_parts(x).1;
+                *g = d * gelu_parts(x).1;
             }
         });
 }
@@ -57,11 +57,11 @@ pub fn silu_forward<T: CpuFloat>(x: &[T], out: &mut [T]) {
     }
 }
 
-/// `dx += dout·σ(x)(1 + x(1 − σ(x)))`.
+/// `dx = dout·σ(x)(1 + x(1 − σ(x)))` (written).
 pub fn silu_backward<T: CpuFloat>(dout: &[T], x: &[T], dx: &mut [T]) {
     for ((g, &x), &d) in dx.iter_mut().zip(x).zip(dout) {
         let s = sigmoid(x);
-        *g += d * s * (T::one() + x * (T::one() - s));
+        *g = d * s * (T::one() + x * (T::one() - s));
     }
 }
 

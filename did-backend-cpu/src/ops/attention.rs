@@ -286,7 +286,7 @@ pub fn forward<T: CpuFloat>(
     }
 }
 
-/// The backward: accumulates the gradients of q, k and v into `grads`, each laid out like its
+/// The backward: writes the gradients of q, k and v into `grads`, each laid out like its
 /// input from its offset in `at`.
 #[allow(clippy::too_many_arguments)]
 pub fn backward<T: CpuFloat>(
@@ -418,27 +418,23 @@ pub fn backward<T: CpuFloat>(
         })
         .collect();
     // Each gradient laid out like its input, from its offset in `grads`.
-    let add = |grads: &mut [T], start: usize, g: &[T]| {
-        for (x, &g) in grads[start..start + d].iter_mut().zip(g) {
-            *x += g;
-        }
-    };
+    let put = |grads: &mut [T], start: usize, g: &[T]| grads[start..start + d].copy_from_slice(g);
     for (bh, (gq, gk, gv)) in results.into_iter().enumerate() {
         let base = head_base(s, bh / s.heads, bh % s.heads);
         for t in 0..s.q_len {
-            add(
+            put(
                 grads,
                 at.q + base.q + t * s.q_stride,
                 &gq[t * d..(t + 1) * d],
             );
         }
         for t in 0..s.kv_len {
-            add(
+            put(
                 grads,
                 at.k + base.k + t * s.k_stride,
                 &gk[t * d..(t + 1) * d],
             );
-            add(
+            put(
                 grads,
                 at.v + base.v + t * s.v_stride,
                 &gv[t * d..(t + 1) * d],

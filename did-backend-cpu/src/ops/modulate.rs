@@ -33,7 +33,7 @@ pub fn forward<T: CpuFloat>(
         });
 }
 
-/// `dx += dout·(1 + scale)`, `dscale[b] += Σ_t dout·x`.
+/// `dx = dout·(1 + scale)` (written), `dscale[b] += Σ_t dout·x` (accumulated).
 #[allow(clippy::too_many_arguments)]
 pub fn backward<T: CpuFloat>(
     dout: &[T],
@@ -53,7 +53,7 @@ pub fn backward<T: CpuFloat>(
         .for_each(|(row, (dx, d))| {
             let sc = &scale[(row / tokens) * channels..][..channels];
             for c in 0..channels {
-                dx[c] += d[c] * (T::one() + sc[c]);
+                dx[c] = d[c] * (T::one() + sc[c]);
             }
         });
     let batch = dout.len() / (tokens * channels);
@@ -101,7 +101,7 @@ pub fn gated_residual_forward<T: CpuFloat>(
         });
 }
 
-/// `dy += gate·dresidual`, `dgate[b] += Σ_t dresidual·y`.
+/// `dy = gate·dresidual` (written), `dgate[b] += Σ_t dresidual·y` (accumulated).
 pub fn gated_residual_backward<T: CpuFloat>(
     dres: &[T],
     y: &[T],
@@ -121,14 +121,10 @@ pub fn gated_residual_backward<T: CpuFloat>(
             Some(g) => {
                 let g = &g[(row / tokens) * channels..][..channels];
                 for c in 0..channels {
-                    dy[c] += g[c] * d[c];
+                    dy[c] = g[c] * d[c];
                 }
             }
-            None => {
-                for c in 0..channels {
-                    dy[c] += d[c];
-                }
-            }
+            None => dy.copy_from_slice(d),
         });
     if let Some(dgate) = dgate {
         let batch = dres.len() / (tokens * channels);

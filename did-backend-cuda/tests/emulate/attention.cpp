@@ -90,8 +90,9 @@ int main() {
         });
 
         // The backward of each kernel, from its own output and log-sum-exp, into gradients that
-        // start at 0.25 (the kernels accumulate), laid out like their inputs: dq in a copy of the
-        // q buffer's layout, dk and dv interleaved in one of the fused k | v rows.
+        // hold 0.25 before (the kernels write them: the old content must go), laid out like their
+        // inputs: dq in a copy of the q buffer's layout, dk and dv interleaved in one of the fused
+        // k | v rows.
         std::vector<store_t> dout(out_ref.size());
         for (auto& x : dout) x = to_store(normal(rng));
         const i64 kv_grad_len = c.batch * c.kv_len * width;
@@ -200,7 +201,7 @@ int main() {
                 for (size_t i = 0; i < want[t]->size(); ++i) {
                     const i64 token = (i64)i / width, col = (i64)i % width;
                     const i64 at = (token / lens[t]) * lens[t] * row + (token % lens[t]) * row + col;
-                    err = worse(err, std::abs(bf(got[t][at]) - 0.25 - (*want[t])[i]));
+                    err = worse(err, std::abs(bf(got[t][at]) - (*want[t])[i]));
                     big = std::max(big, std::abs((*want[t])[i]));
                 }
                 worst_grad[kern][t] = err / big;

@@ -279,7 +279,6 @@ impl Transformer {
             )?;
         }
         // c = SiLU(s2); s2 = W₂·s1a + b₂; s1a = SiLU(s1); s1 = W₀·e + b₀
-        be.fill(whole_mut(&mut scratch.ds2), k, 0.0)?;
         be.silu_backward(
             whole(&scratch.dc),
             whole(&cond.s2),
@@ -299,7 +298,6 @@ impl Transformer {
             at(p, w2),
             whole_mut(&mut scratch.ds1a),
         )?;
-        be.fill(whole_mut(&mut scratch.ds1), k, 0.0)?;
         be.silu_backward(
             whole(&scratch.ds1a),
             whole(&cond.s1),
@@ -577,8 +575,8 @@ impl Transformer {
         let mod_at = |i: usize| l * 6 * c + i * c;
         let dit = mods.is_some();
 
-        // ---- MLP branch, in reverse
-        be.fill(whole_mut(&mut s.dy), n * c, 0.0)?;
+        // ---- MLP branch, in reverse (the activation gradients below are written, not
+        // accumulated: nothing to zero first)
         be.gated_residual_backward(
             whole(&s.dres),
             whole(&a.y2),
@@ -605,7 +603,6 @@ impl Transformer {
             at(p, o.fc2.0),
             whole_mut(&mut s.dg),
         )?;
-        be.fill(whole_mut(&mut s.df1), n * m, 0.0)?;
         be.gelu_backward(whole(&s.dg), whole(&a.f1), whole_mut(&mut s.df1), n * m)?;
         be.bias_backward(whole(&s.df1), at_mut(g, o.fc1.1), n, m)?;
         let h2 = if dit { &a.h2 } else { &a.ln2 };
@@ -622,7 +619,6 @@ impl Transformer {
                 at(p, o.fc1.0),
                 whole_mut(&mut s.dh),
             )?;
-            be.fill(whole_mut(&mut s.dln), n * c, 0.0)?;
             be.modulate_backward(
                 whole(&s.dh),
                 whole(&a.ln2),
@@ -659,7 +655,6 @@ impl Transformer {
         }
 
         // ---- attention branch, in reverse
-        be.fill(whole_mut(&mut s.dy), n * c, 0.0)?;
         be.gated_residual_backward(
             whole(&s.dres),
             whole(&a.y1),
@@ -690,7 +685,6 @@ impl Transformer {
         )?;
         // The gradient of the fused q | k | v rows, laid out like them: the fused weight
         // [3C, C] then takes its weight and input gradients in one GEMM each.
-        be.fill(whole_mut(&mut s.dqkv), n * 3 * c, 0.0)?;
         let shape = self.fused_qkv_attention(geo);
         be.attention_backward(
             &shape,
@@ -728,7 +722,6 @@ impl Transformer {
             whole_mut(dh1),
         )?;
         let dln1 = if let Some(mv) = mods {
-            be.fill(whole_mut(&mut s.dln), n * c, 0.0)?;
             be.modulate_backward(
                 whole(&s.dh),
                 whole(&a.ln1),
@@ -1068,7 +1061,6 @@ impl Transformer {
             be.fill(whole_mut(&mut s.dmods), cfg.layers * 6 * c + 2 * c, 0.0)?;
         }
         let dlnf = if let Some(cond) = acts.cond.as_ref() {
-            be.fill(whole_mut(&mut s.dlnf), rows * c, 0.0)?;
             let off = cfg.layers * 6 * c;
             be.modulate_backward(
                 whole(&s.dhf),
