@@ -42,6 +42,19 @@ __device__ __forceinline__ unsigned key_id(u64 key) { return 0xffffffffu - (unsi
 __device__ __forceinline__ u64 to_fixed(double p) { return (u64)(p * FIXED_ONE); }
 __device__ __forceinline__ double from_fixed(u64 f) { return (double)f / FIXED_ONE; }
 
+// *slot += v for a 64-bit fixed-point mass in shared memory, as two native 32-bit atomic adds: a
+// 64-bit shared add is a compare-and-swap loop on sm_90 (ATOMS.CAST.SPIN.64 in the SASS), and
+// in the radix select's first pass most of a row's 50,258 tokens fall in a few buckets. The add
+// that wraps the low word carries into the high word, so the total is Σ v exactly, whatever the
+// order (integers).
+__device__ __forceinline__ void add_fixed(u64* slot, u64 v) {
+    if (v == 0) return;
+    unsigned* word = (unsigned*)slot;  // little-endian: word[0] is the low half
+    const unsigned lo = (unsigned)v, old = atomicAdd(&word[0], lo);
+    const unsigned hi = (unsigned)(v >> 32) + (old + lo < old ? 1u : 0u);
+    if (hi) atomicAdd(&word[1], hi);
+}
+
 // did_core::rng::RngStream::uniform: the f64 in (0, 1) at (row, index).
 __device__ __forceinline__ double stream_uniform(const unsigned* spec, unsigned index) {
     u32x4 b = philox4x32_10(index >> 1, spec[4], spec[2], spec[3], spec[0], spec[1]);
@@ -168,7 +181,7 @@ extern "C" __global__ void __launch_bounds__(DRAW_THREADS, 1) draw_tokens(
                 if (p > 0.0) {
                     int d = (int)((key >> shift) & (u64)(buckets - 1));
                     atomicAdd(&count[d], 1u);
-                    atomicAdd(&mass[d], to_fixed(p));
+                    add_fixed(&mass[d], to_fixed(p));
                 }
             });
             __syncthreads();

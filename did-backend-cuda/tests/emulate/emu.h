@@ -119,12 +119,9 @@ T __shfl_sync(unsigned, T value, int src_lane) {
     return got;
 }
 
-// Shared-memory integer atomics (the kernels add integers only, so the order does not matter).
+// Shared-memory integer atomics (the kernels add 32-bit integers only, so the order does not matter).
 inline unsigned atomicAdd(unsigned* address, unsigned value) {
     return std::atomic_ref<unsigned>(*address).fetch_add(value);
-}
-inline unsigned long long atomicAdd(unsigned long long* address, unsigned long long value) {
-    return std::atomic_ref<unsigned long long>(*address).fetch_add(value);
 }
 
 // cp.async (sm_80+): the copy is deferred to the thread's wait, the latest moment the hardware
