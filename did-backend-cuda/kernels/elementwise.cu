@@ -142,29 +142,9 @@ __device__ __forceinline__ void gate_chunk(const store_t* gate, i64 i, i64 token
     }
 }
 
-// residual += gate[b]·y (gate null: 1).
-extern "C" __global__ void gated_residual_forward(store_t* residual, const store_t* y, const store_t* gate, i64 tokens, i64 channels, i64 n) {
-    if (aligned16(residual) && aligned16(y) && aligned16(gate) && channels % VEC == 0) {
-        CHUNK_STRIDE(i, n) {
-            float r[VEC], yv[VEC], g[VEC];
-            ld_chunk(residual, i, r);
-            ld_chunk(y, i, yv);
-            gate_chunk(gate, i, tokens, channels, g);
-            for (int k = 0; k < VEC; ++k) r[k] = r[k] + g[k] * yv[k];
-            st_chunk(residual, i, r);
-        }
-        return;
-    }
-    GRID_STRIDE(i, n) {
-        float g = 1.0f;
-        if (gate) g = ld(gate, (i / (tokens * channels)) * channels + i % channels);
-        add_to(residual, i, g * ld(y, i));
-    }
-}
-
-// out = residual + gate·y: gated_residual_forward on a copy, in one pass.
-extern "C" __global__ void gated_residual_forward_into(const store_t* residual, const store_t* y, const store_t* gate,
-                                                       store_t* out, i64 tokens, i64 channels, i64 n) {
+// out = residual + gate[b]·y (gate null: 1); out may be residual itself.
+__device__ __forceinline__ void gated_residual(const store_t* residual, const store_t* y, const store_t* gate,
+                                               store_t* out, i64 tokens, i64 channels, i64 n) {
     if (aligned16(residual) && aligned16(y) && aligned16(gate) && aligned16(out) && channels % VEC == 0) {
         CHUNK_STRIDE(i, n) {
             float r[VEC], yv[VEC], g[VEC];
@@ -181,6 +161,18 @@ extern "C" __global__ void gated_residual_forward_into(const store_t* residual, 
         if (gate) g = ld(gate, (i / (tokens * channels)) * channels + i % channels);
         st(out, i, ld(residual, i) + g * ld(y, i));
     }
+}
+
+// residual += gate[b]·y, in place.
+extern "C" __global__ void gated_residual_forward(store_t* residual, const store_t* y, const store_t* gate, i64 tokens,
+                                                  i64 channels, i64 n) {
+    gated_residual(residual, y, gate, residual, tokens, channels, n);
+}
+
+// out = residual + gate·y: the in-place form on a copy, in one pass.
+extern "C" __global__ void gated_residual_forward_into(const store_t* residual, const store_t* y, const store_t* gate,
+                                                       store_t* out, i64 tokens, i64 channels, i64 n) {
+    gated_residual(residual, y, gate, out, tokens, channels, n);
 }
 
 extern "C" __global__ void gated_residual_backward_dy(const store_t* dres, const store_t* gate, store_t* dy, i64 tokens, i64 channels, i64 n) {

@@ -16,6 +16,40 @@ __device__ __forceinline__ void load_row(const store_t* r, i64 cols, float* v) {
     }
 }
 
+// A row's mean and rstd, from its registers (row_in_registers) or strided over the block from
+// memory, in the same order either way; forward and backward compute them alike.
+__device__ __forceinline__ void row_stats_in_registers(const float* xv, i64 cols, float eps, float* shared32, float* mu,
+                                                       float* r) {
+    float s = 0.0f;
+    UNROLL
+    for (int j = 0; j < ROW_PER_LANE; ++j) if (threadIdx.x + 32 * j < cols) s += xv[j];
+    *mu = block_sum(s, shared32) / (float)cols;
+    float v = 0.0f;
+    UNROLL
+    for (int j = 0; j < ROW_PER_LANE; ++j) if (threadIdx.x + 32 * j < cols) { float d = xv[j] - *mu; v += d * d; }
+    *r = 1.0f / sqrtf(block_sum(v, shared32) / (float)cols + eps);
+}
+__device__ __forceinline__ void row_stats_strided(const store_t* xr, i64 cols, float eps, float* shared32, float* mu,
+                                                  float* r) {
+    float s = 0.0f;
+    for (i64 c = threadIdx.x; c < cols; c += blockDim.x) s += ld(xr, c);
+    *mu = block_sum(s, shared32) / (float)cols;
+    float v = 0.0f;
+    for (i64 c = threadIdx.x; c < cols; c += blockDim.x) { float d = ld(xr, c) - *mu; v += d * d; }
+    *r = 1.0f / sqrtf(block_sum(v, shared32) / (float)cols + eps);
+}
+
+// Element c of a forward row: out = y, and with mod_out the modulation of the stored out.
+__device__ __forceinline__ void store_normed(store_t* out, store_t* mod_out, const store_t* shift, const store_t* scale,
+                                             i64 row, i64 c, i64 cols, i64 tokens, float y) {
+    store_t stored = to_store(y);
+    out[row * cols + c] = stored;
+    if (mod_out) {
+        i64 k = (row / tokens) * cols + c;
+        st(mod_out, row * cols + c, ld(&stored, 0) * (1.0f + ld(scale, k)) + ld(shift, k));
+    }
+}
+
 // With mod_out set, also the adaLN modulation of the stored output (the DiT's pre-norm, fused):
 // mod_out = out·(1 + scale[s]) + shift[s] for sequence s = row / tokens, as modulate_forward
 // computes it from `out`.
@@ -27,48 +61,26 @@ extern "C" __global__ void layernorm_forward(const store_t* x, const store_t* we
     if (row >= rows) return;
     const store_t* xr = x + row * cols;
     if (row_in_registers(cols)) {
-        float xv[ROW_PER_LANE];
+        float xv[ROW_PER_LANE], mu, r;
         load_row(xr, cols, xv);
-        float s = 0.0f;
-        UNROLL
-        for (int j = 0; j < ROW_PER_LANE; ++j) if (threadIdx.x + 32 * j < cols) s += xv[j];
-        float mu = block_sum(s, shared32) / (float)cols;
-        float v = 0.0f;
-        UNROLL
-        for (int j = 0; j < ROW_PER_LANE; ++j) if (threadIdx.x + 32 * j < cols) { float d = xv[j] - mu; v += d * d; }
-        float r = 1.0f / sqrtf(block_sum(v, shared32) / (float)cols + eps);
+        row_stats_in_registers(xv, cols, eps, shared32, &mu, &r);
         UNROLL
         for (int j = 0; j < ROW_PER_LANE; ++j) {
             const i64 c = threadIdx.x + 32 * j;
             if (c >= cols) break;
             float y = (xv[j] - mu) * r * ld(weight, c);
             if (bias) y += ld(bias, c);
-            store_t stored = to_store(y);
-            out[row * cols + c] = stored;
-            if (mod_out) {
-                i64 k = (row / tokens) * cols + c;
-                st(mod_out, row * cols + c, ld(&stored, 0) * (1.0f + ld(scale, k)) + ld(shift, k));
-            }
+            store_normed(out, mod_out, shift, scale, row, c, cols, tokens, y);
         }
         if (threadIdx.x == 0) { st(mean, row, mu); st(rstd, row, r); }
         return;
     }
-    float s = 0.0f;
-    for (i64 c = threadIdx.x; c < cols; c += blockDim.x) s += ld(xr, c);
-    float mu = block_sum(s, shared32) / (float)cols;
-    float v = 0.0f;
-    for (i64 c = threadIdx.x; c < cols; c += blockDim.x) { float d = ld(xr, c) - mu; v += d * d; }
-    float var = block_sum(v, shared32) / (float)cols;
-    float r = 1.0f / sqrtf(var + eps);
+    float mu, r;
+    row_stats_strided(xr, cols, eps, shared32, &mu, &r);
     for (i64 c = threadIdx.x; c < cols; c += blockDim.x) {
         float y = (ld(xr, c) - mu) * r * ld(weight, c);
         if (bias) y += ld(bias, c);
-        store_t stored = to_store(y);
-        out[row * cols + c] = stored;
-        if (mod_out) {
-            i64 j = (row / tokens) * cols + c;
-            st(mod_out, row * cols + c, ld(&stored, 0) * (1.0f + ld(scale, j)) + ld(shift, j));
-        }
+        store_normed(out, mod_out, shift, scale, row, c, cols, tokens, y);
     }
     if (threadIdx.x == 0) { st(mean, row, mu); st(rstd, row, r); }
 }
@@ -86,17 +98,10 @@ extern "C" __global__ void layernorm_backward_dx(const store_t* dout, const stor
     const store_t* xr = x + row * cols;
     const store_t* dr = dout + row * cols;
     if (row_in_registers(cols)) {
-        float xv[ROW_PER_LANE], dn[ROW_PER_LANE];
+        float xv[ROW_PER_LANE], dn[ROW_PER_LANE], mu, r;
         load_row(xr, cols, xv);
         load_row(dr, cols, dn);
-        float s = 0.0f;
-        UNROLL
-        for (int j = 0; j < ROW_PER_LANE; ++j) if (threadIdx.x + 32 * j < cols) s += xv[j];
-        float mu = block_sum(s, shared32) / (float)cols;
-        float v = 0.0f;
-        UNROLL
-        for (int j = 0; j < ROW_PER_LANE; ++j) if (threadIdx.x + 32 * j < cols) { float d = xv[j] - mu; v += d * d; }
-        float r = 1.0f / sqrtf(block_sum(v, shared32) / (float)cols + eps);
+        row_stats_in_registers(xv, cols, eps, shared32, &mu, &r);
         float a = 0.0f, b = 0.0f;
         UNROLL
         for (int j = 0; j < ROW_PER_LANE; ++j) {
@@ -118,12 +123,8 @@ extern "C" __global__ void layernorm_backward_dx(const store_t* dout, const stor
         if (threadIdx.x == 0) { stats[2 * row] = mu; stats[2 * row + 1] = r; }
         return;
     }
-    float s = 0.0f;
-    for (i64 c = threadIdx.x; c < cols; c += blockDim.x) s += ld(xr, c);
-    float mu = block_sum(s, shared32) / (float)cols;
-    float v = 0.0f;
-    for (i64 c = threadIdx.x; c < cols; c += blockDim.x) { float d = ld(xr, c) - mu; v += d * d; }
-    float r = 1.0f / sqrtf(block_sum(v, shared32) / (float)cols + eps);
+    float mu, r;
+    row_stats_strided(xr, cols, eps, shared32, &mu, &r);
     float a = 0.0f, b = 0.0f;
     for (i64 c = threadIdx.x; c < cols; c += blockDim.x) {
         float xhat = (ld(xr, c) - mu) * r, dn = ld(dr, c) * ld(weight, c);
