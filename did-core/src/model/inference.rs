@@ -37,10 +37,11 @@ pub(super) enum PassOutput<'o> {
     },
 }
 
-/// Keys and values of committed tokens, per block: `[batch, capacity, C]` each.
+/// Keys and values of committed tokens, per block: `[batch, capacity, 2C]`, a slot's keys then
+/// its values — adjacent as in the fused qkv rows, so a pass appends both in one copy and a
+/// slide moves both in one.
 pub struct KvCache<B: Backend> {
-    k: Vec<B::Buffer>,
-    v: Vec<B::Buffer>,
+    kv: Vec<B::Buffer>,
     spare: B::Buffer,
     batch: usize,
     capacity: usize,
@@ -58,12 +59,9 @@ impl<B: Backend> KvCache<B> {
         batch: usize,
         capacity: usize,
     ) -> Result<Self, B::Error> {
-        let len = batch * capacity * config.hidden;
+        let len = batch * capacity * 2 * config.hidden;
         Ok(KvCache {
-            k: (0..config.layers)
-                .map(|_| be.zeros(len))
-                .collect::<Result<_, _>>()?,
-            v: (0..config.layers)
+            kv: (0..config.layers)
                 .map(|_| be.zeros(len))
                 .collect::<Result<_, _>>()?,
             spare: be.zeros(len)?,
@@ -98,25 +96,24 @@ impl<B: Backend> KvCache<B> {
         }
         let keep_from = window_start.max(self.base);
         let kept = self.committed.saturating_sub(keep_from);
-        // Every sequence's kept slots, as one row each.
+        // Every sequence's kept slots (keys and values), as one row each.
+        let slot = 2 * c;
         let slide = RowGroups {
             groups: self.batch,
             rows: 1,
-            cols: kept * c,
+            cols: kept * slot,
             src_stride: 0,
-            src_group_stride: self.capacity * c,
+            src_group_stride: self.capacity * slot,
             dst_stride: 0,
-            dst_group_stride: self.capacity * c,
+            dst_group_stride: self.capacity * slot,
         };
-        for buffers in [&mut self.k, &mut self.v] {
-            for buf in buffers.iter_mut() {
-                be.copy_row_groups(
-                    Slice::at(&*buf, (keep_from - self.base) * c),
-                    SliceMut::whole(&mut self.spare),
-                    &slide,
-                )?;
-                core::mem::swap(buf, &mut self.spare);
-            }
+        for buf in self.kv.iter_mut() {
+            be.copy_row_groups(
+                Slice::at(&*buf, (keep_from - self.base) * slot),
+                SliceMut::whole(&mut self.spare),
+                &slide,
+            )?;
+            core::mem::swap(buf, &mut self.spare);
         }
         self.base = keep_from;
         Ok(())
@@ -324,8 +321,7 @@ impl<'a, B: Backend> Inference<'a, B> {
                         other => other,
                     };
                     KeyValues::Cache {
-                        k: &mut cache.k[l],
-                        v: &mut cache.v[l],
+                        kv: &mut cache.kv[l],
                         capacity: cache.capacity,
                         write_slot: start - cache.base,
                         first_slot: first - cache.base,

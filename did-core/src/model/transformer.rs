@@ -55,11 +55,11 @@ impl DropoutStreams {
 pub(crate) enum KeyValues<'a, B: Backend> {
     /// Keys and values of this pass's own tokens.
     OwnTokens,
-    /// A cache: this pass's keys and values are written at `write_slot` onwards,
-    /// and attention reads `kv_len` slots from `first_slot`.
+    /// A cache of `[batch, capacity, 2C]` (a slot's keys, then its values): this
+    /// pass's keys and values are written at `write_slot` onwards, and attention
+    /// reads `kv_len` slots from `first_slot`.
     Cache {
-        k: &'a mut B::Buffer,
-        v: &'a mut B::Buffer,
+        kv: &'a mut B::Buffer,
         capacity: usize,
         write_slot: usize,
         first_slot: usize,
@@ -407,37 +407,35 @@ impl Transformer {
                 )?;
             }
             KeyValues::Cache {
-                k,
-                v,
+                kv,
                 capacity,
                 write_slot,
                 first_slot,
                 kv_len,
             } => {
-                // Store this pass's keys and values (every sequence in one copy each),
-                // then attend over the cache window.
+                // Store this pass's keys and values (adjacent in the qkv rows and in the
+                // cache's slots: one copy for every sequence), then attend over the window.
+                let slot = 2 * c;
                 let append = RowGroups {
                     groups: geo.batch,
                     rows: geo.tokens,
-                    cols: c,
+                    cols: slot,
                     src_stride: 3 * c,
                     src_group_stride: geo.tokens * 3 * c,
-                    dst_stride: c,
-                    dst_group_stride: capacity * c,
+                    dst_stride: slot,
+                    dst_group_stride: capacity * slot,
                 };
-                let dst = write_slot * c;
-                be.copy_row_groups(at(&a.qkv, c), at_mut(&mut *k, dst), &append)?;
-                be.copy_row_groups(at(&a.qkv, 2 * c), at_mut(&mut *v, dst), &append)?;
+                be.copy_row_groups(at(&a.qkv, c), at_mut(&mut *kv, write_slot * slot), &append)?;
                 shape.kv_len = kv_len;
-                shape.k_stride = c;
-                shape.v_stride = c;
-                shape.kv_batch_stride = capacity * c;
+                shape.k_stride = slot;
+                shape.v_stride = slot;
+                shape.kv_batch_stride = capacity * slot;
                 be.attention_forward(
                     &shape,
                     &geo.mask,
                     whole(&a.qkv),
-                    at(k, first_slot * c),
-                    at(v, first_slot * c),
+                    at(kv, first_slot * slot),
+                    at(kv, first_slot * slot + c),
                     whole_mut(&mut a.att),
                     whole_mut(&mut a.lse),
                 )?;
