@@ -118,6 +118,18 @@ impl<B: Backend> Profiled<B> {
     }
 }
 
+/// The useful FLOPs of an attention forward: S = Q·Kᵀ and O = P·V, 2 · head_dim each per
+/// (query, key) pair the mask allows, over heads and sequences — what FlashAttention's papers
+/// count, so the TFLOP/s compare. Its backward is counted as 2.5 × that (five products to two:
+/// dV, dP, dQ, dK and S again), whatever a kernel recomputes beyond.
+fn attention_flops(s: &AttentionShape, mask: &AttentionMask) -> u64 {
+    let keys = 0..s.kv_len;
+    let pairs: usize = (0..s.q_len)
+        .map(|q| mask.key_ranges(q).overlap(&keys))
+        .sum();
+    (4 * pairs * s.head_dim * s.heads * s.batch) as u64
+}
+
 type S<'a, B> = Slice<'a, <B as Backend>::Buffer>;
 type M<'a, B> = SliceMut<'a, <B as Backend>::Buffer>;
 
@@ -349,7 +361,7 @@ impl<B: Backend> Backend for Profiled<B> {
         o: M<'_, B>,
         l: M<'_, B>,
     ) -> Result<(), B::Error> {
-        self.timed("attention_forward", 0, || {
+        self.timed("attention_forward", attention_flops(s, mask), || {
             self.inner.attention_forward(s, mask, q, k, v, o, l)
         })
     }
@@ -366,10 +378,14 @@ impl<B: Backend> Backend for Profiled<B> {
         grads: M<'_, B>,
         at: QkvOffsets,
     ) -> Result<(), B::Error> {
-        self.timed("attention_backward", 0, || {
-            self.inner
-                .attention_backward(s, mask, d, q, k, v, o, l, grads, at)
-        })
+        self.timed(
+            "attention_backward",
+            5 * attention_flops(s, mask) / 2,
+            || {
+                self.inner
+                    .attention_backward(s, mask, d, q, k, v, o, l, grads, at)
+            },
+        )
     }
     fn gelu_forward(&self, x: S<'_, B>, o: M<'_, B>, n: usize) -> Result<(), B::Error> {
         self.timed("gelu_forward", 0, || self.inner.gelu_forward(x, o, n))
