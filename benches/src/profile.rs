@@ -333,6 +333,22 @@ impl<B: Backend> Backend for Profiled<B> {
             self.inner.gated_residual_forward_into(r, y, g, o, b, t, c)
         })
     }
+    fn bias_gated_residual_forward_into(
+        &self,
+        r: S<'_, B>,
+        y: M<'_, B>,
+        bias: S<'_, B>,
+        g: Option<S<'_, B>>,
+        o: M<'_, B>,
+        b: usize,
+        t: usize,
+        c: usize,
+    ) -> Result<(), B::Error> {
+        self.timed("bias_gated_residual_forward_into", 0, || {
+            self.inner
+                .bias_gated_residual_forward_into(r, y, bias, g, o, b, t, c)
+        })
+    }
     fn bias_gelu_forward(
         &self,
         x: M<'_, B>,

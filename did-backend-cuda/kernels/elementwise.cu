@@ -142,14 +142,25 @@ __device__ __forceinline__ void gate_chunk(const store_t* gate, i64 i, i64 token
     }
 }
 
-// out = residual + gate[b]·y (gate null: 1); out may be residual itself.
-__device__ __forceinline__ void gated_residual(const store_t* residual, const store_t* y, const store_t* gate,
-                                               store_t* out, i64 tokens, i64 channels, i64 n) {
-    if (aligned16(residual) && aligned16(y) && aligned16(gate) && aligned16(out) && channels % VEC == 0) {
+// out = residual + gate[b]·y (gate null: 1); out may be residual itself. With a bias, y += bias
+// first, stored back (the backward reads the biased y) and summed as stored, so the result is
+// bias_add's then this one's, bit for bit.
+__device__ __forceinline__ void gated_residual(const store_t* residual, store_t* y, const store_t* bias,
+                                               const store_t* gate, store_t* out, i64 tokens, i64 channels, i64 n) {
+    if (aligned16(residual) && aligned16(y) && aligned16(bias) && aligned16(gate) && aligned16(out) &&
+        channels % VEC == 0) {
         CHUNK_STRIDE(i, n) {
             float r[VEC], yv[VEC], g[VEC];
             ld_chunk(residual, i, r);
             ld_chunk(y, i, yv);
+            if (bias) {
+                float b[VEC];
+                ld_chunk(bias, i % channels, b);
+                Chunk biased;
+                for (int k = 0; k < VEC; ++k) biased.s[k] = to_store(yv[k] + b[k]);
+                *(uint4*)(y + i) = biased.u;
+                for (int k = 0; k < VEC; ++k) yv[k] = ld(biased.s, k);
+            }
             gate_chunk(gate, i, tokens, channels, g);
             for (int k = 0; k < VEC; ++k) r[k] = r[k] + g[k] * yv[k];
             st_chunk(out, i, r);
@@ -159,6 +170,7 @@ __device__ __forceinline__ void gated_residual(const store_t* residual, const st
     GRID_STRIDE(i, n) {
         float g = 1.0f;
         if (gate) g = ld(gate, (i / (tokens * channels)) * channels + i % channels);
+        if (bias) y[i] = to_store(ld(y, i) + ld(bias, i % channels));
         st(out, i, ld(residual, i) + g * ld(y, i));
     }
 }
@@ -166,13 +178,15 @@ __device__ __forceinline__ void gated_residual(const store_t* residual, const st
 // residual += gate[b]·y, in place.
 extern "C" __global__ void gated_residual_forward(store_t* residual, const store_t* y, const store_t* gate, i64 tokens,
                                                   i64 channels, i64 n) {
-    gated_residual(residual, y, gate, residual, tokens, channels, n);
+    gated_residual(residual, (store_t*)y, nullptr, gate, residual, tokens, channels, n);  // y is only read
 }
 
-// out = residual + gate·y: the in-place form on a copy, in one pass.
-extern "C" __global__ void gated_residual_forward_into(const store_t* residual, const store_t* y, const store_t* gate,
-                                                       store_t* out, i64 tokens, i64 channels, i64 n) {
-    gated_residual(residual, y, gate, out, tokens, channels, n);
+// out = residual + gate·y: the in-place form on a copy, in one pass; with a bias (not null),
+// y += bias first (a linear layer's bias and the residual it feeds). y is written only then.
+extern "C" __global__ void gated_residual_forward_into(const store_t* residual, store_t* y, const store_t* bias,
+                                                       const store_t* gate, store_t* out, i64 tokens, i64 channels,
+                                                       i64 n) {
+    gated_residual(residual, y, bias, gate, out, tokens, channels, n);
 }
 
 extern "C" __global__ void gated_residual_backward_dy(const store_t* dres, const store_t* gate, store_t* dy, i64 tokens, i64 channels, i64 n) {

@@ -557,6 +557,38 @@ impl CudaBackend {
     /// `out[g, c] += Σ_rows a[g, r, c]·b[g, r, c]` (`b = 1` when absent) in a fixed order, for
     /// each of `groups` consecutive `[rows, cols]` blocks (per-sequence sums: one launch for the
     /// batch instead of one per sequence).
+    /// `gated_residual_forward_into` (the kernel): `out = residual + gate·(y + bias)`, the bias
+    /// (a null pointer: none) added into `y` first.
+    #[allow(clippy::too_many_arguments)]
+    fn residual_into(
+        &self,
+        residual: Slice<'_, CudaBuffer>,
+        y: u64,
+        bias: u64,
+        gate: Option<Slice<'_, CudaBuffer>>,
+        out: SliceMut<'_, CudaBuffer>,
+        batch: usize,
+        tokens: usize,
+        channels: usize,
+    ) -> Result<(), CudaError> {
+        let n = batch * tokens * channels;
+        let gp = match gate {
+            Some(g) => self.ptr(g, batch * channels, "gate")?,
+            None => 0,
+        };
+        let args = [
+            Arg::Ptr(self.ptr(residual, n, "residual")?),
+            Arg::Ptr(y),
+            Arg::Ptr(bias),
+            Arg::Ptr(gp),
+            Arg::Ptr(self.ptr_mut(out, n, "residual out")?),
+            Arg::I64(tokens as i64),
+            Arg::I64(channels as i64),
+            Arg::I64(n as i64),
+        ];
+        self.launch_elements("gated_residual_forward_into", n, &args)
+    }
+
     fn column_sums(
         &self,
         a: u64,
@@ -1173,21 +1205,25 @@ impl Backend for CudaBackend {
         tokens: usize,
         channels: usize,
     ) -> Result<(), CudaError> {
-        let n = batch * tokens * channels;
-        let gp = match gate {
-            Some(g) => self.ptr(g, batch * channels, "gate")?,
-            None => 0,
-        };
-        let args = [
-            Arg::Ptr(self.ptr(residual, n, "residual")?),
-            Arg::Ptr(self.ptr(y, n, "gated y")?),
-            Arg::Ptr(gp),
-            Arg::Ptr(self.ptr_mut(out, n, "residual out")?),
-            Arg::I64(tokens as i64),
-            Arg::I64(channels as i64),
-            Arg::I64(n as i64),
-        ];
-        self.launch_elements("gated_residual_forward_into", n, &args)
+        // Without a bias the kernel only reads y.
+        let yp = self.ptr(y, batch * tokens * channels, "gated y")?;
+        self.residual_into(residual, yp, 0, gate, out, batch, tokens, channels)
+    }
+
+    fn bias_gated_residual_forward_into(
+        &self,
+        residual: Slice<'_, CudaBuffer>,
+        y: SliceMut<'_, CudaBuffer>,
+        bias: Slice<'_, CudaBuffer>,
+        gate: Option<Slice<'_, CudaBuffer>>,
+        out: SliceMut<'_, CudaBuffer>,
+        batch: usize,
+        tokens: usize,
+        channels: usize,
+    ) -> Result<(), CudaError> {
+        let yp = self.ptr_mut(y, batch * tokens * channels, "biased y")?;
+        let bp = self.ptr(bias, channels, "bias")?;
+        self.residual_into(residual, yp, bp, gate, out, batch, tokens, channels)
     }
 
     fn gated_residual_backward(

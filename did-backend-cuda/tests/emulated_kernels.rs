@@ -71,7 +71,7 @@ fn fused_forwards_and_chunked_rope_equal_the_kernels_they_replace_under_emulatio
         (&["-DSTORAGE_BF16"][..], "emulated_fused_bf16"),
     ] {
         let report = build_and_run("fused.cpp", defines, exe);
-        assert_eq!(report.matches("ok   ").count(), 16, "{report}");
+        assert_eq!(report.matches("ok   ").count(), 20, "{report}");
     }
 }
 
@@ -82,11 +82,11 @@ fn chunked_elementwise_kernels_and_batched_column_sums_equal_their_plain_forms_u
         (&["-DSTORAGE_BF16"][..], "emulated_chunked_bf16"),
     ] {
         let report = build_and_run("chunked.cpp", defines, exe);
-        // One line per kernel of kernels::CHUNKED (gated and ungated residuals apart), the sum
-        // of squares and the column sums.
+        // One line per kernel of kernels::CHUNKED (gated and ungated residuals apart, the
+        // out-of-place one with and without a bias), the sum of squares and the column sums.
         assert_eq!(
             report.matches("ok   ").count(),
-            did_backend_cuda::kernels::CHUNKED.len() + 3,
+            did_backend_cuda::kernels::CHUNKED.len() + 4,
             "{report}"
         );
     }

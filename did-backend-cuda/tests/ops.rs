@@ -376,7 +376,7 @@ struct FusedCase {
 }
 
 impl FusedCase {
-    const OUTPUTS: usize = 7;
+    const OUTPUTS: usize = 9;
 }
 
 impl Case for FusedCase {
@@ -404,6 +404,7 @@ impl Case for FusedCase {
             );
             let (mut pre, mut g, mut res) =
                 (be.upload(&self.pre)?, poisoned(be, n4)?, poisoned(be, n)?);
+            let (mut biased, mut res_b) = (be.upload(&self.y)?, poisoned(be, n)?);
             let gate = Some(Slice::whole(&scale));
             if fused {
                 be.layernorm_modulate_forward(
@@ -431,6 +432,16 @@ impl Case for FusedCase {
                     Slice::whole(&y),
                     gate,
                     SliceMut::whole(&mut res),
+                    seqs,
+                    self.tokens,
+                    cols,
+                )?;
+                be.bias_gated_residual_forward_into(
+                    Slice::whole(&x),
+                    SliceMut::whole(&mut biased),
+                    Slice::whole(&b),
+                    gate,
+                    SliceMut::whole(&mut res_b),
                     seqs,
                     self.tokens,
                     cols,
@@ -470,6 +481,16 @@ impl Case for FusedCase {
                     self.tokens,
                     cols,
                 )?;
+                be.bias_add(SliceMut::whole(&mut biased), Slice::whole(&b), rows, cols)?;
+                be.copy(Slice::whole(&x), SliceMut::whole(&mut res_b), n)?;
+                be.gated_residual_forward(
+                    SliceMut::whole(&mut res_b),
+                    Slice::whole(&biased),
+                    gate,
+                    seqs,
+                    self.tokens,
+                    cols,
+                )?;
             }
             outs.extend([
                 ("ln", down(be, &ln, n)?),
@@ -479,6 +500,8 @@ impl Case for FusedCase {
                 ("pre-activation", down(be, &pre, n4)?),
                 ("gelu", down(be, &g, n4)?),
                 ("residual", down(be, &res, n)?),
+                ("biased y", down(be, &biased, n)?),
+                ("bias + residual", down(be, &res_b, n)?),
             ]);
         }
         Ok(outs)

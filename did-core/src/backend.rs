@@ -804,6 +804,39 @@ pub trait Backend {
         self.copy(residual, SliceMut::at(&mut *buf, offset), n)?;
         self.gated_residual_forward(SliceMut::at(buf, offset), y, gate, batch, tokens, channels)
     }
+    /// `y[t, c] += bias[c]`, then `out = residual + gate·y`: a linear layer's bias and the gated
+    /// residual it feeds, for a pass without dropout between them (`y` keeps the biased values
+    /// for the backward). The provided version calls [`Backend::bias_add`] and
+    /// [`Backend::gated_residual_forward_into`]; a backend may fuse them.
+    #[allow(clippy::too_many_arguments)]
+    fn bias_gated_residual_forward_into(
+        &self,
+        residual: Slice<'_, Self::Buffer>,
+        y: SliceMut<'_, Self::Buffer>,
+        bias: Slice<'_, Self::Buffer>,
+        gate: Option<Slice<'_, Self::Buffer>>,
+        out: SliceMut<'_, Self::Buffer>,
+        batch: usize,
+        tokens: usize,
+        channels: usize,
+    ) -> Result<(), Self::Error> {
+        let SliceMut { buf, offset } = y;
+        self.bias_add(
+            SliceMut::at(&mut *buf, offset),
+            bias,
+            batch * tokens,
+            channels,
+        )?;
+        self.gated_residual_forward_into(
+            residual,
+            Slice::at(&*buf, offset),
+            gate,
+            out,
+            batch,
+            tokens,
+            channels,
+        )
+    }
     /// Writes `dy = gate·dresidual` and accumulates `dgate += Σ_t dresidual·y`.
     #[allow(clippy::too_many_arguments)]
     fn gated_residual_backward(

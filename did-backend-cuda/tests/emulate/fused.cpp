@@ -1,5 +1,5 @@
 // The fused forward kernels (layernorm_forward with modulation, bias_gelu_forward,
-// gated_residual_forward_into), run by the CPU emulation in emu.h against the kernels they
+// gated_residual_forward_into with and without a bias), run by the CPU emulation in emu.h against the kernels they
 // replace, in the storage precision this file is compiled for (STORAGE_BF16 or not): the
 // results must be equal bit for bit, as the backend promises. RoPE with one angle for a chunk of
 // sequences is held to the same against one sequence a thread.
@@ -75,10 +75,25 @@ int main() {
     for (const store_t* gate : {(const store_t*)scale.data(), (const store_t*)nullptr}) {
         std::vector<store_t> out_f(n), out_c = x;
         emu::launch(EmuDim3{grid, 1, 1}, threads, [&] {
-            gated_residual_forward_into(x.data(), y.data(), gate, out_f.data(), tokens, cols, n);
+            gated_residual_forward_into(x.data(), y.data(), nullptr, gate, out_f.data(), tokens, cols, n);
         });
         emu::launch(EmuDim3{grid, 1, 1}, threads, [&] { gated_residual_forward(out_c.data(), y.data(), gate, tokens, cols, n); });
         same(gate ? "gated_residual_forward_into, gated" : "gated_residual_forward_into, ungated", out_f, out_c);
+    }
+
+    // Bias + out-of-place gated residual against bias_add then gated_residual_forward_into.
+    const auto bias = random(cols);
+    for (const store_t* gate : {(const store_t*)scale.data(), (const store_t*)nullptr}) {
+        std::vector<store_t> out_f(n), out_c(n), y_f = y, y_c = y;
+        emu::launch(EmuDim3{grid, 1, 1}, threads, [&] {
+            gated_residual_forward_into(x.data(), y_f.data(), bias.data(), gate, out_f.data(), tokens, cols, n);
+        });
+        emu::launch(EmuDim3{grid, 1, 1}, threads, [&] { bias_add(y_c.data(), bias.data(), rows, cols); });
+        emu::launch(EmuDim3{grid, 1, 1}, threads, [&] {
+            gated_residual_forward_into(x.data(), y_c.data(), nullptr, gate, out_c.data(), tokens, cols, n);
+        });
+        same(gate ? "bias_gated_residual_forward_into, gated: biased y" : "bias_gated_residual_forward_into, ungated: biased y", y_f, y_c);
+        same(gate ? "bias_gated_residual_forward_into, gated: out" : "bias_gated_residual_forward_into, ungated: out", out_f, out_c);
     }
 
     // RoPE over chunks of sequences (one angle a thread, rotated in each sequence of its chunk)

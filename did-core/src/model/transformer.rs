@@ -495,20 +495,32 @@ impl Transformer {
             at(p, o.fc2.0),
             whole_mut(&mut a.y2),
         )?;
-        be.bias_add(whole_mut(&mut a.y2), at(p, o.fc2.1), n, c)?;
+        let gate = mods.map(|mv| at(mv, mod_at(5)));
         if let Some(d) = dropout.filter(|_| cfg.dropout > 0.0) {
+            be.bias_add(whole_mut(&mut a.y2), at(p, o.fc2.1), n, c)?;
             be.dropout(whole_mut(&mut a.y2), n * c, cfg.dropout, &d.stream(l, 1))?;
+            be.gated_residual_forward_into(
+                whole(&a.x_mid),
+                whole(&a.y2),
+                gate,
+                whole_mut(x_out),
+                1,
+                n,
+                c,
+            )
+        } else {
+            // No dropout between them (sampling, or training without it): one pass.
+            be.bias_gated_residual_forward_into(
+                whole(&a.x_mid),
+                whole_mut(&mut a.y2),
+                at(p, o.fc2.1),
+                gate,
+                whole_mut(x_out),
+                1,
+                n,
+                c,
+            )
         }
-        be.gated_residual_forward_into(
-            whole(&a.x_mid),
-            whole(&a.y2),
-            mods.map(|mv| at(mv, mod_at(5))),
-            whole_mut(x_out),
-            1,
-            n,
-            c,
-        )?;
-        Ok(())
     }
 
     /// Attention over the pass's own fused qkv buffer `[N, 3C]` (q, then k, then v per token).
