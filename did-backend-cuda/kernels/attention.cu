@@ -303,6 +303,13 @@ UNROLL
     }
 }
 
+// Starts key tile `tile`'s keys into `ks` and values into `vs` (start_tile_load for both).
+__device__ __forceinline__ void start_key_tile_load(store_t* ks, store_t* vs, const store_t* kb, const store_t* vb,
+                                                    const Shape& s, int tile) {
+    start_tile_load(ks, kb, s.k_stride, tile * FLASH_TILE, s.kv_len);
+    start_tile_load(vs, vb, s.v_stride, tile * FLASH_TILE, s.kv_len);
+}
+
 // c[n] = A · rowsᵀ for the warp's 16 rows against 8·N rows of a tile (N 16×8 outputs): the
 // tile's rows are the columns of B, so B's fragments are plain ldmatrix rows — matrices
 // (rows n·8 …, columns 32j, 32j + 8, 32j + 16, 32j + 24) give the b of k-slices 2j and 2j + 1.
@@ -420,18 +427,12 @@ extern "C" __global__ void __launch_bounds__(128, 3) attention_forward_flash(Sha
 
     const int tiles = (int)((s.kv_len + FLASH_TILE - 1) / FLASH_TILE);
     int tile = next_tile_in_hull(hull, 0, tiles);
-    if (tile < tiles) {
-        start_tile_load(ks[0], kb, s.k_stride, tile * FLASH_TILE, s.kv_len);
-        start_tile_load(vs[0], vb, s.v_stride, tile * FLASH_TILE, s.kv_len);
-    }
+    if (tile < tiles) start_key_tile_load(ks[0], vs[0], kb, vb, s, tile);
     for (int buf = 0; tile < tiles; buf ^= 1) {
         wait_copies();
         __syncthreads();  // this tile is in for every thread, and every thread is done with the other buffer
         const int k0 = tile * FLASH_TILE, next = next_tile_in_hull(hull, tile + 1, tiles);
-        if (next < tiles) {
-            start_tile_load(ks[buf ^ 1], kb, s.k_stride, next * FLASH_TILE, s.kv_len);
-            start_tile_load(vs[buf ^ 1], vb, s.v_stride, next * FLASH_TILE, s.kv_len);
-        }
+        if (next < tiles) start_key_tile_load(ks[buf ^ 1], vs[buf ^ 1], kb, vb, s, next);
 
         float sc[8][4];
         product_with_rows<8>(sc, qa, ks[buf], lane);
@@ -507,10 +508,7 @@ extern "C" __global__ void __launch_bounds__(128, 3) attention_backward_flash_dq
     query_ranges(s, kind, p0, p1, p2, window, q0, g, rr, hull);
     const int tiles = (int)((s.kv_len + FLASH_TILE - 1) / FLASH_TILE);
     int tile = next_tile_in_hull(hull, 0, tiles);
-    if (tile < tiles) {  // on its way while the rows below load
-        start_tile_load(ks[0], kb, s.k_stride, tile * FLASH_TILE, s.kv_len);
-        start_tile_load(vs[0], vb, s.v_stride, tile * FLASH_TILE, s.kv_len);
-    }
+    if (tile < tiles) start_key_tile_load(ks[0], vs[0], kb, vb, s, tile);  // on its way while the rows below load
     unsigned qa[4][4], da[4][4];
     load_rows_as_a(qa, q + b * s.q_batch_stride + h * FLASH_HD, s.q_stride, q0, s.q_len, g, t);
     load_rows_as_a(da, dob, width, q0, s.q_len, g, t);
@@ -536,13 +534,11 @@ extern "C" __global__ void __launch_bounds__(128, 3) attention_backward_flash_dq
         wait_copies();
         __syncthreads();  // this tile is in for every thread, and every thread is done with the other buffer
         const int k0 = tile * FLASH_TILE, next = next_tile_in_hull(hull, tile + 1, tiles);
-        if (next < tiles) {
-            start_tile_load(ks[buf ^ 1], kb, s.k_stride, next * FLASH_TILE, s.kv_len);
-            start_tile_load(vs[buf ^ 1], vb, s.v_stride, next * FLASH_TILE, s.kv_len);
-        }
+        if (next < tiles) start_key_tile_load(ks[buf ^ 1], vs[buf ^ 1], kb, vb, s, next);
         const bool whole[2] = {sees_whole_tile(rr[0], k0, (int)s.kv_len), sees_whole_tile(rr[1], k0, (int)s.kv_len)};
         // 32 keys at a time: S and dP of half a tile are 32 registers fewer than of a whole one
-        // (no spills at three blocks an SM), and dQ sums the same products in the same order.
+        // (three blocks an SM with a 4-byte spill, against 104 bytes for whole tiles), and dQ
+        // sums the same products in the same order.
         for (int half = 0; half < 2; ++half) {
             const store_t* krows = ks[buf] + half * 32 * FLASH_PAD;
             float sc[4][4], dp[4][4];

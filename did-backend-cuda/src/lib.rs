@@ -557,6 +557,16 @@ impl CudaBackend {
     /// `out[g, c] += Σ_rows a[g, r, c]·b[g, r, c]` (`b = 1` when absent) in a fixed order, for
     /// each of `groups` consecutive `[rows, cols]` blocks (per-sequence sums: one launch for the
     /// batch instead of one per sequence).
+    /// A per-sequence gate's device pointer, or null (the kernels' "gate 1") without one.
+    fn gate_ptr(
+        &self,
+        gate: Option<Slice<'_, CudaBuffer>>,
+        batch: usize,
+        channels: usize,
+    ) -> Result<u64, CudaError> {
+        gate.map_or(Ok(0), |g| self.ptr(g, batch * channels, "gate"))
+    }
+
     /// `gated_residual_forward_into` (the kernel): `out = residual + gate·(y + bias)`, the bias
     /// (a null pointer: none) added into `y` first.
     #[allow(clippy::too_many_arguments)]
@@ -572,10 +582,7 @@ impl CudaBackend {
         channels: usize,
     ) -> Result<(), CudaError> {
         let n = batch * tokens * channels;
-        let gp = match gate {
-            Some(g) => self.ptr(g, batch * channels, "gate")?,
-            None => 0,
-        };
+        let gp = self.gate_ptr(gate, batch, channels)?;
         let args = [
             Arg::Ptr(self.ptr(residual, n, "residual")?),
             Arg::Ptr(y),
@@ -1180,10 +1187,7 @@ impl Backend for CudaBackend {
         channels: usize,
     ) -> Result<(), CudaError> {
         let n = batch * tokens * channels;
-        let gp = match gate {
-            Some(g) => self.ptr(g, batch * channels, "gate")?,
-            None => 0,
-        };
+        let gp = self.gate_ptr(gate, batch, channels)?;
         let args = [
             Arg::Ptr(self.ptr_mut(residual, n, "residual")?),
             Arg::Ptr(self.ptr(y, n, "gated y")?),
@@ -1240,10 +1244,7 @@ impl Backend for CudaBackend {
         let n = batch * tokens * channels;
         let rp = self.ptr(dresidual, n, "dresidual")?;
         let yp = self.ptr(y, n, "gated y")?;
-        let gp = match gate {
-            Some(g) => self.ptr(g, batch * channels, "gate")?,
-            None => 0,
-        };
+        let gp = self.gate_ptr(gate, batch, channels)?;
         let dyp = self.ptr_mut(dy, n, "gated dy")?;
         self.launch_elements(
             "gated_residual_backward_dy",
