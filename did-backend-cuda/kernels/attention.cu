@@ -393,19 +393,25 @@ __device__ __forceinline__ void query_ranges(const Shape& s, int kind, i64 p0, i
     hull_out[0] = lo_a; hull_out[1] = hi_a; hull_out[2] = lo_b; hull_out[3] = hi_b;
 }
 
-// The first key tile from `tile` on that meets the block's hull (`tiles` when none does): the
+// The first key tile of [tile, end) that meets the block's hull (`end` when none does): the
 // same for every thread of the block.
-__device__ __forceinline__ int next_tile_in_hull(const int* hull, int tile, int tiles) {
-    for (; tile < tiles; ++tile) {
+__device__ __forceinline__ int next_tile_in_hull(const int* hull, int tile, int end) {
+    for (; tile < end; ++tile) {
         const int k0 = tile * FLASH_TILE, k1 = k0 + FLASH_TILE;
         if ((k0 < hull[1] && k1 > hull[0]) || (k0 < hull[3] && k1 > hull[2])) break;
     }
     return tile;
 }
 
+// With gridDim.z > 1 the key tiles are split between blocks (flash-decoding): block z visits tiles
+// [z·tiles_per_split, (z + 1)·tiles_per_split) and leaves its rows' output, normalised over its
+// own keys, and their log-sum-exp in `partial_out` / `partial_lse` (f32, split-major) for
+// attention_combine_splits. A draft call has one query tile a (sequence, head): at batch 1 that is
+// 12 blocks on a GPU of 132 SMs, each walking the whole KV cache a tile after another.
 extern "C" __global__ void __launch_bounds__(128, 3) attention_forward_flash(Shape s, int kind, i64 p0, i64 p1, i64 p2, i64 window, float scale,
                                                    const store_t* q, const store_t* k, const store_t* v, store_t* out,
-                                                   float* lse) {
+                                                   float* lse, int tiles_per_split, float* partial_out,
+                                                   float* partial_lse) {
     __shared__ __align__(16) store_t ks[2][FLASH_TILE * FLASH_PAD];  // K tiles, row-major, double-buffered
     __shared__ __align__(16) store_t vs[2][FLASH_TILE * FLASH_PAD];  // V tiles
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
@@ -426,13 +432,14 @@ extern "C" __global__ void __launch_bounds__(128, 3) attention_forward_flash(Sha
     float m[2] = {neg_inf, neg_inf}, l[2] = {0.0f, 0.0f};
 
     const int tiles = (int)((s.kv_len + FLASH_TILE - 1) / FLASH_TILE);
-    int tile = next_tile_in_hull(hull, 0, tiles);
-    if (tile < tiles) start_key_tile_load(ks[0], vs[0], kb, vb, s, tile);
-    for (int buf = 0; tile < tiles; buf ^= 1) {
+    const int first = (int)blockIdx.z * tiles_per_split, end = min(tiles, first + tiles_per_split);
+    int tile = next_tile_in_hull(hull, first, end);
+    if (tile < end) start_key_tile_load(ks[0], vs[0], kb, vb, s, tile);
+    for (int buf = 0; tile < end; buf ^= 1) {
         wait_copies();
         __syncthreads();  // this tile is in for every thread, and every thread is done with the other buffer
-        const int k0 = tile * FLASH_TILE, next = next_tile_in_hull(hull, tile + 1, tiles);
-        if (next < tiles) start_key_tile_load(ks[buf ^ 1], vs[buf ^ 1], kb, vb, s, next);
+        const int k0 = tile * FLASH_TILE, next = next_tile_in_hull(hull, tile + 1, end);
+        if (next < end) start_key_tile_load(ks[buf ^ 1], vs[buf ^ 1], kb, vb, s, next);
 
         float sc[8][4];
         product_with_rows<8>(sc, qa, ks[buf], lane);
@@ -473,17 +480,60 @@ extern "C" __global__ void __launch_bounds__(128, 3) attention_forward_flash(Sha
         l[i] += __shfl_xor_sync(0xffffffffu, l[i], 1);
         l[i] += __shfl_xor_sync(0xffffffffu, l[i], 2);
     }
+    const i64 rows = s.batch * s.heads * s.q_len;
     for (int i = 0; i < 2; ++i) {
         i64 row = q0 + g + 8 * i;
         if (row >= s.q_len) continue;
+        const i64 r = (b * s.heads + h) * s.q_len + row;  // the log-sum-exp's index
+        const float row_lse = l[i] > 0.0f ? m[i] + logf(l[i]) : neg_inf;
+        if (partial_out) {  // one split of the keys: f32 partials, joined by attention_combine_splits
+            const i64 pr = (i64)blockIdx.z * rows + r;
+            for (int d = 0; d < 8; ++d) {
+                for (int e = 2 * i; e < 2 * i + 2; ++e) {
+                    partial_out[pr * FLASH_HD + d * 8 + 2 * t + (e & 1)] = l[i] > 0.0f ? acc[d][e] / l[i] : 0.0f;
+                }
+            }
+            if (t == 0) partial_lse[pr] = row_lse;
+            continue;
+        }
         i64 o = b * s.q_len * width + row * width + h * FLASH_HD;
         for (int d = 0; d < 8; ++d) {
             for (int e = 2 * i; e < 2 * i + 2; ++e) {
                 st(out, o + d * 8 + 2 * t + (e & 1), l[i] > 0.0f ? acc[d][e] / l[i] : 0.0f);
             }
         }
-        if (t == 0) lse[(b * s.heads + h) * s.q_len + row] = l[i] > 0.0f ? m[i] + logf(l[i]) : neg_inf;
+        if (t == 0) lse[r] = row_lse;
     }
+}
+
+// Joins the key splits of attention_forward_flash: split z left each row's output normalised over
+// its keys, O_z, and their log-sum-exp λ_z (−∞ for a split that saw none); the row's output is
+// Σ_z e^(λ_z − λ) O_z with λ = log Σ_z e^λ_z, its log-sum-exp λ. Written as the unsplit kernel
+// writes them. One warp a (sequence, head, query) row, two channels a lane, splits in order.
+extern "C" __global__ void attention_combine_splits(Shape s, int splits, const float* partial_out,
+                                                    const float* partial_lse, store_t* out, float* lse) {
+    const i64 rows = s.batch * s.heads * s.q_len;
+    const i64 r = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    const int lane = threadIdx.x & 31;
+    if (r >= rows) return;
+    const float neg_inf = -__int_as_float(0x7f800000);
+    float top = neg_inf;
+    for (int z = 0; z < splits; ++z) top = fmaxf(top, partial_lse[z * rows + r]);
+    float total = 0.0f, o0 = 0.0f, o1 = 0.0f;
+    if (top != neg_inf) {
+        for (int z = 0; z < splits; ++z) {
+            const float w = expf(partial_lse[z * rows + r] - top);  // 0 for a split that saw no key
+            const float* p = partial_out + (z * rows + r) * FLASH_HD + 2 * lane;
+            total += w;
+            o0 += w * p[0];
+            o1 += w * p[1];
+        }
+    }
+    const i64 qi = r % s.q_len, bh = r / s.q_len, h = bh % s.heads, b = bh / s.heads;
+    const i64 o = b * s.q_len * s.heads * FLASH_HD + qi * s.heads * FLASH_HD + h * FLASH_HD + 2 * lane;
+    st(out, o, total > 0.0f ? o0 / total : 0.0f);
+    st(out, o + 1, total > 0.0f ? o1 / total : 0.0f);
+    if (lane == 0) lse[r] = total > 0.0f ? top + logf(total) : neg_inf;
 }
 
 // dQ for a tile of 64 queries, and δ = rowsum(dO ∘ O) of its rows for the dK/dV kernel.

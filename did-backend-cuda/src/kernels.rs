@@ -88,8 +88,9 @@ pub const CHUNKED: [&str; 13] = [
 
 /// Kernels that exist only in the bf16 module for compute capability 8.0 and later (their
 /// tensor-core instructions take bf16 operands): `(source, kernel)`.
-pub const BF16_SM80_KERNELS: [(&str, &str); 3] = [
+pub const BF16_SM80_KERNELS: [(&str, &str); 4] = [
     ("attention.cu", "attention_forward_flash"),
+    ("attention.cu", "attention_combine_splits"),
     ("attention.cu", "attention_backward_flash_dq"),
     ("attention.cu", "attention_backward_flash_dkv"),
 ];

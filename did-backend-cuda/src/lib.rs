@@ -56,11 +56,13 @@ mod available;
 pub mod draw;
 mod error;
 pub mod kernels;
+pub mod key_split;
 pub mod rows_by_id;
 
 pub use available::{cuda_available, cuda_or_skip, probe};
 pub use draw::DrawLocation;
 pub use error::CudaError;
+pub use key_split::KeySplit;
 
 /// How buffers are stored on the device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -140,6 +142,7 @@ struct AttentionShapeC {
 unsafe impl DeviceRepr for AttentionShapeC {}
 
 /// One kernel argument.
+#[derive(Clone, Copy)]
 enum Arg {
     Ptr(u64),
     I64(i64),
@@ -181,6 +184,10 @@ pub struct CudaBackend {
     flash_attention: std::sync::atomic::AtomicBool,
     /// [`DrawLocation::Device`] in use.
     draw_on_device: std::sync::atomic::AtomicBool,
+    /// The flash forward's [`KeySplit`]: 0 = auto, `usize::MAX` = off, n = n tiles a block.
+    key_split: std::sync::atomic::AtomicUsize,
+    /// The device's streaming multiprocessors, for [`key_split::tiles_per_split`].
+    sms: usize,
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -252,6 +259,11 @@ impl CudaBackend {
             }
         };
         let device_name = ctx.name()?;
+        let sms = ctx
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            )?
+            .max(1) as usize;
         let mode = match precision {
             Precision::F32 => "f32",
             Precision::Bf16 => "bf16",
@@ -266,6 +278,8 @@ impl CudaBackend {
             functions,
             flash_attention: std::sync::atomic::AtomicBool::new(false),
             draw_on_device: std::sync::atomic::AtomicBool::new(draw_on_device),
+            key_split: std::sync::atomic::AtomicUsize::new(0),
+            sms,
         })
         .inspect(|b| {
             // The flash kernels wherever they can run (bf16, sm_80+); an f32 backend keeps the
@@ -300,6 +314,27 @@ impl CudaBackend {
             location == DrawLocation::Device,
             std::sync::atomic::Ordering::Relaxed,
         );
+    }
+
+    /// Chooses how the flash forward splits its key tiles between blocks ([`KeySplit::Auto`]
+    /// unless told; see [`key_split`]).
+    pub fn set_key_split(&self, split: KeySplit) {
+        let code = match split {
+            KeySplit::Auto => 0,
+            KeySplit::Off => usize::MAX,
+            KeySplit::TilesPerBlock(n) => n.clamp(1, usize::MAX - 1),
+        };
+        self.key_split
+            .store(code, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// How the flash forward splits its key tiles.
+    pub fn key_split(&self) -> KeySplit {
+        match self.key_split.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => KeySplit::Auto,
+            usize::MAX => KeySplit::Off,
+            n => KeySplit::TilesPerBlock(n),
+        }
     }
 
     /// Where tokens are drawn.
@@ -383,6 +418,73 @@ impl CudaBackend {
             && s.q_len < i32::MAX as usize
             && s.kv_len < i32::MAX as usize)
             .then_some(heads as u32)
+    }
+
+    /// The flash forward over `heads` (sequences × heads) grid rows, its key tiles split between
+    /// blocks where the launch alone would leave the GPU idle (module [`key_split`]): then the
+    /// blocks write f32 partials and `attention_combine_splits` joins them into `out` and `lse`.
+    fn attention_forward_flash(
+        &self,
+        s: &AttentionShape,
+        heads: u32,
+        args: [Arg; 12],
+        rows: usize,
+    ) -> Result<(), CudaError> {
+        // Warps of 16 query rows, up to four a block: a draft's few queries take one warp.
+        let warps = s.q_len.div_ceil(16).min(4);
+        let query_blocks = flash_blocks(s.q_len, 16 * warps)?;
+        let grid = (query_blocks, heads, 1);
+        let tiles = s.kv_len.div_ceil(64).max(1);
+        let blocks = query_blocks as usize * heads as usize;
+        let per = key_split::tiles_per_split(blocks, tiles, self.sms, self.key_split());
+        let splits = tiles.div_ceil(per);
+        let threads = 32 * warps as u32;
+        let tiles_arg = Arg::I32(per as i32);
+        if splits == 1 {
+            let whole = [&args[..], &[tiles_arg, Arg::Ptr(0), Arg::Ptr(0)]].concat();
+            return self.launch("attention_forward_flash", grid, threads, &whole);
+        }
+        // SAFETY: uninitialised f32s; every split writes every element of its rows (an empty
+        // split writes zeros and −∞), and the combine reads only those.
+        let partial_out = unsafe { self.stream.alloc::<f32>(splits * rows * FLASH_HEAD_DIM) }?;
+        // SAFETY: as above.
+        let partial_lse = unsafe { self.stream.alloc::<f32>(splits * rows) }?;
+        let (po, _po_sync) = partial_out.device_ptr(&self.stream);
+        let (pl, _pl_sync) = partial_lse.device_ptr(&self.stream);
+        // The outputs (args 10 and 11) go to the combine; the forward writes only partials.
+        let [shape, m0, m1, m2, m3, m4, scale, q, k, v, out, lse] = args;
+        let split_args = [
+            shape,
+            m0,
+            m1,
+            m2,
+            m3,
+            m4,
+            scale,
+            q,
+            k,
+            v,
+            Arg::Ptr(0),
+            Arg::Ptr(0),
+            tiles_arg,
+            Arg::Ptr(po),
+            Arg::Ptr(pl),
+        ];
+        self.launch(
+            "attention_forward_flash",
+            (grid.0, grid.1, splits as u32),
+            threads,
+            &split_args,
+        )?;
+        let combine_args = [
+            shape,
+            Arg::I32(splits as i32),
+            Arg::Ptr(po),
+            Arg::Ptr(pl),
+            out,
+            lse,
+        ];
+        self.launch_warps("attention_combine_splits", rows, &combine_args)
     }
 
     /// The device's name, as the driver reports it.
@@ -1311,14 +1413,7 @@ impl Backend for CudaBackend {
             if heads == 0 || s.q_len == 0 {
                 return Ok(());
             }
-            // Warps of 16 query rows, up to four a block: a draft's few queries take one warp.
-            let warps = s.q_len.div_ceil(16).min(4);
-            return self.launch(
-                "attention_forward_flash",
-                (flash_blocks(s.q_len, 16 * warps)?, heads, 1),
-                32 * warps as u32,
-                &args,
-            );
+            return self.attention_forward_flash(s, heads, args, e.lse);
         }
         self.launch_warps("attention_forward", e.lse, &args)
     }

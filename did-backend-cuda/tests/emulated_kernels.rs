@@ -56,7 +56,11 @@ fn run(exe: &Path, source: &str, defines: &[&str], args: &[&Path]) -> String {
 #[test]
 fn attention_kernels_agree_with_plain_attention_and_its_gradients_under_emulation() {
     let report = build_and_run("attention.cpp", &[], "emulated_attention");
-    for kernel in ["attention_forward_flash", "attention_backward_flash"] {
+    for kernel in [
+        "attention_forward_flash",
+        "attention_backward_flash",
+        "attention_forward_flash split",
+    ] {
         assert!(
             report.contains(&format!("ok   {kernel}")),
             "{kernel} did not run:\n{report}"

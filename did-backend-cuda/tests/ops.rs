@@ -9,7 +9,7 @@ use common::{
     bf16_round, check, check_with_attention, dims, down, down_at, gpu, poisoned, rand, Case, BF16,
     F32,
 };
-use did_backend_cuda::{AttentionKernel, Precision};
+use did_backend_cuda::{AttentionKernel, KeySplit, Precision};
 use did_core::backend::{
     AdamW, AttentionShape, Backend, DrawSpec, Gemm, NormShape, QkvOffsets, RopeShape, RowGroups,
     Slice, SliceMut,
@@ -796,33 +796,92 @@ fn flash_attention_matches_the_cpu_under_every_mask() {
     }
     fn prop(x: u8, y: u8, z: u8, seed: u64) -> TestResult {
         let case = attention_case(z, x, y, seed, 64);
-        let label = format!("flash attention {:?} {:?}", case.mask, case.s);
-        let cpu = match case.run(&did_backend_cpu::CpuBackend::new()) {
-            Ok(c) => c,
-            Err(e) => return TestResult::error(format!("{label}: cpu: {e}")),
-        };
-        let gpu = common::with_gpu(Precision::Bf16, |g| {
-            let before = g.attention_kernel();
-            g.set_attention_kernel(AttentionKernel::Flash)?;
-            let out = case.run(g);
-            g.set_attention_kernel(before)?;
-            out
-        });
-        let gpu = match gpu {
-            Ok(g) => g,
-            Err(e) => return TestResult::error(format!("{label}: gpu: {e}")),
-        };
-        // P (and in the backward dS) is rounded to bf16 before the next product: twice the
-        // element-wise tolerance.
-        let tol = common::Tol {
-            rtol: 2.0 * BF16.rtol,
-            atol: 2.0 * BF16.atol,
-        };
-        verdict(cpu.iter().zip(&gpu).try_for_each(|((name, c), (_, g))| {
-            common::compare(&format!("{label} {name}"), c, g, tol)
-        }))
+        // The forward's key tiles whole, split as the backend chooses (these small launches
+        // leave most SMs idle, so it splits wherever there are two tiles), or a tile a block.
+        let split =
+            [KeySplit::Off, KeySplit::Auto, KeySplit::TilesPerBlock(1)][(seed % 3) as usize];
+        verdict(check_flash(&case, split))
     }
     qc(40, prop);
+}
+
+/// A batch-1 draft call's attention at the end of a 1024-token sample (12 heads, a block of 4
+/// after 1,024 cached keys: 17 key tiles) through the flash kernels with the keys whole, split
+/// a tile a block and split as the backend chooses, each against the CPU.
+#[test]
+fn flash_attention_splits_a_long_kv_cache_between_blocks() {
+    if !gpu("flash_attention_splits_a_long_kv_cache_between_blocks") {
+        return;
+    }
+    let (heads, head_dim, block, cached) = (12, 64, 4, 1024);
+    let (width, kv_len) = (heads * head_dim, cached + block);
+    let s = AttentionShape {
+        batch: 1,
+        heads,
+        head_dim,
+        q_len: block,
+        kv_len,
+        q_stride: 3 * width,
+        k_stride: 2 * width,
+        v_stride: 2 * width,
+        q_batch_stride: block * 3 * width,
+        kv_batch_stride: kv_len * 2 * width,
+        scale: 1.0 / (head_dim as f32).sqrt(),
+    };
+    let case = AttentionCase {
+        s,
+        mask: AttentionMask::BlockCausal {
+            block_size: block,
+            query_offset: cached,
+            key_offset: 0,
+            window: None,
+        },
+        qkv: rand(11, block * 3 * width, 1.5),
+        kv: rand(12, kv_len * 2 * width, 1.5),
+        dout: rand(13, block * width, 1.0),
+        acc: rand(14, (block * 3 + kv_len * 2) * width, 1.0),
+    };
+    for split in [
+        KeySplit::Off,
+        KeySplit::TilesPerBlock(1),
+        KeySplit::TilesPerBlock(5),
+        KeySplit::Auto,
+    ] {
+        if let Err(e) = check_flash(&case, split) {
+            panic!("{e}");
+        }
+    }
+}
+
+/// One attention case through the flash kernels with the forward's key tiles split by
+/// `split`, against the CPU.
+fn check_flash(case: &AttentionCase, split: KeySplit) -> Result<(), String> {
+    let label = format!(
+        "flash attention, keys {split:?}, {:?} {:?}",
+        case.mask, case.s
+    );
+    let cpu = case
+        .run(&did_backend_cpu::CpuBackend::new())
+        .map_err(|e| format!("{label}: cpu: {e}"))?;
+    let gpu = common::with_gpu(Precision::Bf16, |g| {
+        let before = (g.attention_kernel(), g.key_split());
+        g.set_attention_kernel(AttentionKernel::Flash)?;
+        g.set_key_split(split);
+        let out = case.run(g);
+        g.set_attention_kernel(before.0)?;
+        g.set_key_split(before.1);
+        out
+    })
+    .map_err(|e| format!("{label}: gpu: {e}"))?;
+    // P (and in the backward dS) is rounded to bf16 before the next product: twice the
+    // element-wise tolerance.
+    let tol = common::Tol {
+        rtol: 2.0 * BF16.rtol,
+        atol: 2.0 * BF16.atol,
+    };
+    cpu.iter()
+        .zip(&gpu)
+        .try_for_each(|((name, c), (_, g))| common::compare(&format!("{label} {name}"), c, g, tol))
 }
 
 // ---- activations, dropout --------------------------------------------------------------

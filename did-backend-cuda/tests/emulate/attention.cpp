@@ -59,7 +59,12 @@ int main() {
         {"global refine (full), 100 tokens", 2, 0, 0, 0, -1, 1, 2, 100, 100, false},
         {"causal, window 16", 3, 0, 10, 0, 16, 1, 1, 40, 50, true},
         {"BD3 training, L = 72, block 8, rows not 16-byte aligned", 0, 72, 8, 0, -1, 1, 2, 144, 144, false, 3},
+        {"draft through a KV cache: block 4 at position 1024 (17 key tiles)", 1, 4, 1024, 0, -1, 1, 2, 4, 1028, false},
+        {"draft at position 300, window 256, keys from 40", 1, 4, 300, 40, 256, 2, 1, 4, 264, false},
     };
+    // The forward's key splits (flash-decoding): tiles a block, then attention_combine_splits.
+    const int split_tiles[] = {1, 3};
+    const int n_split = 2;
     std::mt19937 rng(7);
     std::normal_distribution<float> normal(0.0f, 1.0f);
     int failures = 0;
@@ -83,11 +88,30 @@ int main() {
         }
         // As the backend launches it: warps of 16 query rows, up to four a block.
         const unsigned warps = (unsigned)std::min<i64>(4, (c.q_len + 15) / 16);
-        emu::launch(EmuDim3{(unsigned)((c.q_len + 16 * warps - 1) / (16 * warps)), (unsigned)(c.batch * c.heads), 1},
-                    32 * warps, [&] {
+        const EmuDim3 grid{(unsigned)((c.q_len + 16 * warps - 1) / (16 * warps)), (unsigned)(c.batch * c.heads), 1};
+        const int tiles = (int)((c.kv_len + 63) / 64);
+        emu::launch(grid, 32 * warps, [&] {
             attention_forward_flash(s, c.kind, c.p0, c.p1, c.p2, c.window, scale, q, k, v, out_flash.data(),
-                                    lse_flash.data());
+                                    lse_flash.data(), tiles, nullptr, nullptr);
         });
+        // The same forward with its key tiles split between blocks, joined by the combine kernel;
+        // partials and outputs poisoned with NaN so an element nobody writes shows.
+        std::vector<store_t> out_split[n_split];
+        std::vector<float> lse_split[n_split];
+        for (int sp = 0; sp < n_split; ++sp) {
+            const int per = split_tiles[sp], splits = (tiles + per - 1) / per;
+            out_split[sp].assign(out_ref.size(), to_store(NAN));
+            lse_split[sp].assign(rows, NAN);
+            std::vector<float> partial_out((size_t)splits * rows * hd, NAN), partial_lse((size_t)splits * rows, NAN);
+            emu::launch(EmuDim3{grid.x, grid.y, (unsigned)splits}, 32 * warps, [&] {
+                attention_forward_flash(s, c.kind, c.p0, c.p1, c.p2, c.window, scale, q, k, v, nullptr, nullptr, per,
+                                        partial_out.data(), partial_lse.data());
+            });
+            emu::launch(EmuDim3{(unsigned)((rows + 3) / 4), 1, 1}, 128, [&] {
+                attention_combine_splits(s, splits, partial_out.data(), partial_lse.data(), out_split[sp].data(),
+                                         lse_split[sp].data());
+            });
+        }
 
         // The backward of each kernel, from its own output and log-sum-exp, into gradients that
         // hold 0.25 before (the kernels write them: the old content must go), laid out like their
@@ -130,6 +154,7 @@ int main() {
 
         // The plain attention and its gradients in f64 from the bf16 inputs.
         double worst[2][2] = {{0, 0}, {0, 0}};  // [kernel][out, lse]
+        double worst_split[n_split][2] = {};     // [tiles a block][out, lse]
         for (i64 b = 0; b < c.batch; ++b)
             for (i64 h = 0; h < c.heads; ++h)
                 for (i64 qi = 0; qi < c.q_len; ++qi) {
@@ -155,6 +180,11 @@ int main() {
                         double err = l > 0 ? std::abs(got - lse) / (1.0 + std::abs(lse)) : (std::isinf(got) ? 0.0 : 1.0);
                         worst[kern][1] = worse(worst[kern][1], err);
                     }
+                    for (int sp = 0; sp < n_split; ++sp) {
+                        double got = lse_split[sp][li];
+                        double err = l > 0 ? std::abs(got - lse) / (1.0 + std::abs(lse)) : (std::isinf(got) && got < 0 ? 0.0 : 1.0);
+                        worst_split[sp][1] = worse(worst_split[sp][1], err);
+                    }
                     std::vector<double> o_want(hd);
                     for (i64 d = 0; d < hd; ++d) {
                         double want = 0;
@@ -166,6 +196,10 @@ int main() {
                         for (int kern = 0; kern < 2; ++kern) {
                             double err = std::abs(bf(outs[kern][o]) - want) / (0.05 + std::abs(want));
                             worst[kern][0] = worse(worst[kern][0], err);
+                        }
+                        for (int sp = 0; sp < n_split; ++sp) {
+                            double err = std::abs(bf(out_split[sp][o]) - want) / (0.05 + std::abs(want));
+                            worst_split[sp][0] = worse(worst_split[sp][0], err);
                         }
                     }
                     // dS = P ∘ (dP − δ)·scale with δ = dO·O; dQ = dS·K, dK = dSᵀ·Q, dV = Pᵀ·dO.
@@ -223,6 +257,14 @@ int main() {
         const double tol_out[2] = {1.5e-2, 3e-2}, tol_lse = 1e-5, tol_grad = 1e-2;
         const char* names[2][2] = {{"attention_forward      ", "attention_backward      "},
                                    {"attention_forward_flash", "attention_backward_flash"}};
+        for (int sp = 0; sp < n_split; ++sp) {
+            bool ok = worst_split[sp][0] <= tol_out[1] && worst_split[sp][1] <= tol_lse;
+            failures += !ok;
+            std::printf("%s attention_forward_flash split, %d tile(s) a block, %d block(s) | %s: out rel err %.2e (tol %.0e), "
+                        "lse rel err %.2e (tol %.0e)\n",
+                        ok ? "ok  " : "FAIL", split_tiles[sp], (int)((c.kv_len + 63) / 64 + split_tiles[sp] - 1) / split_tiles[sp],
+                        c.name, worst_split[sp][0], tol_out[1], worst_split[sp][1], tol_lse);
+        }
         for (int kern = c.also_reference ? 0 : 1; kern < 2; ++kern) {
             bool ok = worst[kern][0] <= tol_out[kern] && worst[kern][1] <= tol_lse;
             failures += !ok;
