@@ -9,8 +9,10 @@
 //! (tiny | small; tiny), BATCH (2), LENGTH (the preset's context), STEPS (2, after one warm-up),
 //! SAMPLE_BATCHES ("1"), SAMPLE_LENGTH (64), STAGES (4,L:0.25), GEMM_ALIGNMENT (1 on a GPU, 0 on
 //! the CPU: the head's three GEMMs with the vocabulary's own row stride against one rounded up to
-//! 64, the question of whether cuBLAS's bf16 kernels lose speed on 50,258). The CUDA backend reads
-//! DID_CUDA_ATTENTION and DID_CUDA_DRAW as always.
+//! 64, the question of whether cuBLAS's bf16 kernels lose speed on 50,258), DRAFT_ATTENTION (1 on
+//! a GPU in bf16: a draft call's attention forward at growing KV caches with the key tiles whole
+//! and split between blocks, `did_backend_cuda::key_split`). The CUDA backend reads
+//! DID_CUDA_ATTENTION, DID_CUDA_DRAW and DID_CUDA_KEY_SPLIT as always.
 
 use std::fmt::Write as _;
 use std::time::Instant;
@@ -61,7 +63,12 @@ fn main() -> Result<(), Failure> {
             } else {
                 Precision::Bf16
             };
-            profile(Profiled::synchronized(CudaBackend::new(0, p)?).by_gemm_shape())?
+            let mut report =
+                profile(Profiled::synchronized(CudaBackend::new(0, p)?).by_gemm_shape())?;
+            if flag("DRAFT_ATTENTION", p == Precision::Bf16)? {
+                draft_attention(&CudaBackend::new(0, p)?, &mut report)?;
+            }
+            report
         }
         other => {
             return Err(format!(
@@ -272,6 +279,94 @@ where
             tflops(ms[1])
         );
     }
+    let _ = writeln!(out);
+    Ok(())
+}
+
+/// A draft call's attention forward (`small`'s 12 heads of 64, a block of 4 queries after a KV
+/// cache) at growing caches, batch 1 and 8, with the key tiles whole (`KeySplit::Off`) and as the
+/// backend splits them (`KeySplit::Auto`): µs a call, 50 calls after a warm-up, no profiler.
+fn draft_attention(be: &CudaBackend, out: &mut String) -> Result<(), Failure> {
+    use did_backend_cuda::KeySplit;
+    use did_core::backend::AttentionShape;
+    use did_core::mask::AttentionMask;
+    let (heads, head_dim, block) = (12, 64, 4);
+    let width = heads * head_dim;
+    let _ = writeln!(
+        out,
+        "### A draft call's attention forward, key tiles whole against split between blocks (12 heads × 64, block 4; µs a call, 50 calls)\n"
+    );
+    let _ = writeln!(
+        out,
+        "| batch | cached keys | key tiles | whole | split (auto) | whole / split |"
+    );
+    let _ = writeln!(out, "|---:|---:|---:|---:|---:|---:|");
+    let before = be.key_split();
+    for batch in [1usize, 8] {
+        for cached in [60usize, 124, 252, 508, 1020] {
+            let kv_len = cached + block;
+            let s = AttentionShape {
+                batch,
+                heads,
+                head_dim,
+                q_len: block,
+                kv_len,
+                q_stride: 3 * width,
+                k_stride: 2 * width,
+                v_stride: 2 * width,
+                q_batch_stride: block * 3 * width,
+                kv_batch_stride: kv_len * 2 * width,
+                scale: 0.125,
+            };
+            let mask = AttentionMask::BlockCausal {
+                block_size: block,
+                query_offset: cached,
+                key_offset: 0,
+                window: None,
+            };
+            let noise = |n: usize, salt: usize| -> Vec<f32> {
+                (0..n)
+                    .map(|i| (((i * 7919 + salt) % 1013) as f32 / 1013.0 - 0.5) * 3.0)
+                    .collect()
+            };
+            let q = be.upload(&noise(batch * block * 3 * width, 1))?;
+            let kv = be.upload(&noise(batch * kv_len * 2 * width, 2))?;
+            let mut o = be.zeros(batch * block * width)?;
+            let mut lse = be.zeros_f32(batch * heads * block)?;
+            let mut us = [0.0f64; 2];
+            for (slot, split) in us.iter_mut().zip([KeySplit::Off, KeySplit::Auto]) {
+                be.set_key_split(split);
+                let mut run = || {
+                    be.attention_forward(
+                        &s,
+                        &mask,
+                        Slice::whole(&q),
+                        Slice::at(&kv, 0),
+                        Slice::at(&kv, width),
+                        SliceMut::whole(&mut o),
+                        SliceMut::whole(&mut lse),
+                    )
+                };
+                run()?;
+                be.synchronize()?;
+                let start = Instant::now();
+                for _ in 0..50 {
+                    run()?;
+                }
+                be.synchronize()?;
+                *slot = start.elapsed().as_secs_f64() * 1e6 / 50.0;
+            }
+            let _ = writeln!(
+                out,
+                "| {batch} | {cached} | {} | {:.1} | {:.1} | {:.2} × |",
+                kv_len.div_ceil(64),
+                us[0],
+                us[1],
+                us[0] / us[1]
+            );
+        }
+    }
+    be.set_key_split(before);
     let _ = writeln!(out);
     Ok(())
 }

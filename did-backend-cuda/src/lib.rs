@@ -258,6 +258,19 @@ impl CudaBackend {
                 )))
             }
         };
+        let key_split = match std::env::var("DID_CUDA_KEY_SPLIT").as_deref() {
+            Ok("auto") | Err(_) => KeySplit::Auto,
+            Ok("off") => KeySplit::Off,
+            Ok(other) => match other.parse::<usize>() {
+                Ok(n) if n >= 1 => KeySplit::TilesPerBlock(n),
+                _ => {
+                    return Err(CudaError::Shape(format!(
+                        "DID_CUDA_KEY_SPLIT={other:?}: expected `auto`, `off` or a number of key \
+                         tiles a block (1 or more; unset = auto)"
+                    )))
+                }
+            },
+        };
         let device_name = ctx.name()?;
         let sms = ctx
             .attribute(
@@ -282,6 +295,7 @@ impl CudaBackend {
             sms,
         })
         .inspect(|b| {
+            b.set_key_split(key_split);
             // The flash kernels wherever they can run (bf16, sm_80+); an f32 backend keeps the
             // reference kernels.
             if flash {
