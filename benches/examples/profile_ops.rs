@@ -284,8 +284,10 @@ where
 }
 
 /// A draft call's attention forward (`small`'s 12 heads of 64, a block of 4 queries after a KV
-/// cache) at growing caches, batch 1 and 8, with the key tiles whole (`KeySplit::Off`) and as the
-/// backend splits them (`KeySplit::Auto`): µs a call, 50 calls after a warm-up, no profiler.
+/// cache) at growing caches, batch 1 and 8, with the key tiles whole (`KeySplit::Off`), a tile a
+/// block, and as the backend splits them (`KeySplit::Auto`): µs a call, 50 calls after a
+/// warm-up, no profiler. Where "a tile a block" beats "whole" at two or three tiles,
+/// `MIN_TILES_TO_SPLIT` should come down.
 fn draft_attention(be: &CudaBackend, out: &mut String) -> Result<(), Failure> {
     use did_backend_cuda::KeySplit;
     use did_core::backend::AttentionShape;
@@ -298,9 +300,9 @@ fn draft_attention(be: &CudaBackend, out: &mut String) -> Result<(), Failure> {
     );
     let _ = writeln!(
         out,
-        "| batch | cached keys | key tiles | whole | split (auto) | whole / split |"
+        "| batch | cached keys | key tiles | whole | a tile a block | auto | whole / auto |"
     );
-    let _ = writeln!(out, "|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(out, "|---:|---:|---:|---:|---:|---:|---:|");
     let before = be.key_split();
     for batch in [1usize, 8] {
         for cached in [60usize, 124, 252, 508, 1020] {
@@ -333,8 +335,11 @@ fn draft_attention(be: &CudaBackend, out: &mut String) -> Result<(), Failure> {
             let kv = be.upload(&noise(batch * kv_len * 2 * width, 2))?;
             let mut o = be.zeros(batch * block * width)?;
             let mut lse = be.zeros_f32(batch * heads * block)?;
-            let mut us = [0.0f64; 2];
-            for (slot, split) in us.iter_mut().zip([KeySplit::Off, KeySplit::Auto]) {
+            let mut us = [0.0f64; 3];
+            for (slot, split) in
+                us.iter_mut()
+                    .zip([KeySplit::Off, KeySplit::TilesPerBlock(1), KeySplit::Auto])
+            {
                 be.set_key_split(split);
                 let mut run = || {
                     be.attention_forward(
@@ -358,11 +363,12 @@ fn draft_attention(be: &CudaBackend, out: &mut String) -> Result<(), Failure> {
             }
             let _ = writeln!(
                 out,
-                "| {batch} | {cached} | {} | {:.1} | {:.1} | {:.2} × |",
+                "| {batch} | {cached} | {} | {:.1} | {:.1} | {:.1} | {:.2} × |",
                 kv_len.div_ceil(64),
                 us[0],
                 us[1],
-                us[0] / us[1]
+                us[2],
+                us[0] / us[2]
             );
         }
     }

@@ -28,10 +28,16 @@ pub enum KeySplit {
 /// switch to while one waits on its tile.
 const BLOCKS_PER_SM: usize = 2;
 
+/// The fewest key tiles worth splitting: a split costs one more launch (the combine, a few µs
+/// between kernels) and saves about a tile's latency (≈ 1–2 µs with one tile in flight) for each
+/// tile a block no longer walks, so two or three tiles stay whole. An estimate until a GPU
+/// measures it (`examples/profile_ops`, "A draft call's attention forward").
+pub const MIN_TILES_TO_SPLIT: usize = 4;
+
 /// Key tiles each block of a flash forward visits, for a launch of `blocks` (query tiles ×
 /// sequences × heads) over `tiles` key tiles on a GPU of `sms` SMs: `tiles` (no split) unless
-/// the launch has fewer blocks than SMs, else the fewest that still give about
-/// [`BLOCKS_PER_SM`] blocks an SM. No split is left without a tile: `tiles.div_ceil(result)`
+/// the launch has fewer blocks than SMs and at least [`MIN_TILES_TO_SPLIT`] tiles, else the
+/// fewest that still give about [`BLOCKS_PER_SM`] blocks an SM. No split is left without a tile: `tiles.div_ceil(result)`
 /// blocks cover the tiles.
 ///
 /// ```
@@ -51,7 +57,7 @@ pub fn tiles_per_split(blocks: usize, tiles: usize, sms: usize, split: KeySplit)
         KeySplit::Off => tiles,
         KeySplit::TilesPerBlock(n) => n.clamp(1, tiles),
         KeySplit::Auto => {
-            if blocks == 0 || blocks >= sms {
+            if blocks == 0 || blocks >= sms || tiles < MIN_TILES_TO_SPLIT {
                 return tiles;
             }
             let splits = (BLOCKS_PER_SM * sms).div_ceil(blocks).min(tiles);
@@ -86,7 +92,7 @@ mod tests {
         }
 
         fn auto_gives_about_two_blocks_an_sm_where_the_tiles_allow(blocks: u8, tiles: u16, sms: u8) -> TestResult {
-            let (sms, tiles) = (2 + sms as usize, 1 + tiles as usize);
+            let (sms, tiles) = (2 + sms as usize, MIN_TILES_TO_SPLIT + tiles as usize);
             let blocks = 1 + blocks as usize % (sms - 1);  // fewer than the SMs
             let splits = tiles.div_ceil(tiles_per_split(blocks, tiles, sms, KeySplit::Auto));
             let want = (2 * sms).div_ceil(blocks).min(tiles);
@@ -99,8 +105,11 @@ mod tests {
     fn a_batch_one_draft_spreads_its_cache_over_the_gpu() {
         // 12 heads at L = 1024 on 132 SMs: one tile a block, 17 × 12 = 204 blocks.
         assert_eq!(tiles_per_split(12, 17, 132, KeySplit::Auto), 1);
-        // Early in the draft: two tiles, two blocks a head.
-        assert_eq!(tiles_per_split(12, 2, 132, KeySplit::Auto), 1);
+        // Early in the draft: a few tiles stay whole, four are split.
+        assert_eq!(tiles_per_split(12, 3, 132, KeySplit::Auto), 3);
+        assert_eq!(tiles_per_split(12, 4, 132, KeySplit::Auto), 1);
+        // Forced, a tile a block, whatever the size.
+        assert_eq!(tiles_per_split(12, 2, 132, KeySplit::TilesPerBlock(1)), 1);
         // Batch 64: 768 blocks, no split.
         assert_eq!(tiles_per_split(768, 17, 132, KeySplit::Auto), 17);
         // A one-tile cache is never split.
