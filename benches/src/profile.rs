@@ -364,6 +364,19 @@ impl<B: Backend> Backend for Profiled<B> {
     fn rope_forward(&self, s: &RopeShape, x: M<'_, B>) -> Result<(), B::Error> {
         self.timed("rope_forward", 0, || self.inner.rope_forward(s, x))
     }
+    fn rope_forward_and_copy(
+        &self,
+        s: &RopeShape,
+        x: M<'_, B>,
+        copy_from: usize,
+        dst: M<'_, B>,
+        layout: &RowGroups,
+    ) -> Result<(), B::Error> {
+        self.timed("rope_forward_and_copy", 0, || {
+            self.inner
+                .rope_forward_and_copy(s, x, copy_from, dst, layout)
+        })
+    }
     fn rope_backward(&self, s: &RopeShape, dx: M<'_, B>) -> Result<(), B::Error> {
         self.timed("rope_backward", 0, || self.inner.rope_backward(s, dx))
     }

@@ -157,10 +157,26 @@ extern "C" __global__ void layernorm_dweight_partial(const store_t* dout, const 
 // instructions against a few for the rotation — so a thread computes it once and rotates the pair
 // in each sequence of its chunk. The backend picks `per` to keep enough threads (1 for a draft's
 // few tokens).
+//
+// With `copy` ≠ null the kernel also copies columns [copy_col0, copy_col0 + copy_cols) of every
+// row (copy_col0 ≥ 0), as rotated, to copy + b·copy_batch_stride + t·copy_stride — a KV-cached
+// pass's append of its rotated keys and its values to the cache, in the same launch: the
+// rotating threads store the pairs that fall in those columns twice, and threads past the
+// rotation's copy the columns it does not reach (those from heads·head_dim on).
 extern "C" __global__ void rope(store_t* x, i64 batch, i64 tokens, i64 heads, i64 head_dim, i64 stride, i64 batch_stride,
-                                i64 position_offset, double base, int inverse, i64 per) {
+                                i64 position_offset, double base, int inverse, i64 per, store_t* copy, i64 copy_col0,
+                                i64 copy_cols, i64 copy_stride, i64 copy_batch_stride) {
     i64 half = head_dim / 2, chunks = (batch + per - 1) / per;
-    GRID_STRIDE(i, chunks * tokens * heads * half) {
+    const i64 rotations = chunks * tokens * heads * half;
+    const i64 plain0 = max(copy_col0, heads * head_dim), copy_end = copy_col0 + copy_cols;
+    const i64 plain = copy && copy_end > plain0 ? copy_end - plain0 : 0;  // columns copied as they are
+    GRID_STRIDE(i, rotations + batch * tokens * plain) {
+        if (i >= rotations) {
+            const i64 j = i - rotations, col = plain0 + j % plain, t = (j / plain) % tokens, b = j / (plain * tokens);
+            const float value = ld(x, b * batch_stride + t * stride + col);
+            st(copy, b * copy_batch_stride + t * copy_stride + col - copy_col0, value);
+            continue;
+        }
         i64 d = i % half, h = (i / half) % heads, t = (i / (half * heads)) % tokens, chunk = i / (half * heads * tokens);
         double inv_freq = pow(base, -2.0 * (double)d / (double)head_dim);
         double angle = (double)(position_offset + t) * inv_freq;
@@ -170,8 +186,14 @@ extern "C" __global__ void rope(store_t* x, i64 batch, i64 tokens, i64 heads, i6
         for (i64 b = chunk * per; b < b_end; ++b) {
             i64 o = b * batch_stride + t * stride + h * head_dim;
             float lo = ld(x, o + d), hi = ld(x, o + half + d);
-            st(x, o + d, lo * c - hi * s);
-            st(x, o + half + d, hi * c + lo * s);
+            const float new_lo = lo * c - hi * s, new_hi = hi * c + lo * s;
+            st(x, o + d, new_lo);
+            st(x, o + half + d, new_hi);
+            if (copy) {
+                const i64 col = h * head_dim + d, to = b * copy_batch_stride + t * copy_stride - copy_col0;
+                if (col >= copy_col0 && col < copy_end) st(copy, to + col, new_lo);
+                if (col + half >= copy_col0 && col + half < copy_end) st(copy, to + col + half, new_hi);
+            }
         }
     }
 }

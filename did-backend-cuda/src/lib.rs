@@ -1397,6 +1397,39 @@ impl Backend for CudaBackend {
         self.rope(shape, dx, true)
     }
 
+    fn rope_forward_and_copy(
+        &self,
+        shape: &RopeShape,
+        x: SliceMut<'_, CudaBuffer>,
+        copy_from: usize,
+        dst: SliceMut<'_, CudaBuffer>,
+        layout: &RowGroups,
+    ) -> Result<(), CudaError> {
+        // One launch where the copy's rows are the rotation's (the KV-cache append after a
+        // pass's RoPE): same sequences, tokens and strides, columns from `copy_from` on.
+        let same_rows = layout.groups == shape.batch
+            && layout.rows == shape.tokens
+            && layout.src_stride == shape.stride
+            && copy_from + layout.cols <= shape.stride
+            && (layout.groups <= 1 || layout.src_group_stride == shape.batch_stride);
+        let SliceMut { buf, offset } = x;
+        if !same_rows || layout.elements() == 0 {
+            self.rope(shape, SliceMut::at(&mut *buf, offset), false)?;
+            return self.copy_row_groups(Slice::at(&*buf, offset + copy_from), dst, layout);
+        }
+        let span = shape.extent().max(copy_from + layout.src_extent());
+        let p = self.ptr_mut(SliceMut::at(buf, offset), span, "rope x")?;
+        let d = self.ptr_mut(dst, layout.dst_extent(), "rope copy dst")?;
+        let copy = (
+            copy_from,
+            layout.cols,
+            d,
+            layout.dst_stride,
+            layout.dst_group_stride,
+        );
+        self.rope_at(shape, p, false, Some(copy))
+    }
+
     fn attention_forward(
         &self,
         s: &AttentionShape,
@@ -1910,6 +1943,9 @@ impl CudaBackend {
         self.launch_elements(kernel, len, &args)
     }
 
+    /// The `rope` kernel on `x`; with `copy` = (columns from, columns, destination, destination
+    /// row stride, destination sequence stride), also the copy of those columns of every row,
+    /// as rotated (`rope_forward_and_copy`).
     fn rope(
         &self,
         s: &RopeShape,
@@ -1917,12 +1953,25 @@ impl CudaBackend {
         inverse: bool,
     ) -> Result<(), CudaError> {
         let p = self.ptr_mut(x, s.extent(), "rope x")?;
+        self.rope_at(s, p, inverse, None)
+    }
+
+    fn rope_at(
+        &self,
+        s: &RopeShape,
+        p: u64,
+        inverse: bool,
+        copy: Option<(usize, usize, u64, usize, usize)>,
+    ) -> Result<(), CudaError> {
         let half = s.head_dim / 2;
         // Sequences a thread rotates with one angle: as many as keep ≈ 128 k threads busy.
         let per = (s.batch * s.tokens * s.heads * half / (1 << 17)).clamp(1, s.batch.max(1));
+        let (col0, cols, dst, dst_stride, dst_batch_stride) = copy.unwrap_or((0, 0, 0, 0, 0));
+        // The columns the rotation does not reach are copied by threads of their own.
+        let plain = (col0 + cols).saturating_sub(col0.max(s.heads * s.head_dim));
         self.launch_elements(
             "rope",
-            s.batch.div_ceil(per) * s.tokens * s.heads * half,
+            s.batch.div_ceil(per) * s.tokens * s.heads * half + s.batch * s.tokens * plain,
             &[
                 Arg::Ptr(p),
                 Arg::I64(s.batch as i64),
@@ -1935,6 +1984,11 @@ impl CudaBackend {
                 Arg::F64(f64::from(s.base)),
                 Arg::I32(inverse as i32),
                 Arg::I64(per as i64),
+                Arg::Ptr(dst),
+                Arg::I64(col0 as i64),
+                Arg::I64(cols as i64),
+                Arg::I64(dst_stride as i64),
+                Arg::I64(dst_batch_stride as i64),
             ],
         )
     }

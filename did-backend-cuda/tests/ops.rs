@@ -375,10 +375,6 @@ struct FusedCase {
     y: Vec<f32>,
 }
 
-impl FusedCase {
-    const OUTPUTS: usize = 9;
-}
-
 impl Case for FusedCase {
     fn run<B: Backend>(&self, be: &B) -> Result<Out, B::Error> {
         let (rows, cols) = (self.norm.rows, self.norm.cols);
@@ -536,31 +532,38 @@ fn fused_forwards_equal_the_calls_they_replace() {
             y: rand(seed ^ 7, rows * cols, 1.0),
         };
         let label = format!("fused {seqs}×{tokens}×{cols}");
-        let same = |precision: Precision| -> Result<(), String> {
-            let out = common::with_gpu(precision, |g| case.run(g))
-                .map_err(|e| format!("{label} {precision:?}: gpu: {e}"))?;
-            let (fused, composed) = out.split_at(FusedCase::OUTPUTS);
-            for ((name, f), (_, c)) in fused.iter().zip(composed) {
-                let differ = f
-                    .iter()
-                    .zip(c)
-                    .position(|(a, b)| a.to_bits() != b.to_bits());
-                if let Some(i) = differ {
-                    return Err(format!(
-                        "{label} {precision:?} {name}[{i}]: fused {} ≠ composed {}",
-                        f[i], c[i]
-                    ));
-                }
-            }
-            Ok(())
-        };
         verdict(
             check(&label, &case, F32, Some(BF16))
-                .and_then(|()| same(Precision::F32))
-                .and_then(|()| same(Precision::Bf16)),
+                .and_then(|()| fused_equals_composed(&label, &case, Precision::F32))
+                .and_then(|()| fused_equals_composed(&label, &case, Precision::Bf16)),
         )
     }
     qc(30, prop);
+}
+
+/// Runs `case` on the GPU in `precision`: its outputs are the fused calls' and then the same
+/// number of the composed calls', which must be equal bit for bit.
+fn fused_equals_composed(
+    label: &str,
+    case: &impl Case,
+    precision: Precision,
+) -> Result<(), String> {
+    let out = common::with_gpu(precision, |g| case.run(g))
+        .map_err(|e| format!("{label} {precision:?}: gpu: {e}"))?;
+    let (fused, composed) = out.split_at(out.len() / 2);
+    for ((name, f), (_, c)) in fused.iter().zip(composed) {
+        let differ = f
+            .iter()
+            .zip(c)
+            .position(|(a, b)| a.to_bits() != b.to_bits());
+        if let Some(i) = differ {
+            return Err(format!(
+                "{label} {precision:?} {name}[{i}]: fused {} ≠ composed {}",
+                f[i], c[i]
+            ));
+        }
+    }
+    Ok(())
 }
 
 // ---- RoPE ----------------------------------------------------------------------------
@@ -609,6 +612,99 @@ fn rope_forward_and_backward_with_strides_and_offsets() {
             x: rand(seed, batch * tokens * stride, 1.0),
         };
         verdict(check(&format!("rope {s:?}"), &case, F32, Some(BF16)))
+    }
+    qc(30, prop);
+}
+
+/// A KV-cached pass's RoPE and cache append: queries and keys rotated in fused `[q | k | v]`
+/// rows, then columns `col0 .. col0 + cols` of each row copied into cache slots from `slot`.
+struct RopeCopyCase {
+    s: RopeShape,
+    col0: usize,
+    append: RowGroups,
+    slot: usize,
+    x: Vec<f32>,
+    cache: Vec<f32>,
+}
+
+impl Case for RopeCopyCase {
+    fn run<B: Backend>(&self, be: &B) -> Result<Out, B::Error> {
+        let mut outs = Vec::new();
+        for fused in [true, false] {
+            let mut x = be.upload(&self.x)?;
+            let mut cache = be.upload(&self.cache)?;
+            let dst = SliceMut::at(&mut cache, self.slot * self.append.dst_stride);
+            if fused {
+                be.rope_forward_and_copy(
+                    &self.s,
+                    SliceMut::whole(&mut x),
+                    self.col0,
+                    dst,
+                    &self.append,
+                )?;
+            } else {
+                be.rope_forward(&self.s, SliceMut::whole(&mut x))?;
+                be.copy_row_groups(Slice::at(&x, self.col0), dst, &self.append)?;
+            }
+            outs.push(("rows", down(be, &x, self.x.len())?));
+            outs.push(("cache", down(be, &cache, self.cache.len())?));
+        }
+        Ok(outs)
+    }
+}
+
+/// RoPE with the cache append in one call against the CPU, and on the GPU bit for bit the
+/// rotation then the copy, for the draft's window (the keys and values of fused qkv rows) and
+/// for windows that start inside a head, lie inside the rotation or leave it.
+#[test]
+fn rope_with_the_cache_append_equals_rope_then_the_copy() {
+    if !gpu("rope_with_the_cache_append_equals_rope_then_the_copy") {
+        return;
+    }
+    fn prop(x: u8, y: u8, z: u8, seed: u64) -> TestResult {
+        let (heads, head_dim) = (dims(z, 1, 4), 2 * dims(y, 1, 40));
+        let (batch, tokens) = (dims((seed >> 4) as u8, 1, 3), dims(x, 1, 20));
+        let width = heads * head_dim;
+        let stride = 3 * width;
+        let (col0, cols) = match seed % 4 {
+            0 | 1 => (width, 2 * width),
+            2 => (width + 1, 2 * width - 1),
+            _ => (1, width),
+        };
+        let (capacity, slot) = (tokens + 3, (seed >> 12) as usize % 4);
+        let s = RopeShape {
+            batch,
+            tokens,
+            heads: 2 * heads,
+            head_dim,
+            stride,
+            batch_stride: tokens * stride,
+            position_offset: (seed % 1000) as usize,
+            base: 10_000.0,
+        };
+        let append = RowGroups {
+            groups: batch,
+            rows: tokens,
+            cols,
+            src_stride: stride,
+            src_group_stride: tokens * stride,
+            dst_stride: cols,
+            dst_group_stride: capacity * cols,
+        };
+        let case = RopeCopyCase {
+            s,
+            col0,
+            append,
+            slot,
+            x: rand(seed, batch * tokens * stride, 1.0),
+            cache: rand(seed ^ 1, batch * capacity * cols, 1.0),
+        };
+        let label = format!("rope and copy of columns {col0}.. ({cols}) {s:?}");
+        verdict(
+            check(&label, &case, F32, Some(BF16))
+                .and_then(|()| fused_equals_composed(&label, &case, Precision::F32))
+                .and_then(|()| fused_equals_composed(&label, &case, Precision::Bf16)),
+        )
     }
     qc(30, prop);
 }

@@ -859,6 +859,22 @@ pub trait Backend {
         shape: &RopeShape,
         x: SliceMut<'_, Self::Buffer>,
     ) -> Result<(), Self::Error>;
+    /// [`Backend::rope_forward`] on `x`, then [`Backend::copy_row_groups`] from `copy_from`
+    /// elements past `x`'s offset into `dst`: a KV-cached pass's RoPE over its queries and keys
+    /// followed by the append of its rotated keys and its values to the cache, which the provided
+    /// version does as those two calls; a backend may do both in one pass.
+    fn rope_forward_and_copy(
+        &self,
+        shape: &RopeShape,
+        x: SliceMut<'_, Self::Buffer>,
+        copy_from: usize,
+        dst: SliceMut<'_, Self::Buffer>,
+        layout: &RowGroups,
+    ) -> Result<(), Self::Error> {
+        let SliceMut { buf, offset } = x;
+        self.rope_forward(shape, SliceMut::at(&mut *buf, offset))?;
+        self.copy_row_groups(Slice::at(&*buf, offset + copy_from), dst, layout)
+    }
     /// The backward of RoPE, in place on the gradient (the inverse rotation).
     fn rope_backward(
         &self,

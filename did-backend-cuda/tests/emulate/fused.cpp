@@ -105,14 +105,48 @@ int main() {
         for (i64 per : {2, 3}) {
             auto chunked = qkv, single = qkv;
             emu::launch(EmuDim3{grid, 1, 1}, threads, [&] {
-                rope(chunked.data(), seqs, tokens, heads, head_dim, stride, tokens * stride, 7, 10000.0, inverse, per);
+                rope(chunked.data(), seqs, tokens, heads, head_dim, stride, tokens * stride, 7, 10000.0, inverse, per,
+                     nullptr, 0, 0, 0, 0);
             });
             emu::launch(EmuDim3{grid, 1, 1}, threads, [&] {
-                rope(single.data(), seqs, tokens, heads, head_dim, stride, tokens * stride, 7, 10000.0, inverse, 1);
+                rope(single.data(), seqs, tokens, heads, head_dim, stride, tokens * stride, 7, 10000.0, inverse, 1,
+                     nullptr, 0, 0, 0, 0);
             });
             same(inverse ? (per == 2 ? "rope inverse, 2 sequences a thread" : "rope inverse, 3 sequences a thread")
                          : (per == 2 ? "rope, 2 sequences a thread" : "rope, 3 sequences a thread"),
                  chunked, single);
+        }
+    }
+    // RoPE with the KV-cache append in the same launch against RoPE then copy_row_groups: queries
+    // and keys rotated as twice the heads, columns [col0, col0 + cols) of each row copied into
+    // slots of a cache (capacity 9, writing at slot 2). The draft's window (the keys and values:
+    // rotated and plain columns), one starting inside a head, one wholly inside the rotation.
+    const i64 capacity = 9, slot0 = 2;
+    const i64 windows[3][2] = {{width, 2 * width}, {width + 3, 2 * width - 3}, {2, width - 4}};
+    for (const auto& win : windows) {
+        for (i64 per : {1, 2}) {
+            const i64 col0 = win[0], ncols = win[1], slot = ncols;
+            auto fused_x = qkv, plain_x = qkv;
+            auto fused_cache = random(seqs * capacity * slot), plain_cache = fused_cache;
+            emu::launch(EmuDim3{grid, 1, 1}, threads, [&] {
+                rope(fused_x.data(), seqs, tokens, 2 * heads, head_dim, stride, tokens * stride, 7, 10000.0, 0, per,
+                     fused_cache.data() + slot0 * slot, col0, ncols, slot, capacity * slot);
+            });
+            emu::launch(EmuDim3{grid, 1, 1}, threads, [&] {
+                rope(plain_x.data(), seqs, tokens, 2 * heads, head_dim, stride, tokens * stride, 7, 10000.0, 0, per,
+                     nullptr, 0, 0, 0, 0);
+            });
+            emu::launch(EmuDim3{grid, 1, 1}, threads, [&] {
+                copy_row_groups(plain_x.data() + col0, stride, tokens * stride, plain_cache.data() + slot0 * slot, slot,
+                                capacity * slot, seqs, tokens, ncols);
+            });
+            char what[160];
+            std::snprintf(what, sizeof what, "rope with the copy of columns %lld..%lld, %lld sequence(s) a thread: rows",
+                          (long long)col0, (long long)(col0 + ncols), (long long)per);
+            same(what, fused_x, plain_x);
+            std::snprintf(what, sizeof what, "rope with the copy of columns %lld..%lld, %lld sequence(s) a thread: cache",
+                          (long long)col0, (long long)(col0 + ncols), (long long)per);
+            same(what, fused_cache, plain_cache);
         }
     }
     return failures ? 1 : 0;

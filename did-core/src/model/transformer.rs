@@ -386,16 +386,19 @@ impl Transformer {
         if let Some(b) = o.qkv.1 {
             be.bias_add(whole_mut(&mut a.qkv), at(p, b), n, 3 * c)?;
         }
-        if cfg.architecture == Architecture::Dit {
-            // Queries and keys are adjacent in a fused qkv row: one rotation over both, as
-            // twice the heads (one launch instead of two).
+        // Queries and keys are adjacent in a fused qkv row: one rotation over both, as twice
+        // the heads (one launch instead of two).
+        let rope = (cfg.architecture == Architecture::Dit).then(|| {
             let mut rope = self.rope_shape(geo, 3 * c);
             rope.heads *= 2;
-            be.rope_forward(&rope, at_mut(&mut a.qkv, 0))?;
-        }
+            rope
+        });
         let mut shape = self.fused_qkv_attention(geo);
         match kv {
             KeyValues::OwnTokens => {
+                if let Some(rope) = &rope {
+                    be.rope_forward(rope, at_mut(&mut a.qkv, 0))?;
+                }
                 be.attention_forward(
                     &shape,
                     &geo.mask,
@@ -413,8 +416,9 @@ impl Transformer {
                 first_slot,
                 kv_len,
             } => {
-                // Store this pass's keys and values (adjacent in the qkv rows and in the
-                // cache's slots: one copy for every sequence), then attend over the window.
+                // Store this pass's (rotated) keys and values, adjacent in the qkv rows and in
+                // the cache's slots: one copy for every sequence, in the same call as the
+                // rotation where there is one; then attend over the window.
                 let slot = 2 * c;
                 let append = RowGroups {
                     groups: geo.batch,
@@ -425,7 +429,13 @@ impl Transformer {
                     dst_stride: slot,
                     dst_group_stride: capacity * slot,
                 };
-                be.copy_row_groups(at(&a.qkv, c), at_mut(&mut *kv, write_slot * slot), &append)?;
+                let dst = at_mut(&mut *kv, write_slot * slot);
+                match &rope {
+                    Some(rope) => {
+                        be.rope_forward_and_copy(rope, at_mut(&mut a.qkv, 0), c, dst, &append)?
+                    }
+                    None => be.copy_row_groups(at(&a.qkv, c), dst, &append)?,
+                }
                 shape.kv_len = kv_len;
                 shape.k_stride = slot;
                 shape.v_stride = slot;
