@@ -393,6 +393,16 @@ __device__ __forceinline__ void query_ranges(const Shape& s, int kind, i64 p0, i
     hull_out[0] = lo_a; hull_out[1] = hi_a; hull_out[2] = lo_b; hull_out[3] = hi_b;
 }
 
+// The flash kernels' grid is (sequences × heads, row tiles): blocks start in the order of their
+// linear index, so every (sequence, head) starts its y-th tile together, and the tiles are taken
+// longest first — the GPU's last blocks are short ones, instead of the last (sequence, head)'s
+// longest tile starting at the end and running alone. Under a causal mask a query tile's work
+// grows with its index and a key tile's shrinks; under the BD3 training mask the same holds
+// within each half of x_t ⊕ x_0 (the dK/dV kernel's x_t key tiles, seen by their own block
+// only, come first and are short). So the query kernels take their tiles from the last, the
+// dK/dV kernel from the first; a full mask gives every tile the same work.
+__device__ __forceinline__ i64 query_block_longest_first() { return (i64)(gridDim.y - 1 - blockIdx.y); }
+
 // The first key tile of [tile, end) that meets the block's hull (`end` when none does): the
 // same for every thread of the block.
 __device__ __forceinline__ int next_tile_in_hull(const int* hull, int tile, int end) {
@@ -415,8 +425,8 @@ extern "C" __global__ void __launch_bounds__(128, 3) attention_forward_flash(Sha
     __shared__ __align__(16) store_t ks[2][FLASH_TILE * FLASH_PAD];  // K tiles, row-major, double-buffered
     __shared__ __align__(16) store_t vs[2][FLASH_TILE * FLASH_PAD];  // V tiles
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-    const i64 h = blockIdx.y % s.heads, b = blockIdx.y / s.heads;
-    const i64 q0 = ((i64)blockIdx.x * (blockDim.x >> 5) + warp) * 16;  // 1–4 warps of 16 rows
+    const i64 h = blockIdx.x % s.heads, b = blockIdx.x / s.heads;
+    const i64 q0 = (query_block_longest_first() * (blockDim.x >> 5) + warp) * 16;  // 1–4 warps of 16 rows
     const i64 width = s.heads * FLASH_HD;
     const float neg_inf = -__int_as_float(0x7f800000);
     const store_t* kb = k + b * s.kv_batch_stride + h * FLASH_HD;
@@ -544,8 +554,8 @@ extern "C" __global__ void __launch_bounds__(128, 3) attention_backward_flash_dq
     __shared__ __align__(16) store_t ks[2][FLASH_TILE * FLASH_PAD];  // K tiles, row-major, double-buffered
     __shared__ __align__(16) store_t vs[2][FLASH_TILE * FLASH_PAD];  // V tiles
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-    const i64 h = blockIdx.y % s.heads, b = blockIdx.y / s.heads;
-    const i64 q0 = (i64)blockIdx.x * FLASH_TILE + warp * 16;
+    const i64 h = blockIdx.x % s.heads, b = blockIdx.x / s.heads;
+    const i64 q0 = query_block_longest_first() * FLASH_TILE + warp * 16;
     const i64 width = s.heads * FLASH_HD;
     const float neg_inf = -__int_as_float(0x7f800000);
     const store_t* dob = dout + b * s.q_len * width + h * FLASH_HD;
@@ -662,8 +672,8 @@ extern "C" __global__ void __launch_bounds__(128, 3) attention_backward_flash_dk
     __shared__ __align__(16) QueryTileBuffers sh;
     __shared__ unsigned char seen_by[FLASH_DKV_TILES];  // per query tile: UNSEEN, PARTLY or WHOLLY
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
-    const i64 h = blockIdx.y % s.heads, b = blockIdx.y / s.heads;
-    const int tile_k0 = (int)blockIdx.x * FLASH_TILE, k0 = tile_k0 + warp * 16;
+    const i64 h = blockIdx.x % s.heads, b = blockIdx.x / s.heads;
+    const int tile_k0 = (int)blockIdx.y * FLASH_TILE, k0 = tile_k0 + warp * 16;  // key tiles in order: see above
     const i64 width = s.heads * FLASH_HD;
     const float neg_inf = -__int_as_float(0x7f800000);
     const store_t* qb = q + b * s.q_batch_stride + h * FLASH_HD;

@@ -422,15 +422,16 @@ impl CudaBackend {
         )
     }
 
-    /// `Some(sequences × heads)`, the flash kernels' grid height, where they compute this
-    /// attention; `None` where the reference kernels do.
+    /// `Some(sequences × heads)`, the flash kernels' grid width (their tiles of rows are the
+    /// height, at most 65,535), where they compute this attention; `None` where the reference
+    /// kernels do.
     fn flash_heads(&self, s: &AttentionShape) -> Option<u32> {
         let heads = s.batch * s.heads;
         (self.attention_kernel() == AttentionKernel::Flash
             && s.head_dim == FLASH_HEAD_DIM
-            && heads <= 65_535
-            && s.q_len < i32::MAX as usize
-            && s.kv_len < i32::MAX as usize)
+            && heads < i32::MAX as usize
+            && s.q_len.div_ceil(64) <= 65_535
+            && s.kv_len.div_ceil(64) <= 65_535)
             .then_some(heads as u32)
     }
 
@@ -447,7 +448,7 @@ impl CudaBackend {
         // Warps of 16 query rows, up to four a block: a draft's few queries take one warp.
         let warps = s.q_len.div_ceil(16).min(4);
         let query_blocks = flash_blocks(s.q_len, 16 * warps)?;
-        let grid = (query_blocks, heads, 1);
+        let grid = (heads, query_blocks, 1);
         let tiles = s.kv_len.div_ceil(64).max(1);
         let blocks = query_blocks as usize * heads as usize;
         let per = key_split::tiles_per_split(blocks, tiles, self.sms, self.key_split());
@@ -1542,13 +1543,13 @@ impl Backend for CudaBackend {
         if let Some(heads) = self.flash_heads(s) {
             self.launch(
                 "attention_backward_flash_dq",
-                (flash_tiles(s.q_len)?, heads, 1),
+                (heads, flash_tiles(s.q_len)?, 1),
                 128,
                 &dq_args,
             )?;
             return self.launch(
                 "attention_backward_flash_dkv",
-                (flash_tiles(s.kv_len)?, heads, 1),
+                (heads, flash_tiles(s.kv_len)?, 1),
                 128,
                 &dkv_args,
             );
@@ -2048,7 +2049,7 @@ fn norm_threads(cols: usize) -> u32 {
     }
 }
 
-/// The flash kernels' grid width: one block per 64 rows.
+/// The flash kernels' grid height: one block per 64 rows.
 fn flash_tiles(rows: usize) -> Result<u32, CudaError> {
     flash_blocks(rows, 64)
 }

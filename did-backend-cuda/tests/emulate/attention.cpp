@@ -88,7 +88,7 @@ int main() {
         }
         // As the backend launches it: warps of 16 query rows, up to four a block.
         const unsigned warps = (unsigned)std::min<i64>(4, (c.q_len + 15) / 16);
-        const EmuDim3 grid{(unsigned)((c.q_len + 16 * warps - 1) / (16 * warps)), (unsigned)(c.batch * c.heads), 1};
+        const EmuDim3 grid{(unsigned)(c.batch * c.heads), (unsigned)((c.q_len + 16 * warps - 1) / (16 * warps)), 1};
         const int tiles = (int)((c.kv_len + 63) / 64);
         emu::launch(grid, 32 * warps, [&] {
             attention_forward_flash(s, c.kind, c.p0, c.p1, c.p2, c.window, scale, q, k, v, out_flash.data(),
@@ -140,11 +140,11 @@ int main() {
                                            delta.data(), dk, dv);
                 });
             } else {
-                emu::launch(EmuDim3{(unsigned)((c.q_len + 63) / 64), (unsigned)(c.batch * c.heads), 1}, 128, [&] {
+                emu::launch(EmuDim3{(unsigned)(c.batch * c.heads), (unsigned)((c.q_len + 63) / 64), 1}, 128, [&] {
                     attention_backward_flash_dq(s, c.kind, c.p0, c.p1, c.p2, c.window, scale, dout.data(), q, k, v, o,
                                                 l, dq, delta.data());
                 });
-                emu::launch(EmuDim3{(unsigned)((c.kv_len + 63) / 64), (unsigned)(c.batch * c.heads), 1}, 128, [&] {
+                emu::launch(EmuDim3{(unsigned)(c.batch * c.heads), (unsigned)((c.kv_len + 63) / 64), 1}, 128, [&] {
                     attention_backward_flash_dkv(s, c.kind, c.p0, c.p1, c.p2, c.window, scale, dout.data(), q, k, v,
                                                  l, delta.data(), dk, dv);
                 });
