@@ -99,19 +99,7 @@ fn ops(c: &mut Criterion) {
     let (batch, heads, hd, l) = (2usize, 4usize, 64usize, 256usize);
     let width = heads * hd;
     let n = 2 * l;
-    let shape = AttentionShape {
-        batch,
-        heads,
-        head_dim: hd,
-        q_len: n,
-        kv_len: n,
-        q_stride: 3 * width,
-        k_stride: 3 * width,
-        v_stride: 3 * width,
-        q_batch_stride: n * 3 * width,
-        kv_batch_stride: n * 3 * width,
-        scale: 1.0 / (hd as f32).sqrt(),
-    };
+    let shape = AttentionShape::fused_qkv(batch, heads, hd, n);
     let mask = AttentionMask::bd3_training(l, 4).unwrap();
     let qkv = be.upload(&rand(6, batch * n * 3 * width)).unwrap();
     let dout = be.upload(&rand(7, batch * n * width)).unwrap();

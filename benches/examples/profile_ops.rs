@@ -307,19 +307,7 @@ fn draft_attention(be: &CudaBackend, out: &mut String) -> Result<(), Failure> {
     for batch in [1usize, 8] {
         for cached in [60usize, 124, 252, 508, 1020] {
             let kv_len = cached + block;
-            let s = AttentionShape {
-                batch,
-                heads,
-                head_dim,
-                q_len: block,
-                kv_len,
-                q_stride: 3 * width,
-                k_stride: 2 * width,
-                v_stride: 2 * width,
-                q_batch_stride: block * 3 * width,
-                kv_batch_stride: kv_len * 2 * width,
-                scale: 0.125,
-            };
+            let s = AttentionShape::over_cache(batch, heads, head_dim, block, kv_len, kv_len);
             let mask = AttentionMask::BlockCausal {
                 block_size: block,
                 query_offset: cached,

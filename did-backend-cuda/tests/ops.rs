@@ -835,19 +835,7 @@ fn attention_case(z: u8, x: u8, y: u8, seed: u64, head_dim: usize) -> AttentionC
     let heads = dims((seed >> 8) as u8, 1, 3);
     let batch = dims((seed >> 32) as u8, 1, 2);
     let width = heads * head_dim;
-    let s = AttentionShape {
-        batch,
-        heads,
-        head_dim,
-        q_len,
-        kv_len,
-        q_stride: 3 * width,
-        k_stride: 2 * width,
-        v_stride: 2 * width,
-        q_batch_stride: q_len * 3 * width,
-        kv_batch_stride: kv_len * 2 * width,
-        scale: 1.0 / (head_dim as f32).sqrt(),
-    };
+    let s = AttentionShape::over_cache(batch, heads, head_dim, q_len, kv_len, kv_len);
     AttentionCase {
         s,
         mask,
@@ -911,19 +899,7 @@ fn flash_attention_splits_a_long_kv_cache_between_blocks() {
     }
     let (heads, head_dim, block, cached) = (12, 64, 4, 1024);
     let (width, kv_len) = (heads * head_dim, cached + block);
-    let s = AttentionShape {
-        batch: 1,
-        heads,
-        head_dim,
-        q_len: block,
-        kv_len,
-        q_stride: 3 * width,
-        k_stride: 2 * width,
-        v_stride: 2 * width,
-        q_batch_stride: block * 3 * width,
-        kv_batch_stride: kv_len * 2 * width,
-        scale: 1.0 / (head_dim as f32).sqrt(),
-    };
+    let s = AttentionShape::over_cache(1, heads, head_dim, block, kv_len, kv_len);
     let case = AttentionCase {
         s,
         mask: AttentionMask::BlockCausal {

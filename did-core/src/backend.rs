@@ -346,6 +346,63 @@ impl QkvOffsets {
 }
 
 impl AttentionShape {
+    /// Self-attention over fused `[q | k | v]` rows, `[batch, tokens, 3·heads·head_dim]`
+    /// (keys and values at offsets `C` and `2·C` of the same buffer), scaled by 1/√head_dim.
+    ///
+    /// ```
+    /// use did_core::backend::AttentionShape;
+    /// let s = AttentionShape::fused_qkv(2, 4, 8, 5);
+    /// assert_eq!((s.q_stride, s.k_stride, s.kv_batch_stride, s.kv_len), (96, 96, 5 * 96, 5));
+    /// assert_eq!(s.scale, 8f32.sqrt().recip());
+    /// ```
+    pub fn fused_qkv(batch: usize, heads: usize, head_dim: usize, tokens: usize) -> Self {
+        let row = 3 * heads * head_dim;
+        AttentionShape {
+            batch,
+            heads,
+            head_dim,
+            q_len: tokens,
+            kv_len: tokens,
+            q_stride: row,
+            k_stride: row,
+            v_stride: row,
+            q_batch_stride: tokens * row,
+            kv_batch_stride: tokens * row,
+            scale: libm::sqrtf(head_dim as f32).recip(),
+        }
+    }
+
+    /// Queries from fused qkv rows `[batch, q_len, 3·C]` against a KV cache whose slots hold a
+    /// key then a value (`[batch, capacity, 2·C]`: values at offset `C`), `kv_len` slots read
+    /// from wherever the caller points `k` and `v`; scaled by 1/√head_dim.
+    ///
+    /// ```
+    /// use did_core::backend::AttentionShape;
+    /// // A draft block of 4 after 60 cached tokens, in a cache of 128 slots.
+    /// let s = AttentionShape::over_cache(1, 4, 8, 4, 64, 128);
+    /// assert_eq!((s.q_stride, s.k_stride, s.v_stride, s.kv_batch_stride), (96, 64, 64, 128 * 64));
+    /// assert_eq!((s.q_len, s.kv_len, s.q_batch_stride), (4, 64, 4 * 96));
+    /// ```
+    pub fn over_cache(
+        batch: usize,
+        heads: usize,
+        head_dim: usize,
+        q_len: usize,
+        kv_len: usize,
+        capacity: usize,
+    ) -> Self {
+        let slot = 2 * heads * head_dim;
+        AttentionShape {
+            q_len,
+            kv_len,
+            k_stride: slot,
+            v_stride: slot,
+            q_batch_stride: q_len * 3 * heads * head_dim,
+            kv_batch_stride: capacity * slot,
+            ..Self::fused_qkv(batch, heads, head_dim, q_len)
+        }
+    }
+
     /// The extents of every operand, or why the shape is inconsistent (token
     /// strides smaller than `heads · head_dim`).
     ///

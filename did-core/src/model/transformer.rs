@@ -393,12 +393,12 @@ impl Transformer {
             rope.heads *= 2;
             rope
         });
-        let mut shape = self.fused_qkv_attention(geo);
         match kv {
             KeyValues::OwnTokens => {
                 if let Some(rope) = &rope {
                     be.rope_forward(rope, at_mut(&mut a.qkv, 0))?;
                 }
+                let shape = self.fused_qkv_attention(geo);
                 be.attention_forward(
                     &shape,
                     &geo.mask,
@@ -436,10 +436,10 @@ impl Transformer {
                     }
                     None => be.copy_row_groups(at(&a.qkv, c), dst, &append)?,
                 }
-                shape.kv_len = kv_len;
-                shape.k_stride = slot;
-                shape.v_stride = slot;
-                shape.kv_batch_stride = capacity * slot;
+                let (heads, head_dim) = (cfg.heads, cfg.head_dim());
+                let shape = AttentionShape::over_cache(
+                    geo.batch, heads, head_dim, geo.tokens, kv_len, capacity,
+                );
                 be.attention_forward(
                     &shape,
                     &geo.mask,
@@ -535,20 +535,12 @@ impl Transformer {
 
     /// Attention over the pass's own fused qkv buffer `[N, 3C]` (q, then k, then v per token).
     fn fused_qkv_attention(&self, geo: &Geometry) -> AttentionShape {
-        let c = self.config.hidden;
-        AttentionShape {
-            batch: geo.batch,
-            heads: self.config.heads,
-            head_dim: self.config.head_dim(),
-            q_len: geo.tokens,
-            kv_len: geo.tokens,
-            q_stride: 3 * c,
-            k_stride: 3 * c,
-            v_stride: 3 * c,
-            q_batch_stride: geo.tokens * 3 * c,
-            kv_batch_stride: geo.tokens * 3 * c,
-            scale: 1.0 / libm::sqrtf(self.config.head_dim() as f32),
-        }
+        AttentionShape::fused_qkv(
+            geo.batch,
+            self.config.heads,
+            self.config.head_dim(),
+            geo.tokens,
+        )
     }
 
     /// RoPE over q or k inside a buffer with token stride `stride`: each
