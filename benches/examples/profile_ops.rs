@@ -63,11 +63,19 @@ fn main() -> Result<(), Failure> {
             } else {
                 Precision::Bf16
             };
-            let mut report =
-                profile(Profiled::synchronized(CudaBackend::new(0, p)?).by_gemm_shape())?;
+            let be = CudaBackend::new(0, p)?;
+            // First and written at once (a few hundred milliseconds): a profile cut short by
+            // its time limit still leaves this table.
+            let mut draft = String::new();
             if flag("DRAFT_ATTENTION", p == Precision::Bf16)? {
-                draft_attention(&CudaBackend::new(0, p)?, &mut report)?;
+                draft_attention(&be, &mut draft)?;
+                if let Some(path) = &out {
+                    std::fs::write(path, &draft)
+                        .map_err(|e| format!("cannot write {path}: {e}"))?;
+                }
             }
+            let mut report = profile(Profiled::synchronized(be).by_gemm_shape())?;
+            report.push_str(&draft);
             report
         }
         other => {
