@@ -7,7 +7,7 @@
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use did_backend_cpu::CpuBackend;
 use did_core::backend::{
-    AdamW, AttentionShape, Backend, Gemm, NormShape, QkvOffsets, Slice, SliceMut,
+    AdamW, AttentionShape, Backend, Gemm, NormShape, QkvOffsets, RowMajor, Slice, SliceMut,
 };
 use did_core::mask::AttentionMask;
 use did_core::model::{
@@ -166,8 +166,7 @@ fn ops(c: &mut Criterion) {
                 &targets,
                 Slice::whole(&weights),
                 SliceMut::whole(&mut losses),
-                rows,
-                vocab,
+                RowMajor::dense(rows, vocab),
                 Some(50_257),
                 1.0,
             )

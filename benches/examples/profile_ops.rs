@@ -8,10 +8,10 @@
 //! Settings (environment): BACKEND (cpu | cuda; cpu), PRECISION (f32 | bf16; f32), PRESET
 //! (tiny | small; tiny), BATCH (2), LENGTH (the preset's context), STEPS (2, after one warm-up),
 //! SAMPLE_BATCHES ("1"), SAMPLE_LENGTH (64), STAGES (4,L:0.25), GEMM_ALIGNMENT (1 on a GPU, 0 on
-//! the CPU: the head's three GEMMs with the vocabulary's own row stride against one rounded up to
-//! 64, the question of whether cuBLAS's bf16 kernels lose speed on 50,258), DRAFT_ATTENTION (1 on
-//! a GPU in bf16: a draft call's attention forward at growing KV caches with the key tiles whole
-//! and split between blocks, `did_backend_cuda::key_split`). The CUDA backend reads
+//! the CPU: the head's three GEMMs with the vocabulary's own row stride, one rounded up to 64,
+//! and the vocabulary itself padded to 64: whether padding the head's weight would pay too),
+//! DRAFT_ATTENTION (1 on a GPU in bf16: a draft call's attention forward at growing KV caches
+//! with the key tiles whole and split between blocks, `did_backend_cuda::key_split`). The CUDA backend reads
 //! DID_CUDA_ATTENTION, DID_CUDA_DRAW and DID_CUDA_KEY_SPLIT as always.
 
 use std::fmt::Write as _;
@@ -211,8 +211,12 @@ where
     Ok(out)
 }
 
-/// The head's GEMMs over one loss chunk (`loss_rows_for(V)` rows), with the logits' row stride
-/// the vocabulary (50,258: rows not 16-byte aligned in bf16) and rounded up to a multiple of 64.
+/// The head's GEMMs over one loss chunk (`loss_rows_for(V)` rows) three ways: the logits' row
+/// stride the vocabulary (50,258: rows not 16-byte aligned in bf16); the stride rounded up to a
+/// multiple of 64 (what the model does since the second H200 run, `Backend::padded_row_stride`);
+/// and the vocabulary itself padded to that multiple (the head's weight with zero rows added,
+/// nanoGPT's 50,304: not done; this column says whether it would pay). TFLOP/s count the
+/// vocabulary's useful work only.
 fn gemm_alignment<B: Backend>(
     be: &Profiled<B>,
     config: &ModelConfig,
@@ -223,37 +227,44 @@ where
 {
     let (v, c) = (config.vocab_size, config.hidden);
     let rows = loss_rows_for(v);
-    let padded = v.div_ceil(64) * 64;
+    let padded = v.next_multiple_of(64);
     let x = be.upload(&vec![0.01; rows * c])?;
-    let w = be.upload(&vec![0.01; v * c])?;
+    let w = be.upload(&vec![0.01; padded * c])?;
     let mut logits = be.upload(&vec![0.01; rows * padded])?;
     let mut dx = be.zeros(rows * c)?;
-    let mut dw = be.zeros(v * c)?;
+    let mut dw = be.zeros(padded * c)?;
     let _ = writeln!(
         out,
-        "### The head's GEMMs, logits row stride {v} against {padded} ({rows} rows × {c} → {v}; ms per call, 5 calls)\n"
+        "### The head's GEMMs: logits row stride {v}, stride {padded}, and the vocabulary padded to {padded} ({rows} rows × {c} → {v}; ms per call, 5 calls)\n"
     );
     let _ = writeln!(
         out,
-        "| GEMM | stride {v} | stride {padded} | TFLOP/s at {v} | at {padded} |"
+        "| GEMM | stride {v} | stride {padded} | vocabulary {padded} | TFLOP/s at {v} | at stride {padded} | at vocabulary {padded} |"
     );
-    let _ = writeln!(out, "|---|---:|---:|---:|---:|");
+    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|");
     // Which GEMM: 0 writes the logits (their stride is ldc), 1 and 2 read them (lda).
-    for (which, name, gemm) in [
-        (0, "logits = x · Wᵀ", Gemm::linear(rows, c, v)),
-        (1, "dx = dlogits · W", Gemm::linear_input_grad(rows, c, v)),
-        (
-            2,
-            "dW += dlogitsᵀ · x",
-            Gemm::linear_weight_grad(rows, c, v),
-        ),
+    let gemm = |which: usize, cols: usize| match which {
+        0 => Gemm::linear(rows, c, cols),
+        1 => Gemm::linear_input_grad(rows, c, cols),
+        _ => Gemm::linear_weight_grad(rows, c, cols),
+    };
+    for (which, name) in [
+        (0, "logits = x · Wᵀ"),
+        (1, "dx = dlogits · W"),
+        (2, "dW += dlogitsᵀ · x"),
     ] {
-        let mut ms = [0.0f64; 2];
-        for (slot, ld) in ms.iter_mut().zip([v, padded]) {
+        let mut ms = [0.0f64; 3];
+        for (slot, (cols, ld)) in ms.iter_mut().zip([(v, v), (v, padded), (padded, padded)]) {
             let g = if which == 0 {
-                Gemm { ldc: ld, ..gemm }
+                Gemm {
+                    ldc: ld,
+                    ..gemm(which, cols)
+                }
             } else {
-                Gemm { lda: ld, ..gemm }
+                Gemm {
+                    lda: ld,
+                    ..gemm(which, cols)
+                }
             };
             let mut run = || -> Result<(), B::Error> {
                 let l = Slice::whole(&logits);
@@ -277,14 +288,16 @@ where
             be.synchronize()?;
             *slot = start.elapsed().as_secs_f64() * 1e3 / 5.0;
         }
-        let tflops = |ms: f64| gemm.flops() as f64 / (ms * 1e-3) / 1e12;
+        let tflops = |ms: f64| gemm(which, v).flops() as f64 / (ms * 1e-3) / 1e12;
         let _ = writeln!(
             out,
-            "| {name} | {:.3} | {:.3} | {:.1} | {:.1} |",
+            "| {name} | {:.3} | {:.3} | {:.3} | {:.1} | {:.1} | {:.1} |",
             ms[0],
             ms[1],
+            ms[2],
             tflops(ms[0]),
-            tflops(ms[1])
+            tflops(ms[1]),
+            tflops(ms[2])
         );
     }
     let _ = writeln!(out);

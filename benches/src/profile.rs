@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use did_core::backend::{
     AdamW, AttentionShape, Backend, DrawSpec, Gemm, NormShape, QkvOffsets, RopeShape, RowGroups,
-    Slice, SliceMut,
+    RowMajor, Slice, SliceMut,
 };
 use did_core::mask::AttentionMask;
 use did_core::rng::RngStream;
@@ -193,24 +193,20 @@ impl<B: Backend> Backend for Profiled<B> {
             self.inner.matmul(spec, a, b, c)
         })
     }
-    fn bias_add(
-        &self,
-        x: M<'_, B>,
-        bias: S<'_, B>,
-        rows: usize,
-        cols: usize,
-    ) -> Result<(), B::Error> {
-        self.timed("bias_add", 0, || self.inner.bias_add(x, bias, rows, cols))
+    fn padded_row_stride(&self, cols: usize) -> usize {
+        self.inner.padded_row_stride(cols)
     }
-    fn bias_backward(
+    fn bias_add_rows(&self, x: M<'_, B>, bias: S<'_, B>, shape: RowMajor) -> Result<(), B::Error> {
+        self.timed("bias_add", 0, || self.inner.bias_add_rows(x, bias, shape))
+    }
+    fn bias_backward_rows(
         &self,
         dy: S<'_, B>,
         db: M<'_, B>,
-        rows: usize,
-        cols: usize,
+        shape: RowMajor,
     ) -> Result<(), B::Error> {
         self.timed("bias_backward", 0, || {
-            self.inner.bias_backward(dy, db, rows, cols)
+            self.inner.bias_backward_rows(dy, db, shape)
         })
     }
     fn layernorm_forward(
@@ -473,13 +469,12 @@ impl<B: Backend> Backend for Profiled<B> {
         t: &B::Ids,
         w: S<'_, B>,
         ls: M<'_, B>,
-        r: usize,
-        v: usize,
+        shape: RowMajor,
         e: Option<u32>,
         g: f32,
     ) -> Result<(), B::Error> {
         self.timed("softmax_cross_entropy", 0, || {
-            self.inner.softmax_cross_entropy(l, t, w, ls, r, v, e, g)
+            self.inner.softmax_cross_entropy(l, t, w, ls, shape, e, g)
         })
     }
     fn sum(&self, x: S<'_, B>, n: usize) -> Result<f64, B::Error> {

@@ -56,8 +56,8 @@
 use core::marker::PhantomData;
 
 use did_core::backend::{
-    AdamW, AttentionShape, Backend, DrawSpec, Gemm, NormShape, QkvOffsets, RopeShape, Slice,
-    SliceMut,
+    AdamW, AttentionShape, Backend, DrawSpec, Gemm, NormShape, QkvOffsets, RopeShape, RowMajor,
+    Slice, SliceMut,
 };
 use did_core::mask::AttentionMask;
 use did_core::rng::RngStream;
@@ -103,6 +103,7 @@ pub enum CpuError {
 /// The CPU backend, computing in `T` (f32 by default).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct CpuBackend<T: CpuFloat = f32> {
+    row_alignment: usize,
     _t: PhantomData<T>,
 }
 
@@ -111,14 +112,32 @@ impl CpuBackend<f32> {
     /// for row-wise ops and attention, and matrixmultiply's
     /// (`MATMUL_NUM_THREADS`, at most 4) inside large GEMMs.
     pub const fn new() -> Self {
-        CpuBackend { _t: PhantomData }
+        Self::with_float()
     }
 }
 
 impl<T: CpuFloat> CpuBackend<T> {
     /// The backend computing in `T` (`CpuBackend::<f64>::with_float()` for gradient checks).
     pub const fn with_float() -> Self {
-        CpuBackend { _t: PhantomData }
+        CpuBackend {
+            row_alignment: 1,
+            _t: PhantomData,
+        }
+    }
+
+    /// The same backend asking for rows padded to a multiple of `elements`
+    /// ([`Backend::padded_row_stride`]), as a GPU backend does: the CPU's GEMMs gain nothing
+    /// from it, but a model's padded logits can then be checked on the CPU against dense ones.
+    ///
+    /// ```
+    /// use did_backend_cpu::CpuBackend;
+    /// use did_core::backend::Backend;
+    /// assert_eq!(CpuBackend::new().padded_row_stride(50_258), 50_258);
+    /// assert_eq!(CpuBackend::new().with_row_alignment(64).padded_row_stride(50_258), 50_304);
+    /// ```
+    pub const fn with_row_alignment(mut self, elements: usize) -> Self {
+        self.row_alignment = elements;
+        self
     }
 }
 
@@ -239,31 +258,35 @@ impl<T: CpuFloat> Backend for CpuBackend<T> {
             view_mut(c, nc, "matmul C")?,
         )
     }
-    fn bias_add(
+    fn padded_row_stride(&self, cols: usize) -> usize {
+        cols.next_multiple_of(self.row_alignment.max(1))
+    }
+    fn bias_add_rows(
         &self,
         x: SliceMut<'_, Vec<T>>,
         bias: Slice<'_, Vec<T>>,
-        rows: usize,
-        cols: usize,
+        shape: RowMajor,
     ) -> Result<(), CpuError> {
         ops::bias::bias_add(
-            view_mut(x, rows * cols, "bias_add x")?,
-            view(bias, cols, "bias")?,
-            cols,
+            view_mut(x, shape.extent(), "bias_add x")?,
+            view(bias, shape.cols, "bias")?,
+            shape.cols,
+            shape.stride,
         );
         Ok(())
     }
-    fn bias_backward(
+    fn bias_backward_rows(
         &self,
         dy: Slice<'_, Vec<T>>,
         dbias: SliceMut<'_, Vec<T>>,
-        rows: usize,
-        cols: usize,
+        shape: RowMajor,
     ) -> Result<(), CpuError> {
         ops::bias::bias_backward(
-            view(dy, rows * cols, "bias_backward dy")?,
-            view_mut(dbias, cols, "dbias")?,
-            cols,
+            view(dy, shape.extent(), "bias_backward dy")?,
+            view_mut(dbias, shape.cols, "dbias")?,
+            shape.rows,
+            shape.cols,
+            shape.stride,
         );
         Ok(())
     }
@@ -579,19 +602,19 @@ impl<T: CpuFloat> Backend for CpuBackend<T> {
         targets: &Vec<u32>,
         weights: Slice<'_, Vec<T>>,
         losses: SliceMut<'_, Vec<T>>,
-        rows: usize,
-        vocab: usize,
+        shape: RowMajor,
         excluded: Option<u32>,
         grad_scale: f32,
     ) -> Result<(), CpuError> {
+        let (rows, vocab) = (shape.rows, shape.cols);
         let targets = ids_view(targets, rows, "cross-entropy targets")?;
         check_ids(targets, vocab)?;
         ops::cross_entropy::softmax_cross_entropy(
-            view_mut(logits, rows * vocab, "cross-entropy logits")?,
+            view_mut(logits, shape.extent(), "cross-entropy logits")?,
             targets,
             view(weights, rows, "cross-entropy weights")?,
             view_mut(losses, rows, "cross-entropy losses")?,
-            vocab,
+            shape,
             excluded,
             T::of_f32(grad_scale),
         );

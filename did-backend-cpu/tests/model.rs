@@ -40,10 +40,12 @@ fn tokens(seed: u64, n: usize, vocab: u32) -> Vec<u32> {
 }
 
 /// Every parameter tensor's gradient against central differences, all in f64, with the head
-/// and the loss run in chunks of 5 output rows (the trainer's way; the last chunk is short);
-/// the f32 backend holding every row's logits must agree with it.
+/// and the loss run in chunks of 5 output rows (the trainer's way; the last chunk is short)
+/// and the logits' rows padded to a multiple of 8 (as the CUDA backend pads them); the f32
+/// backend holding every row's logits densely must agree with it.
 fn gradient_check(config: ModelConfig, batch: TrainBatch, dropout: Option<DropoutStreams>) {
-    let be = CpuBackend::<f64>::with_float();
+    let be = CpuBackend::<f64>::with_float().with_row_alignment(8);
+    assert_ne!(be.padded_row_stride(config.vocab_size), config.vocab_size);
     let model = Transformer::new(config).unwrap();
     let host = model.table().random_values(3, 0.4);
     let params: Vec<f64> = host.iter().map(|&x| f64::from(x)).collect();
@@ -113,6 +115,41 @@ fn gradient_check(config: ModelConfig, batch: TrainBatch, dropout: Option<Dropou
             (d32 / n32).sqrt()
         );
     }
+}
+
+/// Padding the logits' rows changes no value: loss and gradients of a chunked training step
+/// equal bit for bit those over dense rows.
+#[test]
+fn padded_logits_rows_leave_loss_and_gradients_unchanged() {
+    let config = micro(Architecture::Dit, 11, 8, 0.1);
+    let x0 = tokens(4, 2 * 8, 10);
+    let batch = diffusion_batch(&x0, 2, 8, 2, &TrainingSchedule::default(), 10, 5, 0).unwrap();
+    let model = Transformer::new(config).unwrap();
+    let params: Vec<f64> = model
+        .table()
+        .random_values(5, 0.4)
+        .iter()
+        .map(|&x| f64::from(x))
+        .collect();
+    let dropout = Some(DropoutStreams { seed: 3, step: 1 });
+    let step = |be: &CpuBackend<f64>| {
+        let mut acts =
+            Activations::with_loss_rows(be, &config, batch.batch, batch.seq_len, batch.pass, 5)
+                .unwrap();
+        model.load_batch(be, &mut acts, &batch).unwrap();
+        model.forward(be, &params, &mut acts, dropout).unwrap();
+        let mut grads = vec![0.0f64; params.len()];
+        let loss = model
+            .backward(be, &params, &mut grads, &mut acts, dropout, 1.0)
+            .unwrap();
+        (acts.logits_stride, loss, grads)
+    };
+    let (dense_stride, dense_loss, dense_grads) = step(&CpuBackend::with_float());
+    let (padded_stride, padded_loss, padded_grads) =
+        step(&CpuBackend::with_float().with_row_alignment(64));
+    assert_eq!((dense_stride, padded_stride), (11, 64));
+    assert_eq!(padded_loss.to_bits(), dense_loss.to_bits());
+    assert!(padded_grads == dense_grads, "the gradients differ");
 }
 
 #[test]

@@ -4,8 +4,8 @@
 
 use did_backend_cpu::CpuBackend;
 use did_core::backend::{
-    AdamW, AttentionShape, Backend, Gemm, NormShape, QkvOffsets, RopeShape, RowGroups, Slice,
-    SliceMut,
+    AdamW, AttentionShape, Backend, Gemm, NormShape, QkvOffsets, RopeShape, RowGroups, RowMajor,
+    Slice, SliceMut,
 };
 use did_core::mask::AttentionMask;
 use did_core::rng::{Purpose, RngStream};
@@ -899,8 +899,7 @@ fn cross_entropy_loss_and_gradient() {
                 &targets,
                 Slice::whole(&weights),
                 SliceMut::whole(&mut losses),
-                rows,
-                vocab,
+                RowMajor::dense(rows, vocab),
                 excluded,
                 1.0,
             )
@@ -929,8 +928,7 @@ fn cross_entropy_loss_and_gradient() {
             &targets,
             Slice::whole(&weights),
             SliceMut::whole(&mut losses),
-            rows,
-            vocab,
+            RowMajor::dense(rows, vocab),
             excluded,
             1.0,
         )
@@ -945,6 +943,83 @@ fn cross_entropy_loss_and_gradient() {
         TestResult::passed()
     }
     qc(40, prop);
+}
+
+/// The head's logits with rows padded apart (`RowMajor`): the bias add, its gradient and the
+/// cross-entropy give over padded rows exactly what they give over the same rows stored densely,
+/// and leave the padding as it was.
+#[test]
+fn padded_rows_give_the_dense_results_and_keep_their_padding() {
+    fn prop(a: u8, b: u8, pad: u8, seed: u64) -> TestResult {
+        let (rows, cols) = (dims(a, 1, 9), dims(b, 2, 40));
+        let stride = cols + pad as usize % 70;
+        let shape = RowMajor::padded(rows, cols, stride);
+        let dense = rand(seed, rows * cols, 3.0);
+        let sentinel = -123.25;
+        let mut padded = vec![sentinel; shape.extent()];
+        for r in 0..rows {
+            padded[r * stride..r * stride + cols].copy_from_slice(&dense[r * cols..(r + 1) * cols]);
+        }
+        let values = |m: &[f64]| -> Vec<f64> {
+            (0..rows)
+                .flat_map(|r| m[r * stride..r * stride + cols].to_vec())
+                .collect()
+        };
+        let padding_kept = |m: &[f64]| {
+            (0..rows.saturating_sub(1)).all(|r| {
+                m[r * stride + cols..(r + 1) * stride]
+                    .iter()
+                    .all(|&x| x == sentinel)
+            })
+        };
+        let bias = rand(seed ^ 1, cols, 1.0);
+        let (mut want, mut got) = (dense.clone(), padded.clone());
+        BE.bias_add(SliceMut::whole(&mut want), Slice::whole(&bias), rows, cols)
+            .unwrap();
+        BE.bias_add_rows(SliceMut::whole(&mut got), Slice::whole(&bias), shape)
+            .unwrap();
+        if values(&got) != want || !padding_kept(&got) {
+            return TestResult::error("bias_add over padded rows");
+        }
+        let (mut db_want, mut db_got) = (bias.clone(), bias.clone());
+        BE.bias_backward(
+            Slice::whole(&want),
+            SliceMut::whole(&mut db_want),
+            rows,
+            cols,
+        )
+        .unwrap();
+        BE.bias_backward_rows(Slice::whole(&got), SliceMut::whole(&mut db_got), shape)
+            .unwrap();
+        if db_got != db_want {
+            return TestResult::error("bias_backward over padded rows");
+        }
+        let targets: Vec<u32> = (0..rows)
+            .map(|r| (1 + (seed as usize % cols + r) % (cols - 1)) as u32)
+            .collect();
+        let weights: Vec<f64> = (0..rows).map(|r| (r % 3) as f64 * 0.5).collect();
+        let mut losses = [vec![0.0; rows], vec![0.0; rows]];
+        for (logits, (losses, shape)) in [&mut want, &mut got]
+            .into_iter()
+            .zip(losses.iter_mut().zip([RowMajor::dense(rows, cols), shape]))
+        {
+            BE.softmax_cross_entropy(
+                SliceMut::whole(logits),
+                &targets,
+                Slice::whole(&weights),
+                SliceMut::whole(losses),
+                shape,
+                Some(0),
+                0.5,
+            )
+            .unwrap();
+        }
+        if losses[0] != losses[1] || values(&got) != want || !padding_kept(&got) {
+            return TestResult::error("cross-entropy over padded rows");
+        }
+        TestResult::passed()
+    }
+    qc(60, prop);
 }
 
 // ---- optimiser ----------------------------------------------------------------------

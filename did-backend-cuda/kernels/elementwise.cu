@@ -27,38 +27,45 @@ extern "C" __global__ void copy_row_groups(const store_t* src, i64 src_stride, i
     }
 }
 
-extern "C" __global__ void bias_add(store_t* x, const store_t* bias, i64 rows, i64 cols) {
-    if (aligned16(x) && aligned16(bias) && cols % VEC == 0) {
+// x[r·stride + c] += bias[c] for c < cols (did_core::backend::RowMajor: the padding after each
+// row is not touched). i counts values, row by row.
+extern "C" __global__ void bias_add(store_t* x, const store_t* bias, i64 rows, i64 cols, i64 stride) {
+    if (aligned16(x) && aligned16(bias) && cols % VEC == 0 && stride % VEC == 0) {
         CHUNK_STRIDE(i, rows * cols) {
+            const i64 c = i % cols, at = (i / cols) * stride + c;
             float a[VEC], b[VEC];
-            ld_chunk(x, i, a);
-            ld_chunk(bias, i % cols, b);
+            ld_chunk(x, at, a);
+            ld_chunk(bias, c, b);
             for (int k = 0; k < VEC; ++k) a[k] = a[k] + b[k];
-            st_chunk(x, i, a);
+            st_chunk(x, at, a);
         }
         return;
     }
-    GRID_STRIDE(i, rows * cols) add_to(x, i, ld(bias, i % cols));
+    GRID_STRIDE(i, rows * cols) {
+        const i64 c = i % cols;
+        add_to(x, (i / cols) * stride + c, ld(bias, c));
+    }
 }
 
 // Column sums in two deterministic passes: partial[chunk, c] = Σ over the
 // chunk's rows of a[r, c]·b[r, c] (b = 1 when null), then out[c] += Σ_chunk partial.
-// Grid z runs over groups (the sequences of a batch, for per-sequence sums): group g reads
-// rows·cols elements from g·rows·cols, writes its partials after g·chunks·cols, and adds into
-// out[g·cols ..]; the sums are those of one call per group.
+// Rows are `stride` elements apart (≥ cols: the head's padded logits). Grid z runs over groups
+// (the sequences of a batch, for per-sequence sums): group g reads rows·stride elements from
+// g·rows·stride, writes its partials after g·chunks·cols, and adds into out[g·cols ..]; the
+// sums are those of one call per group.
 //
 // A block of COLSUM_THREADS is 32 columns × 8 row slices: slice s sums the chunk's rows
 // s, s + 8, … (eight loads in flight at a time), then slice 0 adds the eight slices in order.
 // (One thread a column walking the chunk, with `cols` threads summing all the partials after,
 // left most of the GPU idle: ≈ 45 µs a 16,384 × 768 bias gradient on the H200.)
 #define COLSUM_SLICES 8
-extern "C" __global__ void __launch_bounds__(32 * COLSUM_SLICES) colsum_partial(const store_t* a, const store_t* b, float* partial, i64 rows, i64 cols, i64 rows_per_chunk) {
+extern "C" __global__ void __launch_bounds__(32 * COLSUM_SLICES) colsum_partial(const store_t* a, const store_t* b, float* partial, i64 rows, i64 cols, i64 stride, i64 rows_per_chunk) {
     __shared__ float slices[COLSUM_SLICES][32];
     const int lane = threadIdx.x & 31, slice = threadIdx.x >> 5;
     const i64 c = (i64)blockIdx.x * 32 + lane;
     const i64 chunk = blockIdx.y, group = blockIdx.z;
-    a += group * rows * cols;
-    if (b) b += group * rows * cols;
+    a += group * rows * stride;
+    if (b) b += group * rows * stride;
     partial += group * gridDim.y * cols;
     const i64 r0 = chunk * rows_per_chunk, r1 = min(rows, r0 + rows_per_chunk);
     float acc = 0.0f;
@@ -68,8 +75,8 @@ extern "C" __global__ void __launch_bounds__(32 * COLSUM_SLICES) colsum_partial(
             UNROLL
             for (int k = 0; k < 8; ++k) {
                 const i64 rk = r + k * COLSUM_SLICES;
-                va[k] = rk < r1 ? ld(a, rk * cols + c) : 0.0f;
-                vb[k] = rk < r1 && b ? ld(b, rk * cols + c) : 1.0f;
+                va[k] = rk < r1 ? ld(a, rk * stride + c) : 0.0f;
+                vb[k] = rk < r1 && b ? ld(b, rk * stride + c) : 1.0f;
             }
             for (int k = 0; k < 8; ++k) {
                 if (r + k * COLSUM_SLICES >= r1) break;

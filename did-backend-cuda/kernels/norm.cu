@@ -200,13 +200,14 @@ extern "C" __global__ void rope(store_t* x, i64 batch, i64 tokens, i64 heads, i6
 
 // For each row with weight ≠ 0: loss = w·(−log softmax[target]) and the row
 // becomes grad_scale·w·(softmax − onehot); the excluded class (−1: none) is
-// outside the softmax. Rows with weight 0 get loss 0 and gradient 0.
+// outside the softmax. Rows with weight 0 get loss 0 and gradient 0. Rows are `stride` elements
+// apart (the head's padded logits); the padding is neither read nor written.
 extern "C" __global__ void softmax_cross_entropy(store_t* logits, const unsigned* targets, const store_t* weights, store_t* losses,
-                                                 i64 rows, i64 vocab, i64 excluded, float grad_scale) {
+                                                 i64 rows, i64 vocab, i64 stride, i64 excluded, float grad_scale) {
     __shared__ float shared32[32];
     i64 row = blockIdx.x;
     if (row >= rows) return;
-    store_t* l = logits + row * vocab;
+    store_t* l = logits + row * stride;
     float w = ld(weights, row);
     if (w == 0.0f) {
         for (i64 c = threadIdx.x; c < vocab; c += blockDim.x) st(l, c, 0.0f);

@@ -45,7 +45,7 @@ use cudarc::driver::{
 };
 use did_core::backend::{
     AdamW, AttentionShape, Backend, DrawSpec, Gemm, NormShape, QkvOffsets, RopeShape, RowGroups,
-    Slice, SliceMut,
+    RowMajor, Slice, SliceMut,
 };
 use did_core::mask::AttentionMask;
 use did_core::rng::RngStream;
@@ -713,6 +713,9 @@ impl CudaBackend {
         self.launch_elements("gated_residual_forward_into", n, &args)
     }
 
+    /// `out[g, c] += Σ_r a[g, r, c]·b[g, r, c]` (`b = 0`: `a` alone) over `groups` groups of
+    /// `rows` rows, rows `stride` elements apart (a group spans `rows · stride`).
+    #[allow(clippy::too_many_arguments)]
     fn column_sums(
         &self,
         a: u64,
@@ -721,6 +724,7 @@ impl CudaBackend {
         groups: usize,
         rows: usize,
         cols: usize,
+        stride: usize,
     ) -> Result<(), CudaError> {
         // 32 columns × 8 row slices a block (kernels/elementwise.cu), 512 rows a chunk.
         let shape = ChunkShape {
@@ -744,6 +748,7 @@ impl CudaBackend {
                         Arg::Ptr(partial),
                         Arg::I64(rows as i64),
                         Arg::I64(cols as i64),
+                        Arg::I64(stride as i64),
                         Arg::I64(chunk_rows as i64),
                     ],
                 )
@@ -1091,37 +1096,43 @@ impl Backend for CudaBackend {
         Ok(())
     }
 
-    fn bias_add(
+    /// Rows of 64 elements: 128 bytes in bf16, so cuBLAS's 16-byte vector loads apply to every
+    /// row (measured on the H200: `dW += dlogitsᵀ · x` for the head, 1,280 rows, 0.445 ms at
+    /// GPT-2's 50,258 against 0.245 at 50,304).
+    fn padded_row_stride(&self, cols: usize) -> usize {
+        cols.next_multiple_of(64)
+    }
+
+    fn bias_add_rows(
         &self,
         x: SliceMut<'_, CudaBuffer>,
         bias: Slice<'_, CudaBuffer>,
-        rows: usize,
-        cols: usize,
+        shape: RowMajor,
     ) -> Result<(), CudaError> {
-        let xp = self.ptr_mut(x, rows * cols, "bias_add x")?;
-        let bp = self.ptr(bias, cols, "bias")?;
+        let xp = self.ptr_mut(x, shape.extent(), "bias_add x")?;
+        let bp = self.ptr(bias, shape.cols, "bias")?;
         self.launch_elements(
             "bias_add",
-            rows * cols,
+            shape.rows * shape.cols,
             &[
                 Arg::Ptr(xp),
                 Arg::Ptr(bp),
-                Arg::I64(rows as i64),
-                Arg::I64(cols as i64),
+                Arg::I64(shape.rows as i64),
+                Arg::I64(shape.cols as i64),
+                Arg::I64(shape.stride as i64),
             ],
         )
     }
 
-    fn bias_backward(
+    fn bias_backward_rows(
         &self,
         dy: Slice<'_, CudaBuffer>,
         dbias: SliceMut<'_, CudaBuffer>,
-        rows: usize,
-        cols: usize,
+        shape: RowMajor,
     ) -> Result<(), CudaError> {
-        let d = self.ptr(dy, rows * cols, "bias_backward dy")?;
-        let out = self.ptr_mut(dbias, cols, "dbias")?;
-        self.column_sums(d, 0, out, 1, rows, cols)
+        let d = self.ptr(dy, shape.extent(), "bias_backward dy")?;
+        let out = self.ptr_mut(dbias, shape.cols, "dbias")?;
+        self.column_sums(d, 0, out, 1, shape.rows, shape.cols, shape.stride)
     }
 
     fn layernorm_forward(
@@ -1291,7 +1302,7 @@ impl Backend for CudaBackend {
                 Arg::I64(n as i64),
             ],
         )?;
-        self.column_sums(dp, xp, dsp, batch, tokens, channels)
+        self.column_sums(dp, xp, dsp, batch, tokens, channels, channels)
     }
 
     fn gated_residual_forward(
@@ -1377,7 +1388,7 @@ impl Backend for CudaBackend {
         )?;
         if let Some(dgate) = dgate {
             let dgp = self.ptr_mut(dgate, batch * channels, "dgate")?;
-            self.column_sums(rp, yp, dgp, batch, tokens, channels)?;
+            self.column_sums(rp, yp, dgp, batch, tokens, channels, channels)?;
         }
         Ok(())
     }
@@ -1721,20 +1732,21 @@ impl Backend for CudaBackend {
         targets: &CudaIds,
         weights: Slice<'_, CudaBuffer>,
         losses: SliceMut<'_, CudaBuffer>,
-        rows: usize,
-        vocab: usize,
+        shape: RowMajor,
         excluded: Option<u32>,
         grad_scale: f32,
     ) -> Result<(), CudaError> {
+        let (rows, vocab) = (shape.rows, shape.cols);
         let tp = self.ids_ptr(targets, rows, "cross-entropy targets")?;
         check_ids(&targets.host[..rows], vocab)?;
         let args = [
-            Arg::Ptr(self.ptr_mut(logits, rows * vocab, "cross-entropy logits")?),
+            Arg::Ptr(self.ptr_mut(logits, shape.extent(), "cross-entropy logits")?),
             Arg::Ptr(tp),
             Arg::Ptr(self.ptr(weights, rows, "cross-entropy weights")?),
             Arg::Ptr(self.ptr_mut(losses, rows, "cross-entropy losses")?),
             Arg::I64(rows as i64),
             Arg::I64(vocab as i64),
+            Arg::I64(shape.stride as i64),
             Arg::I64(
                 excluded
                     .filter(|&e| (e as usize) < vocab)

@@ -87,10 +87,11 @@ fn chunked_elementwise_kernels_and_batched_column_sums_equal_their_plain_forms_u
     ] {
         let report = build_and_run("chunked.cpp", defines, exe);
         // One line per kernel of kernels::CHUNKED (gated and ungated residuals apart, the
-        // out-of-place one with and without a bias), the sum of squares and the column sums.
+        // out-of-place one with and without a bias), the sum of squares, the column sums and
+        // the padded rows.
         assert_eq!(
             report.matches("ok   ").count(),
-            did_backend_cuda::kernels::CHUNKED.len() + 4,
+            did_backend_cuda::kernels::CHUNKED.len() + 5,
             "{report}"
         );
     }
@@ -103,7 +104,7 @@ fn layernorm_and_the_loss_match_their_f64_formulas_under_emulation() {
         (&["-DSTORAGE_BF16"][..], "emulated_norm_bf16"),
     ] {
         let report = build_and_run("norm.cpp", defines, exe);
-        assert_eq!(report.matches("ok   ").count(), 6, "{report}");
+        assert_eq!(report.matches("ok   ").count(), 7, "{report}");
     }
 }
 

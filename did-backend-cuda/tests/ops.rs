@@ -12,7 +12,7 @@ use common::{
 use did_backend_cuda::{AttentionKernel, KeySplit, Precision};
 use did_core::backend::{
     AdamW, AttentionShape, Backend, DrawSpec, Gemm, NormShape, QkvOffsets, RopeShape, RowGroups,
-    Slice, SliceMut,
+    RowMajor, Slice, SliceMut,
 };
 use did_core::mask::AttentionMask;
 use did_core::rng::{Purpose, RngStream};
@@ -103,9 +103,10 @@ fn matmul_every_transpose_batch_and_broadcast() {
 
 // ---- bias, LayerNorm ----------------------------------------------------------------
 
+/// Rows `shape.stride` apart: the whole buffer comes back, so padding that either backend
+/// touched would differ from the other's.
 struct BiasCase {
-    rows: usize,
-    cols: usize,
+    shape: RowMajor,
     x: Vec<f32>,
     bias: Vec<f32>,
     dbias: Vec<f32>,
@@ -115,22 +116,12 @@ impl Case for BiasCase {
     fn run<B: Backend>(&self, be: &B) -> Result<Out, B::Error> {
         let mut x = be.upload(&self.x)?;
         let bias = be.upload(&self.bias)?;
-        be.bias_add(
-            SliceMut::whole(&mut x),
-            Slice::whole(&bias),
-            self.rows,
-            self.cols,
-        )?;
+        be.bias_add_rows(SliceMut::whole(&mut x), Slice::whole(&bias), self.shape)?;
         let mut dbias = be.upload(&self.dbias)?;
-        be.bias_backward(
-            Slice::whole(&x),
-            SliceMut::whole(&mut dbias),
-            self.rows,
-            self.cols,
-        )?;
+        be.bias_backward_rows(Slice::whole(&x), SliceMut::whole(&mut dbias), self.shape)?;
         Ok(vec![
             ("x + bias", down(be, &x, self.x.len())?),
-            ("dbias", down(be, &dbias, self.cols)?),
+            ("dbias", down(be, &dbias, self.shape.cols)?),
         ])
     }
 }
@@ -142,15 +133,21 @@ fn bias_forward_and_backward() {
     }
     fn prop(x: u8, y: u8, _z: u8, seed: u64) -> TestResult {
         let (rows, cols) = (dims(x, 1, 300), dims(y, 1, 100));
+        // Dense rows, or padded to a multiple of 8 (the 16-byte loop in bf16) or of 7.
+        let stride = match seed % 3 {
+            0 => cols,
+            1 => cols.next_multiple_of(8) + 8,
+            _ => cols.next_multiple_of(7) + 1,
+        };
+        let shape = RowMajor::padded(rows, cols, stride);
         let case = BiasCase {
-            rows,
-            cols,
-            x: rand(seed, rows * cols, 1.0),
+            shape,
+            x: rand(seed, rows * stride, 1.0),
             bias: rand(seed ^ 1, cols, 1.0),
             dbias: rand(seed ^ 2, cols, 1.0),
         };
         verdict(check(
-            &format!("bias {rows}×{cols}"),
+            &format!("bias {rows}×{cols}, stride {stride}"),
             &case,
             F32,
             Some(BF16),
@@ -1116,8 +1113,7 @@ fn token_ids_outside_the_table_are_errors_not_faults() {
 }
 
 struct CrossEntropyCase {
-    rows: usize,
-    vocab: usize,
+    shape: RowMajor,
     logits: Vec<f32>,
     targets: Vec<u32>,
     weights: Vec<f32>,
@@ -1129,21 +1125,22 @@ impl Case for CrossEntropyCase {
         let mut logits = be.upload(&self.logits)?;
         let targets = be.upload_ids(&self.targets)?;
         let weights = be.upload(&self.weights)?;
-        let mut losses = poisoned(be, self.rows)?;
+        let rows = self.shape.rows;
+        let mut losses = poisoned(be, rows)?;
         be.softmax_cross_entropy(
             SliceMut::whole(&mut logits),
             &targets,
             Slice::whole(&weights),
             SliceMut::whole(&mut losses),
-            self.rows,
-            self.vocab,
+            self.shape,
             self.excluded,
             0.5,
         )?;
-        let total = be.sum(Slice::whole(&losses), self.rows)?;
+        let total = be.sum(Slice::whole(&losses), rows)?;
+        // The whole buffer: the padding between rows must come back as it went.
         Ok(vec![
-            ("losses", down(be, &losses, self.rows)?),
-            ("gradient", down(be, &logits, self.rows * self.vocab)?),
+            ("losses", down(be, &losses, rows)?),
+            ("gradient", down(be, &logits, self.logits.len())?),
             ("sum", vec![total as f32]),
         ])
     }
@@ -1176,16 +1173,21 @@ fn weighted_cross_entropy_with_an_excluded_class() {
                 }
             })
             .collect();
+        // GPT-2's vocabulary padded as the CUDA backend pads the head's logits, or dense.
+        let stride = if seed % 3 == 1 {
+            vocab.next_multiple_of(64)
+        } else {
+            vocab
+        };
         let case = CrossEntropyCase {
-            rows,
-            vocab,
-            logits: rand(seed, rows * vocab, 8.0),
+            shape: RowMajor::padded(rows, vocab, stride),
+            logits: rand(seed, rows * stride, 8.0),
             targets,
             weights,
             excluded,
         };
         verdict(check(
-            &format!("cross-entropy {rows}×{vocab}"),
+            &format!("cross-entropy {rows}×{vocab}, stride {stride}"),
             &case,
             F32,
             Some(BF16),

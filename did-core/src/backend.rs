@@ -484,6 +484,57 @@ impl RopeShape {
     }
 }
 
+/// A row-major `[rows, cols]` matrix whose rows start `stride ≥ cols` elements apart: the
+/// output head's logits, laid out with the row stride its backend's GEMMs read fastest
+/// ([`Backend::padded_row_stride`]). The `stride − cols` elements after each row are never
+/// read as values and may hold anything.
+///
+/// ```
+/// use did_core::backend::RowMajor;
+/// let logits = RowMajor::padded(3, 50_258, 50_304);
+/// assert_eq!(logits.extent(), 2 * 50_304 + 50_258);
+/// assert_eq!(RowMajor::dense(3, 5).extent(), 15);
+/// assert_eq!(RowMajor::dense(0, 5).extent(), 0);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RowMajor {
+    /// Rows.
+    pub rows: usize,
+    /// Elements of a row that hold values.
+    pub cols: usize,
+    /// Elements from one row's start to the next's (≥ `cols`).
+    pub stride: usize,
+}
+
+impl RowMajor {
+    /// Rows stored back to back (`stride = cols`).
+    pub fn dense(rows: usize, cols: usize) -> Self {
+        RowMajor {
+            rows,
+            cols,
+            stride: cols,
+        }
+    }
+
+    /// Rows `stride` elements apart; a stride below `cols` is taken as `cols`.
+    pub fn padded(rows: usize, cols: usize, stride: usize) -> Self {
+        RowMajor {
+            rows,
+            cols,
+            stride: stride.max(cols),
+        }
+    }
+
+    /// Elements the matrix spans from its offset: `(rows − 1) · stride + cols`, 0 when empty.
+    pub fn extent(&self) -> usize {
+        if self.rows == 0 || self.cols == 0 {
+            0
+        } else {
+            (self.rows - 1) * self.stride + self.cols
+        }
+    }
+}
+
 /// Where a grouped row copy reads and writes: `groups` groups of `rows` rows of
 /// `cols` elements; row `r` of group `g` starts `g · group_stride + r · stride`
 /// elements from the slice's offset, on each side with its own strides. One
@@ -637,6 +688,20 @@ pub trait Backend {
     fn zeros_f32(&self, len: usize) -> Result<Self::Buffer, Self::Error> {
         self.zeros(len)
     }
+    /// The row stride this backend's GEMMs read and write fastest for a matrix of `cols`
+    /// columns: what the model lays the output head's logits out with ([`RowMajor`]). Provided:
+    /// `cols`. A GPU backend rounds it up (cuBLAS reads rows that are not 16-byte aligned with
+    /// narrow loads: GPT-2's 50,258 columns in bf16 are 100,516 bytes).
+    ///
+    /// ```
+    /// use did_core::backend::Backend;
+    /// fn logits_len<B: Backend>(be: &B, rows: usize, vocab: usize) -> usize {
+    ///     rows * be.padded_row_stride(vocab)
+    /// }
+    /// ```
+    fn padded_row_stride(&self, cols: usize) -> usize {
+        cols
+    }
     /// A buffer holding `host`.
     fn upload(&self, host: &[f32]) -> Result<Self::Buffer, Self::Error>;
     /// Copies `out.len()` elements starting at `src.offset` to the host.
@@ -715,21 +780,42 @@ pub trait Backend {
         b: Slice<'_, Self::Buffer>,
         c: SliceMut<'_, Self::Buffer>,
     ) -> Result<(), Self::Error>;
-    /// `x[rows, cols] += bias[cols]` for every row.
+    /// `x[rows, cols] += bias[cols]` for every row. Provided: [`Backend::bias_add_rows`] over
+    /// dense rows.
     fn bias_add(
         &self,
         x: SliceMut<'_, Self::Buffer>,
         bias: Slice<'_, Self::Buffer>,
         rows: usize,
         cols: usize,
+    ) -> Result<(), Self::Error> {
+        self.bias_add_rows(x, bias, RowMajor::dense(rows, cols))
+    }
+    /// `x[r, c] += bias[c]` for the `shape.cols` values of each of `shape.rows` rows; the
+    /// padding between rows is left as it is.
+    fn bias_add_rows(
+        &self,
+        x: SliceMut<'_, Self::Buffer>,
+        bias: Slice<'_, Self::Buffer>,
+        shape: RowMajor,
     ) -> Result<(), Self::Error>;
-    /// `dbias[cols] += Σ_rows dy[rows, cols]`.
+    /// `dbias[cols] += Σ_rows dy[rows, cols]`. Provided: [`Backend::bias_backward_rows`] over
+    /// dense rows.
     fn bias_backward(
         &self,
         dy: Slice<'_, Self::Buffer>,
         dbias: SliceMut<'_, Self::Buffer>,
         rows: usize,
         cols: usize,
+    ) -> Result<(), Self::Error> {
+        self.bias_backward_rows(dy, dbias, RowMajor::dense(rows, cols))
+    }
+    /// `dbias[c] += Σ_r dy[r, c]` over the values of `shape`'s rows (the padding is not read).
+    fn bias_backward_rows(
+        &self,
+        dy: Slice<'_, Self::Buffer>,
+        dbias: SliceMut<'_, Self::Buffer>,
+        shape: RowMajor,
     ) -> Result<(), Self::Error>;
 
     // ---- normalisation and modulation ---------------------------------
@@ -1052,7 +1138,8 @@ pub trait Backend {
     /// rows with weight 0 get loss 0 and gradient 0. Weights carry the NELBO
     /// `1/t` and the normalisation; `grad_scale` the loss scaling. The class
     /// `excluded` (SUBS: the model never predicts `[MASK]`) is left out of the
-    /// softmax and gets gradient 0.
+    /// softmax and gets gradient 0. `shape` is `[rows, vocab]` with its row stride (the
+    /// padding between rows is neither read nor written).
     #[allow(clippy::too_many_arguments)]
     fn softmax_cross_entropy(
         &self,
@@ -1060,8 +1147,7 @@ pub trait Backend {
         targets: &Self::Ids,
         weights: Slice<'_, Self::Buffer>,
         losses: SliceMut<'_, Self::Buffer>,
-        rows: usize,
-        vocab: usize,
+        shape: RowMajor,
         excluded: Option<u32>,
         grad_scale: f32,
     ) -> Result<(), Self::Error>;

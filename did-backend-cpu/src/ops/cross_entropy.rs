@@ -1,6 +1,7 @@
 //! Fused weighted softmax cross-entropy: the loss and its gradient in one pass
 //! over each logits row, written in place of the logits.
 
+use did_core::backend::RowMajor;
 use rayon::prelude::*;
 
 use crate::CpuFloat;
@@ -11,19 +12,22 @@ pub fn softmax_cross_entropy<T: CpuFloat>(
     targets: &[u32],
     weights: &[T],
     losses: &mut [T],
-    vocab: usize,
+    shape: RowMajor,
     excluded: Option<u32>,
     grad_scale: T,
 ) {
+    let (vocab, stride) = (shape.cols, shape.stride);
     if vocab == 0 {
         return;
     }
     let excluded = excluded.map(|e| e as usize).filter(|&e| e < vocab);
     logits
-        .par_chunks_mut(vocab)
+        .par_chunks_mut(stride.max(vocab))
         .zip(losses.par_iter_mut())
         .enumerate()
         .for_each(|(r, (row, loss))| {
+            // The padding after the row's values is left alone.
+            let row = &mut row[..vocab];
             let w = weights[r];
             if w == T::zero() {
                 row.fill(T::zero());

@@ -57,7 +57,7 @@ int main() {
         for (auto& e : *v) e = to_store(ld(&e, 0) * ld(&e, 0));
 
     check("fill", {x}, [&](auto& o, bool m) { fill(o[0].at(m), n, 0.375f); });
-    check("bias_add", {x, bias}, [&](auto& o, bool m) { bias_add(o[0].at(m), o[1].at(m), seqs * tokens, channels); });
+    check("bias_add", {x, bias}, [&](auto& o, bool m) { bias_add(o[0].at(m), o[1].at(m), seqs * tokens, channels, channels); });
     check("modulate_forward", {x, per_seq, per_seq2, y}, [&](auto& o, bool m) {
         modulate_forward(o[0].at(m), o[1].at(m), o[2].at(m), o[3].at(m), tokens, channels, n);
     });
@@ -114,14 +114,14 @@ int main() {
         std::vector<float> partial(seqs * chunks * channels);
         auto grouped = per_seq.aligned, one_by_one = per_seq.aligned;
         emu::launch(EmuDim3{col_blocks, (unsigned)chunks, (unsigned)seqs}, 256, [&] {
-            colsum_partial(a.aligned.data(), b2.aligned.data(), partial.data(), srows, channels, chunk_rows);
+            colsum_partial(a.aligned.data(), b2.aligned.data(), partial.data(), srows, channels, channels, chunk_rows);
         });
         emu::launch(EmuDim3{2, 1, 1}, 32, [&] { colsum_finish(partial.data(), chunks, grouped.data(), channels, seqs); });
         for (i64 g = 0; g < seqs; ++g) {
             std::vector<float> part(chunks * channels);
             emu::launch(EmuDim3{col_blocks, (unsigned)chunks, 1}, 256, [&] {
                 colsum_partial(a.aligned.data() + g * srows * channels, b2.aligned.data() + g * srows * channels,
-                               part.data(), srows, channels, chunk_rows);
+                               part.data(), srows, channels, channels, chunk_rows);
             });
             emu::launch(EmuDim3{2, 1, 1}, 32, [&] { colsum_finish(part.data(), chunks, one_by_one.data() + g * channels, channels, 1); });
         }
@@ -147,6 +147,51 @@ int main() {
         failures += !ok;
         std::printf("%s column sums of %lld sequences in one launch: %s per-sequence launches, %.1e from f64 (tol %.0e)\n",
                     ok ? "ok  " : "FAIL", (long long)seqs, same ? "equal to" : "NOT equal to", worst, tol);
+    }
+
+    // Rows `stride` apart (the head's padded logits, did_core::backend::RowMajor): the bias add
+    // and the column sum over padded rows equal them over the same rows stored densely, bit for
+    // bit, and never touch (bias add) or read (column sum: NaN padding) what lies between rows.
+    // Strides that keep the chunked loop (a multiple of 8) and that force the plain one; a row
+    // length that is not a multiple of the chunk.
+    {
+        struct Case { i64 rows, cols, stride; };
+        bool ok = true;
+        for (const Case k : {Case{37, 40, 48}, Case{37, 40, 45}, Case{9, 37, 64}, Case{600, 40, 56}}) {
+            const Operand dense = operand(k.rows * k.cols), b = operand(k.cols);
+            std::vector<store_t> padded(k.rows * k.stride, to_store(__int_as_float(0x7fc00000)));
+            for (i64 r = 0; r < k.rows; ++r)
+                std::copy_n(dense.aligned.begin() + r * k.cols, k.cols, padded.begin() + r * k.stride);
+            // Column sums first (they read the rows as they are), then the bias add.
+            auto colsum = [&](const store_t* a, i64 stride) {
+                const i64 chunk_rows = 64, chunks = (k.rows + chunk_rows - 1) / chunk_rows;
+                std::vector<float> partial(chunks * k.cols);
+                std::vector<store_t> out(k.cols, to_store(0.0f));
+                emu::launch(EmuDim3{(unsigned)((k.cols + 31) / 32), (unsigned)chunks, 1}, 256,
+                            [&] { colsum_partial(a, nullptr, partial.data(), k.rows, k.cols, stride, chunk_rows); });
+                emu::launch(EmuDim3{2, 1, 1}, 32, [&] { colsum_finish(partial.data(), chunks, out.data(), k.cols, 1); });
+                return out;
+            };
+            const auto sums_dense = colsum(dense.aligned.data(), k.cols), sums_padded = colsum(padded.data(), k.stride);
+            const bool sums_same = std::memcmp(sums_dense.data(), sums_padded.data(), k.cols * sizeof(store_t)) == 0;
+            std::vector<store_t> want = dense.aligned, got = padded;
+            emu::launch(EmuDim3{3, 1, 1}, 64, [&] { bias_add(want.data(), b.aligned.data(), k.rows, k.cols, k.cols); });
+            emu::launch(EmuDim3{3, 1, 1}, 64, [&] { bias_add(got.data(), b.aligned.data(), k.rows, k.cols, k.stride); });
+            bool values_same = true, padding_kept = true;
+            for (i64 r = 0; r < k.rows; ++r) {
+                values_same &= std::memcmp(want.data() + r * k.cols, got.data() + r * k.stride, k.cols * sizeof(store_t)) == 0;
+                for (i64 c = k.cols; c < k.stride; ++c)
+                    padding_kept &= std::memcmp(&got[r * k.stride + c], &padded[r * k.stride + c], sizeof(store_t)) == 0;
+            }
+            if (!(sums_same && values_same && padding_kept)) {
+                std::printf("FAIL padded rows %lld × %lld, stride %lld: column sums %s, bias add %s, padding %s\n",
+                            (long long)k.rows, (long long)k.cols, (long long)k.stride, sums_same ? "equal" : "DIFFER",
+                            values_same ? "equal" : "DIFFERS", padding_kept ? "kept" : "OVERWRITTEN");
+                ok = false;
+            }
+        }
+        failures += !ok;
+        if (ok) std::printf("ok   bias_add and column sums over padded rows: the dense results, the padding untouched\n");
     }
     return failures ? 1 : 0;
 }

@@ -65,7 +65,7 @@ int main() {
     auto pre_c = pre_f;
     std::vector<store_t> g_f(n4), g_c(n4);
     emu::launch(EmuDim3{grid, 1, 1}, threads, [&] { bias_gelu_forward(pre_f.data(), bias4.data(), g_f.data(), rows, cols4); });
-    emu::launch(EmuDim3{grid, 1, 1}, threads, [&] { bias_add(pre_c.data(), bias4.data(), rows, cols4); });
+    emu::launch(EmuDim3{grid, 1, 1}, threads, [&] { bias_add(pre_c.data(), bias4.data(), rows, cols4, cols4); });
     emu::launch(EmuDim3{grid, 1, 1}, threads, [&] { gelu_forward(pre_c.data(), g_c.data(), n4); });
     same("bias_gelu_forward: pre-activation", pre_f, pre_c);
     same("bias_gelu_forward: gelu", g_f, g_c);
@@ -88,7 +88,7 @@ int main() {
         emu::launch(EmuDim3{grid, 1, 1}, threads, [&] {
             gated_residual_forward_into(x.data(), y_f.data(), bias.data(), gate, out_f.data(), tokens, cols, n);
         });
-        emu::launch(EmuDim3{grid, 1, 1}, threads, [&] { bias_add(y_c.data(), bias.data(), rows, cols); });
+        emu::launch(EmuDim3{grid, 1, 1}, threads, [&] { bias_add(y_c.data(), bias.data(), rows, cols, cols); });
         emu::launch(EmuDim3{grid, 1, 1}, threads, [&] {
             gated_residual_forward_into(x.data(), y_c.data(), nullptr, gate, out_c.data(), tokens, cols, n);
         });

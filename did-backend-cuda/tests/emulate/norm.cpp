@@ -80,7 +80,7 @@ int main() {
         for (auto& v : logits) v = to_store(2.0f * normal(rng));
         const std::vector<store_t> input = logits;
         emu::launch(EmuDim3{(unsigned)rows, 1, 1}, 256, [&] {
-            softmax_cross_entropy(logits.data(), targets.data(), weights.data(), losses.data(), rows, vocab, excluded, 0.25f);
+            softmax_cross_entropy(logits.data(), targets.data(), weights.data(), losses.data(), rows, vocab, vocab, excluded, 0.25f);
         });
         double worst = 0;
         for (i64 r = 0; r < rows; ++r) {
@@ -99,6 +99,24 @@ int main() {
         const bool ok = worst <= tol;
         failures += !ok;
         std::printf("%s softmax_cross_entropy, 50,258 classes: %.1e (tol %.0e)\n", ok ? "ok  " : "FAIL", worst, tol);
+
+        // The same rows 50,304 apart (the head's padded logits): the same losses and gradients
+        // bit for bit, the NaN padding neither read nor overwritten.
+        const i64 stride = 50304;
+        const store_t nan = to_store(__int_as_float(0x7fc00000));
+        std::vector<store_t> padded(rows * stride, nan), padded_losses(rows);
+        for (i64 r = 0; r < rows; ++r) std::copy_n(input.begin() + r * vocab, vocab, padded.begin() + r * stride);
+        emu::launch(EmuDim3{(unsigned)rows, 1, 1}, 256, [&] {
+            softmax_cross_entropy(padded.data(), targets.data(), weights.data(), padded_losses.data(), rows, vocab, stride, excluded, 0.25f);
+        });
+        bool same = std::memcmp(losses.data(), padded_losses.data(), rows * sizeof(store_t)) == 0, kept = true;
+        for (i64 r = 0; r < rows; ++r) {
+            same &= std::memcmp(logits.data() + r * vocab, padded.data() + r * stride, vocab * sizeof(store_t)) == 0;
+            for (i64 c = vocab; c < stride; ++c) kept &= std::memcmp(&padded[r * stride + c], &nan, sizeof(store_t)) == 0;
+        }
+        failures += !(same && kept);
+        std::printf("%s softmax_cross_entropy over rows 50,304 apart: %s, padding %s\n", same && kept ? "ok  " : "FAIL",
+                    same ? "equal to the dense rows" : "DIFFERS from the dense rows", kept ? "untouched" : "OVERWRITTEN");
     }
     return failures ? 1 : 0;
 }

@@ -131,8 +131,11 @@ pub struct Activations<B: Backend> {
     /// chunk of them ([`Activations::with_loss_rows`]), the head and the loss then running
     /// chunk by chunk inside the backward so the logits of the whole batch never exist.
     pub loss_rows: usize,
-    /// Logits `[loss_rows, V]`, then their gradient.
+    /// Logits `[loss_rows, V]`, rows [`Activations::logits_stride`] apart, then their gradient.
     pub logits: B::Buffer,
+    /// Elements between rows of `logits`: the backend's [`Backend::padded_row_stride`] for
+    /// `V` (the head's GEMMs read rows of 50,258 bf16 slower than aligned ones).
+    pub logits_stride: usize,
     /// Loss weight per output row `[R]`.
     pub weights: B::Buffer,
     /// Weighted loss per output row `[R]`.
@@ -248,6 +251,7 @@ impl<B: Backend> Activations<B> {
         let loss_rows = loss_rows.clamp(1, s.rows_out.max(1));
         let (c, m, n, r) = (config.hidden, config.mlp_hidden, s.n, s.rows_out);
         let dit = config.architecture == Architecture::Dit;
+        let logits_stride = be.padded_row_stride(config.vocab_size);
         let z = |len: usize| be.zeros(len);
         let mut blocks = Vec::with_capacity(config.layers);
         for _ in 0..config.layers {
@@ -329,7 +333,8 @@ impl<B: Backend> Activations<B> {
             rstd_f: z(r)?,
             hf: z(if dit { r * c } else { 0 })?,
             loss_rows,
-            logits: z(loss_rows.min(r) * config.vocab_size)?,
+            logits: z(loss_rows.min(r) * logits_stride)?,
+            logits_stride,
             weights: z(r)?,
             losses: z(r)?,
             targets: alloc::vec![0; r]

@@ -11,7 +11,8 @@ use super::params::{BlockOffsets, Layout, ParamTable};
 use super::pass::{Pass, TrainBatch};
 use super::ModelError;
 use crate::backend::{
-    AttentionShape, Backend, Gemm, NormShape, QkvOffsets, RopeShape, RowGroups, Slice, SliceMut,
+    AttentionShape, Backend, Gemm, NormShape, QkvOffsets, RopeShape, RowGroups, RowMajor, Slice,
+    SliceMut,
 };
 use crate::error::invalid;
 use crate::mask::AttentionMask;
@@ -888,7 +889,7 @@ impl Transformer {
             } else {
                 &acts.lnf
             };
-            self.head_logits(be, p, h, 0, rows, &mut acts.logits)?;
+            self.head_logits(be, p, h, 0, rows, &mut acts.logits, acts.logits_stride)?;
         }
         Ok(())
     }
@@ -910,7 +911,7 @@ impl Transformer {
     ) -> Result<(), B::Error> {
         self.final_norm_forward(be, p, rows, hx, lnf, mean, rstd, hf, final_mod)?;
         let h = if final_mod.is_some() { &*hf } else { &*lnf };
-        self.head_logits(be, p, h, 0, rows, logits)
+        self.head_logits(be, p, h, 0, rows, logits, self.config.vocab_size)
     }
 
     /// Final LayerNorm into `lnf`, then (DiT) the final modulation into `hf`: the head's input.
@@ -949,7 +950,9 @@ impl Transformer {
         Ok(())
     }
 
-    /// The output head over rows `first..first + rows` of its input `h`, into `logits[0..rows]`.
+    /// The output head over rows `first..first + rows` of its input `h`, into `logits[0..rows]`
+    /// with rows `stride` apart.
+    #[allow(clippy::too_many_arguments)]
     fn head_logits<B: Backend>(
         &self,
         be: &B,
@@ -958,17 +961,25 @@ impl Transformer {
         first: usize,
         rows: usize,
         logits: &mut B::Buffer,
+        stride: usize,
     ) -> Result<(), B::Error> {
         let (c, v) = (self.config.hidden, self.config.vocab_size);
         let lay = self.layout();
         be.matmul(
-            &Gemm::linear(rows, c, v),
+            &Gemm {
+                ldc: stride,
+                ..Gemm::linear(rows, c, v)
+            },
             at(h, first * c),
             at(p, lay.head.0),
             whole_mut(logits),
         )?;
         if let Some(b) = lay.head.1 {
-            be.bias_add(whole_mut(logits), at(p, b), rows, v)?;
+            be.bias_add_rows(
+                whole_mut(logits),
+                at(p, b),
+                RowMajor::padded(rows, v, stride),
+            )?;
         }
         Ok(())
     }
@@ -996,15 +1007,15 @@ impl Transformer {
                 } else {
                     &acts.lnf
                 };
-                self.head_logits(be, p, h, first, r, &mut acts.logits)?;
+                let stride = acts.logits_stride;
+                self.head_logits(be, p, h, first, r, &mut acts.logits, stride)?;
             }
             be.softmax_cross_entropy(
                 whole_mut(&mut acts.logits),
                 &acts.targets[chunk],
                 at(&acts.weights, first),
                 at_mut(&mut acts.losses, first),
-                r,
-                v,
+                RowMajor::padded(r, v, acts.logits_stride),
                 excluded,
                 grad_scale,
             )?;
@@ -1050,17 +1061,25 @@ impl Transformer {
         // ---- loss and head, chunk by chunk of output rows
         let loss = self.loss_by_chunks(be, p, acts, grad_scale, |acts, first, r| {
             let h = if dit { &acts.hf } else { &acts.lnf };
+            let stride = acts.logits_stride;
             if let Some(b) = lay.head.1 {
-                be.bias_backward(whole(&acts.logits), at_mut(g, b), r, v)?;
+                let shape = RowMajor::padded(r, v, stride);
+                be.bias_backward_rows(whole(&acts.logits), at_mut(g, b), shape)?;
             }
             be.matmul(
-                &Gemm::linear_weight_grad(r, c, v),
+                &Gemm {
+                    lda: stride,
+                    ..Gemm::linear_weight_grad(r, c, v)
+                },
                 whole(&acts.logits),
                 at(h, first * c),
                 at_mut(g, lay.head.0),
             )?;
             be.matmul(
-                &Gemm::linear_input_grad(r, c, v),
+                &Gemm {
+                    lda: stride,
+                    ..Gemm::linear_input_grad(r, c, v)
+                },
                 whole(&acts.logits),
                 at(p, lay.head.0),
                 at_mut(&mut acts.grad.dhf, first * c),
