@@ -11,8 +11,10 @@
 //! the CPU: the head's three GEMMs with the vocabulary's own row stride, one rounded up to 64,
 //! and the vocabulary itself padded to 64: whether padding the head's weight would pay too),
 //! DRAFT_ATTENTION (1 on a GPU in bf16: a draft call's attention forward at growing KV caches
-//! with the key tiles whole and split between blocks, `did_backend_cuda::key_split`). The CUDA backend reads
-//! DID_CUDA_ATTENTION, DID_CUDA_DRAW and DID_CUDA_KEY_SPLIT as always.
+//! with the key tiles whole and split between blocks, `did_backend_cuda::key_split`), FEW_ROWS
+//! (1 on a GPU in bf16: the draft's linear forwards over 1–8 rows on cuBLAS and on the few-rows
+//! kernel, `did_backend_cuda::few_rows`). The CUDA backend reads DID_CUDA_ATTENTION,
+//! DID_CUDA_DRAW, DID_CUDA_KEY_SPLIT and DID_CUDA_FEW_ROWS as always.
 
 use std::fmt::Write as _;
 use std::time::Instant;
@@ -67,6 +69,9 @@ fn main() -> Result<(), Failure> {
             // First and written at once (a few hundred milliseconds): a profile cut short by
             // its time limit still leaves this table.
             let mut draft = String::new();
+            if flag("FEW_ROWS", p == Precision::Bf16)? {
+                few_rows_gemms(&be, &mut draft)?;
+            }
             if flag("DRAFT_ATTENTION", p == Precision::Bf16)? {
                 draft_attention(&be, &mut draft)?;
                 if let Some(path) = &out {
@@ -300,6 +305,70 @@ where
             tflops(ms[2])
         );
     }
+    let _ = writeln!(out);
+    Ok(())
+}
+
+/// `small`'s linear forwards over the few rows of a draft call (the block of 4 at batch 1; the
+/// head over 1 and 4 revealed rows; 8 rows), on cuBLAS and on the few-rows kernel
+/// (`did_backend_cuda::few_rows`): µs a call, 50 calls after a warm-up, no profiler, with the
+/// weights' size for scale (each call reads them once: ≈ 0.23 µs a MB at 4.3 TB/s). Where
+/// cuBLAS is faster, `DID_CUDA_FEW_ROWS=off` (or a narrower `few_rows::kernel_for`) is right.
+fn few_rows_gemms(be: &CudaBackend, out: &mut String) -> Result<(), Failure> {
+    let _ = writeln!(
+        out,
+        "### Linear forwards over a few rows: cuBLAS against the few-rows kernel (bf16; µs a call, 50 calls)\n"
+    );
+    let _ = writeln!(
+        out,
+        "| rows × out × in | weights | cuBLAS | few-rows kernel | cuBLAS / kernel |"
+    );
+    let _ = writeln!(out, "|---|---:|---:|---:|---:|");
+    let before = be.few_rows_kernel();
+    for (m, n, k) in [
+        (4usize, 2304usize, 768usize),
+        (4, 768, 768),
+        (4, 3072, 768),
+        (4, 768, 3072),
+        (1, 50_258, 768),
+        (4, 50_258, 768),
+        (1, 3072, 768),
+        (8, 3072, 768),
+    ] {
+        let g = Gemm::linear(m, k, n);
+        let x = be.upload(&vec![0.01; m * k])?;
+        let w = be.upload(&vec![0.01; n * k])?;
+        let mut y = be.zeros(m * n)?;
+        let mut us = [0.0f64; 2];
+        for (slot, on) in us.iter_mut().zip([false, true]) {
+            be.set_few_rows_kernel(on);
+            let mut run = || {
+                be.matmul(
+                    &g,
+                    Slice::whole(&x),
+                    Slice::whole(&w),
+                    SliceMut::whole(&mut y),
+                )
+            };
+            run()?;
+            be.synchronize()?;
+            let start = Instant::now();
+            for _ in 0..50 {
+                run()?;
+            }
+            be.synchronize()?;
+            *slot = start.elapsed().as_secs_f64() * 1e6 / 50.0;
+        }
+        let _ = writeln!(
+            out,
+            "| {m} × {n} × {k} | {:.1} MB | {:.1} | {:.1} | {:.2} × |",
+            (n * k * 2) as f64 / 1e6,
+            us[0],
+            us[1],
+            us[0] / us[1]
+        );
+    }
+    be.set_few_rows_kernel(before);
     let _ = writeln!(out);
     Ok(())
 }

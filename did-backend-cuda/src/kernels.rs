@@ -10,15 +10,16 @@ use crate::{CudaError, Precision};
 const COMMON: &str = include_str!("../kernels/common.cuh");
 
 /// Every kernel source file: its name and text.
-pub const SOURCES: [(&str, &str); 4] = [
+pub const SOURCES: [(&str, &str); 5] = [
     ("elementwise.cu", include_str!("../kernels/elementwise.cu")),
+    ("linear.cu", include_str!("../kernels/linear.cu")),
     ("norm.cu", include_str!("../kernels/norm.cu")),
     ("attention.cu", include_str!("../kernels/attention.cu")),
     ("sample.cu", include_str!("../kernels/sample.cu")),
 ];
 
 /// Every kernel the backend launches, by source file.
-pub const KERNELS: [(&str, &[&str]); 4] = [
+pub const KERNELS: [(&str, &[&str]); 5] = [
     (
         "elementwise.cu",
         &[
@@ -45,6 +46,15 @@ pub const KERNELS: [(&str, &[&str]); 4] = [
             "sum_partial",
             "embedding_forward",
             "embedding_backward",
+        ],
+    ),
+    (
+        "linear.cu",
+        &[
+            "linear_few_rows_1",
+            "linear_few_rows_2",
+            "linear_few_rows_4",
+            "linear_few_rows_8",
         ],
     ),
     (

@@ -55,6 +55,7 @@ use did_core::sample::nucleus::{Nucleus, NucleusRule};
 mod available;
 pub mod draw;
 mod error;
+pub mod few_rows;
 pub mod kernels;
 pub mod key_split;
 pub mod rows_by_id;
@@ -188,6 +189,8 @@ pub struct CudaBackend {
     key_split: std::sync::atomic::AtomicUsize,
     /// The device's streaming multiprocessors, for [`key_split::tiles_per_split`].
     sms: usize,
+    /// Linear forwards over ≤ 8 rows on the few-rows kernel ([`few_rows`]) in bf16.
+    few_rows: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -271,6 +274,15 @@ impl CudaBackend {
                 }
             },
         };
+        let few_rows = match std::env::var("DID_CUDA_FEW_ROWS").as_deref() {
+            Ok("on") | Err(_) => true,
+            Ok("off") => false,
+            Ok(other) => {
+                return Err(CudaError::Shape(format!(
+                    "DID_CUDA_FEW_ROWS={other:?}: expected `on` or `off` (unset = on)"
+                )))
+            }
+        };
         let device_name = ctx.name()?;
         let sms = ctx
             .attribute(
@@ -293,6 +305,7 @@ impl CudaBackend {
             draw_on_device: std::sync::atomic::AtomicBool::new(draw_on_device),
             key_split: std::sync::atomic::AtomicUsize::new(0),
             sms,
+            few_rows: std::sync::atomic::AtomicBool::new(few_rows),
         })
         .inspect(|b| {
             b.set_key_split(key_split);
@@ -340,6 +353,20 @@ impl CudaBackend {
         };
         self.key_split
             .store(code, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether bf16 linear forwards over at most [`few_rows::MAX_ROWS`] rows run on the
+    /// few-rows kernel (`true`, unless `DID_CUDA_FEW_ROWS=off`) or on cuBLAS. An f32 backend
+    /// always uses cuBLAS.
+    pub fn set_few_rows_kernel(&self, on: bool) {
+        self.few_rows
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether the few-rows kernel is in use (see [`CudaBackend::set_few_rows_kernel`]).
+    pub fn few_rows_kernel(&self) -> bool {
+        self.precision == Precision::Bf16
+            && self.few_rows.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// How the flash forward splits its key tiles.
@@ -1057,6 +1084,28 @@ impl Backend for CudaBackend {
         );
         if g.m == 0 || g.n == 0 || g.batch == 0 {
             return Ok(());
+        }
+        if self.few_rows_kernel() {
+            let aligned = |p: u64| p % 16 == 0;
+            if let Some(kernel) = few_rows::kernel_for(g, 8, aligned(pa), aligned(pb)) {
+                return self.launch(
+                    kernel,
+                    (few_rows::blocks(g.n), 1, 1),
+                    few_rows::THREADS,
+                    &[
+                        Arg::Ptr(pa),
+                        Arg::I64(g.lda as i64),
+                        Arg::Ptr(pb),
+                        Arg::I64(g.ldb as i64),
+                        Arg::Ptr(pc),
+                        Arg::I64(g.ldc as i64),
+                        Arg::I32(g.m as i32),
+                        Arg::I64(g.n as i64),
+                        Arg::I64(g.k as i64),
+                        Arg::F32(g.beta),
+                    ],
+                );
+            }
         }
         let dtype = match self.precision {
             Precision::F32 => blas_sys::cudaDataType::CUDA_R_32F,

@@ -98,6 +98,17 @@ fn chunked_elementwise_kernels_and_batched_column_sums_equal_their_plain_forms_u
 }
 
 #[test]
+fn the_few_rows_linear_forward_matches_the_f64_product_under_emulation() {
+    for (defines, exe) in [
+        (&[][..], "emulated_linear_f32"),
+        (&["-DSTORAGE_BF16"][..], "emulated_linear_bf16"),
+    ] {
+        let report = build_and_run("linear.cpp", defines, exe);
+        assert!(report.contains("7 of 7 cases"), "{report}");
+    }
+}
+
+#[test]
 fn layernorm_and_the_loss_match_their_f64_formulas_under_emulation() {
     for (defines, exe) in [
         (&[][..], "emulated_norm_f32"),

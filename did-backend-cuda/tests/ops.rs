@@ -101,6 +101,105 @@ fn matmul_every_transpose_batch_and_broadcast() {
     qc(40, prop);
 }
 
+/// A linear forward over a few rows (`did_backend_cuda::few_rows`), `x` read from `x_offset`
+/// elements into its buffer (an odd offset leaves it off a 16-byte boundary: cuBLAS then).
+struct FewRowsCase {
+    g: Gemm,
+    x_offset: usize,
+    x: Vec<f32>,
+    w: Vec<f32>,
+    y: Vec<f32>,
+}
+
+impl Case for FewRowsCase {
+    fn run<B: Backend>(&self, be: &B) -> Result<Out, B::Error> {
+        let (x, w) = (be.upload(&self.x)?, be.upload(&self.w)?);
+        let mut y = if self.g.beta == 0.0 {
+            poisoned(be, self.y.len())?
+        } else {
+            be.upload(&self.y)?
+        };
+        be.matmul(
+            &self.g,
+            Slice::at(&x, self.x_offset),
+            Slice::whole(&w),
+            SliceMut::whole(&mut y),
+        )?;
+        Ok(vec![("y", down(be, &y, self.y.len())?)])
+    }
+}
+
+/// The case in bf16 on the few-rows kernel and on cuBLAS, each against the CPU.
+fn check_few_rows(label: &str, case: &FewRowsCase) -> Result<(), String> {
+    let cpu = case
+        .run(&did_backend_cpu::CpuBackend::new())
+        .map_err(|e| format!("{label}: cpu: {e}"))?;
+    for on in [true, false] {
+        let gpu = common::with_gpu(Precision::Bf16, |g| {
+            let before = g.few_rows_kernel();
+            g.set_few_rows_kernel(on);
+            let out = case.run(g);
+            g.set_few_rows_kernel(before);
+            out
+        })
+        .map_err(|e| format!("{label}: gpu: {e}"))?;
+        common::compare(
+            &format!("{label}, few-rows kernel {on}"),
+            &cpu[0].1,
+            &gpu[0].1,
+            BF16,
+        )?;
+    }
+    Ok(())
+}
+
+#[test]
+fn few_row_linear_forwards_on_their_kernel_and_on_cublas() {
+    if !gpu("few_row_linear_forwards_on_their_kernel_and_on_cublas") {
+        return;
+    }
+    fn case(m: usize, n: usize, k: usize, lda: usize, beta: f32, x_offset: usize) -> FewRowsCase {
+        let g = Gemm {
+            lda,
+            beta,
+            ..Gemm::linear(m, k, n)
+        };
+        let (ea, eb, ec) = g.extents();
+        FewRowsCase {
+            g,
+            x_offset,
+            x: rand(m as u64 ^ 7, x_offset + ea, 1.0),
+            w: rand(n as u64 ^ 9, eb, 0.1),
+            y: rand(k as u64, ec, 1.0),
+        }
+    }
+    // `small`'s draft shapes at batch 1 (q/k/v from the fused rows, the head over one row).
+    for (m, n, k, lda) in [
+        (4, 2304, 768, 768),
+        (4, 768, 768, 2304),
+        (4, 3072, 768, 768),
+        (4, 768, 3072, 3072),
+        (1, 50_258, 768, 768),
+    ] {
+        let c = case(m, n, k, lda, 0.0, 0);
+        if let Err(e) = check_few_rows(&format!("few rows {m}×{n}×{k}"), &c) {
+            panic!("{e}");
+        }
+    }
+    fn prop(x: u8, y: u8, z: u8, seed: u64) -> TestResult {
+        let (m, n, k) = (dims(x, 1, 9), dims(y, 1, 200), 8 * dims(z, 1, 130));
+        let lda = k + 8 * (seed as usize % 3);
+        let beta = if seed & 8 == 8 { 1.0 } else { 0.0 };
+        let x_offset = if seed % 5 == 0 { 3 } else { 0 };
+        let c = case(m, n, k, lda, beta, x_offset);
+        verdict(check_few_rows(
+            &format!("few rows {m}×{n}×{k}, lda {lda}, beta {beta}, x at {x_offset}"),
+            &c,
+        ))
+    }
+    qc(40, prop);
+}
+
 // ---- bias, LayerNorm ----------------------------------------------------------------
 
 /// Rows `shape.stride` apart: the whole buffer comes back, so padding that either backend

@@ -1,0 +1,112 @@
+//! Which GEMMs the few-rows linear kernel (`kernels/linear.cu`) takes instead of cuBLAS: a
+//! linear layer's forward `y = x · Wᵀ` over at most [`MAX_ROWS`] rows — a batch-1 draft call's
+//! block of 4 tokens through every layer, and the head over the rows being revealed.
+//!
+//! Such a call reads each weight once for 2·m FLOPs, so it is bound by reading `W`: the
+//! kernel spreads the columns over the GPU ([`COLUMNS_PER_BLOCK`] a block of [`THREADS`]) and
+//! reads `W` in 16-byte loads. Whether it beats cuBLAS's own small-m kernels is for a GPU to
+//! say (`examples/profile_ops` times both); `DID_CUDA_FEW_ROWS=off` or
+//! [`CudaBackend::set_few_rows_kernel`](crate::CudaBackend::set_few_rows_kernel) keeps cuBLAS.
+
+use did_core::backend::Gemm;
+
+/// The most rows the kernel takes.
+pub const MAX_ROWS: usize = 8;
+/// Columns of `y` a block computes (`FEW_COLS` in linear.cu).
+pub const COLUMNS_PER_BLOCK: usize = 4;
+/// Threads a block (`FEW_THREADS` in linear.cu).
+pub const THREADS: u32 = 128;
+
+/// The kernel for `g` — `linear_few_rows_{1,2,4,8}`, the smallest bound that holds `g.m` — or
+/// `None` where cuBLAS keeps it: anything but a single `x · Wᵀ` with `alpha = 1` over 1 to
+/// [`MAX_ROWS`] rows, a depth of at least one chunk, and `x` and `W` whose rows start on
+/// 16-byte boundaries (`vec` elements a chunk: 8 in bf16, 4 in f32; `a_aligned`, `b_aligned`:
+/// the operands' first elements are 16-byte aligned).
+///
+/// ```
+/// use did_backend_cuda::few_rows::kernel_for;
+/// use did_core::backend::Gemm;
+/// // A draft block's MLP up-projection in bf16, and the head over one revealed row.
+/// assert_eq!(kernel_for(&Gemm::linear(4, 768, 3072), 8, true, true), Some("linear_few_rows_4"));
+/// assert_eq!(kernel_for(&Gemm::linear(1, 768, 50_258), 8, true, true), Some("linear_few_rows_1"));
+/// // A training GEMM, and a weight gradient, stay with cuBLAS.
+/// assert_eq!(kernel_for(&Gemm::linear(16_384, 768, 3072), 8, true, true), None);
+/// assert_eq!(kernel_for(&Gemm::linear_weight_grad(4, 768, 3072), 8, true, true), None);
+/// ```
+pub fn kernel_for(g: &Gemm, vec: usize, a_aligned: bool, b_aligned: bool) -> Option<&'static str> {
+    let vec = vec.max(1);
+    let shape_fits = !g.trans_a
+        && g.trans_b
+        && g.batch == 1
+        && (1..=MAX_ROWS).contains(&g.m)
+        && g.n >= 1
+        && g.n.div_ceil(COLUMNS_PER_BLOCK) <= u32::MAX as usize
+        && g.k >= vec
+        && g.alpha == 1.0
+        && g.beta.is_finite();
+    let aligned = a_aligned && b_aligned && g.k % vec == 0 && g.lda % vec == 0 && g.ldb % vec == 0;
+    if !(shape_fits && aligned) {
+        return None;
+    }
+    Some(match g.m {
+        1 => "linear_few_rows_1",
+        2 => "linear_few_rows_2",
+        3 | 4 => "linear_few_rows_4",
+        _ => "linear_few_rows_8",
+    })
+}
+
+/// Blocks a launch of the kernel for `n` columns takes.
+pub fn blocks(n: usize) -> u32 {
+    n.div_ceil(COLUMNS_PER_BLOCK).min(u32::MAX as usize) as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use quickcheck::quickcheck;
+
+    quickcheck! {
+        /// The kernel is chosen only for what it computes, and its bound holds m.
+        fn only_few_row_forwards_aligned_to_a_chunk(m: u8, n: u16, k: u16, lda_pad: u8, aligned: bool, trans: bool) -> bool {
+            let (m, n, k) = (m as usize % 12, n as usize, k as usize);
+            let g = Gemm {
+                lda: k + lda_pad as usize % 16,
+                trans_a: trans,
+                ..Gemm::linear(m, k, n)
+            };
+            match kernel_for(&g, 8, aligned, true) {
+                None => trans || !aligned || m == 0 || m > MAX_ROWS || n == 0 || k < 8
+                    || k % 8 != 0 || g.lda % 8 != 0,
+                Some(name) => {
+                    let bound: usize = name.trim_start_matches("linear_few_rows_").parse().unwrap_or(0);
+                    !trans && aligned && (1..=MAX_ROWS).contains(&m) && bound >= m && bound < 2 * m.max(1)
+                        && k % 8 == 0 && g.lda % 8 == 0 && blocks(n) as usize * COLUMNS_PER_BLOCK >= n
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn scaled_batched_or_accumulating_products() {
+        let g = Gemm::linear(4, 768, 768);
+        assert!(kernel_for(&Gemm { alpha: 0.5, ..g }, 8, true, true).is_none());
+        assert!(kernel_for(&Gemm { batch: 2, ..g }, 8, true, true).is_none());
+        assert!(kernel_for(
+            &Gemm {
+                beta: f32::NAN,
+                ..g
+            },
+            8,
+            true,
+            true
+        )
+        .is_none());
+        assert_eq!(
+            kernel_for(&g.accumulate(), 8, true, true),
+            Some("linear_few_rows_4")
+        );
+        assert!(kernel_for(&g, 8, true, false).is_none());
+        assert!(kernel_for(&Gemm { ldb: 770, ..g }, 8, true, true).is_none());
+    }
+}
