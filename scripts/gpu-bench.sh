@@ -16,7 +16,7 @@
 #
 # Settings (environment): DID_CUDA_ATTENTION (flash), DID_CUDA_DRAW (device), BACKEND (cuda), TORCH_DEVICE (cuda), PYTHON (python3), PRESET (small),
 # LENGTH (the preset's context), BATCH (8), STEPS (8), SAMPLE_BATCHES ("1 64"), TIME_LIMIT (150 s
-# per sampling run), PRECISION (bf16), PT_TRAIN (eager-sdpa,compile-flex), PT_SAMPLE (eager). With BACKEND=cpu
+# per sampling run), PRECISION (bf16), PT_TRAIN (eager-sdpa,eager-sdpa-masked,compile-flex), PT_SAMPLE (eager). With BACKEND=cpu
 # TORCH_DEVICE=cpu PRECISION=f32 PRESET=tiny and small numbers it runs anywhere (a smoke test of this script).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -109,7 +109,7 @@ fi
 echo "== PyTorch baseline"
 poll_start
 (cd benches/pytorch && $py bench.py --device "$tdev" --preset "$preset" ${LENGTH:+--length "$LENGTH"} --batch "$batch" \
-    --steps "$steps" --train-variants "${PT_TRAIN:-eager-sdpa,compile-flex}" --sample-variants "${PT_SAMPLE:-eager}" \
+    --steps "$steps" --train-variants "${PT_TRAIN:-eager-sdpa,eager-sdpa-masked,compile-flex}" --sample-variants "${PT_SAMPLE:-eager}" \
     --sample-batches "$(echo ${SAMPLE_BATCHES:-1 64} | tr ' ' ',')" --time-limit "$limit" --out "$work/pytorch.json") \
     2>>"$work/log"
 pt_mem=$(poll_stop)

@@ -1,7 +1,7 @@
 """Times the PyTorch baseline: BD3 training steps and draft -> remask -> refine sampling.
 
     python3 benches/pytorch/bench.py [--device cuda] [--preset small] [--out bench.json]
-        [--train-variants eager-sdpa,compile-flex] [--sample-variants eager,compile]
+        [--train-variants eager-sdpa,eager-sdpa-masked,compile-flex] [--sample-variants eager,compile]
         [--batch 8] [--steps 10] [--sample-batches 1,64] [--length 1024] [--time-limit 120]
 
 Every figure is a wall-clock time around synchronised GPU work, after warm-up (a compiled
@@ -38,7 +38,9 @@ def reset_peak(dev):
 
 
 def bench_train(variant: str, c: Config, args, dev) -> dict:
-    compiled, attention = variant.split("-")
+    # compiled-attention[-masked]: "masked" runs the head over the masked rows only.
+    compiled, attention, *rest = variant.split("-")
+    masked_head = rest == ["masked"]
     torch.manual_seed(0)
     model = Dit(c).to(dev).train()
     # The zero-initialised head and adaLN would make the first steps trivial: perturb them.
@@ -56,7 +58,7 @@ def bench_train(variant: str, c: Config, args, dev) -> dict:
 
     def step():
         with autocast:
-            loss = loss_fn(model, x0, args.block, attend, gen)
+            loss = loss_fn(model, x0, args.block, attend, gen, masked_head)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

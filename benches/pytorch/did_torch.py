@@ -169,7 +169,8 @@ class Dit(nn.Module):
         `attend(q, k, v)` is the attention (it owns the mask). With `kv_cache` (a `KvCache`),
         keys and values of the cache's committed prefix are prepended; `commit` appends this
         call's keys and values to it. `out_rows` picks the rows the head computes: [B, R] indices,
-        or an int for the first rows (the x_t half of the 2L pass).
+        an int for the first rows (the x_t half of the 2L pass), or a boolean [B, R] mask over
+        the first R rows (the logits come back flat, [rows marked, V]).
         """
         c = self.c
         heads, hd = c.heads, c.hidden // c.heads
@@ -192,6 +193,8 @@ class Dit(nn.Module):
             x = x + gate2 * F.dropout(blk.mlp(h), c.dropout, self.training)
         if isinstance(out_rows, int):
             x = x[:, :out_rows]
+        elif isinstance(out_rows, torch.Tensor) and out_rows.dtype == torch.bool:
+            x = x[:, : out_rows.shape[1]][out_rows]
         elif out_rows is not None:
             x = torch.gather(x, 1, out_rows[..., None].expand(-1, -1, c.hidden))
         shift, scale = self.final_adaLN(cond).chunk(2, dim=-1)
@@ -252,10 +255,13 @@ def flex_bd3(seq_len: int, block: int, device):
 # ---- training ------------------------------------------------------------------------------------
 
 
-def bd3_loss(model: Dit, x0: torch.Tensor, block: int, attend, generator=None) -> torch.Tensor:
+def bd3_loss(model: Dit, x0: torch.Tensor, block: int, attend, generator=None, masked_head=False) -> torch.Tensor:
     """BD3-LM's NELBO for one batch (bd3lm.md 1.3-1.7): a noise level t per block, each token
     masked with probability t (linear schedule), the 2L pass over x_t (+) x_0, SUBS
-    log-probabilities, cross-entropy at the masked positions weighted by 1/t, mean over tokens."""
+    log-probabilities, cross-entropy at the masked positions weighted by 1/t, mean over tokens.
+
+    `masked_head` runs the head over the masked rows only (as did does): the same loss and
+    gradients, since an unmasked row's weight is 0, for about half the head's work."""
     c = model.c
     b, n = x0.shape
     t = torch.rand(b, n // block, 1, device=x0.device, generator=generator).clamp_min(1e-3)
@@ -263,6 +269,11 @@ def bd3_loss(model: Dit, x0: torch.Tensor, block: int, attend, generator=None) -
     masked = torch.rand(b, n, device=x0.device, generator=generator) < t
     xt = torch.where(masked, torch.full_like(x0, c.mask_id), x0)
     positions = torch.arange(n, device=x0.device).repeat(2)
+    if masked_head:
+        logits = model(torch.cat([xt, x0], dim=1), positions, attend, out_rows=masked).float()
+        logits[..., c.mask_id] = -1e6
+        nll = F.cross_entropy(logits, x0[masked], reduction="none")
+        return (nll / t[masked]).sum() / (b * n)
     logits = model(torch.cat([xt, x0], dim=1), positions, attend, out_rows=n).float()
     logits[..., c.mask_id] = -1e6
     nll = F.cross_entropy(logits.reshape(-1, c.vocab_size), x0.reshape(-1), reduction="none").view(b, n)

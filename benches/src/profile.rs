@@ -8,8 +8,8 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use did_core::backend::{
-    AdamW, AttentionShape, Backend, DrawSpec, Gemm, NormShape, QkvOffsets, RopeShape, RowGroups,
-    RowMajor, Slice, SliceMut,
+    AdamW, AttentionShape, Backend, DrawSpec, DropoutMask, Gemm, NormShape, QkvOffsets, RopeShape,
+    RowGroups, RowMajor, Slice, SliceMut,
 };
 use did_core::mask::AttentionMask;
 use did_core::rng::RngStream;
@@ -343,6 +343,40 @@ impl<B: Backend> Backend for Profiled<B> {
         self.timed("bias_gated_residual_forward_into", 0, || {
             self.inner
                 .bias_gated_residual_forward_into(r, y, bias, g, o, b, t, c)
+        })
+    }
+    fn bias_dropout_gated_residual_forward_into(
+        &self,
+        r: S<'_, B>,
+        y: M<'_, B>,
+        bias: Option<S<'_, B>>,
+        d: DropoutMask<'_>,
+        g: Option<S<'_, B>>,
+        o: M<'_, B>,
+        b: usize,
+        t: usize,
+        c: usize,
+    ) -> Result<(), B::Error> {
+        self.timed("bias_dropout_gated_residual_forward_into", 0, || {
+            self.inner
+                .bias_dropout_gated_residual_forward_into(r, y, bias, d, g, o, b, t, c)
+        })
+    }
+    fn gated_residual_backward_dropout(
+        &self,
+        dr: S<'_, B>,
+        y: S<'_, B>,
+        g: Option<S<'_, B>>,
+        dy: M<'_, B>,
+        dg: Option<M<'_, B>>,
+        d: DropoutMask<'_>,
+        b: usize,
+        t: usize,
+        c: usize,
+    ) -> Result<(), B::Error> {
+        self.timed("gated_residual_backward_dropout", 0, || {
+            self.inner
+                .gated_residual_backward_dropout(dr, y, g, dy, dg, d, b, t, c)
         })
     }
     fn bias_gelu_forward(

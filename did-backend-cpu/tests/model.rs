@@ -152,6 +152,64 @@ fn padded_logits_rows_leave_loss_and_gradients_unchanged() {
     assert!(padded_grads == dense_grads, "the gradients differ");
 }
 
+/// A chunked loss runs the head over the rows with a loss weight only (the masked positions):
+/// the same loss and gradients, to f64 rounding, as the head over every output row.
+#[test]
+fn the_head_over_the_weighted_rows_equals_the_head_over_every_row() {
+    let config = micro(Architecture::Dit, 11, 8, 0.1);
+    let x0 = tokens(6, 3 * 8, 10);
+    let batch = diffusion_batch(&x0, 3, 8, 2, &TrainingSchedule::default(), 10, 2, 0).unwrap();
+    let rows = batch.batch * batch.seq_len;
+    let weighted = batch.weights.iter().filter(|&&w| w != 0.0).count();
+    assert!(
+        0 < weighted && weighted < rows,
+        "{weighted} of {rows} rows weighted"
+    );
+    let model = Transformer::new(config).unwrap();
+    let params: Vec<f64> = model
+        .table()
+        .random_values(8, 0.4)
+        .iter()
+        .map(|&x| f64::from(x))
+        .collect();
+    let dropout = Some(DropoutStreams { seed: 5, step: 2 });
+    let be = CpuBackend::<f64>::with_float();
+    let step = |loss_rows: usize| {
+        let mut acts = Activations::with_loss_rows(
+            &be,
+            &config,
+            batch.batch,
+            batch.seq_len,
+            batch.pass,
+            loss_rows,
+        )
+        .unwrap();
+        model.load_batch(&be, &mut acts, &batch).unwrap();
+        model.forward(&be, &params, &mut acts, dropout).unwrap();
+        let mut grads = vec![0.0f64; params.len()];
+        let loss = model
+            .backward(&be, &params, &mut grads, &mut acts, dropout, 1.0)
+            .unwrap();
+        let eval = model.loss(&be, &params, &mut acts, dropout).unwrap();
+        (acts.loss_row_count, loss, eval, grads)
+    };
+    let (all_rows, loss, eval, grads) = step(usize::MAX);
+    let (loss_rows, chunked_loss, chunked_eval, chunked_grads) = step(4);
+    assert_eq!((all_rows, loss_rows), (rows, weighted));
+    for (a, b) in [(loss, chunked_loss), (eval, chunked_eval), (loss, eval)] {
+        assert!((a - b).abs() <= 1e-12 * a.abs(), "losses {a} and {b}");
+    }
+    let scale = grads.iter().fold(0.0f64, |m, g| m.max(g.abs()));
+    let worst = grads
+        .iter()
+        .zip(&chunked_grads)
+        .fold(0.0f64, |m, (a, b)| m.max((a - b).abs()));
+    assert!(
+        worst <= 1e-12 * scale,
+        "gradients differ by {worst:e} (largest {scale:e})"
+    );
+}
+
 #[test]
 fn dit_bd3_gradients_match_finite_differences() {
     let config = micro(Architecture::Dit, 11, 8, 0.1);

@@ -149,11 +149,34 @@ __device__ __forceinline__ void gate_chunk(const store_t* gate, i64 i, i64 token
     }
 }
 
-// out = residual + gate[b]·y (gate null: 1); out may be residual itself. With a bias, y += bias
-// first, stored back (the backward reads the biased y) and summed as stored, so the result is
-// bias_add's then this one's, bit for bit.
+// The value as stored (rounded to bf16 in bf16 storage): a fused kernel that rounds where the
+// kernels it replaces stored computes what they compute, bit for bit.
+__device__ __forceinline__ float as_stored(float x) {
+    store_t s = to_store(x);
+    return ld(&s, 0);
+}
+
+// Inverted dropout's factor for element i (did_core::backend::Backend::dropout, the `dropout`
+// kernel below): keep_scale where the top 24 bits of word i of the stream's row 0, as a
+// fraction, are ≥ p, else 0. `b` is Philox block i / 4 of the stream.
+__device__ __forceinline__ bool dropout_keeps(const u32x4& b, unsigned word, float p) {
+    return (float)(b.v[word] >> 8) * (1.0f / 16777216.0f) >= p;
+}
+__device__ __forceinline__ u32x4 dropout_block(i64 i, unsigned key0, unsigned key1, unsigned step, unsigned tag) {
+    return philox4x32_10((unsigned)i >> 2, 0u, step, tag, key0, key1);
+}
+// y as bias_add then dropout would store it: (y + bias) rounded, then · keep_scale rounded or 0.
+// p = 0: no dropout.
+#define DROPOUT_ARGS float p, float keep_scale, unsigned key0, unsigned key1, unsigned step, unsigned tag
+
+// out = residual + gate[b]·y (gate null: 1); out may be residual itself. With a bias (not null)
+// y += bias first, and with p > 0 inverted dropout after it: y is stored back as it then is (the
+// backward reads the dropped y) and summed as stored, so the result is bias_add's, then
+// dropout's, then this one's, bit for bit.
 __device__ __forceinline__ void gated_residual(const store_t* residual, store_t* y, const store_t* bias,
-                                               const store_t* gate, store_t* out, i64 tokens, i64 channels, i64 n) {
+                                               const store_t* gate, store_t* out, i64 tokens, i64 channels, i64 n,
+                                               DROPOUT_ARGS) {
+    const bool rewrite_y = bias || p > 0.0f;
     if (aligned16(residual) && aligned16(y) && aligned16(bias) && aligned16(gate) && aligned16(out) &&
         channels % VEC == 0) {
         CHUNK_STRIDE(i, n) {
@@ -163,11 +186,17 @@ __device__ __forceinline__ void gated_residual(const store_t* residual, store_t*
             if (bias) {
                 float b[VEC];
                 ld_chunk(bias, i % channels, b);
-                Chunk biased;
-                for (int k = 0; k < VEC; ++k) biased.s[k] = to_store(yv[k] + b[k]);
-                *(uint4*)(y + i) = biased.u;
-                for (int k = 0; k < VEC; ++k) yv[k] = ld(biased.s, k);
+                for (int k = 0; k < VEC; ++k) yv[k] = as_stored(yv[k] + b[k]);
             }
+            if (p > 0.0f) {
+                // A chunk starts at a multiple of 4: a Philox block serves four of its elements.
+                for (int q = 0; q < VEC / 4; ++q) {
+                    const u32x4 blk = dropout_block(i + 4 * q, key0, key1, step, tag);
+                    for (int e = 0; e < 4; ++e)
+                        yv[4 * q + e] = dropout_keeps(blk, e, p) ? as_stored(yv[4 * q + e] * keep_scale) : 0.0f;
+                }
+            }
+            if (rewrite_y) st_chunk(y, i, yv);
             gate_chunk(gate, i, tokens, channels, g);
             for (int k = 0; k < VEC; ++k) r[k] = r[k] + g[k] * yv[k];
             st_chunk(out, i, r);
@@ -177,32 +206,49 @@ __device__ __forceinline__ void gated_residual(const store_t* residual, store_t*
     GRID_STRIDE(i, n) {
         float g = 1.0f;
         if (gate) g = ld(gate, (i / (tokens * channels)) * channels + i % channels);
-        if (bias) y[i] = to_store(ld(y, i) + ld(bias, i % channels));
-        st(out, i, ld(residual, i) + g * ld(y, i));
+        float yv = ld(y, i);
+        if (bias) yv = as_stored(yv + ld(bias, i % channels));
+        if (p > 0.0f) {
+            const u32x4 blk = dropout_block(i, key0, key1, step, tag);
+            yv = dropout_keeps(blk, (unsigned)i & 3u, p) ? as_stored(yv * keep_scale) : 0.0f;
+        }
+        if (rewrite_y) st(y, i, yv);
+        st(out, i, ld(residual, i) + g * yv);
     }
 }
 
 // residual += gate[b]·y, in place.
 extern "C" __global__ void gated_residual_forward(store_t* residual, const store_t* y, const store_t* gate, i64 tokens,
                                                   i64 channels, i64 n) {
-    gated_residual(residual, (store_t*)y, nullptr, gate, residual, tokens, channels, n);  // y is only read
+    gated_residual(residual, (store_t*)y, nullptr, gate, residual, tokens, channels, n, 0.0f, 0.0f, 0u, 0u, 0u, 0u);  // y is only read
 }
 
 // out = residual + gate·y: the in-place form on a copy, in one pass; with a bias (not null),
-// y += bias first (a linear layer's bias and the residual it feeds). y is written only then.
+// y += bias first (a linear layer's bias and the residual it feeds), and with p > 0 the branch's
+// dropout after it. y is written only then.
 extern "C" __global__ void gated_residual_forward_into(const store_t* residual, store_t* y, const store_t* bias,
                                                        const store_t* gate, store_t* out, i64 tokens, i64 channels,
-                                                       i64 n) {
-    gated_residual(residual, y, bias, gate, out, tokens, channels, n);
+                                                       i64 n, DROPOUT_ARGS) {
+    gated_residual(residual, y, bias, gate, out, tokens, channels, n, p, keep_scale, key0, key1, step, tag);
 }
 
-extern "C" __global__ void gated_residual_backward_dy(const store_t* dres, const store_t* gate, store_t* dy, i64 tokens, i64 channels, i64 n) {
+// dy = gate[b]·dresidual, and with p > 0 the branch's dropout backward on it (the same mask as
+// the forward's): what gated_residual_backward_dy then dropout store, bit for bit.
+extern "C" __global__ void gated_residual_backward_dy(const store_t* dres, const store_t* gate, store_t* dy, i64 tokens,
+                                                      i64 channels, i64 n, DROPOUT_ARGS) {
     if (aligned16(dres) && aligned16(gate) && aligned16(dy) && channels % VEC == 0) {
         CHUNK_STRIDE(i, n) {
             float d[VEC], g[VEC], a[VEC];
             ld_chunk(dres, i, d);
             gate_chunk(gate, i, tokens, channels, g);
             for (int k = 0; k < VEC; ++k) a[k] = g[k] * d[k];
+            if (p > 0.0f) {
+                for (int q = 0; q < VEC / 4; ++q) {
+                    const u32x4 blk = dropout_block(i + 4 * q, key0, key1, step, tag);
+                    for (int e = 0; e < 4; ++e)
+                        a[4 * q + e] = dropout_keeps(blk, e, p) ? as_stored(as_stored(a[4 * q + e]) * keep_scale) : 0.0f;
+                }
+            }
             st_chunk(dy, i, a);
         }
         return;
@@ -210,7 +256,12 @@ extern "C" __global__ void gated_residual_backward_dy(const store_t* dres, const
     GRID_STRIDE(i, n) {
         float g = 1.0f;
         if (gate) g = ld(gate, (i / (tokens * channels)) * channels + i % channels);
-        st(dy, i, g * ld(dres, i));
+        float a = g * ld(dres, i);
+        if (p > 0.0f) {
+            const u32x4 blk = dropout_block(i, key0, key1, step, tag);
+            a = dropout_keeps(blk, (unsigned)i & 3u, p) ? as_stored(as_stored(a) * keep_scale) : 0.0f;
+        }
+        st(dy, i, a);
     }
 }
 
@@ -287,22 +338,16 @@ extern "C" __global__ void dropout(store_t* x, i64 n, float p, float keep_scale,
             float a[VEC];
             ld_chunk(x, i, a);
             for (int q = 0; q < VEC / 4; ++q) {
-                unsigned idx = (unsigned)(i + 4 * q);
-                u32x4 b = philox4x32_10(idx >> 2, 0u, step, tag, key0, key1);
-                for (int e = 0; e < 4; ++e) {
-                    float u = (float)(b.v[e] >> 8) * (1.0f / 16777216.0f);
-                    a[4 * q + e] = u >= p ? a[4 * q + e] * keep_scale : 0.0f;
-                }
+                const u32x4 b = dropout_block(i + 4 * q, key0, key1, step, tag);
+                for (int e = 0; e < 4; ++e) a[4 * q + e] = dropout_keeps(b, e, p) ? a[4 * q + e] * keep_scale : 0.0f;
             }
             st_chunk(x, i, a);
         }
         return;
     }
     GRID_STRIDE(i, n) {
-        unsigned idx = (unsigned)i;
-        u32x4 b = philox4x32_10(idx >> 2, 0u, step, tag, key0, key1);
-        float u = (float)(b.v[idx & 3u] >> 8) * (1.0f / 16777216.0f);
-        st(x, i, u >= p ? ld(x, i) * keep_scale : 0.0f);
+        const u32x4 b = dropout_block(i, key0, key1, step, tag);
+        st(x, i, dropout_keeps(b, (unsigned)i & 3u, p) ? ld(x, i) * keep_scale : 0.0f);
     }
 }
 

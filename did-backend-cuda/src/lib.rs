@@ -44,8 +44,8 @@ use cudarc::driver::{
     PushKernelArg,
 };
 use did_core::backend::{
-    AdamW, AttentionShape, Backend, DrawSpec, Gemm, NormShape, QkvOffsets, RopeShape, RowGroups,
-    RowMajor, Slice, SliceMut,
+    AdamW, AttentionShape, Backend, DrawSpec, DropoutMask, Gemm, NormShape, QkvOffsets, RopeShape,
+    RowGroups, RowMajor, Slice, SliceMut,
 };
 use did_core::mask::AttentionMask;
 use did_core::rng::RngStream;
@@ -714,11 +714,50 @@ impl CudaBackend {
     /// `gated_residual_forward_into` (the kernel): `out = residual + gate·(y + bias)`, the bias
     /// (a null pointer: none) added into `y` first.
     #[allow(clippy::too_many_arguments)]
+    /// `dy = gate·dresidual` (then the dropout's backward on it, with a mask), and
+    /// `dgate += Σ_t dresidual·y`.
+    #[allow(clippy::too_many_arguments)]
+    fn gated_residual_backward_with(
+        &self,
+        dresidual: Slice<'_, CudaBuffer>,
+        y: Slice<'_, CudaBuffer>,
+        gate: Option<Slice<'_, CudaBuffer>>,
+        dy: SliceMut<'_, CudaBuffer>,
+        dgate: Option<SliceMut<'_, CudaBuffer>>,
+        dropout: Option<DropoutMask<'_>>,
+        batch: usize,
+        tokens: usize,
+        channels: usize,
+    ) -> Result<(), CudaError> {
+        let n = batch * tokens * channels;
+        let rp = self.ptr(dresidual, n, "dresidual")?;
+        let yp = self.ptr(y, n, "gated y")?;
+        let gp = self.gate_ptr(gate, batch, channels)?;
+        let dyp = self.ptr_mut(dy, n, "gated dy")?;
+        let mut args = vec![
+            Arg::Ptr(rp),
+            Arg::Ptr(gp),
+            Arg::Ptr(dyp),
+            Arg::I64(tokens as i64),
+            Arg::I64(channels as i64),
+            Arg::I64(n as i64),
+        ];
+        args.extend(dropout_args(dropout, n)?);
+        self.launch_elements("gated_residual_backward_dy", n, &args)?;
+        if let Some(dgate) = dgate {
+            let dgp = self.ptr_mut(dgate, batch * channels, "dgate")?;
+            self.column_sums(rp, yp, dgp, batch, tokens, channels, channels)?;
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
     fn residual_into(
         &self,
         residual: Slice<'_, CudaBuffer>,
         y: u64,
         bias: u64,
+        dropout: Option<DropoutMask<'_>>,
         gate: Option<Slice<'_, CudaBuffer>>,
         out: SliceMut<'_, CudaBuffer>,
         batch: usize,
@@ -727,7 +766,7 @@ impl CudaBackend {
     ) -> Result<(), CudaError> {
         let n = batch * tokens * channels;
         let gp = self.gate_ptr(gate, batch, channels)?;
-        let args = [
+        let mut args = vec![
             Arg::Ptr(self.ptr(residual, n, "residual")?),
             Arg::Ptr(y),
             Arg::Ptr(bias),
@@ -737,6 +776,7 @@ impl CudaBackend {
             Arg::I64(channels as i64),
             Arg::I64(n as i64),
         ];
+        args.extend(dropout_args(dropout, n)?);
         self.launch_elements("gated_residual_forward_into", n, &args)
     }
 
@@ -1388,7 +1428,7 @@ impl Backend for CudaBackend {
     ) -> Result<(), CudaError> {
         // Without a bias the kernel only reads y.
         let yp = self.ptr(y, batch * tokens * channels, "gated y")?;
-        self.residual_into(residual, yp, 0, gate, out, batch, tokens, channels)
+        self.residual_into(residual, yp, 0, None, gate, out, batch, tokens, channels)
     }
 
     fn bias_gated_residual_forward_into(
@@ -1404,7 +1444,37 @@ impl Backend for CudaBackend {
     ) -> Result<(), CudaError> {
         let yp = self.ptr_mut(y, batch * tokens * channels, "biased y")?;
         let bp = self.ptr(bias, channels, "bias")?;
-        self.residual_into(residual, yp, bp, gate, out, batch, tokens, channels)
+        self.residual_into(residual, yp, bp, None, gate, out, batch, tokens, channels)
+    }
+
+    fn bias_dropout_gated_residual_forward_into(
+        &self,
+        residual: Slice<'_, CudaBuffer>,
+        y: SliceMut<'_, CudaBuffer>,
+        bias: Option<Slice<'_, CudaBuffer>>,
+        dropout: DropoutMask<'_>,
+        gate: Option<Slice<'_, CudaBuffer>>,
+        out: SliceMut<'_, CudaBuffer>,
+        batch: usize,
+        tokens: usize,
+        channels: usize,
+    ) -> Result<(), CudaError> {
+        let yp = self.ptr_mut(y, batch * tokens * channels, "dropped y")?;
+        let bp = match bias {
+            Some(b) => self.ptr(b, channels, "bias")?,
+            None => 0,
+        };
+        self.residual_into(
+            residual,
+            yp,
+            bp,
+            Some(dropout),
+            gate,
+            out,
+            batch,
+            tokens,
+            channels,
+        )
     }
 
     fn gated_residual_backward(
@@ -1418,28 +1488,25 @@ impl Backend for CudaBackend {
         tokens: usize,
         channels: usize,
     ) -> Result<(), CudaError> {
-        let n = batch * tokens * channels;
-        let rp = self.ptr(dresidual, n, "dresidual")?;
-        let yp = self.ptr(y, n, "gated y")?;
-        let gp = self.gate_ptr(gate, batch, channels)?;
-        let dyp = self.ptr_mut(dy, n, "gated dy")?;
-        self.launch_elements(
-            "gated_residual_backward_dy",
-            n,
-            &[
-                Arg::Ptr(rp),
-                Arg::Ptr(gp),
-                Arg::Ptr(dyp),
-                Arg::I64(tokens as i64),
-                Arg::I64(channels as i64),
-                Arg::I64(n as i64),
-            ],
-        )?;
-        if let Some(dgate) = dgate {
-            let dgp = self.ptr_mut(dgate, batch * channels, "dgate")?;
-            self.column_sums(rp, yp, dgp, batch, tokens, channels, channels)?;
-        }
-        Ok(())
+        self.gated_residual_backward_with(
+            dresidual, y, gate, dy, dgate, None, batch, tokens, channels,
+        )
+    }
+
+    fn gated_residual_backward_dropout(
+        &self,
+        dresidual: Slice<'_, CudaBuffer>,
+        y: Slice<'_, CudaBuffer>,
+        gate: Option<Slice<'_, CudaBuffer>>,
+        dy: SliceMut<'_, CudaBuffer>,
+        dgate: Option<SliceMut<'_, CudaBuffer>>,
+        dropout: DropoutMask<'_>,
+        batch: usize,
+        tokens: usize,
+        channels: usize,
+    ) -> Result<(), CudaError> {
+        let d = Some(dropout);
+        self.gated_residual_backward_with(dresidual, y, gate, dy, dgate, d, batch, tokens, channels)
     }
 
     fn rope_forward(
@@ -1690,27 +1757,9 @@ impl Backend for CudaBackend {
         if p <= 0.0 {
             return Ok(());
         }
-        if len > u32::MAX as usize {
-            return Err(CudaError::Shape(format!(
-                "dropout over {len} elements exceeds the 2³² draws of one stream row"
-            )));
-        }
-        let keep_scale = if p < 1.0 { 1.0 / (1.0 - p) } else { 0.0 };
-        let (key, step, tag) = stream.counter_parts();
-        self.launch_elements(
-            "dropout",
-            len,
-            &[
-                Arg::Ptr(xp),
-                Arg::I64(len as i64),
-                Arg::F32(p),
-                Arg::F32(keep_scale),
-                Arg::U32(key[0]),
-                Arg::U32(key[1]),
-                Arg::U32(step),
-                Arg::U32(tag),
-            ],
-        )
+        let mut args = vec![Arg::Ptr(xp), Arg::I64(len as i64)];
+        args.extend(dropout_args(Some(DropoutMask { p, stream }), len)?);
+        self.launch_elements("dropout", len, &args)
     }
 
     fn embedding_forward(
@@ -2084,6 +2133,35 @@ fn element_bytes(buf: &CudaBuffer) -> usize {
     } else {
         2
     }
+}
+
+/// The kernels' `DROPOUT_ARGS` (kernels/elementwise.cu): p, keep scale, the stream's key, step
+/// and tag; p = 0 (no dropout) for `None`. A mask draws one word an element from one stream row.
+fn dropout_args(dropout: Option<DropoutMask<'_>>, len: usize) -> Result<[Arg; 6], CudaError> {
+    let Some(d) = dropout.filter(|d| d.p > 0.0) else {
+        return Ok([
+            Arg::F32(0.0),
+            Arg::F32(0.0),
+            Arg::U32(0),
+            Arg::U32(0),
+            Arg::U32(0),
+            Arg::U32(0),
+        ]);
+    };
+    if len > u32::MAX as usize {
+        return Err(CudaError::Shape(format!(
+            "dropout over {len} elements exceeds the 2³² draws of one stream row"
+        )));
+    }
+    let (key, step, tag) = d.stream.counter_parts();
+    Ok([
+        Arg::F32(d.p),
+        Arg::F32(d.keep_scale()),
+        Arg::U32(key[0]),
+        Arg::U32(key[1]),
+        Arg::U32(step),
+        Arg::U32(tag),
+    ])
 }
 
 fn grid_rows(rows: usize) -> Result<u32, CudaError> {

@@ -11,8 +11,8 @@ use common::{
 };
 use did_backend_cuda::{AttentionKernel, KeySplit, Precision};
 use did_core::backend::{
-    AdamW, AttentionShape, Backend, DrawSpec, Gemm, NormShape, QkvOffsets, RopeShape, RowGroups,
-    RowMajor, Slice, SliceMut,
+    AdamW, AttentionShape, Backend, DrawSpec, DropoutMask, Gemm, NormShape, QkvOffsets, RopeShape,
+    RowGroups, RowMajor, Slice, SliceMut,
 };
 use did_core::mask::AttentionMask;
 use did_core::rng::{Purpose, RngStream};
@@ -628,6 +628,138 @@ fn fused_forwards_equal_the_calls_they_replace() {
             y: rand(seed ^ 7, rows * cols, 1.0),
         };
         let label = format!("fused {seqs}×{tokens}×{cols}");
+        verdict(
+            check(&label, &case, F32, Some(BF16))
+                .and_then(|()| fused_equals_composed(&label, &case, Precision::F32))
+                .and_then(|()| fused_equals_composed(&label, &case, Precision::Bf16)),
+        )
+    }
+    qc(30, prop);
+}
+
+/// A training branch's output into the residual — bias (or none), dropout, gated residual — and
+/// the backward's dy with the dropout: the fused calls, then the calls they replace.
+struct DropoutBranchCase {
+    seqs: usize,
+    tokens: usize,
+    cols: usize,
+    p: f32,
+    x: Vec<f32>,
+    y: Vec<f32>,
+    bias: Vec<f32>,
+    gate: Vec<f32>,
+    dres: Vec<f32>,
+}
+
+impl Case for DropoutBranchCase {
+    fn run<B: Backend>(&self, be: &B) -> Result<Out, B::Error> {
+        let (seqs, tokens, cols) = (self.seqs, self.tokens, self.cols);
+        let (rows, n) = (seqs * tokens, seqs * tokens * cols);
+        let stream = RngStream::new(3, Purpose::Dropout, 2, 5);
+        let mask = DropoutMask {
+            p: self.p,
+            stream: &stream,
+        };
+        let (x, bias, gate) = (
+            be.upload(&self.x)?,
+            be.upload(&self.bias)?,
+            be.upload(&self.gate)?,
+        );
+        let dres = be.upload(&self.dres)?;
+        let g = Some(Slice::whole(&gate));
+        let mut outs = Vec::new();
+        for fused in [true, false] {
+            for with_bias in [true, false] {
+                let b = with_bias.then(|| Slice::whole(&bias));
+                let (mut y, mut out) = (be.upload(&self.y)?, poisoned(be, n)?);
+                if fused {
+                    be.bias_dropout_gated_residual_forward_into(
+                        Slice::whole(&x),
+                        SliceMut::whole(&mut y),
+                        b,
+                        mask,
+                        g,
+                        SliceMut::whole(&mut out),
+                        seqs,
+                        tokens,
+                        cols,
+                    )?;
+                } else {
+                    if let Some(b) = b {
+                        be.bias_add(SliceMut::whole(&mut y), b, rows, cols)?;
+                    }
+                    be.dropout(SliceMut::whole(&mut y), n, self.p, &stream)?;
+                    be.gated_residual_forward_into(
+                        Slice::whole(&x),
+                        Slice::whole(&y),
+                        g,
+                        SliceMut::whole(&mut out),
+                        seqs,
+                        tokens,
+                        cols,
+                    )?;
+                }
+                outs.push(("dropped y", down(be, &y, n)?));
+                outs.push(("out", down(be, &out, n)?));
+            }
+            let y = be.upload(&self.y)?;
+            let mut dy = poisoned(be, n)?;
+            let mut dgate = be.upload(&self.gate)?;
+            if fused {
+                be.gated_residual_backward_dropout(
+                    Slice::whole(&dres),
+                    Slice::whole(&y),
+                    g,
+                    SliceMut::whole(&mut dy),
+                    Some(SliceMut::whole(&mut dgate)),
+                    mask,
+                    seqs,
+                    tokens,
+                    cols,
+                )?;
+            } else {
+                be.gated_residual_backward(
+                    Slice::whole(&dres),
+                    Slice::whole(&y),
+                    g,
+                    SliceMut::whole(&mut dy),
+                    Some(SliceMut::whole(&mut dgate)),
+                    seqs,
+                    tokens,
+                    cols,
+                )?;
+                be.dropout(SliceMut::whole(&mut dy), n, self.p, &stream)?;
+            }
+            outs.push(("dy", down(be, &dy, n)?));
+            outs.push(("dgate", down(be, &dgate, seqs * cols)?));
+        }
+        Ok(outs)
+    }
+}
+
+/// The fused branch output and its backward against the CPU, and on the GPU bit for bit equal
+/// to the calls they replace, in both precisions; row lengths that keep and break the 16-byte
+/// loops.
+#[test]
+fn dropout_branches_equal_the_calls_they_replace() {
+    if !gpu("dropout_branches_equal_the_calls_they_replace") {
+        return;
+    }
+    fn prop(x: u8, y: u8, z: u8, seed: u64) -> TestResult {
+        let (seqs, tokens, cols) = (dims(z, 1, 3), dims(x, 1, 70), dims(y, 1, 300));
+        let n = seqs * tokens * cols;
+        let case = DropoutBranchCase {
+            seqs,
+            tokens,
+            cols,
+            p: [0.1, 0.5, 1.0][seed as usize % 3],
+            x: rand(seed, n, 2.0),
+            y: rand(seed ^ 1, n, 1.0),
+            bias: rand(seed ^ 2, cols, 1.0),
+            gate: rand(seed ^ 3, seqs * cols, 1.0),
+            dres: rand(seed ^ 4, n, 1.0),
+        };
+        let label = format!("dropout branch {seqs}×{tokens}×{cols}, p {}", case.p);
         verdict(
             check(&label, &case, F32, Some(BF16))
                 .and_then(|()| fused_equals_composed(&label, &case, Precision::F32))

@@ -535,6 +535,35 @@ impl RowMajor {
     }
 }
 
+/// One tensor's inverted dropout: probability `p`, the mask drawn from `stream` as
+/// [`Backend::dropout`] draws it (element `i` kept iff `stream.uniform_f32(0, i) ≥ p`).
+///
+/// ```
+/// use did_core::backend::DropoutMask;
+/// use did_core::rng::{Purpose, RngStream};
+/// let stream = RngStream::new(7, Purpose::Dropout, 0, 3);
+/// let mask = DropoutMask { p: 0.1, stream: &stream };
+/// assert_eq!(mask.keep_scale(), 1.0 / 0.9);
+/// ```
+#[derive(Debug, Clone, Copy)]
+pub struct DropoutMask<'a> {
+    /// Probability of dropping an element.
+    pub p: f32,
+    /// Where the mask comes from.
+    pub stream: &'a RngStream,
+}
+
+impl DropoutMask<'_> {
+    /// The factor kept elements get: `1/(1 − p)`, 0 when `p ≥ 1` (everything dropped).
+    pub fn keep_scale(&self) -> f32 {
+        if self.p < 1.0 {
+            1.0 / (1.0 - self.p)
+        } else {
+            0.0
+        }
+    }
+}
+
 /// Where a grouped row copy reads and writes: `groups` groups of `rows` rows of
 /// `cols` elements; row `r` of group `g` starts `g · group_stride + r · stride`
 /// elements from the slice's offset, on each side with its own strides. One
@@ -980,6 +1009,45 @@ pub trait Backend {
             channels,
         )
     }
+    /// `y = dropout(y + bias)` (`bias` optional), then `out = residual + gate·y`: a training
+    /// pass's branch output — its bias, its dropout and the gated residual it feeds — with `y`
+    /// keeping the dropped values for the backward. The provided version calls
+    /// [`Backend::bias_add`], [`Backend::dropout`] and [`Backend::gated_residual_forward_into`];
+    /// a backend may do them in one pass.
+    #[allow(clippy::too_many_arguments)]
+    fn bias_dropout_gated_residual_forward_into(
+        &self,
+        residual: Slice<'_, Self::Buffer>,
+        y: SliceMut<'_, Self::Buffer>,
+        bias: Option<Slice<'_, Self::Buffer>>,
+        dropout: DropoutMask<'_>,
+        gate: Option<Slice<'_, Self::Buffer>>,
+        out: SliceMut<'_, Self::Buffer>,
+        batch: usize,
+        tokens: usize,
+        channels: usize,
+    ) -> Result<(), Self::Error> {
+        let SliceMut { buf, offset } = y;
+        let n = batch * tokens * channels;
+        if let Some(b) = bias {
+            self.bias_add(SliceMut::at(&mut *buf, offset), b, batch * tokens, channels)?;
+        }
+        self.dropout(
+            SliceMut::at(&mut *buf, offset),
+            n,
+            dropout.p,
+            dropout.stream,
+        )?;
+        self.gated_residual_forward_into(
+            residual,
+            Slice::at(&*buf, offset),
+            gate,
+            out,
+            batch,
+            tokens,
+            channels,
+        )
+    }
     /// Writes `dy = gate·dresidual` and accumulates `dgate += Σ_t dresidual·y`.
     #[allow(clippy::too_many_arguments)]
     fn gated_residual_backward(
@@ -993,6 +1061,36 @@ pub trait Backend {
         tokens: usize,
         channels: usize,
     ) -> Result<(), Self::Error>;
+    /// [`Backend::gated_residual_backward`], then the branch's dropout backward on `dy` (the
+    /// forward's mask, [`Backend::dropout`] on the gradient). The provided version makes the
+    /// two calls; a backend may do both in one pass.
+    #[allow(clippy::too_many_arguments)]
+    fn gated_residual_backward_dropout(
+        &self,
+        dresidual: Slice<'_, Self::Buffer>,
+        y: Slice<'_, Self::Buffer>,
+        gate: Option<Slice<'_, Self::Buffer>>,
+        dy: SliceMut<'_, Self::Buffer>,
+        dgate: Option<SliceMut<'_, Self::Buffer>>,
+        dropout: DropoutMask<'_>,
+        batch: usize,
+        tokens: usize,
+        channels: usize,
+    ) -> Result<(), Self::Error> {
+        let SliceMut { buf, offset } = dy;
+        self.gated_residual_backward(
+            dresidual,
+            y,
+            gate,
+            SliceMut::at(&mut *buf, offset),
+            dgate,
+            batch,
+            tokens,
+            channels,
+        )?;
+        let n = batch * tokens * channels;
+        self.dropout(SliceMut::at(buf, offset), n, dropout.p, dropout.stream)
+    }
 
     // ---- position, attention, activation ------------------------------
 

@@ -71,13 +71,13 @@ int main() {
         gated_residual_forward(o[0].at(m), o[1].at(m), nullptr, tokens, channels, n);
     });
     check("gated_residual_forward_into", {x, y, per_seq, z}, [&](auto& o, bool m) {
-        gated_residual_forward_into(o[0].at(m), o[1].at(m), nullptr, o[2].at(m), o[3].at(m), tokens, channels, n);
+        gated_residual_forward_into(o[0].at(m), o[1].at(m), nullptr, o[2].at(m), o[3].at(m), tokens, channels, n, 0.0f, 0.0f, 0u, 0u, 0u, 0u);
     });
     check("gated_residual_forward_into with a bias", {x, y, bias, per_seq, z}, [&](auto& o, bool m) {
-        gated_residual_forward_into(o[0].at(m), o[1].at(m), o[2].at(m), o[3].at(m), o[4].at(m), tokens, channels, n);
+        gated_residual_forward_into(o[0].at(m), o[1].at(m), o[2].at(m), o[3].at(m), o[4].at(m), tokens, channels, n, 0.0f, 0.0f, 0u, 0u, 0u, 0u);
     });
     check("gated_residual_backward_dy", {x, per_seq, y}, [&](auto& o, bool m) {
-        gated_residual_backward_dy(o[0].at(m), o[1].at(m), o[2].at(m), tokens, channels, n);
+        gated_residual_backward_dy(o[0].at(m), o[1].at(m), o[2].at(m), tokens, channels, n, 0.0f, 0.0f, 0u, 0u, 0u, 0u);
     });
     check("bias_gelu_forward", {x, bias, y}, [&](auto& o, bool m) {
         bias_gelu_forward(o[0].at(m), o[1].at(m), o[2].at(m), seqs * tokens, channels);

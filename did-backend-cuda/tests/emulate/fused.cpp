@@ -1,4 +1,5 @@
-// The fused forward kernels (layernorm_forward with modulation, bias_gelu_forward,
+// The fused kernels (layernorm_forward with modulation, bias_gelu_forward, the branch output with
+// its bias, dropout and gated residual and its backward,
 // gated_residual_forward_into with and without a bias), run by the CPU emulation in emu.h against the kernels they
 // replace, in the storage precision this file is compiled for (STORAGE_BF16 or not): the
 // results must be equal bit for bit, as the backend promises. RoPE with one angle for a chunk of
@@ -14,6 +15,7 @@
 #include "../../kernels/norm.cu"
 
 static int failures = 0;
+#define NO_DROPOUT 0.0f, 0.0f, 0u, 0u, 0u, 0u
 
 static void same(const char* what, const std::vector<store_t>& a, const std::vector<store_t>& b) {
     for (size_t i = 0; i < a.size(); ++i) {
@@ -75,7 +77,7 @@ int main() {
     for (const store_t* gate : {(const store_t*)scale.data(), (const store_t*)nullptr}) {
         std::vector<store_t> out_f(n), out_c = x;
         emu::launch(EmuDim3{grid, 1, 1}, threads, [&] {
-            gated_residual_forward_into(x.data(), y.data(), nullptr, gate, out_f.data(), tokens, cols, n);
+            gated_residual_forward_into(x.data(), y.data(), nullptr, gate, out_f.data(), tokens, cols, n, NO_DROPOUT);
         });
         emu::launch(EmuDim3{grid, 1, 1}, threads, [&] { gated_residual_forward(out_c.data(), y.data(), gate, tokens, cols, n); });
         same(gate ? "gated_residual_forward_into, gated" : "gated_residual_forward_into, ungated", out_f, out_c);
@@ -86,14 +88,76 @@ int main() {
     for (const store_t* gate : {(const store_t*)scale.data(), (const store_t*)nullptr}) {
         std::vector<store_t> out_f(n), out_c(n), y_f = y, y_c = y;
         emu::launch(EmuDim3{grid, 1, 1}, threads, [&] {
-            gated_residual_forward_into(x.data(), y_f.data(), bias.data(), gate, out_f.data(), tokens, cols, n);
+            gated_residual_forward_into(x.data(), y_f.data(), bias.data(), gate, out_f.data(), tokens, cols, n, NO_DROPOUT);
         });
         emu::launch(EmuDim3{grid, 1, 1}, threads, [&] { bias_add(y_c.data(), bias.data(), rows, cols, cols); });
         emu::launch(EmuDim3{grid, 1, 1}, threads, [&] {
-            gated_residual_forward_into(x.data(), y_c.data(), nullptr, gate, out_c.data(), tokens, cols, n);
+            gated_residual_forward_into(x.data(), y_c.data(), nullptr, gate, out_c.data(), tokens, cols, n, NO_DROPOUT);
         });
         same(gate ? "bias_gated_residual_forward_into, gated: biased y" : "bias_gated_residual_forward_into, ungated: biased y", y_f, y_c);
         same(gate ? "bias_gated_residual_forward_into, gated: out" : "bias_gated_residual_forward_into, ungated: out", out_f, out_c);
+    }
+
+    // A training pass's branch output: bias (or none), dropout and the gated residual in one
+    // launch against bias_add, dropout and gated_residual_forward_into; the backward's dy with
+    // the dropout against gated_residual_backward_dy then dropout. Every operand 16-byte aligned
+    // (the chunked loops) and one element off (the plain ones).
+    {
+        const float p = 0.3f, keep = 1.0f / 0.7f;
+        const unsigned k0 = 11u, k1 = 12u, st = 13u, tag = 14u;
+        // A copy of v one element further on (misaligned) or as it is.
+        auto placed = [&](const std::vector<store_t>& v, bool off) {
+            std::vector<store_t> o(v.size() + 1, to_store(0.0f));
+            std::copy(v.begin(), v.end(), o.begin() + (off ? 1 : 0));
+            return o;
+        };
+        auto view = [&](std::vector<store_t>& v, bool off) { return v.data() + (off ? 1 : 0); };
+        auto back = [&](const std::vector<store_t>& v, bool off, size_t len) {
+            return std::vector<store_t>(v.begin() + (off ? 1 : 0), v.begin() + (off ? 1 : 0) + len);
+        };
+        const auto dres = random(n);
+        for (int off = 0; off < 2; ++off) {
+            auto xs = placed(x, off), bs = placed(bias, off), gs = placed(scale, off);
+            for (int with_bias = 0; with_bias < 2; ++with_bias) {
+                for (int gated = 0; gated < 2; ++gated) {
+                    const store_t* bp = with_bias ? view(bs, off) : nullptr;
+                    const store_t* gp = gated ? view(gs, off) : nullptr;
+                    auto y_f = placed(y, off), y_c = placed(y, off), out_f = placed(x, off), out_c = placed(x, off);
+                    emu::launch(EmuDim3{grid, 1, 1}, threads, [&] {
+                        gated_residual_forward_into(view(xs, off), view(y_f, off), bp, gp, view(out_f, off), tokens, cols, n,
+                                                    p, keep, k0, k1, st, tag);
+                    });
+                    if (bp) emu::launch(EmuDim3{grid, 1, 1}, threads, [&] { bias_add(view(y_c, off), bp, rows, cols, cols); });
+                    emu::launch(EmuDim3{grid, 1, 1}, threads, [&] { dropout(view(y_c, off), n, p, keep, k0, k1, st, tag); });
+                    emu::launch(EmuDim3{grid, 1, 1}, threads, [&] {
+                        gated_residual_forward_into(view(xs, off), view(y_c, off), nullptr, gp, view(out_c, off), tokens, cols,
+                                                    n, NO_DROPOUT);
+                    });
+                    char what[160];
+                    std::snprintf(what, sizeof what, "bias_dropout_gated_residual_forward_into, %s, %s, %s: dropped y",
+                                  with_bias ? "biased" : "no bias", gated ? "gated" : "ungated", off ? "plain loop" : "chunked");
+                    same(what, back(y_f, off, n), back(y_c, off, n));
+                    std::snprintf(what, sizeof what, "bias_dropout_gated_residual_forward_into, %s, %s, %s: out",
+                                  with_bias ? "biased" : "no bias", gated ? "gated" : "ungated", off ? "plain loop" : "chunked");
+                    same(what, back(out_f, off, n), back(out_c, off, n));
+                }
+            }
+            for (int gated = 0; gated < 2; ++gated) {
+                const store_t* gp = gated ? view(gs, off) : nullptr;
+                auto ds = placed(dres, off), dy_f = placed(y, off), dy_c = placed(y, off);
+                emu::launch(EmuDim3{grid, 1, 1}, threads, [&] {
+                    gated_residual_backward_dy(view(ds, off), gp, view(dy_f, off), tokens, cols, n, p, keep, k0, k1, st, tag);
+                });
+                emu::launch(EmuDim3{grid, 1, 1}, threads, [&] {
+                    gated_residual_backward_dy(view(ds, off), gp, view(dy_c, off), tokens, cols, n, NO_DROPOUT);
+                });
+                emu::launch(EmuDim3{grid, 1, 1}, threads, [&] { dropout(view(dy_c, off), n, p, keep, k0, k1, st, tag); });
+                char what[160];
+                std::snprintf(what, sizeof what, "gated_residual_backward_dy with the dropout, %s, %s", gated ? "gated" : "ungated",
+                              off ? "plain loop" : "chunked");
+                same(what, back(dy_f, off, n), back(dy_c, off, n));
+            }
+        }
     }
 
     // RoPE over chunks of sequences (one angle a thread, rotated in each sequence of its chunk)

@@ -83,6 +83,9 @@ pub struct GradScratch<B: Backend> {
     pub dqkv: B::Buffer,
     /// Gradient of the head input `[R, C]`.
     pub dhf: B::Buffer,
+    /// Gradient of the head's input at the loss rows, gathered (`[R, C]`; chunked activations
+    /// only, see [`Activations::loss_row_ids`]).
+    pub dhead_in: B::Buffer,
     /// Gradient of the final norm output `[R, C]`.
     pub dlnf: B::Buffer,
     /// Gradient of the final residual rows `[R, C]`.
@@ -136,11 +139,21 @@ pub struct Activations<B: Backend> {
     /// Elements between rows of `logits`: the backend's [`Backend::padded_row_stride`] for
     /// `V` (the head's GEMMs read rows of 50,258 bf16 slower than aligned ones).
     pub logits_stride: usize,
-    /// Loss weight per output row `[R]`.
+    /// The output rows that carry a loss weight, in order, when the loss runs in chunks and
+    /// some rows carry none (a diffusion batch's unmasked positions, about half of them): the
+    /// head and the cross-entropy then run over these rows only, their input gathered into
+    /// `head_in` and their input gradient scattered back — the same loss and gradients, since a
+    /// row of weight 0 adds nothing to either. `None`: every output row.
+    pub loss_row_ids: Option<B::Ids>,
+    /// Rows the loss runs over: `loss_row_ids`' length, or `R`.
+    pub loss_row_count: usize,
+    /// The head's input at the loss rows `[R, C]` (chunked activations only).
+    pub head_in: B::Buffer,
+    /// Loss weight per loss row (`[loss_row_count]`).
     pub weights: B::Buffer,
-    /// Weighted loss per output row `[R]`.
+    /// Weighted loss per loss row (`[R]`, the first `loss_row_count` used).
     pub losses: B::Buffer,
-    /// Targets of the output rows, one buffer per chunk of `loss_rows`.
+    /// Targets of the loss rows, one buffer per chunk of `loss_rows`.
     pub targets: Vec<B::Ids>,
     /// Gradient scratch.
     pub grad: GradScratch<B>,
@@ -252,6 +265,7 @@ impl<B: Backend> Activations<B> {
         let (c, m, n, r) = (config.hidden, config.mlp_hidden, s.n, s.rows_out);
         let dit = config.architecture == Architecture::Dit;
         let logits_stride = be.padded_row_stride(config.vocab_size);
+        let chunked = loss_rows < r;
         let z = |len: usize| be.zeros(len);
         let mut blocks = Vec::with_capacity(config.layers);
         for _ in 0..config.layers {
@@ -302,6 +316,7 @@ impl<B: Backend> Activations<B> {
             datt: z(n * c)?,
             dqkv: z(n * 3 * c)?,
             dhf: z(r * c)?,
+            dhead_in: z(if chunked { r * c } else { 0 })?,
             dlnf: z(r * c)?,
             dhx: z(r * c)?,
             dmods: z(if dit {
@@ -335,6 +350,9 @@ impl<B: Backend> Activations<B> {
             loss_rows,
             logits: z(loss_rows.min(r) * logits_stride)?,
             logits_stride,
+            loss_row_ids: None,
+            loss_row_count: r,
+            head_in: z(if chunked { r * c } else { 0 })?,
             weights: z(r)?,
             losses: z(r)?,
             targets: alloc::vec![0; r]
@@ -378,11 +396,14 @@ pub fn memory_report(
         0
     };
     let logits = r.min(loss_rows_for(v)) * v;
-    let head = r * c * (if dit { 3 } else { 2 }) + 2 * r + logits + 2 * r;
+    // Chunked loss: the head's input and its gradient gathered at the loss rows.
+    let gathered = if loss_rows_for(v) < r { r * c } else { 0 };
+    let head = r * c * (if dit { 3 } else { 2 }) + 2 * r + logits + 2 * r + gathered;
     let activations = config.layers * per_block + (config.layers + 1) * n * c + cond + head;
     let scratch = 8 * n * c
         + 2 * n * m
         + 3 * r * c
+        + gathered
         + if dit {
             config.layers * 6 * c + 2 * c + 4 * config.cond_dim
         } else {

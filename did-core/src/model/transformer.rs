@@ -11,8 +11,8 @@ use super::params::{BlockOffsets, Layout, ParamTable};
 use super::pass::{Pass, TrainBatch};
 use super::ModelError;
 use crate::backend::{
-    AttentionShape, Backend, Gemm, NormShape, QkvOffsets, RopeShape, RowGroups, RowMajor, Slice,
-    SliceMut,
+    AttentionShape, Backend, DropoutMask, Gemm, NormShape, QkvOffsets, RopeShape, RowGroups,
+    RowMajor, Slice, SliceMut,
 };
 use crate::error::invalid;
 use crate::mask::AttentionMask;
@@ -458,18 +458,20 @@ impl Transformer {
             at(p, o.attn_out.0),
             whole_mut(&mut a.y1),
         )?;
-        if let Some(b) = o.attn_out.1 {
-            be.bias_add(whole_mut(&mut a.y1), at(p, b), n, c)?;
-        }
-        if let Some(d) = dropout.filter(|_| cfg.dropout > 0.0) {
-            be.dropout(whole_mut(&mut a.y1), n * c, cfg.dropout, &d.stream(l, 0))?;
-        }
-        be.gated_residual_forward_into(
+        let drop_attention = dropout
+            .filter(|_| cfg.dropout > 0.0)
+            .map(|d| d.stream(l, 0));
+        branch_into_residual(
+            be,
             whole(x_in),
-            whole(&a.y1),
+            &mut a.y1,
+            o.attn_out.1.map(|b| at(p, b)),
+            drop_attention.as_ref().map(|stream| DropoutMask {
+                p: cfg.dropout,
+                stream,
+            }),
             mods.map(|mv| at(mv, mod_at(2))),
-            whole_mut(&mut a.x_mid),
-            1,
+            &mut a.x_mid,
             n,
             c,
         )?;
@@ -506,32 +508,23 @@ impl Transformer {
             at(p, o.fc2.0),
             whole_mut(&mut a.y2),
         )?;
-        let gate = mods.map(|mv| at(mv, mod_at(5)));
-        if let Some(d) = dropout.filter(|_| cfg.dropout > 0.0) {
-            be.bias_add(whole_mut(&mut a.y2), at(p, o.fc2.1), n, c)?;
-            be.dropout(whole_mut(&mut a.y2), n * c, cfg.dropout, &d.stream(l, 1))?;
-            be.gated_residual_forward_into(
-                whole(&a.x_mid),
-                whole(&a.y2),
-                gate,
-                whole_mut(x_out),
-                1,
-                n,
-                c,
-            )
-        } else {
-            // No dropout between them (sampling, or training without it): one pass.
-            be.bias_gated_residual_forward_into(
-                whole(&a.x_mid),
-                whole_mut(&mut a.y2),
-                at(p, o.fc2.1),
-                gate,
-                whole_mut(x_out),
-                1,
-                n,
-                c,
-            )
-        }
+        let drop_mlp = dropout
+            .filter(|_| cfg.dropout > 0.0)
+            .map(|d| d.stream(l, 1));
+        branch_into_residual(
+            be,
+            whole(&a.x_mid),
+            &mut a.y2,
+            Some(at(p, o.fc2.1)),
+            drop_mlp.as_ref().map(|stream| DropoutMask {
+                p: cfg.dropout,
+                stream,
+            }),
+            mods.map(|mv| at(mv, mod_at(5))),
+            x_out,
+            n,
+            c,
+        )
     }
 
     /// Attention over the pass's own fused qkv buffer `[N, 3C]` (q, then k, then v per token).
@@ -590,19 +583,23 @@ impl Transformer {
 
         // ---- MLP branch, in reverse (the activation gradients below are written, not
         // accumulated: nothing to zero first)
-        be.gated_residual_backward(
+        let drop_mlp = dropout
+            .filter(|_| cfg.dropout > 0.0)
+            .map(|d| d.stream(l, 1));
+        branch_from_residual_backward(
+            be,
             whole(&s.dres),
             whole(&a.y2),
             mods.map(|mv| at(mv, mod_at(5))),
-            whole_mut(&mut s.dy),
+            &mut s.dy,
             dit.then(|| at_mut(&mut s.dmods, mod_at(5))),
-            1,
+            drop_mlp.as_ref().map(|stream| DropoutMask {
+                p: cfg.dropout,
+                stream,
+            }),
             n,
             c,
         )?;
-        if let Some(d) = dropout.filter(|_| cfg.dropout > 0.0) {
-            be.dropout(whole_mut(&mut s.dy), n * c, cfg.dropout, &d.stream(l, 1))?;
-        }
         be.bias_backward(whole(&s.dy), at_mut(g, o.fc2.1), n, c)?;
         be.matmul(
             &Gemm::linear_weight_grad(n, m, c),
@@ -668,19 +665,23 @@ impl Transformer {
         }
 
         // ---- attention branch, in reverse
-        be.gated_residual_backward(
+        let drop_attention = dropout
+            .filter(|_| cfg.dropout > 0.0)
+            .map(|d| d.stream(l, 0));
+        branch_from_residual_backward(
+            be,
             whole(&s.dres),
             whole(&a.y1),
             mods.map(|mv| at(mv, mod_at(2))),
-            whole_mut(&mut s.dy),
+            &mut s.dy,
             dit.then(|| at_mut(&mut s.dmods, mod_at(2))),
-            1,
+            drop_attention.as_ref().map(|stream| DropoutMask {
+                p: cfg.dropout,
+                stream,
+            }),
             n,
             c,
         )?;
-        if let Some(d) = dropout.filter(|_| cfg.dropout > 0.0) {
-            be.dropout(whole_mut(&mut s.dy), n * c, cfg.dropout, &d.stream(l, 0))?;
-        }
         if let Some(b) = o.attn_out.1 {
             be.bias_backward(whole(&s.dy), at_mut(g, b), n, c)?;
         }
@@ -777,13 +778,29 @@ impl Transformer {
     ) -> Result<(), ModelError<B::Error>> {
         self.check_batch(acts, batch)?;
         acts.ids = be.upload_ids(&batch.inputs).map_err(ModelError::Backend)?;
-        acts.targets = batch
-            .targets
+        // A chunked loss runs over the rows that carry a weight only (decision 55).
+        let rows = batch.weights.len();
+        let weighted: Vec<u32> = (0..rows as u32)
+            .filter(|&i| batch.weights[i as usize] != 0.0)
+            .collect();
+        let (targets, weights) = if acts.loss_rows < rows && weighted.len() < rows {
+            acts.loss_row_ids = Some(be.upload_ids(&weighted).map_err(ModelError::Backend)?);
+            acts.loss_row_count = weighted.len();
+            weighted
+                .iter()
+                .map(|&i| (batch.targets[i as usize], batch.weights[i as usize]))
+                .unzip()
+        } else {
+            acts.loss_row_ids = None;
+            acts.loss_row_count = rows;
+            (batch.targets.clone(), batch.weights.clone())
+        };
+        acts.targets = targets
             .chunks(acts.loss_rows)
             .map(|t| be.upload_ids(t))
             .collect::<Result<_, _>>()
             .map_err(ModelError::Backend)?;
-        acts.weights = be.upload(&batch.weights).map_err(ModelError::Backend)?;
+        acts.weights = be.upload(&weights).map_err(ModelError::Backend)?;
         if acts.position_ids.is_some() {
             let t = batch.pass.tokens_per_sequence(batch.seq_len);
             let per = t / batch.pass.position_segments();
@@ -996,13 +1013,25 @@ impl Transformer {
         grad_scale: f32,
         mut with_chunk_gradient: impl FnMut(&mut Activations<B>, usize, usize) -> Result<(), B::Error>,
     ) -> Result<f64, B::Error> {
-        let (rows, v) = (acts.batch * acts.seq_len, self.config.vocab_size);
+        let v = self.config.vocab_size;
+        let rows = acts.loss_row_count;
         let excluded = self.dit().then_some(self.config.mask_id);
-        let held = acts.loss_rows >= rows;
+        let held = acts.loss_rows >= acts.batch * acts.seq_len;
+        if let Some(ids) = &acts.loss_row_ids {
+            let h = if acts.cond.is_some() {
+                &acts.hf
+            } else {
+                &acts.lnf
+            };
+            let c = self.config.hidden;
+            be.embedding_forward(ids, whole(h), whole_mut(&mut acts.head_in), rows, c)?;
+        }
         for (chunk, first) in (0..rows).step_by(acts.loss_rows.max(1)).enumerate() {
             let r = acts.loss_rows.min(rows - first);
             if !held {
-                let h = if acts.cond.is_some() {
+                let h = if acts.loss_row_ids.is_some() {
+                    &acts.head_in
+                } else if acts.cond.is_some() {
                     &acts.hf
                 } else {
                     &acts.lnf
@@ -1058,9 +1087,22 @@ impl Transformer {
         let lay = self.layout();
         let dit = self.dit();
 
-        // ---- loss and head, chunk by chunk of output rows
+        // ---- loss and head, chunk by chunk of the loss rows
         let loss = self.loss_by_chunks(be, p, acts, grad_scale, |acts, first, r| {
-            let h = if dit { &acts.hf } else { &acts.lnf };
+            // The head's input and its gradient: gathered at the loss rows, or every row.
+            let gathered = acts.loss_row_ids.is_some();
+            let h = if gathered {
+                &acts.head_in
+            } else if dit {
+                &acts.hf
+            } else {
+                &acts.lnf
+            };
+            let dx = if gathered {
+                &mut acts.grad.dhead_in
+            } else {
+                &mut acts.grad.dhf
+            };
             let stride = acts.logits_stride;
             if let Some(b) = lay.head.1 {
                 let shape = RowMajor::padded(r, v, stride);
@@ -1082,9 +1124,16 @@ impl Transformer {
                 },
                 whole(&acts.logits),
                 at(p, lay.head.0),
-                at_mut(&mut acts.grad.dhf, first * c),
+                at_mut(dx, first * c),
             )
         })?;
+        if let Some(ids) = &acts.loss_row_ids {
+            // Rows without a loss weight have no head gradient.
+            let s = &mut acts.grad;
+            be.fill(whole_mut(&mut s.dhf), rows * c, 0.0)?;
+            let count = acts.loss_row_count;
+            be.embedding_backward(ids, whole(&s.dhead_in), whole_mut(&mut s.dhf), count, c)?;
+        }
 
         // ---- final modulation and norm
         let s = &mut acts.grad;
@@ -1177,6 +1226,71 @@ impl Transformer {
         self.forward(be, p, acts, dropout)?;
         self.loss_by_chunks(be, p, acts, 0.0, |_, _, _| Ok(()))
             .map_err(ModelError::Backend)
+    }
+}
+
+/// A branch's projected output `y` into the residual stream: `y` gets its bias (if any) and its
+/// dropout (training), then `out = residual + gate·y` — one backend call whichever of them the
+/// pass has, so a backend can do it in one pass; `y` keeps what the backward reads.
+#[allow(clippy::too_many_arguments)]
+fn branch_into_residual<B: Backend>(
+    be: &B,
+    residual: Slice<'_, B::Buffer>,
+    y: &mut B::Buffer,
+    bias: Option<Slice<'_, B::Buffer>>,
+    dropout: Option<DropoutMask<'_>>,
+    gate: Option<Slice<'_, B::Buffer>>,
+    out: &mut B::Buffer,
+    n: usize,
+    c: usize,
+) -> Result<(), B::Error> {
+    match (dropout, bias) {
+        (Some(d), bias) => be.bias_dropout_gated_residual_forward_into(
+            residual,
+            whole_mut(y),
+            bias,
+            d,
+            gate,
+            whole_mut(out),
+            1,
+            n,
+            c,
+        ),
+        (None, Some(b)) => be.bias_gated_residual_forward_into(
+            residual,
+            whole_mut(y),
+            b,
+            gate,
+            whole_mut(out),
+            1,
+            n,
+            c,
+        ),
+        (None, None) => {
+            be.gated_residual_forward_into(residual, whole(y), gate, whole_mut(out), 1, n, c)
+        }
+    }
+}
+
+/// The backward of [`branch_into_residual`] down to the gradient of the projection's output
+/// (`dy`, written), with the gate's gradient accumulated into `dgate`.
+#[allow(clippy::too_many_arguments)]
+fn branch_from_residual_backward<B: Backend>(
+    be: &B,
+    dresidual: Slice<'_, B::Buffer>,
+    y: Slice<'_, B::Buffer>,
+    gate: Option<Slice<'_, B::Buffer>>,
+    dy: &mut B::Buffer,
+    dgate: Option<SliceMut<'_, B::Buffer>>,
+    dropout: Option<DropoutMask<'_>>,
+    n: usize,
+    c: usize,
+) -> Result<(), B::Error> {
+    match dropout {
+        Some(d) => {
+            be.gated_residual_backward_dropout(dresidual, y, gate, whole_mut(dy), dgate, d, 1, n, c)
+        }
+        None => be.gated_residual_backward(dresidual, y, gate, whole_mut(dy), dgate, 1, n, c),
     }
 }
 
