@@ -216,6 +216,23 @@ where
     Ok(out)
 }
 
+/// Seconds a call of `run` takes on `be`: one warm-up call (cuBLAS picks its kernel), then
+/// `calls` calls between two synchronizations.
+fn seconds_per_call<B: Backend>(
+    be: &B,
+    calls: usize,
+    mut run: impl FnMut() -> Result<(), B::Error>,
+) -> Result<f64, B::Error> {
+    run()?;
+    be.synchronize()?;
+    let start = Instant::now();
+    for _ in 0..calls {
+        run()?;
+    }
+    be.synchronize()?;
+    Ok(start.elapsed().as_secs_f64() / calls.max(1) as f64)
+}
+
 /// The head's GEMMs over one loss chunk (`loss_rows_for(V)` rows) three ways: the logits' row
 /// stride the vocabulary (50,258: rows not 16-byte aligned in bf16); the stride rounded up to a
 /// multiple of 64 (what the model does since the second H200 run, `Backend::padded_row_stride`);
@@ -271,7 +288,7 @@ where
                     ..gemm(which, cols)
                 }
             };
-            let mut run = || -> Result<(), B::Error> {
+            let run = || -> Result<(), B::Error> {
                 let l = Slice::whole(&logits);
                 match which {
                     0 => be.matmul(
@@ -284,14 +301,7 @@ where
                     _ => be.matmul(&g, l, Slice::whole(&x), SliceMut::whole(&mut dw)),
                 }
             };
-            run()?; // warm-up: cuBLAS picks its kernel
-            be.synchronize()?;
-            let start = Instant::now();
-            for _ in 0..5 {
-                run()?;
-            }
-            be.synchronize()?;
-            *slot = start.elapsed().as_secs_f64() * 1e3 / 5.0;
+            *slot = seconds_per_call(be, 5, run)? * 1e3;
         }
         let tflops = |ms: f64| gemm(which, v).flops() as f64 / (ms * 1e-3) / 1e12;
         let _ = writeln!(
@@ -342,7 +352,7 @@ fn few_rows_gemms(be: &CudaBackend, out: &mut String) -> Result<(), Failure> {
         let mut us = [0.0f64; 2];
         for (slot, on) in us.iter_mut().zip([false, true]) {
             be.set_few_rows_kernel(on);
-            let mut run = || {
+            let run = || {
                 be.matmul(
                     &g,
                     Slice::whole(&x),
@@ -350,14 +360,7 @@ fn few_rows_gemms(be: &CudaBackend, out: &mut String) -> Result<(), Failure> {
                     SliceMut::whole(&mut y),
                 )
             };
-            run()?;
-            be.synchronize()?;
-            let start = Instant::now();
-            for _ in 0..50 {
-                run()?;
-            }
-            be.synchronize()?;
-            *slot = start.elapsed().as_secs_f64() * 1e6 / 50.0;
+            *slot = seconds_per_call(be, 50, run)? * 1e6;
         }
         let _ = writeln!(
             out,
@@ -419,7 +422,7 @@ fn draft_attention(be: &CudaBackend, out: &mut String) -> Result<(), Failure> {
                     .zip([KeySplit::Off, KeySplit::TilesPerBlock(1), KeySplit::Auto])
             {
                 be.set_key_split(split);
-                let mut run = || {
+                let run = || {
                     be.attention_forward(
                         &s,
                         &mask,
@@ -430,14 +433,7 @@ fn draft_attention(be: &CudaBackend, out: &mut String) -> Result<(), Failure> {
                         SliceMut::whole(&mut lse),
                     )
                 };
-                run()?;
-                be.synchronize()?;
-                let start = Instant::now();
-                for _ in 0..50 {
-                    run()?;
-                }
-                be.synchronize()?;
-                *slot = start.elapsed().as_secs_f64() * 1e6 / 50.0;
+                *slot = seconds_per_call(be, 50, run)? * 1e6;
             }
             let _ = writeln!(
                 out,

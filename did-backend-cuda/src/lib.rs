@@ -724,7 +724,7 @@ impl CudaBackend {
         gate: Option<Slice<'_, CudaBuffer>>,
         dy: SliceMut<'_, CudaBuffer>,
         dgate: Option<SliceMut<'_, CudaBuffer>>,
-        dropout: Option<DropoutMask<'_>>,
+        dropout: Option<DropoutMask>,
         batch: usize,
         tokens: usize,
         channels: usize,
@@ -757,7 +757,7 @@ impl CudaBackend {
         residual: Slice<'_, CudaBuffer>,
         y: u64,
         bias: u64,
-        dropout: Option<DropoutMask<'_>>,
+        dropout: Option<DropoutMask>,
         gate: Option<Slice<'_, CudaBuffer>>,
         out: SliceMut<'_, CudaBuffer>,
         batch: usize,
@@ -1452,7 +1452,7 @@ impl Backend for CudaBackend {
         residual: Slice<'_, CudaBuffer>,
         y: SliceMut<'_, CudaBuffer>,
         bias: Option<Slice<'_, CudaBuffer>>,
-        dropout: DropoutMask<'_>,
+        dropout: DropoutMask,
         gate: Option<Slice<'_, CudaBuffer>>,
         out: SliceMut<'_, CudaBuffer>,
         batch: usize,
@@ -1500,7 +1500,7 @@ impl Backend for CudaBackend {
         gate: Option<Slice<'_, CudaBuffer>>,
         dy: SliceMut<'_, CudaBuffer>,
         dgate: Option<SliceMut<'_, CudaBuffer>>,
-        dropout: DropoutMask<'_>,
+        dropout: DropoutMask,
         batch: usize,
         tokens: usize,
         channels: usize,
@@ -1758,7 +1758,7 @@ impl Backend for CudaBackend {
             return Ok(());
         }
         let mut args = vec![Arg::Ptr(xp), Arg::I64(len as i64)];
-        args.extend(dropout_args(Some(DropoutMask { p, stream }), len)?);
+        args.extend(dropout_args(Some(DropoutMask { p, stream: *stream }), len)?);
         self.launch_elements("dropout", len, &args)
     }
 
@@ -2137,7 +2137,7 @@ fn element_bytes(buf: &CudaBuffer) -> usize {
 
 /// The kernels' `DROPOUT_ARGS` (kernels/elementwise.cu): p, keep scale, the stream's key, step
 /// and tag; p = 0 (no dropout) for `None`. A mask draws one word an element from one stream row.
-fn dropout_args(dropout: Option<DropoutMask<'_>>, len: usize) -> Result<[Arg; 6], CudaError> {
+fn dropout_args(dropout: Option<DropoutMask>, len: usize) -> Result<[Arg; 6], CudaError> {
     let Some(d) = dropout.filter(|d| d.p > 0.0) else {
         return Ok([
             Arg::F32(0.0),

@@ -656,10 +656,7 @@ impl Case for DropoutBranchCase {
         let (seqs, tokens, cols) = (self.seqs, self.tokens, self.cols);
         let (rows, n) = (seqs * tokens, seqs * tokens * cols);
         let stream = RngStream::new(3, Purpose::Dropout, 2, 5);
-        let mask = DropoutMask {
-            p: self.p,
-            stream: &stream,
-        };
+        let mask = DropoutMask { p: self.p, stream };
         let (x, bias, gate) = (
             be.upload(&self.x)?,
             be.upload(&self.bias)?,

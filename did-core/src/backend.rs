@@ -541,19 +541,18 @@ impl RowMajor {
 /// ```
 /// use did_core::backend::DropoutMask;
 /// use did_core::rng::{Purpose, RngStream};
-/// let stream = RngStream::new(7, Purpose::Dropout, 0, 3);
-/// let mask = DropoutMask { p: 0.1, stream: &stream };
+/// let mask = DropoutMask { p: 0.1, stream: RngStream::new(7, Purpose::Dropout, 0, 3) };
 /// assert_eq!(mask.keep_scale(), 1.0 / 0.9);
 /// ```
-#[derive(Debug, Clone, Copy)]
-pub struct DropoutMask<'a> {
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DropoutMask {
     /// Probability of dropping an element.
     pub p: f32,
     /// Where the mask comes from.
-    pub stream: &'a RngStream,
+    pub stream: RngStream,
 }
 
-impl DropoutMask<'_> {
+impl DropoutMask {
     /// The factor kept elements get: `1/(1 − p)`, 0 when `p ≥ 1` (everything dropped).
     pub fn keep_scale(&self) -> f32 {
         if self.p < 1.0 {
@@ -1020,7 +1019,7 @@ pub trait Backend {
         residual: Slice<'_, Self::Buffer>,
         y: SliceMut<'_, Self::Buffer>,
         bias: Option<Slice<'_, Self::Buffer>>,
-        dropout: DropoutMask<'_>,
+        dropout: DropoutMask,
         gate: Option<Slice<'_, Self::Buffer>>,
         out: SliceMut<'_, Self::Buffer>,
         batch: usize,
@@ -1036,7 +1035,7 @@ pub trait Backend {
             SliceMut::at(&mut *buf, offset),
             n,
             dropout.p,
-            dropout.stream,
+            &dropout.stream,
         )?;
         self.gated_residual_forward_into(
             residual,
@@ -1072,7 +1071,7 @@ pub trait Backend {
         gate: Option<Slice<'_, Self::Buffer>>,
         dy: SliceMut<'_, Self::Buffer>,
         dgate: Option<SliceMut<'_, Self::Buffer>>,
-        dropout: DropoutMask<'_>,
+        dropout: DropoutMask,
         batch: usize,
         tokens: usize,
         channels: usize,
@@ -1089,7 +1088,7 @@ pub trait Backend {
             channels,
         )?;
         let n = batch * tokens * channels;
-        self.dropout(SliceMut::at(buf, offset), n, dropout.p, dropout.stream)
+        self.dropout(SliceMut::at(buf, offset), n, dropout.p, &dropout.stream)
     }
 
     // ---- position, attention, activation ------------------------------

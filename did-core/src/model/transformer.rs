@@ -41,6 +41,14 @@ pub struct DropoutStreams {
 }
 
 impl DropoutStreams {
+    /// The mask of block `block`'s branch `branch` at probability `p`.
+    pub fn mask(&self, p: f32, block: usize, branch: usize) -> DropoutMask {
+        DropoutMask {
+            p,
+            stream: self.stream(block, branch),
+        }
+    }
+
     /// The stream of block `block`'s branch `branch` (0 attention, 1 MLP).
     pub fn stream(&self, block: usize, branch: usize) -> RngStream {
         RngStream::new(
@@ -364,6 +372,12 @@ impl Transformer {
             eps: cfg.norm_eps,
         };
         let mod_at = |i: usize| l * 6 * c + i * c; // shift, scale, gate × (attention, MLP)
+                                                   // The branches' dropout masks (0 attention, 1 MLP) when the pass has dropout.
+        let mask = |branch| {
+            dropout
+                .filter(|_| cfg.dropout > 0.0)
+                .map(|d| d.mask(cfg.dropout, l, branch))
+        };
 
         // ---- attention branch: x_mid = x_in + gate_msa · drop(W_out · attn(rope(W_qkv · mod(LN1(x_in)))))
         let h1 = pre_norm(
@@ -458,18 +472,12 @@ impl Transformer {
             at(p, o.attn_out.0),
             whole_mut(&mut a.y1),
         )?;
-        let drop_attention = dropout
-            .filter(|_| cfg.dropout > 0.0)
-            .map(|d| d.stream(l, 0));
         branch_into_residual(
             be,
             whole(x_in),
             &mut a.y1,
             o.attn_out.1.map(|b| at(p, b)),
-            drop_attention.as_ref().map(|stream| DropoutMask {
-                p: cfg.dropout,
-                stream,
-            }),
+            mask(0),
             mods.map(|mv| at(mv, mod_at(2))),
             &mut a.x_mid,
             n,
@@ -508,18 +516,12 @@ impl Transformer {
             at(p, o.fc2.0),
             whole_mut(&mut a.y2),
         )?;
-        let drop_mlp = dropout
-            .filter(|_| cfg.dropout > 0.0)
-            .map(|d| d.stream(l, 1));
         branch_into_residual(
             be,
             whole(&a.x_mid),
             &mut a.y2,
             Some(at(p, o.fc2.1)),
-            drop_mlp.as_ref().map(|stream| DropoutMask {
-                p: cfg.dropout,
-                stream,
-            }),
+            mask(1),
             mods.map(|mv| at(mv, mod_at(5))),
             x_out,
             n,
@@ -579,13 +581,16 @@ impl Transformer {
             eps: cfg.norm_eps,
         };
         let mod_at = |i: usize| l * 6 * c + i * c;
+        // The branches' dropout masks (0 attention, 1 MLP) when the pass has dropout.
+        let mask = |branch| {
+            dropout
+                .filter(|_| cfg.dropout > 0.0)
+                .map(|d| d.mask(cfg.dropout, l, branch))
+        };
         let dit = mods.is_some();
 
         // ---- MLP branch, in reverse (the activation gradients below are written, not
         // accumulated: nothing to zero first)
-        let drop_mlp = dropout
-            .filter(|_| cfg.dropout > 0.0)
-            .map(|d| d.stream(l, 1));
         branch_from_residual_backward(
             be,
             whole(&s.dres),
@@ -593,10 +598,7 @@ impl Transformer {
             mods.map(|mv| at(mv, mod_at(5))),
             &mut s.dy,
             dit.then(|| at_mut(&mut s.dmods, mod_at(5))),
-            drop_mlp.as_ref().map(|stream| DropoutMask {
-                p: cfg.dropout,
-                stream,
-            }),
+            mask(1),
             n,
             c,
         )?;
@@ -665,9 +667,6 @@ impl Transformer {
         }
 
         // ---- attention branch, in reverse
-        let drop_attention = dropout
-            .filter(|_| cfg.dropout > 0.0)
-            .map(|d| d.stream(l, 0));
         branch_from_residual_backward(
             be,
             whole(&s.dres),
@@ -675,10 +674,7 @@ impl Transformer {
             mods.map(|mv| at(mv, mod_at(2))),
             &mut s.dy,
             dit.then(|| at_mut(&mut s.dmods, mod_at(2))),
-            drop_attention.as_ref().map(|stream| DropoutMask {
-                p: cfg.dropout,
-                stream,
-            }),
+            mask(0),
             n,
             c,
         )?;
@@ -1238,7 +1234,7 @@ fn branch_into_residual<B: Backend>(
     residual: Slice<'_, B::Buffer>,
     y: &mut B::Buffer,
     bias: Option<Slice<'_, B::Buffer>>,
-    dropout: Option<DropoutMask<'_>>,
+    dropout: Option<DropoutMask>,
     gate: Option<Slice<'_, B::Buffer>>,
     out: &mut B::Buffer,
     n: usize,
@@ -1282,7 +1278,7 @@ fn branch_from_residual_backward<B: Backend>(
     gate: Option<Slice<'_, B::Buffer>>,
     dy: &mut B::Buffer,
     dgate: Option<SliceMut<'_, B::Buffer>>,
-    dropout: Option<DropoutMask<'_>>,
+    dropout: Option<DropoutMask>,
     n: usize,
     c: usize,
 ) -> Result<(), B::Error> {
