@@ -89,9 +89,12 @@ for b in ${SAMPLE_BATCHES:-1 64}; do
     if [ -z "$ckpt" ]; then break; fi
     poll_start
     s=$(date +%s.%N)
-    timeout "$limit" "$did" --backend "$backend" --precision "$prec" sample --checkpoint "$ckpt" --stages 4,L:0.25 \
-        "${length_flag[@]}" --num-samples "$b" --batch "$b" --seed 1 --out "$work/samples-$b.jsonl" >>"$work/log" 2>&1
+    # SIGINT at the limit: did stops between two model calls and says how far each stage got.
+    timeout -s INT -k 20 "$limit" "$did" --backend "$backend" --precision "$prec" sample --checkpoint "$ckpt" --stages 4,L:0.25 \
+        "${length_flag[@]}" --num-samples "$b" --batch "$b" --seed 1 --out "$work/samples-$b.jsonl" \
+        >>"$work/log" 2>"$work/sample-$b.err"
     rc=$?
+    cat "$work/sample-$b.err" >>"$work/log"
     mem=$(poll_stop)
     wall=$(python3 -c "import time,sys; print(time.time() - float(sys.argv[1]))" "$s")
     echo "{\"batch\": $b, \"exit_status\": $rc, \"command_seconds\": $wall, \"peak_memory_bytes\": $mem, \"jsonl\": \"$work/samples-$b.jsonl\"}" >>"$work/sample-rows.jsonl"
@@ -143,10 +146,34 @@ def ours_rate(row):
     walls = [json.loads(l)["wall_s"] for l in open(path) if l.strip()]
     return 1.0 / statistics.mean(walls) if walls else None
 
+def ours_stages(row):
+    """Each stage's model calls and seconds (`did sample`'s batch_stages), from a finished run."""
+    path = row["jsonl"]
+    if not os.path.exists(path):
+        return None
+    lines = [json.loads(l) for l in open(path) if l.strip()]
+    return lines[0].get("batch_stages") if lines else None
+
+def cut_short(row):
+    """did's own account of a run stopped at the time limit (stage by stage), or None."""
+    err = os.path.join(work, f"sample-{row['batch']}.err")
+    said = [l.strip() for l in open(err) if "interrupted after" in l] if os.path.exists(err) else []
+    return said[-1] if said else None
+
 sample = [json.loads(l) for l in open(os.path.join(work, "sample-rows.jsonl"))] if os.path.exists(os.path.join(work, "sample-rows.jsonl")) else []
-ours_sample = {r["batch"]: {**r, "samples_per_s": ours_rate(r)} for r in sample}
+ours_sample = {r["batch"]: {**r, "samples_per_s": ours_rate(r), "stages": ours_stages(r), "cut_short": cut_short(r)}
+               for r in sample}
 for r in ours_sample.values():
     r.pop("jsonl", None)
+
+def stage_line(b, r):
+    if r.get("stages"):
+        parts = [f"block {st['block']}: {st['calls']} calls, {st['model_s']:.2f} s "
+                 f"({1e3 * st['model_s'] / max(st['calls'], 1):.2f} ms a call)" for st in r["stages"]]
+        return f"did batch {b}: " + "; ".join(parts)
+    if r.get("cut_short"):
+        return f"did batch {b}, stopped at the limit: {r['cut_short'].removeprefix('error: ')}"
+    return f"did batch {b}: no stage times (exit status {r.get('exit_status')})"
 
 def best(kind, key, batch=None):
     rs = [r for r in pt.get(kind, []) if r.get(key) is not None and (batch is None or r.get("batch") == batch)]
@@ -213,6 +240,8 @@ for sampling, each sampling run stopped after {limit} s (— = did not finish).
 
 Every PyTorch variant: {', '.join(f"{r['variant']} {fmt(r.get('tokens_per_s'))} tokens/s" if 'tokens_per_s' in r else f"{r['variant']} failed ({r.get('error', '?')[:80]})" for r in pt.get('train', []))};
 sampling {', '.join(f"{r['variant']} b{r.get('batch')} {fmt(r.get('samples_per_s'), '{:.3f}')}/s" for r in pt.get('sample', []))}.
+Where did's sampling time went (time inside the model's calls, host draws included; the rest of the wall time is the
+sampler's own work): {'. '.join(stage_line(b, r) for b, r in ours_sample.items()) or '—'}.
 Rerun: `scripts/gpu-bundle.sh` on a build machine, then `scripts/gpu-bench.sh target/gpu-bundle docs/perf` on the GPU
 host (raw figures in `gpu.json`).
 <!-- gpu-bench:end -->

@@ -159,6 +159,12 @@ extern "C" __global__ void __launch_bounds__(DRAW_THREADS, 1) draw_tokens(
     const double inv = 1.0 / block_sum_f64(sum, shared_d);
     // The probability of v, or 0 for a token that takes no part.
 #define PROB(v, xv) ((v) != mask_id && finite_logit(xv) ? exp((double)(xv) - max_logit) * inv : 0.0)
+    // PROB(v, xv) > 0 with an f64 exp only where it could underflow: exp(d) ≥ 2^-1010 for
+    // d > -700 and inv ≥ 1 / vocab > 2^-32, so their product is a positive (subnormal at worst)
+    // double. The passes after the first radix pass test a token's part this way, so a row
+    // takes two f64 exps a token (the sum and the first histogram) instead of four.
+#define POSITIVE_PROB(v, xv) \
+    ((v) != mask_id && finite_logit(xv) && ((double)(xv) - max_logit > -700.0 || PROB(v, xv) > 0.0))
 
     bool certain = true;
     u64 threshold = 0;  // kept: candidates whose key is ≥ threshold
@@ -235,7 +241,7 @@ extern "C" __global__ void __launch_bounds__(DRAW_THREADS, 1) draw_tokens(
                 __syncthreads();
                 for_each_strided(x, tid, step, vocab, [&](const i64 v, const float xv) {
                     u64 key = rank_key(xv, (unsigned)v);
-                    if ((key >> low) == prefix && PROB(v, xv) > 0.0) found_key = key;
+                    if ((key >> low) == prefix && POSITIVE_PROB(v, xv)) found_key = key;
                 });
                 __syncthreads();
                 key_c = found_key;
@@ -252,7 +258,7 @@ extern "C" __global__ void __launch_bounds__(DRAW_THREADS, 1) draw_tokens(
             // across the cut goes by id. Such rows go to the host.
             u64 above = ~0ull, below = 0;
             for_each_strided(x, tid, step, vocab, [&](const i64 v, const float xv) {
-                if (!(PROB(v, xv) > 0.0)) return;
+                if (!POSITIVE_PROB(v, xv)) return;
                 u64 key = rank_key(xv, (unsigned)v);
                 if (key > key_c && key < above) above = key;
                 if (key < key_c && key > below) below = key;
@@ -277,8 +283,10 @@ extern "C" __global__ void __launch_bounds__(DRAW_THREADS, 1) draw_tokens(
     race.second = -1.0;
     double kept = 0.0;
     for_each_strided(x, tid, step, vocab, [&](const i64 v, const float xv) {
-        double p = PROB(v, xv);
-        if (!(p > 0.0) || rank_key(xv, (unsigned)v) < threshold) return;
+        // The rank test first: under a nucleus most tokens fall below the cut and need no exp.
+        if ((v) == mask_id || !finite_logit(xv) || rank_key(xv, (unsigned)v) < threshold) return;
+        const double p = PROB(v, xv);
+        if (!(p > 0.0)) return;
         kept += p;
         double score = p / -log(stream_uniform(spec, (unsigned)v));
         if (ahead(score, (unsigned)v, race.best, race.id)) {
@@ -301,5 +309,6 @@ extern "C" __global__ void __launch_bounds__(DRAW_THREADS, 1) draw_tokens(
         confidence[3 * r + 1] = p;
         confidence[3 * r + 2] = inv;
     }
+#undef POSITIVE_PROB
 #undef PROB
 }

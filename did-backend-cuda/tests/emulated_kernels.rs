@@ -241,6 +241,15 @@ fn device_token_draws_are_the_hosts_or_left_to_it_under_emulation() {
         row[6] = -0.0;
         row[7] = 0.0;
     }
+    // A tail whose probabilities underflow: exp(x − max) is subnormal down to about −745 and 0
+    // below, so the kernel's shortcut for "p > 0" (no exp above −700) and its exact test below
+    // must both agree with the host's.
+    let mut underflow = gaussian_rows(10, vocab, &[2.0, 2.0], |x| x);
+    for row in underflow.chunks_mut(vocab) {
+        for (i, x) in row.iter_mut().enumerate().skip(40) {
+            *x = -680.0 - 80.0 * (i as f32 / vocab as f32);
+        }
+    }
     // Every logit equal: the nucleus cuts inside one tie group, by id. With 1,001 tokens
     // (1,000 besides [MASK]) 0.9 falls exactly on a cut, the case the kernel leaves to the host.
     let flat = |n: usize| vec![0.25f32; n];
@@ -316,6 +325,22 @@ fn device_token_draws_are_the_hosts_or_left_to_it_under_emulation() {
             mask_id: (vocab - 1) as u32,
             nucleus: bd3(0.9),
             logits: awkward,
+            uncertain: vec![],
+        },
+        DrawLaunch {
+            name: "underflowing-tail-bd3-0.9",
+            vocab,
+            mask_id: 0,
+            nucleus: bd3(0.9),
+            logits: underflow.clone(),
+            uncertain: vec![],
+        },
+        DrawLaunch {
+            name: "underflowing-tail-no-nucleus",
+            vocab,
+            mask_id: 0,
+            nucleus: bd3(1.0),
+            logits: underflow,
             uncertain: vec![],
         },
         DrawLaunch {

@@ -7,9 +7,11 @@ pub mod data;
 pub mod demo;
 pub mod eval;
 pub mod import;
+pub mod interrupt;
 pub mod model_config;
 pub mod ngram_judge;
 pub mod sample;
+pub mod stage_clock;
 pub mod train;
 pub mod train_config;
 

@@ -7,7 +7,7 @@ use std::time::Instant;
 use did_core::backend::Backend;
 use did_core::model::{Architecture, CausalSampler, DiffusionDenoiser, Transformer};
 use did_core::refine::{
-    generate, GenerateConfig, Generation, RemaskScope, RemaskStrategy, StagePlan,
+    generate, GenerateConfig, GenerateError, Generation, RemaskScope, RemaskStrategy, StagePlan,
 };
 use did_core::sample::categorical::ConfidenceKind;
 use did_core::sample::nucleus::{Nucleus, NucleusRule};
@@ -15,6 +15,7 @@ use did_core::sample::update::BlockUpdate;
 
 use crate::checkpoint;
 use crate::data::tokenizer::{Tokenizer, TokenizerKind};
+use crate::stage_clock::{ClockError, StageClock, StageTime};
 
 /// The sampling settings shared by `did sample` and `did eval gen-ppl`.
 #[derive(Debug, Clone, clap::Args)]
@@ -93,6 +94,39 @@ pub struct Prepared {
     /// A causal (gpt2) model: sampled left to right, one token per call
     /// (the AR baseline); the stage plan and remasking do not apply.
     pub causal: bool,
+}
+
+/// Where a generation's wall time went.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Timed {
+    /// The whole generation, model set-up included.
+    pub wall_s: f64,
+    /// Each stage begun, the draft first.
+    pub stages: Vec<StageTime>,
+}
+
+impl Timed {
+    /// `block 4: 812 calls in 40.2 s; …`, one entry per stage begun.
+    pub fn progress(&self) -> String {
+        self.stages
+            .iter()
+            .map(|s| {
+                format!(
+                    "block {}: {} calls in {:.1} s",
+                    s.block_size, s.calls, s.seconds
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
+    /// The stages as JSON: `[{"block": 4, "calls": 1023, "model_s": 12.1}, …]`.
+    pub fn stages_json(&self) -> serde_json::Value {
+        self.stages
+            .iter()
+            .map(|s| serde_json::json!({"block": s.block_size, "calls": s.calls, "model_s": s.seconds}))
+            .collect()
+    }
 }
 
 /// One finished sample.
@@ -179,14 +213,47 @@ impl Prepared {
         first_sample: u32,
         n: usize,
     ) -> Result<(Generation, f64), String> {
+        self.generate_timed(be, params, first_sample, n)
+            .map(|(g, timed)| (g, timed.wall_s))
+    }
+
+    /// Like [`Prepared::generate`], with each stage's time in the model; stops between two
+    /// model calls when Ctrl-C is pressed (an error that says how far it got).
+    pub fn generate_timed<B: Backend>(
+        &self,
+        be: &B,
+        params: &B::Buffer,
+        first_sample: u32,
+        n: usize,
+    ) -> Result<(Generation, Timed), String> {
         let prompts: Vec<&[u32]> = vec![&self.prompt; n];
         let mut gen = self.gen.clone();
         gen.first_sample = first_sample;
         let t0 = Instant::now();
-        let mut denoiser =
+        let denoiser =
             DiffusionDenoiser::new(be, &self.model, params, true).map_err(|e| e.to_string())?;
-        let g = generate(&mut denoiser, &gen, &prompts).map_err(|e| e.to_string())?;
-        Ok((g, t0.elapsed().as_secs_f64()))
+        let mut clock = StageClock::new(denoiser, crate::interrupt::requested);
+        let result = generate(&mut clock, &gen, &prompts);
+        let wall_s = t0.elapsed().as_secs_f64();
+        match result {
+            Ok(g) => {
+                let stages = clock.stages(&g);
+                Ok((g, Timed { wall_s, stages }))
+            }
+            Err(GenerateError::Denoiser(ClockError::Stopped)) => {
+                let timed = Timed {
+                    wall_s,
+                    stages: clock.segments().to_vec(),
+                };
+                Err(format!(
+                    "interrupted after {:.1} s of a batch of {n} ({}; the plan has {} stages)",
+                    timed.wall_s,
+                    timed.progress(),
+                    gen.plan.stages().len()
+                ))
+            }
+            Err(e) => Err(e.to_string()),
+        }
     }
 
     /// Like [`Prepared::generate`], one [`Drawn`] per sample.
@@ -284,6 +351,8 @@ pub fn sample<B: Backend>(be: &B, opts: &SampleOptions) -> Result<String, String
         ),
         None => None,
     };
+    // Ctrl-C stops between two model calls; the batches written so far stay.
+    crate::interrupt::install();
     let mut text_out = String::new();
     let mut done = 0;
     let total = opts.sampling.num_samples;
@@ -313,7 +382,17 @@ pub fn sample<B: Backend>(be: &B, opts: &SampleOptions) -> Result<String, String
             done += n;
             continue;
         }
-        let (g, wall) = prep.generate(be, &params, done as u32, n)?;
+        crate::interrupt::install();
+        let (g, timed) =
+            prep.generate_timed(be, &params, done as u32, n)
+                .map_err(|e| match &opts.out {
+                    Some(p) if done > 0 => format!(
+                        "{e}; the {done} samples before this batch are in {}",
+                        p.display()
+                    ),
+                    _ => e,
+                })?;
+        let wall = timed.wall_s;
         for s in 0..n {
             let seq = |tokens: &[u32]| tokens[s * len..(s + 1) * len].to_vec();
             let final_tokens = seq(&g.batch.tokens);
@@ -346,6 +425,8 @@ pub fn sample<B: Backend>(be: &B, opts: &SampleOptions) -> Result<String, String
                     "nfe": g.stages.iter().map(|st| st.nfe).collect::<Vec<_>>(),
                     "block_sizes": g.stages.iter().map(|st| st.block_size).collect::<Vec<_>>(),
                     "wall_s": wall / n as f64,
+                    // The batch's, shared by its samples as wall_s is.
+                    "batch_stages": timed.stages_json(),
                 });
                 writeln!(f, "{line}").map_err(|e| format!("cannot write the JSONL output: {e}"))?;
             }

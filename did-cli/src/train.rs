@@ -6,7 +6,6 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use did_core::backend::{Backend, Slice};
@@ -220,13 +219,10 @@ fn make_batch(
     .map_err(|e| e.to_string())
 }
 
-/// Set by Ctrl-C: the loop saves a checkpoint after the current step and stops.
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
 /// Runs training; returns the summary printed at the end.
 pub fn train<B: Backend>(be: &B, opts: &TrainOptions) -> Result<String, String> {
-    // A second handler cannot be installed (the demo trains twice): ignoring that error is right.
-    let _ = ctrlc::set_handler(|| INTERRUPTED.store(true, Ordering::SeqCst));
+    // Ctrl-C: the loop saves a checkpoint after the current step and stops.
+    crate::interrupt::install();
     let open = |name: &str| Shard::open(&opts.data.join(format!("{name}.bin")));
     let train_shard = open("train")?;
     let valid_shard = open("valid").ok().filter(|s| !s.is_empty());
@@ -394,7 +390,7 @@ pub fn train<B: Backend>(be: &B, opts: &TrainOptions) -> Result<String, String> 
     let started = Instant::now();
     let first_step = trainer.step;
     let out_of_time = || {
-        INTERRUPTED.load(Ordering::SeqCst)
+        crate::interrupt::requested()
             || opts
                 .max_seconds
                 .is_some_and(|s| started.elapsed().as_secs_f64() >= s)
@@ -456,7 +452,7 @@ pub fn train<B: Backend>(be: &B, opts: &TrainOptions) -> Result<String, String> 
         last_valid = validate(&mut trainer)?;
     }
     let steps_run = trainer.step - first_step;
-    if INTERRUPTED.load(Ordering::SeqCst) {
+    if crate::interrupt::requested() {
         return Err(format!(
             "interrupted: saved step {} in {}; continue with the same command and --resume",
             trainer.step,

@@ -238,6 +238,24 @@ fn sample_with_every_remask_strategy() {
             assert!(remasked.iter().all(|&p| p >= 4), "{l}");
             assert!(l["text"].as_str().unwrap().starts_with("The"), "{l}");
             assert_eq!(l["nfe"].as_array().unwrap().len(), 2);
+            // Each stage's time in the model, with its calls (post-hoc scoring's included).
+            let stages = l["batch_stages"].as_array().unwrap();
+            assert_eq!(stages.len(), 2, "{l}");
+            for (stage, (nfe, block)) in stages.iter().zip(
+                l["nfe"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .zip(l["block_sizes"].as_array().unwrap()),
+            ) {
+                assert_eq!(&stage["calls"], nfe, "{l}");
+                assert_eq!(&stage["block"], block, "{l}");
+                let s = stage["model_s"].as_f64().unwrap();
+                assert!(
+                    s >= 0.0 && s <= l["wall_s"].as_f64().unwrap() * 2.0 + 1e-3,
+                    "{l}"
+                );
+            }
         }
     }
     // A refine stage smaller than the length needs --local-final (the refine-block ablation).
@@ -283,6 +301,72 @@ fn sample_with_every_remask_strategy() {
         assert_eq!(code, 2, "{extra:?}");
         assert!(err.contains(want), "{extra:?}: {err}");
     }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[cfg(unix)]
+#[test]
+fn ctrl_c_stops_sampling_between_calls_and_keeps_the_written_samples() {
+    let dir = scratch("ctrlc-sample");
+    let (data, model) = setup(&dir);
+    let run = dir.join("run");
+    let (code, _, err) = did(&[
+        "train",
+        "--data",
+        data.to_str().unwrap(),
+        "--model",
+        model.to_str().unwrap(),
+        "--steps",
+        "1",
+        "--batch",
+        "1",
+        "--out",
+        run.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let ckpt = run.join("ckpt-00000001.safetensors");
+    let out = dir.join("samples.jsonl");
+    let child = Command::new(env!("CARGO_BIN_EXE_did"))
+        .args(["sample", "--checkpoint", ckpt.to_str().unwrap()])
+        .args(["--num-samples", "1000000", "--batch", "1"])
+        .args(["--out", out.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let written = || {
+        std::fs::read_to_string(&out)
+            .map(|s| s.lines().count())
+            .unwrap_or(0)
+    };
+    let t0 = std::time::Instant::now();
+    while written() < 2 {
+        assert!(t0.elapsed().as_secs() < 120, "sampling did not start");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let result = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&result.stderr);
+    assert_eq!(result.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("interrupted after") && err.contains("calls in"),
+        "{err}"
+    );
+    // Every line written is a whole sample, and the message says where they are.
+    let lines = std::fs::read_to_string(&out).unwrap();
+    let n = lines.lines().count();
+    for l in lines.lines() {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        assert!(v["tokens"].is_array(), "{l}");
+    }
+    assert!(
+        err.contains(&format!("the {n} samples before this batch are in")),
+        "{n} lines: {err}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
