@@ -90,7 +90,7 @@ for b in ${SAMPLE_BATCHES:-1 64}; do
     poll_start
     s=$(date +%s.%N)
     # SIGINT at the limit: did stops between two model calls and says how far each stage got.
-    timeout -s INT -k 20 "$limit" "$did" --backend "$backend" --precision "$prec" sample --checkpoint "$ckpt" --stages 4,L:0.25 \
+    DID_CUDA_STATS=1 timeout -s INT -k 20 "$limit" "$did" --backend "$backend" --precision "$prec" sample --checkpoint "$ckpt" --stages 4,L:0.25 \
         "${length_flag[@]}" --num-samples "$b" --batch "$b" --seed 1 --out "$work/samples-$b.jsonl" \
         >>"$work/log" 2>"$work/sample-$b.err"
     rc=$?
@@ -154,6 +154,12 @@ def ours_stages(row):
     lines = [json.loads(l) for l in open(path) if l.strip()]
     return lines[0].get("batch_stages") if lines else None
 
+def backend_counts(row):
+    """The CUDA backend's own counts (DID_CUDA_STATS=1: launches, cuBLAS calls, transfers, draws)."""
+    err = os.path.join(work, f"sample-{row['batch']}.err")
+    said = [l.strip().split("): ", 1)[-1] for l in open(err) if l.startswith("did-backend-cuda")] if os.path.exists(err) else []
+    return said[-1] if said else None
+
 def cut_short(row):
     """did's own account of a run stopped at the time limit (stage by stage), or None."""
     err = os.path.join(work, f"sample-{row['batch']}.err")
@@ -161,7 +167,8 @@ def cut_short(row):
     return said[-1] if said else None
 
 sample = [json.loads(l) for l in open(os.path.join(work, "sample-rows.jsonl"))] if os.path.exists(os.path.join(work, "sample-rows.jsonl")) else []
-ours_sample = {r["batch"]: {**r, "samples_per_s": ours_rate(r), "stages": ours_stages(r), "cut_short": cut_short(r)}
+ours_sample = {r["batch"]: {**r, "samples_per_s": ours_rate(r), "stages": ours_stages(r), "cut_short": cut_short(r),
+                   "backend_counts": backend_counts(r)}
                for r in sample}
 for r in ours_sample.values():
     r.pop("jsonl", None)
@@ -174,6 +181,9 @@ def stage_line(b, r):
     if r.get("cut_short"):
         return f"did batch {b}, stopped at the limit: {r['cut_short'].removeprefix('error: ')}"
     return f"did batch {b}: no stage times (exit status {r.get('exit_status')})"
+
+def counts_line(b, r):
+    return f"did batch {b}: {r['backend_counts']}" if r.get("backend_counts") else None
 
 def best(kind, key, batch=None):
     rs = [r for r in pt.get(kind, []) if r.get(key) is not None and (batch is None or r.get("batch") == batch)]
@@ -242,6 +252,7 @@ Every PyTorch variant: {', '.join(f"{r['variant']} {fmt(r.get('tokens_per_s'))} 
 sampling {', '.join(f"{r['variant']} b{r.get('batch')} {fmt(r.get('samples_per_s'), '{:.3f}')}/s" for r in pt.get('sample', []))}.
 Where did's sampling time went (time inside the model's calls, host draws included; the rest of the wall time is the
 sampler's own work): {'. '.join(stage_line(b, r) for b, r in ours_sample.items()) or '—'}.
+What the backend asked of the GPU (`DID_CUDA_STATS=1`): {'. '.join(c for c in (counts_line(b, r) for b, r in ours_sample.items()) if c) or '—'}.
 Rerun: `scripts/gpu-bundle.sh` on a build machine, then `scripts/gpu-bench.sh target/gpu-bundle docs/perf` on the GPU
 host (raw figures in `gpu.json`).
 <!-- gpu-bench:end -->

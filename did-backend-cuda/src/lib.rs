@@ -40,8 +40,8 @@ use std::sync::Arc;
 
 use cudarc::cublas::{sys as blas_sys, CudaBlas};
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig,
-    PushKernelArg,
+    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr,
+    HostSlice, LaunchConfig, PushKernelArg,
 };
 use did_core::backend::{
     AdamW, AttentionShape, Backend, DrawSpec, DropoutMask, Gemm, NormShape, QkvOffsets, RopeShape,
@@ -52,7 +52,10 @@ use did_core::rng::RngStream;
 use did_core::sample::categorical::{draw_token, DrawScratch, SampledToken};
 use did_core::sample::nucleus::{Nucleus, NucleusRule};
 
+use counters::{Counts, Event};
+
 mod available;
+pub mod counters;
 pub mod draw;
 mod error;
 pub mod few_rows;
@@ -191,6 +194,16 @@ pub struct CudaBackend {
     sms: usize,
     /// Linear forwards over ≤ 8 rows on the few-rows kernel ([`few_rows`]) in bf16.
     few_rows: std::sync::atomic::AtomicBool,
+    /// Launches, transfers and draws so far ([`CudaBackend::counts`]).
+    counters: counters::Counters,
+}
+
+impl Drop for CudaBackend {
+    fn drop(&mut self) {
+        if std::env::var_os("DID_CUDA_STATS").is_some_and(|v| v == "1") {
+            eprintln!("did-backend-cuda ({}): {}", self.name, self.counts());
+        }
+    }
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -306,6 +319,7 @@ impl CudaBackend {
             key_split: std::sync::atomic::AtomicUsize::new(0),
             sms,
             few_rows: std::sync::atomic::AtomicBool::new(few_rows),
+            counters: counters::Counters::default(),
         })
         .inspect(|b| {
             b.set_key_split(key_split);
@@ -361,6 +375,12 @@ impl CudaBackend {
     pub fn set_few_rows_kernel(&self, on: bool) {
         self.few_rows
             .store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Launches, cuBLAS calls, transfers and token draws since the backend was made
+    /// (`DID_CUDA_STATS=1` prints them when it is dropped).
+    pub fn counts(&self) -> Counts {
+        self.counters.snapshot()
     }
 
     /// Whether the few-rows kernel is in use (see [`CudaBackend::set_few_rows_kernel`]).
@@ -539,6 +559,16 @@ impl CudaBackend {
         self.precision
     }
 
+    /// A host-to-device copy, counted.
+    fn upload_bytes<T: DeviceRepr, Src: HostSlice<T> + ?Sized, Dst: DevicePtrMut<T>>(
+        &self,
+        src: &Src,
+        dst: &mut Dst,
+    ) -> Result<(), CudaError> {
+        self.counters.add(Event::Upload, 1);
+        Ok(self.stream.memcpy_htod(src, dst)?)
+    }
+
     fn launch(
         &self,
         kernel: &'static str,
@@ -570,6 +600,7 @@ impl CudaBackend {
         // SAFETY: every pointer argument was bounds-checked against its
         // buffer by the caller, and the arguments match the kernel's signature.
         unsafe { b.launch(cfg) }?;
+        self.counters.add(Event::Kernel, 1);
         Ok(())
     }
 
@@ -892,6 +923,7 @@ impl CudaBackend {
                 Arg::Ptr(pp),
             ],
         )?;
+        self.counters.add(Event::Download, 1);
         let host = self.stream.clone_dtoh(&partial)?;
         self.stream.synchronize()?;
         Ok(host.iter().sum())
@@ -999,7 +1031,7 @@ impl Backend for CudaBackend {
         if !host.is_empty() {
             let bytes = self.to_bytes(host);
             let mut view = buf.mem.slice_mut(0..bytes.len());
-            self.stream.memcpy_htod(&bytes, &mut view)?;
+            self.upload_bytes(&bytes, &mut view)?;
         }
         Ok(buf)
     }
@@ -1012,6 +1044,7 @@ impl Backend for CudaBackend {
         let esize = element_bytes(src.buf);
         let start = src.offset * esize;
         let mut bytes = vec![0u8; out.len() * esize];
+        self.counters.add(Event::Download, 1);
         self.stream
             .memcpy_dtoh(&src.buf.mem.slice(start..start + bytes.len()), &mut bytes)?;
         self.stream.synchronize()?;
@@ -1031,7 +1064,7 @@ impl Backend for CudaBackend {
         let mut dev = self.stream.alloc_zeros::<u32>(host.len().max(1))?;
         if !host.is_empty() {
             let mut view = dev.slice_mut(0..host.len());
-            self.stream.memcpy_htod(host, &mut view)?;
+            self.upload_bytes(host, &mut view)?;
         }
         Ok(CudaIds {
             dev,
@@ -1154,6 +1187,7 @@ impl Backend for CudaBackend {
         // Row-major C = op(A)·op(B) is column-major Cᵀ = op(B)ᵀ·op(A)ᵀ: swap the operands.
         let (alpha, beta) = (g.alpha, g.beta);
         let ld = |v: usize| v.max(1);
+        self.counters.add(Event::Gemm, 1);
         // SAFETY: the extents of all three operands were checked above.
         unsafe {
             cudarc::cublas::result::gemm_strided_batched_ex(
@@ -1803,7 +1837,7 @@ impl Backend for CudaBackend {
         let groups = grouped.ids.len();
         let words = grouped.words();
         let mut dev = self.stream.alloc_zeros::<u32>(words.len())?;
-        self.stream.memcpy_htod(&words, &mut dev)?;
+        self.upload_bytes(&words, &mut dev)?;
         let (base, _sync) = dev.device_ptr(&self.stream);
         let args = [
             Arg::Ptr(base),
@@ -1946,6 +1980,7 @@ impl Backend for CudaBackend {
             return Ok(());
         }
         if self.draw_location() == DrawLocation::Host {
+            self.counters.add(Event::HostDraw, rows as u64);
             let mut host = vec![0.0f32; rows * vocab];
             self.download(logits, &mut host)?;
             let draw_rows = |logits: &[f32], draws: &[DrawSpec], out: &mut [SampledToken]| {
@@ -1975,7 +2010,7 @@ impl Backend for CudaBackend {
         }
         let words: Vec<u32> = draws[..rows].iter().flat_map(draw::stream_words).collect();
         let mut specs = self.stream.alloc_zeros::<u32>(words.len())?;
-        self.stream.memcpy_htod(&words, &mut specs)?;
+        self.upload_bytes(&words, &mut specs)?;
         let ids = self.stream.alloc_zeros::<u32>(2 * rows)?;
         let confidence = self.stream.alloc_zeros::<f64>(3 * rows)?;
         {
@@ -1994,6 +2029,7 @@ impl Backend for CudaBackend {
             ];
             self.launch("draw_tokens", (grid_rows(rows)?, 1, 1), DRAW_THREADS, &args)?;
         }
+        self.counters.add(Event::Download, 2);
         let ids = self.stream.clone_dtoh(&ids)?;
         let confidence = self.stream.clone_dtoh(&confidence)?;
         self.stream.synchronize()?;
@@ -2006,6 +2042,14 @@ impl Backend for CudaBackend {
                     confidence[3 * r + 1],
                     confidence[3 * r + 2],
                 ],
+            );
+            self.counters.add(
+                if certified.is_some() {
+                    Event::DeviceDraw
+                } else {
+                    Event::HostRedraw
+                },
+                1,
             );
             *slot = match certified {
                 Some(token) => token,

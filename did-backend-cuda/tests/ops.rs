@@ -1563,6 +1563,7 @@ fn draws_are_the_cpus_on_the_host_and_on_the_device() {
                     let seconds = common::with_gpu(precision, |be| {
                         let buf = be.upload(&logits).unwrap();
                         be.set_draw_location(location);
+                        let before = be.counts();
                         let start = std::time::Instant::now();
                         let result = be.draw_tokens(
                             Slice::whole(&buf),
@@ -1575,6 +1576,23 @@ fn draws_are_the_cpus_on_the_host_and_on_the_device() {
                         let seconds = start.elapsed().as_secs_f64();
                         be.set_draw_location(DrawLocation::Host);
                         result.unwrap();
+                        // Every row is counted once, where it was drawn.
+                        let after = be.counts();
+                        let (device, redrawn, host) = (
+                            after.device_draws - before.device_draws,
+                            after.host_redraws - before.host_redraws,
+                            after.host_draws - before.host_draws,
+                        );
+                        match location {
+                            DrawLocation::Host => {
+                                assert_eq!((device, redrawn, host), (0, 0, rows as u64))
+                            }
+                            DrawLocation::Device => {
+                                assert_eq!((device + redrawn, host), (rows as u64, 0));
+                                assert_eq!(after.kernels - before.kernels, 1);
+                                eprintln!("{redrawn} of {rows} rows redrawn on the host");
+                            }
+                        }
                         seconds
                     });
                     let what =
