@@ -8,8 +8,8 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use did_core::backend::{
-    AdamW, AttentionShape, Backend, DrawSpec, DropoutMask, Gemm, NormShape, QkvOffsets, RopeShape,
-    RowGroups, RowMajor, Slice, SliceMut,
+    linear_forward_then_in_steps, AdamW, AttentionShape, Backend, DrawSpec, DropoutMask, Gemm,
+    LinearThen, NormShape, QkvOffsets, RopeShape, RowGroups, RowMajor, Slice, SliceMut,
 };
 use did_core::mask::AttentionMask;
 use did_core::rng::RngStream;
@@ -59,12 +59,17 @@ impl<B: Backend> Profiled<B> {
 
     /// The label of `spec`: `matmul`, or its shape (interned: a model has a few dozen).
     fn gemm_label(&self, spec: &Gemm) -> &'static str {
+        self.shape_label("matmul", spec)
+    }
+
+    /// `what`, and the GEMM's shape where the profile keeps shapes.
+    fn shape_label(&self, what: &'static str, spec: &Gemm) -> &'static str {
         let Some(shapes) = &self.gemm_shapes else {
-            return "matmul";
+            return what;
         };
         let t = |x: bool| if x { 'T' } else { 'N' };
         let label = format!(
-            "matmul {}×{}×{} {}{}{}",
+            "{what} {}×{}×{} {}{}{}",
             spec.m,
             spec.n,
             spec.k,
@@ -191,6 +196,31 @@ impl<B: Backend> Backend for Profiled<B> {
     fn matmul(&self, spec: &Gemm, a: S<'_, B>, b: S<'_, B>, c: M<'_, B>) -> Result<(), B::Error> {
         self.timed(self.gemm_label(spec), spec.flops() as u64, || {
             self.inner.matmul(spec, a, b, c)
+        })
+    }
+    fn linear_forward_then(
+        &self,
+        x: S<'_, B>,
+        w: S<'_, B>,
+        y: M<'_, B>,
+        rows: usize,
+        d_in: usize,
+        d_out: usize,
+        then: LinearThen<'_, B::Buffer>,
+    ) -> Result<(), B::Error> {
+        // Over many rows (training, refining) no backend fuses them: the GEMM and the op are
+        // timed apart, as before. Over a few (a draft call) the call is timed whole.
+        if rows > 8 {
+            return linear_forward_then_in_steps(self, x, w, y, rows, d_in, d_out, then);
+        }
+        let spec = Gemm::linear(rows, d_in, d_out);
+        let what = match then {
+            LinearThen::BiasGelu { .. } => "linear+bias_gelu",
+            LinearThen::GatedResidual { .. } => "linear+gated_residual",
+        };
+        self.timed(self.shape_label(what, &spec), spec.flops() as u64, || {
+            self.inner
+                .linear_forward_then(x, w, y, rows, d_in, d_out, then)
         })
     }
     fn padded_row_stride(&self, cols: usize) -> usize {

@@ -124,3 +124,21 @@ __device__ float block_max(float x, float* shared32) {
     for (int w = 0; w < warps; ++w) m = fmaxf(m, shared32[w]);
     return m;
 }
+
+// The value as stored (rounded to bf16 in bf16 storage): a fused kernel that rounds where the
+// kernels it replaces stored computes what they compute, bit for bit.
+__device__ __forceinline__ float as_stored(float x) {
+    store_t s = to_store(x);
+    return ld(&s, 0);
+}
+
+// GELU, tanh form written as x·σ(2u) (as the CPU reference).
+__device__ __forceinline__ void gelu_parts(float x, float* y, float* dy) {
+    const float c = 0.7978845608028654f, a = 0.044715f;
+    float u = c * (x + a * x * x * x);
+    float s = 1.0f / (1.0f + expf(-2.0f * u));
+    float th = 2.0f * s - 1.0f;
+    float sech2 = 1.0f - th * th;
+    *y = x * s;
+    *dy = s + 0.5f * x * sech2 * c * (1.0f + 3.0f * a * x * x);
+}

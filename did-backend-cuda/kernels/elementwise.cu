@@ -149,12 +149,6 @@ __device__ __forceinline__ void gate_chunk(const store_t* gate, i64 i, i64 token
     }
 }
 
-// The value as stored (rounded to bf16 in bf16 storage): a fused kernel that rounds where the
-// kernels it replaces stored computes what they compute, bit for bit.
-__device__ __forceinline__ float as_stored(float x) {
-    store_t s = to_store(x);
-    return ld(&s, 0);
-}
 
 // Inverted dropout's factor for element i (did_core::backend::Backend::dropout, the `dropout`
 // kernel below): keep_scale where the top 24 bits of word i of the stream's row 0, as a
@@ -265,16 +259,6 @@ extern "C" __global__ void gated_residual_backward_dy(const store_t* dres, const
     }
 }
 
-// GELU, tanh form written as x·σ(2u) (as the CPU reference).
-__device__ __forceinline__ void gelu_parts(float x, float* y, float* dy) {
-    const float c = 0.7978845608028654f, a = 0.044715f;
-    float u = c * (x + a * x * x * x);
-    float s = 1.0f / (1.0f + expf(-2.0f * u));
-    float th = 2.0f * s - 1.0f;
-    float sech2 = 1.0f - th * th;
-    *y = x * s;
-    *dy = s + 0.5f * x * sech2 * c * (1.0f + 3.0f * a * x * x);
-}
 
 extern "C" __global__ void gelu_forward(const store_t* x, store_t* out, i64 n) {
     GRID_STRIDE(i, n) { float y, dy; gelu_parts(ld(x, i), &y, &dy); st(out, i, y); }

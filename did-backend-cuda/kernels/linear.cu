@@ -17,9 +17,20 @@
 #define FEW_THREADS 128
 #define FEW_COLS 4
 
-template <int M>
+// What the kernel does with a sum after the product, in the same pass (the output rows dense,
+// y's row stride n): THEN_STORE stores it; THEN_BIAS_GELU is bias_gelu_forward's, y keeping the
+// stored pre-activation and out its GELU; THEN_GATED_RESIDUAL is (bias_)gated_residual_forward_into's,
+// y keeping the (biased) branch output and out = residual + gate[row / tokens]·y. Each rounds
+// where the separate kernels store, so the results are theirs bit for bit, and a draft call
+// launches one kernel a layer's projection instead of two.
+#define THEN_STORE 0
+#define THEN_BIAS_GELU 1
+#define THEN_GATED_RESIDUAL 2
+
+template <int M, int THEN>
 __device__ __forceinline__ void linear_few_rows(const store_t* x, i64 lda, const store_t* w, i64 ldb, store_t* y, i64 ldc,
-                                                int m, i64 n, i64 k, float beta) {
+                                                int m, i64 n, i64 k, float beta, const store_t* bias, store_t* out,
+                                                const store_t* gate, const store_t* residual, i64 tokens) {
     __shared__ float warp_sums[FEW_THREADS / 32][M * FEW_COLS];
     const i64 col0 = (i64)blockIdx.x * FEW_COLS;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -70,7 +81,21 @@ __device__ __forceinline__ void linear_few_rows(const store_t* x, i64 lda, const
             float s = 0.0f;
             for (int v = 0; v < FEW_THREADS / 32; ++v) s += warp_sums[v][t];
             if (beta != 0.0f) s += beta * ld(y, r * ldc + col);
-            st(y, r * ldc + col, s);
+            if (THEN == THEN_STORE) {
+                st(y, r * ldc + col, s);
+            } else if (THEN == THEN_BIAS_GELU) {
+                const store_t pre = to_store(as_stored(s) + ld(bias, col));
+                y[r * ldc + col] = pre;
+                float g, dg;
+                gelu_parts(ld(&pre, 0), &g, &dg);
+                st(out, r * n + col, g);
+            } else {
+                float yv = as_stored(s);
+                if (bias) yv = as_stored(yv + ld(bias, col));
+                st(y, r * ldc + col, yv);
+                const float g = gate ? ld(gate, (r / tokens) * n + col) : 1.0f;
+                st(out, r * n + col, ld(residual, r * n + col) + g * yv);
+            }
         }
     }
 }
@@ -79,7 +104,18 @@ __device__ __forceinline__ void linear_few_rows(const store_t* x, i64 lda, const
 #define LINEAR_FEW_ROWS(M)                                                                                         \
     extern "C" __global__ void __launch_bounds__(FEW_THREADS) linear_few_rows_##M(                               \
         const store_t* x, i64 lda, const store_t* w, i64 ldb, store_t* y, i64 ldc, int m, i64 n, i64 k, float beta) { \
-        linear_few_rows<M>(x, lda, w, ldb, y, ldc, m, n, k, beta);                                                \
+        linear_few_rows<M, THEN_STORE>(x, lda, w, ldb, y, ldc, m, n, k, beta, nullptr, nullptr, nullptr, nullptr, 1); \
+    }                                                                                                              \
+    extern "C" __global__ void __launch_bounds__(FEW_THREADS) linear_few_rows_##M##_bias_gelu(                   \
+        const store_t* x, i64 lda, const store_t* w, i64 ldb, store_t* y, int m, i64 n, i64 k, const store_t* bias,   \
+        store_t* out) {                                                                                            \
+        linear_few_rows<M, THEN_BIAS_GELU>(x, lda, w, ldb, y, n, m, n, k, 0.0f, bias, out, nullptr, nullptr, 1);  \
+    }                                                                                                              \
+    extern "C" __global__ void __launch_bounds__(FEW_THREADS) linear_few_rows_##M##_gated_residual(              \
+        const store_t* x, i64 lda, const store_t* w, i64 ldb, store_t* y, int m, i64 n, i64 k, const store_t* bias,   \
+        const store_t* gate, const store_t* residual, store_t* out, i64 tokens) {                                  \
+        linear_few_rows<M, THEN_GATED_RESIDUAL>(x, lda, w, ldb, y, n, m, n, k, 0.0f, bias, out, gate, residual,   \
+                                                tokens);                                                           \
     }
 LINEAR_FEW_ROWS(1)
 LINEAR_FEW_ROWS(2)

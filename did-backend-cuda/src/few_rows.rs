@@ -56,6 +56,54 @@ pub fn kernel_for(g: &Gemm, vec: usize, a_aligned: bool, b_aligned: bool) -> Opt
     })
 }
 
+/// What the kernel does with `x · Wᵀ` before it stores it (`THEN_*` in linear.cu).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Then {
+    /// Stores it ([`kernel_for`]'s kernels).
+    Store,
+    /// `bias_gelu_forward`'s pass: the biased pre-activation stays in `y`, its GELU goes out.
+    BiasGelu,
+    /// `(bias_)gated_residual_forward_into`'s pass: `out = residual + gate · (y + bias)`.
+    GatedResidual,
+}
+
+/// The kernel for `g` followed by `then` in the same pass, under [`kernel_for`]'s rule; the
+/// fused forms also need `y` dense (`ldc = n`) and no accumulation (`beta = 0`).
+///
+/// ```
+/// use did_backend_cuda::few_rows::{fused_kernel_for, Then};
+/// use did_core::backend::Gemm;
+/// let up = Gemm::linear(4, 768, 3072);
+/// assert_eq!(fused_kernel_for(&up, 8, true, true, Then::BiasGelu), Some("linear_few_rows_4_bias_gelu"));
+/// assert_eq!(fused_kernel_for(&up, 8, true, true, Then::Store), Some("linear_few_rows_4"));
+/// assert_eq!(fused_kernel_for(&up.accumulate(), 8, true, true, Then::GatedResidual), None);
+/// ```
+pub fn fused_kernel_for(
+    g: &Gemm,
+    vec: usize,
+    a_aligned: bool,
+    b_aligned: bool,
+    then: Then,
+) -> Option<&'static str> {
+    let plain = kernel_for(g, vec, a_aligned, b_aligned)?;
+    if then == Then::Store {
+        return Some(plain);
+    }
+    if g.ldc != g.n || g.beta != 0.0 {
+        return None;
+    }
+    Some(match (g.m, then) {
+        (1, Then::BiasGelu) => "linear_few_rows_1_bias_gelu",
+        (2, Then::BiasGelu) => "linear_few_rows_2_bias_gelu",
+        (3 | 4, Then::BiasGelu) => "linear_few_rows_4_bias_gelu",
+        (_, Then::BiasGelu) => "linear_few_rows_8_bias_gelu",
+        (1, _) => "linear_few_rows_1_gated_residual",
+        (2, _) => "linear_few_rows_2_gated_residual",
+        (3 | 4, _) => "linear_few_rows_4_gated_residual",
+        _ => "linear_few_rows_8_gated_residual",
+    })
+}
+
 /// Blocks a launch of the kernel for `n` columns takes.
 pub fn blocks(n: usize) -> u32 {
     n.div_ceil(COLUMNS_PER_BLOCK).min(u32::MAX as usize) as u32
@@ -84,6 +132,29 @@ mod tests {
                         && k % 8 == 0 && g.lda % 8 == 0 && blocks(n) as usize * COLUMNS_PER_BLOCK >= n
                 }
             }
+        }
+    }
+
+    quickcheck! {
+        /// A fused kernel is the plain kernel's bound with its epilogue, over dense outputs.
+        fn fused_kernels_share_the_plain_rule(m: u8, n: u16, k: u16, ldc_pad: u8, beta: bool) -> bool {
+            let (m, n, k) = (m as usize % 12, n as usize, 8 * (k as usize % 300));
+            let g = Gemm {
+                ldc: n + ldc_pad as usize % 3,
+                beta: if beta { 1.0 } else { 0.0 },
+                ..Gemm::linear(m, k, n)
+            };
+            let plain = kernel_for(&g, 8, true, true);
+            [Then::BiasGelu, Then::GatedResidual].iter().all(|&then| {
+                match fused_kernel_for(&g, 8, true, true, then) {
+                    None => plain.is_none() || g.ldc != g.n || beta,
+                    Some(name) => {
+                        let suffix = if then == Then::BiasGelu { "_bias_gelu" } else { "_gated_residual" };
+                        plain.map(|p| format!("{p}{suffix}")) == Some(name.to_string())
+                            && g.ldc == g.n && !beta
+                    }
+                }
+            }) && fused_kernel_for(&g, 8, true, true, Then::Store) == plain
         }
     }
 

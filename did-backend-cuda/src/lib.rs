@@ -44,8 +44,8 @@ use cudarc::driver::{
     HostSlice, LaunchConfig, PushKernelArg,
 };
 use did_core::backend::{
-    AdamW, AttentionShape, Backend, DrawSpec, DropoutMask, Gemm, NormShape, QkvOffsets, RopeShape,
-    RowGroups, RowMajor, Slice, SliceMut,
+    AdamW, AttentionShape, Backend, DrawSpec, DropoutMask, Gemm, LinearThen, NormShape, QkvOffsets,
+    RopeShape, RowGroups, RowMajor, Slice, SliceMut,
 };
 use did_core::mask::AttentionMask;
 use did_core::rng::RngStream;
@@ -1448,6 +1448,87 @@ impl Backend for CudaBackend {
             Arg::I64(n as i64),
         ];
         self.launch_elements("gated_residual_forward", n, &args)
+    }
+
+    fn linear_forward_then(
+        &self,
+        x: Slice<'_, CudaBuffer>,
+        w: Slice<'_, CudaBuffer>,
+        y: SliceMut<'_, CudaBuffer>,
+        rows: usize,
+        d_in: usize,
+        d_out: usize,
+        then: LinearThen<'_, CudaBuffer>,
+    ) -> Result<(), CudaError> {
+        let g = Gemm::linear(rows, d_in, d_out);
+        let fused = if self.few_rows_kernel() && rows > 0 && d_out > 0 {
+            let (ea, eb, _) = g.extents();
+            let (px, pw) = (self.ptr(x, ea, "linear x")?, self.ptr(w, eb, "linear w")?);
+            let aligned = |p: u64| p % 16 == 0;
+            let kind = match then {
+                LinearThen::BiasGelu { .. } => few_rows::Then::BiasGelu,
+                LinearThen::GatedResidual { .. } => few_rows::Then::GatedResidual,
+            };
+            few_rows::fused_kernel_for(&g, 8, aligned(px), aligned(pw), kind)
+                .map(|kernel| (kernel, px, pw))
+        } else {
+            None
+        };
+        // A shape the fused kernels do not take: the two calls.
+        let Some((kernel, px, pw)) = fused else {
+            return did_core::backend::linear_forward_then_in_steps(
+                self, x, w, y, rows, d_in, d_out, then,
+            );
+        };
+        let n = rows * d_out;
+        let py = self.ptr_mut(y, n, "linear y")?;
+        let head = [
+            Arg::Ptr(px),
+            Arg::I64(d_in as i64),
+            Arg::Ptr(pw),
+            Arg::I64(d_in as i64),
+            Arg::Ptr(py),
+            Arg::I32(rows as i32),
+            Arg::I64(d_out as i64),
+            Arg::I64(d_in as i64),
+        ];
+        let tail: Vec<Arg> = match then {
+            LinearThen::BiasGelu { bias, gelu } => vec![
+                Arg::Ptr(self.ptr(bias, d_out, "linear bias")?),
+                Arg::Ptr(self.ptr_mut(gelu, n, "linear gelu")?),
+            ],
+            LinearThen::GatedResidual {
+                bias,
+                gate,
+                residual,
+                out,
+                tokens,
+            } => {
+                let tokens = tokens.max(1);
+                if rows % tokens != 0 {
+                    return Err(CudaError::Shape(format!(
+                        "linear_forward_then: {rows} rows are not whole sequences of {tokens}"
+                    )));
+                }
+                vec![
+                    Arg::Ptr(match bias {
+                        Some(b) => self.ptr(b, d_out, "linear bias")?,
+                        None => 0,
+                    }),
+                    Arg::Ptr(self.gate_ptr(gate, rows / tokens, d_out)?),
+                    Arg::Ptr(self.ptr(residual, n, "linear residual")?),
+                    Arg::Ptr(self.ptr_mut(out, n, "linear out")?),
+                    Arg::I64(tokens as i64),
+                ]
+            }
+        };
+        let args: Vec<Arg> = head.into_iter().chain(tail).collect();
+        self.launch(
+            kernel,
+            (few_rows::blocks(d_out), 1, 1),
+            few_rows::THREADS,
+            &args,
+        )
     }
 
     fn gated_residual_forward_into(

@@ -11,8 +11,8 @@ use common::{
 };
 use did_backend_cuda::{AttentionKernel, KeySplit, Precision};
 use did_core::backend::{
-    AdamW, AttentionShape, Backend, DrawSpec, DropoutMask, Gemm, NormShape, QkvOffsets, RopeShape,
-    RowGroups, RowMajor, Slice, SliceMut,
+    AdamW, AttentionShape, Backend, DrawSpec, DropoutMask, Gemm, LinearThen, NormShape, QkvOffsets,
+    RopeShape, RowGroups, RowMajor, Slice, SliceMut,
 };
 use did_core::mask::AttentionMask;
 use did_core::rng::{Purpose, RngStream};
@@ -198,6 +198,162 @@ fn few_row_linear_forwards_on_their_kernel_and_on_cublas() {
         ))
     }
     qc(40, prop);
+}
+
+/// A draft layer's projection and what consumes it ([`Backend::linear_forward_then`]): the
+/// MLP's up-projection with bias + GELU, or a branch's projection into the residual.
+struct ProjectionCase {
+    rows: usize,
+    d_in: usize,
+    d_out: usize,
+    /// Rows a gate; 0: the MLP's bias + GELU instead of a residual.
+    tokens: usize,
+    bias: bool,
+    gate: bool,
+    seed: u64,
+}
+
+impl ProjectionCase {
+    /// `linear_forward_then`, or its two calls when `in_steps`.
+    fn run_on<B: Backend>(&self, be: &B, in_steps: bool) -> Result<Out, B::Error> {
+        let (m, k, n) = (self.rows, self.d_in, self.d_out);
+        let x = be.upload(&rand(self.seed, m * k, 1.0))?;
+        let w = be.upload(&rand(self.seed ^ 1, n * k, 0.1))?;
+        let bias = be.upload(&rand(self.seed ^ 2, n, 1.0))?;
+        let gate = be.upload(&rand(self.seed ^ 3, (m / self.tokens.max(1)) * n, 1.0))?;
+        let residual = be.upload(&rand(self.seed ^ 4, m * n, 1.0))?;
+        let (mut y, mut out) = (poisoned(be, m * n)?, poisoned(be, m * n)?);
+        let then = if self.tokens == 0 {
+            LinearThen::BiasGelu {
+                bias: Slice::whole(&bias),
+                gelu: SliceMut::whole(&mut out),
+            }
+        } else {
+            LinearThen::GatedResidual {
+                bias: self.bias.then(|| Slice::whole(&bias)),
+                gate: self.gate.then(|| Slice::whole(&gate)),
+                residual: Slice::whole(&residual),
+                out: SliceMut::whole(&mut out),
+                tokens: self.tokens,
+            }
+        };
+        let (xs, ws, ys) = (Slice::whole(&x), Slice::whole(&w), SliceMut::whole(&mut y));
+        if in_steps {
+            did_core::backend::linear_forward_then_in_steps(be, xs, ws, ys, m, k, n, then)?;
+        } else {
+            be.linear_forward_then(xs, ws, ys, m, k, n, then)?;
+        }
+        Ok(vec![
+            ("y", down(be, &y, m * n)?),
+            ("out", down(be, &out, m * n)?),
+        ])
+    }
+}
+
+impl Case for ProjectionCase {
+    fn run<B: Backend>(&self, be: &B) -> Result<Out, B::Error> {
+        self.run_on(be, false)
+    }
+}
+
+#[test]
+fn fused_few_row_projections_equal_the_calls_they_replace() {
+    if !gpu("fused_few_row_projections_equal_the_calls_they_replace") {
+        return;
+    }
+    fn check(c: &ProjectionCase) -> Result<(), String> {
+        let label = format!(
+            "{}×{}×{}, {}",
+            c.rows,
+            c.d_out,
+            c.d_in,
+            if c.tokens == 0 {
+                "bias + GELU".to_string()
+            } else {
+                format!(
+                    "residual, {} rows a gate, bias {}, gate {}",
+                    c.tokens, c.bias, c.gate
+                )
+            }
+        );
+        let cpu = c
+            .run(&did_backend_cpu::CpuBackend::new())
+            .map_err(|e| format!("{label}: cpu: {e}"))?;
+        let (fused, steps) = common::with_gpu(Precision::Bf16, |g| {
+            let before = g.few_rows_kernel();
+            g.set_few_rows_kernel(true);
+            let out = (c.run_on(g, false), c.run_on(g, true));
+            g.set_few_rows_kernel(before);
+            out
+        });
+        let fused = fused.map_err(|e| format!("{label}: gpu: {e}"))?;
+        let steps = steps.map_err(|e| format!("{label}: gpu in steps: {e}"))?;
+        for ((name, f), (_, s)) in fused.iter().zip(&steps) {
+            // The fused kernel rounds where the two kernels store: the same bits.
+            if f.iter().zip(s).any(|(a, b)| a.to_bits() != b.to_bits()) {
+                return Err(format!("{label}: {name} differs from the two calls'"));
+            }
+        }
+        for ((name, f), (_, want)) in fused.iter().zip(&cpu) {
+            common::compare(&format!("{label}: {name}"), want, f, BF16)?;
+        }
+        Ok(())
+    }
+    // `small`'s draft layers at batch 1: attention out, MLP up, MLP down.
+    for c in [
+        ProjectionCase {
+            rows: 4,
+            d_in: 768,
+            d_out: 768,
+            tokens: 4,
+            bias: false,
+            gate: true,
+            seed: 1,
+        },
+        ProjectionCase {
+            rows: 4,
+            d_in: 768,
+            d_out: 3072,
+            tokens: 0,
+            bias: true,
+            gate: false,
+            seed: 2,
+        },
+        ProjectionCase {
+            rows: 4,
+            d_in: 3072,
+            d_out: 768,
+            tokens: 4,
+            bias: true,
+            gate: true,
+            seed: 3,
+        },
+    ] {
+        if let Err(e) = check(&c) {
+            panic!("{e}");
+        }
+    }
+    fn prop(x: u8, y: u8, z: u8, seed: u64) -> TestResult {
+        let (rows, d_out, d_in) = (dims(x, 1, 9), dims(y, 1, 200), 8 * dims(z, 1, 60));
+        let tokens = match seed % 3 {
+            0 => 0,
+            1 => rows,
+            _ => (1..=rows)
+                .rev()
+                .find(|t| rows % t == 0 && *t < rows)
+                .unwrap_or(rows),
+        };
+        verdict(check(&ProjectionCase {
+            rows,
+            d_in,
+            d_out,
+            tokens,
+            bias: seed & 4 == 4,
+            gate: seed & 8 == 8,
+            seed,
+        }))
+    }
+    qc(30, prop);
 }
 
 // ---- bias, LayerNorm ----------------------------------------------------------------

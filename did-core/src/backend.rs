@@ -484,6 +484,103 @@ impl RopeShape {
     }
 }
 
+/// What consumes a linear forward's output `y = x·Wᵀ` next in a block, for
+/// [`Backend::linear_forward_then`]: a backend may compute both in one pass (on CUDA, the
+/// few-rows kernel of a batch-1 draft call does), with the results of the two calls.
+///
+/// ```
+/// use did_core::backend::{LinearThen, Slice, SliceMut};
+/// let (bias, mut gelu) = (vec![0.5f32; 3], vec![0.0f32; 6]);
+/// // The MLP's up-projection: y += bias, then gelu = gelu_tanh(y).
+/// let then = LinearThen::BiasGelu { bias: Slice::whole(&bias), gelu: SliceMut::whole(&mut gelu) };
+/// assert!(matches!(then, LinearThen::BiasGelu { .. }));
+/// ```
+#[derive(Debug)]
+pub enum LinearThen<'a, T: ?Sized> {
+    /// [`Backend::bias_gelu_forward`] on `y`: `y += bias` (kept for the backward), then
+    /// `gelu = gelu_tanh(y)`.
+    BiasGelu {
+        /// `[d_out]`.
+        bias: Slice<'a, T>,
+        /// `[rows, d_out]`.
+        gelu: SliceMut<'a, T>,
+    },
+    /// `y += bias` where there is one, then `out = residual + gate·y`
+    /// ([`Backend::bias_gated_residual_forward_into`], or
+    /// [`Backend::gated_residual_forward_into`] without a bias): a branch's projection into the
+    /// residual stream, for a pass without dropout.
+    GatedResidual {
+        /// `[d_out]` or none.
+        bias: Option<Slice<'a, T>>,
+        /// `[rows / tokens, d_out]`, one gate a sequence, or none (a gate of 1).
+        gate: Option<Slice<'a, T>>,
+        /// `[rows, d_out]`.
+        residual: Slice<'a, T>,
+        /// `[rows, d_out]`.
+        out: SliceMut<'a, T>,
+        /// Rows a sequence (a divisor of the rows).
+        tokens: usize,
+    },
+}
+
+/// [`Backend::linear_forward_then`] as its two calls: [`Backend::matmul`], then the op `then`
+/// names. The trait's provided version, and a backend's own where it does not fuse a shape.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_forward_then_in_steps<B: Backend + ?Sized>(
+    be: &B,
+    x: Slice<'_, B::Buffer>,
+    w: Slice<'_, B::Buffer>,
+    y: SliceMut<'_, B::Buffer>,
+    rows: usize,
+    d_in: usize,
+    d_out: usize,
+    then: LinearThen<'_, B::Buffer>,
+) -> Result<(), B::Error> {
+    let SliceMut { buf, offset } = y;
+    be.matmul(
+        &Gemm::linear(rows, d_in, d_out),
+        x,
+        w,
+        SliceMut::at(&mut *buf, offset),
+    )?;
+    match then {
+        LinearThen::BiasGelu { bias, gelu } => {
+            be.bias_gelu_forward(SliceMut::at(buf, offset), bias, gelu, rows, d_out)
+        }
+        LinearThen::GatedResidual {
+            bias,
+            gate,
+            residual,
+            out,
+            tokens,
+        } => {
+            let tokens = tokens.max(1);
+            let batch = rows / tokens;
+            match bias {
+                Some(b) => be.bias_gated_residual_forward_into(
+                    residual,
+                    SliceMut::at(buf, offset),
+                    b,
+                    gate,
+                    out,
+                    batch,
+                    tokens,
+                    d_out,
+                ),
+                None => be.gated_residual_forward_into(
+                    residual,
+                    Slice::at(&*buf, offset),
+                    gate,
+                    out,
+                    batch,
+                    tokens,
+                    d_out,
+                ),
+            }
+        }
+    }
+}
+
 /// A row-major `[rows, cols]` matrix whose rows start `stride ≥ cols` elements apart: the
 /// output head's logits, laid out with the row stride its backend's GEMMs read fastest
 /// ([`Backend::padded_row_stride`]). The `stride − cols` elements after each row are never
@@ -808,6 +905,22 @@ pub trait Backend {
         b: Slice<'_, Self::Buffer>,
         c: SliceMut<'_, Self::Buffer>,
     ) -> Result<(), Self::Error>;
+    /// A linear forward `y[rows, d_out] = x[rows, d_in]·Wᵀ` (`W` stored `[d_out, d_in]`, every
+    /// matrix dense) and the op that consumes `y` ([`LinearThen`]), with the results of the two
+    /// calls. Provided: [`linear_forward_then_in_steps`]; a backend may fuse them.
+    #[allow(clippy::too_many_arguments)]
+    fn linear_forward_then(
+        &self,
+        x: Slice<'_, Self::Buffer>,
+        w: Slice<'_, Self::Buffer>,
+        y: SliceMut<'_, Self::Buffer>,
+        rows: usize,
+        d_in: usize,
+        d_out: usize,
+        then: LinearThen<'_, Self::Buffer>,
+    ) -> Result<(), Self::Error> {
+        linear_forward_then_in_steps(self, x, w, y, rows, d_in, d_out, then)
+    }
     /// `x[rows, cols] += bias[cols]` for every row. Provided: [`Backend::bias_add_rows`] over
     /// dense rows.
     fn bias_add(

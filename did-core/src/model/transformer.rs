@@ -11,8 +11,8 @@ use super::params::{BlockOffsets, Layout, ParamTable};
 use super::pass::{Pass, TrainBatch};
 use super::ModelError;
 use crate::backend::{
-    AttentionShape, Backend, DropoutMask, Gemm, NormShape, QkvOffsets, RopeShape, RowGroups,
-    RowMajor, Slice, SliceMut,
+    AttentionShape, Backend, DropoutMask, Gemm, LinearThen, NormShape, QkvOffsets, RopeShape,
+    RowGroups, RowMajor, Slice, SliceMut,
 };
 use crate::error::invalid;
 use crate::mask::AttentionMask;
@@ -466,14 +466,11 @@ impl Transformer {
                 )?;
             }
         }
-        be.matmul(
-            &Gemm::linear(n, c, c),
+        project_into_residual(
+            be,
             whole(&a.att),
             at(p, o.attn_out.0),
-            whole_mut(&mut a.y1),
-        )?;
-        branch_into_residual(
-            be,
+            c,
             whole(x_in),
             &mut a.y1,
             o.attn_out.1.map(|b| at(p, b)),
@@ -497,27 +494,23 @@ impl Transformer {
             &mut a.rstd2,
             &mut a.h2,
         )?;
-        be.matmul(
-            &Gemm::linear(n, c, m),
+        be.linear_forward_then(
             whole(h2),
             at(p, o.fc1.0),
             whole_mut(&mut a.f1),
-        )?;
-        be.bias_gelu_forward(
-            whole_mut(&mut a.f1),
-            at(p, o.fc1.1),
-            whole_mut(&mut a.g),
             n,
+            c,
             m,
+            LinearThen::BiasGelu {
+                bias: at(p, o.fc1.1),
+                gelu: whole_mut(&mut a.g),
+            },
         )?;
-        be.matmul(
-            &Gemm::linear(n, m, c),
+        project_into_residual(
+            be,
             whole(&a.g),
             at(p, o.fc2.0),
-            whole_mut(&mut a.y2),
-        )?;
-        branch_into_residual(
-            be,
+            m,
             whole(&a.x_mid),
             &mut a.y2,
             Some(at(p, o.fc2.1)),
@@ -1225,12 +1218,15 @@ impl Transformer {
     }
 }
 
-/// A branch's projected output `y` into the residual stream: `y` gets its bias (if any) and its
-/// dropout (training), then `out = residual + gate·y` — one backend call whichever of them the
-/// pass has, so a backend can do it in one pass; `y` keeps what the backward reads.
+/// A branch's output projection into the residual stream: `y = x·Wᵀ` (`[n, d_in]` →
+/// `[n, c]`), then `out = residual + gate·drop(y + bias)` (`y` keeps what the backward reads).
+/// Without dropout the projection and the residual are one [`Backend::linear_forward_then`].
 #[allow(clippy::too_many_arguments)]
-fn branch_into_residual<B: Backend>(
+fn project_into_residual<B: Backend>(
     be: &B,
+    x: Slice<'_, B::Buffer>,
+    w: Slice<'_, B::Buffer>,
+    d_in: usize,
     residual: Slice<'_, B::Buffer>,
     y: &mut B::Buffer,
     bias: Option<Slice<'_, B::Buffer>>,
@@ -1240,35 +1236,38 @@ fn branch_into_residual<B: Backend>(
     n: usize,
     c: usize,
 ) -> Result<(), B::Error> {
-    match (dropout, bias) {
-        (Some(d), bias) => be.bias_dropout_gated_residual_forward_into(
-            residual,
+    let Some(d) = dropout else {
+        return be.linear_forward_then(
+            x,
+            w,
             whole_mut(y),
-            bias,
-            d,
-            gate,
-            whole_mut(out),
-            1,
             n,
+            d_in,
             c,
-        ),
-        (None, Some(b)) => be.bias_gated_residual_forward_into(
-            residual,
-            whole_mut(y),
-            b,
-            gate,
-            whole_mut(out),
-            1,
-            n,
-            c,
-        ),
-        (None, None) => {
-            be.gated_residual_forward_into(residual, whole(y), gate, whole_mut(out), 1, n, c)
-        }
-    }
+            LinearThen::GatedResidual {
+                bias,
+                gate,
+                residual,
+                out: whole_mut(out),
+                tokens: n,
+            },
+        );
+    };
+    be.matmul(&Gemm::linear(n, d_in, c), x, w, whole_mut(y))?;
+    be.bias_dropout_gated_residual_forward_into(
+        residual,
+        whole_mut(y),
+        bias,
+        d,
+        gate,
+        whole_mut(out),
+        1,
+        n,
+        c,
+    )
 }
 
-/// The backward of [`branch_into_residual`] down to the gradient of the projection's output
+/// The backward of [`project_into_residual`] down to the gradient of the projection's output
 /// (`dy`, written), with the gate's gradient accumulated into `dgate`.
 #[allow(clippy::too_many_arguments)]
 fn branch_from_residual_backward<B: Backend>(
