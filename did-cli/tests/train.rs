@@ -176,22 +176,7 @@ fn cuda_on_a_machine_without_it_names_what_is_missing() {
 fn sample_with_every_remask_strategy() {
     let dir = scratch("sample");
     let (data, model) = setup(&dir);
-    let run = dir.join("run");
-    let (code, _, err) = did(&[
-        "train",
-        "--data",
-        data.to_str().unwrap(),
-        "--model",
-        model.to_str().unwrap(),
-        "--steps",
-        "2",
-        "--batch",
-        "2",
-        "--out",
-        run.to_str().unwrap(),
-    ]);
-    assert_eq!(code, 0, "{err}");
-    let ckpt = run.join("ckpt-00000002.safetensors");
+    let ckpt = train_quickly(&data, &model, 2, 2, &dir.join("run"));
     for remask in [
         "snapshot",
         "snapshot-raw",
@@ -309,22 +294,7 @@ fn sample_with_every_remask_strategy() {
 fn ctrl_c_stops_sampling_between_calls_and_keeps_the_written_samples() {
     let dir = scratch("ctrlc-sample");
     let (data, model) = setup(&dir);
-    let run = dir.join("run");
-    let (code, _, err) = did(&[
-        "train",
-        "--data",
-        data.to_str().unwrap(),
-        "--model",
-        model.to_str().unwrap(),
-        "--steps",
-        "1",
-        "--batch",
-        "1",
-        "--out",
-        run.to_str().unwrap(),
-    ]);
-    assert_eq!(code, 0, "{err}");
-    let ckpt = run.join("ckpt-00000001.safetensors");
+    let ckpt = train_quickly(&data, &model, 1, 1, &dir.join("run"));
     let out = dir.join("samples.jsonl");
     let child = Command::new(env!("CARGO_BIN_EXE_did"))
         .args(["sample", "--checkpoint", ckpt.to_str().unwrap()])
@@ -443,6 +413,26 @@ fn ctrl_c_saves_and_exits_cleanly() {
         "{summary}"
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Trains `model` on `data` for `steps` steps of `batch` into `out`; returns its last checkpoint.
+fn train_quickly(data: &Path, model: &Path, steps: u32, batch: u32, out: &Path) -> PathBuf {
+    let (steps, batch) = (steps.to_string(), batch.to_string());
+    let (code, _, err) = did(&[
+        "train",
+        "--data",
+        data.to_str().unwrap(),
+        "--model",
+        model.to_str().unwrap(),
+        "--steps",
+        &steps,
+        "--batch",
+        &batch,
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    newest(out)
 }
 
 fn newest(run: &Path) -> PathBuf {
