@@ -15,7 +15,8 @@
 #    peak_memory_bytes, and every raw figure) and the measured section of OUT/gpu.md.
 #
 # Settings (environment): DID_CUDA_ATTENTION (flash), DID_CUDA_DRAW (device), BACKEND (cuda), TORCH_DEVICE (cuda), PYTHON (python3), PRESET (small),
-# LENGTH (the preset's context), BATCH (8), STEPS (8), SAMPLE_BATCHES ("1 64"), TIME_LIMIT (150 s
+# LENGTH (the preset's context), BATCH (8), STEPS (8), SAMPLE_BATCHES ("1 64"; with the CUDA backend batch 1 runs
+# again with DID_CUDA_GRAPHS=on unless GRAPHS_RUN=0, for GRAPHS_LIMIT = 30 s at most), TIME_LIMIT (150 s
 # per sampling run), PRECISION (bf16), PT_TRAIN (eager-sdpa,eager-sdpa-masked,compile-flex), PT_SAMPLE (eager). With BACKEND=cpu
 # TORCH_DEVICE=cpu PRECISION=f32 PRESET=tiny and small numbers it runs anywhere (a smoke test of this script).
 set -uo pipefail
@@ -85,20 +86,28 @@ train_mem=$(poll_stop)
 ckpt=$(ls "$work"/train/ckpt-*.safetensors 2>/dev/null | tail -n 1)
 
 echo "== did: sampling"
-for b in ${SAMPLE_BATCHES:-1 64}; do
+# A run is a batch size; `Ng` is batch N with the draft's passes recorded as CUDA graphs
+# (DID_CUDA_GRAPHS=on), timed beside the plain run.
+runs=${SAMPLE_BATCHES:-1 64}
+[ "$backend" = cuda ] && [ "${GRAPHS_RUN:-1}" = 1 ] && runs="$runs 1g"
+for run in $runs; do
     if [ -z "$ckpt" ]; then break; fi
+    b=${run%g}
+    graphs=off run_limit=$limit
+    # The graph run is an extra: it gets less time (GRAPHS_LIMIT, 30 s).
+    [ "$run" != "$b" ] && graphs=on run_limit=${GRAPHS_LIMIT:-30}
     poll_start
     s=$(date +%s.%N)
     # SIGINT at the limit: did stops between two model calls and says how far each stage got.
-    DID_CUDA_STATS=1 timeout -s INT -k 20 "$limit" "$did" --backend "$backend" --precision "$prec" sample --checkpoint "$ckpt" --stages 4,L:0.25 \
-        "${length_flag[@]}" --num-samples "$b" --batch "$b" --seed 1 --out "$work/samples-$b.jsonl" \
-        >>"$work/log" 2>"$work/sample-$b.err"
+    DID_CUDA_GRAPHS=$graphs DID_CUDA_STATS=1 timeout -s INT -k 20 "$run_limit" "$did" --backend "$backend" --precision "$prec" sample --checkpoint "$ckpt" --stages 4,L:0.25 \
+        "${length_flag[@]}" --num-samples "$b" --batch "$b" --seed 1 --out "$work/samples-$run.jsonl" \
+        >>"$work/log" 2>"$work/sample-$run.err"
     rc=$?
-    cat "$work/sample-$b.err" >>"$work/log"
+    cat "$work/sample-$run.err" >>"$work/log"
     mem=$(poll_stop)
     wall=$(python3 -c "import time,sys; print(time.time() - float(sys.argv[1]))" "$s")
-    echo "{\"batch\": $b, \"exit_status\": $rc, \"command_seconds\": $wall, \"peak_memory_bytes\": $mem, \"jsonl\": \"$work/samples-$b.jsonl\"}" >>"$work/sample-rows.jsonl"
-    echo "batch $b: rc $rc, ${wall} s"
+    echo "{\"run\": \"$run\", \"batch\": $b, \"graphs\": \"$graphs\", \"exit_status\": $rc, \"command_seconds\": $wall, \"peak_memory_bytes\": $mem, \"jsonl\": \"$work/samples-$run.jsonl\"}" >>"$work/sample-rows.jsonl"
+    echo "run $run (batch $b, graphs $graphs): rc $rc, ${wall} s"
 done
 
 echo "== did: where the time goes (per-op profile, every op synchronized)"
@@ -156,34 +165,37 @@ def ours_stages(row):
 
 def backend_counts(row):
     """The CUDA backend's own counts (DID_CUDA_STATS=1: launches, cuBLAS calls, transfers, draws)."""
-    err = os.path.join(work, f"sample-{row['batch']}.err")
+    err = os.path.join(work, f"sample-{row['run']}.err")
     said = [l.strip().split("): ", 1)[-1] for l in open(err) if l.startswith("did-backend-cuda")] if os.path.exists(err) else []
     return said[-1] if said else None
 
 def cut_short(row):
     """did's own account of a run stopped at the time limit (stage by stage), or None."""
-    err = os.path.join(work, f"sample-{row['batch']}.err")
+    err = os.path.join(work, f"sample-{row['run']}.err")
     said = [l.strip() for l in open(err) if "interrupted after" in l] if os.path.exists(err) else []
     return said[-1] if said else None
 
 sample = [json.loads(l) for l in open(os.path.join(work, "sample-rows.jsonl"))] if os.path.exists(os.path.join(work, "sample-rows.jsonl")) else []
-ours_sample = {r["batch"]: {**r, "samples_per_s": ours_rate(r), "stages": ours_stages(r), "cut_short": cut_short(r),
-                   "backend_counts": backend_counts(r)}
-               for r in sample}
-for r in ours_sample.values():
+every_run = {r["run"]: {**r, "samples_per_s": ours_rate(r), "stages": ours_stages(r), "cut_short": cut_short(r),
+                        "backend_counts": backend_counts(r)}
+             for r in sample}
+for r in every_run.values():
     r.pop("jsonl", None)
+# The plain runs by batch (the table's did column); the graph runs beside them.
+ours_sample = {r["batch"]: r for r in every_run.values() if r.get("graphs") != "on"}
+graph_runs = {r["batch"]: r for r in every_run.values() if r.get("graphs") == "on"}
 
 def stage_line(b, r):
     if r.get("stages"):
         parts = [f"block {st['block']}: {st['calls']} calls, {st['model_s']:.2f} s "
                  f"({1e3 * st['model_s'] / max(st['calls'], 1):.2f} ms a call)" for st in r["stages"]]
-        return f"did batch {b}: " + "; ".join(parts)
+        return f"did run {b}: " + "; ".join(parts)
     if r.get("cut_short"):
-        return f"did batch {b}, stopped at the limit: {r['cut_short'].removeprefix('error: ')}"
-    return f"did batch {b}: no stage times (exit status {r.get('exit_status')})"
+        return f"did run {b}, stopped at the limit: {r['cut_short'].removeprefix('error: ')}"
+    return f"did run {b}: no stage times (exit status {r.get('exit_status')})"
 
 def counts_line(b, r):
-    return f"did batch {b}: {r['backend_counts']}" if r.get("backend_counts") else None
+    return f"did run {b}: {r['backend_counts']}" if r.get("backend_counts") else None
 
 def best(kind, key, batch=None):
     rs = [r for r in pt.get(kind, []) if r.get(key) is not None and (batch is None or r.get("batch") == batch)]
@@ -215,6 +227,7 @@ result = {
     "sample_per_s_b1": rate(1),
     "pytorch_sample_per_s_b1": pt_rate(1),
     "sample_speedup_b1": ratio(rate(1), pt_rate(1)),
+    "sample_per_s_b1_graphs": (graph_runs.get(1) or {}).get("samples_per_s"),
     "sample_per_s_b64": rate(64),
     "pytorch_sample_per_s_b64": pt_rate(64),
     "sample_speedup_b64": ratio(rate(64), pt_rate(64)),
@@ -225,7 +238,7 @@ result = {
     "ceilings": ceil,
     "floors": floors,
     "did_train_exit_status": int(train_rc),
-    "did_sample": list(ours_sample.values()),
+    "did_sample": list(every_run.values()),
     "pytorch": pt,
 }
 json.dump(result, open(os.path.join(out, "gpu.json"), "w"), indent=1)
@@ -251,8 +264,9 @@ for sampling, each sampling run stopped after {limit} s (— = did not finish).
 Every PyTorch variant: {', '.join(f"{r['variant']} {fmt(r.get('tokens_per_s'))} tokens/s" if 'tokens_per_s' in r else f"{r['variant']} failed ({r.get('error', '?')[:80]})" for r in pt.get('train', []))};
 sampling {', '.join(f"{r['variant']} b{r.get('batch')} {fmt(r.get('samples_per_s'), '{:.3f}')}/s" for r in pt.get('sample', []))}.
 Where did's sampling time went (time inside the model's calls, host draws included; the rest of the wall time is the
-sampler's own work): {'. '.join(stage_line(b, r) for b, r in ours_sample.items()) or '—'}.
-What the backend asked of the GPU (`DID_CUDA_STATS=1`): {'. '.join(c for c in (counts_line(b, r) for b, r in ours_sample.items()) if c) or '—'}.
+sampler's own work): {'. '.join(stage_line(r['run'], r) for r in every_run.values()) or '—'}.
+What the backend asked of the GPU (`DID_CUDA_STATS=1`): {'. '.join(c for c in (counts_line(r['run'], r) for r in every_run.values()) if c) or '—'}.
+With the draft's passes recorded as CUDA graphs (`DID_CUDA_GRAPHS=on`, run `1g`): {fmt((graph_runs.get(1) or {}).get('samples_per_s'), '{:.3f}')} samples/s at batch 1.
 Rerun: `scripts/gpu-bundle.sh` on a build machine, then `scripts/gpu-bench.sh target/gpu-bundle docs/perf` on the GPU
 host (raw figures in `gpu.json`).
 <!-- gpu-bench:end -->

@@ -21,11 +21,13 @@ pub(crate) enum Event {
     HostRedraw,
     /// A row drawn on the host from the start (`DID_CUDA_DRAW=host`).
     HostDraw,
+    /// A replay of a recorded graph.
+    GraphLaunch,
 }
 
 /// The running totals (atomics: the backend is shared behind `&self`).
 #[derive(Debug, Default)]
-pub(crate) struct Counters([AtomicU64; 7]);
+pub(crate) struct Counters([AtomicU64; 8]);
 
 impl Counters {
     pub(crate) fn add(&self, event: Event, n: u64) {
@@ -42,6 +44,7 @@ impl Counters {
             device_draws: get(Event::DeviceDraw),
             host_redraws: get(Event::HostRedraw),
             host_draws: get(Event::HostDraw),
+            graph_launches: get(Event::GraphLaunch),
         }
     }
 }
@@ -71,6 +74,8 @@ pub struct Counts {
     pub host_redraws: u64,
     /// Rows drawn on the host from the start (`DID_CUDA_DRAW=host`).
     pub host_draws: u64,
+    /// Replays of recorded graphs (`DID_CUDA_GRAPHS=on`); their kernels are not counted as launches.
+    pub graph_launches: u64,
 }
 
 impl Counts {
@@ -85,6 +90,7 @@ impl Counts {
             device_draws: d(self.device_draws),
             host_redraws: d(self.host_redraws),
             host_draws: d(self.host_draws),
+            graph_launches: d(self.graph_launches),
         }
     }
 }
@@ -93,8 +99,9 @@ impl fmt::Display for Counts {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{} kernel launches, {} cuBLAS calls, {} uploads, {} waited-for downloads; {} rows drawn: {} on the device, {} redrawn on the host, {} on the host",
+            "{} kernel launches (recorded into graphs included), {} graph replays, {} cuBLAS calls, {} uploads, {} waited-for downloads; {} rows drawn: {} on the device, {} redrawn on the host, {} on the host",
             self.kernels,
+            self.graph_launches,
             self.gemms,
             self.uploads,
             self.downloads,
@@ -121,6 +128,7 @@ mod tests {
             Event::DeviceDraw,
             Event::HostRedraw,
             Event::HostDraw,
+            Event::GraphLaunch,
         ];
         for (i, &e) in events.iter().enumerate() {
             c.add(e, 1 << i);
@@ -134,7 +142,8 @@ mod tests {
             s.device_draws,
             s.host_redraws,
             s.host_draws,
+            s.graph_launches,
         ];
-        assert_eq!(got, [1, 2, 4, 8, 16, 32, 64]);
+        assert_eq!(got, [1, 2, 4, 8, 16, 32, 64, 128]);
     }
 }

@@ -45,7 +45,7 @@ use cudarc::driver::{
 };
 use did_core::backend::{
     AdamW, AttentionShape, Backend, DrawSpec, DropoutMask, Gemm, LinearThen, NormShape, QkvOffsets,
-    RopeShape, RowGroups, RowMajor, Slice, SliceMut,
+    RecordingId, RopeShape, RowGroups, RowMajor, Slice, SliceMut,
 };
 use did_core::mask::AttentionMask;
 use did_core::rng::RngStream;
@@ -196,7 +196,19 @@ pub struct CudaBackend {
     few_rows: std::sync::atomic::AtomicBool,
     /// Launches, transfers and draws so far ([`CudaBackend::counts`]).
     counters: counters::Counters,
+    /// Draft passes recorded as CUDA graphs ([`CudaBackend::set_graphs`]).
+    graphs: std::sync::atomic::AtomicBool,
+    /// The recorded graphs, by [`RecordingId`].
+    recordings: std::sync::Mutex<HashMap<u64, Graph>>,
+    next_recording: std::sync::atomic::AtomicU64,
 }
+
+/// An instantiated CUDA graph. cudarc's graph holds raw handles (not `Send`); the driver asks
+/// that calls on one graph be serialised, which the backend's mutex does.
+struct Graph(cudarc::driver::CudaGraph);
+// SAFETY: a Graph is only touched with the backend's `recordings` lock held, one thread at a
+// time, as the driver's graph thread-safety rules require.
+unsafe impl Send for Graph {}
 
 impl Drop for CudaBackend {
     fn drop(&mut self) {
@@ -296,6 +308,15 @@ impl CudaBackend {
                 )))
             }
         };
+        let graphs = match std::env::var("DID_CUDA_GRAPHS").as_deref() {
+            Ok("off") | Err(_) => false,
+            Ok("on") => true,
+            Ok(other) => {
+                return Err(CudaError::Shape(format!(
+                    "DID_CUDA_GRAPHS={other:?}: expected `on` or `off` (unset = off)"
+                )))
+            }
+        };
         let device_name = ctx.name()?;
         let sms = ctx
             .attribute(
@@ -320,6 +341,9 @@ impl CudaBackend {
             sms,
             few_rows: std::sync::atomic::AtomicBool::new(few_rows),
             counters: counters::Counters::default(),
+            graphs: std::sync::atomic::AtomicBool::new(graphs),
+            recordings: std::sync::Mutex::new(HashMap::new()),
+            next_recording: std::sync::atomic::AtomicU64::new(0),
         })
         .inspect(|b| {
             b.set_key_split(key_split);
@@ -375,6 +399,18 @@ impl CudaBackend {
     pub fn set_few_rows_kernel(&self, on: bool) {
         self.few_rows
             .store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether samplers may record a draft call's pass as a CUDA graph and replay it
+    /// (`Backend::can_record`; off unless `DID_CUDA_GRAPHS=on`, and only in bf16, where every
+    /// op of a draft pass is this crate's kernel and none is cuBLAS's).
+    pub fn set_graphs(&self, on: bool) {
+        self.graphs.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Recorded graphs alive now.
+    pub fn recordings(&self) -> usize {
+        self.recordings.lock().map_or(0, |r| r.len())
     }
 
     /// Launches, cuBLAS calls, transfers and token draws since the backend was made
@@ -1070,6 +1106,69 @@ impl Backend for CudaBackend {
             dev,
             host: host.to_vec(),
         })
+    }
+
+    fn upload_ids_into(&self, host: &[u32], ids: &mut CudaIds) -> Result<(), CudaError> {
+        if host.len() > ids.dev.len() {
+            *ids = self.upload_ids(host)?;
+            return Ok(());
+        }
+        if !host.is_empty() {
+            let mut view = ids.dev.slice_mut(0..host.len());
+            self.upload_bytes(host, &mut view)?;
+        }
+        ids.host.clear();
+        ids.host.extend_from_slice(host);
+        Ok(())
+    }
+
+    fn can_record(&self) -> bool {
+        self.precision == Precision::Bf16
+            && self.few_rows_kernel()
+            && self.graphs.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn begin_recording(&self) -> Result<(), CudaError> {
+        self.stream.begin_capture(
+            cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
+        )?;
+        Ok(())
+    }
+
+    fn end_recording(&self) -> Result<Option<RecordingId>, CudaError> {
+        let Some(graph) = self
+            .stream
+            .end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0))?
+        else {
+            return Ok(None);
+        };
+        let id = self
+            .next_recording
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.recordings
+            .lock()
+            .map_err(|_| CudaError::Shape("the recordings' lock was poisoned".into()))?
+            .insert(id, Graph(graph));
+        Ok(Some(RecordingId(id)))
+    }
+
+    fn replay_recording(&self, id: RecordingId) -> Result<(), CudaError> {
+        let recordings = self
+            .recordings
+            .lock()
+            .map_err(|_| CudaError::Shape("the recordings' lock was poisoned".into()))?;
+        let graph = recordings
+            .get(&id.0)
+            .ok_or_else(|| CudaError::Shape(format!("no recording {}", id.0)))?;
+        graph.0.launch()?;
+        self.counters.add(Event::GraphLaunch, 1);
+        Ok(())
+    }
+
+    fn forget_recording(&self, id: RecordingId) {
+        if let Ok(mut recordings) = self.recordings.lock() {
+            recordings.remove(&id.0);
+        }
     }
 
     fn fill(&self, dst: SliceMut<'_, CudaBuffer>, len: usize, value: f32) -> Result<(), CudaError> {

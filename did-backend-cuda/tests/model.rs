@@ -335,3 +335,46 @@ fn draft_remask_refine_is_token_identical_to_the_cpu_cached_or_not() {
         );
     }
 }
+
+#[test]
+fn recorded_draft_passes_replay_to_the_same_tokens() {
+    if !gpu("recorded_draft_passes_replay_to_the_same_tokens") {
+        return;
+    }
+    let model = tiny();
+    let (_, params) = curve(&CpuBackend::new(), &model, 12);
+    let context = model.config().context;
+    // The whole context, and three contexts (the cache's window slides: new buffers, new
+    // recordings).
+    for (plan, len) in [("4,L:0.25", context), ("4", 3 * context)] {
+        let run = |g: &did_backend_cuda::CudaBackend, graphs: bool| {
+            g.set_graphs(graphs);
+            let before = g.counts();
+            let dev = g.upload(&params).unwrap();
+            let mut denoiser = DiffusionDenoiser::new(g, &model, &dev, true).unwrap();
+            let plan: StagePlan = plan.parse().unwrap();
+            let config = GenerateConfig::new(plan.resolve(len).unwrap(), 11);
+            let prompts: [&[u32]; 2] = [&[MASK - 1, 3, 4], &[MASK - 1]];
+            let tokens = generate(&mut denoiser, &config, &prompts)
+                .map_err(|e| format!("{e:?}"))
+                .unwrap()
+                .batch
+                .tokens;
+            let alive = g.recordings();
+            drop(denoiser);
+            let replays = g.counts().graph_launches - before.graph_launches;
+            g.set_graphs(false);
+            (tokens, replays, alive, g.recordings())
+        };
+        let (plain, plain_replays, ..) = with_gpu(Precision::Bf16, |g| run(g, false));
+        let (recorded, replays, alive, left) = with_gpu(Precision::Bf16, |g| run(g, true));
+        let (again, ..) = with_gpu(Precision::Bf16, |g| run(g, true));
+        assert_eq!(plain_replays, 0);
+        // Each draft call and commit over a block position replays its recording.
+        assert!(replays > 0 && alive > 0, "{plan} at {len}: {replays} replays, {alive} graphs");
+        assert_eq!(left, 0, "{plan} at {len}: the denoiser's graphs outlive it");
+        assert_eq!(plain, recorded, "{plan} at {len}: tokens with and without graphs");
+        assert_eq!(recorded, again, "{plan} at {len}: a second recorded run");
+        eprintln!("{plan} at {len}: {replays} replays of {alive} graphs, the same tokens");
+    }
+}

@@ -484,6 +484,17 @@ impl RopeShape {
     }
 }
 
+/// A backend's recording of a sequence of its ops (on CUDA, a graph), replayed by
+/// [`Backend::replay_recording`]: a batch-1 draft call is ≈ 150 launches of a few µs of work
+/// each, which one recorded launch replaces.
+///
+/// ```
+/// use did_core::backend::RecordingId;
+/// assert_ne!(RecordingId(1), RecordingId(2));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RecordingId(pub u64);
+
 /// What consumes a linear forward's output `y = x·Wᵀ` next in a block, for
 /// [`Backend::linear_forward_then`]: a backend may compute both in one pass (on CUDA, the
 /// few-rows kernel of a batch-1 draft call does), with the results of the two calls.
@@ -890,6 +901,42 @@ pub trait Backend {
         }
         Ok(())
     }
+    /// Writes `host` into `ids`, keeping its device address where it fits, so that a
+    /// [recording](Backend::begin_recording) that reads `ids` reads the new ones when replayed.
+    /// Provided: a fresh upload (a new address; such a backend does not record).
+    fn upload_ids_into(&self, host: &[u32], ids: &mut Self::Ids) -> Result<(), Self::Error> {
+        *ids = self.upload_ids(host)?;
+        Ok(())
+    }
+
+    // ---- recordings (CUDA graphs) ---------------------------------------
+
+    /// Whether this backend can record a sequence of ops and replay it
+    /// ([`Backend::begin_recording`]). Provided: no.
+    fn can_record(&self) -> bool {
+        false
+    }
+    /// Starts recording: until [`Backend::end_recording`], ops are recorded, not run. Only
+    /// called where [`Backend::can_record`]; the ops recorded must read and write the same
+    /// buffers, at the same addresses, each time the recording is replayed.
+    fn begin_recording(&self) -> Result<(), Self::Error> {
+        Ok(())
+    }
+    /// Ends recording: the recording, not yet run, or `None` where nothing usable was recorded
+    /// (the recorded ops' outputs are then undefined: run them again without recording).
+    fn end_recording(&self) -> Result<Option<RecordingId>, Self::Error> {
+        Ok(None)
+    }
+    /// Runs a recording again, over what its buffers hold now.
+    fn replay_recording(&self, id: RecordingId) -> Result<(), Self::Error> {
+        let _ = id;
+        Ok(())
+    }
+    /// Frees a recording.
+    fn forget_recording(&self, id: RecordingId) {
+        let _ = id;
+    }
+
     /// Waits for queued work (a no-op on synchronous backends).
     fn synchronize(&self) -> Result<(), Self::Error> {
         Ok(())

@@ -12,12 +12,13 @@
 
 use alloc::vec;
 use alloc::vec::Vec;
+use core::sync::atomic::{AtomicUsize, Ordering};
 
 use super::activations::{time_embedding, BlockActivations, CondActivations};
 use super::config::{Architecture, ModelConfig};
 use super::transformer::{Geometry, KeyValues, Transformer};
 use super::ModelError;
-use crate::backend::{Backend, DrawSpec, RowGroups, Slice, SliceMut};
+use crate::backend::{Backend, DrawSpec, RecordingId, RowGroups, Slice, SliceMut};
 use crate::denoiser::{DenoiseRequest, Denoiser, HostDrawScratch};
 use crate::error::invalid;
 use crate::mask::AttentionMask;
@@ -49,6 +50,9 @@ pub struct KvCache<B: Backend> {
     base: usize,
     /// Tokens `[0, committed)` are final and cached (from `base` on).
     committed: usize,
+    /// This cache's buffers as they are now (new after a slide): recordings of passes over it
+    /// hold its addresses.
+    serial: usize,
 }
 
 impl<B: Backend> KvCache<B> {
@@ -69,6 +73,7 @@ impl<B: Backend> KvCache<B> {
             capacity,
             base: 0,
             committed: 0,
+            serial: next_cache_serial(),
         })
     }
 
@@ -116,6 +121,7 @@ impl<B: Backend> KvCache<B> {
             core::mem::swap(buf, &mut self.spare);
         }
         self.base = keep_from;
+        self.serial = next_cache_serial();
         Ok(())
     }
 }
@@ -136,7 +142,23 @@ pub struct Inference<'a, B: Backend> {
     params: &'a B::Buffer,
     cond: Option<CondActivations<B>>,
     scratch: Option<(usize, BlockActivations<B>, [B::Buffer; 2])>,
+    /// Bumped when the scratch moves: recordings hold its addresses.
+    scratch_generation: usize,
     head: Option<(usize, [B::Buffer; 5], B::Buffer)>,
+    /// Whether passes are recorded: the backend can, and no recording has failed.
+    recording: bool,
+    /// Recorded passes, oldest first.
+    recordings: Vec<(PassKey, RecordingId)>,
+    /// The token ids every recorded pass reads.
+    pass_ids: Option<B::Ids>,
+}
+
+impl<B: Backend> Drop for Inference<'_, B> {
+    fn drop(&mut self) {
+        for (_, id) in self.recordings.drain(..) {
+            self.be.forget_recording(id);
+        }
+    }
 }
 
 impl<'a, B: Backend> Inference<'a, B> {
@@ -166,7 +188,11 @@ impl<'a, B: Backend> Inference<'a, B> {
             params,
             cond,
             scratch: None,
+            scratch_generation: 0,
             head: None,
+            recording: be.can_record(),
+            recordings: Vec::new(),
+            pass_ids: None,
         })
     }
 
@@ -180,6 +206,11 @@ impl<'a, B: Backend> Inference<'a, B> {
             return Ok(());
         }
         self.scratch = None;
+        // The recordings read the old scratch.
+        self.scratch_generation += 1;
+        for (_, id) in self.recordings.drain(..) {
+            self.be.forget_recording(id);
+        }
         let cfg = self.model.config();
         let (c, m, be) = (cfg.hidden, cfg.mlp_hidden, self.be);
         let dit = cfg.architecture == Architecture::Dit;
@@ -262,7 +293,26 @@ impl<'a, B: Backend> Inference<'a, B> {
             }
         };
         self.ensure_scratch(rows)?;
-        let ids = be.upload_ids(tokens)?;
+        // A draft call's few rows through a cached pass: launches, not work, are its cost, so a
+        // backend that can record replays the whole pass as one (a CUDA graph), recorded on
+        // the first call at each block position and window. Its ids go to one buffer that
+        // every recording reads.
+        let recordable = self.recording
+            && cfg.architecture == Architecture::Dit
+            && cache.is_some()
+            && rows <= MAX_RECORDED_ROWS;
+        let fresh_ids;
+        let ids: &B::Ids = if recordable {
+            let ids = match &mut self.pass_ids {
+                Some(ids) => ids,
+                slot => slot.insert(be.upload_ids(&[0; MAX_RECORDED_ROWS])?),
+            };
+            be.upload_ids_into(tokens, ids)?;
+            ids
+        } else {
+            fresh_ids = be.upload_ids(tokens)?;
+            &fresh_ids
+        };
         let position_ids = if cfg.architecture == Architecture::Gpt2 {
             let pos: Vec<u32> = (0..rows).map(|i| (start + i % n) as u32).collect();
             Some(be.upload_ids(&pos)?)
@@ -273,70 +323,76 @@ impl<'a, B: Backend> Inference<'a, B> {
             unreachable!("allocated above")
         };
         let mut dy_scratch = be.zeros(if position_ids.is_some() { rows * c } else { 0 })?;
-        self.model.embed_forward(
-            be,
-            self.params,
-            &ids,
-            position_ids.as_ref(),
-            rows,
-            x_a,
-            &mut dy_scratch,
-        )?;
-        let mods = self.cond.as_ref().map(|cd| &cd.mods);
-        let mut geo = Geometry {
-            batch,
-            tokens: n,
-            segments: 1,
-            position_offset: start,
-            mask,
-        };
         if let Some((cache, _)) = cache.as_mut() {
             cache.make_room(be, c, window_start, end)?;
         }
-        for l in 0..cfg.layers {
-            let kv = match cache.as_mut() {
-                Some((cache, _)) => {
-                    let first = window_start.max(cache.base);
-                    geo.mask = match mask {
-                        AttentionMask::BlockCausal {
-                            block_size,
-                            query_offset,
-                            window,
-                            ..
-                        } => AttentionMask::BlockCausal {
-                            block_size,
-                            query_offset,
-                            key_offset: first,
-                            window,
-                        },
-                        AttentionMask::Causal {
-                            query_offset,
-                            window,
-                            ..
-                        } => AttentionMask::Causal {
-                            query_offset,
-                            key_offset: first,
-                            window,
-                        },
-                        other => other,
-                    };
-                    KeyValues::Cache {
-                        kv: &mut cache.kv[l],
-                        capacity: cache.capacity,
-                        write_slot: start - cache.base,
-                        first_slot: first - cache.base,
-                        kv_len: end - first,
+        let key = cache
+            .as_ref()
+            .filter(|_| recordable)
+            .map(|(kv, _)| PassKey {
+                batch,
+                tokens: n,
+                start,
+                block_size,
+                cache_serial: kv.serial,
+                base: kv.base,
+                capacity: kv.capacity,
+                scratch_generation: self.scratch_generation,
+            });
+        let mut kv = cache.as_mut().map(|(kv, _)| &mut **kv);
+        let mut run = |kv: Option<&mut KvCache<B>>| {
+            embed_and_blocks(
+                be,
+                self.model,
+                self.params,
+                self.cond.as_ref().map(|cd| &cd.mods),
+                blk,
+                [&mut *x_a, &mut *x_b],
+                ids,
+                position_ids.as_ref(),
+                &mut dy_scratch,
+                mask,
+                kv,
+                start,
+                n,
+                batch,
+                window_start,
+            )
+        };
+        match key {
+            Some(key) => match self.recordings.iter().find(|(k, _)| *k == key) {
+                Some(&(_, id)) => be.replay_recording(id)?,
+                None => {
+                    let ran = be.begin_recording().and_then(|()| {
+                        let ran = run(kv.as_deref_mut());
+                        // Recording ends whatever the pass did.
+                        match (ran, be.end_recording()) {
+                            (Ok(()), recorded) => recorded,
+                            (Err(e), recorded) => {
+                                if let Ok(Some(id)) = recorded {
+                                    be.forget_recording(id);
+                                }
+                                Err(e)
+                            }
+                        }
+                    });
+                    match ran {
+                        Ok(Some(id)) => {
+                            if self.recordings.len() >= MAX_RECORDINGS {
+                                be.forget_recording(self.recordings.remove(0).1);
+                            }
+                            self.recordings.push((key, id));
+                            be.replay_recording(id)?;
+                        }
+                        _ => {
+                            // The pass could not be recorded: run it, and never record again.
+                            self.recording = false;
+                            run(kv)?;
+                        }
                     }
                 }
-                None => KeyValues::OwnTokens,
-            };
-            let (src, dst) = if l % 2 == 0 {
-                (&*x_a, &mut *x_b)
-            } else {
-                (&*x_b, &mut *x_a)
-            };
-            self.model
-                .block_forward(be, self.params, l, blk, mods, src, dst, &geo, kv, None)?;
+            },
+            None => run(kv)?,
         }
         if let Some((cache, CacheUse::Commit)) = cache.as_mut() {
             cache.committed = end;
@@ -436,6 +492,118 @@ impl<'a, B: Backend> Inference<'a, B> {
         }
         Ok(tokens.len() / batch)
     }
+}
+
+/// The most rows a recorded pass has: a draft call's block at a small batch, where launches,
+/// not work, are the cost.
+const MAX_RECORDED_ROWS: usize = 8;
+/// Recordings an [`Inference`] keeps (one a block position and cache window); past it the
+/// oldest goes.
+const MAX_RECORDINGS: usize = 4096;
+
+/// What a recorded pass's launches depend on besides its token ids: the same key, the same
+/// launches over the same buffers at the same addresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct PassKey {
+    batch: usize,
+    tokens: usize,
+    start: usize,
+    block_size: usize,
+    cache_serial: usize,
+    base: usize,
+    capacity: usize,
+    scratch_generation: usize,
+}
+
+/// A fresh cache identity: a slide moves its slots to other buffers.
+fn next_cache_serial() -> usize {
+    static SERIAL: AtomicUsize = AtomicUsize::new(0);
+    SERIAL.fetch_add(1, Ordering::Relaxed)
+}
+
+/// The embedding and every block of a pass over `tokens` positions from `start`, into
+/// `x[layers % 2]`: over the cache's window when there is one.
+#[allow(clippy::too_many_arguments)]
+fn embed_and_blocks<B: Backend>(
+    be: &B,
+    model: &Transformer,
+    params: &B::Buffer,
+    mods: Option<&B::Buffer>,
+    blk: &mut BlockActivations<B>,
+    x: [&mut B::Buffer; 2],
+    ids: &B::Ids,
+    position_ids: Option<&B::Ids>,
+    dy_scratch: &mut B::Buffer,
+    mask: AttentionMask,
+    mut cache: Option<&mut KvCache<B>>,
+    start: usize,
+    tokens: usize,
+    batch: usize,
+    window_start: usize,
+) -> Result<(), B::Error> {
+    let [x_a, x_b] = x;
+    let end = start + tokens;
+    model.embed_forward(
+        be,
+        params,
+        ids,
+        position_ids,
+        batch * tokens,
+        x_a,
+        dy_scratch,
+    )?;
+    let mut geo = Geometry {
+        batch,
+        tokens,
+        segments: 1,
+        position_offset: start,
+        mask,
+    };
+    for l in 0..model.config().layers {
+        let kv = match cache.as_deref_mut() {
+            Some(cache) => {
+                let first = window_start.max(cache.base);
+                geo.mask = match mask {
+                    AttentionMask::BlockCausal {
+                        block_size,
+                        query_offset,
+                        window,
+                        ..
+                    } => AttentionMask::BlockCausal {
+                        block_size,
+                        query_offset,
+                        key_offset: first,
+                        window,
+                    },
+                    AttentionMask::Causal {
+                        query_offset,
+                        window,
+                        ..
+                    } => AttentionMask::Causal {
+                        query_offset,
+                        key_offset: first,
+                        window,
+                    },
+                    other => other,
+                };
+                KeyValues::Cache {
+                    kv: &mut cache.kv[l],
+                    capacity: cache.capacity,
+                    write_slot: start - cache.base,
+                    first_slot: first - cache.base,
+                    kv_len: end - first,
+                }
+            }
+            None => KeyValues::OwnTokens,
+        };
+        let (src, dst) = if l % 2 == 0 {
+            (&*x_a, &mut *x_b)
+        } else {
+            (&*x_b, &mut *x_a)
+        };
+        model.block_forward(be, params, l, blk, mods, src, dst, &geo, kv, None)?;
+    }
+    Ok(())
 }
 
 /// The DiT as the sampler's [`Denoiser`], with an exact KV cache (or without, for checks).
