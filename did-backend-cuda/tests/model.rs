@@ -371,9 +371,15 @@ fn recorded_draft_passes_replay_to_the_same_tokens() {
         let (again, ..) = with_gpu(Precision::Bf16, |g| run(g, true));
         assert_eq!(plain_replays, 0);
         // Each draft call and commit over a block position replays its recording.
-        assert!(replays > 0 && alive > 0, "{plan} at {len}: {replays} replays, {alive} graphs");
+        assert!(
+            replays > 0 && alive > 0,
+            "{plan} at {len}: {replays} replays, {alive} graphs"
+        );
         assert_eq!(left, 0, "{plan} at {len}: the denoiser's graphs outlive it");
-        assert_eq!(plain, recorded, "{plan} at {len}: tokens with and without graphs");
+        assert_eq!(
+            plain, recorded,
+            "{plan} at {len}: tokens with and without graphs"
+        );
         assert_eq!(recorded, again, "{plan} at {len}: a second recorded run");
         eprintln!("{plan} at {len}: {replays} replays of {alive} graphs, the same tokens");
     }
