@@ -8,8 +8,9 @@ use did_core::backend::Backend;
 use did_core::denoiser::{DenoiseRequest, Denoiser, OutputPosition};
 use did_core::model::CausalSampler;
 use did_core::model::{
-    causal_batch, diffusion_batch, memory_report, Activations, Architecture, DiffusionDenoiser,
-    DropoutStreams, Inference, ModelConfig, Pass, TrainBatch, Transformer,
+    causal_batch, diffusion_batch, memory_report, memory_report_with_stride, Activations,
+    Architecture, DiffusionDenoiser, DropoutStreams, Inference, ModelConfig, Pass, TrainBatch,
+    Transformer,
 };
 use did_core::rng::{Purpose, RngStream};
 use did_core::sample::categorical::{draw_token, DrawScratch};
@@ -429,15 +430,23 @@ fn causal_sampling_draws_what_uncached_logits_draw() {
 
 #[test]
 fn memory_report_counts_what_is_allocated() {
-    for (arch, pass) in [
-        (Architecture::Dit, Pass::Bd3 { block_size: 2 }),
-        (Architecture::Dit, Pass::Full),
-        (Architecture::Gpt2, Pass::Causal),
+    // Dense logits rows, and rows padded to 8 as a GPU backend pads them.
+    for (arch, pass, align) in [
+        (Architecture::Dit, Pass::Bd3 { block_size: 2 }, 1),
+        (Architecture::Dit, Pass::Full, 1),
+        (Architecture::Gpt2, Pass::Causal, 1),
+        (Architecture::Dit, Pass::Bd3 { block_size: 2 }, 8),
+        (Architecture::Gpt2, Pass::Causal, 8),
     ] {
         let config = micro(arch, 11, 8, 0.1);
-        let be = CpuBackend::<f32>::new();
+        let be = CpuBackend::<f32>::new().with_row_alignment(align);
         let acts = Activations::new(&be, &config, 3, 8, pass).unwrap();
-        let report = memory_report(&config, 3, 8, pass);
+        let stride = be.padded_row_stride(config.vocab_size);
+        assert_eq!(stride, if align == 1 { 11 } else { 16 });
+        let report = memory_report_with_stride(&config, 3, 8, pass, stride);
+        if align == 1 {
+            assert_eq!(report, memory_report(&config, 3, 8, pass));
+        }
         let mut saved: usize = acts.residual.iter().map(Vec::len).sum();
         for b in &acts.blocks {
             saved += [

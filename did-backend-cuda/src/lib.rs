@@ -116,6 +116,14 @@ pub struct CudaIds {
     host: Vec<u32>,
 }
 
+/// The CUDA backend's logits rows start a multiple of this many elements apart
+/// (`Backend::padded_row_stride`): 50,258 → 50,304.
+///
+/// ```
+/// assert_eq!(50_258usize.next_multiple_of(did_backend_cuda::LOGITS_ROW_ALIGNMENT), 50_304);
+/// ```
+pub const LOGITS_ROW_ALIGNMENT: usize = 64;
+
 /// Threads per block of the element-wise and row kernels.
 const THREADS: u32 = 256;
 /// Threads per block of `embedding_backward` (two channels each).
@@ -1322,7 +1330,7 @@ impl Backend for CudaBackend {
     /// row (measured on the H200: `dW += dlogitsᵀ · x` for the head, 1,280 rows, 0.445 ms at
     /// GPT-2's 50,258 against 0.245 at 50,304).
     fn padded_row_stride(&self, cols: usize) -> usize {
-        cols.next_multiple_of(64)
+        cols.next_multiple_of(LOGITS_ROW_ALIGNMENT)
     }
 
     fn bias_add_rows(

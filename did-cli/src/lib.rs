@@ -20,7 +20,7 @@ use std::process::ExitCode;
 
 use clap::parser::ValueSource;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
-use did_core::model::{memory_report, Architecture, ModelConfig, Pass};
+use did_core::model::{memory_report_with_stride, Architecture, ModelConfig, Pass};
 use did_core::refine::StagePlan;
 
 use data::prepare::{prepare, render, PrepareOptions};
@@ -513,6 +513,7 @@ fn execute(cli: Cli, matches: &clap::ArgMatches) -> Result<String, String> {
             length,
             block,
         } => model_info(
+            cli.backend,
             &model,
             &arch,
             batch as usize,
@@ -565,6 +566,7 @@ fn check_plan(plan: &str, length: usize) -> Result<String, String> {
 
 /// `did model-info`: the parameter count and the training memory of a model.
 fn model_info(
+    backend: BackendChoice,
     model: &str,
     arch: &str,
     batch: usize,
@@ -597,12 +599,24 @@ fn model_info(
             Pass::diffusion(block, length)
         }
     };
-    let m = memory_report(&config, batch, length, pass);
+    // The CUDA backend pads the logits rows (no device is needed to say how).
+    let stride = match backend {
+        BackendChoice::Cpu => config.vocab_size,
+        BackendChoice::Cuda => config
+            .vocab_size
+            .next_multiple_of(did_backend_cuda::LOGITS_ROW_ALIGNMENT),
+    };
+    let m = memory_report_with_stride(&config, batch, length, pass, stride);
+    let rows = if stride == config.vocab_size {
+        String::new()
+    } else {
+        format!(", logits rows padded to {stride}")
+    };
     let gib = |b: usize| b as f64 / f64::from(1u32 << 30);
     Ok(format!(
         "{arch} model: {layers} layers × {hidden} hidden, {heads} heads, context {ctx}, vocabulary {vocab}\n\
          parameters: {params}\n\
-         training step, batch {batch} × length {length}, {pass:?} (f32):\n\
+         training step, batch {batch} × length {length}, {pass:?} (f32{rows}):\n\
          \x20 parameters {p:.2} GiB, gradients {g:.2} GiB, AdamW moments + EMA {o:.2} GiB\n\
          \x20 activations {a:.2} GiB (logits {l:.2} GiB), gradient scratch {s:.2} GiB\n\
          \x20 total {t:.2} GiB\n",

@@ -9,6 +9,11 @@ fn the_paper_model_has_the_reference_parameter_count() {
     assert_eq!(code, 0);
     assert!(out.contains("parameters: 169627218"), "{out}"); // bd3lm.md §7
     assert!(out.contains("batch 8 × length 1024"), "{out}");
+    // The CUDA backend's padded logits rows, said without a GPU.
+    let (code, cuda, err) = did(&["--backend", "cuda", "model-info", "small"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(cuda.contains("logits rows padded to 50304"), "{cuda}");
+    assert!(!out.contains("padded"), "{out}");
 }
 
 #[test]

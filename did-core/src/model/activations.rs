@@ -380,6 +380,47 @@ pub fn memory_report(
     seq_len: usize,
     pass: Pass,
 ) -> MemoryReport {
+    report_at_stride(config, batch, seq_len, pass, config.vocab_size)
+}
+
+/// [`memory_report`] with logits rows `logits_stride ≥ vocab` elements apart, as
+/// [`Activations::new`] allocates them on a backend that pads them
+/// ([`Backend::padded_row_stride`]: 50,304 for `small`'s 50,258 on CUDA).
+///
+/// ```
+/// use did_core::model::{memory_report, memory_report_with_stride, Architecture, ModelConfig, Pass};
+/// let small = ModelConfig::preset("small", Architecture::Dit)?;
+/// let pass = Pass::Bd3 { block_size: 4 };
+/// let dense = memory_report(&small, 8, 1024, pass);
+/// let padded = memory_report_with_stride(&small, 8, 1024, pass, 50_304);
+/// assert!(padded.logits > dense.logits);
+/// assert_eq!(padded.logits - dense.logits, padded.activations - dense.activations);
+/// assert_eq!(memory_report_with_stride(&small, 8, 1024, pass, 50_258), dense);
+/// # Ok::<(), did_core::Error>(())
+/// ```
+pub fn memory_report_with_stride(
+    config: &ModelConfig,
+    batch: usize,
+    seq_len: usize,
+    pass: Pass,
+    logits_stride: usize,
+) -> MemoryReport {
+    report_at_stride(
+        config,
+        batch,
+        seq_len,
+        pass,
+        logits_stride.max(config.vocab_size),
+    )
+}
+
+fn report_at_stride(
+    config: &ModelConfig,
+    batch: usize,
+    seq_len: usize,
+    pass: Pass,
+    logits_stride: usize,
+) -> MemoryReport {
     let s = Sizes::of(config, batch, seq_len, pass);
     let (c, m, n, r, v) = (
         config.hidden,
@@ -395,7 +436,7 @@ pub fn memory_report(
     } else {
         0
     };
-    let logits = r.min(loss_rows_for(v)) * v;
+    let logits = r.min(loss_rows_for(v)) * logits_stride;
     // Chunked loss: the head's input and its gradient gathered at the loss rows.
     let gathered = if loss_rows_for(v) < r { r * c } else { 0 };
     let head = r * c * (if dit { 3 } else { 2 }) + 2 * r + logits + 2 * r + gathered;
