@@ -370,10 +370,12 @@ fn recorded_draft_passes_replay_to_the_same_tokens() {
         let (recorded, replays, alive, left) = with_gpu(Precision::Bf16, |g| run(g, true));
         let (again, ..) = with_gpu(Precision::Bf16, |g| run(g, true));
         assert_eq!(plain_replays, 0);
-        // Each draft call and commit over a block position replays its recording.
+        // Each draft call and commit over a block position replays its recording. (A refine
+        // stage's larger scratch frees the draft's graphs: only a draft-only plan keeps them.)
+        assert!(replays > 0, "{plan} at {len}: no replays");
         assert!(
-            replays > 0 && alive > 0,
-            "{plan} at {len}: {replays} replays, {alive} graphs"
+            plan != "4" || alive > 0,
+            "{plan} at {len}: no graph alive before the drop"
         );
         assert_eq!(left, 0, "{plan} at {len}: the denoiser's graphs outlive it");
         assert_eq!(
