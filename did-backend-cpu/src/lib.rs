@@ -104,6 +104,8 @@ pub enum CpuError {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct CpuBackend<T: CpuFloat = f32> {
     row_alignment: usize,
+    /// Claims to record ops and never does ([`CpuBackend::with_failed_recordings`]).
+    failed_recordings: bool,
     _t: PhantomData<T>,
 }
 
@@ -121,6 +123,7 @@ impl<T: CpuFloat> CpuBackend<T> {
     pub const fn with_float() -> Self {
         CpuBackend {
             row_alignment: 1,
+            failed_recordings: false,
             _t: PhantomData,
         }
     }
@@ -137,6 +140,24 @@ impl<T: CpuFloat> CpuBackend<T> {
     /// ```
     pub const fn with_row_alignment(mut self, elements: usize) -> Self {
         self.row_alignment = elements;
+        self
+    }
+
+    /// The same backend claiming it can record ops ([`Backend::can_record`]) but never
+    /// recording (ops run at once, and [`Backend::end_recording`] gives `None`): what a GPU
+    /// backend does when a capture fails, so a sampler's fallback can be checked on the CPU.
+    ///
+    /// ```
+    /// use did_backend_cpu::CpuBackend;
+    /// use did_core::backend::Backend;
+    /// let be = CpuBackend::new().with_failed_recordings();
+    /// assert!(be.can_record() && !CpuBackend::new().can_record());
+    /// be.begin_recording()?;
+    /// assert_eq!(be.end_recording()?, None);
+    /// # Ok::<(), did_backend_cpu::CpuError>(())
+    /// ```
+    pub const fn with_failed_recordings(mut self) -> Self {
+        self.failed_recordings = true;
         self
     }
 }
@@ -260,6 +281,10 @@ impl<T: CpuFloat> Backend for CpuBackend<T> {
     }
     fn padded_row_stride(&self, cols: usize) -> usize {
         cols.next_multiple_of(self.row_alignment.max(1))
+    }
+
+    fn can_record(&self) -> bool {
+        self.failed_recordings
     }
     fn bias_add_rows(
         &self,

@@ -496,3 +496,26 @@ fn memory_report_counts_what_is_allocated() {
         assert_eq!(report.gradient_scratch, 4 * scratch, "{arch:?} {pass:?}");
     }
 }
+
+/// A backend that cannot record what it was asked to (a failed CUDA capture) must cost
+/// nothing but speed: the passes it was asked to record run again, the tokens are the plain
+/// backend's, and the sampler stops asking.
+#[test]
+fn a_failed_recording_leaves_the_samples_as_they_were() {
+    use did_core::refine::{generate, GenerateConfig, StagePlan};
+    let (model, params) = random_model(Architecture::Dit, 13, 16, 5);
+    // Draft and refine over the context, and a draft over three (the cache's window slides).
+    for (plan, len) in [("4,L:0.25", 16), ("4", 48)] {
+        let sample = |be: &CpuBackend| {
+            let dev = be.upload(&params).unwrap();
+            let mut denoiser = DiffusionDenoiser::new(be, &model, &dev, true).unwrap();
+            let plan: StagePlan = plan.parse().unwrap();
+            let config = GenerateConfig::new(plan.resolve(len).unwrap(), 3);
+            let prompts: [&[u32]; 2] = [&[1, 2], &[3]];
+            generate(&mut denoiser, &config, &prompts).unwrap()
+        };
+        let plain = sample(&CpuBackend::new());
+        let failing = sample(&CpuBackend::new().with_failed_recordings());
+        assert_eq!(plain, failing, "{plan} at {len}");
+    }
+}
