@@ -289,6 +289,34 @@ fn sample_with_every_remask_strategy() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Presses Ctrl-C (SIGINT) on `child` once `file` has two lines; its exit code and stderr.
+#[cfg(unix)]
+fn ctrl_c_once_written(
+    child: std::process::Child,
+    file: &Path,
+    what: &str,
+) -> (Option<i32>, String) {
+    let t0 = std::time::Instant::now();
+    while std::fs::read_to_string(file)
+        .map(|s| s.lines().count())
+        .unwrap_or(0)
+        < 2
+    {
+        assert!(t0.elapsed().as_secs() < 120, "{what} did not start");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 #[cfg(unix)]
 #[test]
 fn ctrl_c_stops_sampling_between_calls_and_keeps_the_written_samples() {
@@ -304,24 +332,8 @@ fn ctrl_c_stops_sampling_between_calls_and_keeps_the_written_samples() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let written = || {
-        std::fs::read_to_string(&out)
-            .map(|s| s.lines().count())
-            .unwrap_or(0)
-    };
-    let t0 = std::time::Instant::now();
-    while written() < 2 {
-        assert!(t0.elapsed().as_secs() < 120, "sampling did not start");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    let status = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let result = child.wait_with_output().unwrap();
-    let err = String::from_utf8_lossy(&result.stderr);
-    assert_eq!(result.status.code(), Some(2), "{err}");
+    let (code, err) = ctrl_c_once_written(child, &out, "sampling");
+    assert_eq!(code, Some(2), "{err}");
     assert!(
         err.contains("interrupted after") && err.contains("calls in"),
         "{err}"
@@ -364,24 +376,8 @@ fn ctrl_c_saves_and_exits_cleanly() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let metrics = run.join("metrics.jsonl");
-    let t0 = std::time::Instant::now();
-    while std::fs::read_to_string(&metrics)
-        .map(|s| s.lines().count())
-        .unwrap_or(0)
-        < 2
-    {
-        assert!(t0.elapsed().as_secs() < 120, "training did not start");
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    let status = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let out = child.wait_with_output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
+    let (code, err) = ctrl_c_once_written(child, &run.join("metrics.jsonl"), "training");
+    assert_eq!(code, Some(2), "{err}");
     let step: u32 = err
         .split("saved step ")
         .nth(1)
