@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use did_core::backend::{
     linear_forward_then_in_steps, AdamW, AttentionShape, Backend, DrawSpec, DropoutMask, Gemm,
-    LinearThen, NormShape, QkvOffsets, RopeShape, RowGroups, RowMajor, Slice, SliceMut,
+    LinearThen, NormShape, OptimizerStep, QkvOffsets, RopeShape, RowGroups, RowMajor, Slice,
+    SliceMut, UpdatedWeights,
 };
 use did_core::mask::AttentionMask;
 use did_core::rng::RngStream;
@@ -154,6 +155,15 @@ impl<B: Backend> Backend for Profiled<B> {
     }
     fn upload(&self, host: &[f32]) -> Result<B::Buffer, B::Error> {
         self.timed("upload", 0, || self.inner.upload(host))
+    }
+    fn stores_below_f32(&self) -> bool {
+        self.inner.stores_below_f32()
+    }
+    fn upload_f32(&self, host: &[f32]) -> Result<B::Buffer, B::Error> {
+        self.timed("upload", 0, || self.inner.upload_f32(host))
+    }
+    fn round_into(&self, src: S<'_, B>, dst: M<'_, B>, len: usize) -> Result<(), B::Error> {
+        self.timed("round_into", 0, || self.inner.round_into(src, dst, len))
     }
     fn download(&self, src: S<'_, B>, out: &mut [f32]) -> Result<(), B::Error> {
         self.timed("download", 0, || self.inner.download(src, out))
@@ -563,6 +573,20 @@ impl<B: Backend> Backend for Profiled<B> {
     }
     fn ema_update(&self, e: M<'_, B>, p: S<'_, B>, n: usize, d: f32) -> Result<(), B::Error> {
         self.timed("ema_update", 0, || self.inner.ema_update(e, p, n, d))
+    }
+    fn optimizer_step(
+        &self,
+        step: &OptimizerStep,
+        params: UpdatedWeights<'_, B::Buffer>,
+        grads: M<'_, B>,
+        m: M<'_, B>,
+        v: M<'_, B>,
+        ema: Option<UpdatedWeights<'_, B::Buffer>>,
+        n: usize,
+    ) -> Result<(), B::Error> {
+        self.timed("optimizer_step", 0, || {
+            self.inner.optimizer_step(step, params, grads, m, v, ema, n)
+        })
     }
     fn draw_tokens(
         &self,

@@ -106,6 +106,8 @@ pub struct CpuBackend<T: CpuFloat = f32> {
     row_alignment: usize,
     /// Claims to record ops and never does ([`CpuBackend::with_failed_recordings`]).
     failed_recordings: bool,
+    /// The model reads weights rounded to bf16 ([`CpuBackend::with_bf16_weights`]).
+    bf16_weights: bool,
     _t: PhantomData<T>,
 }
 
@@ -124,6 +126,7 @@ impl<T: CpuFloat> CpuBackend<T> {
         CpuBackend {
             row_alignment: 1,
             failed_recordings: false,
+            bf16_weights: false,
             _t: PhantomData,
         }
     }
@@ -158,6 +161,27 @@ impl<T: CpuFloat> CpuBackend<T> {
     /// ```
     pub const fn with_failed_recordings(mut self) -> Self {
         self.failed_recordings = true;
+        self
+    }
+
+    /// The same backend saying it stores below f32 ([`Backend::stores_below_f32`]) and
+    /// rounding to bf16 what [`Backend::round_into`] writes, while every buffer stays in `T`:
+    /// a trainer then keeps f32 master weights and gives the model bf16-valued copies, as on a
+    /// bf16 GPU, so that layout can be checked on the CPU.
+    ///
+    /// ```
+    /// use did_backend_cpu::CpuBackend;
+    /// use did_core::backend::{Backend, Slice, SliceMut};
+    /// let be = CpuBackend::new().with_bf16_weights();
+    /// assert!(be.stores_below_f32() && !CpuBackend::new().stores_below_f32());
+    /// let master = be.upload_f32(&[1.0 + 1.0 / 512.0, 0.1])?;
+    /// let mut rounded = be.zeros(2)?;
+    /// be.round_into(Slice::whole(&master), SliceMut::whole(&mut rounded), 2)?;
+    /// assert_eq!(rounded, [1.0, 0.10009765625]); // bf16 keeps 8 significant bits
+    /// # Ok::<(), did_backend_cpu::CpuError>(())
+    /// ```
+    pub const fn with_bf16_weights(mut self) -> Self {
+        self.bf16_weights = true;
         self
     }
 }
@@ -249,6 +273,26 @@ impl<T: CpuFloat> Backend for CpuBackend<T> {
     }
     fn upload_ids(&self, host: &[u32]) -> Result<Vec<u32>, CpuError> {
         Ok(host.to_vec())
+    }
+    fn stores_below_f32(&self) -> bool {
+        self.bf16_weights
+    }
+    fn round_into(
+        &self,
+        src: Slice<'_, Vec<T>>,
+        dst: SliceMut<'_, Vec<T>>,
+        len: usize,
+    ) -> Result<(), CpuError> {
+        let src = view(src, len, "round_into source")?;
+        let dst = view_mut(dst, len, "round_into destination")?;
+        if self.bf16_weights {
+            for (d, &s) in dst.iter_mut().zip(src) {
+                *d = T::of_f32(half::bf16::from_f32(s.to_f32_lossy()).to_f32());
+            }
+        } else {
+            dst.copy_from_slice(src);
+        }
+        Ok(())
     }
     fn fill(&self, dst: SliceMut<'_, Vec<T>>, len: usize, value: f32) -> Result<(), CpuError> {
         view_mut(dst, len, "fill")?.fill(T::of_f32(value));

@@ -231,7 +231,7 @@ fn same_seed_same_losses_bit_for_bit() {
                 t.step(&be, &model, &[b]).unwrap().loss.to_bits()
             })
             .collect();
-        (losses, t.params)
+        (losses, t.params().clone())
     };
     let (a, pa) = run();
     let (b, pb) = run();
@@ -239,5 +239,78 @@ fn same_seed_same_losses_bit_for_bit() {
     assert!(
         pa.iter().zip(&pb).all(|(x, y)| x.to_bits() == y.to_bits()),
         "parameters differ"
+    );
+}
+
+/// With weights the model reads in bf16, as on a bf16 GPU (`CpuBackend::with_bf16_weights`), the
+/// trainer keeps f32 masters of the weights, moments and EMA: after every step the model's copies
+/// are exactly the masters rounded, the masters keep updates their copies cannot show yet (a
+/// LayerNorm weight of 1 moved by less than half a bf16 step), a checkpoint holds the masters,
+/// and a trainer resumed from it continues bit for bit.
+#[test]
+fn bf16_weights_keep_f32_masters_and_round_the_copies_the_model_reads() {
+    let be = CpuBackend::new().with_bf16_weights();
+    let model = Transformer::new(tiny(Architecture::Dit)).unwrap();
+    let batch = |step: u32| {
+        diffusion_batch(
+            &counting(4, step),
+            4,
+            L,
+            4,
+            &TrainingSchedule::default(),
+            MASK,
+            7,
+            step,
+        )
+        .unwrap()
+    };
+    let bf16 = |x: f32| half::bf16::from_f32(x).to_f32();
+    let initial = model.table().initial_values(1);
+    let mut t = trainer(&be, &model, 3e-4);
+    for step in 0..3 {
+        t.step(&be, &model, &[batch(step)]).unwrap();
+        let state = t.state(&be).unwrap();
+        let ema = state.ema.as_ref().unwrap();
+        assert!(
+            t.params()
+                .iter()
+                .zip(&state.params)
+                .all(|(&r, &m)| r == bf16(m)),
+            "step {step}: the model's weights are not the masters rounded"
+        );
+        assert!(
+            t.eval_params().iter().zip(ema).all(|(&r, &m)| r == bf16(m)),
+            "step {step}: the model's EMA is not the EMA master rounded"
+        );
+    }
+    let state = t.state(&be).unwrap();
+    assert!(
+        state.params.iter().any(|&x| bf16(x) != x),
+        "the masters hold bf16 values only"
+    );
+    // LayerNorm weights start at 1; three warm-up steps (lr ≤ 3e-4 · 3/10) move them by less
+    // than half a bf16 step (2⁻⁹), so only the masters can show it.
+    let kept = initial
+        .iter()
+        .zip(&state.params)
+        .zip(t.params())
+        .filter(|((&i, &m), &r)| i == 1.0 && m != 1.0 && r == 1.0)
+        .count();
+    assert!(
+        kept > 0,
+        "no master kept an update its bf16 copy rounds away"
+    );
+
+    let mut resumed = Trainer::resume(&be, &model, t.config, &state, t.seed).unwrap();
+    let a = t.step(&be, &model, &[batch(3)]).unwrap();
+    let b = resumed.step(&be, &model, &[batch(3)]).unwrap();
+    assert_eq!(
+        a.loss.to_bits(),
+        b.loss.to_bits(),
+        "the resumed loss differs"
+    );
+    assert!(
+        t.state(&be).unwrap() == resumed.state(&be).unwrap(),
+        "the resumed trainer's state differs"
     );
 }

@@ -77,6 +77,23 @@ __device__ __forceinline__ void st_chunk(store_t* p, i64 i, const float* x) {
     for (int k = 0; k < VEC; ++k) c.s[k] = to_store(x[k]);
     *(uint4*)(p + i) = c.u;
 }
+// The same VEC elements of an f32 buffer (a bf16 backend's zeros_f32 / upload_f32: master
+// weights, moments), in 16-byte pieces: one for f32 storage, two for bf16.
+union ChunkF32 { uint4 u; float f[4]; };
+__device__ __forceinline__ void ld_chunk_f32(const float* p, i64 i, float* out) {
+    for (int q = 0; q < VEC / 4; ++q) {
+        ChunkF32 c;
+        c.u = *(const uint4*)(p + i + 4 * q);
+        for (int k = 0; k < 4; ++k) out[4 * q + k] = c.f[k];
+    }
+}
+__device__ __forceinline__ void st_chunk_f32(float* p, i64 i, const float* x) {
+    for (int q = 0; q < VEC / 4; ++q) {
+        ChunkF32 c;
+        for (int k = 0; k < 4; ++k) c.f[k] = x[4 * q + k];
+        *(uint4*)(p + i + 4 * q) = c.u;
+    }
+}
 
 // Philox4x32-10, as did_core::rng::philox4x32_10.
 struct u32x4 { unsigned v[4]; };

@@ -397,6 +397,79 @@ extern "C" __global__ void ema_update(store_t* ema, const store_t* params, i64 n
     GRID_STRIDE(i, n) st(ema, i, decay * ld(ema, i) + (1.0f - decay) * ld(params, i));
 }
 
+// f32 values (a master copy: zeros_f32 / upload_f32) into storage, rounded to nearest even.
+extern "C" __global__ void round_f32_into(const float* src, store_t* dst, i64 n) {
+    if (aligned16(src) && aligned16(dst) && n % VEC == 0) {
+        CHUNK_STRIDE(i, n) {
+            float a[VEC];
+            ld_chunk_f32(src, i, a);
+            st_chunk(dst, i, a);
+        }
+        return;
+    }
+    GRID_STRIDE(i, n) st(dst, i, src[i]);
+}
+
+// One AdamW update element by element, as `adamw` computes it (g already scaled).
+struct AdamWArgs {
+    float lr, beta1, beta2, eps, weight_decay, bc1, bc2;
+};
+__device__ __forceinline__ float adamw_element(const AdamWArgs& a, float p, float g, float* m, float* v) {
+    float mi = a.beta1 * *m + (1.0f - a.beta1) * g;
+    float vi = a.beta2 * *v + (1.0f - a.beta2) * g * g;
+    *m = mi;
+    *v = vi;
+    float mhat = mi / a.bc1, vhat = vi / a.bc2;
+    return p * (1.0f - a.lr * a.weight_decay) - a.lr * mhat / (sqrtf(vhat) + a.eps);
+}
+
+// did_core::backend::Backend::optimizer_step in one pass over the parameters: the gradient
+// times grad_scale, AdamW on the f32 master with f32 moments, the EMA's f32 master (ema null:
+// none this step), and the storage copies of both rewritten from their masters (null: storage
+// is f32 and the master is what the model reads). Every value as scale, adamw, ema_update and
+// round_f32_into leave it in f32 storage; in bf16 storage only the gradients and the copies
+// are bf16, so no update is lost to rounding the weights, moments or EMA.
+extern "C" __global__ void optimizer_step(float* master, store_t* rounded, const store_t* grads, float* m, float* v,
+                                          float* ema, store_t* ema_rounded, i64 n, float grad_scale, float lr,
+                                          float beta1, float beta2, float eps, float weight_decay, float bc1,
+                                          float bc2, float ema_decay) {
+    const AdamWArgs a{lr, beta1, beta2, eps, weight_decay, bc1, bc2};
+    const bool chunked = aligned16(master) && aligned16(rounded) && aligned16(grads) && aligned16(m) &&
+                         aligned16(v) && aligned16(ema) && aligned16(ema_rounded) && n % VEC == 0;
+    if (chunked) {
+        CHUNK_STRIDE(i, n) {
+            float g[VEC], mc[VEC], vc[VEC], pc[VEC];
+            ld_chunk(grads, i, g);
+            ld_chunk_f32(m, i, mc);
+            ld_chunk_f32(v, i, vc);
+            ld_chunk_f32(master, i, pc);
+            for (int k = 0; k < VEC; ++k) pc[k] = adamw_element(a, pc[k], g[k] * grad_scale, &mc[k], &vc[k]);
+            st_chunk_f32(m, i, mc);
+            st_chunk_f32(v, i, vc);
+            st_chunk_f32(master, i, pc);
+            if (rounded) st_chunk(rounded, i, pc);
+            if (ema) {
+                float e[VEC];
+                ld_chunk_f32(ema, i, e);
+                for (int k = 0; k < VEC; ++k) e[k] = ema_decay * e[k] + (1.0f - ema_decay) * pc[k];
+                st_chunk_f32(ema, i, e);
+                if (ema_rounded) st_chunk(ema_rounded, i, e);
+            }
+        }
+        return;
+    }
+    GRID_STRIDE(i, n) {
+        const float p = adamw_element(a, master[i], ld(grads, i) * grad_scale, &m[i], &v[i]);
+        master[i] = p;
+        if (rounded) st(rounded, i, p);
+        if (ema) {
+            const float e = ema_decay * ema[i] + (1.0f - ema_decay) * p;
+            ema[i] = e;
+            if (ema_rounded) st(ema_rounded, i, e);
+        }
+    }
+}
+
 // Σ x or Σ x² in f64: one partial per block (fixed grid), summed on the host in order.
 extern "C" __global__ void sum_partial(const store_t* x, i64 n, int squares, double* partial) {
     __shared__ double shared[256];

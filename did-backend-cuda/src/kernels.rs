@@ -43,6 +43,8 @@ pub const KERNELS: [(&str, &[&str]); 5] = [
             "scale",
             "adamw",
             "ema_update",
+            "round_f32_into",
+            "optimizer_step",
             "sum_partial",
             "embedding_forward",
             "embedding_backward",
@@ -88,7 +90,7 @@ pub const KERNELS: [(&str, &[&str]); 5] = [
 
 /// The elementwise kernels that move 16-byte chunks (`CHUNK_STRIDE` in common.cuh) where their
 /// pointers and extents allow: the backend launches `n / chunk` threads for them, not `n`.
-pub const CHUNKED: [&str; 13] = [
+pub const CHUNKED: [&str; 15] = [
     "fill",
     "scale",
     "bias_add",
@@ -102,6 +104,8 @@ pub const CHUNKED: [&str; 13] = [
     "dropout",
     "adamw",
     "ema_update",
+    "round_f32_into",
+    "optimizer_step",
 ];
 
 /// Kernels that exist only in the bf16 module for compute capability 8.0 and later (their

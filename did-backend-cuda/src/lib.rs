@@ -44,8 +44,9 @@ use cudarc::driver::{
     HostSlice, LaunchConfig, PushKernelArg,
 };
 use did_core::backend::{
-    AdamW, AttentionShape, Backend, DrawSpec, DropoutMask, Gemm, LinearThen, NormShape, QkvOffsets,
-    RecordingId, RopeShape, RowGroups, RowMajor, Slice, SliceMut,
+    AdamW, AttentionShape, Backend, DrawSpec, DropoutMask, Gemm, LinearThen, NormShape,
+    OptimizerStep, QkvOffsets, RecordingId, RopeShape, RowGroups, RowMajor, Slice, SliceMut,
+    UpdatedWeights,
 };
 use did_core::mask::AttentionMask;
 use did_core::rng::RngStream;
@@ -1078,6 +1079,35 @@ impl Backend for CudaBackend {
             self.upload_bytes(&bytes, &mut view)?;
         }
         Ok(buf)
+    }
+
+    fn stores_below_f32(&self) -> bool {
+        self.precision == Precision::Bf16
+    }
+
+    fn upload_f32(&self, host: &[f32]) -> Result<CudaBuffer, CudaError> {
+        let mut buf = self.zeros_f32(host.len())?;
+        if !host.is_empty() {
+            let bytes: Vec<u8> = host.iter().flat_map(|x| x.to_le_bytes()).collect();
+            let mut view = buf.mem.slice_mut(0..bytes.len());
+            self.upload_bytes(&bytes, &mut view)?;
+        }
+        Ok(buf)
+    }
+
+    fn round_into(
+        &self,
+        src: Slice<'_, CudaBuffer>,
+        dst: SliceMut<'_, CudaBuffer>,
+        len: usize,
+    ) -> Result<(), CudaError> {
+        let src = self.f32_ptr(src.buf, src.offset, len, "round_into source")?;
+        let dst = self.ptr_mut(dst, len, "round_into destination")?;
+        self.launch_elements(
+            "round_f32_into",
+            len,
+            &[Arg::Ptr(src), Arg::Ptr(dst), Arg::I64(len as i64)],
+        )
     }
 
     fn download(&self, src: Slice<'_, CudaBuffer>, out: &mut [f32]) -> Result<(), CudaError> {
@@ -2146,6 +2176,68 @@ impl Backend for CudaBackend {
             Arg::F32(decay),
         ];
         self.launch_elements("ema_update", len, &args)
+    }
+
+    /// One `optimizer_step` launch: masters, moments and the EMA in f32 (`upload_f32`,
+    /// `zeros_f32`), gradients and the rounded copies in the storage precision.
+    fn optimizer_step(
+        &self,
+        step: &OptimizerStep,
+        params: UpdatedWeights<'_, CudaBuffer>,
+        grads: SliceMut<'_, CudaBuffer>,
+        m: SliceMut<'_, CudaBuffer>,
+        v: SliceMut<'_, CudaBuffer>,
+        ema: Option<UpdatedWeights<'_, CudaBuffer>>,
+        len: usize,
+    ) -> Result<(), CudaError> {
+        let f32_at = |s: &SliceMut<'_, CudaBuffer>, what| self.f32_ptr(s.buf, s.offset, len, what);
+        let stored_at = |s: Option<SliceMut<'_, CudaBuffer>>, what| match s {
+            Some(s) => self.ptr_mut(s, len, what),
+            None => Ok(0),
+        };
+        if self.precision == Precision::Bf16 && params.rounded.is_none() {
+            return Err(CudaError::Shape(
+                "optimizer_step: bf16 storage needs the weights' rounded copy for the model \
+                 (the master is f32)"
+                    .into(),
+            ));
+        }
+        let master = f32_at(&params.master, "optimizer master weights")?;
+        let rounded = stored_at(params.rounded, "optimizer rounded weights")?;
+        let grads = self.ptr_mut(grads, len, "optimizer gradients")?;
+        let m = f32_at(&m, "optimizer first moments")?;
+        let v = f32_at(&v, "optimizer second moments")?;
+        let (ema, ema_rounded, ema_decay) = match (ema, step.ema_decay) {
+            (Some(ema), Some(decay)) => (
+                f32_at(&ema.master, "optimizer EMA")?,
+                stored_at(ema.rounded, "optimizer rounded EMA")?,
+                decay,
+            ),
+            _ => (0, 0, 0.0),
+        };
+        let hp = &step.adamw;
+        // Bias corrections in f32 on the host, as the CPU reference.
+        let t = hp.step.max(1) as i32;
+        let args = [
+            Arg::Ptr(master),
+            Arg::Ptr(rounded),
+            Arg::Ptr(grads),
+            Arg::Ptr(m),
+            Arg::Ptr(v),
+            Arg::Ptr(ema),
+            Arg::Ptr(ema_rounded),
+            Arg::I64(len as i64),
+            Arg::F32(step.grad_scale),
+            Arg::F32(hp.lr),
+            Arg::F32(hp.beta1),
+            Arg::F32(hp.beta2),
+            Arg::F32(hp.eps),
+            Arg::F32(hp.weight_decay),
+            Arg::F32(1.0 - hp.beta1.powi(t)),
+            Arg::F32(1.0 - hp.beta2.powi(t)),
+            Arg::F32(ema_decay),
+        ];
+        self.launch_elements("optimizer_step", len, &args)
     }
 
     /// [`DrawLocation::Host`]: one download of every row, then the reference draw on the host,

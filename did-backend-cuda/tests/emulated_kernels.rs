@@ -86,14 +86,25 @@ fn chunked_elementwise_kernels_and_batched_column_sums_equal_their_plain_forms_u
         (&["-DSTORAGE_BF16"][..], "emulated_chunked_bf16"),
     ] {
         let report = build_and_run("chunked.cpp", defines, exe);
-        // One line per kernel of kernels::CHUNKED (gated and ungated residuals apart, the
-        // out-of-place one with and without a bias), the sum of squares, the column sums and
-        // the padded rows.
+        // One line per kernel of kernels::CHUNKED but the optimizer's two (optimizer.cpp),
+        // gated and ungated residuals apart, the out-of-place one with and without a bias; the
+        // sum of squares, the column sums and the padded rows.
         assert_eq!(
             report.matches("ok   ").count(),
-            did_backend_cuda::kernels::CHUNKED.len() + 5,
+            did_backend_cuda::kernels::CHUNKED.len() - 2 + 5,
             "{report}"
         );
+    }
+}
+
+#[test]
+fn the_optimizer_update_keeps_f32_masters_and_equals_the_kernels_it_replaces_under_emulation() {
+    for (defines, exe, lines) in [
+        (&[][..], "emulated_optimizer_f32", 7),
+        (&["-DSTORAGE_BF16"][..], "emulated_optimizer_bf16", 7),
+    ] {
+        let report = build_and_run("optimizer.cpp", defines, exe);
+        assert_eq!(report.matches("ok   ").count(), lines, "{report}");
     }
 }
 

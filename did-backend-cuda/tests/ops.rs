@@ -6,13 +6,14 @@
 mod common;
 
 use common::{
-    bf16_round, check, check_with_attention, dims, down, down_at, gpu, poisoned, rand, Case, BF16,
-    F32,
+    bf16_round, check, check_with_attention, compare, dims, down, down_at, gpu, poisoned, rand,
+    with_gpu, Case, Tol, BF16, F32,
 };
+use did_backend_cpu::CpuBackend;
 use did_backend_cuda::{AttentionKernel, KeySplit, Precision};
 use did_core::backend::{
-    AdamW, AttentionShape, Backend, DrawSpec, DropoutMask, Gemm, LinearThen, NormShape, QkvOffsets,
-    RopeShape, RowGroups, RowMajor, Slice, SliceMut,
+    AdamW, AttentionShape, Backend, DrawSpec, DropoutMask, Gemm, LinearThen, NormShape,
+    OptimizerStep, QkvOffsets, RopeShape, RowGroups, RowMajor, Slice, SliceMut, UpdatedWeights,
 };
 use did_core::mask::AttentionMask;
 use did_core::rng::{Purpose, RngStream};
@@ -1677,6 +1678,298 @@ fn adamw_ema_reductions_scale_fill_and_copies() {
         verdict(check(&format!("optim n = {n}"), &case, F32, Some(BF16)))
     }
     qc(20, prop);
+}
+
+/// What one optimizer update leaves: masters, moments, the EMA, and the copies the model reads
+/// (the masters themselves where storage is f32).
+struct Updated {
+    master: Vec<f32>,
+    m: Vec<f32>,
+    v: Vec<f32>,
+    ema: Vec<f32>,
+    rounded: Vec<f32>,
+    ema_rounded: Vec<f32>,
+}
+
+struct UpdateInputs {
+    p: Vec<f32>,
+    g: Vec<f32>,
+    m: Vec<f32>,
+    v: Vec<f32>,
+    ema: Vec<f32>,
+}
+
+/// `optimizer_step` with f32 masters (and rounded copies where the backend stores below f32), or
+/// — `composed` — the kernels it replaces on buffers in the storage precision.
+fn run_update<B: Backend>(
+    be: &B,
+    x: &UpdateInputs,
+    step: &OptimizerStep,
+    composed: bool,
+) -> Result<Updated, B::Error> {
+    let n = x.p.len();
+    let f32_buf = |h: &[f32]| {
+        if composed {
+            be.upload(h)
+        } else {
+            be.upload_f32(h)
+        }
+    };
+    let (mut master, mut m, mut v, mut ema) = (
+        f32_buf(&x.p)?,
+        f32_buf(&x.m)?,
+        f32_buf(&x.v)?,
+        f32_buf(&x.ema)?,
+    );
+    let mut grads = be.upload(&x.g)?;
+    let below = !composed && be.stores_below_f32();
+    let mut rounded = if below { Some(poisoned(be, n)?) } else { None };
+    let mut ema_rounded = if below { Some(poisoned(be, n)?) } else { None };
+    if composed {
+        if step.grad_scale != 1.0 {
+            be.scale(SliceMut::whole(&mut grads), n, step.grad_scale)?;
+        }
+        be.adamw(
+            &step.adamw,
+            SliceMut::whole(&mut master),
+            Slice::whole(&grads),
+            SliceMut::whole(&mut m),
+            SliceMut::whole(&mut v),
+            n,
+        )?;
+        if let Some(decay) = step.ema_decay {
+            be.ema_update(SliceMut::whole(&mut ema), Slice::whole(&master), n, decay)?;
+        }
+    } else {
+        be.optimizer_step(
+            step,
+            UpdatedWeights {
+                master: SliceMut::whole(&mut master),
+                rounded: rounded.as_mut().map(SliceMut::whole),
+            },
+            SliceMut::whole(&mut grads),
+            SliceMut::whole(&mut m),
+            SliceMut::whole(&mut v),
+            Some(UpdatedWeights {
+                master: SliceMut::whole(&mut ema),
+                rounded: ema_rounded.as_mut().map(SliceMut::whole),
+            }),
+            n,
+        )?;
+    }
+    let master_h = down(be, &master, n)?;
+    let ema_h = down(be, &ema, n)?;
+    Ok(Updated {
+        rounded: match &rounded {
+            Some(r) => down(be, r, n)?,
+            None => master_h.clone(),
+        },
+        ema_rounded: match &ema_rounded {
+            Some(r) => down(be, r, n)?,
+            None => ema_h.clone(),
+        },
+        master: master_h,
+        m: down(be, &m, n)?,
+        v: down(be, &v, n)?,
+        ema: ema_h,
+    })
+}
+
+/// `optimizer_step`: with f32 storage bit for bit the kernels it replaces (scale, adamw,
+/// ema_update); with bf16 storage f32 masters, moments and EMA equal to the CPU's f32 update of
+/// the same values to f32 rounding, and copies that are exactly the masters rounded to bf16.
+/// A weight of 1 under lr 3e-4 moves in the bf16 master (bf16 storage itself would round each
+/// step back: half a bf16 step there is 2⁻⁹).
+#[test]
+fn optimizer_step_keeps_f32_masters_and_equals_the_kernels_it_replaces() {
+    if !gpu("optimizer_step_keeps_f32_masters_and_equals_the_kernels_it_replaces") {
+        return;
+    }
+    let tight = Tol {
+        rtol: 1e-5,
+        atol: 1e-7,
+    };
+    let cases = [(1, 1u64), (37, 2), (4096, 3), (100_003, 4)];
+    let mut result: Result<(), String> = Ok(());
+    for (n, seed) in cases {
+        let x = UpdateInputs {
+            p: rand(seed, n, 1.0),
+            g: rand(seed ^ 1, n, 1.0),
+            m: rand(seed ^ 2, n, 0.1),
+            v: rand(seed ^ 3, n, 0.1).iter().map(|v| v.abs()).collect(),
+            ema: rand(seed ^ 4, n, 1.0),
+        };
+        for (grad_scale, ema_decay) in [(1.0, Some(0.99)), (0.37, Some(0.9999)), (0.5, None)] {
+            let step = OptimizerStep {
+                adamw: AdamW {
+                    lr: 1e-3,
+                    weight_decay: 0.01,
+                    step: 3,
+                    ..AdamW::default()
+                },
+                grad_scale,
+                ema_decay,
+            };
+            let label = format!("n = {n}, grad scale {grad_scale}, EMA {ema_decay:?}");
+            let run = || -> Result<(), String> {
+                let cpu =
+                    run_update(&CpuBackend::new(), &x, &step, false).map_err(|e| e.to_string())?;
+                let fused = with_gpu(Precision::F32, |g| run_update(g, &x, &step, false))
+                    .map_err(|e| e.to_string())?;
+                let composed = with_gpu(Precision::F32, |g| run_update(g, &x, &step, true))
+                    .map_err(|e| e.to_string())?;
+                for (what, c, a, b) in [
+                    ("master", &cpu.master, &fused.master, &composed.master),
+                    ("m", &cpu.m, &fused.m, &composed.m),
+                    ("v", &cpu.v, &fused.v, &composed.v),
+                    ("ema", &cpu.ema, &fused.ema, &composed.ema),
+                ] {
+                    if a.iter()
+                        .zip(b.iter())
+                        .any(|(a, b)| a.to_bits() != b.to_bits())
+                    {
+                        return Err(format!(
+                            "{label}: f32 {what} differs from scale + adamw + ema_update"
+                        ));
+                    }
+                    compare(&format!("{label}: f32 {what} against the CPU"), c, a, F32)?;
+                }
+                let bf16 = with_gpu(Precision::Bf16, |g| run_update(g, &x, &step, false))
+                    .map_err(|e| e.to_string())?;
+                for (what, c, g) in [
+                    ("master", &cpu.master, &bf16.master),
+                    ("m", &cpu.m, &bf16.m),
+                    ("v", &cpu.v, &bf16.v),
+                    ("ema", &cpu.ema, &bf16.ema),
+                ] {
+                    compare(
+                        &format!("{label}: bf16 {what} (f32) against the CPU"),
+                        c,
+                        g,
+                        tight,
+                    )?;
+                }
+                for (what, master, rounded) in [
+                    ("weights", &bf16.master, &bf16.rounded),
+                    ("EMA", &bf16.ema, &bf16.ema_rounded),
+                ] {
+                    if master
+                        .iter()
+                        .zip(rounded.iter())
+                        .any(|(m, r)| bf16_round(*m) != *r)
+                    {
+                        return Err(format!(
+                            "{label}: the bf16 copy of the {what} is not its master rounded"
+                        ));
+                    }
+                }
+                Ok(())
+            };
+            if let Err(e) = run() {
+                result = Err(e);
+            }
+        }
+    }
+    // A LayerNorm weight of 1, unit gradients, lr 3e-4: 20 steps move the master by ≈ 6e-3.
+    let x = UpdateInputs {
+        p: vec![1.0; 8],
+        g: vec![1.0; 8],
+        m: vec![0.0; 8],
+        v: vec![0.0; 8],
+        ema: vec![1.0; 8],
+    };
+    let moved = with_gpu(
+        Precision::Bf16,
+        |be| -> Result<f32, did_backend_cuda::CudaError> {
+            let mut state = run_update(
+                be,
+                &x,
+                &OptimizerStep {
+                    adamw: AdamW {
+                        step: 1,
+                        ..AdamW::default()
+                    },
+                    grad_scale: 1.0,
+                    ema_decay: None,
+                },
+                false,
+            )?;
+            for t in 2..=20 {
+                let next = UpdateInputs {
+                    p: state.master.clone(),
+                    g: x.g.clone(),
+                    m: state.m.clone(),
+                    v: state.v.clone(),
+                    ema: state.ema.clone(),
+                };
+                state = run_update(
+                    be,
+                    &next,
+                    &OptimizerStep {
+                        adamw: AdamW {
+                            step: t,
+                            ..AdamW::default()
+                        },
+                        grad_scale: 1.0,
+                        ema_decay: None,
+                    },
+                    false,
+                )?;
+            }
+            Ok(1.0 - state.master[0])
+        },
+    );
+    match moved {
+        Ok(d) if (d - 20.0 * 3e-4).abs() < 0.05 * 20.0 * 3e-4 => {}
+        Ok(d) => {
+            result = Err(format!(
+                "bf16: 20 steps of lr 3e-4 moved a weight of 1 by {d}, not ≈ 6e-3"
+            ))
+        }
+        Err(e) => result = Err(e.to_string()),
+    }
+    if let Err(e) = result {
+        panic!("{e}");
+    }
+}
+
+/// `round_into`: an f32 buffer into the storage precision — the values themselves in f32
+/// storage, each rounded to the nearest bf16 in bf16 storage — at an offset, nothing else written.
+#[test]
+fn round_into_writes_f32_values_in_the_storage_precision() {
+    if !gpu("round_into_writes_f32_values_in_the_storage_precision") {
+        return;
+    }
+    for n in [1, 7, 8, 1000, 65_537] {
+        let host: Vec<f32> = (0..n).map(|i| 1.0 + (i as f32) * 1e-4 - 3e-3).collect();
+        for precision in [Precision::F32, Precision::Bf16] {
+            let got = with_gpu(
+                precision,
+                |be| -> Result<Vec<f32>, did_backend_cuda::CudaError> {
+                    let src = be.upload_f32(&host)?;
+                    let mut dst = poisoned(be, n + 2)?;
+                    be.round_into(Slice::whole(&src), SliceMut::at(&mut dst, 1), n)?;
+                    down(be, &dst, n + 2)
+                },
+            )
+            .unwrap_or_else(|e| panic!("round_into n = {n} {precision:?}: {e}"));
+            assert!(
+                got[0].is_nan() && got[n + 1].is_nan(),
+                "round_into wrote outside its range"
+            );
+            for (i, (&g, &h)) in got[1..=n].iter().zip(&host).enumerate() {
+                let want = match precision {
+                    Precision::F32 => h,
+                    Precision::Bf16 => bf16_round(h),
+                };
+                assert_eq!(
+                    g.to_bits(),
+                    want.to_bits(),
+                    "round_into n = {n} {precision:?}, element {i}"
+                );
+            }
+        }
+    }
 }
 
 // ---- sampling draws ----------------------------------------------------------------------------

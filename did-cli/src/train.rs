@@ -8,10 +8,10 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use did_core::backend::{Backend, Slice};
+use did_core::backend::Backend;
 use did_core::model::{
     causal_batch, diffusion_batch, Architecture, ModelConfig, TrainBatch, Trainer, TrainerConfig,
-    Transformer,
+    TrainingState, Transformer,
 };
 use did_core::refine::{BlockSizeDistribution, ResolvedBlockSizes};
 use did_core::rng::{Purpose, RngStream};
@@ -264,16 +264,13 @@ pub fn train<B: Backend>(be: &B, opts: &TrainOptions) -> Result<String, String> 
             if c.config != config {
                 return Err(format!("{} holds another model configuration; resume with the same --model, or use a new --out", path.display()));
             }
-            let mut t = Trainer::new(be, &model, tc, &c.params, opts.seed).map_err(e)?;
-            if let Some(ema) = &c.ema {
-                t.ema = Some(be.upload(ema).map_err(|e| e.to_string())?);
-            }
-            if let Some((m, v)) = &c.moments {
-                t.m = be.upload(m).map_err(|e| e.to_string())?;
-                t.v = be.upload(v).map_err(|e| e.to_string())?;
-            }
-            t.step = c.step;
-            t
+            let state = TrainingState {
+                params: c.params,
+                ema: c.ema,
+                moments: c.moments,
+                step: c.step,
+            };
+            Trainer::resume(be, &model, tc, &state, opts.seed).map_err(e)?
         }
         (true, None) => {
             return Err(format!(
@@ -330,13 +327,7 @@ pub fn train<B: Backend>(be: &B, opts: &TrainOptions) -> Result<String, String> 
     let mut last_loss = f64::NAN;
     let mut last_valid = None;
     let save = |trainer: &Trainer<B>| -> Result<(), String> {
-        let n = model.table().total();
-        let get = |b: &B::Buffer| -> Result<Vec<f32>, String> {
-            let mut v = vec![0.0; n];
-            be.download(Slice::whole(b), &mut v)
-                .map_err(|e| e.to_string())?;
-            Ok(v)
-        };
+        let state = trainer.state(be).map_err(|e| e.to_string())?;
         let run: BTreeMap<String, String> = [
             ("seed", opts.seed.to_string()),
             ("objective", opts.objective.describe()),
@@ -352,10 +343,10 @@ pub fn train<B: Backend>(be: &B, opts: &TrainOptions) -> Result<String, String> 
         .collect();
         let ckpt = Checkpoint {
             config,
-            params: get(&trainer.params)?,
-            ema: trainer.ema.as_ref().map(get).transpose()?,
-            moments: Some((get(&trainer.m)?, get(&trainer.v)?)),
-            step: trainer.step,
+            params: state.params,
+            ema: state.ema,
+            moments: state.moments,
+            step: state.step,
             run,
         };
         checkpoint::save(&checkpoint::path_for(&opts.out, trainer.step), &ckpt)?;

@@ -777,6 +777,44 @@ impl Default for AdamW {
     }
 }
 
+/// One optimizer update as [`Backend::optimizer_step`] applies it: the clip factor, AdamW, the
+/// EMA's decay.
+///
+/// ```
+/// use did_core::backend::{AdamW, OptimizerStep};
+/// let step = OptimizerStep { adamw: AdamW::default(), grad_scale: 0.5, ema_decay: Some(0.999) };
+/// assert_eq!(step.adamw.lr, 3e-4);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct OptimizerStep {
+    /// The AdamW hyper-parameters of this step.
+    pub adamw: AdamW,
+    /// What the gradients are multiplied by first (gradient-norm clipping; 1 leaves them).
+    pub grad_scale: f32,
+    /// The EMA's decay this step; `None` leaves the EMA (if any) as it is.
+    pub ema_decay: Option<f32>,
+}
+
+/// Weights an optimizer updates: `master`, kept in f32 whatever the storage (from
+/// [`Backend::upload_f32`]), and — on a backend that stores below f32
+/// ([`Backend::stores_below_f32`]) — `rounded`, the copy in the storage precision that the
+/// model reads, rewritten from `master` by every update. Where storage is f32 the master is what
+/// the model reads and `rounded` is `None`.
+///
+/// ```
+/// use did_core::backend::{Slice, SliceMut, UpdatedWeights};
+/// let mut master = vec![0.5f32; 4];
+/// let w = UpdatedWeights { master: SliceMut::whole(&mut master), rounded: None };
+/// assert!(w.rounded.is_none());
+/// ```
+#[derive(Debug)]
+pub struct UpdatedWeights<'a, T: ?Sized> {
+    /// The weights in f32.
+    pub master: SliceMut<'a, T>,
+    /// Their copy in the storage precision, where that is below f32.
+    pub rounded: Option<SliceMut<'a, T>>,
+}
+
 /// Where one sampled token's random numbers come from.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct DrawSpec {
@@ -840,6 +878,40 @@ pub trait Backend {
     }
     /// A buffer holding `host`.
     fn upload(&self, host: &[f32]) -> Result<Self::Buffer, Self::Error>;
+    /// Whether this backend stores buffers below f32 (bf16): then an optimizer keeps its master
+    /// weights, moments and EMA in f32 buffers ([`Backend::upload_f32`]) and the model reads
+    /// copies rounded to the storage ([`Backend::round_into`]), since an update smaller than
+    /// half a bf16 step of its weight (2⁻⁹ relative: an AdamW step of 3e-4 on a LayerNorm
+    /// weight of 1, or any EMA update at decay 0.9999) would round back to the old value.
+    /// Provided: `false`.
+    ///
+    /// ```
+    /// use did_core::backend::Backend;
+    /// fn optimizer_bytes<B: Backend>(be: &B, params: usize) -> usize {
+    ///     // master, m, v in f32, plus the rounded copy where storage is below f32
+    ///     params * (12 + if be.stores_below_f32() { 2 } else { 0 })
+    /// }
+    /// ```
+    fn stores_below_f32(&self) -> bool {
+        false
+    }
+    /// A buffer holding `host` in f32 whatever the storage precision, like
+    /// [`Backend::zeros_f32`]: master weights, AdamW moments and the EMA
+    /// ([`Backend::optimizer_step`]). Provided: [`Backend::upload`].
+    fn upload_f32(&self, host: &[f32]) -> Result<Self::Buffer, Self::Error> {
+        self.upload(host)
+    }
+    /// Writes `len` f32 values of `src` (from [`Backend::upload_f32`] or
+    /// [`Backend::zeros_f32`]) into `dst` in the storage precision, rounded to nearest even.
+    /// Provided: [`Backend::copy`] (storage is f32).
+    fn round_into(
+        &self,
+        src: Slice<'_, Self::Buffer>,
+        dst: SliceMut<'_, Self::Buffer>,
+        len: usize,
+    ) -> Result<(), Self::Error> {
+        self.copy(src, dst, len)
+    }
     /// Copies `out.len()` elements starting at `src.offset` to the host.
     fn download(&self, src: Slice<'_, Self::Buffer>, out: &mut [f32]) -> Result<(), Self::Error>;
     /// Token ids on the device.
@@ -1441,6 +1513,71 @@ pub trait Backend {
         len: usize,
         decay: f32,
     ) -> Result<(), Self::Error>;
+
+    /// One optimizer update over `len` parameters: the gradients times `step.grad_scale`,
+    /// AdamW on `params.master` with the f32 moments `m`, `v`, then the EMA's master
+    /// `ema = decay·ema + (1 − decay)·params` at `step.ema_decay`, and the storage copies of
+    /// both rewritten from their masters. `grads` is left unspecified (scaled or not). A GPU
+    /// backend does it all in one pass over the parameters. Provided: [`Backend::scale`],
+    /// [`Backend::adamw`], [`Backend::ema_update`] and [`Backend::round_into`].
+    ///
+    /// ```
+    /// use did_core::backend::{AdamW, Backend, OptimizerStep, Slice, SliceMut, UpdatedWeights};
+    /// fn update<B: Backend>(
+    ///     be: &B, params: &mut B::Buffer, grads: &mut B::Buffer, m: &mut B::Buffer,
+    ///     v: &mut B::Buffer, len: usize,
+    /// ) -> Result<(), B::Error> {
+    ///     let step = OptimizerStep { adamw: AdamW::default(), grad_scale: 1.0, ema_decay: None };
+    ///     let params = UpdatedWeights { master: SliceMut::whole(params), rounded: None };
+    ///     be.optimizer_step(&step, params, SliceMut::whole(grads), SliceMut::whole(m),
+    ///         SliceMut::whole(v), None, len)
+    /// }
+    /// ```
+    #[allow(clippy::too_many_arguments)]
+    fn optimizer_step(
+        &self,
+        step: &OptimizerStep,
+        params: UpdatedWeights<'_, Self::Buffer>,
+        grads: SliceMut<'_, Self::Buffer>,
+        m: SliceMut<'_, Self::Buffer>,
+        v: SliceMut<'_, Self::Buffer>,
+        ema: Option<UpdatedWeights<'_, Self::Buffer>>,
+        len: usize,
+    ) -> Result<(), Self::Error> {
+        let (grads_buf, grads_at) = (grads.buf, grads.offset);
+        if step.grad_scale != 1.0 {
+            self.scale(
+                SliceMut::at(&mut *grads_buf, grads_at),
+                len,
+                step.grad_scale,
+            )?;
+        }
+        let (master, master_at) = (params.master.buf, params.master.offset);
+        self.adamw(
+            &step.adamw,
+            SliceMut::at(&mut *master, master_at),
+            Slice::at(&*grads_buf, grads_at),
+            m,
+            v,
+            len,
+        )?;
+        if let Some(rounded) = params.rounded {
+            self.round_into(Slice::at(&*master, master_at), rounded, len)?;
+        }
+        if let (Some(ema), Some(decay)) = (ema, step.ema_decay) {
+            let (ema_master, ema_at) = (ema.master.buf, ema.master.offset);
+            self.ema_update(
+                SliceMut::at(&mut *ema_master, ema_at),
+                Slice::at(&*master, master_at),
+                len,
+                decay,
+            )?;
+            if let Some(rounded) = ema.rounded {
+                self.round_into(Slice::at(&*ema_master, ema_at), rounded, len)?;
+            }
+        }
+        Ok(())
+    }
 
     // ---- sampling --------------------------------------------------------
 

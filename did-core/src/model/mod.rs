@@ -43,7 +43,7 @@ pub use config::{Architecture, ModelConfig, TIME_EMBEDDING_DIM};
 pub use inference::{DiffusionDenoiser, Inference, KvCache};
 pub use params::{BlockOffsets, Init, Layout, ParamEntry, ParamTable};
 pub use pass::{causal_batch, diffusion_batch, Pass, TrainBatch};
-pub use trainer::{StepReport, Trainer, TrainerConfig};
+pub use trainer::{StepReport, Trainer, TrainerConfig, TrainingState};
 pub use transformer::{DropoutStreams, Transformer};
 
 /// A model call failed: bad input (named, with the fix) or the backend.

@@ -7,7 +7,7 @@ use super::activations::Activations;
 use super::pass::TrainBatch;
 use super::transformer::{DropoutStreams, Transformer};
 use super::ModelError;
-use crate::backend::{AdamW, Backend, Slice, SliceMut};
+use crate::backend::{AdamW, Backend, OptimizerStep, Slice, SliceMut, UpdatedWeights};
 use crate::error::invalid;
 
 /// Batch shapes whose activations are kept between steps.
@@ -93,22 +93,71 @@ pub struct StepReport {
     pub predicted: usize,
 }
 
-/// Parameters, gradients, AdamW moments and EMA weights, each one flat buffer.
+/// Weights the optimizer updates: the f32 master and, where the backend stores below f32, the
+/// copy rounded to the storage that the model reads ([`UpdatedWeights`]).
+struct Weights<B: Backend> {
+    master: B::Buffer,
+    rounded: Option<B::Buffer>,
+}
+
+impl<B: Backend> Weights<B> {
+    fn upload(be: &B, host: &[f32]) -> Result<Self, B::Error> {
+        let master = be.upload_f32(host)?;
+        let rounded = if be.stores_below_f32() {
+            let mut r = be.zeros(host.len())?;
+            be.round_into(Slice::whole(&master), SliceMut::whole(&mut r), host.len())?;
+            Some(r)
+        } else {
+            None
+        };
+        Ok(Weights { master, rounded })
+    }
+
+    /// What the model reads.
+    fn for_model(&self) -> &B::Buffer {
+        self.rounded.as_ref().unwrap_or(&self.master)
+    }
+
+    fn updated(&mut self) -> UpdatedWeights<'_, B::Buffer> {
+        UpdatedWeights {
+            master: SliceMut::whole(&mut self.master),
+            rounded: self.rounded.as_mut().map(SliceMut::whole),
+        }
+    }
+}
+
+/// What a checkpoint keeps of a [`Trainer`], in f32: the master weights, the EMA and the AdamW
+/// moments (never their copies rounded to a lower storage precision), and the steps taken.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainingState {
+    /// The weights being trained.
+    pub params: Vec<f32>,
+    /// The EMA weights, when kept.
+    pub ema: Option<Vec<f32>>,
+    /// AdamW's first and second moments; `None` starts them at zero.
+    pub moments: Option<(Vec<f32>, Vec<f32>)>,
+    /// Optimizer steps taken.
+    pub step: u32,
+}
+
+/// Parameters, gradients, AdamW moments and EMA weights, each one flat buffer. Weights,
+/// moments and the EMA are kept in f32 whatever the backend's storage; where that is below f32
+/// (bf16) the model reads copies rounded from them after every step
+/// ([`Backend::stores_below_f32`]).
 ///
 /// A runnable training step is the example at the top of the `did-backend-cpu` crate.
 pub struct Trainer<B: Backend> {
     /// Settings.
     pub config: TrainerConfig,
     /// The weights being trained.
-    pub params: B::Buffer,
-    /// Gradients (zeroed at every step).
+    params: Weights<B>,
+    /// Gradients (zeroed at every step), in the storage precision.
     pub grads: B::Buffer,
-    /// First moments.
-    pub m: B::Buffer,
-    /// Second moments.
-    pub v: B::Buffer,
+    /// First and second moments, in f32.
+    m: B::Buffer,
+    v: B::Buffer,
     /// EMA weights (used for sampling and evaluation).
-    pub ema: Option<B::Buffer>,
+    ema: Option<Weights<B>>,
     /// Optimizer steps taken.
     pub step: u32,
     /// The seed of every random stream of training.
@@ -127,39 +176,105 @@ impl<B: Backend> Trainer<B> {
         initial: &[f32],
         seed: u64,
     ) -> Result<Self, ModelError<B::Error>> {
+        Self::start(be, model, config, initial, None, None, 0, seed)
+    }
+
+    /// A trainer continuing from `state` (a checkpoint's): its weights, EMA (the weights when it
+    /// has none and `config` keeps one), moments (zeros when it has none) and step count.
+    pub fn resume(
+        be: &B,
+        model: &Transformer,
+        config: TrainerConfig,
+        state: &TrainingState,
+        seed: u64,
+    ) -> Result<Self, ModelError<B::Error>> {
+        let moments = state.moments.as_ref().map(|(m, v)| (&m[..], &v[..]));
+        Self::start(
+            be,
+            model,
+            config,
+            &state.params,
+            state.ema.as_deref(),
+            moments,
+            state.step,
+            seed,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn start(
+        be: &B,
+        model: &Transformer,
+        config: TrainerConfig,
+        params: &[f32],
+        ema: Option<&[f32]>,
+        moments: Option<(&[f32], &[f32])>,
+        step: u32,
+        seed: u64,
+    ) -> Result<Self, ModelError<B::Error>> {
         let len = model.table().total();
-        if initial.len() != len {
-            return Err(invalid(
-                "parameters",
-                alloc::format!(
-                    "{} values given for a model of {len} parameters",
-                    initial.len()
-                ),
-            )
-            .into());
+        let check = |what: &str, values: &[f32]| {
+            if values.len() == len {
+                Ok(())
+            } else {
+                Err(invalid(
+                    "parameters",
+                    alloc::format!(
+                        "{} {what} given for a model of {len} parameters",
+                        values.len()
+                    ),
+                ))
+            }
+        };
+        check("values", params)?;
+        if let Some(ema) = ema {
+            check("EMA values", ema)?;
+        }
+        if let Some((m, v)) = moments {
+            check("first moments", m)?;
+            check("second moments", v)?;
         }
         let e = ModelError::Backend;
+        let moment = |values: Option<&[f32]>| match values {
+            Some(values) => be.upload_f32(values),
+            None => be.zeros_f32(len),
+        };
         Ok(Trainer {
             config,
-            params: be.upload(initial).map_err(e)?,
+            params: Weights::upload(be, params).map_err(e)?,
             grads: be.zeros(len).map_err(e)?,
-            m: be.zeros(len).map_err(e)?,
-            v: be.zeros(len).map_err(e)?,
-            ema: if config.ema_decay.is_some() {
-                Some(be.upload(initial).map_err(e)?)
-            } else {
-                None
+            m: moment(moments.map(|(m, _)| m)).map_err(e)?,
+            v: moment(moments.map(|(_, v)| v)).map_err(e)?,
+            ema: match config.ema_decay {
+                Some(_) => Some(Weights::upload(be, ema.unwrap_or(params)).map_err(e)?),
+                None => None,
             },
-            step: 0,
+            step,
             seed,
             len,
             acts: Vec::new(),
         })
     }
 
+    /// The weights being trained, as the model reads them.
+    pub fn params(&self) -> &B::Buffer {
+        self.params.for_model()
+    }
+
     /// The weights to sample and evaluate with: the EMA when kept, else the trained ones.
     pub fn eval_params(&self) -> &B::Buffer {
-        self.ema.as_ref().unwrap_or(&self.params)
+        self.ema.as_ref().unwrap_or(&self.params).for_model()
+    }
+
+    /// Downloads what a checkpoint keeps: the f32 weights, EMA and moments, and the step.
+    pub fn state(&self, be: &B) -> Result<TrainingState, B::Error> {
+        let get = |buf: &B::Buffer| Self::download_all(be, buf, self.len);
+        Ok(TrainingState {
+            params: get(&self.params.master)?,
+            ema: self.ema.as_ref().map(|e| get(&e.master)).transpose()?,
+            moments: Some((get(&self.m)?, get(&self.v)?)),
+            step: self.step,
+        })
     }
 
     /// One optimizer step over `micro_batches` (gradient accumulation):
@@ -200,10 +315,10 @@ impl<B: Backend> Trainer<B> {
                 seed: self.seed,
                 step: self.step.wrapping_mul(accum as u32).wrapping_add(i as u32),
             });
-            model.forward(be, &self.params, acts, dropout)?;
+            model.forward(be, self.params.for_model(), acts, dropout)?;
             loss += model.backward(
                 be,
-                &self.params,
+                self.params.for_model(),
                 &mut self.grads,
                 acts,
                 dropout,
@@ -236,43 +351,36 @@ impl<B: Backend> Trainer<B> {
             )
             .into());
         }
-        if let Some(clip) = self.config.grad_clip {
-            if grad_norm > f64::from(clip) {
-                be.scale(
-                    SliceMut::whole(&mut self.grads),
-                    self.len,
-                    (f64::from(clip) / (grad_norm + 1e-6)) as f32,
-                )
-                .map_err(e)?;
+        // Clipping scales the gradients inside the update's pass.
+        let grad_scale = match self.config.grad_clip {
+            Some(clip) if grad_norm > f64::from(clip) => {
+                (f64::from(clip) / (grad_norm + 1e-6)) as f32
             }
-        }
-        let lr = self.config.lr_at(self.step);
-        let hp = AdamW {
-            lr,
-            beta1: self.config.beta1,
-            beta2: self.config.beta2,
-            eps: self.config.eps,
-            weight_decay: self.config.weight_decay,
-            step: self.step + 1,
+            _ => 1.0,
         };
-        be.adamw(
-            &hp,
-            SliceMut::whole(&mut self.params),
-            Slice::whole(&self.grads),
+        let lr = self.config.lr_at(self.step);
+        let update = OptimizerStep {
+            adamw: AdamW {
+                lr,
+                beta1: self.config.beta1,
+                beta2: self.config.beta2,
+                eps: self.config.eps,
+                weight_decay: self.config.weight_decay,
+                step: self.step + 1,
+            },
+            grad_scale,
+            ema_decay: self.config.ema_decay_at(self.step),
+        };
+        be.optimizer_step(
+            &update,
+            self.params.updated(),
+            SliceMut::whole(&mut self.grads),
             SliceMut::whole(&mut self.m),
             SliceMut::whole(&mut self.v),
+            self.ema.as_mut().map(Weights::updated),
             self.len,
         )
         .map_err(e)?;
-        if let (Some(ema), Some(decay)) = (self.ema.as_mut(), self.config.ema_decay_at(self.step)) {
-            be.ema_update(
-                SliceMut::whole(ema),
-                Slice::whole(&self.params),
-                self.len,
-                decay,
-            )
-            .map_err(e)?;
-        }
         self.step += 1;
         Ok(StepReport {
             step: self.step,
@@ -293,7 +401,7 @@ impl<B: Backend> Trainer<B> {
         let e = ModelError::Backend;
         let mut acts = Activations::for_training(be, model.config(), batch).map_err(e)?;
         model.load_batch(be, &mut acts, batch)?;
-        let params = self.ema.as_ref().unwrap_or(&self.params);
+        let params = self.eval_params();
         model.loss(be, params, &mut acts, None)
     }
 
