@@ -348,9 +348,24 @@ extern "C" __global__ void scale(store_t* x, i64 n, float factor) {
     GRID_STRIDE(i, n) st(x, i, ld(x, i) * factor);
 }
 
+// One AdamW update of one element (`adamw` and `optimizer_step`): moments updated in place, the
+// new weight returned.
+struct AdamWArgs {
+    float lr, beta1, beta2, eps, weight_decay, bc1, bc2;
+};
+__device__ __forceinline__ float adamw_element(const AdamWArgs& a, float p, float g, float* m, float* v) {
+    float mi = a.beta1 * *m + (1.0f - a.beta1) * g;
+    float vi = a.beta2 * *v + (1.0f - a.beta2) * g * g;
+    *m = mi;
+    *v = vi;
+    float mhat = mi / a.bc1, vhat = vi / a.bc2;
+    return p * (1.0f - a.lr * a.weight_decay) - a.lr * mhat / (sqrtf(vhat) + a.eps);
+}
+
 // AdamW with the bias corrections computed on the host (as the CPU reference).
 extern "C" __global__ void adamw(store_t* params, const store_t* grads, store_t* m, store_t* v, i64 n,
                                  float lr, float beta1, float beta2, float eps, float weight_decay, float bc1, float bc2) {
+    const AdamWArgs a{lr, beta1, beta2, eps, weight_decay, bc1, bc2};
     if (aligned16(params) && aligned16(grads) && aligned16(m) && aligned16(v) && n % VEC == 0) {
         CHUNK_STRIDE(i, n) {
             float g[VEC], mc[VEC], vc[VEC], pc[VEC];
@@ -358,14 +373,7 @@ extern "C" __global__ void adamw(store_t* params, const store_t* grads, store_t*
             ld_chunk(m, i, mc);
             ld_chunk(v, i, vc);
             ld_chunk(params, i, pc);
-            for (int k = 0; k < VEC; ++k) {
-                float mi = beta1 * mc[k] + (1.0f - beta1) * g[k];
-                float vi = beta2 * vc[k] + (1.0f - beta2) * g[k] * g[k];
-                mc[k] = mi;
-                vc[k] = vi;
-                float mhat = mi / bc1, vhat = vi / bc2;
-                pc[k] = pc[k] * (1.0f - lr * weight_decay) - lr * mhat / (sqrtf(vhat) + eps);
-            }
+            for (int k = 0; k < VEC; ++k) pc[k] = adamw_element(a, pc[k], g[k], &mc[k], &vc[k]);
             st_chunk(m, i, mc);
             st_chunk(v, i, vc);
             st_chunk(params, i, pc);
@@ -373,15 +381,15 @@ extern "C" __global__ void adamw(store_t* params, const store_t* grads, store_t*
         return;
     }
     GRID_STRIDE(i, n) {
-        float g = ld(grads, i);
-        float mi = beta1 * ld(m, i) + (1.0f - beta1) * g;
-        float vi = beta2 * ld(v, i) + (1.0f - beta2) * g * g;
+        float mi = ld(m, i), vi = ld(v, i);
+        const float p = adamw_element(a, ld(params, i), ld(grads, i), &mi, &vi);
         st(m, i, mi);
         st(v, i, vi);
-        float mhat = mi / bc1, vhat = vi / bc2;
-        st(params, i, ld(params, i) * (1.0f - lr * weight_decay) - lr * mhat / (sqrtf(vhat) + eps));
+        st(params, i, p);
     }
 }
+
+__device__ __forceinline__ float ema_element(float ema, float p, float decay) { return decay * ema + (1.0f - decay) * p; }
 
 extern "C" __global__ void ema_update(store_t* ema, const store_t* params, i64 n, float decay) {
     if (aligned16(ema) && aligned16(params) && n % VEC == 0) {
@@ -389,12 +397,12 @@ extern "C" __global__ void ema_update(store_t* ema, const store_t* params, i64 n
             float e[VEC], pc[VEC];
             ld_chunk(ema, i, e);
             ld_chunk(params, i, pc);
-            for (int k = 0; k < VEC; ++k) e[k] = decay * e[k] + (1.0f - decay) * pc[k];
+            for (int k = 0; k < VEC; ++k) e[k] = ema_element(e[k], pc[k], decay);
             st_chunk(ema, i, e);
         }
         return;
     }
-    GRID_STRIDE(i, n) st(ema, i, decay * ld(ema, i) + (1.0f - decay) * ld(params, i));
+    GRID_STRIDE(i, n) st(ema, i, ema_element(ld(ema, i), ld(params, i), decay));
 }
 
 // f32 values (a master copy: zeros_f32 / upload_f32) into storage, rounded to nearest even.
@@ -408,19 +416,6 @@ extern "C" __global__ void round_f32_into(const float* src, store_t* dst, i64 n)
         return;
     }
     GRID_STRIDE(i, n) st(dst, i, src[i]);
-}
-
-// One AdamW update element by element, as `adamw` computes it (g already scaled).
-struct AdamWArgs {
-    float lr, beta1, beta2, eps, weight_decay, bc1, bc2;
-};
-__device__ __forceinline__ float adamw_element(const AdamWArgs& a, float p, float g, float* m, float* v) {
-    float mi = a.beta1 * *m + (1.0f - a.beta1) * g;
-    float vi = a.beta2 * *v + (1.0f - a.beta2) * g * g;
-    *m = mi;
-    *v = vi;
-    float mhat = mi / a.bc1, vhat = vi / a.bc2;
-    return p * (1.0f - a.lr * a.weight_decay) - a.lr * mhat / (sqrtf(vhat) + a.eps);
 }
 
 // did_core::backend::Backend::optimizer_step in one pass over the parameters: the gradient
@@ -451,7 +446,7 @@ extern "C" __global__ void optimizer_step(float* master, store_t* rounded, const
             if (ema) {
                 float e[VEC];
                 ld_chunk_f32(ema, i, e);
-                for (int k = 0; k < VEC; ++k) e[k] = ema_decay * e[k] + (1.0f - ema_decay) * pc[k];
+                for (int k = 0; k < VEC; ++k) e[k] = ema_element(e[k], pc[k], ema_decay);
                 st_chunk_f32(ema, i, e);
                 if (ema_rounded) st_chunk(ema_rounded, i, e);
             }
@@ -463,7 +458,7 @@ extern "C" __global__ void optimizer_step(float* master, store_t* rounded, const
         master[i] = p;
         if (rounded) st(rounded, i, p);
         if (ema) {
-            const float e = ema_decay * ema[i] + (1.0f - ema_decay) * p;
+            const float e = ema_element(ema[i], p, ema_decay);
             ema[i] = e;
             if (ema_rounded) st(ema_rounded, i, e);
         }
