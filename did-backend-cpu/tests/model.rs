@@ -8,8 +8,8 @@ use did_core::backend::Backend;
 use did_core::denoiser::{DenoiseRequest, Denoiser, OutputPosition};
 use did_core::model::CausalSampler;
 use did_core::model::{
-    causal_batch, diffusion_batch, memory_report, memory_report_with_stride, Activations,
-    Architecture, DiffusionDenoiser, DropoutStreams, Inference, ModelConfig, Pass, TrainBatch,
+    causal_batch, diffusion_batch, memory_report, memory_report_on, Activations, Architecture,
+    DiffusionDenoiser, DropoutStreams, Inference, ModelConfig, Pass, StorageLayout, TrainBatch,
     Transformer,
 };
 use did_core::rng::{Purpose, RngStream};
@@ -443,7 +443,11 @@ fn memory_report_counts_what_is_allocated() {
         let acts = Activations::new(&be, &config, 3, 8, pass).unwrap();
         let stride = be.padded_row_stride(config.vocab_size);
         assert_eq!(stride, if align == 1 { 11 } else { 16 });
-        let report = memory_report_with_stride(&config, 3, 8, pass, stride);
+        let layout = StorageLayout {
+            logits_stride: stride,
+            element_bytes: 4,
+        };
+        let report = memory_report_on(&config, 3, 8, pass, layout);
         if align == 1 {
             assert_eq!(report, memory_report(&config, 3, 8, pass));
         }

@@ -20,7 +20,7 @@ use std::process::ExitCode;
 
 use clap::parser::ValueSource;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
-use did_core::model::{memory_report_with_stride, Architecture, ModelConfig, Pass};
+use did_core::model::{memory_report_on, Architecture, ModelConfig, Pass, StorageLayout};
 use did_core::refine::StagePlan;
 
 use data::prepare::{prepare, render, PrepareOptions};
@@ -514,6 +514,7 @@ fn execute(cli: Cli, matches: &clap::ArgMatches) -> Result<String, String> {
             block,
         } => model_info(
             cli.backend,
+            cli.precision,
             &model,
             &arch,
             batch as usize,
@@ -567,6 +568,7 @@ fn check_plan(plan: &str, length: usize) -> Result<String, String> {
 /// `did model-info`: the parameter count and the training memory of a model.
 fn model_info(
     backend: BackendChoice,
+    precision: PrecisionChoice,
     model: &str,
     arch: &str,
     batch: usize,
@@ -606,7 +608,15 @@ fn model_info(
             .vocab_size
             .next_multiple_of(did_backend_cuda::LOGITS_ROW_ALIGNMENT),
     };
-    let m = memory_report_with_stride(&config, batch, length, pass, stride);
+    let (element_bytes, storage) = match (backend, precision) {
+        (BackendChoice::Cuda, PrecisionChoice::Bf16) => (2, "bf16, f32 optimizer state"),
+        _ => (4, "f32"),
+    };
+    let layout = StorageLayout {
+        logits_stride: stride,
+        element_bytes,
+    };
+    let m = memory_report_on(&config, batch, length, pass, layout);
     let rows = if stride == config.vocab_size {
         String::new()
     } else {
@@ -616,8 +626,8 @@ fn model_info(
     Ok(format!(
         "{arch} model: {layers} layers × {hidden} hidden, {heads} heads, context {ctx}, vocabulary {vocab}\n\
          parameters: {params}\n\
-         training step, batch {batch} × length {length}, {pass:?} (f32{rows}):\n\
-         \x20 parameters {p:.2} GiB, gradients {g:.2} GiB, AdamW moments + EMA {o:.2} GiB\n\
+         training step, batch {batch} × length {length}, {pass:?} ({storage}{rows}):\n\
+         \x20 parameters {p:.2} GiB, gradients {g:.2} GiB, optimizer (AdamW moments, EMA{masters}) {o:.2} GiB\n\
          \x20 activations {a:.2} GiB (logits {l:.2} GiB), gradient scratch {s:.2} GiB\n\
          \x20 total {t:.2} GiB\n",
         arch = config.architecture,
@@ -634,5 +644,10 @@ fn model_info(
         l = gib(m.logits),
         s = gib(m.gradient_scratch),
         t = gib(m.total()),
+        masters = if element_bytes < 4 {
+            ", f32 masters, EMA copy"
+        } else {
+            ""
+        },
     ))
 }

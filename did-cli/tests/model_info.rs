@@ -14,6 +14,21 @@ fn the_paper_model_has_the_reference_parameter_count() {
     assert_eq!(code, 0, "{err}");
     assert!(cuda.contains("logits rows padded to 50304"), "{cuda}");
     assert!(!out.contains("padded"), "{out}");
+    // bf16 storage: half the activations, and the optimizer's f32 masters beside the copies.
+    let (code, bf16, err) = did(&[
+        "--backend",
+        "cuda",
+        "--precision",
+        "bf16",
+        "model-info",
+        "small",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        bf16.contains("(bf16, f32 optimizer state, logits rows padded to 50304)"),
+        "{bf16}"
+    );
+    assert!(bf16.contains("f32 masters, EMA copy"), "{bf16}");
 }
 
 #[test]

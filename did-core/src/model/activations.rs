@@ -159,14 +159,15 @@ pub struct Activations<B: Backend> {
     pub grad: GradScratch<B>,
 }
 
-/// Bytes of a training configuration, in f32 elements × 4.
+/// Bytes of a training configuration ([`memory_report`]: every buffer f32).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MemoryReport {
-    /// Parameters.
+    /// Parameters, as the model reads them.
     pub parameters: usize,
     /// Gradients (same size as the parameters).
     pub gradients: usize,
-    /// AdamW moments and EMA weights (3 × parameters).
+    /// AdamW moments and EMA weights in f32 (3 × 4 bytes a parameter), and below f32 storage
+    /// the f32 master weights and the EMA's copy in the storage precision.
     pub optimizer: usize,
     /// Saved activations of the forward, logits included.
     pub activations: usize,
@@ -380,37 +381,61 @@ pub fn memory_report(
     seq_len: usize,
     pass: Pass,
 ) -> MemoryReport {
-    report_at_stride(config, batch, seq_len, pass, config.vocab_size)
+    let layout = StorageLayout {
+        logits_stride: config.vocab_size,
+        element_bytes: 4,
+    };
+    report_at_stride(config, batch, seq_len, pass, layout)
 }
 
-/// [`memory_report`] with logits rows `logits_stride ≥ vocab` elements apart, as
-/// [`Activations::new`] allocates them on a backend that pads them
-/// ([`Backend::padded_row_stride`]: 50,304 for `small`'s 50,258 on CUDA).
+/// How a backend stores a training step: the logits' row stride (elements) and the bytes of
+/// a stored element. The optimizer's state is f32 whatever the storage (decision 58).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StorageLayout {
+    /// Elements between two logits rows, at least the vocabulary
+    /// ([`Backend::padded_row_stride`](crate::backend::Backend::padded_row_stride)).
+    pub logits_stride: usize,
+    /// Bytes of a stored element: 4 (f32) or 2 (bf16).
+    pub element_bytes: usize,
+}
+
+/// [`memory_report`] for a backend that lays the step out as `layout` says: padded logits
+/// rows (50,304 for `small`'s 50,258 on CUDA), and bf16 storage, where the model reads bf16
+/// copies of the f32 master weights and EMA (the attention's log-sum-exp stays f32).
 ///
 /// ```
-/// use did_core::model::{memory_report, memory_report_with_stride, Architecture, ModelConfig, Pass};
+/// use did_core::model::{memory_report, memory_report_on, Architecture, ModelConfig, Pass, StorageLayout};
 /// let small = ModelConfig::preset("small", Architecture::Dit)?;
 /// let pass = Pass::Bd3 { block_size: 4 };
 /// let dense = memory_report(&small, 8, 1024, pass);
-/// let padded = memory_report_with_stride(&small, 8, 1024, pass, 50_304);
+/// let f32_padded = StorageLayout { logits_stride: 50_304, element_bytes: 4 };
+/// let padded = memory_report_on(&small, 8, 1024, pass, f32_padded);
 /// assert!(padded.logits > dense.logits);
 /// assert_eq!(padded.logits - dense.logits, padded.activations - dense.activations);
-/// assert_eq!(memory_report_with_stride(&small, 8, 1024, pass, 50_258), dense);
+/// let f32_dense = StorageLayout { logits_stride: 50_258, element_bytes: 4 };
+/// assert_eq!(memory_report_on(&small, 8, 1024, pass, f32_dense), dense);
+/// let bf16 = memory_report_on(&small, 8, 1024, pass, StorageLayout { element_bytes: 2, ..f32_padded });
+/// assert_eq!(bf16.parameters, 2 * 169_627_218);
+/// assert_eq!(bf16.optimizer, (12 + 4 + 2) * 169_627_218); // m, v, EMA; master; EMA copy
+/// assert!(bf16.total() < padded.total());
 /// # Ok::<(), did_core::Error>(())
 /// ```
-pub fn memory_report_with_stride(
+pub fn memory_report_on(
     config: &ModelConfig,
     batch: usize,
     seq_len: usize,
     pass: Pass,
-    logits_stride: usize,
+    layout: StorageLayout,
 ) -> MemoryReport {
     report_at_stride(
         config,
         batch,
         seq_len,
         pass,
-        logits_stride.max(config.vocab_size),
+        StorageLayout {
+            logits_stride: layout.logits_stride.max(config.vocab_size),
+            element_bytes: layout.element_bytes,
+        },
     )
 }
 
@@ -419,8 +444,9 @@ fn report_at_stride(
     batch: usize,
     seq_len: usize,
     pass: Pass,
-    logits_stride: usize,
+    layout: StorageLayout,
 ) -> MemoryReport {
+    let logits_stride = layout.logits_stride;
     let s = Sizes::of(config, batch, seq_len, pass);
     let (c, m, n, r, v) = (
         config.hidden,
@@ -451,13 +477,17 @@ fn report_at_stride(
             0
         };
     let p = config.parameter_count();
+    let e = layout.element_bytes;
+    // Below f32 the master weights and the EMA's are f32 beside the copies the model reads.
+    let masters = if e < 4 { (4 + e) * p } else { 0 };
+    let lse = config.layers * s.lse;
     MemoryReport {
-        parameters: 4 * p,
-        gradients: 4 * p,
-        optimizer: 12 * p,
-        activations: 4 * activations,
-        logits: 4 * logits,
-        gradient_scratch: 4 * scratch,
+        parameters: e * p,
+        gradients: e * p,
+        optimizer: 12 * p + masters,
+        activations: e * (activations - lse) + 4 * lse,
+        logits: e * logits,
+        gradient_scratch: e * scratch,
     }
 }
 

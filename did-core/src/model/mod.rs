@@ -35,8 +35,8 @@ mod transformer;
 use core::fmt;
 
 pub use activations::{
-    loss_rows_for, memory_report, memory_report_with_stride, time_embedding, Activations,
-    MemoryReport, LOSS_CHUNK_ELEMENTS,
+    loss_rows_for, memory_report, memory_report_on, time_embedding, Activations, MemoryReport,
+    StorageLayout, LOSS_CHUNK_ELEMENTS,
 };
 pub use autoregressive::{CausalGeneration, CausalSampler};
 pub use config::{Architecture, ModelConfig, TIME_EMBEDDING_DIM};
