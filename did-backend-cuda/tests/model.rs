@@ -247,10 +247,12 @@ fn twenty_tiny_steps_follow_the_cpu_loss_curve_and_repeat_bit_for_bit() {
 
 /// Issue #6's band: 200 steps of `tiny` with bf16 storage follow the f32 curve on the same
 /// batches. Single steps are noisy (a fresh noise draw each), so the band is on 20-step means:
-/// each within 10 % of f32's. Calibrated on an H200 (2026-11-28): worst 6.3 % with the reference
-/// attention, 4.9 % with the flash kernels, the gap growing late in training (bf16-stored
-/// weights lose the smallest AdamW updates); a bf16 run that stopped learning would be off by
-/// more than 100 %. `DID_CUDA_ATTENTION=flash` runs it with the flash kernels.
+/// each within 10 % of f32's. Calibrated on an H200 (2026-11-28), when the bf16 trainer still
+/// kept its weights and moments in bf16: worst 6.3 % with the reference attention, 4.9 % with
+/// the flash kernels, the gap growing late in training (bf16-stored weights lost the smallest
+/// AdamW updates; the optimizer state is f32 since, decision 58); a bf16 run that stopped
+/// learning would be off by more than 100 %. `DID_CUDA_ATTENTION=flash` runs it with the flash
+/// kernels.
 #[test]
 fn two_hundred_tiny_steps_in_bf16_follow_the_f32_loss_curve() {
     if !gpu("two_hundred_tiny_steps_in_bf16_follow_the_f32_loss_curve") {
@@ -276,6 +278,56 @@ fn two_hundred_tiny_steps_in_bf16_follow_the_f32_loss_curve() {
         worst < BAND,
         "bf16 and f32 loss curves differ by {worst:.2e} > {BAND:.0e}\nf32 {a:?}\nbf16 {b:?}"
     );
+}
+
+/// A bf16 trainer keeps f32 masters (decision 58): its state downloads in f32, the model's
+/// weights are those masters rounded to bf16, and a trainer resumed from the state (as from a
+/// checkpoint) takes the next steps bit for bit as the one it was saved from.
+#[test]
+fn a_bf16_trainer_resumed_from_its_f32_state_continues_bit_for_bit() {
+    if !gpu("a_bf16_trainer_resumed_from_its_f32_state_continues_bit_for_bit") {
+        return;
+    }
+    let model = tiny();
+    let n = model.table().total();
+    with_gpu(Precision::Bf16, |be| {
+        let mut t = new_trainer(be, &model);
+        for step in 0..6 {
+            t.step(be, &model, &[batch_for(&model, 4, 4, step)])
+                .unwrap();
+        }
+        let state = t.state(be).unwrap();
+        let rounded = Trainer::download_all(be, t.params(), n).unwrap();
+        let bf16 = |x: f32| half::bf16::from_f32(x).to_f32();
+        assert!(
+            rounded
+                .iter()
+                .zip(&state.params)
+                .all(|(&r, &m)| r == bf16(m)),
+            "the model's bf16 weights are not the f32 masters rounded"
+        );
+        assert!(
+            state.params.iter().any(|&m| bf16(m) != m),
+            "the masters hold bf16 values only"
+        );
+        let mut resumed = Trainer::resume(be, &model, t.config, &state, t.seed).unwrap();
+        for step in 6..9 {
+            let b = batch_for(&model, 4, 4, step);
+            let (x, y) = (
+                t.step(be, &model, std::slice::from_ref(&b)).unwrap(),
+                resumed.step(be, &model, &[b]).unwrap(),
+            );
+            assert_eq!(
+                x.loss.to_bits(),
+                y.loss.to_bits(),
+                "step {step}: the resumed loss differs"
+            );
+        }
+        assert!(
+            t.state(be).unwrap() == resumed.state(be).unwrap(),
+            "the resumed trainer's state differs"
+        );
+    });
 }
 
 fn sample<B: Backend>(
