@@ -48,7 +48,12 @@ def bench_train(variant: str, c: Config, args, dev) -> dict:
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)
     fused = dev.type == "cuda"
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.999), weight_decay=0.0, fused=fused)
+    params = list(model.parameters())
+    opt = torch.optim.AdamW(params, lr=3e-4, betas=(0.9, 0.999), weight_decay=0.0, fused=fused)
+    # BD3-LM's EMA of the weights (decay 0.9999 after its warm-up), updated every step as did's
+    # trainer does: one foreach pass, as PyTorch at its best does it.
+    ema = [p.detach().clone() for p in params]
+    ema_updates = [0]
     n = args.length
     attend = sdpa(bd3_dense_mask(n, args.block, dev)) if attention == "sdpa" else flex_bd3(n, args.block, dev)
     loss_fn = torch.compile(bd3_loss) if compiled == "compile" else bd3_loss
@@ -60,9 +65,13 @@ def bench_train(variant: str, c: Config, args, dev) -> dict:
         with autocast:
             loss = loss_fn(model, x0, args.block, attend, gen, masked_head)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        k = ema_updates[0]
+        with torch.no_grad():
+            torch._foreach_lerp_(ema, params, 1.0 - min(0.9999, (1 + k) / (10 + k)))
+        ema_updates[0] = k + 1
         return loss
 
     reset_peak(dev)
