@@ -413,6 +413,12 @@ impl CudaBackend {
     /// Whether samplers may record a draft call's pass as a CUDA graph and replay it
     /// (`Backend::can_record`; off unless `DID_CUDA_GRAPHS=on`, and only in bf16, where every
     /// op of a draft pass is this crate's kernel and none is cuBLAS's).
+    ///
+    /// A denoiser reads this when it is made, and a recording keeps the kernels chosen when it
+    /// was recorded (attention kernel, key split, few-rows kernel): set these before making a
+    /// denoiser, not while one samples. The capture is the calling thread's
+    /// (`CU_STREAM_CAPTURE_MODE_THREAD_LOCAL`) on the backend's one stream, so a backend that
+    /// records must not be given work from another thread meanwhile.
     pub fn set_graphs(&self, on: bool) {
         self.graphs.store(on, std::sync::atomic::Ordering::Relaxed);
     }
@@ -1174,10 +1180,17 @@ impl Backend for CudaBackend {
     }
 
     fn end_recording(&self) -> Result<Option<RecordingId>, CudaError> {
-        let Some(graph) = self
+        // cudarc keeps an error raised where it could not return one (a free that failed inside
+        // a broken capture) and returns it from the next call's context check — which, left
+        // there, would be `end_capture`'s, before it ends the capture: the stream would stay in
+        // capture mode and every later launch fail. Take it first, end the capture regardless,
+        // and drop what was recorded if anything failed.
+        let pending = self.stream.context().check_err();
+        let ended = self
             .stream
-            .end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0))?
-        else {
+            .end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0));
+        pending?;
+        let Some(graph) = ended? else {
             return Ok(None);
         };
         let id = self
@@ -2208,11 +2221,20 @@ impl Backend for CudaBackend {
         let m = f32_at(&m, "optimizer first moments")?;
         let v = f32_at(&v, "optimizer second moments")?;
         let (ema, ema_rounded, ema_decay) = match (ema, step.ema_decay) {
-            (Some(ema), Some(decay)) => (
-                f32_at(&ema.master, "optimizer EMA")?,
-                stored_at(ema.rounded, "optimizer rounded EMA")?,
-                decay,
-            ),
+            (Some(ema), Some(decay)) => {
+                if self.precision == Precision::Bf16 && ema.rounded.is_none() {
+                    return Err(CudaError::Shape(
+                        "optimizer_step: bf16 storage needs the EMA's rounded copy for the \
+                         model (the EMA's master is f32)"
+                            .into(),
+                    ));
+                }
+                (
+                    f32_at(&ema.master, "optimizer EMA")?,
+                    stored_at(ema.rounded, "optimizer rounded EMA")?,
+                    decay,
+                )
+            }
             _ => (0, 0, 0.0),
         };
         let hp = &step.adamw;

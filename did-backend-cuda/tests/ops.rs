@@ -1849,10 +1849,18 @@ fn optimizer_step_keeps_f32_masters_and_equals_the_kernels_it_replaces() {
                         tight,
                     )?;
                 }
-                for (what, master, rounded) in [
-                    ("weights", &bf16.master, &bf16.rounded),
-                    ("EMA", &bf16.ema, &bf16.ema_rounded),
-                ] {
+                let mut copies = vec![("weights", &bf16.master, &bf16.rounded)];
+                match ema_decay {
+                    Some(_) => copies.push(("EMA", &bf16.ema, &bf16.ema_rounded)),
+                    // No EMA update this step: its copy is left as it was (NaN-poisoned).
+                    None if bf16.ema_rounded.iter().any(|r| !r.is_nan()) => {
+                        return Err(format!(
+                            "{label}: the EMA's copy was written without a decay"
+                        ));
+                    }
+                    None => {}
+                }
+                for (what, master, rounded) in copies {
                     if master
                         .iter()
                         .zip(rounded.iter())
@@ -1940,24 +1948,33 @@ fn round_into_writes_f32_values_in_the_storage_precision() {
     if !gpu("round_into_writes_f32_values_in_the_storage_precision") {
         return;
     }
-    for n in [1, 7, 8, 1000, 65_537] {
+    // Offsets 0 and 8 keep the 16-byte chunks (n a multiple of 8), offset 1 the plain loop.
+    for (n, at) in [
+        (1, 1),
+        (7, 1),
+        (8, 0),
+        (1000, 1),
+        (1000, 8),
+        (65_536, 0),
+        (65_537, 1),
+    ] {
         let host: Vec<f32> = (0..n).map(|i| 1.0 + (i as f32) * 1e-4 - 3e-3).collect();
         for precision in [Precision::F32, Precision::Bf16] {
             let got = with_gpu(
                 precision,
                 |be| -> Result<Vec<f32>, did_backend_cuda::CudaError> {
                     let src = be.upload_f32(&host)?;
-                    let mut dst = poisoned(be, n + 2)?;
-                    be.round_into(Slice::whole(&src), SliceMut::at(&mut dst, 1), n)?;
-                    down(be, &dst, n + 2)
+                    let mut dst = poisoned(be, n + at + 1)?;
+                    be.round_into(Slice::whole(&src), SliceMut::at(&mut dst, at), n)?;
+                    down(be, &dst, n + at + 1)
                 },
             )
-            .unwrap_or_else(|e| panic!("round_into n = {n} {precision:?}: {e}"));
+            .unwrap_or_else(|e| panic!("round_into n = {n} at {at} {precision:?}: {e}"));
             assert!(
-                got[0].is_nan() && got[n + 1].is_nan(),
+                got[..at].iter().all(|x| x.is_nan()) && got[n + at].is_nan(),
                 "round_into wrote outside its range"
             );
-            for (i, (&g, &h)) in got[1..=n].iter().zip(&host).enumerate() {
+            for (i, (&g, &h)) in got[at..n + at].iter().zip(&host).enumerate() {
                 let want = match precision {
                     Precision::F32 => h,
                     Precision::Bf16 => bf16_round(h),
