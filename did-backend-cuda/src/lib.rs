@@ -189,6 +189,8 @@ pub struct CudaBackend {
     _ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     blas: CudaBlas,
+    /// cuBLAS's workspace, ours (`cublasSetWorkspace`); after `blas`, so freed after it.
+    _blas_workspace: CudaSlice<u8>,
     precision: Precision,
     functions: HashMap<&'static str, CudaFunction>,
     name: String,
@@ -261,6 +263,26 @@ impl CudaBackend {
         };
         status.result()?;
         let (major, minor) = ctx.compute_capability()?;
+        // NVIDIA's recommended cuBLAS workspace: 32 MiB on Hopper and later, 4 MiB before (the
+        // cuBLAS guide, `cublasSetWorkspace`; PyTorch sets the same for its GEMMs): the
+        // algorithms cuBLAS may pick for the thin weight-gradient GEMMs (split-K) need room. Of
+        // our own and fixed, so the choice does not depend on a pool's state (unmeasured).
+        let workspace_bytes = if major >= 9 { 32 << 20 } else { 4 << 20 };
+        let mut blas_workspace = stream.alloc_zeros::<u8>(workspace_bytes)?;
+        {
+            let (ptr, _sync) = blas_workspace.device_ptr_mut(&stream);
+            // SAFETY: a valid handle and a device buffer of `workspace_bytes` that lives as long
+            // as the handle (the field after `blas`); set after the handle's stream, whose
+            // setting would reset it.
+            let status = unsafe {
+                blas_sys::cublasSetWorkspace_v2(
+                    *blas.handle(),
+                    ptr as *mut std::ffi::c_void,
+                    workspace_bytes,
+                )
+            };
+            status.result()?;
+        }
         let arch = kernels::arch_for(major, minor);
         let mut functions = HashMap::new();
         for ((file, source), (file2, names)) in kernels::SOURCES.iter().zip(kernels::KERNELS) {
@@ -342,6 +364,7 @@ impl CudaBackend {
             _ctx: ctx,
             stream,
             blas,
+            _blas_workspace: blas_workspace,
             precision,
             functions,
             flash_attention: std::sync::atomic::AtomicBool::new(false),
