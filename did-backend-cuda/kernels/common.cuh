@@ -65,6 +65,13 @@ __device__ __forceinline__ void for_each_strided(const store_t* row, i64 first, 
 // CHUNKED) for n / VEC threads.
 #define VEC ((int)(16 / sizeof(store_t)))
 #define CHUNK_STRIDE(i, n) for (i64 i = ((i64)blockIdx.x * blockDim.x + threadIdx.x) * VEC; i < (n); i += (i64)blockDim.x * gridDim.x * VEC)
+// A flat kernel (one index over all its operands: fill, scale, the optimizer, sums) takes its
+// first `bulk` elements by chunks and the rest one at a time, so a length that is not a multiple
+// of VEC — a whole parameter vector: `small` has 169,627,218 — still streams by chunks:
+// bulk = chunked_prefix(n, every pointer aligned), then CHUNK_STRIDE(i, bulk) and
+// TAIL_STRIDE(i, bulk, n) (misaligned: bulk = 0 and the tail is the plain loop).
+#define TAIL_STRIDE(i, from, n) for (i64 i = (from) + (i64)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (i64)blockDim.x * gridDim.x)
+__device__ __forceinline__ i64 chunked_prefix(i64 n, bool aligned) { return aligned ? n - n % VEC : 0; }
 union Chunk { uint4 u; store_t s[16 / sizeof(store_t)]; };
 __device__ __forceinline__ bool aligned16(const void* p) { return (((unsigned long long)p) & 15) == 0; }
 __device__ __forceinline__ void ld_chunk(const store_t* p, i64 i, float* out) {

@@ -4,13 +4,11 @@
 // the chunked loop and the plain one compute the same values.
 
 extern "C" __global__ void fill(store_t* dst, i64 n, float value) {
-    if (aligned16(dst) && n % VEC == 0) {
-        float v[VEC];
-        for (int k = 0; k < VEC; ++k) v[k] = value;
-        CHUNK_STRIDE(i, n) st_chunk(dst, i, v);
-        return;
-    }
-    GRID_STRIDE(i, n) st(dst, i, value);
+    const i64 bulk = chunked_prefix(n, aligned16(dst));
+    float v[VEC];
+    for (int k = 0; k < VEC; ++k) v[k] = value;
+    CHUNK_STRIDE(i, bulk) st_chunk(dst, i, v);
+    TAIL_STRIDE(i, bulk, n) st(dst, i, value);
 }
 
 // A bf16 backend's f32 buffers (zeros_f32: the attention's log-sum-exp).
@@ -289,17 +287,15 @@ extern "C" __global__ void bias_gelu_forward(store_t* x, const store_t* bias, st
 }
 
 extern "C" __global__ void gelu_backward(const store_t* dout, const store_t* x, store_t* dx, i64 n) {
-    if (aligned16(dout) && aligned16(x) && aligned16(dx) && n % VEC == 0) {
-        CHUNK_STRIDE(i, n) {
-            float d[VEC], a[VEC], g[VEC];
-            ld_chunk(dout, i, d);
-            ld_chunk(x, i, a);
-            for (int k = 0; k < VEC; ++k) { float y, dy; gelu_parts(a[k], &y, &dy); g[k] = d[k] * dy; }
-            st_chunk(dx, i, g);
-        }
-        return;
+    const i64 bulk = chunked_prefix(n, aligned16(dout) && aligned16(x) && aligned16(dx));
+    CHUNK_STRIDE(i, bulk) {
+        float d[VEC], a[VEC], g[VEC];
+        ld_chunk(dout, i, d);
+        ld_chunk(x, i, a);
+        for (int k = 0; k < VEC; ++k) { float y, dy; gelu_parts(a[k], &y, &dy); g[k] = d[k] * dy; }
+        st_chunk(dx, i, g);
     }
-    GRID_STRIDE(i, n) { float y, dy; gelu_parts(ld(x, i), &y, &dy); st(dx, i, ld(dout, i) * dy); }
+    TAIL_STRIDE(i, bulk, n) { float y, dy; gelu_parts(ld(x, i), &y, &dy); st(dx, i, ld(dout, i) * dy); }
 }
 
 extern "C" __global__ void silu_forward(const store_t* x, store_t* out, i64 n) {
@@ -316,36 +312,32 @@ extern "C" __global__ void silu_backward(const store_t* dout, const store_t* x, 
 // Inverted dropout: element i is kept iff the top 24 bits of word i of the
 // stream's row 0, as a fraction, are ≥ p (did_core::rng::RngStream::uniform_f32).
 extern "C" __global__ void dropout(store_t* x, i64 n, float p, float keep_scale, unsigned key0, unsigned key1, unsigned step, unsigned tag) {
-    if (aligned16(x) && n % VEC == 0) {
-        // A chunk starts at a multiple of 4: each Philox block serves four of its elements.
-        CHUNK_STRIDE(i, n) {
-            float a[VEC];
-            ld_chunk(x, i, a);
-            for (int q = 0; q < VEC / 4; ++q) {
-                const u32x4 b = dropout_block(i + 4 * q, key0, key1, step, tag);
-                for (int e = 0; e < 4; ++e) a[4 * q + e] = dropout_keeps(b, e, p) ? a[4 * q + e] * keep_scale : 0.0f;
-            }
-            st_chunk(x, i, a);
+    const i64 bulk = chunked_prefix(n, aligned16(x));
+    // A chunk starts at a multiple of 4: each Philox block serves four of its elements.
+    CHUNK_STRIDE(i, bulk) {
+        float a[VEC];
+        ld_chunk(x, i, a);
+        for (int q = 0; q < VEC / 4; ++q) {
+            const u32x4 b = dropout_block(i + 4 * q, key0, key1, step, tag);
+            for (int e = 0; e < 4; ++e) a[4 * q + e] = dropout_keeps(b, e, p) ? a[4 * q + e] * keep_scale : 0.0f;
         }
-        return;
+        st_chunk(x, i, a);
     }
-    GRID_STRIDE(i, n) {
+    TAIL_STRIDE(i, bulk, n) {
         const u32x4 b = dropout_block(i, key0, key1, step, tag);
         st(x, i, dropout_keeps(b, (unsigned)i & 3u, p) ? ld(x, i) * keep_scale : 0.0f);
     }
 }
 
 extern "C" __global__ void scale(store_t* x, i64 n, float factor) {
-    if (aligned16(x) && n % VEC == 0) {
-        CHUNK_STRIDE(i, n) {
-            float a[VEC];
-            ld_chunk(x, i, a);
-            for (int k = 0; k < VEC; ++k) a[k] = a[k] * factor;
-            st_chunk(x, i, a);
-        }
-        return;
+    const i64 bulk = chunked_prefix(n, aligned16(x));
+    CHUNK_STRIDE(i, bulk) {
+        float a[VEC];
+        ld_chunk(x, i, a);
+        for (int k = 0; k < VEC; ++k) a[k] = a[k] * factor;
+        st_chunk(x, i, a);
     }
-    GRID_STRIDE(i, n) st(x, i, ld(x, i) * factor);
+    TAIL_STRIDE(i, bulk, n) st(x, i, ld(x, i) * factor);
 }
 
 // One AdamW update of one element (`adamw` and `optimizer_step`): moments updated in place, the
@@ -366,21 +358,19 @@ __device__ __forceinline__ float adamw_element(const AdamWArgs& a, float p, floa
 extern "C" __global__ void adamw(store_t* params, const store_t* grads, store_t* m, store_t* v, i64 n,
                                  float lr, float beta1, float beta2, float eps, float weight_decay, float bc1, float bc2) {
     const AdamWArgs a{lr, beta1, beta2, eps, weight_decay, bc1, bc2};
-    if (aligned16(params) && aligned16(grads) && aligned16(m) && aligned16(v) && n % VEC == 0) {
-        CHUNK_STRIDE(i, n) {
-            float g[VEC], mc[VEC], vc[VEC], pc[VEC];
-            ld_chunk(grads, i, g);
-            ld_chunk(m, i, mc);
-            ld_chunk(v, i, vc);
-            ld_chunk(params, i, pc);
-            for (int k = 0; k < VEC; ++k) pc[k] = adamw_element(a, pc[k], g[k], &mc[k], &vc[k]);
-            st_chunk(m, i, mc);
-            st_chunk(v, i, vc);
-            st_chunk(params, i, pc);
-        }
-        return;
+    const i64 bulk = chunked_prefix(n, aligned16(params) && aligned16(grads) && aligned16(m) && aligned16(v));
+    CHUNK_STRIDE(i, bulk) {
+        float g[VEC], mc[VEC], vc[VEC], pc[VEC];
+        ld_chunk(grads, i, g);
+        ld_chunk(m, i, mc);
+        ld_chunk(v, i, vc);
+        ld_chunk(params, i, pc);
+        for (int k = 0; k < VEC; ++k) pc[k] = adamw_element(a, pc[k], g[k], &mc[k], &vc[k]);
+        st_chunk(m, i, mc);
+        st_chunk(v, i, vc);
+        st_chunk(params, i, pc);
     }
-    GRID_STRIDE(i, n) {
+    TAIL_STRIDE(i, bulk, n) {
         float mi = ld(m, i), vi = ld(v, i);
         const float p = adamw_element(a, ld(params, i), ld(grads, i), &mi, &vi);
         st(m, i, mi);
@@ -392,30 +382,26 @@ extern "C" __global__ void adamw(store_t* params, const store_t* grads, store_t*
 __device__ __forceinline__ float ema_element(float ema, float p, float decay) { return decay * ema + (1.0f - decay) * p; }
 
 extern "C" __global__ void ema_update(store_t* ema, const store_t* params, i64 n, float decay) {
-    if (aligned16(ema) && aligned16(params) && n % VEC == 0) {
-        CHUNK_STRIDE(i, n) {
-            float e[VEC], pc[VEC];
-            ld_chunk(ema, i, e);
-            ld_chunk(params, i, pc);
-            for (int k = 0; k < VEC; ++k) e[k] = ema_element(e[k], pc[k], decay);
-            st_chunk(ema, i, e);
-        }
-        return;
+    const i64 bulk = chunked_prefix(n, aligned16(ema) && aligned16(params));
+    CHUNK_STRIDE(i, bulk) {
+        float e[VEC], pc[VEC];
+        ld_chunk(ema, i, e);
+        ld_chunk(params, i, pc);
+        for (int k = 0; k < VEC; ++k) e[k] = ema_element(e[k], pc[k], decay);
+        st_chunk(ema, i, e);
     }
-    GRID_STRIDE(i, n) st(ema, i, ema_element(ld(ema, i), ld(params, i), decay));
+    TAIL_STRIDE(i, bulk, n) st(ema, i, ema_element(ld(ema, i), ld(params, i), decay));
 }
 
 // f32 values (a master copy: zeros_f32 / upload_f32) into storage, rounded to nearest even.
 extern "C" __global__ void round_f32_into(const float* src, store_t* dst, i64 n) {
-    if (aligned16(src) && aligned16(dst) && n % VEC == 0) {
-        CHUNK_STRIDE(i, n) {
-            float a[VEC];
-            ld_chunk_f32(src, i, a);
-            st_chunk(dst, i, a);
-        }
-        return;
+    const i64 bulk = chunked_prefix(n, aligned16(src) && aligned16(dst));
+    CHUNK_STRIDE(i, bulk) {
+        float a[VEC];
+        ld_chunk_f32(src, i, a);
+        st_chunk(dst, i, a);
     }
-    GRID_STRIDE(i, n) st(dst, i, src[i]);
+    TAIL_STRIDE(i, bulk, n) st(dst, i, src[i]);
 }
 
 // did_core::backend::Backend::optimizer_step in one pass over the parameters: the gradient
@@ -429,31 +415,28 @@ extern "C" __global__ void optimizer_step(float* master, store_t* rounded, const
                                           float beta1, float beta2, float eps, float weight_decay, float bc1,
                                           float bc2, float ema_decay) {
     const AdamWArgs a{lr, beta1, beta2, eps, weight_decay, bc1, bc2};
-    const bool chunked = aligned16(master) && aligned16(rounded) && aligned16(grads) && aligned16(m) &&
-                         aligned16(v) && aligned16(ema) && aligned16(ema_rounded) && n % VEC == 0;
-    if (chunked) {
-        CHUNK_STRIDE(i, n) {
-            float g[VEC], mc[VEC], vc[VEC], pc[VEC];
-            ld_chunk(grads, i, g);
-            ld_chunk_f32(m, i, mc);
-            ld_chunk_f32(v, i, vc);
-            ld_chunk_f32(master, i, pc);
-            for (int k = 0; k < VEC; ++k) pc[k] = adamw_element(a, pc[k], g[k] * grad_scale, &mc[k], &vc[k]);
-            st_chunk_f32(m, i, mc);
-            st_chunk_f32(v, i, vc);
-            st_chunk_f32(master, i, pc);
-            if (rounded) st_chunk(rounded, i, pc);
-            if (ema) {
-                float e[VEC];
-                ld_chunk_f32(ema, i, e);
-                for (int k = 0; k < VEC; ++k) e[k] = ema_element(e[k], pc[k], ema_decay);
-                st_chunk_f32(ema, i, e);
-                if (ema_rounded) st_chunk(ema_rounded, i, e);
-            }
+    const i64 bulk = chunked_prefix(n, aligned16(master) && aligned16(rounded) && aligned16(grads) && aligned16(m) &&
+                                           aligned16(v) && aligned16(ema) && aligned16(ema_rounded));
+    CHUNK_STRIDE(i, bulk) {
+        float g[VEC], mc[VEC], vc[VEC], pc[VEC];
+        ld_chunk(grads, i, g);
+        ld_chunk_f32(m, i, mc);
+        ld_chunk_f32(v, i, vc);
+        ld_chunk_f32(master, i, pc);
+        for (int k = 0; k < VEC; ++k) pc[k] = adamw_element(a, pc[k], g[k] * grad_scale, &mc[k], &vc[k]);
+        st_chunk_f32(m, i, mc);
+        st_chunk_f32(v, i, vc);
+        st_chunk_f32(master, i, pc);
+        if (rounded) st_chunk(rounded, i, pc);
+        if (ema) {
+            float e[VEC];
+            ld_chunk_f32(ema, i, e);
+            for (int k = 0; k < VEC; ++k) e[k] = ema_element(e[k], pc[k], ema_decay);
+            st_chunk_f32(ema, i, e);
+            if (ema_rounded) st_chunk(ema_rounded, i, e);
         }
-        return;
     }
-    GRID_STRIDE(i, n) {
+    TAIL_STRIDE(i, bulk, n) {
         const float p = adamw_element(a, master[i], ld(grads, i) * grad_scale, &m[i], &v[i]);
         master[i] = p;
         if (rounded) st(rounded, i, p);
@@ -469,17 +452,15 @@ extern "C" __global__ void optimizer_step(float* master, store_t* rounded, const
 extern "C" __global__ void sum_partial(const store_t* x, i64 n, int squares, double* partial) {
     __shared__ double shared[256];
     double acc = 0.0;
-    if (aligned16(x) && n % VEC == 0) {
-        // A chunk a load: over a whole parameter vector, a thread of this fixed grid makes
-        // thousands of iterations, each waiting its load when it is one element.
-        CHUNK_STRIDE(i, n) {
-            float a[VEC];
-            ld_chunk(x, i, a);
-            for (int k = 0; k < VEC; ++k) { double v = (double)a[k]; acc += squares ? v * v : v; }
-        }
-    } else {
-        GRID_STRIDE(i, n) { double v = (double)ld(x, i); acc += squares ? v * v : v; }
+    // A chunk a load: over a whole parameter vector, a thread of this fixed grid makes
+    // thousands of iterations, each waiting its load when it is one element.
+    const i64 bulk = chunked_prefix(n, aligned16(x));
+    CHUNK_STRIDE(i, bulk) {
+        float a[VEC];
+        ld_chunk(x, i, a);
+        for (int k = 0; k < VEC; ++k) { double v = (double)a[k]; acc += squares ? v * v : v; }
     }
+    TAIL_STRIDE(i, bulk, n) { double v = (double)ld(x, i); acc += squares ? v * v : v; }
     shared[threadIdx.x] = acc;
     __syncthreads();
     for (int s = blockDim.x / 2; s > 0; s >>= 1) {

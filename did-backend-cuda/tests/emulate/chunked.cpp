@@ -89,19 +89,37 @@ int main() {
     });
     check("ema_update", {x, y}, [&](auto& o, bool m) { ema_update(o[0].at(m), o[1].at(m), n, 0.99f); });
     check("scale", {x}, [&](auto& o, bool m) { scale(o[0].at(m), n, 0.3f); });
-
-    // Σ x² a chunk a load (another order than one element a load: equal to f64 rounding).
+    // The flat kernels over a length that is not a multiple of the chunk (a whole parameter
+    // vector): chunks, then the tail one element at a time, against the plain loop; elements
+    // past the length untouched.
     {
+        const i64 odd = n - 3;
+        check("fill, odd length", {x}, [&](auto& o, bool m) { fill(o[0].at(m), odd, 0.375f); });
+        check("gelu_backward, odd length", {x, y, z}, [&](auto& o, bool m) { gelu_backward(o[0].at(m), o[1].at(m), o[2].at(m), odd); });
+        check("dropout, odd length", {x}, [&](auto& o, bool m) { dropout(o[0].at(m), odd, 0.3f, 1.0f / 0.7f, 11u, 12u, 13u, 14u); });
+        check("adamw, odd length", {x, y, z, second_moments}, [&](auto& o, bool m) {
+            adamw(o[0].at(m), o[1].at(m), o[2].at(m), o[3].at(m), odd, 1e-3f, 0.9f, 0.999f, 1e-8f, 0.01f, 0.1f, 0.01f);
+        });
+        check("ema_update, odd length", {x, y}, [&](auto& o, bool m) { ema_update(o[0].at(m), o[1].at(m), odd, 0.99f); });
+        check("scale, odd length", {x}, [&](auto& o, bool m) { scale(o[0].at(m), odd, 0.3f); });
+    }
+
+    // Σ x² a chunk a load (another order than one element a load: equal to f64 rounding), over
+    // the whole length and over one that leaves a tail.
+    for (const i64 len : {n, n - 3}) {
         Operand xs = x;
         double sums[2];
         for (int m = 0; m < 2; ++m) {
             std::vector<double> partial(3);
-            emu::launch(EmuDim3{3, 1, 1}, 64, [&] { sum_partial(xs.at(m == 1), n, 1, partial.data()); });
+            emu::launch(EmuDim3{3, 1, 1}, 64, [&] { sum_partial(xs.at(m == 1), len, 1, partial.data()); });
             sums[m] = partial[0] + partial[1] + partial[2];
         }
-        const bool close = std::abs(sums[0] - sums[1]) <= 1e-12 * sums[1];
+        double want = 0;
+        for (i64 i = 0; i < len; ++i) want += (double)ld(x.aligned.data(), i) * ld(x.aligned.data(), i);
+        const bool close = std::abs(sums[0] - sums[1]) <= 1e-12 * sums[1] && std::abs(sums[0] - want) <= 1e-12 * want;
         failures += !close;
-        std::printf("%s sum_partial of squares, chunked and plain: %.17g, %.17g\n", close ? "ok  " : "FAIL", sums[0], sums[1]);
+        std::printf("%s sum_partial of squares over %lld, chunked and plain: %.17g, %.17g (f64 %.17g)\n", close ? "ok  " : "FAIL",
+                    (long long)len, sums[0], sums[1], want);
     }
 
     // Per-sequence column sums, every sequence in one launch (grid z) against one launch each,
