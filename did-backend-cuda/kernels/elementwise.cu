@@ -26,22 +26,24 @@ extern "C" __global__ void copy_row_groups(const store_t* src, i64 src_stride, i
 }
 
 // x[r·stride + c] += bias[c] for c < cols (did_core::backend::RowMajor: the padding after each
-// row is not touched). i counts values, row by row.
+// row is not touched). Where x, the bias and the stride keep every row on a 16-byte boundary,
+// the longest multiple of VEC of each row (`body`) goes by chunks and the rest of it one element
+// at a time — the head's logits have 50,258 columns, 2 past a multiple of 8, in rows 50,304
+// apart; otherwise every element goes one at a time.
 extern "C" __global__ void bias_add(store_t* x, const store_t* bias, i64 rows, i64 cols, i64 stride) {
-    if (aligned16(x) && aligned16(bias) && cols % VEC == 0 && stride % VEC == 0) {
-        CHUNK_STRIDE(i, rows * cols) {
-            const i64 c = i % cols, at = (i / cols) * stride + c;
-            float a[VEC], b[VEC];
-            ld_chunk(x, at, a);
-            ld_chunk(bias, c, b);
-            for (int k = 0; k < VEC; ++k) a[k] = a[k] + b[k];
-            st_chunk(x, at, a);
-        }
-        return;
+    const i64 body = aligned16(x) && aligned16(bias) && stride % VEC == 0 ? cols - cols % VEC : 0;
+    CHUNK_STRIDE(i, rows * body) {
+        const i64 c = i % body, at = (i / body) * stride + c;
+        float a[VEC], b[VEC];
+        ld_chunk(x, at, a);
+        ld_chunk(bias, c, b);
+        for (int k = 0; k < VEC; ++k) a[k] = a[k] + b[k];
+        st_chunk(x, at, a);
     }
-    GRID_STRIDE(i, rows * cols) {
-        const i64 c = i % cols;
-        add_to(x, (i / cols) * stride + c, ld(bias, c));
+    const i64 rest = cols - body;
+    TAIL_STRIDE(j, 0, rows * rest) {
+        const i64 c = body + j % rest;
+        add_to(x, (j / rest) * stride + c, ld(bias, c));
     }
 }
 

@@ -163,6 +163,7 @@ extern "C" __global__ void layernorm_dweight_partial(const store_t* dout, const 
 // pass's append of its rotated keys and its values to the cache, in the same launch: the
 // rotating threads store the pairs that fall in those columns twice, and threads past the
 // rotation's copy the columns it does not reach (those from heads·head_dim on).
+#define ROPE_ROUND 4  // 72 registers; eight took 127–152
 extern "C" __global__ void rope(store_t* x, i64 batch, i64 tokens, i64 heads, i64 head_dim, i64 stride, i64 batch_stride,
                                 i64 position_offset, double base, int inverse, i64 per, store_t* copy, i64 copy_col0,
                                 i64 copy_cols, i64 copy_stride, i64 copy_batch_stride) {
@@ -182,17 +183,29 @@ extern "C" __global__ void rope(store_t* x, i64 batch, i64 tokens, i64 heads, i6
         double angle = (double)(position_offset + t) * inv_freq;
         float c = (float)cos(angle), s = (float)sin(angle);
         if (inverse) s = -s;
-        i64 b_end = min(batch, (chunk + 1) * per);
-        for (i64 b = chunk * per; b < b_end; ++b) {
-            i64 o = b * batch_stride + t * stride + h * head_dim;
-            float lo = ld(x, o + d), hi = ld(x, o + half + d);
-            const float new_lo = lo * c - hi * s, new_hi = hi * c + lo * s;
-            st(x, o + d, new_lo);
-            st(x, o + half + d, new_hi);
-            if (copy) {
-                const i64 col = h * head_dim + d, to = b * copy_batch_stride + t * copy_stride - copy_col0;
-                if (col >= copy_col0 && col < copy_end) st(copy, to + col, new_lo);
-                if (col + half >= copy_col0 && col + half < copy_end) st(copy, to + col + half, new_hi);
+        // ROPE_ROUND sequences' pairs loaded before any is stored: the stores may alias the next
+        // loads, so a load-then-store loop would wait a memory latency per sequence (16 of them
+        // a thread in the 2L training pass).
+        const i64 b_end = min(batch, (chunk + 1) * per);
+        const store_t* at = x + t * stride + h * head_dim + d;
+        for (i64 b0 = chunk * per; b0 < b_end; b0 += ROPE_ROUND) {
+            float lo[ROPE_ROUND], hi[ROPE_ROUND];
+            UNROLL
+            for (int j = 0; j < ROPE_ROUND; ++j) {
+                const store_t* pj = at + (b0 + j) * batch_stride;
+                lo[j] = b0 + j < b_end ? ld(pj, 0) : 0.0f;
+                hi[j] = b0 + j < b_end ? ld(pj, half) : 0.0f;
+            }
+            for (int j = 0; j < ROPE_ROUND && b0 + j < b_end; ++j) {
+                const i64 b = b0 + j, o = b * batch_stride + t * stride + h * head_dim;
+                const float new_lo = lo[j] * c - hi[j] * s, new_hi = hi[j] * c + lo[j] * s;
+                st(x, o + d, new_lo);
+                st(x, o + half + d, new_hi);
+                if (copy) {
+                    const i64 col = h * head_dim + d, to = b * copy_batch_stride + t * copy_stride - copy_col0;
+                    if (col >= copy_col0 && col < copy_end) st(copy, to + col, new_lo);
+                    if (col + half >= copy_col0 && col + half < copy_end) st(copy, to + col + half, new_hi);
+                }
             }
         }
     }

@@ -75,7 +75,7 @@ fn fused_forwards_and_chunked_rope_equal_the_kernels_they_replace_under_emulatio
         (&["-DSTORAGE_BF16"][..], "emulated_fused_bf16"),
     ] {
         let report = build_and_run("fused.cpp", defines, exe);
-        assert_eq!(report.matches("ok   ").count(), 52, "{report}");
+        assert_eq!(report.matches("ok   ").count(), 58, "{report}");
     }
 }
 

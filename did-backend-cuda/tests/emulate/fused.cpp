@@ -181,6 +181,29 @@ int main() {
                  chunked, single);
         }
     }
+    // More sequences a thread than one round of loads holds (ROPE_ROUND, four): whole rounds,
+    // whole rounds and one more, and 19 (the 2L training pass has 16 a thread).
+    {
+        const i64 many = 19;
+        const auto rows_many = random(many * tokens * stride);
+        for (int inverse = 0; inverse < 2; ++inverse) {
+            for (i64 per : {8, 9, 19}) {
+                auto chunked = rows_many, single = rows_many;
+                emu::launch(EmuDim3{grid, 1, 1}, threads, [&] {
+                    rope(chunked.data(), many, tokens, heads, head_dim, stride, tokens * stride, 7, 10000.0, inverse, per,
+                         nullptr, 0, 0, 0, 0);
+                });
+                emu::launch(EmuDim3{grid, 1, 1}, threads, [&] {
+                    rope(single.data(), many, tokens, heads, head_dim, stride, tokens * stride, 7, 10000.0, inverse, 1,
+                         nullptr, 0, 0, 0, 0);
+                });
+                char what[96];
+                std::snprintf(what, sizeof what, "rope%s, %lld of 19 sequences a thread", inverse ? " inverse" : "",
+                              (long long)per);
+                same(what, chunked, single);
+            }
+        }
+    }
     // RoPE with the KV-cache append in the same launch against RoPE then copy_row_groups: queries
     // and keys rotated as twice the heads, columns [col0, col0 + cols) of each row copied into
     // slots of a cache (capacity 9, writing at slot 2). The draft's window (the keys and values:
