@@ -106,8 +106,12 @@ pub struct Timed {
 }
 
 impl Timed {
-    /// `block 4: 812 calls in 40.2 s; …`, one entry per stage begun.
+    /// `block 4: 812 calls in 40.2 s; …`, one entry per stage begun, or
+    /// `before its first model call` when none was.
     pub fn progress(&self) -> String {
+        if self.stages.is_empty() {
+            return "before its first model call".into();
+        }
         self.stages
             .iter()
             .map(|s| {
@@ -458,4 +462,37 @@ fn mark(
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_names_each_stage_begun_or_says_none_was() {
+        let none = Timed {
+            wall_s: 0.0,
+            stages: Vec::new(),
+        };
+        assert_eq!(none.progress(), "before its first model call");
+        let two = Timed {
+            wall_s: 3.0,
+            stages: vec![
+                StageTime {
+                    block_size: 4,
+                    calls: 12,
+                    seconds: 1.25,
+                },
+                StageTime {
+                    block_size: 64,
+                    calls: 3,
+                    seconds: 0.5,
+                },
+            ],
+        };
+        assert_eq!(
+            two.progress(),
+            "block 4: 12 calls in 1.2 s; block 64: 3 calls in 0.5 s"
+        );
+    }
 }

@@ -334,8 +334,10 @@ fn ctrl_c_stops_sampling_between_calls_and_keeps_the_written_samples() {
         .unwrap();
     let (code, err) = ctrl_c_once_written(child, &out, "sampling");
     assert_eq!(code, Some(2), "{err}");
+    // Ctrl-C can land between two batches, before the new one's first call.
     assert!(
-        err.contains("interrupted after") && err.contains("calls in"),
+        err.contains("interrupted after")
+            && (err.contains("calls in") || err.contains("before its first model call")),
         "{err}"
     );
     // Every line written is a whole sample, and the message says where they are.
