@@ -883,7 +883,9 @@ pub trait Backend {
     /// copies rounded to the storage ([`Backend::round_into`]), since an update smaller than
     /// half a bf16 step of its weight (2⁻⁹ relative: an AdamW step of 3e-4 on a LayerNorm
     /// weight of 1, or any EMA update at decay 0.9999) would round back to the old value.
-    /// Provided: `false`.
+    /// Provided: `false`. A backend that says `true` overrides [`Backend::optimizer_step`] (as
+    /// the CUDA backend does) or has [`Backend::scale`], [`Backend::adamw`] and
+    /// [`Backend::ema_update`] take those f32 buffers, which the provided update passes them.
     ///
     /// ```
     /// use did_core::backend::Backend;
