@@ -3,7 +3,7 @@
 //! Each token of block `b` is masked independently with probability
 //! `p = mask_prob(t_b)`: token `ℓ` is masked iff its uniform `u_ℓ ≤ p`, as the
 //! reference does. With a clip range, a block whose realised masked fraction
-//! falls outside the bounds of [`ClipRange::resample_bounds`] is redrawn with
+//! falls outside the bounds of [`ClipRange::resample_bounds`](crate::schedule::ClipRange::resample_bounds) is redrawn with
 //! fresh uniforms and the same `t` until it fits. Pinned positions (BOS,
 //! prompts) are restored afterwards, so they are never masked; as in the
 //! reference, the bounds are checked before that restoration.
