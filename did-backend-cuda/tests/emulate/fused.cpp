@@ -162,46 +162,25 @@ int main() {
 
     // RoPE over chunks of sequences (one angle a thread, rotated in each sequence of its chunk)
     // against one sequence a thread: the queries inside a fused [seqs, tokens, 3·width] row, at a
-    // position offset, forward and inverse.
-    const i64 heads = 2, head_dim = 8, width = heads * head_dim, stride = 3 * width;
-    const auto qkv = random(seqs * tokens * stride);
+    // position offset, forward and inverse. Chunks of fewer sequences than one round of loads
+    // (ROPE_ROUND, four), of whole rounds, whole rounds and one more, and 19 (the 2L training
+    // pass has 16 a thread).
+    const i64 heads = 2, head_dim = 8, width = heads * head_dim, stride = 3 * width, many = 19;
+    const auto qkv = random(seqs * tokens * stride), qkv_many = random(many * tokens * stride);
+    struct RopeCase { i64 seqs, per; };
     for (int inverse = 0; inverse < 2; ++inverse) {
-        for (i64 per : {2, 3}) {
-            auto chunked = qkv, single = qkv;
-            emu::launch(EmuDim3{grid, 1, 1}, threads, [&] {
-                rope(chunked.data(), seqs, tokens, heads, head_dim, stride, tokens * stride, 7, 10000.0, inverse, per,
-                     nullptr, 0, 0, 0, 0);
-            });
-            emu::launch(EmuDim3{grid, 1, 1}, threads, [&] {
-                rope(single.data(), seqs, tokens, heads, head_dim, stride, tokens * stride, 7, 10000.0, inverse, 1,
-                     nullptr, 0, 0, 0, 0);
-            });
-            same(inverse ? (per == 2 ? "rope inverse, 2 sequences a thread" : "rope inverse, 3 sequences a thread")
-                         : (per == 2 ? "rope, 2 sequences a thread" : "rope, 3 sequences a thread"),
-                 chunked, single);
-        }
-    }
-    // More sequences a thread than one round of loads holds (ROPE_ROUND, four): whole rounds,
-    // whole rounds and one more, and 19 (the 2L training pass has 16 a thread).
-    {
-        const i64 many = 19;
-        const auto rows_many = random(many * tokens * stride);
-        for (int inverse = 0; inverse < 2; ++inverse) {
-            for (i64 per : {8, 9, 19}) {
-                auto chunked = rows_many, single = rows_many;
+        for (const RopeCase k : {RopeCase{seqs, 2}, RopeCase{seqs, 3}, RopeCase{many, 8}, RopeCase{many, 9}, RopeCase{many, 19}}) {
+            auto chunked = k.seqs == seqs ? qkv : qkv_many, single = chunked;
+            for (auto [x, per] : {std::pair{&chunked, k.per}, std::pair{&single, (i64)1}}) {
                 emu::launch(EmuDim3{grid, 1, 1}, threads, [&] {
-                    rope(chunked.data(), many, tokens, heads, head_dim, stride, tokens * stride, 7, 10000.0, inverse, per,
+                    rope(x->data(), k.seqs, tokens, heads, head_dim, stride, tokens * stride, 7, 10000.0, inverse, per,
                          nullptr, 0, 0, 0, 0);
                 });
-                emu::launch(EmuDim3{grid, 1, 1}, threads, [&] {
-                    rope(single.data(), many, tokens, heads, head_dim, stride, tokens * stride, 7, 10000.0, inverse, 1,
-                         nullptr, 0, 0, 0, 0);
-                });
-                char what[96];
-                std::snprintf(what, sizeof what, "rope%s, %lld of 19 sequences a thread", inverse ? " inverse" : "",
-                              (long long)per);
-                same(what, chunked, single);
             }
+            char what[96];
+            std::snprintf(what, sizeof what, "rope%s, %lld of %lld sequences a thread", inverse ? " inverse" : "",
+                          (long long)k.per, (long long)k.seqs);
+            same(what, chunked, single);
         }
     }
     // RoPE with the KV-cache append in the same launch against RoPE then copy_row_groups: queries

@@ -385,7 +385,7 @@ pub fn memory_report(
         logits_stride: config.vocab_size,
         element_bytes: 4,
     };
-    report_at_stride(config, batch, seq_len, pass, layout)
+    report_for(config, batch, seq_len, pass, layout)
 }
 
 /// How a backend stores a training step: the logits' row stride (elements) and the bytes of
@@ -427,7 +427,7 @@ pub fn memory_report_on(
     pass: Pass,
     layout: StorageLayout,
 ) -> MemoryReport {
-    report_at_stride(
+    report_for(
         config,
         batch,
         seq_len,
@@ -439,7 +439,7 @@ pub fn memory_report_on(
     )
 }
 
-fn report_at_stride(
+fn report_for(
     config: &ModelConfig,
     batch: usize,
     seq_len: usize,
