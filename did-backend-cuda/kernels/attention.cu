@@ -211,6 +211,23 @@ __device__ __forceinline__ void mma_bf16_16816(float* c, const unsigned* a, cons
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
+// 2^x in one MUFU.EX2 (ex2.approx.ftz.f32: a few f32 ulps — P is rounded to bf16, 2⁻⁸, right
+// after — and results below 2⁻¹²⁶ flushed to 0); the emulation has its own, coarser one.
+__device__ __forceinline__ float ex2_approx(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+
+// Two f32 rounded to bf16 (nearest even) in one register, the lower index in the lower half:
+// one cvt (F2FP) where to_store's rounding in integer arithmetic takes about six instructions a
+// value. For P and dS, which only feed mmas; a NaN comes out as the canonical one.
+__device__ __forceinline__ unsigned pack2_rounded(float lo, float hi) {
+    unsigned r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
 __device__ __forceinline__ unsigned shared_address(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
 
 // Four 8×8 bf16 matrices from shared memory, lanes 8i … 8i + 7 giving the rows of matrix i:
@@ -240,6 +257,9 @@ __device__ __forceinline__ void wait_copies() { asm volatile("cp.async.wait_all;
 #endif
 
 __device__ __forceinline__ unsigned pack2(store_t lo, store_t hi) { return (unsigned)lo | ((unsigned)hi << 16); }
+#ifdef DID_EMULATE
+__device__ __forceinline__ unsigned pack2_rounded(float lo, float hi) { return pack2(to_store(lo), to_store(hi)); }
+#endif
 
 // Row `row`'s key ranges in 32 bits; none for rows past the end.
 __device__ __forceinline__ Ranges32 row_ranges(const Shape& s, int kind, i64 p0, i64 p1, i64 p2, i64 window, i64 row) {
@@ -248,8 +268,9 @@ __device__ __forceinline__ Ranges32 row_ranges(const Shape& s, int kind, i64 p0,
     return r;
 }
 
+// Bitwise, not short-circuit: a select per score, no branch.
 __device__ __forceinline__ bool in_ranges(const Ranges32& r, int key) {
-    return (key >= r.a0 && key < r.a1) || (key >= r.b0 && key < r.b1);
+    return ((key >= r.a0) & (key < r.a1)) | ((key >= r.b0) & (key < r.b1));
 }
 
 // A warp's 16 rows (from row0, of `rows`) × 64 columns of a row-major matrix in global memory
@@ -338,10 +359,9 @@ __device__ __forceinline__ void accumulate_times_rows(float (*acc)[4], const flo
                                                       int lane) {
     const int m = lane >> 3;
     for (int j = 0; j < J; ++j) {
-        unsigned a[4] = {pack2(to_store(x[2 * j][0]), to_store(x[2 * j][1])),
-                         pack2(to_store(x[2 * j][2]), to_store(x[2 * j][3])),
-                         pack2(to_store(x[2 * j + 1][0]), to_store(x[2 * j + 1][1])),
-                         pack2(to_store(x[2 * j + 1][2]), to_store(x[2 * j + 1][3]))};
+        unsigned a[4] = {pack2_rounded(x[2 * j][0], x[2 * j][1]), pack2_rounded(x[2 * j][2], x[2 * j][3]),
+                         pack2_rounded(x[2 * j + 1][0], x[2 * j + 1][1]),
+                         pack2_rounded(x[2 * j + 1][2], x[2 * j + 1][3])};
         const store_t* row = rows + (j * 16 + (m & 1) * 8 + (lane & 7)) * FLASH_PAD + (m >> 1) * 8;
         for (int e = 0; e < 4; ++e) {
             unsigned b[4];
@@ -363,6 +383,27 @@ __device__ __forceinline__ bool reaches_tile(const Ranges32& r, int k0) {
 __device__ __forceinline__ bool sees_whole_tile(const Ranges32& r, int k0, int kv_len) {
     const int k1 = k0 + FLASH_TILE;
     return k1 <= kv_len && ((r.a0 <= k0 && r.a1 >= k1) || (r.b0 <= k0 && r.b1 >= k1));
+}
+
+// Scores of the warp's tile that its rows' masks hide become −∞ (then 2^−∞ = 0 in the softmax and
+// in P): keys k0 + 8n + 2t + (e % 2) against row g + 8·(e / 2)'s ranges. Called only on tiles that
+// some row of the warp sees in part, so the common whole tile has no test per score.
+template <int N>
+__device__ __forceinline__ void hide_unseen_scores(float (*sc)[4], const Ranges32* rr, int k0, int t) {
+    const float neg_inf = -__int_as_float(0x7f800000);
+    for (int n = 0; n < N; ++n) {
+        for (int e = 0; e < 4; ++e) {
+            if (!in_ranges(rr[e >> 1], k0 + n * 8 + 2 * t + (e & 1))) sc[n][e] = neg_inf;
+        }
+    }
+}
+
+// The softmax in base 2: e^(x·scale − λ) = 2^(x·scale·log₂e − λ·log₂e), so a probability is one
+// FFMA and one EX2 from a raw score. A log-sum-exp λ of −∞ (a row that sees no key) becomes +∞,
+// so its probabilities are 2^−∞ = 0 without a test per score.
+#define LOG2E 1.4426950408889634f
+__device__ __forceinline__ float lse_in_base_2(float lse) {
+    return lse == -__int_as_float(0x7f800000) ? __int_as_float(0x7f800000) : lse * LOG2E;
 }
 
 // This thread's query rows (g and g + 8 of its warp's 16) and their key ranges, and the hull of
@@ -428,7 +469,7 @@ extern "C" __global__ void __launch_bounds__(128, 3) attention_forward_flash(Sha
     const i64 h = blockIdx.x % s.heads, b = blockIdx.x / s.heads;
     const i64 q0 = (query_block_longest_first() * (blockDim.x >> 5) + warp) * 16;  // 1–4 warps of 16 rows
     const i64 width = s.heads * FLASH_HD;
-    const float neg_inf = -__int_as_float(0x7f800000);
+    const float neg_inf = -__int_as_float(0x7f800000), scale2 = scale * LOG2E;
     const store_t* kb = k + b * s.kv_batch_stride + h * FLASH_HD;
     const store_t* vb = v + b * s.kv_batch_stride + h * FLASH_HD;
 
@@ -453,26 +494,24 @@ extern "C" __global__ void __launch_bounds__(128, 3) attention_forward_flash(Sha
 
         float sc[8][4];
         product_with_rows<8>(sc, qa, ks[buf], lane);
-        // Mask, scale, online softmax per row (the four threads of a group share a row).
+        if (!__all_sync(0xffffffffu, sees_whole_tile(rr[0], k0, (int)s.kv_len) && sees_whole_tile(rr[1], k0, (int)s.kv_len)))
+            hide_unseen_scores<8>(sc, rr, k0, t);
+        // Online softmax per row (the four threads of a group share a row), in base 2 with the
+        // scale folded into the exponent: a score costs a max, an FFMA, an EX2 and an add.
         float corr[2];
         for (int i = 0; i < 2; ++i) {
-            const bool whole = sees_whole_tile(rr[i], (int)k0, (int)s.kv_len);
             float mx = neg_inf;
-            for (int n = 0; n < 8; ++n) {
-                for (int e = 2 * i; e < 2 * i + 2; ++e) {
-                    int key = (int)k0 + n * 8 + 2 * t + (e & 1);
-                    sc[n][e] = whole || in_ranges(rr[i], key) ? sc[n][e] * scale : neg_inf;
-                    mx = fmaxf(mx, sc[n][e]);
-                }
-            }
+            for (int n = 0; n < 8; ++n) mx = fmaxf(mx, fmaxf(sc[n][2 * i], sc[n][2 * i + 1]));
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-            float m_new = fmaxf(m[i], mx);
-            corr[i] = m_new == neg_inf ? 1.0f : expf(m[i] - m_new);  // exp(-inf) = 0 when m was -inf
+            const float m_new = fmaxf(m[i], mx);
+            // −∞ while the row has seen no key: subtracting 0 then leaves its scores at −∞ (2^−∞ = 0).
+            const float base = m_new == neg_inf ? 0.0f : m_new * scale2;
+            corr[i] = ex2_approx(m[i] * scale2 - base);  // 0 while m was −∞
             float sum = 0.0f;
             for (int n = 0; n < 8; ++n) {
                 for (int e = 2 * i; e < 2 * i + 2; ++e) {
-                    sc[n][e] = m_new == neg_inf ? 0.0f : expf(sc[n][e] - m_new);
+                    sc[n][e] = ex2_approx(fmaf(sc[n][e], scale2, -base));
                     sum += sc[n][e];
                 }
             }
@@ -495,7 +534,7 @@ extern "C" __global__ void __launch_bounds__(128, 3) attention_forward_flash(Sha
         i64 row = q0 + g + 8 * i;
         if (row >= s.q_len) continue;
         const i64 r = (b * s.heads + h) * s.q_len + row;  // the log-sum-exp's index
-        const float row_lse = l[i] > 0.0f ? m[i] + logf(l[i]) : neg_inf;
+        const float row_lse = l[i] > 0.0f ? m[i] * scale + logf(l[i]) : neg_inf;  // m is a raw score
         if (partial_out) {  // one split of the keys: f32 partials, joined by attention_combine_splits
             const i64 pr = (i64)blockIdx.z * rows + r;
             for (int d = 0; d < 8; ++d) {
@@ -572,7 +611,8 @@ extern "C" __global__ void __launch_bounds__(128, 3) attention_backward_flash_dq
     unsigned qa[4][4], da[4][4];
     load_rows_as_a(qa, q + b * s.q_batch_stride + h * FLASH_HD, s.q_stride, q0, s.q_len, g, t);
     load_rows_as_a(da, dob, width, q0, s.q_len, g, t);
-    // δ and the log-sum-exp of rows g and g + 8; the four threads of a group split the columns.
+    // δ and the log-sum-exp (in base 2) of rows g and g + 8; the four threads of a group split the columns.
+    const float scale2 = scale * LOG2E;
     float dl[2], lq[2];
     for (int i = 0; i < 2; ++i) {
         i64 row = q0 + g + 8 * i;
@@ -584,7 +624,7 @@ extern "C" __global__ void __launch_bounds__(128, 3) attention_backward_flash_dq
         sum += __shfl_xor_sync(0xffffffffu, sum, 2);
         dl[i] = sum;
         i64 li = (b * s.heads + h) * s.q_len + row;
-        lq[i] = row < s.q_len ? lse[li] : neg_inf;
+        lq[i] = lse_in_base_2(row < s.q_len ? lse[li] : neg_inf);
         if (row < s.q_len && t == 0) delta[li] = sum;
     }
     float acc[8][4];
@@ -595,7 +635,7 @@ extern "C" __global__ void __launch_bounds__(128, 3) attention_backward_flash_dq
         __syncthreads();  // this tile is in for every thread, and every thread is done with the other buffer
         const int k0 = tile * FLASH_TILE, next = next_tile_in_hull(hull, tile + 1, tiles);
         if (next < tiles) start_key_tile_load(ks[buf ^ 1], vs[buf ^ 1], kb, vb, s, next);
-        const bool whole[2] = {sees_whole_tile(rr[0], k0, (int)s.kv_len), sees_whole_tile(rr[1], k0, (int)s.kv_len)};
+        const bool whole = __all_sync(0xffffffffu, sees_whole_tile(rr[0], k0, (int)s.kv_len) && sees_whole_tile(rr[1], k0, (int)s.kv_len));
         // 32 keys at a time: S and dP of half a tile are 32 registers fewer than of a whole one
         // (three blocks an SM with a 4-byte spill, against 104 bytes for whole tiles), and dQ
         // sums the same products in the same order.
@@ -605,12 +645,11 @@ extern "C" __global__ void __launch_bounds__(128, 3) attention_backward_flash_dq
             product_with_rows<4>(sc, qa, krows, lane);
             product_with_rows<4>(dp, da, vs[buf] + half * 32 * FLASH_PAD, lane);
             // dS = P ∘ (dP − δ)·scale, P recomputed from the saved log-sum-exp (0 where masked).
+            if (!whole) hide_unseen_scores<4>(sc, rr, k0 + half * 32, t);
             for (int n = 0; n < 4; ++n) {
                 for (int e = 0; e < 4; ++e) {
-                    int i = e >> 1;
-                    int key = k0 + half * 32 + n * 8 + 2 * t + (e & 1);
-                    bool seen = whole[i] || (in_ranges(rr[i], key) && lq[i] != neg_inf);
-                    float p = seen ? expf(sc[n][e] * scale - lq[i]) : 0.0f;
+                    const int i = e >> 1;
+                    const float p = ex2_approx(fmaf(sc[n][e], scale2, -lq[i]));
                     sc[n][e] = p * (dp[n][e] - dl[i]) * scale;
                 }
             }
@@ -675,7 +714,7 @@ extern "C" __global__ void __launch_bounds__(128, 3) attention_backward_flash_dk
     const i64 h = blockIdx.x % s.heads, b = blockIdx.x / s.heads;
     const int tile_k0 = (int)blockIdx.y * FLASH_TILE, k0 = tile_k0 + warp * 16;  // key tiles in order: see above
     const i64 width = s.heads * FLASH_HD;
-    const float neg_inf = -__int_as_float(0x7f800000);
+    const float neg_inf = -__int_as_float(0x7f800000), scale2 = scale * LOG2E;
     const store_t* qb = q + b * s.q_batch_stride + h * FLASH_HD;
     const store_t* dob = dout + b * s.q_len * width + h * FLASH_HD;
     const float* lse_bh = lse + (b * s.heads + h) * s.q_len;
@@ -735,13 +774,19 @@ extern "C" __global__ void __launch_bounds__(128, 3) attention_backward_flash_dk
             float sc[4][4], dp[4][4];
             product_with_rows<4>(sc, ka, qrows, lane);
             product_with_rows<4>(dp, va, dorows, lane);
+            if (!whole) {  // a query tile seen in part: Sᵀ's hidden scores become −∞
+                for (int n = 0; n < 4; ++n) {
+                    for (int e = 0; e < 4; ++e) {
+                        const int* r = sh.ranges[buf][half * 32 + n * 8 + 2 * t + (e & 1)];
+                        const Ranges32 rg = {r[0], r[1], r[2], r[3]};
+                        if (!in_ranges(rg, k0 + g + 8 * (e >> 1))) sc[n][e] = neg_inf;
+                    }
+                }
+            }
             for (int n = 0; n < 4; ++n) {
                 for (int e = 0; e < 4; ++e) {
-                    int col = half * 32 + n * 8 + 2 * t + (e & 1);
-                    int key = k0 + g + 8 * (e >> 1);
-                    const int* r = sh.ranges[buf][col];
-                    bool seen = whole || (((key >= r[0] && key < r[1]) || (key >= r[2] && key < r[3])) && lses[col] != neg_inf);
-                    float p = seen ? expf(sc[n][e] * scale - lses[col]) : 0.0f;
+                    const int col = half * 32 + n * 8 + 2 * t + (e & 1);
+                    const float p = ex2_approx(fmaf(sc[n][e], scale2, -lse_in_base_2(lses[col])));
                     sc[n][e] = p;
                     dp[n][e] = p * (dp[n][e] - deltas[col]) * scale;
                 }

@@ -61,6 +61,9 @@ int main() {
         {"BD3 training, L = 72, block 8, rows not 16-byte aligned", 0, 72, 8, 0, -1, 1, 2, 144, 144, false, 3},
         {"draft through a KV cache: block 4 at position 1024 (17 key tiles)", 1, 4, 1024, 0, -1, 1, 2, 4, 1028, false},
         {"draft at position 300, window 256, keys from 40", 1, 4, 300, 40, 256, 2, 1, 4, 264, false},
+        // Rows 0–7 see keys 60–99, rows 8–15 keys 68–107: the warp's first key tile holds nothing
+        // for its second block, whose running maximum is still −∞ there.
+        {"block-causal window 40, a warp's first key tile empty for half its rows", 1, 8, 92, 0, 40, 1, 1, 16, 108, true},
     };
     // The forward's key splits (flash-decoding): tiles a block, then attention_combine_splits.
     const int split_tiles[] = {1, 3};

@@ -119,6 +119,31 @@ T __shfl_sync(unsigned, T value, int src_lane) {
     return got;
 }
 
+template <class T>
+bool __all_sync(unsigned, T predicate) {
+    auto& s = emu::scratch[emu::warp()];
+    s[emu::lane() * 8] = predicate ? 1u : 0u;
+    emu::warp_sync();
+    bool all = true;
+    for (int l = 0; l < 32; ++l) all = all && s[l * 8] != 0;
+    emu::warp_sync();
+    return all;
+}
+
+// ex2.approx.ftz.f32, made worse than the hardware on purpose: 2^x with the two lowest mantissa
+// bits cleared (a relative error up to 2⁻²¹, some ulps more than the PTX ISA allows the
+// instruction) and results below the smallest normal flushed to 0, so a kernel passing here
+// does not lean on an exact exponential.
+inline float ex2_approx(float x) {
+    float y = std::exp2(x);
+    if (y < 1.17549435e-38f) return 0.0f;
+    unsigned u;
+    std::memcpy(&u, &y, 4);
+    if ((u & 0x7f800000u) != 0x7f800000u) u &= ~3u;  // infinities and NaNs as they are
+    std::memcpy(&y, &u, 4);
+    return y;
+}
+
 // Shared-memory integer atomics (the kernels add 32-bit integers only, so the order does not matter).
 inline unsigned atomicAdd(unsigned* address, unsigned value) {
     return std::atomic_ref<unsigned>(*address).fetch_add(value);
