@@ -180,7 +180,7 @@ extern "C" __global__ void attention_backward_dkv(Shape s, int kind, i64 p0, i64
 // loaded every tile and ran every product); each warp owns 16 rows and walks 64-wide
 // tiles of the other side, visiting only tiles the mask's ranges reach (the BD3 training mask at
 // block 4 leaves about three quarters of them empty); inside a visited tile the exact per-pair
-// predicate applies, and only where some row of the thread does not see the whole tile. Every
+// predicate applies, and only where some row of the warp does not see the whole tile. Every
 // product is a 16×64 · 64×64 on tensor cores (mma.m16n8k16, bf16 in, f32 accumulate); softmax
 // statistics stay in f32.
 //
@@ -300,7 +300,7 @@ __device__ __forceinline__ void start_tile_load(store_t* tile, const store_t* ba
             const int r = i >> 3, c = (i & 7) * 8;
             store_t* dst = tile + r * FLASH_PAD + c;
             if (row0 + r < rows) copy_async_16(dst, base + (row0 + r) * stride + c);
-            else *(uint4*)dst = zero;
+            else *as_vector_mut(dst) = zero;
         }
         return;
     }
@@ -319,7 +319,7 @@ UNROLL
 UNROLL
         for (int j = 0; j < 4; ++j) {
             const int i = first + j * blockDim.x;
-            if (i < chunks) *(uint4*)(tile + (i >> 3) * FLASH_PAD + (i & 7) * 8) = u[j];
+            if (i < chunks) *as_vector_mut(tile + (i >> 3) * FLASH_PAD + (i & 7) * 8) = u[j];
         }
     }
 }
@@ -404,6 +404,16 @@ __device__ __forceinline__ void hide_unseen_scores(float (*sc)[4], const Ranges3
 #define LOG2E 1.4426950408889634f
 __device__ __forceinline__ float lse_in_base_2(float lse) {
     return lse == -__int_as_float(0x7f800000) ? __int_as_float(0x7f800000) : lse * LOG2E;
+}
+
+// Whether no row of the warp needs the mask on key tile [k0, k0 + 64): each of this thread's two
+// rows (q0 + g, q0 + g + 8) sees the whole tile or lies past the queries — padding rows (12 of a
+// draft's 16) are never written, so their scores need no mask, and counting them as partial
+// would send every tile of a draft down the masked path. The same for the whole warp.
+__device__ __forceinline__ bool warp_sees_whole_tile(const Ranges32* rr, i64 q0, int g, const Shape& s, int k0) {
+    const bool whole = (q0 + g >= s.q_len || sees_whole_tile(rr[0], k0, (int)s.kv_len)) &&
+                       (q0 + g + 8 >= s.q_len || sees_whole_tile(rr[1], k0, (int)s.kv_len));
+    return __all_sync(0xffffffffu, whole);
 }
 
 // This thread's query rows (g and g + 8 of its warp's 16) and their key ranges, and the hull of
@@ -494,8 +504,7 @@ extern "C" __global__ void __launch_bounds__(128, 3) attention_forward_flash(Sha
 
         float sc[8][4];
         product_with_rows<8>(sc, qa, ks[buf], lane);
-        if (!__all_sync(0xffffffffu, sees_whole_tile(rr[0], k0, (int)s.kv_len) && sees_whole_tile(rr[1], k0, (int)s.kv_len)))
-            hide_unseen_scores<8>(sc, rr, k0, t);
+        if (!warp_sees_whole_tile(rr, q0, g, s, k0)) hide_unseen_scores<8>(sc, rr, k0, t);
         // Online softmax per row (the four threads of a group share a row), in base 2 with the
         // scale folded into the exponent: a score costs a max, an FFMA, an EX2 and an add.
         float corr[2];
@@ -635,7 +644,7 @@ extern "C" __global__ void __launch_bounds__(128, 3) attention_backward_flash_dq
         __syncthreads();  // this tile is in for every thread, and every thread is done with the other buffer
         const int k0 = tile * FLASH_TILE, next = next_tile_in_hull(hull, tile + 1, tiles);
         if (next < tiles) start_key_tile_load(ks[buf ^ 1], vs[buf ^ 1], kb, vb, s, next);
-        const bool whole = __all_sync(0xffffffffu, sees_whole_tile(rr[0], k0, (int)s.kv_len) && sees_whole_tile(rr[1], k0, (int)s.kv_len));
+        const bool whole = warp_sees_whole_tile(rr, q0, g, s, k0);
         // 32 keys at a time: S and dP of half a tile are 32 registers fewer than of a whole one
         // (three blocks an SM with a 4-byte spill, against 104 bytes for whole tiles), and dQ
         // sums the same products in the same order.

@@ -72,17 +72,32 @@ __device__ __forceinline__ void for_each_strided(const store_t* row, i64 first, 
 // TAIL_STRIDE(i, bulk, n) (misaligned: bulk = 0 and the tail is the plain loop).
 #define TAIL_STRIDE(i, from, n) for (i64 i = (from) + (i64)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (i64)blockDim.x * gridDim.x)
 __device__ __forceinline__ i64 chunked_prefix(i64 n, bool aligned) { return aligned ? n - n % VEC : 0; }
+// A 16-byte vector access at p. The GPU faults on one off a 16-byte boundary (a misaligned
+// address error, which also poisons the context for every later call); the emulation's x86
+// would not, so there it is checked.
+__device__ __forceinline__ void check_vector_aligned(const void* p) {
+#ifdef DID_EMULATE
+    if (((unsigned long long)p) & 15) {
+        std::fprintf(stderr, "a 16-byte vector access at %p, off a 16-byte boundary\n", p);
+        std::abort();
+    }
+#else
+    (void)p;
+#endif
+}
+__device__ __forceinline__ const uint4* as_vector(const void* p) { check_vector_aligned(p); return (const uint4*)p; }
+__device__ __forceinline__ uint4* as_vector_mut(void* p) { check_vector_aligned(p); return (uint4*)p; }
 union Chunk { uint4 u; store_t s[16 / sizeof(store_t)]; };
 __device__ __forceinline__ bool aligned16(const void* p) { return (((unsigned long long)p) & 15) == 0; }
 __device__ __forceinline__ void ld_chunk(const store_t* p, i64 i, float* out) {
     Chunk c;
-    c.u = *(const uint4*)(p + i);
+    c.u = *as_vector(p + i);
     for (int k = 0; k < VEC; ++k) out[k] = ld(c.s, k);
 }
 __device__ __forceinline__ void st_chunk(store_t* p, i64 i, const float* x) {
     Chunk c;
     for (int k = 0; k < VEC; ++k) c.s[k] = to_store(x[k]);
-    *(uint4*)(p + i) = c.u;
+    *as_vector_mut(p + i) = c.u;
 }
 // The same VEC elements of an f32 buffer (a bf16 backend's zeros_f32 / upload_f32: master
 // weights, moments), in 16-byte pieces: one for f32 storage, two for bf16.
@@ -90,7 +105,7 @@ union ChunkF32 { uint4 u; float f[4]; };
 __device__ __forceinline__ void ld_chunk_f32(const float* p, i64 i, float* out) {
     for (int q = 0; q < VEC / 4; ++q) {
         ChunkF32 c;
-        c.u = *(const uint4*)(p + i + 4 * q);
+        c.u = *as_vector(p + i + 4 * q);
         for (int k = 0; k < 4; ++k) out[4 * q + k] = c.f[k];
     }
 }
@@ -98,7 +113,7 @@ __device__ __forceinline__ void st_chunk_f32(float* p, i64 i, const float* x) {
     for (int q = 0; q < VEC / 4; ++q) {
         ChunkF32 c;
         for (int k = 0; k < 4; ++k) c.f[k] = x[4 * q + k];
-        *(uint4*)(p + i + 4 * q) = c.u;
+        *as_vector_mut(p + i + 4 * q) = c.u;
     }
 }
 

@@ -273,7 +273,7 @@ extern "C" __global__ void bias_gelu_forward(store_t* x, const store_t* bias, st
             ld_chunk(bias, i % cols, b);
             Chunk pre;
             for (int k = 0; k < VEC; ++k) pre.s[k] = to_store(a[k] + b[k]);
-            *(uint4*)(x + i) = pre.u;
+            *as_vector_mut(x + i) = pre.u;
             for (int k = 0; k < VEC; ++k) { float dy; gelu_parts(ld(pre.s, k), &o[k], &dy); }
             st_chunk(out, i, o);
         }

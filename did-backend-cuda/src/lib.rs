@@ -545,10 +545,13 @@ impl CudaBackend {
 
     /// `Some(sequences × heads)`, the flash kernels' grid width (their tiles of rows are the
     /// height, at most 65,535), where they compute this attention; `None` where the reference
-    /// kernels do.
+    /// kernels do. The flash kernels keep the running maximum of the unscaled scores, which is
+    /// the scaled scores' only for a positive scale.
     fn flash_heads(&self, s: &AttentionShape) -> Option<u32> {
         let heads = s.batch * s.heads;
         (self.attention_kernel() == AttentionKernel::Flash
+            && s.scale > 0.0
+            && s.scale.is_finite()
             && s.head_dim == FLASH_HEAD_DIM
             && heads < i32::MAX as usize
             && s.q_len.div_ceil(64) <= 65_535

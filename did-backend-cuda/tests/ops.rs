@@ -103,10 +103,13 @@ fn matmul_every_transpose_batch_and_broadcast() {
 }
 
 /// A linear forward over a few rows (`did_backend_cuda::few_rows`), `x` read from `x_offset`
-/// elements into its buffer (an odd offset leaves it off a 16-byte boundary: cuBLAS then).
+/// and `W` from `w_offset` elements into their buffers, as the model reads a layer's weight at
+/// its parameter offset (an offset that is not a multiple of 8 leaves the operand off a 16-byte
+/// boundary: cuBLAS then).
 struct FewRowsCase {
     g: Gemm,
     x_offset: usize,
+    w_offset: usize,
     x: Vec<f32>,
     w: Vec<f32>,
     y: Vec<f32>,
@@ -123,10 +126,18 @@ impl Case for FewRowsCase {
         be.matmul(
             &self.g,
             Slice::at(&x, self.x_offset),
-            Slice::whole(&w),
+            Slice::at(&w, self.w_offset),
             SliceMut::whole(&mut y),
         )?;
         Ok(vec![("y", down(be, &y, self.y.len())?)])
+    }
+}
+
+impl FewRowsCase {
+    /// Whether the backend should take the few-rows kernel rather than cuBLAS (the shapes
+    /// these tests make always fit it; only the operands' alignment decides).
+    fn takes_the_kernel(&self, kernel_on: bool) -> bool {
+        kernel_on && self.x_offset % 8 == 0 && self.w_offset % 8 == 0
     }
 }
 
@@ -139,11 +150,21 @@ fn check_few_rows(label: &str, case: &FewRowsCase) -> Result<(), String> {
         let gpu = common::with_gpu(Precision::Bf16, |g| {
             let before = g.few_rows_kernel();
             g.set_few_rows_kernel(on);
+            let gemms = g.counts().gemms;
             let out = case.run(g);
+            let cublas_calls = g.counts().gemms - gemms;
             g.set_few_rows_kernel(before);
-            out
+            out.map(|out| (out, cublas_calls))
         })
         .map_err(|e| format!("{label}: gpu: {e}"))?;
+        // A silent fall back to cuBLAS would pass the comparison below.
+        let (gpu, cublas_calls) = gpu;
+        let want = u64::from(!case.takes_the_kernel(on));
+        if cublas_calls != want {
+            return Err(format!(
+                "{label}, few-rows kernel {on}: {cublas_calls} cuBLAS call(s), expected {want}"
+            ));
+        }
         common::compare(
             &format!("{label}, few-rows kernel {on}"),
             &cpu[0].1,
@@ -159,7 +180,11 @@ fn few_row_linear_forwards_on_their_kernel_and_on_cublas() {
     if !gpu("few_row_linear_forwards_on_their_kernel_and_on_cublas") {
         return;
     }
-    fn case(m: usize, n: usize, k: usize, lda: usize, beta: f32, x_offset: usize) -> FewRowsCase {
+    fn case(
+        (m, n, k, lda): (usize, usize, usize, usize),
+        beta: f32,
+        (x_offset, w_offset): (usize, usize),
+    ) -> FewRowsCase {
         let g = Gemm {
             lda,
             beta,
@@ -169,8 +194,9 @@ fn few_row_linear_forwards_on_their_kernel_and_on_cublas() {
         FewRowsCase {
             g,
             x_offset,
+            w_offset,
             x: rand(m as u64 ^ 7, x_offset + ea, 1.0),
-            w: rand(n as u64 ^ 9, eb, 0.1),
+            w: rand(n as u64 ^ 9, w_offset + eb, 0.1),
             y: rand(k as u64, ec, 1.0),
         }
     }
@@ -182,7 +208,7 @@ fn few_row_linear_forwards_on_their_kernel_and_on_cublas() {
         (4, 768, 3072, 3072),
         (1, 50_258, 768, 768),
     ] {
-        let c = case(m, n, k, lda, 0.0, 0);
+        let c = case((m, n, k, lda), 0.0, (0, 0));
         if let Err(e) = check_few_rows(&format!("few rows {m}×{n}×{k}"), &c) {
             panic!("{e}");
         }
@@ -191,10 +217,14 @@ fn few_row_linear_forwards_on_their_kernel_and_on_cublas() {
         let (m, n, k) = (dims(x, 1, 9), dims(y, 1, 200), 8 * dims(z, 1, 130));
         let lda = k + 8 * (seed as usize % 3);
         let beta = if seed & 8 == 8 { 1.0 } else { 0.0 };
-        let x_offset = if seed % 5 == 0 { 3 } else { 0 };
-        let c = case(m, n, k, lda, beta, x_offset);
+        // Aligned offsets as the model's row and parameter offsets give them, and misaligned ones.
+        let x_offset = [0, 8, 3, 0, 16][(seed % 5) as usize];
+        let w_offset = [0, 24, 0, 5, 8][((seed >> 3) % 5) as usize];
+        let c = case((m, n, k, lda), beta, (x_offset, w_offset));
         verdict(check_few_rows(
-            &format!("few rows {m}×{n}×{k}, lda {lda}, beta {beta}, x at {x_offset}"),
+            &format!(
+                "few rows {m}×{n}×{k}, lda {lda}, beta {beta}, x at {x_offset}, W at {w_offset}"
+            ),
             &c,
         ))
     }

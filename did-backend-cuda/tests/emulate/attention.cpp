@@ -64,6 +64,8 @@ int main() {
         // Rows 0–7 see keys 60–99, rows 8–15 keys 68–107: the warp's first key tile holds nothing
         // for its second block, whose running maximum is still −∞ there.
         {"block-causal window 40, a warp's first key tile empty for half its rows", 1, 8, 92, 0, 40, 1, 1, 16, 108, true},
+        // Keys from position 70: rows 0–69 see none (log-sum-exp −∞, output 0, no gradient).
+        {"causal, keys from 70: the first 70 rows see no key", 3, 0, 0, 70, -1, 1, 1, 100, 60, true},
     };
     // The forward's key splits (flash-decoding): tiles a block, then attention_combine_splits.
     const int split_tiles[] = {1, 3};
