@@ -211,8 +211,8 @@ __device__ __forceinline__ void mma_bf16_16816(float* c, const unsigned* a, cons
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
-// 2^x in one MUFU.EX2 (ex2.approx.ftz.f32: a few f32 ulps — P is rounded to bf16, 2⁻⁸, right
-// after — and results below 2⁻¹²⁶ flushed to 0); the emulation has its own, coarser one.
+// 2^x in one MUFU.EX2 (ex2.approx.ftz.f32: approximate — P is rounded to bf16, 2⁻⁸, right
+// after — and results below 2⁻¹²⁶ flushed to 0); the emulation has its own, coarse on purpose.
 __device__ __forceinline__ float ex2_approx(float x) {
     float y;
     asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));

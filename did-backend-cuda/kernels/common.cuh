@@ -72,12 +72,14 @@ __device__ __forceinline__ void for_each_strided(const store_t* row, i64 first, 
 // TAIL_STRIDE(i, bulk, n) (misaligned: bulk = 0 and the tail is the plain loop).
 #define TAIL_STRIDE(i, from, n) for (i64 i = (from) + (i64)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (i64)blockDim.x * gridDim.x)
 __device__ __forceinline__ i64 chunked_prefix(i64 n, bool aligned) { return aligned ? n - n % VEC : 0; }
+union Chunk { uint4 u; store_t s[16 / sizeof(store_t)]; };
+__device__ __forceinline__ bool aligned16(const void* p) { return (((unsigned long long)p) & 15) == 0; }
 // A 16-byte vector access at p. The GPU faults on one off a 16-byte boundary (a misaligned
 // address error, which also poisons the context for every later call); the emulation's x86
 // would not, so there it is checked.
 __device__ __forceinline__ void check_vector_aligned(const void* p) {
 #ifdef DID_EMULATE
-    if (((unsigned long long)p) & 15) {
+    if (!aligned16(p)) {
         std::fprintf(stderr, "a 16-byte vector access at %p, off a 16-byte boundary\n", p);
         std::abort();
     }
@@ -87,8 +89,6 @@ __device__ __forceinline__ void check_vector_aligned(const void* p) {
 }
 __device__ __forceinline__ const uint4* as_vector(const void* p) { check_vector_aligned(p); return (const uint4*)p; }
 __device__ __forceinline__ uint4* as_vector_mut(void* p) { check_vector_aligned(p); return (uint4*)p; }
-union Chunk { uint4 u; store_t s[16 / sizeof(store_t)]; };
-__device__ __forceinline__ bool aligned16(const void* p) { return (((unsigned long long)p) & 15) == 0; }
 __device__ __forceinline__ void ld_chunk(const store_t* p, i64 i, float* out) {
     Chunk c;
     c.u = *as_vector(p + i);

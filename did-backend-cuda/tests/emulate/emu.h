@@ -130,10 +130,9 @@ bool __all_sync(unsigned, T predicate) {
     return all;
 }
 
-// ex2.approx.ftz.f32, made worse than the hardware on purpose: 2^x with the two lowest mantissa
-// bits cleared (a relative error up to 2⁻²¹, some ulps more than the PTX ISA allows the
-// instruction) and results below the smallest normal flushed to 0, so a kernel passing here
-// does not lean on an exact exponential.
+// ex2.approx.ftz.f32, coarse on purpose: 2^x with the two lowest mantissa bits cleared (a
+// relative error up to 2⁻²¹) and results below the smallest normal flushed to 0, so a kernel
+// passing here does not lean on an exact exponential.
 inline float ex2_approx(float x) {
     float y = std::exp2(x);
     if (y < 1.17549435e-38f) return 0.0f;
