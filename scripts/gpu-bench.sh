@@ -6,7 +6,9 @@
 # 0. checks the baseline computes did's logits (benches/pytorch/check_against_did.py);
 # 1. the GPU's ceilings (a large bf16 GEMM, a large copy) with PyTorch;
 # 2. did: `small` BD3 training steps (block 4, bf16) and draft → refine sampling (4,L:0.25) at
-#    batch 1 and 64, each run under a time limit, device memory polled with nvidia-smi;
+#    batch 1 and 64, each run under a time limit, device memory polled with nvidia-smi; a run
+#    that fails on the default paths runs once more with the fast ones off (safe_paths), and
+#    the report says so;
 # 3. the PyTorch baseline: the same training step (eager SDPA and compiled FlexAttention) and
 #    the same sampler (eager), also polled;
 # 3b. did's per-op profile of a training step and of sampling (examples/profile_ops → OUT/gpu-profile.md),
@@ -77,13 +79,31 @@ echo "== ceilings"
 $py benches/pytorch/ceilings.py >"$work/ceilings.json" 2>>"$work/log" || echo '{"error": "ceilings.py failed"}' >"$work/ceilings.json"
 cat "$work/ceilings.json"
 
+# A run that fails on the default (fast) paths is run once more with them off, so a kernel that
+# fails costs its own figure, not the training checkpoint every sampling run needs; the report
+# names every run that needed it.
+safe_paths=(DID_CUDA_ATTENTION=reference DID_CUDA_DRAW=host DID_CUDA_FEW_ROWS=off DID_CUDA_KEY_SPLIT=off)
+train_fallback=""
+
 echo "== did: data, training"
 "$did" data prepare data/excerpt --out "$work/data" >>"$work/log" 2>&1
+train() {
+    "$did" --backend "$backend" --precision "$prec" train --data "$work/data" --model "$preset" "${length_flag[@]}" \
+        --objective bd3 --block 4 --batch "$batch" --steps "$steps" --out "$work/train" >>"$work/log" 2>&1
+}
 poll_start
-"$did" --backend "$backend" --precision "$prec" train --data "$work/data" --model "$preset" "${length_flag[@]}" \
-    --objective bd3 --block 4 --batch "$batch" --steps "$steps" --out "$work/train" >>"$work/log" 2>&1
+train
 train_rc=$?
 train_mem=$(poll_stop)
+if [ "$train_rc" -ne 0 ] && [ "$backend" = cuda ]; then
+    echo "training failed (exit status $train_rc): once more with ${safe_paths[*]}" | tee -a "$work/log"
+    rm -rf "$work/train"
+    train_fallback="${safe_paths[*]} (the default paths failed with exit status $train_rc)"
+    poll_start
+    (export "${safe_paths[@]}" && train)
+    train_rc=$?
+    train_mem=$(poll_stop)
+fi
 ckpt=$(ls "$work"/train/ckpt-*.safetensors 2>/dev/null | tail -n 1)
 
 echo "== did: sampling"
@@ -91,12 +111,9 @@ echo "== did: sampling"
 # (DID_CUDA_GRAPHS=on), timed beside the plain run.
 runs=${SAMPLE_BATCHES:-1 64}
 [ "$backend" = cuda ] && [ "${GRAPHS_RUN:-1}" = 1 ] && runs="$runs 1g"
-for run in $runs; do
-    if [ -z "$ckpt" ]; then break; fi
-    b=${run%g}
-    graphs=off run_limit=$limit
-    # The graph run is an extra: it gets less time (GRAPHS_LIMIT, 30 s).
-    [ "$run" != "$b" ] && graphs=on run_limit=${GRAPHS_LIMIT:-30}
+# sample_run RUN BATCH GRAPHS LIMIT [FALLBACK]: one timed `did sample`, a row of sample-rows.jsonl.
+sample_run() {
+    local run=$1 b=$2 graphs=$3 run_limit=$4 fallback=${5:-} s rc mem wall
     poll_start
     s=$(date +%s.%N)
     # SIGINT at the limit: did stops between two model calls and says how far each stage got.
@@ -107,8 +124,23 @@ for run in $runs; do
     cat "$work/sample-$run.err" >>"$work/log"
     mem=$(poll_stop)
     wall=$(python3 -c "import time,sys; print(time.time() - float(sys.argv[1]))" "$s")
-    echo "{\"run\": \"$run\", \"batch\": $b, \"graphs\": \"$graphs\", \"exit_status\": $rc, \"command_seconds\": $wall, \"peak_memory_bytes\": $mem, \"jsonl\": \"$work/samples-$run.jsonl\"}" >>"$work/sample-rows.jsonl"
-    echo "run $run (batch $b, graphs $graphs): rc $rc, ${wall} s"
+    echo "{\"run\": \"$run\", \"batch\": $b, \"graphs\": \"$graphs\", \"exit_status\": $rc, \"command_seconds\": $wall, \"peak_memory_bytes\": $mem, \"fallback\": \"$fallback\", \"jsonl\": \"$work/samples-$run.jsonl\"}" >>"$work/sample-rows.jsonl"
+    echo "run $run (batch $b, graphs $graphs${fallback:+, fallback}): rc $rc, ${wall} s"
+    return $rc
+}
+for run in $runs; do
+    if [ -z "$ckpt" ]; then break; fi
+    b=${run%g}
+    graphs=off run_limit=$limit
+    # The graph run is an extra: it gets less time (GRAPHS_LIMIT, 30 s).
+    [ "$run" != "$b" ] && graphs=on run_limit=${GRAPHS_LIMIT:-30}
+    sample_run "$run" "$b" "$graphs" "$run_limit"
+    rc=$?
+    # 124: stopped at the limit, which is a result; anything else but 0 is a failure.
+    if [ "$rc" -ne 0 ] && [ "$rc" -ne 124 ] && [ "$backend" = cuda ]; then
+        (export "${safe_paths[@]}" &&
+            sample_run "$run-fallback" "$b" "$graphs" "$run_limit" "${safe_paths[*]} (the default paths failed with exit status $rc)")
+    fi
 done
 
 echo "== PyTorch baseline"
@@ -141,10 +173,10 @@ fi
 
 echo "== report"
 python3 scripts/gpu-floors.py --json --batch "$batch" >"$work/floors.json"
-python3 - "$work" "$out" "$backend" "$preset" "$train_rc" "$train_mem" "$pt_mem" "$limit" "${LENGTH:-}" <<'PY'
+python3 - "$work" "$out" "$backend" "$preset" "$train_rc" "$train_mem" "$pt_mem" "$limit" "${LENGTH:-}" "$train_fallback" <<'PY'
 import json, os, statistics, subprocess, sys, datetime
 
-work, out, backend, preset, train_rc, train_mem, pt_mem, limit, length = sys.argv[1:10]
+work, out, backend, preset, train_rc, train_mem, pt_mem, limit, length, train_fallback = sys.argv[1:11]
 load = lambda p: json.load(open(os.path.join(work, p)))  # noqa: E731
 ceil, floors, pt = load("ceilings.json"), load("floors.json"), load("pytorch.json")
 null = lambda s: None if s in ("", "null") else int(s)  # noqa: E731
@@ -250,11 +282,17 @@ result = {
     "ceilings": ceil,
     "floors": floors,
     "did_train_exit_status": int(train_rc),
+    "did_train_fallback": train_fallback or None,
     "did_sample": list(every_run.values()),
     "pytorch": pt,
 }
 json.dump(result, open(os.path.join(out, "gpu.json"), "w"), indent=1)
 
+# Runs that failed on the default paths and were run again with the fast paths off.
+fallbacks = ([f"training with {train_fallback}"] if train_fallback else []) + \
+    [f"run {r['run']} with {r['fallback']}" for r in every_run.values() if r.get("fallback")]
+fallback_line = ("**Failed on the default paths, measured again with the fast paths off** (the did figures "
+                 "above are those runs'): " + "; ".join(fallbacks) + ".\n") if fallbacks else ""
 fmt = lambda x, f="{:,.0f}": "—" if x is None else f.format(x)  # noqa: E731
 x = lambda r: "—" if r is None else f"{r:.2f} ×"  # noqa: E731
 section = f"""<!-- gpu-bench:begin (written by scripts/gpu-bench.sh; edit outside these markers) -->
@@ -278,7 +316,7 @@ sampling {', '.join(f"{r['variant']} b{r.get('batch')} {fmt(r.get('samples_per_s
 Where did's sampling time went (time inside the model's calls, host draws included; the rest of the wall time is the
 sampler's own work): {'. '.join(stage_line(r['run'], r) for r in every_run.values()) or '—'}.
 What the backend asked of the GPU (`DID_CUDA_STATS=1`): {'. '.join(c for c in (counts_line(r['run'], r) for r in every_run.values()) if c) or '—'}.
-With the draft's passes recorded as CUDA graphs (`DID_CUDA_GRAPHS=on`, run `1g`): {fmt((graph_runs.get(1) or {}).get('samples_per_s'), '{:.3f}')} samples/s at batch 1.
+{fallback_line}With the draft's passes recorded as CUDA graphs (`DID_CUDA_GRAPHS=on`, run `1g`): {fmt((graph_runs.get(1) or {}).get('samples_per_s'), '{:.3f}')} samples/s at batch 1.
 Rerun: `scripts/gpu-bundle.sh` on a build machine, then `scripts/gpu-bench.sh target/gpu-bundle docs/perf` on the GPU
 host (raw figures in `gpu.json`).
 <!-- gpu-bench:end -->

@@ -9,6 +9,8 @@
 # 2. runs every CUDA test one by one with DID_REQUIRE_CUDA=1 (a missing
 #    library fails instead of skipping), timing each, then the model tests
 #    again with the reference attention kernels and host draws (DID_CUDA_ATTENTION=reference DID_CUDA_DRAW=host);
+#    each test that failed runs again with one fast path off at a time (TRIAGE_SWITCHES, within
+#    TRIAGE_LIMIT = 120 s, taken off the bench's limit), so the report says which path broke it;
 # 3. trains `tiny` for a few steps with `did --backend cuda` (f32 and bf16),
 #    samples draft → remask → refine from it on the GPU and on the CPU and
 #    checks the tokens are identical;
@@ -56,6 +58,7 @@ echo "device: $device" | tee -a "$log"
 # ---- 2. the CUDA tests ------------------------------------------------------------------------
 export DID_REQUIRE_CUDA=1
 rows=""
+failed_tests=()
 # Every test of one binary, one by one: run_tests BIN [SUFFIX [VAR=VALUE …]] (the variables are
 # set for these runs only; SUFFIX labels the rows).
 run_tests() {
@@ -69,6 +72,7 @@ run_tests() {
         rc=$?
         secs=$(elapsed "$s")
         if [ $rc -eq 0 ]; then status=pass; else status="**FAIL**"; failed=1; fi
+        [ $rc -ne 0 ] && [ -z "$suffix" ] && failed_tests+=("$bin $t")
         echo "$status $name::$t $suffix (${secs} s)"
         rows+="| \`$name::$t\` $suffix | $status | $secs |"$'\n'
     done
@@ -82,6 +86,53 @@ done
 # for token.
 [ -x "$bundle/model" ] && run_tests "$bundle/model" "(DID_CUDA_ATTENTION=reference DID_CUDA_DRAW=host)" \
     DID_CUDA_ATTENTION=reference DID_CUDA_DRAW=host
+
+# ---- 2b. triage: which fast path a failure needs -------------------------------------------------------
+# Each failed test again with one switch at a time (then all of them), so a failure names the
+# path that broke it: the flash attention, the device draw, the few-rows GEMMs, the key split.
+# A test that picks its path itself (e.g. set_attention_kernel) is not rescued by a switch.
+switches=(${TRIAGE_SWITCHES:-DID_CUDA_ATTENTION=reference DID_CUDA_DRAW=host DID_CUDA_FEW_ROWS=off DID_CUDA_KEY_SPLIT=off})
+triage=""
+triage_start=$(date +%s)
+triage_deadline=$(( triage_start + ${TRIAGE_LIMIT:-120} ))
+for entry in "${failed_tests[@]}"; do
+    bin=${entry%% *} t=${entry#* }
+    line="| \`$(basename "$bin")::$t\` |"
+    for set in "${switches[@]}" all; do
+        vars=("$set")
+        [ "$set" = all ] && vars=("${switches[@]}")
+        left=$(( triage_deadline - $(date +%s) ))
+        if [ "$left" -lt 5 ]; then
+            line+=" (no time) |"
+            continue
+        fi
+        echo "==== triage $(basename "$bin")::$t with ${vars[*]}" >>"$log"
+        if env "${vars[@]}" timeout "$left" "$bin" --exact "$t" --test-threads=1 --nocapture >>"$log" 2>&1; then
+            line+=" pass |"
+        else
+            line+=" fail |"
+        fi
+    done
+    triage+="$line"$'\n'
+done
+triage_secs=$(( $(date +%s) - triage_start ))
+if [ -n "$triage" ]; then
+    header="| failed test |"
+    rule="|---|"
+    for set in "${switches[@]}" all; do
+        header+=" $set |"
+        rule+="---|"
+    done
+    triage="Each failed test again with one fast path switched off (\`pass\` names the path that broke it),
+then with all of them off, in ${triage_secs} s:
+
+$header
+$rule
+$triage"
+    echo "$triage" | tee -a "$log"
+else
+    triage="(no test failed)"
+fi
 
 # ---- 3. end to end with the did binary ---------------------------------------------------------------
 did="$bundle/did"
@@ -137,9 +188,11 @@ s=$(date +%s.%N)
 if [ "${SKIP_BENCH:-0}" = 1 ]; then
     speed="(skipped: SKIP_BENCH=1)"
 # The bench shortens its profile to end 20 s before the limit, so the limit cuts nothing else.
-elif TIME_LIMIT=${TIME_LIMIT:-60} PROFILE_LIMIT=${PROFILE_LIMIT:-60} PT_TRAIN=${PT_TRAIN:-eager-sdpa,eager-sdpa-masked} \
-    BENCH_DEADLINE=$(( $(date +%s) + ${BENCH_LIMIT:-420} - 20 )) \
-    timeout "${BENCH_LIMIT:-420}" scripts/gpu-bench.sh "$bundle" "$out" >>"$log" 2>&1; then
+# The triage's time comes off the bench's (the profile, run last, gives way first).
+elif bench_limit=$(( ${BENCH_LIMIT:-420} - triage_secs )) &&
+    TIME_LIMIT=${TIME_LIMIT:-60} PROFILE_LIMIT=${PROFILE_LIMIT:-60} PT_TRAIN=${PT_TRAIN:-eager-sdpa,eager-sdpa-masked} \
+    BENCH_DEADLINE=$(( $(date +%s) + bench_limit - 20 )) \
+    timeout "$bench_limit" scripts/gpu-bench.sh "$bundle" "$out" >>"$log" 2>&1; then
     speed=$(sed -n '/gpu-bench:begin/,/gpu-bench:end/p' "$out/gpu.md" | grep -v 'gpu-bench:')
     echo "bench done in $(elapsed "$s") s: $out/gpu.json" | tee -a "$log"
 else
@@ -163,6 +216,10 @@ cat >"$report" <<MD
 | test | result | seconds |
 |---|---|---:|
 $rows
+## Triage
+
+$triage
+
 ## End to end (\`did --backend cuda\`)
 
 | step | result | seconds |

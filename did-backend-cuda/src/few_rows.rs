@@ -21,7 +21,9 @@ pub const THREADS: u32 = 128;
 /// `None` where cuBLAS keeps it: anything but a single `x · Wᵀ` with `alpha = 1` over 1 to
 /// [`MAX_ROWS`] rows, a depth of at least one chunk, and `x` and `W` whose rows start on
 /// 16-byte boundaries (`vec` elements a chunk: 8 in bf16, 4 in f32; `a_aligned`, `b_aligned`:
-/// the operands' first elements are 16-byte aligned).
+/// the operands' first elements are 16-byte aligned). Strides shorter than a row
+/// (`lda` or `ldb` < k, `ldc` < n) go to cuBLAS, which refuses them as a GEMM with
+/// overlapping rows should be refused, and so does a grid past CUDA's 2³¹ − 1 blocks.
 ///
 /// ```
 /// use did_backend_cuda::few_rows::kernel_for;
@@ -40,8 +42,11 @@ pub fn kernel_for(g: &Gemm, vec: usize, a_aligned: bool, b_aligned: bool) -> Opt
         && g.batch == 1
         && (1..=MAX_ROWS).contains(&g.m)
         && g.n >= 1
-        && g.n.div_ceil(COLUMNS_PER_BLOCK) <= u32::MAX as usize
+        && g.n.div_ceil(COLUMNS_PER_BLOCK) <= MAX_BLOCKS
         && g.k >= vec
+        && g.lda >= g.k
+        && g.ldb >= g.k
+        && g.ldc >= g.n
         && g.alpha == 1.0
         && g.beta.is_finite();
     let aligned = a_aligned && b_aligned && g.k % vec == 0 && g.lda % vec == 0 && g.ldb % vec == 0;
@@ -104,9 +109,12 @@ pub fn fused_kernel_for(
     })
 }
 
+/// The most blocks a grid's x dimension holds (CUDA: 2³¹ − 1).
+const MAX_BLOCKS: usize = i32::MAX as usize;
+
 /// Blocks a launch of the kernel for `n` columns takes.
 pub fn blocks(n: usize) -> u32 {
-    n.div_ceil(COLUMNS_PER_BLOCK).min(u32::MAX as usize) as u32
+    n.div_ceil(COLUMNS_PER_BLOCK).min(MAX_BLOCKS) as u32
 }
 
 #[cfg(test)]
@@ -115,21 +123,29 @@ mod tests {
     use quickcheck::quickcheck;
 
     quickcheck! {
-        /// The kernel is chosen only for what it computes, and its bound holds m.
-        fn only_few_row_forwards_aligned_to_a_chunk(m: u8, n: u16, k: u16, lda_pad: u8, aligned: bool, trans: bool) -> bool {
+        /// The kernel is chosen only for what it computes, and its bound holds m. Each stride
+        /// may fall up to 8 short of its row (the kernel would read overlapping rows).
+        fn only_few_row_forwards_aligned_to_a_chunk(
+            m: u8, n: u16, k: u16, pads: (u8, u8, u8), aligned: bool, trans: bool
+        ) -> bool {
             let (m, n, k) = (m as usize % 12, n as usize, k as usize);
+            let stride = |len: usize, pad: u8| (len + pad as usize % 24).saturating_sub(8);
             let g = Gemm {
-                lda: k + lda_pad as usize % 16,
+                lda: stride(k, pads.0),
+                ldb: stride(k, pads.1),
+                ldc: stride(n, pads.2),
                 trans_a: trans,
                 ..Gemm::linear(m, k, n)
             };
+            let strides_hold_rows = g.lda >= k && g.ldb >= k && g.ldc >= n;
             match kernel_for(&g, 8, aligned, true) {
                 None => trans || !aligned || m == 0 || m > MAX_ROWS || n == 0 || k < 8
-                    || k % 8 != 0 || g.lda % 8 != 0,
+                    || k % 8 != 0 || g.lda % 8 != 0 || g.ldb % 8 != 0 || !strides_hold_rows,
                 Some(name) => {
                     let bound: usize = name.trim_start_matches("linear_few_rows_").parse().unwrap_or(0);
                     !trans && aligned && (1..=MAX_ROWS).contains(&m) && bound >= m && bound < 2 * m.max(1)
-                        && k % 8 == 0 && g.lda % 8 == 0 && blocks(n) as usize * COLUMNS_PER_BLOCK >= n
+                        && k % 8 == 0 && g.lda % 8 == 0 && g.ldb % 8 == 0 && strides_hold_rows
+                        && blocks(n) as usize * COLUMNS_PER_BLOCK >= n
                 }
             }
         }
@@ -179,5 +195,14 @@ mod tests {
         );
         assert!(kernel_for(&g, 8, true, false).is_none());
         assert!(kernel_for(&Gemm { ldb: 770, ..g }, 8, true, true).is_none());
+    }
+
+    #[test]
+    fn grids_past_cudas_limit_stay_with_cublas() {
+        let widest = 4 * MAX_BLOCKS;
+        let g = Gemm::linear(1, 8, widest);
+        assert_eq!(kernel_for(&g, 8, true, true), Some("linear_few_rows_1"));
+        assert_eq!(blocks(widest), i32::MAX as u32);
+        assert!(kernel_for(&Gemm::linear(1, 8, widest + 1), 8, true, true).is_none());
     }
 }
