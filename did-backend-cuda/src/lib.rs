@@ -715,8 +715,10 @@ impl CudaBackend {
         if warps == 0 {
             return Ok(());
         }
-        let blocks = u32::try_from(warps.div_ceil(4))
-            .map_err(|_| CudaError::Shape(format!("{kernel}: {warps} warps exceed one grid")))?;
+        // A grid's x dimension holds 2³¹ − 1 blocks.
+        let blocks = i32::try_from(warps.div_ceil(4))
+            .map_err(|_| CudaError::Shape(format!("{kernel}: {warps} warps exceed one grid")))?
+            as u32;
         self.launch(kernel, (blocks, 1, 1), 128, args)
     }
 
@@ -1968,6 +1970,10 @@ impl Backend for CudaBackend {
                 128,
                 &dq_args,
             )?;
+            // No keys, no key gradients (and a grid of zero rows is a launch error).
+            if s.kv_len == 0 {
+                return Ok(());
+            }
             return self.launch(
                 "attention_backward_flash_dkv",
                 (heads, flash_tiles(s.kv_len)?, 1),
@@ -2539,8 +2545,11 @@ fn dropout_args(dropout: Option<DropoutMask>, len: usize) -> Result<[Arg; 6], Cu
     ])
 }
 
+/// A grid's x dimension, one block a row: at most 2³¹ − 1.
 fn grid_rows(rows: usize) -> Result<u32, CudaError> {
-    u32::try_from(rows).map_err(|_| CudaError::Shape(format!("{rows} rows exceed one grid")))
+    i32::try_from(rows)
+        .map(|r| r as u32)
+        .map_err(|_| CudaError::Shape(format!("{rows} rows exceed one grid")))
 }
 
 /// How a column sum's first pass tiles its input: rows a chunk (at least), columns a block.
@@ -2568,10 +2577,12 @@ fn flash_tiles(rows: usize) -> Result<u32, CudaError> {
     flash_blocks(rows, 64)
 }
 
-/// One block per `per_block` rows.
+/// One block per `per_block` rows, in a grid's y dimension (at most 65,535).
 fn flash_blocks(rows: usize, per_block: usize) -> Result<u32, CudaError> {
     u32::try_from(rows.div_ceil(per_block))
-        .map_err(|_| CudaError::Shape(format!("attention: {rows} rows is too many for one launch")))
+        .ok()
+        .filter(|&tiles| tiles <= 65_535)
+        .ok_or_else(|| CudaError::Shape(format!("attention: {rows} rows is too many for one launch")))
 }
 
 fn attention_extents(s: &AttentionShape) -> Result<did_core::backend::AttentionExtents, CudaError> {
