@@ -207,10 +207,19 @@ def ours_stages(row):
     lines = [json.loads(l) for l in open(path) if l.strip()]
     return lines[0].get("batch_stages") if lines else None
 
-def backend_counts(row):
-    """The CUDA backend's own counts (DID_CUDA_STATS=1: launches, cuBLAS calls, transfers, draws)."""
+def backend_said(row):
+    """What the CUDA backend printed when it was dropped (DID_CUDA_STATS=1)."""
     err = os.path.join(work, f"sample-{row['run']}.err")
-    said = [l.strip().split("): ", 1)[-1] for l in open(err) if l.startswith("did-backend-cuda")] if os.path.exists(err) else []
+    return [l.strip().split("): ", 1)[-1] for l in open(err) if l.startswith("did-backend-cuda")] if os.path.exists(err) else []
+
+def backend_counts(row):
+    """The CUDA backend's own counts (launches, graph replays and failed recordings, cuBLAS calls, transfers, draws)."""
+    said = [l for l in backend_said(row) if "could not be recorded" not in l]
+    return said[-1] if said else None
+
+def recording_failure(row):
+    """Why the first draft pass that could not be recorded as a CUDA graph failed, if one did."""
+    said = [l for l in backend_said(row) if "could not be recorded" in l]
     return said[-1] if said else None
 
 def cut_short(row):
@@ -221,7 +230,7 @@ def cut_short(row):
 
 sample = [json.loads(l) for l in open(os.path.join(work, "sample-rows.jsonl"))] if os.path.exists(os.path.join(work, "sample-rows.jsonl")) else []
 every_run = {r["run"]: {**r, "samples_per_s": ours_rate(r), "stages": ours_stages(r), "cut_short": cut_short(r),
-                        "backend_counts": backend_counts(r)}
+                        "backend_counts": backend_counts(r), "recording_failure": recording_failure(r)}
              for r in sample}
 for r in every_run.values():
     r.pop("jsonl", None)
@@ -316,7 +325,7 @@ sampling {', '.join(f"{r['variant']} b{r.get('batch')} {fmt(r.get('samples_per_s
 Where did's sampling time went (time inside the model's calls, host draws included; the rest of the wall time is the
 sampler's own work): {'. '.join(stage_line(r['run'], r) for r in every_run.values()) or '—'}.
 What the backend asked of the GPU (`DID_CUDA_STATS=1`): {'. '.join(c for c in (counts_line(r['run'], r) for r in every_run.values()) if c) or '—'}.
-{fallback_line}With the draft's passes recorded as CUDA graphs (`DID_CUDA_GRAPHS=on`, run `1g`): {fmt((graph_runs.get(1) or {}).get('samples_per_s'), '{:.3f}')} samples/s at batch 1.
+{fallback_line}With the draft's passes recorded as CUDA graphs (`DID_CUDA_GRAPHS=on`, run `1g`): {fmt((graph_runs.get(1) or {}).get('samples_per_s'), '{:.3f}')} samples/s at batch 1{'; ' + (graph_runs.get(1) or {}).get('recording_failure') if (graph_runs.get(1) or {}).get('recording_failure') else ''}.
 Rerun: `scripts/gpu-bundle.sh` on a build machine, then `scripts/gpu-bench.sh target/gpu-bundle docs/perf` on the GPU
 host (raw figures in `gpu.json`).
 <!-- gpu-bench:end -->

@@ -54,6 +54,7 @@
 #![deny(missing_docs)]
 
 use core::marker::PhantomData;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use did_core::backend::{
     AdamW, AttentionShape, Backend, DrawSpec, Gemm, NormShape, QkvOffsets, RopeShape, RowMajor,
@@ -106,6 +107,8 @@ pub struct CpuBackend<T: CpuFloat = f32> {
     row_alignment: usize,
     /// Claims to record ops and never does ([`CpuBackend::with_failed_recordings`]).
     failed_recordings: bool,
+    /// Counts [`Backend::recording_failed`] calls ([`CpuBackend::counting_failed_recordings`]).
+    failed_recording_reports: Option<&'static AtomicUsize>,
     /// The model reads weights rounded to bf16 ([`CpuBackend::with_bf16_weights`]).
     bf16_weights: bool,
     _t: PhantomData<T>,
@@ -126,6 +129,7 @@ impl<T: CpuFloat> CpuBackend<T> {
         CpuBackend {
             row_alignment: 1,
             failed_recordings: false,
+            failed_recording_reports: None,
             bf16_weights: false,
             _t: PhantomData,
         }
@@ -161,6 +165,23 @@ impl<T: CpuFloat> CpuBackend<T> {
     /// ```
     pub const fn with_failed_recordings(mut self) -> Self {
         self.failed_recordings = true;
+        self
+    }
+
+    /// The same backend adding one to `reports` each time it is told a pass could not be
+    /// recorded ([`Backend::recording_failed`]), so a test can see that a sampler says so.
+    ///
+    /// ```
+    /// use std::sync::atomic::{AtomicUsize, Ordering};
+    /// use did_backend_cpu::CpuBackend;
+    /// use did_core::backend::Backend;
+    /// static REPORTS: AtomicUsize = AtomicUsize::new(0);
+    /// let be = CpuBackend::new().with_failed_recordings().counting_failed_recordings(&REPORTS);
+    /// be.recording_failed(None);
+    /// assert_eq!(REPORTS.load(Ordering::Relaxed), 1);
+    /// ```
+    pub const fn counting_failed_recordings(mut self, reports: &'static AtomicUsize) -> Self {
+        self.failed_recording_reports = Some(reports);
         self
     }
 
@@ -329,6 +350,11 @@ impl<T: CpuFloat> Backend for CpuBackend<T> {
 
     fn can_record(&self) -> bool {
         self.failed_recordings
+    }
+    fn recording_failed(&self, _why: Option<&CpuError>) {
+        if let Some(reports) = self.failed_recording_reports {
+            reports.fetch_add(1, Ordering::Relaxed);
+        }
     }
     fn bias_add_rows(
         &self,

@@ -518,8 +518,26 @@ fn a_failed_recording_leaves_the_samples_as_they_were() {
             let prompts: [&[u32]; 2] = [&[1, 2], &[3]];
             generate(&mut denoiser, &config, &prompts).unwrap()
         };
-        let plain = sample(&CpuBackend::new());
-        let failing = sample(&CpuBackend::new().with_failed_recordings());
+        static REPORTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let reports = || REPORTS.load(std::sync::atomic::Ordering::Relaxed);
+        let plain = sample(&CpuBackend::new().counting_failed_recordings(&REPORTS));
+        assert_eq!(
+            reports(),
+            0,
+            "{plan} at {len}: a backend that cannot record was told it failed"
+        );
+        let failing = sample(
+            &CpuBackend::new()
+                .with_failed_recordings()
+                .counting_failed_recordings(&REPORTS),
+        );
         assert_eq!(plain, failing, "{plan} at {len}");
+        // The sampler says why it stopped recording (a GPU backend reports it), once a
+        // denoiser's inference: it records no more after the first failure.
+        assert!(
+            reports() >= 1,
+            "{plan} at {len}: the failure went unreported"
+        );
+        REPORTS.store(0, std::sync::atomic::Ordering::Relaxed);
     }
 }

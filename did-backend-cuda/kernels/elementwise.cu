@@ -451,8 +451,9 @@ extern "C" __global__ void optimizer_step(float* master, store_t* rounded, const
 }
 
 // Σ x or Σ x² in f64: one partial per block (fixed grid), summed on the host in order.
-extern "C" __global__ void sum_partial(const store_t* x, i64 n, int squares, double* partial) {
-    __shared__ double shared[256];
+#define SUM_THREADS 256  // the launch's block (the host's THREADS)
+extern "C" __global__ void __launch_bounds__(SUM_THREADS) sum_partial(const store_t* x, i64 n, int squares, double* partial) {
+    __shared__ double shared[SUM_THREADS];
     double acc = 0.0;
     // A chunk a load: over a whole parameter vector, a thread of this fixed grid makes
     // thousands of iterations, each waiting its load when it is one element.

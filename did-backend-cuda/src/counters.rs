@@ -23,11 +23,13 @@ pub(crate) enum Event {
     HostDraw,
     /// A replay of a recorded graph.
     GraphLaunch,
+    /// A pass that could not be recorded (it ran unrecorded).
+    FailedRecording,
 }
 
 /// The running totals (atomics: the backend is shared behind `&self`).
 #[derive(Debug, Default)]
-pub(crate) struct Counters([AtomicU64; 8]);
+pub(crate) struct Counters([AtomicU64; 9]);
 
 impl Counters {
     pub(crate) fn add(&self, event: Event, n: u64) {
@@ -45,6 +47,7 @@ impl Counters {
             host_redraws: get(Event::HostRedraw),
             host_draws: get(Event::HostDraw),
             graph_launches: get(Event::GraphLaunch),
+            failed_recordings: get(Event::FailedRecording),
         }
     }
 }
@@ -76,6 +79,8 @@ pub struct Counts {
     pub host_draws: u64,
     /// Replays of recorded graphs (`DID_CUDA_GRAPHS=on`); their kernels are not counted as launches.
     pub graph_launches: u64,
+    /// Passes that could not be recorded, and ran unrecorded (`DID_CUDA_STATS=1` also prints why).
+    pub failed_recordings: u64,
 }
 
 impl Counts {
@@ -91,6 +96,7 @@ impl Counts {
             host_redraws: d(self.host_redraws),
             host_draws: d(self.host_draws),
             graph_launches: d(self.graph_launches),
+            failed_recordings: d(self.failed_recordings),
         }
     }
 }
@@ -99,9 +105,10 @@ impl fmt::Display for Counts {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{} kernel launches (recorded into graphs included), {} graph replays, {} cuBLAS calls, {} uploads, {} waited-for downloads; {} rows drawn: {} on the device, {} redrawn on the host, {} on the host",
+            "{} kernel launches (recorded into graphs included), {} graph replays, {} failed recordings, {} cuBLAS calls, {} uploads, {} waited-for downloads; {} rows drawn: {} on the device, {} redrawn on the host, {} on the host",
             self.kernels,
             self.graph_launches,
+            self.failed_recordings,
             self.gemms,
             self.uploads,
             self.downloads,
@@ -129,6 +136,7 @@ mod tests {
             Event::HostRedraw,
             Event::HostDraw,
             Event::GraphLaunch,
+            Event::FailedRecording,
         ];
         for (i, &e) in events.iter().enumerate() {
             c.add(e, 1 << i);
@@ -143,7 +151,8 @@ mod tests {
             s.host_redraws,
             s.host_draws,
             s.graph_launches,
+            s.failed_recordings,
         ];
-        assert_eq!(got, [1, 2, 4, 8, 16, 32, 64, 128]);
+        assert_eq!(got, [1, 2, 4, 8, 16, 32, 64, 128, 256]);
     }
 }

@@ -133,6 +133,8 @@ const EMBEDDING_THREADS: u32 = 64;
 const ROWS_PER_CHUNK: usize = 64;
 /// Threads per block of `draw_tokens` (its `DRAW_THREADS`).
 const DRAW_THREADS: u32 = 512;
+/// Threads per block of `colsum_partial` (32 columns × its `COLSUM_SLICES` row slices).
+const COLSUM_THREADS: u32 = 256;
 /// Largest head dimension the attention kernels hold in registers.
 const MAX_HEAD_DIM: usize = 256;
 
@@ -212,6 +214,8 @@ pub struct CudaBackend {
     /// The recorded graphs, by [`RecordingId`].
     recordings: std::sync::Mutex<HashMap<u64, Graph>>,
     next_recording: std::sync::atomic::AtomicU64,
+    /// Why the first pass that could not be recorded failed (`DID_CUDA_STATS=1` prints it).
+    first_failed_recording: std::sync::Mutex<Option<String>>,
 }
 
 /// An instantiated CUDA graph. cudarc's graph holds raw handles (not `Send`); the driver asks
@@ -225,6 +229,12 @@ impl Drop for CudaBackend {
     fn drop(&mut self) {
         if std::env::var_os("DID_CUDA_STATS").is_some_and(|v| v == "1") {
             eprintln!("did-backend-cuda ({}): {}", self.name, self.counts());
+            if let Some(why) = self.first_failed_recording() {
+                eprintln!(
+                    "did-backend-cuda ({}): the first pass that could not be recorded: {why}",
+                    self.name
+                );
+            }
         }
     }
 }
@@ -376,6 +386,7 @@ impl CudaBackend {
             graphs: std::sync::atomic::AtomicBool::new(graphs),
             recordings: std::sync::Mutex::new(HashMap::new()),
             next_recording: std::sync::atomic::AtomicU64::new(0),
+            first_failed_recording: std::sync::Mutex::new(None),
         })
         .inspect(|b| {
             b.set_key_split(key_split);
@@ -455,6 +466,14 @@ impl CudaBackend {
     /// (`DID_CUDA_STATS=1` prints them when it is dropped).
     pub fn counts(&self) -> Counts {
         self.counters.snapshot()
+    }
+
+    /// Why the first pass that could not be recorded as a graph failed, if one did (the pass
+    /// ran unrecorded; [`Counts::failed_recordings`] counts them).
+    pub fn first_failed_recording(&self) -> Option<String> {
+        self.first_failed_recording
+            .lock()
+            .map_or(None, |why| why.clone())
     }
 
     /// Whether the few-rows kernel is in use (see [`CudaBackend::set_few_rows_kernel`]).
@@ -918,7 +937,7 @@ impl CudaBackend {
                 self.launch(
                     "colsum_partial",
                     grid,
-                    256,
+                    COLSUM_THREADS,
                     &[
                         Arg::Ptr(a),
                         Arg::Ptr(b),
@@ -1245,6 +1264,16 @@ impl Backend for CudaBackend {
         graph.0.launch()?;
         self.counters.add(Event::GraphLaunch, 1);
         Ok(())
+    }
+
+    fn recording_failed(&self, why: Option<&CudaError>) {
+        self.counters.add(Event::FailedRecording, 1);
+        if let Ok(mut first) = self.first_failed_recording.lock() {
+            first.get_or_insert_with(|| match why {
+                Some(e) => e.to_string(),
+                None => "the capture ended without a graph".into(),
+            });
+        }
     }
 
     fn forget_recording(&self, id: RecordingId) {
@@ -2099,7 +2128,11 @@ impl Backend for CudaBackend {
         if rows == 0 || channels == 0 {
             return Ok(());
         }
-        let grouped = rows_by_id::RowsById::new(&ids.host[..rows], table_rows);
+        // The table's length is read off the buffer, which runs on past the embedding into the
+        // other parameters (≈ 220 k rows for `small`): count over the ids that occur instead.
+        let ids = &ids.host[..rows];
+        let id_span = ids.iter().max().map_or(0, |&id| id as usize + 1);
+        let grouped = rows_by_id::RowsById::new(ids, id_span);
         let groups = grouped.ids.len();
         let words = grouped.words();
         let mut dev = self.stream.alloc_zeros::<u32>(words.len())?;
@@ -2582,7 +2615,9 @@ fn flash_blocks(rows: usize, per_block: usize) -> Result<u32, CudaError> {
     u32::try_from(rows.div_ceil(per_block))
         .ok()
         .filter(|&tiles| tiles <= 65_535)
-        .ok_or_else(|| CudaError::Shape(format!("attention: {rows} rows is too many for one launch")))
+        .ok_or_else(|| {
+            CudaError::Shape(format!("attention: {rows} rows is too many for one launch"))
+        })
 }
 
 fn attention_extents(s: &AttentionShape) -> Result<did_core::backend::AttentionExtents, CudaError> {
@@ -2607,5 +2642,41 @@ fn shape_c(s: &AttentionShape) -> AttentionShapeC {
         v_stride: s.v_stride as i64,
         q_batch_stride: s.q_batch_stride as i64,
         kv_batch_stride: s.kv_batch_stride as i64,
+    }
+}
+
+#[cfg(test)]
+mod launch_constants {
+    use super::*;
+
+    /// The value of `#define NAME value` in a kernel source.
+    fn define(file: &str, name: &str) -> u32 {
+        let (_, text) = kernels::SOURCES
+            .iter()
+            .find(|(f, _)| *f == file)
+            .unwrap_or_else(|| panic!("no kernel source {file}"));
+        let prefix = format!("#define {name} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(prefix.as_str()))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{file} defines no number {name}"))
+    }
+
+    /// Kernels that size shared arrays or strides by a block size the host launches with: a
+    /// change on one side only would compute wrong sums without any error.
+    #[test]
+    fn host_launch_sizes_are_the_kernels_block_sizes() {
+        assert_eq!(define("linear.cu", "FEW_THREADS"), few_rows::THREADS);
+        assert_eq!(
+            define("linear.cu", "FEW_COLS") as usize,
+            few_rows::COLUMNS_PER_BLOCK
+        );
+        assert_eq!(define("sample.cu", "DRAW_THREADS"), DRAW_THREADS);
+        assert_eq!(define("elementwise.cu", "SUM_THREADS"), THREADS);
+        assert_eq!(
+            32 * define("elementwise.cu", "COLSUM_SLICES"),
+            COLSUM_THREADS
+        );
     }
 }

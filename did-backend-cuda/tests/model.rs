@@ -393,48 +393,67 @@ fn recorded_draft_passes_replay_to_the_same_tokens() {
     if !gpu("recorded_draft_passes_replay_to_the_same_tokens") {
         return;
     }
+    use did_backend_cuda::key_split::KeySplit;
     let model = tiny();
     let (_, params) = curve(&CpuBackend::new(), &model, 12);
     let context = model.config().context;
     // The whole context, and three contexts (the cache's window slides: new buffers, new
-    // recordings).
-    for (plan, len) in [("4,L:0.25", context), ("4", 3 * context)] {
-        let run = |g: &did_backend_cuda::CudaBackend, graphs: bool| {
-            g.set_graphs(graphs);
-            let before = g.counts();
-            let dev = g.upload(&params).unwrap();
-            let mut denoiser = DiffusionDenoiser::new(g, &model, &dev, true).unwrap();
-            let plan: StagePlan = plan.parse().unwrap();
-            let config = GenerateConfig::new(plan.resolve(len).unwrap(), 11);
-            let prompts: [&[u32]; 2] = [&[MASK - 1, 3, 4], &[MASK - 1]];
-            let tokens = generate(&mut denoiser, &config, &prompts)
-                .map_err(|e| format!("{e:?}"))
-                .unwrap()
-                .batch
-                .tokens;
-            let alive = g.recordings();
-            drop(denoiser);
-            let replays = g.counts().graph_launches - before.graph_launches;
-            g.set_graphs(false);
-            (tokens, replays, alive, g.recordings())
-        };
-        let (plain, plain_replays, ..) = with_gpu(Precision::Bf16, |g| run(g, false));
-        let (recorded, replays, alive, left) = with_gpu(Precision::Bf16, |g| run(g, true));
-        let (again, ..) = with_gpu(Precision::Bf16, |g| run(g, true));
-        assert_eq!(plain_replays, 0);
-        // Each draft call and commit over a block position replays its recording. (A refine
-        // stage's larger scratch frees the draft's graphs: only a draft-only plan keeps them.)
-        assert!(replays > 0, "{plan} at {len}: no replays");
-        assert!(
-            plan != "4" || alive > 0,
-            "{plan} at {len}: no graph alive before the drop"
-        );
-        assert_eq!(left, 0, "{plan} at {len}: the denoiser's graphs outlive it");
-        assert_eq!(
-            plain, recorded,
-            "{plan} at {len}: tokens with and without graphs"
-        );
-        assert_eq!(recorded, again, "{plan} at {len}: a second recorded run");
-        eprintln!("{plan} at {len}: {replays} replays of {alive} graphs, the same tokens");
+    // recordings); each with the key tiles as the policy splits them (whole at this context)
+    // and split a tile a block, whose scratch is allocated and freed inside the recording as
+    // at L = 1024 (graph memory nodes).
+    for split in [KeySplit::Auto, KeySplit::TilesPerBlock(1)] {
+        for (plan, len) in [("4,L:0.25", context), ("4", 3 * context)] {
+            let run = |g: &did_backend_cuda::CudaBackend, graphs: bool| {
+                g.set_graphs(graphs);
+                g.set_key_split(split);
+                let before = g.counts();
+                let dev = g.upload(&params).unwrap();
+                let mut denoiser = DiffusionDenoiser::new(g, &model, &dev, true).unwrap();
+                let plan: StagePlan = plan.parse().unwrap();
+                let config = GenerateConfig::new(plan.resolve(len).unwrap(), 11);
+                let prompts: [&[u32]; 2] = [&[MASK - 1, 3, 4], &[MASK - 1]];
+                let tokens = generate(&mut denoiser, &config, &prompts)
+                    .map_err(|e| format!("{e:?}"))
+                    .unwrap()
+                    .batch
+                    .tokens;
+                let alive = g.recordings();
+                drop(denoiser);
+                let after = g.counts();
+                let replays = after.graph_launches - before.graph_launches;
+                let failed = after.failed_recordings - before.failed_recordings;
+                g.set_graphs(false);
+                g.set_key_split(KeySplit::Auto);
+                (
+                    tokens,
+                    replays,
+                    failed,
+                    g.first_failed_recording(),
+                    alive,
+                    g.recordings(),
+                )
+            };
+            let (plain, plain_replays, ..) = with_gpu(Precision::Bf16, |g| run(g, false));
+            let (recorded, replays, failed, why, alive, left) =
+                with_gpu(Precision::Bf16, |g| run(g, true));
+            let (again, ..) = with_gpu(Precision::Bf16, |g| run(g, true));
+            let case = format!("{plan} at {len}, keys {split:?}");
+            assert_eq!(plain_replays, 0);
+            assert_eq!(
+                failed, 0,
+                "{case}: {failed} passes not recorded; the first: {why:?}"
+            );
+            // Each draft call and commit over a block position replays its recording. (A refine
+            // stage's larger scratch frees the draft's graphs: only a draft-only plan keeps them.)
+            assert!(replays > 0, "{case}: no replays");
+            assert!(
+                plan != "4" || alive > 0,
+                "{case}: no graph alive before the drop"
+            );
+            assert_eq!(left, 0, "{case}: the denoiser's graphs outlive it");
+            assert_eq!(plain, recorded, "{case}: tokens with and without graphs");
+            assert_eq!(recorded, again, "{case}: a second recorded run");
+            eprintln!("{case}: {replays} replays of {alive} graphs, the same tokens");
+        }
     }
 }

@@ -1010,6 +1010,13 @@ pub trait Backend {
     fn forget_recording(&self, id: RecordingId) {
         let _ = id;
     }
+    /// Told that a pass could not be recorded — `why` is the error of [`Backend::begin_recording`],
+    /// [`Backend::end_recording`] or an op while recording, `None` where the recording ended
+    /// with nothing usable. The pass then runs unrecorded and its caller records no more, so
+    /// nothing fails; this is where a backend keeps the reason to report it. Provided: ignored.
+    fn recording_failed(&self, why: Option<&Self::Error>) {
+        let _ = why;
+    }
 
     /// Waits for queued work (a no-op on synchronous backends).
     fn synchronize(&self) -> Result<(), Self::Error> {

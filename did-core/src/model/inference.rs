@@ -384,8 +384,9 @@ impl<'a, B: Backend> Inference<'a, B> {
                             self.recordings.push((key, id));
                             be.replay_recording(id)?;
                         }
-                        _ => {
+                        failed => {
                             // The pass could not be recorded: run it, and never record again.
+                            be.recording_failed(failed.as_ref().err());
                             self.recording = false;
                             run(kv)?;
                         }
