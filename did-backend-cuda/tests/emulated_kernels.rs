@@ -5,6 +5,12 @@
 //! replace, are checked on every CI run; the GPU itself is checked by `scripts/gpu-check.sh`.
 //!
 //! Needs a C++20 compiler (`CXX`, else `c++`): `apt install g++` where it is missing.
+//! `DID_EMULATE_SANITIZE=address` builds the emulations with AddressSanitizer, so a read or
+//! write past a buffer — which a GPU faults on or reads garbage from, and the plain build lets
+//! through (a column bound one past the end in the few-rows kernel passed it, and fails this)
+//! — fails the test; `address,undefined` adds UndefinedBehaviorSanitizer (signed overflow in
+//! index arithmetic, misaligned accesses), every finding fatal. CI sets the latter (≈ 1.6 × the
+//! plain build's time).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -20,8 +26,21 @@ fn build(source: &str, defines: &[&str], exe_name: &str) -> PathBuf {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/emulate");
     let exe = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(exe_name);
     let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
+    let sanitize: &[&str] = match std::env::var("DID_EMULATE_SANITIZE").as_deref() {
+        Ok("address") => &["-fsanitize=address", "-fno-omit-frame-pointer"],
+        Ok("address,undefined") => &[
+            "-fsanitize=address,undefined",
+            "-fno-sanitize-recover=all",
+            "-fno-omit-frame-pointer",
+        ],
+        Ok(other) if !other.is_empty() => panic!(
+            "DID_EMULATE_SANITIZE={other:?}: expected `address` or `address,undefined` (or unset)"
+        ),
+        _ => &[],
+    };
     let build = Command::new(&cxx)
         .args(["-std=c++20", "-O2", "-pthread", "-Wall", "-Werror"])
+        .args(sanitize)
         .args(defines)
         .arg("-o")
         .arg(&exe)
@@ -48,7 +67,8 @@ fn run(exe: &Path, source: &str, defines: &[&str], args: &[&Path]) -> String {
     println!("{source} {defines:?}:\n{report}");
     assert!(
         run.status.success(),
-        "an emulated kernel of {source} disagrees:\n{report}"
+        "an emulated kernel of {source} disagrees:\n{report}\n{}",
+        String::from_utf8_lossy(&run.stderr)
     );
     report
 }
