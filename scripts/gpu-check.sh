@@ -9,8 +9,9 @@
 # 2. runs every CUDA test one by one with DID_REQUIRE_CUDA=1 (a missing
 #    library fails instead of skipping), timing each, then the model tests
 #    again with the reference attention kernels and host draws (DID_CUDA_ATTENTION=reference DID_CUDA_DRAW=host);
-#    each test that failed runs again with one fast path off at a time (TRIAGE_SWITCHES, within
-#    TRIAGE_LIMIT = 120 s, taken off the bench's limit), so the report says which path broke it;
+#    each test that failed runs again with the fast paths off (TRIAGE_SWITCHES) and, where that
+#    passes, with each one off alone, within TRIAGE_LIMIT = 120 s taken off the bench's limit,
+#    so the report says which path broke it;
 # 3. trains `tiny` for a few steps with `did --backend cuda` (f32 and bf16),
 #    samples draft → remask → refine from it on the GPU and on the CPU and
 #    checks the tokens are identical;
@@ -88,46 +89,62 @@ done
     DID_CUDA_ATTENTION=reference DID_CUDA_DRAW=host
 
 # ---- 2b. triage: which fast path a failure needs -------------------------------------------------------
-# Each failed test again with one switch at a time (then all of them), so a failure names the
-# path that broke it: the flash attention, the device draw, the few-rows GEMMs, the key split.
-# A test that picks its path itself (e.g. set_attention_kernel) is not rescued by a switch.
+# Each failed test again with every switch below (the fast paths off); where that passes, once
+# with each switch alone, so the failure names the path that broke it: the flash attention, the
+# device draw, the few-rows GEMMs, the key split. A test that picks its path itself (e.g.
+# set_attention_kernel) is not rescued by a switch. Three failures in a row that no switch
+# rescues end the triage: the cause is then the setup or a shared kernel, not one path.
 switches=(${TRIAGE_SWITCHES:-DID_CUDA_ATTENTION=reference DID_CUDA_DRAW=host DID_CUDA_FEW_ROWS=off DID_CUDA_KEY_SPLIT=off})
 triage=""
+triage_note=""
 triage_start=$(date +%s)
 triage_deadline=$(( triage_start + ${TRIAGE_LIMIT:-120} ))
+unrescued=0
+retry() { # VAR=VALUE… -- BIN TEST: passes or not, within what is left of the triage's time
+    local vars=() left
+    while [ "$1" != -- ]; do vars+=("$1"); shift; done
+    shift
+    left=$(( triage_deadline - $(date +%s) ))
+    [ "$left" -ge 5 ] || return 2
+    echo "==== triage $(basename "$1")::$2 with ${vars[*]}" >>"$log"
+    env "${vars[@]}" timeout "$left" "$1" --exact "$2" --test-threads=1 --nocapture >>"$log" 2>&1 || return 1
+}
 for entry in "${failed_tests[@]}"; do
     bin=${entry%% *} t=${entry#* }
+    if [ "$unrescued" -ge 3 ]; then
+        triage_note="Stopped after three failures that no switch rescues: look at the setup or a kernel every path shares."
+        break
+    fi
+    retry "${switches[@]}" -- "$bin" "$t"
+    all=$?
+    [ "$all" -eq 2 ] && { triage_note="Out of triage time (TRIAGE_LIMIT)."; break; }
     line="| \`$(basename "$bin")::$t\` |"
-    for set in "${switches[@]}" all; do
-        vars=("$set")
-        [ "$set" = all ] && vars=("${switches[@]}")
-        left=$(( triage_deadline - $(date +%s) ))
-        if [ "$left" -lt 5 ]; then
-            line+=" (no time) |"
-            continue
-        fi
-        echo "==== triage $(basename "$bin")::$t with ${vars[*]}" >>"$log"
-        if env "${vars[@]}" timeout "$left" "$bin" --exact "$t" --test-threads=1 --nocapture >>"$log" 2>&1; then
-            line+=" pass |"
-        else
-            line+=" fail |"
-        fi
+    if [ "$all" -ne 0 ]; then
+        unrescued=$((unrescued + 1))
+        for _ in "${switches[@]}"; do line+=" — |"; done
+        triage+="$line fail |"$'\n'
+        continue
+    fi
+    unrescued=0
+    for set in "${switches[@]}"; do
+        retry "$set" -- "$bin" "$t"
+        case $? in 0) line+=" pass |" ;; 1) line+=" fail |" ;; *) line+=" (no time) |" ;; esac
     done
-    triage+="$line"$'\n'
+    triage+="$line pass |"$'\n'
 done
 triage_secs=$(( $(date +%s) - triage_start ))
 if [ -n "$triage" ]; then
     header="| failed test |"
     rule="|---|"
-    for set in "${switches[@]}" all; do
+    for set in "${switches[@]}"; do
         header+=" $set |"
         rule+="---|"
     done
-    triage="Each failed test again with one fast path switched off (\`pass\` names the path that broke it),
-then with all of them off, in ${triage_secs} s:
+    triage="Each failed test again with all of these fast paths off (last column), and where that passes,
+with each one off alone (\`pass\` names the path that broke it), in ${triage_secs} s. $triage_note
 
-$header
-$rule
+$header all off |
+$rule---|
 $triage"
     echo "$triage" | tee -a "$log"
 else
