@@ -5,42 +5,90 @@
 //! replace, are checked on every CI run; the GPU itself is checked by `scripts/gpu-check.sh`.
 //!
 //! Needs a C++20 compiler (`CXX`, else `c++`): `apt install g++` where it is missing.
-//! `DID_EMULATE_SANITIZE=address` builds the emulations with AddressSanitizer, so a read or
-//! write past a buffer — which a GPU faults on or reads garbage from, and the plain build lets
-//! through (a column bound one past the end in the few-rows kernel passed it, and fails this)
-//! — fails the test; `address,undefined` adds UndefinedBehaviorSanitizer (signed overflow in
-//! index arithmetic, misaligned accesses), every finding fatal. CI sets the latter (≈ 1.6 × the
-//! plain build's time).
+//!
+//! Two faults a GPU has and a CPU hides are brought out: shared memory starts each block
+//! poisoned (emu.h; a dK/dV pre-pass that left unseen tiles unwritten, trusting zeros, passed
+//! before and fails now), and `DID_EMULATE_SANITIZE=address` also runs a build with
+//! AddressSanitizer, so a read or write past a buffer — which a GPU faults on or reads garbage
+//! from — fails the test (a column bound one past the end in the few-rows kernel passed the
+//! plain build and fails that one); `address,undefined` adds UndefinedBehaviorSanitizer (signed
+//! overflow in index arithmetic, misaligned accesses), every finding fatal. CI sets the latter.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// Compiles `source` (in tests/emulate) with `defines`, runs it and returns its report; fails
-/// the test when it does not build or reports a disagreement.
+/// the test when it does not build or reports a disagreement. With `DID_EMULATE_SANITIZE`, the
+/// sanitized build runs too and must report the same `ok` lines.
 fn build_and_run(source: &str, defines: &[&str], exe_name: &str) -> String {
-    run(&build(source, defines, exe_name), source, defines, &[])
+    let mut reports: Vec<String> = builds(source, defines, exe_name)
+        .iter()
+        .map(|exe| run(exe, source, defines, &[]))
+        .collect();
+    let oks = |r: &str| -> Vec<String> {
+        r.lines()
+            .filter(|l| l.starts_with("ok"))
+            .map(String::from)
+            .collect()
+    };
+    for sanitized in &reports[1..] {
+        assert_eq!(
+            oks(sanitized),
+            oks(&reports[0]),
+            "{source} {defines:?}: the sanitized build's report differs"
+        );
+    }
+    reports.swap_remove(0)
 }
 
-/// Compiles `source` (in tests/emulate) with `defines` into `exe_name`.
-fn build(source: &str, defines: &[&str], exe_name: &str) -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/emulate");
-    let exe = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(exe_name);
-    let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
-    let sanitize: &[&str] = match std::env::var("DID_EMULATE_SANITIZE").as_deref() {
-        Ok("address") => &["-fsanitize=address", "-fno-omit-frame-pointer"],
-        Ok("address,undefined") => &[
+/// The compiler flags `DID_EMULATE_SANITIZE` asks for, if any.
+fn sanitizer_flags() -> Option<&'static [&'static str]> {
+    match std::env::var("DID_EMULATE_SANITIZE").as_deref() {
+        Ok("address") => Some(&["-fsanitize=address", "-fno-omit-frame-pointer"]),
+        Ok("address,undefined") => Some(&[
             "-fsanitize=address,undefined",
             "-fno-sanitize-recover=all",
             "-fno-omit-frame-pointer",
-        ],
+        ]),
         Ok(other) if !other.is_empty() => panic!(
             "DID_EMULATE_SANITIZE={other:?}: expected `address` or `address,undefined` (or unset)"
         ),
-        _ => &[],
-    };
+        _ => None,
+    }
+}
+
+/// The emulations of `source` to run: the plain build, whose shared memory starts each block
+/// poisoned (emu.h), and with `DID_EMULATE_SANITIZE` a sanitized one, whose shared arrays are
+/// plain statics so that AddressSanitizer checks their bounds (it skips the poisoned build's
+/// named section).
+fn builds(source: &str, defines: &[&str], exe_name: &str) -> Vec<PathBuf> {
+    let mut exes = vec![build(source, defines, &[], exe_name)];
+    if let Some(flags) = sanitizer_flags() {
+        exes.push(build(
+            source,
+            defines,
+            flags,
+            &format!("{exe_name}_sanitized"),
+        ));
+    }
+    exes
+}
+
+/// Compiles `source` (in tests/emulate) with `defines` and `flags` into `exe_name`.
+fn build(source: &str, defines: &[&str], flags: &[&str], exe_name: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/emulate");
+    let exe = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(exe_name);
+    let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
     let build = Command::new(&cxx)
-        .args(["-std=c++20", "-O2", "-pthread", "-Wall", "-Werror"])
-        .args(sanitize)
+        .args([
+            "-std=c++20",
+            "-O2",
+            "-pthread",
+            "-Wall",
+            "-Werror",
+            "-fno-weak",
+        ])
+        .args(flags)
         .args(defines)
         .arg("-o")
         .arg(&exe)
@@ -422,70 +470,71 @@ fn device_token_draws_are_the_hosts_or_left_to_it_under_emulation() {
         (&[][..], "emulated_sample_f32"),
         (&["-DSTORAGE_BF16"][..], "emulated_sample_bf16"),
     ] {
-        let exe = build("sample.cpp", defines, exe_name);
-        let mut certified = 0;
-        for launch in &launches {
-            // bf16 storage holds only bf16 logits: the reference sees what the kernel reads.
-            let mut launch_logits = launch.logits.clone();
-            if !defines.is_empty() {
-                launch_logits.iter_mut().for_each(|x| *x = bf16(*x));
-            }
-            let launch = DrawLaunch {
-                logits: launch_logits,
-                uncertain: launch.uncertain.clone(),
-                ..*launch
-            };
-            let rows = launch.logits.len() / launch.vocab;
-            let draws: Vec<DrawSpec> = (0..rows)
-                .map(|r| DrawSpec {
-                    stream: RngStream::new(31, Purpose::Categorical, r as u32, 2),
-                    row: 100 + r as u32,
-                })
-                .collect();
-            let threads = if launch.vocab > 10_000 { 512 } else { 64 };
-            let drawn = emulated_draws(&exe, &launch, &draws, threads);
-            let mut scratch = DrawScratch::default();
-            for (r, (device, spec)) in drawn.iter().zip(&draws).enumerate() {
-                let row = &launch.logits[r * launch.vocab..(r + 1) * launch.vocab];
-                let host = draw_token(
-                    row,
-                    launch.mask_id,
-                    &launch.nucleus,
-                    &spec.stream,
-                    spec.row,
-                    &mut scratch,
-                );
-                match device {
-                    None => assert!(
-                        launch.uncertain.contains(&r),
-                        "{} {defines:?} row {r}: left to the host without cause",
-                        launch.name
-                    ),
-                    Some(device) => {
-                        assert!(
-                            !launch.uncertain.contains(&r),
-                            "{} {defines:?} row {r}: certified on a knife's edge",
+        for exe in builds("sample.cpp", defines, exe_name) {
+            let mut certified = 0;
+            for launch in &launches {
+                // bf16 storage holds only bf16 logits: the reference sees what the kernel reads.
+                let mut launch_logits = launch.logits.clone();
+                if !defines.is_empty() {
+                    launch_logits.iter_mut().for_each(|x| *x = bf16(*x));
+                }
+                let launch = DrawLaunch {
+                    logits: launch_logits,
+                    uncertain: launch.uncertain.clone(),
+                    ..*launch
+                };
+                let rows = launch.logits.len() / launch.vocab;
+                let draws: Vec<DrawSpec> = (0..rows)
+                    .map(|r| DrawSpec {
+                        stream: RngStream::new(31, Purpose::Categorical, r as u32, 2),
+                        row: 100 + r as u32,
+                    })
+                    .collect();
+                let threads = if launch.vocab > 10_000 { 512 } else { 64 };
+                let drawn = emulated_draws(&exe, &launch, &draws, threads);
+                let mut scratch = DrawScratch::default();
+                for (r, (device, spec)) in drawn.iter().zip(&draws).enumerate() {
+                    let row = &launch.logits[r * launch.vocab..(r + 1) * launch.vocab];
+                    let host = draw_token(
+                        row,
+                        launch.mask_id,
+                        &launch.nucleus,
+                        &spec.stream,
+                        spec.row,
+                        &mut scratch,
+                    );
+                    match device {
+                        None => assert!(
+                            launch.uncertain.contains(&r),
+                            "{} {defines:?} row {r}: left to the host without cause",
                             launch.name
-                        );
-                        assert_eq!(
-                            device.id, host.id,
-                            "{} {defines:?} row {r}: token",
-                            launch.name
-                        );
-                        let close = |a: f64, b: f64| (a - b).abs() <= 1e-12 * b.abs();
-                        let (d, h) = (device.confidence, host.confidence);
-                        assert!(
-                            close(d.nucleus, h.nucleus)
-                                && close(d.raw, h.raw)
-                                && close(d.max, h.max),
-                            "{} {defines:?} row {r}: confidences {d:?} vs the host's {h:?}",
-                            launch.name
-                        );
-                        certified += 1;
+                        ),
+                        Some(device) => {
+                            assert!(
+                                !launch.uncertain.contains(&r),
+                                "{} {defines:?} row {r}: certified on a knife's edge",
+                                launch.name
+                            );
+                            assert_eq!(
+                                device.id, host.id,
+                                "{} {defines:?} row {r}: token",
+                                launch.name
+                            );
+                            let close = |a: f64, b: f64| (a - b).abs() <= 1e-12 * b.abs();
+                            let (d, h) = (device.confidence, host.confidence);
+                            assert!(
+                                close(d.nucleus, h.nucleus)
+                                    && close(d.raw, h.raw)
+                                    && close(d.max, h.max),
+                                "{} {defines:?} row {r}: confidences {d:?} vs the host's {h:?}",
+                                launch.name
+                            );
+                            certified += 1;
+                        }
                     }
                 }
             }
+            println!("{defines:?} {exe:?}: {certified} rows certified and equal to draw_token");
         }
-        println!("{defines:?}: {certified} rows certified and equal to draw_token");
     }
 }

@@ -29,7 +29,20 @@
 #define __global__
 #define __device__
 #define __forceinline__ inline
+// Every `__shared__` array lives in one section, which `launch` fills with ones (a NaN in f32
+// and bf16, −1 as an integer) before each block: shared memory starts as garbage on a GPU, so a
+// kernel that reads what its block did not write sees it here too, instead of a static's zeros.
+// (The section's variables are linked once, not as inline functions' weak copies: the build
+// passes -fno-weak, so this header's own globals are `static`.) AddressSanitizer leaves
+// variables in a named section unchecked, so a sanitized build keeps them plain statics, which
+// it bounds-checks, and does without the poison.
+#if defined(__SANITIZE_ADDRESS__)
 #define __shared__ static
+#else
+#define __shared__ static __attribute__((section("emu_shared")))
+#endif
+extern "C" char __start_emu_shared[] __attribute__((weak));
+extern "C" char __stop_emu_shared[] __attribute__((weak));
 #define __launch_bounds__(...)
 #define __align__(n) __attribute__((aligned(n)))
 
@@ -40,19 +53,19 @@ struct alignas(16) uint4 {
 struct EmuDim3 {
     unsigned x = 0, y = 0, z = 0;
 };
-inline thread_local EmuDim3 threadIdx, blockIdx;
-inline EmuDim3 blockDim, gridDim;
+static thread_local EmuDim3 threadIdx, blockIdx;
+static EmuDim3 blockDim, gridDim;
 
 namespace emu {
-inline std::unique_ptr<std::barrier<>> block_barrier;
-inline std::vector<std::unique_ptr<std::barrier<>>> warp_barriers;
-inline std::vector<std::array<unsigned, 32 * 8>> scratch;  // per warp: 8 words per lane
+static std::unique_ptr<std::barrier<>> block_barrier;
+static std::vector<std::unique_ptr<std::barrier<>>> warp_barriers;
+static std::vector<std::array<unsigned, 32 * 8>> scratch;  // per warp: 8 words per lane
 struct PendingCopy {  // a cp.async not yet waited for
     void* dst;
     const void* src;
     int bytes;
 };
-inline thread_local std::vector<PendingCopy> pending_copies;
+static thread_local std::vector<PendingCopy> pending_copies;
 
 inline int warp() { return threadIdx.x / 32; }
 inline int lane() { return threadIdx.x & 31; }
@@ -77,6 +90,9 @@ inline void launch(EmuDim3 grid, unsigned threads, const std::function<void()>& 
                 for (unsigned by = 0; by < grid.y; ++by) {
                     for (unsigned bx = 0; bx < grid.x; ++bx) {
                         blockIdx = EmuDim3{bx, by, bz};
+                        if (t == 0 && __start_emu_shared != nullptr)
+                            std::memset(__start_emu_shared, 0xff, __stop_emu_shared - __start_emu_shared);
+                        between_blocks.arrive_and_wait();
                         kernel();
                         if (!pending_copies.empty()) {
                             std::fprintf(stderr, "a thread ended its block with cp.async copies not waited for\n");
