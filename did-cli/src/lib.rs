@@ -21,7 +21,8 @@ use std::process::ExitCode;
 use clap::parser::ValueSource;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use did_core::model::{memory_report_on, Architecture, ModelConfig, Pass, StorageLayout};
-use did_core::refine::StagePlan;
+use did_core::refine::{RemaskAmount, StagePlan};
+use did_core::sample::BlockUpdate;
 
 use data::prepare::{prepare, render, PrepareOptions};
 use data::tokenizer::TokenizerKind;
@@ -552,17 +553,60 @@ fn check_plan(plan: &str, length: usize) -> Result<String, String> {
         .map_err(|e| e.to_string())?;
     let mut out = String::new();
     for (i, s) in resolved.stages().iter().enumerate() {
-        out.push_str(&match s.remask_ratio {
-            None => format!("stage {}: draft with blocks of {}\n", i + 1, s.block_size),
-            Some(r) => format!(
-                "stage {}: remask {:.0}% of drawn tokens, regenerate with blocks of {}\n",
+        let what = match s.remask {
+            None => format!("stage {}: draft with blocks of {}", i + 1, s.block_size),
+            Some(amount) => format!(
+                "stage {}: remask {}, regenerate them with blocks of {}",
                 i + 1,
-                r * 100.0,
+                explain_remask(amount),
                 s.block_size
             ),
-        });
+        };
+        let rule = match s.update {
+            None => {
+                "each block filled by the --sampler rule (first-hitting unless set)".to_string()
+            }
+            Some(u) => format!("each block filled by {}", explain_update(u)),
+        };
+        out.push_str(&format!(
+            "{what};
+    {rule}
+"
+        ));
     }
     Ok(out)
+}
+
+fn explain_remask(amount: RemaskAmount) -> String {
+    match amount {
+        RemaskAmount::Fraction(r) => format!(
+            "the least confident {}% of the drawn tokens (a fixed count per sample)",
+            r * 100.0
+        ),
+        RemaskAmount::Below { score, min, max } => format!(
+            "every drawn token whose confidence is below {score}, but at least {}% and at most {}% of them (decided per sample)",
+            min * 100.0,
+            max * 100.0
+        ),
+    }
+}
+
+fn explain_update(update: BlockUpdate) -> String {
+    match update {
+        BlockUpdate::FirstHitting => "first-hitting: one uniformly chosen token per model call".into(),
+        BlockUpdate::DdpmCaching { steps } => {
+            format!("DDPM caching: {steps} steps per block, each position revealed at a random step")
+        }
+        BlockUpdate::ConfidenceThreshold { tau } => format!(
+            "a confidence threshold: each call draws every masked position and keeps the draws surer than {tau} (at least the surest one)"
+        ),
+        BlockUpdate::EntropyBound { budget } => format!(
+            "an entropy bound: each call draws every masked position and keeps the lowest-entropy draws while their entropies, less the largest, sum to at most {budget} nats"
+        ),
+        BlockUpdate::TopK { k } => format!(
+            "{k} per call: each call draws every masked position and keeps the {k} surest"
+        ),
+    }
 }
 
 /// `did model-info`: the parameter count and the training memory of a model.

@@ -20,16 +20,23 @@ use crate::stage_clock::{ClockError, StageClock, StageTime};
 /// The sampling settings shared by `did sample` and `did eval gen-ppl`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct SamplingArgs {
-    /// Stage plan: the draft block size, then `block:fraction` per refine stage (`L` = the length).
+    /// Stage plan: the draft, then one `block:remask` per refine stage; any stage may add
+    /// `@rule`. Block: a size or L (the length). Remask: a fraction (0.25), or `below:c`
+    /// / `below:c:min..max` (every token drawn with confidence below c, between the
+    /// fractions). Rule: as --sampler. E.g. `4@threshold:0.9,L:below:0.5:0.05..0.5@entropy:0.3`.
     #[arg(long, default_value = "4,L:0.25")]
     pub stages: String,
-    /// How tokens are chosen for remasking: snapshot, snapshot-raw, snapshot-max, posthoc, random.
+    /// How tokens are chosen for remasking: snapshot, snapshot-raw, snapshot-max, posthoc,
+    /// random. The snapshot kinds also set the confidence that threshold:τ and topk:k rank by.
     #[arg(long, default_value = "snapshot")]
     pub remask: String,
     /// Lowest fraction over the whole sequence (global) or within each draft block (block).
     #[arg(long, default_value = "global")]
     pub scope: String,
-    /// first-hitting (one token per call) or ddpm:T (T steps per block).
+    /// How each block is filled, for stages that name no `@rule`: first-hitting (one token
+    /// per call), ddpm:T (T steps per block), threshold:τ (every draw surer than τ per call,
+    /// at least one), entropy:β (lowest-entropy draws while their entropies less the largest
+    /// sum to ≤ β nats), topk:k (the k surest per call).
     #[arg(long, default_value = "first-hitting")]
     pub sampler: String,
     /// Nucleus (top-p) of every draw.
@@ -172,7 +179,13 @@ impl Prepared {
             "block" => RemaskScope::PerBlock,
             other => return Err(format!("unknown --scope {other:?}; use global or block")),
         };
-        gen.sampler.update = block_update(&args.sampler)?;
+        gen.sampler.update = args
+            .sampler
+            .parse::<BlockUpdate>()
+            .map_err(|e| format!("--sampler: {e}"))?;
+        if let RemaskStrategy::Snapshot(kind) = gen.remask {
+            gen.sampler.confidence = kind;
+        }
         gen.sampler.nucleus = Nucleus::new(args.top_p, NucleusRule::default())
             .map_err(|e| format!("--top-p: {e}"))?;
         let eos = tokenizer.kind().eos();
@@ -322,18 +335,6 @@ fn remask_strategy(s: &str) -> Result<RemaskStrategy, String> {
         "random" => RemaskStrategy::Random,
         other => return Err(format!("unknown --remask {other:?}; use snapshot, snapshot-raw, snapshot-max, posthoc or random")),
     })
-}
-
-fn block_update(s: &str) -> Result<BlockUpdate, String> {
-    if s == "first-hitting" {
-        return Ok(BlockUpdate::FirstHitting);
-    }
-    match s.strip_prefix("ddpm:").map(str::parse::<u32>) {
-        Some(Ok(steps)) if steps >= 1 => Ok(BlockUpdate::DdpmCaching { steps }),
-        _ => Err(format!(
-            "unknown --sampler {s:?}; use first-hitting or ddpm:T with T ≥ 1 steps per block"
-        )),
-    }
 }
 
 /// The tokenizer a vocabulary belongs to.

@@ -9,9 +9,30 @@ fn a_good_plan_is_explained() {
     assert_eq!(code, 0);
     assert!(out.contains("draft with blocks of 4"), "{out}");
     assert!(
-        out.contains("remask 25% of drawn tokens, regenerate with blocks of 1024"),
+        out.contains("remask the least confident 25% of the drawn tokens"),
         "{out}"
     );
+    assert!(out.contains("regenerate them with blocks of 1024"), "{out}");
+    assert!(out.contains("by the --sampler rule"), "{out}");
+}
+
+#[test]
+fn an_adaptive_plan_is_explained_stage_by_stage() {
+    let plan = "4@threshold:0.9,L:below:0.5:0.05..0.5@entropy:0.3";
+    let (code, out, err) = did(&["check-plan", plan, "1024"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("keeps the draws surer than 0.9"), "{out}");
+    assert!(
+        out.contains("confidence is below 0.5, but at least 5% and at most 50%"),
+        "{out}"
+    );
+    assert!(out.contains("sum to at most 0.3 nats"), "{out}");
+    let (code, _, err) = did(&["check-plan", "4@threshold:1.5,L:0.25", "64"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("τ = 1.5 must be in (0, 1]"), "{err}");
+    let (code, _, err) = did(&["check-plan", "4,L:below:0.5:0.5..0.1", "64"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("0 ≤ min ≤ max ≤ 1"), "{err}");
 }
 
 #[test]

@@ -7,11 +7,11 @@ use core::ops::Range;
 use crate::denoiser::{Denoiser, OutputPosition};
 use crate::error::invalid;
 use crate::refine::plan::ResolvedPlan;
-use crate::refine::remask::{select_lowest, RemaskScope, RemaskStrategy};
+use crate::refine::remask::{select_lowest, RemaskAmount, RemaskScope, RemaskStrategy};
 use crate::rng::{Purpose, RngStream};
 use crate::sample::batch::SequenceBatch;
 use crate::sample::probs::subs_softmax;
-use crate::sample::update::{fill_block, BlockScratch, SamplerConfig};
+use crate::sample::update::{fill_block, BlockScratch, BlockUpdate, SamplerConfig};
 use crate::Error;
 
 /// How to generate: the plan, the sampler, the remasking, where to stop.
@@ -54,8 +54,10 @@ impl GenerateConfig {
 pub struct StageReport {
     /// Its attention block size.
     pub block_size: usize,
-    /// The fraction remasked before it (`None` for the draft).
-    pub remask_ratio: Option<f64>,
+    /// What was remasked before it (`None` for the draft).
+    pub remask: Option<RemaskAmount>,
+    /// How its blocks were filled.
+    pub update: BlockUpdate,
     /// Denoiser calls made, including post-hoc scoring.
     pub nfe: u32,
     /// Per sequence, the positions remasked before the stage (ascending).
@@ -152,13 +154,13 @@ pub fn generate<D: Denoiser>(
     for (index, stage) in config.plan.stages().iter().enumerate() {
         let mut nfe = 0;
         let mut remasked = alloc::vec![Vec::new(); batch.batch()];
-        if let Some(ratio) = stage.remask_ratio {
+        if let Some(amount) = stage.remask {
             let (positions, calls) = choose_remask(
                 denoiser,
                 &batch,
                 config,
                 index as u32,
-                ratio,
+                amount,
                 previous_block,
                 stage.block_size,
             )?;
@@ -170,10 +172,22 @@ pub fn generate<D: Denoiser>(
                 remasked[seq] = picked;
             }
         }
-        nfe += run_stage(denoiser, &mut batch, stage.block_size, config, &mut scratch)?;
+        let sampler = SamplerConfig {
+            update: stage.update.unwrap_or(config.sampler.update),
+            ..config.sampler
+        };
+        nfe += run_stage(
+            denoiser,
+            &mut batch,
+            stage.block_size,
+            &sampler,
+            config.stop_at,
+            &mut scratch,
+        )?;
         stages.push(StageReport {
             block_size: stage.block_size,
-            remask_ratio: stage.remask_ratio,
+            remask: stage.remask,
+            update: sampler.update,
             nfe,
             remasked,
             tokens: batch.tokens.clone(),
@@ -190,6 +204,14 @@ fn check_inputs<D>(
     prompts: &[&[u32]],
 ) -> Result<(), GenerateError<D>> {
     config.sampler.validate()?;
+    for stage in config.plan.stages() {
+        if let Some(update) = stage.update {
+            update.validate()?;
+        }
+        if let Some(amount) = stage.remask {
+            amount.validate()?;
+        }
+    }
     let seq_len = config.plan.seq_len();
     if vocab < 2 || mask_id as usize >= vocab {
         return Err(invalid(
@@ -235,7 +257,8 @@ fn run_stage<D: Denoiser>(
     denoiser: &mut D,
     batch: &mut SequenceBatch,
     block_size: usize,
-    config: &GenerateConfig,
+    sampler: &SamplerConfig,
+    stop_at: Option<u32>,
     scratch: &mut BlockScratch,
 ) -> Result<u32, GenerateError<D::Error>> {
     let seq_len = batch.seq_len();
@@ -250,17 +273,10 @@ fn run_stage<D: Denoiser>(
             break;
         }
         if batch.any_masked_in(block.clone()) {
-            calls += fill_block(
-                denoiser,
-                batch,
-                block.clone(),
-                block_size,
-                &config.sampler,
-                scratch,
-            )
-            .map_err(GenerateError::Denoiser)?;
+            calls += fill_block(denoiser, batch, block.clone(), block_size, sampler, scratch)
+                .map_err(GenerateError::Denoiser)?;
         }
-        if let Some(eos) = config.stop_at {
+        if let Some(eos) = stop_at {
             for seq in 0..batch.batch() {
                 batch.end_at_eos(seq, 1, eos);
             }
@@ -292,7 +308,7 @@ fn choose_remask<D: Denoiser>(
     batch: &SequenceBatch,
     config: &GenerateConfig,
     stage: u32,
-    ratio: f64,
+    amount: RemaskAmount,
     previous_block: usize,
     block_size: usize,
 ) -> Result<RemaskChoice, GenerateError<D::Error>> {
@@ -341,7 +357,7 @@ fn choose_remask<D: Denoiser>(
         picked.push(select_lowest(
             &scores[seq * seq_len..(seq + 1) * seq_len],
             &eligible,
-            ratio,
+            amount,
             scope,
         ));
     }
@@ -567,7 +583,8 @@ mod tests {
         generate(lm, cfg, &refs).unwrap()
     }
 
-    /// A random valid plan for length `l`: sizes that divide `l`, non-decreasing, last = l.
+    /// A random valid plan for length `l`: sizes that divide `l`, non-decreasing, last = l;
+    /// fixed and adaptive remask amounts, and some stages with their own update rule.
     fn random_plan(l: usize, picks: &[u8]) -> ResolvedPlan {
         let divisors: Vec<usize> = (1..=l).filter(|d| l % d == 0).collect();
         let mut sizes: Vec<usize> = picks
@@ -576,21 +593,54 @@ mod tests {
             .map(|&p| divisors[usize::from(p) % divisors.len()])
             .collect();
         sizes.sort_unstable();
-        let mut text = alloc::format!("{}", sizes.first().copied().unwrap_or(1));
+        let rule = |i: usize| match picks.get(i).map(|p| p / 64) {
+            Some(1) => "@threshold:0.7",
+            Some(2) => "@entropy:0.4",
+            Some(3) => "@topk:2",
+            _ => "",
+        };
+        let amounts = ["0.25", "below:0.5", "1", "below:0.3:0.1..0.6"];
+        let mut text = alloc::format!("{}{}", sizes.first().copied().unwrap_or(1), rule(0));
         for (i, s) in sizes.iter().skip(1).enumerate() {
-            text.push_str(&alloc::format!(",{s}:{}", [0.25, 0.5, 1.0][i % 3]));
+            text.push_str(&alloc::format!(",{s}:{}{}", amounts[i % 4], rule(i + 1)));
         }
         if sizes.len() > 1 || picks.len() % 2 == 0 {
-            text.push_str(&alloc::format!(",{l}:0.3"));
+            let last = amounts[picks.len() % 4];
+            text.push_str(&alloc::format!(",{l}:{last}{}", rule(3)));
         }
         plan(&text, l)
     }
 
-    fn config(plan: ResolvedPlan, seed: u64, ddpm: Option<u32>, strategy: u8) -> GenerateConfig {
-        let mut cfg = GenerateConfig::new(plan, seed);
-        if let Some(steps) = ddpm {
-            cfg.sampler.update = BlockUpdate::DdpmCaching { steps };
+    /// Every update rule, by a random pick (`None`: first-hitting).
+    fn update_rule(pick: Option<u8>) -> BlockUpdate {
+        let Some(t) = pick else {
+            return BlockUpdate::FirstHitting;
+        };
+        let v = t / 4;
+        match t % 4 {
+            0 => BlockUpdate::DdpmCaching {
+                steps: u32::from(v % 9) + 1,
+            },
+            1 => BlockUpdate::ConfidenceThreshold {
+                tau: [0.2, 0.5, 0.9, 1.0][usize::from(v % 4)],
+            },
+            2 => BlockUpdate::EntropyBound {
+                budget: [0.0, 0.3, 1.0, 5.0][usize::from(v % 4)],
+            },
+            _ => BlockUpdate::TopK {
+                k: u32::from(v % 4) + 1,
+            },
         }
+    }
+
+    fn config(plan: ResolvedPlan, seed: u64, rule: Option<u8>, strategy: u8) -> GenerateConfig {
+        let mut cfg = GenerateConfig::new(plan, seed);
+        cfg.sampler.update = update_rule(rule);
+        cfg.sampler.confidence = [
+            ConfidenceKind::Nucleus,
+            ConfidenceKind::Raw,
+            ConfidenceKind::Max,
+        ][usize::from(strategy / 8) % 3];
         cfg.remask = match strategy % 5 {
             0 => RemaskStrategy::Snapshot(ConfidenceKind::Nucleus),
             1 => RemaskStrategy::Snapshot(ConfidenceKind::Raw),
@@ -609,7 +659,7 @@ mod tests {
     quickcheck! {
         fn every_position_is_unmasked_and_revealed_tokens_never_change(seed: u64, picks: Vec<u8>, ddpm: Option<u8>, strategy: u8) -> bool {
             let l = 24;
-            let cfg = config(random_plan(l, &picks), seed, ddpm.map(|t| u32::from(t % 9) + 1), strategy);
+            let cfg = config(random_plan(l, &picks), seed, ddpm, strategy);
             let mut lm = ToyLm::default();
             let out = run(&mut lm, &cfg, 3);
             if out.batch.tokens.contains(&MASK) {
@@ -619,7 +669,7 @@ mod tests {
             let mut call = 0;
             for stage in &out.stages {
                 // Post-hoc scoring reads the finished previous stage in one call, before the remask.
-                let scoring = usize::from(cfg.remask == RemaskStrategy::PostHoc && stage.remask_ratio.is_some());
+                let scoring = usize::from(cfg.remask == RemaskStrategy::PostHoc && stage.remask.is_some());
                 let calls = &lm.calls[call + scoring..call + stage.nfe as usize];
                 for w in calls.windows(2) {
                     if w[0].iter().zip(&w[1]).any(|(&a, &b)| a != MASK && a != b) {
@@ -640,7 +690,7 @@ mod tests {
         }
 
         fn kv_cache_changes_nothing(seed: u64, picks: Vec<u8>, ddpm: Option<u8>, strategy: u8) -> bool {
-            let cfg = config(random_plan(16, &picks), seed, ddpm.map(|t| u32::from(t % 5) + 1), strategy);
+            let cfg = config(random_plan(16, &picks), seed, ddpm, strategy);
             let plain = run(&mut ToyLm::default(), &cfg, 2);
             let cached = run(&mut ToyLm { cached: true, ..ToyLm::default() }, &cfg, 2);
             plain == cached
@@ -648,7 +698,7 @@ mod tests {
 
         fn a_sequence_does_not_depend_on_its_batch(seed: u64, picks: Vec<u8>, ddpm: Option<u8>, strategy: u8) -> bool {
             let l = 16;
-            let cfg = config(random_plan(l, &picks), seed, ddpm.map(|t| u32::from(t % 5) + 1), strategy);
+            let cfg = config(random_plan(l, &picks), seed, ddpm, strategy);
             let together = run(&mut ToyLm::default(), &cfg, 3);
             let p = prompts(3);
             (0..3).all(|i| {
@@ -672,7 +722,7 @@ mod tests {
                 }
             }
             let l = 20;
-            let cfg = config(random_plan(l, &picks), seed, ddpm.map(|t| u32::from(t % 5) + 1), strategy);
+            let cfg = config(random_plan(l, &picks), seed, ddpm, strategy);
             let out = generate(&mut OneHot, &cfg, &[&[EOS]]).unwrap();
             let want: Vec<u32> = (0..l).map(|p| if p == 0 { EOS } else { ((p * 7) % 10) as u32 }).collect();
             TestResult::from_bool(out.batch.tokens == want)
@@ -869,5 +919,114 @@ mod tests {
         let mut bad = cfg.clone();
         bad.sampler.update = BlockUpdate::DdpmCaching { steps: 0 };
         assert!(generate(&mut ToyLm::default(), &bad, &[&[EOS]]).is_err());
+    }
+
+    /// Logits with one sure token per position (probability ≈ 1).
+    struct Sure;
+    impl Denoiser for Sure {
+        type Error = core::convert::Infallible;
+        fn vocab_size(&self) -> usize {
+            V
+        }
+        fn mask_id(&self) -> u32 {
+            MASK
+        }
+        fn logits(&mut self, r: &DenoiseRequest<'_>, out: &mut [f32]) -> Result<(), Self::Error> {
+            for (o, row) in r.outputs.iter().zip(out.chunks_mut(V)) {
+                row.fill(-100.0);
+                row[o.pos as usize % 10] = 100.0;
+            }
+            Ok(())
+        }
+    }
+
+    fn with_rule(text: &str, l: usize, rule: &str) -> GenerateConfig {
+        let mut cfg = GenerateConfig::new(plan(text, l), 7);
+        cfg.sampler.update = rule.parse().unwrap();
+        cfg
+    }
+
+    #[test]
+    fn a_sure_model_fills_each_block_in_one_call_under_every_parallel_rule() {
+        for rule in ["threshold:0.9", "entropy:0.0", "topk:4"] {
+            let out = generate(&mut Sure, &with_rule("4", 32, rule), &[&[EOS]]).unwrap();
+            assert_eq!(out.stages[0].nfe, 8, "{rule}");
+            assert!(!out.batch.tokens.contains(&MASK));
+        }
+    }
+
+    #[test]
+    fn parallel_rules_on_an_unsure_model_cost_what_they_should() {
+        // Uniform logits: every draw has confidence 1/11 and entropy ln 11.
+        let count = |rule: &str| {
+            let mut lm = CountingUniform {
+                rows: Vec::new(),
+                positions: Vec::new(),
+            };
+            let out = generate(&mut lm, &with_rule("8", 32, rule), &[&[EOS]]).unwrap();
+            assert_eq!(out.stages[0].nfe as usize, lm.rows.len());
+            (out.stages[0].nfe, lm.rows)
+        };
+        // Nothing clears τ: one token per call, the most confident (all tie: the first).
+        let (nfe, rows) = count("threshold:0.5");
+        assert_eq!(nfe, 31);
+        assert_eq!(&rows[..3], &[7, 6, 5]); // every masked position is asked each call
+                                            // A budget below one entropy reveals one per call; one of 3 entropies reveals four.
+        assert_eq!(count("entropy:1.0").0, 31);
+        assert_eq!(count("entropy:7.5").0, 2 + 2 + 2 + 2);
+        // k per call: ceil(7 / 3) + 3 × ceil(8 / 3).
+        assert_eq!(count("topk:3").0, 3 + 3 * 3);
+    }
+
+    #[test]
+    fn a_stage_rule_overrides_the_sampler_and_is_reported() {
+        let mut cfg = GenerateConfig::new(plan("4@topk:4,L:0.5@threshold:0.9", 16), 3);
+        cfg.sampler.update = BlockUpdate::FirstHitting;
+        let out = generate(&mut Sure, &cfg, &[&[EOS]]).unwrap();
+        assert_eq!(out.stages[0].update, BlockUpdate::TopK { k: 4 });
+        assert_eq!(out.stages[0].nfe, 4);
+        assert_eq!(
+            out.stages[1].update,
+            BlockUpdate::ConfidenceThreshold { tau: 0.9 }
+        );
+        assert_eq!(out.stages[1].nfe, 1);
+    }
+
+    #[test]
+    fn max_outputs_per_call_splits_a_parallel_step_and_counts_each_call() {
+        let mut cfg = with_rule("L", 32, "threshold:0.9");
+        cfg.sampler.max_outputs_per_call = 10;
+        let mut lm = CountingUniform {
+            rows: Vec::new(),
+            positions: Vec::new(),
+        };
+        let out = generate(&mut lm, &cfg, &[&[EOS]]).unwrap();
+        assert!(lm.rows.iter().all(|&r| r <= 10));
+        assert_eq!(out.nfe() as usize, lm.rows.len());
+        let plain = generate(&mut lm, &with_rule("L", 32, "threshold:0.9"), &[&[EOS]]).unwrap();
+        assert_eq!(plain.batch.tokens, out.batch.tokens);
+    }
+
+    quickcheck! {
+        fn adaptive_remask_takes_the_scores_below_within_the_bounds(seed: u64, c: u8, lo: u8, hi: u8) -> bool {
+            let l = 32;
+            let (lo, hi) = (f64::from(lo.min(hi)) / 255.0, f64::from(lo.max(hi)) / 255.0);
+            let c = f64::from(c) / 255.0;
+            let amount = RemaskAmount::Below { score: c, min: lo, max: hi };
+            let draft = run(&mut ToyLm::default(), &GenerateConfig::new(plan("4", l), seed), 2);
+            let mut cfg = GenerateConfig::new(plan("4", l), seed);
+            cfg.plan = plan(&alloc::format!("4,L:{amount}"), l);
+            let refined = run(&mut ToyLm::default(), &cfg, 2);
+            (0..2).all(|seq| {
+                let eligible: Vec<usize> = (0..l).filter(|&p| draft.batch.eligible(seq, p)).collect();
+                let n = eligible.len();
+                let conf = |p: usize| draft.batch.confidence[seq * l + p].nucleus;
+                let below = eligible.iter().filter(|&&p| conf(p) < c).count();
+                let want = below.clamp(crate::refine::remask_count(lo, n), crate::refine::remask_count(hi, n));
+                let got = &refined.stages[1].remasked[seq];
+                let worst_kept = eligible.iter().filter(|p| !got.contains(p)).map(|&p| conf(p)).fold(f64::INFINITY, f64::min);
+                got.len() == want && got.iter().all(|&p| conf(p) <= worst_kept)
+            })
+        }
     }
 }

@@ -2,7 +2,8 @@
 //! least confident tokens, refine them with a large block.
 //!
 //! - [`plan`]: the stage-plan grammar and its checks;
-//! - [`remask`]: which tokens are remasked (snapshot, post-hoc, random; global or per block);
+//! - [`remask`]: which tokens are remasked (snapshot, post-hoc, random; a fixed fraction
+//!   or every score below a threshold; global or per block);
 //! - [`driver`]: [`generate`], the multi-stage loop over any [`crate::denoiser::Denoiser`];
 //! - [`mix_scale`]: the block-size distribution of mix-scale training.
 
@@ -14,4 +15,4 @@ pub mod remask;
 pub use driver::{generate, GenerateConfig, GenerateError, Generation, StageReport};
 pub use mix_scale::{BlockSizeDistribution, ResolvedBlockSizes};
 pub use plan::{BlockSpec, ResolvedPlan, Stage, StagePlan, StageSpec};
-pub use remask::{remask_count, select_lowest, RemaskScope, RemaskStrategy};
+pub use remask::{remask_count, select_lowest, RemaskAmount, RemaskScope, RemaskStrategy};

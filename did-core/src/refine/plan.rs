@@ -1,16 +1,25 @@
-//! Stage plans: the block size of each stage and the fraction remasked before it.
+//! Stage plans: for each stage its block size, what is remasked before it, and
+//! how its blocks are filled.
 //!
 //! Grammar (spaces allowed around every item):
 //!
 //! ```text
-//! plan  := block ( "," block ":" ratio )*
-//! block := integer ≥ 1 | "L"          ("L" = the sequence length)
-//! ratio := a number in (0, 1]
+//! plan   := draft ( "," refine )*
+//! draft  := block [ "@" rule ]
+//! refine := block ":" remask [ "@" rule ]
+//! block  := integer ≥ 1 | "L"               ("L" = the sequence length)
+//! remask := ratio                           the lowest floor(ratio · n), ratio in (0, 1]
+//!         | "below:" c [ ":" min ".." max ] every score below c, between the fractions
+//! rule   := "first-hitting" | "ddpm:" T | "threshold:" τ | "entropy:" β | "topk:" k
 //! ```
 //!
 //! `4` drafts with blocks of 4 and stops. `4,1024:0.25` drafts at 4, remasks
 //! the least confident 25 % and regenerates them with one block of 1024.
-//! `4,64:0.5,L:0.25` has three stages.
+//! `4,64:0.5,L:0.25` has three stages. `4@threshold:0.9,L:below:0.5:0.05..0.5@entropy:0.3`
+//! drafts revealing every token surer than 0.9 per call, remasks the tokens drawn
+//! with confidence below 0.5 (at least 5 %, at most half of them) and refines them
+//! under an entropy budget of 0.3 nats per call. A stage without a rule uses the
+//! sampler's (`--sampler`, first-hitting by default).
 
 use alloc::string::ToString;
 use alloc::vec::Vec;
@@ -18,6 +27,8 @@ use core::fmt;
 use core::str::FromStr;
 
 use crate::error::{invalid, parse_error};
+use crate::refine::remask::RemaskAmount;
+use crate::sample::BlockUpdate;
 use crate::Error;
 
 /// A block size as written: a number, or the whole sequence.
@@ -70,8 +81,10 @@ pub(crate) fn parse_block(text: &str, what: &'static str, whole: &str) -> Result
 pub struct StageSpec {
     /// The attention block size.
     pub block: BlockSpec,
-    /// The fraction of eligible tokens remasked before this stage; `None` for the draft.
-    pub remask_ratio: Option<f64>,
+    /// What is remasked before this stage; `None` for the draft.
+    pub remask: Option<RemaskAmount>,
+    /// How its blocks are filled; `None` for the sampler's rule.
+    pub update: Option<BlockUpdate>,
 }
 
 /// A stage plan as written, not yet checked against a sequence length.
@@ -138,7 +151,8 @@ impl StagePlan {
             previous = b;
             out.push(Stage {
                 block_size: b,
-                remask_ratio: s.remask_ratio,
+                remask: s.remask,
+                update: s.update,
             });
         }
         if require_global_final && out.len() > 1 && previous != seq_len {
@@ -178,12 +192,16 @@ impl FromStr for StagePlan {
         }
         let mut stages = Vec::new();
         for (i, item) in text.split(',').enumerate() {
-            let (block, ratio) = match item.split_once(':') {
-                Some((b, r)) => (b, Some(r)),
+            let (head, rule) = match item.split_once('@') {
+                Some((h, r)) => (h, Some(r)),
                 None => (item, None),
             };
+            let (block, remask) = match head.split_once(':') {
+                Some((b, r)) => (b, Some(r)),
+                None => (head, None),
+            };
             let block = parse_block(block, WHAT, text)?;
-            let remask_ratio = match (i, ratio) {
+            let remask = match (i, remask) {
                 (0, Some(_)) => {
                     return Err(parse_error(
                         WHAT,
@@ -192,22 +210,40 @@ impl FromStr for StagePlan {
                     ))
                 }
                 (0, None) => None,
-                (_, None) => {
-                    return Err(parse_error(
-                        WHAT,
-                        text,
-                        alloc::format!("stage {} needs a remask ratio, e.g. {}:0.25", i + 1, block),
-                    ))
-                }
-                (_, Some(r)) => Some(parse_ratio(r, WHAT, text)?),
+                (_, None) => return Err(parse_error(
+                    WHAT,
+                    text,
+                    alloc::format!(
+                        "stage {} needs a remask amount, e.g. {block}:0.25 or {block}:below:0.5",
+                        i + 1
+                    ),
+                )),
+                (_, Some(r)) => Some(parse_remask(r, text)?),
+            };
+            let update = match rule {
+                None => None,
+                Some(r) => Some(r.parse::<BlockUpdate>().map_err(|e| {
+                    parse_error(WHAT, text, alloc::format!("stage {}: {e}", i + 1))
+                })?),
             };
             stages.push(StageSpec {
                 block,
-                remask_ratio,
+                remask,
+                update,
             });
         }
         Ok(StagePlan { stages })
     }
+}
+
+/// A remask amount inside a plan; a bad ratio keeps the plan's own wording.
+fn parse_remask(text: &str, whole: &str) -> Result<RemaskAmount, Error> {
+    if text.trim().starts_with("below") {
+        return text
+            .parse::<RemaskAmount>()
+            .map_err(|e| parse_error("stage plan", whole, e.to_string()));
+    }
+    parse_ratio(text, "stage plan", whole).map(RemaskAmount::Fraction)
 }
 
 pub(crate) fn parse_ratio(text: &str, what: &'static str, whole: &str) -> Result<f64, Error> {
@@ -234,8 +270,11 @@ impl fmt::Display for StagePlan {
                 f.write_str(",")?;
             }
             write!(f, "{}", s.block)?;
-            if let Some(r) = s.remask_ratio {
-                write!(f, ":{}", r.to_string().as_str())?;
+            if let Some(r) = s.remask {
+                write!(f, ":{r}")?;
+            }
+            if let Some(u) = s.update {
+                write!(f, "@{u}")?;
             }
         }
         Ok(())
@@ -247,8 +286,10 @@ impl fmt::Display for StagePlan {
 pub struct Stage {
     /// The attention block size; divides the sequence length.
     pub block_size: usize,
-    /// The fraction remasked before the stage; `None` for the draft.
-    pub remask_ratio: Option<f64>,
+    /// What is remasked before the stage; `None` for the draft.
+    pub remask: Option<RemaskAmount>,
+    /// How its blocks are filled; `None` for the sampler's rule.
+    pub update: Option<BlockUpdate>,
 }
 
 /// A plan checked against a sequence length.
@@ -280,7 +321,12 @@ mod tests {
         let e = |s: &str| s.parse::<StagePlan>().unwrap_err().to_string();
         assert!(e("").contains("empty"));
         assert!(e("4:0.5").contains("first stage"));
-        assert!(e("4,L").contains("needs a remask ratio"));
+        assert!(e("4,L").contains("needs a remask amount"));
+        assert!(e("4@threshold:2").contains("(0, 1]"));
+        assert!(e("4@fast").contains("unknown rule"));
+        assert!(e("4,L:below:0.5:0.6..0.2").contains("min ≤ max"));
+        assert!(e("4,L:below:0.5:0.1").contains("min..max"));
+        assert!(e("4,L:below:x").contains("not a number"));
         assert!(e("4,L:0").contains("(0, 1]"));
         assert!(e("4,L:1.5").contains("(0, 1]"));
         assert!(e("4,x:0.2").contains("not a block size"));
@@ -311,6 +357,17 @@ mod tests {
                 let r = if r == 0.0 { 0.5 } else { r };
                 text.push_str(&alloc::format!(",{}:{}", u32::from(*s) + 1, r));
             }
+            let plan: StagePlan = text.parse().unwrap();
+            plan.to_string().parse::<StagePlan>().unwrap() == plan
+        }
+
+        fn rules_and_adaptive_amounts_round_trip(tau: u8, budget: u8, k: u8, c: u8, lo: u8, hi: u8) -> bool {
+            let (lo, hi) = (u32::from(lo.min(hi)), u32::from(lo.max(hi)));
+            let text = alloc::format!(
+                "4@threshold:{},16:below:{}:{}..{}@entropy:{},L:0.25@topk:{}",
+                (f64::from(tau) + 1.0) / 256.0, f64::from(c) / 255.0, f64::from(lo) / 255.0,
+                f64::from(hi) / 255.0, f64::from(budget) / 8.0, u32::from(k) + 1
+            );
             let plan: StagePlan = text.parse().unwrap();
             plan.to_string().parse::<StagePlan>().unwrap() == plan
         }

@@ -10,15 +10,25 @@
 //!   reaffirm what it wrote);
 //! - [`RemaskStrategy::Random`] — a uniform random key (a baseline).
 //!
+//! How many are remasked is a [`RemaskAmount`]: a fixed fraction γ (the
+//! paper's), or every score below a threshold between a minimum and a maximum
+//! fraction (adaptive: a confident draft loses little, a poor one is not
+//! regenerated wholesale), decided per sequence and per scope unit.
+//!
 //! **The count is exact**: `floor(γ · n)` positions out of the `n` eligible
 //! ones of a scope (with a 1e-9 tolerance, so that 0.29 × 100 is 29, not 28).
 //! Eligible means drawn: never the BOS, a prompt token, or padding after the
 //! end of a sequence. **Ties** go to the smaller position.
 
+use alloc::string::ToString;
 use alloc::vec::Vec;
 use core::cmp::Ordering;
+use core::fmt;
+use core::str::FromStr;
 
+use crate::error::{invalid, parse_error};
 use crate::sample::ConfidenceKind;
+use crate::Error;
 
 /// Where the scores that rank tokens for remasking come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -51,6 +61,139 @@ pub enum RemaskScope {
     PerBlock,
 }
 
+/// How many of a scope unit's eligible tokens are remasked (always the lowest-scoring ones).
+///
+/// ```
+/// use did_core::refine::RemaskAmount;
+/// let adaptive: RemaskAmount = "below:0.5:0.1..0.4".parse()?;
+/// assert_eq!(adaptive, RemaskAmount::Below { score: 0.5, min: 0.1, max: 0.4 });
+/// // 10 eligible: 3 score below 0.5, inside [floor(0.1·10), floor(0.4·10)] = [1, 4].
+/// let scores = [0.1, 0.9, 0.3, 0.8, 0.95, 0.99, 0.7, 0.2, 0.6, 0.9];
+/// assert_eq!(adaptive.count(&scores), 3);
+/// assert_eq!(RemaskAmount::Fraction(0.25).count(&scores), 2);
+/// assert_eq!(adaptive.to_string(), "below:0.5:0.1..0.4");
+/// # Ok::<(), did_core::Error>(())
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RemaskAmount {
+    /// `floor(γ · n)`: the paper's fixed ratio γ ∈ (0, 1]. Written as the number alone.
+    Fraction(f64),
+    /// Every token scoring below `score`, but at least `floor(min · n)` and at most
+    /// `floor(max · n)`. Written `below:c` (min 0, max 1) or `below:c:min..max`.
+    Below {
+        /// The score (confidence) under which a token is remasked.
+        score: f64,
+        /// The smallest fraction remasked.
+        min: f64,
+        /// The largest fraction remasked.
+        max: f64,
+    },
+}
+
+impl RemaskAmount {
+    /// How many of the `n = scores.len()` eligible tokens with these scores are remasked.
+    pub fn count(&self, scores: &[f64]) -> usize {
+        let n = scores.len();
+        match *self {
+            RemaskAmount::Fraction(ratio) => remask_count(ratio, n),
+            RemaskAmount::Below { score, min, max } => {
+                let below = scores.iter().filter(|&&s| s < score).count();
+                below.clamp(
+                    remask_count(min, n),
+                    remask_count(max, n).max(remask_count(min, n)),
+                )
+            }
+        }
+    }
+
+    /// Checks the numbers; the error names the fix.
+    pub fn validate(&self) -> Result<(), Error> {
+        match *self {
+            RemaskAmount::Fraction(r) if !(r > 0.0 && r <= 1.0) => Err(invalid(
+                "remask ratio",
+                alloc::format!("{r} must be in (0, 1], e.g. L:0.25"),
+            )),
+            RemaskAmount::Below { score, min, max } => {
+                if !(score.is_finite()) {
+                    return Err(invalid(
+                        "remask threshold",
+                        alloc::format!("{score} must be a finite score, e.g. below:0.5"),
+                    ));
+                }
+                if !(0.0..=1.0).contains(&min) || !(0.0..=1.0).contains(&max) || min > max {
+                    return Err(invalid(
+                        "remask bounds",
+                        alloc::format!("{min}..{max} must be fractions with 0 ≤ min ≤ max ≤ 1, e.g. below:0.5:0.05..0.5"),
+                    ));
+                }
+                Ok(())
+            }
+            RemaskAmount::Fraction(_) => Ok(()),
+        }
+    }
+}
+
+impl From<f64> for RemaskAmount {
+    fn from(ratio: f64) -> Self {
+        RemaskAmount::Fraction(ratio)
+    }
+}
+
+impl fmt::Display for RemaskAmount {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            RemaskAmount::Fraction(r) => write!(f, "{r}"),
+            RemaskAmount::Below { score, min, max } if min == 0.0 && max == 1.0 => {
+                write!(f, "below:{score}")
+            }
+            RemaskAmount::Below { score, min, max } => write!(f, "below:{score}:{min}..{max}"),
+        }
+    }
+}
+
+impl FromStr for RemaskAmount {
+    type Err = Error;
+
+    /// `γ` (a fraction in (0, 1]), `below:c`, or `below:c:min..max`.
+    fn from_str(text: &str) -> Result<Self, Error> {
+        const WHAT: &str = "remask amount";
+        let t = text.trim();
+        let number = |v: &str| -> Result<f64, Error> {
+            v.trim().parse::<f64>().map_err(|_| {
+                parse_error(WHAT, text, alloc::format!("{:?} is not a number; write γ (0.25), below:c (below:0.5) or below:c:min..max (below:0.5:0.05..0.5)", v.trim()))
+            })
+        };
+        let amount = match t.strip_prefix("below:") {
+            None => RemaskAmount::Fraction(number(t)?),
+            Some(rest) => match rest.split_once(':') {
+                None => RemaskAmount::Below {
+                    score: number(rest)?,
+                    min: 0.0,
+                    max: 1.0,
+                },
+                Some((c, bounds)) => {
+                    let (lo, hi) = bounds.split_once("..").ok_or_else(|| {
+                        parse_error(
+                            WHAT,
+                            text,
+                            "bounds are written min..max, e.g. below:0.5:0.05..0.5",
+                        )
+                    })?;
+                    RemaskAmount::Below {
+                        score: number(c)?,
+                        min: number(lo)?,
+                        max: number(hi)?,
+                    }
+                }
+            },
+        };
+        amount
+            .validate()
+            .map_err(|e| parse_error(WHAT, text, e.to_string()))?;
+        Ok(amount)
+    }
+}
+
 /// `floor(ratio · n)` with a 1e-9 tolerance.
 ///
 /// ```
@@ -66,9 +209,9 @@ pub fn remask_count(ratio: f64, n: usize) -> usize {
     }
 }
 
-/// Picks, among the eligible positions, the `floor(ratio · n)` with the lowest
-/// scores in each scope unit (the whole sequence, or each `scope_block`), ties
-/// to the smaller position. Returns the positions in ascending order.
+/// Picks, among the eligible positions, the [`RemaskAmount::count`] (for a ratio γ:
+/// `floor(γ · n)`) with the lowest scores in each scope unit (the whole sequence, or
+/// each `scope_block`), ties to the smaller position. Returns the positions in ascending order.
 ///
 /// ```
 /// use did_core::refine::select_lowest;
@@ -79,9 +222,10 @@ pub fn remask_count(ratio: f64, n: usize) -> usize {
 pub fn select_lowest(
     scores: &[f64],
     eligible: &[bool],
-    ratio: f64,
+    amount: impl Into<RemaskAmount>,
     scope_block: Option<usize>,
 ) -> Vec<usize> {
+    let amount = amount.into();
     assert_eq!(
         scores.len(),
         eligible.len(),
@@ -92,11 +236,14 @@ pub fn select_lowest(
         .unwrap_or(scores.len().max(1));
     let mut out = Vec::new();
     let mut candidates: Vec<usize> = Vec::new();
+    let mut unit_scores: Vec<f64> = Vec::new();
     for start in (0..scores.len()).step_by(unit) {
         let end = (start + unit).min(scores.len());
         candidates.clear();
         candidates.extend((start..end).filter(|&p| eligible[p]));
-        let k = remask_count(ratio, candidates.len());
+        unit_scores.clear();
+        unit_scores.extend(candidates.iter().map(|&p| scores[p]));
+        let k = amount.count(&unit_scores);
         if k == 0 {
             continue;
         }

@@ -181,6 +181,53 @@ pub fn draw_token(
     row: u32,
     scratch: &mut DrawScratch,
 ) -> SampledToken {
+    draw_into(logits, mask_id, nucleus, stream, row, scratch).0
+}
+
+/// [`draw_token`], and the entropy (nats) of the nucleus-renormalised distribution the token
+/// was drawn from: the error proxy of the entropy-bounded update ([`crate::sample::parallel`]).
+///
+/// ```
+/// use did_core::rng::{Purpose, RngStream};
+/// use did_core::sample::categorical::{draw_token, draw_token_and_entropy, DrawScratch};
+/// use did_core::sample::{Nucleus, NucleusRule};
+/// let logits = [0.0f32, 0.0, 0.0, 0.0, 9.0]; // four equally likely ids; id 4 is [MASK]
+/// let s = RngStream::new(1, Purpose::Categorical, 0, 0);
+/// let all = Nucleus::new(1.0, NucleusRule::Bd3)?;
+/// let (t, h) = draw_token_and_entropy(&logits, 4, &all, &s, 0, &mut DrawScratch::default());
+/// assert!((h - 4f64.ln()).abs() < 1e-12);
+/// assert_eq!(t, draw_token(&logits, 4, &all, &s, 0, &mut DrawScratch::default()));
+/// # Ok::<(), did_core::Error>(())
+/// ```
+pub fn draw_token_and_entropy(
+    logits: &[f32],
+    mask_id: u32,
+    nucleus: &Nucleus,
+    stream: &RngStream,
+    row: u32,
+    scratch: &mut DrawScratch,
+) -> (SampledToken, f64) {
+    let (token, kept) = draw_into(logits, mask_id, nucleus, stream, row, scratch);
+    let mut entropy = 0.0;
+    for &v in &scratch.order[..kept] {
+        let p = scratch.probs[v as usize];
+        if p > 0.0 {
+            entropy -= p * libm::log(p);
+        }
+    }
+    (token, entropy.max(0.0))
+}
+
+/// The draw of [`draw_token`]; leaves the nucleus distribution in `scratch.probs` and its
+/// ids in `scratch.order[..kept]`, and returns `kept` with the token.
+fn draw_into(
+    logits: &[f32],
+    mask_id: u32,
+    nucleus: &Nucleus,
+    stream: &RngStream,
+    row: u32,
+    scratch: &mut DrawScratch,
+) -> (SampledToken, usize) {
     let probs = &mut scratch.probs;
     probs.clear();
     probs.resize(logits.len(), 0.0);
@@ -205,14 +252,15 @@ pub fn draw_token(
     };
     let id = raced.unwrap_or(candidates[0]);
     let nucleus_p = probs[id as usize];
-    SampledToken {
+    let token = SampledToken {
         id,
         confidence: Confidence {
             nucleus: nucleus_p,
             raw: nucleus_p * kept_mass,
             max: raw_max,
         },
-    }
+    };
+    (token, kept)
 }
 
 #[cfg(test)]

@@ -1,23 +1,35 @@
 //! Within-block updates: how the masked positions of one block are revealed.
 //!
-//! Both updates decide *which* positions are revealed at a step before the
-//! model is called (those decisions do not depend on the logits), and then ask
-//! the denoiser for logits at exactly those positions. So a step that reveals
-//! nothing costs no call — BD3-LM's "caching" — and the output head runs only
-//! where a token is drawn. NFE is the number of denoiser calls made.
+//! First-hitting and DDPM-caching decide *which* positions are revealed at a
+//! step before the model is called (those decisions do not depend on the
+//! logits), and then ask the denoiser for logits at exactly those positions.
+//! So a step that reveals nothing costs no call — BD3-LM's "caching" — and the
+//! output head runs only where a token is drawn.
+//!
+//! The parallel updates (confidence threshold, entropy bound, k per call) draw
+//! at every masked position of the block in one call and keep the draws the
+//! model is surest of ([`crate::sample::parallel`]); the rest stay masked and
+//! are drawn afresh at the next call. NFE is the number of denoiser calls made.
 //!
 //! The RNG step of a sequence counts the updates in which it had a masked
 //! position, so a sequence draws the same numbers whatever batch it is in.
 
+use alloc::string::ToString;
 use alloc::vec::Vec;
 use core::ops::Range;
 
 use crate::backend::DrawSpec;
 use crate::denoiser::{Denoiser, HostDrawScratch, OutputPosition};
+use crate::error::parse_error;
 use crate::rng::{Purpose, RngStream};
 use crate::sample::batch::SequenceBatch;
-use crate::sample::categorical::{Confidence, SampledToken};
+use crate::sample::categorical::{
+    draw_token_and_entropy, Confidence, ConfidenceKind, DrawScratch, SampledToken,
+};
 use crate::sample::nucleus::Nucleus;
+use crate::sample::parallel::{
+    keep_above_threshold, keep_most_confident, keep_within_entropy_budget, Candidate,
+};
 use crate::{error::invalid, Error};
 
 /// How a block's masked positions are revealed.
@@ -27,8 +39,12 @@ use crate::{error::invalid, Error};
 /// // About two tokens per call inside blocks of 16.
 /// let update = BlockUpdate::DdpmCaching { steps: 8 };
 /// assert_ne!(update, BlockUpdate::default()); // the default is first-hitting
+/// let rule: BlockUpdate = "threshold:0.9".parse()?;
+/// assert_eq!(rule, BlockUpdate::ConfidenceThreshold { tau: 0.9 });
+/// assert_eq!(rule.to_string(), "threshold:0.9");
+/// # Ok::<(), did_core::Error>(())
 /// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub enum BlockUpdate {
     /// One uniformly chosen masked position per call (Zheng et al.'s
     /// first-hitting sampler; every reported BD3-LM number, bd3lm.md §4.3).
@@ -44,6 +60,146 @@ pub enum BlockUpdate {
         /// `T`, steps per block (≥ 1).
         steps: u32,
     },
+    /// Draw at every masked position of the block; keep every draw whose
+    /// confidence exceeds `tau`, or the most confident one where none does
+    /// (Fast-dLLM's parallel decoding). Written `threshold:τ`.
+    ConfidenceThreshold {
+        /// τ ∈ (0, 1].
+        tau: f64,
+    },
+    /// Draw at every masked position of the block; keep them in order of
+    /// increasing entropy while the kept entropies, less the largest, sum to at
+    /// most `budget` nats (the EB-sampler). Written `entropy:β`.
+    EntropyBound {
+        /// β ≥ 0, in nats.
+        budget: f64,
+    },
+    /// Draw at every masked position of the block; keep the `k` most confident.
+    /// The simple baseline of the parallel rules. Written `topk:k`.
+    TopK {
+        /// k ≥ 1 tokens per call.
+        k: u32,
+    },
+}
+
+impl BlockUpdate {
+    /// Whether this update draws at every masked position of the block in each call.
+    pub fn is_parallel(&self) -> bool {
+        matches!(
+            self,
+            BlockUpdate::ConfidenceThreshold { .. }
+                | BlockUpdate::EntropyBound { .. }
+                | BlockUpdate::TopK { .. }
+        )
+    }
+
+    /// Checks the rule's parameter; the error names the fix.
+    pub fn validate(&self) -> Result<(), Error> {
+        match *self {
+            BlockUpdate::DdpmCaching { steps: 0 } => Err(invalid(
+                "DDPM steps",
+                "T must be at least 1 step per block (ddpm:8)",
+            )),
+            BlockUpdate::ConfidenceThreshold { tau } if !(tau > 0.0 && tau <= 1.0) => Err(invalid(
+                "confidence threshold",
+                alloc::format!("τ = {tau} must be in (0, 1]; 0.9 is Fast-dLLM's (threshold:0.9)"),
+            )),
+            BlockUpdate::EntropyBound { budget } if !(budget >= 0.0 && budget.is_finite()) => {
+                Err(invalid(
+                    "entropy bound",
+                    alloc::format!(
+                        "β = {budget} must be a finite number of nats ≥ 0 (entropy:0.5)"
+                    ),
+                ))
+            }
+            BlockUpdate::TopK { k: 0 } => {
+                Err(invalid("tokens per call", "k must be at least 1 (topk:2)"))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+impl core::fmt::Display for BlockUpdate {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            BlockUpdate::FirstHitting => f.write_str("first-hitting"),
+            BlockUpdate::DdpmCaching { steps } => write!(f, "ddpm:{steps}"),
+            BlockUpdate::ConfidenceThreshold { tau } => write!(f, "threshold:{tau}"),
+            BlockUpdate::EntropyBound { budget } => write!(f, "entropy:{budget}"),
+            BlockUpdate::TopK { k } => write!(f, "topk:{k}"),
+        }
+    }
+}
+
+/// The update rules as a user writes them, for error messages.
+pub const UPDATE_RULES: &str = "first-hitting, ddpm:T, threshold:τ, entropy:β or topk:k";
+
+impl core::str::FromStr for BlockUpdate {
+    type Err = Error;
+
+    /// `first-hitting`, `ddpm:T`, `threshold:τ`, `entropy:β`, `topk:k`.
+    fn from_str(text: &str) -> Result<Self, Error> {
+        const WHAT: &str = "update rule";
+        let t = text.trim();
+        let (name, value) = match t.split_once(':') {
+            Some((n, v)) => (n.trim(), Some(v.trim())),
+            None => (t, None),
+        };
+        let number = |v: Option<&str>, example: &str| -> Result<f64, Error> {
+            let v = v.ok_or_else(|| {
+                parse_error(
+                    WHAT,
+                    text,
+                    alloc::format!("{name} needs a value, e.g. {example}"),
+                )
+            })?;
+            v.parse::<f64>().map_err(|_| {
+                parse_error(
+                    WHAT,
+                    text,
+                    alloc::format!("{v:?} is not a number; write e.g. {example}"),
+                )
+            })
+        };
+        let whole = |v: Option<&str>, example: &str| -> Result<u32, Error> {
+            let x = number(v, example)?;
+            if x >= 1.0 && x <= f64::from(u32::MAX) && x == libm::floor(x) {
+                Ok(x as u32)
+            } else {
+                Err(parse_error(
+                    WHAT,
+                    text,
+                    alloc::format!("{x} must be a whole number ≥ 1; write e.g. {example}"),
+                ))
+            }
+        };
+        let rule = match name {
+            "first-hitting" | "fh" if value.is_none() => BlockUpdate::FirstHitting,
+            "ddpm" => BlockUpdate::DdpmCaching {
+                steps: whole(value, "ddpm:8")?,
+            },
+            "threshold" => BlockUpdate::ConfidenceThreshold {
+                tau: number(value, "threshold:0.9")?,
+            },
+            "entropy" => BlockUpdate::EntropyBound {
+                budget: number(value, "entropy:0.5")?,
+            },
+            "topk" => BlockUpdate::TopK {
+                k: whole(value, "topk:2")?,
+            },
+            _ => {
+                return Err(parse_error(
+                    WHAT,
+                    text,
+                    alloc::format!("unknown rule; use {UPDATE_RULES}"),
+                ))
+            }
+        };
+        rule.validate()
+            .map_err(|e| parse_error(WHAT, text, e.to_string()))?;
+        Ok(rule)
+    }
 }
 
 /// Everything the within-block sampler needs besides the model.
@@ -51,8 +207,10 @@ pub enum BlockUpdate {
 pub struct SamplerConfig {
     /// Top-p filtering of every draw.
     pub nucleus: Nucleus,
-    /// The within-block update.
+    /// The within-block update (a stage of a plan may name its own).
     pub update: BlockUpdate,
+    /// Which confidence the threshold and k-per-call updates rank draws by.
+    pub confidence: ConfidenceKind,
     /// The seed of every stream.
     pub seed: u64,
     /// At most this many logits rows per denoiser call (bounds host memory:
@@ -65,6 +223,7 @@ impl Default for SamplerConfig {
         SamplerConfig {
             nucleus: Nucleus::default(),
             update: BlockUpdate::default(),
+            confidence: ConfidenceKind::default(),
             seed: 0,
             max_outputs_per_call: 1024,
         }
@@ -74,9 +233,7 @@ impl Default for SamplerConfig {
 impl SamplerConfig {
     /// Checks the settings.
     pub fn validate(&self) -> Result<(), Error> {
-        if let BlockUpdate::DdpmCaching { steps: 0 } = self.update {
-            return Err(invalid("DDPM steps", "T must be at least 1 step per block"));
-        }
+        self.update.validate()?;
         if self.max_outputs_per_call == 0 {
             return Err(invalid("max outputs per call", "must be at least 1"));
         }
@@ -91,9 +248,13 @@ pub struct BlockScratch {
     specs: Vec<DrawSpec>,
     tokens: Vec<SampledToken>,
     drawn: Vec<(usize, SampledToken)>,
+    entropies: Vec<f64>,
     host: HostDrawScratch,
+    logits: Vec<f32>,
+    draw: DrawScratch,
     masked: Vec<usize>,
     active: Vec<usize>,
+    candidates: Vec<Candidate>,
 }
 
 /// Reveals every masked position of `block` in every sequence of `batch`,
@@ -196,6 +357,82 @@ pub fn fill_block<D: Denoiser>(
                 }
             }
         }
+        rule => {
+            while batch.any_masked_in(block.clone()) {
+                calls += parallel_step(denoiser, batch, &block, block_size, rule, config, scratch)?;
+            }
+        }
+    }
+    Ok(calls)
+}
+
+/// One call of a parallel update: draws at every masked position of the block in every
+/// sequence, keeps what `rule` keeps of each sequence's draws, and moves those sequences one
+/// step. Returns the calls made (more than one only where `max_outputs_per_call` splits it).
+fn parallel_step<D: Denoiser>(
+    denoiser: &mut D,
+    batch: &mut SequenceBatch,
+    block: &Range<usize>,
+    block_size: usize,
+    rule: BlockUpdate,
+    config: &SamplerConfig,
+    scratch: &mut BlockScratch,
+) -> Result<u32, D::Error> {
+    scratch.reveals.clear();
+    for seq in 0..batch.batch() {
+        let masked = batch.masked_in(seq, block.clone());
+        scratch.reveals.extend(masked.map(|pos| OutputPosition {
+            seq: seq as u32,
+            pos: pos as u32,
+        }));
+    }
+    let with_entropy = matches!(rule, BlockUpdate::EntropyBound { .. });
+    let calls = draw_all(
+        denoiser,
+        batch,
+        block,
+        block_size,
+        config,
+        with_entropy,
+        scratch,
+    )?;
+    // `drawn` is in the order of `reveals`: grouped by sequence, positions ascending.
+    let seq_len = batch.seq_len();
+    let mut start = 0;
+    while start < scratch.drawn.len() {
+        let seq = scratch.drawn[start].0 / seq_len;
+        let end = start
+            + scratch.drawn[start..]
+                .iter()
+                .take_while(|(index, _)| index / seq_len == seq)
+                .count();
+        scratch.candidates.clear();
+        for (i, &(index, token)) in scratch.drawn[start..end].iter().enumerate() {
+            scratch.candidates.push(Candidate {
+                pos: index % seq_len,
+                confidence: token.confidence.get(config.confidence),
+                entropy: scratch.entropies.get(start + i).copied().unwrap_or(0.0),
+            });
+        }
+        let kept = match rule {
+            BlockUpdate::ConfidenceThreshold { tau } => {
+                keep_above_threshold(&scratch.candidates, tau)
+            }
+            BlockUpdate::EntropyBound { budget } => {
+                keep_within_entropy_budget(&scratch.candidates, budget)
+            }
+            BlockUpdate::TopK { k } => keep_most_confident(&scratch.candidates, k as usize),
+            BlockUpdate::FirstHitting | BlockUpdate::DdpmCaching { .. } => {
+                (0..scratch.candidates.len()).collect()
+            }
+        };
+        for i in kept {
+            let (index, token) = scratch.drawn[start + i];
+            batch.tokens[index] = token.id;
+            batch.confidence[index] = token.confidence;
+        }
+        batch.steps[seq] = batch.steps[seq].wrapping_add(1);
+        start = end;
     }
     Ok(calls)
 }
@@ -210,9 +447,35 @@ fn reveal<D: Denoiser>(
     config: &SamplerConfig,
     scratch: &mut BlockScratch,
 ) -> Result<u32, D::Error> {
+    let calls = draw_all(denoiser, batch, block, block_size, config, false, scratch)?;
+    for &(index, token) in &scratch.drawn {
+        batch.tokens[index] = token.id;
+        batch.confidence[index] = token.confidence;
+    }
+    Ok(calls)
+}
+
+/// Draws a token at each of `scratch.reveals` (from the tokens as they are) into
+/// `scratch.drawn` as `(index in batch.tokens, token)`, in the same order, and with
+/// `with_entropy` each draw's entropy into `scratch.entropies`. Writes nothing to the batch.
+///
+/// Draws go through [`Denoiser::draw`], so a device may draw where its logits are; the
+/// entropy needs the rows themselves, so then the logits come to the host and are drawn by
+/// the reference draw, which every backend's draw equals token for token.
+fn draw_all<D: Denoiser>(
+    denoiser: &mut D,
+    batch: &SequenceBatch,
+    block: &Range<usize>,
+    block_size: usize,
+    config: &SamplerConfig,
+    with_entropy: bool,
+    scratch: &mut BlockScratch,
+) -> Result<u32, D::Error> {
     let mask_id = batch.mask_id();
+    let vocab = denoiser.vocab_size();
     let mut calls = 0;
     scratch.drawn.clear();
+    scratch.entropies.clear();
     for chunk in scratch.reveals.chunks(config.max_outputs_per_call) {
         scratch.specs.clear();
         scratch.specs.extend(chunk.iter().map(|out| DrawSpec {
@@ -233,23 +496,42 @@ fn reveal<D: Denoiser>(
             },
         );
         let request = batch.request(block_size, block.clone(), chunk);
-        denoiser.draw(
-            &request,
-            mask_id,
-            &config.nucleus,
-            &scratch.specs,
-            &mut scratch.host,
-            &mut scratch.tokens,
-        )?;
+        if with_entropy {
+            scratch.logits.clear();
+            scratch.logits.resize(chunk.len() * vocab, 0.0);
+            denoiser.logits(&request, &mut scratch.logits)?;
+            for ((row, spec), slot) in scratch
+                .logits
+                .chunks(vocab)
+                .zip(&scratch.specs)
+                .zip(&mut scratch.tokens)
+            {
+                let (token, entropy) = draw_token_and_entropy(
+                    row,
+                    mask_id,
+                    &config.nucleus,
+                    &spec.stream,
+                    spec.row,
+                    &mut scratch.draw,
+                );
+                *slot = token;
+                scratch.entropies.push(entropy);
+            }
+        } else {
+            denoiser.draw(
+                &request,
+                mask_id,
+                &config.nucleus,
+                &scratch.specs,
+                &mut scratch.host,
+                &mut scratch.tokens,
+            )?;
+        }
         calls += 1;
         for (out, &token) in chunk.iter().zip(&scratch.tokens) {
             let index = out.seq as usize * batch.seq_len() + out.pos as usize;
             scratch.drawn.push((index, token));
         }
-    }
-    for &(index, token) in &scratch.drawn {
-        batch.tokens[index] = token.id;
-        batch.confidence[index] = token.confidence;
     }
     Ok(calls)
 }
