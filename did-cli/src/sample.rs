@@ -317,8 +317,9 @@ impl Prepared {
                     .min(self.len);
                 Drawn {
                     tokens: g.batch.tokens[s * self.len..s * self.len + end].to_vec(),
-                    // Every denoiser call serves the whole batch: a sequence's NFE is the call count.
-                    nfe: g.nfe(),
+                    // The calls this sample took part in: its NFE alone (the batch's call
+                    // count is the largest of these; adaptive rules make them differ).
+                    nfe: g.sequence_nfe(s),
                     seconds: wall / n as f64,
                 }
             })
@@ -427,7 +428,8 @@ pub fn sample<B: Backend>(be: &B, opts: &SampleOptions) -> Result<String, String
                     "text": text,
                     "draft_text": tokenizer.decode(&draft[1..end]),
                     "remasked": remasked,
-                    "nfe": g.stages.iter().map(|st| st.nfe).collect::<Vec<_>>(),
+                    "nfe": g.stages.iter().map(|st| st.sequence_nfe.get(s).copied().unwrap_or(st.nfe)).collect::<Vec<_>>(),
+                    "batch_nfe": g.stages.iter().map(|st| st.nfe).collect::<Vec<_>>(),
                     "block_sizes": g.stages.iter().map(|st| st.block_size).collect::<Vec<_>>(),
                     "wall_s": wall / n as f64,
                     // The batch's, shared by its samples as wall_s is.

@@ -226,14 +226,20 @@ fn sample_with_every_remask_strategy() {
             // Each stage's time in the model, with its calls (post-hoc scoring's included).
             let stages = l["batch_stages"].as_array().unwrap();
             assert_eq!(stages.len(), 2, "{l}");
-            for (stage, (nfe, block)) in stages.iter().zip(
-                l["nfe"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .zip(l["block_sizes"].as_array().unwrap()),
-            ) {
+            for ((stage, (nfe, block)), own) in stages
+                .iter()
+                .zip(
+                    l["batch_nfe"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .zip(l["block_sizes"].as_array().unwrap()),
+                )
+                .zip(l["nfe"].as_array().unwrap())
+            {
                 assert_eq!(&stage["calls"], nfe, "{l}");
+                // A sample's own calls: those that asked for one of its positions.
+                assert!(own.as_u64().unwrap() <= nfe.as_u64().unwrap(), "{l}");
                 assert_eq!(&stage["block"], block, "{l}");
                 let s = stage["model_s"].as_f64().unwrap();
                 assert!(
@@ -266,11 +272,54 @@ fn sample_with_every_remask_strategy() {
     let l: serde_json::Value =
         serde_json::from_str(std::fs::read_to_string(&local).unwrap().trim()).unwrap();
     assert_eq!(l["block_sizes"], serde_json::json!([4, 16]), "{l}");
+    // An adaptive plan: parallel rules in both stages, remasking by a confidence threshold.
+    let adaptive = dir.join("adaptive.jsonl");
+    let (code, _, err) = did(&[
+        "sample",
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
+        "--stages",
+        "4@threshold:0.5,L:below:0.5:0.1..0.5@entropy:1",
+        "--num-samples",
+        "3",
+        "--batch",
+        "3",
+        "--out",
+        adaptive.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    for line in std::fs::read_to_string(&adaptive).unwrap().lines() {
+        let l: serde_json::Value = serde_json::from_str(line).unwrap();
+        let remasked = l["remasked"].as_array().unwrap().len();
+        // 31 drawn positions: between floor(0.1 · 31) = 3 and floor(0.5 · 31) = 15 remasked.
+        assert!((3..=15).contains(&remasked), "{l}");
+        let own: Vec<u64> = l["nfe"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap())
+            .collect();
+        let batch: Vec<u64> = l["batch_nfe"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap())
+            .collect();
+        assert!(
+            own.iter().zip(&batch).all(|(o, b)| o <= b && *o >= 1),
+            "{l}"
+        );
+    }
     for (extra, want) in [
         (&["--stages", "4,L:1.5"][..], "--stages"),
         (&["--stages", "5"][..], "--stages"),
         (&["--remask", "loudest"][..], "unknown --remask"),
-        (&["--sampler", "ddpm:0"][..], "unknown --sampler"),
+        (&["--sampler", "ddpm:0"][..], "--sampler"),
+        (
+            &["--sampler", "fast"][..],
+            "unknown rule; use first-hitting",
+        ),
+        (&["--stages", "4@entropy:-1,L:0.25"][..], "β = -1"),
         (
             &[
                 "--prompt",

@@ -60,6 +60,9 @@ pub struct StageReport {
     pub update: BlockUpdate,
     /// Denoiser calls made, including post-hoc scoring.
     pub nfe: u32,
+    /// Per sequence, the calls that asked for at least one of its positions (post-hoc scoring
+    /// asks for all): what the stage costs that sequence alone. None exceeds `nfe`.
+    pub sequence_nfe: Vec<u32>,
     /// Per sequence, the positions remasked before the stage (ascending).
     pub remasked: Vec<Vec<usize>>,
     /// `[batch, seq_len]` tokens after the stage.
@@ -79,6 +82,15 @@ impl Generation {
     /// Total denoiser calls over all stages.
     pub fn nfe(&self) -> u32 {
         self.stages.iter().map(|s| s.nfe).sum()
+    }
+
+    /// The calls sequence `seq` took part in over all stages: its NFE had it been sampled
+    /// alone (equal to [`Self::nfe`] for one sequence).
+    pub fn sequence_nfe(&self, seq: usize) -> u32 {
+        self.stages
+            .iter()
+            .map(|s| s.sequence_nfe.get(seq).copied().unwrap_or(0))
+            .sum()
     }
 }
 
@@ -153,6 +165,7 @@ pub fn generate<D: Denoiser>(
     let mut previous_block = 0;
     for (index, stage) in config.plan.stages().iter().enumerate() {
         let mut nfe = 0;
+        let mut scoring = 0;
         let mut remasked = alloc::vec![Vec::new(); batch.batch()];
         if let Some(amount) = stage.remask {
             let (positions, calls) = choose_remask(
@@ -165,6 +178,7 @@ pub fn generate<D: Denoiser>(
                 stage.block_size,
             )?;
             nfe += calls;
+            scoring = calls;
             for (seq, picked) in positions.into_iter().enumerate() {
                 for &pos in &picked {
                     batch.remask(seq, pos);
@@ -172,6 +186,7 @@ pub fn generate<D: Denoiser>(
                 remasked[seq] = picked;
             }
         }
+        scratch.reset_sequence_calls(batch.batch());
         let sampler = SamplerConfig {
             update: stage.update.unwrap_or(config.sampler.update),
             ..config.sampler
@@ -189,6 +204,11 @@ pub fn generate<D: Denoiser>(
             remask: stage.remask,
             update: sampler.update,
             nfe,
+            sequence_nfe: scratch
+                .sequence_calls()
+                .iter()
+                .map(|&c| c + scoring)
+                .collect(),
             remasked,
             tokens: batch.tokens.clone(),
         });
@@ -704,7 +724,8 @@ mod tests {
             (0..3).all(|i| {
                 let alone = generate(&mut ToyLm::default(), &GenerateConfig { first_sample: i as u32, ..cfg.clone() }, &[&p[i]]).unwrap();
                 alone.batch.tokens[..] == together.batch.tokens[i * l..(i + 1) * l]
-            })
+                    && alone.nfe() == together.sequence_nfe(i)
+            }) && together.stages.iter().all(|st| st.sequence_nfe.iter().all(|&c| c <= st.nfe))
         }
 
         fn a_one_hot_denoiser_yields_its_argmax_whatever_the_plan(seed: u64, picks: Vec<u8>, ddpm: Option<u8>, strategy: u8) -> TestResult {

@@ -201,25 +201,26 @@ impl FromStr for StagePlan {
                 None => (head, None),
             };
             let block = parse_block(block, WHAT, text)?;
-            let remask = match (i, remask) {
-                (0, Some(_)) => {
-                    return Err(parse_error(
+            let remask =
+                match (i, remask) {
+                    (0, Some(_)) => return Err(parse_error(
                         WHAT,
                         text,
                         "the first stage is the draft and remasks nothing; write it without :ratio",
-                    ))
-                }
-                (0, None) => None,
-                (_, None) => return Err(parse_error(
-                    WHAT,
-                    text,
-                    alloc::format!(
+                    )),
+                    (0, None) => None,
+                    (_, None) => {
+                        return Err(parse_error(
+                            WHAT,
+                            text,
+                            alloc::format!(
                         "stage {} needs a remask amount, e.g. {block}:0.25 or {block}:below:0.5",
                         i + 1
                     ),
-                )),
-                (_, Some(r)) => Some(parse_remask(r, text)?),
-            };
+                        ))
+                    }
+                    (_, Some(r)) => Some(parse_remask(r, text)?),
+                };
             let update = match rule {
                 None => None,
                 Some(r) => Some(r.parse::<BlockUpdate>().map_err(|e| {

@@ -255,6 +255,22 @@ pub struct BlockScratch {
     masked: Vec<usize>,
     active: Vec<usize>,
     candidates: Vec<Candidate>,
+    sequence_calls: Vec<u32>,
+}
+
+impl BlockScratch {
+    /// Per sequence, the calls since the last [`Self::reset_sequence_calls`] that asked for at
+    /// least one of its positions: what those calls cost the sequence had it been sampled
+    /// alone (a batch's call count is the largest of these, not their sum).
+    pub fn sequence_calls(&self) -> &[u32] {
+        &self.sequence_calls
+    }
+
+    /// Starts counting [`Self::sequence_calls`] afresh for `batch` sequences.
+    pub fn reset_sequence_calls(&mut self, batch: usize) {
+        self.sequence_calls.clear();
+        self.sequence_calls.resize(batch, 0);
+    }
 }
 
 /// Reveals every masked position of `block` in every sequence of `batch`,
@@ -528,6 +544,15 @@ fn draw_all<D: Denoiser>(
             )?;
         }
         calls += 1;
+        let mut last_seq = None;
+        for out in chunk {
+            if last_seq != Some(out.seq) {
+                last_seq = Some(out.seq);
+                if let Some(c) = scratch.sequence_calls.get_mut(out.seq as usize) {
+                    *c += 1;
+                }
+            }
+        }
         for (out, &token) in chunk.iter().zip(&scratch.tokens) {
             let index = out.seq as usize * batch.seq_len() + out.pos as usize;
             scratch.drawn.push((index, token));
