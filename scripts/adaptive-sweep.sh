@@ -11,7 +11,8 @@
 # DID (target/release/did, built first), BACKEND (cpu), RESULTS (runs/adaptive-demo),
 # CHECKPOINT (data/demo/dit.safetensors.gz), JUDGE (data/demo/judge.safetensors.gz),
 # JUDGE_LM (data/judges/en-us.lm.bin, fetched), SEEDS ("1 2 3"), SAMPLES (64),
-# PLANS (a file of "name plan" lines; default: the list below).
+# PLANS (a file of "name plan" lines; default: the list below), REPORT_DIR
+# (docs/results/adaptive-demo), TITLE; DID_REPORT (default: cargo run -p did-report).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,12 +24,17 @@ judge=${JUDGE:-data/demo/judge.safetensors.gz}
 judge_lm=${JUDGE_LM:-data/judges/en-us.lm.bin}
 seeds=${SEEDS:-1 2 3}
 samples=${SAMPLES:-64}
+report_dir=${REPORT_DIR:-docs/results/adaptive-demo}
+title=${TITLE:-Adaptive draft → refine on the demo model}
 
 if [ -z "${DID:-}" ]; then
     cargo build --release --locked -p did-cli --bin did
 fi
 [ -f "$judge_lm" ] || scripts/fetch-judges.sh "$(dirname "$judge_lm")"
 mkdir -p "$results/samples"
+length=$("$did" model-info "$checkpoint" | sed -n 's/.*context \([0-9]*\).*/\1/p' | head -n 1 || true)
+printf '{"backend": "%s", "checkpoint": "%s", "judge": "%s", "samples": %d, "seeds": "%s", "length": "%s"}\n' \
+    "$backend" "$checkpoint" "$judge" "$samples" "$seeds" "${length:-the model context}" >"$results/settings.json"
 
 # name plan. Names say the model, where the rule acts and its parameter.
 plans="
@@ -67,3 +73,13 @@ for seed in $seeds; do
         mv "$json.tmp" "$json"
     done <<<"$plans"
 done
+
+commit=$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)
+git diff --quiet HEAD -- did-core did-backend-cpu did-cli did-report Cargo.lock scripts/adaptive-sweep.sh 2>/dev/null ||
+    commit="$commit (with uncommitted changes)"
+cpu=$(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2 | sed 's/^ *//' || true)
+mem=$(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo 2>/dev/null || true)
+machine="$(nproc 2>/dev/null || echo ?) × ${cpu:-unknown CPU}, ${mem:-? GiB}"
+report=(cargo run --release --locked -p did-report --)
+[ -n "${DID_REPORT:-}" ] && report=("$DID_REPORT")
+"${report[@]}" --results "$results" --out "$report_dir" --commit "$commit" --machine "$machine" --sweep "$title"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Reproduces the paper's findings at this project's scale (issue #7): trains the
-# four models, evaluates their NELBO, samples every experiment with three seeds,
+# four models (and the two ablations' mix-scale variants), evaluates their NELBO,
+# samples every experiment with three seeds (the adaptive plans of issue #27 among them),
 # scores the samples with both judges, and writes docs/results/.
 #
 #   scripts/reproduce.sh [all|data|train|nelbo|sample|report]...   (default: all)
@@ -79,6 +80,16 @@ write_settings() {
         >"$results/settings.json"
 }
 ckpt_of() { printf '%s/models/%s/ckpt-%08d.safetensors' "$results" "$1" "$2"; }
+# A model's training steps: the pre-train's, the AR model's, or a fine-tune's (26 % of it
+# for mix-26, rounded, at least one).
+ft_steps() {
+    case $1 in
+        mdlm) echo "$pretrain_steps" ;;
+        ar) echo "$ar_steps" ;;
+        mix-26) echo $(((finetune_steps * 26 + 50) / 100 > 0 ? (finetune_steps * 26 + 50) / 100 : 1)) ;;
+        *) echo "$finetune_steps" ;;
+    esac
+}
 
 # train NAME STEPS ARGS...: skips a finished run, resumes a stopped one.
 train() {
@@ -101,12 +112,16 @@ train() {
 if want train || want all; then
     train mdlm "$pretrain_steps" --model "$results/models/dit.toml" --objective mdlm \
         --lr 1e-3 --warmup 50
-    for ft in bd3-4 mix; do
+    # The paper's two ablations: the mix-scale fine-tune at 26 % of the block-4 budget, and
+    # a mix-scale model whose block sizes are uniform over 4, 16, 64 and L.
+    for ft in bd3-4 mix mix-26 mix-uniform; do
+        steps=$(ft_steps "$ft")
         case $ft in
             bd3-4) objective=(--objective bd3 --block 4) ;;
-            mix) objective=(--objective mix-scale --blocks 4:0.9,L:0.1) ;;
+            mix | mix-26) objective=(--objective mix-scale --blocks 4:0.9,L:0.1) ;;
+            mix-uniform) objective=(--objective mix-scale --blocks 4:0.25,16:0.25,64:0.25,L:0.25) ;;
         esac
-        train "$ft" "$finetune_steps" --model "$results/models/dit.toml" "${objective[@]}" \
+        train "$ft" "$steps" --model "$results/models/dit.toml" "${objective[@]}" \
             --lr 3e-4 --warmup 10 --init-from "$(ckpt_of mdlm "$pretrain_steps")"
     done
     train ar "$ar_steps" --model "$results/models/gpt2.toml" --objective ar --lr 1e-3 --warmup 50
@@ -116,10 +131,8 @@ fi
 # The first 256 windows of 128 tokens of the validation split (32 k tokens);
 # the AR model's exact perplexity on the same windows.
 if want nelbo || want all; then
-    for name in mdlm bd3-4 mix ar; do
-        steps=$finetune_steps
-        [ $name = mdlm ] && steps=$pretrain_steps
-        [ $name = ar ] && steps=$ar_steps
+    for name in mdlm bd3-4 mix mix-26 mix-uniform ar; do
+        steps=$(ft_steps "$name")
         blocks="4 16 64 $len"
         [ $name = ar ] && blocks=causal
         for block in $blocks; do
@@ -158,6 +171,24 @@ mix.gamma-1.0       mix    4,L:1.0       snapshot
 mix.refine-16       mix    4,16:0.25     snapshot
 mix.refine-64       mix    4,64:0.25     snapshot
 mix.three-stage     mix    4,16:0.5,L:0.25 snapshot
+mix-26.draft        mix-26 4             snapshot
+mix-26.snapshot     mix-26 4,L:0.25      snapshot
+mix-uniform.draft   mix-uniform 4        snapshot
+mix-uniform.snapshot mix-uniform 4,L:0.25 snapshot
+mix.draft-threshold-0.9 mix 4@threshold:0.9 snapshot
+mix.draft-threshold-0.5 mix 4@threshold:0.5 snapshot
+mix.draft-entropy-0.5 mix  4@entropy:0.5 snapshot
+mix.draft-entropy-1 mix    4@entropy:1   snapshot
+mix.refine-threshold-0.9 mix 4,L:0.25@threshold:0.9 snapshot
+mix.refine-entropy-1 mix   4,L:0.25@entropy:1 snapshot
+mix.refine-entropy-3 mix   4,L:0.25@entropy:3 snapshot
+mix.both-threshold-0.9 mix 4@threshold:0.9,L:0.25@threshold:0.9 snapshot
+mix.both-entropy-1  mix    4@entropy:1,L:0.25@entropy:1 snapshot
+mix.adaptive-below-0.2 mix 4,L:below:0.2:0.05..0.5 snapshot
+mix.adaptive-below-0.5 mix 4,L:below:0.5:0..0.25 snapshot
+mix.adaptive-both   mix    4@entropy:1,L:below:0.2:0..0.25@entropy:1 snapshot
+bd3-4.draft-threshold-0.9 bd3-4 4@threshold:0.9 snapshot
+bd3-4.both-entropy-1 bd3-4 4@entropy:1,L:0.25@entropy:1 snapshot
 "
 if want sample || want all; then
     write_settings
@@ -166,9 +197,7 @@ if want sample || want all; then
             [ -z "$name" ] && continue
             json=$results/samples/$name.seed-$seed.json
             [ -f "$json" ] && continue
-            steps=$finetune_steps
-            [ $model = mdlm ] && steps=$pretrain_steps
-            [ $model = ar ] && steps=$ar_steps
+            steps=$(ft_steps "$model")
             plan=()
             [ "$stages" != - ] && plan=(--stages "$stages" --remask "$remask")
             # A last refine stage smaller than the length (the refine-block ablation).

@@ -21,6 +21,9 @@ struct Args {
     /// The machine they were made on.
     #[arg(long, default_value = "unknown")]
     machine: String,
+    /// A plan sweep's results (scripts/adaptive-sweep.sh), with this page title.
+    #[arg(long)]
+    sweep: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -41,7 +44,11 @@ fn main() -> ExitCode {
         machine: args.machine,
         settings,
     };
-    match did_report::write_report(&args.results, &args.out, &prov) {
+    let written = match &args.sweep {
+        Some(title) => did_report::write_sweep_report(&args.results, &args.out, &prov, title),
+        None => did_report::write_report(&args.results, &args.out, &prov),
+    };
+    match written {
         Ok(r) => {
             println!(
                 "{} experiments, {} NELBO rows, {} models → {}",

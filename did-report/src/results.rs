@@ -264,7 +264,8 @@ pub fn load(dir: &Path) -> Result<Results, String> {
             .and_then(Value::as_str)
             .filter(|_| !causal)
             .map(str::to_string);
-        let refines = stages.as_deref().is_some_and(|s| s.contains(':'));
+        // A second stage refines (a draft's `@rule` has a colon too).
+        let refines = stages.as_deref().is_some_and(|s| s.contains(','));
         let remask = v
             .get("remask")
             .and_then(Value::as_str)

@@ -1,5 +1,6 @@
 //! Any prompt, plan text and sampler settings through `generate` with a small
 //! deterministic denoiser: a clean error or a fully unmasked result, never a panic.
+//! Plans may name per-stage rules (`@threshold:0.9`) and adaptive remasks (`below:…`).
 #![no_main]
 use did_core::denoiser::{DenoiseRequest, Denoiser};
 use did_core::refine::{generate, GenerateConfig, RemaskScope, RemaskStrategy, StagePlan};
@@ -35,7 +36,17 @@ fuzz_target!(|data: &[u8]| {
     let Ok(plan) = std::str::from_utf8(plan) else { return };
     let Ok(plan) = plan.parse::<StagePlan>().and_then(|p| p.resolve_with(seq_len, data[2] & 1 == 0)) else { return };
     let mut cfg = GenerateConfig::new(plan, u64::from(data[3]));
-    cfg.sampler.update = if data[4] & 1 == 0 { BlockUpdate::FirstHitting } else { BlockUpdate::DdpmCaching { steps: u32::from(data[4] >> 1) } };
+    // Every update rule with a parameter from the input (zero and out-of-range ones included).
+    let v = data[4] >> 3;
+    cfg.sampler.update = match data[4] % 5 {
+        0 => BlockUpdate::FirstHitting,
+        1 => BlockUpdate::DdpmCaching { steps: u32::from(v) },
+        2 => BlockUpdate::ConfidenceThreshold { tau: f64::from(v) / 24.0 },
+        3 => BlockUpdate::EntropyBound { budget: f64::from(v) / 8.0 - 0.5 },
+        _ => BlockUpdate::TopK { k: u32::from(v) },
+    };
+    cfg.sampler.confidence = [ConfidenceKind::Nucleus, ConfidenceKind::Raw, ConfidenceKind::Max][usize::from(data[3] >> 6) % 3];
+    cfg.sampler.max_outputs_per_call = usize::from(data[2] >> 1);
     cfg.remask = [RemaskStrategy::Snapshot(ConfidenceKind::Max), RemaskStrategy::PostHoc, RemaskStrategy::Random][usize::from(data[5]) % 3];
     cfg.scope = if data[5] & 4 == 0 { RemaskScope::Global } else { RemaskScope::PerBlock };
     cfg.stop_at = (data[5] & 8 != 0).then_some(0);
