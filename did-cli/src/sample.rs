@@ -428,6 +428,12 @@ pub fn sample<B: Backend>(be: &B, opts: &SampleOptions) -> Result<String, String
                     "text": text,
                     "draft_text": tokenizer.decode(&draft[1..end]),
                     "remasked": remasked,
+                    // Each position's snapshot confidence (the nucleus probability of the drawn
+                    // token when it was last drawn); null where the token was given, not drawn.
+                    "confidence": g.batch.confidence[s * len..s * len + end]
+                        .iter()
+                        .map(|c| c.nucleus.is_finite().then_some(c.nucleus))
+                        .collect::<Vec<_>>(),
                     "nfe": g.stages.iter().map(|st| st.sequence_nfe.get(s).copied().unwrap_or(st.nfe)).collect::<Vec<_>>(),
                     "batch_nfe": g.stages.iter().map(|st| st.nfe).collect::<Vec<_>>(),
                     "block_sizes": g.stages.iter().map(|st| st.block_size).collect::<Vec<_>>(),

@@ -291,6 +291,14 @@ fn sample_with_every_remask_strategy() {
     for line in std::fs::read_to_string(&adaptive).unwrap().lines() {
         let l: serde_json::Value = serde_json::from_str(line).unwrap();
         let remasked = l["remasked"].as_array().unwrap().len();
+        let confidence = l["confidence"].as_array().unwrap();
+        assert!(confidence[0].is_null(), "{l}"); // the BOS was given
+        assert!(
+            confidence[1..]
+                .iter()
+                .all(|c| c.as_f64().is_some_and(|c| c > 0.0 && c <= 1.0)),
+            "{l}"
+        );
         // 31 drawn positions: between floor(0.1 · 31) = 3 and floor(0.5 · 31) = 15 remasked.
         assert!((3..=15).contains(&remasked), "{l}");
         let own: Vec<u64> = l["nfe"]
