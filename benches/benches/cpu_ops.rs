@@ -1,5 +1,5 @@
-//! Criterion benches of the CPU backend's ops, one `tiny` training step and
-//! one draft → refine sample.
+//! Criterion benches of the CPU backend's ops, one `tiny` training step,
+//! one draft → refine sample, and the demo model's fixed and adaptive plans.
 //!
 //! Run: `cargo bench -p did-benches --bench cpu_ops` (add `-- --quick` for a
 //! short pass). Figures and the machine are kept in docs/perf/README.md.
@@ -247,5 +247,38 @@ fn model(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, ops, model);
+/// One sample of the committed demo model (real confidences, so the adaptive rules reveal
+/// what they would in use) with the paper's fixed plan and with adaptive plans.
+fn demo_plans(c: &mut Criterion) {
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/demo/dit.safetensors.gz");
+    let ckpt = did_cli::checkpoint::load(&path).unwrap();
+    let be = CpuBackend::new();
+    let model = Transformer::new(ckpt.config).unwrap();
+    let params = be
+        .upload(ckpt.ema.as_ref().unwrap_or(&ckpt.params))
+        .unwrap();
+    let mut g = c.benchmark_group("demo_model_L128");
+    g.sample_size(10);
+    g.throughput(Throughput::Elements(1));
+    for (name, plan) in [
+        ("fixed_4_L_0.25", "4,L:0.25"),
+        ("adaptive_entropy_0.5_draft", "4@entropy:0.5"),
+        (
+            "adaptive_entropy_both_below_0.2",
+            "4@entropy:0.5,L:below:0.2:0..0.25@entropy:1",
+        ),
+    ] {
+        let gen = GenerateConfig::new(plan.parse::<StagePlan>().unwrap().resolve(128).unwrap(), 3);
+        g.bench_function(format!("sample_{name}_one_sequence"), |b| {
+            b.iter(|| {
+                let mut d = DiffusionDenoiser::new(&be, &model, &params, true).unwrap();
+                black_box(generate(&mut d, &gen, &[&[256u32]]).unwrap());
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, ops, model, demo_plans);
 criterion_main!(benches);

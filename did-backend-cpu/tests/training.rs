@@ -182,6 +182,53 @@ fn bd3_training_reaches_the_nelbo_floor_and_samples_the_task() {
         g.batch.tokens.len() - same,
         g.batch.tokens.len()
     );
+
+    // Parallel rules on this confident model: far fewer calls, the task still followed, the
+    // cache still exact, and the adaptive remask within its bounds.
+    let plan = "4@threshold:0.9,L:below:0.5:0..0.25@entropy:0.5";
+    let fast = GenerateConfig::new(plan.parse::<StagePlan>().unwrap().resolve(L).unwrap(), 5);
+    let mut denoiser = DiffusionDenoiser::new(&be, &model, t.eval_params(), true).unwrap();
+    let a = generate(&mut denoiser, &fast, &prompts).unwrap();
+    let mut uncached = DiffusionDenoiser::new(&be, &model, t.eval_params(), false).unwrap();
+    let b = generate(&mut uncached, &fast, &prompts).unwrap();
+    let same = a
+        .batch
+        .tokens
+        .iter()
+        .zip(&b.batch.tokens)
+        .filter(|(x, y)| x == y)
+        .count();
+    assert!(
+        same as f64 >= 0.97 * a.batch.tokens.len() as f64,
+        "{plan}: cached and uncached differ"
+    );
+    assert!(a.batch.tokens.iter().all(|&x| x != MASK));
+    let pairs: usize = (0..4)
+        .map(|s| {
+            a.batch.tokens[s * L + 1..(s + 1) * L]
+                .windows(2)
+                .filter(|w| (w[0] + 1) % K == w[1])
+                .count()
+        })
+        .sum();
+    let parallel_frac = pairs as f64 / (4 * (L - 2)) as f64;
+    eprintln!(
+        "{plan}: draft NFE {} (first-hitting {}), total {}; {:.1}% continue the count",
+        a.stages[0].nfe,
+        g.stages[0].nfe,
+        a.nfe(),
+        100.0 * parallel_frac
+    );
+    assert!(
+        2 * a.stages[0].nfe <= g.stages[0].nfe,
+        "the threshold draft saved too few calls"
+    );
+    assert!(
+        parallel_frac > 0.6,
+        "{plan}: the count is followed in only {:.0}%",
+        100.0 * parallel_frac
+    );
+    assert!(a.stages[1].remasked.iter().all(|r| r.len() <= (L - 1) / 4));
 }
 
 #[test]

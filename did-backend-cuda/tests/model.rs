@@ -366,6 +366,12 @@ fn draft_remask_refine_is_token_identical_to_the_cpu_cached_or_not() {
         ("4,L:0.25", RemaskStrategy::default()),
         ("4,16:0.5,L:0.25", RemaskStrategy::PostHoc),
         ("4,L:0.25", RemaskStrategy::Random),
+        // The parallel rules (device draws; the entropy rule's host draws) and adaptive remasking.
+        (
+            "4@threshold:0.5,L:below:0.5:0..0.5@entropy:1",
+            RemaskStrategy::default(),
+        ),
+        ("4@topk:2,L:0.25@threshold:0.9", RemaskStrategy::default()),
     ] {
         let cpu = sample(&cpu_be, &model, &params, plan, remask, true);
         for cached in [true, false] {

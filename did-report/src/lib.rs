@@ -428,7 +428,8 @@ pub fn sweep_markdown(results: &Results, prov: &Provenance, title: &str) -> Stri
     md
 }
 
-/// Reads a sweep's `results_dir` and writes its page, `results.json` and fronts into `out`.
+/// Reads a sweep's `results_dir` and writes its page (with `out/discussion.md` appended where
+/// it exists), `results.json` and fronts into `out`.
 pub fn write_sweep_report(
     results_dir: &Path,
     out: &Path,
@@ -461,7 +462,12 @@ pub fn write_sweep_report(
         let path = out.join(name);
         std::fs::write(&path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))
     };
-    write("README.md", sweep_markdown(&results, prov, title))?;
+    let mut page = sweep_markdown(&results, prov, title);
+    if let Ok(discussion) = std::fs::read_to_string(out.join("discussion.md")) {
+        page.push_str(discussion.trim_end());
+        page.push('\n');
+    }
+    write("README.md", page)?;
     let json =
         serde_json::to_string_pretty(&results_json(&results, prov)).map_err(|e| e.to_string())?;
     write("results.json", json + "\n")?;
