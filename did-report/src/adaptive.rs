@@ -21,6 +21,44 @@ pub const GOAL_NFE_RATIO: f64 = 0.5;
 /// The stretch goal.
 pub const STRETCH_NFE_RATIO: f64 = 1.0 / 3.0;
 
+/// The families whose fronts the report draws, in legend order.
+pub const FAMILIES: [&str; 7] = [
+    "fixed plans (first-hitting, fixed γ)",
+    "confidence threshold in the draft",
+    "entropy bound in the draft",
+    "k per call in the draft",
+    "parallel rule in the refine only",
+    "parallel rules in both stages",
+    "adaptive remask (below:c)",
+];
+
+/// The family of a stage plan: where its parallel rules act, or whether it remasks adaptively.
+///
+/// ```
+/// use did_report::adaptive::{family, FAMILIES};
+/// assert_eq!(family("4,L:0.25"), FAMILIES[0]);
+/// assert_eq!(family("4@entropy:0.5"), FAMILIES[2]);
+/// assert_eq!(family("4,L:0.25@threshold:0.9"), FAMILIES[4]);
+/// assert_eq!(family("4@topk:2,L:0.25@entropy:1"), FAMILIES[5]);
+/// assert_eq!(family("4,L:below:0.1"), FAMILIES[6]);
+/// ```
+pub fn family(stages: &str) -> &'static str {
+    if stages.contains("below:") {
+        return FAMILIES[6];
+    }
+    let mut parts = stages.split(',');
+    let draft = parts.next().unwrap_or("");
+    let refine_rule = parts.any(|p| p.contains('@'));
+    match (draft.split_once('@').map(|(_, r)| r), refine_rule) {
+        (None, false) => FAMILIES[0],
+        (None, true) => FAMILIES[4],
+        (Some(_), true) => FAMILIES[5],
+        (Some(r), false) if r.starts_with("threshold") => FAMILIES[1],
+        (Some(r), false) if r.starts_with("entropy") => FAMILIES[2],
+        (Some(_), false) => FAMILIES[3],
+    }
+}
+
 /// One plan against the reference of its model.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GoalRow {

@@ -227,6 +227,7 @@ pub fn markdown(results: &Results, prov: &Provenance, discussion: Option<&str>) 
             "\n## Adaptive sampling: the fixed plan's quality at fewer model calls\n"
         );
         let _ = writeln!(md, "{}\n{goal}", adaptive_preamble());
+        md.push_str(&fronts_links(results));
     }
 
     let _ = writeln!(md, "\n## Samples: every experiment\n");
@@ -417,6 +418,7 @@ pub fn sweep_markdown(results: &Results, prov: &Provenance, title: &str) -> Stri
             "## The goal: the fixed plan's quality at fewer model calls\n"
         );
         let _ = writeln!(md, "{}\n{goal}", adaptive_preamble());
+        md.push_str(&fronts_links(results));
     }
     let _ = writeln!(md, "## Every plan\n");
     md.push_str(&experiments_table(results));
@@ -425,6 +427,45 @@ pub fn sweep_markdown(results: &Results, prov: &Provenance, title: &str) -> Stri
         md,
         "SVG versions: [pareto-nfe.svg](pareto-nfe.svg), [pareto-time.svg](pareto-time.svg).\n"
     );
+    md
+}
+
+/// The fronts by family of every model that has a fixed-plan reference:
+/// `fronts-MODEL-nfe` and `fronts-MODEL-time`.
+#[cfg(feature = "plots")]
+fn save_fronts(results: &Results, out: &Path) -> Result<(), String> {
+    for model in fronts_models(results) {
+        for (by_time, what) in [(false, "nfe"), (true, "time")] {
+            let figure = plots::FrontsFigure::new(results, &model, by_time);
+            plots::save(&figure, out, &format!("fronts-{model}-{what}"))?;
+        }
+    }
+    Ok(())
+}
+
+/// The models whose plans the report draws fronts of (those with a fixed-plan reference).
+fn fronts_models(results: &Results) -> Vec<String> {
+    let mut models: Vec<String> = results
+        .experiments
+        .values()
+        .filter(|e| adaptive::reference_of(results, &e.model).is_some())
+        .map(|e| e.model.clone())
+        .collect();
+    models.sort();
+    models.dedup();
+    models
+}
+
+/// Links to the fronts figures, under the adaptive section.
+fn fronts_links(results: &Results) -> String {
+    let mut md = String::new();
+    for model in fronts_models(results) {
+        let _ = writeln!(
+            md,
+            "Fronts of `{model}`'s plans by family (each family's own Pareto front):\n\n\
+             ![fronts by NFE](fronts-{model}-nfe.png)\n\n![fronts by wall time](fronts-{model}-time.png)\n"
+        );
+    }
     md
 }
 
@@ -457,6 +498,7 @@ pub fn write_sweep_report(
             out,
             "pareto-time",
         )?;
+        save_fronts(&results, out)?;
     }
     let write = |name: &str, text: String| {
         let path = out.join(name);
@@ -499,6 +541,7 @@ pub fn write_report(results_dir: &Path, out: &Path, prov: &Provenance) -> Result
         )?;
         plots::save(&plots::gamma_figure(&results), out, "gamma")?;
         plots::save(&plots::training_figure(&results), out, "training")?;
+        save_fronts(&results, out)?;
     }
     let discussion = std::fs::read_to_string(out.join("discussion.md")).ok();
     let write = |name: &str, text: String| {

@@ -11,13 +11,15 @@ use crate::claims::Judge;
 use crate::results::{Results, Stat};
 
 const FONT: &[u8] = include_bytes!("../fonts/DejaVuSans-subset.ttf");
-const COLORS: [RGBColor; 6] = [
+const COLORS: [RGBColor; 8] = [
     RGBColor(31, 119, 180),
     RGBColor(255, 127, 14),
     RGBColor(44, 160, 44),
     RGBColor(214, 39, 40),
     RGBColor(148, 103, 189),
     RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(23, 190, 207),
 ];
 
 /// Registers the font plotters draws text with (once per process is enough;
@@ -238,6 +240,129 @@ impl Figure for ParetoFigure {
                 &self.x_desc,
                 "perplexity (mean ± spread over seeds)",
             )?;
+        }
+        Ok(())
+    }
+}
+
+/// One model's plans by family (crate::adaptive::family): each family's points and its own
+/// Pareto front, NFE or wall time against both judges.
+pub struct FrontsFigure {
+    /// Per judge: title, then per family its points.
+    pub panels: Vec<(String, Vec<(&'static str, Vec<Point>)>)>,
+    /// The x axis.
+    pub x_desc: String,
+}
+
+impl FrontsFigure {
+    /// The diffusion plans of `model`; x = NFE, or the fastest seed's seconds per sample.
+    pub fn new(results: &Results, model: &str, by_time: bool) -> Self {
+        let base = ParetoFigure::new(results, by_time);
+        let panels = base
+            .panels
+            .into_iter()
+            .map(|(title, points)| {
+                let families = crate::adaptive::FAMILIES
+                    .iter()
+                    .map(|&f| {
+                        let members = points
+                            .iter()
+                            .filter(|p| {
+                                results.experiments.get(&p.label).is_some_and(|e| {
+                                    e.model == model
+                                        && e.remask.as_deref().is_none_or(|r| r == "snapshot")
+                                        && e.stages
+                                            .as_deref()
+                                            .is_some_and(|s| crate::adaptive::family(s) == f)
+                                })
+                            })
+                            .cloned()
+                            .collect();
+                        (f, members)
+                    })
+                    .collect();
+                (title, families)
+            })
+            .collect();
+        FrontsFigure {
+            panels,
+            x_desc: base.x_desc,
+        }
+    }
+}
+
+impl Figure for FrontsFigure {
+    fn size(&self) -> (u32, u32) {
+        (1400, 600)
+    }
+
+    fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> Result<(), String>
+    where
+        DB::ErrorType: 'static,
+    {
+        root.fill(&WHITE).map_err(err)?;
+        let areas = root.split_evenly((1, self.panels.len().max(1)));
+        for (area, (title, families)) in areas.iter().zip(&self.panels) {
+            let all = families.iter().flat_map(|f| f.1.iter());
+            let (x0, x1) = log_range(all.clone().map(|p| p.x));
+            let (y0, y1) = log_range(
+                all.flat_map(|p| [p.y.mean - p.y.std, p.y.mean + p.y.std])
+                    .filter(|v| *v > 0.0),
+            );
+            let mut chart = ChartBuilder::on(area)
+                .caption(title, ("sans-serif", 18))
+                .margin(12)
+                .x_label_area_size(40)
+                .y_label_area_size(60)
+                .build_cartesian_2d((x0..x1).log_scale(), (y0..y1).log_scale())
+                .map_err(err)?;
+            chart
+                .configure_mesh()
+                .x_desc(self.x_desc.as_str())
+                .y_desc("perplexity (mean ± spread over seeds)")
+                .label_style(("sans-serif", 12))
+                .draw()
+                .map_err(err)?;
+            for (i, (name, points)) in families.iter().enumerate().filter(|(_, f)| !f.1.is_empty())
+            {
+                let color = COLORS[i % COLORS.len()];
+                chart
+                    .draw_series(LineSeries::new(
+                        pareto_front(points).iter().map(|p| (p.x, p.y.mean)),
+                        color.stroke_width(2),
+                    ))
+                    .map_err(err)?
+                    .label(*name)
+                    .legend(move |(x, y)| {
+                        PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2))
+                    });
+                chart
+                    .draw_series(points.iter().map(|p| {
+                        PathElement::new(
+                            vec![
+                                (p.x, (p.y.mean - p.y.std).max(y0)),
+                                (p.x, p.y.mean + p.y.std),
+                            ],
+                            color.stroke_width(1),
+                        )
+                    }))
+                    .map_err(err)?;
+                chart
+                    .draw_series(
+                        points
+                            .iter()
+                            .map(|p| Circle::new((p.x, p.y.mean), 4, color.filled())),
+                    )
+                    .map_err(err)?;
+            }
+            chart
+                .configure_series_labels()
+                .position(SeriesLabelPosition::UpperRight)
+                .background_style(WHITE.mix(0.8))
+                .border_style(BLACK)
+                .label_font(("sans-serif", 12))
+                .draw()
+                .map_err(err)?;
         }
         Ok(())
     }
