@@ -255,11 +255,11 @@ pub fn demo<B: Backend>(be: &B, opts: &DemoOptions) -> Result<String, String> {
             text.trim_end()
         ));
         rows.push(format!(
-            "| {} | {:.2} | {:.2} | {} | {:.2} |",
+            "| {} | {:.2} | {:.2} | {:.1} | {:.2} |",
             r.label,
             ppl / n,
             ent / n,
-            format!("{nfe:.1}"),
+            nfe,
             r.seconds / n
         ));
     }

@@ -11,8 +11,8 @@
 //! | forward process `x_0 → x_t` with rejection resampling | [`noise`] |
 //! | structural attention masks and tile classification | [`mask`] |
 //! | Philox4x32-10 counter-based RNG and its documented streams | [`rng`] |
-//! | softmax, nucleus, f64 Gumbel-max, confidence, within-block updates | [`sample`] |
-//! | stage plans, remasking, the multi-stage driver, mix-scale training | [`refine`] |
+//! | softmax, nucleus, f64 Gumbel-max, confidence, within-block updates (first-hitting, DDPM, confidence threshold, entropy bound, k per call) | [`sample`] |
+//! | stage plans with a rule per stage, remasking (fixed or adaptive), the multi-stage driver, mix-scale training | [`refine`] |
 //! | what a model must provide to the sampler | [`denoiser`] |
 //! | the compute primitives a backend implements | [`backend`] |
 //!

@@ -245,11 +245,14 @@ impl Figure for ParetoFigure {
     }
 }
 
+/// A family's name and its points.
+pub type Family = (&'static str, Vec<Point>);
+
 /// One model's plans by family (crate::adaptive::family): each family's points and its own
 /// Pareto front, NFE or wall time against both judges.
 pub struct FrontsFigure {
     /// Per judge: title, then per family its points.
-    pub panels: Vec<(String, Vec<(&'static str, Vec<Point>)>)>,
+    pub panels: Vec<(String, Vec<Family>)>,
     /// The x axis.
     pub x_desc: String,
 }

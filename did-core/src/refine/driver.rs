@@ -86,6 +86,26 @@ impl Generation {
 
     /// The calls sequence `seq` took part in over all stages: its NFE had it been sampled
     /// alone (equal to [`Self::nfe`] for one sequence).
+    ///
+    /// ```
+    /// use did_core::denoiser::{DenoiseRequest, Denoiser};
+    /// use did_core::refine::{generate, GenerateConfig, StagePlan};
+    /// struct Flat;
+    /// impl Denoiser for Flat {
+    ///     type Error = core::convert::Infallible;
+    ///     fn vocab_size(&self) -> usize { 3 }
+    ///     fn mask_id(&self) -> u32 { 2 }
+    ///     fn logits(&mut self, _: &DenoiseRequest<'_>, out: &mut [f32]) -> Result<(), Self::Error> {
+    ///         out.fill(0.0);
+    ///         Ok(())
+    ///     }
+    /// }
+    /// let plan = "4".parse::<StagePlan>()?.resolve(8)?;
+    /// // A long prompt leaves the second sequence 3 positions to draw, the first 7.
+    /// let out = generate(&mut Flat, &GenerateConfig::new(plan, 1), &[&[0], &[0, 1, 1, 1, 1]]).unwrap();
+    /// assert_eq!((out.nfe(), out.sequence_nfe(0), out.sequence_nfe(1)), (7, 7, 3));
+    /// # Ok::<(), did_core::Error>(())
+    /// ```
     pub fn sequence_nfe(&self, seq: usize) -> u32 {
         self.stages
             .iter()

@@ -91,7 +91,8 @@ pub enum RemaskAmount {
 }
 
 impl RemaskAmount {
-    /// How many of the `n = scores.len()` eligible tokens with these scores are remasked.
+    /// How many of the `n = scores.len()` eligible tokens with these scores are remasked
+    /// (examples on the type).
     pub fn count(&self, scores: &[f64]) -> usize {
         let n = scores.len();
         match *self {
@@ -107,6 +108,13 @@ impl RemaskAmount {
     }
 
     /// Checks the numbers; the error names the fix.
+    ///
+    /// ```
+    /// use did_core::refine::RemaskAmount;
+    /// assert!(RemaskAmount::Fraction(0.25).validate().is_ok());
+    /// let e = RemaskAmount::Below { score: 0.5, min: 0.6, max: 0.2 }.validate().unwrap_err();
+    /// assert!(e.to_string().contains("min ≤ max"));
+    /// ```
     pub fn validate(&self) -> Result<(), Error> {
         match *self {
             RemaskAmount::Fraction(r) if !(r > 0.0 && r <= 1.0) => Err(invalid(

@@ -84,6 +84,12 @@ pub enum BlockUpdate {
 
 impl BlockUpdate {
     /// Whether this update draws at every masked position of the block in each call.
+    ///
+    /// ```
+    /// use did_core::sample::BlockUpdate;
+    /// assert!(BlockUpdate::TopK { k: 2 }.is_parallel());
+    /// assert!(!BlockUpdate::DdpmCaching { steps: 8 }.is_parallel());
+    /// ```
     pub fn is_parallel(&self) -> bool {
         matches!(
             self,
@@ -94,6 +100,13 @@ impl BlockUpdate {
     }
 
     /// Checks the rule's parameter; the error names the fix.
+    ///
+    /// ```
+    /// use did_core::sample::BlockUpdate;
+    /// assert!(BlockUpdate::EntropyBound { budget: 0.0 }.validate().is_ok());
+    /// let e = BlockUpdate::ConfidenceThreshold { tau: 0.0 }.validate().unwrap_err();
+    /// assert!(e.to_string().contains("threshold:0.9"));
+    /// ```
     pub fn validate(&self) -> Result<(), Error> {
         match *self {
             BlockUpdate::DdpmCaching { steps: 0 } => Err(invalid(
@@ -133,6 +146,10 @@ impl core::fmt::Display for BlockUpdate {
 }
 
 /// The update rules as a user writes them, for error messages.
+///
+/// ```
+/// assert!(did_core::sample::UPDATE_RULES.contains("entropy:β"));
+/// ```
 pub const UPDATE_RULES: &str = "first-hitting, ddpm:T, threshold:τ, entropy:β or topk:k";
 
 impl core::str::FromStr for BlockUpdate {
@@ -261,7 +278,30 @@ pub struct BlockScratch {
 impl BlockScratch {
     /// Per sequence, the calls since the last [`Self::reset_sequence_calls`] that asked for at
     /// least one of its positions: what those calls cost the sequence had it been sampled
-    /// alone (a batch's call count is the largest of these, not their sum).
+    /// alone (a batch's call count is at least the largest of these, not their sum).
+    ///
+    /// ```
+    /// use did_core::denoiser::{DenoiseRequest, Denoiser};
+    /// use did_core::sample::update::{fill_block, BlockScratch};
+    /// use did_core::sample::{SamplerConfig, SequenceBatch};
+    /// struct Flat;
+    /// impl Denoiser for Flat {
+    ///     type Error = core::convert::Infallible;
+    ///     fn vocab_size(&self) -> usize { 3 }
+    ///     fn mask_id(&self) -> u32 { 2 }
+    ///     fn logits(&mut self, _: &DenoiseRequest<'_>, out: &mut [f32]) -> Result<(), Self::Error> {
+    ///         out.fill(0.0);
+    ///         Ok(())
+    ///     }
+    /// }
+    /// // The second sequence's prompt fills two of the block's four positions.
+    /// let mut batch = SequenceBatch::from_prompts(&[&[0], &[0, 1, 1]], 4, 2, 0);
+    /// let mut scratch = BlockScratch::default();
+    /// scratch.reset_sequence_calls(2);
+    /// let calls = fill_block(&mut Flat, &mut batch, 0..4, 4, &SamplerConfig::default(), &mut scratch)?;
+    /// assert_eq!((calls, scratch.sequence_calls()), (3, &[3, 1][..]));
+    /// # Ok::<(), core::convert::Infallible>(())
+    /// ```
     pub fn sequence_calls(&self) -> &[u32] {
         &self.sequence_calls
     }
