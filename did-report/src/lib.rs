@@ -226,7 +226,7 @@ pub fn markdown(results: &Results, prov: &Provenance, discussion: Option<&str>) 
             md,
             "\n## Adaptive sampling: the fixed plan's quality at fewer model calls\n"
         );
-        let _ = writeln!(md, "{}\n{goal}", adaptive_preamble());
+        let _ = writeln!(md, "{}\n\n{goal}", adaptive_preamble("../sampling.md"));
         md.push_str(&fronts_links(results));
     }
 
@@ -239,11 +239,12 @@ pub fn markdown(results: &Results, prov: &Provenance, discussion: Option<&str>) 
 }
 
 /// What the adaptive section measures, in words.
-fn adaptive_preamble() -> &'static str {
-    "Every plan of a model against its fixed `4,L:0.25` plan (first-hitting in both stages; the rules are described in \
-     [docs/sampling.md](../sampling.md)). *No worse*: the plan's mean perplexity is at most the fixed plan's plus both \
+/// `sampling` is the path of docs/sampling.md from the page.
+fn adaptive_preamble(sampling: &str) -> String {
+    format!("Every plan of a model against its fixed `4,L:0.25` plan (first-hitting in both stages; the rules are described in \
+     [docs/sampling.md]({sampling})). *No worse*: the plan's mean perplexity is at most the fixed plan's plus both \
      spreads over seeds. *Equal quality*: no worse under both judges, and entropy within 0.05 nats of the fixed plan's. \
-     The goal is equal quality at ≤ ½ the NFE, the stretch goal ≤ ⅓."
+     The goal is equal quality at ≤ ½ the NFE, the stretch goal ≤ ⅓.")
 }
 
 /// The table of every experiment, with the notes and plots under it.
@@ -417,7 +418,7 @@ pub fn sweep_markdown(results: &Results, prov: &Provenance, title: &str) -> Stri
             md,
             "## The goal: the fixed plan's quality at fewer model calls\n"
         );
-        let _ = writeln!(md, "{}\n{goal}", adaptive_preamble());
+        let _ = writeln!(md, "{}\n\n{goal}", adaptive_preamble("../../sampling.md"));
         md.push_str(&fronts_links(results));
     }
     let _ = writeln!(md, "## Every plan\n");
@@ -443,12 +444,16 @@ fn save_fronts(results: &Results, out: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// The models whose plans the report draws fronts of (those with a fixed-plan reference).
+/// The models whose plans the report draws fronts of (a fixed-plan reference and other plans).
 fn fronts_models(results: &Results) -> Vec<String> {
     let mut models: Vec<String> = results
         .experiments
         .values()
-        .filter(|e| adaptive::reference_of(results, &e.model).is_some())
+        // A front needs plans to compare: the reference and at least two others.
+        .filter(|e| {
+            adaptive::reference_of(results, &e.model)
+                .is_some_and(|r| adaptive::goal_rows(results, r).len() >= 2)
+        })
         .map(|e| e.model.clone())
         .collect();
     models.sort();
