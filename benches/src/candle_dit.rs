@@ -1,4 +1,4 @@
-//! The anchor of the CPU target (DESIGN.md §9): the same BD3 DiT training
+//! The anchor of the CPU target (docs/perf/cpu.md): the same BD3 DiT training
 //! pass — forward over `x_t ⊕ x_0` with the 2L training mask and backward —
 //! written with candle-core's CPU tensors and autograd, the way a user of
 //! that library would write it (dense additive mask, materialised scores).
@@ -91,7 +91,7 @@ impl CandleDit {
                 }
             }
         }
-        // The BD3 training mask as an additive bias (bd3lm.md §2.2).
+        // The BD3 training mask as an additive bias (did-core's `mask::AttentionMask::Bd3Training`).
         let n = 2 * l;
         let mut bias = vec![0f32; n * n];
         for q in 0..n {

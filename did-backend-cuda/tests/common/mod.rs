@@ -20,7 +20,7 @@ pub struct Tol {
     pub atol: f32,
 }
 
-/// f32 mode: DESIGN.md §5's rtol ≈ 1e-4.
+/// f32 mode: the f32 mode's parity tolerance, rtol ≈ 1e-4 (README, GPU).
 pub const F32: Tol = Tol {
     rtol: 1e-4,
     atol: 1e-5,

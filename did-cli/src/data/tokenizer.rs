@@ -8,7 +8,7 @@ use std::str::FromStr;
 pub enum TokenizerKind {
     /// One token per byte; EOS 256, `[MASK]` 257.
     Bytes,
-    /// GPT-2 BPE; EOS 50256, `[MASK]` 50257 (bd3lm.md §3).
+    /// GPT-2 BPE; EOS 50256, `[MASK]` 50257 (BD3-LM's convention).
     Gpt2,
 }
 
