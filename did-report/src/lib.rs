@@ -489,35 +489,14 @@ pub fn write_sweep_report(
             results_dir.display()
         ));
     }
-    std::fs::create_dir_all(out).map_err(|e| format!("cannot create {}: {e}", out.display()))?;
-    #[cfg(feature = "plots")]
-    {
-        plots::register_font()?;
-        plots::save(
-            &plots::ParetoFigure::new(&results, false),
-            out,
-            "pareto-nfe",
-        )?;
-        plots::save(
-            &plots::ParetoFigure::new(&results, true),
-            out,
-            "pareto-time",
-        )?;
-        save_fronts(&results, out)?;
-    }
-    let write = |name: &str, text: String| {
-        let path = out.join(name);
-        std::fs::write(&path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))
-    };
-    let mut page = sweep_markdown(&results, prov, title);
-    if let Ok(discussion) = std::fs::read_to_string(out.join("discussion.md")) {
-        page.push_str(discussion.trim_end());
-        page.push('\n');
-    }
-    write("README.md", page)?;
-    let json =
-        serde_json::to_string_pretty(&results_json(&results, prov)).map_err(|e| e.to_string())?;
-    write("results.json", json + "\n")?;
+    write_outputs(&results, out, prov, |discussion| {
+        let mut page = sweep_markdown(&results, prov, title);
+        if let Some(d) = discussion {
+            page.push_str(d.trim_end());
+            page.push('\n');
+        }
+        page
+    })?;
     Ok(results)
 }
 
@@ -530,32 +509,43 @@ pub fn write_report(results_dir: &Path, out: &Path, prov: &Provenance) -> Result
             results_dir.display()
         ));
     }
+    #[cfg(feature = "plots")]
+    {
+        std::fs::create_dir_all(out)
+            .map_err(|e| format!("cannot create {}: {e}", out.display()))?;
+        plots::register_font()?;
+        plots::save(&plots::gamma_figure(&results), out, "gamma")?;
+        plots::save(&plots::training_figure(&results), out, "training")?;
+    }
+    write_outputs(&results, out, prov, |discussion| {
+        markdown(&results, prov, discussion)
+    })?;
+    Ok(results)
+}
+
+/// What both pages write into `out`: the Pareto figures and fronts, `README.md` (from `page`,
+/// given `out/discussion.md` where it exists) and `results.json`.
+fn write_outputs(
+    results: &Results,
+    out: &Path,
+    prov: &Provenance,
+    page: impl FnOnce(Option<&str>) -> String,
+) -> Result<(), String> {
     std::fs::create_dir_all(out).map_err(|e| format!("cannot create {}: {e}", out.display()))?;
     #[cfg(feature = "plots")]
     {
         plots::register_font()?;
-        plots::save(
-            &plots::ParetoFigure::new(&results, false),
-            out,
-            "pareto-nfe",
-        )?;
-        plots::save(
-            &plots::ParetoFigure::new(&results, true),
-            out,
-            "pareto-time",
-        )?;
-        plots::save(&plots::gamma_figure(&results), out, "gamma")?;
-        plots::save(&plots::training_figure(&results), out, "training")?;
-        save_fronts(&results, out)?;
+        plots::save(&plots::ParetoFigure::new(results, false), out, "pareto-nfe")?;
+        plots::save(&plots::ParetoFigure::new(results, true), out, "pareto-time")?;
+        save_fronts(results, out)?;
     }
     let discussion = std::fs::read_to_string(out.join("discussion.md")).ok();
     let write = |name: &str, text: String| {
         let path = out.join(name);
         std::fs::write(&path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))
     };
-    write("README.md", markdown(&results, prov, discussion.as_deref()))?;
+    write("README.md", page(discussion.as_deref()))?;
     let json =
-        serde_json::to_string_pretty(&results_json(&results, prov)).map_err(|e| e.to_string())?;
-    write("results.json", json + "\n")?;
-    Ok(results)
+        serde_json::to_string_pretty(&results_json(results, prov)).map_err(|e| e.to_string())?;
+    write("results.json", json + "\n")
 }
