@@ -268,7 +268,7 @@ pub fn demo<B: Backend>(be: &B, opts: &DemoOptions) -> Result<String, String> {
         report.push_str(&row);
         report.push('\n');
     }
-    report.push_str(&verdict(&summary));
+    report.push_str(&verdict(&summary, opts.samples));
     report.push_str(&format!(
         "\n{} samples per method, length {LENGTH}; the judge is a causal model of the same size trained on the same text. \
          Lower perplexity at similar entropy means more fluent samples. Total {:.0} s. Models: {} and {}.\n",
@@ -282,13 +282,18 @@ pub fn demo<B: Backend>(be: &B, opts: &DemoOptions) -> Result<String, String> {
 
 /// What the table shows, in words, from its own numbers: (perplexity, entropy, NFE) per method
 /// in the order of [`METHODS`].
-fn verdict(summary: &[(f64, f64, f64)]) -> String {
+fn verdict(summary: &[(f64, f64, f64)], samples: usize) -> String {
     let [(draft, draft_h, _), (fixed, fixed_h, fixed_nfe), (adaptive, adaptive_h, adaptive_nfe)] =
         summary
     else {
         return String::new();
     };
     let mut out = String::from("\n");
+    if samples < 16 {
+        out.push_str(&format!(
+            "With {samples} samples per method these differences are within noise (use --samples 16 or more). "
+        ));
+    }
     if fixed < draft {
         out.push_str(&format!(
             "Refinement works here: judge perplexity {draft:.2} → {fixed:.2} (entropy {draft_h:.2} → {fixed_h:.2}). "
@@ -312,14 +317,22 @@ mod tests {
 
     #[test]
     fn the_verdict_says_what_the_numbers_say() {
-        let worse = verdict(&[(6.5, 2.86, 127.0), (8.2, 2.83, 158.0), (6.6, 2.85, 96.0)]);
+        let worse = verdict(
+            &[(6.5, 2.86, 127.0), (8.2, 2.83, 158.0), (6.6, 2.85, 96.0)],
+            16,
+        );
         assert!(
             worse.contains("does not help this model: judge perplexity 6.50 → 8.20"),
             "{worse}"
         );
         assert!(worse.contains("at 0.61× the fixed plan's NFE"), "{worse}");
-        let better = verdict(&[(8.0, 2.9, 127.0), (6.0, 2.8, 158.0), (6.1, 2.8, 70.0)]);
+        let better = verdict(
+            &[(8.0, 2.9, 127.0), (6.0, 2.8, 158.0), (6.1, 2.8, 70.0)],
+            32,
+        );
         assert!(better.starts_with("\nRefinement works here"), "{better}");
+        let few = verdict(&[(8.0, 2.9, 127.0), (6.0, 2.8, 158.0), (6.1, 2.8, 70.0)], 2);
+        assert!(few.starts_with("\nWith 2 samples per method"), "{few}");
         assert_eq!(METHODS.len(), 3);
         for (_, plan) in METHODS {
             assert!(
