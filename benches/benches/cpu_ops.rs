@@ -6,8 +6,9 @@
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use did_backend_cpu::CpuBackend;
+use did_core::backend::prelude::*;
 use did_core::backend::{
-    AdamW, AttentionShape, Backend, Gemm, NormShape, QkvOffsets, RowMajor, Slice, SliceMut,
+    AdamW, AttentionShape, Gemm, NormShape, QkvOffsets, RowMajor, Slice, SliceMut,
 };
 use did_core::mask::AttentionMask;
 use did_core::model::{

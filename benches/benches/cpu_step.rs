@@ -6,6 +6,7 @@
 //! Run: `cargo bench -p did-benches --bench cpu_step` (about 3 minutes here;
 //! `DID_BENCH_QUICK=1` skips the `small` model).
 
+use did_core::backend::prelude::*;
 use std::fmt::Write as _;
 use std::time::Instant;
 
@@ -167,8 +168,6 @@ fn did_step(config: ModelConfig, batch: usize, seq_len: usize, runs: usize) -> S
         breakdown,
     }
 }
-
-use did_core::backend::Backend as _;
 
 fn candle_step(shape: Shape, runs: usize) -> f64 {
     let model = CandleDit::new(shape).expect("candle model");

@@ -7,11 +7,11 @@
 //! Run: `cargo run --release -p did-benches --example candle_denoiser`
 //! (from the repository root: it reads data/demo/dit.safetensors.gz).
 
+use did_core::backend::prelude::*;
 use std::collections::HashMap;
 
 use candle_core::{Device, Tensor, D};
 use did_backend_cpu::CpuBackend;
-use did_core::backend::Backend;
 use did_core::denoiser::{DenoiseRequest, Denoiser};
 use did_core::model::{time_embedding, DiffusionDenoiser, ModelConfig, ParamTable, Transformer};
 use did_core::refine::{generate, GenerateConfig, StagePlan};

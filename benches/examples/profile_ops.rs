@@ -16,6 +16,7 @@
 //! kernel, `did_backend_cuda::few_rows`). The CUDA backend reads DID_CUDA_ATTENTION,
 //! DID_CUDA_DRAW, DID_CUDA_KEY_SPLIT and DID_CUDA_FEW_ROWS as always.
 
+use did_core::backend::prelude::*;
 use std::fmt::Write as _;
 use std::time::Instant;
 
@@ -235,7 +236,7 @@ fn seconds_per_call<B: Backend>(
 
 /// The head's GEMMs over one loss chunk (`loss_rows_for(V)` rows) three ways: the logits' row
 /// stride the vocabulary (50,258: rows not 16-byte aligned in bf16); the stride rounded up to a
-/// multiple of 64 (what the model does since the second H200 run, `Backend::padded_row_stride`);
+/// multiple of 64 (what the model does since the second H200 run, `MemoryOps::padded_row_stride`);
 /// and the vocabulary itself padded to that multiple (the head's weight with zero rows added,
 /// nanoGPT's 50,304: not done; this column says whether it would pay). TFLOP/s count the
 /// vocabulary's useful work only.

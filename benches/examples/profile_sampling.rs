@@ -2,7 +2,7 @@
 //! Run: `cargo run --release -p did-benches --example profile_sampling`.
 use did_backend_cpu::CpuBackend;
 use did_benches::profile::Profiled;
-use did_core::backend::Backend;
+use did_core::backend::prelude::*;
 use did_core::model::{Architecture, DiffusionDenoiser, ModelConfig, Transformer};
 use did_core::refine::{generate, GenerateConfig, StagePlan};
 

@@ -8,11 +8,11 @@
 //! (defaults `data/demo/dit.safetensors.gz` and `target/reference-logits.safetensors`), then
 //! `python3 benches/pytorch/check_against_did.py OUT CKPT`.
 
+use did_core::backend::prelude::*;
 use std::collections::HashMap;
 use std::path::PathBuf;
 
 use did_backend_cpu::CpuBackend;
-use did_core::backend::Backend;
 use did_core::denoiser::{DenoiseRequest, Denoiser, OutputPosition};
 use did_core::model::{DiffusionDenoiser, Inference, Transformer};
 use safetensors::tensor::{Dtype, TensorView};

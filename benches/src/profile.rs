@@ -7,15 +7,16 @@ use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use did_core::backend::prelude::*;
 use did_core::backend::{
-    linear_forward_then_in_steps, AdamW, AttentionShape, Backend, DrawSpec, DropoutMask, Gemm,
-    LinearThen, NormShape, OptimizerStep, QkvOffsets, RopeShape, RowGroups, RowMajor, Slice,
-    SliceMut, UpdatedWeights,
+    linear_forward_then_in_steps, AdamW, AttentionShape, DropoutMask, Gemm, LinearThen, NormShape,
+    OptimizerStep, QkvOffsets, RopeShape, RowGroups, RowMajor, Slice, SliceMut, UpdatedWeights,
 };
 use did_core::mask::AttentionMask;
 use did_core::rng::RngStream;
 use did_core::sample::categorical::SampledToken;
 use did_core::sample::nucleus::Nucleus;
+use did_core::sample::DrawSpec;
 
 /// Time and calls of one op.
 #[derive(Debug, Clone, Copy, Default)]
@@ -136,78 +137,156 @@ fn attention_flops(s: &AttentionShape, mask: &AttentionMask) -> u64 {
     (4 * pairs * s.head_dim * s.heads * s.batch) as u64
 }
 
-type S<'a, B> = Slice<'a, <B as Backend>::Buffer>;
-type M<'a, B> = SliceMut<'a, <B as Backend>::Buffer>;
+type S<'a, B> = Slice<'a, <B as MemoryOps>::Buffer>;
+type M<'a, B> = SliceMut<'a, <B as MemoryOps>::Buffer>;
 
-impl<B: Backend> Backend for Profiled<B> {
+/// Methods that forward to `inner` untimed: `fn name(&self, arg: T, …) -> R;`.
+macro_rules! forward {
+    ($(fn $name:ident(&self $(, $arg:ident: $ty:ty)* $(,)?) -> $ret:ty;)*) => {
+        $(fn $name(&self $(, $arg: $ty)*) -> $ret {
+            self.inner.$name($($arg),*)
+        })*
+    };
+}
+
+/// Methods that forward to `inner`, timed under a label with no FLOPs counted:
+/// `fn name(&self, arg: T, …) -> R => "label";`.
+macro_rules! timed_forward {
+    ($(fn $name:ident(&self $(, $arg:ident: $ty:ty)* $(,)?) -> $ret:ty => $label:literal;)*) => {
+        $(fn $name(&self $(, $arg: $ty)*) -> $ret {
+            self.timed($label, 0, || self.inner.$name($($arg),*))
+        })*
+    };
+}
+
+type R<B, T = ()> = Result<T, <B as MemoryOps>::Error>;
+
+impl<B: Backend> MemoryOps for Profiled<B> {
     type Buffer = B::Buffer;
     type Ids = B::Ids;
     type Error = B::Error;
+    forward! {
+        fn name(&self) -> &str;
+        fn stores_below_f32(&self) -> bool;
+        fn synchronize(&self) -> R<B>;
+        fn padded_row_stride(&self, cols: usize) -> usize;
+    }
+    timed_forward! {
+        fn zeros(&self, len: usize) -> R<B, B::Buffer> => "zeros";
+        fn zeros_f32(&self, len: usize) -> R<B, B::Buffer> => "zeros";
+        fn upload(&self, host: &[f32]) -> R<B, B::Buffer> => "upload";
+        fn upload_f32(&self, host: &[f32]) -> R<B, B::Buffer> => "upload";
+        fn round_into(&self, src: S<'_, B>, dst: M<'_, B>, len: usize) -> R<B> => "round_into";
+        fn download(&self, src: S<'_, B>, out: &mut [f32]) -> R<B> => "download";
+        fn upload_ids(&self, host: &[u32]) -> R<B, B::Ids> => "upload_ids";
+        fn fill(&self, dst: M<'_, B>, len: usize, value: f32) -> R<B> => "fill";
+        fn copy(&self, src: S<'_, B>, dst: M<'_, B>, len: usize) -> R<B> => "copy";
+        fn copy_rows(&self, src: S<'_, B>, ss: usize, dst: M<'_, B>, ds: usize, rows: usize, cols: usize) -> R<B> => "copy_rows";
+        fn copy_row_groups(&self, src: S<'_, B>, dst: M<'_, B>, layout: &RowGroups) -> R<B> => "copy_row_groups";
+    }
+}
 
-    fn name(&self) -> &str {
-        self.inner.name()
-    }
-    fn zeros(&self, len: usize) -> Result<B::Buffer, B::Error> {
-        self.timed("zeros", 0, || self.inner.zeros(len))
-    }
-    fn zeros_f32(&self, len: usize) -> Result<B::Buffer, B::Error> {
-        self.timed("zeros", 0, || self.inner.zeros_f32(len))
-    }
-    fn upload(&self, host: &[f32]) -> Result<B::Buffer, B::Error> {
-        self.timed("upload", 0, || self.inner.upload(host))
-    }
-    fn stores_below_f32(&self) -> bool {
-        self.inner.stores_below_f32()
-    }
-    fn upload_f32(&self, host: &[f32]) -> Result<B::Buffer, B::Error> {
-        self.timed("upload", 0, || self.inner.upload_f32(host))
-    }
-    fn round_into(&self, src: S<'_, B>, dst: M<'_, B>, len: usize) -> Result<(), B::Error> {
-        self.timed("round_into", 0, || self.inner.round_into(src, dst, len))
-    }
-    fn download(&self, src: S<'_, B>, out: &mut [f32]) -> Result<(), B::Error> {
-        self.timed("download", 0, || self.inner.download(src, out))
-    }
-    fn upload_ids(&self, host: &[u32]) -> Result<B::Ids, B::Error> {
-        self.timed("upload_ids", 0, || self.inner.upload_ids(host))
-    }
-    fn fill(&self, dst: M<'_, B>, len: usize, value: f32) -> Result<(), B::Error> {
-        self.timed("fill", 0, || self.inner.fill(dst, len, value))
-    }
-    fn copy(&self, src: S<'_, B>, dst: M<'_, B>, len: usize) -> Result<(), B::Error> {
-        self.timed("copy", 0, || self.inner.copy(src, dst, len))
-    }
-    fn copy_rows(
-        &self,
-        src: S<'_, B>,
-        ss: usize,
-        dst: M<'_, B>,
-        ds: usize,
-        rows: usize,
-        cols: usize,
-    ) -> Result<(), B::Error> {
-        self.timed("copy_rows", 0, || {
-            self.inner.copy_rows(src, ss, dst, ds, rows, cols)
-        })
-    }
-    fn copy_row_groups(
-        &self,
-        src: S<'_, B>,
-        dst: M<'_, B>,
-        layout: &RowGroups,
-    ) -> Result<(), B::Error> {
-        self.timed("copy_row_groups", 0, || {
-            self.inner.copy_row_groups(src, dst, layout)
-        })
-    }
-    fn synchronize(&self) -> Result<(), B::Error> {
-        self.inner.synchronize()
-    }
-    fn matmul(&self, spec: &Gemm, a: S<'_, B>, b: S<'_, B>, c: M<'_, B>) -> Result<(), B::Error> {
+impl<B: Backend> RecordingOps for Profiled<B> {}
+
+impl<B: Backend> LinearOps for Profiled<B> {
+    fn matmul(&self, spec: &Gemm, a: S<'_, B>, b: S<'_, B>, c: M<'_, B>) -> R<B> {
         self.timed(self.gemm_label(spec), spec.flops() as u64, || {
             self.inner.matmul(spec, a, b, c)
         })
     }
+    timed_forward! {
+        fn bias_add_rows(&self, x: M<'_, B>, bias: S<'_, B>, shape: RowMajor) -> R<B> => "bias_add";
+        fn bias_backward_rows(&self, dy: S<'_, B>, db: M<'_, B>, shape: RowMajor) -> R<B> => "bias_backward";
+    }
+}
+
+impl<B: Backend> NormOps for Profiled<B> {
+    timed_forward! {
+        fn layernorm_forward(&self, s: &NormShape, x: S<'_, B>, w: S<'_, B>, b: Option<S<'_, B>>, o: M<'_, B>, m: M<'_, B>, r: M<'_, B>) -> R<B> => "layernorm_forward";
+        fn layernorm_backward(&self, s: &NormShape, d: S<'_, B>, x: S<'_, B>, w: S<'_, B>, m: S<'_, B>, r: S<'_, B>, dx: M<'_, B>, dw: M<'_, B>) -> R<B> => "layernorm_backward";
+        fn modulate_forward(&self, x: S<'_, B>, sh: S<'_, B>, sc: S<'_, B>, o: M<'_, B>, b: usize, t: usize, c: usize) -> R<B> => "modulate_forward";
+        fn modulate_backward(&self, d: S<'_, B>, x: S<'_, B>, sc: S<'_, B>, dx: M<'_, B>, dsc: M<'_, B>, b: usize, t: usize, c: usize) -> R<B> => "modulate_backward";
+    }
+}
+
+impl<B: Backend> AttentionOps for Profiled<B> {
+    timed_forward! {
+        fn rope_forward(&self, s: &RopeShape, x: M<'_, B>) -> R<B> => "rope_forward";
+        fn rope_backward(&self, s: &RopeShape, dx: M<'_, B>) -> R<B> => "rope_backward";
+    }
+    fn attention_forward(
+        &self,
+        s: &AttentionShape,
+        mask: &AttentionMask,
+        q: S<'_, B>,
+        k: S<'_, B>,
+        v: S<'_, B>,
+        o: M<'_, B>,
+        l: M<'_, B>,
+    ) -> R<B> {
+        self.timed("attention_forward", attention_flops(s, mask), || {
+            self.inner.attention_forward(s, mask, q, k, v, o, l)
+        })
+    }
+    fn attention_backward(
+        &self,
+        s: &AttentionShape,
+        mask: &AttentionMask,
+        d: S<'_, B>,
+        q: S<'_, B>,
+        k: S<'_, B>,
+        v: S<'_, B>,
+        o: S<'_, B>,
+        l: S<'_, B>,
+        grads: M<'_, B>,
+        at: QkvOffsets,
+    ) -> R<B> {
+        let flops = 5 * attention_flops(s, mask) / 2;
+        self.timed("attention_backward", flops, || {
+            self.inner
+                .attention_backward(s, mask, d, q, k, v, o, l, grads, at)
+        })
+    }
+}
+
+impl<B: Backend> ActivationOps for Profiled<B> {
+    timed_forward! {
+        fn gated_residual_forward(&self, r: M<'_, B>, y: S<'_, B>, g: Option<S<'_, B>>, b: usize, t: usize, c: usize) -> R<B> => "gated_residual_forward";
+        fn gated_residual_backward(&self, dr: S<'_, B>, y: S<'_, B>, g: Option<S<'_, B>>, dy: M<'_, B>, dg: Option<M<'_, B>>, b: usize, t: usize, c: usize) -> R<B> => "gated_residual_backward";
+        fn gelu_forward(&self, x: S<'_, B>, o: M<'_, B>, n: usize) -> R<B> => "gelu_forward";
+        fn gelu_backward(&self, d: S<'_, B>, x: S<'_, B>, dx: M<'_, B>, n: usize) -> R<B> => "gelu_backward";
+        fn silu_forward(&self, x: S<'_, B>, o: M<'_, B>, n: usize) -> R<B> => "silu_forward";
+        fn silu_backward(&self, d: S<'_, B>, x: S<'_, B>, dx: M<'_, B>, n: usize) -> R<B> => "silu_backward";
+        fn dropout(&self, x: M<'_, B>, n: usize, p: f32, stream: &RngStream) -> R<B> => "dropout";
+    }
+}
+
+impl<B: Backend> LossOps for Profiled<B> {
+    timed_forward! {
+        fn embedding_forward(&self, ids: &B::Ids, t: S<'_, B>, o: M<'_, B>, r: usize, c: usize) -> R<B> => "embedding_forward";
+        fn embedding_backward(&self, ids: &B::Ids, d: S<'_, B>, dt: M<'_, B>, r: usize, c: usize) -> R<B> => "embedding_backward";
+        fn softmax_cross_entropy(&self, l: M<'_, B>, t: &B::Ids, w: S<'_, B>, ls: M<'_, B>, shape: RowMajor, e: Option<u32>, g: f32) -> R<B> => "softmax_cross_entropy";
+    }
+}
+
+impl<B: Backend> OptimizerOps for Profiled<B> {
+    timed_forward! {
+        fn sum(&self, x: S<'_, B>, n: usize) -> R<B, f64> => "sum";
+        fn sum_squares(&self, x: S<'_, B>, n: usize) -> R<B, f64> => "sum_squares";
+        fn scale(&self, x: M<'_, B>, n: usize, f: f32) -> R<B> => "scale";
+        fn adamw(&self, hp: &AdamW, p: M<'_, B>, g: S<'_, B>, m: M<'_, B>, v: M<'_, B>, n: usize) -> R<B> => "adamw";
+        fn ema_update(&self, e: M<'_, B>, p: S<'_, B>, n: usize, d: f32) -> R<B> => "ema_update";
+        fn optimizer_step(&self, step: &OptimizerStep, params: UpdatedWeights<'_, B::Buffer>, grads: M<'_, B>, m: M<'_, B>, v: M<'_, B>, ema: Option<UpdatedWeights<'_, B::Buffer>>, n: usize) -> R<B> => "optimizer_step";
+    }
+}
+
+impl<B: Backend> DrawOps for Profiled<B> {
+    timed_forward! {
+        fn draw_tokens(&self, logits: S<'_, B>, vocab: usize, mask_id: u32, nucleus: &Nucleus, draws: &[DrawSpec], out: &mut [SampledToken]) -> R<B> => "draw_tokens";
+    }
+}
+
+impl<B: Backend> FusedOps for Profiled<B> {
     fn linear_forward_then(
         &self,
         x: S<'_, B>,
@@ -233,373 +312,13 @@ impl<B: Backend> Backend for Profiled<B> {
                 .linear_forward_then(x, w, y, rows, d_in, d_out, then)
         })
     }
-    fn padded_row_stride(&self, cols: usize) -> usize {
-        self.inner.padded_row_stride(cols)
-    }
-    fn bias_add_rows(&self, x: M<'_, B>, bias: S<'_, B>, shape: RowMajor) -> Result<(), B::Error> {
-        self.timed("bias_add", 0, || self.inner.bias_add_rows(x, bias, shape))
-    }
-    fn bias_backward_rows(
-        &self,
-        dy: S<'_, B>,
-        db: M<'_, B>,
-        shape: RowMajor,
-    ) -> Result<(), B::Error> {
-        self.timed("bias_backward", 0, || {
-            self.inner.bias_backward_rows(dy, db, shape)
-        })
-    }
-    fn layernorm_forward(
-        &self,
-        s: &NormShape,
-        x: S<'_, B>,
-        w: S<'_, B>,
-        b: Option<S<'_, B>>,
-        o: M<'_, B>,
-        m: M<'_, B>,
-        r: M<'_, B>,
-    ) -> Result<(), B::Error> {
-        self.timed("layernorm_forward", 0, || {
-            self.inner.layernorm_forward(s, x, w, b, o, m, r)
-        })
-    }
-    fn layernorm_backward(
-        &self,
-        s: &NormShape,
-        d: S<'_, B>,
-        x: S<'_, B>,
-        w: S<'_, B>,
-        m: S<'_, B>,
-        r: S<'_, B>,
-        dx: M<'_, B>,
-        dw: M<'_, B>,
-    ) -> Result<(), B::Error> {
-        self.timed("layernorm_backward", 0, || {
-            self.inner.layernorm_backward(s, d, x, w, m, r, dx, dw)
-        })
-    }
-    fn modulate_forward(
-        &self,
-        x: S<'_, B>,
-        sh: S<'_, B>,
-        sc: S<'_, B>,
-        o: M<'_, B>,
-        b: usize,
-        t: usize,
-        c: usize,
-    ) -> Result<(), B::Error> {
-        self.timed("modulate_forward", 0, || {
-            self.inner.modulate_forward(x, sh, sc, o, b, t, c)
-        })
-    }
-    fn modulate_backward(
-        &self,
-        d: S<'_, B>,
-        x: S<'_, B>,
-        sc: S<'_, B>,
-        dx: M<'_, B>,
-        dsc: M<'_, B>,
-        b: usize,
-        t: usize,
-        c: usize,
-    ) -> Result<(), B::Error> {
-        self.timed("modulate_backward", 0, || {
-            self.inner.modulate_backward(d, x, sc, dx, dsc, b, t, c)
-        })
-    }
-    fn gated_residual_forward(
-        &self,
-        r: M<'_, B>,
-        y: S<'_, B>,
-        g: Option<S<'_, B>>,
-        b: usize,
-        t: usize,
-        c: usize,
-    ) -> Result<(), B::Error> {
-        self.timed("gated_residual_forward", 0, || {
-            self.inner.gated_residual_forward(r, y, g, b, t, c)
-        })
-    }
-    fn gated_residual_backward(
-        &self,
-        dr: S<'_, B>,
-        y: S<'_, B>,
-        g: Option<S<'_, B>>,
-        dy: M<'_, B>,
-        dg: Option<M<'_, B>>,
-        b: usize,
-        t: usize,
-        c: usize,
-    ) -> Result<(), B::Error> {
-        self.timed("gated_residual_backward", 0, || {
-            self.inner
-                .gated_residual_backward(dr, y, g, dy, dg, b, t, c)
-        })
-    }
-    fn layernorm_modulate_forward(
-        &self,
-        s: &NormShape,
-        x: S<'_, B>,
-        w: S<'_, B>,
-        b: Option<S<'_, B>>,
-        sh: S<'_, B>,
-        sc: S<'_, B>,
-        t: usize,
-        ln: M<'_, B>,
-        m: M<'_, B>,
-        r: M<'_, B>,
-        o: M<'_, B>,
-    ) -> Result<(), B::Error> {
-        self.timed("layernorm_modulate_forward", 0, || {
-            self.inner
-                .layernorm_modulate_forward(s, x, w, b, sh, sc, t, ln, m, r, o)
-        })
-    }
-    fn gated_residual_forward_into(
-        &self,
-        r: S<'_, B>,
-        y: S<'_, B>,
-        g: Option<S<'_, B>>,
-        o: M<'_, B>,
-        b: usize,
-        t: usize,
-        c: usize,
-    ) -> Result<(), B::Error> {
-        self.timed("gated_residual_forward_into", 0, || {
-            self.inner.gated_residual_forward_into(r, y, g, o, b, t, c)
-        })
-    }
-    fn bias_gated_residual_forward_into(
-        &self,
-        r: S<'_, B>,
-        y: M<'_, B>,
-        bias: S<'_, B>,
-        g: Option<S<'_, B>>,
-        o: M<'_, B>,
-        b: usize,
-        t: usize,
-        c: usize,
-    ) -> Result<(), B::Error> {
-        self.timed("bias_gated_residual_forward_into", 0, || {
-            self.inner
-                .bias_gated_residual_forward_into(r, y, bias, g, o, b, t, c)
-        })
-    }
-    fn bias_dropout_gated_residual_forward_into(
-        &self,
-        r: S<'_, B>,
-        y: M<'_, B>,
-        bias: Option<S<'_, B>>,
-        d: DropoutMask,
-        g: Option<S<'_, B>>,
-        o: M<'_, B>,
-        b: usize,
-        t: usize,
-        c: usize,
-    ) -> Result<(), B::Error> {
-        self.timed("bias_dropout_gated_residual_forward_into", 0, || {
-            self.inner
-                .bias_dropout_gated_residual_forward_into(r, y, bias, d, g, o, b, t, c)
-        })
-    }
-    fn gated_residual_backward_dropout(
-        &self,
-        dr: S<'_, B>,
-        y: S<'_, B>,
-        g: Option<S<'_, B>>,
-        dy: M<'_, B>,
-        dg: Option<M<'_, B>>,
-        d: DropoutMask,
-        b: usize,
-        t: usize,
-        c: usize,
-    ) -> Result<(), B::Error> {
-        self.timed("gated_residual_backward_dropout", 0, || {
-            self.inner
-                .gated_residual_backward_dropout(dr, y, g, dy, dg, d, b, t, c)
-        })
-    }
-    fn bias_gelu_forward(
-        &self,
-        x: M<'_, B>,
-        b: S<'_, B>,
-        o: M<'_, B>,
-        rows: usize,
-        cols: usize,
-    ) -> Result<(), B::Error> {
-        self.timed("bias_gelu_forward", 0, || {
-            self.inner.bias_gelu_forward(x, b, o, rows, cols)
-        })
-    }
-    fn rope_forward(&self, s: &RopeShape, x: M<'_, B>) -> Result<(), B::Error> {
-        self.timed("rope_forward", 0, || self.inner.rope_forward(s, x))
-    }
-    fn rope_forward_and_copy(
-        &self,
-        s: &RopeShape,
-        x: M<'_, B>,
-        copy_from: usize,
-        dst: M<'_, B>,
-        layout: &RowGroups,
-    ) -> Result<(), B::Error> {
-        self.timed("rope_forward_and_copy", 0, || {
-            self.inner
-                .rope_forward_and_copy(s, x, copy_from, dst, layout)
-        })
-    }
-    fn rope_backward(&self, s: &RopeShape, dx: M<'_, B>) -> Result<(), B::Error> {
-        self.timed("rope_backward", 0, || self.inner.rope_backward(s, dx))
-    }
-    fn attention_forward(
-        &self,
-        s: &AttentionShape,
-        mask: &AttentionMask,
-        q: S<'_, B>,
-        k: S<'_, B>,
-        v: S<'_, B>,
-        o: M<'_, B>,
-        l: M<'_, B>,
-    ) -> Result<(), B::Error> {
-        self.timed("attention_forward", attention_flops(s, mask), || {
-            self.inner.attention_forward(s, mask, q, k, v, o, l)
-        })
-    }
-    fn attention_backward(
-        &self,
-        s: &AttentionShape,
-        mask: &AttentionMask,
-        d: S<'_, B>,
-        q: S<'_, B>,
-        k: S<'_, B>,
-        v: S<'_, B>,
-        o: S<'_, B>,
-        l: S<'_, B>,
-        grads: M<'_, B>,
-        at: QkvOffsets,
-    ) -> Result<(), B::Error> {
-        self.timed(
-            "attention_backward",
-            5 * attention_flops(s, mask) / 2,
-            || {
-                self.inner
-                    .attention_backward(s, mask, d, q, k, v, o, l, grads, at)
-            },
-        )
-    }
-    fn gelu_forward(&self, x: S<'_, B>, o: M<'_, B>, n: usize) -> Result<(), B::Error> {
-        self.timed("gelu_forward", 0, || self.inner.gelu_forward(x, o, n))
-    }
-    fn gelu_backward(
-        &self,
-        d: S<'_, B>,
-        x: S<'_, B>,
-        dx: M<'_, B>,
-        n: usize,
-    ) -> Result<(), B::Error> {
-        self.timed("gelu_backward", 0, || self.inner.gelu_backward(d, x, dx, n))
-    }
-    fn silu_forward(&self, x: S<'_, B>, o: M<'_, B>, n: usize) -> Result<(), B::Error> {
-        self.timed("silu_forward", 0, || self.inner.silu_forward(x, o, n))
-    }
-    fn silu_backward(
-        &self,
-        d: S<'_, B>,
-        x: S<'_, B>,
-        dx: M<'_, B>,
-        n: usize,
-    ) -> Result<(), B::Error> {
-        self.timed("silu_backward", 0, || self.inner.silu_backward(d, x, dx, n))
-    }
-    fn dropout(&self, x: M<'_, B>, n: usize, p: f32, stream: &RngStream) -> Result<(), B::Error> {
-        self.timed("dropout", 0, || self.inner.dropout(x, n, p, stream))
-    }
-    fn embedding_forward(
-        &self,
-        ids: &B::Ids,
-        t: S<'_, B>,
-        o: M<'_, B>,
-        r: usize,
-        c: usize,
-    ) -> Result<(), B::Error> {
-        self.timed("embedding_forward", 0, || {
-            self.inner.embedding_forward(ids, t, o, r, c)
-        })
-    }
-    fn embedding_backward(
-        &self,
-        ids: &B::Ids,
-        d: S<'_, B>,
-        dt: M<'_, B>,
-        r: usize,
-        c: usize,
-    ) -> Result<(), B::Error> {
-        self.timed("embedding_backward", 0, || {
-            self.inner.embedding_backward(ids, d, dt, r, c)
-        })
-    }
-    fn softmax_cross_entropy(
-        &self,
-        l: M<'_, B>,
-        t: &B::Ids,
-        w: S<'_, B>,
-        ls: M<'_, B>,
-        shape: RowMajor,
-        e: Option<u32>,
-        g: f32,
-    ) -> Result<(), B::Error> {
-        self.timed("softmax_cross_entropy", 0, || {
-            self.inner.softmax_cross_entropy(l, t, w, ls, shape, e, g)
-        })
-    }
-    fn sum(&self, x: S<'_, B>, n: usize) -> Result<f64, B::Error> {
-        self.timed("sum", 0, || self.inner.sum(x, n))
-    }
-    fn sum_squares(&self, x: S<'_, B>, n: usize) -> Result<f64, B::Error> {
-        self.timed("sum_squares", 0, || self.inner.sum_squares(x, n))
-    }
-    fn scale(&self, x: M<'_, B>, n: usize, f: f32) -> Result<(), B::Error> {
-        self.timed("scale", 0, || self.inner.scale(x, n, f))
-    }
-    fn adamw(
-        &self,
-        hp: &AdamW,
-        p: M<'_, B>,
-        g: S<'_, B>,
-        m: M<'_, B>,
-        v: M<'_, B>,
-        n: usize,
-    ) -> Result<(), B::Error> {
-        self.timed("adamw", 0, || self.inner.adamw(hp, p, g, m, v, n))
-    }
-    fn ema_update(&self, e: M<'_, B>, p: S<'_, B>, n: usize, d: f32) -> Result<(), B::Error> {
-        self.timed("ema_update", 0, || self.inner.ema_update(e, p, n, d))
-    }
-    fn optimizer_step(
-        &self,
-        step: &OptimizerStep,
-        params: UpdatedWeights<'_, B::Buffer>,
-        grads: M<'_, B>,
-        m: M<'_, B>,
-        v: M<'_, B>,
-        ema: Option<UpdatedWeights<'_, B::Buffer>>,
-        n: usize,
-    ) -> Result<(), B::Error> {
-        self.timed("optimizer_step", 0, || {
-            self.inner.optimizer_step(step, params, grads, m, v, ema, n)
-        })
-    }
-    fn draw_tokens(
-        &self,
-        logits: S<'_, B>,
-        vocab: usize,
-        mask_id: u32,
-        nucleus: &Nucleus,
-        draws: &[DrawSpec],
-        out: &mut [SampledToken],
-    ) -> Result<(), B::Error> {
-        self.timed("draw_tokens", 0, || {
-            self.inner
-                .draw_tokens(logits, vocab, mask_id, nucleus, draws, out)
-        })
+    timed_forward! {
+        fn layernorm_modulate_forward(&self, s: &NormShape, x: S<'_, B>, w: S<'_, B>, b: Option<S<'_, B>>, sh: S<'_, B>, sc: S<'_, B>, t: usize, ln: M<'_, B>, m: M<'_, B>, r: M<'_, B>, o: M<'_, B>) -> R<B> => "layernorm_modulate_forward";
+        fn gated_residual_forward_into(&self, r: S<'_, B>, y: S<'_, B>, g: Option<S<'_, B>>, o: M<'_, B>, b: usize, t: usize, c: usize) -> R<B> => "gated_residual_forward_into";
+        fn bias_gated_residual_forward_into(&self, r: S<'_, B>, y: M<'_, B>, bias: S<'_, B>, g: Option<S<'_, B>>, o: M<'_, B>, b: usize, t: usize, c: usize) -> R<B> => "bias_gated_residual_forward_into";
+        fn bias_dropout_gated_residual_forward_into(&self, r: S<'_, B>, y: M<'_, B>, bias: Option<S<'_, B>>, d: DropoutMask, g: Option<S<'_, B>>, o: M<'_, B>, b: usize, t: usize, c: usize) -> R<B> => "bias_dropout_gated_residual_forward_into";
+        fn gated_residual_backward_dropout(&self, dr: S<'_, B>, y: S<'_, B>, g: Option<S<'_, B>>, dy: M<'_, B>, dg: Option<M<'_, B>>, d: DropoutMask, b: usize, t: usize, c: usize) -> R<B> => "gated_residual_backward_dropout";
+        fn bias_gelu_forward(&self, x: M<'_, B>, b: S<'_, B>, o: M<'_, B>, rows: usize, cols: usize) -> R<B> => "bias_gelu_forward";
+        fn rope_forward_and_copy(&self, s: &RopeShape, x: M<'_, B>, copy_from: usize, dst: M<'_, B>, layout: &RowGroups) -> R<B> => "rope_forward_and_copy";
     }
 }

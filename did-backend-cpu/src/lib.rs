@@ -39,7 +39,8 @@
 //!
 //! ```
 //! use did_backend_cpu::CpuBackend;
-//! use did_core::backend::{Backend, Gemm, Slice, SliceMut};
+//! use did_core::backend::prelude::*;
+//! use did_core::backend::{Gemm, Slice, SliceMut};
 //! let cpu = CpuBackend::<f32>::new();
 //! let x = cpu.upload(&[1.0, 2.0, 3.0, 4.0])?; // [2, 2]
 //! let w = cpu.upload(&[1.0, 0.0, 0.0, 1.0])?; // identity, [out, in]
@@ -56,14 +57,15 @@
 use core::marker::PhantomData;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use did_core::backend::prelude::*;
 use did_core::backend::{
-    AdamW, AttentionShape, Backend, DrawSpec, Gemm, NormShape, QkvOffsets, RopeShape, RowMajor,
-    Slice, SliceMut,
+    AdamW, AttentionShape, Gemm, NormShape, QkvOffsets, RopeShape, RowMajor, Slice, SliceMut,
 };
 use did_core::mask::AttentionMask;
 use did_core::rng::RngStream;
 use did_core::sample::categorical::SampledToken;
 use did_core::sample::nucleus::Nucleus;
+use did_core::sample::DrawSpec;
 
 mod float;
 pub mod ops;
@@ -107,7 +109,7 @@ pub struct CpuBackend<T: CpuFloat = f32> {
     row_alignment: usize,
     /// Claims to record ops and never does ([`CpuBackend::with_failed_recordings`]).
     failed_recordings: bool,
-    /// Counts [`Backend::recording_failed`] calls ([`CpuBackend::counting_failed_recordings`]).
+    /// Counts [`RecordingOps::recording_failed`](did_core::backend::RecordingOps::recording_failed) calls ([`CpuBackend::counting_failed_recordings`]).
     failed_recording_reports: Option<&'static AtomicUsize>,
     /// The model reads weights rounded to bf16 ([`CpuBackend::with_bf16_weights`]).
     bf16_weights: bool,
@@ -136,12 +138,12 @@ impl<T: CpuFloat> CpuBackend<T> {
     }
 
     /// The same backend asking for rows padded to a multiple of `elements`
-    /// ([`Backend::padded_row_stride`]), as a GPU backend does: the CPU's GEMMs gain nothing
+    /// ([`MemoryOps::padded_row_stride`](did_core::backend::MemoryOps::padded_row_stride)), as a GPU backend does: the CPU's GEMMs gain nothing
     /// from it, but a model's padded logits can then be checked on the CPU against dense ones.
     ///
     /// ```
     /// use did_backend_cpu::CpuBackend;
-    /// use did_core::backend::Backend;
+    /// use did_core::backend::prelude::*;
     /// assert_eq!(CpuBackend::new().padded_row_stride(50_258), 50_258);
     /// assert_eq!(CpuBackend::new().with_row_alignment(64).padded_row_stride(50_258), 50_304);
     /// ```
@@ -150,13 +152,13 @@ impl<T: CpuFloat> CpuBackend<T> {
         self
     }
 
-    /// The same backend claiming it can record ops ([`Backend::can_record`]) but never
-    /// recording (ops run at once, and [`Backend::end_recording`] gives `None`): what a GPU
+    /// The same backend claiming it can record ops ([`RecordingOps::can_record`](did_core::backend::RecordingOps::can_record)) but never
+    /// recording (ops run at once, and [`RecordingOps::end_recording`](did_core::backend::RecordingOps::end_recording) gives `None`): what a GPU
     /// backend does when a capture fails, so a sampler's fallback can be checked on the CPU.
     ///
     /// ```
     /// use did_backend_cpu::CpuBackend;
-    /// use did_core::backend::Backend;
+    /// use did_core::backend::prelude::*;
     /// let be = CpuBackend::new().with_failed_recordings();
     /// assert!(be.can_record() && !CpuBackend::new().can_record());
     /// be.begin_recording()?;
@@ -169,12 +171,12 @@ impl<T: CpuFloat> CpuBackend<T> {
     }
 
     /// The same backend adding one to `reports` each time it is told a pass could not be
-    /// recorded ([`Backend::recording_failed`]), so a test can see that a sampler says so.
+    /// recorded ([`RecordingOps::recording_failed`](did_core::backend::RecordingOps::recording_failed)), so a test can see that a sampler says so.
     ///
     /// ```
     /// use std::sync::atomic::{AtomicUsize, Ordering};
     /// use did_backend_cpu::CpuBackend;
-    /// use did_core::backend::Backend;
+    /// use did_core::backend::prelude::*;
     /// static REPORTS: AtomicUsize = AtomicUsize::new(0);
     /// let be = CpuBackend::new().with_failed_recordings().counting_failed_recordings(&REPORTS);
     /// be.recording_failed(None);
@@ -185,14 +187,15 @@ impl<T: CpuFloat> CpuBackend<T> {
         self
     }
 
-    /// The same backend saying it stores below f32 ([`Backend::stores_below_f32`]) and
-    /// rounding to bf16 what [`Backend::round_into`] writes, while every buffer stays in `T`:
+    /// The same backend saying it stores below f32 ([`MemoryOps::stores_below_f32`](did_core::backend::MemoryOps::stores_below_f32)) and
+    /// rounding to bf16 what [`MemoryOps::round_into`](did_core::backend::MemoryOps::round_into) writes, while every buffer stays in `T`:
     /// a trainer then keeps f32 master weights and gives the model bf16-valued copies, as on a
     /// bf16 GPU, so that layout can be checked on the CPU.
     ///
     /// ```
     /// use did_backend_cpu::CpuBackend;
-    /// use did_core::backend::{Backend, Slice, SliceMut};
+    /// use did_core::backend::prelude::*;
+    /// use did_core::backend::{Slice, SliceMut};
     /// let be = CpuBackend::new().with_bf16_weights();
     /// assert!(be.stores_below_f32() && !CpuBackend::new().stores_below_f32());
     /// let master = be.upload_f32(&[1.0 + 1.0 / 512.0, 0.1])?;
@@ -266,11 +269,10 @@ fn check_ids(ids: &[u32], table_rows: usize) -> Result<(), CpuError> {
     }
 }
 
-impl<T: CpuFloat> Backend for CpuBackend<T> {
+impl<T: CpuFloat> MemoryOps for CpuBackend<T> {
     type Buffer = Vec<T>;
     type Ids = Vec<u32>;
     type Error = CpuError;
-
     fn name(&self) -> &str {
         if T::NAME == "f32" {
             "cpu"
@@ -278,7 +280,6 @@ impl<T: CpuFloat> Backend for CpuBackend<T> {
             "cpu f64"
         }
     }
-
     fn zeros(&self, len: usize) -> Result<Vec<T>, CpuError> {
         Ok(vec![T::zero(); len])
     }
@@ -328,7 +329,23 @@ impl<T: CpuFloat> Backend for CpuBackend<T> {
         view_mut(dst, len, "copy destination")?.copy_from_slice(view(src, len, "copy source")?);
         Ok(())
     }
+    fn padded_row_stride(&self, cols: usize) -> usize {
+        cols.next_multiple_of(self.row_alignment.max(1))
+    }
+}
 
+impl<T: CpuFloat> RecordingOps for CpuBackend<T> {
+    fn can_record(&self) -> bool {
+        self.failed_recordings
+    }
+    fn recording_failed(&self, _why: Option<&CpuError>) {
+        if let Some(reports) = self.failed_recording_reports {
+            reports.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl<T: CpuFloat> LinearOps for CpuBackend<T> {
     fn matmul(
         &self,
         spec: &Gemm,
@@ -343,18 +360,6 @@ impl<T: CpuFloat> Backend for CpuBackend<T> {
             view(b, nb, "matmul B")?,
             view_mut(c, nc, "matmul C")?,
         )
-    }
-    fn padded_row_stride(&self, cols: usize) -> usize {
-        cols.next_multiple_of(self.row_alignment.max(1))
-    }
-
-    fn can_record(&self) -> bool {
-        self.failed_recordings
-    }
-    fn recording_failed(&self, _why: Option<&CpuError>) {
-        if let Some(reports) = self.failed_recording_reports {
-            reports.fetch_add(1, Ordering::Relaxed);
-        }
     }
     fn bias_add_rows(
         &self,
@@ -385,7 +390,9 @@ impl<T: CpuFloat> Backend for CpuBackend<T> {
         );
         Ok(())
     }
+}
 
+impl<T: CpuFloat> NormOps for CpuBackend<T> {
     fn layernorm_forward(
         &self,
         shape: &NormShape,
@@ -480,61 +487,9 @@ impl<T: CpuFloat> Backend for CpuBackend<T> {
         );
         Ok(())
     }
-    fn gated_residual_forward(
-        &self,
-        residual: SliceMut<'_, Vec<T>>,
-        y: Slice<'_, Vec<T>>,
-        gate: Option<Slice<'_, Vec<T>>>,
-        batch: usize,
-        tokens: usize,
-        channels: usize,
-    ) -> Result<(), CpuError> {
-        let n = batch * tokens * channels;
-        let gate = match gate {
-            Some(g) => Some(view(g, batch * channels, "gate")?),
-            None => None,
-        };
-        ops::modulate::gated_residual_forward(
-            view_mut(residual, n, "residual")?,
-            view(y, n, "gated y")?,
-            gate,
-            tokens,
-            channels,
-        );
-        Ok(())
-    }
-    fn gated_residual_backward(
-        &self,
-        dresidual: Slice<'_, Vec<T>>,
-        y: Slice<'_, Vec<T>>,
-        gate: Option<Slice<'_, Vec<T>>>,
-        dy: SliceMut<'_, Vec<T>>,
-        dgate: Option<SliceMut<'_, Vec<T>>>,
-        batch: usize,
-        tokens: usize,
-        channels: usize,
-    ) -> Result<(), CpuError> {
-        let n = batch * tokens * channels;
-        let gate = match gate {
-            Some(g) => Some(view(g, batch * channels, "gate")?),
-            None => None,
-        };
-        let dgate = match dgate {
-            Some(g) => Some(view_mut(g, batch * channels, "dgate")?),
-            None => None,
-        };
-        ops::modulate::gated_residual_backward(
-            view(dresidual, n, "dresidual")?,
-            view(y, n, "gated y")?,
-            gate,
-            view_mut(dy, n, "gated dy")?,
-            dgate,
-            tokens,
-            channels,
-        );
-        Ok(())
-    }
+}
 
+impl<T: CpuFloat> AttentionOps for CpuBackend<T> {
     fn rope_forward(&self, shape: &RopeShape, x: SliceMut<'_, Vec<T>>) -> Result<(), CpuError> {
         let n = shape.extent();
         ops::rope::rotate(shape, view_mut(x, n, "rope x")?, false);
@@ -595,6 +550,63 @@ impl<T: CpuFloat> Backend for CpuBackend<T> {
         );
         Ok(())
     }
+}
+
+impl<T: CpuFloat> ActivationOps for CpuBackend<T> {
+    fn gated_residual_forward(
+        &self,
+        residual: SliceMut<'_, Vec<T>>,
+        y: Slice<'_, Vec<T>>,
+        gate: Option<Slice<'_, Vec<T>>>,
+        batch: usize,
+        tokens: usize,
+        channels: usize,
+    ) -> Result<(), CpuError> {
+        let n = batch * tokens * channels;
+        let gate = match gate {
+            Some(g) => Some(view(g, batch * channels, "gate")?),
+            None => None,
+        };
+        ops::modulate::gated_residual_forward(
+            view_mut(residual, n, "residual")?,
+            view(y, n, "gated y")?,
+            gate,
+            tokens,
+            channels,
+        );
+        Ok(())
+    }
+    fn gated_residual_backward(
+        &self,
+        dresidual: Slice<'_, Vec<T>>,
+        y: Slice<'_, Vec<T>>,
+        gate: Option<Slice<'_, Vec<T>>>,
+        dy: SliceMut<'_, Vec<T>>,
+        dgate: Option<SliceMut<'_, Vec<T>>>,
+        batch: usize,
+        tokens: usize,
+        channels: usize,
+    ) -> Result<(), CpuError> {
+        let n = batch * tokens * channels;
+        let gate = match gate {
+            Some(g) => Some(view(g, batch * channels, "gate")?),
+            None => None,
+        };
+        let dgate = match dgate {
+            Some(g) => Some(view_mut(g, batch * channels, "dgate")?),
+            None => None,
+        };
+        ops::modulate::gated_residual_backward(
+            view(dresidual, n, "dresidual")?,
+            view(y, n, "gated y")?,
+            gate,
+            view_mut(dy, n, "gated dy")?,
+            dgate,
+            tokens,
+            channels,
+        );
+        Ok(())
+    }
     fn gelu_forward(
         &self,
         x: Slice<'_, Vec<T>>,
@@ -651,7 +663,9 @@ impl<T: CpuFloat> Backend for CpuBackend<T> {
         ops::activation::dropout(view_mut(x, len, "dropout x")?, p, stream);
         Ok(())
     }
+}
 
+impl<T: CpuFloat> LossOps for CpuBackend<T> {
     fn embedding_forward(
         &self,
         ids: &Vec<u32>,
@@ -715,7 +729,9 @@ impl<T: CpuFloat> Backend for CpuBackend<T> {
         );
         Ok(())
     }
+}
 
+impl<T: CpuFloat> OptimizerOps for CpuBackend<T> {
     fn sum(&self, x: Slice<'_, Vec<T>>, len: usize) -> Result<f64, CpuError> {
         Ok(ops::optim::sum(view(x, len, "sum")?))
     }
@@ -758,6 +774,9 @@ impl<T: CpuFloat> Backend for CpuBackend<T> {
         );
         Ok(())
     }
+}
+
+impl<T: CpuFloat> DrawOps for CpuBackend<T> {
     /// Rows drawn in parallel (each is `draw_token` on its own stream: the same tokens).
     fn draw_tokens(
         &self,
@@ -781,3 +800,5 @@ impl<T: CpuFloat> Backend for CpuBackend<T> {
         Ok(())
     }
 }
+
+impl<T: CpuFloat> FusedOps for CpuBackend<T> {}

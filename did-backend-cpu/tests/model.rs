@@ -4,7 +4,7 @@
 //! allocated.
 
 use did_backend_cpu::CpuBackend;
-use did_core::backend::Backend;
+use did_core::backend::prelude::*;
 use did_core::denoiser::{DenoiseRequest, Denoiser, OutputPosition};
 use did_core::model::CausalSampler;
 use did_core::model::{

@@ -3,9 +3,10 @@
 //! small random shapes (sizes that are not multiples of 8, and size 1).
 
 use did_backend_cpu::CpuBackend;
+use did_core::backend::prelude::*;
 use did_core::backend::{
-    AdamW, AttentionShape, Backend, Gemm, NormShape, QkvOffsets, RopeShape, RowGroups, RowMajor,
-    Slice, SliceMut,
+    AdamW, AttentionShape, Gemm, NormShape, QkvOffsets, RopeShape, RowGroups, RowMajor, Slice,
+    SliceMut,
 };
 use did_core::mask::AttentionMask;
 use did_core::rng::{Purpose, RngStream};

@@ -8,10 +8,10 @@
 //! tokens are the reference's, row for row; the confidences of certain rows agree with the
 //! reference's to about 1e-12 relative (f64 sums in another order).
 
-use did_core::backend::DrawSpec;
 use did_core::sample::categorical::{Confidence, SampledToken};
+use did_core::sample::DrawSpec;
 
-/// Where [`Backend::draw_tokens`](did_core::backend::Backend::draw_tokens) draws.
+/// Where [`DrawOps::draw_tokens`](did_core::backend::DrawOps::draw_tokens) draws.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DrawLocation {
     /// Download every logits row and draw on the host with `draw_token`, rows spread over the
@@ -28,7 +28,7 @@ pub const SPEC_WORDS: usize = 5;
 ///
 /// ```
 /// use did_backend_cuda::draw::stream_words;
-/// use did_core::backend::DrawSpec;
+/// use did_core::sample::DrawSpec;
 /// use did_core::rng::{Purpose, RngStream};
 /// let spec = DrawSpec { stream: RngStream::new(7, Purpose::Categorical, 2, 3), row: 5 };
 /// assert_eq!(stream_words(&spec), [7, 0, 3, (6 << 24) | 2, 5]);

@@ -18,7 +18,8 @@
 //!
 //! ```
 //! use did_backend_cuda::{cuda_available, CudaBackend, Precision};
-//! use did_core::backend::{Backend, Gemm, Slice, SliceMut};
+//! use did_core::backend::prelude::*;
+//! use did_core::backend::{Gemm, Slice, SliceMut};
 //! if !cuda_available() {
 //!     return Ok(()); // this machine has no GPU
 //! }
@@ -43,15 +44,16 @@ use cudarc::driver::{
     CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr,
     HostSlice, LaunchConfig, PushKernelArg,
 };
+use did_core::backend::prelude::*;
 use did_core::backend::{
-    AdamW, AttentionShape, Backend, DrawSpec, DropoutMask, Gemm, LinearThen, NormShape,
-    OptimizerStep, QkvOffsets, RecordingId, RopeShape, RowGroups, RowMajor, Slice, SliceMut,
-    UpdatedWeights,
+    AdamW, AttentionShape, DropoutMask, Gemm, LinearThen, NormShape, OptimizerStep, QkvOffsets,
+    RecordingId, RopeShape, RowGroups, RowMajor, Slice, SliceMut, UpdatedWeights,
 };
 use did_core::mask::AttentionMask;
 use did_core::rng::RngStream;
 use did_core::sample::categorical::{draw_token, DrawScratch, SampledToken};
 use did_core::sample::nucleus::{Nucleus, NucleusRule};
+use did_core::sample::DrawSpec;
 
 use counters::{Counts, Event};
 
@@ -89,7 +91,7 @@ impl Precision {
 }
 
 /// A device buffer of `len` floats in the backend's [`Precision`], or in f32 when it came from
-/// [`Backend::zeros_f32`].
+/// [`MemoryOps::zeros_f32`](did_core::backend::MemoryOps::zeros_f32).
 #[derive(Debug)]
 pub struct CudaBuffer {
     mem: CudaSlice<u8>,
@@ -118,7 +120,7 @@ pub struct CudaIds {
 }
 
 /// The CUDA backend's logits rows start a multiple of this many elements apart
-/// (`Backend::padded_row_stride`): 50,258 → 50,304.
+/// (`MemoryOps::padded_row_stride`): 50,258 → 50,304.
 ///
 /// ```
 /// assert_eq!(50_258usize.next_multiple_of(did_backend_cuda::LOGITS_ROW_ALIGNMENT), 50_304);
@@ -445,7 +447,7 @@ impl CudaBackend {
     }
 
     /// Whether samplers may record a draft call's pass as a CUDA graph and replay it
-    /// (`Backend::can_record`; off unless `DID_CUDA_GRAPHS=on`, and only in bf16, where every
+    /// (`RecordingOps::can_record`; off unless `DID_CUDA_GRAPHS=on`, and only in bf16, where every
     /// op of a draft pass is this crate's kernel and none is cuBLAS's).
     ///
     /// A denoiser reads this when it is made, and a recording keeps the kernels chosen when it
@@ -797,7 +799,7 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// An f32 buffer (the attention's log-sum-exp): from [`Backend::zeros_f32`].
+    /// An f32 buffer (the attention's log-sum-exp): from [`MemoryOps::zeros_f32`](did_core::backend::MemoryOps::zeros_f32).
     fn f32_ptr(
         &self,
         buf: &CudaBuffer,
@@ -1097,15 +1099,13 @@ fn to_i32(v: usize, what: &str) -> Result<i32, CudaError> {
     })
 }
 
-impl Backend for CudaBackend {
+impl MemoryOps for CudaBackend {
     type Buffer = CudaBuffer;
     type Ids = CudaIds;
     type Error = CudaError;
-
     fn name(&self) -> &str {
         &self.name
     }
-
     fn zeros(&self, len: usize) -> Result<CudaBuffer, CudaError> {
         // One element at least: the driver refuses empty allocations.
         let mem = self
@@ -1117,7 +1117,6 @@ impl Backend for CudaBackend {
             f32: self.precision == Precision::F32,
         })
     }
-
     fn zeros_f32(&self, len: usize) -> Result<CudaBuffer, CudaError> {
         let mem = self.stream.alloc_zeros::<u8>(len.max(1) * 4)?;
         Ok(CudaBuffer {
@@ -1126,7 +1125,6 @@ impl Backend for CudaBackend {
             f32: true,
         })
     }
-
     fn upload(&self, host: &[f32]) -> Result<CudaBuffer, CudaError> {
         let mut buf = self.zeros(host.len())?;
         if !host.is_empty() {
@@ -1136,11 +1134,9 @@ impl Backend for CudaBackend {
         }
         Ok(buf)
     }
-
     fn stores_below_f32(&self) -> bool {
         self.precision == Precision::Bf16
     }
-
     fn upload_f32(&self, host: &[f32]) -> Result<CudaBuffer, CudaError> {
         let mut buf = self.zeros_f32(host.len())?;
         if !host.is_empty() {
@@ -1150,7 +1146,6 @@ impl Backend for CudaBackend {
         }
         Ok(buf)
     }
-
     fn round_into(
         &self,
         src: Slice<'_, CudaBuffer>,
@@ -1165,7 +1160,6 @@ impl Backend for CudaBackend {
             &[Arg::Ptr(src), Arg::Ptr(dst), Arg::I64(len as i64)],
         )
     }
-
     fn download(&self, src: Slice<'_, CudaBuffer>, out: &mut [f32]) -> Result<(), CudaError> {
         self.device_ptr(src.buf, src.offset, out.len(), "download")?;
         if out.is_empty() {
@@ -1189,7 +1183,6 @@ impl Backend for CudaBackend {
         }
         Ok(())
     }
-
     fn upload_ids(&self, host: &[u32]) -> Result<CudaIds, CudaError> {
         let mut dev = self.stream.alloc_zeros::<u32>(host.len().max(1))?;
         if !host.is_empty() {
@@ -1201,7 +1194,6 @@ impl Backend for CudaBackend {
             host: host.to_vec(),
         })
     }
-
     fn upload_ids_into(&self, host: &[u32], ids: &mut CudaIds) -> Result<(), CudaError> {
         if host.len() > ids.dev.len() {
             *ids = self.upload_ids(host)?;
@@ -1215,73 +1207,6 @@ impl Backend for CudaBackend {
         ids.host.extend_from_slice(host);
         Ok(())
     }
-
-    fn can_record(&self) -> bool {
-        self.precision == Precision::Bf16
-            && self.few_rows_kernel()
-            && self.graphs.load(std::sync::atomic::Ordering::Relaxed)
-    }
-
-    fn begin_recording(&self) -> Result<(), CudaError> {
-        self.stream.begin_capture(
-            cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
-        )?;
-        Ok(())
-    }
-
-    fn end_recording(&self) -> Result<Option<RecordingId>, CudaError> {
-        // cudarc keeps an error raised where it could not return one (a free that failed inside
-        // a broken capture) and returns it from the next call's context check — which, left
-        // there, would be `end_capture`'s, before it ends the capture: the stream would stay in
-        // capture mode and every later launch fail. Take it first, end the capture regardless,
-        // and drop what was recorded if anything failed.
-        let pending = self.stream.context().check_err();
-        let ended = self
-            .stream
-            .end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0));
-        pending?;
-        let Some(graph) = ended? else {
-            return Ok(None);
-        };
-        let id = self
-            .next_recording
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.recordings
-            .lock()
-            .map_err(|_| CudaError::Shape("the recordings' lock was poisoned".into()))?
-            .insert(id, Graph(graph));
-        Ok(Some(RecordingId(id)))
-    }
-
-    fn replay_recording(&self, id: RecordingId) -> Result<(), CudaError> {
-        let recordings = self
-            .recordings
-            .lock()
-            .map_err(|_| CudaError::Shape("the recordings' lock was poisoned".into()))?;
-        let graph = recordings
-            .get(&id.0)
-            .ok_or_else(|| CudaError::Shape(format!("no recording {}", id.0)))?;
-        graph.0.launch()?;
-        self.counters.add(Event::GraphLaunch, 1);
-        Ok(())
-    }
-
-    fn recording_failed(&self, why: Option<&CudaError>) {
-        self.counters.add(Event::FailedRecording, 1);
-        if let Ok(mut first) = self.first_failed_recording.lock() {
-            first.get_or_insert_with(|| match why {
-                Some(e) => e.to_string(),
-                None => "the capture ended without a graph".into(),
-            });
-        }
-    }
-
-    fn forget_recording(&self, id: RecordingId) {
-        if let Ok(mut recordings) = self.recordings.lock() {
-            recordings.remove(&id.0);
-        }
-    }
-
     fn fill(&self, dst: SliceMut<'_, CudaBuffer>, len: usize, value: f32) -> Result<(), CudaError> {
         // A bf16 backend's f32 buffers (zeros_f32) have their own kernel.
         let kernel = if dst.buf.f32 && self.precision == Precision::Bf16 {
@@ -1296,7 +1221,6 @@ impl Backend for CudaBackend {
             &[Arg::Ptr(p), Arg::I64(len as i64), Arg::F32(value)],
         )
     }
-
     fn copy(
         &self,
         src: Slice<'_, CudaBuffer>,
@@ -1305,7 +1229,6 @@ impl Backend for CudaBackend {
     ) -> Result<(), CudaError> {
         self.copy_rows(src, len, dst, len, 1, len)
     }
-
     fn copy_rows(
         &self,
         src: Slice<'_, CudaBuffer>,
@@ -1321,7 +1244,6 @@ impl Backend for CudaBackend {
             &RowGroups::rows(rows, cols, src_stride, dst_stride),
         )
     }
-
     fn copy_row_groups(
         &self,
         src: Slice<'_, CudaBuffer>,
@@ -1346,12 +1268,82 @@ impl Backend for CudaBackend {
             ],
         )
     }
-
     fn synchronize(&self) -> Result<(), CudaError> {
         self.stream.synchronize()?;
         Ok(())
     }
+    /// Rows of 64 elements: 128 bytes in bf16, so cuBLAS's 16-byte vector loads apply to every
+    /// row (measured on the H200: `dW += dlogitsᵀ · x` for the head, 1,280 rows, 0.445 ms at
+    /// GPT-2's 50,258 against 0.245 at 50,304).
+    fn padded_row_stride(&self, cols: usize) -> usize {
+        cols.next_multiple_of(LOGITS_ROW_ALIGNMENT)
+    }
+}
 
+impl RecordingOps for CudaBackend {
+    fn can_record(&self) -> bool {
+        self.precision == Precision::Bf16
+            && self.few_rows_kernel()
+            && self.graphs.load(std::sync::atomic::Ordering::Relaxed)
+    }
+    fn begin_recording(&self) -> Result<(), CudaError> {
+        self.stream.begin_capture(
+            cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
+        )?;
+        Ok(())
+    }
+    fn end_recording(&self) -> Result<Option<RecordingId>, CudaError> {
+        // cudarc keeps an error raised where it could not return one (a free that failed inside
+        // a broken capture) and returns it from the next call's context check — which, left
+        // there, would be `end_capture`'s, before it ends the capture: the stream would stay in
+        // capture mode and every later launch fail. Take it first, end the capture regardless,
+        // and drop what was recorded if anything failed.
+        let pending = self.stream.context().check_err();
+        let ended = self
+            .stream
+            .end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0));
+        pending?;
+        let Some(graph) = ended? else {
+            return Ok(None);
+        };
+        let id = self
+            .next_recording
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.recordings
+            .lock()
+            .map_err(|_| CudaError::Shape("the recordings' lock was poisoned".into()))?
+            .insert(id, Graph(graph));
+        Ok(Some(RecordingId(id)))
+    }
+    fn replay_recording(&self, id: RecordingId) -> Result<(), CudaError> {
+        let recordings = self
+            .recordings
+            .lock()
+            .map_err(|_| CudaError::Shape("the recordings' lock was poisoned".into()))?;
+        let graph = recordings
+            .get(&id.0)
+            .ok_or_else(|| CudaError::Shape(format!("no recording {}", id.0)))?;
+        graph.0.launch()?;
+        self.counters.add(Event::GraphLaunch, 1);
+        Ok(())
+    }
+    fn recording_failed(&self, why: Option<&CudaError>) {
+        self.counters.add(Event::FailedRecording, 1);
+        if let Ok(mut first) = self.first_failed_recording.lock() {
+            first.get_or_insert_with(|| match why {
+                Some(e) => e.to_string(),
+                None => "the capture ended without a graph".into(),
+            });
+        }
+    }
+    fn forget_recording(&self, id: RecordingId) {
+        if let Ok(mut recordings) = self.recordings.lock() {
+            recordings.remove(&id.0);
+        }
+    }
+}
+
+impl LinearOps for CudaBackend {
     fn matmul(
         &self,
         g: &Gemm,
@@ -1428,14 +1420,6 @@ impl Backend for CudaBackend {
         }?;
         Ok(())
     }
-
-    /// Rows of 64 elements: 128 bytes in bf16, so cuBLAS's 16-byte vector loads apply to every
-    /// row (measured on the H200: `dW += dlogitsᵀ · x` for the head, 1,280 rows, 0.445 ms at
-    /// GPT-2's 50,258 against 0.245 at 50,304).
-    fn padded_row_stride(&self, cols: usize) -> usize {
-        cols.next_multiple_of(LOGITS_ROW_ALIGNMENT)
-    }
-
     fn bias_add_rows(
         &self,
         x: SliceMut<'_, CudaBuffer>,
@@ -1456,7 +1440,6 @@ impl Backend for CudaBackend {
             ],
         )
     }
-
     fn bias_backward_rows(
         &self,
         dy: Slice<'_, CudaBuffer>,
@@ -1467,7 +1450,9 @@ impl Backend for CudaBackend {
         let out = self.ptr_mut(dbias, shape.cols, "dbias")?;
         self.column_sums(d, 0, out, 1, shape.rows, shape.cols, shape.stride)
     }
+}
 
+impl NormOps for CudaBackend {
     fn layernorm_forward(
         &self,
         s: &NormShape,
@@ -1480,36 +1465,6 @@ impl Backend for CudaBackend {
     ) -> Result<(), CudaError> {
         self.layernorm(s, x, weight, bias, out, mean, rstd, [0; 3], 1)
     }
-
-    fn layernorm_modulate_forward(
-        &self,
-        s: &NormShape,
-        x: Slice<'_, CudaBuffer>,
-        weight: Slice<'_, CudaBuffer>,
-        bias: Option<Slice<'_, CudaBuffer>>,
-        shift: Slice<'_, CudaBuffer>,
-        scale: Slice<'_, CudaBuffer>,
-        tokens: usize,
-        ln_out: SliceMut<'_, CudaBuffer>,
-        mean: SliceMut<'_, CudaBuffer>,
-        rstd: SliceMut<'_, CudaBuffer>,
-        out: SliceMut<'_, CudaBuffer>,
-    ) -> Result<(), CudaError> {
-        if tokens == 0 || s.rows % tokens != 0 {
-            return Err(CudaError::Shape(format!(
-                "layernorm_modulate_forward: {} rows are not whole sequences of {tokens} tokens",
-                s.rows
-            )));
-        }
-        let sequences = s.rows / tokens;
-        let modulation = [
-            self.ptr(shift, sequences * s.cols, "modulate shift")?,
-            self.ptr(scale, sequences * s.cols, "modulate scale")?,
-            self.ptr_mut(out, s.rows * s.cols, "modulate out")?,
-        ];
-        self.layernorm(s, x, weight, bias, ln_out, mean, rstd, modulation, tokens)
-    }
-
     fn layernorm_backward(
         &self,
         s: &NormShape,
@@ -1582,7 +1537,6 @@ impl Backend for CudaBackend {
             },
         )
     }
-
     fn modulate_forward(
         &self,
         x: Slice<'_, CudaBuffer>,
@@ -1605,7 +1559,6 @@ impl Backend for CudaBackend {
         ];
         self.launch_elements("modulate_forward", n, &args)
     }
-
     fn modulate_backward(
         &self,
         dout: Slice<'_, CudaBuffer>,
@@ -1637,203 +1590,9 @@ impl Backend for CudaBackend {
         )?;
         self.column_sums(dp, xp, dsp, batch, tokens, channels, channels)
     }
+}
 
-    fn gated_residual_forward(
-        &self,
-        residual: SliceMut<'_, CudaBuffer>,
-        y: Slice<'_, CudaBuffer>,
-        gate: Option<Slice<'_, CudaBuffer>>,
-        batch: usize,
-        tokens: usize,
-        channels: usize,
-    ) -> Result<(), CudaError> {
-        let n = batch * tokens * channels;
-        let gp = self.gate_ptr(gate, batch, channels)?;
-        let args = [
-            Arg::Ptr(self.ptr_mut(residual, n, "residual")?),
-            Arg::Ptr(self.ptr(y, n, "gated y")?),
-            Arg::Ptr(gp),
-            Arg::I64(tokens as i64),
-            Arg::I64(channels as i64),
-            Arg::I64(n as i64),
-        ];
-        self.launch_elements("gated_residual_forward", n, &args)
-    }
-
-    fn linear_forward_then(
-        &self,
-        x: Slice<'_, CudaBuffer>,
-        w: Slice<'_, CudaBuffer>,
-        y: SliceMut<'_, CudaBuffer>,
-        rows: usize,
-        d_in: usize,
-        d_out: usize,
-        then: LinearThen<'_, CudaBuffer>,
-    ) -> Result<(), CudaError> {
-        let g = Gemm::linear(rows, d_in, d_out);
-        let fused = if self.few_rows_kernel() && rows > 0 && d_out > 0 {
-            let (ea, eb, _) = g.extents();
-            let (px, pw) = (self.ptr(x, ea, "linear x")?, self.ptr(w, eb, "linear w")?);
-            let aligned = |p: u64| p % 16 == 0;
-            let kind = match then {
-                LinearThen::BiasGelu { .. } => few_rows::Then::BiasGelu,
-                LinearThen::GatedResidual { .. } => few_rows::Then::GatedResidual,
-            };
-            few_rows::fused_kernel_for(&g, 8, aligned(px), aligned(pw), kind)
-                .map(|kernel| (kernel, px, pw))
-        } else {
-            None
-        };
-        // A shape the fused kernels do not take: the two calls.
-        let Some((kernel, px, pw)) = fused else {
-            return did_core::backend::linear_forward_then_in_steps(
-                self, x, w, y, rows, d_in, d_out, then,
-            );
-        };
-        let n = rows * d_out;
-        let py = self.ptr_mut(y, n, "linear y")?;
-        let head = [
-            Arg::Ptr(px),
-            Arg::I64(d_in as i64),
-            Arg::Ptr(pw),
-            Arg::I64(d_in as i64),
-            Arg::Ptr(py),
-            Arg::I32(rows as i32),
-            Arg::I64(d_out as i64),
-            Arg::I64(d_in as i64),
-        ];
-        let tail: Vec<Arg> = match then {
-            LinearThen::BiasGelu { bias, gelu } => vec![
-                Arg::Ptr(self.ptr(bias, d_out, "linear bias")?),
-                Arg::Ptr(self.ptr_mut(gelu, n, "linear gelu")?),
-            ],
-            LinearThen::GatedResidual {
-                bias,
-                gate,
-                residual,
-                out,
-                tokens,
-            } => {
-                let tokens = tokens.max(1);
-                if rows % tokens != 0 {
-                    return Err(CudaError::Shape(format!(
-                        "linear_forward_then: {rows} rows are not whole sequences of {tokens}"
-                    )));
-                }
-                vec![
-                    Arg::Ptr(match bias {
-                        Some(b) => self.ptr(b, d_out, "linear bias")?,
-                        None => 0,
-                    }),
-                    Arg::Ptr(self.gate_ptr(gate, rows / tokens, d_out)?),
-                    Arg::Ptr(self.ptr(residual, n, "linear residual")?),
-                    Arg::Ptr(self.ptr_mut(out, n, "linear out")?),
-                    Arg::I64(tokens as i64),
-                ]
-            }
-        };
-        let args: Vec<Arg> = head.into_iter().chain(tail).collect();
-        self.launch(
-            kernel,
-            (few_rows::blocks(d_out), 1, 1),
-            few_rows::THREADS,
-            &args,
-        )
-    }
-
-    fn gated_residual_forward_into(
-        &self,
-        residual: Slice<'_, CudaBuffer>,
-        y: Slice<'_, CudaBuffer>,
-        gate: Option<Slice<'_, CudaBuffer>>,
-        out: SliceMut<'_, CudaBuffer>,
-        batch: usize,
-        tokens: usize,
-        channels: usize,
-    ) -> Result<(), CudaError> {
-        // Without a bias the kernel only reads y.
-        let yp = self.ptr(y, batch * tokens * channels, "gated y")?;
-        self.residual_into(residual, yp, 0, None, gate, out, batch, tokens, channels)
-    }
-
-    fn bias_gated_residual_forward_into(
-        &self,
-        residual: Slice<'_, CudaBuffer>,
-        y: SliceMut<'_, CudaBuffer>,
-        bias: Slice<'_, CudaBuffer>,
-        gate: Option<Slice<'_, CudaBuffer>>,
-        out: SliceMut<'_, CudaBuffer>,
-        batch: usize,
-        tokens: usize,
-        channels: usize,
-    ) -> Result<(), CudaError> {
-        let yp = self.ptr_mut(y, batch * tokens * channels, "biased y")?;
-        let bp = self.ptr(bias, channels, "bias")?;
-        self.residual_into(residual, yp, bp, None, gate, out, batch, tokens, channels)
-    }
-
-    fn bias_dropout_gated_residual_forward_into(
-        &self,
-        residual: Slice<'_, CudaBuffer>,
-        y: SliceMut<'_, CudaBuffer>,
-        bias: Option<Slice<'_, CudaBuffer>>,
-        dropout: DropoutMask,
-        gate: Option<Slice<'_, CudaBuffer>>,
-        out: SliceMut<'_, CudaBuffer>,
-        batch: usize,
-        tokens: usize,
-        channels: usize,
-    ) -> Result<(), CudaError> {
-        let yp = self.ptr_mut(y, batch * tokens * channels, "dropped y")?;
-        let bp = match bias {
-            Some(b) => self.ptr(b, channels, "bias")?,
-            None => 0,
-        };
-        self.residual_into(
-            residual,
-            yp,
-            bp,
-            Some(dropout),
-            gate,
-            out,
-            batch,
-            tokens,
-            channels,
-        )
-    }
-
-    fn gated_residual_backward(
-        &self,
-        dresidual: Slice<'_, CudaBuffer>,
-        y: Slice<'_, CudaBuffer>,
-        gate: Option<Slice<'_, CudaBuffer>>,
-        dy: SliceMut<'_, CudaBuffer>,
-        dgate: Option<SliceMut<'_, CudaBuffer>>,
-        batch: usize,
-        tokens: usize,
-        channels: usize,
-    ) -> Result<(), CudaError> {
-        self.gated_residual_backward_with(
-            dresidual, y, gate, dy, dgate, None, batch, tokens, channels,
-        )
-    }
-
-    fn gated_residual_backward_dropout(
-        &self,
-        dresidual: Slice<'_, CudaBuffer>,
-        y: Slice<'_, CudaBuffer>,
-        gate: Option<Slice<'_, CudaBuffer>>,
-        dy: SliceMut<'_, CudaBuffer>,
-        dgate: Option<SliceMut<'_, CudaBuffer>>,
-        dropout: DropoutMask,
-        batch: usize,
-        tokens: usize,
-        channels: usize,
-    ) -> Result<(), CudaError> {
-        let d = Some(dropout);
-        self.gated_residual_backward_with(dresidual, y, gate, dy, dgate, d, batch, tokens, channels)
-    }
-
+impl AttentionOps for CudaBackend {
     fn rope_forward(
         &self,
         shape: &RopeShape,
@@ -1841,7 +1600,6 @@ impl Backend for CudaBackend {
     ) -> Result<(), CudaError> {
         self.rope(shape, x, false)
     }
-
     fn rope_backward(
         &self,
         shape: &RopeShape,
@@ -1849,40 +1607,6 @@ impl Backend for CudaBackend {
     ) -> Result<(), CudaError> {
         self.rope(shape, dx, true)
     }
-
-    fn rope_forward_and_copy(
-        &self,
-        shape: &RopeShape,
-        x: SliceMut<'_, CudaBuffer>,
-        copy_from: usize,
-        dst: SliceMut<'_, CudaBuffer>,
-        layout: &RowGroups,
-    ) -> Result<(), CudaError> {
-        // One launch where the copy's rows are the rotation's (the KV-cache append after a
-        // pass's RoPE): same sequences, tokens and strides, columns from `copy_from` on.
-        let same_rows = layout.groups == shape.batch
-            && layout.rows == shape.tokens
-            && layout.src_stride == shape.stride
-            && copy_from + layout.cols <= shape.stride
-            && (layout.groups <= 1 || layout.src_group_stride == shape.batch_stride);
-        let SliceMut { buf, offset } = x;
-        if !same_rows || layout.elements() == 0 {
-            self.rope(shape, SliceMut::at(&mut *buf, offset), false)?;
-            return self.copy_row_groups(Slice::at(&*buf, offset + copy_from), dst, layout);
-        }
-        let span = shape.extent().max(copy_from + layout.src_extent());
-        let p = self.ptr_mut(SliceMut::at(buf, offset), span, "rope x")?;
-        let d = self.ptr_mut(dst, layout.dst_extent(), "rope copy dst")?;
-        let copy = (
-            copy_from,
-            layout.cols,
-            d,
-            layout.dst_stride,
-            layout.dst_group_stride,
-        );
-        self.rope_at(shape, p, false, Some(copy))
-    }
-
     fn attention_forward(
         &self,
         s: &AttentionShape,
@@ -1917,7 +1641,6 @@ impl Backend for CudaBackend {
         }
         self.launch_warps("attention_forward", e.lse, &args)
     }
-
     fn attention_backward(
         &self,
         s: &AttentionShape,
@@ -2017,7 +1740,45 @@ impl Backend for CudaBackend {
             &dkv_args,
         )
     }
+}
 
+impl ActivationOps for CudaBackend {
+    fn gated_residual_forward(
+        &self,
+        residual: SliceMut<'_, CudaBuffer>,
+        y: Slice<'_, CudaBuffer>,
+        gate: Option<Slice<'_, CudaBuffer>>,
+        batch: usize,
+        tokens: usize,
+        channels: usize,
+    ) -> Result<(), CudaError> {
+        let n = batch * tokens * channels;
+        let gp = self.gate_ptr(gate, batch, channels)?;
+        let args = [
+            Arg::Ptr(self.ptr_mut(residual, n, "residual")?),
+            Arg::Ptr(self.ptr(y, n, "gated y")?),
+            Arg::Ptr(gp),
+            Arg::I64(tokens as i64),
+            Arg::I64(channels as i64),
+            Arg::I64(n as i64),
+        ];
+        self.launch_elements("gated_residual_forward", n, &args)
+    }
+    fn gated_residual_backward(
+        &self,
+        dresidual: Slice<'_, CudaBuffer>,
+        y: Slice<'_, CudaBuffer>,
+        gate: Option<Slice<'_, CudaBuffer>>,
+        dy: SliceMut<'_, CudaBuffer>,
+        dgate: Option<SliceMut<'_, CudaBuffer>>,
+        batch: usize,
+        tokens: usize,
+        channels: usize,
+    ) -> Result<(), CudaError> {
+        self.gated_residual_backward_with(
+            dresidual, y, gate, dy, dgate, None, batch, tokens, channels,
+        )
+    }
     fn gelu_forward(
         &self,
         x: Slice<'_, CudaBuffer>,
@@ -2026,26 +1787,6 @@ impl Backend for CudaBackend {
     ) -> Result<(), CudaError> {
         self.activation_forward("gelu_forward", x, out, len)
     }
-
-    fn bias_gelu_forward(
-        &self,
-        x: SliceMut<'_, CudaBuffer>,
-        bias: Slice<'_, CudaBuffer>,
-        out: SliceMut<'_, CudaBuffer>,
-        rows: usize,
-        cols: usize,
-    ) -> Result<(), CudaError> {
-        let n = rows * cols;
-        let args = [
-            Arg::Ptr(self.ptr_mut(x, n, "bias_gelu x")?),
-            Arg::Ptr(self.ptr(bias, cols, "bias")?),
-            Arg::Ptr(self.ptr_mut(out, n, "bias_gelu out")?),
-            Arg::I64(rows as i64),
-            Arg::I64(cols as i64),
-        ];
-        self.launch_elements("bias_gelu_forward", n, &args)
-    }
-
     fn gelu_backward(
         &self,
         dout: Slice<'_, CudaBuffer>,
@@ -2055,7 +1796,6 @@ impl Backend for CudaBackend {
     ) -> Result<(), CudaError> {
         self.activation_backward("gelu_backward", dout, x, dx, len)
     }
-
     fn silu_forward(
         &self,
         x: Slice<'_, CudaBuffer>,
@@ -2064,7 +1804,6 @@ impl Backend for CudaBackend {
     ) -> Result<(), CudaError> {
         self.activation_forward("silu_forward", x, out, len)
     }
-
     fn silu_backward(
         &self,
         dout: Slice<'_, CudaBuffer>,
@@ -2074,7 +1813,6 @@ impl Backend for CudaBackend {
     ) -> Result<(), CudaError> {
         self.activation_backward("silu_backward", dout, x, dx, len)
     }
-
     fn dropout(
         &self,
         x: SliceMut<'_, CudaBuffer>,
@@ -2090,7 +1828,9 @@ impl Backend for CudaBackend {
         args.extend(dropout_args(Some(DropoutMask { p, stream: *stream }), len)?);
         self.launch_elements("dropout", len, &args)
     }
+}
 
+impl LossOps for CudaBackend {
     fn embedding_forward(
         &self,
         ids: &CudaIds,
@@ -2111,7 +1851,6 @@ impl Backend for CudaBackend {
         ];
         self.launch_elements("embedding_forward", rows * channels, &args)
     }
-
     fn embedding_backward(
         &self,
         ids: &CudaIds,
@@ -2156,7 +1895,6 @@ impl Backend for CudaBackend {
             &args,
         )
     }
-
     fn softmax_cross_entropy(
         &self,
         logits: SliceMut<'_, CudaBuffer>,
@@ -2195,15 +1933,15 @@ impl Backend for CudaBackend {
             &args,
         )
     }
+}
 
+impl OptimizerOps for CudaBackend {
     fn sum(&self, x: Slice<'_, CudaBuffer>, len: usize) -> Result<f64, CudaError> {
         self.reduce(x, len, false)
     }
-
     fn sum_squares(&self, x: Slice<'_, CudaBuffer>, len: usize) -> Result<f64, CudaError> {
         self.reduce(x, len, true)
     }
-
     fn scale(&self, x: SliceMut<'_, CudaBuffer>, len: usize, factor: f32) -> Result<(), CudaError> {
         let p = self.ptr_mut(x, len, "scale x")?;
         self.launch_elements(
@@ -2212,7 +1950,6 @@ impl Backend for CudaBackend {
             &[Arg::Ptr(p), Arg::I64(len as i64), Arg::F32(factor)],
         )
     }
-
     fn adamw(
         &self,
         hp: &AdamW,
@@ -2242,7 +1979,6 @@ impl Backend for CudaBackend {
         ];
         self.launch_elements("adamw", len, &args)
     }
-
     fn ema_update(
         &self,
         ema: SliceMut<'_, CudaBuffer>,
@@ -2258,7 +1994,6 @@ impl Backend for CudaBackend {
         ];
         self.launch_elements("ema_update", len, &args)
     }
-
     /// One `optimizer_step` launch: masters, moments and the EMA in f32 (`upload_f32`,
     /// `zeros_f32`), gradients and the rounded copies in the storage precision.
     fn optimizer_step(
@@ -2329,7 +2064,9 @@ impl Backend for CudaBackend {
         ];
         self.launch_elements("optimizer_step", len, &args)
     }
+}
 
+impl DrawOps for CudaBackend {
     /// [`DrawLocation::Host`]: one download of every row, then the reference draw on the host,
     /// rows spread over its cores.
     /// [`DrawLocation::Device`]: the `draw_tokens` kernel, then the reference draw on the host
@@ -2430,6 +2167,240 @@ impl Backend for CudaBackend {
             };
         }
         Ok(())
+    }
+}
+
+impl FusedOps for CudaBackend {
+    fn layernorm_modulate_forward(
+        &self,
+        s: &NormShape,
+        x: Slice<'_, CudaBuffer>,
+        weight: Slice<'_, CudaBuffer>,
+        bias: Option<Slice<'_, CudaBuffer>>,
+        shift: Slice<'_, CudaBuffer>,
+        scale: Slice<'_, CudaBuffer>,
+        tokens: usize,
+        ln_out: SliceMut<'_, CudaBuffer>,
+        mean: SliceMut<'_, CudaBuffer>,
+        rstd: SliceMut<'_, CudaBuffer>,
+        out: SliceMut<'_, CudaBuffer>,
+    ) -> Result<(), CudaError> {
+        if tokens == 0 || s.rows % tokens != 0 {
+            return Err(CudaError::Shape(format!(
+                "layernorm_modulate_forward: {} rows are not whole sequences of {tokens} tokens",
+                s.rows
+            )));
+        }
+        let sequences = s.rows / tokens;
+        let modulation = [
+            self.ptr(shift, sequences * s.cols, "modulate shift")?,
+            self.ptr(scale, sequences * s.cols, "modulate scale")?,
+            self.ptr_mut(out, s.rows * s.cols, "modulate out")?,
+        ];
+        self.layernorm(s, x, weight, bias, ln_out, mean, rstd, modulation, tokens)
+    }
+    fn linear_forward_then(
+        &self,
+        x: Slice<'_, CudaBuffer>,
+        w: Slice<'_, CudaBuffer>,
+        y: SliceMut<'_, CudaBuffer>,
+        rows: usize,
+        d_in: usize,
+        d_out: usize,
+        then: LinearThen<'_, CudaBuffer>,
+    ) -> Result<(), CudaError> {
+        let g = Gemm::linear(rows, d_in, d_out);
+        let fused = if self.few_rows_kernel() && rows > 0 && d_out > 0 {
+            let (ea, eb, _) = g.extents();
+            let (px, pw) = (self.ptr(x, ea, "linear x")?, self.ptr(w, eb, "linear w")?);
+            let aligned = |p: u64| p % 16 == 0;
+            let kind = match then {
+                LinearThen::BiasGelu { .. } => few_rows::Then::BiasGelu,
+                LinearThen::GatedResidual { .. } => few_rows::Then::GatedResidual,
+            };
+            few_rows::fused_kernel_for(&g, 8, aligned(px), aligned(pw), kind)
+                .map(|kernel| (kernel, px, pw))
+        } else {
+            None
+        };
+        // A shape the fused kernels do not take: the two calls.
+        let Some((kernel, px, pw)) = fused else {
+            return did_core::backend::linear_forward_then_in_steps(
+                self, x, w, y, rows, d_in, d_out, then,
+            );
+        };
+        let n = rows * d_out;
+        let py = self.ptr_mut(y, n, "linear y")?;
+        let head = [
+            Arg::Ptr(px),
+            Arg::I64(d_in as i64),
+            Arg::Ptr(pw),
+            Arg::I64(d_in as i64),
+            Arg::Ptr(py),
+            Arg::I32(rows as i32),
+            Arg::I64(d_out as i64),
+            Arg::I64(d_in as i64),
+        ];
+        let tail: Vec<Arg> = match then {
+            LinearThen::BiasGelu { bias, gelu } => vec![
+                Arg::Ptr(self.ptr(bias, d_out, "linear bias")?),
+                Arg::Ptr(self.ptr_mut(gelu, n, "linear gelu")?),
+            ],
+            LinearThen::GatedResidual {
+                bias,
+                gate,
+                residual,
+                out,
+                tokens,
+            } => {
+                let tokens = tokens.max(1);
+                if rows % tokens != 0 {
+                    return Err(CudaError::Shape(format!(
+                        "linear_forward_then: {rows} rows are not whole sequences of {tokens}"
+                    )));
+                }
+                vec![
+                    Arg::Ptr(match bias {
+                        Some(b) => self.ptr(b, d_out, "linear bias")?,
+                        None => 0,
+                    }),
+                    Arg::Ptr(self.gate_ptr(gate, rows / tokens, d_out)?),
+                    Arg::Ptr(self.ptr(residual, n, "linear residual")?),
+                    Arg::Ptr(self.ptr_mut(out, n, "linear out")?),
+                    Arg::I64(tokens as i64),
+                ]
+            }
+        };
+        let args: Vec<Arg> = head.into_iter().chain(tail).collect();
+        self.launch(
+            kernel,
+            (few_rows::blocks(d_out), 1, 1),
+            few_rows::THREADS,
+            &args,
+        )
+    }
+    fn gated_residual_forward_into(
+        &self,
+        residual: Slice<'_, CudaBuffer>,
+        y: Slice<'_, CudaBuffer>,
+        gate: Option<Slice<'_, CudaBuffer>>,
+        out: SliceMut<'_, CudaBuffer>,
+        batch: usize,
+        tokens: usize,
+        channels: usize,
+    ) -> Result<(), CudaError> {
+        // Without a bias the kernel only reads y.
+        let yp = self.ptr(y, batch * tokens * channels, "gated y")?;
+        self.residual_into(residual, yp, 0, None, gate, out, batch, tokens, channels)
+    }
+    fn bias_gated_residual_forward_into(
+        &self,
+        residual: Slice<'_, CudaBuffer>,
+        y: SliceMut<'_, CudaBuffer>,
+        bias: Slice<'_, CudaBuffer>,
+        gate: Option<Slice<'_, CudaBuffer>>,
+        out: SliceMut<'_, CudaBuffer>,
+        batch: usize,
+        tokens: usize,
+        channels: usize,
+    ) -> Result<(), CudaError> {
+        let yp = self.ptr_mut(y, batch * tokens * channels, "biased y")?;
+        let bp = self.ptr(bias, channels, "bias")?;
+        self.residual_into(residual, yp, bp, None, gate, out, batch, tokens, channels)
+    }
+    fn bias_dropout_gated_residual_forward_into(
+        &self,
+        residual: Slice<'_, CudaBuffer>,
+        y: SliceMut<'_, CudaBuffer>,
+        bias: Option<Slice<'_, CudaBuffer>>,
+        dropout: DropoutMask,
+        gate: Option<Slice<'_, CudaBuffer>>,
+        out: SliceMut<'_, CudaBuffer>,
+        batch: usize,
+        tokens: usize,
+        channels: usize,
+    ) -> Result<(), CudaError> {
+        let yp = self.ptr_mut(y, batch * tokens * channels, "dropped y")?;
+        let bp = match bias {
+            Some(b) => self.ptr(b, channels, "bias")?,
+            None => 0,
+        };
+        self.residual_into(
+            residual,
+            yp,
+            bp,
+            Some(dropout),
+            gate,
+            out,
+            batch,
+            tokens,
+            channels,
+        )
+    }
+    fn gated_residual_backward_dropout(
+        &self,
+        dresidual: Slice<'_, CudaBuffer>,
+        y: Slice<'_, CudaBuffer>,
+        gate: Option<Slice<'_, CudaBuffer>>,
+        dy: SliceMut<'_, CudaBuffer>,
+        dgate: Option<SliceMut<'_, CudaBuffer>>,
+        dropout: DropoutMask,
+        batch: usize,
+        tokens: usize,
+        channels: usize,
+    ) -> Result<(), CudaError> {
+        let d = Some(dropout);
+        self.gated_residual_backward_with(dresidual, y, gate, dy, dgate, d, batch, tokens, channels)
+    }
+    fn rope_forward_and_copy(
+        &self,
+        shape: &RopeShape,
+        x: SliceMut<'_, CudaBuffer>,
+        copy_from: usize,
+        dst: SliceMut<'_, CudaBuffer>,
+        layout: &RowGroups,
+    ) -> Result<(), CudaError> {
+        // One launch where the copy's rows are the rotation's (the KV-cache append after a
+        // pass's RoPE): same sequences, tokens and strides, columns from `copy_from` on.
+        let same_rows = layout.groups == shape.batch
+            && layout.rows == shape.tokens
+            && layout.src_stride == shape.stride
+            && copy_from + layout.cols <= shape.stride
+            && (layout.groups <= 1 || layout.src_group_stride == shape.batch_stride);
+        let SliceMut { buf, offset } = x;
+        if !same_rows || layout.elements() == 0 {
+            self.rope(shape, SliceMut::at(&mut *buf, offset), false)?;
+            return self.copy_row_groups(Slice::at(&*buf, offset + copy_from), dst, layout);
+        }
+        let span = shape.extent().max(copy_from + layout.src_extent());
+        let p = self.ptr_mut(SliceMut::at(buf, offset), span, "rope x")?;
+        let d = self.ptr_mut(dst, layout.dst_extent(), "rope copy dst")?;
+        let copy = (
+            copy_from,
+            layout.cols,
+            d,
+            layout.dst_stride,
+            layout.dst_group_stride,
+        );
+        self.rope_at(shape, p, false, Some(copy))
+    }
+    fn bias_gelu_forward(
+        &self,
+        x: SliceMut<'_, CudaBuffer>,
+        bias: Slice<'_, CudaBuffer>,
+        out: SliceMut<'_, CudaBuffer>,
+        rows: usize,
+        cols: usize,
+    ) -> Result<(), CudaError> {
+        let n = rows * cols;
+        let args = [
+            Arg::Ptr(self.ptr_mut(x, n, "bias_gelu x")?),
+            Arg::Ptr(self.ptr(bias, cols, "bias")?),
+            Arg::Ptr(self.ptr_mut(out, n, "bias_gelu out")?),
+            Arg::I64(rows as i64),
+            Arg::I64(cols as i64),
+        ];
+        self.launch_elements("bias_gelu_forward", n, &args)
     }
 }
 

@@ -217,10 +217,10 @@ fn embedding_backward_adds_every_row_in_the_cpus_order_under_emulation() {
 // ---- token drawing -----------------------------------------------------------------------------
 
 use did_backend_cuda::draw::{certified_token, stream_words};
-use did_core::backend::DrawSpec;
 use did_core::rng::{Purpose, RngStream};
 use did_core::sample::categorical::{draw_token, DrawScratch, SampledToken};
 use did_core::sample::nucleus::{Nucleus, NucleusRule};
+use did_core::sample::DrawSpec;
 
 /// One launch of the emulated `draw_tokens`: rows of logits under one nucleus.
 struct DrawLaunch {

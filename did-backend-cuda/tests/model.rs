@@ -8,6 +8,7 @@ mod common;
 use common::{compare, gpu, with_gpu, Tol};
 use did_backend_cpu::CpuBackend;
 use did_backend_cuda::Precision;
+use did_core::backend::prelude::*;
 use did_core::backend::Backend;
 use did_core::model::{
     causal_batch, diffusion_batch, Architecture, DiffusionDenoiser, ModelConfig, TrainBatch,

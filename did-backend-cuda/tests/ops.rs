@@ -11,12 +11,14 @@ use common::{
 };
 use did_backend_cpu::CpuBackend;
 use did_backend_cuda::{AttentionKernel, KeySplit, Precision};
+use did_core::backend::prelude::*;
 use did_core::backend::{
-    AdamW, AttentionShape, Backend, DrawSpec, DropoutMask, Gemm, LinearThen, NormShape,
-    OptimizerStep, QkvOffsets, RopeShape, RowGroups, RowMajor, Slice, SliceMut, UpdatedWeights,
+    AdamW, AttentionShape, Backend, DropoutMask, Gemm, LinearThen, NormShape, OptimizerStep,
+    QkvOffsets, RopeShape, RowGroups, RowMajor, Slice, SliceMut, UpdatedWeights,
 };
 use did_core::mask::AttentionMask;
 use did_core::rng::{Purpose, RngStream};
+use did_core::sample::DrawSpec;
 use quickcheck::{QuickCheck, TestResult};
 
 type Out = Vec<(&'static str, Vec<f32>)>;
@@ -231,7 +233,7 @@ fn few_row_linear_forwards_on_their_kernel_and_on_cublas() {
     qc(40, prop);
 }
 
-/// A draft layer's projection and what consumes it ([`Backend::linear_forward_then`]): the
+/// A draft layer's projection and what consumes it ([`FusedOps::linear_forward_then`](did_core::backend::FusedOps::linear_forward_then)): the
 /// MLP's up-projection with bias + GELU, or a branch's projection into the residual.
 struct ProjectionCase {
     rows: usize,

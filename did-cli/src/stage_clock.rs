@@ -9,11 +9,11 @@
 use std::fmt;
 use std::time::Instant;
 
-use did_core::backend::DrawSpec;
 use did_core::denoiser::{DenoiseRequest, Denoiser, HostDrawScratch};
 use did_core::refine::Generation;
 use did_core::sample::categorical::SampledToken;
 use did_core::sample::nucleus::Nucleus;
+use did_core::sample::DrawSpec;
 
 /// One stage's share of a generation.
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -6,11 +6,11 @@
 
 mod common;
 use common::{did, scratch};
+use did_core::backend::prelude::*;
 
 use std::path::Path;
 
 use did_backend_cpu::CpuBackend;
-use did_core::backend::Backend;
 use did_core::model::{Activations, Inference, Pass, TrainBatch, Transformer};
 use safetensors::tensor::SafeTensors;
 

@@ -39,10 +39,10 @@ use core::ops::Range;
 
 use alloc::vec::Vec;
 
-use crate::backend::DrawSpec;
 use crate::mask::AttentionMask;
 use crate::sample::categorical::{draw_token, DrawScratch, SampledToken};
 use crate::sample::nucleus::Nucleus;
+use crate::sample::DrawSpec;
 
 /// A position at which logits are wanted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -134,7 +134,7 @@ pub trait Denoiser {
     /// on the host; override it only to draw where the logits are, with the same tokens.
     ///
     /// ```
-    /// use did_core::backend::DrawSpec;
+    /// use did_core::sample::DrawSpec;
     /// use did_core::denoiser::{DenoiseRequest, Denoiser, HostDrawScratch, OutputPosition};
     /// use did_core::rng::{Purpose, RngStream};
     /// use did_core::sample::{Confidence, Nucleus, SampledToken};

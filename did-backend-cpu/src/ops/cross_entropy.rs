@@ -6,7 +6,7 @@ use rayon::prelude::*;
 
 use crate::CpuFloat;
 
-/// See [`did_core::backend::Backend::softmax_cross_entropy`].
+/// See [`did_core::backend::LossOps::softmax_cross_entropy`].
 pub fn softmax_cross_entropy<T: CpuFloat>(
     logits: &mut [T],
     targets: &[u32],

@@ -1,9 +1,9 @@
 //! Token draws, one logits row per rayon task: each row is `draw_token` on its own stream, so
 //! the tokens do not depend on how rows are spread over threads.
 
-use did_core::backend::DrawSpec;
 use did_core::sample::categorical::{draw_token, DrawScratch, SampledToken};
 use did_core::sample::nucleus::Nucleus;
+use did_core::sample::DrawSpec;
 use rayon::prelude::*;
 
 use crate::CpuFloat;

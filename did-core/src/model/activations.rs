@@ -136,7 +136,7 @@ pub struct Activations<B: Backend> {
     pub loss_rows: usize,
     /// Logits `[loss_rows, V]`, rows [`Activations::logits_stride`] apart, then their gradient.
     pub logits: B::Buffer,
-    /// Elements between rows of `logits`: the backend's [`Backend::padded_row_stride`] for
+    /// Elements between rows of `logits`: the backend's [`MemoryOps::padded_row_stride`](crate::backend::MemoryOps::padded_row_stride) for
     /// `V` (the head's GEMMs read rows of 50,258 bf16 slower than aligned ones).
     pub logits_stride: usize,
     /// The output rows that carry a loss weight, in order, when the loss runs in chunks and
@@ -393,7 +393,7 @@ pub fn memory_report(
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StorageLayout {
     /// Elements between two logits rows, at least the vocabulary
-    /// ([`Backend::padded_row_stride`](crate::backend::Backend::padded_row_stride)).
+    /// ([`MemoryOps::padded_row_stride`](crate::backend::MemoryOps::padded_row_stride)).
     pub logits_stride: usize,
     /// Bytes of a stored element: 4 (f32) or 2 (bf16).
     pub element_bytes: usize,

@@ -10,10 +10,11 @@ use alloc::vec::Vec;
 
 use super::inference::{CacheUse, Inference, KvCache, PassOutput};
 use super::{Architecture, ModelError, Transformer};
-use crate::backend::{Backend, DrawSpec};
+use crate::backend::Backend;
 use crate::error::invalid;
 use crate::rng::{Purpose, RngStream, MAX_SAMPLE};
 use crate::sample::categorical::{Confidence, SampledToken};
+use crate::sample::DrawSpec;
 use crate::sample::Nucleus;
 
 /// What [`CausalSampler::generate`] drew.

@@ -18,18 +18,19 @@ use super::activations::{time_embedding, BlockActivations, CondActivations};
 use super::config::{Architecture, ModelConfig};
 use super::transformer::{Geometry, KeyValues, Transformer};
 use super::ModelError;
-use crate::backend::{Backend, DrawSpec, RecordingId, RowGroups, Slice, SliceMut};
+use crate::backend::{Backend, RecordingId, RowGroups, Slice, SliceMut};
 use crate::denoiser::{DenoiseRequest, Denoiser, HostDrawScratch};
 use crate::error::invalid;
 use crate::mask::AttentionMask;
 use crate::sample::categorical::SampledToken;
 use crate::sample::nucleus::Nucleus;
+use crate::sample::DrawSpec;
 
 /// What a pass gives back at its output rows.
 pub(super) enum PassOutput<'o> {
     /// Raw logits, downloaded (`outputs × vocab`).
     Logits(&'o mut [f32]),
-    /// One token per output row, drawn where the logits are ([`Backend::draw_tokens`]).
+    /// One token per output row, drawn where the logits are ([`DrawOps::draw_tokens`](crate::backend::DrawOps::draw_tokens)).
     Tokens {
         mask_id: u32,
         nucleus: &'o Nucleus,
@@ -804,7 +805,7 @@ impl<B: Backend> Denoiser for DiffusionDenoiser<'_, B> {
         self.run(request, PassOutput::Logits(out))
     }
 
-    /// Draws with [`Backend::draw_tokens`] from the logits where they are (a GPU
+    /// Draws with [`DrawOps::draw_tokens`](crate::backend::DrawOps::draw_tokens) from the logits where they are (a GPU
     /// backend moves a token a row, not the row).
     fn draw(
         &mut self,

@@ -143,7 +143,7 @@ pub struct TrainingState {
 /// Parameters, gradients, AdamW moments and EMA weights, each one flat buffer. Weights,
 /// moments and the EMA are kept in f32 whatever the backend's storage; where that is below f32
 /// (bf16) the model reads copies rounded from them after every step
-/// ([`Backend::stores_below_f32`]).
+/// ([`MemoryOps::stores_below_f32`](crate::backend::MemoryOps::stores_below_f32)).
 ///
 /// A runnable training step is the example at the top of the `did-backend-cpu` crate.
 pub struct Trainer<B: Backend> {

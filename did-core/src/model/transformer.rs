@@ -11,8 +11,8 @@ use super::params::{BlockOffsets, Layout, ParamTable};
 use super::pass::{Pass, TrainBatch};
 use super::ModelError;
 use crate::backend::{
-    AttentionShape, Backend, DropoutMask, Gemm, LinearThen, NormShape, QkvOffsets, RopeShape,
-    RowGroups, RowMajor, Slice, SliceMut,
+    AttentionShape, Backend, DropoutMask, Gemm, LinearThen, MemoryOps, NormShape, QkvOffsets,
+    RopeShape, RowGroups, RowMajor, Slice, SliceMut,
 };
 use crate::error::invalid;
 use crate::mask::AttentionMask;
@@ -1220,7 +1220,7 @@ impl Transformer {
 
 /// A branch's output projection into the residual stream: `y = x·Wᵀ` (`[n, d_in]` →
 /// `[n, c]`), then `out = residual + gate·drop(y + bias)` (`y` keeps what the backward reads).
-/// Without dropout the projection and the residual are one [`Backend::linear_forward_then`].
+/// Without dropout the projection and the residual are one [`FusedOps::linear_forward_then`](crate::backend::FusedOps::linear_forward_then).
 #[allow(clippy::too_many_arguments)]
 fn project_into_residual<B: Backend>(
     be: &B,
@@ -1291,8 +1291,8 @@ fn branch_from_residual_backward<B: Backend>(
 
 /// The adaLN `(shift, scale)` of one pre-norm.
 type ShiftScale<'s, B> = (
-    Slice<'s, <B as Backend>::Buffer>,
-    Slice<'s, <B as Backend>::Buffer>,
+    Slice<'s, <B as MemoryOps>::Buffer>,
+    Slice<'s, <B as MemoryOps>::Buffer>,
 );
 
 /// LayerNorm of `x` into `ln` (with its `mean`, `rstd`), then, for the DiT, the adaLN

@@ -14,6 +14,23 @@ use crate::rng::{u64_to_open_unit, RngStream};
 use crate::sample::nucleus::Nucleus;
 use crate::sample::probs::subs_softmax;
 
+/// Where one sampled token's random numbers come from: what a sampler hands a backend's draw
+/// (`DrawOps::draw_tokens` in `crate::backend`) for each position.
+///
+/// ```
+/// use did_core::rng::{Purpose, RngStream};
+/// use did_core::sample::DrawSpec;
+/// let spec = DrawSpec { stream: RngStream::new(7, Purpose::Categorical, 0, 2), row: 5 };
+/// assert_eq!(spec.row, 5);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DrawSpec {
+    /// The categorical stream of the sequence at its current step.
+    pub stream: RngStream,
+    /// The row of the stream (the position).
+    pub row: u32,
+}
+
 /// Gumbel noise `−ln(−ln u)` for `u ∈ (0, 1)`; finite for every output of
 /// [`RngStream::uniform`] (|g| < 40).
 ///

@@ -19,6 +19,6 @@ pub mod stop;
 pub mod update;
 
 pub use batch::SequenceBatch;
-pub use categorical::{draw_token, Confidence, ConfidenceKind, SampledToken};
+pub use categorical::{draw_token, Confidence, ConfidenceKind, DrawSpec, SampledToken};
 pub use nucleus::{Nucleus, NucleusRule};
 pub use update::{BlockUpdate, SamplerConfig, UPDATE_RULES};

@@ -18,7 +18,6 @@ use alloc::string::ToString;
 use alloc::vec::Vec;
 use core::ops::Range;
 
-use crate::backend::DrawSpec;
 use crate::denoiser::{Denoiser, HostDrawScratch, OutputPosition};
 use crate::error::parse_error;
 use crate::rng::{Purpose, RngStream};
@@ -30,6 +29,7 @@ use crate::sample::nucleus::Nucleus;
 use crate::sample::parallel::{
     keep_above_threshold, keep_most_confident, keep_within_entropy_budget, Candidate,
 };
+use crate::sample::DrawSpec;
 use crate::{error::invalid, Error};
 
 /// How a block's masked positions are revealed.
