@@ -1,0 +1,247 @@
+//! [`FusedOps`]: the ops this backend runs as one kernel where did-core provides two or more
+//! (the few-rows linear with its epilogue, LayerNorm with its modulation, bias + dropout + gated
+//! residual, rope + the key/value copy).
+
+use did_core::backend::prelude::*;
+use did_core::backend::{
+    DropoutMask, Gemm, LinearThen, NormShape, RopeShape, RowGroups, Slice, SliceMut,
+};
+
+use crate::buffer::*;
+use crate::device::*;
+use crate::launch::*;
+use crate::{few_rows, CudaError};
+
+impl FusedOps for CudaBackend {
+    fn layernorm_modulate_forward(
+        &self,
+        s: &NormShape,
+        x: Slice<'_, CudaBuffer>,
+        weight: Slice<'_, CudaBuffer>,
+        bias: Option<Slice<'_, CudaBuffer>>,
+        shift: Slice<'_, CudaBuffer>,
+        scale: Slice<'_, CudaBuffer>,
+        tokens: usize,
+        ln_out: SliceMut<'_, CudaBuffer>,
+        mean: SliceMut<'_, CudaBuffer>,
+        rstd: SliceMut<'_, CudaBuffer>,
+        out: SliceMut<'_, CudaBuffer>,
+    ) -> Result<(), CudaError> {
+        if tokens == 0 || s.rows % tokens != 0 {
+            return Err(CudaError::Shape(format!(
+                "layernorm_modulate_forward: {} rows are not whole sequences of {tokens} tokens",
+                s.rows
+            )));
+        }
+        let sequences = s.rows / tokens;
+        let modulation = [
+            self.ptr(shift, sequences * s.cols, "modulate shift")?,
+            self.ptr(scale, sequences * s.cols, "modulate scale")?,
+            self.ptr_mut(out, s.rows * s.cols, "modulate out")?,
+        ];
+        self.layernorm(s, x, weight, bias, ln_out, mean, rstd, modulation, tokens)
+    }
+    fn linear_forward_then(
+        &self,
+        x: Slice<'_, CudaBuffer>,
+        w: Slice<'_, CudaBuffer>,
+        y: SliceMut<'_, CudaBuffer>,
+        rows: usize,
+        d_in: usize,
+        d_out: usize,
+        then: LinearThen<'_, CudaBuffer>,
+    ) -> Result<(), CudaError> {
+        let g = Gemm::linear(rows, d_in, d_out);
+        let fused = if self.few_rows_kernel() && rows > 0 && d_out > 0 {
+            let (ea, eb, _) = g.extents();
+            let (px, pw) = (self.ptr(x, ea, "linear x")?, self.ptr(w, eb, "linear w")?);
+            let aligned = |p: u64| p % 16 == 0;
+            let kind = match then {
+                LinearThen::BiasGelu { .. } => few_rows::Then::BiasGelu,
+                LinearThen::GatedResidual { .. } => few_rows::Then::GatedResidual,
+            };
+            few_rows::fused_kernel_for(&g, 8, aligned(px), aligned(pw), kind)
+                .map(|kernel| (kernel, px, pw))
+        } else {
+            None
+        };
+        // A shape the fused kernels do not take: the two calls.
+        let Some((kernel, px, pw)) = fused else {
+            return did_core::backend::linear_forward_then_in_steps(
+                self, x, w, y, rows, d_in, d_out, then,
+            );
+        };
+        let n = rows * d_out;
+        let py = self.ptr_mut(y, n, "linear y")?;
+        let head = [
+            Arg::Ptr(px),
+            Arg::I64(d_in as i64),
+            Arg::Ptr(pw),
+            Arg::I64(d_in as i64),
+            Arg::Ptr(py),
+            Arg::I32(rows as i32),
+            Arg::I64(d_out as i64),
+            Arg::I64(d_in as i64),
+        ];
+        let tail: Vec<Arg> = match then {
+            LinearThen::BiasGelu { bias, gelu } => vec![
+                Arg::Ptr(self.ptr(bias, d_out, "linear bias")?),
+                Arg::Ptr(self.ptr_mut(gelu, n, "linear gelu")?),
+            ],
+            LinearThen::GatedResidual {
+                bias,
+                gate,
+                residual,
+                out,
+                tokens,
+            } => {
+                let tokens = tokens.max(1);
+                if rows % tokens != 0 {
+                    return Err(CudaError::Shape(format!(
+                        "linear_forward_then: {rows} rows are not whole sequences of {tokens}"
+                    )));
+                }
+                vec![
+                    Arg::Ptr(match bias {
+                        Some(b) => self.ptr(b, d_out, "linear bias")?,
+                        None => 0,
+                    }),
+                    Arg::Ptr(self.gate_ptr(gate, rows / tokens, d_out)?),
+                    Arg::Ptr(self.ptr(residual, n, "linear residual")?),
+                    Arg::Ptr(self.ptr_mut(out, n, "linear out")?),
+                    Arg::I64(tokens as i64),
+                ]
+            }
+        };
+        let args: Vec<Arg> = head.into_iter().chain(tail).collect();
+        self.launch(
+            kernel,
+            (few_rows::blocks(d_out), 1, 1),
+            few_rows::THREADS,
+            &args,
+        )
+    }
+    fn gated_residual_forward_into(
+        &self,
+        residual: Slice<'_, CudaBuffer>,
+        y: Slice<'_, CudaBuffer>,
+        gate: Option<Slice<'_, CudaBuffer>>,
+        out: SliceMut<'_, CudaBuffer>,
+        batch: usize,
+        tokens: usize,
+        channels: usize,
+    ) -> Result<(), CudaError> {
+        // Without a bias the kernel only reads y.
+        let yp = self.ptr(y, batch * tokens * channels, "gated y")?;
+        self.residual_into(residual, yp, 0, None, gate, out, batch, tokens, channels)
+    }
+    fn bias_gated_residual_forward_into(
+        &self,
+        residual: Slice<'_, CudaBuffer>,
+        y: SliceMut<'_, CudaBuffer>,
+        bias: Slice<'_, CudaBuffer>,
+        gate: Option<Slice<'_, CudaBuffer>>,
+        out: SliceMut<'_, CudaBuffer>,
+        batch: usize,
+        tokens: usize,
+        channels: usize,
+    ) -> Result<(), CudaError> {
+        let yp = self.ptr_mut(y, batch * tokens * channels, "biased y")?;
+        let bp = self.ptr(bias, channels, "bias")?;
+        self.residual_into(residual, yp, bp, None, gate, out, batch, tokens, channels)
+    }
+    fn bias_dropout_gated_residual_forward_into(
+        &self,
+        residual: Slice<'_, CudaBuffer>,
+        y: SliceMut<'_, CudaBuffer>,
+        bias: Option<Slice<'_, CudaBuffer>>,
+        dropout: DropoutMask,
+        gate: Option<Slice<'_, CudaBuffer>>,
+        out: SliceMut<'_, CudaBuffer>,
+        batch: usize,
+        tokens: usize,
+        channels: usize,
+    ) -> Result<(), CudaError> {
+        let yp = self.ptr_mut(y, batch * tokens * channels, "dropped y")?;
+        let bp = match bias {
+            Some(b) => self.ptr(b, channels, "bias")?,
+            None => 0,
+        };
+        self.residual_into(
+            residual,
+            yp,
+            bp,
+            Some(dropout),
+            gate,
+            out,
+            batch,
+            tokens,
+            channels,
+        )
+    }
+    fn gated_residual_backward_dropout(
+        &self,
+        dresidual: Slice<'_, CudaBuffer>,
+        y: Slice<'_, CudaBuffer>,
+        gate: Option<Slice<'_, CudaBuffer>>,
+        dy: SliceMut<'_, CudaBuffer>,
+        dgate: Option<SliceMut<'_, CudaBuffer>>,
+        dropout: DropoutMask,
+        batch: usize,
+        tokens: usize,
+        channels: usize,
+    ) -> Result<(), CudaError> {
+        let d = Some(dropout);
+        self.gated_residual_backward_with(dresidual, y, gate, dy, dgate, d, batch, tokens, channels)
+    }
+    fn rope_forward_and_copy(
+        &self,
+        shape: &RopeShape,
+        x: SliceMut<'_, CudaBuffer>,
+        copy_from: usize,
+        dst: SliceMut<'_, CudaBuffer>,
+        layout: &RowGroups,
+    ) -> Result<(), CudaError> {
+        // One launch where the copy's rows are the rotation's (the KV-cache append after a
+        // pass's RoPE): same sequences, tokens and strides, columns from `copy_from` on.
+        let same_rows = layout.groups == shape.batch
+            && layout.rows == shape.tokens
+            && layout.src_stride == shape.stride
+            && copy_from + layout.cols <= shape.stride
+            && (layout.groups <= 1 || layout.src_group_stride == shape.batch_stride);
+        let SliceMut { buf, offset } = x;
+        if !same_rows || layout.elements() == 0 {
+            self.rope(shape, SliceMut::at(&mut *buf, offset), false)?;
+            return self.copy_row_groups(Slice::at(&*buf, offset + copy_from), dst, layout);
+        }
+        let span = shape.extent().max(copy_from + layout.src_extent());
+        let p = self.ptr_mut(SliceMut::at(buf, offset), span, "rope x")?;
+        let d = self.ptr_mut(dst, layout.dst_extent(), "rope copy dst")?;
+        let copy = (
+            copy_from,
+            layout.cols,
+            d,
+            layout.dst_stride,
+            layout.dst_group_stride,
+        );
+        self.rope_at(shape, p, false, Some(copy))
+    }
+    fn bias_gelu_forward(
+        &self,
+        x: SliceMut<'_, CudaBuffer>,
+        bias: Slice<'_, CudaBuffer>,
+        out: SliceMut<'_, CudaBuffer>,
+        rows: usize,
+        cols: usize,
+    ) -> Result<(), CudaError> {
+        let n = rows * cols;
+        let args = [
+            Arg::Ptr(self.ptr_mut(x, n, "bias_gelu x")?),
+            Arg::Ptr(self.ptr(bias, cols, "bias")?),
+            Arg::Ptr(self.ptr_mut(out, n, "bias_gelu out")?),
+            Arg::I64(rows as i64),
+            Arg::I64(cols as i64),
+        ];
+        self.launch_elements("bias_gelu_forward", n, &args)
+    }
+}
