@@ -13,15 +13,15 @@
 //! DRAFT_ATTENTION (1 on a GPU in bf16: a draft call's attention forward at growing KV caches
 //! with the key tiles whole and split between blocks, `did_backend_cuda::key_split`), FEW_ROWS
 //! (1 on a GPU in bf16: the draft's linear forwards over 1–8 rows on cuBLAS and on the few-rows
-//! kernel, `did_backend_cuda::few_rows`). The CUDA backend reads DID_CUDA_ATTENTION,
-//! DID_CUDA_DRAW, DID_CUDA_KEY_SPLIT and DID_CUDA_FEW_ROWS as always.
+//! kernel, `did_backend_cuda::few_rows`). DID_CUDA_ATTENTION, DID_CUDA_DRAW, DID_CUDA_KEY_SPLIT
+//! and DID_CUDA_FEW_ROWS choose the kernels, as for `did` (`CudaOptions::from_vars`).
 
 use did_core::backend::prelude::*;
 use std::fmt::Write as _;
 use std::time::Instant;
 
 use did_backend_cpu::CpuBackend;
-use did_backend_cuda::{CudaBackend, Precision};
+use did_backend_cuda::{CudaBackend, CudaOptions, Precision};
 use did_benches::profile::Profiled;
 use did_core::backend::{Backend, Gemm, Slice, SliceMut};
 use did_core::model::{
@@ -66,7 +66,8 @@ fn main() -> Result<(), Failure> {
             } else {
                 Precision::Bf16
             };
-            let be = CudaBackend::new(0, p)?;
+            let options = CudaOptions::from_vars(|name| std::env::var(name).ok())?;
+            let be = CudaBackend::with_options(0, p, options)?;
             // First and written at once (a few hundred milliseconds): a profile cut short by
             // its time limit still leaves this table.
             let mut draft = String::new();

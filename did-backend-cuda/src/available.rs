@@ -47,19 +47,3 @@ pub fn probe() -> Result<usize, String> {
 pub fn cuda_available() -> bool {
     probe().is_ok()
 }
-
-/// For tests: `true` means run the GPU test. Without CUDA it prints
-/// `SKIP (no CUDA): <test>` and returns `false`, unless `DID_REQUIRE_CUDA=1`,
-/// where it panics so a missing library cannot pass for a green run.
-pub fn cuda_or_skip(test: &str) -> bool {
-    match probe() {
-        Ok(_) => true,
-        Err(why) => {
-            if std::env::var("DID_REQUIRE_CUDA").is_ok_and(|v| v == "1") {
-                panic!("DID_REQUIRE_CUDA=1 but CUDA is not available for {test}: {why}");
-            }
-            eprintln!("SKIP (no CUDA): {test}: {why}");
-            false
-        }
-    }
-}

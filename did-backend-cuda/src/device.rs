@@ -8,8 +8,9 @@ use cudarc::cublas::{sys as blas_sys, CudaBlas};
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtrMut};
 
 use crate::counters::Counts;
+use crate::kernel::{Kernel, Source};
 use crate::ops::recording::*;
-use crate::{kernels, probe, CudaError, DrawLocation, KeySplit};
+use crate::{kernels, probe, CudaError, CudaOptions, DrawLocation, KeySplit};
 
 /// How buffers are stored on the device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,7 +54,7 @@ pub struct CudaBackend {
     /// cuBLAS's workspace, ours (`cublasSetWorkspace`); after `blas`, so freed after it.
     pub(crate) _blas_workspace: CudaSlice<u8>,
     pub(crate) precision: Precision,
-    pub(crate) functions: HashMap<&'static str, CudaFunction>,
+    pub(crate) functions: HashMap<Kernel, CudaFunction>,
     pub(crate) name: String,
     pub(crate) device_name: String,
     /// [`AttentionKernel::Flash`] in use (an atomic: the backend is shared behind `&self`).
@@ -73,13 +74,16 @@ pub struct CudaBackend {
     /// The recorded graphs, by [`RecordingId`].
     pub(crate) recordings: std::sync::Mutex<HashMap<u64, Graph>>,
     pub(crate) next_recording: std::sync::atomic::AtomicU64,
-    /// Why the first pass that could not be recorded failed (`DID_CUDA_STATS=1` prints it).
+    /// Why the first pass that could not be recorded failed ([`CudaOptions::report_counts`]
+    /// prints it).
     pub(crate) first_failed_recording: std::sync::Mutex<Option<String>>,
+    /// [`CudaOptions::report_counts`].
+    pub(crate) report_counts: bool,
 }
 
 impl Drop for CudaBackend {
     fn drop(&mut self) {
-        if std::env::var_os("DID_CUDA_STATS").is_some_and(|v| v == "1") {
+        if self.report_counts {
             eprintln!("did-backend-cuda ({}): {}", self.name, self.counts());
             if let Some(why) = self.first_failed_recording() {
                 eprintln!(
@@ -121,10 +125,19 @@ pub(crate) fn keep_freed_memory(ctx: &CudaContext) {
 }
 
 impl CudaBackend {
-    /// Opens device `ordinal`, compiles every kernel for it with NVRTC and
-    /// sets up cuBLAS. Fails with [`CudaError::Unavailable`] when a library
-    /// or the device is missing.
+    /// Opens device `ordinal` with the default [`CudaOptions`], compiles every kernel for it
+    /// with NVRTC and sets up cuBLAS. Fails with [`CudaError::Unavailable`] when a library or
+    /// the device is missing.
     pub fn new(ordinal: usize, precision: Precision) -> Result<Self, CudaError> {
+        Self::with_options(ordinal, precision, CudaOptions::default())
+    }
+
+    /// [`CudaBackend::new`] with the kernels and paths `options` chooses.
+    pub fn with_options(
+        ordinal: usize,
+        precision: Precision,
+        options: CudaOptions,
+    ) -> Result<Self, CudaError> {
         let count = probe().map_err(CudaError::Unavailable)?;
         if ordinal >= count {
             return Err(CudaError::Unavailable(format!(
@@ -168,69 +181,16 @@ impl CudaBackend {
         }
         let arch = kernels::arch_for(major, minor);
         let mut functions = HashMap::new();
-        for ((file, source), (file2, names)) in kernels::SOURCES.iter().zip(kernels::KERNELS) {
-            debug_assert_eq!(file, &file2);
-            let ptx = kernels::compile(precision, file, source, arch)?;
+        let tensor_cores = precision == Precision::Bf16 && major >= 8;
+        for source in Source::ALL {
+            let ptx = kernels::compile(precision, source.file(), source.text(), arch)?;
             let module = ctx.load_module(ptx)?;
-            for &name in names {
-                functions.insert(name, module.load_function(name)?);
-            }
-            if precision == Precision::Bf16 && major >= 8 {
-                for &(_, name) in kernels::BF16_SM80_KERNELS.iter().filter(|(f, _)| f == file) {
-                    functions.insert(name, module.load_function(name)?);
+            for &kernel in Kernel::ALL.iter().filter(|k| k.source() == source) {
+                if !kernel.needs_bf16_sm80() || tensor_cores {
+                    functions.insert(kernel, module.load_function(kernel.name())?);
                 }
             }
         }
-        let flash = match std::env::var("DID_CUDA_ATTENTION").as_deref() {
-            Ok("flash") | Err(_) => true,
-            Ok("reference") => false,
-            Ok(other) => {
-                return Err(CudaError::Shape(format!(
-                    "DID_CUDA_ATTENTION={other:?}: expected `flash` or `reference` (unset = flash \
-                     wherever it can run: bf16 storage, compute capability 8.0 or later)"
-                )))
-            }
-        };
-        let draw_on_device = match std::env::var("DID_CUDA_DRAW").as_deref() {
-            Ok("device") | Err(_) => true,
-            Ok("host") => false,
-            Ok(other) => {
-                return Err(CudaError::Shape(format!(
-                    "DID_CUDA_DRAW={other:?}: expected `device` or `host` (unset = device)"
-                )))
-            }
-        };
-        let key_split = match std::env::var("DID_CUDA_KEY_SPLIT").as_deref() {
-            Ok("auto") | Err(_) => KeySplit::Auto,
-            Ok("off") => KeySplit::Off,
-            Ok(other) => match other.parse::<usize>() {
-                Ok(n) if n >= 1 => KeySplit::TilesPerBlock(n),
-                _ => {
-                    return Err(CudaError::Shape(format!(
-                        "DID_CUDA_KEY_SPLIT={other:?}: expected `auto`, `off` or a number of key \
-                         tiles a block (1 or more; unset = auto)"
-                    )))
-                }
-            },
-        };
-        let few_rows = match std::env::var("DID_CUDA_FEW_ROWS").as_deref() {
-            Ok("on") | Err(_) => true,
-            Ok("off") => false,
-            Ok(other) => {
-                return Err(CudaError::Shape(format!(
-                    "DID_CUDA_FEW_ROWS={other:?}: expected `on` or `off` (unset = on)"
-                )))
-            }
-        };
-        let graphs = match std::env::var("DID_CUDA_GRAPHS").as_deref() {
-            Ok("off") | Err(_) => false,
-            Ok("on") => true,
-            Ok(other) => {
-                return Err(CudaError::Shape(format!(
-                    "DID_CUDA_GRAPHS={other:?}: expected `on` or `off` (unset = off)"
-                )))
-            }
-        };
         let device_name = ctx.name()?;
         let sms = ctx
             .attribute(
@@ -251,21 +211,24 @@ impl CudaBackend {
             precision,
             functions,
             flash_attention: std::sync::atomic::AtomicBool::new(false),
-            draw_on_device: std::sync::atomic::AtomicBool::new(draw_on_device),
+            draw_on_device: std::sync::atomic::AtomicBool::new(
+                options.draw == DrawLocation::Device,
+            ),
             key_split: std::sync::atomic::AtomicUsize::new(0),
             sms,
-            few_rows: std::sync::atomic::AtomicBool::new(few_rows),
+            few_rows: std::sync::atomic::AtomicBool::new(options.few_rows),
             counters: crate::counters::Counters::default(),
-            graphs: std::sync::atomic::AtomicBool::new(graphs),
+            graphs: std::sync::atomic::AtomicBool::new(options.graphs),
+            report_counts: options.report_counts,
             recordings: std::sync::Mutex::new(HashMap::new()),
             next_recording: std::sync::atomic::AtomicU64::new(0),
             first_failed_recording: std::sync::Mutex::new(None),
         })
         .inspect(|b| {
-            b.set_key_split(key_split);
+            b.set_key_split(options.key_split);
             // The flash kernels wherever they can run (bf16, sm_80+); an f32 backend keeps the
             // reference kernels.
-            if flash {
+            if options.attention == AttentionKernel::Flash {
                 let _ = b.set_attention_kernel(AttentionKernel::Flash);
             }
         })
@@ -275,7 +238,7 @@ impl CudaBackend {
     /// compute capability ≥ 8.0.
     pub fn set_attention_kernel(&self, kernel: AttentionKernel) -> Result<(), CudaError> {
         let flash = kernel == AttentionKernel::Flash;
-        if flash && !self.functions.contains_key("attention_forward_flash") {
+        if flash && !self.functions.contains_key(&Kernel::AttentionForwardFlash) {
             return Err(CudaError::Shape(format!(
                 "the flash attention kernel needs bf16 storage (--precision bf16) and a GPU of compute \
                  capability 8.0 or later; this backend is {}",

@@ -10,6 +10,8 @@
 
 use did_core::backend::Gemm;
 
+use crate::kernel::Kernel;
+
 /// The most rows the kernel takes.
 pub const MAX_ROWS: usize = 8;
 /// Columns of `y` a block computes (`FEW_COLS` in linear.cu).
@@ -27,15 +29,16 @@ pub const THREADS: u32 = 128;
 ///
 /// ```
 /// use did_backend_cuda::few_rows::kernel_for;
+/// use did_backend_cuda::kernel::Kernel;
 /// use did_core::backend::Gemm;
 /// // A draft block's MLP up-projection in bf16, and the head over one revealed row.
-/// assert_eq!(kernel_for(&Gemm::linear(4, 768, 3072), 8, true, true), Some("linear_few_rows_4"));
-/// assert_eq!(kernel_for(&Gemm::linear(1, 768, 50_258), 8, true, true), Some("linear_few_rows_1"));
+/// assert_eq!(kernel_for(&Gemm::linear(4, 768, 3072), 8, true, true), Some(Kernel::LinearFewRows4));
+/// assert_eq!(kernel_for(&Gemm::linear(1, 768, 50_258), 8, true, true), Some(Kernel::LinearFewRows1));
 /// // A training GEMM, and a weight gradient, stay with cuBLAS.
 /// assert_eq!(kernel_for(&Gemm::linear(16_384, 768, 3072), 8, true, true), None);
 /// assert_eq!(kernel_for(&Gemm::linear_weight_grad(4, 768, 3072), 8, true, true), None);
 /// ```
-pub fn kernel_for(g: &Gemm, vec: usize, a_aligned: bool, b_aligned: bool) -> Option<&'static str> {
+pub fn kernel_for(g: &Gemm, vec: usize, a_aligned: bool, b_aligned: bool) -> Option<Kernel> {
     let vec = vec.max(1);
     let shape_fits = !g.trans_a
         && g.trans_b
@@ -54,10 +57,10 @@ pub fn kernel_for(g: &Gemm, vec: usize, a_aligned: bool, b_aligned: bool) -> Opt
         return None;
     }
     Some(match g.m {
-        1 => "linear_few_rows_1",
-        2 => "linear_few_rows_2",
-        3 | 4 => "linear_few_rows_4",
-        _ => "linear_few_rows_8",
+        1 => Kernel::LinearFewRows1,
+        2 => Kernel::LinearFewRows2,
+        3 | 4 => Kernel::LinearFewRows4,
+        _ => Kernel::LinearFewRows8,
     })
 }
 
@@ -77,10 +80,11 @@ pub enum Then {
 ///
 /// ```
 /// use did_backend_cuda::few_rows::{fused_kernel_for, Then};
+/// use did_backend_cuda::kernel::Kernel;
 /// use did_core::backend::Gemm;
 /// let up = Gemm::linear(4, 768, 3072);
-/// assert_eq!(fused_kernel_for(&up, 8, true, true, Then::BiasGelu), Some("linear_few_rows_4_bias_gelu"));
-/// assert_eq!(fused_kernel_for(&up, 8, true, true, Then::Store), Some("linear_few_rows_4"));
+/// assert_eq!(fused_kernel_for(&up, 8, true, true, Then::BiasGelu), Some(Kernel::LinearFewRows4BiasGelu));
+/// assert_eq!(fused_kernel_for(&up, 8, true, true, Then::Store), Some(Kernel::LinearFewRows4));
 /// assert_eq!(fused_kernel_for(&up.accumulate(), 8, true, true, Then::GatedResidual), None);
 /// ```
 pub fn fused_kernel_for(
@@ -89,7 +93,7 @@ pub fn fused_kernel_for(
     a_aligned: bool,
     b_aligned: bool,
     then: Then,
-) -> Option<&'static str> {
+) -> Option<Kernel> {
     let plain = kernel_for(g, vec, a_aligned, b_aligned)?;
     if then == Then::Store {
         return Some(plain);
@@ -98,14 +102,14 @@ pub fn fused_kernel_for(
         return None;
     }
     Some(match (g.m, then) {
-        (1, Then::BiasGelu) => "linear_few_rows_1_bias_gelu",
-        (2, Then::BiasGelu) => "linear_few_rows_2_bias_gelu",
-        (3 | 4, Then::BiasGelu) => "linear_few_rows_4_bias_gelu",
-        (_, Then::BiasGelu) => "linear_few_rows_8_bias_gelu",
-        (1, _) => "linear_few_rows_1_gated_residual",
-        (2, _) => "linear_few_rows_2_gated_residual",
-        (3 | 4, _) => "linear_few_rows_4_gated_residual",
-        _ => "linear_few_rows_8_gated_residual",
+        (1, Then::BiasGelu) => Kernel::LinearFewRows1BiasGelu,
+        (2, Then::BiasGelu) => Kernel::LinearFewRows2BiasGelu,
+        (3 | 4, Then::BiasGelu) => Kernel::LinearFewRows4BiasGelu,
+        (_, Then::BiasGelu) => Kernel::LinearFewRows8BiasGelu,
+        (1, _) => Kernel::LinearFewRows1GatedResidual,
+        (2, _) => Kernel::LinearFewRows2GatedResidual,
+        (3 | 4, _) => Kernel::LinearFewRows4GatedResidual,
+        _ => Kernel::LinearFewRows8GatedResidual,
     })
 }
 
@@ -142,7 +146,7 @@ mod tests {
                 None => trans || !aligned || m == 0 || m > MAX_ROWS || n == 0 || k < 8
                     || k % 8 != 0 || g.lda % 8 != 0 || g.ldb % 8 != 0 || !strides_hold_rows,
                 Some(name) => {
-                    let bound: usize = name.trim_start_matches("linear_few_rows_").parse().unwrap_or(0);
+                    let bound: usize = name.name().trim_start_matches("linear_few_rows_").parse().unwrap_or(0);
                     !trans && aligned && (1..=MAX_ROWS).contains(&m) && bound >= m && bound < 2 * m.max(1)
                         && k % 8 == 0 && g.lda % 8 == 0 && g.ldb % 8 == 0 && strides_hold_rows
                         && blocks(n) as usize * COLUMNS_PER_BLOCK >= n
@@ -166,7 +170,7 @@ mod tests {
                     None => plain.is_none() || g.ldc != g.n || beta,
                     Some(name) => {
                         let suffix = if then == Then::BiasGelu { "_bias_gelu" } else { "_gated_residual" };
-                        plain.map(|p| format!("{p}{suffix}")) == Some(name.to_string())
+                        plain.map(|p| format!("{}{suffix}", p.name())) == Some(name.name().to_string())
                             && g.ldc == g.n && !beta
                     }
                 }
@@ -191,7 +195,7 @@ mod tests {
         .is_none());
         assert_eq!(
             kernel_for(&g.accumulate(), 8, true, true),
-            Some("linear_few_rows_4")
+            Some(Kernel::LinearFewRows4)
         );
         assert!(kernel_for(&g, 8, true, false).is_none());
         assert!(kernel_for(&Gemm { ldb: 770, ..g }, 8, true, true).is_none());
@@ -201,7 +205,7 @@ mod tests {
     fn grids_past_cudas_limit_stay_with_cublas() {
         let widest = 4 * MAX_BLOCKS;
         let g = Gemm::linear(1, 8, widest);
-        assert_eq!(kernel_for(&g, 8, true, true), Some("linear_few_rows_1"));
+        assert_eq!(kernel_for(&g, 8, true, true), Some(Kernel::LinearFewRows1));
         assert_eq!(blocks(widest), i32::MAX as u32);
         assert!(kernel_for(&Gemm::linear(1, 8, widest + 1), 8, true, true).is_none());
     }

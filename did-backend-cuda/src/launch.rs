@@ -8,8 +8,9 @@ use did_core::mask::AttentionMask;
 use crate::buffer::*;
 use crate::counters::Event;
 use crate::device::*;
-use crate::ops::attention::*;
-use crate::{kernels, CudaError};
+use crate::kernel::AttentionShapeC;
+use crate::kernel::{DropoutArgs, Kernel, MaskArgs};
+use crate::CudaError;
 
 /// Threads per block of the element-wise and row kernels.
 pub(crate) const THREADS: u32 = 256;
@@ -26,7 +27,7 @@ pub(crate) const DRAW_THREADS: u32 = 512;
 /// Threads per block of `colsum_partial` (32 columns × its `COLSUM_SLICES` row slices).
 pub(crate) const COLSUM_THREADS: u32 = 256;
 
-/// One kernel argument.
+/// One kernel argument, as it is pushed to the driver.
 #[derive(Clone, Copy)]
 pub(crate) enum Arg {
     Ptr(u64),
@@ -35,10 +36,59 @@ pub(crate) enum Arg {
     U32(u32),
     F32(f32),
     F64(f64),
-    Attention(AttentionShapeC),
+    Shape(AttentionShapeC),
 }
 
-pub(crate) fn mask_args(mask: &AttentionMask) -> [Arg; 5] {
+/// The most arguments a kernel takes (`optimizer_step`: 17).
+pub(crate) const MAX_ARGS: usize = 24;
+
+/// A launch's argument list, on the stack.
+pub(crate) struct Args {
+    items: [Arg; MAX_ARGS],
+    len: usize,
+}
+
+impl Default for Args {
+    fn default() -> Self {
+        Args {
+            items: [Arg::Ptr(0); MAX_ARGS],
+            len: 0,
+        }
+    }
+}
+
+impl Args {
+    pub(crate) fn push(&mut self, arg: Arg) {
+        // Every kernel's list fits (kernel/signatures.rs checks them against MAX_ARGS).
+        self.items[self.len] = arg;
+        self.len += 1;
+    }
+
+    pub(crate) fn as_slice(&self) -> &[Arg] {
+        &self.items[..self.len]
+    }
+}
+
+/// How a launch's grid is sized.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Dims {
+    /// A grid and a block of threads, as given.
+    Grid { grid: (u32, u32, u32), block: u32 },
+    /// A grid-stride loop over `n` elements (chunks of 16 bytes for a chunked kernel).
+    Elements(usize),
+    /// One warp an item, four warps a block.
+    Warps(usize),
+}
+
+/// A launch about to happen: the backend and the grid. Its methods, one a kernel (generated
+/// from the table in kernel.rs), take the kernel's arguments by name and type.
+pub(crate) struct Launch<'a> {
+    backend: &'a CudaBackend,
+    dims: Dims,
+}
+
+/// The mask as the attention kernels take it (`kind`, then its parameters).
+pub(crate) fn mask_args(mask: &AttentionMask) -> MaskArgs {
     let window = |w: Option<usize>| w.map_or(-1, |w| w.min(i64::MAX as usize) as i64);
     let (kind, p0, p1, p2, win) = match *mask {
         AttentionMask::Bd3Training {
@@ -58,13 +108,13 @@ pub(crate) fn mask_args(mask: &AttentionMask) -> [Arg; 5] {
             window: w,
         } => (3, 0, query_offset, key_offset, window(w)),
     };
-    [
-        Arg::I32(kind),
-        Arg::I64(p0 as i64),
-        Arg::I64(p1 as i64),
-        Arg::I64(p2 as i64),
-        Arg::I64(win),
-    ]
+    MaskArgs {
+        kind,
+        p0: p0 as i64,
+        p1: p1 as i64,
+        p2: p2 as i64,
+        window: win,
+    }
 }
 
 pub(crate) fn check_ids(ids: &[u32], table_rows: usize) -> Result<(), CudaError> {
@@ -83,16 +133,9 @@ pub(crate) fn check_ids(ids: &[u32], table_rows: usize) -> Result<(), CudaError>
 pub(crate) fn dropout_args(
     dropout: Option<DropoutMask>,
     len: usize,
-) -> Result<[Arg; 6], CudaError> {
+) -> Result<DropoutArgs, CudaError> {
     let Some(d) = dropout.filter(|d| d.p > 0.0) else {
-        return Ok([
-            Arg::F32(0.0),
-            Arg::F32(0.0),
-            Arg::U32(0),
-            Arg::U32(0),
-            Arg::U32(0),
-            Arg::U32(0),
-        ]);
+        return Ok(DropoutArgs::default());
     };
     if len > u32::MAX as usize {
         return Err(CudaError::Shape(format!(
@@ -100,14 +143,14 @@ pub(crate) fn dropout_args(
         )));
     }
     let (key, step, tag) = d.stream.counter_parts();
-    Ok([
-        Arg::F32(d.p),
-        Arg::F32(d.keep_scale()),
-        Arg::U32(key[0]),
-        Arg::U32(key[1]),
-        Arg::U32(step),
-        Arg::U32(tag),
-    ])
+    Ok(DropoutArgs {
+        p: d.p,
+        keep_scale: d.keep_scale(),
+        key0: key[0],
+        key1: key[1],
+        step,
+        tag,
+    })
 }
 
 /// A grid's x dimension, one block a row: at most 2³¹ − 1.
@@ -118,80 +161,26 @@ pub(crate) fn grid_rows(rows: usize) -> Result<u32, CudaError> {
 }
 
 impl CudaBackend {
-    pub(crate) fn launch(
-        &self,
-        kernel: &'static str,
-        grid: (u32, u32, u32),
-        block: u32,
-        args: &[Arg],
-    ) -> Result<(), CudaError> {
-        let f = self
-            .functions
-            .get(kernel)
-            .ok_or_else(|| CudaError::Shape(format!("kernel {kernel} is not loaded")))?;
-        let mut b = self.stream.launch_builder(f);
-        for a in args {
-            match a {
-                Arg::Ptr(v) => b.arg(v),
-                Arg::I64(v) => b.arg(v),
-                Arg::I32(v) => b.arg(v),
-                Arg::U32(v) => b.arg(v),
-                Arg::F32(v) => b.arg(v),
-                Arg::F64(v) => b.arg(v),
-                Arg::Attention(v) => b.arg(v),
-            };
-        }
-        let cfg = LaunchConfig {
-            grid_dim: grid,
-            block_dim: (block, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: every pointer argument was bounds-checked against its
-        // buffer by the caller, and the arguments match the kernel's signature.
-        unsafe { b.launch(cfg) }?;
-        self.counters.add(Event::Kernel, 1);
-        Ok(())
+    /// A launch of `grid` blocks of `block` threads.
+    pub(crate) fn grid(&self, grid: (u32, u32, u32), block: u32) -> Launch<'_> {
+        self.launch_with(Dims::Grid { grid, block })
     }
 
-    /// A grid-stride launch over `n` elements.
-    pub(crate) fn launch_elements(
-        &self,
-        kernel: &'static str,
-        n: usize,
-        args: &[Arg],
-    ) -> Result<(), CudaError> {
-        if n == 0 {
-            return Ok(());
-        }
-        // A chunked kernel's thread takes 16 bytes of each operand (kernels.rs, CHUNKED).
-        let threads = if kernels::CHUNKED.contains(&kernel) {
-            let chunk = match self.precision {
-                Precision::F32 => 4,
-                Precision::Bf16 => 8,
-            };
-            n.div_ceil(chunk)
-        } else {
-            n
-        };
-        let blocks = threads.div_ceil(THREADS as usize).min(1 << 16) as u32;
-        self.launch(kernel, (blocks, 1, 1), THREADS, args)
+    /// A grid-stride launch over `n` elements (none for `n = 0`).
+    pub(crate) fn elements(&self, n: usize) -> Launch<'_> {
+        self.launch_with(Dims::Elements(n))
     }
 
-    /// A launch with one warp per item, four warps per block.
-    pub(crate) fn launch_warps(
-        &self,
-        kernel: &'static str,
-        warps: usize,
-        args: &[Arg],
-    ) -> Result<(), CudaError> {
-        if warps == 0 {
-            return Ok(());
+    /// A launch with one warp per item, four warps a block (none for no items).
+    pub(crate) fn warps(&self, items: usize) -> Launch<'_> {
+        self.launch_with(Dims::Warps(items))
+    }
+
+    fn launch_with(&self, dims: Dims) -> Launch<'_> {
+        Launch {
+            backend: self,
+            dims,
         }
-        // A grid's x dimension holds 2³¹ − 1 blocks.
-        let blocks = i32::try_from(warps.div_ceil(4))
-            .map_err(|_| CudaError::Shape(format!("{kernel}: {warps} warps exceed one grid")))?
-            as u32;
-        self.launch(kernel, (blocks, 1, 1), 128, args)
     }
 
     pub(crate) fn device_ptr(
@@ -300,6 +289,61 @@ impl CudaBackend {
         channels: usize,
     ) -> Result<u64, CudaError> {
         gate.map_or(Ok(0), |g| self.ptr(g, batch * channels, "gate"))
+    }
+}
+
+impl Launch<'_> {
+    /// Launches `kernel` with `args`, which its typed launcher built (kernel.rs).
+    pub(crate) fn run(self, kernel: Kernel, args: &[Arg]) -> Result<(), CudaError> {
+        let be = self.backend;
+        let (grid, block) = match self.dims {
+            Dims::Grid { grid, block } => (grid, block),
+            Dims::Elements(0) | Dims::Warps(0) => return Ok(()),
+            Dims::Elements(n) => {
+                // A chunked kernel's thread takes 16 bytes of each operand.
+                let threads = if kernel.chunked() {
+                    n.div_ceil(16 / be.precision.bytes())
+                } else {
+                    n
+                };
+                let blocks = threads.div_ceil(THREADS as usize).min(1 << 16) as u32;
+                ((blocks, 1, 1), THREADS)
+            }
+            Dims::Warps(warps) => {
+                // A grid's x dimension holds 2³¹ − 1 blocks.
+                let blocks = i32::try_from(warps.div_ceil(4)).map_err(|_| {
+                    CudaError::Shape(format!("{}: {warps} warps exceed one grid", kernel.name()))
+                })?;
+                ((blocks as u32, 1, 1), 128)
+            }
+        };
+        let f = be
+            .functions
+            .get(&kernel)
+            .ok_or_else(|| CudaError::Shape(format!("kernel {} is not loaded", kernel.name())))?;
+        let mut b = be.stream.launch_builder(f);
+        for a in args {
+            match a {
+                Arg::Ptr(v) => b.arg(v),
+                Arg::I64(v) => b.arg(v),
+                Arg::I32(v) => b.arg(v),
+                Arg::U32(v) => b.arg(v),
+                Arg::F32(v) => b.arg(v),
+                Arg::F64(v) => b.arg(v),
+                Arg::Shape(v) => b.arg(v),
+            };
+        }
+        let cfg = LaunchConfig {
+            grid_dim: grid,
+            block_dim: (block, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: every pointer argument was bounds-checked against its buffer by the caller,
+        // and the arguments are the kernel's parameters in order and type (the launcher's
+        // list, checked against the source by kernel/signatures.rs).
+        unsafe { b.launch(cfg) }?;
+        be.counters.add(Event::Kernel, 1);
+        Ok(())
     }
 }
 

@@ -154,13 +154,20 @@ fn chunked_elementwise_kernels_and_batched_column_sums_equal_their_plain_forms_u
         (&["-DSTORAGE_BF16"][..], "emulated_chunked_bf16"),
     ] {
         let report = build_and_run("chunked.cpp", defines, exe);
-        // One line per kernel of kernels::CHUNKED but the optimizer's two (optimizer.cpp),
+        // One line per chunked kernel (`Kernel::chunked`) but the optimizer's two (optimizer.cpp),
         // gated and ungated residuals apart, the out-of-place one with and without a bias; six
         // flat kernels again over a length with a tail; the sum of squares over both lengths,
         // the column sums and the padded rows.
         assert_eq!(
             report.matches("ok   ").count(),
-            did_backend_cuda::kernels::CHUNKED.len() - 2 + 2 + 6 + 4,
+            did_backend_cuda::kernel::Kernel::ALL
+                .iter()
+                .filter(|k| k.chunked())
+                .count()
+                - 2
+                + 2
+                + 6
+                + 4,
             "{report}"
         );
     }

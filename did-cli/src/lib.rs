@@ -76,7 +76,11 @@ macro_rules! on_backend {
                     PrecisionChoice::F32 => did_backend_cuda::Precision::F32,
                     PrecisionChoice::Bf16 => did_backend_cuda::Precision::Bf16,
                 };
-                let $be = &did_backend_cuda::CudaBackend::new(0, precision)
+                // DID_CUDA_* choose the kernels and paths (docs/perf/gpu.md).
+                let options =
+                    did_backend_cuda::CudaOptions::from_vars(|name| std::env::var(name).ok())
+                        .map_err(|e| format!("--backend cuda: {e}"))?;
+                let $be = &did_backend_cuda::CudaBackend::with_options(0, precision, options)
                     .map_err(|e| format!("--backend cuda: {e}"))?;
                 $body
             }

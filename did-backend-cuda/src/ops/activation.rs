@@ -6,6 +6,7 @@ use did_core::rng::RngStream;
 
 use crate::buffer::*;
 use crate::device::*;
+use crate::kernel::Kernel;
 use crate::launch::*;
 use crate::CudaError;
 
@@ -21,15 +22,14 @@ impl ActivationOps for CudaBackend {
     ) -> Result<(), CudaError> {
         let n = batch * tokens * channels;
         let gp = self.gate_ptr(gate, batch, channels)?;
-        let args = [
-            Arg::Ptr(self.ptr_mut(residual, n, "residual")?),
-            Arg::Ptr(self.ptr(y, n, "gated y")?),
-            Arg::Ptr(gp),
-            Arg::I64(tokens as i64),
-            Arg::I64(channels as i64),
-            Arg::I64(n as i64),
-        ];
-        self.launch_elements("gated_residual_forward", n, &args)
+        self.elements(n).gated_residual_forward(
+            self.ptr_mut(residual, n, "residual")?,
+            self.ptr(y, n, "gated y")?,
+            gp,
+            tokens as i64,
+            channels as i64,
+            n as i64,
+        )
     }
     fn gated_residual_backward(
         &self,
@@ -52,7 +52,7 @@ impl ActivationOps for CudaBackend {
         out: SliceMut<'_, CudaBuffer>,
         len: usize,
     ) -> Result<(), CudaError> {
-        self.activation_forward("gelu_forward", x, out, len)
+        self.activation_forward(Kernel::GeluForward, x, out, len)
     }
     fn gelu_backward(
         &self,
@@ -61,7 +61,7 @@ impl ActivationOps for CudaBackend {
         dx: SliceMut<'_, CudaBuffer>,
         len: usize,
     ) -> Result<(), CudaError> {
-        self.activation_backward("gelu_backward", dout, x, dx, len)
+        self.activation_backward(Kernel::GeluBackward, dout, x, dx, len)
     }
     fn silu_forward(
         &self,
@@ -69,7 +69,7 @@ impl ActivationOps for CudaBackend {
         out: SliceMut<'_, CudaBuffer>,
         len: usize,
     ) -> Result<(), CudaError> {
-        self.activation_forward("silu_forward", x, out, len)
+        self.activation_forward(Kernel::SiluForward, x, out, len)
     }
     fn silu_backward(
         &self,
@@ -78,7 +78,7 @@ impl ActivationOps for CudaBackend {
         dx: SliceMut<'_, CudaBuffer>,
         len: usize,
     ) -> Result<(), CudaError> {
-        self.activation_backward("silu_backward", dout, x, dx, len)
+        self.activation_backward(Kernel::SiluBackward, dout, x, dx, len)
     }
     fn dropout(
         &self,
@@ -91,9 +91,8 @@ impl ActivationOps for CudaBackend {
         if p <= 0.0 {
             return Ok(());
         }
-        let mut args = vec![Arg::Ptr(xp), Arg::I64(len as i64)];
-        args.extend(dropout_args(Some(DropoutMask { p, stream: *stream }), len)?);
-        self.launch_elements("dropout", len, &args)
+        let dropout = dropout_args(Some(DropoutMask { p, stream: *stream }), len)?;
+        self.elements(len).dropout(xp, len as i64, dropout)
     }
 }
 
@@ -118,16 +117,16 @@ impl CudaBackend {
         let yp = self.ptr(y, n, "gated y")?;
         let gp = self.gate_ptr(gate, batch, channels)?;
         let dyp = self.ptr_mut(dy, n, "gated dy")?;
-        let mut args = vec![
-            Arg::Ptr(rp),
-            Arg::Ptr(gp),
-            Arg::Ptr(dyp),
-            Arg::I64(tokens as i64),
-            Arg::I64(channels as i64),
-            Arg::I64(n as i64),
-        ];
-        args.extend(dropout_args(dropout, n)?);
-        self.launch_elements("gated_residual_backward_dy", n, &args)?;
+        let dropout = dropout_args(dropout, n)?;
+        self.elements(n).gated_residual_backward_dy(
+            rp,
+            gp,
+            dyp,
+            tokens as i64,
+            channels as i64,
+            n as i64,
+            dropout,
+        )?;
         if let Some(dgate) = dgate {
             let dgp = self.ptr_mut(dgate, batch * channels, "dgate")?;
             self.column_sums(rp, yp, dgp, batch, tokens, channels, channels)?;
@@ -152,51 +151,48 @@ impl CudaBackend {
     ) -> Result<(), CudaError> {
         let n = batch * tokens * channels;
         let gp = self.gate_ptr(gate, batch, channels)?;
-        let mut args = vec![
-            Arg::Ptr(self.ptr(residual, n, "residual")?),
-            Arg::Ptr(y),
-            Arg::Ptr(bias),
-            Arg::Ptr(gp),
-            Arg::Ptr(self.ptr_mut(out, n, "residual out")?),
-            Arg::I64(tokens as i64),
-            Arg::I64(channels as i64),
-            Arg::I64(n as i64),
-        ];
-        args.extend(dropout_args(dropout, n)?);
-        self.launch_elements("gated_residual_forward_into", n, &args)
+        let residual = self.ptr(residual, n, "residual")?;
+        let out = self.ptr_mut(out, n, "residual out")?;
+        let dropout = dropout_args(dropout, n)?;
+        self.elements(n).gated_residual_forward_into(
+            residual,
+            y,
+            bias,
+            gp,
+            out,
+            tokens as i64,
+            channels as i64,
+            n as i64,
+            dropout,
+        )
     }
 
     /// `out = f(x)` element-wise (GELU, SiLU).
     pub(crate) fn activation_forward(
         &self,
-        kernel: &'static str,
+        kernel: Kernel,
         x: Slice<'_, CudaBuffer>,
         out: SliceMut<'_, CudaBuffer>,
         len: usize,
     ) -> Result<(), CudaError> {
-        let args = [
-            Arg::Ptr(self.ptr(x, len, kernel)?),
-            Arg::Ptr(self.ptr_mut(out, len, kernel)?),
-            Arg::I64(len as i64),
-        ];
-        self.launch_elements(kernel, len, &args)
+        let x = self.ptr(x, len, kernel.name())?;
+        let out = self.ptr_mut(out, len, kernel.name())?;
+        self.elements(len).unary_forward(kernel, x, out, len as i64)
     }
 
     /// `dx += dout · f'(x)` element-wise.
     pub(crate) fn activation_backward(
         &self,
-        kernel: &'static str,
+        kernel: Kernel,
         dout: Slice<'_, CudaBuffer>,
         x: Slice<'_, CudaBuffer>,
         dx: SliceMut<'_, CudaBuffer>,
         len: usize,
     ) -> Result<(), CudaError> {
-        let args = [
-            Arg::Ptr(self.ptr(dout, len, kernel)?),
-            Arg::Ptr(self.ptr(x, len, kernel)?),
-            Arg::Ptr(self.ptr_mut(dx, len, kernel)?),
-            Arg::I64(len as i64),
-        ];
-        self.launch_elements(kernel, len, &args)
+        let dout = self.ptr(dout, len, kernel.name())?;
+        let x = self.ptr(x, len, kernel.name())?;
+        let dx = self.ptr_mut(dx, len, kernel.name())?;
+        self.elements(len)
+            .unary_backward(kernel, dout, x, dx, len as i64)
     }
 }

@@ -1,40 +1,35 @@
 //! The host side of `kernels/attention.cu` and the `rope` kernel of `kernels/norm.cu`:
 //! [`AttentionOps`] on the reference and flash kernels.
 
-use cudarc::driver::{DevicePtr, DeviceRepr};
+use cudarc::driver::DevicePtr;
 use did_core::backend::prelude::*;
 use did_core::backend::{AttentionShape, QkvOffsets, RopeShape, Slice, SliceMut};
 use did_core::mask::AttentionMask;
 
 use crate::buffer::*;
 use crate::device::*;
+use crate::kernel::{AttentionShapeC, Kernel, MaskArgs};
 use crate::launch::*;
 use crate::{key_split, CudaError};
 
 /// Largest head dimension the attention kernels hold in registers.
 pub(crate) const MAX_HEAD_DIM: usize = 256;
 
-/// The attention shape as the kernels read it (`struct Shape` in attention.cu).
-#[repr(C)]
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct AttentionShapeC {
-    batch: i64,
-    heads: i64,
-    head_dim: i64,
-    q_len: i64,
-    kv_len: i64,
-    q_stride: i64,
-    k_stride: i64,
-    v_stride: i64,
-    q_batch_stride: i64,
-    kv_batch_stride: i64,
-}
-
-// SAFETY: plain old data with the layout of the kernel's struct.
-unsafe impl DeviceRepr for AttentionShapeC {}
-
 /// The head dimension the flash kernel is written for.
 pub(crate) const FLASH_HEAD_DIM: usize = 64;
+
+/// The attention forward's arguments, shared by the reference and flash kernels.
+#[derive(Clone, Copy)]
+pub(crate) struct ForwardArgs {
+    s: AttentionShapeC,
+    mask: MaskArgs,
+    scale: f32,
+    q: u64,
+    k: u64,
+    v: u64,
+    out: u64,
+    lse: u64,
+}
 
 impl AttentionOps for CudaBackend {
     fn rope_forward(
@@ -62,28 +57,24 @@ impl AttentionOps for CudaBackend {
         lse: SliceMut<'_, CudaBuffer>,
     ) -> Result<(), CudaError> {
         let e = attention_extents(s)?;
-        let [m0, m1, m2, m3, m4] = mask_args(mask);
-        let args = [
-            Arg::Attention(shape_c(s)),
-            m0,
-            m1,
-            m2,
-            m3,
-            m4,
-            Arg::F32(s.scale),
-            Arg::Ptr(self.ptr(q, e.q, "attention q")?),
-            Arg::Ptr(self.ptr(k, e.k, "attention k")?),
-            Arg::Ptr(self.ptr(v, e.v, "attention v")?),
-            Arg::Ptr(self.ptr_mut(out, e.out, "attention out")?),
-            Arg::Ptr(self.f32_ptr(lse.buf, lse.offset, e.lse, "attention lse")?),
-        ];
+        let a = ForwardArgs {
+            s: shape_c(s),
+            mask: mask_args(mask),
+            scale: s.scale,
+            q: self.ptr(q, e.q, "attention q")?,
+            k: self.ptr(k, e.k, "attention k")?,
+            v: self.ptr(v, e.v, "attention v")?,
+            out: self.ptr_mut(out, e.out, "attention out")?,
+            lse: self.f32_ptr(lse.buf, lse.offset, e.lse, "attention lse")?,
+        };
         if let Some(heads) = self.flash_heads(s) {
             if heads == 0 || s.q_len == 0 {
                 return Ok(());
             }
-            return self.attention_forward_flash(s, heads, args, e.lse);
+            return self.attention_forward_flash(s, heads, a, e.lse);
         }
-        self.launch_warps("attention_forward", e.lse, &args)
+        self.warps(e.lse)
+            .attention_forward(a.s, a.mask, a.scale, a.q, a.k, a.v, a.out, a.lse)
     }
     fn attention_backward(
         &self,
@@ -122,67 +113,34 @@ impl AttentionOps for CudaBackend {
         }
         let delta = self.stream.alloc_zeros::<f32>(e.lse)?;
         let (deltap, _sync) = delta.device_ptr(&self.stream);
-        let [m0, m1, m2, m3, m4] = mask_args(mask);
-        let dq_args = [
-            Arg::Attention(shape_c(s)),
-            m0,
-            m1,
-            m2,
-            m3,
-            m4,
-            Arg::F32(s.scale),
-            Arg::Ptr(dp),
-            Arg::Ptr(qp),
-            Arg::Ptr(kp),
-            Arg::Ptr(vp),
-            Arg::Ptr(op_),
-            Arg::Ptr(lp),
-            Arg::Ptr(dqp),
-            Arg::Ptr(deltap),
-        ];
-        let [m0, m1, m2, m3, m4] = mask_args(mask);
-        let dkv_args = [
-            Arg::Attention(shape_c(s)),
-            m0,
-            m1,
-            m2,
-            m3,
-            m4,
-            Arg::F32(s.scale),
-            Arg::Ptr(dp),
-            Arg::Ptr(qp),
-            Arg::Ptr(kp),
-            Arg::Ptr(vp),
-            Arg::Ptr(lp),
-            Arg::Ptr(deltap),
-            Arg::Ptr(dkp),
-            Arg::Ptr(dvp),
-        ];
+        let (sc, m) = (shape_c(s), mask_args(mask));
         // dQ first: it writes the δ the dK/dV pass reads.
-        if let Some(heads) = self.flash_heads(s) {
-            self.launch(
-                "attention_backward_flash_dq",
-                (heads, flash_tiles(s.q_len)?, 1),
-                128,
-                &dq_args,
-            )?;
-            // No keys, no key gradients (and a grid of zero rows is a launch error).
-            if s.kv_len == 0 {
-                return Ok(());
-            }
-            return self.launch(
-                "attention_backward_flash_dkv",
-                (heads, flash_tiles(s.kv_len)?, 1),
-                128,
-                &dkv_args,
-            );
+        let (dq_kernel, dkv_kernel, dq_launch, dkv_launch) = match self.flash_heads(s) {
+            Some(heads) => (
+                Kernel::AttentionBackwardFlashDq,
+                Kernel::AttentionBackwardFlashDkv,
+                self.grid((heads, flash_tiles(s.q_len)?, 1), 128),
+                // No keys, no key gradients (and a grid of zero rows is a launch error).
+                (s.kv_len > 0)
+                    .then(|| flash_tiles(s.kv_len).map(|t| self.grid((heads, t, 1), 128)))
+                    .transpose()?,
+            ),
+            None => (
+                Kernel::AttentionBackwardDq,
+                Kernel::AttentionBackwardDkv,
+                self.warps(e.lse),
+                Some(self.warps(s.batch * s.heads * s.kv_len)),
+            ),
+        };
+        dq_launch.attention_backward_dq(
+            dq_kernel, sc, m, s.scale, dp, qp, kp, vp, op_, lp, dqp, deltap,
+        )?;
+        match dkv_launch {
+            Some(l) => l.attention_backward_dkv(
+                dkv_kernel, sc, m, s.scale, dp, qp, kp, vp, lp, deltap, dkp, dvp,
+            ),
+            None => Ok(()),
         }
-        self.launch_warps("attention_backward_dq", e.lse, &dq_args)?;
-        self.launch_warps(
-            "attention_backward_dkv",
-            s.batch * s.heads * s.kv_len,
-            &dkv_args,
-        )
     }
 }
 
@@ -252,7 +210,7 @@ impl CudaBackend {
         &self,
         s: &AttentionShape,
         heads: u32,
-        args: [Arg; 12],
+        a: ForwardArgs,
         rows: usize,
     ) -> Result<(), CudaError> {
         // Warps of 16 query rows, up to four a block: a draft's few queries take one warp.
@@ -264,10 +222,11 @@ impl CudaBackend {
         let per = key_split::tiles_per_split(blocks, tiles, self.sms, self.key_split());
         let splits = tiles.div_ceil(per);
         let threads = 32 * warps as u32;
-        let tiles_arg = Arg::I32(per as i32);
+        let per = per as i32;
         if splits == 1 {
-            let whole = [&args[..], &[tiles_arg, Arg::Ptr(0), Arg::Ptr(0)]].concat();
-            return self.launch("attention_forward_flash", grid, threads, &whole);
+            return self.grid(grid, threads).attention_forward_flash(
+                a.s, a.mask, a.scale, a.q, a.k, a.v, a.out, a.lse, per, 0, 0,
+            );
         }
         // SAFETY: uninitialised f32s; every split writes every element of its rows (an empty
         // split writes zeros and −∞), and the combine reads only those.
@@ -276,40 +235,11 @@ impl CudaBackend {
         let partial_lse = unsafe { self.stream.alloc::<f32>(splits * rows) }?;
         let (po, _po_sync) = partial_out.device_ptr(&self.stream);
         let (pl, _pl_sync) = partial_lse.device_ptr(&self.stream);
-        // The outputs (args 10 and 11) go to the combine; the forward writes only partials.
-        let [shape, m0, m1, m2, m3, m4, scale, q, k, v, out, lse] = args;
-        let split_args = [
-            shape,
-            m0,
-            m1,
-            m2,
-            m3,
-            m4,
-            scale,
-            q,
-            k,
-            v,
-            Arg::Ptr(0),
-            Arg::Ptr(0),
-            tiles_arg,
-            Arg::Ptr(po),
-            Arg::Ptr(pl),
-        ];
-        self.launch(
-            "attention_forward_flash",
-            (grid.0, grid.1, splits as u32),
-            threads,
-            &split_args,
-        )?;
-        let combine_args = [
-            shape,
-            Arg::I32(splits as i32),
-            Arg::Ptr(po),
-            Arg::Ptr(pl),
-            out,
-            lse,
-        ];
-        self.launch_warps("attention_combine_splits", rows, &combine_args)
+        // The outputs go to the combine; the forward writes only partials.
+        self.grid((grid.0, grid.1, splits as u32), threads)
+            .attention_forward_flash(a.s, a.mask, a.scale, a.q, a.k, a.v, 0, 0, per, po, pl)?;
+        self.warps(rows)
+            .attention_combine_splits(a.s, splits as i32, po, pl, a.out, a.lse)
     }
 
     /// The `rope` kernel on `x`; with `copy` = (columns from, columns, destination, destination
@@ -338,27 +268,26 @@ impl CudaBackend {
         let (col0, cols, dst, dst_stride, dst_batch_stride) = copy.unwrap_or((0, 0, 0, 0, 0));
         // The columns the rotation does not reach are copied by threads of their own.
         let plain = (col0 + cols).saturating_sub(col0.max(s.heads * s.head_dim));
-        self.launch_elements(
-            "rope",
+        self.elements(
             s.batch.div_ceil(per) * s.tokens * s.heads * half + s.batch * s.tokens * plain,
-            &[
-                Arg::Ptr(p),
-                Arg::I64(s.batch as i64),
-                Arg::I64(s.tokens as i64),
-                Arg::I64(s.heads as i64),
-                Arg::I64(s.head_dim as i64),
-                Arg::I64(s.stride as i64),
-                Arg::I64(s.batch_stride as i64),
-                Arg::I64(s.position_offset as i64),
-                Arg::F64(f64::from(s.base)),
-                Arg::I32(inverse as i32),
-                Arg::I64(per as i64),
-                Arg::Ptr(dst),
-                Arg::I64(col0 as i64),
-                Arg::I64(cols as i64),
-                Arg::I64(dst_stride as i64),
-                Arg::I64(dst_batch_stride as i64),
-            ],
+        )
+        .rope(
+            p,
+            s.batch as i64,
+            s.tokens as i64,
+            s.heads as i64,
+            s.head_dim as i64,
+            s.stride as i64,
+            s.batch_stride as i64,
+            s.position_offset as i64,
+            f64::from(s.base),
+            inverse as i32,
+            per as i64,
+            dst,
+            col0 as i64,
+            cols as i64,
+            dst_stride as i64,
+            dst_batch_stride as i64,
         )
     }
 }

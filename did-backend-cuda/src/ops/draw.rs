@@ -72,17 +72,17 @@ impl DrawOps for CudaBackend {
             let (specs_ptr, _s) = specs.device_ptr(&self.stream);
             let (ids_ptr, _i) = ids.device_ptr(&self.stream);
             let (confidence_ptr, _c) = confidence.device_ptr(&self.stream);
-            let args = [
-                Arg::Ptr(logits_ptr),
-                Arg::I64(vocab as i64),
-                Arg::I64(i64::from(mask_id)),
-                Arg::Ptr(specs_ptr),
-                Arg::F64(nucleus.p()),
-                Arg::I32(i32::from(nucleus.rule() == NucleusRule::SmallestCover)),
-                Arg::Ptr(ids_ptr),
-                Arg::Ptr(confidence_ptr),
-            ];
-            self.launch("draw_tokens", (grid_rows(rows)?, 1, 1), DRAW_THREADS, &args)?;
+            self.grid((grid_rows(rows)?, 1, 1), DRAW_THREADS)
+                .draw_tokens(
+                    logits_ptr,
+                    vocab as i64,
+                    i64::from(mask_id),
+                    specs_ptr,
+                    nucleus.p(),
+                    i32::from(nucleus.rule() == NucleusRule::SmallestCover),
+                    ids_ptr,
+                    confidence_ptr,
+                )?;
         }
         self.counters.add(Event::Download, 2);
         let ids = self.stream.clone_dtoh(&ids)?;

@@ -9,7 +9,6 @@ use did_core::backend::{
 
 use crate::buffer::*;
 use crate::device::*;
-use crate::launch::*;
 use crate::{few_rows, CudaError};
 
 impl FusedOps for CudaBackend {
@@ -73,21 +72,17 @@ impl FusedOps for CudaBackend {
         };
         let n = rows * d_out;
         let py = self.ptr_mut(y, n, "linear y")?;
-        let head = [
-            Arg::Ptr(px),
-            Arg::I64(d_in as i64),
-            Arg::Ptr(pw),
-            Arg::I64(d_in as i64),
-            Arg::Ptr(py),
-            Arg::I32(rows as i32),
-            Arg::I64(d_out as i64),
-            Arg::I64(d_in as i64),
-        ];
-        let tail: Vec<Arg> = match then {
-            LinearThen::BiasGelu { bias, gelu } => vec![
-                Arg::Ptr(self.ptr(bias, d_out, "linear bias")?),
-                Arg::Ptr(self.ptr_mut(gelu, n, "linear gelu")?),
-            ],
+        let launch = self.grid((few_rows::blocks(d_out), 1, 1), few_rows::THREADS);
+        let (rows_i32, d_in_i64, d_out_i64) = (rows as i32, d_in as i64, d_out as i64);
+        match then {
+            LinearThen::BiasGelu { bias, gelu } => {
+                let bias = self.ptr(bias, d_out, "linear bias")?;
+                let gelu = self.ptr_mut(gelu, n, "linear gelu")?;
+                launch.linear_few_rows_bias_gelu(
+                    kernel, px, d_in_i64, pw, d_in_i64, py, rows_i32, d_out_i64, d_in_i64, bias,
+                    gelu,
+                )
+            }
             LinearThen::GatedResidual {
                 bias,
                 gate,
@@ -101,25 +96,31 @@ impl FusedOps for CudaBackend {
                         "linear_forward_then: {rows} rows are not whole sequences of {tokens}"
                     )));
                 }
-                vec![
-                    Arg::Ptr(match bias {
-                        Some(b) => self.ptr(b, d_out, "linear bias")?,
-                        None => 0,
-                    }),
-                    Arg::Ptr(self.gate_ptr(gate, rows / tokens, d_out)?),
-                    Arg::Ptr(self.ptr(residual, n, "linear residual")?),
-                    Arg::Ptr(self.ptr_mut(out, n, "linear out")?),
-                    Arg::I64(tokens as i64),
-                ]
+                let bias = match bias {
+                    Some(b) => self.ptr(b, d_out, "linear bias")?,
+                    None => 0,
+                };
+                let gate = self.gate_ptr(gate, rows / tokens, d_out)?;
+                let residual = self.ptr(residual, n, "linear residual")?;
+                let out = self.ptr_mut(out, n, "linear out")?;
+                launch.linear_few_rows_gated_residual(
+                    kernel,
+                    px,
+                    d_in_i64,
+                    pw,
+                    d_in_i64,
+                    py,
+                    rows_i32,
+                    d_out_i64,
+                    d_in_i64,
+                    bias,
+                    gate,
+                    residual,
+                    out,
+                    tokens as i64,
+                )
             }
-        };
-        let args: Vec<Arg> = head.into_iter().chain(tail).collect();
-        self.launch(
-            kernel,
-            (few_rows::blocks(d_out), 1, 1),
-            few_rows::THREADS,
-            &args,
-        )
+        }
     }
     fn gated_residual_forward_into(
         &self,
@@ -235,13 +236,12 @@ impl FusedOps for CudaBackend {
         cols: usize,
     ) -> Result<(), CudaError> {
         let n = rows * cols;
-        let args = [
-            Arg::Ptr(self.ptr_mut(x, n, "bias_gelu x")?),
-            Arg::Ptr(self.ptr(bias, cols, "bias")?),
-            Arg::Ptr(self.ptr_mut(out, n, "bias_gelu out")?),
-            Arg::I64(rows as i64),
-            Arg::I64(cols as i64),
-        ];
-        self.launch_elements("bias_gelu_forward", n, &args)
+        self.elements(n).bias_gelu_forward(
+            self.ptr_mut(x, n, "bias_gelu x")?,
+            self.ptr(bias, cols, "bias")?,
+            self.ptr_mut(out, n, "bias_gelu out")?,
+            rows as i64,
+            cols as i64,
+        )
     }
 }

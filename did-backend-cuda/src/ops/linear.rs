@@ -48,23 +48,21 @@ impl LinearOps for CudaBackend {
         if self.few_rows_kernel() {
             let aligned = |p: u64| p % 16 == 0;
             if let Some(kernel) = few_rows::kernel_for(g, 8, aligned(pa), aligned(pb)) {
-                return self.launch(
-                    kernel,
-                    (few_rows::blocks(g.n), 1, 1),
-                    few_rows::THREADS,
-                    &[
-                        Arg::Ptr(pa),
-                        Arg::I64(g.lda as i64),
-                        Arg::Ptr(pb),
-                        Arg::I64(g.ldb as i64),
-                        Arg::Ptr(pc),
-                        Arg::I64(g.ldc as i64),
-                        Arg::I32(g.m as i32),
-                        Arg::I64(g.n as i64),
-                        Arg::I64(g.k as i64),
-                        Arg::F32(g.beta),
-                    ],
-                );
+                return self
+                    .grid((few_rows::blocks(g.n), 1, 1), few_rows::THREADS)
+                    .linear_few_rows(
+                        kernel,
+                        pa,
+                        g.lda as i64,
+                        pb,
+                        g.ldb as i64,
+                        pc,
+                        g.ldc as i64,
+                        g.m as i32,
+                        g.n as i64,
+                        g.k as i64,
+                        g.beta,
+                    );
             }
         }
         let dtype = match self.precision {
@@ -113,16 +111,12 @@ impl LinearOps for CudaBackend {
     ) -> Result<(), CudaError> {
         let xp = self.ptr_mut(x, shape.extent(), "bias_add x")?;
         let bp = self.ptr(bias, shape.cols, "bias")?;
-        self.launch_elements(
-            "bias_add",
-            shape.rows * shape.cols,
-            &[
-                Arg::Ptr(xp),
-                Arg::Ptr(bp),
-                Arg::I64(shape.rows as i64),
-                Arg::I64(shape.cols as i64),
-                Arg::I64(shape.stride as i64),
-            ],
+        self.elements(shape.rows * shape.cols).bias_add(
+            xp,
+            bp,
+            shape.rows as i64,
+            shape.cols as i64,
+            shape.stride as i64,
         )
     }
     fn bias_backward_rows(
@@ -170,19 +164,14 @@ impl CudaBackend {
             out,
             shape,
             |partial, chunk_rows, grid| {
-                self.launch(
-                    "colsum_partial",
-                    grid,
-                    COLSUM_THREADS,
-                    &[
-                        Arg::Ptr(a),
-                        Arg::Ptr(b),
-                        Arg::Ptr(partial),
-                        Arg::I64(rows as i64),
-                        Arg::I64(cols as i64),
-                        Arg::I64(stride as i64),
-                        Arg::I64(chunk_rows as i64),
-                    ],
+                self.grid(grid, COLSUM_THREADS).colsum_partial(
+                    a,
+                    b,
+                    partial,
+                    rows as i64,
+                    cols as i64,
+                    stride as i64,
+                    chunk_rows as i64,
                 )
             },
         )
@@ -220,16 +209,12 @@ impl CudaBackend {
             groups_u32,
         );
         partial_pass(pp, chunk_rows, grid)?;
-        self.launch_elements(
-            "colsum_finish",
-            groups * cols,
-            &[
-                Arg::Ptr(pp),
-                Arg::I64(chunks as i64),
-                Arg::Ptr(out),
-                Arg::I64(cols as i64),
-                Arg::I64(groups as i64),
-            ],
+        self.elements(groups * cols).colsum_finish(
+            pp,
+            chunks as i64,
+            out,
+            cols as i64,
+            groups as i64,
         )
     }
 }

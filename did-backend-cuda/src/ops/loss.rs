@@ -22,14 +22,13 @@ impl LossOps for CudaBackend {
         let ip = self.ids_ptr(ids, rows, "embedding ids")?;
         let table_rows = table.buf.len.saturating_sub(table.offset) / channels.max(1);
         check_ids(&ids.host[..rows], table_rows)?;
-        let args = [
-            Arg::Ptr(ip),
-            Arg::Ptr(self.ptr(table, table_rows * channels, "embedding table")?),
-            Arg::Ptr(self.ptr_mut(out, rows * channels, "embedding out")?),
-            Arg::I64(rows as i64),
-            Arg::I64(channels as i64),
-        ];
-        self.launch_elements("embedding_forward", rows * channels, &args)
+        self.elements(rows * channels).embedding_forward(
+            ip,
+            self.ptr(table, table_rows * channels, "embedding table")?,
+            self.ptr_mut(out, rows * channels, "embedding out")?,
+            rows as i64,
+            channels as i64,
+        )
     }
     fn embedding_backward(
         &self,
@@ -57,23 +56,18 @@ impl LossOps for CudaBackend {
         let mut dev = self.stream.alloc_zeros::<u32>(words.len())?;
         self.upload_bytes(&words, &mut dev)?;
         let (base, _sync) = dev.device_ptr(&self.stream);
-        let args = [
-            Arg::Ptr(base),
-            Arg::Ptr(base + 4 * (groups as u64 + 1)),
-            Arg::Ptr(base + 4 * (2 * groups as u64 + 1)),
-            Arg::Ptr(dout),
-            Arg::Ptr(dtable),
-            Arg::I64(channels as i64),
-        ];
         // Two channels a thread (the kernel's layout), 64 threads a block: an id's channels
         // spread over several blocks, so the long group (the mask token) is not one SM's work.
         let channel_blocks = grid_rows(channels.div_ceil(2 * EMBEDDING_THREADS as usize))?;
-        self.launch(
-            "embedding_backward",
-            (grid_rows(groups)?, channel_blocks, 1),
-            EMBEDDING_THREADS,
-            &args,
-        )
+        self.grid((grid_rows(groups)?, channel_blocks, 1), EMBEDDING_THREADS)
+            .embedding_backward(
+                base,
+                base + 4 * (groups as u64 + 1),
+                base + 4 * (2 * groups as u64 + 1),
+                dout,
+                dtable,
+                channels as i64,
+            )
     }
     fn softmax_cross_entropy(
         &self,
@@ -88,29 +82,26 @@ impl LossOps for CudaBackend {
         let (rows, vocab) = (shape.rows, shape.cols);
         let tp = self.ids_ptr(targets, rows, "cross-entropy targets")?;
         check_ids(&targets.host[..rows], vocab)?;
-        let args = [
-            Arg::Ptr(self.ptr_mut(logits, shape.extent(), "cross-entropy logits")?),
-            Arg::Ptr(tp),
-            Arg::Ptr(self.ptr(weights, rows, "cross-entropy weights")?),
-            Arg::Ptr(self.ptr_mut(losses, rows, "cross-entropy losses")?),
-            Arg::I64(rows as i64),
-            Arg::I64(vocab as i64),
-            Arg::I64(shape.stride as i64),
-            Arg::I64(
-                excluded
-                    .filter(|&e| (e as usize) < vocab)
-                    .map_or(-1, i64::from),
-            ),
-            Arg::F32(grad_scale),
-        ];
+        let logits = self.ptr_mut(logits, shape.extent(), "cross-entropy logits")?;
+        let weights = self.ptr(weights, rows, "cross-entropy weights")?;
+        let losses = self.ptr_mut(losses, rows, "cross-entropy losses")?;
+        let excluded = excluded
+            .filter(|&e| (e as usize) < vocab)
+            .map_or(-1, i64::from);
         if rows == 0 || vocab == 0 {
             return Ok(());
         }
-        self.launch(
-            "softmax_cross_entropy",
-            (grid_rows(rows)?, 1, 1),
-            THREADS,
-            &args,
-        )
+        self.grid((grid_rows(rows)?, 1, 1), THREADS)
+            .softmax_cross_entropy(
+                logits,
+                tp,
+                weights,
+                losses,
+                rows as i64,
+                vocab as i64,
+                shape.stride as i64,
+                excluded,
+                grad_scale,
+            )
     }
 }

@@ -6,7 +6,6 @@ use did_core::backend::{RowGroups, Slice, SliceMut};
 use crate::buffer::*;
 use crate::counters::Event;
 use crate::device::*;
-use crate::launch::*;
 use crate::CudaError;
 
 impl MemoryOps for CudaBackend {
@@ -64,11 +63,7 @@ impl MemoryOps for CudaBackend {
     ) -> Result<(), CudaError> {
         let src = self.f32_ptr(src.buf, src.offset, len, "round_into source")?;
         let dst = self.ptr_mut(dst, len, "round_into destination")?;
-        self.launch_elements(
-            "round_f32_into",
-            len,
-            &[Arg::Ptr(src), Arg::Ptr(dst), Arg::I64(len as i64)],
-        )
+        self.elements(len).round_f32_into(src, dst, len as i64)
     }
     fn download(&self, src: Slice<'_, CudaBuffer>, out: &mut [f32]) -> Result<(), CudaError> {
         self.device_ptr(src.buf, src.offset, out.len(), "download")?;
@@ -119,17 +114,13 @@ impl MemoryOps for CudaBackend {
     }
     fn fill(&self, dst: SliceMut<'_, CudaBuffer>, len: usize, value: f32) -> Result<(), CudaError> {
         // A bf16 backend's f32 buffers (zeros_f32) have their own kernel.
-        let kernel = if dst.buf.f32 && self.precision == Precision::Bf16 {
-            "fill_f32"
-        } else {
-            "fill"
-        };
+        let f32_in_bf16 = dst.buf.f32 && self.precision == Precision::Bf16;
         let p = self.device_ptr(dst.buf, dst.offset, len, "fill")?;
-        self.launch_elements(
-            kernel,
-            len,
-            &[Arg::Ptr(p), Arg::I64(len as i64), Arg::F32(value)],
-        )
+        if f32_in_bf16 {
+            self.elements(len).fill_f32(p, len as i64, value)
+        } else {
+            self.elements(len).fill(p, len as i64, value)
+        }
     }
     fn copy(
         &self,
@@ -162,20 +153,16 @@ impl MemoryOps for CudaBackend {
     ) -> Result<(), CudaError> {
         let s = self.ptr(src, layout.src_extent(), "copy src")?;
         let d = self.ptr_mut(dst, layout.dst_extent(), "copy dst")?;
-        self.launch_elements(
-            "copy_row_groups",
-            layout.elements(),
-            &[
-                Arg::Ptr(s),
-                Arg::I64(layout.src_stride as i64),
-                Arg::I64(layout.src_group_stride as i64),
-                Arg::Ptr(d),
-                Arg::I64(layout.dst_stride as i64),
-                Arg::I64(layout.dst_group_stride as i64),
-                Arg::I64(layout.groups as i64),
-                Arg::I64(layout.rows as i64),
-                Arg::I64(layout.cols as i64),
-            ],
+        self.elements(layout.elements()).copy_row_groups(
+            s,
+            layout.src_stride as i64,
+            layout.src_group_stride as i64,
+            d,
+            layout.dst_stride as i64,
+            layout.dst_group_stride as i64,
+            layout.groups as i64,
+            layout.rows as i64,
+            layout.cols as i64,
         )
     }
     fn synchronize(&self) -> Result<(), CudaError> {

@@ -53,21 +53,8 @@ impl NormOps for CudaBackend {
         let stats = self.stream.alloc_zeros::<f32>(2 * s.rows)?;
         let (sp, _sync) = stats.device_ptr(&self.stream);
         let (rows, cols) = (s.rows as i64, s.cols as i64);
-        self.launch(
-            "layernorm_backward_dx",
-            (grid_rows(s.rows)?, 1, 1),
-            norm_threads(s.cols),
-            &[
-                Arg::Ptr(dp),
-                Arg::Ptr(xp),
-                Arg::Ptr(wp),
-                Arg::Ptr(dxp),
-                Arg::Ptr(sp),
-                Arg::I64(rows),
-                Arg::I64(cols),
-                Arg::F32(s.eps),
-            ],
-        )?;
+        self.grid((grid_rows(s.rows)?, 1, 1), norm_threads(s.cols))
+            .layernorm_backward_dx(dp, xp, wp, dxp, sp, rows, cols, s.eps)?;
         let shape = ChunkShape {
             min_rows: ROWS_PER_CHUNK,
             cols_per_block: 128,
@@ -79,19 +66,14 @@ impl NormOps for CudaBackend {
             dwp,
             shape,
             |partial, chunk_rows, grid| {
-                self.launch(
-                    "layernorm_dweight_partial",
-                    grid,
-                    128,
-                    &[
-                        Arg::Ptr(dp),
-                        Arg::Ptr(xp),
-                        Arg::Ptr(sp),
-                        Arg::Ptr(partial),
-                        Arg::I64(rows),
-                        Arg::I64(cols),
-                        Arg::I64(chunk_rows as i64),
-                    ],
+                self.grid(grid, 128).layernorm_dweight_partial(
+                    dp,
+                    xp,
+                    sp,
+                    partial,
+                    rows,
+                    cols,
+                    chunk_rows as i64,
                 )
             },
         )
@@ -107,16 +89,15 @@ impl NormOps for CudaBackend {
         channels: usize,
     ) -> Result<(), CudaError> {
         let n = batch * tokens * channels;
-        let args = [
-            Arg::Ptr(self.ptr(x, n, "modulate x")?),
-            Arg::Ptr(self.ptr(shift, batch * channels, "modulate shift")?),
-            Arg::Ptr(self.ptr(scale, batch * channels, "modulate scale")?),
-            Arg::Ptr(self.ptr_mut(out, n, "modulate out")?),
-            Arg::I64(tokens as i64),
-            Arg::I64(channels as i64),
-            Arg::I64(n as i64),
-        ];
-        self.launch_elements("modulate_forward", n, &args)
+        self.elements(n).modulate_forward(
+            self.ptr(x, n, "modulate x")?,
+            self.ptr(shift, batch * channels, "modulate shift")?,
+            self.ptr(scale, batch * channels, "modulate scale")?,
+            self.ptr_mut(out, n, "modulate out")?,
+            tokens as i64,
+            channels as i64,
+            n as i64,
+        )
     }
     fn modulate_backward(
         &self,
@@ -135,17 +116,13 @@ impl NormOps for CudaBackend {
         let sp = self.ptr(scale, batch * channels, "modulate scale")?;
         let dxp = self.ptr_mut(dx, n, "modulate dx")?;
         let dsp = self.ptr_mut(dscale, batch * channels, "modulate dscale")?;
-        self.launch_elements(
-            "modulate_backward_dx",
-            n,
-            &[
-                Arg::Ptr(dp),
-                Arg::Ptr(sp),
-                Arg::Ptr(dxp),
-                Arg::I64(tokens as i64),
-                Arg::I64(channels as i64),
-                Arg::I64(n as i64),
-            ],
+        self.elements(n).modulate_backward_dx(
+            dp,
+            sp,
+            dxp,
+            tokens as i64,
+            channels as i64,
+            n as i64,
         )?;
         self.column_sums(dp, xp, dsp, batch, tokens, channels, channels)
     }
@@ -186,29 +163,33 @@ impl CudaBackend {
             None => 0,
         };
         let [shift, scale, modulated] = modulation;
-        let args = [
-            Arg::Ptr(self.ptr(x, n, "layernorm x")?),
-            Arg::Ptr(self.ptr(weight, s.cols, "layernorm weight")?),
-            Arg::Ptr(bp),
-            Arg::Ptr(self.ptr_mut(out, n, "layernorm out")?),
-            Arg::Ptr(self.ptr_mut(mean, s.rows, "layernorm mean")?),
-            Arg::Ptr(self.ptr_mut(rstd, s.rows, "layernorm rstd")?),
-            Arg::I64(s.rows as i64),
-            Arg::I64(s.cols as i64),
-            Arg::F32(s.eps),
-            Arg::Ptr(shift),
-            Arg::Ptr(scale),
-            Arg::Ptr(modulated),
-            Arg::I64(tokens as i64),
-        ];
+        let (xp, wp) = (
+            self.ptr(x, n, "layernorm x")?,
+            self.ptr(weight, s.cols, "layernorm weight")?,
+        );
+        let (op_, mp, rp) = (
+            self.ptr_mut(out, n, "layernorm out")?,
+            self.ptr_mut(mean, s.rows, "layernorm mean")?,
+            self.ptr_mut(rstd, s.rows, "layernorm rstd")?,
+        );
         if s.rows == 0 || s.cols == 0 {
             return Ok(());
         }
-        self.launch(
-            "layernorm_forward",
-            (grid_rows(s.rows)?, 1, 1),
-            norm_threads(s.cols),
-            &args,
-        )
+        self.grid((grid_rows(s.rows)?, 1, 1), norm_threads(s.cols))
+            .layernorm_forward(
+                xp,
+                wp,
+                bp,
+                op_,
+                mp,
+                rp,
+                s.rows as i64,
+                s.cols as i64,
+                s.eps,
+                shift,
+                scale,
+                modulated,
+                tokens as i64,
+            )
     }
 }

@@ -20,11 +20,7 @@ impl OptimizerOps for CudaBackend {
     }
     fn scale(&self, x: SliceMut<'_, CudaBuffer>, len: usize, factor: f32) -> Result<(), CudaError> {
         let p = self.ptr_mut(x, len, "scale x")?;
-        self.launch_elements(
-            "scale",
-            len,
-            &[Arg::Ptr(p), Arg::I64(len as i64), Arg::F32(factor)],
-        )
+        self.elements(len).scale(p, len as i64, factor)
     }
     fn adamw(
         &self,
@@ -39,21 +35,20 @@ impl OptimizerOps for CudaBackend {
         let step = hp.step.max(1) as i32;
         let bc1 = 1.0 - hp.beta1.powi(step);
         let bc2 = 1.0 - hp.beta2.powi(step);
-        let args = [
-            Arg::Ptr(self.ptr_mut(params, len, "adamw params")?),
-            Arg::Ptr(self.ptr(grads, len, "adamw grads")?),
-            Arg::Ptr(self.ptr_mut(m, len, "adamw m")?),
-            Arg::Ptr(self.ptr_mut(v, len, "adamw v")?),
-            Arg::I64(len as i64),
-            Arg::F32(hp.lr),
-            Arg::F32(hp.beta1),
-            Arg::F32(hp.beta2),
-            Arg::F32(hp.eps),
-            Arg::F32(hp.weight_decay),
-            Arg::F32(bc1),
-            Arg::F32(bc2),
-        ];
-        self.launch_elements("adamw", len, &args)
+        self.elements(len).adamw(
+            self.ptr_mut(params, len, "adamw params")?,
+            self.ptr(grads, len, "adamw grads")?,
+            self.ptr_mut(m, len, "adamw m")?,
+            self.ptr_mut(v, len, "adamw v")?,
+            len as i64,
+            hp.lr,
+            hp.beta1,
+            hp.beta2,
+            hp.eps,
+            hp.weight_decay,
+            bc1,
+            bc2,
+        )
     }
     fn ema_update(
         &self,
@@ -62,13 +57,12 @@ impl OptimizerOps for CudaBackend {
         len: usize,
         decay: f32,
     ) -> Result<(), CudaError> {
-        let args = [
-            Arg::Ptr(self.ptr_mut(ema, len, "ema")?),
-            Arg::Ptr(self.ptr(params, len, "ema params")?),
-            Arg::I64(len as i64),
-            Arg::F32(decay),
-        ];
-        self.launch_elements("ema_update", len, &args)
+        self.elements(len).ema_update(
+            self.ptr_mut(ema, len, "ema")?,
+            self.ptr(params, len, "ema params")?,
+            len as i64,
+            decay,
+        )
     }
     /// One `optimizer_step` launch: masters, moments and the EMA in f32 (`upload_f32`,
     /// `zeros_f32`), gradients and the rounded copies in the storage precision.
@@ -119,26 +113,25 @@ impl OptimizerOps for CudaBackend {
         let hp = &step.adamw;
         // Bias corrections in f32 on the host, as the CPU reference.
         let t = hp.step.max(1) as i32;
-        let args = [
-            Arg::Ptr(master),
-            Arg::Ptr(rounded),
-            Arg::Ptr(grads),
-            Arg::Ptr(m),
-            Arg::Ptr(v),
-            Arg::Ptr(ema),
-            Arg::Ptr(ema_rounded),
-            Arg::I64(len as i64),
-            Arg::F32(step.grad_scale),
-            Arg::F32(hp.lr),
-            Arg::F32(hp.beta1),
-            Arg::F32(hp.beta2),
-            Arg::F32(hp.eps),
-            Arg::F32(hp.weight_decay),
-            Arg::F32(1.0 - hp.beta1.powi(t)),
-            Arg::F32(1.0 - hp.beta2.powi(t)),
-            Arg::F32(ema_decay),
-        ];
-        self.launch_elements("optimizer_step", len, &args)
+        self.elements(len).optimizer_step(
+            master,
+            rounded,
+            grads,
+            m,
+            v,
+            ema,
+            ema_rounded,
+            len as i64,
+            step.grad_scale,
+            hp.lr,
+            hp.beta1,
+            hp.beta2,
+            hp.eps,
+            hp.weight_decay,
+            1.0 - hp.beta1.powi(t),
+            1.0 - hp.beta2.powi(t),
+            ema_decay,
+        )
     }
 }
 
@@ -159,16 +152,11 @@ impl CudaBackend {
         let blocks = len.div_ceil(THREADS as usize * 8).clamp(1, 1024);
         let partial = self.stream.alloc_zeros::<f64>(blocks)?;
         let (pp, _sync) = partial.device_ptr(&self.stream);
-        self.launch(
-            "sum_partial",
-            (blocks as u32, 1, 1),
-            THREADS,
-            &[
-                Arg::Ptr(xp),
-                Arg::I64(len as i64),
-                Arg::I32(squares as i32),
-                Arg::Ptr(pp),
-            ],
+        self.grid((blocks as u32, 1, 1), THREADS).sum_partial(
+            xp,
+            len as i64,
+            squares as i32,
+            pp,
         )?;
         self.counters.add(Event::Download, 1);
         let host = self.stream.clone_dtoh(&partial)?;

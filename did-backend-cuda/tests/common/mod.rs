@@ -9,7 +9,7 @@
 use std::sync::{Mutex, OnceLock};
 
 use did_backend_cpu::CpuBackend;
-use did_backend_cuda::{cuda_or_skip, AttentionKernel, CudaBackend, Precision};
+use did_backend_cuda::{probe, AttentionKernel, CudaBackend, CudaOptions, Precision};
 use did_core::backend::{Backend, Slice};
 use did_core::rng::{Purpose, RngStream};
 
@@ -44,7 +44,13 @@ fn gpu_slot(precision: Precision) -> &'static Mutex<CudaBackend> {
         Precision::Bf16 => &BF16_GPU,
     };
     slot.get_or_init(|| {
-        Mutex::new(CudaBackend::new(0, precision).unwrap_or_else(|e| panic!("CUDA backend: {e}")))
+        // DID_CUDA_* choose the kernels, as for `did` (scripts/gpu-check.sh reruns with them).
+        let options = CudaOptions::from_vars(|name| std::env::var(name).ok())
+            .unwrap_or_else(|e| panic!("{e}"));
+        Mutex::new(
+            CudaBackend::with_options(0, precision, options)
+                .unwrap_or_else(|e| panic!("CUDA backend: {e}")),
+        )
     })
 }
 
@@ -56,9 +62,20 @@ pub fn with_gpu<R>(precision: Precision, f: impl FnOnce(&CudaBackend) -> R) -> R
     f(&guard)
 }
 
-/// Whether to run: false (after printing SKIP) without CUDA.
+/// Whether to run the GPU test: without CUDA it prints `SKIP (no CUDA): <test>` and returns
+/// false, unless `DID_REQUIRE_CUDA=1`, where it panics so that a missing library cannot pass
+/// for a green run.
 pub fn gpu(test: &str) -> bool {
-    cuda_or_skip(test)
+    match probe() {
+        Ok(_) => true,
+        Err(why) => {
+            if std::env::var("DID_REQUIRE_CUDA").is_ok_and(|v| v == "1") {
+                panic!("DID_REQUIRE_CUDA=1 but CUDA is not available for {test}: {why}");
+            }
+            eprintln!("SKIP (no CUDA): {test}: {why}");
+            false
+        }
+    }
 }
 
 /// Compares two outputs; `Err` names the worst element.
