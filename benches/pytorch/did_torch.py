@@ -1,7 +1,7 @@
 """The did model, its training step and its draft -> remask -> refine sampler, in PyTorch.
 
 This is the baseline of issue #6: what a careful PyTorch user would write for the same
-model (BD3-LM's DiT, bd3lm.md section 3) and the same samplers, so that `did --backend cuda`
+model (BD3-LM's DiT, docs/bd3lm.md section 3) and the same samplers, so that `did --backend cuda`
 can be timed against it on the same GPU. It reads did checkpoints (the parameter names are
 BD3-LM's), and `check_against_did.py` checks its logits against did's CPU backend.
 
@@ -54,7 +54,7 @@ class Config:
 
 
 def bd3_allows(q, k, seq_len: int, block: int):
-    """BD3-LM's 2L x 2L training mask (bd3lm.md 2.2) as a predicate on index tensors."""
+    """BD3-LM's 2L x 2L training mask (docs/bd3lm.md 2.2) as a predicate on index tensors."""
     q_clean, k_clean = q >= seq_len, k >= seq_len
     q_blk = (q - seq_len * q_clean) // block
     k_blk = (k - seq_len * k_clean) // block
@@ -93,7 +93,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Weight-only LayerNorm computed in f32 (bd3lm.md 3)."""
+    """Weight-only LayerNorm computed in f32 (docs/bd3lm.md 3)."""
     return (F.layer_norm(x.float(), (x.shape[-1],), eps=eps) * weight.float()).to(x.dtype)
 
 
@@ -256,7 +256,7 @@ def flex_bd3(seq_len: int, block: int, device):
 
 
 def bd3_loss(model: Dit, x0: torch.Tensor, block: int, attend, generator=None, masked_head=False) -> torch.Tensor:
-    """BD3-LM's NELBO for one batch (bd3lm.md 1.3-1.7): a noise level t per block, each token
+    """BD3-LM's NELBO for one batch (docs/bd3lm.md 1.3-1.7): a noise level t per block, each token
     masked with probability t (linear schedule), the 2L pass over x_t (+) x_0, SUBS
     log-probabilities, cross-entropy at the masked positions weighted by 1/t, mean over tokens.
 
@@ -284,7 +284,7 @@ def bd3_loss(model: Dit, x0: torch.Tensor, block: int, attend, generator=None, m
 
 
 def nucleus_gumbel(logits: torch.Tensor, mask_id: int, top_p: float, generator=None):
-    """Rows of logits -> (token, its nucleus probability), in f64 (bd3lm.md 4.5-4.6)."""
+    """Rows of logits -> (token, its nucleus probability), in f64 (docs/bd3lm.md 4.5-4.6)."""
     logits = logits.double()
     logits[..., mask_id] = -math.inf
     p = logits.softmax(-1)

@@ -1,5 +1,5 @@
 //! `did eval`: the NELBO perplexity of a held-out split, the generative
-//! perplexity of samples under a causal judge (BD3-LM's protocol, bd3lm.md
+//! perplexity of samples under a causal judge (BD3-LM's protocol, docs/bd3lm.md
 //! §5), and the entropy of samples. Each prints a markdown table and can
 //! write the same figures as JSON.
 

@@ -7,7 +7,7 @@ use common::did;
 fn the_paper_model_has_the_reference_parameter_count() {
     let (code, out, _) = did(&["model-info", "small"]);
     assert_eq!(code, 0);
-    assert!(out.contains("parameters: 169627218"), "{out}"); // bd3lm.md §7
+    assert!(out.contains("parameters: 169627218"), "{out}"); // docs/bd3lm.md §7
     assert!(out.contains("batch 8 × length 1024"), "{out}");
     // The CUDA backend's padded logits rows, said without a GPU.
     let (code, cuda, err) = did(&["--backend", "cuda", "model-info", "small"]);

@@ -62,7 +62,7 @@ fn the_trigram_judge_matches_cmus_evaluator_on_real_and_shuffled_sentences() {
     assert_eq!(
         lm.counts()[0],
         72_547,
-        "unigrams, as reference/data.md counts them"
+        "unigrams, as docs/data.md counts them"
     );
     // sphinx_lm_eval: "5869 words evaluated, 25 OOVs (0.43%), 300 context cues removed".
     for (file, cmu) in [

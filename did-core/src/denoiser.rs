@@ -19,7 +19,7 @@
 //! 3. [`Denoiser::commit_block`] once the block is final (for every block but
 //!    the last of the stage). Tokens before `block.start` never change again in
 //!    the stage, so their keys and values may be cached: that is BD3-LM's exact
-//!    KV cache (bd3lm.md §4.2).
+//!    KV cache (docs/bd3lm.md §4.2).
 //!
 //! A request may also span several blocks from position 0 (post-hoc scoring
 //! of a finished sequence); it then comes right after `begin_stage`.

@@ -10,7 +10,7 @@
 //!
 //! ```
 //! use did_core::mask::{AttentionMask, TileKind};
-//! // BD3 training mask for L = 6, block 2 (bd3lm.md §2.2): x_t is 0..6, x_0 is 6..12.
+//! // BD3 training mask for L = 6, block 2 (docs/bd3lm.md §2.2): x_t is 0..6, x_0 is 6..12.
 //! let m = AttentionMask::bd3_training(6, 2)?;
 //! assert!(m.allows(2, 3));   // noisy block 1 sees itself,
 //! assert!(m.allows(2, 6));   // and the earlier clean block,
@@ -80,7 +80,7 @@ impl KeyRanges {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AttentionMask {
     /// BD3-LM's vectorised training over `x_t ⊕ x_0` (`2·seq_len` queries and keys):
-    /// block-diagonal ∪ offset-block-causal ∪ block-causal (bd3lm.md §2.2).
+    /// block-diagonal ∪ offset-block-causal ∪ block-causal (docs/bd3lm.md §2.2).
     Bd3Training {
         /// `L`, the length of each half.
         seq_len: usize,
@@ -267,7 +267,7 @@ mod tests {
     use super::*;
     use quickcheck::{quickcheck, TestResult};
 
-    /// bd3lm.md §2.2, written as the reference writes it.
+    /// docs/bd3lm.md §2.2, written as the reference writes it.
     fn bd3_formula(l: usize, b: usize, q: usize, k: usize) -> bool {
         let (xq, xk) = (q >= l, k >= l);
         let bq = (q - if xq { l } else { 0 }) / b;

@@ -1,4 +1,4 @@
-//! The forward process `x_0 → x_t` of block diffusion (bd3lm.md §1.2, §1.5, §1.6).
+//! The forward process `x_0 → x_t` of block diffusion (docs/bd3lm.md §1.2, §1.5, §1.6).
 //!
 //! Each token of block `b` is masked independently with probability
 //! `p = mask_prob(t_b)`: token `ℓ` is masked iff its uniform `u_ℓ ≤ p`, as the

@@ -1,5 +1,5 @@
 //! Masking schedules, the NELBO weight, stratified time sampling, and the
-//! clip-range search of BD3-LM (bd3lm.md §1.3–§1.6).
+//! clip-range search of BD3-LM (docs/bd3lm.md §1.3–§1.6).
 //!
 //! A training step draws one time `t` per (sequence, block), masks each token
 //! of the block with probability [`MaskSchedule::mask_prob`]`(t)`, and weights
@@ -108,7 +108,7 @@ impl ClipRange {
     ///
     /// Decision: BD3-LM compares float32 candidates against the Python float
     /// `1e-3`, so its clamped candidates enforce a lower bound by accident
-    /// (bd3lm.md §1.6). We enforce what the special case means: no lower bound at `β = ε`.
+    /// (docs/bd3lm.md §1.6). We enforce what the special case means: no lower bound at `β = ε`.
     pub fn resample_bounds(self) -> (Option<f64>, Option<f64>) {
         let lower = (self.lo > EPS * (1.0 + 1e-9)).then_some(self.lo);
         let upper = (self.hi < 1.0).then_some(self.hi);
@@ -142,7 +142,7 @@ impl Default for ClipRange {
 /// use did_core::schedule::{ClipRange, MaskSchedule, TrainingSchedule};
 /// let s = TrainingSchedule::new(MaskSchedule::Linear, ClipRange::FULL)?;
 /// assert_eq!(s.loss_weight(0.5), 2.0);
-/// // A lower clip bound above 0.5 turns the weight into plain cross-entropy (bd3lm.md §1.4).
+/// // A lower clip bound above 0.5 turns the weight into plain cross-entropy (docs/bd3lm.md §1.4).
 /// let ar = TrainingSchedule::new(MaskSchedule::Linear, ClipRange::new(1.0, 1.0)?)?;
 /// assert_eq!(ar.loss_weight(1.0), 1.0);
 /// # Ok::<(), did_core::Error>(())
@@ -185,7 +185,7 @@ impl TrainingSchedule {
 }
 
 /// Stratified (low-discrepancy) times, one per (sequence, block), exactly as
-/// BD3-LM's antithetic sampler (bd3lm.md §1.5):
+/// BD3-LM's antithetic sampler (docs/bd3lm.md §1.5):
 /// `u(k, b) = (U_kb + k·B + b) / (K·B)`, then `t = β + (ω − β)·u`.
 ///
 /// `out` has `batch × blocks` entries, sequence-major. `U_kb` comes from
@@ -246,7 +246,7 @@ pub fn clip_search_candidates() -> Vec<ClipRange> {
 
 /// The clip-range search: accumulates, per candidate, the variance over
 /// (sequence, block) of the weighted per-block loss, summed over batches; the
-/// candidate with the least total wins (bd3lm.md §1.6).
+/// candidate with the least total wins (docs/bd3lm.md §1.6).
 ///
 /// ```
 /// use did_core::schedule::{ClipRange, ClipSearch};

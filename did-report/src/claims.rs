@@ -1,4 +1,4 @@
-//! The paper's claims (did-paper.md §3–§4, BD3-LM's tables for the
+//! The paper's claims (docs/paper.md §3–§4, BD3-LM's tables for the
 //! baselines), each with the paper's figures and a test of its *direction* on
 //! ours: the scale differs by orders of magnitude, so only directions compare.
 
@@ -267,7 +267,7 @@ pub struct NelboClaim {
     pub holds: Option<bool>,
 }
 
-/// The validation-perplexity claims of BD3-LM's Table (bd3lm.md).
+/// The validation-perplexity claims of BD3-LM's Table (docs/bd3lm.md).
 pub fn nelbo_claims(results: &Results) -> Vec<NelboClaim> {
     let ppl = |model: &str, block: Option<usize>| {
         results

@@ -186,7 +186,7 @@ pub fn markdown(results: &Results, prov: &Provenance, discussion: Option<&str>) 
     let _ = writeln!(md, "## The paper's claims, and ours\n");
     let _ = writeln!(
         md,
-        "The paper's figures are gen PPL under GPT-2 Large at 110 M parameters and L = 1024 (did-paper.md §4); ours are \
+        "The paper's figures are gen PPL under GPT-2 Large at 110 M parameters and L = 1024 (docs/paper.md §4); ours are \
          orders of magnitude smaller, so only the **direction** of each claim is compared.\n"
     );
     let _ = writeln!(
@@ -332,7 +332,7 @@ fn reproduction_tail(results: &Results, discussion: Option<&str>) -> String {
     let tokens = results.nelbo.first().map_or(0, |r| r.tokens);
     let _ = writeln!(
         md,
-        "\nBD3-LM's evaluation (bd3lm.md §5.1): the first {tokens} scored tokens of the validation split in windows of the \
+        "\nBD3-LM's evaluation (docs/bd3lm.md §5.1): the first {tokens} scored tokens of the validation split in windows of the \
          model's length, one diffusion time per (sequence, block) from the antithetic stratified sampler, unclipped linear \
          schedule; a bound, so lower is better and ≥ the true perplexity.\n"
     );

@@ -1,6 +1,6 @@
 // The attention kernels of kernels/attention.cu (bf16 storage), forward and backward, run by the
 // CPU emulation in emu.h and compared with a plain double-precision attention and its gradients
-// written from the mask definitions (bd3lm.md §2.2, §4.2), not from the kernels' key_ranges. The correctness-first kernel, already
+// written from the mask definitions (docs/bd3lm.md §2.2, §4.2), not from the kernels' key_ranges. The correctness-first kernel, already
 // checked against did's CPU backend on GPUs, is run the same way: it passing shows the emulation
 // is sound, so the flash kernel passing means something.
 //

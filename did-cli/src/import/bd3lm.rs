@@ -1,7 +1,7 @@
 //! `did import bd3lm`: the Hugging Face checkpoints of BD3-LM
 //! (`kuleshov-group/bd3lm-owt-block_size{4,8,16}`, the block-1024 pre-train)
 //! and of MDLM (`kuleshov-group/mdlm-owt`). Both are the reference `DIT`
-//! backbone, whose tensor names `did`'s DiT keeps (bd3lm.md §7) behind a
+//! backbone, whose tensor names `did`'s DiT keeps (docs/bd3lm.md §7) behind a
 //! `backbone.` prefix. Shapes come from the tensors, not from `config.json`
 //! where the two could disagree (the published `cond_dim` default, the
 //! "tied" head that never is); every tensor is checked and a wrong one named.
@@ -192,7 +192,7 @@ pub fn bd3lm_from_tensors(
         Some(b) if b < hf.model_length => run.insert("objective".into(), format!("bd3:{b}")),
         _ => run.insert("objective".into(), "mdlm".into()),
     };
-    // The learned clip of the noise schedule, a hint for further fine-tuning (bd3lm.md §1.6).
+    // The learned clip of the noise schedule, a hint for further fine-tuning (docs/bd3lm.md §1.6).
     for name in ["sampling_eps_min", "sampling_eps_max"] {
         if let Some(t) = tensors.get(name) {
             if let [v] = t.values.as_slice() {

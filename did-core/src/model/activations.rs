@@ -491,7 +491,7 @@ fn report_for(
     }
 }
 
-/// The sinusoidal embedding of the noise level σ (bd3lm.md §3): 128 cosines then 128 sines
+/// The sinusoidal embedding of the noise level σ (docs/bd3lm.md §3): 128 cosines then 128 sines
 /// of `σ·10000^(−i/128)`. At σ = 0 it is 128 ones then 128 zeros.
 ///
 /// ```

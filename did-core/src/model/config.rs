@@ -10,7 +10,7 @@ use crate::Error;
 /// Which transformer the stack is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Architecture {
-    /// BD3-LM / MDLM's DiT (bd3lm.md §3): weight-only LayerNorm, RoPE,
+    /// BD3-LM / MDLM's DiT (docs/bd3lm.md §3): weight-only LayerNorm, RoPE,
     /// bias-free fused qkv and output projections, tanh-GELU MLP with biases,
     /// adaLN modulation and gates from a constant conditioning vector, untied
     /// output head with bias.
@@ -50,7 +50,7 @@ impl FromStr for Architecture {
 /// use did_core::model::{Architecture, ModelConfig};
 /// let small = ModelConfig::preset("small", Architecture::Dit)?;
 /// assert_eq!((small.layers, small.hidden, small.heads, small.context), (12, 768, 12, 1024));
-/// assert_eq!(small.parameter_count(), 169_627_218); // bd3lm.md §7
+/// assert_eq!(small.parameter_count(), 169_627_218); // docs/bd3lm.md §7
 /// # Ok::<(), did_core::Error>(())
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -81,7 +81,7 @@ pub struct ModelConfig {
     pub rope_base: f32,
 }
 
-/// Width of the sinusoidal time embedding that feeds the conditioning MLP (bd3lm.md §3).
+/// Width of the sinusoidal time embedding that feeds the conditioning MLP (docs/bd3lm.md §3).
 pub const TIME_EMBEDDING_DIM: usize = 256;
 
 impl ModelConfig {

@@ -5,7 +5,7 @@
 //! and values of committed tokens. A denoising call feeds only the tokens of
 //! the block being generated and computes queries for them alone; the commit
 //! pass re-runs the finished block to store its final keys and values
-//! (bd3lm.md §4.2). Past the context length the window slides: a query sees
+//! (docs/bd3lm.md §4.2). Past the context length the window slides: a query sees
 //! the last `context` positions up to the end of its block. RoPE is relative,
 //! so absolute positions give the same scores as BD3-LM's window-relative
 //! ones (up to rounding).

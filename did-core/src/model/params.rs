@@ -1,5 +1,5 @@
 //! Where each parameter lives in the one flat parameter buffer, under the
-//! names of the reference checkpoints (bd3lm.md §7 without `backbone.`; HF
+//! names of the reference checkpoints (docs/bd3lm.md §7 without `backbone.`; HF
 //! GPT-2 without `transformer.`), and how it is initialised.
 
 use alloc::string::String;
@@ -90,7 +90,7 @@ pub struct Layout {
 /// use did_core::model::{Architecture, ModelConfig, ParamTable};
 /// let t = ParamTable::new(&ModelConfig::preset("small", Architecture::Dit)?);
 /// let qkv = t.get("blocks.11.attn_qkv.weight").unwrap();
-/// assert_eq!(qkv.shape, [2304, 768]); // q rows, then k, then v (bd3lm.md §7)
+/// assert_eq!(qkv.shape, [2304, 768]); // q rows, then k, then v (docs/bd3lm.md §7)
 /// assert!(t.get("blocks.0.attn_qkv.bias").is_none()); // the DiT's projections have no bias
 /// let gpt2 = ParamTable::new(&ModelConfig::preset("small", Architecture::Gpt2)?);
 /// assert_eq!(gpt2.layout().head.0, gpt2.layout().embed); // tied embeddings

@@ -93,7 +93,7 @@ pub struct TrainBatch {
 
 /// A diffusion batch from clean sequences `x0` `[batch, L]`: per-block
 /// stratified times, masking with position 0 pinned, and weights
-/// `w(t_b) / (batch·L)` on masked rows (bd3lm.md §1.4–§1.7). `step` selects
+/// `w(t_b) / (batch·L)` on masked rows (docs/bd3lm.md §1.4–§1.7). `step` selects
 /// the random streams (the optimizer step × accumulation + micro-step).
 ///
 /// ```

@@ -13,7 +13,7 @@ use crate::error::invalid;
 /// Batch shapes whose activations are kept between steps.
 const MAX_CACHED_SHAPES: usize = 2;
 
-/// Optimiser settings; the defaults are BD3-LM's (bd3lm.md §6).
+/// Optimiser settings; the defaults are BD3-LM's (docs/bd3lm.md §6).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct TrainerConfig {
     /// Peak learning rate (3e-4).

@@ -1,7 +1,7 @@
 //! Categorical draws by f64 Gumbel-max, and the confidence of the drawn token.
 //!
 //! 32-bit Gumbel noise truncates the tails and lowers the effective
-//! temperature (bd3lm.md §4.6), so uniforms and logarithms are f64. The draw
+//! temperature (docs/bd3lm.md §4.6), so uniforms and logarithms are f64. The draw
 //! is Gumbel-max in its exponential-race form, as BD3-LM writes it: token `v`
 //! scores `p_v / E_v` with `E_v = −ln u_v` (so `ln` of the score is
 //! `ln p_v + g_v`, `g_v = −ln E_v` a Gumbel variate), `u_v` the Philox uniform

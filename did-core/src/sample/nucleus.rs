@@ -4,7 +4,7 @@
 //! total order, so the result never depends on a sort's stability).
 //! BD3-LM's rule ([`NucleusRule::Bd3`], the default) keeps the tokens whose
 //! cumulative mass *counting themselves* is ≤ p, and always the top one: the
-//! token that crosses p is dropped (bd3lm.md §4.6). The common rule
+//! token that crosses p is dropped (docs/bd3lm.md §4.6). The common rule
 //! ([`NucleusRule::SmallestCover`]) keeps the smallest prefix whose mass is ≥ p.
 //! `p ≥ 1` keeps every token with non-zero probability, whatever the rounding
 //! of the cumulative sum.

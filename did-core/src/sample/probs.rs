@@ -1,5 +1,5 @@
 //! Probabilities from logits, in f64, with SUBS zero-masking: the `[MASK]`
-//! token gets probability 0 (bd3lm.md §4.5).
+//! token gets probability 0 (docs/bd3lm.md §4.5).
 
 /// Writes `softmax(logits)` into `out` in f64, excluding `mask_id` (probability 0).
 ///

@@ -1,4 +1,4 @@
-//! Where a sample ends, and BD3-LM's degenerate-sample check (bd3lm.md §4.7).
+//! Where a sample ends, and BD3-LM's degenerate-sample check (docs/bd3lm.md §4.7).
 
 use alloc::vec::Vec;
 

@@ -47,14 +47,14 @@ use crate::{error::invalid, Error};
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub enum BlockUpdate {
     /// One uniformly chosen masked position per call (Zheng et al.'s
-    /// first-hitting sampler; every reported BD3-LM number, bd3lm.md §4.3).
+    /// first-hitting sampler; every reported BD3-LM number, docs/bd3lm.md §4.3).
     /// A block with `n` masked positions takes exactly `n` calls.
     #[default]
     FirstHitting,
     /// The DDPM update on the grid `t_i = 1 − i/T`, `s = t_i − 1/T`, `i = 0..T`:
     /// each masked position stays masked with probability `s/t = (T−i−1)/(T−i)`,
     /// otherwise it is drawn. The last step has `s = 0` and reveals everything
-    /// left, so the reference's division by zero at `t = 0` (bd3lm.md §4.4)
+    /// left, so the reference's division by zero at `t = 0` (docs/bd3lm.md §4.4)
     /// cannot happen. `T` ≈ block size / k reveals about k tokens per call.
     DdpmCaching {
         /// `T`, steps per block (≥ 1).
