@@ -7,11 +7,12 @@
 //! `cargo run --release -p did-backend-cpu --example train_and_refine [STEPS]`
 
 use did_backend_cpu::CpuBackend;
+use did_core::model::BlockSizeDistribution;
 use did_core::model::{
     diffusion_batch, Architecture, DiffusionDenoiser, ModelConfig, Trainer, TrainerConfig,
     Transformer,
 };
-use did_core::refine::{generate, BlockSizeDistribution, GenerateConfig, StagePlan};
+use did_core::refine::{generate, GenerateConfig, StagePlan};
 use did_core::rng::{Purpose, RngStream};
 use did_core::schedule::TrainingSchedule;
 

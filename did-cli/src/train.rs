@@ -13,7 +13,7 @@ use did_core::model::{
     causal_batch, diffusion_batch, Architecture, ModelConfig, TrainBatch, Trainer, TrainerConfig,
     TrainingState, Transformer,
 };
-use did_core::refine::{BlockSizeDistribution, ResolvedBlockSizes};
+use did_core::model::{BlockSizeDistribution, ResolvedBlockSizes};
 use did_core::rng::{Purpose, RngStream};
 use did_core::schedule::TrainingSchedule;
 

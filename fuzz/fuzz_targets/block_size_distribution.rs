@@ -1,6 +1,6 @@
 //! Any text as a mix-scale block-size distribution: an error, never a panic.
 #![no_main]
-use did_core::refine::BlockSizeDistribution;
+use did_core::model::BlockSizeDistribution;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

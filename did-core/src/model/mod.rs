@@ -23,28 +23,22 @@
 //! A training step and draft → refine sampling with a real backend are the
 //! runnable example at the top of the `did-backend-cpu` crate.
 
-mod activations;
-mod autoregressive;
-mod config;
-mod inference;
-mod params;
-mod pass;
-mod trainer;
-mod transformer;
+pub mod inference;
+pub mod network;
+pub mod training;
 
 use core::fmt;
 
-pub use activations::{
-    loss_rows_for, memory_report, memory_report_on, time_embedding, Activations, MemoryReport,
-    StorageLayout, LOSS_CHUNK_ELEMENTS,
+pub use inference::{CausalGeneration, CausalSampler, DiffusionDenoiser, Inference, KvCache};
+pub use network::{
+    loss_rows_for, memory_report, memory_report_on, time_embedding, Activations, Architecture,
+    BlockOffsets, DropoutStreams, Init, Layout, MemoryReport, ModelConfig, ParamEntry, ParamTable,
+    StorageLayout, Transformer, LOSS_CHUNK_ELEMENTS, TIME_EMBEDDING_DIM,
 };
-pub use autoregressive::{CausalGeneration, CausalSampler};
-pub use config::{Architecture, ModelConfig, TIME_EMBEDDING_DIM};
-pub use inference::{DiffusionDenoiser, Inference, KvCache};
-pub use params::{BlockOffsets, Init, Layout, ParamEntry, ParamTable};
-pub use pass::{causal_batch, diffusion_batch, Pass, TrainBatch};
-pub use trainer::{StepReport, Trainer, TrainerConfig, TrainingState};
-pub use transformer::{DropoutStreams, Transformer};
+pub use training::{
+    causal_batch, diffusion_batch, BlockSizeDistribution, Pass, ResolvedBlockSizes, StepReport,
+    TrainBatch, Trainer, TrainerConfig, TrainingState,
+};
 
 /// A model call failed: bad input (named, with the fix) or the backend.
 #[derive(Debug)]

@@ -4,15 +4,13 @@
 //! - [`plan`]: the stage-plan grammar and its checks;
 //! - [`remask`]: which tokens are remasked (snapshot, post-hoc, random; a fixed fraction
 //!   or every score below a threshold; global or per block);
-//! - [`driver`]: [`generate`], the multi-stage loop over any [`crate::denoiser::Denoiser`];
-//! - [`mix_scale`]: the block-size distribution of mix-scale training.
+//! - [`driver`]: [`generate`], the multi-stage loop over any [`crate::denoiser::Denoiser`]
+//!   (mix-scale training, which teaches one network both scales, is in `crate::model::training`).
 
 pub mod driver;
-pub mod mix_scale;
 pub mod plan;
 pub mod remask;
 
 pub use driver::{generate, GenerateConfig, GenerateError, Generation, StageReport};
-pub use mix_scale::{BlockSizeDistribution, ResolvedBlockSizes};
 pub use plan::{BlockSpec, ResolvedPlan, Stage, StagePlan, StageSpec};
 pub use remask::{remask_count, select_lowest, RemaskAmount, RemaskScope, RemaskStrategy};

@@ -216,6 +216,6 @@ impl ModelConfig {
 
     /// Trainable parameters.
     pub fn parameter_count(&self) -> usize {
-        super::params::ParamTable::new(self).total()
+        crate::model::network::params::ParamTable::new(self).total()
     }
 }

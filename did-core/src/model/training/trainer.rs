@@ -3,12 +3,12 @@
 
 use alloc::vec::Vec;
 
-use super::activations::Activations;
-use super::pass::TrainBatch;
-use super::transformer::{DropoutStreams, Transformer};
-use super::ModelError;
 use crate::backend::{AdamW, Backend, OptimizerStep, Slice, SliceMut, UpdatedWeights};
 use crate::error::invalid;
+use crate::model::network::activations::Activations;
+use crate::model::network::transformer::{DropoutStreams, Transformer};
+use crate::model::training::batch::TrainBatch;
+use crate::model::ModelError;
 
 /// Batch shapes whose activations are kept between steps.
 const MAX_CACHED_SHAPES: usize = 2;

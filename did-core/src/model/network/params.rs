@@ -6,7 +6,7 @@ use alloc::string::String;
 use alloc::vec::Vec;
 use alloc::{format, vec};
 
-use super::config::{Architecture, ModelConfig, TIME_EMBEDDING_DIM};
+use crate::model::network::config::{Architecture, ModelConfig, TIME_EMBEDDING_DIM};
 use crate::rng::{Purpose, RngStream};
 
 /// How a tensor starts.

@@ -19,7 +19,7 @@ use crate::Error;
 /// A distribution over block sizes, as written.
 ///
 /// ```
-/// use did_core::refine::BlockSizeDistribution;
+/// use did_core::model::BlockSizeDistribution;
 /// let d: BlockSizeDistribution = "4:0.9,L:0.1".parse()?;
 /// let d = d.resolve(1024)?;
 /// let big = (0..10_000).filter(|&s| d.sample(7, s) == 1024).count();

@@ -1,33 +1,28 @@
-//! Inference: the forward without saved activations, with or without a KV
-//! cache, and the [`Denoiser`] the sampler drives.
-//!
-//! The cache keeps, per block, the keys (after RoPE, at absolute positions)
-//! and values of committed tokens. A denoising call feeds only the tokens of
-//! the block being generated and computes queries for them alone; the commit
-//! pass re-runs the finished block to store its final keys and values
-//! (docs/bd3lm.md §4.2). Past the context length the window slides: a query sees
-//! the last `context` positions up to the end of its block. RoPE is relative,
-//! so absolute positions give the same scores as BD3-LM's window-relative
-//! ones (up to rounding).
+//! The inference pass: the forward without saved activations, over the tokens of the block
+//! being generated (with the [`KvCache`] of the committed ones) or over the whole sequence, and
+//! the commit pass that stores a finished block's keys and values (docs/bd3lm.md §4.2). Past the
+//! context length the window slides: a query sees the last `context` positions up to the end of
+//! its block. RoPE is relative, so absolute positions give the same scores as BD3-LM's
+//! window-relative ones (up to rounding).
 
 use alloc::vec;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicUsize, Ordering};
 
-use super::activations::{time_embedding, BlockActivations, CondActivations};
-use super::config::{Architecture, ModelConfig};
-use super::transformer::{Geometry, KeyValues, Transformer};
-use super::ModelError;
-use crate::backend::{Backend, RecordingId, RowGroups, Slice, SliceMut};
-use crate::denoiser::{DenoiseRequest, Denoiser, HostDrawScratch};
+use super::kv_cache::KvCache;
+use crate::backend::{Backend, RecordingId, Slice, SliceMut};
 use crate::error::invalid;
 use crate::mask::AttentionMask;
+use crate::model::network::activations::{time_embedding, BlockActivations, CondActivations};
+use crate::model::network::config::Architecture;
+use crate::model::network::transformer::{Geometry, KeyValues, Transformer};
+use crate::model::ModelError;
 use crate::sample::categorical::SampledToken;
 use crate::sample::nucleus::Nucleus;
 use crate::sample::DrawSpec;
 
 /// What a pass gives back at its output rows.
-pub(super) enum PassOutput<'o> {
+pub(crate) enum PassOutput<'o> {
     /// Raw logits, downloaded (`outputs × vocab`).
     Logits(&'o mut [f32]),
     /// One token per output row, drawn where the logits are ([`DrawOps::draw_tokens`](crate::backend::DrawOps::draw_tokens)).
@@ -39,97 +34,9 @@ pub(super) enum PassOutput<'o> {
     },
 }
 
-/// Keys and values of committed tokens, per block: `[batch, capacity, 2C]`, a slot's keys then
-/// its values — adjacent as in the fused qkv rows, so a pass appends both in one copy and a
-/// slide moves both in one.
-pub struct KvCache<B: Backend> {
-    kv: Vec<B::Buffer>,
-    spare: B::Buffer,
-    batch: usize,
-    capacity: usize,
-    /// Absolute position of slot 0.
-    base: usize,
-    /// Tokens `[0, committed)` are final and cached (from `base` on).
-    committed: usize,
-    /// This cache's buffers as they are now (new after a slide): recordings of passes over it
-    /// hold its addresses.
-    serial: usize,
-}
-
-impl<B: Backend> KvCache<B> {
-    /// Room for `capacity` positions of `batch` sequences.
-    pub fn new(
-        be: &B,
-        config: &ModelConfig,
-        batch: usize,
-        capacity: usize,
-    ) -> Result<Self, B::Error> {
-        let len = batch * capacity * 2 * config.hidden;
-        Ok(KvCache {
-            kv: (0..config.layers)
-                .map(|_| be.zeros(len))
-                .collect::<Result<_, _>>()?,
-            spare: be.zeros(len)?,
-            batch,
-            capacity,
-            base: 0,
-            committed: 0,
-            serial: next_cache_serial(),
-        })
-    }
-
-    /// Tokens committed so far.
-    pub fn committed(&self) -> usize {
-        self.committed
-    }
-
-    /// Forgets everything (a new stage).
-    pub fn clear(&mut self) {
-        self.base = 0;
-        self.committed = 0;
-    }
-
-    /// Makes room for positions `[window_start, end)`, sliding the kept slots to the front if needed.
-    fn make_room(
-        &mut self,
-        be: &B,
-        c: usize,
-        window_start: usize,
-        end: usize,
-    ) -> Result<(), B::Error> {
-        if end - self.base <= self.capacity {
-            return Ok(());
-        }
-        let keep_from = window_start.max(self.base);
-        let kept = self.committed.saturating_sub(keep_from);
-        // Every sequence's kept slots (keys and values), as one row each.
-        let slot = 2 * c;
-        let slide = RowGroups {
-            groups: self.batch,
-            rows: 1,
-            cols: kept * slot,
-            src_stride: 0,
-            src_group_stride: self.capacity * slot,
-            dst_stride: 0,
-            dst_group_stride: self.capacity * slot,
-        };
-        for buf in self.kv.iter_mut() {
-            be.copy_row_groups(
-                Slice::at(&*buf, (keep_from - self.base) * slot),
-                SliceMut::whole(&mut self.spare),
-                &slide,
-            )?;
-            core::mem::swap(buf, &mut self.spare);
-        }
-        self.base = keep_from;
-        self.serial = next_cache_serial();
-        Ok(())
-    }
-}
-
 /// How a pass uses the cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum CacheUse {
+pub(crate) enum CacheUse {
     /// Attend to the cache and this pass's tokens; do not keep them.
     Read,
     /// Attend, then keep this pass's keys and values as committed.
@@ -139,7 +46,7 @@ pub(super) enum CacheUse {
 /// The forward of a model without saved activations, for sampling and scoring.
 pub struct Inference<'a, B: Backend> {
     pub(super) be: &'a B,
-    model: &'a Transformer,
+    pub(super) model: &'a Transformer,
     params: &'a B::Buffer,
     cond: Option<CondActivations<B>>,
     scratch: Option<(usize, BlockActivations<B>, [B::Buffer; 2])>,
@@ -518,7 +425,7 @@ struct PassKey {
 }
 
 /// A fresh cache identity: a slide moves its slots to other buffers.
-fn next_cache_serial() -> usize {
+pub(super) fn next_cache_serial() -> usize {
     static SERIAL: AtomicUsize = AtomicUsize::new(0);
     SERIAL.fetch_add(1, Ordering::Relaxed)
 }
@@ -606,235 +513,4 @@ fn embed_and_blocks<B: Backend>(
         model.block_forward(be, params, l, blk, mods, src, dst, &geo, kv, None)?;
     }
     Ok(())
-}
-
-/// The DiT as the sampler's [`Denoiser`], with an exact KV cache (or without, for checks).
-///
-/// A runnable draft → remask → refine with it is the example at the top of
-/// the `did-backend-cpu` crate; the cached and uncached forms agree to
-/// rounding (tested across the sliding window).
-pub struct DiffusionDenoiser<'a, B: Backend> {
-    inference: Inference<'a, B>,
-    cache: Option<KvCache<B>>,
-    use_cache: bool,
-    block_size: usize,
-    seq_len: usize,
-    block_tokens: Vec<u32>,
-    outputs: Vec<(usize, usize)>,
-}
-
-impl<'a, B: Backend> DiffusionDenoiser<'a, B> {
-    /// A denoiser over `params`; `use_cache = false` recomputes the whole prefix at every call.
-    pub fn new(
-        be: &'a B,
-        model: &'a Transformer,
-        params: &'a B::Buffer,
-        use_cache: bool,
-    ) -> Result<Self, ModelError<B::Error>> {
-        if model.config().architecture != Architecture::Dit {
-            return Err(invalid(
-                "model",
-                "sampling by denoising needs a diffusion (DiT) model, not a causal one",
-            )
-            .into());
-        }
-        Ok(DiffusionDenoiser {
-            inference: Inference::new(be, model, params).map_err(ModelError::Backend)?,
-            cache: None,
-            use_cache,
-            block_size: 1,
-            seq_len: 0,
-            block_tokens: Vec::new(),
-            outputs: Vec::new(),
-        })
-    }
-
-    fn block_of(&mut self, request: &DenoiseRequest<'_>, range: core::ops::Range<usize>) {
-        self.block_tokens.clear();
-        for s in 0..request.batch {
-            self.block_tokens
-                .extend_from_slice(&request.sequence(s)[range.clone()]);
-        }
-    }
-
-    /// One denoiser call: the cached pass over the block when it can, else the whole prefix.
-    fn run(
-        &mut self,
-        request: &DenoiseRequest<'_>,
-        out: PassOutput<'_>,
-    ) -> Result<(), ModelError<B::Error>> {
-        self.inference.check_tokens(request.tokens, request.batch)?;
-        let block = request.block.clone();
-        let single_block = block.len() <= self.block_size && block.start % self.block_size == 0;
-        if self.use_cache && single_block {
-            self.catch_up(request, block.start)?;
-            self.block_of(request, block.clone());
-            self.outputs.clear();
-            self.outputs.extend(
-                request
-                    .outputs
-                    .iter()
-                    .map(|o| (o.seq as usize, o.pos as usize - block.start)),
-            );
-            let tokens = core::mem::take(&mut self.block_tokens);
-            let outputs = core::mem::take(&mut self.outputs);
-            let cache = self.cache.as_mut().map(|c| (c, CacheUse::Read));
-            let r = self.inference.pass(
-                &tokens,
-                request.batch,
-                block.start,
-                self.block_size,
-                cache,
-                &outputs,
-                out,
-            );
-            self.block_tokens = tokens;
-            self.outputs = outputs;
-            r.map_err(ModelError::Backend)
-        } else {
-            // Recompute the prefix: every position up to the end of the request.
-            self.block_of(request, 0..block.end);
-            self.outputs.clear();
-            self.outputs.extend(
-                request
-                    .outputs
-                    .iter()
-                    .map(|o| (o.seq as usize, o.pos as usize)),
-            );
-            let tokens = core::mem::take(&mut self.block_tokens);
-            let outputs = core::mem::take(&mut self.outputs);
-            let r = self.inference.pass(
-                &tokens,
-                request.batch,
-                0,
-                self.block_size,
-                None,
-                &outputs,
-                out,
-            );
-            self.block_tokens = tokens;
-            self.outputs = outputs;
-            r.map_err(ModelError::Backend)
-        }
-    }
-
-    /// Commits blocks until the cache holds `[0, upto)`.
-    fn catch_up(
-        &mut self,
-        request: &DenoiseRequest<'_>,
-        upto: usize,
-    ) -> Result<(), ModelError<B::Error>> {
-        let be = self.inference.be;
-        let cfg = *self.inference.model.config();
-        let need_new = match &self.cache {
-            Some(c) => c.batch != request.batch || c.committed > upto,
-            None => true,
-        };
-        if need_new {
-            let capacity = self
-                .seq_len
-                .min(2 * cfg.context)
-                .max(cfg.context.min(self.seq_len));
-            self.cache =
-                Some(KvCache::new(be, &cfg, request.batch, capacity).map_err(ModelError::Backend)?);
-        }
-        while let Some(from) = self
-            .cache
-            .as_ref()
-            .map(|c| c.committed)
-            .filter(|&c| c < upto)
-        {
-            let to = (from + self.block_size).min(upto);
-            self.block_of(request, from..to);
-            let tokens = core::mem::take(&mut self.block_tokens);
-            let cache = self.cache.as_mut().map(|c| (c, CacheUse::Commit));
-            let r = self.inference.pass(
-                &tokens,
-                request.batch,
-                from,
-                self.block_size,
-                cache,
-                &[],
-                PassOutput::Logits(&mut []),
-            );
-            self.block_tokens = tokens;
-            r.map_err(ModelError::Backend)?;
-        }
-        Ok(())
-    }
-}
-
-impl<B: Backend> Denoiser for DiffusionDenoiser<'_, B> {
-    type Error = ModelError<B::Error>;
-
-    fn vocab_size(&self) -> usize {
-        self.inference.model.config().vocab_size
-    }
-
-    fn mask_id(&self) -> u32 {
-        self.inference.model.config().mask_id
-    }
-
-    fn begin_stage(
-        &mut self,
-        batch: usize,
-        seq_len: usize,
-        block_size: usize,
-    ) -> Result<(), Self::Error> {
-        let cfg = self.inference.model.config();
-        if block_size > cfg.context {
-            return Err(invalid(
-                "block size",
-                alloc::format!("a block of {block_size} exceeds the model's context of {}; refine with a block ≤ the context", cfg.context),
-            )
-            .into());
-        }
-        let _ = batch;
-        self.block_size = block_size.max(1);
-        self.seq_len = seq_len;
-        if let Some(c) = self.cache.as_mut() {
-            c.clear();
-        }
-        Ok(())
-    }
-
-    fn logits(&mut self, request: &DenoiseRequest<'_>, out: &mut [f32]) -> Result<(), Self::Error> {
-        if out.len() < request.outputs.len() * self.vocab_size() {
-            return Err(invalid("logits buffer", "shorter than outputs × vocabulary").into());
-        }
-        self.run(request, PassOutput::Logits(out))
-    }
-
-    /// Draws with [`DrawOps::draw_tokens`](crate::backend::DrawOps::draw_tokens) from the logits where they are (a GPU
-    /// backend moves a token a row, not the row).
-    fn draw(
-        &mut self,
-        request: &DenoiseRequest<'_>,
-        mask_id: u32,
-        nucleus: &Nucleus,
-        draws: &[DrawSpec],
-        _scratch: &mut HostDrawScratch,
-        out: &mut [SampledToken],
-    ) -> Result<(), Self::Error> {
-        let n = request.outputs.len();
-        if draws.len() < n || out.len() < n {
-            return Err(invalid("draws", "fewer streams or slots than outputs").into());
-        }
-        self.run(
-            request,
-            PassOutput::Tokens {
-                mask_id,
-                nucleus,
-                draws: &draws[..n],
-                out: &mut out[..n],
-            },
-        )
-    }
-
-    fn commit_block(&mut self, request: &DenoiseRequest<'_>) -> Result<(), Self::Error> {
-        if self.use_cache && request.block.len() <= self.block_size {
-            self.catch_up(request, request.block.end)?;
-        }
-        Ok(())
-    }
 }

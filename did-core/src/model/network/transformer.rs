@@ -5,17 +5,17 @@
 
 use alloc::vec::Vec;
 
-use super::activations::{Activations, BlockActivations, CondActivations};
-use super::config::{Architecture, ModelConfig, TIME_EMBEDDING_DIM};
-use super::params::{BlockOffsets, Layout, ParamTable};
-use super::pass::{Pass, TrainBatch};
-use super::ModelError;
 use crate::backend::{
     AttentionShape, Backend, DropoutMask, Gemm, LinearThen, MemoryOps, NormShape, QkvOffsets,
     RopeShape, RowGroups, RowMajor, Slice, SliceMut,
 };
 use crate::error::invalid;
 use crate::mask::AttentionMask;
+use crate::model::network::activations::{Activations, BlockActivations, CondActivations};
+use crate::model::network::config::{Architecture, ModelConfig, TIME_EMBEDDING_DIM};
+use crate::model::network::params::{BlockOffsets, Layout, ParamTable};
+use crate::model::training::batch::{Pass, TrainBatch};
+use crate::model::ModelError;
 use crate::rng::{Purpose, RngStream};
 
 fn at<T: ?Sized>(buf: &T, offset: usize) -> Slice<'_, T> {
@@ -245,7 +245,7 @@ impl Transformer {
         p: &B::Buffer,
         g: &mut B::Buffer,
         cond: &CondActivations<B>,
-        scratch: &mut super::activations::GradScratch<B>,
+        scratch: &mut crate::model::network::activations::GradScratch<B>,
     ) -> Result<(), B::Error> {
         let Some([w0, b0, w2, b2]) = self.layout().sigma_map else {
             return Ok(());
@@ -563,7 +563,7 @@ impl Transformer {
         x_in: &B::Buffer,
         geo: &Geometry,
         dropout: Option<DropoutStreams>,
-        s: &mut super::activations::GradScratch<B>,
+        s: &mut crate::model::network::activations::GradScratch<B>,
     ) -> Result<(), B::Error> {
         let cfg = &self.config;
         let (c, m, n) = (cfg.hidden, cfg.mlp_hidden, geo.rows());

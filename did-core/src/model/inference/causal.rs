@@ -8,10 +8,11 @@
 use alloc::vec;
 use alloc::vec::Vec;
 
-use super::inference::{CacheUse, Inference, KvCache, PassOutput};
-use super::{Architecture, ModelError, Transformer};
+use super::kv_cache::KvCache;
+use super::pass::{CacheUse, Inference, PassOutput};
 use crate::backend::Backend;
 use crate::error::invalid;
+use crate::model::{Architecture, ModelError, Transformer};
 use crate::rng::{Purpose, RngStream, MAX_SAMPLE};
 use crate::sample::categorical::{Confidence, SampledToken};
 use crate::sample::DrawSpec;

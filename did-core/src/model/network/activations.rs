@@ -4,9 +4,9 @@
 
 use alloc::vec::Vec;
 
-use super::config::{Architecture, ModelConfig, TIME_EMBEDDING_DIM};
-use super::pass::Pass;
 use crate::backend::Backend;
+use crate::model::network::config::{Architecture, ModelConfig, TIME_EMBEDDING_DIM};
+use crate::model::training::batch::Pass;
 
 /// What one block's forward keeps.
 pub struct BlockActivations<B: Backend> {
@@ -235,7 +235,7 @@ impl<B: Backend> Activations<B> {
     pub fn for_training(
         be: &B,
         config: &ModelConfig,
-        batch: &super::TrainBatch,
+        batch: &crate::model::TrainBatch,
     ) -> Result<Self, B::Error> {
         let loss_rows = loss_rows_for(config.vocab_size);
         Self::with_loss_rows(
