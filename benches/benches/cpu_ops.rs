@@ -253,7 +253,7 @@ fn model(c: &mut Criterion) {
 fn demo_plans(c: &mut Criterion) {
     let path =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/demo/dit.safetensors.gz");
-    let ckpt = did_cli::checkpoint::load(&path).unwrap();
+    let ckpt = did_engine::checkpoint::load(&path).unwrap();
     let be = CpuBackend::new();
     let model = Transformer::new(ckpt.config).unwrap();
     let params = be

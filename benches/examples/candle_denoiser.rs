@@ -212,13 +212,14 @@ impl Denoiser for CandleDit {
 }
 
 fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
-    let ckpt = did_cli::checkpoint::load(std::path::Path::new("data/demo/dit.safetensors.gz"))?;
+    let ckpt = did_engine::checkpoint::load(std::path::Path::new("data/demo/dit.safetensors.gz"))?;
     let (config, len) = (ckpt.config, 64);
     let plan: StagePlan = "4,L:0.25".parse()?;
     let gen = GenerateConfig::new(plan.resolve(len)?, 7);
     let prompts: [&[u32]; 2] = [&[256], &[256]];
-    let tokenizer =
-        did_cli::data::tokenizer::Tokenizer::new(did_cli::data::tokenizer::TokenizerKind::Bytes);
+    let tokenizer = did_engine::data::tokenizer::Tokenizer::new(
+        did_engine::data::tokenizer::TokenizerKind::Bytes,
+    );
 
     let mut candle = CandleDit::new(config, &ckpt.params)?;
     let t0 = std::time::Instant::now();

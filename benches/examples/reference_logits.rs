@@ -46,7 +46,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         args.next()
             .unwrap_or_else(|| "target/reference-logits.safetensors".into()),
     );
-    let ckpt = did_cli::checkpoint::load(&ckpt_path)?;
+    let ckpt = did_engine::checkpoint::load(&ckpt_path)?;
     let config = ckpt.config;
     let (len, vocab) = (config.context.min(64), config.vocab_size);
     let (block, draft) = (4, 8..12);

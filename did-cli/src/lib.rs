@@ -1,19 +1,16 @@
-//! The command line of `did`, shared by the `did-cli` and `did` binaries: a
-//! thin layer over the library modules ([`data`], [`model_config`]) and the
-//! did-core and backend crates.
+//! The command line of `did`, shared by the `did-cli` and `did` binaries: argument parsing,
+//! progress and printing over did-engine (checkpoints, data, importers, judges) and the did-core
+//! and backend crates.
 
-pub mod checkpoint;
-pub mod data;
+// The library the commands run on (did-engine), under the names the commands use.
+pub(crate) use did_engine::{checkpoint, data, import, model_config, ngram_judge, train_config};
+
 pub mod demo;
 pub mod eval;
-pub mod import;
 pub mod interrupt;
-pub mod model_config;
-pub mod ngram_judge;
 pub mod sample;
 pub mod stage_clock;
 pub mod train;
-pub mod train_config;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -57,7 +57,7 @@ fn spawn(args: &[String]) -> Child {
 }
 
 fn checkpoints(out: &Path) -> Vec<(u32, PathBuf)> {
-    did_cli::checkpoint::list(out)
+    did_engine::checkpoint::list(out)
 }
 
 /// Whether a checkpoint's temporary file was written to since `since` (a
@@ -156,7 +156,7 @@ fn sigkill_at_random_moments_loses_nothing_and_resumes_bit_for_bit() {
         }
         // Every saved step is still there: the newest checkpoint loads and never goes back.
         if let Some((step, path)) = checkpoints(&out).pop() {
-            let ckpt = did_cli::checkpoint::load(&path).unwrap_or_else(|e| {
+            let ckpt = did_engine::checkpoint::load(&path).unwrap_or_else(|e| {
                 panic!("after kill {kills}: the newest checkpoint does not load: {e}")
             });
             assert_eq!(ckpt.step, step);
@@ -189,7 +189,7 @@ fn sigkill_at_random_moments_loses_nothing_and_resumes_bit_for_bit() {
         losses(&out.join("metrics.jsonl")),
         losses(&reference.join("metrics.jsonl"))
     );
-    let last = |d: &Path| did_cli::checkpoint::load(&checkpoints(d).pop().unwrap().1).unwrap();
+    let last = |d: &Path| did_engine::checkpoint::load(&checkpoints(d).pop().unwrap().1).unwrap();
     let (a, b) = (last(&out), last(&reference));
     assert_eq!(
         (a.params == b.params, a.ema == b.ema, a.moments == b.moments),
@@ -219,7 +219,7 @@ fn a_nan_in_the_loss_stops_with_the_step_named_and_keeps_the_last_good_checkpoin
         .pop()
         .expect("the checkpoints before the fault stay");
     assert_eq!(step, 4);
-    assert_eq!(did_cli::checkpoint::load(&path).unwrap().step, 4);
+    assert_eq!(did_engine::checkpoint::load(&path).unwrap().step, 4);
     // The run continues from there once the fault is gone, and the switch itself is checked.
     let (code, _, err) = did(&train_args(&data, &model, &out, true)
         .iter()
@@ -267,6 +267,6 @@ fn an_unwritable_checkpoint_or_output_folder_is_a_clear_error_and_keeps_earlier_
     );
     let (step, path) = checkpoints(&out).pop().unwrap();
     assert_eq!(step, 2);
-    assert!(did_cli::checkpoint::load(&path).is_ok());
+    assert!(did_engine::checkpoint::load(&path).is_ok());
     let _ = std::fs::remove_dir_all(&dir);
 }

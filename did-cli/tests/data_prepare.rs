@@ -6,7 +6,7 @@ use common::scratch;
 
 use std::path::{Path, PathBuf};
 
-use did_cli::data::shard::Shard;
+use did_engine::data::shard::Shard;
 
 fn excerpt() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/excerpt")
@@ -294,7 +294,7 @@ fn json_lines_parquet_and_openwebtexts_tar_xz_are_read() {
         "the same paragraphs, the same tokens; the null row is skipped"
     );
     let owt = corpora().join("openwebtext-mini.tar.xz");
-    let docs = did_cli::data::documents::collect(std::slice::from_ref(&owt)).unwrap();
+    let docs = did_engine::data::documents::collect(std::slice::from_ref(&owt)).unwrap();
     assert_eq!(docs.len(), 6);
     assert!(
         docs[0].name.ends_with(
@@ -316,7 +316,7 @@ fn json_lines_parquet_and_openwebtexts_tar_xz_are_read() {
     );
     std::io::Write::write_all(&mut enc, b"One document,\r\ncompressed.").unwrap();
     enc.finish().unwrap();
-    let docs = did_cli::data::documents::collect(&[gz]).unwrap();
+    let docs = did_engine::data::documents::collect(&[gz]).unwrap();
     assert_eq!(docs.len(), 1);
     assert_eq!(docs[0].text, "One document,\ncompressed.");
 

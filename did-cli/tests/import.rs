@@ -78,7 +78,7 @@ fn a_bd3lm_from_the_reference_code_gives_its_logits_in_did() {
     let (x0, xt) = (ints(&st, "x0"), ints(&st, "xt"));
     let (batch, n, block) = (2, 16, 4);
 
-    let ckpt = did_cli::checkpoint::load(&out).unwrap();
+    let ckpt = did_engine::checkpoint::load(&out).unwrap();
     assert_eq!(
         (
             ckpt.config.vocab_size,
@@ -146,8 +146,8 @@ fn pytorch_model_bin_imports_the_same_weights_as_safetensors() {
     import("bd3lm", &src, &from_bin);
     import("mdlm", &bd3lm_fixture(), &from_st);
     let (a, b) = (
-        did_cli::checkpoint::load(&from_bin).unwrap(),
-        did_cli::checkpoint::load(&from_st).unwrap(),
+        did_engine::checkpoint::load(&from_bin).unwrap(),
+        did_engine::checkpoint::load(&from_st).unwrap(),
     );
     assert_eq!(a.config, b.config);
     assert!(a.params == b.params, "the two files give different weights");
@@ -214,7 +214,7 @@ fn a_bad_bd3lm_folder_names_what_is_wrong() {
 /// A wrong or missing tensor is named, whichever file it came from.
 #[test]
 fn a_wrong_bd3lm_tensor_is_named() {
-    use did_cli::import::{bd3lm_from_tensors, weights::Tensors, Bd3lmOptions};
+    use did_engine::import::{bd3lm_from_tensors, weights::Tensors, Bd3lmOptions};
     let config = std::fs::read(bd3lm_fixture().join("config.json")).unwrap();
     let bytes = std::fs::read(bd3lm_fixture().join("model.safetensors")).unwrap();
     let good = Tensors::from_safetensors("model.safetensors", &bytes).unwrap();
@@ -231,7 +231,7 @@ fn a_wrong_bd3lm_tensor_is_named() {
         )
         .unwrap_err()
     };
-    type WeightsTensor = did_cli::import::weights::Tensor;
+    type WeightsTensor = did_engine::import::weights::Tensor;
     let err = edit(&|n, _| n != "backbone.blocks.1.attn_out.weight");
     assert!(err.contains("blocks.1.attn_out.weight"), "{err}");
     let err = edit(&|n, t| {
@@ -305,7 +305,7 @@ fn a_hugging_face_gpt2_gives_its_logits_in_did() {
         .collect();
     let (batch, n, v) = (2, 16, 300);
 
-    let ckpt = did_cli::checkpoint::load(&out).unwrap();
+    let ckpt = did_engine::checkpoint::load(&out).unwrap();
     assert_eq!(ckpt.config.vocab_size, v + 1, "the vocabulary gains [MASK]");
     let model = Transformer::new(ckpt.config).unwrap();
     let be = CpuBackend::new();
@@ -417,8 +417,8 @@ fn sharded_safetensors_import_the_same_weights() {
     import("bd3lm", &src, &sharded);
     import("bd3lm", &bd3lm_fixture(), &whole);
     let (a, b) = (
-        did_cli::checkpoint::load(&sharded).unwrap(),
-        did_cli::checkpoint::load(&whole).unwrap(),
+        did_engine::checkpoint::load(&sharded).unwrap(),
+        did_engine::checkpoint::load(&whole).unwrap(),
     );
     assert!(a.params == b.params, "the shards give other weights");
     // An index naming a file outside the folder is refused.

@@ -14,7 +14,7 @@ use common::{did, scratch};
 
 use std::path::{Path, PathBuf};
 
-use did_cli::ngram_judge::{NgramLm, WordScore};
+use did_engine::ngram_judge::{NgramLm, WordScore};
 
 fn model() -> Option<PathBuf> {
     let path = std::env::var_os("DID_NGRAM_LM").map_or_else(

@@ -4,7 +4,7 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    if let Ok(c) = did_cli::checkpoint::load_bytes(data) {
+    if let Ok(c) = did_engine::checkpoint::load_bytes(data) {
         assert_eq!(c.params.len(), c.config.parameter_count());
     }
 });

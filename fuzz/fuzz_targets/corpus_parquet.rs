@@ -11,7 +11,7 @@ fuzz_target!(|data: &[u8]| {
     static QUIET: std::sync::Once = std::sync::Once::new();
     QUIET.call_once(|| std::panic::set_hook(Box::new(|_| {})));
     let mut docs = 0usize;
-    let _ = did_cli::data::documents::parquet_documents(
+    let _ = did_engine::data::documents::parquet_documents(
         "fuzz.parquet",
         bytes::Bytes::from(data.to_vec()),
         "text",

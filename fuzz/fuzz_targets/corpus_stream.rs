@@ -20,7 +20,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let name = NAMES[usize::from(pick) % NAMES.len()];
-    let _ = did_cli::data::documents::read_stream(name, rest, "text", &mut |d| {
+    let _ = did_engine::data::documents::read_stream(name, rest, "text", &mut |d| {
         assert!(d.name.starts_with(name));
         assert!(!d.text.contains('\r'), "line ends are normalised to LF");
         Ok(())

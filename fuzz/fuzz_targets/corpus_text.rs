@@ -4,12 +4,12 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    if let Ok(text) = did_cli::data::documents::decode("fuzz", data) {
+    if let Ok(text) = did_engine::data::documents::decode("fuzz", data) {
         assert!(!text.contains('\r'), "line ends are normalised to LF");
-        let t = did_cli::data::tokenizer::Tokenizer::new(did_cli::data::tokenizer::TokenizerKind::Gpt2);
+        let t = did_engine::data::tokenizer::Tokenizer::new(did_engine::data::tokenizer::TokenizerKind::Gpt2);
         let _ = t.decode(&t.encode(&text));
     }
-    if let Ok(docs) = did_cli::data::documents::jsonl_documents("fuzz.jsonl", data, "text") {
+    if let Ok(docs) = did_engine::data::documents::jsonl_documents("fuzz.jsonl", data, "text") {
         assert!(docs.iter().all(|d| !d.text.contains('\r')));
     }
 });

@@ -6,7 +6,7 @@ use libfuzzer_sys::fuzz_target;
 fuzz_target!(|data: &[u8]| {
     let cut = data.iter().position(|&b| b == 0xff).unwrap_or(data.len());
     let (config, weights) = (&data[..cut], data.get(cut + 1..).unwrap_or(&[]));
-    if let Ok(ckpt) = did_cli::import::bd3lm_from_bytes(config, weights) {
+    if let Ok(ckpt) = did_engine::import::bd3lm_from_bytes(config, weights) {
         assert_eq!(ckpt.params.len(), did_core::model::ParamTable::new(&ckpt.config).total());
     }
 });

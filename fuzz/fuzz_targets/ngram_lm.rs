@@ -7,7 +7,7 @@
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 
-use did_cli::ngram_judge::NgramLm;
+use did_engine::ngram_judge::NgramLm;
 
 fuzz_target!(|data: &[u8]| {
     let Some((&first, rest)) = data.split_first() else {

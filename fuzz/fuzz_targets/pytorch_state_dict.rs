@@ -22,7 +22,7 @@ fn wrap(pickle: &[u8]) -> Vec<u8> {
 
 fuzz_target!(|data: &[u8]| {
     let file = if data.starts_with(b"PK") { data.to_vec() } else { wrap(data) };
-    if let Ok(tensors) = did_cli::import::torch_pickle::read(&file) {
+    if let Ok(tensors) = did_engine::import::torch_pickle::read(&file) {
         for (_, t) in tensors {
             assert_eq!(t.values.len(), t.shape.iter().product::<usize>());
         }

@@ -70,10 +70,10 @@ struct RunFile {
 /// A run file: its `[train]` table (empty if absent) and whether it has a `[model]` table.
 ///
 /// ```
-/// let (train, has_model) = did_cli::train_config::parse("[model]\npreset = \"tiny\"\n[train]\nbatch = 4\n")?;
+/// let (train, has_model) = did_engine::train_config::parse("[model]\npreset = \"tiny\"\n[train]\nbatch = 4\n")?;
 /// assert_eq!(train.batch, Some(4));
 /// assert!(has_model);
-/// assert!(did_cli::train_config::parse("[train]\nbatch_size = 4\n").unwrap_err().contains("batch_size"));
+/// assert!(did_engine::train_config::parse("[train]\nbatch_size = 4\n").unwrap_err().contains("batch_size"));
 /// # Ok::<(), String>(())
 /// ```
 pub fn parse(text: &str) -> Result<(TrainSection, bool), String> {

@@ -30,9 +30,9 @@ fn is_jsonl_name(s: &str) -> bool {
 /// text file is and named `name:LINE`.
 ///
 /// ```
-/// let docs = did_cli::data::documents::jsonl_documents("c.jsonl", b"{\"text\": \"a\\r\\nb\"}\n\n{\"text\": \"c\"}\n", "text")?;
+/// let docs = did_engine::data::documents::jsonl_documents("c.jsonl", b"{\"text\": \"a\\r\\nb\"}\n\n{\"text\": \"c\"}\n", "text")?;
 /// assert_eq!((docs[0].text.as_str(), docs[1].name.as_str()), ("a\nb", "c.jsonl:3"));
-/// assert!(did_cli::data::documents::jsonl_documents("c.jsonl", b"{\"body\": 1}\n", "text").unwrap_err().contains("line 1"));
+/// assert!(did_engine::data::documents::jsonl_documents("c.jsonl", b"{\"body\": 1}\n", "text").unwrap_err().contains("line 1"));
 /// # Ok::<(), String>(())
 /// ```
 pub fn jsonl_documents(name: &str, bytes: &[u8], field: &str) -> Result<Vec<Document>, String> {

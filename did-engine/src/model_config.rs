@@ -42,7 +42,7 @@ struct File {
 /// Parses a TOML file with a `[model]` table into a validated configuration.
 ///
 /// ```
-/// let c = did_cli::model_config::from_toml("[model]\npreset = \"tiny\"\nlayers = 2\n")?;
+/// let c = did_engine::model_config::from_toml("[model]\npreset = \"tiny\"\nlayers = 2\n")?;
 /// assert_eq!((c.layers, c.hidden), (2, 256));
 /// # Ok::<(), String>(())
 /// ```

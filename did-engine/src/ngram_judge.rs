@@ -341,7 +341,7 @@ impl NgramLm {
 /// number has no one spelling).
 ///
 /// ```
-/// use did_cli::ngram_judge::words;
+/// use did_engine::ngram_judge::words;
 /// assert_eq!(words("Don't stop, 'Mr. Well-Known' in 1999!"), ["don't", "stop", "mr", "well", "known", "in"]);
 /// ```
 pub fn words(text: &str) -> Vec<String> {
