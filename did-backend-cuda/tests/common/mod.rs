@@ -10,31 +10,8 @@ use std::sync::{Mutex, OnceLock};
 
 use did_backend_cpu::CpuBackend;
 use did_backend_cuda::{probe, AttentionKernel, CudaBackend, CudaOptions, Precision};
-use did_core::backend::{Backend, Slice};
-use did_core::rng::{Purpose, RngStream};
-
-/// `|gpu − cpu| ≤ atol·max(1, max|cpu|) + rtol·|cpu|`, per output.
-#[derive(Debug, Clone, Copy)]
-pub struct Tol {
-    pub rtol: f32,
-    pub atol: f32,
-}
-
-/// f32 mode: the f32 mode's parity tolerance, rtol ≈ 1e-4 (README, GPU).
-pub const F32: Tol = Tol {
-    rtol: 1e-4,
-    atol: 1e-5,
-};
-/// bf16 storage: inputs and outputs rounded to 8 bits of mantissa.
-pub const BF16: Tol = Tol {
-    rtol: 3e-2,
-    atol: 3e-2,
-};
-
-/// An op under test, written once for every backend. Outputs are named.
-pub trait Case {
-    fn run<B: Backend>(&self, be: &B) -> Result<Vec<(&'static str, Vec<f32>)>, B::Error>;
-}
+pub use did_backend_suite::{compare, Case, Out, Tol};
+use did_backend_suite::{Harness, Storage};
 
 fn gpu_slot(precision: Precision) -> &'static Mutex<CudaBackend> {
     static F32_GPU: OnceLock<Mutex<CudaBackend>> = OnceLock::new();
@@ -74,54 +51,6 @@ pub fn gpu(test: &str) -> bool {
             }
             eprintln!("SKIP (no CUDA): {test}: {why}");
             false
-        }
-    }
-}
-
-/// Compares two outputs; `Err` names the worst element.
-pub fn compare(what: &str, cpu: &[f32], gpu: &[f32], tol: Tol) -> Result<(), String> {
-    if cpu.len() != gpu.len() {
-        return Err(format!(
-            "{what}: {} elements on the CPU, {} on the GPU",
-            cpu.len(),
-            gpu.len()
-        ));
-    }
-    let scale = cpu.iter().fold(
-        1.0f32,
-        |m, x| if x.is_finite() { m.max(x.abs()) } else { m },
-    );
-    let mut worst: Option<(usize, f32)> = None;
-    for (i, (&c, &g)) in cpu.iter().zip(gpu).enumerate() {
-        let ok = if c.is_finite() {
-            (g - c).abs() <= tol.atol * scale + tol.rtol * c.abs()
-        } else {
-            c.to_bits() == g.to_bits() || (c.is_nan() && g.is_nan())
-        };
-        if !ok {
-            let excess = (g - c).abs() / (tol.atol * scale + tol.rtol * c.abs());
-            if worst.is_none_or(|(_, e)| excess > e || excess.is_nan()) {
-                worst = Some((i, excess));
-            }
-        }
-    }
-    match worst {
-        None => Ok(()),
-        Some((i, excess)) => {
-            let bad = cpu
-                .iter()
-                .zip(gpu)
-                .filter(|(c, g)| {
-                    (*g - *c).abs() > tol.atol * scale + tol.rtol * c.abs()
-                        || (c.is_finite() != g.is_finite())
-                })
-                .count();
-            Err(format!(
-                "{what}: {bad} of {} elements out of tolerance; worst at {i}: cpu {} gpu {} ({excess:.1}× the tolerance {tol:?}, scale {scale})",
-                cpu.len(),
-                cpu[i],
-                gpu[i]
-            ))
         }
     }
 }
@@ -170,46 +99,28 @@ pub fn check_with_attention<C: Case>(
     Ok(())
 }
 
-/// Uniform values in (−scale, scale), reproducible from `seed`, rounded to
-/// bf16 so that both precisions start from exactly the inputs the CPU sees
-/// (what is compared is then the kernels' arithmetic, not input rounding).
-pub fn rand(seed: u64, n: usize, scale: f32) -> Vec<f32> {
-    let s = RngStream::new(seed, Purpose::Init, 11, 5);
-    (0..n)
-        .map(|i| {
-            let x = ((2.0 * s.uniform((i >> 30) as u32, i as u32) - 1.0) as f32) * scale;
-            bf16_round(x)
+/// The CUDA backend as the suite's [`Harness`]: f32 and bf16 storage, each on the reference
+/// attention kernels (the flash kernels have their own tests in ops.rs).
+pub struct CudaHarness;
+
+impl Harness for CudaHarness {
+    fn available(test: &str) -> bool {
+        gpu(test)
+    }
+
+    fn configurations() -> Vec<(&'static str, Storage)> {
+        vec![("f32", Storage::F32), ("bf16", Storage::Bf16)]
+    }
+
+    fn run<C: Case>(index: usize, case: &C) -> Result<Out, String> {
+        let precision = [Precision::F32, Precision::Bf16][index];
+        with_gpu(precision, |g| {
+            let before = g.attention_kernel();
+            g.set_attention_kernel(AttentionKernel::Reference)
+                .map_err(|e| e.to_string())?;
+            let out = case.run(g).map_err(|e| format!("gpu: {e}"));
+            g.set_attention_kernel(before).map_err(|e| e.to_string())?;
+            out
         })
-        .collect()
-}
-
-/// Downloads `len` elements.
-pub fn down<B: Backend>(be: &B, buf: &B::Buffer, len: usize) -> Result<Vec<f32>, B::Error> {
-    down_at(be, buf, 0, len)
-}
-
-/// Downloads `len` elements from `offset` on.
-pub fn down_at<B: Backend>(
-    be: &B,
-    buf: &B::Buffer,
-    offset: usize,
-    len: usize,
-) -> Result<Vec<f32>, B::Error> {
-    let mut out = vec![0.0; len];
-    be.download(Slice::at(buf, offset), &mut out)?;
-    Ok(out)
-}
-
-/// A buffer poisoned with NaN, to catch elements an op should write and does not.
-pub fn poisoned<B: Backend>(be: &B, len: usize) -> Result<B::Buffer, B::Error> {
-    be.upload(&vec![f32::NAN; len])
-}
-
-pub fn dims(a: u8, lo: usize, hi: usize) -> usize {
-    lo + a as usize % (hi - lo + 1)
-}
-
-/// `x` rounded to the nearest bf16 (inputs both precisions represent exactly).
-pub fn bf16_round(x: f32) -> f32 {
-    half::bf16::from_f32(x).to_f32()
+    }
 }
