@@ -559,7 +559,7 @@ fn tail_entropy(tokens: &[u32]) -> f64 {
 fn read_samples(path: &Path) -> Result<Vec<SampleRecord>, String> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    parse_samples(&path.display().to_string(), &text)
+    Ok(parse_samples(&path.display().to_string(), &text)?)
 }
 
 // ---- entropy ----------------------------------------------------------------------------------------

@@ -402,10 +402,12 @@ fn execute(cli: Cli, matches: &clap::ArgMatches) -> Result<String, String> {
         Command::Eval(EvalCommand::WordPpl { samples, lm, json }) => {
             eval::word_ppl(&samples, &lm, &json)
         }
-        Command::Import(ImportCommand::Gpt2 { dir, out }) => import::import_gpt2(&dir, &out),
-        Command::Import(ImportCommand::Bd3lm { dir, out, mask_id }) => {
-            import::import_bd3lm(&dir, &out, import::Bd3lmOptions { mask_id })
-        }
+        Command::Import(ImportCommand::Gpt2 { dir, out }) => Ok(import::import_gpt2(&dir, &out)?),
+        Command::Import(ImportCommand::Bd3lm { dir, out, mask_id }) => Ok(import::import_bd3lm(
+            &dir,
+            &out,
+            import::Bd3lmOptions { mask_id },
+        )?),
         Command::Export {
             checkpoint,
             out,

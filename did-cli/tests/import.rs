@@ -230,6 +230,7 @@ fn a_wrong_bd3lm_tensor_is_named() {
             Bd3lmOptions::default(),
         )
         .unwrap_err()
+        .to_string()
     };
     type WeightsTensor = did_engine::import::weights::Tensor;
     let err = edit(&|n, _| n != "backbone.blocks.1.attn_out.weight");
@@ -269,7 +270,8 @@ fn a_wrong_bd3lm_tensor_is_named() {
         Tensors::new("model.safetensors", kept.collect::<Vec<_>>()),
         Bd3lmOptions::default(),
     )
-    .unwrap_err();
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("0 rows"), "{err}");
 }
 

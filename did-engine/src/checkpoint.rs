@@ -4,6 +4,7 @@
 //! metadata. Written to a temporary file, fsynced, then renamed, so a crash
 //! mid-write leaves the previous checkpoint intact.
 
+use crate::Error;
 use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -65,7 +66,7 @@ fn config_to_meta(c: &ModelConfig, meta: &mut HashMap<String, String>) {
     }
 }
 
-fn config_from_meta(meta: &HashMap<String, String>) -> Result<ModelConfig, String> {
+fn config_from_meta(meta: &HashMap<String, String>) -> Result<ModelConfig, Error> {
     let mut toml = String::from("[model]\n");
     let mut keys: Vec<&String> = meta.keys().filter(|k| k.starts_with("model.")).collect();
     keys.sort();
@@ -73,18 +74,20 @@ fn config_from_meta(meta: &HashMap<String, String>) -> Result<ModelConfig, Strin
         let v = &meta[k];
         let field = &k["model.".len()..];
         if !field.chars().all(|c| c.is_ascii_lowercase() || c == '_') {
-            return Err(format!("unexpected metadata key `{k}`"));
+            return Err(Error::Checkpoint(format!("unexpected metadata key `{k}`")));
         }
         if field == "architecture" {
             toml.push_str(&format!("{field} = \"{}\"\n", v.escape_default()));
         } else if v.parse::<f64>().is_ok() {
             toml.push_str(&format!("{field} = {v}\n"));
         } else {
-            return Err(format!("metadata `{k}` = {v:?} is not a number"));
+            return Err(Error::Checkpoint(format!(
+                "metadata `{k}` = {v:?} is not a number"
+            )));
         }
     }
     crate::model_config::from_toml(&toml)
-        .map_err(|e| format!("its model configuration is unreadable ({e})"))
+        .map_err(|e| Error::Checkpoint(format!("its model configuration is unreadable ({e})")))
 }
 
 fn f32_bytes(v: &[f32]) -> Vec<u8> {
@@ -92,14 +95,14 @@ fn f32_bytes(v: &[f32]) -> Vec<u8> {
 }
 
 /// Writes `ckpt` to `path` atomically.
-pub fn save(path: &Path, ckpt: &Checkpoint) -> Result<(), String> {
+pub fn save(path: &Path, ckpt: &Checkpoint) -> Result<(), Error> {
     let table = ParamTable::new(&ckpt.config);
     if ckpt.params.len() != table.total() {
-        return Err(format!(
+        return Err(Error::Checkpoint(format!(
             "checkpoint: {} parameters for a model of {}",
             ckpt.params.len(),
             table.total()
-        ));
+        )));
     }
     let mut meta = HashMap::new();
     meta.insert("format".to_string(), FORMAT.to_string());
@@ -134,14 +137,14 @@ pub fn save(path: &Path, ckpt: &Checkpoint) -> Result<(), String> {
             TensorView::new(Dtype::F32, shape.clone(), data).map(|v| (name.clone(), v))
         })
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("checkpoint: {e}"))?;
+        .map_err(|e| Error::Checkpoint(format!("checkpoint: {e}")))?;
     let data = safetensors::tensor::serialize(views, Some(meta))
-        .map_err(|e| format!("checkpoint: {e}"))?;
+        .map_err(|e| Error::Checkpoint(format!("checkpoint: {e}")))?;
     if path.extension().is_some_and(|e| e == "gz") {
         let mut z = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
         z.write_all(&data)
             .and_then(|()| z.finish())
-            .map_err(|e| format!("checkpoint: compressing: {e}"))
+            .map_err(|e| Error::Checkpoint(format!("checkpoint: compressing: {e}")))
             .and_then(|gz| write_atomically(path, &gz))
     } else {
         write_atomically(path, &data)
@@ -177,9 +180,9 @@ pub fn weights_only(ckpt: &Checkpoint, trained: bool) -> Checkpoint {
 }
 
 /// Writes `data` to a temporary file beside `path`, fsyncs it, and renames it over `path`.
-pub fn write_atomically(path: &Path, data: &[u8]) -> Result<(), String> {
+pub fn write_atomically(path: &Path, data: &[u8]) -> Result<(), Error> {
     let io = |e: std::io::Error| {
-        format!("cannot write the checkpoint {}: {e}; check that the folder is writable and has space (earlier checkpoints are untouched)", path.display())
+        Error::Checkpoint(format!("cannot write the checkpoint {}: {e}; check that the folder is writable and has space (earlier checkpoints are untouched)", path.display()))
     };
     let tmp = path.with_extension("safetensors.tmp");
     let mut f = std::fs::File::create(&tmp).map_err(io)?;
@@ -199,59 +202,68 @@ pub fn write_atomically(path: &Path, data: &[u8]) -> Result<(), String> {
 /// configuration in its metadata says; the error names the tensor that is not.
 ///
 /// A gzip-compressed checkpoint (`did export --out FILE.gz`) is decompressed first.
-pub fn load(path: &Path) -> Result<Checkpoint, String> {
-    let mut bytes = std::fs::read(path)
-        .map_err(|e| format!("checkpoint {}: cannot read it ({e})", path.display()))?;
+pub fn load(path: &Path) -> Result<Checkpoint, Error> {
+    let mut bytes = std::fs::read(path).map_err(|e| {
+        Error::Checkpoint(format!(
+            "checkpoint {}: cannot read it ({e})",
+            path.display()
+        ))
+    })?;
     if bytes.starts_with(&[0x1f, 0x8b]) {
         let mut raw = Vec::new();
         // A bound, so a corrupt or hostile file cannot inflate without limit.
         flate2::read::GzDecoder::new(&bytes[..])
             .take(MAX_INFLATED)
             .read_to_end(&mut raw)
-            .map_err(|e| format!("checkpoint {}: a corrupt gzip file ({e})", path.display()))?;
+            .map_err(|e| {
+                Error::Checkpoint(format!(
+                    "checkpoint {}: a corrupt gzip file ({e})",
+                    path.display()
+                ))
+            })?;
         bytes = raw;
     }
-    load_bytes(&bytes).map_err(|e| format!("checkpoint {}: {e}", path.display()))
+    load_bytes(&bytes).map_err(|e| Error::Checkpoint(format!("checkpoint {}: {e}", path.display())))
 }
 
 /// Largest decompressed checkpoint read (64 GiB).
 const MAX_INFLATED: u64 = 64 << 30;
 
 /// [`load`] from the file's bytes.
-pub fn load_bytes(bytes: &[u8]) -> Result<Checkpoint, String> {
-    let ctx = |e: String| e;
+pub fn load_bytes(bytes: &[u8]) -> Result<Checkpoint, Error> {
+    let ctx = Error::Checkpoint;
     let st = SafeTensors::deserialize(bytes).map_err(|e| ctx(format!("not a readable safetensors file ({e}); it may be truncated — use an earlier checkpoint")))?;
     let (_, header) = SafeTensors::read_metadata(bytes).map_err(|e| ctx(e.to_string()))?;
     let meta = header.metadata().clone().unwrap_or_default();
     if meta.get("format").map(String::as_str) != Some(FORMAT) {
         return Err(ctx(format!("not a did checkpoint (metadata `format` should be {FORMAT:?}); import other checkpoints with `did import`")));
     }
-    let config = config_from_meta(&meta).map_err(ctx)?;
+    let config = config_from_meta(&meta)?;
     // The weights alone need 4 bytes per parameter: refuse before allocating for a configuration the file cannot hold.
     if config.parameter_count().saturating_mul(4) > bytes.len() {
-        return Err(format!(
+        return Err(Error::Checkpoint(format!(
             "its configuration has {} parameters but the file holds {} bytes; it may be truncated — use an earlier checkpoint",
             config.parameter_count(),
             bytes.len()
-        ));
+        )));
     }
     let table = ParamTable::new(&config);
-    let read_group = |prefix: &str, required: bool| -> Result<Option<Vec<f32>>, String> {
+    let read_group = |prefix: &str, required: bool| -> Result<Option<Vec<f32>>, Error> {
         let mut out = vec![0.0f32; table.total()];
         for (i, e) in table.entries().iter().enumerate() {
             let name = format!("{prefix}{}", e.name);
             let t = match st.tensor(&name) {
                 Ok(t) => t,
                 Err(_) if !required && i == 0 => return Ok(None),
-                Err(_) => return Err(format!("tensor `{name}` is missing")),
+                Err(_) => return Err(Error::Checkpoint(format!("tensor `{name}` is missing"))),
             };
             if t.dtype() != Dtype::F32 || t.shape() != e.shape.as_slice() {
-                return Err(format!(
+                return Err(Error::Checkpoint(format!(
                     "tensor `{name}` is {:?} {:?}, the model needs F32 {:?}",
                     t.dtype(),
                     t.shape(),
                     e.shape
-                ));
+                )));
             }
             for (o, c) in out[e.offset..e.offset + e.len()]
                 .iter_mut()
@@ -262,10 +274,10 @@ pub fn load_bytes(bytes: &[u8]) -> Result<Checkpoint, String> {
         }
         Ok(Some(out))
     };
-    let params = read_group("", true).map_err(ctx)?.unwrap_or_default();
-    let ema = read_group("ema/", false).map_err(ctx)?;
-    let m = read_group("adam_m/", false).map_err(ctx)?;
-    let v = read_group("adam_v/", false).map_err(ctx)?;
+    let params = read_group("", true)?.unwrap_or_default();
+    let ema = read_group("ema/", false)?;
+    let m = read_group("adam_m/", false)?;
+    let v = read_group("adam_v/", false)?;
     let expected = table.entries().len()
         * (1 + usize::from(ema.is_some()) + 2 * usize::from(m.is_some() && v.is_some()));
     if st.names().len() != expected {
@@ -369,7 +381,7 @@ mod tests {
         assert_eq!(load(&path).unwrap(), slim);
         let bytes = std::fs::read(&path).unwrap();
         std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
-        let err = load(&path).unwrap_err();
+        let err = load(&path).unwrap_err().to_string();
         assert!(
             err.contains("corrupt gzip") || err.contains("truncated"),
             "{err}"
@@ -398,7 +410,7 @@ mod tests {
         let bytes = std::fs::read(&path).unwrap();
         std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
         assert!(
-            load(&path).unwrap_err().contains("truncated"),
+            load(&path).unwrap_err().to_string().contains("truncated"),
             "{}",
             load(&path).unwrap_err()
         );

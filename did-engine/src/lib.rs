@@ -20,3 +20,43 @@ pub mod model_config;
 pub mod ngram_judge;
 pub mod samples;
 pub mod train_config;
+
+/// What went wrong in did-engine, by what it was doing. Every message names the file or input,
+/// the cause and the fix; `Display` gives it as it was always written.
+///
+/// ```
+/// let err = did_engine::model_config::from_toml("[model]\npreset = \"huge\"\n").unwrap_err();
+/// assert!(matches!(err, did_engine::Error::Config(_)));
+/// assert!(err.to_string().contains("huge"));
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    /// A checkpoint that cannot be read or written, or that does not fit its configuration.
+    #[error("{0}")]
+    Checkpoint(String),
+    /// A corpus that cannot be read or tokenised.
+    #[error("{0}")]
+    Corpus(String),
+    /// Token shards that cannot be written or read back.
+    #[error("{0}")]
+    Shards(String),
+    /// Weights from elsewhere (GPT-2, BD3-LM, MDLM, PyTorch files) that cannot be imported.
+    #[error("{0}")]
+    Import(String),
+    /// A `[model]` table or a run file that is not valid.
+    #[error("{0}")]
+    Config(String),
+    /// A judge's language model that cannot be read.
+    #[error("{0}")]
+    Judge(String),
+    /// A sample file that cannot be read.
+    #[error("{0}")]
+    Samples(String),
+}
+
+/// For callers whose errors are still text (the CLI's commands): the message.
+impl From<Error> for String {
+    fn from(e: Error) -> String {
+        e.to_string()
+    }
+}

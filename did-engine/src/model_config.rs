@@ -8,6 +8,7 @@
 //! layers = 6               # ... and override what differs
 //! ```
 
+use crate::Error;
 use did_core::model::{Architecture, ModelConfig};
 use serde::Deserialize;
 
@@ -46,25 +47,29 @@ struct File {
 /// assert_eq!((c.layers, c.hidden), (2, 256));
 /// # Ok::<(), String>(())
 /// ```
-pub fn from_toml(text: &str) -> Result<ModelConfig, String> {
-    let file: File = toml::from_str(text).map_err(|e| format!("model config: {}", e.message()))?;
+pub fn from_toml(text: &str) -> Result<ModelConfig, Error> {
+    let file: File = toml::from_str(text)
+        .map_err(|e| Error::Config(format!("model config: {}", e.message())))?;
     from_section(&file.model)
 }
 
 /// A configuration from a parsed `[model]` table.
-pub fn from_section(m: &ModelSection) -> Result<ModelConfig, String> {
+pub fn from_section(m: &ModelSection) -> Result<ModelConfig, Error> {
     let architecture: Architecture = match &m.architecture {
-        Some(a) => a.parse().map_err(|e| format!("model config: {e}"))?,
+        Some(a) => a
+            .parse()
+            .map_err(|e| Error::Config(format!("model config: {e}")))?,
         None => Architecture::Dit,
     };
     let base = match &m.preset {
-        Some(p) => {
-            Some(ModelConfig::preset(p, architecture).map_err(|e| format!("model config: {e}"))?)
-        }
+        Some(p) => Some(
+            ModelConfig::preset(p, architecture)
+                .map_err(|e| Error::Config(format!("model config: {e}")))?,
+        ),
         None => None,
     };
-    let pick = |name: &str, v: Option<usize>, base: Option<usize>| -> Result<usize, String> {
-        v.or(base).ok_or_else(|| format!("model config: `{name}` is missing; set it, or name a `preset` (tiny, small) to start from"))
+    let pick = |name: &str, v: Option<usize>, base: Option<usize>| -> Result<usize, Error> {
+        v.or(base).ok_or_else(|| Error::Config(format!("model config: `{name}` is missing; set it, or name a `preset` (tiny, small) to start from")))
     };
     let b = base.as_ref();
     let hidden = pick("hidden", m.hidden, b.map(|b| b.hidden))?;
@@ -90,7 +95,7 @@ pub fn from_section(m: &ModelSection) -> Result<ModelConfig, String> {
     };
     config
         .validate()
-        .map_err(|e| format!("model config: {e}"))?;
+        .map_err(|e| Error::Config(format!("model config: {e}")))?;
     Ok(config)
 }
 
@@ -142,7 +147,7 @@ mod tests {
             ("not toml", "model config"),
         ];
         for (text, want) in cases {
-            let err = from_toml(text).unwrap_err();
+            let err = from_toml(text).unwrap_err().to_string();
             assert!(err.contains(want), "{text:?}: {err}");
         }
     }

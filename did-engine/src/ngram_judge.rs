@@ -19,6 +19,7 @@
 //! probability plus the backoff weights of the longer contexts that are not
 //! stored. Everything is little-endian (the files are written on x86).
 
+use crate::Error;
 use std::collections::HashMap;
 
 /// Natural log of the base the file's values are logs in.
@@ -63,8 +64,9 @@ impl NgramLm {
     /// Reads a model from the bytes of its file; every size is checked
     /// against the file before anything is read, and a bad file is an error
     /// that says what is wrong.
-    pub fn from_bytes(bytes: Vec<u8>) -> Result<Self, String> {
-        let bad = |what: &str| format!("not a CMU Sphinx trie language model: {what}");
+    pub fn from_bytes(bytes: Vec<u8>) -> Result<Self, Error> {
+        let bad =
+            |what: &str| Error::Judge(format!("not a CMU Sphinx trie language model: {what}"));
         if !bytes.starts_with(HEADER) {
             return Err(bad("it does not start with \"Trie Language Model\" (ARPA and DMP files are not read; convert with sphinx_lm_convert)"));
         }
@@ -74,7 +76,7 @@ impl NgramLm {
         if !(2..=5).contains(&order) {
             return Err(bad(&format!("order {order}; 2 to 5 are read")));
         }
-        let u32_at = |o: usize| -> Result<u32, String> {
+        let u32_at = |o: usize| -> Result<u32, Error> {
             bytes
                 .get(o..o + 4)
                 .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
@@ -486,12 +488,14 @@ mod tests {
         assert!(NgramLm::from_bytes(b"\\data\\\nngram 1=3".to_vec())
             .err()
             .unwrap()
+            .to_string()
             .contains("ARPA"));
         let mut bytes = tiny().bytes;
         bytes.truncate(bytes.len() - 10);
         assert!(NgramLm::from_bytes(bytes)
             .err()
             .unwrap()
+            .to_string()
             .contains("truncated"));
     }
 }

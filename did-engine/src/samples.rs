@@ -1,6 +1,7 @@
 //! The sample files `did sample --out` writes (one JSON object a line), as `did eval` reads
 //! them back.
 
+use crate::Error;
 /// One line of a `did sample --out` file, as `did eval` reads it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SampleRecord {
@@ -19,10 +20,11 @@ pub struct SampleRecord {
 /// ```
 /// let s = did_engine::samples::parse_samples("x.jsonl", "{\"tokens\": [256, 72], \"nfe\": [3, 1]}\n")?;
 /// assert_eq!((s[0].tokens.clone(), s[0].nfe), (vec![256, 72], 4));
-/// assert!(did_engine::samples::parse_samples("x.jsonl", "{}\n").unwrap_err().contains("line 1"));
-/// # Ok::<(), String>(())
+/// let err = did_engine::samples::parse_samples("x.jsonl", "{}\n").unwrap_err();
+/// assert!(matches!(err, did_engine::Error::Samples(_)) && err.to_string().contains("line 1"));
+/// # Ok::<(), did_engine::Error>(())
 /// ```
-pub fn parse_samples(source: &str, text: &str) -> Result<Vec<SampleRecord>, String> {
+pub fn parse_samples(source: &str, text: &str) -> Result<Vec<SampleRecord>, Error> {
     let mut out = Vec::new();
     for (i, line) in text
         .lines()
@@ -30,10 +32,10 @@ pub fn parse_samples(source: &str, text: &str) -> Result<Vec<SampleRecord>, Stri
         .filter(|(_, l)| !l.trim().is_empty())
     {
         let bad = |why: &str| {
-            format!(
+            Error::Samples(format!(
                 "{source} line {}: {why}; give a file written by `did sample --out`",
                 i + 1
-            )
+            ))
         };
         let v: serde_json::Value = serde_json::from_str(line).map_err(|e| bad(&e.to_string()))?;
         let tokens = v["tokens"]
@@ -45,7 +47,7 @@ pub fn parse_samples(source: &str, text: &str) -> Result<Vec<SampleRecord>, Stri
                     .and_then(|t| u32::try_from(t).ok())
                     .ok_or_else(|| bad("a token is not a u32"))
             })
-            .collect::<Result<Vec<u32>, String>>()?;
+            .collect::<Result<Vec<u32>, Error>>()?;
         let nfe = v["nfe"].as_array().map_or(0, |a| {
             a.iter().filter_map(|x| x.as_u64()).fold(0u32, |s, x| {
                 s.saturating_add(u32::try_from(x).unwrap_or(u32::MAX))
@@ -60,7 +62,7 @@ pub fn parse_samples(source: &str, text: &str) -> Result<Vec<SampleRecord>, Stri
         });
     }
     if out.is_empty() {
-        return Err(format!("{source} holds no sample"));
+        return Err(Error::Samples(format!("{source} holds no sample")));
     }
     Ok(out)
 }

@@ -16,6 +16,7 @@
 //! out = "runs/tiny-mix"
 //! ```
 
+use crate::Error;
 use std::path::PathBuf;
 
 use serde::Deserialize;
@@ -73,10 +74,11 @@ struct RunFile {
 /// let (train, has_model) = did_engine::train_config::parse("[model]\npreset = \"tiny\"\n[train]\nbatch = 4\n")?;
 /// assert_eq!(train.batch, Some(4));
 /// assert!(has_model);
-/// assert!(did_engine::train_config::parse("[train]\nbatch_size = 4\n").unwrap_err().contains("batch_size"));
+/// assert!(did_engine::train_config::parse("[train]\nbatch_size = 4\n").unwrap_err().to_string().contains("batch_size"));
 /// # Ok::<(), String>(())
 /// ```
-pub fn parse(text: &str) -> Result<(TrainSection, bool), String> {
-    let file: RunFile = toml::from_str(text).map_err(|e| format!("run config: {}", e.message()))?;
+pub fn parse(text: &str) -> Result<(TrainSection, bool), Error> {
+    let file: RunFile =
+        toml::from_str(text).map_err(|e| Error::Config(format!("run config: {}", e.message())))?;
     Ok((file.train.unwrap_or_default(), file.model.is_some()))
 }

@@ -4,6 +4,7 @@
 //! included); one document per text file, JSON line or Parquet row; UTF-8
 //! with a latin-1 fallback; CRLF → LF.
 
+use crate::Error;
 use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -32,10 +33,10 @@ fn is_jsonl_name(s: &str) -> bool {
 /// ```
 /// let docs = did_engine::data::documents::jsonl_documents("c.jsonl", b"{\"text\": \"a\\r\\nb\"}\n\n{\"text\": \"c\"}\n", "text")?;
 /// assert_eq!((docs[0].text.as_str(), docs[1].name.as_str()), ("a\nb", "c.jsonl:3"));
-/// assert!(did_engine::data::documents::jsonl_documents("c.jsonl", b"{\"body\": 1}\n", "text").unwrap_err().contains("line 1"));
+/// assert!(did_engine::data::documents::jsonl_documents("c.jsonl", b"{\"body\": 1}\n", "text").unwrap_err().to_string().contains("line 1"));
 /// # Ok::<(), String>(())
 /// ```
-pub fn jsonl_documents(name: &str, bytes: &[u8], field: &str) -> Result<Vec<Document>, String> {
+pub fn jsonl_documents(name: &str, bytes: &[u8], field: &str) -> Result<Vec<Document>, Error> {
     let mut out = Vec::new();
     jsonl_stream(name, bytes, field, &mut |d| {
         out.push(d);
@@ -50,7 +51,7 @@ pub fn jsonl_stream(
     reader: impl Read,
     field: &str,
     sink: Sink<'_>,
-) -> Result<(), String> {
+) -> Result<(), Error> {
     use std::io::BufRead;
     let mut reader = std::io::BufReader::with_capacity(1 << 20, reader);
     let mut line = Vec::new();
@@ -58,22 +59,24 @@ pub fn jsonl_stream(
         line.clear();
         let n = reader
             .read_until(b'\n', &mut line)
-            .map_err(|e| format!("cannot read {name}: {e}"))?;
+            .map_err(|e| Error::Corpus(format!("cannot read {name}: {e}")))?;
         if n == 0 {
             break;
         }
         let text = std::str::from_utf8(&line).map_err(|e| {
-            format!("{name} line {number} is not UTF-8 ({e}); JSON lines must be UTF-8")
+            Error::Corpus(format!(
+                "{name} line {number} is not UTF-8 ({e}); JSON lines must be UTF-8"
+            ))
         })?;
         if text.trim().is_empty() {
             continue;
         }
         let value: serde_json::Value = serde_json::from_str(text)
-            .map_err(|e| format!("{name} line {number}: not JSON ({e})"))?;
+            .map_err(|e| Error::Corpus(format!("{name} line {number}: not JSON ({e})")))?;
         let body = value.get(field).and_then(|v| v.as_str()).ok_or_else(|| {
-            format!(
+            Error::Corpus(format!(
                 "{name} line {number}: no string field {field:?}; name the text field with --text-field"
-            )
+            ))
         })?;
         let at = format!("{name}:{number}");
         sink(Document {
@@ -86,7 +89,7 @@ pub fn jsonl_stream(
 
 /// Decodes bytes as UTF-8, else latin-1; normalises line ends to LF; cuts a
 /// trailing Project Gutenberg licence; rejects binary data.
-pub fn decode(name: &str, bytes: &[u8]) -> Result<String, String> {
+pub fn decode(name: &str, bytes: &[u8]) -> Result<String, Error> {
     let text = match std::str::from_utf8(bytes) {
         Ok(s) => s.to_string(),
         Err(_) => bytes.iter().map(|&b| char::from(b)).collect(),
@@ -96,9 +99,9 @@ pub fn decode(name: &str, bytes: &[u8]) -> Result<String, String> {
         .filter(|&c| c.is_control() && !matches!(c, '\n' | '\r' | '\t' | '\u{c}'))
         .count();
     if control > 0 && control * 100 > text.chars().count() {
-        return Err(format!(
+        return Err(Error::Corpus(format!(
             "{name} looks binary ({control} control characters); pass text files (UTF-8 or latin-1), or archives of them"
-        ));
+        )));
     }
     // CRLF and lone CR (old Mac files) both become LF, in one pass each ("\r\r\n" too).
     let mut text = text.replace("\r\n", "\n").replace('\r', "\n");
@@ -117,7 +120,7 @@ pub fn decode(name: &str, bytes: &[u8]) -> Result<String, String> {
 
 /// Where documents go as they are read: one at a time, so that a corpus far
 /// larger than memory (OpenWebText: 38 GB of text) streams through.
-pub type Sink<'a> = &'a mut dyn FnMut(Document) -> Result<(), String>;
+pub type Sink<'a> = &'a mut dyn FnMut(Document) -> Result<(), Error>;
 
 /// How a file name is read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -180,7 +183,7 @@ pub fn read_archive_from(
     name: &str,
     reader: impl Read,
     out: &mut Vec<Document>,
-) -> Result<(), String> {
+) -> Result<(), Error> {
     read_tar(
         name,
         decompress(Compression::Gzip, reader),
@@ -200,12 +203,12 @@ pub fn read_stream(
     reader: impl Read,
     field: &str,
     sink: Sink<'_>,
-) -> Result<(), String> {
+) -> Result<(), Error> {
     let read_all = |mut r: Box<dyn Read + '_>| {
         let mut bytes = Vec::new();
         r.read_to_end(&mut bytes)
-            .map_err(|e| format!("cannot read {name}: {e}"))?;
-        Ok::<_, String>(bytes)
+            .map_err(|e| Error::Corpus(format!("cannot read {name}: {e}")))?;
+        Ok::<_, Error>(bytes)
     };
     match format_of(name) {
         Format::Tar(c) => read_tar(name, decompress(c, reader), field, sink),
@@ -216,7 +219,7 @@ pub fn read_stream(
             (&mut inner)
                 .take(512)
                 .read_to_end(&mut head)
-                .map_err(|e| format!("cannot read {name}: {e}"))?;
+                .map_err(|e| Error::Corpus(format!("cannot read {name}: {e}")))?;
             let is_tar = head.len() >= 262 && &head[257..262] == b"ustar";
             let whole: Box<dyn Read + '_> = Box::new(std::io::Cursor::new(head).chain(inner));
             let stem = &name[..name.rfind('.').unwrap_or(name.len())];
@@ -233,9 +236,9 @@ pub fn read_stream(
             }
         }
         Format::Jsonl => jsonl_stream(name, reader, field, sink),
-        Format::Parquet => Err(format!(
+        Format::Parquet => Err(Error::Corpus(format!(
             "{name}: Parquet files inside archives are not read; extract them first"
-        )),
+        ))),
         Format::Text | Format::Other => {
             let text = decode(name, &read_all(Box::new(reader))?)?;
             sink(Document {
@@ -248,9 +251,9 @@ pub fn read_stream(
 
 /// A tar stream's members: text, JSON lines and compressed files (recursively);
 /// everything else is skipped.
-fn read_tar(name: &str, reader: impl Read, field: &str, sink: Sink<'_>) -> Result<(), String> {
+fn read_tar(name: &str, reader: impl Read, field: &str, sink: Sink<'_>) -> Result<(), Error> {
     let mut archive = tar::Archive::new(reader);
-    let bad = |e: std::io::Error| format!("{name} is not a readable archive: {e}");
+    let bad = |e: std::io::Error| Error::Corpus(format!("{name} is not a readable archive: {e}"));
     for entry in archive.entries().map_err(bad)? {
         let entry = entry.map_err(bad)?;
         if !entry.header().entry_type().is_file() {
@@ -273,10 +276,11 @@ pub fn parquet_documents(
     file: impl parquet::file::reader::ChunkReader + 'static,
     field: &str,
     sink: Sink<'_>,
-) -> Result<(), String> {
+) -> Result<(), Error> {
     use parquet::file::reader::{FileReader, SerializedFileReader};
-    let bad =
-        |e: parquet::errors::ParquetError| format!("{name} is not a readable Parquet file: {e}");
+    let bad = |e: parquet::errors::ParquetError| {
+        Error::Corpus(format!("{name} is not a readable Parquet file: {e}"))
+    };
     let file_len = file.len();
     // The parquet crate asserts (panics) on some corrupt files instead of
     // returning an error (found by fuzzing); its calls are fenced so that a
@@ -288,7 +292,7 @@ pub fn parquet_documents(
             .map(|s| s.to_string())
             .or_else(|| e.downcast_ref::<String>().cloned())
             .unwrap_or_default();
-        format!("{name} is not a readable Parquet file: corrupt ({why}); check it with pyarrow or fetch it again")
+        Error::Corpus(format!("{name} is not a readable Parquet file: corrupt ({why}); check it with pyarrow or fetch it again"))
     };
     let fence =
         |f: &mut dyn FnMut() -> Option<
@@ -311,9 +315,9 @@ pub fn parquet_documents(
                     .checked_add(len as u64)
                     .is_some_and(|end| end <= file_len);
             if !inside {
-                return Err(format!(
+                return Err(Error::Corpus(format!(
                     "{name} is not a readable Parquet file: row group {g} points outside the file (truncated or corrupt)"
-                ));
+                )));
             }
         }
     }
@@ -324,10 +328,10 @@ pub fn parquet_documents(
         .position(|c| c.path().parts() == [field])
         .ok_or_else(|| {
             let names: Vec<String> = schema.columns().iter().map(|c| c.path().string()).collect();
-            format!(
+            Error::Corpus(format!(
                 "{name} has no column {field:?} (it has {}); name the text column with --text-field",
                 names.join(", ")
-            )
+            ))
         })?;
     check_parquet_dictionaries(name, &reader, column, &fenced)?;
     let projection = parquet::schema::types::Type::group_type_builder("schema")
@@ -349,9 +353,9 @@ pub fn parquet_documents(
             Some(parquet::record::Field::Bytes(b)) => decode(&at, b.data())?,
             Some(parquet::record::Field::Null) | None => continue,
             Some(other) => {
-                return Err(format!(
+                return Err(Error::Corpus(format!(
                     "{name}: column {field:?} holds {other}, not text; name the text column with --text-field"
-                ))
+                )))
             }
         };
         sink(Document {
@@ -372,12 +376,13 @@ fn check_parquet_dictionaries<R: parquet::file::reader::ChunkReader + 'static>(
     name: &str,
     reader: &parquet::file::reader::SerializedFileReader<R>,
     column: usize,
-    fenced: &dyn Fn(Box<dyn std::any::Any + Send>) -> String,
-) -> Result<(), String> {
+    fenced: &dyn Fn(Box<dyn std::any::Any + Send>) -> Error,
+) -> Result<(), Error> {
     use parquet::column::page::Page;
     use parquet::file::reader::FileReader;
-    let bad =
-        |e: parquet::errors::ParquetError| format!("{name} is not a readable Parquet file: {e}");
+    let bad = |e: parquet::errors::ParquetError| {
+        Error::Corpus(format!("{name} is not a readable Parquet file: {e}"))
+    };
     for g in 0..reader.num_row_groups() {
         let group = reader.get_row_group(g).map_err(bad)?;
         {
@@ -400,10 +405,10 @@ fn check_parquet_dictionaries<R: parquet::file::reader::ChunkReader + 'static>(
                     })) => {
                         let values = num_values as usize;
                         if values.saturating_mul(4) > buf.len() || buf.len() > 256 << 20 {
-                            return Err(format!(
+                            return Err(Error::Corpus(format!(
                                 "{name} is not a readable Parquet file: a dictionary of {values} values in {} bytes (corrupt)",
                                 buf.len()
-                            ));
+                            )));
                         }
                     }
                     Some(_) => {}
@@ -434,17 +439,17 @@ fn read_path(
     field: &str,
     bar: &indicatif::ProgressBar,
     sink: Sink<'_>,
-) -> Result<(), String> {
+) -> Result<(), Error> {
     let meta = std::fs::metadata(path).map_err(|e| {
-        format!(
+        Error::Corpus(format!(
             "input {} cannot be read: {e}; check the path",
             path.display()
-        )
+        ))
     })?;
     let name = path.display().to_string();
     if meta.is_dir() {
         let mut entries: Vec<PathBuf> = std::fs::read_dir(path)
-            .map_err(|e| format!("cannot list {}: {e}", path.display()))?
+            .map_err(|e| Error::Corpus(format!("cannot list {}: {e}", path.display())))?
             .filter_map(|e| e.ok().map(|e| e.path()))
             .collect();
         entries.sort();
@@ -466,7 +471,7 @@ fn read_path(
     if format == Format::Other && !explicit {
         return Ok(());
     }
-    let file = File::open(path).map_err(|e| format!("cannot open {name}: {e}"))?;
+    let file = File::open(path).map_err(|e| Error::Corpus(format!("cannot open {name}: {e}")))?;
     if format == Format::Parquet {
         parquet_documents(&name, file, field, sink)?;
         bar.inc(meta.len());
@@ -490,9 +495,11 @@ pub fn for_each_document(
     field: &str,
     bar: &indicatif::ProgressBar,
     sink: Sink<'_>,
-) -> Result<usize, String> {
+) -> Result<usize, Error> {
     if inputs.is_empty() {
-        return Err("no input given; name text files, folders or archives".into());
+        return Err(Error::Corpus(
+            "no input given; name text files, folders or archives".into(),
+        ));
     }
     let mut count = 0usize;
     let mut counted = |d: Document| {
@@ -506,14 +513,14 @@ pub fn for_each_document(
         read_path(p, true, field, bar, &mut counted)?;
     }
     if count == 0 {
-        return Err(format!(
+        return Err(Error::Corpus(format!(
             "no text found in {}; folders and archives contribute their .txt, .jsonl, .parquet and compressed files",
             inputs
                 .iter()
                 .map(|p| p.display().to_string())
                 .collect::<Vec<_>>()
                 .join(", ")
-        ));
+        )));
     }
     Ok(count)
 }
@@ -546,12 +553,12 @@ pub fn input_bytes(inputs: &[PathBuf]) -> u64 {
 }
 
 /// Every document under `inputs` in memory (see [`for_each_document`]).
-pub fn collect(inputs: &[PathBuf]) -> Result<Vec<Document>, String> {
+pub fn collect(inputs: &[PathBuf]) -> Result<Vec<Document>, Error> {
     collect_with(inputs, "text")
 }
 
 /// [`collect`] with the text field of JSON-lines and Parquet files named.
-pub fn collect_with(inputs: &[PathBuf], field: &str) -> Result<Vec<Document>, String> {
+pub fn collect_with(inputs: &[PathBuf], field: &str) -> Result<Vec<Document>, Error> {
     let mut out = Vec::new();
     for_each_document(inputs, field, &indicatif::ProgressBar::hidden(), &mut |d| {
         out.push(d);
@@ -574,6 +581,7 @@ mod tests {
         assert_eq!(t, "café\nline\n");
         assert!(decode("blob", &[0u8, 1, 2, 3, 4, 5, 6, 7, 8])
             .unwrap_err()
+            .to_string()
             .contains("looks binary"));
     }
 }

@@ -1,5 +1,6 @@
 //! Corpus → tokenised documents → a deterministic split by whole documents → three shards.
 
+use crate::Error;
 use std::path::{Path, PathBuf};
 
 use super::documents::Document;
@@ -96,7 +97,7 @@ struct Splitter {
 }
 
 impl Splitter {
-    fn add(&mut self, name: &str, bytes: usize, tokens: Vec<u32>) -> Result<(), String> {
+    fn add(&mut self, name: &str, bytes: usize, tokens: Vec<u32>) -> Result<(), Error> {
         let s = split_of(name, self.valid_fraction, self.test_fraction);
         self.seen += 1;
         let held = Held {
@@ -120,7 +121,7 @@ impl Splitter {
         self.write(s, held)
     }
 
-    fn write(&mut self, s: usize, held: Held) -> Result<(), String> {
+    fn write(&mut self, s: usize, held: Held) -> Result<(), Error> {
         self.writers[s].push_document(&held.tokens)?;
         self.splits[s].documents += 1;
         self.splits[s].bytes += held.bytes;
@@ -132,7 +133,7 @@ impl Splitter {
     }
 
     /// Places the documents kept back and writes the three shards (not yet in place).
-    fn finish(mut self) -> Result<([SplitSummary; 3], Vec<Finished>), String> {
+    fn finish(mut self) -> Result<([SplitSummary; 3], Vec<Finished>), Error> {
         let documents = self.seen;
         let mut kept = std::mem::take(&mut self.reserve);
         for (s, held) in std::mem::take(&mut self.early) {
@@ -183,25 +184,29 @@ const BATCH_BYTES: usize = 8 << 20;
 /// read, tokenised (a batch at a time, on every core) and appended to their
 /// split's shard in input order, so memory stays flat whatever the corpus
 /// size. The previous shards are replaced only once all three new ones are written.
-pub fn prepare(opts: &PrepareOptions) -> Result<PrepareSummary, String> {
+pub fn prepare(opts: &PrepareOptions) -> Result<PrepareSummary, Error> {
     for (name, f) in [
         ("--valid-fraction", opts.valid_fraction),
         ("--test-fraction", opts.test_fraction),
     ] {
         if !(0.0..0.5).contains(&f) {
-            return Err(format!("{name} {f} must be in [0, 0.5)"));
+            return Err(Error::Corpus(format!("{name} {f} must be in [0, 0.5)")));
         }
     }
     // Inputs are checked before anything is created.
     for p in &opts.inputs {
-        std::fs::metadata(p)
-            .map_err(|e| format!("input {} cannot be read: {e}; check the path", p.display()))?;
+        std::fs::metadata(p).map_err(|e| {
+            Error::Corpus(format!(
+                "input {} cannot be read: {e}; check the path",
+                p.display()
+            ))
+        })?;
     }
     std::fs::create_dir_all(&opts.out_dir).map_err(|e| {
-        format!(
+        Error::Corpus(format!(
             "cannot create the output folder {}: {e}; choose a writable place with --out",
             opts.out_dir.display()
-        )
+        ))
     })?;
     let tokenizer = Tokenizer::new(opts.tokenizer);
     let eos = opts.tokenizer.eos();
@@ -247,7 +252,7 @@ pub fn prepare(opts: &PrepareOptions) -> Result<PrepareSummary, String> {
             splitter.add(&doc.name, doc.text.len(), tokens)?;
         }
         bar.set_message(format!("{} tokens", splitter.tokens()));
-        Ok::<(), String>(())
+        Ok::<(), Error>(())
     };
     for_each_document(&opts.inputs, &opts.text_field, &bar, &mut |doc| {
         batch_bytes += doc.text.len();

@@ -11,6 +11,7 @@
 //! | 32 | documents (u64) |
 //! | 40 | FNV-1a 64 checksum of the token bytes (u64) |
 
+use crate::Error;
 use std::fs::File;
 use std::io::Write;
 use std::path::Path;
@@ -70,16 +71,18 @@ impl Header {
 
     /// Parses and checks a header (`file_len`: the whole file's length).
     /// Every failure names what is wrong and what to do.
-    pub fn parse(bytes: &[u8], file_len: u64) -> Result<Header, String> {
+    pub fn parse(bytes: &[u8], file_len: u64) -> Result<Header, Error> {
         let redo = "re-create it with `did data prepare`";
         if bytes.len() < HEADER_LEN {
-            return Err(format!(
+            return Err(Error::Shards(format!(
                 "too short for a token shard ({} bytes, the header alone is {HEADER_LEN}); {redo}",
                 bytes.len()
-            ));
+            )));
         }
         if &bytes[..8] != MAGIC {
-            return Err(format!("not a did token shard (bad magic bytes); {redo}"));
+            return Err(Error::Shards(format!(
+                "not a did token shard (bad magic bytes); {redo}"
+            )));
         }
         let u32_at =
             |o: usize| u32::from_le_bytes([bytes[o], bytes[o + 1], bytes[o + 2], bytes[o + 3]]);
@@ -90,32 +93,32 @@ impl Header {
         };
         let version = u32_at(8);
         if version != VERSION {
-            return Err(format!(
+            return Err(Error::Shards(format!(
                 "shard format version {version}, this build reads version {VERSION}; {redo}"
-            ));
+            )));
         }
         let tokenizer = TokenizerKind::from_id(u32_at(12))
-            .ok_or_else(|| format!("unknown tokenizer id {}; {redo}", u32_at(12)))?;
+            .ok_or_else(|| Error::Shards(format!("unknown tokenizer id {}; {redo}", u32_at(12))))?;
         let bytes_per_token = u32_at(20);
         if bytes_per_token != 2 && bytes_per_token != 4 {
-            return Err(format!(
+            return Err(Error::Shards(format!(
                 "{bytes_per_token} bytes per token (expected 2 or 4); {redo}"
-            ));
+            )));
         }
         let vocab_size = u32_at(16);
         if vocab_size == 0 || (bytes_per_token == 2 && vocab_size > 65_536) {
-            return Err(format!(
+            return Err(Error::Shards(format!(
                 "vocabulary size {vocab_size} does not fit {bytes_per_token}-byte tokens; {redo}"
-            ));
+            )));
         }
         let tokens = u64_at(24);
         let expected = tokens
             .checked_mul(u64::from(bytes_per_token))
             .and_then(|b| b.checked_add(HEADER_LEN as u64));
         if expected != Some(file_len) {
-            return Err(format!(
+            return Err(Error::Shards(format!(
                 "the header promises {tokens} tokens but the file has {file_len} bytes (truncated or corrupt); {redo}"
-            ));
+            )));
         }
         Ok(Header {
             tokenizer,
@@ -135,7 +138,7 @@ pub fn write(
     vocab_size: u32,
     documents: u64,
     tokens: &[u32],
-) -> Result<Header, String> {
+) -> Result<Header, Error> {
     let mut w = ShardWriter::create(path, tokenizer, vocab_size)?;
     w.append(tokens)?;
     w.documents = documents;
@@ -169,18 +172,18 @@ pub struct Finished {
     header: Header,
 }
 
-fn io_error(path: &Path) -> impl Fn(std::io::Error) -> String + '_ {
+fn io_error(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
     move |e| {
-        format!(
+        Error::Shards(format!(
             "cannot write {}: {e}; check that the output folder is writable and has space",
             path.display()
-        )
+        ))
     }
 }
 
 impl ShardWriter {
     /// Starts `path`'s temporary file.
-    pub fn create(path: &Path, tokenizer: TokenizerKind, vocab_size: u32) -> Result<Self, String> {
+    pub fn create(path: &Path, tokenizer: TokenizerKind, vocab_size: u32) -> Result<Self, Error> {
         let tmp = path.with_extension("bin.tmp");
         let mut file =
             std::io::BufWriter::with_capacity(1 << 20, File::create(&tmp).map_err(io_error(path))?);
@@ -200,7 +203,7 @@ impl ShardWriter {
     }
 
     /// Appends tokens.
-    pub fn append(&mut self, tokens: &[u32]) -> Result<(), String> {
+    pub fn append(&mut self, tokens: &[u32]) -> Result<(), Error> {
         self.buf.clear();
         for &t in tokens {
             if self.bytes_per_token == 2 {
@@ -211,12 +214,15 @@ impl ShardWriter {
         }
         self.checksum = fnv1a(self.checksum, &self.buf);
         self.tokens += tokens.len() as u64;
-        let file = self.file.as_mut().ok_or("shard writer already finished")?;
+        let file = self
+            .file
+            .as_mut()
+            .ok_or(Error::Shards("shard writer already finished".into()))?;
         file.write_all(&self.buf).map_err(io_error(&self.path))
     }
 
     /// Appends one document's tokens (EOS included) and counts it.
-    pub fn push_document(&mut self, tokens: &[u32]) -> Result<(), String> {
+    pub fn push_document(&mut self, tokens: &[u32]) -> Result<(), Error> {
         self.append(tokens)?;
         self.documents += 1;
         Ok(())
@@ -228,7 +234,7 @@ impl ShardWriter {
     }
 
     /// Writes the header and syncs the temporary file.
-    pub fn finish(mut self) -> Result<Finished, String> {
+    pub fn finish(mut self) -> Result<Finished, Error> {
         use std::io::{Seek, SeekFrom};
         let header = Header {
             tokenizer: self.tokenizer,
@@ -240,7 +246,10 @@ impl ShardWriter {
         };
         let path = self.path.clone();
         let io = io_error(&path);
-        let file = self.file.take().ok_or("shard writer already finished")?;
+        let file = self
+            .file
+            .take()
+            .ok_or(Error::Shards("shard writer already finished".into()))?;
         let mut file = file.into_inner().map_err(|e| io(e.into_error()))?;
         file.seek(SeekFrom::Start(0)).map_err(&io)?;
         file.write_all(&header.to_bytes()).map_err(&io)?;
@@ -263,7 +272,7 @@ impl Drop for ShardWriter {
 
 impl Finished {
     /// Renames the shard into place.
-    pub fn commit(self) -> Result<Header, String> {
+    pub fn commit(self) -> Result<Header, Error> {
         std::fs::rename(&self.tmp, &self.path).map_err(io_error(&self.path))?;
         Ok(self.header)
     }
@@ -277,27 +286,28 @@ pub struct Shard {
 
 impl Shard {
     /// Opens and checks `path`.
-    pub fn open(path: &Path) -> Result<Shard, String> {
+    pub fn open(path: &Path) -> Result<Shard, Error> {
         let file = File::open(path).map_err(|e| {
-            format!(
+            Error::Shards(format!(
                 "cannot open the token shard {}: {e}; run `did data prepare` first",
                 path.display()
-            )
+            ))
         })?;
         let len = file
             .metadata()
-            .map_err(|e| format!("cannot read {}: {e}", path.display()))?
+            .map_err(|e| Error::Shards(format!("cannot read {}: {e}", path.display())))?
             .len();
         // SAFETY: the map is read-only; a shard modified while mapped is the user's
         // error and can only yield wrong tokens (every index is bounds-checked).
         let map = unsafe { memmap2::Mmap::map(&file) }
-            .map_err(|e| format!("cannot map {}: {e}", path.display()))?;
-        let header = Header::parse(&map, len).map_err(|e| format!("{}: {e}", path.display()))?;
+            .map_err(|e| Error::Shards(format!("cannot map {}: {e}", path.display())))?;
+        let header = Header::parse(&map, len)
+            .map_err(|e| Error::Shards(format!("{}: {e}", path.display())))?;
         if fnv1a(FNV_OFFSET, &map[HEADER_LEN..]) != header.checksum {
-            return Err(format!(
+            return Err(Error::Shards(format!(
                 "{}: checksum mismatch (the file is corrupt); re-create it with `did data prepare`",
                 path.display()
-            ));
+            )));
         }
         Ok(Shard { header, map })
     }
@@ -369,15 +379,21 @@ mod tests {
         assert!(Shard::open(&path)
             .err()
             .unwrap()
+            .to_string()
             .contains("checksum mismatch"));
         // Truncate: the length check catches it.
         std::fs::write(&path, &bytes[..bytes.len() - 1]).unwrap();
         assert!(Shard::open(&path)
             .err()
             .unwrap()
+            .to_string()
             .contains("truncated or corrupt"));
         std::fs::write(&path, b"hello").unwrap();
-        assert!(Shard::open(&path).err().unwrap().contains("too short"));
+        assert!(Shard::open(&path)
+            .err()
+            .unwrap()
+            .to_string()
+            .contains("too short"));
         let _ = std::fs::remove_dir_all(&dir);
     }
 
@@ -403,7 +419,10 @@ mod tests {
             let mut b = good.to_bytes();
             b[at] = v;
             assert!(
-                Header::parse(&b, file_len).unwrap_err().contains(want),
+                Header::parse(&b, file_len)
+                    .unwrap_err()
+                    .to_string()
+                    .contains(want),
                 "{want}"
             );
         }

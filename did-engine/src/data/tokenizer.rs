@@ -1,5 +1,6 @@
 //! The two tokenizers: GPT-2's BPE (tiktoken's `r50k_base`, compiled in) and raw bytes.
 
+use crate::Error;
 use std::fmt;
 use std::str::FromStr;
 
@@ -55,14 +56,14 @@ impl fmt::Display for TokenizerKind {
 }
 
 impl FromStr for TokenizerKind {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self, Error> {
         match s {
             "gpt2" => Ok(TokenizerKind::Gpt2),
             "bytes" => Ok(TokenizerKind::Bytes),
-            other => Err(format!(
+            other => Err(Error::Corpus(format!(
                 "unknown tokenizer {other:?}; use `gpt2` or `bytes`"
-            )),
+            ))),
         }
     }
 }

@@ -6,6 +6,7 @@
 //! where the two could disagree (the published `cond_dim` default, the
 //! "tied" head that never is); every tensor is checked and a wrong one named.
 
+use crate::Error;
 use std::path::Path;
 
 use did_core::model::{Architecture, ModelConfig, ParamTable};
@@ -53,41 +54,46 @@ pub struct Bd3lmOptions {
 
 /// Reads a BD3-LM or MDLM folder (`config.json`, and `model.safetensors` or
 /// `pytorch_model.bin`) into a checkpoint.
-pub fn bd3lm(dir: &Path, opts: Bd3lmOptions) -> Result<Checkpoint, String> {
-    let config_json = std::fs::read(dir.join("config.json"))
-        .map_err(|e| format!("cannot read {}: {e}", dir.join("config.json").display()))?;
-    parse_config(&config_json).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let tensors = Tensors::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+pub fn bd3lm(dir: &Path, opts: Bd3lmOptions) -> Result<Checkpoint, Error> {
+    let config_json = std::fs::read(dir.join("config.json")).map_err(|e| {
+        Error::Import(format!(
+            "cannot read {}: {e}",
+            dir.join("config.json").display()
+        ))
+    })?;
+    parse_config(&config_json).map_err(|e| Error::Import(format!("{}: {e}", dir.display())))?;
+    let tensors =
+        Tensors::read_dir(dir).map_err(|e| Error::Import(format!("{}: {e}", dir.display())))?;
     let mut ckpt = bd3lm_from_tensors(&config_json, tensors, opts)
-        .map_err(|e| format!("{}: {e}", dir.display()))?;
+        .map_err(|e| Error::Import(format!("{}: {e}", dir.display())))?;
     ckpt.run
         .insert("imported_from".into(), dir.display().to_string());
     Ok(ckpt)
 }
 
-fn parse_config(config_json: &[u8]) -> Result<DitConfig, String> {
+fn parse_config(config_json: &[u8]) -> Result<DitConfig, Error> {
     let c: DitConfig = serde_json::from_slice(config_json)
-        .map_err(|e| format!("config.json: not a BD3-LM or MDLM config ({e})"))?;
+        .map_err(|e| Error::Import(format!("config.json: not a BD3-LM or MDLM config ({e})")))?;
     if let Some(t) = c.model_type.as_deref() {
         if !matches!(t, "bd3lm" | "mdlm") {
-            return Err(format!(
+            return Err(Error::Import(format!(
                 "config.json: model_type {t:?}; `did import bd3lm` reads \"bd3lm\" and \"mdlm\" (GPT-2: `did import gpt2`)"
-            ));
+            )));
         }
     }
     if c.time_conditioning {
-        return Err("config.json: time_conditioning = true; did's DiT runs at σ = 0, as BD3-LM's and MDLM's released models do, and has no time input".into());
+        return Err(Error::Import("config.json: time_conditioning = true; did's DiT runs at σ = 0, as BD3-LM's and MDLM's released models do, and has no time input".into()));
     }
     if c.causal {
-        return Err(
+        return Err(Error::Import(
             "config.json: causal = true is an autoregressive model, not a diffusion one".into(),
-        );
+        ));
     }
     Ok(c)
 }
 
 /// [`bd3lm`] from the bytes of `config.json` and `model.safetensors`.
-pub fn bd3lm_from_bytes(config_json: &[u8], weights: &[u8]) -> Result<Checkpoint, String> {
+pub fn bd3lm_from_bytes(config_json: &[u8], weights: &[u8]) -> Result<Checkpoint, Error> {
     bd3lm_from_tensors(
         config_json,
         Tensors::from_safetensors("model.safetensors", weights)?,
@@ -100,7 +106,7 @@ pub fn bd3lm_from_tensors(
     config_json: &[u8],
     tensors: Tensors,
     opts: Bd3lmOptions,
-) -> Result<Checkpoint, String> {
+) -> Result<Checkpoint, Error> {
     let hf = parse_config(config_json)?;
     // `backbone.` in the HF and Lightning layouts; `_orig_mod.` after torch.compile.
     let tensors = tensors.rename(|k| {
@@ -114,10 +120,10 @@ pub fn bd3lm_from_tensors(
         Some(s) if s.len() == 2 => s[0],
         _ if !hf.adaln => 1,
         _ => {
-            return Err(format!(
+            return Err(Error::Import(format!(
                 "{} has no sigma_map.mlp.0.weight [cond_dim, 256]; is it a BD3-LM or MDLM model?",
                 tensors.file
-            ))
+            )))
         }
     };
     let layers = (0..)
@@ -129,16 +135,18 @@ pub fn bd3lm_from_tensors(
         ("n_blocks", hf.n_blocks, layers),
     ] {
         if config != weights {
-            return Err(format!(
+            return Err(Error::Import(format!(
                 "config.json says {what} = {config} but the weights have {weights}; the weights are followed only where config.json is silent, so fix config.json"
-            ));
+            )));
         }
     }
     let last_id = u32::try_from(vocab)
         .ok()
         .and_then(|v| v.checked_sub(1))
         .ok_or_else(|| {
-            format!("vocab_embed.embedding has {vocab} rows; a vocabulary has 1 to 2³² ids")
+            Error::Import(format!(
+                "vocab_embed.embedding has {vocab} rows; a vocabulary has 1 to 2³² ids"
+            ))
         })?;
     let mask_id = opts.mask_id.unwrap_or(last_id);
     let rope_base = rope_base(&tensors, hidden / hf.n_heads.max(1))?;
@@ -156,7 +164,9 @@ pub fn bd3lm_from_tensors(
         norm_eps: 1e-5,
         rope_base,
     };
-    config.validate().map_err(|e| format!("config.json: {e}"))?;
+    config
+        .validate()
+        .map_err(|e| Error::Import(format!("config.json: {e}")))?;
 
     let table = ParamTable::new(&config);
     let mut params = vec![0.0f32; table.total()];
@@ -212,49 +222,49 @@ pub fn bd3lm_from_tensors(
 }
 
 /// The two dimensions of a matrix the shapes are read from.
-fn dims(tensors: &Tensors, name: &str) -> Result<[usize; 2], String> {
+fn dims(tensors: &Tensors, name: &str) -> Result<[usize; 2], Error> {
     match tensors.get(name) {
         Some(Tensor { shape, .. }) if shape.len() == 2 => Ok([shape[0], shape[1]]),
-        Some(t) => Err(format!(
+        Some(t) => Err(Error::Import(format!(
             "tensor {name} in {} has shape {:?}; a matrix was expected",
             tensors.file, t.shape
-        )),
-        None => Err(format!(
+        ))),
+        None => Err(Error::Import(format!(
             "{} has no tensor {name}; is it a BD3-LM or MDLM model?",
             tensors.file
-        )),
+        ))),
     }
 }
 
 /// RoPE's base, from the stored `inv_freq` when there is one (10000 otherwise):
 /// `inv_freq[i] = base^(−2i/d)`, checked for every `i`.
-fn rope_base(tensors: &Tensors, head_dim: usize) -> Result<f32, String> {
+fn rope_base(tensors: &Tensors, head_dim: usize) -> Result<f32, Error> {
     let Some(t) = tensors.get("rotary_emb.inv_freq") else {
         return Ok(10_000.0);
     };
     let f = &t.values;
     if t.shape != [head_dim / 2] || f.len() < 2 || f[1] <= 0.0 || f[1] >= 1.0 {
-        return Err(format!(
+        return Err(Error::Import(format!(
             "rotary_emb.inv_freq has shape {:?} and values {:?}…; a rotary embedding over head dimension {head_dim} has [{}] decreasing from 1",
             t.shape,
             &f[..f.len().min(2)],
             head_dim / 2
-        ));
+        )));
     }
     let base = f64::from(f[1]).powf(-(head_dim as f64) / 2.0);
     for (i, &v) in f.iter().enumerate() {
         let want = base.powf(-2.0 * i as f64 / head_dim as f64);
         if (f64::from(v) - want).abs() > 1e-5 * want {
-            return Err(format!(
+            return Err(Error::Import(format!(
                 "rotary_emb.inv_freq[{i}] = {v}, not base^(−2i/d) for base {base:.1}; did's RoPE has that form"
-            ));
+            )));
         }
     }
     Ok(base.round() as f32)
 }
 
 /// `did import bd3lm DIR --out FILE`.
-pub fn import_bd3lm(dir: &Path, out: &Path, opts: Bd3lmOptions) -> Result<String, String> {
+pub fn import_bd3lm(dir: &Path, out: &Path, opts: Bd3lmOptions) -> Result<String, Error> {
     let ckpt = bd3lm(dir, opts)?;
     checkpoint::save(out, &ckpt)?;
     let c = &ckpt.config;

@@ -2,6 +2,7 @@
 //! `GPT2LMHeadModel`), the paper's judge. Its `config.json` and weights map one
 //! to one onto the `gpt2` architecture (learned positions, tied head, GELU-tanh).
 
+use crate::Error;
 use std::path::Path;
 
 use did_core::model::{Architecture, ModelConfig, ParamTable};
@@ -51,23 +52,23 @@ fn default_dropout() -> f32 {
 /// The `did` configuration of a Hugging Face GPT-2: the vocabulary gains one
 /// row, `[MASK]`, which the tied head turns into a logit of 0 that judges
 /// leave out of their softmax.
-fn config_of(c: &Gpt2Config) -> Result<ModelConfig, String> {
+fn config_of(c: &Gpt2Config) -> Result<ModelConfig, Error> {
     if !matches!(
         c.activation_function.as_str(),
         "gelu_new" | "gelu_pytorch_tanh"
     ) {
-        return Err(format!(
+        return Err(Error::Import(format!(
             "activation_function {:?}: did's gpt2 uses GELU with the tanh approximation (gelu_new)",
             c.activation_function
-        ));
+        )));
     }
     if c.scale_attn_by_inverse_layer_idx || c.reorder_and_upcast_attn || !c.scale_attn_weights {
-        return Err("scale_attn_by_inverse_layer_idx, reorder_and_upcast_attn and scale_attn_weights = false change the attention; did's gpt2 has GPT-2's plain scaled attention".into());
+        return Err(Error::Import("scale_attn_by_inverse_layer_idx, reorder_and_upcast_attn and scale_attn_weights = false change the attention; did's gpt2 has GPT-2's plain scaled attention".into()));
     }
     if !c.tie_word_embeddings {
-        return Err(
+        return Err(Error::Import(
             "tie_word_embeddings = false: did's gpt2 ties the head to the embedding".into(),
-        );
+        ));
     }
     let config = ModelConfig {
         architecture: Architecture::Gpt2,
@@ -80,35 +81,42 @@ fn config_of(c: &Gpt2Config) -> Result<ModelConfig, String> {
         context: c.n_positions,
         dropout: c.resid_pdrop,
         norm_eps: c.layer_norm_epsilon,
-        ..ModelConfig::preset("tiny", Architecture::Gpt2).map_err(|e| e.to_string())?
+        ..ModelConfig::preset("tiny", Architecture::Gpt2)
+            .map_err(|e| Error::Import(e.to_string()))?
     };
-    config.validate().map_err(|e| format!("config.json: {e}"))?;
+    config
+        .validate()
+        .map_err(|e| Error::Import(format!("config.json: {e}")))?;
     Ok(config)
 }
 
-fn parse_config(config_json: &[u8]) -> Result<(Gpt2Config, ModelConfig), String> {
+fn parse_config(config_json: &[u8]) -> Result<(Gpt2Config, ModelConfig), Error> {
     let hf: Gpt2Config = serde_json::from_slice(config_json)
-        .map_err(|e| format!("config.json: not a GPT-2 config ({e})"))?;
+        .map_err(|e| Error::Import(format!("config.json: not a GPT-2 config ({e})")))?;
     let config = config_of(&hf)?;
     Ok((hf, config))
 }
 
 /// Reads a Hugging Face GPT-2 folder (`config.json`, and `model.safetensors`
 /// or `pytorch_model.bin`) into a checkpoint.
-pub fn gpt2(dir: &Path) -> Result<Checkpoint, String> {
-    let config_json = std::fs::read(dir.join("config.json"))
-        .map_err(|e| format!("cannot read {}: {e}", dir.join("config.json").display()))?;
-    parse_config(&config_json).map_err(|e| format!("{}: {e}", dir.display()))?;
+pub fn gpt2(dir: &Path) -> Result<Checkpoint, Error> {
+    let config_json = std::fs::read(dir.join("config.json")).map_err(|e| {
+        Error::Import(format!(
+            "cannot read {}: {e}",
+            dir.join("config.json").display()
+        ))
+    })?;
+    parse_config(&config_json).map_err(|e| Error::Import(format!("{}: {e}", dir.display())))?;
     let tensors = Tensors::read_dir(dir)?;
-    let mut ckpt =
-        gpt2_from_tensors(&config_json, tensors).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let mut ckpt = gpt2_from_tensors(&config_json, tensors)
+        .map_err(|e| Error::Import(format!("{}: {e}", dir.display())))?;
     ckpt.run
         .insert("imported_from".into(), dir.display().to_string());
     Ok(ckpt)
 }
 
 /// [`gpt2`] from the bytes of `config.json` and `model.safetensors`.
-pub fn gpt2_from_bytes(config_json: &[u8], weights: &[u8]) -> Result<Checkpoint, String> {
+pub fn gpt2_from_bytes(config_json: &[u8], weights: &[u8]) -> Result<Checkpoint, Error> {
     gpt2_from_tensors(
         config_json,
         Tensors::from_safetensors("model.safetensors", weights)?,
@@ -116,7 +124,7 @@ pub fn gpt2_from_bytes(config_json: &[u8], weights: &[u8]) -> Result<Checkpoint,
 }
 
 /// [`gpt2`] from `config.json` and the tensors however they were stored.
-pub fn gpt2_from_tensors(config_json: &[u8], tensors: Tensors) -> Result<Checkpoint, String> {
+pub fn gpt2_from_tensors(config_json: &[u8], tensors: Tensors) -> Result<Checkpoint, Error> {
     let (hf, config) = parse_config(config_json)?;
     // Keys are `h.0.…` or `transformer.h.0.…` depending on how the model was saved.
     let tensors = tensors.rename(|k| k.strip_prefix("transformer.").unwrap_or(k).to_string());
@@ -160,10 +168,10 @@ pub fn gpt2_from_tensors(config_json: &[u8], tensors: Tensors) -> Result<Checkpo
     }
     if let (Some(head), Some(wte)) = (tensors.get("lm_head.weight"), tensors.get("wte.weight")) {
         if head != wte {
-            return Err(
+            return Err(Error::Import(
                 "lm_head.weight differs from wte.weight: did's gpt2 ties the head to the embedding"
                     .into(),
-            );
+            ));
         }
     }
     // Attention-mask buffers are not weights.
@@ -187,7 +195,7 @@ pub fn gpt2_from_tensors(config_json: &[u8], tensors: Tensors) -> Result<Checkpo
 }
 
 /// `did import gpt2 DIR --out FILE`.
-pub fn import_gpt2(dir: &Path, out: &Path) -> Result<String, String> {
+pub fn import_gpt2(dir: &Path, out: &Path) -> Result<String, Error> {
     let ckpt = gpt2(dir)?;
     checkpoint::save(out, &ckpt)?;
     Ok(format!(

@@ -6,6 +6,7 @@
 //! rebuilders); anything else is refused by name. Legacy (pre-1.6,
 //! non-zip) files are refused with the way to convert them.
 
+use crate::Error;
 use std::collections::HashMap;
 use std::io::{Cursor, Read};
 use std::rc::Rc;
@@ -127,7 +128,7 @@ struct Machine<'a> {
     memo: HashMap<u32, Value>,
 }
 
-type Result<T> = std::result::Result<T, String>;
+type Result<T> = std::result::Result<T, Error>;
 
 impl<'a> Machine<'a> {
     fn take(&mut self, n: usize) -> Result<&'a [u8]> {
@@ -135,7 +136,9 @@ impl<'a> Machine<'a> {
             .pos
             .checked_add(n)
             .filter(|&e| e <= self.code.len())
-            .ok_or("data.pkl ends in the middle of an instruction")?;
+            .ok_or(Error::Import(
+                "data.pkl ends in the middle of an instruction".into(),
+            ))?;
         let s = &self.code[self.pos..end];
         self.pos = end;
         Ok(s)
@@ -155,7 +158,7 @@ impl<'a> Machine<'a> {
         usize::try_from(u64::from_le_bytes([
             b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7],
         ]))
-        .map_err(|_| "a length in data.pkl does not fit in memory".into())
+        .map_err(|_| Error::Import("a length in data.pkl does not fit in memory".into()))
     }
 
     fn line(&mut self) -> Result<&'a str> {
@@ -163,47 +166,54 @@ impl<'a> Machine<'a> {
         let n = rest
             .iter()
             .position(|&b| b == b'\n')
-            .ok_or("data.pkl: a GLOBAL name has no end")?;
-        let s =
-            std::str::from_utf8(&rest[..n]).map_err(|_| "data.pkl: a GLOBAL name is not UTF-8")?;
+            .ok_or(Error::Import("data.pkl: a GLOBAL name has no end".into()))?;
+        let s = std::str::from_utf8(&rest[..n])
+            .map_err(|_| Error::Import("data.pkl: a GLOBAL name is not UTF-8".into()))?;
         self.pos += n + 1;
         Ok(s)
     }
 
     fn text(&mut self, n: usize) -> Result<Value> {
         let b = self.take(n)?;
-        let s = std::str::from_utf8(b).map_err(|_| "data.pkl: a string is not UTF-8")?;
+        let s = std::str::from_utf8(b)
+            .map_err(|_| Error::Import("data.pkl: a string is not UTF-8".into()))?;
         Ok(Value::Str(s.into()))
     }
 
     fn pop(&mut self) -> Result<Value> {
         if self.marks.last().is_some_and(|&m| m >= self.stack.len()) {
-            return Err("data.pkl pops past a MARK".into());
+            return Err(Error::Import("data.pkl pops past a MARK".into()));
         }
         self.stack
             .pop()
-            .ok_or_else(|| "data.pkl pops an empty stack".into())
+            .ok_or_else(|| Error::Import("data.pkl pops an empty stack".into()))
     }
 
     fn top(&mut self) -> Result<&mut Value> {
         self.stack
             .last_mut()
-            .ok_or_else(|| "data.pkl: the stack is empty".into())
+            .ok_or_else(|| Error::Import("data.pkl: the stack is empty".into()))
     }
 
     fn pop_mark(&mut self) -> Result<Vec<Value>> {
-        let m = self.marks.pop().ok_or("data.pkl: no MARK to pop to")?;
+        let m = self
+            .marks
+            .pop()
+            .ok_or(Error::Import("data.pkl: no MARK to pop to".into()))?;
         if m > self.stack.len() {
-            return Err("data.pkl: a MARK lies above the stack".into());
+            return Err(Error::Import(
+                "data.pkl: a MARK lies above the stack".into(),
+            ));
         }
         Ok(self.stack.split_off(m))
     }
 
     fn memo_get(&self, key: u32) -> Result<Value> {
-        self.memo
-            .get(&key)
-            .cloned()
-            .ok_or_else(|| format!("data.pkl reads memo entry {key}, which was never written"))
+        self.memo.get(&key).cloned().ok_or_else(|| {
+            Error::Import(format!(
+                "data.pkl reads memo entry {key}, which was never written"
+            ))
+        })
     }
 
     fn memo_put(&mut self, key: u32) -> Result<()> {
@@ -211,14 +221,16 @@ impl<'a> Machine<'a> {
             .stack
             .last()
             .cloned()
-            .ok_or("data.pkl memoizes an empty stack")?;
+            .ok_or(Error::Import("data.pkl memoizes an empty stack".into()))?;
         self.memo.insert(key, v);
         Ok(())
     }
 
     fn set_items(&mut self, items: Vec<Value>) -> Result<()> {
         if items.len() % 2 != 0 {
-            return Err("data.pkl: SETITEMS with an odd number of values".into());
+            return Err(Error::Import(
+                "data.pkl: SETITEMS with an odd number of values".into(),
+            ));
         }
         match self.top()? {
             Value::Dict(d) => {
@@ -229,7 +241,10 @@ impl<'a> Machine<'a> {
                 }
                 Ok(())
             }
-            other => Err(format!("data.pkl sets items on {}", other.kind())),
+            other => Err(Error::Import(format!(
+                "data.pkl sets items on {}",
+                other.kind()
+            ))),
         }
     }
 
@@ -239,7 +254,10 @@ impl<'a> Machine<'a> {
                 Rc::make_mut(l).extend(items);
                 Ok(())
             }
-            other => Err(format!("data.pkl appends to {}", other.kind())),
+            other => Err(Error::Import(format!(
+                "data.pkl appends to {}",
+                other.kind()
+            ))),
         }
     }
 
@@ -252,7 +270,7 @@ impl<'a> Machine<'a> {
                 0x80 => {
                     let v = self.u8()?;
                     if v > 5 {
-                        return Err(format!("data.pkl is pickle protocol {v}; up to 5 is read"));
+                        return Err(Error::Import(format!("data.pkl is pickle protocol {v}; up to 5 is read")));
                     }
                 }
                 0x95 => {
@@ -303,7 +321,7 @@ impl<'a> Machine<'a> {
                 0x8a => {
                     let n = usize::from(self.u8()?);
                     if n > 8 {
-                        return Err("data.pkl holds an integer wider than 64 bits".into());
+                        return Err(Error::Import("data.pkl holds an integer wider than 64 bits".into()));
                     }
                     let b = self.take(n)?;
                     let mut v: i64 = 0;
@@ -355,7 +373,7 @@ impl<'a> Machine<'a> {
                         (Value::Str(m), Value::Str(n)) => {
                             self.stack.push(Value::Global(format!("{m}.{n}").into()))
                         }
-                        _ => return Err("data.pkl: STACK_GLOBAL without two strings".into()),
+                        _ => return Err(Error::Import("data.pkl: STACK_GLOBAL without two strings".into())),
                     }
                 }
                 b'q' => {
@@ -367,7 +385,7 @@ impl<'a> Machine<'a> {
                     self.memo_put(k)?;
                 }
                 0x94 => {
-                    let k = u32::try_from(self.memo.len()).map_err(|_| "data.pkl: memo overflow")?;
+                    let k = u32::try_from(self.memo.len()).map_err(|_| Error::Import("data.pkl: memo overflow".into()))?;
                     self.memo_put(k)?;
                 }
                 b'h' => {
@@ -413,9 +431,9 @@ impl<'a> Machine<'a> {
                     self.append(items)?;
                 }
                 other => {
-                    return Err(format!(
+                    return Err(Error::Import(format!(
                         "data.pkl uses pickle opcode 0x{other:02x} at byte {at}, which torch.save does not write"
-                    ))
+                    )))
                 }
             }
         }
@@ -424,29 +442,40 @@ impl<'a> Machine<'a> {
 
 fn int(v: &Value, what: &str) -> Result<usize> {
     match v {
-        Value::Int(i) => usize::try_from(*i).map_err(|_| format!("data.pkl: {what} is negative")),
-        other => Err(format!("data.pkl: {what} is {}, not an int", other.kind())),
+        Value::Int(i) => {
+            usize::try_from(*i).map_err(|_| Error::Import(format!("data.pkl: {what} is negative")))
+        }
+        other => Err(Error::Import(format!(
+            "data.pkl: {what} is {}, not an int",
+            other.kind()
+        ))),
     }
 }
 
 fn ints(v: &Value, what: &str) -> Result<Vec<usize>> {
     match v {
         Value::Tuple(items) | Value::List(items) => items.iter().map(|x| int(x, what)).collect(),
-        other => Err(format!("data.pkl: {what} is {}, not a tuple", other.kind())),
+        other => Err(Error::Import(format!(
+            "data.pkl: {what} is {}, not a tuple",
+            other.kind()
+        ))),
     }
 }
 
 /// `('storage', torch.FloatStorage, key, location, numel)`.
 fn persistent_storage(pid: &Value) -> Result<StorageRef> {
     let Value::Tuple(t) = pid else {
-        return Err(format!("data.pkl: a persistent id is {}", pid.kind()));
+        return Err(Error::Import(format!(
+            "data.pkl: a persistent id is {}",
+            pid.kind()
+        )));
     };
     match t.as_slice() {
         [Value::Str(tag), Value::Global(class), Value::Str(key), _location, numel]
             if &**tag == "storage" =>
         {
             let kind = StorageType::from_class(class).ok_or_else(|| {
-                format!("data.pkl holds a {class}; float, half, bfloat16, double, long, int, byte and bool storages are read")
+                Error::Import(format!("data.pkl holds a {class}; float, half, bfloat16, double, long, int, byte and bool storages are read"))
             })?;
             Ok(StorageRef {
                 key: key.to_string(),
@@ -454,17 +483,22 @@ fn persistent_storage(pid: &Value) -> Result<StorageRef> {
                 numel: int(numel, "a storage size")?,
             })
         }
-        _ => Err("data.pkl: a persistent id that is not a torch storage".into()),
+        _ => Err(Error::Import(
+            "data.pkl: a persistent id that is not a torch storage".into(),
+        )),
     }
 }
 
 /// The four callables a state dict needs; anything else is named and refused.
 fn reduce(callable: &Value, args: &Value) -> Result<Value> {
     let Value::Global(name) = callable else {
-        return Err(format!("data.pkl calls {}", callable.kind()));
+        return Err(Error::Import(format!("data.pkl calls {}", callable.kind())));
     };
     let Value::Tuple(args) = args else {
-        return Err(format!("data.pkl calls {name} with {}", args.kind()));
+        return Err(Error::Import(format!(
+            "data.pkl calls {name} with {}",
+            args.kind()
+        )));
     };
     match &**name {
         "collections.OrderedDict" | "builtins.dict" if args.is_empty() => {
@@ -472,13 +506,13 @@ fn reduce(callable: &Value, args: &Value) -> Result<Value> {
         }
         "torch._utils._rebuild_tensor_v2" | "torch._utils._rebuild_tensor" if args.len() >= 4 => {
             let Value::Storage(storage) = &args[0] else {
-                return Err(format!("data.pkl rebuilds a tensor from {}", args[0].kind()));
+                return Err(Error::Import(format!("data.pkl rebuilds a tensor from {}", args[0].kind())));
             };
             let offset = int(&args[1], "a storage offset")?;
             let shape = ints(&args[2], "a tensor size")?;
             let stride = ints(&args[3], "a tensor stride")?;
             if shape.len() != stride.len() {
-                return Err("data.pkl: a tensor's size and stride differ in length".into());
+                return Err(Error::Import("data.pkl: a tensor's size and stride differ in length".into()));
             }
             Ok(Value::Tensor(Rc::new(TensorRef {
                 storage: storage.clone(),
@@ -492,12 +526,12 @@ fn reduce(callable: &Value, args: &Value) -> Result<Value> {
         {
             match &args[0] {
                 t @ Value::Tensor(_) => Ok(t.clone()),
-                other => Err(format!("data.pkl makes a parameter of {}", other.kind())),
+                other => Err(Error::Import(format!("data.pkl makes a parameter of {}", other.kind()))),
             }
         }
-        _ => Err(format!(
+        _ => Err(Error::Import(format!(
             "data.pkl builds a {name} object; a file of tensors (a state dict) is read, not arbitrary Python objects"
-        )),
+        ))),
     }
 }
 
@@ -505,16 +539,18 @@ fn reduce(callable: &Value, args: &Value) -> Result<Value> {
 /// `state_dict`), by name, as f32. Values that are not tensors are skipped.
 pub fn read(bytes: &[u8]) -> Result<Vec<(String, Tensor)>> {
     if bytes.starts_with(&[0x80]) {
-        return Err("this is a legacy (pre-1.6) torch.save file; load it in Python and save it again with `torch.save(sd, path)` or, better, `safetensors.torch.save_file(sd, path)`".into());
+        return Err(Error::Import("this is a legacy (pre-1.6) torch.save file; load it in Python and save it again with `torch.save(sd, path)` or, better, `safetensors.torch.save_file(sd, path)`".into()));
     }
     let mut zip = zip::ZipArchive::new(Cursor::new(bytes))
-        .map_err(|e| format!("not a PyTorch zip archive ({e})"))?;
+        .map_err(|e| Error::Import(format!("not a PyTorch zip archive ({e})")))?;
     let pkl_name = zip
         .file_names()
         .filter_map(|n| n.ok().map(|n| n.to_string()))
         .filter(|n| n.ends_with("data.pkl") && n.matches('/').count() <= 1)
         .min_by_key(|n| n.len())
-        .ok_or("the archive has no data.pkl: not a torch.save file")?;
+        .ok_or(Error::Import(
+            "the archive has no data.pkl: not a torch.save file".into(),
+        ))?;
     let prefix = &pkl_name[..pkl_name.len() - "data.pkl".len()];
     let code = read_entry(&mut zip, &pkl_name, 1 << 30)?;
     let machine = Machine {
@@ -534,10 +570,10 @@ pub fn read(bytes: &[u8]) -> Result<Vec<(String, Tensor)>> {
         }
     }
     let Value::Dict(entries) = root else {
-        return Err(format!(
+        return Err(Error::Import(format!(
             "data.pkl holds {}, not a state dict of tensors",
             root.kind()
-        ));
+        )));
     };
     let mut storages: HashMap<String, Vec<u8>> = HashMap::new();
     let mut out = Vec::new();
@@ -550,14 +586,14 @@ pub fn read(bytes: &[u8]) -> Result<Vec<(String, Tensor)>> {
             let want = s
                 .numel
                 .checked_mul(s.kind.bytes())
-                .ok_or("data.pkl: a storage size overflows")?;
+                .ok_or(Error::Import("data.pkl: a storage size overflows".into()))?;
             let data = read_entry(&mut zip, &format!("{prefix}data/{}", s.key), want)?;
             if data.len() != want {
-                return Err(format!(
+                return Err(Error::Import(format!(
                     "storage {} of tensor {name} holds {} bytes; its header says {want}",
                     s.key,
                     data.len()
-                ));
+                )));
             }
             storages.insert(s.key.clone(), data);
         }
@@ -571,7 +607,7 @@ pub fn read(bytes: &[u8]) -> Result<Vec<(String, Tensor)>> {
         ));
     }
     if out.is_empty() {
-        return Err("data.pkl holds no tensors".into());
+        return Err(Error::Import("data.pkl holds no tensors".into()));
     }
     Ok(out)
 }
@@ -584,14 +620,16 @@ fn read_entry(
 ) -> Result<Vec<u8>> {
     let entry = zip
         .by_name(name)
-        .map_err(|e| format!("the archive has no {name} ({e})"))?;
+        .map_err(|e| Error::Import(format!("the archive has no {name} ({e})")))?;
     let mut data = Vec::new();
     entry
         .take(limit as u64 + 1)
         .read_to_end(&mut data)
-        .map_err(|e| format!("cannot read {name} from the archive ({e})"))?;
+        .map_err(|e| Error::Import(format!("cannot read {name} from the archive ({e})")))?;
     if data.len() > limit {
-        return Err(format!("{name} is larger than its tensors say"));
+        return Err(Error::Import(format!(
+            "{name} is larger than its tensors say"
+        )));
     }
     Ok(data)
 }
@@ -604,7 +642,7 @@ fn gather(name: &str, t: &TensorRef, storage: &[u8]) -> Result<Vec<f32>> {
         .shape
         .iter()
         .try_fold(1usize, |a, &d| a.checked_mul(d))
-        .ok_or_else(|| format!("tensor {name}: its size overflows"))?;
+        .ok_or_else(|| Error::Import(format!("tensor {name}: its size overflows")))?;
     if count == 0 {
         return Ok(Vec::new());
     }
@@ -615,12 +653,12 @@ fn gather(name: &str, t: &TensorRef, storage: &[u8]) -> Result<Vec<f32>> {
         .try_fold(t.offset, |a, (&d, &s)| {
             a.checked_add((d - 1).checked_mul(s)?)
         })
-        .ok_or_else(|| format!("tensor {name}: its extent overflows"))?;
+        .ok_or_else(|| Error::Import(format!("tensor {name}: its extent overflows")))?;
     if last >= t.storage.numel || count > t.storage.numel {
-        return Err(format!(
+        return Err(Error::Import(format!(
             "tensor {name} (size {:?}, stride {:?}, offset {}) reaches past its storage of {} elements",
             t.shape, t.stride, t.offset, t.storage.numel
-        ));
+        )));
     }
     let mut out = Vec::with_capacity(count);
     let mut index = vec![0usize; t.shape.len()];
@@ -704,7 +742,8 @@ mod tests {
             &state_dict_pickle(4, 1, &[2, 2], &[2, 1]),
             &storage,
         ))
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
         assert!(
             err.contains("tensor w") && err.contains("past its storage"),
             "{err}"
@@ -714,14 +753,17 @@ mod tests {
     #[test]
     fn arbitrary_objects_are_refused_by_name() {
         let p = b"\x80\x02cos\nsystem\nX\x02\x00\x00\x00ls\x85R.";
-        let err = read(&archive(p, &[])).unwrap_err();
+        let err = read(&archive(p, &[])).unwrap_err().to_string();
         assert!(err.contains("os.system"), "{err}");
     }
 
     #[test]
     fn a_legacy_file_and_a_non_archive_say_what_they_are() {
-        assert!(read(b"\x80\x02\x8a\x0a").unwrap_err().contains("legacy"));
-        assert!(read(b"hello").unwrap_err().contains("zip"));
+        assert!(read(b"\x80\x02\x8a\x0a")
+            .unwrap_err()
+            .to_string()
+            .contains("legacy"));
+        assert!(read(b"hello").unwrap_err().to_string().contains("zip"));
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! PyTorch `pytorch_model.bin`. Every importer reads through this, so every
 //! format serves every architecture.
 
+use crate::Error;
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -40,12 +41,12 @@ impl Tensors {
     }
 
     /// The tensors of a safetensors file (f32, f16, bf16 or f64).
-    pub fn from_safetensors(file: &str, bytes: &[u8]) -> Result<Self, String> {
+    pub fn from_safetensors(file: &str, bytes: &[u8]) -> Result<Self, Error> {
         let st = SafeTensors::deserialize(bytes)
-            .map_err(|e| format!("{file}: not a readable safetensors file ({e})"))?;
+            .map_err(|e| Error::Import(format!("{file}: not a readable safetensors file ({e})")))?;
         let mut map = BTreeMap::new();
         for (name, t) in st.tensors() {
-            let values = values(&name, &t).map_err(|e| format!("{file}: {e}"))?;
+            let values = values(&name, &t).map_err(|e| Error::Import(format!("{file}: {e}")))?;
             map.insert(
                 name,
                 Tensor {
@@ -61,17 +62,19 @@ impl Tensors {
     }
 
     /// The tensors of a `torch.save`d state dict (`pytorch_model.bin`).
-    pub fn from_pytorch(file: &str, bytes: &[u8]) -> Result<Self, String> {
-        let tensors = torch_pickle::read(bytes).map_err(|e| format!("{file}: {e}"))?;
+    pub fn from_pytorch(file: &str, bytes: &[u8]) -> Result<Self, Error> {
+        let tensors =
+            torch_pickle::read(bytes).map_err(|e| Error::Import(format!("{file}: {e}")))?;
         Ok(Self::new(file, tensors))
     }
 
     /// The weights of a model folder: `model.safetensors`, the shards a
     /// `model.safetensors.index.json` lists, or `pytorch_model.bin`, in that order.
-    pub fn read_dir(dir: &Path) -> Result<Self, String> {
+    pub fn read_dir(dir: &Path) -> Result<Self, Error> {
         let read = |name: &str| {
-            std::fs::read(dir.join(name))
-                .map_err(|e| format!("cannot read {}: {e}", dir.join(name).display()))
+            std::fs::read(dir.join(name)).map_err(|e| {
+                Error::Import(format!("cannot read {}: {e}", dir.join(name).display()))
+            })
         };
         if dir.join("model.safetensors").exists() {
             return Self::from_safetensors("model.safetensors", &read("model.safetensors")?);
@@ -79,20 +82,22 @@ impl Tensors {
         if dir.join("model.safetensors.index.json").exists() {
             let index: serde_json::Value =
                 serde_json::from_slice(&read("model.safetensors.index.json")?)
-                    .map_err(|e| format!("model.safetensors.index.json: {e}"))?;
+                    .map_err(|e| Error::Import(format!("model.safetensors.index.json: {e}")))?;
             let shards: std::collections::BTreeSet<&str> = index
                 .get("weight_map")
                 .and_then(|m| m.as_object())
-                .ok_or("model.safetensors.index.json has no weight_map")?
+                .ok_or(Error::Import(
+                    "model.safetensors.index.json has no weight_map".into(),
+                ))?
                 .values()
                 .filter_map(|v| v.as_str())
                 .collect();
             let mut all = Self::new("model.safetensors.index.json", []);
             for shard in shards {
                 if shard.contains('/') || shard.contains('\\') {
-                    return Err(format!(
+                    return Err(Error::Import(format!(
                         "model.safetensors.index.json names {shard:?}, outside the folder"
-                    ));
+                    )));
                 }
                 all.map
                     .extend(Self::from_safetensors(shard, &read(shard)?)?.map);
@@ -102,10 +107,10 @@ impl Tensors {
         if dir.join("pytorch_model.bin").exists() {
             return Self::from_pytorch("pytorch_model.bin", &read("pytorch_model.bin")?);
         }
-        Err(format!(
+        Err(Error::Import(format!(
             "{} holds no model.safetensors, model.safetensors.index.json or pytorch_model.bin",
             dir.display()
-        ))
+        )))
     }
 
     /// The tensor `name`, if present.
@@ -128,41 +133,36 @@ impl Tensors {
 
     /// An error naming the first tensor `known` does not accept: an importer
     /// never drops weights silently.
-    pub fn refuse_unknown(&self, known: impl Fn(&str) -> bool, model: &str) -> Result<(), String> {
+    pub fn refuse_unknown(&self, known: impl Fn(&str) -> bool, model: &str) -> Result<(), Error> {
         match self.names().find(|k| !known(k)) {
-            Some(k) => Err(format!(
+            Some(k) => Err(Error::Import(format!(
                 "{} holds {k}, which {model} does not have",
                 self.file
-            )),
+            ))),
             None => Ok(()),
         }
     }
 
     /// The tensor `name` with exactly `shape`, or an error naming both.
-    pub fn require(
-        &self,
-        name: &str,
-        shape: &[usize],
-        needed_for: &str,
-    ) -> Result<&Tensor, String> {
+    pub fn require(&self, name: &str, shape: &[usize], needed_for: &str) -> Result<&Tensor, Error> {
         let t = self.get(name).ok_or_else(|| {
-            format!(
+            Error::Import(format!(
                 "{} has no tensor {name} (needed for {needed_for})",
                 self.file
-            )
+            ))
         })?;
         if t.shape != shape {
-            return Err(format!(
+            return Err(Error::Import(format!(
                 "tensor {name} in {} has shape {:?}; this configuration needs {shape:?}",
                 self.file, t.shape
-            ));
+            )));
         }
         Ok(t)
     }
 }
 
 /// Converts one stored tensor to f32 values.
-fn values(name: &str, t: &safetensors::tensor::TensorView<'_>) -> Result<Vec<f32>, String> {
+fn values(name: &str, t: &safetensors::tensor::TensorView<'_>) -> Result<Vec<f32>, Error> {
     let b = t.data();
     Ok(match t.dtype() {
         Dtype::F32 => b
@@ -182,9 +182,9 @@ fn values(name: &str, t: &safetensors::tensor::TensorView<'_>) -> Result<Vec<f32
             .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
             .collect(),
         other => {
-            return Err(format!(
+            return Err(Error::Import(format!(
                 "tensor {name} is {other:?}; f32, f64, f16 and bf16 are read"
-            ))
+            )))
         }
     })
 }
