@@ -257,51 +257,7 @@ pub fn train<B: Backend>(be: &B, opts: &TrainOptions) -> Result<String, String> 
     let e = |e: did_core::model::ModelError<B::Error>| e.to_string();
 
     // Start: resume, fine-tune, or fresh.
-    let latest = checkpoint::list(&opts.out).pop();
-    let mut trainer = match (opts.resume, latest) {
-        (true, Some((_, path))) => {
-            let c = checkpoint::load(&path)?;
-            if c.config != config {
-                return Err(format!("{} holds another model configuration; resume with the same --model, or use a new --out", path.display()));
-            }
-            let state = TrainingState {
-                params: c.params,
-                ema: c.ema,
-                moments: c.moments,
-                step: c.step,
-            };
-            Trainer::resume(be, &model, tc, &state, opts.seed).map_err(e)?
-        }
-        (true, None) => {
-            return Err(format!(
-                "--resume: no checkpoint in {}; start without --resume",
-                opts.out.display()
-            ))
-        }
-        (false, Some((_, path))) => {
-            return Err(format!(
-            "{} already holds checkpoints ({}); pass --resume to continue, or choose a new --out",
-            opts.out.display(),
-            path.display()
-        ))
-        }
-        (false, None) => {
-            let init = match &opts.init_from {
-                Some(p) => {
-                    let c = checkpoint::load(p)?;
-                    if c.config != config {
-                        return Err(format!(
-                            "--init-from {}: its model configuration differs from --model",
-                            p.display()
-                        ));
-                    }
-                    c.ema.unwrap_or(c.params)
-                }
-                None => model.table().initial_values(opts.seed),
-            };
-            Trainer::new(be, &model, tc, &init, opts.seed).map_err(e)?
-        }
-    };
+    let mut trainer = start_trainer(be, &model, tc, opts)?;
 
     // The log matches the state resumed from: lines of steps past it (run
     // after the last checkpoint, before a crash) and a torn last line go.
@@ -311,72 +267,15 @@ pub fn train<B: Backend>(be: &B, opts: &TrainOptions) -> Result<String, String> 
         .append(true)
         .open(opts.out.join("metrics.jsonl"))
         .map_err(|e| format!("cannot write metrics.jsonl in {}: {e}", opts.out.display()))?;
-    let bar = if opts.progress {
-        indicatif::ProgressBar::new(u64::from(opts.steps))
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
-    if let Ok(style) =
-        indicatif::ProgressStyle::with_template("{bar:30} step {pos}/{len} {msg} ETA {eta}")
-    {
-        bar.set_style(style);
-    }
+    let bar = progress_bar(opts);
     bar.set_position(u64::from(trainer.step));
     let mask = config.mask_id;
     let accum = opts.accumulate as u32;
     let mut last_loss = f64::NAN;
     let mut last_valid = None;
-    let save = |trainer: &Trainer<B>| -> Result<(), String> {
-        let state = trainer.state(be).map_err(|e| e.to_string())?;
-        let run: BTreeMap<String, String> = [
-            ("seed", opts.seed.to_string()),
-            ("objective", opts.objective.describe()),
-            ("length", len.to_string()),
-            ("batch", opts.batch.to_string()),
-            ("accumulate", opts.accumulate.to_string()),
-            ("lr", opts.lr.to_string()),
-            ("warmup", opts.warmup.to_string()),
-            ("data", opts.data.display().to_string()),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .collect();
-        let ckpt = Checkpoint {
-            config,
-            params: state.params,
-            ema: state.ema,
-            moments: state.moments,
-            step: state.step,
-            run,
-        };
-        checkpoint::save(&checkpoint::path_for(&opts.out, trainer.step), &ckpt)?;
-        checkpoint::prune(&opts.out, opts.keep);
-        Ok(())
-    };
-    let validate = |trainer: &mut Trainer<B>| -> Result<Option<f64>, String> {
-        let Some(v) = &valid_shard else {
-            return Ok(None);
-        };
-        if v.len() < len {
-            return Ok(None);
-        }
-        let mut total = 0.0;
-        for i in 0..opts.valid_batches {
-            let x = windows(v, len, opts.batch, opts.seed ^ 0x5eed, i as u32);
-            let b = make_batch(
-                &opts.objective,
-                &None,
-                &x,
-                opts.batch,
-                len,
-                mask,
-                opts.seed ^ 0x5eed,
-                0,
-                i as u32,
-            )?;
-            total += trainer.evaluate(be, &model, &b).map_err(e)?;
-        }
-        Ok(Some(total / opts.valid_batches.max(1) as f64))
+    let save = |trainer: &Trainer<B>| save_checkpoint(be, trainer, config, opts, len);
+    let validate = |trainer: &mut Trainer<B>| {
+        validation_loss(be, &model, trainer, valid_shard.as_ref(), opts, len, mask)
     };
     let started = Instant::now();
     let first_step = trainer.step;
@@ -460,4 +359,144 @@ pub fn train<B: Backend>(be: &B, opts: &TrainOptions) -> Result<String, String> 
         last_valid.map(|v| format!(", validation loss {v:.4} (perplexity bound {:.2})", v.exp())).unwrap_or_default(),
         opts.out.display()
     ))
+}
+
+/// The trainer a run starts from: its latest checkpoint (`--resume`), another run's weights
+/// (`--init-from`, a fine-tune), or fresh initial values. Refuses to overwrite a run's
+/// checkpoints or to resume into another model.
+fn start_trainer<B: Backend>(
+    be: &B,
+    model: &Transformer,
+    tc: TrainerConfig,
+    opts: &TrainOptions,
+) -> Result<Trainer<B>, String> {
+    let config = model.config();
+    let e = |e: did_core::model::ModelError<B::Error>| e.to_string();
+    let latest = checkpoint::list(&opts.out).pop();
+    Ok(match (opts.resume, latest) {
+        (true, Some((_, path))) => {
+            let c = checkpoint::load(&path)?;
+            if &c.config != config {
+                return Err(format!("{} holds another model configuration; resume with the same --model, or use a new --out", path.display()));
+            }
+            let state = TrainingState {
+                params: c.params,
+                ema: c.ema,
+                moments: c.moments,
+                step: c.step,
+            };
+            Trainer::resume(be, model, tc, &state, opts.seed).map_err(e)?
+        }
+        (true, None) => {
+            return Err(format!(
+                "--resume: no checkpoint in {}; start without --resume",
+                opts.out.display()
+            ))
+        }
+        (false, Some((_, path))) => return Err(format!(
+            "{} already holds checkpoints ({}); pass --resume to continue, or choose a new --out",
+            opts.out.display(),
+            path.display()
+        )),
+        (false, None) => {
+            let init = match &opts.init_from {
+                Some(p) => {
+                    let c = checkpoint::load(p)?;
+                    if &c.config != config {
+                        return Err(format!(
+                            "--init-from {}: its model configuration differs from --model",
+                            p.display()
+                        ));
+                    }
+                    c.ema.unwrap_or(c.params)
+                }
+                None => model.table().initial_values(opts.seed),
+            };
+            Trainer::new(be, model, tc, &init, opts.seed).map_err(e)?
+        }
+    })
+}
+
+/// Writes the trainer's state as the checkpoint of its step (atomically), with the run's
+/// settings, and prunes all but the newest `--keep`.
+fn save_checkpoint<B: Backend>(
+    be: &B,
+    trainer: &Trainer<B>,
+    config: ModelConfig,
+    opts: &TrainOptions,
+    len: usize,
+) -> Result<(), String> {
+    let state = trainer.state(be).map_err(|e| e.to_string())?;
+    let run: BTreeMap<String, String> = [
+        ("seed", opts.seed.to_string()),
+        ("objective", opts.objective.describe()),
+        ("length", len.to_string()),
+        ("batch", opts.batch.to_string()),
+        ("accumulate", opts.accumulate.to_string()),
+        ("lr", opts.lr.to_string()),
+        ("warmup", opts.warmup.to_string()),
+        ("data", opts.data.display().to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    let ckpt = Checkpoint {
+        config,
+        params: state.params,
+        ema: state.ema,
+        moments: state.moments,
+        step: state.step,
+        run,
+    };
+    checkpoint::save(&checkpoint::path_for(&opts.out, trainer.step), &ckpt)?;
+    checkpoint::prune(&opts.out, opts.keep);
+    Ok(())
+}
+
+/// The mean loss over `--valid-batches` fixed windows of the validation shard, or `None`
+/// without one (or with one shorter than a sequence).
+fn validation_loss<B: Backend>(
+    be: &B,
+    model: &Transformer,
+    trainer: &mut Trainer<B>,
+    valid: Option<&Shard>,
+    opts: &TrainOptions,
+    len: usize,
+    mask: u32,
+) -> Result<Option<f64>, String> {
+    let Some(v) = valid.filter(|v| v.len() >= len) else {
+        return Ok(None);
+    };
+    let mut total = 0.0;
+    for i in 0..opts.valid_batches {
+        let x = windows(v, len, opts.batch, opts.seed ^ 0x5eed, i as u32);
+        let b = make_batch(
+            &opts.objective,
+            &None,
+            &x,
+            opts.batch,
+            len,
+            mask,
+            opts.seed ^ 0x5eed,
+            0,
+            i as u32,
+        )?;
+        total += trainer.evaluate(be, model, &b).map_err(|e| e.to_string())?;
+    }
+    Ok(Some(total / opts.valid_batches.max(1) as f64))
+}
+
+/// The step counter on the terminal (hidden without `--progress`).
+fn progress_bar(opts: &TrainOptions) -> indicatif::ProgressBar {
+    let bar = if opts.progress {
+        indicatif::ProgressBar::new(u64::from(opts.steps))
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    if let Ok(style) =
+        indicatif::ProgressStyle::with_template("{bar:30} step {pos}/{len} {msg} ETA {eta}")
+    {
+        bar.set_style(style);
+    }
+    bar
 }
