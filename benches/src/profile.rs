@@ -9,8 +9,9 @@ use std::time::{Duration, Instant};
 
 use did_core::backend::prelude::*;
 use did_core::backend::{
-    linear_forward_then_in_steps, AdamW, AttentionShape, DropoutMask, Gemm, LinearThen, NormShape,
-    OptimizerStep, QkvOffsets, RopeShape, RowGroups, RowMajor, Slice, SliceMut, UpdatedWeights,
+    linear_forward_then_in_steps, AdamW, AttentionShape, Gemm, LinearThen, NormShape,
+    OptimizerStep, QkvOffsets, ResidualBranch, RopeShape, RowGroups, RowMajor, Slice, SliceMut,
+    UpdatedWeights,
 };
 use did_core::mask::AttentionMask;
 use did_core::rng::RngStream;
@@ -314,10 +315,8 @@ impl<B: Backend> FusedOps for Profiled<B> {
     }
     timed_forward! {
         fn layernorm_modulate_forward(&self, s: &NormShape, x: S<'_, B>, w: S<'_, B>, b: Option<S<'_, B>>, sh: S<'_, B>, sc: S<'_, B>, t: usize, ln: M<'_, B>, m: M<'_, B>, r: M<'_, B>, o: M<'_, B>) -> R<B> => "layernorm_modulate_forward";
-        fn gated_residual_forward_into(&self, r: S<'_, B>, y: S<'_, B>, g: Option<S<'_, B>>, o: M<'_, B>, b: usize, t: usize, c: usize) -> R<B> => "gated_residual_forward_into";
-        fn bias_gated_residual_forward_into(&self, r: S<'_, B>, y: M<'_, B>, bias: S<'_, B>, g: Option<S<'_, B>>, o: M<'_, B>, b: usize, t: usize, c: usize) -> R<B> => "bias_gated_residual_forward_into";
-        fn bias_dropout_gated_residual_forward_into(&self, r: S<'_, B>, y: M<'_, B>, bias: Option<S<'_, B>>, d: DropoutMask, g: Option<S<'_, B>>, o: M<'_, B>, b: usize, t: usize, c: usize) -> R<B> => "bias_dropout_gated_residual_forward_into";
-        fn gated_residual_backward_dropout(&self, dr: S<'_, B>, y: S<'_, B>, g: Option<S<'_, B>>, dy: M<'_, B>, dg: Option<M<'_, B>>, d: DropoutMask, b: usize, t: usize, c: usize) -> R<B> => "gated_residual_backward_dropout";
+        fn residual_forward_into(&self, r: S<'_, B>, y: M<'_, B>, branch: ResidualBranch<'_, B::Buffer>, o: M<'_, B>) -> R<B> => "residual_forward_into";
+        fn residual_backward(&self, dr: S<'_, B>, y: S<'_, B>, branch: ResidualBranch<'_, B::Buffer>, dy: M<'_, B>, dg: Option<M<'_, B>>) -> R<B> => "residual_backward";
         fn bias_gelu_forward(&self, x: M<'_, B>, b: S<'_, B>, o: M<'_, B>, rows: usize, cols: usize) -> R<B> => "bias_gelu_forward";
         fn rope_forward_and_copy(&self, s: &RopeShape, x: M<'_, B>, copy_from: usize, dst: M<'_, B>, layout: &RowGroups) -> R<B> => "rope_forward_and_copy";
     }

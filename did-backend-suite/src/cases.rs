@@ -7,7 +7,7 @@
 
 use did_core::backend::{
     AdamW, AttentionShape, Backend, DropoutMask, Gemm, NormShape, OptimizerStep, QkvOffsets,
-    RopeShape, RowGroups, RowMajor, Slice, SliceMut, UpdatedWeights,
+    ResidualBranch, RopeShape, RowGroups, RowMajor, Slice, SliceMut, UpdatedWeights,
 };
 use did_core::mask::AttentionMask;
 use did_core::rng::{Purpose, RngStream};
@@ -358,7 +358,7 @@ impl Case for FusedCase {
             be.upload(&self.w)?,
             be.upload(&self.b)?,
         );
-        let (shift, scale, bias4, y) = (
+        let (shift, scale, bias4, mut y) = (
             be.upload(&self.shift)?,
             be.upload(&self.scale)?,
             be.upload(&self.bias4)?,
@@ -397,24 +397,23 @@ impl Case for FusedCase {
                     rows,
                     self.cols4,
                 )?;
-                be.gated_residual_forward_into(
+                let plain = ResidualBranch::plain(seqs, self.tokens, cols);
+                be.residual_forward_into(
                     Slice::whole(&x),
-                    Slice::whole(&y),
-                    gate,
+                    SliceMut::whole(&mut y),
+                    ResidualBranch { gate, ..plain },
                     SliceMut::whole(&mut res),
-                    seqs,
-                    self.tokens,
-                    cols,
                 )?;
-                be.bias_gated_residual_forward_into(
+                let plain = ResidualBranch::plain(seqs, self.tokens, cols);
+                be.residual_forward_into(
                     Slice::whole(&x),
                     SliceMut::whole(&mut biased),
-                    Slice::whole(&b),
-                    gate,
+                    ResidualBranch {
+                        bias: Some(Slice::whole(&b)),
+                        gate,
+                        ..plain
+                    },
                     SliceMut::whole(&mut res_b),
-                    seqs,
-                    self.tokens,
-                    cols,
                 )?;
             } else {
                 be.layernorm_forward(
@@ -546,27 +545,28 @@ impl Case for DropoutBranchCase {
                 let b = with_bias.then(|| Slice::whole(&bias));
                 let (mut y, mut out) = (be.upload(&self.y)?, poisoned(be, n)?);
                 if fused {
-                    be.bias_dropout_gated_residual_forward_into(
+                    let branch = ResidualBranch {
+                        bias: b,
+                        dropout: Some(mask),
+                        gate: g,
+                        ..ResidualBranch::plain(seqs, tokens, cols)
+                    };
+                    be.residual_forward_into(
                         Slice::whole(&x),
                         SliceMut::whole(&mut y),
-                        b,
-                        mask,
-                        g,
+                        branch,
                         SliceMut::whole(&mut out),
-                        seqs,
-                        tokens,
-                        cols,
                     )?;
                 } else {
                     if let Some(b) = b {
                         be.bias_add(SliceMut::whole(&mut y), b, rows, cols)?;
                     }
                     be.dropout(SliceMut::whole(&mut y), n, self.p, &stream)?;
-                    be.gated_residual_forward_into(
-                        Slice::whole(&x),
+                    be.copy(Slice::whole(&x), SliceMut::whole(&mut out), n)?;
+                    be.gated_residual_forward(
+                        SliceMut::whole(&mut out),
                         Slice::whole(&y),
                         g,
-                        SliceMut::whole(&mut out),
                         seqs,
                         tokens,
                         cols,
@@ -579,16 +579,17 @@ impl Case for DropoutBranchCase {
             let mut dy = poisoned(be, n)?;
             let mut dgate = be.upload(&self.gate)?;
             if fused {
-                be.gated_residual_backward_dropout(
+                let branch = ResidualBranch {
+                    dropout: Some(mask),
+                    gate: g,
+                    ..ResidualBranch::plain(seqs, tokens, cols)
+                };
+                be.residual_backward(
                     Slice::whole(&dres),
                     Slice::whole(&y),
-                    g,
+                    branch,
                     SliceMut::whole(&mut dy),
                     Some(SliceMut::whole(&mut dgate)),
-                    mask,
-                    seqs,
-                    tokens,
-                    cols,
                 )?;
             } else {
                 be.gated_residual_backward(

@@ -4,7 +4,7 @@
 
 use did_core::backend::prelude::*;
 use did_core::backend::{
-    DropoutMask, Gemm, LinearThen, NormShape, RopeShape, RowGroups, Slice, SliceMut,
+    Gemm, LinearThen, NormShape, ResidualBranch, RopeShape, RowGroups, Slice, SliceMut,
 };
 
 use crate::buffer::*;
@@ -122,78 +122,50 @@ impl FusedOps for CudaBackend {
             }
         }
     }
-    fn gated_residual_forward_into(
-        &self,
-        residual: Slice<'_, CudaBuffer>,
-        y: Slice<'_, CudaBuffer>,
-        gate: Option<Slice<'_, CudaBuffer>>,
-        out: SliceMut<'_, CudaBuffer>,
-        batch: usize,
-        tokens: usize,
-        channels: usize,
-    ) -> Result<(), CudaError> {
-        // Without a bias the kernel only reads y.
-        let yp = self.ptr(y, batch * tokens * channels, "gated y")?;
-        self.residual_into(residual, yp, 0, None, gate, out, batch, tokens, channels)
-    }
-    fn bias_gated_residual_forward_into(
+    fn residual_forward_into(
         &self,
         residual: Slice<'_, CudaBuffer>,
         y: SliceMut<'_, CudaBuffer>,
-        bias: Slice<'_, CudaBuffer>,
-        gate: Option<Slice<'_, CudaBuffer>>,
+        branch: ResidualBranch<'_, CudaBuffer>,
         out: SliceMut<'_, CudaBuffer>,
-        batch: usize,
-        tokens: usize,
-        channels: usize,
     ) -> Result<(), CudaError> {
-        let yp = self.ptr_mut(y, batch * tokens * channels, "biased y")?;
-        let bp = self.ptr(bias, channels, "bias")?;
-        self.residual_into(residual, yp, bp, None, gate, out, batch, tokens, channels)
-    }
-    fn bias_dropout_gated_residual_forward_into(
-        &self,
-        residual: Slice<'_, CudaBuffer>,
-        y: SliceMut<'_, CudaBuffer>,
-        bias: Option<Slice<'_, CudaBuffer>>,
-        dropout: DropoutMask,
-        gate: Option<Slice<'_, CudaBuffer>>,
-        out: SliceMut<'_, CudaBuffer>,
-        batch: usize,
-        tokens: usize,
-        channels: usize,
-    ) -> Result<(), CudaError> {
-        let yp = self.ptr_mut(y, batch * tokens * channels, "dropped y")?;
-        let bp = match bias {
-            Some(b) => self.ptr(b, channels, "bias")?,
-            None => 0,
-        };
-        self.residual_into(
-            residual,
-            yp,
-            bp,
-            Some(dropout),
+        let ResidualBranch {
+            bias,
+            dropout,
             gate,
-            out,
             batch,
             tokens,
             channels,
+        } = branch;
+        // One pass: the kernel writes y only with a bias or a dropout, and only reads it without.
+        let yp = self.ptr_mut(y, batch * tokens * channels, "branch y")?;
+        let bp = match bias {
+            Some(b) => self.ptr(b, channels, "branch bias")?,
+            None => 0,
+        };
+        self.residual_into(
+            residual, yp, bp, dropout, gate, out, batch, tokens, channels,
         )
     }
-    fn gated_residual_backward_dropout(
+    fn residual_backward(
         &self,
         dresidual: Slice<'_, CudaBuffer>,
         y: Slice<'_, CudaBuffer>,
-        gate: Option<Slice<'_, CudaBuffer>>,
+        branch: ResidualBranch<'_, CudaBuffer>,
         dy: SliceMut<'_, CudaBuffer>,
         dgate: Option<SliceMut<'_, CudaBuffer>>,
-        dropout: DropoutMask,
-        batch: usize,
-        tokens: usize,
-        channels: usize,
     ) -> Result<(), CudaError> {
-        let d = Some(dropout);
-        self.gated_residual_backward_with(dresidual, y, gate, dy, dgate, d, batch, tokens, channels)
+        let ResidualBranch {
+            dropout,
+            gate,
+            batch,
+            tokens,
+            channels,
+            ..
+        } = branch;
+        self.gated_residual_backward_with(
+            dresidual, y, gate, dy, dgate, dropout, batch, tokens, channels,
+        )
     }
     fn rope_forward_and_copy(
         &self,

@@ -30,9 +30,8 @@ pub enum LinearThen<'a, T: ?Sized> {
         gelu: SliceMut<'a, T>,
     },
     /// `y += bias` where there is one, then `out = residual + gate·y`
-    /// ([`FusedOps::bias_gated_residual_forward_into`], or
-    /// [`FusedOps::gated_residual_forward_into`] without a bias): a branch's projection into the
-    /// residual stream, for a pass without dropout.
+    /// ([`FusedOps::residual_forward_into`] with a [`ResidualBranch`] without dropout): a
+    /// branch's projection into the residual stream, for a pass without dropout.
     GatedResidual {
         /// `[d_out]` or none.
         bias: Option<Slice<'a, T>>,
@@ -45,6 +44,50 @@ pub enum LinearThen<'a, T: ?Sized> {
         /// Rows a sequence (a divisor of the rows).
         tokens: usize,
     },
+}
+
+/// A residual branch's output as it joins the residual stream, for
+/// [`FusedOps::residual_forward_into`] and [`FusedOps::residual_backward`]:
+/// `out = residual + gate · dropout(y + bias)` over `[batch, tokens, channels]`.
+///
+/// ```
+/// use did_core::backend::{ResidualBranch, Slice};
+/// let gate = vec![0.5f32; 2 * 8];
+/// // The attention branch of a block without dropout: gated, no bias.
+/// let branch = ResidualBranch {
+///     gate: Some(Slice::whole(&gate)),
+///     ..ResidualBranch::<Vec<f32>>::plain(2, 16, 8)
+/// };
+/// assert!(branch.bias.is_none() && branch.dropout.is_none());
+/// ```
+#[derive(Debug)]
+pub struct ResidualBranch<'a, T: ?Sized> {
+    /// `[channels]`, added into `y` first; none: no bias.
+    pub bias: Option<Slice<'a, T>>,
+    /// The branch's dropout on `y` after the bias (training); none: no dropout.
+    pub dropout: Option<DropoutMask>,
+    /// `[batch, channels]`, one gate a sequence; none: a gate of 1.
+    pub gate: Option<Slice<'a, T>>,
+    /// Sequences.
+    pub batch: usize,
+    /// Rows a sequence.
+    pub tokens: usize,
+    /// Channels a row.
+    pub channels: usize,
+}
+
+impl<T: ?Sized> ResidualBranch<'_, T> {
+    /// `out = residual + y`: no bias, no dropout, no gate.
+    pub fn plain(batch: usize, tokens: usize, channels: usize) -> Self {
+        ResidualBranch {
+            bias: None,
+            dropout: None,
+            gate: None,
+            batch,
+            tokens,
+            channels,
+        }
+    }
 }
 
 /// [`FusedOps::linear_forward_then`] as its two calls: [`LinearOps::matmul`](crate::backend::LinearOps::matmul), then the op `then`
@@ -79,28 +122,15 @@ pub fn linear_forward_then_in_steps<B: FusedOps + ?Sized>(
             tokens,
         } => {
             let tokens = tokens.max(1);
-            let batch = rows / tokens;
-            match bias {
-                Some(b) => be.bias_gated_residual_forward_into(
-                    residual,
-                    SliceMut::at(buf, offset),
-                    b,
-                    gate,
-                    out,
-                    batch,
-                    tokens,
-                    d_out,
-                ),
-                None => be.gated_residual_forward_into(
-                    residual,
-                    Slice::at(&*buf, offset),
-                    gate,
-                    out,
-                    batch,
-                    tokens,
-                    d_out,
-                ),
-            }
+            let branch = ResidualBranch {
+                bias,
+                dropout: None,
+                gate,
+                batch: rows / tokens,
+                tokens,
+                channels: d_out,
+            };
+            be.residual_forward_into(residual, SliceMut::at(buf, offset), branch, out)
         }
     }
 }
@@ -175,113 +205,72 @@ pub trait FusedOps: LinearOps + NormOps + AttentionOps + ActivationOps {
             shape.cols,
         )
     }
-    /// Gated residual out of place: `out = residual + gate·y`, as
-    /// [`ActivationOps::gated_residual_forward`](crate::backend::ActivationOps::gated_residual_forward) on a copy of `residual`. The provided version copies
-    /// and calls it; a backend may fuse them.
-    #[allow(clippy::too_many_arguments)]
-    fn gated_residual_forward_into(
-        &self,
-        residual: Slice<'_, Self::Buffer>,
-        y: Slice<'_, Self::Buffer>,
-        gate: Option<Slice<'_, Self::Buffer>>,
-        out: SliceMut<'_, Self::Buffer>,
-        batch: usize,
-        tokens: usize,
-        channels: usize,
-    ) -> Result<(), Self::Error> {
-        let SliceMut { buf, offset } = out;
-        let n = batch * tokens * channels;
-        self.copy(residual, SliceMut::at(&mut *buf, offset), n)?;
-        self.gated_residual_forward(SliceMut::at(buf, offset), y, gate, batch, tokens, channels)
-    }
-    /// `y[t, c] += bias[c]`, then `out = residual + gate·y`: a linear layer's bias and the gated
-    /// residual it feeds, for a pass without dropout between them (`y` keeps the biased values
-    /// for the backward). The provided version calls [`LinearOps::bias_add`](crate::backend::LinearOps::bias_add) and
-    /// [`FusedOps::gated_residual_forward_into`]; a backend may fuse them.
-    #[allow(clippy::too_many_arguments)]
-    fn bias_gated_residual_forward_into(
+    /// A branch's output joining the residual stream: `y += bias`, then `y = dropout(y)`, then
+    /// `out = residual + gate·y`, each step where `branch` has it (`y` keeps the biased, dropped
+    /// values for the backward; it is only read without a bias or a dropout). The provided version
+    /// calls [`LinearOps::bias_add`](crate::backend::LinearOps::bias_add),
+    /// [`ActivationOps::dropout`](crate::backend::ActivationOps::dropout), [`MemoryOps::copy`](crate::backend::MemoryOps::copy)
+    /// and [`ActivationOps::gated_residual_forward`](crate::backend::ActivationOps::gated_residual_forward);
+    /// a backend may do them in one pass.
+    fn residual_forward_into(
         &self,
         residual: Slice<'_, Self::Buffer>,
         y: SliceMut<'_, Self::Buffer>,
-        bias: Slice<'_, Self::Buffer>,
-        gate: Option<Slice<'_, Self::Buffer>>,
+        branch: ResidualBranch<'_, Self::Buffer>,
         out: SliceMut<'_, Self::Buffer>,
-        batch: usize,
-        tokens: usize,
-        channels: usize,
     ) -> Result<(), Self::Error> {
-        let SliceMut { buf, offset } = y;
-        self.bias_add(
-            SliceMut::at(&mut *buf, offset),
+        let ResidualBranch {
             bias,
-            batch * tokens,
-            channels,
-        )?;
-        self.gated_residual_forward_into(
-            residual,
-            Slice::at(&*buf, offset),
+            dropout,
             gate,
-            out,
             batch,
             tokens,
             channels,
-        )
-    }
-    /// `y = dropout(y + bias)` (`bias` optional), then `out = residual + gate·y`: a training
-    /// pass's branch output — its bias, its dropout and the gated residual it feeds — with `y`
-    /// keeping the dropped values for the backward. The provided version calls
-    /// [`LinearOps::bias_add`](crate::backend::LinearOps::bias_add), [`ActivationOps::dropout`](crate::backend::ActivationOps::dropout) and [`FusedOps::gated_residual_forward_into`];
-    /// a backend may do them in one pass.
-    #[allow(clippy::too_many_arguments)]
-    fn bias_dropout_gated_residual_forward_into(
-        &self,
-        residual: Slice<'_, Self::Buffer>,
-        y: SliceMut<'_, Self::Buffer>,
-        bias: Option<Slice<'_, Self::Buffer>>,
-        dropout: DropoutMask,
-        gate: Option<Slice<'_, Self::Buffer>>,
-        out: SliceMut<'_, Self::Buffer>,
-        batch: usize,
-        tokens: usize,
-        channels: usize,
-    ) -> Result<(), Self::Error> {
+        } = branch;
         let SliceMut { buf, offset } = y;
         let n = batch * tokens * channels;
         if let Some(b) = bias {
             self.bias_add(SliceMut::at(&mut *buf, offset), b, batch * tokens, channels)?;
         }
-        self.dropout(
-            SliceMut::at(&mut *buf, offset),
-            n,
-            dropout.p,
-            &dropout.stream,
-        )?;
-        self.gated_residual_forward_into(
-            residual,
+        if let Some(d) = dropout {
+            self.dropout(SliceMut::at(&mut *buf, offset), n, d.p, &d.stream)?;
+        }
+        let SliceMut {
+            buf: out,
+            offset: out_offset,
+        } = out;
+        self.copy(residual, SliceMut::at(&mut *out, out_offset), n)?;
+        self.gated_residual_forward(
+            SliceMut::at(out, out_offset),
             Slice::at(&*buf, offset),
             gate,
-            out,
             batch,
             tokens,
             channels,
         )
     }
-    /// [`ActivationOps::gated_residual_backward`](crate::backend::ActivationOps::gated_residual_backward), then the branch's dropout backward on `dy` (the
-    /// forward's mask, [`ActivationOps::dropout`](crate::backend::ActivationOps::dropout) on the gradient). The provided version makes the
-    /// two calls; a backend may do both in one pass.
-    #[allow(clippy::too_many_arguments)]
-    fn gated_residual_backward_dropout(
+    /// The backward of [`FusedOps::residual_forward_into`] down to the branch's output:
+    /// [`ActivationOps::gated_residual_backward`](crate::backend::ActivationOps::gated_residual_backward)
+    /// (`dy = gate·dresidual`, `dgate += Σ dresidual·y`), then the branch's dropout on `dy` (the
+    /// forward's mask) where it has one. The bias's gradient is `bias_backward` of `dy`, so
+    /// `branch.bias` is not read. The provided version makes the calls; a backend may do them in
+    /// one pass.
+    fn residual_backward(
         &self,
         dresidual: Slice<'_, Self::Buffer>,
         y: Slice<'_, Self::Buffer>,
-        gate: Option<Slice<'_, Self::Buffer>>,
+        branch: ResidualBranch<'_, Self::Buffer>,
         dy: SliceMut<'_, Self::Buffer>,
         dgate: Option<SliceMut<'_, Self::Buffer>>,
-        dropout: DropoutMask,
-        batch: usize,
-        tokens: usize,
-        channels: usize,
     ) -> Result<(), Self::Error> {
+        let ResidualBranch {
+            dropout,
+            gate,
+            batch,
+            tokens,
+            channels,
+            ..
+        } = branch;
         let SliceMut { buf, offset } = dy;
         self.gated_residual_backward(
             dresidual,
@@ -293,8 +282,13 @@ pub trait FusedOps: LinearOps + NormOps + AttentionOps + ActivationOps {
             tokens,
             channels,
         )?;
-        let n = batch * tokens * channels;
-        self.dropout(SliceMut::at(buf, offset), n, dropout.p, &dropout.stream)
+        match dropout {
+            Some(d) => {
+                let n = batch * tokens * channels;
+                self.dropout(SliceMut::at(buf, offset), n, d.p, &d.stream)
+            }
+            None => Ok(()),
+        }
     }
     /// [`AttentionOps::rope_forward`](crate::backend::AttentionOps::rope_forward) on `x`, then [`MemoryOps::copy_row_groups`](crate::backend::MemoryOps::copy_row_groups) from `copy_from`
     /// elements past `x`'s offset into `dst`: a KV-cached pass's RoPE over its queries and keys

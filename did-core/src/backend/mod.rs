@@ -56,7 +56,7 @@ pub mod views;
 pub use activation::{ActivationOps, DropoutMask};
 pub use attention::{AttentionExtents, AttentionOps, AttentionShape, QkvOffsets, RopeShape};
 pub use draw::DrawOps;
-pub use fused::{linear_forward_then_in_steps, FusedOps, LinearThen};
+pub use fused::{linear_forward_then_in_steps, FusedOps, LinearThen, ResidualBranch};
 pub use linear::{Gemm, LinearOps};
 pub use loss::LossOps;
 pub use memory::{first_id_outside, MemoryOps};

@@ -7,7 +7,7 @@ use alloc::vec::Vec;
 
 use crate::backend::{
     AttentionShape, Backend, DropoutMask, Gemm, LinearThen, MemoryOps, NormShape, QkvOffsets,
-    RopeShape, RowGroups, RowMajor, Slice, SliceMut,
+    ResidualBranch, RopeShape, RowGroups, RowMajor, Slice, SliceMut,
 };
 use crate::error::invalid;
 use crate::mask::AttentionMask;
@@ -1254,17 +1254,13 @@ fn project_into_residual<B: Backend>(
         );
     };
     be.matmul(&Gemm::linear(n, d_in, c), x, w, whole_mut(y))?;
-    be.bias_dropout_gated_residual_forward_into(
-        residual,
-        whole_mut(y),
+    let branch = ResidualBranch {
         bias,
-        d,
+        dropout: Some(d),
         gate,
-        whole_mut(out),
-        1,
-        n,
-        c,
-    )
+        ..ResidualBranch::plain(1, n, c)
+    };
+    be.residual_forward_into(residual, whole_mut(y), branch, whole_mut(out))
 }
 
 /// The backward of [`project_into_residual`] down to the gradient of the projection's output
@@ -1281,12 +1277,12 @@ fn branch_from_residual_backward<B: Backend>(
     n: usize,
     c: usize,
 ) -> Result<(), B::Error> {
-    match dropout {
-        Some(d) => {
-            be.gated_residual_backward_dropout(dresidual, y, gate, whole_mut(dy), dgate, d, 1, n, c)
-        }
-        None => be.gated_residual_backward(dresidual, y, gate, whole_mut(dy), dgate, 1, n, c),
-    }
+    let branch = ResidualBranch {
+        dropout,
+        gate,
+        ..ResidualBranch::plain(1, n, c)
+    };
+    be.residual_backward(dresidual, y, branch, whole_mut(dy), dgate)
 }
 
 /// The adaLN `(shift, scale)` of one pre-norm.
