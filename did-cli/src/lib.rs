@@ -34,6 +34,11 @@ pub struct Cli {
     /// How the CUDA backend stores tensors: f32 (matches the CPU) or bf16 (f32 arithmetic, half the memory).
     #[arg(long, global = true, value_enum, default_value_t = PrecisionChoice::F32)]
     pub precision: PrecisionChoice,
+    /// A CUDA switch, NAME=VALUE, repeatable: attention=flash|reference, draw=device|host,
+    /// few-rows=on|off, key-split=auto|off|N, graphs=on|off, stats=1. Each wins over its
+    /// DID_CUDA_* variable (DID_CUDA_ATTENTION, …); unset, the defaults the GPU checks passed with.
+    #[arg(long = "cuda", global = true, value_name = "NAME=VALUE")]
+    pub cuda: Vec<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -73,16 +78,55 @@ macro_rules! on_backend {
                     PrecisionChoice::F32 => did_backend_cuda::Precision::F32,
                     PrecisionChoice::Bf16 => did_backend_cuda::Precision::Bf16,
                 };
-                // DID_CUDA_* choose the kernels and paths (docs/perf/gpu.md).
-                let options =
-                    did_backend_cuda::CudaOptions::from_vars(|name| std::env::var(name).ok())
-                        .map_err(|e| format!("--backend cuda: {e}"))?;
+                let options = cuda_options(&$cli.cuda, |name| std::env::var(name).ok())
+                    .map_err(|e| format!("--backend cuda: {e}"))?;
                 let $be = &did_backend_cuda::CudaBackend::with_options(0, precision, options)
                     .map_err(|e| format!("--backend cuda: {e}"))?;
                 $body
             }
         }
     };
+}
+
+/// The CUDA backend's options from `--cuda NAME=VALUE` flags, then the `DID_CUDA_*` variables
+/// that `env` reads (a flag wins over its variable).
+fn cuda_options(
+    flags: &[String],
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<did_backend_cuda::CudaOptions, String> {
+    const NAMES: [&str; 6] = [
+        "attention",
+        "draw",
+        "few-rows",
+        "key-split",
+        "graphs",
+        "stats",
+    ];
+    let mut set = Vec::new();
+    for flag in flags {
+        let Some((name, value)) = flag.split_once('=') else {
+            return Err(format!(
+                "--cuda {flag}: give NAME=VALUE, e.g. --cuda attention=reference"
+            ));
+        };
+        let name = name.trim().replace('_', "-");
+        if !NAMES.contains(&name.as_str()) {
+            return Err(format!(
+                "--cuda {flag}: unknown switch `{name}`; the switches are {}",
+                NAMES.join(", ")
+            ));
+        }
+        let var = format!("DID_CUDA_{}", name.replace('-', "_").to_uppercase());
+        set.push((var, value.trim().to_string()));
+    }
+    did_backend_cuda::CudaOptions::from_vars(|var| {
+        set.iter()
+            .rev()
+            .find(|(v, _)| v == var)
+            .map(|(_, value)| value.clone())
+            .or_else(|| env(var))
+    })
+    .map_err(|e| e.to_string())
 }
 
 #[derive(Debug, Subcommand)]
@@ -697,4 +741,32 @@ fn model_info(
             ""
         },
     ))
+}
+
+#[cfg(test)]
+mod cuda_flags {
+    use super::cuda_options;
+    use did_backend_cuda::{AttentionKernel, DrawLocation, KeySplit};
+
+    #[test]
+    fn flags_win_over_the_environment_and_bad_ones_name_the_fix() {
+        let env = |name: &str| match name {
+            "DID_CUDA_ATTENTION" => Some("flash".to_string()),
+            "DID_CUDA_DRAW" => Some("host".to_string()),
+            _ => None,
+        };
+        let flags = ["attention=reference".to_string(), "key_split=3".to_string()];
+        let o = cuda_options(&flags, env).expect("valid flags");
+        assert_eq!(o.attention, AttentionKernel::Reference); // the flag, not the variable
+        assert_eq!(o.draw, DrawLocation::Host); // the variable
+        assert_eq!(o.key_split, KeySplit::TilesPerBlock(3));
+        for (flag, says) in [
+            ("attention", "NAME=VALUE"),
+            ("speed=fast", "unknown switch `speed`"),
+            ("draw=gpu", "DID_CUDA_DRAW"),
+        ] {
+            let err = cuda_options(&[flag.to_string()], |_| None).unwrap_err();
+            assert!(err.contains(says), "{flag}: {err}");
+        }
+    }
 }

@@ -393,11 +393,13 @@ fn start_trainer<B: Backend>(
                 opts.out.display()
             ))
         }
-        (false, Some((_, path))) => return Err(format!(
+        (false, Some((_, path))) => {
+            return Err(format!(
             "{} already holds checkpoints ({}); pass --resume to continue, or choose a new --out",
             opts.out.display(),
             path.display()
-        )),
+        ))
+        }
         (false, None) => {
             let init = match &opts.init_from {
                 Some(p) => {
