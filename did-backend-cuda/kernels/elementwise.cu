@@ -57,7 +57,7 @@ extern "C" __global__ void bias_add(store_t* x, const store_t* bias, i64 rows, i
 // A block of COLSUM_THREADS is 32 columns × 8 row slices: slice s sums the chunk's rows
 // s, s + 8, … (eight loads in flight at a time), then slice 0 adds the eight slices in order.
 // (One thread a column walking the chunk, with `cols` threads summing all the partials after,
-// left most of the GPU idle: ≈ 45 µs a 16,384 × 768 bias gradient on the H200.)
+// left most of the GPU idle: docs/perf/gpu.md, "Measurements behind the code's choices".)
 #define COLSUM_SLICES 8
 extern "C" __global__ void __launch_bounds__(32 * COLSUM_SLICES) colsum_partial(const store_t* a, const store_t* b, float* partial, i64 rows, i64 cols, i64 stride, i64 rows_per_chunk) {
     __shared__ float slices[COLSUM_SLICES][32];
@@ -488,7 +488,8 @@ extern "C" __global__ void embedding_forward(const unsigned* ids, const store_t*
 // bf16), with no atomics and every distinct id in parallel. The mask token owns about half the
 // x_t rows, so one group is thousands of rows long: a lane loads one row index, shuffles hand
 // them round, and each thread has EMBED_ROWS rows' loads in flight (and the next indices) — a
-// loop with eight loads in flight spent ≈ 3 ms a training step on that one id.
+// loop with eight loads in flight was far slower on that one id (docs/perf/gpu.md, "Measurements
+// behind the code's choices").
 #define EMBED_ROWS 32
 extern "C" __global__ void embedding_backward(const unsigned* group_start, const unsigned* group_ids,
                                               const unsigned* group_rows, const store_t* dout, store_t* dtable,

@@ -41,8 +41,8 @@ pub enum AttentionKernel {
     /// `attention_backward_flash_dkv`): tensor cores, 64 × 64 tiles, empty tiles skipped. bf16
     /// storage, head dimension 64, compute capability ≥ 8.0; other shapes fall back to the
     /// reference kernels. Checked under CPU emulation (tests/emulate), by the compile gate and
-    /// on an H200 (every differential test, 2026-11-28): the default wherever it can run;
-    /// `DID_CUDA_ATTENTION=reference` turns it off.
+    /// on a GPU (docs/perf/gpu.md, "Measurements behind the code's choices"): the default wherever
+    /// it can run; `DID_CUDA_ATTENTION=reference` turns it off.
     Flash,
 }
 
@@ -250,8 +250,8 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// Chooses where tokens are drawn (`DID_CUDA_DRAW=device|host`; device unless told, since
-    /// the H200 run of 2026-11-28 passed every check with it). Either way the tokens are those of
+    /// Chooses where tokens are drawn (`DID_CUDA_DRAW=device|host`; device unless told, as every
+    /// GPU check passed with it: docs/perf/gpu.md). Either way the tokens are those of
     /// `draw_token`.
     pub fn set_draw_location(&self, location: DrawLocation) {
         self.draw_on_device.store(

@@ -248,10 +248,8 @@ fn twenty_tiny_steps_follow_the_cpu_loss_curve_and_repeat_bit_for_bit() {
 
 /// Issue #6's band: 200 steps of `tiny` with bf16 storage follow the f32 curve on the same
 /// batches. Single steps are noisy (a fresh noise draw each), so the band is on 20-step means:
-/// each within 10 % of f32's. Calibrated on an H200 (2026-11-28), when the bf16 trainer still
-/// kept its weights and moments in bf16: worst 6.3 % with the reference attention, 4.9 % with
-/// the flash kernels, the gap growing late in training (bf16-stored weights lost the smallest
-/// AdamW updates; the optimizer state is f32 since, decision 58); a bf16 run that stopped
+/// each within 10 % of f32's (the calibration is in docs/perf/gpu.md, "Measurements behind the
+/// code's choices"; the optimizer state is f32 since, decision 58); a bf16 run that stopped
 /// learning would be off by more than 100 %. `DID_CUDA_ATTENTION=flash` runs it with the flash
 /// kernels.
 #[test]

@@ -170,8 +170,8 @@ impl MemoryOps for CudaBackend {
         Ok(())
     }
     /// Rows of 64 elements: 128 bytes in bf16, so cuBLAS's 16-byte vector loads apply to every
-    /// row (measured on the H200: `dW += dlogitsᵀ · x` for the head, 1,280 rows, 0.445 ms at
-    /// GPT-2's 50,258 against 0.245 at 50,304).
+    /// row (the head's weight gradient runs about twice as fast: docs/perf/gpu.md, "Measurements
+    /// behind the code's choices").
     fn padded_row_stride(&self, cols: usize) -> usize {
         cols.next_multiple_of(LOGITS_ROW_ALIGNMENT)
     }

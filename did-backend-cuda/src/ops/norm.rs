@@ -129,9 +129,9 @@ impl NormOps for CudaBackend {
 }
 
 /// Threads of a LayerNorm block (one row each): one warp up to 1,024 columns, which holds the row
-/// in registers after one round of loads (kernels/norm.cu, `row_in_registers`) — the backward
-/// took 167 µs a call on the H200 with 256 threads making four dependent passes of three loads
-/// each — else THREADS. The forward and the backward must agree: the backward recomputes the
+/// in registers after one round of loads (kernels/norm.cu, `row_in_registers`; 256 threads making
+/// four dependent passes were much slower: docs/perf/gpu.md, "Measurements behind the code's
+/// choices") — else THREADS. The forward and the backward must agree: the backward recomputes the
 /// statistics in the forward's order.
 pub(crate) fn norm_threads(cols: usize) -> u32 {
     if cols <= 1024 {

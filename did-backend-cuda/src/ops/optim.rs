@@ -147,8 +147,8 @@ impl CudaBackend {
             return Ok(0.0);
         }
         // A grid that is a function of the length only (so the sum's order, and its bits, are
-        // too): up to 1,024 blocks, about eight an SM on an H200 — 256 left three quarters of each SM
-        // idle over a whole gradient vector — and no more blocks than chunks to read.
+        // too): up to 1,024 blocks, about eight an SM on a large GPU (fewer left most of each SM
+        // idle: docs/perf/gpu.md) — and no more blocks than chunks to read.
         let blocks = len.div_ceil(THREADS as usize * 8).clamp(1, 1024);
         let partial = self.stream.alloc_zeros::<f64>(blocks)?;
         let (pp, _sync) = partial.device_ptr(&self.stream);
