@@ -16,8 +16,8 @@ use did_core::refine::{generate, GenerateConfig, Generation, StagePlan};
 use crate::checkpoint;
 use crate::data::prepare::{prepare, PrepareOptions};
 use crate::data::tokenizer::{Tokenizer, TokenizerKind};
-use crate::eval::JudgeModel;
 use crate::train::{train, Objective, TrainOptions};
+use did_engine::judge::JudgeModel;
 
 /// Demo settings.
 #[derive(Debug, Clone)]

@@ -7,16 +7,15 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use did_core::backend::Backend;
-use did_core::model::{
-    causal_batch, diffusion_batch, Activations, Architecture, Inference, Transformer,
-};
+use did_core::model::{causal_batch, diffusion_batch, Activations, Architecture, Transformer};
 use did_core::sample::stop::unigram_entropy;
 use did_core::schedule::TrainingSchedule;
+use did_engine::judge::{JudgeModel, JudgeScore};
 use did_engine::samples::{parse_samples, SampleRecord};
 
 use crate::checkpoint;
 use crate::data::shard::Shard;
-use crate::data::tokenizer::{Tokenizer, TokenizerKind};
+use crate::data::tokenizer::TokenizerKind;
 use crate::sample::{self, SamplingArgs};
 
 /// Where a result goes besides stdout.
@@ -210,161 +209,6 @@ pub fn nelbo<B: Backend>(be: &B, opts: &NelboOptions) -> Result<String, String> 
     ))
 }
 
-// ---- the judge -----------------------------------------------------------------------------------
-
-/// A causal checkpoint that scores token sequences (BD3-LM's generative-perplexity protocol).
-pub struct Judge<'a, B: Backend> {
-    inference: Inference<'a, B>,
-    tokenizer: TokenizerKind,
-    vocab: usize,
-    context: usize,
-    /// `[MASK]`: never a target, left out of the softmax (an imported GPT-2's
-    /// extra row would otherwise add e⁰ to every normaliser).
-    mask: usize,
-}
-
-/// What the judge makes of one sample.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct JudgeScore {
-    /// Σ NLL over the counted targets.
-    pub nll: f64,
-    /// Targets counted (not EOS, not the first token).
-    pub targets: usize,
-    /// Unigram entropy (nats) of the rescored ids, the leading EOS included.
-    pub entropy: f64,
-}
-
-impl JudgeScore {
-    /// The sample's perplexity, `exp(Σ NLL / targets)`.
-    pub fn perplexity(&self) -> f64 {
-        (self.nll / self.targets.max(1) as f64).exp()
-    }
-}
-
-/// A judge's model and weights, loaded once.
-pub struct JudgeModel {
-    model: Transformer,
-    weights: Vec<f32>,
-    /// The checkpoint it came from.
-    pub path: PathBuf,
-}
-
-impl JudgeModel {
-    /// Loads a causal (`did train --objective ar`) checkpoint.
-    pub fn load(path: &Path) -> Result<Self, String> {
-        let ckpt = checkpoint::load(path)?;
-        if ckpt.config.architecture != Architecture::Gpt2 {
-            return Err(format!(
-                "the judge {} is a diffusion model; a judge is a causal checkpoint (`did train --objective ar`)",
-                path.display()
-            ));
-        }
-        Ok(JudgeModel {
-            model: Transformer::new(ckpt.config).map_err(|e| e.to_string())?,
-            weights: ckpt.ema.unwrap_or(ckpt.params),
-            path: path.to_path_buf(),
-        })
-    }
-
-    /// The judge on `be`, with `params` uploaded by the caller (`upload`).
-    pub fn on<'a, B: Backend>(
-        &'a self,
-        be: &'a B,
-        params: &'a B::Buffer,
-    ) -> Result<Judge<'a, B>, String> {
-        let config = self.model.config();
-        Ok(Judge {
-            inference: Inference::new(be, &self.model, params).map_err(|e| e.to_string())?,
-            tokenizer: sample::tokenizer_for(config.vocab_size)?,
-            vocab: config.vocab_size,
-            context: config.context,
-            mask: config.mask_id as usize,
-        })
-    }
-
-    /// The judge's weights on `be`.
-    pub fn upload<B: Backend>(&self, be: &B) -> Result<B::Buffer, String> {
-        be.upload(&self.weights).map_err(|e| e.to_string())
-    }
-
-    /// The judge's vocabulary.
-    pub fn vocab(&self) -> usize {
-        self.model.config().vocab_size
-    }
-}
-
-impl<B: Backend> Judge<'_, B> {
-    /// The ids the judge reads for a sample: GPT-2 samples are decoded to text
-    /// and re-encoded (BD3-LM's retokenisation; the leading end-of-text becomes
-    /// 50256 again); byte samples are already what the judge reads.
-    pub fn rescored_ids(&self, sample: &[u32]) -> Vec<u32> {
-        let eos = self.tokenizer.eos();
-        match self.tokenizer {
-            TokenizerKind::Bytes => sample.to_vec(),
-            TokenizerKind::Gpt2 => {
-                let body = sample.strip_prefix(&[eos]).unwrap_or(sample);
-                let mut ids = vec![eos];
-                ids.extend(
-                    Tokenizer::new(self.tokenizer)
-                        .encode(&Tokenizer::new(self.tokenizer).decode(body)),
-                );
-                ids
-            }
-        }
-    }
-
-    /// Scores a sample: next-token NLL of every target that is not end-of-text,
-    /// in windows of the judge's context with stride context/2 (the first
-    /// window scores positions 1‥C−1, each later one its last C/2 targets).
-    pub fn score(&mut self, sample: &[u32]) -> Result<JudgeScore, String> {
-        let ids = self.rescored_ids(sample);
-        let eos = self.tokenizer.eos();
-        let entropy = unigram_entropy(&ids);
-        let (c, v) = (self.context, self.vocab);
-        let stride = (c / 2).max(1);
-        let (mut nll, mut targets) = (0.0f64, 0usize);
-        let mut start = 0;
-        loop {
-            let end = (start + c).min(ids.len());
-            let window = &ids[start..end];
-            if window.len() < 2 {
-                break;
-            }
-            let logits = self
-                .inference
-                .logits_uncached(window, 1, 1)
-                .map_err(|e| e.to_string())?;
-            // Targets this window is responsible for: all of the first, the last `stride` of later ones.
-            let first_target = if start == 0 {
-                1
-            } else {
-                window.len().saturating_sub(stride).max(1)
-            };
-            for j in first_target..window.len() {
-                let target = window[j];
-                if target == eos {
-                    continue;
-                }
-                let row = &logits[(j - 1) * v..j * v];
-                let others = || row.iter().enumerate().filter(|&(k, _)| k != self.mask);
-                let m = others().fold(f32::NEG_INFINITY, |a, (_, &b)| a.max(b)) as f64;
-                let z: f64 = others().map(|(_, &x)| (x as f64 - m).exp()).sum();
-                nll += m + z.ln() - row[target as usize] as f64;
-                targets += 1;
-            }
-            if end == ids.len() {
-                break;
-            }
-            start += stride;
-        }
-        Ok(JudgeScore {
-            nll,
-            targets,
-            entropy,
-        })
-    }
-}
-
 // ---- generative perplexity ---------------------------------------------------------------------------
 
 /// Everything `did eval gen-ppl` is told (its command-line arguments).
@@ -417,7 +261,7 @@ pub fn gen_ppl<B: Backend>(be: &B, opts: &GenPplOptions) -> Result<String, Strin
     let mut judge = judge_model.on(be, &judge_params)?;
     let threshold = opts
         .regen_threshold
-        .unwrap_or_else(|| default_regen_threshold(judge.tokenizer));
+        .unwrap_or_else(|| default_regen_threshold(judge.tokenizer()));
     let started = Instant::now();
     let (source, samples, regenerated) = match (&opts.checkpoint, &opts.samples) {
         (Some(ckpt), None) => {
@@ -467,12 +311,12 @@ pub fn gen_ppl<B: Backend>(be: &B, opts: &GenPplOptions) -> Result<String, Strin
     if let Some((i, bad)) = samples.iter().enumerate().find_map(|(i, s)| {
         s.tokens
             .iter()
-            .find(|&&t| t as usize >= judge.vocab)
+            .find(|&&t| t as usize >= judge.vocab())
             .map(|&t| (i, t))
     }) {
         return Err(format!(
             "sample {i} holds token {bad}, outside the judge's vocabulary of {}",
-            judge.vocab
+            judge.vocab()
         ));
     }
     let mut scores = Vec::with_capacity(samples.len());
@@ -489,7 +333,7 @@ pub fn gen_ppl<B: Backend>(be: &B, opts: &GenPplOptions) -> Result<String, Strin
     let nfe = samples.iter().map(|s| f64::from(s.nfe)).sum::<f64>() / n;
     let sample_seconds: f64 = samples.iter().map(|s| s.seconds).sum();
     let words = word_judge.as_ref().map(|lm| {
-        let decoder = crate::data::tokenizer::Tokenizer::new(judge.tokenizer);
+        let decoder = crate::data::tokenizer::Tokenizer::new(judge.tokenizer());
         WordJudgement::of(
             lm,
             samples
@@ -518,7 +362,7 @@ pub fn gen_ppl<B: Backend>(be: &B, opts: &GenPplOptions) -> Result<String, Strin
             "per_sample": scores.iter().zip(&samples).map(|(s, x)| serde_json::json!({
                 "ppl": s.perplexity(), "entropy": s.entropy, "targets": s.targets, "nfe": x.nfe,
                 "seconds": x.seconds,
-                "text": x.text.clone().unwrap_or_else(|| crate::data::tokenizer::Tokenizer::new(judge.tokenizer).decode(x.tokens.get(1..).unwrap_or(&[]))),
+                "text": x.text.clone().unwrap_or_else(|| crate::data::tokenizer::Tokenizer::new(judge.tokenizer()).decode(x.tokens.get(1..).unwrap_or(&[]))),
             })).collect::<Vec<_>>(),
             "word_judge": words.as_ref().map(|w| w.json(opts.word_judge.as_deref())),
             "seconds": seconds,

@@ -14,7 +14,7 @@ use did_core::sample::nucleus::{Nucleus, NucleusRule};
 use did_core::sample::update::BlockUpdate;
 
 use crate::checkpoint;
-use crate::data::tokenizer::{Tokenizer, TokenizerKind};
+use crate::data::tokenizer::{tokenizer_for, Tokenizer};
 use crate::stage_clock::{ClockError, StageClock, StageTime};
 
 /// The sampling settings shared by `did sample` and `did eval gen-ppl`.
@@ -336,14 +336,6 @@ fn remask_strategy(s: &str) -> Result<RemaskStrategy, String> {
         "random" => RemaskStrategy::Random,
         other => return Err(format!("unknown --remask {other:?}; use snapshot, snapshot-raw, snapshot-max, posthoc or random")),
     })
-}
-
-/// The tokenizer a vocabulary belongs to.
-pub fn tokenizer_for(vocab: usize) -> Result<TokenizerKind, String> {
-    [TokenizerKind::Gpt2, TokenizerKind::Bytes]
-        .into_iter()
-        .find(|k| k.vocab_size() as usize == vocab)
-        .ok_or_else(|| format!("a vocabulary of {vocab} matches neither the gpt2 (50258) nor the bytes (258) tokenizer"))
 }
 
 /// Runs sampling; returns the text printed to stdout.

@@ -7,7 +7,8 @@
 //!   and the shard reader;
 //! - [`import`]: weights from elsewhere (GPT-2, BD3-LM and MDLM on the Hugging Face layout,
 //!   PyTorch's pickle format);
-//! - [`ngram_judge`]: the independent n-gram judge of generative perplexity;
+//! - [`judge`]: the causal judge of generative perplexity (BD3-LM's protocol), and
+//!   [`ngram_judge`], the independent n-gram one;
 //! - [`model_config`], [`train_config`]: the TOML `[model]` table and run files;
 //! - [`samples`]: the sample files `did sample --out` writes.
 
@@ -16,6 +17,7 @@
 pub mod checkpoint;
 pub mod data;
 pub mod import;
+pub mod judge;
 pub mod model_config;
 pub mod ngram_judge;
 pub mod samples;

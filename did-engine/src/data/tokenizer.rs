@@ -123,6 +123,25 @@ impl Tokenizer {
     }
 }
 
+/// The tokenizer whose vocabulary a model of `vocab` ids uses: `gpt2` (50,258) or `bytes` (258).
+///
+/// ```
+/// use did_engine::data::tokenizer::{tokenizer_for, TokenizerKind};
+/// assert_eq!(tokenizer_for(258)?, TokenizerKind::Bytes);
+/// assert!(tokenizer_for(1000).is_err());
+/// # Ok::<(), did_engine::Error>(())
+/// ```
+pub fn tokenizer_for(vocab: usize) -> Result<TokenizerKind, Error> {
+    [TokenizerKind::Gpt2, TokenizerKind::Bytes]
+        .into_iter()
+        .find(|k| k.vocab_size() as usize == vocab)
+        .ok_or_else(|| {
+            Error::Config(format!(
+                "a vocabulary of {vocab} matches neither the gpt2 (50258) nor the bytes (258) tokenizer"
+            ))
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
