@@ -3,13 +3,12 @@
 //! and backend crates.
 
 // The library the commands run on (did-engine), under the names the commands use.
-pub(crate) use did_engine::{checkpoint, data, import, model_config, ngram_judge, train_config};
+pub(crate) use did_engine::{checkpoint, data, import, model_config, train_config};
 
 pub mod demo;
 pub mod eval;
 pub mod interrupt;
 pub mod sample;
-pub mod stage_clock;
 pub mod train;
 
 use std::path::PathBuf;

@@ -1,21 +1,12 @@
 //! `did sample`: draft → remask → refine from a checkpoint, text out.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::path::PathBuf;
 
 use did_core::backend::Backend;
-use did_core::model::{Architecture, CausalSampler, DiffusionDenoiser, Transformer};
-use did_core::refine::{
-    generate, GenerateConfig, GenerateError, Generation, RemaskScope, RemaskStrategy, StagePlan,
-};
-use did_core::sample::categorical::ConfidenceKind;
-use did_core::sample::nucleus::{Nucleus, NucleusRule};
-use did_core::sample::update::BlockUpdate;
+use did_engine::sampling::{Prepared, SamplingSettings};
 
-use crate::checkpoint;
-use crate::data::tokenizer::{tokenizer_for, Tokenizer};
-use crate::stage_clock::{ClockError, StageClock, StageTime};
+use crate::data::tokenizer::Tokenizer;
 
 /// The sampling settings shared by `did sample` and `did eval gen-ppl`.
 #[derive(Debug, Clone, clap::Args)]
@@ -69,6 +60,26 @@ pub struct SamplingArgs {
     pub local_final: bool,
 }
 
+impl From<&SamplingArgs> for SamplingSettings {
+    fn from(a: &SamplingArgs) -> Self {
+        SamplingSettings {
+            stages: a.stages.clone(),
+            remask: a.remask.clone(),
+            scope: a.scope.clone(),
+            sampler: a.sampler.clone(),
+            top_p: a.top_p,
+            seed: a.seed,
+            num_samples: a.num_samples,
+            batch: a.batch,
+            length: a.length,
+            prompt: a.prompt.clone(),
+            stop_at_eos: a.stop_at_eos,
+            no_ema: a.no_ema,
+            local_final: a.local_final,
+        }
+    }
+}
+
 /// Everything `did sample` is told.
 #[derive(Debug, Clone)]
 pub struct SampleOptions {
@@ -84,263 +95,10 @@ pub struct SampleOptions {
     pub color: bool,
 }
 
-/// A checkpoint made ready to sample: the model, its weights, the resolved
-/// generate settings and the prompt (BOS, then the prompt's tokens).
-pub struct Prepared {
-    /// The network.
-    pub model: Transformer,
-    weights: Vec<f32>,
-    /// Plan, sampler, remasking, scope, seed.
-    pub gen: GenerateConfig,
-    /// The pinned start of every sample.
-    pub prompt: Vec<u32>,
-    /// Sequence length.
-    pub len: usize,
-    /// The checkpoint's tokenizer.
-    pub tokenizer: Tokenizer,
-    /// A causal (gpt2) model: sampled left to right, one token per call
-    /// (the AR baseline); the stage plan and remasking do not apply.
-    pub causal: bool,
-}
-
-/// Where a generation's wall time went.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Timed {
-    /// The whole generation, model set-up included.
-    pub wall_s: f64,
-    /// Each stage begun, the draft first.
-    pub stages: Vec<StageTime>,
-}
-
-impl Timed {
-    /// `block 4: 812 calls in 40.2 s; …`, one entry per stage begun, or
-    /// `before its first model call` when none was.
-    pub fn progress(&self) -> String {
-        if self.stages.is_empty() {
-            return "before its first model call".into();
-        }
-        self.stages
-            .iter()
-            .map(|s| {
-                format!(
-                    "block {}: {} calls in {:.1} s",
-                    s.block_size, s.calls, s.seconds
-                )
-            })
-            .collect::<Vec<_>>()
-            .join("; ")
-    }
-
-    /// The stages as JSON: `[{"block": 4, "calls": 1023, "model_s": 12.1}, …]`.
-    pub fn stages_json(&self) -> serde_json::Value {
-        self.stages
-            .iter()
-            .map(|s| serde_json::json!({"block": s.block_size, "calls": s.calls, "model_s": s.seconds}))
-            .collect()
-    }
-}
-
-/// One finished sample.
-#[derive(Debug, Clone)]
-pub struct Drawn {
-    /// Its tokens up to its end (BOS first).
-    pub tokens: Vec<u32>,
-    /// Denoiser calls over every stage.
-    pub nfe: u32,
-    /// Its share of the batch's wall time.
-    pub seconds: f64,
-}
-
-impl Prepared {
-    /// Loads `checkpoint` and checks `args` against it.
-    pub fn load(checkpoint: &Path, args: &SamplingArgs) -> Result<Self, String> {
-        let ckpt = checkpoint::load(checkpoint)?;
-        let config = ckpt.config;
-        let causal = config.architecture == Architecture::Gpt2;
-        let tokenizer = Tokenizer::new(tokenizer_for(config.vocab_size)?);
-        let len = args.length.unwrap_or(config.context);
-        if causal && len > config.context {
-            return Err(format!(
-                "--length {len}: {} is a causal model with learned positions up to {}; sample at most that many tokens",
-                checkpoint.display(),
-                config.context
-            ));
-        }
-        // A causal model has no stages: one "block" of the whole length stands in.
-        let stages = if causal { "L" } else { args.stages.as_str() };
-        let plan = stages
-            .parse::<StagePlan>()
-            .and_then(|p| p.resolve_with(len, !args.local_final))
-            .map_err(|e| format!("--stages: {e}"))?;
-        let mut gen = GenerateConfig::new(plan, args.seed);
-        gen.remask = remask_strategy(&args.remask)?;
-        gen.scope = match args.scope.as_str() {
-            "global" => RemaskScope::Global,
-            "block" => RemaskScope::PerBlock,
-            other => return Err(format!("unknown --scope {other:?}; use global or block")),
-        };
-        gen.sampler.update = args
-            .sampler
-            .parse::<BlockUpdate>()
-            .map_err(|e| format!("--sampler: {e}"))?;
-        if let RemaskStrategy::Snapshot(kind) = gen.remask {
-            gen.sampler.confidence = kind;
-        }
-        gen.sampler.nucleus = Nucleus::new(args.top_p, NucleusRule::default())
-            .map_err(|e| format!("--top-p: {e}"))?;
-        let eos = tokenizer.kind().eos();
-        gen.stop_at = args.stop_at_eos.then_some(eos);
-        let mut prompt = vec![eos];
-        if let Some(p) = &args.prompt {
-            prompt.extend(tokenizer.encode(p));
-        }
-        if prompt.len() >= len {
-            return Err(format!("the prompt is {} tokens with BOS, the length only {len}; shorten --prompt or raise --length", prompt.len()));
-        }
-        if args.batch == 0 || args.num_samples == 0 {
-            return Err("--batch and --num-samples must be at least 1".into());
-        }
-        let weights = if args.no_ema {
-            ckpt.params
-        } else {
-            ckpt.ema.unwrap_or(ckpt.params)
-        };
-        Ok(Prepared {
-            model: Transformer::new(config).map_err(|e| e.to_string())?,
-            weights,
-            gen,
-            prompt,
-            len,
-            tokenizer,
-            causal,
-        })
-    }
-
-    /// The weights on `be`.
-    pub fn upload<B: Backend>(&self, be: &B) -> Result<B::Buffer, String> {
-        be.upload(&self.weights).map_err(|e| e.to_string())
-    }
-
-    /// Samples `first_sample ..= first_sample + n − 1` of a diffusion model
-    /// as one batch, with the batch's wall time.
-    pub fn generate<B: Backend>(
-        &self,
-        be: &B,
-        params: &B::Buffer,
-        first_sample: u32,
-        n: usize,
-    ) -> Result<(Generation, f64), String> {
-        self.generate_timed(be, params, first_sample, n)
-            .map(|(g, timed)| (g, timed.wall_s))
-    }
-
-    /// Like [`Prepared::generate`], with each stage's time in the model; stops between two
-    /// model calls when Ctrl-C is pressed (an error that says how far it got).
-    pub fn generate_timed<B: Backend>(
-        &self,
-        be: &B,
-        params: &B::Buffer,
-        first_sample: u32,
-        n: usize,
-    ) -> Result<(Generation, Timed), String> {
-        let prompts: Vec<&[u32]> = vec![&self.prompt; n];
-        let mut gen = self.gen.clone();
-        gen.first_sample = first_sample;
-        let t0 = Instant::now();
-        let denoiser =
-            DiffusionDenoiser::new(be, &self.model, params, true).map_err(|e| e.to_string())?;
-        let mut clock = StageClock::new(denoiser, crate::interrupt::requested);
-        let result = generate(&mut clock, &gen, &prompts);
-        let wall_s = t0.elapsed().as_secs_f64();
-        match result {
-            Ok(g) => {
-                let stages = clock.stages(&g);
-                Ok((g, Timed { wall_s, stages }))
-            }
-            Err(GenerateError::Denoiser(ClockError::Stopped)) => {
-                let timed = Timed {
-                    wall_s,
-                    stages: clock.segments().to_vec(),
-                };
-                Err(format!(
-                    "interrupted after {:.1} s of a batch of {n} ({}; the plan has {} stages)",
-                    timed.wall_s,
-                    timed.progress(),
-                    gen.plan.stages().len()
-                ))
-            }
-            Err(e) => Err(e.to_string()),
-        }
-    }
-
-    /// Like [`Prepared::generate`], one [`Drawn`] per sample.
-    pub fn draw<B: Backend>(
-        &self,
-        be: &B,
-        params: &B::Buffer,
-        first_sample: u32,
-        n: usize,
-    ) -> Result<Vec<Drawn>, String> {
-        if self.causal {
-            let prompts: Vec<&[u32]> = vec![&self.prompt; n];
-            let t0 = Instant::now();
-            let g = CausalSampler::new(be, &self.model, params)
-                .and_then(|mut sampler| {
-                    sampler.generate(
-                        &prompts,
-                        self.len,
-                        &self.gen.sampler.nucleus,
-                        self.gen.sampler.seed,
-                        first_sample,
-                        self.gen.stop_at,
-                    )
-                })
-                .map_err(|e| e.to_string())?;
-            let wall = t0.elapsed().as_secs_f64();
-            return Ok((0..n)
-                .map(|s| Drawn {
-                    tokens: g.tokens[s * self.len..s * self.len + g.lengths[s]].to_vec(),
-                    nfe: g.nfe,
-                    seconds: wall / n as f64,
-                })
-                .collect());
-        }
-        let (g, wall) = self.generate(be, params, first_sample, n)?;
-        Ok((0..n)
-            .map(|s| {
-                let end = g
-                    .batch
-                    .lengths
-                    .get(s)
-                    .copied()
-                    .unwrap_or(self.len)
-                    .min(self.len);
-                Drawn {
-                    tokens: g.batch.tokens[s * self.len..s * self.len + end].to_vec(),
-                    // The calls this sample took part in: its NFE alone (the batch's call
-                    // count is the largest of these; adaptive rules make them differ).
-                    nfe: g.sequence_nfe(s),
-                    seconds: wall / n as f64,
-                }
-            })
-            .collect())
-    }
-}
-
-fn remask_strategy(s: &str) -> Result<RemaskStrategy, String> {
-    Ok(match s {
-        "snapshot" => RemaskStrategy::Snapshot(ConfidenceKind::Nucleus),
-        "snapshot-raw" => RemaskStrategy::Snapshot(ConfidenceKind::Raw),
-        "snapshot-max" => RemaskStrategy::Snapshot(ConfidenceKind::Max),
-        "posthoc" => RemaskStrategy::PostHoc,
-        "random" => RemaskStrategy::Random,
-        other => return Err(format!("unknown --remask {other:?}; use snapshot, snapshot-raw, snapshot-max, posthoc or random")),
-    })
-}
-
 /// Runs sampling; returns the text printed to stdout.
 pub fn sample<B: Backend>(be: &B, opts: &SampleOptions) -> Result<String, String> {
-    let prep = Prepared::load(&opts.checkpoint, &opts.sampling)?;
+    let mut prep = Prepared::load(&opts.checkpoint, &(&opts.sampling).into())?;
+    prep.stop = crate::interrupt::requested;
     let (len, tokenizer) = (prep.len, &prep.tokenizer);
     let params = prep.upload(be)?;
     let mut jsonl = match &opts.out {
@@ -380,7 +138,6 @@ pub fn sample<B: Backend>(be: &B, opts: &SampleOptions) -> Result<String, String
             done += n;
             continue;
         }
-        crate::interrupt::install();
         let (g, timed) =
             prep.generate_timed(be, &params, done as u32, n)
                 .map_err(|e| match &opts.out {
@@ -388,7 +145,7 @@ pub fn sample<B: Backend>(be: &B, opts: &SampleOptions) -> Result<String, String
                         "{e}; the {done} samples before this batch are in {}",
                         p.display()
                     ),
-                    _ => e,
+                    _ => e.to_string(),
                 })?;
         let wall = timed.wall_s;
         for s in 0..n {
@@ -468,32 +225,24 @@ fn mark(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Flags {
+        #[command(flatten)]
+        sampling: SamplingArgs,
+    }
 
     #[test]
-    fn progress_names_each_stage_begun_or_says_none_was() {
-        let none = Timed {
-            wall_s: 0.0,
-            stages: Vec::new(),
-        };
-        assert_eq!(none.progress(), "before its first model call");
-        let two = Timed {
-            wall_s: 3.0,
-            stages: vec![
-                StageTime {
-                    block_size: 4,
-                    calls: 12,
-                    seconds: 1.25,
-                },
-                StageTime {
-                    block_size: 64,
-                    calls: 3,
-                    seconds: 0.5,
-                },
-            ],
-        };
+    fn flags_left_out_mean_the_settings_defaults() {
+        let flags = Flags::try_parse_from(["did"]).unwrap();
         assert_eq!(
-            two.progress(),
-            "block 4: 12 calls in 1.2 s; block 64: 3 calls in 0.5 s"
+            SamplingSettings::from(&flags.sampling),
+            SamplingSettings::default()
         );
+        let flags =
+            Flags::try_parse_from(["did", "--stages", "4@entropy:1", "--seed", "9"]).unwrap();
+        let s = SamplingSettings::from(&flags.sampling);
+        assert_eq!((s.stages.as_str(), s.seed), ("4@entropy:1", 9));
     }
 }

@@ -10,17 +10,22 @@
 //! - [`judge`]: the causal judge of generative perplexity (BD3-LM's protocol), and
 //!   [`ngram_judge`], the independent n-gram one;
 //! - [`model_config`], [`train_config`]: the TOML `[model]` table and run files;
+//! - [`sampling`]: sampling settings, a checkpoint made ready to sample, and each stage's time;
+//! - [`eval`]: BD3-LM's evaluation protocols (the NELBO bound, generative perplexity under both
+//!   judges) and the entropy of samples;
 //! - [`samples`]: the sample files `did sample --out` writes.
 
 #![deny(missing_docs)]
 
 pub mod checkpoint;
 pub mod data;
+pub mod eval;
 pub mod import;
 pub mod judge;
 pub mod model_config;
 pub mod ngram_judge;
 pub mod samples;
+pub mod sampling;
 pub mod train_config;
 
 /// What went wrong in did-engine, by what it was doing. Every message names the file or input,
@@ -54,6 +59,15 @@ pub enum Error {
     /// A sample file that cannot be read.
     #[error("{0}")]
     Samples(String),
+    /// Sampling settings that do not fit the checkpoint, or a generation that failed.
+    #[error("{0}")]
+    Sampling(String),
+    /// A generation stopped between two model calls because a stop was asked for (Ctrl-C).
+    #[error("{0}")]
+    Interrupted(String),
+    /// An evaluation (NELBO, generative perplexity) that cannot run as asked.
+    #[error("{0}")]
+    Eval(String),
 }
 
 /// For callers whose errors are still text (the CLI's commands): the message.

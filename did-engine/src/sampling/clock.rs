@@ -47,7 +47,7 @@ impl<E: fmt::Display> fmt::Display for ClockError<E> {
 /// A [`Denoiser`] that times `inner` stage by stage and stops when `stop()` turns true.
 ///
 /// ```
-/// use did_cli::stage_clock::StageClock;
+/// use did_engine::sampling::StageClock;
 /// # use did_core::denoiser::{DenoiseRequest, Denoiser};
 /// # struct Flat;
 /// # impl Denoiser for Flat {
