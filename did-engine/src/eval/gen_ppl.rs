@@ -186,11 +186,7 @@ pub fn gen_ppl<B: Backend>(be: &B, s: &GenPplSettings) -> Result<GenPplReport, E
         scores.push(judge.score(&x.tokens)?);
     }
     let decoder = Tokenizer::new(judge.tokenizer());
-    let text_of = |x: &SampleRecord| {
-        x.text
-            .clone()
-            .unwrap_or_else(|| decoder.decode(x.tokens.get(1..).unwrap_or(&[])))
-    };
+    let text_of = |x: &SampleRecord| sample_text(&decoder, x);
     let n = scores.len().max(1) as f64;
     let (nll, targets) = scores
         .iter()
@@ -228,14 +224,29 @@ pub fn gen_ppl<B: Backend>(be: &B, s: &GenPplSettings) -> Result<GenPplReport, E
                 text: text_of(x),
             })
             .collect(),
-        word_judge: word_lm.as_ref().map(|lm| {
-            let texts = samples
-                .iter()
-                .map(|x| x.text.clone().unwrap_or_else(|| decoder.decode(&x.tokens)));
-            WordJudgement::of(lm, s.word_judge.as_deref(), texts)
-        }),
+        word_judge: word_lm
+            .as_ref()
+            .map(|lm| WordJudgement::of(lm, s.word_judge.as_deref(), samples.iter().map(text_of))),
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// A sample's text: the file's, or its tokens decoded after the BOS every sample starts with (the
+/// judges score the text, and `<|endoftext|>` is not a word of it).
+///
+/// ```
+/// use did_engine::data::tokenizer::{Tokenizer, TokenizerKind};
+/// use did_engine::samples::SampleRecord;
+/// let bytes = Tokenizer::new(TokenizerKind::Bytes);
+/// let mut tokens = vec![TokenizerKind::Bytes.eos()];
+/// tokens.extend(bytes.encode("hello"));
+/// let x = SampleRecord { tokens, nfe: 5, seconds: 0.0, text: None };
+/// assert_eq!(did_engine::eval::gen_ppl::sample_text(&bytes, &x), "hello");
+/// ```
+pub fn sample_text(decoder: &Tokenizer, x: &SampleRecord) -> String {
+    x.text
+        .clone()
+        .unwrap_or_else(|| decoder.decode(x.tokens.get(1..).unwrap_or(&[])))
 }
 
 /// Draws the samples in batches, then regenerates each degenerate one alone, with sample ids
