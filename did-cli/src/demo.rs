@@ -94,6 +94,8 @@ fn train_for<B: Backend>(
         init_from: None,
         progress: opts.progress,
         max_seconds: Some(seconds),
+        stop: crate::interrupt::requested,
+        fault_nan_at_step: None,
     };
     let summary = train(be, &t)?;
     eprint!("{summary}");

@@ -550,6 +550,8 @@ fn execute(cli: Cli, matches: &clap::ArgMatches) -> Result<String, String> {
                 init_from,
                 progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
                 max_seconds: None,
+                stop: crate::interrupt::requested,
+                fault_nan_at_step: train::fault_nan_at_step()?,
             };
             on_backend!(cli, be => train::train(be, &opts))
         }

@@ -9,6 +9,7 @@
 //!   PyTorch's pickle format);
 //! - [`judge`]: the causal judge of generative perplexity (BD3-LM's protocol), and
 //!   [`ngram_judge`], the independent n-gram one;
+//! - [`training`]: the training run (windows, batches, metrics log, checkpoints, exact resume);
 //! - [`model_config`], [`train_config`]: the TOML `[model]` table and run files;
 //! - [`sampling`]: sampling settings, a checkpoint made ready to sample, and each stage's time;
 //! - [`eval`]: BD3-LM's evaluation protocols (the NELBO bound, generative perplexity under both
@@ -27,6 +28,7 @@ pub mod ngram_judge;
 pub mod samples;
 pub mod sampling;
 pub mod train_config;
+pub mod training;
 
 /// What went wrong in did-engine, by what it was doing. Every message names the file or input,
 /// the cause and the fix; `Display` gives it as it was always written.
@@ -68,6 +70,9 @@ pub enum Error {
     /// An evaluation (NELBO, generative perplexity) that cannot run as asked.
     #[error("{0}")]
     Eval(String),
+    /// A training run that cannot start or continue as asked.
+    #[error("{0}")]
+    Training(String),
 }
 
 /// For callers whose errors are still text (the CLI's commands): the message.
