@@ -15,6 +15,7 @@
 //! | stage plans with a rule per stage, remasking (fixed or adaptive), the multi-stage driver, mix-scale training | [`refine`] |
 //! | what a model must provide to the sampler | [`denoiser`] |
 //! | the compute primitives a backend implements | [`backend`] |
+//! | what data-parallel training needs from its ranks | [`collective`] |
 //!
 //! The entry point for an engine builder is [`refine::generate`]: implement
 //! [`denoiser::Denoiser`] for your model and call it with a [`refine::StagePlan`].
@@ -33,6 +34,7 @@
 extern crate alloc;
 
 pub mod backend;
+pub mod collective;
 pub mod denoiser;
 mod error;
 pub mod mask;

@@ -9,6 +9,7 @@
 //!   PyTorch's pickle format);
 //! - [`judge`]: the causal judge of generative perplexity (BD3-LM's protocol), and
 //!   [`ngram_judge`], the independent n-gram one;
+//! - [`collective`]: data-parallel ranks as threads of one process (tests, and CPU runs);
 //! - [`training`]: the training run (windows, batches, metrics log, checkpoints, exact resume);
 //! - [`model_config`], [`train_config`]: the TOML `[model]` table and run files;
 //! - [`sampling`]: sampling settings, a checkpoint made ready to sample, and each stage's time;
@@ -19,6 +20,7 @@
 #![deny(missing_docs)]
 
 pub mod checkpoint;
+pub mod collective;
 pub mod data;
 pub mod eval;
 pub mod import;

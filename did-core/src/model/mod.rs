@@ -47,6 +47,8 @@ pub enum ModelError<E> {
     Invalid(crate::Error),
     /// The backend failed.
     Backend(E),
+    /// A collective operation between data-parallel ranks failed.
+    Collective(crate::collective::CollectiveError),
 }
 
 impl<E> From<crate::Error> for ModelError<E> {
@@ -60,6 +62,7 @@ impl<E: fmt::Display> fmt::Display for ModelError<E> {
         match self {
             ModelError::Invalid(e) => e.fmt(f),
             ModelError::Backend(e) => write!(f, "backend: {e}"),
+            ModelError::Collective(e) => write!(f, "data parallel: {e}"),
         }
     }
 }

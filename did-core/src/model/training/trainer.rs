@@ -4,6 +4,7 @@
 use alloc::vec::Vec;
 
 use crate::backend::{AdamW, Backend, OptimizerStep, Slice, SliceMut, UpdatedWeights};
+use crate::collective::{checksum, Collective, SingleProcess};
 use crate::error::invalid;
 use crate::model::network::activations::Activations;
 use crate::model::network::transformer::{DropoutStreams, Transformer};
@@ -116,6 +117,23 @@ impl<B: Backend> Weights<B> {
     /// What the model reads.
     fn for_model(&self) -> &B::Buffer {
         self.rounded.as_ref().unwrap_or(&self.master)
+    }
+
+    /// Replaces the master with rank `root`'s, and the copy the model reads with its rounding.
+    fn broadcast<C: Collective<B>>(
+        &mut self,
+        be: &B,
+        comm: &mut C,
+        len: usize,
+        root: usize,
+    ) -> Result<(), ModelError<B::Error>> {
+        comm.broadcast(be, &mut self.master, len, root)
+            .map_err(ModelError::Collective)?;
+        if let Some(r) = self.rounded.as_mut() {
+            be.round_into(Slice::whole(&self.master), SliceMut::whole(r), len)
+                .map_err(ModelError::Backend)?;
+        }
+        Ok(())
     }
 
     fn updated(&mut self) -> UpdatedWeights<'_, B::Buffer> {
@@ -285,11 +303,30 @@ impl<B: Backend> Trainer<B> {
         model: &Transformer,
         micro_batches: &[TrainBatch],
     ) -> Result<StepReport, ModelError<B::Error>> {
+        self.step_with(be, model, micro_batches, &mut SingleProcess)
+    }
+
+    /// One optimizer step of a data-parallel world: this rank's `micro_batches` are its share of
+    /// the global batch (`micro_batches[i]` built for
+    /// [`DataParallel::micro_step`](crate::collective::DataParallel::micro_step)`(step, len, i)`),
+    /// their gradients summed over the ranks before the clip and the update, so that every rank
+    /// applies the same update. The report's loss and token count are the world's.
+    pub fn step_with<C: Collective<B>>(
+        &mut self,
+        be: &B,
+        model: &Transformer,
+        micro_batches: &[TrainBatch],
+        comm: &mut C,
+    ) -> Result<StepReport, ModelError<B::Error>> {
         if micro_batches.is_empty() {
             return Err(invalid("training step", "needs at least one micro-batch").into());
         }
         let e = ModelError::Backend;
+        let shared = ModelError::Collective;
         let accum = micro_batches.len();
+        let place = comm.place();
+        // Every micro-batch of the world weighs the same: a mean over world × accumulation.
+        let scale = 1.0 / (accum * place.world) as f32;
         be.fill(SliceMut::whole(&mut self.grads), self.len, 0.0)
             .map_err(e)?;
         let mut loss = 0.0;
@@ -313,7 +350,7 @@ impl<B: Backend> Trainer<B> {
             model.load_batch(be, acts, batch)?;
             let dropout = Some(DropoutStreams {
                 seed: self.seed,
-                step: self.step.wrapping_mul(accum as u32).wrapping_add(i as u32),
+                step: place.micro_step(self.step, accum, i),
             });
             model.forward(be, self.params.for_model(), acts, dropout)?;
             loss += model.backward(
@@ -322,11 +359,14 @@ impl<B: Backend> Trainer<B> {
                 &mut self.grads,
                 acts,
                 dropout,
-                1.0 / accum as f32,
+                scale,
             )?;
             predicted += batch.predicted;
         }
-        loss /= accum as f64;
+        let mut world_sums = [loss, predicted as f64];
+        comm.all_reduce_host(&mut world_sums).map_err(shared)?;
+        let loss = world_sums[0] / (accum * place.world) as f64;
+        let predicted = world_sums[1] as usize;
         if !loss.is_finite() {
             return Err(invalid(
                 "training",
@@ -337,6 +377,8 @@ impl<B: Backend> Trainer<B> {
             )
             .into());
         }
+        comm.all_reduce_sum(be, &mut self.grads, self.len)
+            .map_err(shared)?;
         let grad_norm = libm::sqrt(
             be.sum_squares(Slice::whole(&self.grads), self.len)
                 .map_err(e)?,
@@ -403,6 +445,58 @@ impl<B: Backend> Trainer<B> {
         model.load_batch(be, &mut acts, batch)?;
         let params = self.eval_params();
         model.loss(be, params, &mut acts, None)
+    }
+
+    /// Makes every rank's weights, moments and EMA rank `root`'s (the start of a data-parallel
+    /// run, whatever each rank loaded). The step count and seed must already agree.
+    pub fn broadcast_from<C: Collective<B>>(
+        &mut self,
+        be: &B,
+        comm: &mut C,
+        root: usize,
+    ) -> Result<(), ModelError<B::Error>> {
+        let len = self.len;
+        self.params.broadcast(be, comm, len, root)?;
+        for moment in [&mut self.m, &mut self.v] {
+            comm.broadcast(be, moment, len, root)
+                .map_err(ModelError::Collective)?;
+        }
+        if let Some(ema) = self.ema.as_mut() {
+            ema.broadcast(be, comm, len, root)?;
+        }
+        Ok(())
+    }
+
+    /// Checks that every rank holds the same weights (a checksum of their bits, gathered from
+    /// every rank); an error names the ranks that differ from rank 0. Every rank must call it.
+    pub fn check_replicas<C: Collective<B>>(
+        &self,
+        be: &B,
+        comm: &mut C,
+    ) -> Result<(), ModelError<B::Error>> {
+        let place = comm.place();
+        let weights =
+            Self::download_all(be, &self.params.master, self.len).map_err(ModelError::Backend)?;
+        let mine = checksum(&weights);
+        // An all-gather by a sum: each rank fills its own two slots.
+        let mut all = alloc::vec![0.0f64; 2 * place.world];
+        all[2 * place.rank] = f64::from(mine[0]);
+        all[2 * place.rank + 1] = f64::from(mine[1]);
+        comm.all_reduce_host(&mut all)
+            .map_err(ModelError::Collective)?;
+        let differ: Vec<usize> = (1..place.world)
+            .filter(|r| all[2 * r..2 * r + 2] != all[0..2])
+            .collect();
+        if differ.is_empty() {
+            return Ok(());
+        }
+        Err(ModelError::Collective(crate::collective::CollectiveError {
+            rank: place.rank,
+            message: alloc::format!(
+                "at step {} the weights of rank(s) {differ:?} differ from rank 0's; the ranks ran different code or data, or a device is faulty: stop, and --resume from the last checkpoint",
+                self.step
+            ),
+        }))
     }
 
     /// Drops the cached activations (memory) until the next step.
