@@ -9,7 +9,9 @@
 //!   PyTorch's pickle format);
 //! - [`judge`]: the causal judge of generative perplexity (BD3-LM's protocol), and
 //!   [`ngram_judge`], the independent n-gram one;
-//! - [`collective`]: data-parallel ranks as threads of one process (tests, and CPU runs);
+//! - [`collective`]: data-parallel ranks as threads of one process (tests);
+//! - [`launch`]: where a process sits in a `torchrun` or SLURM launch, the TCP rendezvous, and
+//!   the ranks' sums over TCP;
 //! - [`training`]: the training run (windows, batches, metrics log, checkpoints, exact resume);
 //! - [`model_config`], [`train_config`]: the TOML `[model]` table and run files;
 //! - [`sampling`]: sampling settings, a checkpoint made ready to sample, and each stage's time;
@@ -25,6 +27,7 @@ pub mod data;
 pub mod eval;
 pub mod import;
 pub mod judge;
+pub mod launch;
 pub mod model_config;
 pub mod ngram_judge;
 pub mod samples;
@@ -75,6 +78,9 @@ pub enum Error {
     /// A training run that cannot start or continue as asked.
     #[error("{0}")]
     Training(String),
+    /// A data-parallel launch that cannot start: its variables, the rendezvous, a lost rank.
+    #[error("{0}")]
+    Launch(String),
 }
 
 /// For callers whose errors are still text (the CLI's commands): the message.

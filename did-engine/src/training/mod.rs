@@ -13,6 +13,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use did_core::backend::Backend;
+use did_core::collective::{Collective, SingleProcess};
 use did_core::model::{
     Architecture, BlockSizeDistribution, ModelConfig, TrainBatch, Trainer, TrainerConfig,
     TrainingState, Transformer,
@@ -240,18 +241,27 @@ fn batch_maker(
 /// Runs training to `opts.steps` (or until `opts.stop` or `opts.max_seconds`), checkpointing as
 /// it goes.
 pub fn train<B: Backend>(be: &B, opts: &TrainOptions) -> Result<TrainSummary, Error> {
+    train_with(be, opts, &mut SingleProcess)
+}
+
+/// [`train`] as one rank of a data-parallel world (docs/training.md): this rank's share of every
+/// step's batch, gradients summed over `comm`; rank 0 alone writes checkpoints and
+/// `metrics.jsonl`, validates and shows progress; the ranks compare checksums of their weights at
+/// every checkpoint, and stop together when any of them is asked to.
+pub fn train_with<B: Backend, C: Collective<B>>(
+    be: &B,
+    opts: &TrainOptions,
+    comm: &mut C,
+) -> Result<TrainSummary, Error> {
+    let place = comm.place();
+    let leader = place.rank == 0;
+    let shared = |e: did_core::collective::CollectiveError| Error::Training(e.to_string());
     let open = |name: &str| Shard::open(&opts.data.join(format!("{name}.bin")));
     let train_shard = open("train")?;
     let valid_shard = open("valid").ok().filter(|s| !s.is_empty());
     let config = resolve_config(opts, train_shard.header().vocab_size)?;
     let batches = batch_maker(opts, &config, &train_shard)?;
     let len = batches.len;
-    std::fs::create_dir_all(&opts.out).map_err(|e| {
-        Error::Training(format!(
-            "cannot create the output folder {}: {e}; choose a writable --out",
-            opts.out.display()
-        ))
-    })?;
     let model = Transformer::new(config).map_err(|e| Error::Training(e.to_string()))?;
     let tc = TrainerConfig {
         lr: opts.lr,
@@ -260,12 +270,38 @@ pub fn train<B: Backend>(be: &B, opts: &TrainOptions) -> Result<TrainSummary, Er
     };
     let failed = |e: did_core::model::ModelError<B::Error>| Error::Training(e.to_string());
 
-    // Start: resume, fine-tune, or fresh; the log then matches the state resumed from.
-    let mut trainer = start_trainer(be, &model, tc, opts)?;
-    let mut metrics = MetricsLog::resume_at(&opts.out, trainer.step)?;
-    let bar = progress_bar(opts);
+    // Start: rank 0 resumes, fine-tunes or starts fresh; the others start fresh and take its
+    // state. A rank that cannot start stops every rank.
+    let started = if leader {
+        std::fs::create_dir_all(&opts.out)
+            .map_err(|e| {
+                Error::Training(format!(
+                    "cannot create the output folder {}: {e}; choose a writable --out",
+                    opts.out.display()
+                ))
+            })
+            .and_then(|()| start_trainer(be, &model, tc, opts))
+    } else {
+        Trainer::new(
+            be,
+            &model,
+            tc,
+            &model.table().initial_values(opts.seed),
+            opts.seed,
+        )
+        .map_err(failed)
+    };
+    let mut trainer = agree(comm, started, "start")?;
+    let mut step = [f64::from(if leader { trainer.step } else { 0 })];
+    comm.all_reduce_host(&mut step).map_err(shared)?;
+    trainer.step = step[0] as u32;
+    trainer.broadcast_from(be, comm, 0).map_err(failed)?;
+    let mut metrics = match leader {
+        true => Some(MetricsLog::resume_at(&opts.out, trainer.step)?),
+        false => None,
+    };
+    let bar = progress_bar(opts, leader);
     bar.set_position(u64::from(trainer.step));
-    let accum = opts.accumulate as u32;
     let mut last_loss = f64::NAN;
     let mut last_valid = None;
     let validate = |trainer: &mut Trainer<B>| {
@@ -278,20 +314,22 @@ pub fn train<B: Backend>(be: &B, opts: &TrainOptions) -> Result<TrainSummary, Er
             opts.valid_batches,
         )
     };
-    let started = Instant::now();
+    let clock = Instant::now();
     let first_step = trainer.step;
     let out_of_time = || {
         (opts.stop)()
             || opts
                 .max_seconds
-                .is_some_and(|s| started.elapsed().as_secs_f64() >= s)
+                .is_some_and(|s| clock.elapsed().as_secs_f64() >= s)
     };
-    while trainer.step < opts.steps && !out_of_time() {
+    // Any rank that is asked to stop stops them all, after the same step.
+    let mut stopping = any(comm, out_of_time())?;
+    while trainer.step < opts.steps && !stopping {
         let step = trainer.step;
         let t0 = Instant::now();
-        let mut micro: Vec<TrainBatch> = (0..accum)
+        let mut micro: Vec<TrainBatch> = (0..opts.accumulate)
             .map(|m| {
-                let ms = step * accum + m;
+                let ms = place.micro_step(step, opts.accumulate, m);
                 let x = windows(&train_shard, len, opts.batch, opts.seed, ms);
                 batches.make(&x, step, ms)
             })
@@ -300,9 +338,22 @@ pub fn train<B: Backend>(be: &B, opts: &TrainOptions) -> Result<TrainSummary, Er
             // A NaN in the loss weights, to test the non-finite guard.
             micro[0].weights[0] = f32::NAN;
         }
-        let report = trainer.step(be, &model, &micro).map_err(failed)?;
-        let tokens_per_s = (opts.batch * opts.accumulate * len) as f64 / t0.elapsed().as_secs_f64();
+        let report = trainer
+            .step_with(be, &model, &micro, comm)
+            .map_err(failed)?;
+        let tokens = opts.batch * opts.accumulate * place.world * len;
+        let tokens_per_s = tokens as f64 / t0.elapsed().as_secs_f64();
         last_loss = report.loss;
+        stopping = any(comm, out_of_time())?;
+        let save = report.step % opts.checkpoint_every.max(1) == 0
+            || report.step == opts.steps
+            || stopping;
+        if save && place.world > 1 {
+            trainer.check_replicas(be, comm).map_err(failed)?;
+        }
+        let Some(metrics) = metrics.as_mut() else {
+            continue;
+        };
         let mut line = format!(
             "{{\"step\":{},\"loss\":{:?},\"grad_norm\":{:?},\"lr\":{:?},\"tokens_per_s\":{:.1}",
             report.step, report.loss, report.grad_norm, report.lr, tokens_per_s
@@ -317,15 +368,12 @@ pub fn train<B: Backend>(be: &B, opts: &TrainOptions) -> Result<TrainSummary, Er
         metrics.append(&line)?;
         bar.set_position(u64::from(report.step));
         bar.set_message(format!("loss {:.4} {:.0} tok/s", report.loss, tokens_per_s));
-        if report.step % opts.checkpoint_every.max(1) == 0
-            || report.step == opts.steps
-            || out_of_time()
-        {
+        if save {
             save_checkpoint(be, &trainer, config, opts, len)?;
         }
     }
     bar.finish_and_clear();
-    if last_valid.is_none() {
+    if leader && last_valid.is_none() {
         last_valid = validate(&mut trainer)?;
     }
     if (opts.stop)() {
@@ -341,11 +389,41 @@ pub fn train<B: Backend>(be: &B, opts: &TrainOptions) -> Result<TrainSummary, Er
         objective: opts.objective.describe(),
         steps_run: trainer.step - first_step,
         step: trainer.step,
-        seconds: started.elapsed().as_secs_f64(),
+        seconds: clock.elapsed().as_secs_f64(),
         last_loss,
         valid_loss: last_valid,
         out: opts.out.clone(),
     })
+}
+
+/// `mine` if every rank's start succeeded; otherwise an error on every rank (its own, or one
+/// that names the ranks that failed).
+fn agree<B: Backend, C: Collective<B>, T>(
+    comm: &mut C,
+    mine: Result<T, Error>,
+    what: &str,
+) -> Result<T, Error> {
+    let place = comm.place();
+    let mut failed = vec![0.0; place.world];
+    failed[place.rank] = f64::from(u8::from(mine.is_err()));
+    comm.all_reduce_host(&mut failed)
+        .map_err(|e| Error::Training(e.to_string()))?;
+    let ranks: Vec<usize> = (0..place.world).filter(|&r| failed[r] > 0.0).collect();
+    match mine {
+        Err(e) => Err(e),
+        Ok(_) if !ranks.is_empty() => Err(Error::Training(format!(
+            "rank(s) {ranks:?} could not {what}; their own errors say why"
+        ))),
+        Ok(v) => Ok(v),
+    }
+}
+
+/// Whether any rank says `yes`.
+fn any<B: Backend, C: Collective<B>>(comm: &mut C, yes: bool) -> Result<bool, Error> {
+    let mut votes = [f64::from(u8::from(yes))];
+    comm.all_reduce_host(&mut votes)
+        .map_err(|e| Error::Training(e.to_string()))?;
+    Ok(votes[0] > 0.0)
 }
 
 /// The trainer a run starts from: its latest checkpoint (`--resume`), another run's weights
@@ -475,9 +553,9 @@ fn validation_loss<B: Backend>(
     Ok(Some(total / valid_batches.max(1) as f64))
 }
 
-/// The step counter on the terminal (hidden without `progress`).
-fn progress_bar(opts: &TrainOptions) -> indicatif::ProgressBar {
-    let bar = if opts.progress {
+/// The step counter on the terminal (hidden without `progress`, and on every rank but 0).
+fn progress_bar(opts: &TrainOptions, leader: bool) -> indicatif::ProgressBar {
+    let bar = if opts.progress && leader {
         indicatif::ProgressBar::new(u64::from(opts.steps))
     } else {
         indicatif::ProgressBar::hidden()
