@@ -63,6 +63,9 @@ pub enum PrecisionChoice {
 /// Runs `$body` with `$be` bound to the backend the user chose.
 macro_rules! on_backend {
     ($cli:expr, $be:ident => $body:expr) => {
+        on_backend!($cli, 0, $be => $body)
+    };
+    ($cli:expr, $device:expr, $be:ident => $body:expr) => {
         match ($cli.backend, $cli.precision) {
             (BackendChoice::Cpu, PrecisionChoice::F32) => {
                 let $be = &did_backend_cpu::CpuBackend::new();
@@ -79,7 +82,7 @@ macro_rules! on_backend {
                 };
                 let options = cuda_options(&$cli.cuda, |name| std::env::var(name).ok())
                     .map_err(|e| format!("--backend cuda: {e}"))?;
-                let $be = &did_backend_cuda::CudaBackend::with_options(0, precision, options)
+                let $be = &did_backend_cuda::CudaBackend::with_options($device, precision, options)
                     .map_err(|e| format!("--backend cuda: {e}"))?;
                 $body
             }
@@ -198,6 +201,16 @@ enum Command {
         /// Start from the (EMA) weights of a checkpoint: fine-tuning.
         #[arg(long)]
         init_from: Option<PathBuf>,
+        /// Start N local ranks, one process each (rank r on GPU r with --backend cuda): data
+        /// parallel, a global batch of N × --batch × --accumulate. Launched by torchrun or srun
+        /// instead, `did train` reads RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT (or
+        /// SLURM's) and needs no flag.
+        #[arg(long, visible_alias = "ranks", value_name = "N")]
+        gpus: Option<usize>,
+        /// Seconds a rank waits for the others (the rendezvous, each gradient sum) before it
+        /// names the missing rank and stops.
+        #[arg(long, default_value_t = 600.0)]
+        rank_timeout: f64,
     },
     /// Sample from a checkpoint: draft, remask the least confident tokens, refine.
     ///
@@ -391,7 +404,7 @@ pub fn run(args: &[String]) -> ExitCode {
             return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
         }
     };
-    match execute(cli, &matches) {
+    match execute(cli, &matches, args) {
         Ok(text) => {
             print!("{text}");
             ExitCode::SUCCESS
@@ -403,7 +416,7 @@ pub fn run(args: &[String]) -> ExitCode {
     }
 }
 
-fn execute(cli: Cli, matches: &clap::ArgMatches) -> Result<String, String> {
+fn execute(cli: Cli, matches: &clap::ArgMatches, args: &[String]) -> Result<String, String> {
     match cli.command {
         Command::CheckPlan { plan, length } => check_plan(&plan, length),
         Command::Demo {
@@ -489,7 +502,16 @@ fn execute(cli: Cli, matches: &clap::ArgMatches) -> Result<String, String> {
             mut valid_batches,
             resume,
             mut init_from,
+            gpus,
+            rank_timeout,
         } => {
+            let placement = did_engine::launch::Placement::from_vars(|k| std::env::var(k).ok())?;
+            if let Some(n) = gpus {
+                if placement.is_some() {
+                    return Err("--gpus starts the ranks itself; under torchrun or srun (RANK/WORLD_SIZE or SLURM_NTASKS set) leave it out".into());
+                }
+                return train::launch_local(n, args);
+            }
             if let Some(path) = &config {
                 let text = std::fs::read_to_string(path)
                     .map_err(|e| format!("cannot read the run config {}: {e}", path.display()))?;
@@ -553,7 +575,9 @@ fn execute(cli: Cli, matches: &clap::ArgMatches) -> Result<String, String> {
                 stop: crate::interrupt::requested,
                 fault_nan_at_step: train::fault_nan_at_step()?,
             };
-            on_backend!(cli, be => train::train(be, &opts))
+            let timeout = std::time::Duration::from_secs_f64(rank_timeout.max(1.0));
+            let device = placement.as_ref().map_or(0, |p| p.local_rank);
+            on_backend!(cli, device, be => train::train_placed(be, &opts, placement.as_ref(), timeout))
         }
         Command::ModelInfo {
             model,

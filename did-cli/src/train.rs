@@ -1,7 +1,12 @@
 //! `did train`: the run itself is did-engine's (`did_engine::training`); the CLI installs the
-//! Ctrl-C handler the run polls, reads the fault-injection switch, and prints the summary.
+//! Ctrl-C handler the run polls, reads the fault-injection switch, starts or joins the ranks of a
+//! data-parallel launch (docs/training.md), and prints the summary.
+
+use std::time::Duration;
 
 use did_core::backend::Backend;
+use did_core::collective::{Collective, CollectiveError, DataParallel};
+use did_engine::launch::{rendezvous, Placement, TcpCollective};
 pub use did_engine::training::{Objective, TrainOptions};
 
 /// `DID_FAULT_NAN_AT_STEP=N`: the fault-injection switch of the reliability tests (a NaN enters
@@ -26,4 +31,220 @@ pub fn train<B: Backend>(be: &B, opts: &TrainOptions) -> Result<String, String> 
         ..opts.clone()
     };
     Ok(did_engine::training::train(be, &opts)?.to_string())
+}
+
+/// `did train` as one rank of a launch (`placement` from the environment), or alone: the ranks
+/// meet at `MASTER_ADDR:MASTER_PORT` and sum their gradients (over TCP on the CPU); rank 0 prints
+/// the summary, the others nothing.
+pub fn train_placed<B: Backend>(
+    be: &B,
+    opts: &TrainOptions,
+    placement: Option<&Placement>,
+    timeout: Duration,
+) -> Result<String, String> {
+    let Some(place) = placement.filter(|p| p.world > 1) else {
+        return train(be, opts);
+    };
+    if be.name() != "cpu" {
+        return Err(format!(
+            "data-parallel training on the {} backend needs NCCL, which did does not drive yet (issue #29); train on one GPU, or with --backend cpu",
+            be.name()
+        ));
+    }
+    crate::interrupt::install();
+    let session = rendezvous(place, &[], timeout)?;
+    let comm = TcpCollective::new(session, timeout).map_err(|e| e.to_string())?;
+    let mut comm = DiesAt {
+        inner: comm,
+        sums_left: fault_exit_at_sum()?,
+    };
+    let opts = TrainOptions {
+        stop: crate::interrupt::requested,
+        ..opts.clone()
+    };
+    let summary = did_engine::training::train_with(be, &opts, &mut comm)?;
+    Ok(if place.rank == 0 {
+        format!("{} ranks: {summary}", place.world)
+    } else {
+        String::new()
+    })
+}
+
+/// `DID_FAULT_EXIT_AT_SUM=N` (with `DID_FAULT_RANK=R`, default 1): the fault-injection switch of
+/// the data-parallel tests: rank R's process exits (code 9, no clean-up) as it enters its N-th
+/// gradient sum, as a crashed rank would (docs/reliability.md).
+fn fault_exit_at_sum() -> Result<Option<u64>, String> {
+    let var = |name: &str| std::env::var(name).ok();
+    let Some(n) = var("DID_FAULT_EXIT_AT_SUM") else {
+        return Ok(None);
+    };
+    let parse = |name: &str, v: &str| {
+        v.trim()
+            .parse::<u64>()
+            .map_err(|_| format!("{name}={v:?} is not a number; unset it for normal training"))
+    };
+    let n = parse("DID_FAULT_EXIT_AT_SUM", &n)?;
+    let rank = var("DID_FAULT_RANK").map_or(Ok(1), |r| parse("DID_FAULT_RANK", &r))?;
+    let me = var("RANK").and_then(|r| r.parse::<u64>().ok());
+    Ok((me == Some(rank)).then_some(n))
+}
+
+/// A collective whose process dies at a chosen gradient sum ([`fault_exit_at_sum`]).
+struct DiesAt<C> {
+    inner: C,
+    sums_left: Option<u64>,
+}
+
+impl<B: Backend, C: Collective<B>> Collective<B> for DiesAt<C> {
+    fn place(&self) -> DataParallel {
+        self.inner.place()
+    }
+    fn all_reduce_sum(
+        &mut self,
+        be: &B,
+        buf: &mut B::Buffer,
+        len: usize,
+    ) -> Result<(), CollectiveError> {
+        if let Some(n) = self.sums_left.as_mut() {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                std::process::exit(9);
+            }
+        }
+        self.inner.all_reduce_sum(be, buf, len)
+    }
+    fn all_reduce_host(&mut self, values: &mut [f64]) -> Result<(), CollectiveError> {
+        self.inner.all_reduce_host(values)
+    }
+    fn broadcast(
+        &mut self,
+        be: &B,
+        buf: &mut B::Buffer,
+        len: usize,
+        root: usize,
+    ) -> Result<(), CollectiveError> {
+        self.inner.broadcast(be, buf, len, root)
+    }
+    fn barrier(&mut self) -> Result<(), CollectiveError> {
+        Collective::<B>::barrier(&mut self.inner)
+    }
+}
+
+/// `did train --gpus N`: starts N copies of this command as ranks 0..N of one node (rank r on
+/// device r), with the variables `torchrun` would set, and waits for them. When a rank fails the
+/// others are stopped at once (checkpoints are written atomically, so none is lost) and the error
+/// names the rank; `--resume` continues.
+pub fn launch_local(n: usize, args: &[String]) -> Result<String, String> {
+    if n == 0 {
+        return Err("--gpus 0: start at least one rank".into());
+    }
+    let exe = std::env::current_exe()
+        .map_err(|e| format!("cannot find the did executable to start the ranks: {e}"))?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_err(|e| format!("cannot find a free port for the rendezvous: {e}"))?
+        .port();
+    let child_args = without_gpus_flag(args);
+    // Ctrl-C reaches every rank of the terminal's process group; this process waits for them.
+    crate::interrupt::install();
+    let mut ranks = Vec::with_capacity(n);
+    for rank in 0..n {
+        let child = std::process::Command::new(&exe)
+            .args(&child_args)
+            .env("RANK", rank.to_string())
+            .env("WORLD_SIZE", n.to_string())
+            .env("LOCAL_RANK", rank.to_string())
+            .env("LOCAL_WORLD_SIZE", n.to_string())
+            .env("MASTER_ADDR", "127.0.0.1")
+            .env("MASTER_PORT", port.to_string())
+            .spawn();
+        match child {
+            Ok(c) => ranks.push(c),
+            Err(e) => {
+                ranks.iter_mut().for_each(|c| drop(c.kill()));
+                return Err(format!("cannot start rank {rank}: {e}"));
+            }
+        }
+    }
+    let mut left: Vec<usize> = (0..n).collect();
+    loop {
+        // Every rank that has ended since the last look; a failure that is not did's own error
+        // exit (2: a rank that saw another leave) is the likelier cause, so it is named first.
+        let mut failed: Vec<(usize, std::process::ExitStatus)> = Vec::new();
+        left.retain(|&r| match ranks[r].try_wait() {
+            Ok(Some(status)) => {
+                if !status.success() {
+                    failed.push((r, status));
+                }
+                false
+            }
+            _ => true,
+        });
+        failed.sort_by_key(|(r, status)| (status.code() == Some(2), *r));
+        if let Some(&(r, status)) = failed.first() {
+            for &o in &left {
+                let _ = ranks[o].kill();
+                let _ = ranks[o].wait();
+            }
+            let others: Vec<String> = failed[1..]
+                .iter()
+                .map(|(o, s)| format!("rank {o}: {s}"))
+                .collect();
+            let also = if others.is_empty() {
+                String::new()
+            } else {
+                format!(" (then {})", others.join(", "))
+            };
+            return Err(format!(
+                "rank {r} of {n} failed ({status}){also}; the other ranks were stopped. The ranks' errors are above; continue with the same command and --resume"
+            ));
+        }
+        if left.is_empty() {
+            return Ok(String::new());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `args` without `--gpus N` / `--gpus=N` (and its alias `--ranks`).
+fn without_gpus_flag(args: &[String]) -> Vec<String> {
+    let mut out = Vec::with_capacity(args.len());
+    let mut skip = false;
+    for a in args {
+        if std::mem::take(&mut skip) {
+            continue;
+        }
+        match a.as_str() {
+            "--gpus" | "--ranks" => skip = true,
+            _ if a.starts_with("--gpus=") || a.starts_with("--ranks=") => {}
+            _ => out.push(a.clone()),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ranks_run_the_command_without_the_launch_flag() {
+        let args: Vec<String> = [
+            "train",
+            "--gpus",
+            "2",
+            "--steps",
+            "3",
+            "--ranks=4",
+            "--out",
+            "o",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        assert_eq!(
+            without_gpus_flag(&args),
+            ["train", "--steps", "3", "--out", "o"]
+        );
+    }
 }
