@@ -52,7 +52,12 @@ add_lib_dir() {
         echo "MISSING: $name" | tee -a "$log"
     fi
 }
-for lib in libcuda.so.1 libnvrtc.so.13 libnvrtc-builtins.so.13 libcublas.so.13 libcublasLt.so.13; do add_lib_dir "$lib"; done
+for lib in libcuda.so.1 libnvrtc.so.13 libnvrtc-builtins.so.13 libcublas.so.13 libcublasLt.so.13 libnccl.so.2; do add_lib_dir "$lib"; done
+# NCCL also comes in PyPI's nvidia-nccl wheels (a PyTorch install has one).
+if ! ldconfig -p 2>/dev/null | grep -q libnccl.so.2 && [[ "${LD_LIBRARY_PATH:-}" != *nccl* ]]; then
+    nccl_dir=$(python3 -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "lib"))' 2>/dev/null || true)
+    [ -n "$nccl_dir" ] && export LD_LIBRARY_PATH="$nccl_dir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" && echo "found libnccl.so.2 in $nccl_dir" | tee -a "$log"
+fi
 device=$(nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv,noheader 2>&1 | head -n 1)
 echo "device: $device" | tee -a "$log"
 
@@ -178,6 +183,18 @@ for precision in f32 bf16; do
         --lr 1e-3 --warmup 5 --out "$work/run-$precision"
     grep -h '"step":30' "$work/run-$precision/metrics.jsonl" >>"$log" 2>/dev/null
 done
+# Data parallel over NCCL (tests/nccl.rs ran a world of one above): two processes where the host
+# has two GPUs, against one process accumulating two micro-batches (docs/training.md).
+if [ "$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')" -ge 2 ]; then
+    for how in "--gpus 2" "--accumulate 2"; do
+        run "train tiny mix-scale, 10 steps, batch 4, $how (f32)" "$did" --backend cuda train \
+            --data "$work/data" --model tiny --objective mix-scale --blocks 4:0.9,L:0.1 --batch 4 --steps 10 \
+            --lr 1e-3 --warmup 5 --rank-timeout 120 --out "$work/dp-${how// /}" $how
+    done
+    grep -h '"step":10' "$work"/dp-*/metrics.jsonl >>"$log" 2>/dev/null
+else
+    e2e+="| train on 2 GPUs over NCCL (--gpus 2) | skipped: one GPU | |"$'\n'
+fi
 ckpt=$(ls "$work"/run-f32/ckpt-*.safetensors 2>/dev/null | tail -n 1)
 if [ -n "$ckpt" ]; then
     run "eval nelbo at block 4, 16 sequences (cuda)" "$did" --backend cuda eval nelbo --checkpoint "$ckpt" \

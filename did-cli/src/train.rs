@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use did_core::backend::Backend;
 use did_core::collective::{Collective, CollectiveError, DataParallel};
-use did_engine::launch::{rendezvous, Placement, TcpCollective};
+use did_engine::launch::{rendezvous, Placement, Session, TcpCollective};
 pub use did_engine::training::{Objective, TrainOptions};
 
 /// `DID_FAULT_NAN_AT_STEP=N`: the fault-injection switch of the reliability tests (a NaN enters
@@ -33,10 +33,49 @@ pub fn train<B: Backend>(be: &B, opts: &TrainOptions) -> Result<String, String> 
     Ok(did_engine::training::train(be, &opts)?.to_string())
 }
 
+/// A backend that can train as one rank of many: what rank 0 hands every rank at the rendezvous,
+/// and the collective the ranks sum through.
+pub trait RankBackend: Backend + Sized {
+    /// The sums between ranks.
+    type Ranks: Collective<Self>;
+    /// Rank 0's bytes for the other ranks (NCCL's unique id; nothing for TCP).
+    fn rendezvous_bytes(&self) -> Result<Vec<u8>, String>;
+    /// The collective over a finished rendezvous.
+    fn ranks(&self, session: Session, timeout: Duration) -> Result<Self::Ranks, String>;
+}
+
+impl RankBackend for did_backend_cpu::CpuBackend {
+    type Ranks = TcpCollective;
+    fn rendezvous_bytes(&self) -> Result<Vec<u8>, String> {
+        Ok(Vec::new())
+    }
+    fn ranks(&self, session: Session, timeout: Duration) -> Result<TcpCollective, String> {
+        TcpCollective::new(session, timeout).map_err(|e| e.to_string())
+    }
+}
+
+impl RankBackend for did_backend_cuda::CudaBackend {
+    type Ranks = did_backend_cuda::NcclCollective;
+    fn rendezvous_bytes(&self) -> Result<Vec<u8>, String> {
+        did_backend_cuda::nccl_unique_id()
+    }
+    fn ranks(&self, session: Session, timeout: Duration) -> Result<Self::Ranks, String> {
+        let place = &session.place;
+        did_backend_cuda::NcclCollective::new(
+            self,
+            place.rank,
+            place.world,
+            &session.payload,
+            timeout,
+        )
+        .map_err(|e| e.to_string())
+    }
+}
+
 /// `did train` as one rank of a launch (`placement` from the environment), or alone: the ranks
-/// meet at `MASTER_ADDR:MASTER_PORT` and sum their gradients (over TCP on the CPU); rank 0 prints
-/// the summary, the others nothing.
-pub fn train_placed<B: Backend>(
+/// meet at `MASTER_ADDR:MASTER_PORT` and sum their gradients (NCCL on GPUs, TCP on the CPU);
+/// rank 0 prints the summary, the others nothing.
+pub fn train_placed<B: RankBackend>(
     be: &B,
     opts: &TrainOptions,
     placement: Option<&Placement>,
@@ -45,17 +84,15 @@ pub fn train_placed<B: Backend>(
     let Some(place) = placement.filter(|p| p.world > 1) else {
         return train(be, opts);
     };
-    if be.name() != "cpu" {
-        return Err(format!(
-            "data-parallel training on the {} backend needs NCCL, which did does not drive yet (issue #29); train on one GPU, or with --backend cpu",
-            be.name()
-        ));
-    }
     crate::interrupt::install();
-    let session = rendezvous(place, &[], timeout)?;
-    let comm = TcpCollective::new(session, timeout).map_err(|e| e.to_string())?;
+    let bytes = if place.rank == 0 {
+        be.rendezvous_bytes()?
+    } else {
+        Vec::new()
+    };
+    let session = rendezvous(place, &bytes, timeout)?;
     let mut comm = DiesAt {
-        inner: comm,
+        inner: be.ranks(session, timeout)?,
         sums_left: fault_exit_at_sum()?,
     };
     let opts = TrainOptions {
