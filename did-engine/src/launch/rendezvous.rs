@@ -173,7 +173,7 @@ fn join(
             Err(_) => std::thread::sleep(Duration::from_millis(50)),
         }
     };
-    let mut hello = Vec::with_capacity(13);
+    let mut hello = Vec::with_capacity(HELLO_BYTES);
     hello.extend_from_slice(MAGIC);
     hello.push(VERSION);
     hello.extend_from_slice(&(place.rank as u32).to_le_bytes());
@@ -195,9 +195,10 @@ fn join(
             place.rank
         ))
     })?;
-    let mut body = vec![0u8; u32::from_le_bytes([head[1], head[2], head[3], head[4]]) as usize];
+    let (ok, len) = parse_answer_head(&head)?;
+    let mut body = vec![0u8; len];
     stream.read_exact(&mut body).map_err(lost)?;
-    if head[0] != 0 {
+    if !ok {
         return Err(fail(String::from_utf8_lossy(&body).into_owned()));
     }
     stream.set_read_timeout(None).map_err(lost)?;
@@ -211,14 +212,46 @@ fn join(
 }
 
 fn read_hello(stream: &mut TcpStream) -> std::io::Result<(usize, usize)> {
-    let mut b = [0u8; 13];
+    let mut b = [0u8; HELLO_BYTES];
     stream.read_exact(&mut b)?;
-    if &b[..4] != MAGIC || b[4] != VERSION {
-        return Err(std::io::Error::other("not a did rank"));
+    parse_hello(&b).ok_or_else(|| std::io::Error::other("not a did rank"))
+}
+
+/// Bytes in a hello.
+pub const HELLO_BYTES: usize = 13;
+/// The longest answer rank 0 sends (a unique id is 128 bytes, an error a sentence).
+pub const MAX_ANSWER_BYTES: usize = 1 << 16;
+
+/// A hello's rank and world size, or `None` when the bytes are not a did rank's hello.
+///
+/// ```
+/// use did_engine::launch::rendezvous::parse_hello;
+/// let mut hello = b"DIDR\x01".to_vec();
+/// hello.extend(3u32.to_le_bytes());
+/// hello.extend(8u32.to_le_bytes());
+/// assert_eq!(parse_hello(&hello), Some((3, 8)));
+/// assert_eq!(parse_hello(b"GET / HTTP/1.1"), None);
+/// ```
+pub fn parse_hello(b: &[u8]) -> Option<(usize, usize)> {
+    if b.len() != HELLO_BYTES || &b[..4] != MAGIC || b[4] != VERSION {
+        return None;
     }
     let rank = u32::from_le_bytes([b[5], b[6], b[7], b[8]]) as usize;
     let world = u32::from_le_bytes([b[9], b[10], b[11], b[12]]) as usize;
-    Ok((rank, world))
+    Some((rank, world))
+}
+
+/// An answer's status (`true`: ok) and body length, from its first five bytes; a length past
+/// [`MAX_ANSWER_BYTES`] is not rank 0's.
+pub fn parse_answer_head(head: &[u8; 5]) -> Result<(bool, usize), Error> {
+    let len = u32::from_le_bytes([head[1], head[2], head[3], head[4]]) as usize;
+    if head[0] > 1 || len > MAX_ANSWER_BYTES {
+        return Err(fail(format!(
+            "the rendezvous answer is not rank 0's (status {}, {len} bytes): another program holds MASTER_PORT, or the ranks run different versions of did",
+            head[0]
+        )));
+    }
+    Ok((head[0] == 0, len))
 }
 
 fn answer(stream: &mut TcpStream, status: u8, body: &[u8]) -> std::io::Result<()> {

@@ -63,16 +63,31 @@ impl TcpCollective {
         })
     }
 
-    fn receive(&mut self, from: usize, what: &str) -> Result<Vec<u8>, CollectiveError> {
+    /// The next message from rank `from`, which must hold `expected` bytes (both sides know the
+    /// size of what they exchange; a length that differs is not allocated).
+    fn receive(
+        &mut self,
+        from: usize,
+        what: &str,
+        expected: usize,
+    ) -> Result<Vec<u8>, CollectiveError> {
         let s = self.stream(from)?;
         let mut len = [0u8; 8];
         let got = s.read_exact(&mut len).and_then(|()| {
-            let mut body = vec![0u8; u64::from_le_bytes(len) as usize];
+            let len = u64::from_le_bytes(len);
+            if len != expected as u64 {
+                return Err(std::io::Error::other(format!(
+                    "it sent {len} bytes where {expected} were due: the ranks run different models or versions of did"
+                )));
+            }
+            let mut body = vec![0u8; expected];
             s.read_exact(&mut body).map(|()| body)
         });
+
         got.map_err(|e| {
             let why = match e.kind() {
                 std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => "did not answer in time (it hangs, or is far behind)",
+                std::io::ErrorKind::Other => "broke the protocol",
                 _ => "left (its process ended?)",
             };
             self.error(format!("rank {from} {why} during the {what}: {e}; stop every rank and --resume from the last checkpoint"))
@@ -91,19 +106,13 @@ impl TcpCollective {
             return Ok(mine);
         }
         if place.rank != 0 {
+            let expected = mine.len();
             self.send(0, &mine)?;
-            return self.receive(0, what);
+            return self.receive(0, what, expected);
         }
         let mut acc = mine;
         for r in 1..place.world {
-            let theirs = self.receive(r, what)?;
-            if theirs.len() != acc.len() {
-                return Err(self.error(format!(
-                    "rank {r} sent {} bytes for the {what}, rank 0 has {}: the ranks run different models or code",
-                    theirs.len(),
-                    acc.len()
-                )));
-            }
+            let theirs = self.receive(r, what, acc.len())?;
             add(&mut acc, &theirs);
         }
         for r in 1..place.world {
@@ -203,7 +212,7 @@ impl<B: Backend> Collective<B> for TcpCollective {
         };
         let values = match (place.rank, root) {
             (0, 0) => values,
-            (0, _) => Some(self.receive(root, "broadcast")?),
+            (0, _) => Some(self.receive(root, "broadcast", 4 * len)?),
             (me, _) if me == root => {
                 self.send(0, values.as_deref().unwrap_or_default())?;
                 values
@@ -219,7 +228,7 @@ impl<B: Backend> Collective<B> for TcpCollective {
         } else if place.rank == root {
             return Ok(());
         } else {
-            self.receive(0, "broadcast")?
+            self.receive(0, "broadcast", 4 * len)?
         };
         if place.rank != root {
             *buf = be
