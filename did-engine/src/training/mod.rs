@@ -255,7 +255,6 @@ pub fn train_with<B: Backend, C: Collective<B>>(
 ) -> Result<TrainSummary, Error> {
     let place = comm.place();
     let leader = place.rank == 0;
-    let shared = |e: did_core::collective::CollectiveError| Error::Training(e.to_string());
     let open = |name: &str| Shard::open(&opts.data.join(format!("{name}.bin")));
     let train_shard = open("train")?;
     let valid_shard = open("valid").ok().filter(|s| !s.is_empty());
@@ -263,39 +262,8 @@ pub fn train_with<B: Backend, C: Collective<B>>(
     let batches = batch_maker(opts, &config, &train_shard)?;
     let len = batches.len;
     let model = Transformer::new(config).map_err(|e| Error::Training(e.to_string()))?;
-    let tc = TrainerConfig {
-        lr: opts.lr,
-        warmup_steps: opts.warmup,
-        ..TrainerConfig::default()
-    };
     let failed = |e: did_core::model::ModelError<B::Error>| Error::Training(e.to_string());
-
-    // Start: rank 0 resumes, fine-tunes or starts fresh; the others start fresh and take its
-    // state. A rank that cannot start stops every rank.
-    let started = if leader {
-        std::fs::create_dir_all(&opts.out)
-            .map_err(|e| {
-                Error::Training(format!(
-                    "cannot create the output folder {}: {e}; choose a writable --out",
-                    opts.out.display()
-                ))
-            })
-            .and_then(|()| start_trainer(be, &model, tc, opts))
-    } else {
-        Trainer::new(
-            be,
-            &model,
-            tc,
-            &model.table().initial_values(opts.seed),
-            opts.seed,
-        )
-        .map_err(failed)
-    };
-    let mut trainer = agree(comm, started, "start")?;
-    let mut step = [f64::from(if leader { trainer.step } else { 0 })];
-    comm.all_reduce_host(&mut step).map_err(shared)?;
-    trainer.step = step[0] as u32;
-    trainer.broadcast_from(be, comm, 0).map_err(failed)?;
+    let mut trainer = start_ranks(be, &model, opts, comm)?;
     let mut metrics = match leader {
         true => Some(MetricsLog::resume_at(&opts.out, trainer.step)?),
         false => None,
@@ -394,6 +362,44 @@ pub fn train_with<B: Backend, C: Collective<B>>(
         valid_loss: last_valid,
         out: opts.out.clone(),
     })
+}
+
+/// Every rank's trainer at rank 0's state: rank 0 resumes, fine-tunes or starts fresh (creating
+/// the output folder), the others start fresh and take its weights, moments, EMA and step. A rank
+/// that cannot start stops every rank.
+fn start_ranks<B: Backend, C: Collective<B>>(
+    be: &B,
+    model: &Transformer,
+    opts: &TrainOptions,
+    comm: &mut C,
+) -> Result<Trainer<B>, Error> {
+    let failed = |e: did_core::model::ModelError<B::Error>| Error::Training(e.to_string());
+    let leader = comm.place().rank == 0;
+    let tc = TrainerConfig {
+        lr: opts.lr,
+        warmup_steps: opts.warmup,
+        ..TrainerConfig::default()
+    };
+    let started = if leader {
+        std::fs::create_dir_all(&opts.out)
+            .map_err(|e| {
+                Error::Training(format!(
+                    "cannot create the output folder {}: {e}; choose a writable --out",
+                    opts.out.display()
+                ))
+            })
+            .and_then(|()| start_trainer(be, model, tc, opts))
+    } else {
+        let init = model.table().initial_values(opts.seed);
+        Trainer::new(be, model, tc, &init, opts.seed).map_err(failed)
+    };
+    let mut trainer = agree(comm, started, "start")?;
+    let mut step = [f64::from(if leader { trainer.step } else { 0 })];
+    comm.all_reduce_host(&mut step)
+        .map_err(|e| Error::Training(e.to_string()))?;
+    trainer.step = step[0] as u32;
+    trainer.broadcast_from(be, comm, 0).map_err(failed)?;
+    Ok(trainer)
 }
 
 /// `mine` if every rank's start succeeded; otherwise an error on every rank (its own, or one
