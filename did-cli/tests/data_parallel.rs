@@ -80,6 +80,18 @@ fn two_ranks_train_as_one_rank_accumulating_two_and_resume_on_one() {
         .collect();
     assert_eq!(ckpts.len(), 2, "{ckpts:?}");
 
+    // A start that fails on rank 0 (checkpoints there, no --resume) stops every rank, each saying
+    // why, and writes nothing.
+    let mut args = train_args(&data, &model, &dp, "8");
+    args.extend(["--gpus", "2", "--rank-timeout", "60"]);
+    let (code, _, err) = did(&args);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("already holds checkpoints") && err.contains("rank(s) [0] could not start"),
+        "{err}"
+    );
+    assert_eq!(loss_values(&dp.join("metrics.jsonl")).len(), 6);
+
     // The checkpoint knows nothing of the world: one process accumulating 2 continues it.
     let mut args = train_args(&data, &model, &dp, "8");
     args.extend(["--accumulate", "2", "--resume"]);
