@@ -510,6 +510,9 @@ fn execute(cli: Cli, matches: &clap::ArgMatches, args: &[String]) -> Result<Stri
                 if placement.is_some() {
                     return Err("--gpus starts the ranks itself; under torchrun or srun (RANK/WORLD_SIZE or SLURM_NTASKS set) leave it out".into());
                 }
+                if cli.backend == BackendChoice::Cuda {
+                    train::enough_gpus(n, did_backend_cuda::probe())?;
+                }
                 return train::launch_local(n, args);
             }
             if let Some(path) = &config {

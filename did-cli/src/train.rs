@@ -243,6 +243,18 @@ pub fn launch_local(n: usize, args: &[String]) -> Result<String, String> {
     }
 }
 
+/// Whether this node has the `n` GPUs `--gpus n` asks for (`probe`: the CUDA backend's count of
+/// devices, or why there is none), before any rank starts.
+pub fn enough_gpus(n: usize, probe: Result<usize, String>) -> Result<(), String> {
+    match probe {
+        Ok(have) if have >= n => Ok(()),
+        Ok(have) => Err(format!(
+            "--gpus {n}: this node has {have} GPU(s); ask for at most {have}, or launch on more nodes with torchrun or srun"
+        )),
+        Err(why) => Err(format!("--gpus {n} with --backend cuda: {why}")),
+    }
+}
+
 /// `args` without `--gpus N` / `--gpus=N` (and its alias `--ranks`).
 fn without_gpus_flag(args: &[String]) -> Vec<String> {
     let mut out = Vec::with_capacity(args.len());
@@ -263,6 +275,18 @@ fn without_gpus_flag(args: &[String]) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn more_ranks_than_gpus_is_refused_before_any_starts() {
+        assert!(enough_gpus(2, Ok(2)).is_ok());
+        let e = enough_gpus(4, Ok(2)).unwrap_err();
+        assert!(
+            e.contains("this node has 2 GPU(s)") && e.contains("at most 2"),
+            "{e}"
+        );
+        let e = enough_gpus(2, Err("the driver sees no GPU".into())).unwrap_err();
+        assert!(e.contains("the driver sees no GPU"), "{e}");
+    }
 
     #[test]
     fn the_ranks_run_the_command_without_the_launch_flag() {

@@ -175,3 +175,24 @@ impl SpawnPiped for Command {
             .unwrap()
     }
 }
+
+#[test]
+fn gpus_on_a_machine_without_cuda_is_refused_before_any_rank_starts() {
+    if did_backend_cuda::probe().is_ok() {
+        return; // a GPU machine: the ranks would start
+    }
+    let dir = scratch("dp-nocuda");
+    let (data, model) = setup(&dir);
+    let out = dir.join("run");
+    let mut args = vec!["--backend", "cuda"];
+    args.extend(train_args(&data, &model, &out, "2"));
+    args.extend(["--gpus", "2"]);
+    let (code, _, err) = did(&args);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("--gpus 2 with --backend cuda") && err.contains("was not found"),
+        "{err}"
+    );
+    assert!(!out.exists(), "a rank started");
+    let _ = std::fs::remove_dir_all(&dir);
+}
