@@ -9,8 +9,8 @@ use did_core::denoiser::{DenoiseRequest, Denoiser, OutputPosition};
 use did_core::model::CausalSampler;
 use did_core::model::{
     causal_batch, diffusion_batch, memory_report, memory_report_on, Activations, Architecture,
-    DiffusionDenoiser, DropoutStreams, Inference, ModelConfig, Pass, StorageLayout, TrainBatch,
-    Transformer,
+    BackwardStage, DiffusionDenoiser, DropoutStreams, Inference, ModelConfig, Pass, StorageLayout,
+    TrainBatch, Transformer,
 };
 use did_core::rng::{Purpose, RngStream};
 use did_core::sample::categorical::{draw_token, DrawScratch};
@@ -539,5 +539,65 @@ fn a_failed_recording_leaves_the_samples_as_they_were() {
             "{plan} at {len}: the failure went unreported"
         );
         REPORTS.store(0, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Every range the backward reports final at a stage ([`BackwardStage`]) holds, at that moment,
+/// the bits it ends with: what a data-parallel trainer sums while the backward goes on is
+/// the finished gradient. Gradients start non-zero, as on a later micro-batch.
+#[test]
+fn each_gradient_bucket_is_final_when_its_stage_is_reported() {
+    let dit = micro(Architecture::Dit, 11, 8, 0.1);
+    let x0 = tokens(6, 2 * 8, 10);
+    let bd3 = diffusion_batch(&x0, 2, 8, 2, &TrainingSchedule::default(), 10, 5, 0).unwrap();
+    let gpt2 = micro(Architecture::Gpt2, 13, 9, 0.1);
+    let causal = causal_batch(&tokens(7, 2 * 9, 13), 2, 9).unwrap();
+    for (config, batch) in [(dit, bd3), (gpt2, causal)] {
+        let be = CpuBackend::<f32>::new();
+        let model = Transformer::new(config).unwrap();
+        let params = model.table().random_values(8, 0.4);
+        let mut acts =
+            Activations::new(&be, &config, batch.batch, batch.seq_len, batch.pass).unwrap();
+        model.load_batch(&be, &mut acts, &batch).unwrap();
+        let dropout = Some(DropoutStreams { seed: 2, step: 3 });
+        model.forward(&be, &params, &mut acts, dropout).unwrap();
+        let mut grads = model.table().random_values(9, 0.1);
+        let mut reported = Vec::new();
+        model
+            .backward_staged(
+                &be,
+                &params,
+                &mut grads,
+                &mut acts,
+                dropout,
+                0.5,
+                |g, stage| {
+                    for r in model.gradient_buckets().at(stage) {
+                        reported.push((stage, r.clone(), g[r.clone()].to_vec()));
+                    }
+                    Ok(())
+                },
+            )
+            .unwrap();
+        let stages: Vec<BackwardStage> = model.gradient_buckets().stages().map(|s| s.0).collect();
+        let mut order: Vec<BackwardStage> = reported.iter().map(|r| r.0).collect();
+        order.dedup();
+        assert_eq!(
+            order, stages,
+            "{:?}: stages in backward order",
+            config.architecture
+        );
+        for (stage, range, then) in reported {
+            let changed = then
+                .iter()
+                .zip(&grads[range.clone()])
+                .filter(|(a, b)| a.to_bits() != b.to_bits())
+                .count();
+            assert_eq!(
+                changed, 0,
+                "{:?}: {changed} gradients of {range:?} changed after {stage:?}",
+                config.architecture
+            );
+        }
     }
 }

@@ -2,8 +2,11 @@
 //! one communicator per process and device, made from the unique id rank 0 creates
 //! ([`nccl_unique_id`]) and the rendezvous hands to every rank (docs/training.md).
 //!
-//! Each operation is queued on the backend's stream, after the backward that wrote the
-//! gradients, and then watched: the host polls an event recorded after it and NCCL's
+//! Every operation runs on the collective's own stream, after the work the backend's stream had
+//! queued when it was started. A gradient bucket's sum (`start_sum`) is only queued, so it runs
+//! while the backend's stream computes the layers below it; `finish_sums` makes the backend's
+//! stream wait for the sums before the gradient norm reads them (docs/training.md, "Overlapping
+//! the sums"). Waits are watched: the host polls an event recorded after the operation and NCCL's
 //! asynchronous error, and when the operation has not finished within the timeout, or NCCL
 //! reports an error (a peer died), the communicator is aborted, which unblocks this rank, and the
 //! error says so. NCCL's sum is deterministic for a given world size, topology and NCCL version
@@ -13,6 +16,7 @@
 //! Buffers are summed in their storage precision (f32, or bf16 on a bf16 backend, as PyTorch's
 //! DDP does); host values in f64.
 
+use std::ops::Range;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -42,13 +46,18 @@ fn missing() -> String {
     "NCCL (libnccl.so.2) was not found: install NCCL 2.18 or later (`pip install nvidia-nccl-cu13` has it) and put its lib folder on LD_LIBRARY_PATH".into()
 }
 
-/// This rank's communicator, on the backend's device and stream.
+/// This rank's communicator, on the backend's device, with its own stream.
 pub struct NcclCollective {
     comm: sys::ncclComm_t,
+    /// The backend's stream, where the gradients are computed and read.
+    compute: Arc<CudaStream>,
+    /// NCCL's stream: one stream for every operation keeps them in the order all ranks issue them.
     stream: Arc<CudaStream>,
     place: DataParallel,
     timeout: Duration,
     aborted: bool,
+    /// Sums started and not yet waited for.
+    in_flight: bool,
 }
 
 // SAFETY: a communicator is used by one thread at a time (the trainer's), as NCCL requires.
@@ -89,12 +98,18 @@ impl NcclCollective {
                 .map_err(|e| fail(format!("ncclCommInitRank failed ({:?}); check that every rank uses its own GPU (LOCAL_RANK) and the same unique id", e.0)))?;
             comm.assume_init()
         };
+        let stream = be
+            .stream
+            .fork()
+            .map_err(|e| fail(format!("cannot create NCCL's stream: {e}")))?;
         Ok(NcclCollective {
             comm,
-            stream: Arc::clone(&be.stream),
+            compute: Arc::clone(&be.stream),
+            stream,
             place: DataParallel { rank, world },
             timeout,
             aborted: false,
+            in_flight: false,
         })
     }
 
@@ -105,8 +120,8 @@ impl NcclCollective {
         }
     }
 
-    /// Queues `op` on the backend's stream, then waits for it as the module says.
-    fn run(
+    /// Queues `op` on NCCL's stream after the work queued so far on the backend's.
+    fn enqueue(
         &mut self,
         what: &str,
         op: impl FnOnce(sys::ncclComm_t, sys::cudaStream_t) -> Result<nccl::NcclStatus, nccl::NcclError>,
@@ -116,8 +131,17 @@ impl NcclCollective {
                 "the communicator was aborted after an earlier failure; stop and --resume".into(),
             ));
         }
+        self.stream
+            .join(&self.compute)
+            .map_err(|e| self.fail(format!("cannot order the {what} after the backward: {e}")))?;
         op(self.comm, self.stream.cu_stream() as sys::cudaStream_t)
             .map_err(|e| self.fail(format!("NCCL refused the {what} ({:?})", e.0)))?;
+        Ok(())
+    }
+
+    /// Waits, as the module says, for everything queued on NCCL's stream, then makes the
+    /// backend's stream wait for it too.
+    fn wait(&mut self, what: &str) -> Result<(), CollectiveError> {
         let done = self
             .stream
             .record_event(None)
@@ -126,7 +150,10 @@ impl NcclCollective {
         loop {
             // SAFETY: the event is alive for the whole loop.
             if unsafe { cudarc::driver::result::event::query(done.cu_event()) }.is_ok() {
-                return Ok(());
+                self.in_flight = false;
+                return self.compute.wait(&done).map_err(|e| {
+                    self.fail(format!("cannot order the backend after the {what}: {e}"))
+                });
             }
             let mut state = sys::ncclResult_t::ncclSuccess;
             // SAFETY: the communicator is alive until drop.
@@ -151,6 +178,43 @@ impl NcclCollective {
             }
             std::thread::sleep(Duration::from_micros(200));
         }
+    }
+
+    /// Queues `op` and waits for it.
+    fn run(
+        &mut self,
+        what: &str,
+        op: impl FnOnce(sys::ncclComm_t, sys::cudaStream_t) -> Result<nccl::NcclStatus, nccl::NcclError>,
+    ) -> Result<(), CollectiveError> {
+        self.enqueue(what, op)?;
+        self.wait(what)
+    }
+
+    /// Queues the in-place sum of `buf[range]`.
+    fn enqueue_sum(
+        &mut self,
+        be: &CudaBackend,
+        buf: &mut CudaBuffer,
+        range: Range<usize>,
+    ) -> Result<(), CollectiveError> {
+        let len = range.len();
+        let ptr = be
+            .device_ptr(buf, range.start, len, "gradient all-reduce")
+            .map_err(|e| self.fail(e.to_string()))?;
+        let dtype = Self::data_type(buf);
+        self.enqueue("gradient all-reduce", |comm, stream| unsafe {
+            // SAFETY: `ptr` holds `len` elements of `dtype` (checked above); the buffer outlives
+            // the sum, which `finish_sums` or `run` waits for before it is read or freed.
+            nccl::all_reduce(
+                ptr as _,
+                ptr as _,
+                len,
+                dtype,
+                sys::ncclRedOp_t::ncclSum,
+                comm,
+                stream,
+            )
+        })
     }
 
     fn abort(&mut self) {
@@ -187,24 +251,28 @@ impl Collective<CudaBackend> for NcclCollective {
         &mut self,
         be: &CudaBackend,
         buf: &mut CudaBuffer,
-        len: usize,
+        range: Range<usize>,
     ) -> Result<(), CollectiveError> {
-        let ptr = be
-            .device_ptr(buf, 0, len, "gradient all-reduce")
-            .map_err(|e| self.fail(e.to_string()))?;
-        let dtype = Self::data_type(buf);
-        self.run("gradient all-reduce", |comm, stream| unsafe {
-            // SAFETY: `ptr` holds `len` elements of `dtype` (checked above), on this stream.
-            nccl::all_reduce(
-                ptr as _,
-                ptr as _,
-                len,
-                dtype,
-                sys::ncclRedOp_t::ncclSum,
-                comm,
-                stream,
-            )
-        })
+        self.enqueue_sum(be, buf, range)?;
+        self.wait("gradient all-reduce")
+    }
+
+    fn start_sum(
+        &mut self,
+        be: &CudaBackend,
+        buf: &mut CudaBuffer,
+        range: Range<usize>,
+    ) -> Result<(), CollectiveError> {
+        self.enqueue_sum(be, buf, range)?;
+        self.in_flight = true;
+        Ok(())
+    }
+
+    fn finish_sums(&mut self, _: &CudaBackend, _: &mut CudaBuffer) -> Result<(), CollectiveError> {
+        if !self.in_flight {
+            return Ok(());
+        }
+        self.wait("gradient sums")
     }
 
     fn all_reduce_host(&mut self, values: &mut [f64]) -> Result<(), CollectiveError> {

@@ -1,8 +1,9 @@
 //! NCCL between ranks on threads, each with its own `CudaBackend` (rank r on device r when there
-//! are several, or all on device 0 for a world of one): sums, broadcasts and host sums reach every
-//! rank with the same bits, and a data-parallel trainer over NCCL follows the single-rank one as
-//! did-engine's threads do (docs/training.md). Skips without CUDA or NCCL, unless
-//! DID_REQUIRE_CUDA=1 (`scripts/gpu-check.sh`), which also requires NCCL.
+//! are several, or all on device 0 for a world of one): sums (whole and bucketed), broadcasts and
+//! host sums reach every rank with the same bits (docs/training.md). The trainer over NCCL is
+//! checked end to end by `scripts/gpu-check.sh`: `did train --gpus 2` against `--accumulate 2`.
+//! Skips without CUDA or NCCL, unless DID_REQUIRE_CUDA=1 (`scripts/gpu-check.sh`), which also
+//! requires NCCL.
 
 mod common;
 
@@ -10,7 +11,7 @@ use std::time::Duration;
 
 use did_backend_cuda::{nccl_available, nccl_unique_id, CudaBackend, NcclCollective, Precision};
 use did_core::backend::prelude::*;
-use did_core::backend::Slice;
+use did_core::backend::{Slice, SliceMut};
 use did_core::collective::Collective;
 
 fn nccl(test: &str) -> Option<usize> {
@@ -54,9 +55,21 @@ fn ranks<T: Send>(
 fn sums_and_broadcasts(world: usize, devices: usize) {
     let got = ranks(world, devices, |rank, be, comm| {
         let mut grads = be.upload(&[rank as f32 + 0.5, -1.0]).unwrap();
-        comm.all_reduce_sum(be, &mut grads, 2).unwrap();
+        comm.all_reduce_sum(be, &mut grads, 0..2).unwrap();
         let mut weights = be.upload(&[rank as f32; 3]).unwrap();
         comm.broadcast(be, &mut weights, 3, world - 1).unwrap();
+        // Buckets started out of order and left in flight while the backend's stream works on
+        // the same buffer elsewhere; the middle value is no bucket's and stays this rank's.
+        let mut buckets = be.upload(&[1.0, 2.0, rank as f32, 3.0, 4.0]).unwrap();
+        comm.start_sum(be, &mut buckets, 3..5).unwrap();
+        comm.start_sum(be, &mut buckets, 0..2).unwrap();
+        be.fill(SliceMut::at(&mut buckets, 2), 1, 10.0 + rank as f32)
+            .unwrap();
+        comm.finish_sums(be, &mut buckets).unwrap();
+        let mut b = [0.0f32; 5];
+        be.download(Slice::whole(&buckets), &mut b).unwrap();
+        let n = world as f32;
+        assert_eq!(b, [n, 2.0 * n, 10.0 + rank as f32, 3.0 * n, 4.0 * n]);
         let mut host = [rank as f64, 1.0];
         Collective::<CudaBackend>::all_reduce_host(comm, &mut host).unwrap();
         Collective::<CudaBackend>::barrier(comm).unwrap();

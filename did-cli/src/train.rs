@@ -2,6 +2,7 @@
 //! Ctrl-C handler the run polls, reads the fault-injection switch, starts or joins the ranks of a
 //! data-parallel launch (docs/training.md), and prints the summary.
 
+use std::ops::Range;
 use std::time::Duration;
 
 use did_core::backend::Backend;
@@ -108,8 +109,8 @@ pub fn train_placed<B: RankBackend>(
 }
 
 /// `DID_FAULT_EXIT_AT_SUM=N` (with `DID_FAULT_RANK=R`, default 1): the fault-injection switch of
-/// the data-parallel tests: rank R's process exits (code 9, no clean-up) as it enters its N-th
-/// gradient sum, as a crashed rank would (docs/reliability.md).
+/// the data-parallel tests: rank R's process exits (code 9, no clean-up) as it finishes its N-th
+/// step's gradient sums, as a crashed rank would (docs/reliability.md).
 fn fault_exit_at_sum() -> Result<Option<u64>, String> {
     let var = |name: &str| std::env::var(name).ok();
     let Some(n) = var("DID_FAULT_EXIT_AT_SUM") else {
@@ -140,15 +141,27 @@ impl<B: Backend, C: Collective<B>> Collective<B> for DiesAt<C> {
         &mut self,
         be: &B,
         buf: &mut B::Buffer,
-        len: usize,
+        range: Range<usize>,
     ) -> Result<(), CollectiveError> {
+        self.inner.all_reduce_sum(be, buf, range)
+    }
+    fn start_sum(
+        &mut self,
+        be: &B,
+        buf: &mut B::Buffer,
+        range: Range<usize>,
+    ) -> Result<(), CollectiveError> {
+        self.inner.start_sum(be, buf, range)
+    }
+    /// A step's gradient sums end here, so the N-th call is the N-th step's.
+    fn finish_sums(&mut self, be: &B, buf: &mut B::Buffer) -> Result<(), CollectiveError> {
         if let Some(n) = self.sums_left.as_mut() {
             *n = n.saturating_sub(1);
             if *n == 0 {
                 std::process::exit(9);
             }
         }
-        self.inner.all_reduce_sum(be, buf, len)
+        self.inner.finish_sums(be, buf)
     }
     fn all_reduce_host(&mut self, values: &mut [f64]) -> Result<(), CollectiveError> {
         self.inner.all_reduce_host(values)

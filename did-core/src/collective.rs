@@ -7,7 +7,9 @@
 //! `s·(W·A) + r·A + i`: its data windows, diffusion times, masks and dropout are those of that
 //! micro-batch on a single rank accumulating `W·A`. Gradients are scaled by `1/(W·A)` and summed
 //! over ranks in rank order, so every rank applies the same update and ends each step with the
-//! same parameters (docs/training.md says what is bit-identical and what is not).
+//! same parameters (docs/training.md says what is bit-identical and what is not). The sums start
+//! bucket by bucket during the last micro-batch's backward ([`Collective::start_sum`], the buckets
+//! of `model::GradientBuckets`), so a GPU can sum one layer's gradients while it computes the next.
 //!
 //! [`SingleProcess`] is the world of one: every operation is a no-op, and a trainer stepping with
 //! it is bit for bit the trainer without one. Implementations for many ranks live with their
@@ -15,6 +17,7 @@
 
 use alloc::string::String;
 use core::fmt;
+use core::ops::Range;
 
 use crate::backend::Backend;
 
@@ -70,13 +73,32 @@ pub trait Collective<B: Backend> {
     /// This rank and the world's size.
     fn place(&self) -> DataParallel;
 
-    /// Replaces `len` values of `buf` with their sum over the ranks.
+    /// Replaces `buf[range]` with its sum over the ranks.
     fn all_reduce_sum(
         &mut self,
         be: &B,
         buf: &mut B::Buffer,
-        len: usize,
+        range: Range<usize>,
     ) -> Result<(), CollectiveError>;
+
+    /// Starts replacing `buf[range]` with its sum over the ranks: the backward has finished
+    /// writing it and goes on with other ranges (docs/training.md, "Overlapping the sums").
+    /// The sum is complete when [`finish_sums`](Self::finish_sums) returns. The default sums at
+    /// once; a GPU collective queues the sum on its own stream.
+    fn start_sum(
+        &mut self,
+        be: &B,
+        buf: &mut B::Buffer,
+        range: Range<usize>,
+    ) -> Result<(), CollectiveError> {
+        self.all_reduce_sum(be, buf, range)
+    }
+
+    /// Waits for every sum [`start_sum`](Self::start_sum) started, before anything reads them.
+    fn finish_sums(&mut self, be: &B, buf: &mut B::Buffer) -> Result<(), CollectiveError> {
+        let _ = (be, buf);
+        Ok(())
+    }
 
     /// Replaces host values with their sum over the ranks (a step's loss and token counts,
     /// checksums).
@@ -117,7 +139,7 @@ impl<B: Backend> Collective<B> for SingleProcess {
         &mut self,
         _: &B,
         _: &mut B::Buffer,
-        _: usize,
+        _: Range<usize>,
     ) -> Result<(), CollectiveError> {
         Ok(())
     }

@@ -5,10 +5,11 @@
 //! order, so every rank gets the same bits, and a rank that does not arrive within the timeout
 //! is named in an error instead of hanging the others.
 
+use std::ops::Range;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use did_core::backend::{Backend, Slice};
+use did_core::backend::{Backend, Slice, SliceMut};
 use did_core::collective::{Collective, CollectiveError, DataParallel};
 
 /// One rank of a world of threads. Make the world with [`InProcess::world`] and move one into
@@ -174,30 +175,6 @@ impl InProcess {
         }
         Ok(())
     }
-
-    fn download<B: Backend>(
-        &self,
-        be: &B,
-        buf: &B::Buffer,
-        len: usize,
-    ) -> Result<Vec<f32>, CollectiveError> {
-        let mut host = vec![0.0f32; len];
-        be.download(Slice::whole(buf), &mut host)
-            .map_err(|e| self.error(format!("cannot read a buffer: {e}")))?;
-        Ok(host)
-    }
-
-    fn replace<B: Backend>(
-        &self,
-        be: &B,
-        buf: &mut B::Buffer,
-        values: &[f32],
-    ) -> Result<(), CollectiveError> {
-        *buf = be
-            .upload(values)
-            .map_err(|e| self.error(format!("cannot write a buffer: {e}")))?;
-        Ok(())
-    }
 }
 
 impl<B: Backend> Collective<B> for InProcess {
@@ -209,10 +186,11 @@ impl<B: Backend> Collective<B> for InProcess {
         &mut self,
         be: &B,
         buf: &mut B::Buffer,
-        len: usize,
+        range: Range<usize>,
     ) -> Result<(), CollectiveError> {
         self.check_f32(be)?;
-        let mine = self.download(be, buf, len)?;
+        let start = range.start;
+        let mine = read_range(be, buf, range).map_err(|m| self.error(m))?;
         let rank = self.place.rank;
         // f32 sums in rank order, as a single rank accumulating the same micro-batches adds them.
         let summed: Vec<f32> = self.meet(
@@ -226,7 +204,7 @@ impl<B: Backend> Collective<B> for InProcess {
                 acc
             },
         )?;
-        self.replace(be, buf, &summed)
+        write_range(be, buf, start, &summed).map_err(|m| self.error(m))
     }
 
     fn all_reduce_host(&mut self, values: &mut [f64]) -> Result<(), CollectiveError> {
@@ -245,7 +223,8 @@ impl<B: Backend> Collective<B> for InProcess {
         self.check_f32(be)?;
         let rank = self.place.rank;
         let mine = if rank == root {
-            self.download(be, buf, len)?
+            read_range(be, buf, 0..len)
+                .map_err(|m| self.error(m))?
                 .iter()
                 .map(|&v| f64::from(v))
                 .collect()
@@ -258,7 +237,7 @@ impl<B: Backend> Collective<B> for InProcess {
             |m| m.slots[root].iter().map(|&v| v as f32).collect(),
         )?;
         if rank != root {
-            self.replace(be, buf, &values)?;
+            write_range(be, buf, 0, &values).map_err(|m| self.error(m))?;
         }
         Ok(())
     }
@@ -266,4 +245,34 @@ impl<B: Backend> Collective<B> for InProcess {
     fn barrier(&mut self) -> Result<(), CollectiveError> {
         self.meet("barrier", |_| (), |_| ())
     }
+}
+
+/// `buf[range]` on the host, for the collectives that sum on the host.
+pub(crate) fn read_range<B: Backend>(
+    be: &B,
+    buf: &B::Buffer,
+    range: Range<usize>,
+) -> Result<Vec<f32>, String> {
+    let mut host = vec![0.0f32; range.len()];
+    be.download(Slice::at(buf, range.start), &mut host)
+        .map_err(|e| format!("cannot read the gradients: {e}"))?;
+    Ok(host)
+}
+
+/// Writes `values` into `buf` from element `start` on.
+pub(crate) fn write_range<B: Backend>(
+    be: &B,
+    buf: &mut B::Buffer,
+    start: usize,
+    values: &[f32],
+) -> Result<(), String> {
+    let staged = be
+        .upload(values)
+        .map_err(|e| format!("cannot write the gradients: {e}"))?;
+    be.copy(
+        Slice::whole(&staged),
+        SliceMut::at(buf, start),
+        values.len(),
+    )
+    .map_err(|e| format!("cannot write the gradients: {e}"))
 }

@@ -32,8 +32,9 @@ use core::fmt;
 pub use inference::{CausalGeneration, CausalSampler, DiffusionDenoiser, Inference, KvCache};
 pub use network::{
     loss_rows_for, memory_report, memory_report_on, time_embedding, Activations, Architecture,
-    BlockOffsets, DropoutStreams, Init, Layout, MemoryReport, ModelConfig, ParamEntry, ParamTable,
-    StorageLayout, Transformer, LOSS_CHUNK_ELEMENTS, TIME_EMBEDDING_DIM,
+    BackwardStage, BlockOffsets, DropoutStreams, GradientBuckets, Init, Layout, MemoryReport,
+    ModelConfig, ParamEntry, ParamTable, StorageLayout, Transformer, LOSS_CHUNK_ELEMENTS,
+    TIME_EMBEDDING_DIM,
 };
 pub use training::{
     causal_batch, diffusion_batch, BlockSizeDistribution, Pass, ResolvedBlockSizes, StepReport,

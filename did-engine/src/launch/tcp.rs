@@ -6,17 +6,21 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::ops::Range;
 use std::time::Duration;
 
-use did_core::backend::{Backend, Slice};
+use did_core::backend::Backend;
 use did_core::collective::{Collective, CollectiveError, DataParallel};
 
 use super::Session;
+use crate::collective::{read_range, write_range};
 
 /// One rank's side of the sums, over a [`Session`].
 #[derive(Debug)]
 pub struct TcpCollective {
     session: Session,
+    /// Ranges started this step, summed together when the step finishes its sums.
+    pending: Vec<Range<usize>>,
 }
 
 impl TcpCollective {
@@ -31,7 +35,37 @@ impl TcpCollective {
                     message: format!("cannot set up a connection: {e}"),
                 })?;
         }
-        Ok(TcpCollective { session })
+        Ok(TcpCollective {
+            session,
+            pending: Vec::new(),
+        })
+    }
+
+    /// Sums `buf`'s ranges over the ranks in one exchange.
+    fn sum_ranges<B: Backend>(
+        &mut self,
+        be: &B,
+        buf: &mut B::Buffer,
+        ranges: &[Range<usize>],
+    ) -> Result<(), CollectiveError> {
+        if be.stores_below_f32() {
+            return Err(self.error(format!(
+                "the TCP sums move f32 values; the {} backend stores below f32",
+                be.name()
+            )));
+        }
+        let mut host = Vec::new();
+        for r in ranges {
+            host.extend(read_range(be, buf, r.clone()).map_err(|m| self.error(m))?);
+        }
+        let sum =
+            bytes_to_f32s(&self.sum_bytes(f32s_to_bytes(&host), "gradient all-reduce", add_f32)?);
+        let mut at = 0;
+        for r in ranges {
+            write_range(be, buf, r.start, &sum[at..at + r.len()]).map_err(|m| self.error(m))?;
+            at += r.len();
+        }
+        Ok(())
     }
 
     fn error(&self, message: String) -> CollectiveError {
@@ -160,22 +194,29 @@ impl<B: Backend> Collective<B> for TcpCollective {
         &mut self,
         be: &B,
         buf: &mut B::Buffer,
-        len: usize,
+        range: Range<usize>,
     ) -> Result<(), CollectiveError> {
-        if be.stores_below_f32() {
-            return Err(self.error(format!(
-                "the TCP sums move f32 values; the {} backend stores below f32",
-                be.name()
-            )));
-        }
-        let mut host = vec![0.0f32; len];
-        be.download(Slice::whole(buf), &mut host)
-            .map_err(|e| self.error(format!("cannot read the gradients: {e}")))?;
-        let sum = self.sum_bytes(f32s_to_bytes(&host), "gradient all-reduce", add_f32)?;
-        *buf = be
-            .upload(&bytes_to_f32s(&sum))
-            .map_err(|e| self.error(format!("cannot write the gradients: {e}")))?;
+        self.sum_ranges(be, buf, &[range])
+    }
+
+    /// Queues the range: a CPU backend has nothing to overlap with, so the step's buckets
+    /// travel together in [`finish_sums`](Collective::finish_sums), one exchange per step.
+    fn start_sum(
+        &mut self,
+        _: &B,
+        _: &mut B::Buffer,
+        range: Range<usize>,
+    ) -> Result<(), CollectiveError> {
+        self.pending.push(range);
         Ok(())
+    }
+
+    fn finish_sums(&mut self, be: &B, buf: &mut B::Buffer) -> Result<(), CollectiveError> {
+        let ranges = std::mem::take(&mut self.pending);
+        if ranges.is_empty() {
+            return Ok(());
+        }
+        self.sum_ranges(be, buf, &ranges)
     }
 
     fn all_reduce_host(&mut self, values: &mut [f64]) -> Result<(), CollectiveError> {
@@ -198,15 +239,10 @@ impl<B: Backend> Collective<B> for TcpCollective {
         if place.world == 1 {
             return Ok(());
         }
-        let read = |be: &B, buf: &B::Buffer| -> Result<Vec<u8>, String> {
-            let mut host = vec![0.0f32; len];
-            be.download(Slice::whole(buf), &mut host)
-                .map_err(|e| e.to_string())?;
-            Ok(f32s_to_bytes(&host))
-        };
         // Through rank 0: the root's values go to it, then from it to every other rank.
         let values = if place.rank == root {
-            Some(read(be, buf).map_err(|e| self.error(format!("cannot read a buffer: {e}")))?)
+            let host = read_range(be, buf, 0..len).map_err(|m| self.error(m))?;
+            Some(f32s_to_bytes(&host))
         } else {
             None
         };
@@ -230,12 +266,7 @@ impl<B: Backend> Collective<B> for TcpCollective {
         } else {
             self.receive(0, "broadcast", 4 * len)?
         };
-        if place.rank != root {
-            *buf = be
-                .upload(&bytes_to_f32s(&values))
-                .map_err(|e| self.error(format!("cannot write a buffer: {e}")))?;
-        }
-        Ok(())
+        write_range(be, buf, 0, &bytes_to_f32s(&values)).map_err(|m| self.error(m))
     }
 
     fn barrier(&mut self) -> Result<(), CollectiveError> {
@@ -248,7 +279,7 @@ mod tests {
     use super::*;
     use crate::launch::{rendezvous, Placement};
     use did_backend_cpu::CpuBackend;
-    use did_core::backend::MemoryOps;
+    use did_core::backend::{MemoryOps, Slice};
 
     #[test]
     fn sums_and_broadcasts_reach_every_rank_alike() {
@@ -274,7 +305,7 @@ mod tests {
                         let be = CpuBackend::new();
                         let mut grads =
                             be.upload(&[rank as f32 + 0.5, 1e-8 * rank as f32]).unwrap();
-                        Collective::<CpuBackend>::all_reduce_sum(&mut comm, &be, &mut grads, 2)
+                        Collective::<CpuBackend>::all_reduce_sum(&mut comm, &be, &mut grads, 0..2)
                             .unwrap();
                         let mut weights = be.upload(&[rank as f32; 3]).unwrap();
                         Collective::<CpuBackend>::broadcast(&mut comm, &be, &mut weights, 3, 2)

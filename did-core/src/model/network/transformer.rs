@@ -12,6 +12,7 @@ use crate::backend::{
 use crate::error::invalid;
 use crate::mask::AttentionMask;
 use crate::model::network::activations::{Activations, BlockActivations, CondActivations};
+use crate::model::network::buckets::{BackwardStage, GradientBuckets};
 use crate::model::network::config::{Architecture, ModelConfig, TIME_EMBEDDING_DIM};
 use crate::model::network::params::{BlockOffsets, Layout, ParamTable};
 use crate::model::training::batch::{Pass, TrainBatch};
@@ -111,14 +112,17 @@ impl Geometry {
 pub struct Transformer {
     config: ModelConfig,
     table: ParamTable,
+    buckets: GradientBuckets,
 }
 
 impl Transformer {
     /// A model of `config` (validated).
     pub fn new(config: ModelConfig) -> Result<Self, crate::Error> {
         config.validate()?;
+        let table = ParamTable::new(&config);
         Ok(Transformer {
-            table: ParamTable::new(&config),
+            buckets: GradientBuckets::new(&table),
+            table,
             config,
         })
     }
@@ -131,6 +135,11 @@ impl Transformer {
     /// Its tensors.
     pub fn table(&self) -> &ParamTable {
         &self.table
+    }
+
+    /// Which gradients are final at each stage of its backward.
+    pub fn gradient_buckets(&self) -> &GradientBuckets {
+        &self.buckets
     }
 
     fn layout(&self) -> &Layout {
@@ -1054,20 +1063,64 @@ impl Transformer {
         dropout: Option<DropoutStreams>,
         grad_scale: f32,
     ) -> Result<f64, ModelError<B::Error>> {
-        let geo = self.geometry(acts)?;
-        self.backward_inner(be, p, g, acts, &geo, dropout, grad_scale)
-            .map_err(ModelError::Backend)
+        self.backward_staged(be, p, g, acts, dropout, grad_scale, |_, _| Ok(()))
     }
 
+    /// [`backward`](Self::backward), calling `ready` after each [`BackwardStage`]: from then
+    /// on the stage's ranges of `g` ([`GradientBuckets::at`]) hold their final values, and
+    /// `ready` may start summing them over the ranks while the backward goes on.
     #[allow(clippy::too_many_arguments)]
-    fn backward_inner<B: Backend>(
+    pub fn backward_staged<B, F>(
+        &self,
+        be: &B,
+        p: &B::Buffer,
+        g: &mut B::Buffer,
+        acts: &mut Activations<B>,
+        dropout: Option<DropoutStreams>,
+        grad_scale: f32,
+        mut ready: F,
+    ) -> Result<f64, ModelError<B::Error>>
+    where
+        B: Backend,
+        F: FnMut(&mut B::Buffer, BackwardStage) -> Result<(), ModelError<B::Error>>,
+    {
+        let geo = self.geometry(acts)?;
+        let failed = ModelError::Backend;
+        let loss = self
+            .head_backward(be, p, g, acts, &geo, grad_scale)
+            .map_err(failed)?;
+        ready(g, BackwardStage::Head)?;
+        for l in (0..self.config.layers).rev() {
+            let mods = acts.cond.as_ref().map(|cd| &cd.mods);
+            self.block_backward(
+                be,
+                p,
+                g,
+                l,
+                &acts.blocks[l],
+                mods,
+                &acts.residual[l],
+                &geo,
+                dropout,
+                &mut acts.grad,
+            )
+            .map_err(failed)?;
+            ready(g, BackwardStage::Block(l))?;
+        }
+        self.inputs_backward(be, p, g, acts, &geo).map_err(failed)?;
+        ready(g, BackwardStage::Inputs)?;
+        Ok(loss)
+    }
+
+    /// The loss, the output head, the final modulation and norm, and the scatter of their
+    /// gradient into the residual stream.
+    fn head_backward<B: Backend>(
         &self,
         be: &B,
         p: &B::Buffer,
         g: &mut B::Buffer,
         acts: &mut Activations<B>,
         geo: &Geometry,
-        dropout: Option<DropoutStreams>,
         grad_scale: f32,
     ) -> Result<f64, B::Error> {
         let cfg = &self.config;
@@ -1176,24 +1229,22 @@ impl Transformer {
             acts.seq_len * c,
         )?;
 
-        // ---- blocks, last to first
-        for l in (0..cfg.layers).rev() {
-            let mods = acts.cond.as_ref().map(|cd| &cd.mods);
-            self.block_backward(
-                be,
-                p,
-                g,
-                l,
-                &acts.blocks[l],
-                mods,
-                &acts.residual[l],
-                geo,
-                dropout,
-                s,
-            )?;
-        }
+        Ok(loss)
+    }
 
-        // ---- embeddings and conditioning
+    /// The embeddings and the conditioning (the adaLN projections of every block among it).
+    fn inputs_backward<B: Backend>(
+        &self,
+        be: &B,
+        p: &B::Buffer,
+        g: &mut B::Buffer,
+        acts: &mut Activations<B>,
+        geo: &Geometry,
+    ) -> Result<(), B::Error> {
+        let cfg = &self.config;
+        let (c, n) = (cfg.hidden, geo.rows());
+        let lay = self.layout();
+        let s = &mut acts.grad;
         be.embedding_backward(&acts.ids, whole(&s.dres), at_mut(g, lay.embed), n, c)?;
         if let (Some(pos), Some(pids)) = (lay.positions, acts.position_ids.as_ref()) {
             be.embedding_backward(pids, whole(&s.dres), at_mut(g, pos), n, c)?;
@@ -1201,7 +1252,7 @@ impl Transformer {
         if let Some(cond) = acts.cond.as_ref() {
             self.cond_backward(be, p, g, cond, s)?;
         }
-        Ok(loss)
+        Ok(())
     }
 
     /// The loss of a loaded batch without gradients (`dropout` is `None` in evaluation).

@@ -353,16 +353,27 @@ impl<B: Backend> Trainer<B> {
                 step: place.micro_step(self.step, accum, i),
             });
             model.forward(be, self.params.for_model(), acts, dropout)?;
-            loss += model.backward(
+            // The last micro-batch's gradients are final stage by stage: sum them as they are.
+            let last = i + 1 == accum && place.world > 1;
+            loss += model.backward_staged(
                 be,
                 self.params.for_model(),
                 &mut self.grads,
                 acts,
                 dropout,
                 scale,
+                |grads, stage| {
+                    if last {
+                        for range in model.gradient_buckets().at(stage) {
+                            comm.start_sum(be, grads, range.clone()).map_err(shared)?;
+                        }
+                    }
+                    Ok(())
+                },
             )?;
             predicted += batch.predicted;
         }
+        comm.finish_sums(be, &mut self.grads).map_err(shared)?;
         let mut world_sums = [loss, predicted as f64];
         comm.all_reduce_host(&mut world_sums).map_err(shared)?;
         let loss = world_sums[0] / (accum * place.world) as f64;
@@ -377,8 +388,6 @@ impl<B: Backend> Trainer<B> {
             )
             .into());
         }
-        comm.all_reduce_sum(be, &mut self.grads, self.len)
-            .map_err(shared)?;
         let grad_norm = libm::sqrt(
             be.sum_squares(Slice::whole(&self.grads), self.len)
                 .map_err(e)?,
