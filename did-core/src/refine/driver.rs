@@ -8,8 +8,8 @@ use crate::denoiser::{Denoiser, OutputPosition};
 use crate::error::invalid;
 use crate::refine::plan::ResolvedPlan;
 use crate::refine::remask::{select_lowest, RemaskAmount, RemaskScope, RemaskStrategy};
-use crate::rng::{Purpose, RngStream};
-use crate::sample::batch::SequenceBatch;
+use crate::rng::{Purpose, MAX_SAMPLE};
+use crate::sample::batch::{SequenceBatch, SequenceId};
 use crate::sample::probs::subs_softmax;
 use crate::sample::update::{fill_block, BlockScratch, BlockUpdate, SamplerConfig};
 use crate::Error;
@@ -19,7 +19,7 @@ use crate::Error;
 pub struct GenerateConfig {
     /// The stages (and with them the sequence length).
     pub plan: ResolvedPlan,
-    /// Nucleus, within-block update, seed.
+    /// Nucleus, within-block update, confidence.
     pub sampler: SamplerConfig,
     /// How remask scores are obtained.
     pub remask: RemaskStrategy,
@@ -28,7 +28,10 @@ pub struct GenerateConfig {
     /// End a sequence at its first drawn token with this id (variable length);
     /// `None` for fixed length.
     pub stop_at: Option<u32>,
-    /// The RNG sample id of the first sequence; the others follow.
+    /// The seed of the sequences [`generate`] names (`(seed, first_sample + i)`);
+    /// [`generate_each`] takes each sequence's own.
+    pub seed: u64,
+    /// The sample number of [`generate`]'s first sequence; the others follow.
     pub first_sample: u32,
 }
 
@@ -37,13 +40,11 @@ impl GenerateConfig {
     pub fn new(plan: ResolvedPlan, seed: u64) -> Self {
         GenerateConfig {
             plan,
-            sampler: SamplerConfig {
-                seed,
-                ..SamplerConfig::default()
-            },
+            sampler: SamplerConfig::default(),
             remask: RemaskStrategy::default(),
             scope: RemaskScope::default(),
             stop_at: None,
+            seed,
             first_sample: 0,
         }
     }
@@ -176,10 +177,73 @@ pub fn generate<D: Denoiser>(
     config: &GenerateConfig,
     prompts: &[&[u32]],
 ) -> Result<Generation, GenerateError<D::Error>> {
+    let ids = SequenceId::numbered(config.seed, config.first_sample, prompts.len());
+    if u64::from(config.first_sample) + prompts.len() as u64 > u64::from(MAX_SAMPLE) + 1 {
+        return Err(invalid(
+            "sample ids",
+            "more than 2^24 samples per seed; change the seed for the next ones",
+        )
+        .into());
+    }
+    generate_each(denoiser, config, prompts, &ids)
+}
+
+/// [`generate`] with each sequence named by its own [`SequenceId`] (`ids[i]` for
+/// `prompts[i]`): a sequence draws the same tokens whatever else is in the batch, so a server
+/// can batch requests that each carry their own seed.
+///
+/// ```
+/// use did_core::denoiser::{DenoiseRequest, Denoiser};
+/// use did_core::refine::{generate, generate_each, GenerateConfig, StagePlan};
+/// use did_core::sample::SequenceId;
+/// struct Flat; // every token equally likely
+/// impl Denoiser for Flat {
+///     type Error = core::convert::Infallible;
+///     fn vocab_size(&self) -> usize { 9 }
+///     fn mask_id(&self) -> u32 { 8 }
+///     fn logits(&mut self, _: &DenoiseRequest<'_>, out: &mut [f32]) -> Result<(), Self::Error> {
+///         out.fill(0.0);
+///         Ok(())
+///     }
+/// }
+/// let config = GenerateConfig::new("2,L:0.5".parse::<StagePlan>()?.resolve(8)?, 1);
+/// let ids = [SequenceId { seed: 5, sample: 0 }, SequenceId { seed: 9, sample: 3 }];
+/// let both = generate_each(&mut Flat, &config, &[&[0], &[0]], &ids).unwrap();
+/// let alone = generate(&mut Flat, &GenerateConfig { seed: 9, first_sample: 3, ..config }, &[&[0]]).unwrap();
+/// assert_eq!(both.batch.sequence(1), alone.batch.sequence(0));
+/// # Ok::<(), did_core::Error>(())
+/// ```
+pub fn generate_each<D: Denoiser>(
+    denoiser: &mut D,
+    config: &GenerateConfig,
+    prompts: &[&[u32]],
+    ids: &[SequenceId],
+) -> Result<Generation, GenerateError<D::Error>> {
     let seq_len = config.plan.seq_len();
     let mask_id = denoiser.mask_id();
     check_inputs(denoiser.vocab_size(), mask_id, config, prompts)?;
-    let mut batch = SequenceBatch::from_prompts(prompts, seq_len, mask_id, config.first_sample);
+    if ids.len() != prompts.len() {
+        return Err(invalid(
+            "sequence ids",
+            alloc::format!(
+                "{} ids for {} prompts; give one per prompt",
+                ids.len(),
+                prompts.len()
+            ),
+        )
+        .into());
+    }
+    if let Some(id) = ids.iter().find(|id| id.sample > MAX_SAMPLE) {
+        return Err(invalid(
+            "sequence ids",
+            alloc::format!(
+                "sample {} is past the 2^24 samples of a seed; change the seed",
+                id.sample
+            ),
+        )
+        .into());
+    }
+    let mut batch = SequenceBatch::from_prompts(prompts, seq_len, mask_id, ids);
     let mut scratch = BlockScratch::default();
     let mut stages = Vec::with_capacity(config.plan.stages().len());
     let mut previous_block = 0;
@@ -259,13 +323,6 @@ fn check_inputs<D>(
             alloc::format!(
                 "mask id {mask_id} must be inside a vocabulary of at least 2 (got {vocab})"
             ),
-        )
-        .into());
-    }
-    if config.first_sample as u64 + prompts.len() as u64 > u64::from(crate::rng::MAX_SAMPLE) + 1 {
-        return Err(invalid(
-            "sample ids",
-            "more than 2^24 samples per seed; change the seed for the next ones",
         )
         .into());
     }
@@ -363,12 +420,7 @@ fn choose_remask<D: Denoiser>(
         }
         RemaskStrategy::Random => {
             for seq in 0..batch.batch() {
-                let stream = RngStream::new(
-                    config.sampler.seed,
-                    Purpose::Remask,
-                    batch.sample_ids[seq],
-                    stage,
-                );
+                let stream = batch.stream(seq, Purpose::Remask, stage);
                 for pos in 0..seq_len {
                     scores[seq * seq_len + pos] = stream.uniform(0, pos as u32);
                 }
@@ -739,10 +791,18 @@ mod tests {
         fn a_sequence_does_not_depend_on_its_batch(seed: u64, picks: Vec<u8>, ddpm: Option<u8>, strategy: u8) -> bool {
             let l = 16;
             let cfg = config(random_plan(l, &picks), seed, ddpm, strategy);
-            let together = run(&mut ToyLm::default(), &cfg, 3);
+            // Each sequence has its own seed, as a server's requests do.
+            let ids = [
+                SequenceId { seed, sample: 0 },
+                SequenceId { seed: seed ^ 0x9e37_79b9_7f4a_7c15, sample: 5 },
+                SequenceId { seed: seed.wrapping_add(1), sample: 1 },
+            ];
             let p = prompts(3);
+            let refs: Vec<&[u32]> = p.iter().map(|v| v.as_slice()).collect();
+            let together = generate_each(&mut ToyLm::default(), &cfg, &refs, &ids).unwrap();
             (0..3).all(|i| {
-                let alone = generate(&mut ToyLm::default(), &GenerateConfig { first_sample: i as u32, ..cfg.clone() }, &[&p[i]]).unwrap();
+                let own = GenerateConfig { seed: ids[i].seed, first_sample: ids[i].sample, ..cfg.clone() };
+                let alone = generate(&mut ToyLm::default(), &own, &[&p[i]]).unwrap();
                 alone.batch.tokens[..] == together.batch.tokens[i * l..(i + 1) * l]
                     && alone.nfe() == together.sequence_nfe(i)
             }) && together.stages.iter().all(|st| st.sequence_nfe.iter().all(|&c| c <= st.nfe))

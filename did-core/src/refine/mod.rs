@@ -11,6 +11,6 @@ pub mod driver;
 pub mod plan;
 pub mod remask;
 
-pub use driver::{generate, GenerateConfig, GenerateError, Generation, StageReport};
+pub use driver::{generate, generate_each, GenerateConfig, GenerateError, Generation, StageReport};
 pub use plan::{BlockSpec, ResolvedPlan, Stage, StagePlan, StageSpec};
 pub use remask::{remask_count, select_lowest, RemaskAmount, RemaskScope, RemaskStrategy};

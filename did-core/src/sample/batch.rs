@@ -1,17 +1,54 @@
 //! The batch being generated: tokens, snapshot confidences, what is pinned,
-//! where each sequence ends, and the per-sequence RNG step counters.
+//! where each sequence ends, and each sequence's name in the random streams
+//! ([`SequenceId`]) with its step counter.
 
 use alloc::vec::Vec;
 use core::ops::Range;
 
 use crate::denoiser::{DenoiseRequest, OutputPosition};
+use crate::rng::{Purpose, RngStream};
 use crate::sample::categorical::Confidence;
+
+/// A sequence's name in the random streams: every draw made for it is addressed by its seed and
+/// sample number, never by its place in a batch, so it draws the same tokens in any batch
+/// (docs/design.md). `did sample --seed S` names its samples `(S, 0)`, `(S, 1)`, …; a server
+/// gives each request its own seed.
+///
+/// ```
+/// use did_core::sample::SequenceId;
+/// assert_eq!(SequenceId::numbered(7, 2, 3), [
+///     SequenceId { seed: 7, sample: 2 },
+///     SequenceId { seed: 7, sample: 3 },
+///     SequenceId { seed: 7, sample: 4 },
+/// ]);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SequenceId {
+    /// The seed of its streams.
+    pub seed: u64,
+    /// Its sample number under that seed (below 2^24).
+    pub sample: u32,
+}
+
+impl SequenceId {
+    /// `n` samples of `seed` from `first` on.
+    pub fn numbered(seed: u64, first: u32, n: usize) -> Vec<SequenceId> {
+        (0..n as u32)
+            .map(|i| SequenceId {
+                seed,
+                sample: first.wrapping_add(i),
+            })
+            .collect()
+    }
+}
 
 /// A batch of sequences of one length, being generated.
 ///
 /// ```
 /// use did_core::sample::SequenceBatch;
-/// let mut b = SequenceBatch::from_prompts(&[&[50256], &[50256, 11]], 4, 50257, 0);
+/// use did_core::sample::SequenceId;
+/// let ids = SequenceId::numbered(1, 0, 2);
+/// let mut b = SequenceBatch::from_prompts(&[&[50256], &[50256, 11]], 4, 50257, &ids);
 /// assert_eq!(b.tokens, [50256, 50257, 50257, 50257, 50256, 11, 50257, 50257]);
 /// assert!(!b.eligible(1, 1) && b.eligible(1, 2)); // prompts are pinned
 /// b.tokens[2] = 50256;
@@ -34,21 +71,22 @@ pub struct SequenceBatch {
     pub pinned: Vec<bool>,
     /// Per sequence: positions `≥ length` are padding after an end-of-sequence token.
     pub lengths: Vec<usize>,
-    /// Per sequence: its id in the RNG streams.
-    pub sample_ids: Vec<u32>,
+    /// Per sequence: its name in the random streams.
+    pub ids: Vec<SequenceId>,
     /// Per sequence: how many within-block updates it has taken part in (the RNG step).
     pub steps: Vec<u32>,
 }
 
 impl SequenceBatch {
     /// Sequences of `seq_len` positions, each starting with its prompt
-    /// (pinned) and masked elsewhere. Sample ids count up from `first_sample`.
+    /// (pinned) and masked elsewhere; sequence `s` draws as `ids[s]` (as many ids as prompts).
     pub fn from_prompts(
         prompts: &[&[u32]],
         seq_len: usize,
         mask_id: u32,
-        first_sample: u32,
+        ids: &[SequenceId],
     ) -> Self {
+        debug_assert_eq!(ids.len(), prompts.len());
         let batch = prompts.len();
         let mut tokens = alloc::vec![mask_id; batch * seq_len];
         let mut pinned = alloc::vec![false; batch * seq_len];
@@ -68,9 +106,7 @@ impl SequenceBatch {
             confidence,
             pinned,
             lengths: alloc::vec![seq_len; batch],
-            sample_ids: (0..batch as u32)
-                .map(|i| first_sample.wrapping_add(i))
-                .collect(),
+            ids: ids.to_vec(),
             steps: alloc::vec![0; batch],
         }
     }
@@ -127,6 +163,12 @@ impl SequenceBatch {
             block,
             outputs,
         }
+    }
+
+    /// Sequence `seq`'s stream for `purpose` at `step`.
+    pub fn stream(&self, seq: usize, purpose: Purpose, step: u32) -> RngStream {
+        let id = self.ids[seq];
+        RngStream::new(id.seed, purpose, id.sample, step)
     }
 
     /// Masks `pos` of sequence `seq` (remasking).

@@ -18,7 +18,7 @@ pub mod probs;
 pub mod stop;
 pub mod update;
 
-pub use batch::SequenceBatch;
+pub use batch::{SequenceBatch, SequenceId};
 pub use categorical::{draw_token, Confidence, ConfidenceKind, DrawSpec, SampledToken};
 pub use nucleus::{Nucleus, NucleusRule};
 pub use update::{BlockUpdate, SamplerConfig, UPDATE_RULES};

@@ -20,7 +20,7 @@ use core::ops::Range;
 
 use crate::denoiser::{Denoiser, HostDrawScratch, OutputPosition};
 use crate::error::parse_error;
-use crate::rng::{Purpose, RngStream};
+use crate::rng::Purpose;
 use crate::sample::batch::SequenceBatch;
 use crate::sample::categorical::{
     draw_token_and_entropy, Confidence, ConfidenceKind, DrawScratch, SampledToken,
@@ -228,8 +228,6 @@ pub struct SamplerConfig {
     pub update: BlockUpdate,
     /// Which confidence the threshold and k-per-call updates rank draws by.
     pub confidence: ConfidenceKind,
-    /// The seed of every stream.
-    pub seed: u64,
     /// At most this many logits rows per denoiser call (bounds host memory:
     /// rows × vocabulary × 4 bytes); larger steps are split into several calls.
     pub max_outputs_per_call: usize,
@@ -241,7 +239,6 @@ impl Default for SamplerConfig {
             nucleus: Nucleus::default(),
             update: BlockUpdate::default(),
             confidence: ConfidenceKind::default(),
-            seed: 0,
             max_outputs_per_call: 1024,
         }
     }
@@ -283,7 +280,7 @@ impl BlockScratch {
     /// ```
     /// use did_core::denoiser::{DenoiseRequest, Denoiser};
     /// use did_core::sample::update::{fill_block, BlockScratch};
-    /// use did_core::sample::{SamplerConfig, SequenceBatch};
+    /// use did_core::sample::{SamplerConfig, SequenceBatch, SequenceId};
     /// struct Flat;
     /// impl Denoiser for Flat {
     ///     type Error = core::convert::Infallible;
@@ -295,7 +292,7 @@ impl BlockScratch {
     ///     }
     /// }
     /// // The second sequence's prompt fills two of the block's four positions.
-    /// let mut batch = SequenceBatch::from_prompts(&[&[0], &[0, 1, 1]], 4, 2, 0);
+    /// let mut batch = SequenceBatch::from_prompts(&[&[0], &[0, 1, 1]], 4, 2, &SequenceId::numbered(1, 0, 2));
     /// let mut scratch = BlockScratch::default();
     /// scratch.reset_sequence_calls(2);
     /// let calls = fill_block(&mut Flat, &mut batch, 0..4, 4, &SamplerConfig::default(), &mut scratch)?;
@@ -319,7 +316,7 @@ impl BlockScratch {
 /// ```
 /// use did_core::denoiser::{DenoiseRequest, Denoiser};
 /// use did_core::sample::update::{fill_block, BlockScratch};
-/// use did_core::sample::{BlockUpdate, SamplerConfig, SequenceBatch};
+/// use did_core::sample::{BlockUpdate, SamplerConfig, SequenceBatch, SequenceId};
 /// struct Uniform;
 /// impl Denoiser for Uniform {
 ///     type Error = core::convert::Infallible;
@@ -330,7 +327,7 @@ impl BlockScratch {
 ///         Ok(())
 ///     }
 /// }
-/// let mut batch = SequenceBatch::from_prompts(&[&[0]], 8, 4, 0);
+/// let mut batch = SequenceBatch::from_prompts(&[&[0]], 8, 4, &SequenceId::numbered(1, 0, 1));
 /// let config = SamplerConfig { update: BlockUpdate::DdpmCaching { steps: 2 }, ..SamplerConfig::default() };
 /// let calls = fill_block(&mut Uniform, &mut batch, 4..8, 4, &config, &mut BlockScratch::default())?;
 /// assert!(calls <= 2 && batch.masked_in(0, 4..8).next().is_none());
@@ -355,12 +352,7 @@ pub fn fill_block<D: Denoiser>(
                     if scratch.masked.is_empty() {
                         continue;
                     }
-                    let stream = RngStream::new(
-                        config.seed,
-                        Purpose::RevealPosition,
-                        batch.sample_ids[seq],
-                        batch.steps[seq],
-                    );
+                    let stream = batch.stream(seq, Purpose::RevealPosition, batch.steps[seq]);
                     let pick = (stream.uniform(0, 0) * scratch.masked.len() as f64) as usize;
                     let pos = scratch.masked[pick.min(scratch.masked.len() - 1)];
                     scratch.reveals.push(OutputPosition {
@@ -386,12 +378,7 @@ pub fn fill_block<D: Denoiser>(
                 scratch.reveals.clear();
                 scratch.active.clear();
                 for seq in 0..batch.batch() {
-                    let stream = RngStream::new(
-                        config.seed,
-                        Purpose::StayMasked,
-                        batch.sample_ids[seq],
-                        batch.steps[seq],
-                    );
+                    let stream = batch.stream(seq, Purpose::StayMasked, batch.steps[seq]);
                     let mut any = false;
                     for pos in batch.masked_in(seq, block.clone()) {
                         any = true;
@@ -535,10 +522,9 @@ fn draw_all<D: Denoiser>(
     for chunk in scratch.reveals.chunks(config.max_outputs_per_call) {
         scratch.specs.clear();
         scratch.specs.extend(chunk.iter().map(|out| DrawSpec {
-            stream: RngStream::new(
-                config.seed,
+            stream: batch.stream(
+                out.seq as usize,
                 Purpose::Categorical,
-                batch.sample_ids[out.seq as usize],
                 batch.steps[out.seq as usize],
             ),
             row: out.pos,

@@ -349,7 +349,7 @@ impl Prepared {
                     &prompts,
                     self.len,
                     &self.gen.sampler.nucleus,
-                    self.gen.sampler.seed,
+                    self.gen.seed,
                     first_sample,
                     self.gen.stop_at,
                 )
