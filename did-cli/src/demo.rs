@@ -39,7 +39,7 @@ pub struct DemoOptions {
 const LENGTH: usize = 128;
 
 /// `data/<name>` of the repository, from its root or wherever the binary was built.
-fn repo_data(name: &str) -> Result<PathBuf, String> {
+pub(crate) fn repo_data(name: &str) -> Result<PathBuf, String> {
     let candidates = [
         PathBuf::from("data").join(name),
         Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -9,6 +9,7 @@ pub mod demo;
 pub mod eval;
 pub mod interrupt;
 pub mod sample;
+pub mod serve;
 pub mod train;
 
 use std::path::PathBuf;
@@ -268,6 +269,12 @@ enum Command {
         #[arg(long, default_value_t = 1)]
         seed: u64,
     },
+    /// Serve completions over HTTP with OpenAI's API: requests that share their settings are
+    /// batched, and each gets the tokens it would get alone (docs/serving.md).
+    ///
+    /// Example: did serve --port 8080, then
+    /// curl -s localhost:8080/v1/completions -d '{"prompt": "The ", "max_tokens": 40, "seed": 1}'
+    Serve(serve::ServeArgs),
     /// Explain a stage plan such as 4,L:0.25 for a sequence length.
     CheckPlan {
         /// Stage plan: block sizes, each later one with its remask fraction (`4,L:0.25`).
@@ -419,6 +426,39 @@ pub fn run(args: &[String]) -> ExitCode {
 fn execute(cli: Cli, matches: &clap::ArgMatches, args: &[String]) -> Result<String, String> {
     match cli.command {
         Command::CheckPlan { plan, length } => check_plan(&plan, length),
+        Command::Serve(args) => {
+            let options = args.options()?;
+            let checkpoint = args.checkpoint()?;
+            let server =
+                match (cli.backend, cli.precision) {
+                    (BackendChoice::Cpu, PrecisionChoice::F32) => did_serve::Server::start(
+                        &checkpoint,
+                        || Ok(did_backend_cpu::CpuBackend::new()),
+                        &options,
+                    )?,
+                    (BackendChoice::Cpu, PrecisionChoice::Bf16) => return Err(
+                        "the CPU backend computes in f32; --precision bf16 needs --backend cuda"
+                            .into(),
+                    ),
+                    (BackendChoice::Cuda, precision) => {
+                        let precision = match precision {
+                            PrecisionChoice::F32 => did_backend_cuda::Precision::F32,
+                            PrecisionChoice::Bf16 => did_backend_cuda::Precision::Bf16,
+                        };
+                        let cuda = cuda_options(&cli.cuda, |name| std::env::var(name).ok())
+                            .map_err(|e| format!("--backend cuda: {e}"))?;
+                        did_serve::Server::start(
+                            &checkpoint,
+                            move || {
+                                did_backend_cuda::CudaBackend::with_options(0, precision, cuda)
+                                    .map_err(|e| format!("--backend cuda: {e}"))
+                            },
+                            &options,
+                        )?
+                    }
+                };
+            serve::serve(server)
+        }
         Command::Demo {
             from_scratch,
             minutes,

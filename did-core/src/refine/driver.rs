@@ -219,6 +219,64 @@ pub fn generate_each<D: Denoiser>(
     prompts: &[&[u32]],
     ids: &[SequenceId],
 ) -> Result<Generation, GenerateError<D::Error>> {
+    generate_observed(denoiser, config, prompts, ids, |_| {})
+}
+
+/// How far a generation has come, told to [`generate_observed`]'s observer.
+#[derive(Debug, Clone)]
+pub enum Progress<'a> {
+    /// Stage `stage` finished drawing `block` in every sequence: a draft streams its text
+    /// block by block from here.
+    Block {
+        /// The stage's index (0: the draft).
+        stage: usize,
+        /// The positions just drawn.
+        block: Range<usize>,
+        /// The batch as it stands.
+        batch: &'a SequenceBatch,
+    },
+    /// Stage `stage` finished.
+    Stage {
+        /// The stage's index.
+        stage: usize,
+        /// What it did (its tokens, what it remasked).
+        report: &'a StageReport,
+    },
+}
+
+/// [`generate_each`], telling `observe` as each block and each stage finishes. The observer
+/// only watches: the tokens are those of [`generate_each`].
+///
+/// ```
+/// use did_core::denoiser::{DenoiseRequest, Denoiser};
+/// use did_core::refine::{generate_observed, GenerateConfig, Progress, StagePlan};
+/// use did_core::sample::SequenceId;
+/// struct Flat;
+/// impl Denoiser for Flat {
+///     type Error = core::convert::Infallible;
+///     fn vocab_size(&self) -> usize { 9 }
+///     fn mask_id(&self) -> u32 { 8 }
+///     fn logits(&mut self, _: &DenoiseRequest<'_>, out: &mut [f32]) -> Result<(), Self::Error> {
+///         out.fill(0.0);
+///         Ok(())
+///     }
+/// }
+/// let config = GenerateConfig::new("4,L:0.5".parse::<StagePlan>()?.resolve(8)?, 1);
+/// let mut seen = Vec::new();
+/// generate_observed(&mut Flat, &config, &[&[0]], &SequenceId::numbered(1, 0, 1), |p| match p {
+///     Progress::Block { stage, block, .. } => seen.push((stage, block.end)),
+///     Progress::Stage { stage, .. } => seen.push((stage, 99)),
+/// }).unwrap();
+/// assert_eq!(seen, [(0, 4), (0, 8), (0, 99), (1, 8), (1, 99)]);
+/// # Ok::<(), did_core::Error>(())
+/// ```
+pub fn generate_observed<D: Denoiser>(
+    denoiser: &mut D,
+    config: &GenerateConfig,
+    prompts: &[&[u32]],
+    ids: &[SequenceId],
+    mut observe: impl FnMut(Progress<'_>),
+) -> Result<Generation, GenerateError<D::Error>> {
     let seq_len = config.plan.seq_len();
     let mask_id = denoiser.mask_id();
     check_inputs(denoiser.vocab_size(), mask_id, config, prompts)?;
@@ -282,6 +340,13 @@ pub fn generate_each<D: Denoiser>(
             &sampler,
             config.stop_at,
             &mut scratch,
+            &mut |block, batch| {
+                observe(Progress::Block {
+                    stage: index,
+                    block,
+                    batch,
+                })
+            },
         )?;
         stages.push(StageReport {
             block_size: stage.block_size,
@@ -296,6 +361,12 @@ pub fn generate_each<D: Denoiser>(
             remasked,
             tokens: batch.tokens.clone(),
         });
+        if let Some(report) = stages.last() {
+            observe(Progress::Stage {
+                stage: index,
+                report,
+            });
+        }
         previous_block = stage.block_size;
     }
     Ok(Generation { batch, stages })
@@ -357,6 +428,7 @@ fn run_stage<D: Denoiser>(
     sampler: &SamplerConfig,
     stop_at: Option<u32>,
     scratch: &mut BlockScratch,
+    block_done: &mut dyn FnMut(Range<usize>, &SequenceBatch),
 ) -> Result<u32, GenerateError<D::Error>> {
     let seq_len = batch.seq_len();
     denoiser
@@ -378,6 +450,7 @@ fn run_stage<D: Denoiser>(
                 batch.end_at_eos(seq, 1, eos);
             }
         }
+        block_done(block.clone(), batch);
         if j + 1 < blocks && batch.any_masked_in(block.end..seq_len) {
             commit(denoiser, batch, block, block_size)?;
         }

@@ -11,6 +11,9 @@ pub mod driver;
 pub mod plan;
 pub mod remask;
 
-pub use driver::{generate, generate_each, GenerateConfig, GenerateError, Generation, StageReport};
+pub use driver::{
+    generate, generate_each, generate_observed, GenerateConfig, GenerateError, Generation,
+    Progress, StageReport,
+};
 pub use plan::{BlockSpec, ResolvedPlan, Stage, StagePlan, StageSpec};
 pub use remask::{remask_count, select_lowest, RemaskAmount, RemaskScope, RemaskStrategy};

@@ -69,9 +69,18 @@ impl FromStr for TokenizerKind {
 }
 
 /// A tokenizer ready to encode and decode.
+#[derive(Clone)]
 pub struct Tokenizer {
     kind: TokenizerKind,
     bpe: Option<&'static tiktoken_rs::CoreBPE>,
+}
+
+impl std::fmt::Debug for Tokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tokenizer")
+            .field("kind", &self.kind)
+            .finish()
+    }
 }
 
 impl Tokenizer {

@@ -87,6 +87,46 @@ impl Default for SamplingSettings {
     }
 }
 
+impl SamplingSettings {
+    /// The generate settings these name for sequences of `len` tokens (`stages` in place of
+    /// [`Self::stages`]: a causal model's one block), `eos` ending a sequence when
+    /// [`Self::stop_at_eos`] is set. Errors name the setting and its allowed forms.
+    pub fn generate_config(
+        &self,
+        stages: &str,
+        len: usize,
+        eos: u32,
+    ) -> Result<GenerateConfig, Error> {
+        let bad = Error::Sampling;
+        let plan = stages
+            .parse::<StagePlan>()
+            .and_then(|p| p.resolve_with(len, !self.local_final))
+            .map_err(|e| bad(format!("--stages: {e}")))?;
+        let mut gen = GenerateConfig::new(plan, self.seed);
+        gen.remask = remask_strategy(&self.remask)?;
+        gen.scope = match self.scope.as_str() {
+            "global" => RemaskScope::Global,
+            "block" => RemaskScope::PerBlock,
+            other => {
+                return Err(bad(format!(
+                    "unknown --scope {other:?}; use global or block"
+                )))
+            }
+        };
+        gen.sampler.update = self
+            .sampler
+            .parse::<BlockUpdate>()
+            .map_err(|e| bad(format!("--sampler: {e}")))?;
+        if let RemaskStrategy::Snapshot(kind) = gen.remask {
+            gen.sampler.confidence = kind;
+        }
+        gen.sampler.nucleus = Nucleus::new(self.top_p, NucleusRule::default())
+            .map_err(|e| bad(format!("--top-p: {e}")))?;
+        gen.stop_at = self.stop_at_eos.then_some(eos);
+        Ok(gen)
+    }
+}
+
 /// The remask strategy a `remask` setting names.
 ///
 /// ```
@@ -202,32 +242,8 @@ impl Prepared {
         } else {
             settings.stages.as_str()
         };
-        let plan = stages
-            .parse::<StagePlan>()
-            .and_then(|p| p.resolve_with(len, !settings.local_final))
-            .map_err(|e| bad(format!("--stages: {e}")))?;
-        let mut gen = GenerateConfig::new(plan, settings.seed);
-        gen.remask = remask_strategy(&settings.remask)?;
-        gen.scope = match settings.scope.as_str() {
-            "global" => RemaskScope::Global,
-            "block" => RemaskScope::PerBlock,
-            other => {
-                return Err(bad(format!(
-                    "unknown --scope {other:?}; use global or block"
-                )))
-            }
-        };
-        gen.sampler.update = settings
-            .sampler
-            .parse::<BlockUpdate>()
-            .map_err(|e| bad(format!("--sampler: {e}")))?;
-        if let RemaskStrategy::Snapshot(kind) = gen.remask {
-            gen.sampler.confidence = kind;
-        }
-        gen.sampler.nucleus = Nucleus::new(settings.top_p, NucleusRule::default())
-            .map_err(|e| bad(format!("--top-p: {e}")))?;
         let eos = tokenizer.kind().eos();
-        gen.stop_at = settings.stop_at_eos.then_some(eos);
+        let gen = settings.generate_config(stages, len, eos)?;
         let mut prompt = vec![eos];
         if let Some(p) = &settings.prompt {
             prompt.extend(tokenizer.encode(p));
@@ -253,6 +269,11 @@ impl Prepared {
             causal,
             stop: || false,
         })
+    }
+
+    /// The weights sampled with (the EMA's unless `no_ema`).
+    pub fn weights(&self) -> &[f32] {
+        &self.weights
     }
 
     /// The weights on `be`.
