@@ -215,6 +215,16 @@ PY
     else e2e+="| GPU and CPU samples token-identical (f32) | **FAIL** | |"$'\n'; failed=1
     fi
 fi
+# did serve on the GPU: six concurrent requests (batched) answer what the CPU server answers.
+for backend in cuda cpu; do
+    run "did serve, 6 concurrent requests on the demo model ($backend)" python3 scripts/serve/texts.py "$did" "$backend" &&
+        cp "$work/stdout" "$work/serve-$backend.json"
+done
+if [ -s "$work/serve-cuda.json" ] && cmp -s "$work/serve-cuda.json" "$work/serve-cpu.json"; then
+    e2e+="| did serve: GPU and CPU answers identical (f32) | pass | |"$'\n'
+else
+    e2e+="| did serve: GPU and CPU answers identical (f32) | **FAIL** | |"$'\n'; failed=1
+fi
 
 # ---- 4. speed, side by side with the PyTorch baseline (scripts/gpu-bench.sh) -----------------------
 rm -rf "$work"
