@@ -205,6 +205,7 @@ impl<B: Backend> Engine<B> {
             .collect();
         let ids: Vec<SequenceId> = jobs.iter().flat_map(|j| j.ids.iter().copied()).collect();
         let config = &jobs[0].config;
+        self.metrics.running.set(ids.len() as i64);
         let result = DiffusionDenoiser::new(&self.be, &self.model, &self.params, true)
             .map_err(|e| e.to_string())
             .and_then(|mut denoiser| {
@@ -233,6 +234,7 @@ impl<B: Backend> Engine<B> {
                 })
                 .map_err(|e| e.to_string())
             });
+        self.metrics.running.set(0);
         self.metrics.batch_sequences.observe(ids.len() as f64);
         self.metrics
             .batch_seconds
@@ -305,5 +307,88 @@ fn finished(g: &Generation, s: usize) -> Finished {
         tokens: g.batch.sequence(s).to_vec(),
         regenerated,
         nfe: g.sequence_nfe(s),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use did_backend_cpu::CpuBackend;
+    use did_core::model::{Architecture, ModelConfig};
+    use did_core::refine::StagePlan;
+
+    fn job(seed: u64) -> (Job, events::UnboundedReceiver<JobEvent>) {
+        let plan = "4,L:0.5".parse::<StagePlan>().unwrap().resolve(16).unwrap();
+        let (events, rx) = events::unbounded_channel();
+        let job = Job {
+            config: GenerateConfig::new(plan, 0),
+            prompts: vec![vec![256]],
+            ids: SequenceId::numbered(seed, 0, 1),
+            stream: false,
+            events,
+        };
+        (job, rx)
+    }
+
+    #[test]
+    fn a_job_whose_client_left_is_dropped_before_it_runs() {
+        let config = ModelConfig {
+            vocab_size: 258,
+            mask_id: 257,
+            layers: 1,
+            hidden: 32,
+            heads: 2,
+            mlp_hidden: 64,
+            context: 16,
+            cond_dim: 8,
+            ..ModelConfig::preset("tiny", Architecture::Dit).unwrap()
+        };
+        let model = Transformer::new(config).unwrap();
+        let weights = model.table().random_values(1, 0.5);
+        let metrics = Arc::new(Metrics::new());
+        let options = EngineOptions {
+            max_batch: 4,
+            queue: 8,
+        };
+        let (handle, thread) = start(
+            || Ok(CpuBackend::new()),
+            model,
+            weights,
+            options,
+            Arc::clone(&metrics),
+        )
+        .unwrap();
+        let (gone, left) = job(1);
+        drop(left);
+        handle.submit(gone).unwrap();
+        let (kept, mut rx) = job(2);
+        handle.submit(kept).unwrap();
+        match rx.blocking_recv() {
+            Some(JobEvent::Done(done)) => assert_eq!(done.len(), 1),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(metrics.cancelled.get(), 1);
+        assert_eq!(metrics.batch_sequences.get_sample_count(), 1);
+        assert_eq!(handle.waiting(), 0);
+        drop(handle);
+        thread.join().unwrap();
+    }
+
+    #[test]
+    fn a_full_queue_is_busy_until_a_job_leaves_it() {
+        let (jobs, queue) = mpsc::channel();
+        let handle = EngineHandle {
+            jobs,
+            waiting: Arc::new(AtomicUsize::new(0)),
+            capacity: 2,
+        };
+        handle.submit(job(1).0).unwrap();
+        handle.submit(job(2).0).unwrap();
+        assert_eq!(handle.submit(job(3).0), Err(Busy));
+        assert_eq!(handle.waiting(), 2);
+        // The engine taking a job makes room.
+        let _taken = queue.recv().unwrap();
+        handle.waiting.fetch_sub(1, Ordering::SeqCst);
+        assert!(handle.submit(job(4).0).is_ok());
     }
 }

@@ -60,7 +60,11 @@ async fn models(State(app): State<Arc<App>>) -> Json<Value> {
 }
 
 async fn health(State(app): State<Arc<App>>) -> Json<Value> {
-    Json(json!({"status": "ok", "waiting": app.engine.waiting()}))
+    Json(json!({
+        "status": "ok",
+        "waiting": app.engine.waiting(),
+        "running": app.metrics.running.get(),
+    }))
 }
 
 async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {

@@ -12,6 +12,8 @@ pub struct Metrics {
     registry: Registry,
     /// Jobs waiting for a batch.
     pub queue_depth: IntGauge,
+    /// Sequences in the batch being generated.
+    pub running: IntGauge,
     /// Sequences per batch.
     pub batch_sequences: Histogram,
     /// Seconds per batch.
@@ -37,6 +39,11 @@ impl Metrics {
         ];
         let queue_depth = IntGauge::new("did_queue_depth", "jobs waiting for a batch")
             .unwrap_or_else(|_| unreachable_metric());
+        let running = IntGauge::new(
+            "did_running_sequences",
+            "sequences in the batch being generated",
+        )
+        .unwrap_or_else(|_| unreachable_metric());
         let batch_sequences = Histogram::with_opts(
             HistogramOpts::new("did_batch_sequences", "sequences per batch")
                 .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0]),
@@ -74,6 +81,7 @@ impl Metrics {
         let m = Metrics {
             registry,
             queue_depth,
+            running,
             batch_sequences,
             batch_seconds,
             model_calls,
@@ -82,8 +90,9 @@ impl Metrics {
             requests,
             request_seconds,
         };
-        let all: [Box<dyn prometheus::core::Collector>; 8] = [
+        let all: [Box<dyn prometheus::core::Collector>; 9] = [
             Box::new(m.queue_depth.clone()),
+            Box::new(m.running.clone()),
             Box::new(m.batch_sequences.clone()),
             Box::new(m.batch_seconds.clone()),
             Box::new(m.model_calls.clone()),
@@ -140,6 +149,7 @@ mod tests {
         let text = m.text();
         for name in [
             "did_queue_depth",
+            "did_running_sequences",
             "did_batch_sequences",
             "did_batch_seconds",
             "did_model_calls_total",
