@@ -301,7 +301,10 @@ fn a_client_that_leaves_frees_its_place_in_the_queue() {
     });
     // Wait until it runs.
     while !http(addr, "GET", "/health", "").2.contains("\"running\":1") {
-        assert!(!slow.is_finished(), "the slow request ended before it was seen running");
+        assert!(
+            !slow.is_finished(),
+            "the slow request ended before it was seen running"
+        );
         std::thread::sleep(Duration::from_millis(2));
     }
     for i in 0..3 {
