@@ -1,12 +1,11 @@
-//! The engine: one thread that owns the backend and the weights, takes the waiting requests,
-//! batches those that share their settings, and generates them together. Every sequence is
-//! named by its own seed and sample number (`did_core::sample::SequenceId`), so it draws the
-//! same tokens whatever else is in its batch (docs/serving.md).
-//!
-//! Batches form whenever the engine is free: the requests that arrived while the previous batch
-//! ran go together in the next. Requests join a running batch only at its start: joining at a
-//! block boundary needs sequences at different blocks in one model call, which the `Denoiser`
-//! contract does not have yet.
+//! The engine: one thread that owns the backend and the weights. Jobs wait in a bounded queue;
+//! while the running sequences leave room (`max_batch`), the front job and the waiting jobs that
+//! share its settings start as a cohort, generated on its own thread (`crate::cohort`). Each
+//! turn the engine runs every cohort's next model call, merging those that read no cached keys
+//! (`crate::merge`), so requests join and leave between model calls rather than waiting for a
+//! whole batch. Every sequence is named by its own seed and sample number
+//! (`did_core::sample::SequenceId`), so it draws the same tokens whatever runs beside it
+//! (docs/serving.md).
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -14,11 +13,14 @@ use std::sync::{mpsc, Arc};
 use std::time::Instant;
 
 use did_core::backend::Backend;
+use did_core::denoiser::{Denoiser, HostDrawScratch};
 use did_core::model::{DiffusionDenoiser, Transformer};
-use did_core::refine::{generate_observed, GenerateConfig, Generation, Progress};
-use did_core::sample::SequenceId;
+use did_core::refine::GenerateConfig;
+use did_core::sample::{Confidence, SampledToken, SequenceId};
 use tokio::sync::mpsc as events;
 
+use crate::cohort::{self, Call, CohortId, Message, Reply};
+use crate::merge;
 use crate::metrics::Metrics;
 
 /// One request's work: its sequences (a prompt and an id each) and the settings they share.
@@ -170,11 +172,34 @@ struct Engine<B: Backend> {
     metrics: Arc<Metrics>,
 }
 
+/// A running cohort as the engine sees it.
+struct Running<'a, B: Backend> {
+    id: CohortId,
+    /// Its jobs' channels: when every one is closed, every client left.
+    clients: Vec<events::UnboundedSender<JobEvent>>,
+    sequences: usize,
+    /// Its KV cache lives here.
+    denoiser: DiffusionDenoiser<'a, B>,
+    replies: mpsc::Sender<Reply>,
+    /// The call it waits on.
+    pending: Option<Call>,
+}
+
 impl<B: Backend> Engine<B> {
+    /// Each turn: take in new jobs and start cohorts while there is room, wait until every
+    /// running cohort has asked for its next call, then run those calls — merging what can be
+    /// merged — and answer them.
     fn run(&self, rx: &mpsc::Receiver<Job>) {
+        let (calls_tx, calls) = mpsc::channel::<Message>();
+        let mut shared = match self.denoiser() {
+            Ok(d) => d,
+            Err(e) => return fail_all(rx, &e),
+        };
+        let mut running: Vec<Running<'_, B>> = Vec::new();
         let mut waiting: VecDeque<Job> = VecDeque::new();
+        let mut next_id: CohortId = 0;
         loop {
-            if waiting.is_empty() {
+            if running.is_empty() && waiting.is_empty() {
                 match rx.recv() {
                     Ok(job) => waiting.push_back(job),
                     Err(_) => return, // every handle is gone: the server has stopped
@@ -186,88 +211,201 @@ impl<B: Backend> Engine<B> {
             let cancelled = before - waiting.len();
             self.waiting.fetch_sub(cancelled, Ordering::SeqCst);
             self.metrics.cancelled.inc_by(cancelled as u64);
-            let batch = take_batch(&mut waiting, self.options.max_batch);
-            self.waiting.fetch_sub(batch.len(), Ordering::SeqCst);
+            self.admit(&mut waiting, &mut running, &mut next_id, &calls_tx);
             self.metrics
                 .queue_depth
                 .set(self.waiting.load(Ordering::SeqCst) as i64);
-            if !batch.is_empty() {
-                self.run_batch(&batch);
+            self.count_running(&running);
+            while running.iter().any(|r| r.pending.is_none()) {
+                match calls.recv() {
+                    Ok(Message::Call(id, call)) => {
+                        if let Some(r) = running.iter_mut().find(|r| r.id == id) {
+                            r.pending = Some(call);
+                        }
+                    }
+                    Ok(Message::Ended(id)) => {
+                        running.retain(|r| r.id != id);
+                        self.count_running(&running);
+                    }
+                    Err(_) => return, // unreachable: this thread holds a sender
+                }
+            }
+            for r in running.iter_mut() {
+                if r.clients.iter().all(|c| c.is_closed()) && r.pending.is_some() {
+                    r.pending = None;
+                    self.metrics.cancelled.inc_by(r.clients.len() as u64);
+                    let _ = r
+                        .replies
+                        .send(Reply::Failed("cancelled: every client left".into()));
+                }
+            }
+            self.step(&mut shared, &mut running);
+        }
+    }
+
+    fn denoiser(&self) -> Result<DiffusionDenoiser<'_, B>, String> {
+        DiffusionDenoiser::new(&self.be, &self.model, &self.params, true).map_err(|e| e.to_string())
+    }
+
+    /// Starts cohorts from the front of the queue while their sequences fit in `max_batch`.
+    fn admit<'a>(
+        &'a self,
+        waiting: &mut VecDeque<Job>,
+        running: &mut Vec<Running<'a, B>>,
+        next_id: &mut CohortId,
+        calls: &mpsc::Sender<Message>,
+    ) {
+        let cfg = self.model.config();
+        loop {
+            let busy: usize = running.iter().map(|r| r.sequences).sum();
+            let jobs = take_batch(waiting, self.options.max_batch.saturating_sub(busy));
+            if jobs.is_empty() {
+                return;
+            }
+            self.waiting.fetch_sub(jobs.len(), Ordering::SeqCst);
+            let clients: Vec<_> = jobs.iter().map(|j| j.events.clone()).collect();
+            let sequences = jobs.iter().map(|j| j.ids.len()).sum();
+            let started = self.denoiser().and_then(|denoiser| {
+                let id = *next_id;
+                let replies = cohort::spawn(
+                    id,
+                    jobs,
+                    (cfg.vocab_size, cfg.mask_id),
+                    calls.clone(),
+                    Arc::clone(&self.metrics),
+                )?;
+                Ok(Running {
+                    id,
+                    clients: clients.clone(),
+                    sequences,
+                    denoiser,
+                    replies,
+                    pending: None,
+                })
+            });
+            *next_id += 1;
+            match started {
+                Ok(r) => {
+                    self.metrics.started.inc_by(r.sequences as u64);
+                    running.push(r);
+                }
+                Err(e) => {
+                    for c in clients {
+                        let _ = c.send(JobEvent::Failed(e.clone()));
+                    }
+                }
             }
         }
     }
 
-    fn run_batch(&self, jobs: &[Job]) {
-        let started = Instant::now();
-        let prompts: Vec<&[u32]> = jobs
-            .iter()
-            .flat_map(|j| j.prompts.iter().map(Vec::as_slice))
-            .collect();
-        let ids: Vec<SequenceId> = jobs.iter().flat_map(|j| j.ids.iter().copied()).collect();
-        let config = &jobs[0].config;
-        self.metrics.running.set(ids.len() as i64);
-        let result = DiffusionDenoiser::new(&self.be, &self.model, &self.params, true)
-            .map_err(|e| e.to_string())
-            .and_then(|mut denoiser| {
-                generate_observed(&mut denoiser, config, &prompts, &ids, |p| {
-                    if let Progress::Block {
-                        stage: 0,
-                        block,
-                        batch,
-                    } = p
-                    {
-                        let mut first = 0;
-                        for job in jobs {
-                            let seqs = first..first + job.ids.len();
-                            first = seqs.end;
-                            if job.stream {
-                                let so_far = seqs
-                                    .map(|s| {
-                                        let end = block.end.min(batch.lengths[s]);
-                                        batch.tokens[s * batch.seq_len()..][..end].to_vec()
-                                    })
-                                    .collect();
-                                let _ = job.events.send(JobEvent::Draft(so_far));
-                            }
-                        }
-                    }
-                })
-                .map_err(|e| e.to_string())
-            });
-        self.metrics.running.set(0);
-        self.metrics.batch_sequences.observe(ids.len() as f64);
+    /// Runs every pending call: a cohort's own (stage starts, commits, blocks over its cache)
+    /// on its denoiser; the mergeable ones in as few model calls as they allow.
+    fn step<'a>(&'a self, shared: &mut DiffusionDenoiser<'a, B>, running: &mut [Running<'a, B>]) {
+        let mut merge: Vec<(usize, Call)> = Vec::new();
+        for (i, r) in running.iter_mut().enumerate() {
+            let Some(call) = r.pending.take() else {
+                continue;
+            };
+            if call.mergeable().is_some() {
+                merge.push((i, call));
+                continue;
+            }
+            let asks_outputs = matches!(call, Call::Logits(_) | Call::Draw { .. });
+            let started = Instant::now();
+            let reply = run_own(&mut r.denoiser, call);
+            if asks_outputs {
+                self.count_call(r.sequences, started);
+            }
+            let _ = r.replies.send(reply);
+        }
+        let calls: Vec<&Call> = merge.iter().map(|(_, c)| c).collect();
+        for group in merge::groups(&calls, MAX_MERGED_OUTPUTS) {
+            let members: Vec<&Call> = group.iter().map(|&g| calls[g]).collect();
+            let started = Instant::now();
+            let replies = merge::run(shared, &members);
+            let sequences = group.iter().map(|&g| running[merge[g].0].sequences).sum();
+            self.count_call(sequences, started);
+            for (&g, reply) in group.iter().zip(replies) {
+                let _ = running[merge[g].0].replies.send(reply);
+            }
+        }
+    }
+
+    fn count_running(&self, running: &[Running<'_, B>]) {
+        let sequences: usize = running.iter().map(|r| r.sequences).sum();
+        self.metrics.running.set(sequences as i64);
+    }
+
+    fn count_call(&self, sequences: usize, started: Instant) {
+        self.metrics.model_calls.inc();
+        self.metrics.batch_sequences.observe(sequences as f64);
         self.metrics
             .batch_seconds
             .observe(started.elapsed().as_secs_f64());
-        match result {
-            Ok(g) => {
-                self.metrics.model_calls.inc_by(u64::from(g.nfe()));
-                let mut first = 0;
-                for job in jobs {
-                    let seqs = first..first + job.ids.len();
-                    first = seqs.end;
-                    let done: Vec<Finished> = seqs.map(|s| finished(&g, s)).collect();
-                    let drawn: usize = done
-                        .iter()
-                        .zip(&job.prompts)
-                        .map(|(f, p)| f.tokens.len() - p.len())
-                        .sum();
-                    self.metrics.generated_tokens.inc_by(drawn as u64);
-                    let _ = job.events.send(JobEvent::Done(done));
-                }
-            }
-            Err(e) => {
-                for job in jobs {
-                    let _ = job.events.send(JobEvent::Failed(e.clone()));
-                }
-            }
-        }
     }
 }
 
-/// The first waiting job and every later one with the same settings, up to `max_batch`
-/// sequences; the others keep their order.
-fn take_batch(waiting: &mut VecDeque<Job>, max_batch: usize) -> Vec<Job> {
+/// At most this many outputs (logits or draws) in one merged model call: the default
+/// `max_outputs_per_call` of one cohort's calls.
+const MAX_MERGED_OUTPUTS: usize = 1024;
+
+/// A cohort's call that does not merge, on its own denoiser.
+fn run_own<B: Backend>(d: &mut DiffusionDenoiser<'_, B>, call: Call) -> Reply {
+    let vocab = d.vocab_size();
+    let reply = match call {
+        Call::BeginStage {
+            batch,
+            seq_len,
+            block_size,
+        } => d
+            .begin_stage(batch, seq_len, block_size)
+            .map(|()| Reply::Ready),
+        Call::Commit(r) => d.commit_block(&r.view()).map(|()| Reply::Ready),
+        Call::Logits(r) => {
+            let mut out = vec![0.0; r.outputs.len() * vocab];
+            d.logits(&r.view(), &mut out).map(|()| Reply::Logits(out))
+        }
+        Call::Draw {
+            request,
+            mask_id,
+            nucleus,
+            draws,
+        } => {
+            let mut out = vec![
+                SampledToken {
+                    id: mask_id,
+                    confidence: Confidence::PINNED,
+                };
+                request.outputs.len()
+            ];
+            d.draw(
+                &request.view(),
+                mask_id,
+                &nucleus,
+                &draws,
+                &mut HostDrawScratch::default(),
+                &mut out,
+            )
+            .map(|()| Reply::Tokens(out))
+        }
+    };
+    reply.unwrap_or_else(|e| Reply::Failed(e.to_string()))
+}
+
+/// The engine could not start: every job that comes fails with `why`.
+fn fail_all(rx: &mpsc::Receiver<Job>, why: &str) {
+    for job in rx {
+        let _ = job.events.send(JobEvent::Failed(why.to_string()));
+    }
+}
+
+/// The first waiting job and every later one with the same settings, up to `room` sequences;
+/// nothing when the first does not fit. The others keep their order.
+fn take_batch(waiting: &mut VecDeque<Job>, room: usize) -> Vec<Job> {
+    match waiting.front() {
+        Some(first) if first.ids.len() <= room => {}
+        _ => return Vec::new(),
+    }
     let Some(first) = waiting.pop_front() else {
         return Vec::new();
     };
@@ -275,7 +413,7 @@ fn take_batch(waiting: &mut VecDeque<Job>, max_batch: usize) -> Vec<Job> {
     let mut batch = vec![first];
     let mut rest = VecDeque::with_capacity(waiting.len());
     while let Some(job) = waiting.pop_front() {
-        if size + job.ids.len() <= max_batch && same_settings(&batch[0].config, &job.config) {
+        if size + job.ids.len() <= room && same_settings(&batch[0].config, &job.config) {
             size += job.ids.len();
             batch.push(job);
         } else {
@@ -296,29 +434,19 @@ pub fn same_settings(a: &GenerateConfig, b: &GenerateConfig) -> bool {
     unseeded(a) == unseeded(b)
 }
 
-fn finished(g: &Generation, s: usize) -> Finished {
-    let mut regenerated: Vec<usize> = g.stages[1..]
-        .iter()
-        .flat_map(|st| st.remasked[s].iter().copied())
-        .collect();
-    regenerated.sort_unstable();
-    regenerated.dedup();
-    Finished {
-        tokens: g.batch.sequence(s).to_vec(),
-        regenerated,
-        nfe: g.sequence_nfe(s),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use did_backend_cpu::CpuBackend;
     use did_core::model::{Architecture, ModelConfig};
     use did_core::refine::StagePlan;
+    use std::time::Duration;
 
-    fn job(seed: u64) -> (Job, events::UnboundedReceiver<JobEvent>) {
-        let plan = "4,L:0.5".parse::<StagePlan>().unwrap().resolve(16).unwrap();
+    const LEN: usize = 32;
+
+    /// A job of one sequence with `plan` at length `LEN`.
+    fn job_with(plan: &str, seed: u64) -> (Job, events::UnboundedReceiver<JobEvent>) {
+        let plan = plan.parse::<StagePlan>().unwrap().resolve(LEN).unwrap();
         let (events, rx) = events::unbounded_channel();
         let job = Job {
             config: GenerateConfig::new(plan, 0),
@@ -330,8 +458,14 @@ mod tests {
         (job, rx)
     }
 
-    #[test]
-    fn a_job_whose_client_left_is_dropped_before_it_runs() {
+    fn job(seed: u64) -> (Job, events::UnboundedReceiver<JobEvent>) {
+        job_with("4,L:0.5", seed)
+    }
+
+    /// Many calls: every stage reveals one position a call.
+    const SLOW: &str = "1,1:0.9,1:0.9,1:0.9,1:0.9,1:0.9,1:0.9,L:0.9";
+
+    fn engine(max_batch: usize) -> (EngineHandle, std::thread::JoinHandle<()>, Arc<Metrics>) {
         let config = ModelConfig {
             vocab_size: 258,
             mask_id: 257,
@@ -339,7 +473,7 @@ mod tests {
             hidden: 32,
             heads: 2,
             mlp_hidden: 64,
-            context: 16,
+            context: LEN,
             cond_dim: 8,
             ..ModelConfig::preset("tiny", Architecture::Dit).unwrap()
         };
@@ -347,7 +481,7 @@ mod tests {
         let weights = model.table().random_values(1, 0.5);
         let metrics = Arc::new(Metrics::new());
         let options = EngineOptions {
-            max_batch: 4,
+            max_batch,
             queue: 8,
         };
         let (handle, thread) = start(
@@ -358,18 +492,92 @@ mod tests {
             Arc::clone(&metrics),
         )
         .unwrap();
+        (handle, thread, metrics)
+    }
+
+    fn done(rx: &mut events::UnboundedReceiver<JobEvent>) -> Vec<Finished> {
+        loop {
+            match rx.blocking_recv() {
+                Some(JobEvent::Done(done)) => return done,
+                Some(JobEvent::Draft(_)) => {}
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    fn wait_until(what: &str, mut ready: impl FnMut() -> bool) {
+        let start = Instant::now();
+        while !ready() {
+            assert!(start.elapsed() < Duration::from_secs(60), "{what}");
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+
+    #[test]
+    fn a_job_whose_client_left_is_dropped_before_it_runs() {
+        let (handle, thread, metrics) = engine(4);
         let (gone, left) = job(1);
         drop(left);
         handle.submit(gone).unwrap();
         let (kept, mut rx) = job(2);
         handle.submit(kept).unwrap();
-        match rx.blocking_recv() {
-            Some(JobEvent::Done(done)) => assert_eq!(done.len(), 1),
-            other => panic!("{other:?}"),
-        }
+        assert_eq!(done(&mut rx).len(), 1);
         assert_eq!(metrics.cancelled.get(), 1);
-        assert_eq!(metrics.batch_sequences.get_sample_count(), 1);
+        assert_eq!(metrics.started.get(), 1);
         assert_eq!(handle.waiting(), 0);
+        drop(handle);
+        thread.join().unwrap();
+    }
+
+    #[test]
+    fn a_job_that_arrives_mid_generation_joins_and_gets_its_tokens_alone() {
+        let (handle, thread, metrics) = engine(4);
+        let (slow, mut slow_rx) = job_with(SLOW, 1);
+        handle.submit(slow).unwrap();
+        wait_until("the slow job never ran", || metrics.model_calls.get() > 0);
+        let (quick, mut quick_rx) = job_with("4,L:0.5", 2);
+        handle.submit(quick).unwrap();
+        let quick_beside = done(&mut quick_rx);
+        // The engine runs one call of every cohort a turn, and the quick job needs far fewer.
+        assert!(
+            slow_rx.try_recv().is_err(),
+            "the quick job waited for the slow one to finish"
+        );
+        let slow_beside = done(&mut slow_rx);
+        for (plan, seed, beside) in [(SLOW, 1, slow_beside), ("4,L:0.5", 2, quick_beside)] {
+            let (again, mut rx) = job_with(plan, seed);
+            handle.submit(again).unwrap();
+            assert_eq!(done(&mut rx), beside, "{plan}");
+        }
+        drop(handle);
+        thread.join().unwrap();
+    }
+
+    #[test]
+    fn a_running_job_whose_client_leaves_stops_at_its_next_call() {
+        let (handle, thread, metrics) = engine(4);
+        // Long enough (about 2,500 calls) that the client surely leaves mid-way.
+        let slower = format!("1{},L:0.9", ",1:0.9".repeat(40));
+        let (alone, mut rx) = job_with(&slower, 1);
+        handle.submit(alone).unwrap();
+        let full = u64::from(done(&mut rx)[0].nfe);
+        let before = metrics.model_calls.get();
+        let (slow, slow_rx) = job_with(&slower, 1);
+        handle.submit(slow).unwrap();
+        wait_until("the slow job never ran", || {
+            metrics.model_calls.get() > before
+        });
+        drop(slow_rx);
+        wait_until("the job kept running", || metrics.running.get() == 0);
+        let (next, mut rx) = job(2);
+        handle.submit(next).unwrap();
+        done(&mut rx);
+        assert_eq!(metrics.cancelled.get(), 1);
+        let spent = metrics.model_calls.get() - before;
+        assert!(
+            spent < full,
+            "the job that lost its client made {spent} calls of its {full}"
+        );
         drop(handle);
         thread.join().unwrap();
     }

@@ -1,15 +1,20 @@
 //! `did serve`: an HTTP server with OpenAI's completions API over did's draft → refine sampler.
-//! Requests that share their settings are batched, and every request gets the tokens it would
-//! get alone, whatever else is in its batch (docs/serving.md).
+//! Requests join and leave the running set between model calls, and every request gets the
+//! tokens it would get alone, whatever runs beside it (docs/serving.md).
 //!
 //! - [`request`]: the request body, checked into the engine's work, and the API's errors;
-//! - [`engine`]: the thread that owns the model and batches the waiting requests;
+//! - [`engine`]: the thread that owns the model, admits waiting requests and runs their calls;
+//! - `cohort`: the requests admitted together, generated on a thread that asks the engine for
+//!   each model call;
+//! - `merge`: cohorts' calls that read no cached keys, run as one model call;
 //! - [`http`]: the routes, JSON and server-sent events;
 //! - [`text`]: a completion's text from its tokens;
 //! - [`metrics`]: what `GET /metrics` reports.
 
+mod cohort;
 pub mod engine;
 pub mod http;
+mod merge;
 pub mod metrics;
 pub mod request;
 pub mod text;

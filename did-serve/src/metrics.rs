@@ -1,5 +1,6 @@
-//! What `GET /metrics` reports, in Prometheus's text format: the queue, the batches, the model
-//! calls and tokens (their rates give NFE/s and tokens/s), and request latency by outcome.
+//! What `GET /metrics` reports, in Prometheus's text format: the queue, the running sequences,
+//! the model calls (how many sequences each served, how long each took) and tokens (their rates
+//! give NFE/s and tokens/s), and request latency by outcome.
 
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
@@ -12,17 +13,19 @@ pub struct Metrics {
     registry: Registry,
     /// Jobs waiting for a batch.
     pub queue_depth: IntGauge,
-    /// Sequences in the batch being generated.
+    /// Sequences being generated.
     pub running: IntGauge,
-    /// Sequences per batch.
+    /// Sequences whose generation started.
+    pub started: IntCounter,
+    /// Sequences per model call.
     pub batch_sequences: Histogram,
-    /// Seconds per batch.
+    /// Seconds per model call.
     pub batch_seconds: Histogram,
-    /// Model calls (NFE) of all batches.
+    /// Model calls (NFE) run, a merged call counted once.
     pub model_calls: IntCounter,
     /// Tokens drawn for requests (prompts excluded).
     pub generated_tokens: IntCounter,
-    /// Jobs whose client left before their batch started.
+    /// Jobs whose client left before they finished.
     pub cancelled: IntCounter,
     /// Requests by HTTP status.
     pub requests: IntCounterVec,
@@ -39,29 +42,34 @@ impl Metrics {
         ];
         let queue_depth = IntGauge::new("did_queue_depth", "jobs waiting for a batch")
             .unwrap_or_else(|_| unreachable_metric());
-        let running = IntGauge::new(
-            "did_running_sequences",
-            "sequences in the batch being generated",
+        let running = IntGauge::new("did_running_sequences", "sequences being generated")
+            .unwrap_or_else(|_| unreachable_metric());
+        let started = IntCounter::new(
+            "did_started_sequences_total",
+            "sequences whose generation started",
         )
         .unwrap_or_else(|_| unreachable_metric());
         let batch_sequences = Histogram::with_opts(
-            HistogramOpts::new("did_batch_sequences", "sequences per batch")
+            HistogramOpts::new("did_batch_sequences", "sequences per model call")
                 .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0]),
         )
         .unwrap_or_else(|_| unreachable_metric());
         let batch_seconds = Histogram::with_opts(
-            HistogramOpts::new("did_batch_seconds", "seconds per batch").buckets(seconds.clone()),
+            HistogramOpts::new("did_batch_seconds", "seconds per model call")
+                .buckets(seconds.clone()),
         )
         .unwrap_or_else(|_| unreachable_metric());
-        let model_calls =
-            IntCounter::new("did_model_calls_total", "model calls (NFE) of all batches")
-                .unwrap_or_else(|_| unreachable_metric());
+        let model_calls = IntCounter::new(
+            "did_model_calls_total",
+            "model calls (NFE), a merged call once",
+        )
+        .unwrap_or_else(|_| unreachable_metric());
         let generated_tokens =
             IntCounter::new("did_generated_tokens_total", "tokens drawn for requests")
                 .unwrap_or_else(|_| unreachable_metric());
         let cancelled = IntCounter::new(
             "did_cancelled_total",
-            "jobs whose client left before their batch started",
+            "jobs whose client left before they finished",
         )
         .unwrap_or_else(|_| unreachable_metric());
         let requests = IntCounterVec::new(
@@ -82,6 +90,7 @@ impl Metrics {
             registry,
             queue_depth,
             running,
+            started,
             batch_sequences,
             batch_seconds,
             model_calls,
@@ -90,9 +99,10 @@ impl Metrics {
             requests,
             request_seconds,
         };
-        let all: [Box<dyn prometheus::core::Collector>; 9] = [
+        let all: [Box<dyn prometheus::core::Collector>; 10] = [
             Box::new(m.queue_depth.clone()),
             Box::new(m.running.clone()),
+            Box::new(m.started.clone()),
             Box::new(m.batch_sequences.clone()),
             Box::new(m.batch_seconds.clone()),
             Box::new(m.model_calls.clone()),
@@ -150,6 +160,7 @@ mod tests {
         for name in [
             "did_queue_depth",
             "did_running_sequences",
+            "did_started_sequences_total",
             "did_batch_sequences",
             "did_batch_seconds",
             "did_model_calls_total",

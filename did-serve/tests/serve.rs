@@ -51,7 +51,13 @@ fn start(name: &str, max_batch: usize, queue: usize) -> Server {
         drain: Duration::from_secs(10),
         ..ServeOptions::default()
     };
-    Server::start(&checkpoint(name), || Ok(CpuBackend::new()), &options).unwrap()
+    let path = checkpoint(name);
+    let server = Server::start(&path, || Ok(CpuBackend::new()), &options).unwrap();
+    // The server holds the weights: the file is not needed again.
+    if let Some(dir) = path.parent() {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    server
 }
 
 /// One HTTP/1.1 exchange: the status, the headers and the body.
@@ -138,10 +144,11 @@ fn every_response_under_load_equals_the_request_alone() {
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
     let (_, _, metrics) = http(addr, "GET", "/metrics", "");
-    let batches = metric(&metrics, "did_batch_sequences_count");
+    let calls = metric(&metrics, "did_batch_sequences_count");
+    let alone = metric(&metrics, "did_batch_sequences_bucket{le=\"1\"}");
     assert!(
-        batches < 64.0,
-        "64 concurrent requests ran in {batches} batches: nothing was batched"
+        alone < calls,
+        "64 concurrent requests: none of {calls} model calls served two sequences"
     );
     for (r, t) in requests.iter().zip(&together) {
         let alone = complete(addr, r);
@@ -325,12 +332,44 @@ fn a_client_that_leaves_frees_its_place_in_the_queue() {
     // (`did_cancelled_total`; engine.rs's tests pin that case down).
     let (_, _, metrics) = http(addr, "GET", "/metrics", "");
     assert_eq!(
-        metric(&metrics, "did_batch_sequences_count"),
+        metric(&metrics, "did_started_sequences_total"),
         2.0,
         "{metrics}"
     );
     assert_eq!(metric(&metrics, "did_requests_total{status=\"200\"}"), 2.0);
     assert!(metric(&metrics, "did_cancelled_total") <= 3.0);
     assert_eq!(metric(&metrics, "did_queue_depth"), 0.0);
+    server.stop().unwrap();
+}
+
+#[test]
+fn a_client_that_leaves_mid_generation_stops_its_sequences() {
+    let server = start("leave", 4, 8);
+    let addr = server.addr;
+    // About 2,500 model calls: the client leaves long before they are done.
+    let slow = json!({"seed": 1, "stages": format!("1{},L:0.9", ",1:0.9".repeat(40))}).to_string();
+    let mut s = TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\n\r\n{slow}",
+        slow.len()
+    )
+    .unwrap();
+    while !http(addr, "GET", "/health", "").2.contains("\"running\":1") {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    drop(s);
+    let left = std::time::Instant::now();
+    while !http(addr, "GET", "/health", "").2.contains("\"running\":0") {
+        assert!(
+            left.elapsed() < Duration::from_secs(60),
+            "the sequence of a client that left kept running"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let (_, _, metrics) = http(addr, "GET", "/metrics", "");
+    assert_eq!(metric(&metrics, "did_cancelled_total"), 1.0, "{metrics}");
+    assert!(!metrics.contains("did_requests_total{status=\"200\"}"));
+    complete(addr, &json!({"seed": 2}));
     server.stop().unwrap();
 }
