@@ -18,7 +18,7 @@ pub struct ServeArgs {
     /// Port to listen on (0: any free port; the address is printed).
     #[arg(long, default_value_t = 8080)]
     pub port: u16,
-    /// At most this many sequences in one batch (and in one request: prompts × n).
+    /// At most this many sequences running at once (and in one request: prompts × n).
     #[arg(long, default_value_t = 32)]
     pub max_batch: usize,
     /// At most this many requests waiting; more are answered 429 with Retry-After.

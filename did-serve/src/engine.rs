@@ -90,16 +90,16 @@ impl EngineHandle {
         })
     }
 
-    /// Jobs waiting for a batch.
+    /// Jobs waiting to start.
     pub fn waiting(&self) -> usize {
         self.waiting.load(Ordering::SeqCst)
     }
 }
 
-/// How the engine batches.
+/// How much the engine runs and queues.
 #[derive(Debug, Clone, Copy)]
 pub struct EngineOptions {
-    /// At most this many sequences in one batch.
+    /// At most this many sequences running at once.
     pub max_batch: usize,
     /// At most this many jobs waiting; more are refused ([`Busy`]).
     pub queue: usize,
@@ -424,7 +424,7 @@ fn take_batch(waiting: &mut VecDeque<Job>, room: usize) -> Vec<Job> {
     batch
 }
 
-/// Whether two jobs can share a batch: everything but the seed alike.
+/// Whether two jobs can start as one cohort: everything but the seed alike.
 pub fn same_settings(a: &GenerateConfig, b: &GenerateConfig) -> bool {
     let unseeded = |c: &GenerateConfig| GenerateConfig {
         seed: 0,

@@ -40,7 +40,7 @@ pub struct ServeOptions {
     pub host: String,
     /// Port (0: any free one).
     pub port: u16,
-    /// At most this many sequences per batch (and per request).
+    /// At most this many sequences running at once (and per request).
     pub max_batch: usize,
     /// At most this many requests waiting; more are answered 429.
     pub queue: usize,
