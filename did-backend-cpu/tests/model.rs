@@ -1,7 +1,7 @@
 //! The transformer on the CPU backend: whole-model gradients against f64
 //! finite differences, the vectorised BD3 pass against per-block passes, the
-//! KV cache against uncached passes, and the memory report against what is
-//! allocated.
+//! KV cache against uncached passes, joint calls of several denoisers against
+//! each one's own call, and the memory report against what is allocated.
 
 use did_backend_cpu::CpuBackend;
 use did_core::backend::prelude::*;
@@ -9,11 +9,12 @@ use did_core::denoiser::{DenoiseRequest, Denoiser, OutputPosition};
 use did_core::model::CausalSampler;
 use did_core::model::{
     causal_batch, diffusion_batch, memory_report, memory_report_on, Activations, Architecture,
-    BackwardStage, DiffusionDenoiser, DropoutStreams, Inference, ModelConfig, Pass, StorageLayout,
-    TrainBatch, Transformer,
+    BackwardStage, DiffusionDenoiser, DropoutStreams, Inference, JointRequest, ModelConfig, Pass,
+    StorageLayout, TrainBatch, Transformer,
 };
 use did_core::rng::{Purpose, RngStream};
 use did_core::sample::categorical::{draw_token, DrawScratch};
+use did_core::sample::{Confidence, DrawSpec, SampledToken};
 use did_core::sample::{Nucleus, NucleusRule};
 use did_core::schedule::TrainingSchedule;
 use quickcheck::{QuickCheck, TestResult};
@@ -382,6 +383,133 @@ fn kv_cache_equals_uncached_passes_across_the_window() {
     QuickCheck::new()
         .tests(40)
         .quickcheck(prop as fn(u8, u8, u8, u64) -> TestResult);
+}
+
+#[test]
+fn a_joint_call_gives_each_denoiser_its_own_calls_logits_and_draws() {
+    fn prop(a: u8, b: u8, seed: u64) -> TestResult {
+        let be = CpuBackend::<f32>::new();
+        let block = [1, 2, 4][a as usize % 3];
+        let blocks = 3 + b as usize % 4;
+        let l = block * blocks;
+        // Past the context the windows slide, differently per member.
+        let context = if seed % 2 == 0 { l } else { 2 * block };
+        let vocab = 20;
+        let mask = vocab as u32 - 1;
+        let (model, params) = random_model(Architecture::Dit, vocab, context, seed);
+        // Three requests at different blocks over their own caches: (batch, block index).
+        let members = [(1, 0), (2, blocks - 1), (1, blocks / 2)];
+        let mut alone = Vec::new();
+        let mut joint = Vec::new();
+        let mut requests = Vec::new();
+        for (m, &(batch, at)) in members.iter().enumerate() {
+            let clean = tokens(seed.wrapping_add(m as u64), batch * l, mask);
+            let range = at * block..(at + 1) * block;
+            let mut seq = clean.clone();
+            for s in 0..batch {
+                for p in range.start..l {
+                    if p >= range.end || (p + s) % 2 == 0 {
+                        seq[s * l + p] = mask;
+                    }
+                }
+            }
+            let outputs: Vec<OutputPosition> = (0..batch as u32)
+                .flat_map(|s| {
+                    range.clone().map(move |p| OutputPosition {
+                        seq: s,
+                        pos: p as u32,
+                    })
+                })
+                .collect();
+            for list in [&mut alone, &mut joint] {
+                let mut d = DiffusionDenoiser::new(&be, &model, &params, true).unwrap();
+                d.begin_stage(batch, l, block).unwrap();
+                // Its committed blocks: the clean tokens before this one.
+                for j in 0..at {
+                    let done = DenoiseRequest {
+                        tokens: &clean,
+                        batch,
+                        seq_len: l,
+                        block_size: block,
+                        block: j * block..(j + 1) * block,
+                        outputs: &[],
+                    };
+                    d.commit_block(&done).unwrap();
+                }
+                list.push(d);
+            }
+            requests.push((seq, batch, range, outputs));
+        }
+        type Owned = (Vec<u32>, usize, std::ops::Range<usize>, Vec<OutputPosition>);
+        fn view(r: &Owned, l: usize, block: usize) -> DenoiseRequest<'_> {
+            DenoiseRequest {
+                tokens: &r.0,
+                batch: r.1,
+                seq_len: l,
+                block_size: block,
+                block: r.2.clone(),
+                outputs: &r.3,
+            }
+        }
+        let mut want = Vec::new();
+        for (d, r) in alone.iter_mut().zip(&requests) {
+            let mut rows = vec![0.0f32; r.3.len() * vocab];
+            d.logits(&view(r, l, block), &mut rows).unwrap();
+            want.extend(rows);
+        }
+        let mut runner = DiffusionDenoiser::new(&be, &model, &params, true).unwrap();
+        let mut together: Vec<JointRequest<'_, '_, '_, _>> = joint
+            .iter_mut()
+            .zip(&requests)
+            .map(|(denoiser, r)| JointRequest {
+                denoiser,
+                request: view(r, l, block),
+            })
+            .collect();
+        let mut got = vec![0.0f32; want.len()];
+        runner.logits_together(&mut together, &mut got).unwrap();
+        if got != want {
+            let worst = got
+                .iter()
+                .zip(&want)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0.0, f32::max);
+            return TestResult::error(format!(
+                "block {block}, {blocks} blocks, context {context}: joint logits differ by {worst}"
+            ));
+        }
+        // Drawn where the logits are: the same tokens as each member's own draw.
+        let nucleus = Nucleus::new(0.9, NucleusRule::Bd3).unwrap();
+        let draws: Vec<DrawSpec> = requests
+            .iter()
+            .enumerate()
+            .flat_map(|(m, r)| {
+                r.3.iter().map(move |o| DrawSpec {
+                    stream: RngStream::new(seed, Purpose::Categorical, m as u32 * 8 + o.seq, 0),
+                    row: o.pos,
+                })
+            })
+            .collect();
+        let blank = SampledToken {
+            id: mask,
+            confidence: Confidence::PINNED,
+        };
+        let mut drawn = vec![blank; draws.len()];
+        runner
+            .draw_together(&mut together, mask, &nucleus, &draws, &mut drawn)
+            .unwrap();
+        let mut scratch = DrawScratch::default();
+        for ((row, spec), token) in want.chunks(vocab).zip(&draws).zip(&drawn) {
+            let own = draw_token(row, mask, &nucleus, &spec.stream, spec.row, &mut scratch);
+            if own != *token {
+                return TestResult::error(format!("joint draw {token:?}, own {own:?}"));
+            }
+        }
+        TestResult::passed()
+    }
+    QuickCheck::new()
+        .tests(30)
+        .quickcheck(prop as fn(u8, u8, u64) -> TestResult);
 }
 
 #[test]

@@ -29,7 +29,9 @@ pub mod training;
 
 use core::fmt;
 
-pub use inference::{CausalGeneration, CausalSampler, DiffusionDenoiser, Inference, KvCache};
+pub use inference::{
+    CausalGeneration, CausalSampler, DiffusionDenoiser, Inference, JointRequest, KvCache,
+};
 pub use network::{
     loss_rows_for, memory_report, memory_report_on, time_embedding, Activations, Architecture,
     BackwardStage, BlockOffsets, DropoutStreams, GradientBuckets, Init, Layout, MemoryReport,

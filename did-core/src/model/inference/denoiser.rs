@@ -19,10 +19,10 @@ use crate::sample::DrawSpec;
 /// the `did-backend-cpu` crate; the cached and uncached forms agree to
 /// rounding (tested across the sliding window).
 pub struct DiffusionDenoiser<'a, B: Backend> {
-    inference: Inference<'a, B>,
-    cache: Option<KvCache<B>>,
-    use_cache: bool,
-    block_size: usize,
+    pub(super) inference: Inference<'a, B>,
+    pub(super) cache: Option<KvCache<B>>,
+    pub(super) use_cache: bool,
+    pub(super) block_size: usize,
     seq_len: usize,
     block_tokens: Vec<u32>,
     outputs: Vec<(usize, usize)>,
@@ -124,7 +124,7 @@ impl<'a, B: Backend> DiffusionDenoiser<'a, B> {
     }
 
     /// Commits blocks until the cache holds `[0, upto)`.
-    fn catch_up(
+    pub(super) fn catch_up(
         &mut self,
         request: &DenoiseRequest<'_>,
         upto: usize,

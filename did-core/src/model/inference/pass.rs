@@ -15,7 +15,8 @@ use crate::error::invalid;
 use crate::mask::AttentionMask;
 use crate::model::network::activations::{time_embedding, BlockActivations, CondActivations};
 use crate::model::network::config::Architecture;
-use crate::model::network::transformer::{Geometry, KeyValues, Transformer};
+use crate::model::network::transformer::{CachedGroup, Geometry, KeyValues, Transformer};
+use crate::model::ModelConfig;
 use crate::model::ModelError;
 use crate::sample::categorical::SampledToken;
 use crate::sample::nucleus::Nucleus;
@@ -109,6 +110,11 @@ impl<'a, B: Backend> Inference<'a, B> {
         self.model
     }
 
+    /// The weights it runs with.
+    pub(super) fn params(&self) -> &B::Buffer {
+        self.params
+    }
+
     fn ensure_scratch(&mut self, rows: usize) -> Result<(), B::Error> {
         if matches!(&self.scratch, Some((cap, ..)) if *cap >= rows) {
             return Ok(());
@@ -176,30 +182,42 @@ impl<'a, B: Backend> Inference<'a, B> {
         batch: usize,
         start: usize,
         block_size: usize,
-        mut cache: Option<(&mut KvCache<B>, CacheUse)>,
+        cache: Option<(&mut KvCache<B>, CacheUse)>,
+        outputs: &[(usize, usize)],
+        out: PassOutput<'_>,
+    ) -> Result<(), B::Error> {
+        let (cache, cache_use) = match cache {
+            Some((kv, u)) => (Some(kv), u),
+            None => (None, CacheUse::Read),
+        };
+        let mut group = [PassGroup {
+            batch,
+            start,
+            cache,
+        }];
+        self.pass_groups(tokens, block_size, &mut group, cache_use, outputs, out)
+    }
+
+    /// [`Self::pass`] over consecutive groups of sequences, each at its own block start with its
+    /// own cache (every group has one, or there is one group without): the embedding, every
+    /// linear layer and the head run over all the groups' rows at once, RoPE and attention
+    /// group by group. `tokens` is `[Σ batch, n]`; outputs name sequences across the groups.
+    pub(super) fn pass_groups(
+        &mut self,
+        tokens: &[u32],
+        block_size: usize,
+        groups: &mut [PassGroup<'_, B>],
+        cache_use: CacheUse,
         outputs: &[(usize, usize)],
         out: PassOutput<'_>,
     ) -> Result<(), B::Error> {
         let cfg = *self.model.config();
         let (c, v, be) = (cfg.hidden, cfg.vocab_size, self.be);
+        let batch: usize = groups.iter().map(|g| g.batch).sum();
+        let cached = groups.iter().all(|g| g.cache.is_some());
+        debug_assert!(batch > 0 && (cached || groups.len() == 1));
         let n = tokens.len() / batch;
         let rows = batch * n;
-        let end = start + n;
-        let window_start = end.saturating_sub(cfg.context);
-        let mask = if cfg.architecture == Architecture::Gpt2 {
-            AttentionMask::Causal {
-                query_offset: start,
-                key_offset: window_start.min(start),
-                window: Some(cfg.context),
-            }
-        } else {
-            AttentionMask::BlockCausal {
-                block_size,
-                query_offset: start,
-                key_offset: 0,
-                window: Some(cfg.context),
-            }
-        };
         self.ensure_scratch(rows)?;
         // A draft call's few rows through a cached pass: launches, not work, are its cost, so a
         // backend that can record replays the whole pass as one (a CUDA graph), recorded on
@@ -207,7 +225,8 @@ impl<'a, B: Backend> Inference<'a, B> {
         // every recording reads.
         let recordable = self.recording
             && cfg.architecture == Architecture::Dit
-            && cache.is_some()
+            && cached
+            && groups.len() == 1
             && rows <= MAX_RECORDED_ROWS;
         let fresh_ids;
         let ids: &B::Ids = if recordable {
@@ -222,7 +241,10 @@ impl<'a, B: Backend> Inference<'a, B> {
             &fresh_ids
         };
         let position_ids = if cfg.architecture == Architecture::Gpt2 {
-            let pos: Vec<u32> = (0..rows).map(|i| (start + i % n) as u32).collect();
+            let pos: Vec<u32> = groups
+                .iter()
+                .flat_map(|g| (0..g.batch * n).map(move |i| (g.start + i % n) as u32))
+                .collect();
             Some(be.upload_ids(&pos)?)
         } else {
             None
@@ -231,24 +253,30 @@ impl<'a, B: Backend> Inference<'a, B> {
             unreachable!("allocated above")
         };
         let mut dy_scratch = be.zeros(if position_ids.is_some() { rows * c } else { 0 })?;
-        if let Some((cache, _)) = cache.as_mut() {
-            cache.make_room(be, c, window_start, end)?;
+        for g in groups.iter_mut() {
+            let (window_start, end) = window(&cfg, g.start, n);
+            if let Some(cache) = g.cache.as_deref_mut() {
+                cache.make_room(be, c, window_start, end)?;
+            }
         }
-        let key = cache
-            .as_ref()
-            .filter(|_| recordable)
-            .map(|(kv, _)| PassKey {
+        let key = match &groups[..] {
+            [PassGroup {
+                cache: Some(kv),
+                start,
+                ..
+            }] if recordable => Some(PassKey {
                 batch,
                 tokens: n,
-                start,
+                start: *start,
                 block_size,
                 cache_serial: kv.serial,
                 base: kv.base,
                 capacity: kv.capacity,
                 scratch_generation: self.scratch_generation,
-            });
-        let mut kv = cache.as_mut().map(|(kv, _)| &mut **kv);
-        let mut run = |kv: Option<&mut KvCache<B>>| {
+            }),
+            _ => None,
+        };
+        let mut run = |groups: &mut [PassGroup<'_, B>]| {
             embed_and_blocks(
                 be,
                 self.model,
@@ -259,12 +287,9 @@ impl<'a, B: Backend> Inference<'a, B> {
                 ids,
                 position_ids.as_ref(),
                 &mut dy_scratch,
-                mask,
-                kv,
-                start,
+                groups,
                 n,
-                batch,
-                window_start,
+                block_size,
             )
         };
         match key {
@@ -272,7 +297,7 @@ impl<'a, B: Backend> Inference<'a, B> {
                 Some(&(_, id)) => be.replay_recording(id)?,
                 None => {
                     let ran = be.begin_recording().and_then(|()| {
-                        let ran = run(kv.as_deref_mut());
+                        let ran = run(groups);
                         // Recording ends whatever the pass did.
                         match (ran, be.end_recording()) {
                             (Ok(()), recorded) => recorded,
@@ -296,15 +321,19 @@ impl<'a, B: Backend> Inference<'a, B> {
                             // The pass could not be recorded: run it, and never record again.
                             be.recording_failed(failed.as_ref().err());
                             self.recording = false;
-                            run(kv)?;
+                            run(groups)?;
                         }
                     }
                 }
             },
-            None => run(kv)?,
+            None => run(groups)?,
         }
-        if let Some((cache, CacheUse::Commit)) = cache.as_mut() {
-            cache.committed = end;
+        if cache_use == CacheUse::Commit {
+            for g in groups.iter_mut() {
+                if let Some(cache) = g.cache.as_deref_mut() {
+                    cache.committed = g.start + n;
+                }
+            }
         }
         // Gather the output rows, then the head over them only.
         let k = outputs.len();
@@ -430,8 +459,44 @@ pub(super) fn next_cache_serial() -> usize {
     SERIAL.fetch_add(1, Ordering::Relaxed)
 }
 
-/// The embedding and every block of a pass over `tokens` positions from `start`, into
-/// `x[layers % 2]`: over the cache's window when there is one.
+/// Sequences of a pass that share a block start and (when there is one) a KV cache.
+pub(super) struct PassGroup<'c, B: Backend> {
+    /// How many.
+    pub batch: usize,
+    /// The absolute position of the pass's first token.
+    pub start: usize,
+    /// Their cache: its committed keys are read, and the pass's are written after them.
+    pub cache: Option<&'c mut KvCache<B>>,
+}
+
+/// The first position a pass of `n` tokens from `start` sees (past the context the window
+/// slides), and its end.
+fn window(cfg: &ModelConfig, start: usize, n: usize) -> (usize, usize) {
+    let end = start + n;
+    (end.saturating_sub(cfg.context), end)
+}
+
+/// Who sees whom in a pass from `start`: causal for GPT-2, block-causal for the DiT; keys
+/// counted from `key_offset`.
+fn mask_at(cfg: &ModelConfig, start: usize, key_offset: usize, block_size: usize) -> AttentionMask {
+    if cfg.architecture == Architecture::Gpt2 {
+        AttentionMask::Causal {
+            query_offset: start,
+            key_offset,
+            window: Some(cfg.context),
+        }
+    } else {
+        AttentionMask::BlockCausal {
+            block_size,
+            query_offset: start,
+            key_offset,
+            window: Some(cfg.context),
+        }
+    }
+}
+
+/// The embedding and every block of a pass over `tokens` positions per sequence, into
+/// `x[layers % 2]`: each group over its cache's window when it has one.
 #[allow(clippy::too_many_arguments)]
 fn embed_and_blocks<B: Backend>(
     be: &B,
@@ -443,15 +508,13 @@ fn embed_and_blocks<B: Backend>(
     ids: &B::Ids,
     position_ids: Option<&B::Ids>,
     dy_scratch: &mut B::Buffer,
-    mask: AttentionMask,
-    mut cache: Option<&mut KvCache<B>>,
-    start: usize,
+    groups: &mut [PassGroup<'_, B>],
     tokens: usize,
-    batch: usize,
-    window_start: usize,
+    block_size: usize,
 ) -> Result<(), B::Error> {
     let [x_a, x_b] = x;
-    let end = start + tokens;
+    let cfg = model.config();
+    let batch: usize = groups.iter().map(|g| g.batch).sum();
     model.embed_forward(
         be,
         params,
@@ -461,49 +524,48 @@ fn embed_and_blocks<B: Backend>(
         x_a,
         dy_scratch,
     )?;
-    let mut geo = Geometry {
+    // Without a cache (one group), keys are the pass's own tokens from position 0 up; GPT-2's
+    // window starts where the queries' does.
+    let start = groups[0].start;
+    let own_keys = window(cfg, start, tokens).0.min(start);
+    let own_keys = if cfg.architecture == Architecture::Gpt2 {
+        own_keys
+    } else {
+        0
+    };
+    let geo = Geometry {
         batch,
         tokens,
         segments: 1,
         position_offset: start,
-        mask,
+        mask: mask_at(cfg, start, own_keys, block_size),
     };
-    for l in 0..model.config().layers {
-        let kv = match cache.as_deref_mut() {
-            Some(cache) => {
-                let first = window_start.max(cache.base);
-                geo.mask = match mask {
-                    AttentionMask::BlockCausal {
-                        block_size,
-                        query_offset,
-                        window,
-                        ..
-                    } => AttentionMask::BlockCausal {
-                        block_size,
-                        query_offset,
-                        key_offset: first,
-                        window,
-                    },
-                    AttentionMask::Causal {
-                        query_offset,
-                        window,
-                        ..
-                    } => AttentionMask::Causal {
-                        query_offset,
-                        key_offset: first,
-                        window,
-                    },
-                    other => other,
-                };
-                KeyValues::Cache {
-                    kv: &mut cache.kv[l],
-                    capacity: cache.capacity,
-                    write_slot: start - cache.base,
-                    first_slot: first - cache.base,
-                    kv_len: end - first,
-                }
-            }
-            None => KeyValues::OwnTokens,
+    for l in 0..cfg.layers {
+        let kv = if groups.iter().all(|g| g.cache.is_some()) {
+            KeyValues::Caches(
+                groups
+                    .iter_mut()
+                    .filter_map(|g| {
+                        let (window_start, end) = window(cfg, g.start, tokens);
+                        let (batch, start) = (g.batch, g.start);
+                        g.cache.as_deref_mut().map(|cache| {
+                            let first = window_start.max(cache.base);
+                            CachedGroup {
+                                kv: &mut cache.kv[l],
+                                batch,
+                                capacity: cache.capacity,
+                                write_slot: start - cache.base,
+                                first_slot: first - cache.base,
+                                kv_len: end - first,
+                                position_offset: start,
+                                mask: mask_at(cfg, start, first, block_size),
+                            }
+                        })
+                    })
+                    .collect(),
+            )
+        } else {
+            KeyValues::OwnTokens
         };
         let (src, dst) = if l % 2 == 0 {
             (&*x_a, &mut *x_b)

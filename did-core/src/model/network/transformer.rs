@@ -65,16 +65,25 @@ impl DropoutStreams {
 pub(crate) enum KeyValues<'a, B: Backend> {
     /// Keys and values of this pass's own tokens.
     OwnTokens,
-    /// A cache of `[batch, capacity, 2C]` (a slot's keys, then its values): this
-    /// pass's keys and values are written at `write_slot` onwards, and attention
-    /// reads `kv_len` slots from `first_slot`.
-    Cache {
-        kv: &'a mut B::Buffer,
-        capacity: usize,
-        write_slot: usize,
-        first_slot: usize,
-        kv_len: usize,
-    },
+    /// The pass's sequences in consecutive groups, each with its own cache and block: a
+    /// group's keys and values are written to its cache and its queries attend over it. The
+    /// linear layers run over every group's rows at once; RoPE and attention group by group.
+    Caches(Vec<CachedGroup<'a, B>>),
+}
+
+/// One group of [`KeyValues::Caches`]: `batch` sequences whose block starts at
+/// `position_offset`, with a cache of `[batch, capacity, 2C]` (a slot's keys, then its
+/// values). This pass's keys and values are written at `write_slot` onwards, and attention
+/// reads `kv_len` slots from `first_slot` under `mask`.
+pub(crate) struct CachedGroup<'a, B: Backend> {
+    pub kv: &'a mut B::Buffer,
+    pub batch: usize,
+    pub capacity: usize,
+    pub write_slot: usize,
+    pub first_slot: usize,
+    pub kv_len: usize,
+    pub position_offset: usize,
+    pub mask: AttentionMask,
 }
 
 /// The geometry of a pass through the blocks.
@@ -412,15 +421,16 @@ impl Transformer {
         }
         // Queries and keys are adjacent in a fused qkv row: one rotation over both, as twice
         // the heads (one launch instead of two).
-        let rope = (cfg.architecture == Architecture::Dit).then(|| {
+        let rope = |geo: &Geometry| {
             let mut rope = self.rope_shape(geo, 3 * c);
             rope.heads *= 2;
             rope
-        });
+        };
+        let dit = cfg.architecture == Architecture::Dit;
         match kv {
             KeyValues::OwnTokens => {
-                if let Some(rope) = &rope {
-                    be.rope_forward(rope, at_mut(&mut a.qkv, 0))?;
+                if dit {
+                    be.rope_forward(&rope(geo), at_mut(&mut a.qkv, 0))?;
                 }
                 let shape = self.fused_qkv_attention(geo);
                 be.attention_forward(
@@ -433,46 +443,57 @@ impl Transformer {
                     whole_mut(&mut a.lse),
                 )?;
             }
-            KeyValues::Cache {
-                kv,
-                capacity,
-                write_slot,
-                first_slot,
-                kv_len,
-            } => {
-                // Store this pass's (rotated) keys and values, adjacent in the qkv rows and in
-                // the cache's slots: one copy for every sequence, in the same call as the
-                // rotation where there is one; then attend over the window.
+            KeyValues::Caches(groups) => {
+                // Store each group's (rotated) keys and values, adjacent in the qkv rows and in
+                // the cache's slots: one copy per group, in the same call as the rotation where
+                // there is one; then attend over the group's window.
                 let slot = 2 * c;
-                let append = RowGroups {
-                    groups: geo.batch,
-                    rows: geo.tokens,
-                    cols: slot,
-                    src_stride: 3 * c,
-                    src_group_stride: geo.tokens * 3 * c,
-                    dst_stride: slot,
-                    dst_group_stride: capacity * slot,
-                };
-                let dst = at_mut(&mut *kv, write_slot * slot);
-                match &rope {
-                    Some(rope) => {
-                        be.rope_forward_and_copy(rope, at_mut(&mut a.qkv, 0), c, dst, &append)?
-                    }
-                    None => be.copy_row_groups(at(&a.qkv, c), dst, &append)?,
-                }
                 let (heads, head_dim) = (cfg.heads, cfg.head_dim());
-                let shape = AttentionShape::over_cache(
-                    geo.batch, heads, head_dim, geo.tokens, kv_len, capacity,
-                );
-                be.attention_forward(
-                    &shape,
-                    &geo.mask,
-                    whole(&a.qkv),
-                    at(kv, first_slot * slot),
-                    at(kv, first_slot * slot + c),
-                    whole_mut(&mut a.att),
-                    whole_mut(&mut a.lse),
-                )?;
+                let mut first_seq = 0;
+                for g in groups {
+                    let group_geo = Geometry {
+                        batch: g.batch,
+                        position_offset: g.position_offset,
+                        mask: g.mask,
+                        ..*geo
+                    };
+                    let qkv_at = first_seq * geo.tokens * 3 * c;
+                    let append = RowGroups {
+                        groups: g.batch,
+                        rows: geo.tokens,
+                        cols: slot,
+                        src_stride: 3 * c,
+                        src_group_stride: geo.tokens * 3 * c,
+                        dst_stride: slot,
+                        dst_group_stride: g.capacity * slot,
+                    };
+                    let dst = at_mut(&mut *g.kv, g.write_slot * slot);
+                    if dit {
+                        let rope = rope(&group_geo);
+                        be.rope_forward_and_copy(
+                            &rope,
+                            at_mut(&mut a.qkv, qkv_at),
+                            c,
+                            dst,
+                            &append,
+                        )?;
+                    } else {
+                        be.copy_row_groups(at(&a.qkv, qkv_at + c), dst, &append)?;
+                    }
+                    let shape = AttentionShape::over_cache(
+                        g.batch, heads, head_dim, geo.tokens, g.kv_len, g.capacity,
+                    );
+                    be.attention_forward(
+                        &shape,
+                        &g.mask,
+                        at(&a.qkv, qkv_at),
+                        at(g.kv, g.first_slot * slot),
+                        at(g.kv, g.first_slot * slot + c),
+                        at_mut(&mut a.att, first_seq * geo.tokens * c),
+                        at_mut(&mut a.lse, first_seq * heads * geo.tokens),
+                    )?;
+                    first_seq += g.batch;
+                }
             }
         }
         project_into_residual(
