@@ -1,8 +1,8 @@
 //! A cohort: the requests admitted together, generated on a thread of their own by the
 //! unchanged driver (`did_core::refine::generate_observed`) through a [`RemoteDenoiser`] whose
 //! every call goes to the engine thread and waits for its answer. The engine owns the backend,
-//! waits until every running cohort has asked for its next call, runs them (merging those that
-//! can share one model call, `crate::merge`) and answers each. So requests join and leave the
+//! waits until every running cohort has asked for its next call, runs them (sharing model calls
+//! where it can, `crate::merge`) and answers each. So requests join and leave the
 //! running set between model calls, and a cohort's calls are those it would make alone.
 
 use std::ops::Range;
@@ -72,15 +72,32 @@ pub(crate) enum Call {
     Commit(Request),
 }
 
+/// How a call can share a model call with other cohorts' calls.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum Sharing<'c> {
+    /// Outputs over whole sequences from position 0 (a global refine call, post-hoc scoring):
+    /// no cached keys, so the calls run as one batch over one pass (`merge::run`).
+    Merged(&'c Request),
+    /// Outputs in one block of a cached stage (a draft block): the calls run as one pass in
+    /// which each reads its own cohort's KV cache (`merge::run_joint`).
+    Joint(&'c Request),
+    /// A stage start or a block commit: on the cohort's own denoiser.
+    Alone,
+}
+
 impl Call {
-    /// The request of a call that asks for outputs and reads no cached keys (its block starts
-    /// at position 0): the first draft block, a global refinement call, post-hoc scoring. Such
-    /// calls of different cohorts can share one model call; a later draft block reads its own
-    /// cohort's KV cache and cannot.
-    pub fn mergeable(&self) -> Option<&Request> {
+    pub fn sharing(&self) -> Sharing<'_> {
         match self {
-            Call::Logits(r) | Call::Draw { request: r, .. } if r.block.start == 0 => Some(r),
-            _ => None,
+            Call::Logits(r) | Call::Draw { request: r, .. } => {
+                if r.block == (0..r.seq_len) {
+                    Sharing::Merged(r)
+                } else if r.block.len() <= r.block_size && r.block.start % r.block_size == 0 {
+                    Sharing::Joint(r)
+                } else {
+                    Sharing::Alone
+                }
+            }
+            _ => Sharing::Alone,
         }
     }
 }

@@ -19,7 +19,7 @@ use did_core::refine::GenerateConfig;
 use did_core::sample::{Confidence, SampledToken, SequenceId};
 use tokio::sync::mpsc as events;
 
-use crate::cohort::{self, Call, CohortId, Message, Reply};
+use crate::cohort::{self, Call, CohortId, Message, Reply, Sharing};
 use crate::merge;
 use crate::metrics::Metrics;
 
@@ -200,6 +200,10 @@ impl<B: Backend> Engine<B> {
         let mut next_id: CohortId = 0;
         loop {
             if running.is_empty() && waiting.is_empty() {
+                // Idle: give back the shared passes' buffers (sized by the largest call so far).
+                if let Ok(fresh) = self.denoiser() {
+                    shared = fresh;
+                }
                 match rx.recv() {
                     Ok(job) => waiting.push_back(job),
                     Err(_) => return, // every handle is gone: the server has stopped
@@ -298,35 +302,63 @@ impl<B: Backend> Engine<B> {
         }
     }
 
-    /// Runs every pending call: a cohort's own (stage starts, commits, blocks over its cache)
-    /// on its denoiser; the mergeable ones in as few model calls as they allow.
+    /// Runs every pending call: stage starts and commits on the cohort's own denoiser; calls
+    /// over whole sequences merged, and draft-block calls jointly over their cohorts' caches, in
+    /// as few model calls as they allow (`crate::merge`).
     fn step<'a>(&'a self, shared: &mut DiffusionDenoiser<'a, B>, running: &mut [Running<'a, B>]) {
-        let mut merge: Vec<(usize, Call)> = Vec::new();
+        let mut merged: Vec<(usize, Call)> = Vec::new();
+        let mut joint: Vec<(usize, Call)> = Vec::new();
         for (i, r) in running.iter_mut().enumerate() {
             let Some(call) = r.pending.take() else {
                 continue;
             };
-            if call.mergeable().is_some() {
-                merge.push((i, call));
-                continue;
+            match call.sharing() {
+                Sharing::Merged(_) => merged.push((i, call)),
+                Sharing::Joint(_) => joint.push((i, call)),
+                Sharing::Alone => {
+                    let asks_outputs = matches!(call, Call::Logits(_) | Call::Draw { .. });
+                    let started = Instant::now();
+                    let _ = r.replies.send(run_own(&mut r.denoiser, call));
+                    if asks_outputs {
+                        self.count_call(r.sequences, started);
+                    }
+                }
             }
-            let asks_outputs = matches!(call, Call::Logits(_) | Call::Draw { .. });
-            let started = Instant::now();
-            let reply = run_own(&mut r.denoiser, call);
-            if asks_outputs {
-                self.count_call(r.sequences, started);
-            }
-            let _ = r.replies.send(reply);
         }
-        let calls: Vec<&Call> = merge.iter().map(|(_, c)| c).collect();
-        for group in merge::groups(&calls, MAX_MERGED_OUTPUTS) {
+        let calls: Vec<&Call> = merged.iter().map(|(_, c)| c).collect();
+        for group in merge::groups(&calls, MAX_SHARED_OUTPUTS) {
             let members: Vec<&Call> = group.iter().map(|&g| calls[g]).collect();
             let started = Instant::now();
             let replies = merge::run(shared, &members);
-            let sequences = group.iter().map(|&g| running[merge[g].0].sequences).sum();
+            let cohorts: Vec<usize> = group.iter().map(|&g| merged[g].0).collect();
+            let sequences = cohorts.iter().map(|&i| running[i].sequences).sum();
             self.count_call(sequences, started);
-            for (&g, reply) in group.iter().zip(replies) {
-                let _ = running[merge[g].0].replies.send(reply);
+            for (&i, reply) in cohorts.iter().zip(replies) {
+                let _ = running[i].replies.send(reply);
+            }
+        }
+        let calls: Vec<&Call> = joint.iter().map(|(_, c)| c).collect();
+        for group in merge::groups(&calls, MAX_SHARED_OUTPUTS) {
+            let cohorts: Vec<usize> = group.iter().map(|&g| joint[g].0).collect();
+            let started = Instant::now();
+            // Each member's denoiser, borrowed together (the cohorts are distinct).
+            let mut denoisers: Vec<(usize, &mut DiffusionDenoiser<'a, B>)> = running
+                .iter_mut()
+                .enumerate()
+                .filter(|(i, _)| cohorts.contains(i))
+                .map(|(i, r)| (i, &mut r.denoiser))
+                .collect();
+            denoisers.sort_by_key(|(i, _)| cohorts.iter().position(|c| c == i));
+            let members = denoisers
+                .into_iter()
+                .zip(&group)
+                .map(|((_, d), &g)| (d, calls[g]))
+                .collect();
+            let replies = merge::run_joint(shared, members);
+            let sequences = cohorts.iter().map(|&i| running[i].sequences).sum();
+            self.count_call(sequences, started);
+            for (&i, reply) in cohorts.iter().zip(replies) {
+                let _ = running[i].replies.send(reply);
             }
         }
     }
@@ -336,6 +368,7 @@ impl<B: Backend> Engine<B> {
         self.metrics.running.set(sequences as i64);
     }
 
+    /// A model call that served `sequences`.
     fn count_call(&self, sequences: usize, started: Instant) {
         self.metrics.model_calls.inc();
         self.metrics.batch_sequences.observe(sequences as f64);
@@ -345,9 +378,9 @@ impl<B: Backend> Engine<B> {
     }
 }
 
-/// At most this many outputs (logits or draws) in one merged model call: the default
+/// At most this many outputs (logits or draws) in one shared model call: the default
 /// `max_outputs_per_call` of one cohort's calls.
-const MAX_MERGED_OUTPUTS: usize = 1024;
+const MAX_SHARED_OUTPUTS: usize = 1024;
 
 /// A cohort's call that does not merge, on its own denoiser.
 fn run_own<B: Backend>(d: &mut DiffusionDenoiser<'_, B>, call: Call) -> Reply {
@@ -462,8 +495,9 @@ mod tests {
         job_with("4,L:0.5", seed)
     }
 
-    /// Many calls: every stage reveals one position a call.
-    const SLOW: &str = "1,1:0.9,1:0.9,1:0.9,1:0.9,1:0.9,1:0.9,L:0.9";
+    /// Many calls (first-hitting reveals one position a call), drafting in blocks of 4 as the
+    /// quick job does, so their drafts share calls.
+    const SLOW: &str = "4,4:0.9,4:0.9,4:0.9,4:0.9,4:0.9,4:0.9,L:0.9";
 
     fn engine(max_batch: usize) -> (EngineHandle, std::thread::JoinHandle<()>, Arc<Metrics>) {
         let config = ModelConfig {
@@ -544,6 +578,11 @@ mod tests {
             "the quick job waited for the slow one to finish"
         );
         let slow_beside = done(&mut slow_rx);
+        let calls = metrics.batch_sequences.get_sample_count() as f64;
+        assert!(
+            metrics.batch_sequences.get_sample_sum() > calls,
+            "the two jobs never shared a model call"
+        );
         for (plan, seed, beside) in [(SLOW, 1, slow_beside), ("4,L:0.5", 2, quick_beside)] {
             let (again, mut rx) = job_with(plan, seed);
             handle.submit(again).unwrap();

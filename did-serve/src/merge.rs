@@ -1,24 +1,35 @@
-//! Merging cohorts' calls into shared model calls.
+//! Sharing model calls between cohorts.
 //!
-//! A call whose block starts at position 0 reads no cached keys (`Call::mergeable`), so the
-//! calls of several cohorts with the same block, block size and kind run as one batch: their
-//! sequences' rows go through one pass, and each cohort gets back its own rows. A sequence's
-//! rows do not depend on the other rows of a pass (the batch-invariance property every backend
-//! is tested for), and the merged pass takes the path a cohort's own denoiser would take for
-//! that call (a first block, or a whole sequence, over an empty cache), so every cohort gets
-//! what it would get alone.
+//! - **Merged** (`Sharing::Merged`): calls over whole sequences from position 0 — a global
+//!   refine call, post-hoc scoring — read no cached keys, so the sequences of every such call
+//!   with the same shape, kind and nucleus run as one batch of one pass ([`run`]).
+//! - **Joint** (`Sharing::Joint`): draft-block calls, each over its own cohort's KV cache and at
+//!   its own block, run as one pass whose linear layers take every call's rows and whose
+//!   attention reads each cohort's cache (`DiffusionDenoiser::draw_together`, [`run_joint`]).
+//!
+//! Either way each cohort gets what its own call would give: a row of a linear layer does not
+//! depend on the other rows (the batch-invariance property every backend is tested for), and
+//! each cohort's attention is the call it would make alone.
 
 use did_core::backend::Backend;
 use did_core::denoiser::{Denoiser, HostDrawScratch, OutputPosition};
-use did_core::model::DiffusionDenoiser;
+use did_core::model::{DiffusionDenoiser, JointRequest};
 use did_core::sample::{Confidence, SampledToken};
 
-use crate::cohort::{Call, Reply, Request};
+use crate::cohort::{Call, Reply, Request, Sharing};
 
-/// Whether calls `a` and `b` (both mergeable) can share one model call.
+/// Whether calls `a` and `b`, shared the same way, can share one model call: the same kind and
+/// nucleus, and for merged calls the same block and length, for joint ones the same block size
+/// and block length.
 fn compatible(a: &Call, b: &Call) -> bool {
-    let same_shape = |x: &Request, y: &Request| {
-        (x.seq_len, x.block_size, &x.block) == (y.seq_len, y.block_size, &y.block)
+    let same_shape = |x: &Request, y: &Request| match (a.sharing(), b.sharing()) {
+        (Sharing::Merged(_), Sharing::Merged(_)) => {
+            (x.seq_len, x.block_size, &x.block) == (y.seq_len, y.block_size, &y.block)
+        }
+        (Sharing::Joint(_), Sharing::Joint(_)) => {
+            (x.block_size, x.block.len()) == (y.block_size, y.block.len())
+        }
+        _ => false,
     };
     match (a, b) {
         (Call::Logits(x), Call::Logits(y)) => same_shape(x, y),
@@ -40,11 +51,14 @@ fn compatible(a: &Call, b: &Call) -> bool {
     }
 }
 
-/// Groups the mergeable `calls` into model calls: each group's calls are compatible, and a
-/// group holds at most `max_outputs` outputs unless one call alone has more (a call is never
-/// split). Returns indices into `calls`, in order.
+/// Groups `calls` (all merged, or all joint) into model calls: each group's calls are
+/// compatible, and a group holds at most `max_outputs` outputs unless one call alone has more
+/// (a call is never split). Returns indices into `calls`, in order.
 pub(crate) fn groups(calls: &[&Call], max_outputs: usize) -> Vec<Vec<usize>> {
-    let outputs = |c: &Call| c.mergeable().map_or(0, |r| r.outputs.len());
+    let outputs = |c: &Call| match c.sharing() {
+        Sharing::Merged(r) | Sharing::Joint(r) => r.outputs.len(),
+        Sharing::Alone => 0,
+    };
     let mut groups: Vec<(Vec<usize>, usize)> = Vec::new();
     for (i, call) in calls.iter().enumerate() {
         let n = outputs(call);
@@ -62,7 +76,7 @@ pub(crate) fn groups(calls: &[&Call], max_outputs: usize) -> Vec<Vec<usize>> {
     groups.into_iter().map(|(members, _)| members).collect()
 }
 
-/// Runs compatible mergeable `calls` as one model call on `shared` and gives each its reply.
+/// Runs compatible merged `calls` as one model call on `shared` and gives each its reply.
 pub(crate) fn run<B: Backend>(
     shared: &mut DiffusionDenoiser<'_, B>,
     calls: &[&Call],
@@ -77,12 +91,18 @@ fn run_merged<B: Backend>(
     shared: &mut DiffusionDenoiser<'_, B>,
     calls: &[&Call],
 ) -> Result<Vec<Reply>, String> {
-    let requests: Vec<&Request> = calls.iter().filter_map(|c| c.mergeable()).collect();
+    let requests: Vec<&Request> = calls
+        .iter()
+        .filter_map(|c| match c.sharing() {
+            Sharing::Merged(r) => Some(r),
+            _ => None,
+        })
+        .collect();
     let Some(first) = requests.first() else {
         return Ok(Vec::new());
     };
     if requests.len() != calls.len() {
-        return Err("a call that reads the KV cache cannot be merged".into());
+        return Err("only calls over whole sequences merge".into());
     }
     let batch: usize = requests.iter().map(|r| r.batch).sum();
     let mut tokens = Vec::with_capacity(batch * first.seq_len);
@@ -119,21 +139,8 @@ fn run_merged<B: Backend>(
         Call::Draw {
             mask_id, nucleus, ..
         } => {
-            let draws: Vec<_> = calls
-                .iter()
-                .flat_map(|c| match c {
-                    Call::Draw { draws, .. } => draws.as_slice(),
-                    _ => &[],
-                })
-                .copied()
-                .collect();
-            let mut drawn = vec![
-                SampledToken {
-                    id: *mask_id,
-                    confidence: Confidence::PINNED,
-                };
-                merged.outputs.len()
-            ];
+            let draws = all_draws(calls);
+            let mut drawn = vec![unset(*mask_id); merged.outputs.len()];
             shared
                 .draw(
                     &merged.view(),
@@ -147,6 +154,84 @@ fn run_merged<B: Backend>(
             Ok(split(&drawn, counts, Reply::Tokens))
         }
         _ => Err("only logits and draws merge".into()),
+    }
+}
+
+/// Runs compatible joint `members` (each a cohort's denoiser and its call) as one model call
+/// run by `shared`, each over its own cohort's KV cache, and gives each its reply.
+pub(crate) fn run_joint<'a, B: Backend>(
+    shared: &mut DiffusionDenoiser<'a, B>,
+    members: Vec<(&mut DiffusionDenoiser<'a, B>, &Call)>,
+) -> Vec<Reply> {
+    let n = members.len();
+    run_joint_calls(shared, members).unwrap_or_else(|e| vec![Reply::Failed(e); n])
+}
+
+fn run_joint_calls<'a, B: Backend>(
+    shared: &mut DiffusionDenoiser<'a, B>,
+    members: Vec<(&mut DiffusionDenoiser<'a, B>, &Call)>,
+) -> Result<Vec<Reply>, String> {
+    let calls: Vec<&Call> = members.iter().map(|(_, c)| *c).collect();
+    let Some(&first) = calls.first() else {
+        return Ok(Vec::new());
+    };
+    let mut joint = Vec::with_capacity(members.len());
+    for (denoiser, call) in members {
+        let Sharing::Joint(r) = call.sharing() else {
+            return Err("only draft-block calls run jointly".into());
+        };
+        joint.push(JointRequest {
+            denoiser,
+            request: r.view(),
+        });
+    }
+    let counts: Vec<usize> = joint.iter().map(|j| j.request.outputs.len()).collect();
+    let total: usize = counts.iter().sum();
+    let fail = |e: did_core::model::ModelError<B::Error>| e.to_string();
+    match first {
+        Call::Logits(_) => {
+            let vocab = shared.vocab_size();
+            let mut logits = vec![0.0; total * vocab];
+            shared
+                .logits_together(&mut joint, &mut logits)
+                .map_err(fail)?;
+            Ok(split(
+                &logits,
+                counts.into_iter().map(|n| n * vocab),
+                Reply::Logits,
+            ))
+        }
+        Call::Draw {
+            mask_id, nucleus, ..
+        } => {
+            let draws = all_draws(&calls);
+            let mut drawn = vec![unset(*mask_id); total];
+            shared
+                .draw_together(&mut joint, *mask_id, nucleus, &draws, &mut drawn)
+                .map_err(fail)?;
+            Ok(split(&drawn, counts.into_iter(), Reply::Tokens))
+        }
+        _ => Err("only logits and draws run jointly".into()),
+    }
+}
+
+/// Every call's draw streams, in order.
+fn all_draws(calls: &[&Call]) -> Vec<did_core::sample::DrawSpec> {
+    calls
+        .iter()
+        .flat_map(|c| match c {
+            Call::Draw { draws, .. } => draws.as_slice(),
+            _ => &[],
+        })
+        .copied()
+        .collect()
+}
+
+/// A token slot before its draw.
+fn unset(mask_id: u32) -> SampledToken {
+    SampledToken {
+        id: mask_id,
+        confidence: Confidence::PINNED,
     }
 }
 
@@ -197,10 +282,21 @@ mod tests {
     }
 
     #[test]
-    fn only_calls_from_position_zero_merge() {
-        assert!(draw(0, 2, 0.9).mergeable().is_some());
-        assert!(draw(4, 2, 0.9).mergeable().is_none());
-        assert!(Call::Commit(request(0, 0)).mergeable().is_none());
+    fn whole_sequences_merge_cached_blocks_run_jointly_the_rest_alone() {
+        let whole = Call::Draw {
+            request: Request {
+                block: 0..8,
+                block_size: 8,
+                ..request(0, 2)
+            },
+            mask_id: 7,
+            nucleus: Nucleus::new(0.9, NucleusRule::Bd3).unwrap(),
+            draws: Vec::new(),
+        };
+        assert!(matches!(whole.sharing(), Sharing::Merged(_)));
+        assert!(matches!(draw(0, 2, 0.9).sharing(), Sharing::Joint(_)));
+        assert!(matches!(draw(4, 2, 0.9).sharing(), Sharing::Joint(_)));
+        assert_eq!(Call::Commit(request(0, 0)).sharing(), Sharing::Alone);
     }
 
     #[test]
@@ -217,6 +313,12 @@ mod tests {
         assert_eq!(
             groups(&refs, 6),
             vec![vec![0, 2], vec![1, 5], vec![3], vec![4]]
+        );
+        // Joint calls at different blocks share a call; merged ones need the same block.
+        let apart = [draw(0, 1, 0.9), draw(4, 1, 0.9)];
+        assert_eq!(
+            groups(&apart.iter().collect::<Vec<_>>(), 8),
+            vec![vec![0, 1]]
         );
         // A call larger than the cap still runs, alone.
         assert_eq!(groups(&refs[..1], 2), vec![vec![0]]);
