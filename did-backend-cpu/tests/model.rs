@@ -386,7 +386,7 @@ fn kv_cache_equals_uncached_passes_across_the_window() {
 }
 
 #[test]
-fn a_joint_call_gives_each_denoiser_its_own_calls_logits_and_draws() {
+fn joint_commits_and_calls_give_each_denoiser_its_own_logits_and_draws() {
     fn prop(a: u8, b: u8, seed: u64) -> TestResult {
         let be = CpuBackend::<f32>::new();
         let block = [1, 2, 4][a as usize % 3];
@@ -401,6 +401,7 @@ fn a_joint_call_gives_each_denoiser_its_own_calls_logits_and_draws() {
         let members = [(1, 0), (2, blocks - 1), (1, blocks / 2)];
         let mut alone = Vec::new();
         let mut joint = Vec::new();
+        let mut cleans = Vec::new();
         let mut requests = Vec::new();
         for (m, &(batch, at)) in members.iter().enumerate() {
             let clean = tokens(seed.wrapping_add(m as u64), batch * l, mask);
@@ -421,24 +422,47 @@ fn a_joint_call_gives_each_denoiser_its_own_calls_logits_and_draws() {
                     })
                 })
                 .collect();
-            for list in [&mut alone, &mut joint] {
-                let mut d = DiffusionDenoiser::new(&be, &model, &params, true).unwrap();
-                d.begin_stage(batch, l, block).unwrap();
-                // Its committed blocks: the clean tokens before this one.
-                for j in 0..at {
-                    let done = DenoiseRequest {
-                        tokens: &clean,
-                        batch,
+            let mut d = DiffusionDenoiser::new(&be, &model, &params, true).unwrap();
+            d.begin_stage(batch, l, block).unwrap();
+            // Its committed blocks: the clean tokens before this one.
+            for j in 0..at {
+                let done = DenoiseRequest {
+                    tokens: &clean,
+                    batch,
+                    seq_len: l,
+                    block_size: block,
+                    block: j * block..(j + 1) * block,
+                    outputs: &[],
+                };
+                d.commit_block(&done).unwrap();
+            }
+            alone.push(d);
+            let mut d = DiffusionDenoiser::new(&be, &model, &params, true).unwrap();
+            d.begin_stage(batch, l, block).unwrap();
+            joint.push(d);
+            cleans.push((clean, batch, at));
+            requests.push((seq, batch, range, outputs));
+        }
+        let mut runner = DiffusionDenoiser::new(&be, &model, &params, true).unwrap();
+        // The joint side commits its blocks together: block j of every member still short of it.
+        for j in 0..blocks {
+            let mut committing: Vec<JointRequest<'_, '_, '_, _>> = joint
+                .iter_mut()
+                .zip(&cleans)
+                .filter(|(_, (_, _, at))| j < *at)
+                .map(|(denoiser, (clean, batch, _))| JointRequest {
+                    denoiser,
+                    request: DenoiseRequest {
+                        tokens: clean,
+                        batch: *batch,
                         seq_len: l,
                         block_size: block,
                         block: j * block..(j + 1) * block,
                         outputs: &[],
-                    };
-                    d.commit_block(&done).unwrap();
-                }
-                list.push(d);
-            }
-            requests.push((seq, batch, range, outputs));
+                    },
+                })
+                .collect();
+            runner.commit_together(&mut committing).unwrap();
         }
         type Owned = (Vec<u32>, usize, std::ops::Range<usize>, Vec<OutputPosition>);
         fn view(r: &Owned, l: usize, block: usize) -> DenoiseRequest<'_> {
@@ -457,7 +481,6 @@ fn a_joint_call_gives_each_denoiser_its_own_calls_logits_and_draws() {
             d.logits(&view(r, l, block), &mut rows).unwrap();
             want.extend(rows);
         }
-        let mut runner = DiffusionDenoiser::new(&be, &model, &params, true).unwrap();
         let mut together: Vec<JointRequest<'_, '_, '_, _>> = joint
             .iter_mut()
             .zip(&requests)

@@ -81,7 +81,10 @@ pub(crate) enum Sharing<'c> {
     /// Outputs in one block of a cached stage (a draft block): the calls run as one pass in
     /// which each reads its own cohort's KV cache (`merge::run_joint`).
     Joint(&'c Request),
-    /// A stage start or a block commit: on the cohort's own denoiser.
+    /// A block commit of a cached stage: the calls store their blocks in one pass, each in its
+    /// own cohort's KV cache (`merge::run_joint`).
+    JointCommit(&'c Request),
+    /// A stage start (or a call of another shape): on the cohort's own denoiser.
     Alone,
 }
 
@@ -96,6 +99,11 @@ impl Call {
                 } else {
                     Sharing::Alone
                 }
+            }
+            Call::Commit(r)
+                if r.block.len() <= r.block_size && r.block.start % r.block_size == 0 =>
+            {
+                Sharing::JointCommit(r)
             }
             _ => Sharing::Alone,
         }

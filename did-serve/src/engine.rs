@@ -302,9 +302,9 @@ impl<B: Backend> Engine<B> {
         }
     }
 
-    /// Runs every pending call: stage starts and commits on the cohort's own denoiser; calls
-    /// over whole sequences merged, and draft-block calls jointly over their cohorts' caches, in
-    /// as few model calls as they allow (`crate::merge`).
+    /// Runs every pending call: stage starts on the cohort's own denoiser; calls over whole
+    /// sequences merged, draft-block calls and block commits jointly over their cohorts' caches,
+    /// in as few model calls as they allow (`crate::merge`).
     fn step<'a>(&'a self, shared: &mut DiffusionDenoiser<'a, B>, running: &mut [Running<'a, B>]) {
         let mut merged: Vec<(usize, Call)> = Vec::new();
         let mut joint: Vec<(usize, Call)> = Vec::new();
@@ -314,7 +314,7 @@ impl<B: Backend> Engine<B> {
             };
             match call.sharing() {
                 Sharing::Merged(_) => merged.push((i, call)),
-                Sharing::Joint(_) => joint.push((i, call)),
+                Sharing::Joint(_) | Sharing::JointCommit(_) => joint.push((i, call)),
                 Sharing::Alone => {
                     let asks_outputs = matches!(call, Call::Logits(_) | Call::Draw { .. });
                     let started = Instant::now();
@@ -354,9 +354,12 @@ impl<B: Backend> Engine<B> {
                 .zip(&group)
                 .map(|((_, d), &g)| (d, calls[g]))
                 .collect();
+            let commits = matches!(calls[group[0]], Call::Commit(_));
             let replies = merge::run_joint(shared, members);
-            let sequences = cohorts.iter().map(|&i| running[i].sequences).sum();
-            self.count_call(sequences, started);
+            if !commits {
+                let sequences = cohorts.iter().map(|&i| running[i].sequences).sum();
+                self.count_call(sequences, started);
+            }
             for (&i, reply) in cohorts.iter().zip(replies) {
                 let _ = running[i].replies.send(reply);
             }

@@ -3,9 +3,11 @@
 //! - **Merged** (`Sharing::Merged`): calls over whole sequences from position 0 — a global
 //!   refine call, post-hoc scoring — read no cached keys, so the sequences of every such call
 //!   with the same shape, kind and nucleus run as one batch of one pass ([`run`]).
-//! - **Joint** (`Sharing::Joint`): draft-block calls, each over its own cohort's KV cache and at
-//!   its own block, run as one pass whose linear layers take every call's rows and whose
-//!   attention reads each cohort's cache (`DiffusionDenoiser::draw_together`, [`run_joint`]).
+//! - **Joint** (`Sharing::Joint`, `Sharing::JointCommit`): draft-block calls, each over its own
+//!   cohort's KV cache and at its own block, run as one pass whose linear layers take every
+//!   call's rows and whose attention reads each cohort's cache
+//!   (`DiffusionDenoiser::draw_together`, [`run_joint`]); block commits likewise store every
+//!   cohort's finished block in one pass (`DiffusionDenoiser::commit_together`).
 //!
 //! Either way each cohort gets what its own call would give: a row of a linear layer does not
 //! depend on the other rows (the batch-invariance property every backend is tested for), and
@@ -26,13 +28,14 @@ fn compatible(a: &Call, b: &Call) -> bool {
         (Sharing::Merged(_), Sharing::Merged(_)) => {
             (x.seq_len, x.block_size, &x.block) == (y.seq_len, y.block_size, &y.block)
         }
-        (Sharing::Joint(_), Sharing::Joint(_)) => {
+        (Sharing::Joint(_), Sharing::Joint(_))
+        | (Sharing::JointCommit(_), Sharing::JointCommit(_)) => {
             (x.block_size, x.block.len()) == (y.block_size, y.block.len())
         }
         _ => false,
     };
     match (a, b) {
-        (Call::Logits(x), Call::Logits(y)) => same_shape(x, y),
+        (Call::Logits(x), Call::Logits(y)) | (Call::Commit(x), Call::Commit(y)) => same_shape(x, y),
         (
             Call::Draw {
                 request: x,
@@ -56,7 +59,7 @@ fn compatible(a: &Call, b: &Call) -> bool {
 /// (a call is never split). Returns indices into `calls`, in order.
 pub(crate) fn groups(calls: &[&Call], max_outputs: usize) -> Vec<Vec<usize>> {
     let outputs = |c: &Call| match c.sharing() {
-        Sharing::Merged(r) | Sharing::Joint(r) => r.outputs.len(),
+        Sharing::Merged(r) | Sharing::Joint(r) | Sharing::JointCommit(r) => r.outputs.len(),
         Sharing::Alone => 0,
     };
     let mut groups: Vec<(Vec<usize>, usize)> = Vec::new();
@@ -177,8 +180,8 @@ fn run_joint_calls<'a, B: Backend>(
     };
     let mut joint = Vec::with_capacity(members.len());
     for (denoiser, call) in members {
-        let Sharing::Joint(r) = call.sharing() else {
-            return Err("only draft-block calls run jointly".into());
+        let (Sharing::Joint(r) | Sharing::JointCommit(r)) = call.sharing() else {
+            return Err("only draft-block calls and commits run jointly".into());
         };
         joint.push(JointRequest {
             denoiser,
@@ -211,7 +214,11 @@ fn run_joint_calls<'a, B: Backend>(
                 .map_err(fail)?;
             Ok(split(&drawn, counts.into_iter(), Reply::Tokens))
         }
-        _ => Err("only logits and draws run jointly".into()),
+        Call::Commit(_) => {
+            shared.commit_together(&mut joint).map_err(fail)?;
+            Ok(vec![Reply::Ready; counts.len()])
+        }
+        _ => Err("only logits, draws and commits run jointly".into()),
     }
 }
 
@@ -282,7 +289,7 @@ mod tests {
     }
 
     #[test]
-    fn whole_sequences_merge_cached_blocks_run_jointly_the_rest_alone() {
+    fn whole_sequences_merge_cached_blocks_and_commits_run_jointly_stage_starts_alone() {
         let whole = Call::Draw {
             request: Request {
                 block: 0..8,
@@ -296,7 +303,16 @@ mod tests {
         assert!(matches!(whole.sharing(), Sharing::Merged(_)));
         assert!(matches!(draw(0, 2, 0.9).sharing(), Sharing::Joint(_)));
         assert!(matches!(draw(4, 2, 0.9).sharing(), Sharing::Joint(_)));
-        assert_eq!(Call::Commit(request(0, 0)).sharing(), Sharing::Alone);
+        assert!(matches!(
+            Call::Commit(request(4, 0)).sharing(),
+            Sharing::JointCommit(_)
+        ));
+        let start = Call::BeginStage {
+            batch: 1,
+            seq_len: 8,
+            block_size: 4,
+        };
+        assert_eq!(start.sharing(), Sharing::Alone);
     }
 
     #[test]

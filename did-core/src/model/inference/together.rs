@@ -1,4 +1,4 @@
-//! Several [`DiffusionDenoiser`]s' block calls as one model call: a server runs requests that
+//! Several [`DiffusionDenoiser`]s' block calls (and block commits) as one model call: a server runs requests that
 //! started at different times, so their drafts stand at different blocks, each over its own KV
 //! cache. One pass serves them all — the embedding, every linear layer and the head over every
 //! request's rows at once, RoPE and attention request by request over its own cache — and each
@@ -72,18 +72,44 @@ impl<'a, B: Backend> DiffusionDenoiser<'a, B> {
         )
     }
 
-    fn run_together(
+    /// [`Denoiser::commit_block`](crate::denoiser::Denoiser::commit_block) of every member's
+    /// request in one model call: each member's cache first catches up to its block's start on
+    /// its own (usually nothing to do), then one pass stores every member's block. Members
+    /// share what [`Self::logits_together`] asks; `self` runs the pass.
+    pub fn commit_together(
         &mut self,
         members: &mut [JointRequest<'_, '_, 'a, B>],
-        out: PassOutput<'_>,
     ) -> Result<(), ModelError<B::Error>> {
+        self.check_members(members)?;
+        let mut tokens = Vec::new();
+        for m in members.iter_mut() {
+            let r = &m.request;
+            m.denoiser.catch_up(r, r.block.start)?;
+            for s in 0..r.batch {
+                tokens.extend_from_slice(&r.sequence(s)[r.block.clone()]);
+            }
+        }
+        self.pass_over_caches(
+            members,
+            &tokens,
+            CacheUse::Commit,
+            &[],
+            PassOutput::Logits(&mut []),
+        )
+    }
+
+    /// Members fit one joint call: the same model, weights, stage block size and block length,
+    /// each block one that its cache serves. Returns the block size.
+    fn check_members(
+        &self,
+        members: &[JointRequest<'_, '_, 'a, B>],
+    ) -> Result<usize, ModelError<B::Error>> {
         let Some(first) = members.first() else {
-            return Ok(());
+            return Ok(self.block_size);
         };
         let (block_size, len) = (first.denoiser.block_size, first.request.block.len());
-        for m in members.iter() {
-            let r = &m.request;
-            let d = &m.denoiser;
+        for m in members {
+            let (r, d) = (&m.request, &m.denoiser);
             let same_model = core::ptr::eq(d.inference.model(), self.inference.model())
                 && core::ptr::eq(d.inference.params(), self.inference.params());
             let cached = d.use_cache
@@ -100,23 +126,22 @@ impl<'a, B: Backend> DiffusionDenoiser<'a, B> {
             }
             d.inference.check_tokens(r.tokens, r.batch)?;
         }
-        // Each cache holds its member's committed blocks (commit passes run on its own).
-        let mut tokens = Vec::new();
-        let mut outputs = Vec::new();
-        let mut first_seq = 0;
-        for m in members.iter_mut() {
-            let r = &m.request;
-            m.denoiser.catch_up(r, r.block.start)?;
-            for s in 0..r.batch {
-                tokens.extend_from_slice(&r.sequence(s)[r.block.clone()]);
-            }
-            outputs.extend(
-                r.outputs
-                    .iter()
-                    .map(|o| (first_seq + o.seq as usize, o.pos as usize - r.block.start)),
-            );
-            first_seq += r.batch;
-        }
+        Ok(block_size)
+    }
+
+    /// One pass of `tokens` (each member's block, in turn) with each member's cache as a group.
+    fn pass_over_caches(
+        &mut self,
+        members: &mut [JointRequest<'_, '_, 'a, B>],
+        tokens: &[u32],
+        cache_use: CacheUse,
+        outputs: &[(usize, usize)],
+        out: PassOutput<'_>,
+    ) -> Result<(), ModelError<B::Error>> {
+        let Some(first) = members.first() else {
+            return Ok(());
+        };
+        let block_size = first.denoiser.block_size;
         let mut caches: Vec<KvCache<B>> = Vec::with_capacity(members.len());
         for m in members.iter_mut() {
             match m.denoiser.cache.take() {
@@ -133,18 +158,39 @@ impl<'a, B: Backend> DiffusionDenoiser<'a, B> {
                 cache: Some(cache),
             })
             .collect();
-        let ran = self.inference.pass_groups(
-            &tokens,
-            block_size,
-            &mut groups,
-            CacheUse::Read,
-            &outputs,
-            out,
-        );
+        let ran =
+            self.inference
+                .pass_groups(tokens, block_size, &mut groups, cache_use, outputs, out);
         drop(groups);
         for (m, cache) in members.iter_mut().zip(caches) {
             m.denoiser.cache = Some(cache);
         }
         ran.map_err(ModelError::Backend)
+    }
+
+    fn run_together(
+        &mut self,
+        members: &mut [JointRequest<'_, '_, 'a, B>],
+        out: PassOutput<'_>,
+    ) -> Result<(), ModelError<B::Error>> {
+        self.check_members(members)?;
+        // Each cache holds its member's committed blocks.
+        let mut tokens = Vec::new();
+        let mut outputs = Vec::new();
+        let mut first_seq = 0;
+        for m in members.iter_mut() {
+            let r = &m.request;
+            m.denoiser.catch_up(r, r.block.start)?;
+            for s in 0..r.batch {
+                tokens.extend_from_slice(&r.sequence(s)[r.block.clone()]);
+            }
+            outputs.extend(
+                r.outputs
+                    .iter()
+                    .map(|o| (first_seq + o.seq as usize, o.pos as usize - r.block.start)),
+            );
+            first_seq += r.batch;
+        }
+        self.pass_over_caches(members, &tokens, CacheUse::Read, &outputs, out)
     }
 }
