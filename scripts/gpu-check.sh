@@ -215,9 +215,10 @@ PY
     else e2e+="| GPU and CPU samples token-identical (f32) | **FAIL** | |"$'\n'; failed=1
     fi
 fi
-# did serve on the GPU: six concurrent requests (batched) answer what the CPU server answers.
+# did serve on the GPU: six requests, each joining the running ones (shared passes over several KV
+# caches), answer what the CPU server answers.
 for backend in cuda cpu; do
-    run "did serve, 6 concurrent requests on the demo model ($backend)" python3 scripts/serve/texts.py "$did" "$backend" &&
+    run "did serve, 6 overlapping requests on the demo model ($backend)" python3 scripts/serve/texts.py "$did" "$backend" &&
         cp "$work/stdout" "$work/serve-$backend.json"
 done
 if [ -s "$work/serve-cuda.json" ] && cmp -s "$work/serve-cuda.json" "$work/serve-cpu.json"; then

@@ -1,5 +1,7 @@
-"""Starts `did [--backend B] serve` on a free port, sends 6 requests at once (own seeds and prompts,
-some n=2, one streamed), prints their texts as JSON, and stops the server with SIGTERM.
+"""Starts `did [--backend B] serve` on a free port, sends 6 requests a fifth of a second apart (own
+seeds and prompts, some n=2, one streamed), so that later ones join earlier ones mid-way and their
+draft blocks, commits and refine calls share passes over several KV caches; prints their texts as
+JSON, and stops the server with SIGTERM.
 scripts/gpu-check.sh runs it on the GPU and on the CPU and compares: f32 backends are
 token-identical, so the texts must be too.
     python3 scripts/serve/texts.py DID BACKEND
@@ -9,6 +11,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
 
 did, backend = sys.argv[1:3]
@@ -16,7 +19,7 @@ s = socket.socket()
 s.bind(("127.0.0.1", 0))
 port = s.getsockname()[1]
 s.close()
-server = subprocess.Popen([did, "--backend", backend, "serve", "--port", str(port), "--max-batch", "8"],
+server = subprocess.Popen([did, "--backend", backend, "serve", "--port", str(port), "--max-batch", "16"],
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 try:
     first = server.stdout.readline()
@@ -41,6 +44,7 @@ try:
     threads = [threading.Thread(target=send, args=(i,)) for i in range(len(requests))]
     for t in threads:
         t.start()
+        time.sleep(0.2)
     for t in threads:
         t.join()
     print(json.dumps(answers))
