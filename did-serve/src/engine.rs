@@ -16,7 +16,7 @@ use did_core::backend::Backend;
 use did_core::denoiser::{Denoiser, HostDrawScratch};
 use did_core::model::{DiffusionDenoiser, Transformer};
 use did_core::refine::GenerateConfig;
-use did_core::sample::{Confidence, SampledToken, SequenceId};
+use did_core::sample::SequenceId;
 use tokio::sync::mpsc as events;
 
 use crate::cohort::{self, Call, CohortId, Message, Reply, Sharing};
@@ -407,13 +407,7 @@ fn run_own<B: Backend>(d: &mut DiffusionDenoiser<'_, B>, call: Call) -> Reply {
             nucleus,
             draws,
         } => {
-            let mut out = vec![
-                SampledToken {
-                    id: mask_id,
-                    confidence: Confidence::PINNED,
-                };
-                request.outputs.len()
-            ];
+            let mut out = vec![merge::unset(mask_id); request.outputs.len()];
             d.draw(
                 &request.view(),
                 mask_id,

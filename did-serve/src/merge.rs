@@ -235,7 +235,7 @@ fn all_draws(calls: &[&Call]) -> Vec<did_core::sample::DrawSpec> {
 }
 
 /// A token slot before its draw.
-fn unset(mask_id: u32) -> SampledToken {
+pub(crate) fn unset(mask_id: u32) -> SampledToken {
     SampledToken {
         id: mask_id,
         confidence: Confidence::PINNED,

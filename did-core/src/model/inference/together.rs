@@ -44,7 +44,7 @@ impl<'a, B: Backend> DiffusionDenoiser<'a, B> {
         if out.len() < wanted * vocab {
             return Err(invalid("logits buffer", "shorter than outputs × vocabulary").into());
         }
-        self.run_together(members, PassOutput::Logits(out))
+        self.run_together(members, CacheUse::Read, PassOutput::Logits(out))
     }
 
     /// [`Denoiser::draw`](crate::denoiser::Denoiser::draw) of every member's request in one model
@@ -63,6 +63,7 @@ impl<'a, B: Backend> DiffusionDenoiser<'a, B> {
         }
         self.run_together(
             members,
+            CacheUse::Read,
             PassOutput::Tokens {
                 mask_id,
                 nucleus,
@@ -80,32 +81,17 @@ impl<'a, B: Backend> DiffusionDenoiser<'a, B> {
         &mut self,
         members: &mut [JointRequest<'_, '_, 'a, B>],
     ) -> Result<(), ModelError<B::Error>> {
-        self.check_members(members)?;
-        let mut tokens = Vec::new();
-        for m in members.iter_mut() {
-            let r = &m.request;
-            m.denoiser.catch_up(r, r.block.start)?;
-            for s in 0..r.batch {
-                tokens.extend_from_slice(&r.sequence(s)[r.block.clone()]);
-            }
-        }
-        self.pass_over_caches(
-            members,
-            &tokens,
-            CacheUse::Commit,
-            &[],
-            PassOutput::Logits(&mut []),
-        )
+        self.run_together(members, CacheUse::Commit, PassOutput::Logits(&mut []))
     }
 
     /// Members fit one joint call: the same model, weights, stage block size and block length,
-    /// each block one that its cache serves. Returns the block size.
+    /// each block one that its cache serves.
     fn check_members(
         &self,
         members: &[JointRequest<'_, '_, 'a, B>],
-    ) -> Result<usize, ModelError<B::Error>> {
+    ) -> Result<(), ModelError<B::Error>> {
         let Some(first) = members.first() else {
-            return Ok(self.block_size);
+            return Ok(());
         };
         let (block_size, len) = (first.denoiser.block_size, first.request.block.len());
         for m in members {
@@ -126,7 +112,7 @@ impl<'a, B: Backend> DiffusionDenoiser<'a, B> {
             }
             d.inference.check_tokens(r.tokens, r.batch)?;
         }
-        Ok(block_size)
+        Ok(())
     }
 
     /// One pass of `tokens` (each member's block, in turn) with each member's cache as a group.
@@ -168,13 +154,15 @@ impl<'a, B: Backend> DiffusionDenoiser<'a, B> {
         ran.map_err(ModelError::Backend)
     }
 
+    /// Catches each member's cache up to its block, then one pass over every member's block:
+    /// reading the caches and giving `out` at the requests' outputs, or storing the blocks.
     fn run_together(
         &mut self,
         members: &mut [JointRequest<'_, '_, 'a, B>],
+        cache_use: CacheUse,
         out: PassOutput<'_>,
     ) -> Result<(), ModelError<B::Error>> {
         self.check_members(members)?;
-        // Each cache holds its member's committed blocks.
         let mut tokens = Vec::new();
         let mut outputs = Vec::new();
         let mut first_seq = 0;
@@ -184,13 +172,15 @@ impl<'a, B: Backend> DiffusionDenoiser<'a, B> {
             for s in 0..r.batch {
                 tokens.extend_from_slice(&r.sequence(s)[r.block.clone()]);
             }
-            outputs.extend(
-                r.outputs
-                    .iter()
-                    .map(|o| (first_seq + o.seq as usize, o.pos as usize - r.block.start)),
-            );
+            if cache_use == CacheUse::Read {
+                outputs.extend(
+                    r.outputs
+                        .iter()
+                        .map(|o| (first_seq + o.seq as usize, o.pos as usize - r.block.start)),
+                );
+            }
             first_seq += r.batch;
         }
-        self.pass_over_caches(members, &tokens, CacheUse::Read, &outputs, out)
+        self.pass_over_caches(members, &tokens, cache_use, &outputs, out)
     }
 }
