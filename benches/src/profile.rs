@@ -177,6 +177,7 @@ impl<B: Backend> MemoryOps for Profiled<B> {
         fn zeros_f32(&self, len: usize) -> R<B, B::Buffer> => "zeros";
         fn upload(&self, host: &[f32]) -> R<B, B::Buffer> => "upload";
         fn upload_f32(&self, host: &[f32]) -> R<B, B::Buffer> => "upload";
+        fn upload_weights(&self, host: &[f32], matrices: &[did_core::backend::WeightMatrix], format: did_core::backend::WeightFormat) -> R<B, B::Buffer> => "upload";
         fn round_into(&self, src: S<'_, B>, dst: M<'_, B>, len: usize) -> R<B> => "round_into";
         fn download(&self, src: S<'_, B>, out: &mut [f32]) -> R<B> => "download";
         fn upload_ids(&self, host: &[u32]) -> R<B, B::Ids> => "upload_ids";

@@ -60,6 +60,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use did_core::backend::prelude::*;
 use did_core::backend::{
     AdamW, AttentionShape, Gemm, NormShape, QkvOffsets, RopeShape, RowMajor, Slice, SliceMut,
+    WeightFormat, WeightMatrix,
 };
 use did_core::mask::AttentionMask;
 use did_core::rng::RngStream;
@@ -67,9 +68,11 @@ use did_core::sample::categorical::SampledToken;
 use did_core::sample::nucleus::Nucleus;
 use did_core::sample::DrawSpec;
 
+mod buffer;
 mod float;
 pub mod ops;
 
+pub use buffer::CpuBuffer;
 pub use float::CpuFloat;
 
 /// Why a CPU op refused to run. These are programming errors of the caller
@@ -91,6 +94,20 @@ pub enum CpuError {
     /// Shapes that do not agree.
     #[error("cpu backend: {0}")]
     Shape(String),
+    /// An op that reads a weight matrix as floats, where the buffer stores it below f32.
+    #[error("cpu backend: {what} reads the {rows}×{cols} weight matrix at element {offset} as f32, but it is stored in {format}; only linear forwards and the embedding read stored weights (upload the parameters with WeightFormat::F32 to train or export them)")]
+    Stored {
+        /// Which operand.
+        what: &'static str,
+        /// The matrix's format.
+        format: did_core::backend::WeightFormat,
+        /// Its first element.
+        offset: usize,
+        /// Its rows.
+        rows: usize,
+        /// Its columns.
+        cols: usize,
+    },
     /// A token id outside the table.
     #[error("cpu backend: token id {id} at row {row} is outside the table of {rows} rows")]
     TokenOutOfRange {
@@ -210,8 +227,30 @@ impl<T: CpuFloat> CpuBackend<T> {
     }
 }
 
+/// Refuses a float view of elements a stored weight matrix holds (their values are not there).
+fn check_not_stored<T>(
+    buf: &CpuBuffer<T>,
+    start: usize,
+    end: usize,
+    what: &'static str,
+) -> Result<(), CpuError> {
+    match buf
+        .stored()
+        .and_then(|s| s.overlapping(start, end).map(|m| (s.format, m)))
+    {
+        Some((format, m)) => Err(CpuError::Stored {
+            what,
+            format,
+            offset: m.offset,
+            rows: m.rows,
+            cols: m.cols,
+        }),
+        None => Ok(()),
+    }
+}
+
 pub(crate) fn view<'a, T>(
-    s: Slice<'a, Vec<T>>,
+    s: Slice<'a, CpuBuffer<T>>,
     len: usize,
     what: &'static str,
 ) -> Result<&'a [T], CpuError> {
@@ -221,6 +260,7 @@ pub(crate) fn view<'a, T>(
         end: usize::MAX,
         len: s.buf.len(),
     })?;
+    check_not_stored(s.buf, s.offset, end, what)?;
     s.buf.get(s.offset..end).ok_or(CpuError::OutOfBounds {
         what,
         start: s.offset,
@@ -230,7 +270,7 @@ pub(crate) fn view<'a, T>(
 }
 
 pub(crate) fn view_mut<'a, T>(
-    s: SliceMut<'a, Vec<T>>,
+    s: SliceMut<'a, CpuBuffer<T>>,
     len: usize,
     what: &'static str,
 ) -> Result<&'a mut [T], CpuError> {
@@ -241,6 +281,7 @@ pub(crate) fn view_mut<'a, T>(
         end: usize::MAX,
         len: buf_len,
     })?;
+    check_not_stored(s.buf, s.offset, end, what)?;
     s.buf.get_mut(s.offset..end).ok_or(CpuError::OutOfBounds {
         what,
         start: s.offset,
@@ -270,7 +311,7 @@ fn check_ids(ids: &[u32], table_rows: usize) -> Result<(), CpuError> {
 }
 
 impl<T: CpuFloat> MemoryOps for CpuBackend<T> {
-    type Buffer = Vec<T>;
+    type Buffer = CpuBuffer<T>;
     type Ids = Vec<u32>;
     type Error = CpuError;
     fn name(&self) -> &str {
@@ -280,16 +321,61 @@ impl<T: CpuFloat> MemoryOps for CpuBackend<T> {
             "cpu f64"
         }
     }
-    fn zeros(&self, len: usize) -> Result<Vec<T>, CpuError> {
-        Ok(vec![T::zero(); len])
+    fn zeros(&self, len: usize) -> Result<CpuBuffer<T>, CpuError> {
+        Ok(vec![T::zero(); len].into())
     }
-    fn upload(&self, host: &[f32]) -> Result<Vec<T>, CpuError> {
-        Ok(host.iter().map(|&x| T::of_f32(x)).collect())
+    fn upload(&self, host: &[f32]) -> Result<CpuBuffer<T>, CpuError> {
+        Ok(host
+            .iter()
+            .map(|&x| T::of_f32(x))
+            .collect::<Vec<T>>()
+            .into())
     }
-    fn download(&self, src: Slice<'_, Vec<T>>, out: &mut [f32]) -> Result<(), CpuError> {
-        let src = view(src, out.len(), "download source")?;
-        for (o, &s) in out.iter_mut().zip(src) {
+    fn upload_weights(
+        &self,
+        host: &[f32],
+        matrices: &[WeightMatrix],
+        format: WeightFormat,
+    ) -> Result<CpuBuffer<T>, CpuError> {
+        match format {
+            WeightFormat::F32 => self.upload(host),
+            WeightFormat::Bf16 | WeightFormat::Int8 => {
+                CpuBuffer::with_stored(host, matrices, format)
+            }
+        }
+    }
+    /// Stored weight matrices come back widened to f32.
+    fn download(&self, src: Slice<'_, CpuBuffer<T>>, out: &mut [f32]) -> Result<(), CpuError> {
+        let Some(stored) = src.buf.stored() else {
+            let src = view(src, out.len(), "download source")?;
+            for (o, &s) in out.iter_mut().zip(src) {
+                *o = s.to_f32_lossy();
+            }
+            return Ok(());
+        };
+        let range = src.offset..src.offset + out.len();
+        if range.end > src.buf.len() {
+            return Err(CpuError::OutOfBounds {
+                what: "download source",
+                start: range.start,
+                end: range.end,
+                len: src.buf.len(),
+            });
+        }
+        for (o, s) in out.iter_mut().zip(&src.buf[range.clone()]) {
             *o = s.to_f32_lossy();
+        }
+        let mut row = Vec::new();
+        for (m, matrix) in &stored.matrices {
+            row.resize(m.cols, 0.0);
+            for r in 0..m.rows {
+                let at = m.offset + r * m.cols;
+                let (lo, hi) = (at.max(range.start), (at + m.cols).min(range.end));
+                if lo < hi {
+                    matrix.dequantize_row(r, &mut row);
+                    out[lo - range.start..hi - range.start].copy_from_slice(&row[lo - at..hi - at]);
+                }
+            }
         }
         Ok(())
     }
@@ -301,8 +387,8 @@ impl<T: CpuFloat> MemoryOps for CpuBackend<T> {
     }
     fn round_into(
         &self,
-        src: Slice<'_, Vec<T>>,
-        dst: SliceMut<'_, Vec<T>>,
+        src: Slice<'_, CpuBuffer<T>>,
+        dst: SliceMut<'_, CpuBuffer<T>>,
         len: usize,
     ) -> Result<(), CpuError> {
         let src = view(src, len, "round_into source")?;
@@ -316,14 +402,19 @@ impl<T: CpuFloat> MemoryOps for CpuBackend<T> {
         }
         Ok(())
     }
-    fn fill(&self, dst: SliceMut<'_, Vec<T>>, len: usize, value: f32) -> Result<(), CpuError> {
+    fn fill(
+        &self,
+        dst: SliceMut<'_, CpuBuffer<T>>,
+        len: usize,
+        value: f32,
+    ) -> Result<(), CpuError> {
         view_mut(dst, len, "fill")?.fill(T::of_f32(value));
         Ok(())
     }
     fn copy(
         &self,
-        src: Slice<'_, Vec<T>>,
-        dst: SliceMut<'_, Vec<T>>,
+        src: Slice<'_, CpuBuffer<T>>,
+        dst: SliceMut<'_, CpuBuffer<T>>,
         len: usize,
     ) -> Result<(), CpuError> {
         view_mut(dst, len, "copy destination")?.copy_from_slice(view(src, len, "copy source")?);
@@ -349,10 +440,13 @@ impl<T: CpuFloat> LinearOps for CpuBackend<T> {
     fn matmul(
         &self,
         spec: &Gemm,
-        a: Slice<'_, Vec<T>>,
-        b: Slice<'_, Vec<T>>,
-        c: SliceMut<'_, Vec<T>>,
+        a: Slice<'_, CpuBuffer<T>>,
+        b: Slice<'_, CpuBuffer<T>>,
+        c: SliceMut<'_, CpuBuffer<T>>,
     ) -> Result<(), CpuError> {
+        if let Some((m, w)) = b.buf.stored().and_then(|s| s.starting_at(b.offset)) {
+            return ops::stored::linear_forward(spec, m, w, a, c);
+        }
         let (na, nb, nc) = spec.extents();
         ops::gemm::gemm(
             spec,
@@ -363,8 +457,8 @@ impl<T: CpuFloat> LinearOps for CpuBackend<T> {
     }
     fn bias_add_rows(
         &self,
-        x: SliceMut<'_, Vec<T>>,
-        bias: Slice<'_, Vec<T>>,
+        x: SliceMut<'_, CpuBuffer<T>>,
+        bias: Slice<'_, CpuBuffer<T>>,
         shape: RowMajor,
     ) -> Result<(), CpuError> {
         ops::bias::bias_add(
@@ -377,8 +471,8 @@ impl<T: CpuFloat> LinearOps for CpuBackend<T> {
     }
     fn bias_backward_rows(
         &self,
-        dy: Slice<'_, Vec<T>>,
-        dbias: SliceMut<'_, Vec<T>>,
+        dy: Slice<'_, CpuBuffer<T>>,
+        dbias: SliceMut<'_, CpuBuffer<T>>,
         shape: RowMajor,
     ) -> Result<(), CpuError> {
         ops::bias::bias_backward(
@@ -396,12 +490,12 @@ impl<T: CpuFloat> NormOps for CpuBackend<T> {
     fn layernorm_forward(
         &self,
         shape: &NormShape,
-        x: Slice<'_, Vec<T>>,
-        weight: Slice<'_, Vec<T>>,
-        bias: Option<Slice<'_, Vec<T>>>,
-        out: SliceMut<'_, Vec<T>>,
-        mean: SliceMut<'_, Vec<T>>,
-        rstd: SliceMut<'_, Vec<T>>,
+        x: Slice<'_, CpuBuffer<T>>,
+        weight: Slice<'_, CpuBuffer<T>>,
+        bias: Option<Slice<'_, CpuBuffer<T>>>,
+        out: SliceMut<'_, CpuBuffer<T>>,
+        mean: SliceMut<'_, CpuBuffer<T>>,
+        rstd: SliceMut<'_, CpuBuffer<T>>,
     ) -> Result<(), CpuError> {
         let n = shape.rows * shape.cols;
         let bias = match bias {
@@ -422,13 +516,13 @@ impl<T: CpuFloat> NormOps for CpuBackend<T> {
     fn layernorm_backward(
         &self,
         shape: &NormShape,
-        dout: Slice<'_, Vec<T>>,
-        x: Slice<'_, Vec<T>>,
-        weight: Slice<'_, Vec<T>>,
-        mean: Slice<'_, Vec<T>>,
-        rstd: Slice<'_, Vec<T>>,
-        dx: SliceMut<'_, Vec<T>>,
-        dweight: SliceMut<'_, Vec<T>>,
+        dout: Slice<'_, CpuBuffer<T>>,
+        x: Slice<'_, CpuBuffer<T>>,
+        weight: Slice<'_, CpuBuffer<T>>,
+        mean: Slice<'_, CpuBuffer<T>>,
+        rstd: Slice<'_, CpuBuffer<T>>,
+        dx: SliceMut<'_, CpuBuffer<T>>,
+        dweight: SliceMut<'_, CpuBuffer<T>>,
     ) -> Result<(), CpuError> {
         let n = shape.rows * shape.cols;
         ops::layernorm::backward(
@@ -445,10 +539,10 @@ impl<T: CpuFloat> NormOps for CpuBackend<T> {
     }
     fn modulate_forward(
         &self,
-        x: Slice<'_, Vec<T>>,
-        shift: Slice<'_, Vec<T>>,
-        scale: Slice<'_, Vec<T>>,
-        out: SliceMut<'_, Vec<T>>,
+        x: Slice<'_, CpuBuffer<T>>,
+        shift: Slice<'_, CpuBuffer<T>>,
+        scale: Slice<'_, CpuBuffer<T>>,
+        out: SliceMut<'_, CpuBuffer<T>>,
         batch: usize,
         tokens: usize,
         channels: usize,
@@ -466,11 +560,11 @@ impl<T: CpuFloat> NormOps for CpuBackend<T> {
     }
     fn modulate_backward(
         &self,
-        dout: Slice<'_, Vec<T>>,
-        x: Slice<'_, Vec<T>>,
-        scale: Slice<'_, Vec<T>>,
-        dx: SliceMut<'_, Vec<T>>,
-        dscale: SliceMut<'_, Vec<T>>,
+        dout: Slice<'_, CpuBuffer<T>>,
+        x: Slice<'_, CpuBuffer<T>>,
+        scale: Slice<'_, CpuBuffer<T>>,
+        dx: SliceMut<'_, CpuBuffer<T>>,
+        dscale: SliceMut<'_, CpuBuffer<T>>,
         batch: usize,
         tokens: usize,
         channels: usize,
@@ -490,12 +584,20 @@ impl<T: CpuFloat> NormOps for CpuBackend<T> {
 }
 
 impl<T: CpuFloat> AttentionOps for CpuBackend<T> {
-    fn rope_forward(&self, shape: &RopeShape, x: SliceMut<'_, Vec<T>>) -> Result<(), CpuError> {
+    fn rope_forward(
+        &self,
+        shape: &RopeShape,
+        x: SliceMut<'_, CpuBuffer<T>>,
+    ) -> Result<(), CpuError> {
         let n = shape.extent();
         ops::rope::rotate(shape, view_mut(x, n, "rope x")?, false);
         Ok(())
     }
-    fn rope_backward(&self, shape: &RopeShape, dx: SliceMut<'_, Vec<T>>) -> Result<(), CpuError> {
+    fn rope_backward(
+        &self,
+        shape: &RopeShape,
+        dx: SliceMut<'_, CpuBuffer<T>>,
+    ) -> Result<(), CpuError> {
         let n = shape.extent();
         ops::rope::rotate(shape, view_mut(dx, n, "rope dx")?, true);
         Ok(())
@@ -504,11 +606,11 @@ impl<T: CpuFloat> AttentionOps for CpuBackend<T> {
         &self,
         shape: &AttentionShape,
         mask: &AttentionMask,
-        q: Slice<'_, Vec<T>>,
-        k: Slice<'_, Vec<T>>,
-        v: Slice<'_, Vec<T>>,
-        out: SliceMut<'_, Vec<T>>,
-        lse: SliceMut<'_, Vec<T>>,
+        q: Slice<'_, CpuBuffer<T>>,
+        k: Slice<'_, CpuBuffer<T>>,
+        v: Slice<'_, CpuBuffer<T>>,
+        out: SliceMut<'_, CpuBuffer<T>>,
+        lse: SliceMut<'_, CpuBuffer<T>>,
     ) -> Result<(), CpuError> {
         let e = shape.extents().map_err(CpuError::Shape)?;
         ops::attention::forward(
@@ -526,13 +628,13 @@ impl<T: CpuFloat> AttentionOps for CpuBackend<T> {
         &self,
         shape: &AttentionShape,
         mask: &AttentionMask,
-        dout: Slice<'_, Vec<T>>,
-        q: Slice<'_, Vec<T>>,
-        k: Slice<'_, Vec<T>>,
-        v: Slice<'_, Vec<T>>,
-        out: Slice<'_, Vec<T>>,
-        lse: Slice<'_, Vec<T>>,
-        grads: SliceMut<'_, Vec<T>>,
+        dout: Slice<'_, CpuBuffer<T>>,
+        q: Slice<'_, CpuBuffer<T>>,
+        k: Slice<'_, CpuBuffer<T>>,
+        v: Slice<'_, CpuBuffer<T>>,
+        out: Slice<'_, CpuBuffer<T>>,
+        lse: Slice<'_, CpuBuffer<T>>,
+        grads: SliceMut<'_, CpuBuffer<T>>,
         at: QkvOffsets,
     ) -> Result<(), CpuError> {
         let e = shape.extents().map_err(CpuError::Shape)?;
@@ -555,9 +657,9 @@ impl<T: CpuFloat> AttentionOps for CpuBackend<T> {
 impl<T: CpuFloat> ActivationOps for CpuBackend<T> {
     fn gated_residual_forward(
         &self,
-        residual: SliceMut<'_, Vec<T>>,
-        y: Slice<'_, Vec<T>>,
-        gate: Option<Slice<'_, Vec<T>>>,
+        residual: SliceMut<'_, CpuBuffer<T>>,
+        y: Slice<'_, CpuBuffer<T>>,
+        gate: Option<Slice<'_, CpuBuffer<T>>>,
         batch: usize,
         tokens: usize,
         channels: usize,
@@ -578,11 +680,11 @@ impl<T: CpuFloat> ActivationOps for CpuBackend<T> {
     }
     fn gated_residual_backward(
         &self,
-        dresidual: Slice<'_, Vec<T>>,
-        y: Slice<'_, Vec<T>>,
-        gate: Option<Slice<'_, Vec<T>>>,
-        dy: SliceMut<'_, Vec<T>>,
-        dgate: Option<SliceMut<'_, Vec<T>>>,
+        dresidual: Slice<'_, CpuBuffer<T>>,
+        y: Slice<'_, CpuBuffer<T>>,
+        gate: Option<Slice<'_, CpuBuffer<T>>>,
+        dy: SliceMut<'_, CpuBuffer<T>>,
+        dgate: Option<SliceMut<'_, CpuBuffer<T>>>,
         batch: usize,
         tokens: usize,
         channels: usize,
@@ -609,8 +711,8 @@ impl<T: CpuFloat> ActivationOps for CpuBackend<T> {
     }
     fn gelu_forward(
         &self,
-        x: Slice<'_, Vec<T>>,
-        out: SliceMut<'_, Vec<T>>,
+        x: Slice<'_, CpuBuffer<T>>,
+        out: SliceMut<'_, CpuBuffer<T>>,
         len: usize,
     ) -> Result<(), CpuError> {
         ops::activation::gelu_forward(view(x, len, "gelu x")?, view_mut(out, len, "gelu out")?);
@@ -618,9 +720,9 @@ impl<T: CpuFloat> ActivationOps for CpuBackend<T> {
     }
     fn gelu_backward(
         &self,
-        dout: Slice<'_, Vec<T>>,
-        x: Slice<'_, Vec<T>>,
-        dx: SliceMut<'_, Vec<T>>,
+        dout: Slice<'_, CpuBuffer<T>>,
+        x: Slice<'_, CpuBuffer<T>>,
+        dx: SliceMut<'_, CpuBuffer<T>>,
         len: usize,
     ) -> Result<(), CpuError> {
         ops::activation::gelu_backward(
@@ -632,8 +734,8 @@ impl<T: CpuFloat> ActivationOps for CpuBackend<T> {
     }
     fn silu_forward(
         &self,
-        x: Slice<'_, Vec<T>>,
-        out: SliceMut<'_, Vec<T>>,
+        x: Slice<'_, CpuBuffer<T>>,
+        out: SliceMut<'_, CpuBuffer<T>>,
         len: usize,
     ) -> Result<(), CpuError> {
         ops::activation::silu_forward(view(x, len, "silu x")?, view_mut(out, len, "silu out")?);
@@ -641,9 +743,9 @@ impl<T: CpuFloat> ActivationOps for CpuBackend<T> {
     }
     fn silu_backward(
         &self,
-        dout: Slice<'_, Vec<T>>,
-        x: Slice<'_, Vec<T>>,
-        dx: SliceMut<'_, Vec<T>>,
+        dout: Slice<'_, CpuBuffer<T>>,
+        x: Slice<'_, CpuBuffer<T>>,
+        dx: SliceMut<'_, CpuBuffer<T>>,
         len: usize,
     ) -> Result<(), CpuError> {
         ops::activation::silu_backward(
@@ -655,7 +757,7 @@ impl<T: CpuFloat> ActivationOps for CpuBackend<T> {
     }
     fn dropout(
         &self,
-        x: SliceMut<'_, Vec<T>>,
+        x: SliceMut<'_, CpuBuffer<T>>,
         len: usize,
         p: f32,
         stream: &RngStream,
@@ -669,12 +771,16 @@ impl<T: CpuFloat> LossOps for CpuBackend<T> {
     fn embedding_forward(
         &self,
         ids: &Vec<u32>,
-        table: Slice<'_, Vec<T>>,
-        out: SliceMut<'_, Vec<T>>,
+        table: Slice<'_, CpuBuffer<T>>,
+        out: SliceMut<'_, CpuBuffer<T>>,
         rows: usize,
         channels: usize,
     ) -> Result<(), CpuError> {
         let ids = ids_view(ids, rows, "embedding ids")?;
+        if let Some((m, w)) = table.buf.stored().and_then(|s| s.starting_at(table.offset)) {
+            check_ids(ids, m.rows)?;
+            return ops::stored::embedding_forward(ids, m, w, out, rows, channels);
+        }
         let table_rows = (table.buf.len().saturating_sub(table.offset)) / channels.max(1);
         check_ids(ids, table_rows)?;
         let table = view(table, table_rows * channels, "embedding table")?;
@@ -689,8 +795,8 @@ impl<T: CpuFloat> LossOps for CpuBackend<T> {
     fn embedding_backward(
         &self,
         ids: &Vec<u32>,
-        dout: Slice<'_, Vec<T>>,
-        dtable: SliceMut<'_, Vec<T>>,
+        dout: Slice<'_, CpuBuffer<T>>,
+        dtable: SliceMut<'_, CpuBuffer<T>>,
         rows: usize,
         channels: usize,
     ) -> Result<(), CpuError> {
@@ -707,10 +813,10 @@ impl<T: CpuFloat> LossOps for CpuBackend<T> {
     }
     fn softmax_cross_entropy(
         &self,
-        logits: SliceMut<'_, Vec<T>>,
+        logits: SliceMut<'_, CpuBuffer<T>>,
         targets: &Vec<u32>,
-        weights: Slice<'_, Vec<T>>,
-        losses: SliceMut<'_, Vec<T>>,
+        weights: Slice<'_, CpuBuffer<T>>,
+        losses: SliceMut<'_, CpuBuffer<T>>,
         shape: RowMajor,
         excluded: Option<u32>,
         grad_scale: f32,
@@ -732,23 +838,28 @@ impl<T: CpuFloat> LossOps for CpuBackend<T> {
 }
 
 impl<T: CpuFloat> OptimizerOps for CpuBackend<T> {
-    fn sum(&self, x: Slice<'_, Vec<T>>, len: usize) -> Result<f64, CpuError> {
+    fn sum(&self, x: Slice<'_, CpuBuffer<T>>, len: usize) -> Result<f64, CpuError> {
         Ok(ops::optim::sum(view(x, len, "sum")?))
     }
-    fn sum_squares(&self, x: Slice<'_, Vec<T>>, len: usize) -> Result<f64, CpuError> {
+    fn sum_squares(&self, x: Slice<'_, CpuBuffer<T>>, len: usize) -> Result<f64, CpuError> {
         Ok(ops::optim::sum_squares(view(x, len, "sum_squares")?))
     }
-    fn scale(&self, x: SliceMut<'_, Vec<T>>, len: usize, factor: f32) -> Result<(), CpuError> {
+    fn scale(
+        &self,
+        x: SliceMut<'_, CpuBuffer<T>>,
+        len: usize,
+        factor: f32,
+    ) -> Result<(), CpuError> {
         ops::optim::scale(view_mut(x, len, "scale")?, T::of_f32(factor));
         Ok(())
     }
     fn adamw(
         &self,
         hp: &AdamW,
-        params: SliceMut<'_, Vec<T>>,
-        grads: Slice<'_, Vec<T>>,
-        m: SliceMut<'_, Vec<T>>,
-        v: SliceMut<'_, Vec<T>>,
+        params: SliceMut<'_, CpuBuffer<T>>,
+        grads: Slice<'_, CpuBuffer<T>>,
+        m: SliceMut<'_, CpuBuffer<T>>,
+        v: SliceMut<'_, CpuBuffer<T>>,
         len: usize,
     ) -> Result<(), CpuError> {
         ops::optim::adamw(
@@ -762,8 +873,8 @@ impl<T: CpuFloat> OptimizerOps for CpuBackend<T> {
     }
     fn ema_update(
         &self,
-        ema: SliceMut<'_, Vec<T>>,
-        params: Slice<'_, Vec<T>>,
+        ema: SliceMut<'_, CpuBuffer<T>>,
+        params: Slice<'_, CpuBuffer<T>>,
         len: usize,
         decay: f32,
     ) -> Result<(), CpuError> {
@@ -780,7 +891,7 @@ impl<T: CpuFloat> DrawOps for CpuBackend<T> {
     /// Rows drawn in parallel (each is `draw_token` on its own stream: the same tokens).
     fn draw_tokens(
         &self,
-        logits: Slice<'_, Vec<T>>,
+        logits: Slice<'_, CpuBuffer<T>>,
         vocab: usize,
         mask_id: u32,
         nucleus: &Nucleus,

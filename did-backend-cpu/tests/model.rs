@@ -3,7 +3,7 @@
 //! KV cache against uncached passes, joint calls of several denoisers against
 //! each one's own call, and the memory report against what is allocated.
 
-use did_backend_cpu::CpuBackend;
+use did_backend_cpu::{CpuBackend, CpuBuffer};
 use did_core::backend::prelude::*;
 use did_core::denoiser::{DenoiseRequest, Denoiser, OutputPosition};
 use did_core::model::CausalSampler;
@@ -49,26 +49,30 @@ fn gradient_check(config: ModelConfig, batch: TrainBatch, dropout: Option<Dropou
     let be = CpuBackend::<f64>::with_float().with_row_alignment(8);
     assert_ne!(be.padded_row_stride(config.vocab_size), config.vocab_size);
     let model = Transformer::new(config).unwrap();
-    let host = model.table().random_values(3, 0.4);
-    let params: Vec<f64> = host.iter().map(|&x| f64::from(x)).collect();
+    let host = CpuBuffer::from(model.table().random_values(3, 0.4));
+    let params: CpuBuffer<f64> = host
+        .iter()
+        .map(|&x| f64::from(x))
+        .collect::<Vec<_>>()
+        .into();
     assert_ne!((batch.batch * batch.seq_len) % 5, 0, "a short last chunk");
     let mut acts =
         Activations::with_loss_rows(&be, &config, batch.batch, batch.seq_len, batch.pass, 5)
             .unwrap();
     model.load_batch(&be, &mut acts, &batch).unwrap();
     model.forward(&be, &params, &mut acts, dropout).unwrap();
-    let mut grads = vec![0.0f64; params.len()];
+    let mut grads = CpuBuffer::from(vec![0.0f64; params.len()]);
     model
         .backward(&be, &params, &mut grads, &mut acts, dropout, 1.0)
         .unwrap();
-    let mut loss_at = |p: &Vec<f64>| model.loss(&be, p, &mut acts, dropout).unwrap();
+    let mut loss_at = |p: &CpuBuffer<f64>| model.loss(&be, p, &mut acts, dropout).unwrap();
     // The f32 backend's gradients agree with these.
     let be32 = CpuBackend::<f32>::new();
     let mut acts32 =
         Activations::new(&be32, &config, batch.batch, batch.seq_len, batch.pass).unwrap();
     model.load_batch(&be32, &mut acts32, &batch).unwrap();
     model.forward(&be32, &host, &mut acts32, dropout).unwrap();
-    let mut grads32 = vec![0.0f32; params.len()];
+    let mut grads32 = CpuBuffer::from(vec![0.0f32; params.len()]);
     model
         .backward(&be32, &host, &mut grads32, &mut acts32, dropout, 1.0)
         .unwrap();
@@ -127,12 +131,13 @@ fn padded_logits_rows_leave_loss_and_gradients_unchanged() {
     let x0 = tokens(4, 2 * 8, 10);
     let batch = diffusion_batch(&x0, 2, 8, 2, &TrainingSchedule::default(), 10, 5, 0).unwrap();
     let model = Transformer::new(config).unwrap();
-    let params: Vec<f64> = model
+    let params: CpuBuffer<f64> = model
         .table()
         .random_values(5, 0.4)
         .iter()
         .map(|&x| f64::from(x))
-        .collect();
+        .collect::<Vec<_>>()
+        .into();
     let dropout = Some(DropoutStreams { seed: 3, step: 1 });
     let step = |be: &CpuBackend<f64>| {
         let mut acts =
@@ -140,7 +145,7 @@ fn padded_logits_rows_leave_loss_and_gradients_unchanged() {
                 .unwrap();
         model.load_batch(be, &mut acts, &batch).unwrap();
         model.forward(be, &params, &mut acts, dropout).unwrap();
-        let mut grads = vec![0.0f64; params.len()];
+        let mut grads = CpuBuffer::from(vec![0.0f64; params.len()]);
         let loss = model
             .backward(be, &params, &mut grads, &mut acts, dropout, 1.0)
             .unwrap();
@@ -168,12 +173,13 @@ fn the_head_over_the_weighted_rows_equals_the_head_over_every_row() {
         "{weighted} of {rows} rows weighted"
     );
     let model = Transformer::new(config).unwrap();
-    let params: Vec<f64> = model
+    let params: CpuBuffer<f64> = model
         .table()
         .random_values(8, 0.4)
         .iter()
         .map(|&x| f64::from(x))
-        .collect();
+        .collect::<Vec<_>>()
+        .into();
     let dropout = Some(DropoutStreams { seed: 5, step: 2 });
     let be = CpuBackend::<f64>::with_float();
     let step = |loss_rows: usize| {
@@ -188,7 +194,7 @@ fn the_head_over_the_weighted_rows_equals_the_head_over_every_row() {
         .unwrap();
         model.load_batch(&be, &mut acts, &batch).unwrap();
         model.forward(&be, &params, &mut acts, dropout).unwrap();
-        let mut grads = vec![0.0f64; params.len()];
+        let mut grads = CpuBuffer::from(vec![0.0f64; params.len()]);
         let loss = model
             .backward(&be, &params, &mut grads, &mut acts, dropout, 1.0)
             .unwrap();
@@ -204,7 +210,7 @@ fn the_head_over_the_weighted_rows_equals_the_head_over_every_row() {
     let scale = grads.iter().fold(0.0f64, |m, g| m.max(g.abs()));
     let worst = grads
         .iter()
-        .zip(&chunked_grads)
+        .zip(chunked_grads.iter())
         .fold(0.0f64, |m, (a, b)| m.max((a - b).abs()));
     assert!(
         worst <= 1e-12 * scale,
@@ -245,7 +251,7 @@ fn random_model(
     vocab: usize,
     context: usize,
     seed: u64,
-) -> (Transformer, Vec<f32>) {
+) -> (Transformer, CpuBuffer<f32>) {
     let config = ModelConfig {
         hidden: 32,
         heads: 2,
@@ -255,7 +261,7 @@ fn random_model(
         ..micro(arch, vocab, context, 0.1)
     };
     let model = Transformer::new(config).unwrap();
-    let params = model.table().random_values(seed, 0.3);
+    let params = CpuBuffer::from(model.table().random_values(seed, 0.3));
     (model, params)
 }
 
@@ -334,7 +340,7 @@ fn kv_cache_equals_uncached_passes_across_the_window() {
             let mut seq = clean.clone();
             for s in 0..2 {
                 for p in range.start..l {
-                    if p >= range.end || (p + s + seed) % 3 == 0 {
+                    if p >= range.end || (p + s + seed).is_multiple_of(3) {
                         seq[s * l + p] = mask;
                     }
                 }
@@ -393,7 +399,7 @@ fn joint_commits_and_calls_give_each_denoiser_its_own_logits_and_draws() {
         let blocks = 3 + b as usize % 4;
         let l = block * blocks;
         // Past the context the windows slide, differently per member.
-        let context = if seed % 2 == 0 { l } else { 2 * block };
+        let context = if seed.is_multiple_of(2) { l } else { 2 * block };
         let vocab = 20;
         let mask = vocab as u32 - 1;
         let (model, params) = random_model(Architecture::Dit, vocab, context, seed);
@@ -602,7 +608,7 @@ fn memory_report_counts_what_is_allocated() {
         if align == 1 {
             assert_eq!(report, memory_report(&config, 3, 8, pass));
         }
-        let mut saved: usize = acts.residual.iter().map(Vec::len).sum();
+        let mut saved: usize = acts.residual.iter().map(|r| r.len()).sum();
         for b in &acts.blocks {
             saved += [
                 &b.ln1, &b.mean1, &b.rstd1, &b.h1, &b.qkv, &b.att, &b.lse, &b.y1, &b.x_mid, &b.ln2,
@@ -706,13 +712,13 @@ fn each_gradient_bucket_is_final_when_its_stage_is_reported() {
     for (config, batch) in [(dit, bd3), (gpt2, causal)] {
         let be = CpuBackend::<f32>::new();
         let model = Transformer::new(config).unwrap();
-        let params = model.table().random_values(8, 0.4);
+        let params = CpuBuffer::from(model.table().random_values(8, 0.4));
         let mut acts =
             Activations::new(&be, &config, batch.batch, batch.seq_len, batch.pass).unwrap();
         model.load_batch(&be, &mut acts, &batch).unwrap();
         let dropout = Some(DropoutStreams { seed: 2, step: 3 });
         model.forward(&be, &params, &mut acts, dropout).unwrap();
-        let mut grads = model.table().random_values(9, 0.1);
+        let mut grads = CpuBuffer::from(model.table().random_values(9, 0.1));
         let mut reported = Vec::new();
         model
             .backward_staged(

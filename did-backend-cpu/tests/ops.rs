@@ -2,7 +2,7 @@
 //! the backward against f64 central finite differences of the forward, on
 //! small random shapes (sizes that are not multiples of 8, and size 1).
 
-use did_backend_cpu::CpuBackend;
+use did_backend_cpu::{CpuBackend, CpuBuffer};
 use did_core::backend::prelude::*;
 use did_core::backend::{
     AdamW, AttentionShape, Gemm, NormShape, QkvOffsets, RopeShape, RowGroups, RowMajor, Slice,
@@ -13,13 +13,19 @@ use did_core::rng::{Purpose, RngStream};
 use quickcheck::{QuickCheck, TestResult};
 
 type F64 = CpuBackend<f64>;
+type Buf = CpuBuffer<f64>;
 const BE: F64 = CpuBackend::<f64>::with_float();
 
-fn rand(seed: u64, n: usize, scale: f64) -> Vec<f64> {
+/// A CPU backend buffer holding `values`.
+fn buf<T>(values: Vec<T>) -> CpuBuffer<T> {
+    values.into()
+}
+
+fn rand(seed: u64, n: usize, scale: f64) -> Buf {
     let s = RngStream::new(seed, Purpose::Init, 7, 3);
-    (0..n)
+    buf((0..n)
         .map(|i| (2.0 * s.uniform((i >> 30) as u32, i as u32) - 1.0) * scale)
-        .collect()
+        .collect())
 }
 
 fn dot(a: &[f64], b: &[f64]) -> f64 {
@@ -30,10 +36,10 @@ fn dot(a: &[f64], b: &[f64]) -> f64 {
 /// (or a spread sample of at most 40 of them), compared with `analytic`.
 fn check_grad(
     name: &str,
-    inputs: &[Vec<f64>],
+    inputs: &[Buf],
     which: usize,
     analytic: &[f64],
-    loss: &dyn Fn(&[Vec<f64>]) -> f64,
+    loss: &dyn Fn(&[Buf]) -> f64,
 ) {
     let n = inputs[which].len();
     let step = (n / 40).max(1);
@@ -150,14 +156,14 @@ fn matmul_matches_naive_in_f64_and_f32() {
             SliceMut::whole(&mut got),
         )
         .unwrap();
-        for (x, y) in got.iter().zip(&want) {
+        for (x, y) in got.iter().zip(want.iter()) {
             if (x - y).abs() > 1e-12 * (1.0 + y.abs()) {
                 return TestResult::error(format!("{g:?}: {x} vs {y}"));
             }
         }
         // f32 agrees too.
         let f32b = CpuBackend::<f32>::new();
-        let to32 = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<f32>>();
+        let to32 = |v: &[f64]| buf(v.iter().map(|&x| x as f32).collect());
         let mut got32 = to32(&cv);
         f32b.matmul(
             &g,
@@ -166,7 +172,7 @@ fn matmul_matches_naive_in_f64_and_f32() {
             SliceMut::whole(&mut got32),
         )
         .unwrap();
-        for (x, y) in got32.iter().zip(&want) {
+        for (x, y) in got32.iter().zip(want.iter()) {
             if (f64::from(*x) - y).abs() > 1e-4 * (1.0 + y.abs()) * k as f64 {
                 return TestResult::error(format!("f32 {g:?}: {x} vs {y}"));
             }
@@ -185,8 +191,8 @@ fn linear_layer_gradients_are_the_two_backward_gemms() {
             rand(seed.wrapping_add(1), d_out * d_in, 1.0),
         ];
         let r = rand(seed.wrapping_add(2), rows * d_out, 1.0);
-        let loss = |inp: &[Vec<f64>]| {
-            let mut y = vec![0.0; rows * d_out];
+        let loss = |inp: &[Buf]| {
+            let mut y = buf(vec![0.0; rows * d_out]);
             BE.matmul(
                 &Gemm::linear(rows, d_in, d_out),
                 Slice::whole(&inp[0]),
@@ -196,7 +202,7 @@ fn linear_layer_gradients_are_the_two_backward_gemms() {
             .unwrap();
             dot(&y, &r)
         };
-        let (mut dx, mut dw) = (vec![0.0; rows * d_in], vec![0.0; d_out * d_in]);
+        let (mut dx, mut dw) = (buf(vec![0.0; rows * d_in]), buf(vec![0.0; d_out * d_in]));
         BE.matmul(
             &Gemm::linear_input_grad(rows, d_in, d_out),
             Slice::whole(&r),
@@ -221,7 +227,7 @@ fn linear_layer_gradients_are_the_two_backward_gemms() {
 #[test]
 fn matmul_rejects_views_past_the_buffer() {
     let g = Gemm::linear(4, 8, 8);
-    let (a, b, mut c) = (vec![0.0; 31], vec![0.0; 64], vec![0.0; 32]);
+    let (a, b, mut c) = (buf(vec![0.0; 31]), buf(vec![0.0; 64]), buf(vec![0.0; 32]));
     let err = BE
         .matmul(
             &g,
@@ -246,15 +252,18 @@ fn bias_and_layernorm_gradients() {
             eps: 1e-5,
         };
         let x = rand(seed, rows * cols, 2.0);
-        let w: Vec<f64> = rand(seed.wrapping_add(1), cols, 0.5)
+        let w = buf(rand(seed.wrapping_add(1), cols, 0.5)
             .iter()
             .map(|v| v + 1.0)
-            .collect();
+            .collect());
         let bias = rand(seed.wrapping_add(2), cols, 0.5);
         let r = rand(seed.wrapping_add(3), rows * cols, 1.0);
-        let fwd = |inp: &[Vec<f64>]| -> Vec<f64> {
-            let (mut out, mut mean, mut rstd) =
-                (vec![0.0; rows * cols], vec![0.0; rows], vec![0.0; rows]);
+        let fwd = |inp: &[Buf]| -> Buf {
+            let (mut out, mut mean, mut rstd) = (
+                buf(vec![0.0; rows * cols]),
+                buf(vec![0.0; rows]),
+                buf(vec![0.0; rows]),
+            );
             BE.layernorm_forward(
                 &shape,
                 Slice::whole(&inp[0]),
@@ -282,9 +291,12 @@ fn bias_and_layernorm_gradients() {
                 }
             }
         }
-        let loss = |inp: &[Vec<f64>]| dot(&fwd(inp), &r);
-        let (mut o, mut mean, mut rstd) =
-            (vec![0.0; rows * cols], vec![0.0; rows], vec![0.0; rows]);
+        let loss = |inp: &[Buf]| dot(&fwd(inp), &r);
+        let (mut o, mut mean, mut rstd) = (
+            buf(vec![0.0; rows * cols]),
+            buf(vec![0.0; rows]),
+            buf(vec![0.0; rows]),
+        );
         BE.layernorm_forward(
             &shape,
             Slice::whole(&x),
@@ -295,7 +307,11 @@ fn bias_and_layernorm_gradients() {
             SliceMut::whole(&mut rstd),
         )
         .unwrap();
-        let (mut dx, mut dw, mut db) = (vec![0.0; rows * cols], vec![0.0; cols], vec![0.0; cols]);
+        let (mut dx, mut dw, mut db) = (
+            buf(vec![0.0; rows * cols]),
+            buf(vec![0.0; cols]),
+            buf(vec![0.0; cols]),
+        );
         BE.layernorm_backward(
             &shape,
             Slice::whole(&r),
@@ -315,7 +331,7 @@ fn bias_and_layernorm_gradients() {
             check_grad("layernorm dbias", &inputs, 2, &db, &loss);
         }
         // bias_add: y = x + b
-        let fb = |inp: &[Vec<f64>]| {
+        let fb = |inp: &[Buf]| {
             let mut y = inp[0].clone();
             BE.bias_add(SliceMut::whole(&mut y), Slice::whole(&inp[2]), rows, cols)
                 .unwrap();
@@ -340,8 +356,8 @@ fn modulation_and_gated_residual_gradients() {
         ];
         let r = rand(seed.wrapping_add(4), n, 1.0);
         // modulate: out = x(1 + scale) + shift
-        let fm = |inp: &[Vec<f64>]| {
-            let mut out = vec![0.0; n];
+        let fm = |inp: &[Buf]| {
+            let mut out = buf(vec![0.0; n]);
             BE.modulate_forward(
                 Slice::whole(&inp[0]),
                 Slice::whole(&inp[1]),
@@ -356,9 +372,9 @@ fn modulation_and_gated_residual_gradients() {
         };
         // dx is written (NaN until then); the column sums accumulate.
         let (mut dx, mut dscale, mut dshift) = (
-            vec![f64::NAN; n],
-            vec![0.0; batch * ch],
-            vec![0.0; batch * ch],
+            buf(vec![f64::NAN; n]),
+            buf(vec![0.0; batch * ch]),
+            buf(vec![0.0; batch * ch]),
         );
         BE.modulate_backward(
             Slice::whole(&r),
@@ -385,7 +401,7 @@ fn modulation_and_gated_residual_gradients() {
         check_grad("modulate dscale", &inputs, 2, &dscale, &fm);
         // gated residual: res += gate·y, with and without the gate
         for gated in [true, false] {
-            let fg = |inp: &[Vec<f64>]| {
+            let fg = |inp: &[Buf]| {
                 let mut res = inp[0].clone();
                 BE.gated_residual_forward(
                     SliceMut::whole(&mut res),
@@ -398,7 +414,7 @@ fn modulation_and_gated_residual_gradients() {
                 .unwrap();
                 dot(&res, &r)
             };
-            let (mut dy, mut dgate) = (vec![f64::NAN; n], vec![0.0; batch * ch]);
+            let (mut dy, mut dgate) = (buf(vec![f64::NAN; n]), buf(vec![0.0; batch * ch]));
             BE.gated_residual_backward(
                 Slice::whole(&r),
                 Slice::whole(&inputs[3]),
@@ -476,7 +492,7 @@ fn rope_matches_the_formula_and_inverts() {
         let mut g = r.clone();
         BE.rope_backward(&shape, SliceMut::whole(&mut g)).unwrap();
         let inputs = vec![x.clone()];
-        let loss = |inp: &[Vec<f64>]| {
+        let loss = |inp: &[Buf]| {
             let mut y = inp[0].clone();
             BE.rope_forward(&shape, SliceMut::whole(&mut y)).unwrap();
             dot(&y, &r)
@@ -624,14 +640,14 @@ fn attention_matches_the_dense_reference_and_its_gradients() {
         } else {
             (0, 0, 0)
         };
-        let run = |inp: &[Vec<f64>]| -> (Vec<f64>, Vec<f64>) {
+        let run = |inp: &[Buf]| -> (Buf, Buf) {
             let (qb, kb, vb) = if fused {
                 (&inp[0], &inp[0], &inp[0])
             } else {
                 (&inp[0], &inp[1], &inp[2])
             };
-            let mut out = vec![f64::NAN; batch * q_len * width]; // poisoned
-            let mut lse = vec![f64::NAN; batch * heads * q_len];
+            let mut out = buf(vec![f64::NAN; batch * q_len * width]); // poisoned
+            let mut lse = buf(vec![f64::NAN; batch * heads * q_len]);
             BE.attention_forward(
                 &s,
                 &mask,
@@ -668,7 +684,7 @@ fn attention_matches_the_dense_reference_and_its_gradients() {
                 v: nq + nk,
             }
         };
-        let mut grads = vec![0.0; if fused { nq } else { nq + 2 * nk }];
+        let mut grads = buf(vec![0.0; if fused { nq } else { nq + 2 * nk }]);
         BE.attention_backward(
             &s,
             &mask,
@@ -682,9 +698,9 @@ fn attention_matches_the_dense_reference_and_its_gradients() {
             at,
         )
         .unwrap();
-        let loss = |inp: &[Vec<f64>]| dot(&run(inp).0, &r);
+        let loss = |inp: &[Buf]| dot(&run(inp).0, &r);
         let g = if fused {
-            [grads, vec![], vec![]]
+            [grads.to_vec(), vec![], vec![]]
         } else {
             [
                 grads[..nq].to_vec(),
@@ -728,8 +744,8 @@ fn attention_query_without_keys_gets_zeros() {
         kv_batch_stride: 4,
         scale: 1.0,
     };
-    let x = vec![1.0; 4];
-    let (mut out, mut lse) = (vec![f64::NAN; 4], vec![0.0; 2]);
+    let x = buf(vec![1.0; 4]);
+    let (mut out, mut lse) = (buf(vec![f64::NAN; 4]), buf(vec![0.0; 2]));
     BE.attention_forward(
         &s,
         &mask,
@@ -753,15 +769,15 @@ fn activation_gradients() {
         let r = rand(seed.wrapping_add(1), n, 1.0);
         type Fwd = fn(
             &F64,
-            Slice<'_, Vec<f64>>,
-            SliceMut<'_, Vec<f64>>,
+            Slice<'_, Buf>,
+            SliceMut<'_, Buf>,
             usize,
         ) -> Result<(), did_backend_cpu::CpuError>;
         type Bwd = fn(
             &F64,
-            Slice<'_, Vec<f64>>,
-            Slice<'_, Vec<f64>>,
-            SliceMut<'_, Vec<f64>>,
+            Slice<'_, Buf>,
+            Slice<'_, Buf>,
+            SliceMut<'_, Buf>,
             usize,
         ) -> Result<(), did_backend_cpu::CpuError>;
         type Op = (&'static str, Fwd, Bwd, fn(f64) -> f64);
@@ -785,19 +801,19 @@ fn activation_gradients() {
             ),
         ];
         for (name, fwd, bwd, formula) in ops {
-            let mut out = vec![f64::NAN; n];
+            let mut out = buf(vec![f64::NAN; n]);
             fwd(&BE, Slice::whole(&inputs[0]), SliceMut::whole(&mut out), n).unwrap();
-            for (o, &x) in out.iter().zip(&inputs[0]) {
+            for (o, &x) in out.iter().zip(inputs[0].iter()) {
                 if (o - formula(x)).abs() > 1e-12 {
                     return TestResult::error(format!("{name} forward"));
                 }
             }
-            let loss = |inp: &[Vec<f64>]| {
-                let mut out = vec![0.0; n];
+            let loss = |inp: &[Buf]| {
+                let mut out = buf(vec![0.0; n]);
                 fwd(&BE, Slice::whole(&inp[0]), SliceMut::whole(&mut out), n).unwrap();
                 dot(&out, &r)
             };
-            let mut g = vec![f64::NAN; n]; // written by the backward
+            let mut g = buf(vec![f64::NAN; n]); // written by the backward
             bwd(
                 &BE,
                 Slice::whole(&r),
@@ -817,7 +833,7 @@ fn activation_gradients() {
 fn dropout_keeps_the_fraction_scales_and_is_its_own_backward() {
     let n = 100_000;
     let stream = RngStream::new(5, Purpose::Dropout, 3, 9);
-    let mut x = vec![1.0f64; n];
+    let mut x = buf(vec![1.0f64; n]);
     BE.dropout(SliceMut::whole(&mut x), n, 0.1, &stream)
         .unwrap();
     let kept = x.iter().filter(|&&v| v != 0.0).count();
@@ -827,12 +843,15 @@ fn dropout_keeps_the_fraction_scales_and_is_its_own_backward() {
         .iter()
         .all(|&v| v == 0.0 || (v - kept_scale).abs() < 1e-12));
     // The same stream drops the same elements (so the backward is the same call), f32 and f64 alike.
-    let mut y = vec![1.0f32; n];
+    let mut y = buf(vec![1.0f32; n]);
     CpuBackend::<f32>::new()
         .dropout(SliceMut::whole(&mut y), n, 0.1, &stream)
         .unwrap();
-    assert!(x.iter().zip(&y).all(|(a, b)| (*a == 0.0) == (*b == 0.0)));
-    let mut z = vec![1.0f64; n];
+    assert!(x
+        .iter()
+        .zip(y.iter())
+        .all(|(a, b)| (*a == 0.0) == (*b == 0.0)));
+    let mut z = buf(vec![1.0f64; n]);
     BE.dropout(SliceMut::whole(&mut z), n, 0.1, &stream.at_step(10))
         .unwrap();
     assert_ne!(x, z, "another step drops other elements");
@@ -844,8 +863,8 @@ fn embedding_gradients_and_bad_ids() {
     let ids: Vec<u32> = (0..rows as u32).map(|i| (i * 3) % vocab as u32).collect();
     let inputs = vec![rand(1, vocab * ch, 1.0)];
     let r = rand(2, rows * ch, 1.0);
-    let loss = |inp: &[Vec<f64>]| {
-        let mut out = vec![0.0; rows * ch];
+    let loss = |inp: &[Buf]| {
+        let mut out = buf(vec![0.0; rows * ch]);
         BE.embedding_forward(
             &ids,
             Slice::whole(&inp[0]),
@@ -856,12 +875,12 @@ fn embedding_gradients_and_bad_ids() {
         .unwrap();
         dot(&out, &r)
     };
-    let mut g = vec![0.0; vocab * ch];
+    let mut g = buf(vec![0.0; vocab * ch]);
     BE.embedding_backward(&ids, Slice::whole(&r), SliceMut::whole(&mut g), rows, ch)
         .unwrap();
     check_grad("embedding", &inputs, 0, &g, &loss);
     let bad = vec![0, 7];
-    let mut out = vec![0.0; 2 * ch];
+    let mut out = buf(vec![0.0; 2 * ch]);
     let err = BE
         .embedding_forward(
             &bad,
@@ -888,13 +907,13 @@ fn cross_entropy_loss_and_gradient() {
                 t
             })
             .collect();
-        let weights: Vec<f64> = (0..rows)
+        let weights = buf((0..rows)
             .map(|i| if i % 3 == 2 { 0.0 } else { 0.5 + i as f64 })
-            .collect();
+            .collect());
         let inputs = vec![rand(seed, rows * vocab, 3.0)];
-        let loss = |inp: &[Vec<f64>]| {
+        let loss = |inp: &[Buf]| {
             let mut l = inp[0].clone();
-            let mut losses = vec![0.0; rows];
+            let mut losses = buf(vec![0.0; rows]);
             BE.softmax_cross_entropy(
                 SliceMut::whole(&mut l),
                 &targets,
@@ -923,7 +942,7 @@ fn cross_entropy_loss_and_gradient() {
             return TestResult::error("cross-entropy loss");
         }
         let mut g = inputs[0].clone();
-        let mut losses = vec![0.0; rows];
+        let mut losses = buf(vec![0.0; rows]);
         BE.softmax_cross_entropy(
             SliceMut::whole(&mut g),
             &targets,
@@ -957,7 +976,7 @@ fn padded_rows_give_the_dense_results_and_keep_their_padding() {
         let shape = RowMajor::padded(rows, cols, stride);
         let dense = rand(seed, rows * cols, 3.0);
         let sentinel = -123.25;
-        let mut padded = vec![sentinel; shape.extent()];
+        let mut padded = buf(vec![sentinel; shape.extent()]);
         for r in 0..rows {
             padded[r * stride..r * stride + cols].copy_from_slice(&dense[r * cols..(r + 1) * cols]);
         }
@@ -979,7 +998,7 @@ fn padded_rows_give_the_dense_results_and_keep_their_padding() {
             .unwrap();
         BE.bias_add_rows(SliceMut::whole(&mut got), Slice::whole(&bias), shape)
             .unwrap();
-        if values(&got) != want || !padding_kept(&got) {
+        if values(&got) != *want || !padding_kept(&got) {
             return TestResult::error("bias_add over padded rows");
         }
         let (mut db_want, mut db_got) = (bias.clone(), bias.clone());
@@ -998,8 +1017,8 @@ fn padded_rows_give_the_dense_results_and_keep_their_padding() {
         let targets: Vec<u32> = (0..rows)
             .map(|r| (1 + (seed as usize % cols + r) % (cols - 1)) as u32)
             .collect();
-        let weights: Vec<f64> = (0..rows).map(|r| (r % 3) as f64 * 0.5).collect();
-        let mut losses = [vec![0.0; rows], vec![0.0; rows]];
+        let weights = buf((0..rows).map(|r| (r % 3) as f64 * 0.5).collect());
+        let mut losses = [buf(vec![0.0; rows]), buf(vec![0.0; rows])];
         for (logits, (losses, shape)) in [&mut want, &mut got]
             .into_iter()
             .zip(losses.iter_mut().zip([RowMajor::dense(rows, cols), shape]))
@@ -1015,7 +1034,7 @@ fn padded_rows_give_the_dense_results_and_keep_their_padding() {
             )
             .unwrap();
         }
-        if losses[0] != losses[1] || values(&got) != want || !padding_kept(&got) {
+        if losses[0] != losses[1] || values(&got) != *want || !padding_kept(&got) {
             return TestResult::error("cross-entropy over padded rows");
         }
         TestResult::passed()
@@ -1032,7 +1051,7 @@ fn adamw_ema_norm_and_scale_match_their_formulas() {
         rand(1, n, 1.0),
         rand(2, n, 1.0),
         rand(3, n, 0.1),
-        rand(4, n, 0.1).iter().map(|x| x * x).collect::<Vec<_>>(),
+        buf(rand(4, n, 0.1).iter().map(|x| x * x).collect()),
     );
     let hp = AdamW {
         lr: 1e-2,
@@ -1075,8 +1094,8 @@ fn adamw_ema_norm_and_scale_match_their_formulas() {
 fn copy_row_groups_moves_every_group_with_its_strides() {
     // Two groups of 2 rows × 2 columns: source rows 3 apart, groups 10 apart; destination
     // rows 2 apart, groups 5 apart (a KV-cache append for 2 sequences).
-    let src: Vec<f64> = (0..24).map(f64::from).collect();
-    let mut dst = vec![-1.0; 11];
+    let src = buf((0..24).map(f64::from).collect());
+    let mut dst = buf(vec![-1.0; 11]);
     let layout = RowGroups {
         groups: 2,
         rows: 2,
@@ -1097,8 +1116,8 @@ fn copy_row_groups_moves_every_group_with_its_strides() {
 
 #[test]
 fn copy_rows_moves_strided_rows() {
-    let src: Vec<f64> = (0..20).map(f64::from).collect();
-    let mut dst = vec![-1.0; 12];
+    let src = buf((0..20).map(f64::from).collect());
+    let mut dst = buf(vec![-1.0; 12]);
     BE.copy_rows(Slice::at(&src, 1), 5, SliceMut::at(&mut dst, 2), 4, 3, 2)
         .unwrap();
     assert_eq!(

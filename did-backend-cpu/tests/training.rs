@@ -284,7 +284,9 @@ fn same_seed_same_losses_bit_for_bit() {
     let (b, pb) = run();
     assert_eq!(a, b);
     assert!(
-        pa.iter().zip(&pb).all(|(x, y)| x.to_bits() == y.to_bits()),
+        pa.iter()
+            .zip(pb.iter())
+            .all(|(x, y)| x.to_bits() == y.to_bits()),
         "parameters differ"
     );
 }
@@ -340,7 +342,7 @@ fn bf16_weights_keep_f32_masters_and_round_the_copies_the_model_reads() {
     let kept = initial
         .iter()
         .zip(&state.params)
-        .zip(t.params())
+        .zip(t.params().iter())
         .filter(|((&i, &m), &r)| i == 1.0 && m != 1.0 && r == 1.0)
         .count();
     assert!(

@@ -34,6 +34,9 @@ pub struct DemoOptions {
     pub from_scratch: bool,
     /// Progress bars.
     pub progress: bool,
+    /// How the diffusion model's weight matrices are stored while sampling (the judge keeps
+    /// f32, so every format is scored alike).
+    pub weights: did_core::backend::WeightFormat,
 }
 
 const LENGTH: usize = 128;
@@ -194,8 +197,12 @@ pub fn demo<B: Backend>(be: &B, opts: &DemoOptions) -> Result<String, String> {
     let judge = JudgeModel::load(&judge)?;
     let dit_model = Transformer::new(dit_ckpt.config).map_err(|e| e.to_string())?;
     let dit_params = be
-        .upload(dit_ckpt.ema.as_ref().unwrap_or(&dit_ckpt.params))
-        .map_err(|e| e.to_string())?;
+        .upload_weights(
+            dit_ckpt.ema.as_ref().unwrap_or(&dit_ckpt.params),
+            &dit_model.weight_matrices(),
+            opts.weights,
+        )
+        .map_err(|e| format!("--weights {}: {e}", opts.weights))?;
     let judge_params = judge.upload(be)?;
     let tokenizer = Tokenizer::new(kind);
     let prompt = [kind.eos()];

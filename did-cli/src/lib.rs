@@ -268,6 +268,10 @@ enum Command {
         /// Seed.
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// How the diffusion model's weight matrices are stored while sampling: f32, bf16 or
+        /// int8 (CPU only); docs/cpu-inference.md.
+        #[arg(long, default_value = "f32")]
+        weights: String,
     },
     /// Serve completions over HTTP with OpenAI's API: requests that share their settings are
     /// batched, and each gets the tokens it would get alone (docs/serving.md).
@@ -465,10 +469,12 @@ fn execute(cli: Cli, matches: &clap::ArgMatches, args: &[String]) -> Result<Stri
             out,
             samples,
             seed,
+            weights,
         } => {
             if samples == 0 {
                 return Err("--samples must be at least 1".into());
             }
+            let weights = weights.parse().map_err(|e| format!("--weights: {e}"))?;
             on_backend!(cli, be => demo::demo(be, &demo::DemoOptions {
                 minutes,
                 out,
@@ -476,6 +482,7 @@ fn execute(cli: Cli, matches: &clap::ArgMatches, args: &[String]) -> Result<Stri
                 seed,
                 from_scratch,
                 progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+                weights,
             }))
         }
         Command::Sample {

@@ -58,6 +58,11 @@ pub struct SamplingArgs {
     /// block: the small-refine-block ablation).
     #[arg(long)]
     pub local_final: bool,
+    /// How the weight matrices are stored while sampling: f32 (as trained), bf16 (half the
+    /// bytes) or int8 (a quarter; CPU only). On a CPU a draft call reads every weight, so
+    /// narrower weights sample faster (docs/cpu-inference.md has the speeds and the quality).
+    #[arg(long, default_value = "f32")]
+    pub weights: String,
 }
 
 impl From<&SamplingArgs> for SamplingSettings {
@@ -76,6 +81,7 @@ impl From<&SamplingArgs> for SamplingSettings {
             stop_at_eos: a.stop_at_eos,
             no_ema: a.no_ema,
             local_final: a.local_final,
+            weights: a.weights.clone(),
         }
     }
 }

@@ -48,6 +48,9 @@ pub struct ServeArgs {
     /// Sample with the trained weights instead of the EMA weights.
     #[arg(long)]
     pub no_ema: bool,
+    /// How the weight matrices are stored: f32, bf16 or int8 (CPU only); docs/cpu-inference.md.
+    #[arg(long, default_value = "f32")]
+    pub weights: String,
 }
 
 impl ServeArgs {
@@ -70,6 +73,7 @@ impl ServeArgs {
                 top_p: self.top_p,
                 length: self.length,
                 no_ema: self.no_ema,
+                weights: self.weights.clone(),
                 stop_at_eos: true,
                 ..SamplingSettings::default()
             },

@@ -16,7 +16,7 @@
 use std::ops::Range;
 use std::time::Duration;
 
-use did_backend_cpu::CpuBackend;
+use did_backend_cpu::{CpuBackend, CpuBuffer};
 use did_core::collective::{Collective, CollectiveError, DataParallel};
 use did_core::model::{
     diffusion_batch, Architecture, BlockSizeDistribution, ModelConfig, Trainer, TrainerConfig,
@@ -241,7 +241,7 @@ impl Collective<CpuBackend> for OneSum {
     fn all_reduce_sum(
         &mut self,
         be: &CpuBackend,
-        buf: &mut Vec<f32>,
+        buf: &mut CpuBuffer<f32>,
         range: Range<usize>,
     ) -> Result<(), CollectiveError> {
         self.inner.all_reduce_sum(be, buf, range)
@@ -249,13 +249,17 @@ impl Collective<CpuBackend> for OneSum {
     fn start_sum(
         &mut self,
         _: &CpuBackend,
-        _: &mut Vec<f32>,
+        _: &mut CpuBuffer<f32>,
         range: Range<usize>,
     ) -> Result<(), CollectiveError> {
         self.end = self.end.max(range.end);
         Ok(())
     }
-    fn finish_sums(&mut self, be: &CpuBackend, buf: &mut Vec<f32>) -> Result<(), CollectiveError> {
+    fn finish_sums(
+        &mut self,
+        be: &CpuBackend,
+        buf: &mut CpuBuffer<f32>,
+    ) -> Result<(), CollectiveError> {
         assert_eq!(self.end, buf.len(), "the buckets reach the last parameter");
         self.end = 0;
         self.inner.all_reduce_sum(be, buf, 0..buf.len())
@@ -266,7 +270,7 @@ impl Collective<CpuBackend> for OneSum {
     fn broadcast(
         &mut self,
         be: &CpuBackend,
-        buf: &mut Vec<f32>,
+        buf: &mut CpuBuffer<f32>,
         len: usize,
         root: usize,
     ) -> Result<(), CollectiveError> {

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::Instant;
 
-use did_core::backend::Backend;
+use did_core::backend::{Backend, WeightFormat};
 use did_core::denoiser::{Denoiser, HostDrawScratch};
 use did_core::model::{DiffusionDenoiser, Transformer};
 use did_core::refine::GenerateConfig;
@@ -103,6 +103,8 @@ pub struct EngineOptions {
     pub max_batch: usize,
     /// At most this many jobs waiting; more are refused ([`Busy`]).
     pub queue: usize,
+    /// How the weight matrices are stored on the backend.
+    pub weights: WeightFormat,
 }
 
 /// Starts the engine thread on the backend `make` creates there (a GPU context belongs to the
@@ -126,7 +128,9 @@ where
         .name("did-engine".into())
         .spawn(move || {
             let started = make().and_then(|be| {
-                let params = be.upload(&weights).map_err(|e| e.to_string())?;
+                let params = be
+                    .upload_weights(&weights, &model.weight_matrices(), options.weights)
+                    .map_err(|e| format!("--weights {}: {e}", options.weights))?;
                 Ok((be, params))
             });
             let (be, params) = match started {
@@ -514,6 +518,7 @@ mod tests {
         let options = EngineOptions {
             max_batch,
             queue: 8,
+            weights: WeightFormat::F32,
         };
         let (handle, thread) = start(
             || Ok(CpuBackend::new()),

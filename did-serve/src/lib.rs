@@ -103,6 +103,7 @@ impl Server {
         let engine_options = EngineOptions {
             max_batch: options.max_batch,
             queue: options.queue,
+            weights: prepared.weight_format(),
         };
         let weights = prepared.weights().to_vec();
         let (engine, engine_thread) = engine::start(

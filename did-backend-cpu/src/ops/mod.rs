@@ -12,6 +12,7 @@ pub mod layernorm;
 pub mod modulate;
 pub mod optim;
 pub mod rope;
+pub mod stored;
 
 use rayon::prelude::*;
 

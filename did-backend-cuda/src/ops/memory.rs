@@ -1,7 +1,7 @@
 //! [`MemoryOps`]: allocation, transfers, fills and copies.
 
 use did_core::backend::prelude::*;
-use did_core::backend::{RowGroups, Slice, SliceMut};
+use did_core::backend::{RowGroups, Slice, SliceMut, WeightFormat, WeightMatrix};
 
 use crate::buffer::*;
 use crate::counters::Event;
@@ -42,6 +42,24 @@ impl MemoryOps for CudaBackend {
             self.upload_bytes(&bytes, &mut view)?;
         }
         Ok(buf)
+    }
+    /// The weights as the backend stores every buffer: f32, or bf16 on a `Precision::Bf16`
+    /// backend. int8 weights are the CPU backend's only (docs/cpu-inference.md).
+    fn upload_weights(
+        &self,
+        host: &[f32],
+        _matrices: &[WeightMatrix],
+        format: WeightFormat,
+    ) -> Result<CudaBuffer, CudaError> {
+        match (format, self.precision) {
+            (WeightFormat::F32, _) | (WeightFormat::Bf16, Precision::Bf16) => self.upload(host),
+            (WeightFormat::Bf16, Precision::F32) => Err(CudaError::Shape(
+                "bf16 weights on CUDA come with bf16 storage: use --precision bf16 (and --weights f32)".into(),
+            )),
+            (WeightFormat::Int8, _) => Err(CudaError::Shape(
+                "int8 weights are stored by the CPU backend only; on CUDA use --precision bf16 for half the bytes".into(),
+            )),
+        }
     }
     fn stores_below_f32(&self) -> bool {
         self.precision == Precision::Bf16

@@ -2,7 +2,7 @@
 //!
 //! The base of every other family: it names the buffer, id and error types that their ops take.
 
-use super::{RowGroups, Slice, SliceMut};
+use super::{RowGroups, Slice, SliceMut, WeightFormat, WeightMatrix};
 use core::fmt;
 
 /// The first token id of `ids` that is not below `rows` (a table's row
@@ -85,6 +85,25 @@ pub trait MemoryOps {
     fn stores_below_f32(&self) -> bool {
         false
     }
+    /// A buffer holding the parameters `host` for inference, with the weight `matrices` (from
+    /// [`Transformer::weight_matrices`](crate::model::Transformer::weight_matrices)) stored in
+    /// `format` and everything else as [`MemoryOps::upload`] stores it. The model reads it like
+    /// any parameter buffer; the linear forwards and the embedding read the matrices as stored.
+    /// An error where the backend does not store `format` (it names the formats it does).
+    ///
+    /// ```
+    /// use did_core::backend::{MemoryOps, WeightFormat};
+    /// use did_core::model::{Architecture, ModelConfig, Transformer};
+    /// fn upload_int8<B: MemoryOps>(be: &B, model: &Transformer, host: &[f32]) -> Result<B::Buffer, B::Error> {
+    ///     be.upload_weights(host, &model.weight_matrices(), WeightFormat::Int8)
+    /// }
+    /// ```
+    fn upload_weights(
+        &self,
+        host: &[f32],
+        matrices: &[WeightMatrix],
+        format: WeightFormat,
+    ) -> Result<Self::Buffer, Self::Error>;
     /// A buffer holding `host` in f32 whatever the storage precision, like
     /// [`MemoryOps::zeros_f32`]: master weights, AdamW moments and the EMA
     /// ([`OptimizerOps::optimizer_step`](crate::backend::OptimizerOps::optimizer_step)). Provided: [`MemoryOps::upload`].

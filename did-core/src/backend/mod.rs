@@ -27,7 +27,7 @@
 //!
 //! | family | trait | ops |
 //! |---|---|---|
-//! | memory and views | [`MemoryOps`] | buffers, transfers, fills, copies ([`views`]: [`Slice`], [`RowMajor`], [`RowGroups`]) |
+//! | memory and views | [`MemoryOps`] | buffers, transfers, fills, copies ([`views`]: [`Slice`], [`RowMajor`], [`RowGroups`]); weights stored as [`WeightFormat`] |
 //! | recording | [`RecordingOps`] | record a pass once, replay it (CUDA graphs) |
 //! | linear | [`LinearOps`] | GEMM, bias |
 //! | norm | [`NormOps`] | LayerNorm, adaLN modulation |
@@ -52,6 +52,7 @@ mod norm;
 mod optim;
 mod recording;
 pub mod views;
+mod weights;
 
 pub use activation::{ActivationOps, DropoutMask};
 pub use attention::{AttentionExtents, AttentionOps, AttentionShape, QkvOffsets, RopeShape};
@@ -64,6 +65,7 @@ pub use norm::{NormOps, NormShape};
 pub use optim::{AdamW, OptimizerOps, OptimizerStep, UpdatedWeights};
 pub use recording::{RecordingId, RecordingOps};
 pub use views::{RowGroups, RowMajor, Slice, SliceMut};
+pub use weights::{UnknownWeightFormat, WeightFormat, WeightMatrix};
 
 /// The compute primitives of a backend. See the module docs for conventions.
 ///

@@ -13,7 +13,7 @@ pub use clock::{ClockError, StageClock, StageTime};
 use std::path::Path;
 use std::time::Instant;
 
-use did_core::backend::Backend;
+use did_core::backend::{Backend, UnknownWeightFormat, WeightFormat};
 use did_core::model::{Architecture, CausalSampler, DiffusionDenoiser, Transformer};
 use did_core::refine::{
     generate, GenerateConfig, GenerateError, Generation, RemaskScope, RemaskStrategy, StagePlan,
@@ -65,6 +65,8 @@ pub struct SamplingSettings {
     pub no_ema: bool,
     /// Allow a last stage smaller than the length (the small-refine-block ablation).
     pub local_final: bool,
+    /// How the weight matrices are stored: f32, bf16 or int8 ([`WeightFormat`]).
+    pub weights: String,
 }
 
 impl Default for SamplingSettings {
@@ -83,6 +85,7 @@ impl Default for SamplingSettings {
             stop_at_eos: false,
             no_ema: false,
             local_final: false,
+            weights: "f32".into(),
         }
     }
 }
@@ -151,6 +154,7 @@ pub struct Prepared {
     /// The network.
     pub model: Transformer,
     weights: Vec<f32>,
+    format: WeightFormat,
     /// Plan, sampler, remasking, scope, seed.
     pub gen: GenerateConfig,
     /// The pinned start of every sample.
@@ -254,6 +258,10 @@ impl Prepared {
         if settings.batch == 0 || settings.num_samples == 0 {
             return Err(bad("--batch and --num-samples must be at least 1".into()));
         }
+        let format: WeightFormat = settings
+            .weights
+            .parse()
+            .map_err(|e: UnknownWeightFormat| bad(format!("--weights: {e}")))?;
         let weights = if settings.no_ema {
             ckpt.params
         } else {
@@ -262,6 +270,7 @@ impl Prepared {
         Ok(Prepared {
             model: Transformer::new(config).map_err(|e| bad(e.to_string()))?,
             weights,
+            format,
             gen,
             prompt,
             len,
@@ -276,10 +285,15 @@ impl Prepared {
         &self.weights
     }
 
-    /// The weights on `be`.
+    /// How the weight matrices are stored on the backend.
+    pub fn weight_format(&self) -> WeightFormat {
+        self.format
+    }
+
+    /// The weights on `be`, their matrices stored as `--weights` says.
     pub fn upload<B: Backend>(&self, be: &B) -> Result<B::Buffer, Error> {
-        be.upload(&self.weights)
-            .map_err(|e| Error::Sampling(e.to_string()))
+        be.upload_weights(&self.weights, &self.model.weight_matrices(), self.format)
+            .map_err(|e| Error::Sampling(format!("--weights {}: {e}", self.format)))
     }
 
     /// Samples `first_sample ..= first_sample + n − 1` of a diffusion model as one batch, with

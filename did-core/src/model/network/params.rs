@@ -280,6 +280,42 @@ impl ParamTable {
         &self.layout
     }
 
+    /// The matrices a pass reads in full or by rows, which a backend may store below f32
+    /// ([`WeightFormat`](crate::backend::WeightFormat)): the token embedding, every block's
+    /// qkv, attention output and MLP weights, and the output head (once when tied). The
+    /// conditioning MLP and adaLN weights are not among them: inference applies them once, when
+    /// it starts, so they stay f32 with the norms and biases.
+    ///
+    /// ```
+    /// use did_core::model::{Architecture, ModelConfig, ParamTable};
+    /// let t = ParamTable::new(&ModelConfig::preset("small", Architecture::Dit)?);
+    /// let m = t.weight_matrices();
+    /// assert_eq!(m.len(), 2 + 4 * 12);
+    /// let stored: usize = m.iter().map(|w| w.rows * w.cols).sum();
+    /// assert_eq!(stored, 2 * 50_258 * 768 + 12 * 12 * 768 * 768);
+    /// # Ok::<(), did_core::Error>(())
+    /// ```
+    pub fn weight_matrices(&self) -> Vec<crate::backend::WeightMatrix> {
+        let lay = &self.layout;
+        let mut offsets = vec![lay.embed];
+        for b in &lay.blocks {
+            offsets.extend([b.qkv.0, b.attn_out.0, b.fc1.0, b.fc2.0]);
+        }
+        if lay.head.0 != lay.embed {
+            offsets.push(lay.head.0);
+        }
+        offsets
+            .into_iter()
+            .filter_map(|offset| self.entries.iter().find(|e| e.offset == offset))
+            .filter(|e| e.shape.len() == 2)
+            .map(|e| crate::backend::WeightMatrix {
+                offset: e.offset,
+                rows: e.shape[0],
+                cols: e.shape[1],
+            })
+            .collect()
+    }
+
     /// Total number of parameters.
     pub fn total(&self) -> usize {
         self.total

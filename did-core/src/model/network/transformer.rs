@@ -146,6 +146,11 @@ impl Transformer {
         &self.table
     }
 
+    /// Its weight matrices that a backend may store below f32 ([`ParamTable::weight_matrices`]).
+    pub fn weight_matrices(&self) -> Vec<crate::backend::WeightMatrix> {
+        self.table.weight_matrices()
+    }
+
     /// Which gradients are final at each stage of its backward.
     pub fn gradient_buckets(&self) -> &GradientBuckets {
         &self.buckets
