@@ -3,4 +3,5 @@
 //! with candle-core. The benches themselves live in `benches/`; results in docs/perf/.
 
 pub mod candle_dit;
+pub mod cpu_inference;
 pub mod profile;

@@ -17,6 +17,8 @@ use rayon::prelude::*;
 
 use crate::CpuFloat;
 
+mod few_queries;
+
 /// Most query rows per tile.
 pub const TILE: usize = 64;
 /// A run shorter than this is merged with its neighbours into one masked tile.
@@ -205,6 +207,33 @@ fn tile_scores<T: CpuFloat>(
     }
 }
 
+/// Most queries a (sequence, head) may have for [`forward`] to take them key by key
+/// ([`few_queries`]): a draft call's block of 4 over a long KV cache.
+const FEW_QUERIES: usize = 8;
+
+/// Softmax of each of the `rows` score rows (`cols` wide) in place; the row's log-sum-exp into
+/// `lse[row]` (a row that sees no key gets zeros and keeps its `lse`).
+fn softmax_rows<T: CpuFloat>(scores: &mut [T], rows: usize, cols: usize, lse: &mut [T]) {
+    for i in 0..rows {
+        let row = &mut scores[i * cols..(i + 1) * cols];
+        let m = row.iter().copied().fold(T::neg_infinity(), T::max);
+        if m == T::neg_infinity() {
+            row.fill(T::zero());
+            continue;
+        }
+        let mut sum = T::zero();
+        for x in row.iter_mut() {
+            *x = (*x - m).exp();
+            sum += *x;
+        }
+        let inv = T::one() / sum;
+        for x in row.iter_mut() {
+            *x *= inv;
+        }
+        lse[i] = m + sum.ln();
+    }
+}
+
 /// The forward: `out = softmax(scale·q·kᵀ + mask)·v`, `lse` per (sequence, head, query).
 pub fn forward<T: CpuFloat>(
     s: &AttentionShape,
@@ -215,11 +244,30 @@ pub fn forward<T: CpuFloat>(
     out: &mut [T],
     lse: &mut [T],
 ) {
-    let (d, width) = (s.head_dim, s.heads * s.head_dim);
+    let d = s.head_dim;
     if s.batch == 0 || s.heads == 0 || s.q_len == 0 || d == 0 {
         return;
     }
     let tiles = tiles(mask, s.q_len, s.kv_len);
+    if s.q_len <= FEW_QUERIES {
+        return few_queries::forward(s, mask, &tiles, q, k, v, out, lse);
+    }
+    forward_by_tiles(s, mask, &tiles, q, k, v, out, lse);
+}
+
+/// [`forward`] by GEMMs over tiles of queries.
+#[allow(clippy::too_many_arguments)]
+fn forward_by_tiles<T: CpuFloat>(
+    s: &AttentionShape,
+    mask: &AttentionMask,
+    tiles: &[Tile],
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    out: &mut [T],
+    lse: &mut [T],
+) {
+    let (d, width) = (s.head_dim, s.heads * s.head_dim);
     // Each task produces its head's [q_len, d] output and [q_len] lse; scattered below.
     let results: Vec<(Vec<T>, Vec<T>)> = (0..s.batch * s.heads)
         .into_par_iter()
@@ -229,7 +277,7 @@ pub fn forward<T: CpuFloat>(
             let mut o = vec![T::zero(); s.q_len * d];
             let mut l = vec![T::neg_infinity(); s.q_len];
             let mut scores = Vec::new();
-            for tile in &tiles {
+            for tile in tiles {
                 let (rows, cols) = (tile.rows.len(), tile.columns());
                 if cols == 0 {
                     continue;
@@ -238,24 +286,7 @@ pub fn forward<T: CpuFloat>(
                 scores.resize(rows * cols, T::zero());
                 tile_scores(s, tile, base, q, k, &mut scores);
                 apply_mask(mask, tile, s.kv_len, &mut scores);
-                for i in 0..rows {
-                    let row = &mut scores[i * cols..(i + 1) * cols];
-                    let m = row.iter().copied().fold(T::neg_infinity(), T::max);
-                    if m == T::neg_infinity() {
-                        row.fill(T::zero());
-                        continue;
-                    }
-                    let mut sum = T::zero();
-                    for x in row.iter_mut() {
-                        *x = (*x - m).exp();
-                        sum += *x;
-                    }
-                    let inv = T::one() / sum;
-                    for x in row.iter_mut() {
-                        *x *= inv;
-                    }
-                    l[tile.rows.start + i] = m + sum.ln();
-                }
+                softmax_rows(&mut scores, rows, cols, &mut l[tile.rows.start..]);
                 let mut col = 0;
                 for seg in &tile.segments {
                     small_gemm(
@@ -439,6 +470,78 @@ pub fn backward<T: CpuFloat>(
                 at.v + base.v + t * s.v_stride,
                 &gv[t * d..(t + 1) * d],
             );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A draft call's few queries over a KV cache (a window, a block mask, padding between
+    /// rows): key by key gives the tiled GEMMs' outputs and log-sum-exps, to rounding.
+    #[test]
+    fn few_queries_key_by_key_equal_the_tiled_forward() {
+        let (batch, heads, d, q_len, kv_len, capacity) = (3, 5, 24, 4, 70, 80);
+        let s = AttentionShape::over_cache(batch, heads, d, q_len, kv_len, capacity);
+        let values = |n: usize, seed: u32| -> Vec<f32> {
+            (0..n)
+                .map(|i| {
+                    (((i as u32).wrapping_mul(2_654_435_761) ^ seed) % 1000) as f32 / 500.0 - 1.0
+                })
+                .collect()
+        };
+        let (q, kv) = (
+            values(batch * q_len * 3 * heads * d, 1),
+            values(batch * capacity * 2 * heads * d, 2),
+        );
+        for mask in [
+            AttentionMask::BlockCausal {
+                block_size: 4,
+                query_offset: 66,
+                key_offset: 0,
+                window: None,
+            },
+            AttentionMask::BlockCausal {
+                block_size: 4,
+                query_offset: 66,
+                key_offset: 0,
+                window: Some(32),
+            },
+            AttentionMask::Full,
+        ] {
+            let tiles = tiles(&mask, q_len, kv_len);
+            let (mut out, mut lse) = (
+                vec![0.0f32; batch * q_len * heads * d],
+                vec![0.0f32; batch * heads * q_len],
+            );
+            let (mut want, mut want_lse) = (out.clone(), lse.clone());
+            few_queries::forward(
+                &s,
+                &mask,
+                &tiles,
+                &q,
+                &kv,
+                &kv[heads * d..],
+                &mut out,
+                &mut lse,
+            );
+            forward_by_tiles(
+                &s,
+                &mask,
+                &tiles,
+                &q,
+                &kv,
+                &kv[heads * d..],
+                &mut want,
+                &mut want_lse,
+            );
+            for (a, b) in out.iter().zip(&want).chain(lse.iter().zip(&want_lse)) {
+                assert!(
+                    (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
+                    "{mask:?}: {a} vs {b}"
+                );
+            }
         }
     }
 }

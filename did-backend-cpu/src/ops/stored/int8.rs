@@ -156,16 +156,27 @@ impl IntDots for VnniInt {
 /// AVX-512F available.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn sums_avx512<const R: usize, const C: usize>(acc: &[[x86::__m512i; C]; R]) -> [[i32; C]; R] {
+unsafe fn sums_avx512<const R: usize, const C: usize>(
+    acc: &[[x86::__m512i; C]; R],
+) -> [[i32; C]; R] {
     let mut out = [[0i32; C]; R];
     for r in 0..R {
         let mut c = 0;
         while c + 4 <= C {
             let [a, b, d, e] = [acc[r][c], acc[r][c + 1], acc[r][c + 2], acc[r][c + 3]];
-            let ab = x86::_mm512_add_epi32(x86::_mm512_unpacklo_epi32(a, b), x86::_mm512_unpackhi_epi32(a, b));
-            let de = x86::_mm512_add_epi32(x86::_mm512_unpacklo_epi32(d, e), x86::_mm512_unpackhi_epi32(d, e));
+            let ab = x86::_mm512_add_epi32(
+                x86::_mm512_unpacklo_epi32(a, b),
+                x86::_mm512_unpackhi_epi32(a, b),
+            );
+            let de = x86::_mm512_add_epi32(
+                x86::_mm512_unpacklo_epi32(d, e),
+                x86::_mm512_unpackhi_epi32(d, e),
+            );
             // Each 128-bit lane now holds partial sums of a, b, d, e in that order.
-            let lanes = x86::_mm512_add_epi32(x86::_mm512_unpacklo_epi64(ab, de), x86::_mm512_unpackhi_epi64(ab, de));
+            let lanes = x86::_mm512_add_epi32(
+                x86::_mm512_unpacklo_epi64(ab, de),
+                x86::_mm512_unpackhi_epi64(ab, de),
+            );
             let half = x86::_mm256_add_epi32(
                 x86::_mm512_castsi512_si256(lanes),
                 x86::_mm512_extracti64x4_epi64::<1>(lanes),
