@@ -25,13 +25,18 @@ fn gelu_parts<T: CpuFloat>(x: T) -> (T, T) {
 
 /// `out = gelu_tanh(x)`.
 pub fn gelu_forward<T: CpuFloat>(x: &[T], out: &mut [T]) {
-    out.par_chunks_mut(PAR_CHUNK)
-        .zip(x.par_chunks(PAR_CHUNK))
-        .for_each(|(o, x)| {
-            for (o, &x) in o.iter_mut().zip(x) {
-                *o = gelu_parts(x).0;
-            }
-        });
+    let chunk = |(o, x): (&mut [T], &[T])| {
+        for (o, &x) in o.iter_mut().zip(x) {
+            *o = gelu_parts(x).0;
+        }
+    };
+    if out.len() < super::PARALLEL_MIN {
+        chunk((out, x));
+    } else {
+        out.par_chunks_mut(PAR_CHUNK)
+            .zip(x.par_chunks(PAR_CHUNK))
+            .for_each(chunk);
+    }
 }
 
 /// `dx = dout·gelu_tanh'(x)` (written).

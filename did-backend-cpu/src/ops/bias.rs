@@ -12,13 +12,18 @@ pub fn bias_add<T: CpuFloat>(x: &mut [T], bias: &[T], cols: usize, stride: usize
         return;
     }
     let stride = stride.max(cols);
-    x.par_chunks_mut(stride * ROW_CHUNK).for_each(|rows| {
+    let add = |rows: &mut [T]| {
         for row in rows.chunks_mut(stride) {
             for (y, &b) in row[..cols].iter_mut().zip(bias) {
                 *y += b;
             }
         }
-    });
+    };
+    if x.len() < super::PARALLEL_MIN {
+        add(x);
+    } else {
+        x.par_chunks_mut(stride * ROW_CHUNK).for_each(add);
+    }
 }
 
 /// `dbias[c] += Σ_r dy[r, c]` over `rows` rows `stride` apart, summed in a fixed order.

@@ -1,7 +1,7 @@
 //! LayerNorm over the last dimension (statistics in the compute type, eps inside the root).
 
 use did_core::backend::NormShape;
-use ndarray::{ArrayView2, ArrayViewMut2, Axis, Zip};
+use ndarray::{ArrayView1, ArrayView2, ArrayViewMut1, ArrayViewMut2, Axis, Zip};
 
 use super::column_sums;
 use crate::CpuFloat;
@@ -24,24 +24,29 @@ pub fn forward<T: CpuFloat>(
         ArrayViewMut2::from_shape((s.rows, s.cols), out).expect("shape checked by the caller");
     let n = T::from_usize(s.cols).unwrap_or_else(T::one);
     let eps = T::of_f32(s.eps);
-    Zip::from(x.axis_iter(Axis(0)))
+    let rows = Zip::from(x.axis_iter(Axis(0)))
         .and(out.axis_iter_mut(Axis(0)))
         .and(mean)
-        .and(rstd)
-        .par_for_each(|x, mut out, mean, rstd| {
-            let mu = x.iter().copied().sum::<T>() / n;
-            let var = x.iter().map(|&v| (v - mu) * (v - mu)).sum::<T>() / n;
-            let r = T::one() / (var + eps).sqrt();
-            for (c, (o, &v)) in out.iter_mut().zip(x.iter()).enumerate() {
-                let y = (v - mu) * r * w[c];
-                *o = match b {
-                    Some(b) => y + b[c],
-                    None => y,
-                };
-            }
-            *mean = mu;
-            *rstd = r;
-        });
+        .and(rstd);
+    let row = |x: ArrayView1<'_, T>, mut out: ArrayViewMut1<'_, T>, mean: &mut T, rstd: &mut T| {
+        let mu = x.iter().copied().sum::<T>() / n;
+        let var = x.iter().map(|&v| (v - mu) * (v - mu)).sum::<T>() / n;
+        let r = T::one() / (var + eps).sqrt();
+        for (c, (o, &v)) in out.iter_mut().zip(x.iter()).enumerate() {
+            let y = (v - mu) * r * w[c];
+            *o = match b {
+                Some(b) => y + b[c],
+                None => y,
+            };
+        }
+        *mean = mu;
+        *rstd = r;
+    };
+    if s.rows * s.cols < super::PARALLEL_MIN {
+        rows.for_each(row);
+    } else {
+        rows.par_for_each(row);
+    }
 }
 
 /// Accumulates `dx` and `dweight` (llm.c's `layernorm_backward`).

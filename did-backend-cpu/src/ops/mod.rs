@@ -18,6 +18,10 @@ use rayon::prelude::*;
 
 use crate::CpuFloat;
 
+/// Elements below which a row-wise op runs on the calling thread: handing a draft call's few
+/// rows to the pool costs more than computing them (each row's result is the same either way).
+pub(crate) const PARALLEL_MIN: usize = 1 << 15;
+
 /// Rows per work item of the row-parallel ops and of the fixed-order reductions.
 pub(crate) const ROW_CHUNK: usize = 16;
 

@@ -18,19 +18,27 @@ pub fn forward<T: CpuFloat>(
     if channels == 0 || tokens == 0 {
         return;
     }
-    out.par_chunks_mut(channels)
-        .zip(x.par_chunks(channels))
-        .enumerate()
-        .for_each(|(row, (o, x))| {
-            let b = row / tokens;
-            let (sh, sc) = (
-                &shift[b * channels..][..channels],
-                &scale[b * channels..][..channels],
-            );
-            for c in 0..channels {
-                o[c] = x[c] * (T::one() + sc[c]) + sh[c];
-            }
-        });
+    let row = |(row, (o, x)): (usize, (&mut [T], &[T]))| {
+        let b = row / tokens;
+        let (sh, sc) = (
+            &shift[b * channels..][..channels],
+            &scale[b * channels..][..channels],
+        );
+        for c in 0..channels {
+            o[c] = x[c] * (T::one() + sc[c]) + sh[c];
+        }
+    };
+    if out.len() < super::PARALLEL_MIN {
+        out.chunks_mut(channels)
+            .zip(x.chunks(channels))
+            .enumerate()
+            .for_each(row);
+    } else {
+        out.par_chunks_mut(channels)
+            .zip(x.par_chunks(channels))
+            .enumerate()
+            .for_each(row);
+    }
 }
 
 /// `dx = dout·(1 + scale)` (written), `dscale[b] += Σ_t dout·x` (accumulated).
@@ -82,23 +90,32 @@ pub fn gated_residual_forward<T: CpuFloat>(
     if channels == 0 || tokens == 0 {
         return;
     }
-    residual
-        .par_chunks_mut(channels)
-        .zip(y.par_chunks(channels))
-        .enumerate()
-        .for_each(|(row, (r, y))| match gate {
-            Some(g) => {
-                let g = &g[(row / tokens) * channels..][..channels];
-                for c in 0..channels {
-                    r[c] += g[c] * y[c];
-                }
+    let row = |(row, (r, y)): (usize, (&mut [T], &[T]))| match gate {
+        Some(g) => {
+            let g = &g[(row / tokens) * channels..][..channels];
+            for c in 0..channels {
+                r[c] += g[c] * y[c];
             }
-            None => {
-                for c in 0..channels {
-                    r[c] += y[c];
-                }
+        }
+        None => {
+            for c in 0..channels {
+                r[c] += y[c];
             }
-        });
+        }
+    };
+    if residual.len() < super::PARALLEL_MIN {
+        residual
+            .chunks_mut(channels)
+            .zip(y.chunks(channels))
+            .enumerate()
+            .for_each(row);
+    } else {
+        residual
+            .par_chunks_mut(channels)
+            .zip(y.par_chunks(channels))
+            .enumerate()
+            .for_each(row);
+    }
 }
 
 /// `dy = gate·dresidual` (written), `dgate[b] += Σ_t dresidual·y` (accumulated).
