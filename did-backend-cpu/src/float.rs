@@ -30,6 +30,17 @@ pub trait CpuFloat:
     fn to_f32_lossy(self) -> f32;
     /// To f64.
     fn to_f64_exact(self) -> f64;
+    /// The slice itself where `Self` is f32 (the stored-weight kernels read and write f32 in
+    /// place then), else none.
+    fn as_f32(s: &[Self]) -> Option<&[f32]> {
+        let _ = s;
+        None
+    }
+    /// The slice itself where `Self` is f32, else none.
+    fn as_f32_mut(s: &mut [Self]) -> Option<&mut [f32]> {
+        let _ = s;
+        None
+    }
 
     /// One row-major GEMM with arbitrary strides (matrixmultiply's `sgemm`/`dgemm`).
     ///
@@ -68,6 +79,12 @@ impl CpuFloat for f32 {
     }
     fn to_f64_exact(self) -> f64 {
         f64::from(self)
+    }
+    fn as_f32(s: &[f32]) -> Option<&[f32]> {
+        Some(s)
+    }
+    fn as_f32_mut(s: &mut [f32]) -> Option<&mut [f32]> {
+        Some(s)
     }
     unsafe fn gemm_raw(
         m: usize,

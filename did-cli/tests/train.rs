@@ -173,6 +173,51 @@ fn cuda_on_a_machine_without_it_names_what_is_missing() {
 }
 
 #[test]
+fn sample_with_weights_stored_in_bf16_and_int8() {
+    let dir = scratch("weights");
+    let (data, model) = setup(&dir);
+    let ckpt = train_quickly(&data, &model, 2, 2, &dir.join("run"));
+    let sample = |weights: &str, batch: &str| {
+        let out = dir.join(format!("{weights}-{batch}.jsonl"));
+        let (code, _, err) = did(&[
+            "sample",
+            "--checkpoint",
+            ckpt.to_str().unwrap(),
+            "--weights",
+            weights,
+            "--num-samples",
+            "3",
+            "--batch",
+            batch,
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert_eq!(code, 0, "--weights {weights}: {err}");
+        std::fs::read_to_string(&out)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["tokens"].clone())
+            .collect::<Vec<_>>()
+    };
+    for weights in ["bf16", "int8"] {
+        let batched = sample(weights, "3");
+        assert_eq!(batched.len(), 3);
+        // Stored weights keep batch invariance to the bit: one at a time, the same tokens.
+        assert_eq!(batched, sample(weights, "1"), "--weights {weights}");
+    }
+    let (code, _, err) = did(&[
+        "sample",
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
+        "--weights",
+        "fp8",
+    ]);
+    assert_eq!(code, 2);
+    assert!(err.contains("--weights") && err.contains("int8"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn sample_with_every_remask_strategy() {
     let dir = scratch("sample");
     let (data, model) = setup(&dir);

@@ -12,5 +12,8 @@ fuzz_target!(|data: &[u8]| {
         let _ = plan.resolve_with(s.length.unwrap_or(128).clamp(1, 4096), !s.local_final);
     }
     let _ = s.sampler.parse::<did_core::sample::BlockUpdate>();
+    if let Ok(format) = s.weights.parse::<did_core::backend::WeightFormat>() {
+        assert_eq!(format.name().parse(), Ok(format), "a weight format's name parses back");
+    }
     let _ = did_core::sample::Nucleus::new(s.top_p, did_core::sample::nucleus::NucleusRule::default());
 });
