@@ -1,4 +1,4 @@
-//! The products of f32 input rows with f32 or bf16 weight rows: each weight element is
+//! The products of f32 input rows with bf16 weight rows: each weight element is
 //! widened to f32 in a register (bf16 is the top half of an f32) and multiplied into four input
 //! rows with fused multiply-adds. bf16 halves the bytes a pass reads; the arithmetic is f32's.
 
@@ -27,23 +27,6 @@ pub(super) trait Lane: Copy + Send + Sync {
 #[cfg(target_arch = "x86_64")]
 use core::arch::x86_64 as x86;
 
-impl Lane for f32 {
-    #[inline(always)]
-    fn widen(self) -> f32 {
-        self
-    }
-    #[cfg(target_arch = "x86_64")]
-    #[inline(always)]
-    unsafe fn load16_avx512(p: *const f32) -> x86::__m512 {
-        x86::_mm512_loadu_ps(p)
-    }
-    #[cfg(target_arch = "x86_64")]
-    #[inline(always)]
-    unsafe fn load8_avx2(p: *const f32) -> x86::__m256 {
-        x86::_mm256_loadu_ps(p)
-    }
-}
-
 impl Lane for u16 {
     #[inline(always)]
     fn widen(self) -> f32 {
@@ -60,25 +43,6 @@ impl Lane for u16 {
     unsafe fn load8_avx2(p: *const u16) -> x86::__m256 {
         let h = x86::_mm_loadu_si128(p.cast());
         x86::_mm256_castsi256_ps(x86::_mm256_slli_epi32::<16>(x86::_mm256_cvtepu16_epi32(h)))
-    }
-}
-
-impl Lane for i8 {
-    #[inline(always)]
-    fn widen(self) -> f32 {
-        f32::from(self)
-    }
-    #[cfg(target_arch = "x86_64")]
-    #[inline(always)]
-    unsafe fn load16_avx512(p: *const i8) -> x86::__m512 {
-        let b = x86::_mm_loadu_si128(p.cast());
-        x86::_mm512_cvtepi32_ps(x86::_mm512_cvtepi8_epi32(b))
-    }
-    #[cfg(target_arch = "x86_64")]
-    #[inline(always)]
-    unsafe fn load8_avx2(p: *const i8) -> x86::__m256 {
-        let b = x86::_mm_loadl_epi64(p.cast());
-        x86::_mm256_cvtepi32_ps(x86::_mm256_cvtepi8_epi32(b))
     }
 }
 
