@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use did_core::backend::{WeightFormat, WeightMatrix};
 
-use crate::ops::stored::StoredMatrix;
+use crate::ops::stored::{int8, StoredMatrix};
 use crate::{CpuError, CpuFloat};
 
 /// A buffer of the CPU backend. It reads as its `Vec` of values ([`Deref`](core::ops::Deref)); a
@@ -56,7 +56,8 @@ impl StoredWeights {
 }
 
 impl<T: CpuFloat> CpuBuffer<T> {
-    /// `host`'s parameters with `matrices` stored in `format` (bf16 or int8).
+    /// `host`'s parameters with `matrices` stored in `format` (bf16 or int8; the backend uploads
+    /// f32 weights plainly and never asks for them here).
     pub(crate) fn with_stored(
         host: &[f32],
         matrices: &[WeightMatrix],
@@ -82,18 +83,39 @@ impl<T: CpuFloat> CpuBuffer<T> {
                 host.len()
             )));
         }
-        let stored = sorted
+        let as_int8 = match format {
+            WeightFormat::Int8 => true,
+            WeightFormat::Bf16 => false,
+            WeightFormat::F32 => {
+                return Err(CpuError::Shape(
+                    "upload_weights: f32 weights are a plain upload, not stored matrices".into(),
+                ))
+            }
+        };
+        if as_int8 {
+            if let Some(m) = sorted.iter().find(|m| m.cols > int8::MAX_COLS) {
+                return Err(CpuError::Shape(format!(
+                    "upload_weights: the {}×{} matrix at {} is wider than int8's dot products \
+                     can sum exactly ({} columns); use bf16 or f32 weights for this model",
+                    m.rows,
+                    m.cols,
+                    m.offset,
+                    int8::MAX_COLS
+                )));
+            }
+        }
+        let stored: Vec<(WeightMatrix, StoredMatrix)> = sorted
             .iter()
             .map(|m| {
                 let w = &host[m.range()];
-                let s = match format {
-                    WeightFormat::Bf16 => StoredMatrix::bf16(w, m.rows, m.cols),
-                    WeightFormat::Int8 => StoredMatrix::int8(w, m.rows, m.cols),
-                    WeightFormat::F32 => unreachable!("f32 weights are a plain upload"),
+                let s = if as_int8 {
+                    StoredMatrix::int8(w, m.rows, m.cols)
+                } else {
+                    StoredMatrix::bf16(w, m.rows, m.cols)
                 };
-                Ok((*m, s))
+                (*m, s)
             })
-            .collect::<Result<Vec<_>, CpuError>>()?;
+            .collect();
         // Zeroed memory: the matrices' pages stay unallocated since nothing writes them.
         let mut values = vec![T::zero(); host.len()];
         let mut start = 0;

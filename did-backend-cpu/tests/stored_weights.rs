@@ -209,3 +209,22 @@ fn f32_weights_are_a_plain_upload() {
     assert_eq!(params, be.upload(&host).unwrap());
     assert_eq!(params.bytes(), 4 * host.len());
 }
+
+#[test]
+fn int8_refuses_rows_too_wide_to_sum_exactly() {
+    use did_backend_cpu::ops::stored::int8::MAX_COLS;
+    use did_core::backend::WeightMatrix;
+    let cols = MAX_COLS + 1;
+    let host = vec![0.01f32; cols];
+    let wide = [WeightMatrix {
+        offset: 0,
+        rows: 1,
+        cols,
+    }];
+    let be = CpuBackend::new();
+    let err = be
+        .upload_weights(&host, &wide, WeightFormat::Int8)
+        .unwrap_err();
+    assert!(err.to_string().contains("use bf16 or f32"), "{err}");
+    assert!(be.upload_weights(&host, &wide, WeightFormat::Bf16).is_ok());
+}
