@@ -353,15 +353,16 @@ impl<T: CpuFloat> MemoryOps for CpuBackend<T> {
             }
             return Ok(());
         };
-        let range = src.offset..src.offset + out.len();
-        if range.end > src.buf.len() {
+        let end = src.offset.saturating_add(out.len());
+        if end > src.buf.len() {
             return Err(CpuError::OutOfBounds {
                 what: "download source",
-                start: range.start,
-                end: range.end,
+                start: src.offset,
+                end,
                 len: src.buf.len(),
             });
         }
+        let range = src.offset..end;
         for (o, s) in out.iter_mut().zip(&src.buf[range.clone()]) {
             *o = s.to_f32_lossy();
         }
